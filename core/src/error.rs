@@ -1,0 +1,215 @@
+//! Typed errors, one enum per concern, gathered in [`Error`].
+
+use std::io;
+use std::path::PathBuf;
+
+/// Convenient alias for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error the core returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A device operation failed.
+    #[error("I/O error while {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("writing the log", "syncing segment", ...).
+        op: &'static str,
+        /// The device.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// On-disk data failed a check (magic, version, checksum, bounds).
+    #[error("corrupted {what} at {location}")]
+    Corrupted {
+        /// The structure that is damaged ("log status slot", "log frame").
+        what: String,
+        /// Where: device and byte offset or log position.
+        location: String,
+    },
+    /// The device is open already, in this process or another.
+    #[error("{} is already in use (locked by this or another process)", path.display())]
+    Locked {
+        /// The device.
+        path: PathBuf,
+    },
+    /// A write or sync failed earlier; the instance refuses further commits
+    /// because durability can no longer be promised. Reopen to recover.
+    #[error("instance stopped after a failed write or sync ({cause}); reopen it to run recovery")]
+    Poisoned {
+        /// The first failure.
+        cause: String,
+    },
+    /// A log-level error.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A mapping error.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// A transaction error.
+    #[error(transparent)]
+    Tx(#[from] TxError),
+}
+
+/// Errors about the log as a whole.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogError {
+    /// The requested log size is too small or not representable.
+    #[error("log size {requested} is invalid: {reason}")]
+    BadSize {
+        /// Requested size in bytes.
+        requested: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The device is not an RVM log (wrong magic).
+    #[error("{} is not an RVM log (bad magic)", path.display())]
+    NotALog {
+        /// The device.
+        path: PathBuf,
+    },
+    /// The log was written by an unsupported format version.
+    #[error("log format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// Version found on disk.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// One commit needs more log space than the log has.
+    #[error("a transaction needs {needed} bytes of log but the log holds only {capacity}")]
+    TransactionTooLarge {
+        /// Bytes the transaction needs.
+        needed: u64,
+        /// Capacity of the log's record area.
+        capacity: u64,
+    },
+    /// The log's segment dictionary has no room for another segment.
+    #[error("the log's segment dictionary is full ({limit} bytes); truncate and reopen with fewer segments")]
+    SegmentDictionaryFull {
+        /// Size limit of the dictionary.
+        limit: usize,
+    },
+    /// The log names a segment that cannot be opened during recovery.
+    #[error("the log holds records for segment {} which cannot be opened: {reason}", path.display())]
+    MissingSegment {
+        /// The segment's recorded name.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// Errors about mapping segments and regions.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapError {
+    /// Address, offset or length is not a multiple of the page size.
+    #[error("{what} {value:#x} is not a multiple of the page size {page_size:#x}")]
+    NotPageAligned {
+        /// Which argument.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The page size.
+        page_size: usize,
+    },
+    /// Zero-length regions cannot be mapped.
+    #[error("a region must not be empty")]
+    EmptyRegion,
+    /// The region extends past the end of the segment device.
+    #[error("region [{offset:#x}, +{len:#x}) lies outside segment {} of {segment_len:#x} bytes", segment.display())]
+    OutsideSegment {
+        /// The segment.
+        segment: PathBuf,
+        /// Region offset.
+        offset: u64,
+        /// Region length.
+        len: u64,
+        /// Segment length.
+        segment_len: u64,
+    },
+    /// The requested address range is already in use by some mapping.
+    #[error("address range [{addr:#x}, +{len:#x}) is already in use")]
+    AddressInUse {
+        /// Requested address.
+        addr: usize,
+        /// Length.
+        len: usize,
+    },
+    /// The address range does not fit in the user address space.
+    #[error("address range [{addr:#x}, +{len:#x}) is not a valid user address range")]
+    BadAddress {
+        /// Requested address.
+        addr: usize,
+        /// Length.
+        len: usize,
+    },
+    /// Part of this segment range is mapped already (a region is mapped at most once).
+    #[error("segment {} range [{offset:#x}, +{len:#x}) overlaps a region that is already mapped", segment.display())]
+    AlreadyMapped {
+        /// The segment.
+        segment: PathBuf,
+        /// Region offset.
+        offset: u64,
+        /// Region length.
+        len: u64,
+    },
+    /// Unmap was asked while transactions on the region are uncommitted.
+    #[error("region at {addr:#x} has {count} uncommitted transaction(s)")]
+    Busy {
+        /// Region address.
+        addr: usize,
+        /// Uncommitted transactions.
+        count: usize,
+    },
+    /// No region is mapped at this address.
+    #[error("no region is mapped at {addr:#x}")]
+    NotMapped {
+        /// The address.
+        addr: usize,
+    },
+    /// The system refused the mapping.
+    #[error("mmap failed for [{addr:#x}, +{len:#x}): {errno}")]
+    System {
+        /// Requested address (0 = anywhere).
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// The system's error.
+        errno: String,
+    },
+}
+
+/// Errors about transactions.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TxError {
+    /// `set_range` or `modify_bytes` named memory outside every mapped region.
+    #[error("range [{addr:#x}, +{len:#x}) is not inside one mapped region")]
+    RangeNotMapped {
+        /// Start address.
+        addr: usize,
+        /// Length.
+        len: usize,
+    },
+    /// This thread already has a transaction open on this instance.
+    #[error("nested transactions are not supported: this thread already has one open on this instance")]
+    Nested,
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::WouldBlock {
+            return Error::Locked { path: path.into() };
+        }
+        Error::Io { op, path: path.into(), source }
+    }
+
+    pub(crate) fn corrupted(what: impl Into<String>, location: impl Into<String>) -> Self {
+        Error::Corrupted { what: what.into(), location: location.into() }
+    }
+}

@@ -1,0 +1,962 @@
+//! An RVM instance: one log, its segments and regions, the commit pipeline
+//! (pending no-flush commits, ordered batch writes, group commit), log
+//! truncation by replay, recovery at open, and the background truncator.
+
+use crate::coalesce::{coalesce, Piece};
+use crate::error::{Error, LogError, MapError, Result};
+use crate::log::format::{self, FrameWriter, Status};
+use crate::log::{self, LogDevice, Ring, ScanEnd, ScanStop};
+use crate::mem::{self, Mapping};
+use crate::segment::{CopyMode, MapSpec, Placement, Region, RegionInner, RegionTable, Segment, SegmentInner};
+use crate::stats::{Counters, Stats};
+use crate::storage::{FileVfs, OpenMode, Storage, Vfs};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Tuning knobs of an instance; [`Options::default`] suits most uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Coalesce overlapping and adjacent ranges within a transaction and
+    /// across unflushed no-flush commits (default on). Off gives a faithful
+    /// log: one log transaction per commit, ranges exactly as declared.
+    pub coalesce: bool,
+    /// Bytes of unflushed no-flush commits kept in memory before they are
+    /// written to the log (without a sync). Default 4 MiB, and never more
+    /// than a quarter of the log.
+    pub pending_limit: usize,
+    /// Start background truncation when this fraction of the log is in use
+    /// (default `Some(0.5)`); `None` disables the background thread, so
+    /// space is reclaimed only by [`Rvm::truncate`] or by a writer that finds
+    /// the log full.
+    pub truncate_threshold: Option<f64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { coalesce: true, pending_limit: 4 << 20, truncate_threshold: Some(0.5) }
+    }
+}
+
+/// Whether an abort restores memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Old values are saved at `set_range`; abort restores them exactly.
+    Restore,
+    /// No old values are kept; after an abort the declared ranges hold
+    /// whatever was stored in them (they are never committed).
+    NoRestore,
+}
+
+/// Whether a commit waits for durability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Returns when the transaction (and every earlier commit) is durable.
+    Flush,
+    /// Returns at memory speed; a later flush makes it durable.
+    NoFlush,
+}
+
+/// What recovery did when the instance was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    /// Complete transactions replayed onto segments.
+    pub transactions: u64,
+    /// Log bytes of those transactions.
+    pub log_bytes: u64,
+    /// Bytes of valid frames after the last complete transaction (an
+    /// unfinished tail), discarded.
+    pub discarded_bytes: u64,
+    /// Segment bytes written.
+    pub segment_bytes_written: u64,
+    /// Log position where the scan stopped on a damaged or stale frame, with
+    /// the reason (`None` if the scan reached the end of the ring).
+    pub stopped_at: Option<(u64, &'static str)>,
+}
+
+/// A snapshot of the log and transaction state (see [`Rvm::query`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Query {
+    /// Transactions begun and not yet committed or aborted.
+    pub in_flight: usize,
+    /// Capacity of the log's record area.
+    pub log_capacity: u64,
+    /// Log bytes written and not yet truncated.
+    pub log_used: u64,
+    /// Log bytes free.
+    pub log_free: u64,
+    /// Bytes of committed no-flush transactions not yet written to the log.
+    pub pending_bytes: u64,
+    /// Oldest live log position.
+    pub head: u64,
+    /// Log position after the last written batch.
+    pub tail: u64,
+    /// Log position up to which the log is durable.
+    pub durable: u64,
+    /// True when nothing is pending, the log is empty and no transaction is
+    /// in flight: segments hold the whole committed state.
+    pub quiescent: bool,
+}
+
+/// Unflushed no-flush commits, in commit order.
+#[derive(Debug, Default)]
+struct Batch {
+    pieces: Vec<Piece>,
+    data: Vec<u8>,
+    /// (end index in `pieces`, commit sequence number) per transaction.
+    tx_ends: Vec<(usize, u64)>,
+    /// Bytes after intra-transaction coalescing.
+    bytes: u64,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.tx_ends.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct CommitState {
+    pending: Batch,
+    next_tx: u64,
+    /// Every commit with a sequence number up to this is durable.
+    durable_tx: u64,
+    next_batch: u64,
+    flushing: bool,
+}
+
+#[derive(Debug)]
+struct Writer {
+    next_batch: u64,
+    /// Log position after the last written batch.
+    written: u64,
+    frames: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct StatusState {
+    status: Status,
+    segments: HashMap<u32, Arc<SegmentInner>>,
+}
+
+#[derive(Debug, Default)]
+struct Background {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+pub(crate) struct Inner {
+    id: u64,
+    vfs: Arc<dyn Vfs>,
+    ring: Ring,
+    opts: Options,
+    epoch: u64,
+    pending_limit: usize,
+    state: Mutex<CommitState>,
+    flushed: Condvar,
+    writer: Mutex<Writer>,
+    written_cv: Condvar,
+    synced: AtomicU64,
+    head: AtomicU64,
+    status: Mutex<StatusState>,
+    truncation: Mutex<()>,
+    pub(crate) regions: RwLock<RegionTable>,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) counters: Counters,
+    recovery: RecoveryReport,
+    background: Arc<Background>,
+    bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// An RVM instance: a log and the segments whose changes it records.
+///
+/// Cheap to clone (a shared handle); safe to use from many threads. The
+/// instance flushes pending no-flush commits when the last handle is
+/// dropped; [`Rvm::close`] does the same and reports errors.
+///
+/// ```
+/// use rvm_core::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let log = dir.path().join("log");
+/// create_log(&log, 1 << 20).unwrap();
+/// let rvm = Rvm::open(&log, Options::default()).unwrap();
+/// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+/// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+/// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+/// // SAFETY: the range is ours alone for the transaction's duration.
+/// unsafe { tx.modify_bytes(region.addr(), b"hello").unwrap() };
+/// tx.commit(CommitMode::Flush).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Rvm {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Rvm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rvm").field("log", &self.inner.ring.path).field("epoch", &self.inner.epoch).finish()
+    }
+}
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+impl Rvm {
+    /// Opens the log at `log_path` (a file or block device made by
+    /// [`crate::create_log`]), runs recovery, and starts the background
+    /// truncator if the options ask for one.
+    pub fn open(log_path: impl AsRef<Path>, opts: Options) -> Result<Rvm> {
+        Rvm::open_with(Arc::new(FileVfs), log_path.as_ref(), opts)
+    }
+
+    /// [`Rvm::open`] on any [`Vfs`], such as the simulated disk.
+    pub fn open_with(vfs: Arc<dyn Vfs>, log_path: &Path, opts: Options) -> Result<Rvm> {
+        let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
+        let (status, recovery) = recover(vfs.as_ref(), &ring, status)?;
+        let head = status.head;
+        let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
+        let inner = Arc::new(Inner {
+            id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            vfs,
+            epoch: status.epoch,
+            pending_limit,
+            state: Mutex::new(CommitState {
+                pending: Batch::default(),
+                next_tx: 1,
+                durable_tx: 0,
+                next_batch: 0,
+                flushing: false,
+            }),
+            flushed: Condvar::new(),
+            writer: Mutex::new(Writer { next_batch: 0, written: head, frames: Vec::new(), scratch: Vec::new() }),
+            written_cv: Condvar::new(),
+            synced: AtomicU64::new(head),
+            head: AtomicU64::new(head),
+            status: Mutex::new(StatusState { status, segments: HashMap::new() }),
+            truncation: Mutex::new(()),
+            regions: RwLock::new(RegionTable::default()),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            counters: Counters::default(),
+            recovery,
+            background: Arc::new(Background::default()),
+            bg_thread: Mutex::new(None),
+            ring,
+            opts,
+        });
+        if let Some(threshold) = inner.opts.truncate_threshold {
+            let weak = Arc::downgrade(&inner);
+            let bg = inner.background.clone();
+            let handle = std::thread::Builder::new()
+                .name("rvm-truncate".into())
+                .spawn(move || background_loop(weak, bg, threshold))
+                .map_err(|e| Error::io("starting the truncation thread", log_path, e))?;
+            *inner.bg_thread.lock() = Some(handle);
+        }
+        Ok(Rvm { inner })
+    }
+
+    /// What recovery did at open.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery
+    }
+
+    /// The log's path.
+    pub fn log_path(&self) -> &Path {
+        &self.inner.ring.path
+    }
+
+    /// Opens an existing segment (file or block device), locking it
+    /// exclusively. Opening a segment this instance has open already returns
+    /// the same segment.
+    pub fn open_segment(&self, path: impl AsRef<Path>) -> Result<Segment> {
+        self.inner.open_segment(path.as_ref(), None)
+    }
+
+    /// Creates a segment file of `len` bytes (mode 0600); an existing file
+    /// is an error.
+    pub fn create_segment(&self, path: impl AsRef<Path>, len: u64) -> Result<Segment> {
+        self.inner.open_segment(path.as_ref(), Some(len))
+    }
+
+    /// Maps a page-aligned range of `segment` into memory. The region shows
+    /// the segment's committed image. Fails if the range is mapped already
+    /// (a range is mapped at most once), lies outside the segment, or (for a
+    /// fixed placement) the address range is in use.
+    pub fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
+        self.inner.map(segment, spec)
+    }
+
+    /// Unmaps a region. Refused while a transaction with ranges in it is
+    /// uncommitted. The memory goes away when the last clone of the handle
+    /// is dropped.
+    pub fn unmap(&self, region: Region) -> Result<()> {
+        let mut table = self.inner.regions.write();
+        let addr = region.addr();
+        match table.get(addr) {
+            Some(r) if Arc::ptr_eq(r, &region.0) => {}
+            _ => return Err(MapError::NotMapped { addr }.into()),
+        }
+        let busy = region.0.active_txs.load(Ordering::Acquire);
+        if busy > 0 {
+            return Err(MapError::Busy { addr, count: busy }.into());
+        }
+        table.remove(addr);
+        Ok(())
+    }
+
+    /// The region containing `addr`, if any.
+    pub fn region_at(&self, addr: usize) -> Option<Region> {
+        self.inner.regions.read().find(addr, addr.saturating_add(1)).cloned().map(Region)
+    }
+
+    /// All mapped regions, by address.
+    pub fn regions(&self) -> Vec<Region> {
+        self.inner.regions.read().iter().cloned().map(Region).collect()
+    }
+
+    /// Begins a transaction on this thread. A thread may have one open
+    /// transaction per instance (no nesting).
+    pub fn begin(&self, mode: RestoreMode) -> Result<crate::Transaction<'_>> {
+        crate::tx::Transaction::begin(self, mode)
+    }
+
+    /// Makes every earlier commit durable (one `fdatasync`, shared with
+    /// concurrent flushes).
+    pub fn flush(&self) -> Result<()> {
+        let last = self.inner.state.lock().next_tx - 1;
+        self.inner.flush_to(last)
+    }
+
+    /// Flushes, then applies the whole log to the segments and empties it.
+    pub fn truncate(&self) -> Result<()> {
+        self.flush()?;
+        self.inner.sync_log()?;
+        self.inner.truncate_to(self.inner.synced.load(Ordering::Acquire))
+    }
+
+    /// Statistics since open.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Transactions in flight and log space.
+    pub fn query(&self) -> Query {
+        let inner = &self.inner;
+        let pending_bytes = inner.state.lock().pending.data.len() as u64;
+        let tail = inner.writer.lock().written;
+        let head = inner.head.load(Ordering::Acquire);
+        let used = tail - head;
+        let in_flight = inner.in_flight.load(Ordering::Acquire);
+        Query {
+            in_flight,
+            log_capacity: inner.ring.area_len,
+            log_used: used,
+            log_free: inner.ring.area_len - used,
+            pending_bytes,
+            head,
+            tail,
+            durable: inner.synced.load(Ordering::Acquire),
+            quiescent: in_flight == 0 && pending_bytes == 0 && used == 0,
+        }
+    }
+
+    /// Flushes pending commits and stops the instance, reporting errors
+    /// that dropping would swallow.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    pub(crate) fn instance_id(&self) -> u64 {
+        self.inner.id
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("log", &self.ring.path).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    pub(crate) fn coalesces(&self) -> bool {
+        self.opts.coalesce
+    }
+
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            let cause = self.poison_cause.lock().clone().unwrap_or_default();
+            return Err(Error::Poisoned { cause });
+        }
+        Ok(())
+    }
+
+    /// Records a failure after which durability can no longer be promised.
+    fn poison<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            let mut cause = self.poison_cause.lock();
+            if cause.is_none() {
+                *cause = Some(e.to_string());
+            }
+            self.poisoned.store(true, Ordering::Release);
+            self.flushed.notify_all();
+            self.written_cv.notify_all();
+        }
+        r
+    }
+
+    fn open_segment(&self, path: &Path, create: Option<u64>) -> Result<Segment> {
+        let name = self.vfs.canonical_name(path).map_err(|e| Error::io("resolving segment path", path, e))?;
+        let mut st = self.status.lock();
+        if let Some(seg) = st.segments.values().find(|s| s.name == name) {
+            if create.is_some() {
+                return Err(Error::io("creating segment", path, std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+            }
+            return Ok(Segment(seg.clone()));
+        }
+        let mode = if create.is_some() { OpenMode::CreateNew } else { OpenMode::Existing };
+        let dev = self.vfs.open(&name, mode).map_err(|e| Error::io("opening segment", &name, e))?;
+        if let Some(len) = create {
+            dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
+            dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
+        }
+        let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
+        let id = st.status.next_segment_id;
+        let seg = Arc::new(SegmentInner {
+            id,
+            name: name.clone(),
+            dev,
+            len,
+            mapped: Mutex::new(Vec::new()),
+            last_tx: AtomicU64::new(0),
+        });
+        // The dictionary entry is durable before any record can name the id.
+        let mut next = st.status.clone();
+        next.seq += 1;
+        next.next_segment_id = id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+        next.segments.push(format::SegmentEntry { id, name });
+        next.tail_hint = self.writer_tail_hint();
+        log::write_status(&self.ring, &next)?;
+        st.status = next;
+        st.segments.insert(id, seg.clone());
+        Ok(Segment(seg))
+    }
+
+    fn writer_tail_hint(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
+        let ps = mem::page_size();
+        let seg = &segment.0;
+        if spec.len == 0 {
+            return Err(MapError::EmptyRegion.into());
+        }
+        if spec.offset % ps as u64 != 0 {
+            return Err(MapError::NotPageAligned { what: "segment offset", value: spec.offset, page_size: ps }.into());
+        }
+        if spec.len % ps != 0 {
+            return Err(MapError::NotPageAligned { what: "region length", value: spec.len as u64, page_size: ps }.into());
+        }
+        if let Placement::Fixed(a) = spec.placement {
+            if a % ps != 0 {
+                return Err(MapError::NotPageAligned { what: "address", value: a as u64, page_size: ps }.into());
+            }
+        }
+        let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len).ok_or_else(|| {
+            MapError::OutsideSegment { segment: seg.name.clone(), offset: spec.offset, len: spec.len as u64, segment_len: seg.len }
+        })?;
+        // Claim the segment range (a range is mapped at most once).
+        {
+            let mut mapped = seg.mapped.lock();
+            if mapped.iter().any(|&(s, e)| spec.offset < e && s < end) {
+                return Err(MapError::AlreadyMapped { segment: seg.name.clone(), offset: spec.offset, len: spec.len as u64 }
+                    .into());
+            }
+            mapped.push((spec.offset, end));
+        }
+        let unclaim = || seg.mapped.lock().retain(|&(s, _)| s != spec.offset);
+        let result = self.map_claimed(seg, spec);
+        if result.is_err() {
+            unclaim();
+        }
+        result
+    }
+
+    fn map_claimed(&self, seg: &Arc<SegmentInner>, spec: MapSpec) -> Result<Region> {
+        // The segment must show its committed image: if committed changes to
+        // it are not yet applied (the range was mapped, changed and unmapped
+        // before), apply the log first.
+        if seg.last_tx.load(Ordering::Acquire) > 0 {
+            self.check_poison()?;
+            let last = self.state.lock().next_tx - 1;
+            self.flush_to(last)?;
+            self.sync_log()?;
+            self.truncate_to(self.synced.load(Ordering::Acquire))?;
+        }
+        // Hold truncation off while the contents are read in.
+        let _t = self.truncation.lock();
+        let copy = match (spec.copy, seg.dev.raw_fd()) {
+            (CopyMode::OnDemand, Some(_)) => CopyMode::OnDemand,
+            (CopyMode::OnDemand, None) => CopyMode::OnMap,
+            (c, _) => c,
+        };
+        let mapping = match copy {
+            CopyMode::OnDemand => {
+                let fd = seg.dev.raw_fd().ok_or(MapError::System {
+                    addr: 0,
+                    len: spec.len,
+                    errno: "device has no file descriptor".into(),
+                })?;
+                Mapping::file_private(spec.placement, fd, spec.offset, spec.len)?
+            }
+            CopyMode::OnMap => {
+                let m = Mapping::anonymous(spec.placement, spec.len)?;
+                m.fill(0, spec.len, |dst| {
+                    for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
+                        seg.dev.read_at(chunk, spec.offset + (i * (8 << 20)) as u64)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| Error::io("reading segment", &seg.name, e))?;
+                m
+            }
+            CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
+        };
+        let region = Arc::new(RegionInner {
+            mapping,
+            segment: seg.clone(),
+            offset: spec.offset,
+            active_txs: AtomicUsize::new(0),
+            copy,
+        });
+        self.regions.write().insert(region.clone());
+        Ok(Region(region))
+    }
+
+    /// Adds a committed transaction to the pending batch. `pieces` address
+    /// memory (`data_at` is the memory address); bytes are copied now.
+    pub(crate) fn commit_pieces(&self, ranges: &[(Arc<SegmentInner>, u64, usize, usize)], declared: u64) -> Result<u64> {
+        let bytes: u64 = ranges.iter().map(|r| r.2 as u64).sum();
+        let needed = ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
+        if needed > self.ring.area_len {
+            return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
+        }
+        let mut spill = None;
+        let seq;
+        {
+            let mut st = self.state.lock();
+            self.check_poison()?;
+            seq = st.next_tx;
+            st.next_tx += 1;
+            let b = &mut st.pending;
+            for (seg, offset, len, addr) in ranges {
+                let at = b.data.len();
+                b.data.resize(at + len, 0);
+                // SAFETY: the transaction declared [addr, addr + len) inside a
+                // region it holds (so the mapping is alive), and by the
+                // `set_range` contract no one else writes it until commit.
+                unsafe { mem::copy_from(*addr, &mut b.data[at..at + len]) };
+                b.pieces.push(Piece { segment: seg.id, offset: *offset, len: *len, data_at: at });
+                seg.last_tx.fetch_max(seq, Ordering::AcqRel);
+            }
+            b.tx_ends.push((b.pieces.len(), seq));
+            b.bytes += bytes;
+            if b.data.len() >= self.pending_limit {
+                let n = st.next_batch;
+                st.next_batch += 1;
+                spill = Some((n, std::mem::take(&mut st.pending)));
+            }
+        }
+        Counters::add(&self.counters.committed, 1);
+        Counters::add(&self.counters.bytes_declared, declared);
+        Counters::add(&self.counters.bytes_saved_intra, declared - bytes);
+        if let Some((n, batch)) = spill {
+            self.write_batch(n, batch)?;
+        }
+        Ok(seq)
+    }
+
+    /// Writes batch number `n` after every earlier batch (batch numbers are
+    /// handed out under the commit lock, so log order is commit order).
+    fn write_batch(&self, n: u64, batch: Batch) -> Result<()> {
+        let mut w = self.writer.lock();
+        while w.next_batch != n {
+            self.written_cv.wait(&mut w);
+        }
+        let r = if self.poisoned.load(Ordering::Acquire) {
+            self.check_poison()
+        } else {
+            let r = self.write_locked(&mut w, &batch);
+            self.poison(r)
+        };
+        w.next_batch += 1;
+        self.written_cv.notify_all();
+        drop(w);
+        if self.over_threshold() {
+            self.background.wake.notify_one();
+        }
+        r
+    }
+
+    fn write_locked(&self, w: &mut Writer, batch: &Batch) -> Result<()> {
+        let Writer { frames, scratch, written, .. } = w;
+        frames.clear();
+        let mut fw = FrameWriter::new(frames, *written, self.epoch);
+        let mut logged = 0u64;
+        if self.opts.coalesce {
+            let mut ranges = 0u32;
+            coalesce::<()>(&batch.pieces, &batch.data, scratch, |seg, off, bytes| {
+                ranges += fw.range(seg, off, bytes);
+                logged += bytes.len() as u64;
+                Ok(())
+            })
+            .ok();
+            let first = batch.tx_ends.first().map_or(0, |t| t.1);
+            let last = batch.tx_ends.last().map_or(0, |t| t.1);
+            fw.commit(ranges, first, last, logged);
+        } else {
+            let mut start = 0;
+            for &(end, seq) in &batch.tx_ends {
+                let mut ranges = 0;
+                let mut bytes = 0;
+                for p in &batch.pieces[start..end] {
+                    ranges += fw.range(p.segment, p.offset, &batch.data[p.data_at..p.data_at + p.len]);
+                    bytes += p.len as u64;
+                }
+                fw.commit(ranges, seq, seq, bytes);
+                logged += bytes;
+                start = end;
+            }
+        }
+        let len = frames.len() as u64;
+        let cap = self.ring.area_len;
+        if len > cap {
+            return Err(LogError::TransactionTooLarge { needed: len, capacity: cap }.into());
+        }
+        let mut waited = false;
+        while *written + len - self.head.load(Ordering::Acquire) > cap {
+            // The log is full: make what is written durable and apply it.
+            if !waited {
+                Counters::add(&self.counters.log_full_waits, 1);
+                waited = true;
+            }
+            let before = self.head.load(Ordering::Acquire);
+            self.sync_to(*written)?;
+            self.truncate_to(*written)?;
+            if self.head.load(Ordering::Acquire) == before {
+                return Err(Error::corrupted("log (truncation made no progress)", self.ring.path.display().to_string()));
+            }
+        }
+        self.ring.write(*written, frames)?;
+        *written += len;
+        let c = &self.counters;
+        Counters::add(&c.log_writes, 1);
+        Counters::add(&c.log_bytes_written, len);
+        Counters::add(&c.bytes_logged, logged);
+        Counters::add(&c.bytes_saved_inter, batch.bytes.saturating_sub(logged));
+        Ok(())
+    }
+
+    fn over_threshold(&self) -> bool {
+        match self.opts.truncate_threshold {
+            Some(t) => {
+                let used = self.writer.try_lock().map(|w| w.written).unwrap_or(0);
+                let head = self.head.load(Ordering::Acquire);
+                used.saturating_sub(head) as f64 > t * self.ring.area_len as f64
+            }
+            None => false,
+        }
+    }
+
+    /// Group commit: returns once commit `seq` (and all before it) is durable.
+    pub(crate) fn flush_to(&self, seq: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        loop {
+            self.check_poison()?;
+            if st.durable_tx >= seq {
+                return Ok(());
+            }
+            if st.flushing {
+                self.flushed.wait(&mut st);
+                continue;
+            }
+            // Become the leader: take everything committed so far.
+            st.flushing = true;
+            let target = st.next_tx - 1;
+            let batch = std::mem::take(&mut st.pending);
+            let mine = (!batch.is_empty()).then(|| {
+                st.next_batch += 1;
+                st.next_batch - 1
+            });
+            let all_before = st.next_batch;
+            let r = parking_lot::MutexGuard::unlocked(&mut st, || -> Result<()> {
+                if let Some(n) = mine {
+                    self.write_batch(n, batch)?;
+                }
+                let written = {
+                    let mut w = self.writer.lock();
+                    while w.next_batch < all_before && !self.poisoned.load(Ordering::Acquire) {
+                        self.written_cv.wait(&mut w);
+                    }
+                    w.written
+                };
+                self.check_poison()?;
+                self.sync_to(written)
+            });
+            st.flushing = false;
+            if r.is_ok() {
+                st.durable_tx = st.durable_tx.max(target);
+            }
+            self.flushed.notify_all();
+            r?;
+        }
+    }
+
+    /// Syncs the log if `upto` is not durable yet.
+    fn sync_to(&self, upto: u64) -> Result<()> {
+        if self.synced.load(Ordering::Acquire) >= upto {
+            return Ok(());
+        }
+        let r = self.ring.dev.sync().map_err(|e| Error::io("syncing the log", &self.ring.path, e));
+        self.poison(r)?;
+        Counters::add(&self.counters.log_syncs, 1);
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn sync_log(&self) -> Result<()> {
+        let written = self.writer.lock().written;
+        self.sync_to(written)
+    }
+
+    /// Applies the durable log up to `cut` (a batch boundary) to the
+    /// segments, then frees it: the split of the log into the part being
+    /// truncated and the active part, where commits go on.
+    fn truncate_to(&self, cut: u64) -> Result<()> {
+        let _t = self.truncation.lock();
+        self.check_poison()?;
+        let head = self.head.load(Ordering::Acquire);
+        let cut = cut.min(self.synced.load(Ordering::Acquire));
+        if cut <= head {
+            return Ok(());
+        }
+        let segments = self.status.lock().segments.clone();
+        let r = (|| {
+            let mut apply = Applier::new(|id| {
+                segments
+                    .get(&id)
+                    .map(|s| (s.dev.clone(), s.name.clone()))
+                    .ok_or_else(|| Error::corrupted(format!("log frame (unknown segment id {id})"), self.ring.path.display().to_string()))
+            });
+            let end = apply.run(&self.ring, head, cut, self.epoch)?;
+            if end.end != cut {
+                return Err(Error::corrupted(
+                    "log (records this instance wrote are unreadable)",
+                    format!("{} position {}", self.ring.path.display(), end.end),
+                ));
+            }
+            Counters::add(&self.counters.segment_bytes_written, apply.segment_bytes);
+            let mut st = self.status.lock();
+            let mut next = st.status.clone();
+            next.seq += 1;
+            next.head = cut;
+            next.tail_hint = cut;
+            next.committed += end.transactions;
+            log::write_status(&self.ring, &next)?;
+            st.status = next;
+            Ok(())
+        })();
+        self.poison(r)?;
+        self.head.store(cut, Ordering::Release);
+        Counters::add(&self.counters.truncations, 1);
+        Counters::add(&self.counters.truncated_bytes, cut - head);
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        *self.background.stop.lock() = true;
+        self.background.wake.notify_all();
+        if let Some(h) = self.bg_thread.lock().take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+        if !self.poisoned.load(Ordering::Acquire) {
+            let last = self.state.lock().next_tx - 1;
+            let _ = self.flush_to(last);
+        }
+    }
+}
+
+fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
+    loop {
+        {
+            let mut stop = bg.stop.lock();
+            if *stop {
+                return;
+            }
+            bg.wake.wait_for(&mut stop, Duration::from_millis(100));
+            if *stop {
+                return;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        let written = inner.writer.lock().written;
+        let used = written - inner.head.load(Ordering::Acquire);
+        if used as f64 > threshold * inner.ring.area_len as f64 {
+            // Errors poison the instance; committers will report them.
+            let _ = inner.sync_to(written).and_then(|_| inner.truncate_to(written));
+        }
+    }
+}
+
+/// Replays complete transactions of a log range onto segment devices, in
+/// bounded chunks, coalescing each chunk (newest bytes win) so a byte
+/// changed many times is written once per chunk.
+struct Applier<R> {
+    resolve: R,
+    devices: HashMap<u32, (Arc<dyn Storage>, PathBuf)>,
+    ready: Vec<Piece>,
+    tx: Vec<Piece>,
+    data: Vec<u8>,
+    scratch: Vec<u8>,
+    segment_bytes: u64,
+    log_bytes: u64,
+}
+
+const APPLY_CHUNK: usize = 64 << 20;
+
+impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
+    fn new(resolve: R) -> Self {
+        Applier {
+            resolve,
+            devices: HashMap::new(),
+            ready: Vec::new(),
+            tx: Vec::new(),
+            data: Vec::new(),
+            scratch: Vec::new(),
+            segment_bytes: 0,
+            log_bytes: 0,
+        }
+    }
+
+    fn run(&mut self, ring: &Ring, start: u64, limit: u64, epoch: u64) -> Result<ScanEnd> {
+        // Split borrows: the two callbacks touch disjoint state.
+        let cell = std::cell::RefCell::new(self);
+        let end = log::scan(
+            ring,
+            start,
+            limit,
+            epoch,
+            |f| {
+                if let format::Frame::Range { segment, offset, data } = f.frame {
+                    let mut me = cell.borrow_mut();
+                    let at = me.data.len();
+                    me.data.extend_from_slice(data);
+                    me.tx.push(Piece { segment, offset, len: data.len(), data_at: at });
+                }
+                Ok(())
+            },
+            |s, e| {
+                let mut me = cell.borrow_mut();
+                me.log_bytes += e - s;
+                let tx = std::mem::take(&mut me.tx);
+                me.ready.extend(tx);
+                if me.data.len() >= APPLY_CHUNK {
+                    me.apply_ready()?;
+                }
+                Ok(())
+            },
+        )?;
+        let me = cell.into_inner();
+        // Drop the unfinished tail, apply the rest, make it durable.
+        me.tx.clear();
+        me.apply_ready()?;
+        for (dev, name) in me.devices.values() {
+            dev.sync().map_err(|e| Error::io("syncing segment", name, e))?;
+        }
+        Ok(end)
+    }
+
+    fn apply_ready(&mut self) -> Result<()> {
+        let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, .. } = self;
+        coalesce::<Error>(ready, data, scratch, |seg, off, bytes| {
+            if !devices.contains_key(&seg) {
+                let d = resolve(seg)?;
+                devices.insert(seg, d);
+            }
+            let (dev, name) = &devices[&seg];
+            dev.write_at(bytes, off).map_err(|e| Error::io("writing segment", name, e))?;
+            *segment_bytes += bytes.len() as u64;
+            Ok(())
+        })?;
+        ready.clear();
+        // Keep the bytes of an unfinished transaction (they sit at the end).
+        let keep_from = tx.first().map_or(data.len(), |p| p.data_at);
+        data.drain(..keep_from);
+        for p in tx.iter_mut() {
+            p.data_at -= keep_from;
+        }
+        Ok(())
+    }
+}
+
+/// Recovery: replays every complete transaction after the head onto its
+/// segment, syncs the segments, then writes a status with the log empty and
+/// a new epoch. Running it again after a crash at any point redoes the same
+/// idempotent writes.
+fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, RecoveryReport)> {
+    let names: HashMap<u32, PathBuf> = status.segments.iter().map(|s| (s.id, s.name.clone())).collect();
+    let mut apply = Applier::new(|id| {
+        let name = names.get(&id).ok_or_else(|| {
+            Error::corrupted(format!("log frame (segment id {id} not in the dictionary)"), ring.path.display().to_string())
+        })?;
+        let dev = vfs
+            .open(name, OpenMode::Existing)
+            .map_err(|e| LogError::MissingSegment { path: name.clone(), reason: e.to_string() })?;
+        Ok((dev, name.clone()))
+    });
+    let end = apply.run(ring, status.head, u64::MAX, status.epoch)?;
+    let report = RecoveryReport {
+        transactions: end.transactions,
+        log_bytes: apply.log_bytes,
+        discarded_bytes: end.discarded,
+        segment_bytes_written: apply.segment_bytes,
+        stopped_at: match end.stop {
+            ScanStop::Limit => None,
+            ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
+        },
+    };
+    drop(apply); // unlock the segments before the application opens them
+    let next = Status {
+        seq: status.seq + 1,
+        epoch: status.epoch + 1,
+        head: end.end,
+        tail_hint: end.end,
+        committed: status.committed + end.transactions,
+        segments: Vec::new(),
+        ..status
+    };
+    log::write_status(ring, &next)?;
+    Ok((next, report))
+}
+
+/// Runs recovery on a log without keeping it open (what `rvmutl recover`
+/// does); returns the report.
+pub fn recover_log(vfs: &dyn Vfs, log_path: &Path) -> Result<RecoveryReport> {
+    let LogDevice { ring, status, .. } = LogDevice::open(vfs, log_path)?;
+    Ok(recover(vfs, &ring, status)?.1)
+}

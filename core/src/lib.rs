@@ -1,0 +1,34 @@
+//! # rvm-core: recoverable virtual memory
+//!
+//! Segments (files or block devices) are mapped into memory as regions;
+//! transactions declare the ranges they change ([`Transaction::set_range`]),
+//! store into them with ordinary writes, and commit. Commits go to a
+//! write-ahead redo log; truncation applies the log to the segments; at open,
+//! recovery replays what the log holds. After any crash, the segments show a
+//! prefix of the commit order that includes every flush-committed
+//! transaction.
+//!
+//! This is the core layer of the `rvm` crate; see `docs/DESIGN.md` for the
+//! on-disk formats and protocols.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod coalesce;
+mod error;
+mod instance;
+pub mod log;
+mod mem;
+mod segment;
+mod stats;
+pub mod storage;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+mod tx;
+
+pub use error::{Error, LogError, MapError, Result, TxError};
+pub use instance::{recover_log, CommitMode, Options, Query, RecoveryReport, RestoreMode, Rvm};
+pub use log::{create_log, create_log_with};
+pub use mem::page_size;
+pub use segment::{CopyMode, MapSpec, Placement, Region, Segment};
+pub use stats::Stats;
+pub use storage::{FileStorage, FileVfs, OpenMode, Storage, Vfs};
+pub use tx::Transaction;

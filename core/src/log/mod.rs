@@ -1,0 +1,282 @@
+//! The write-ahead redo log: on-disk format, ring I/O, creation, and the
+//! scanner shared by recovery, truncation and `rvmutl dump`.
+
+pub mod format;
+
+use crate::error::{Error, LogError, Result};
+use crate::storage::{OpenMode, Storage, Vfs};
+use format::{Frame, FrameDefect, FrameHeader, Status, Superblock, FRAME_HEADER, MAX_FRAME};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The record area seen as a circular byte buffer addressed by log position
+/// (LSN): position `p` lives at `area_offset + p % area_len`.
+#[derive(Debug, Clone)]
+pub(crate) struct Ring {
+    pub dev: Arc<dyn Storage>,
+    pub path: PathBuf,
+    pub area_offset: u64,
+    pub area_len: u64,
+}
+
+impl Ring {
+    fn pieces(&self, lsn: u64, len: usize) -> [(u64, usize); 2] {
+        let at = lsn % self.area_len;
+        let first = ((self.area_len - at) as usize).min(len);
+        [(self.area_offset + at, first), (self.area_offset, len - first)]
+    }
+
+    /// Writes `buf` at log position `lsn` (wrapping at the end of the area).
+    pub fn write(&self, lsn: u64, buf: &[u8]) -> Result<()> {
+        let mut done = 0;
+        for (off, n) in self.pieces(lsn, buf.len()) {
+            if n > 0 {
+                self.dev
+                    .write_at(&buf[done..done + n], off)
+                    .map_err(|e| Error::io("writing the log", &self.path, e))?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at log position `lsn`.
+    pub fn read(&self, lsn: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        for (off, n) in self.pieces(lsn, buf.len()) {
+            if n > 0 {
+                self.dev
+                    .read_at(&mut buf[done..done + n], off)
+                    .map_err(|e| Error::io("reading the log", &self.path, e))?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates a log of exactly `size` bytes at `path` (a new file, or an
+/// existing block device of at least that size) and writes its superblock
+/// and an initial status. The file is created with mode 0600.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// let log = dir.path().join("demo.log");
+/// rvm_core::create_log(&log, 1 << 20).unwrap();
+/// assert!(rvm_core::create_log(&log, 1 << 20).is_err()); // never overwrites
+/// ```
+pub fn create_log(path: impl AsRef<Path>, size: u64) -> Result<()> {
+    create_log_with(&crate::storage::FileVfs, path.as_ref(), size)
+}
+
+/// [`create_log`] on any [`Vfs`] (for instance the simulated disk).
+pub fn create_log_with(vfs: &dyn Vfs, path: &Path, size: u64) -> Result<()> {
+    let sb = Superblock::for_size(size).ok_or(LogError::BadSize {
+        requested: size,
+        reason: "a log needs at least 196 KiB (superblock, two status slots, 64 KiB of records)",
+    })?;
+    let dev = vfs.open(path, OpenMode::CreateNew).map_err(|e| Error::io("creating the log", path, e))?;
+    let io = |op, r: std::io::Result<()>| r.map_err(|e| Error::io(op, path, e));
+    io("sizing the log", dev.set_len(size))?;
+    // A fresh status in slot 0; slot 1 stays zero (invalid) until first use.
+    let status = Status { seq: 0, epoch: 1, next_segment_id: 1, ..Status::default() };
+    let image = status.encode().ok_or(LogError::BadSize { requested: size, reason: "status does not fit" })?;
+    io("writing the log status", dev.write_at(&image, Status::slot_offset(0)))?;
+    io("writing the log status", dev.write_at(&vec![0u8; format::STATUS_SLOT as usize], Status::slot_offset(1)))?;
+    // Zero the first block of the area so a scan of a new log ends at once.
+    io("writing the log", dev.write_at(&[0u8; format::BLOCK as usize], sb.area_offset))?;
+    io("syncing the log", dev.sync())?;
+    // The superblock goes last: until it is durable the file is not a log.
+    io("writing the log superblock", dev.write_at(&sb.encode(), 0))?;
+    io("syncing the log", dev.sync())?;
+    Ok(())
+}
+
+/// An opened log device: superblock and the newest valid status.
+#[derive(Debug)]
+pub(crate) struct LogDevice {
+    pub ring: Ring,
+    pub sb: Superblock,
+    pub status: Status,
+}
+
+impl LogDevice {
+    /// Opens and validates a log (locks it exclusively).
+    pub fn open(vfs: &dyn Vfs, path: &Path) -> Result<LogDevice> {
+        let dev = vfs.open(path, OpenMode::Existing).map_err(|e| Error::io("opening the log", path, e))?;
+        let len = dev.len().map_err(|e| Error::io("sizing the log", path, e))?;
+        let mut block = vec![0u8; format::BLOCK as usize];
+        if len < format::BLOCK {
+            return Err(LogError::NotALog { path: path.into() }.into());
+        }
+        dev.read_at(&mut block, 0).map_err(|e| Error::io("reading the log superblock", path, e))?;
+        let sb = match Superblock::decode(&block) {
+            Ok(sb) => sb,
+            Err(format::SuperblockError::BadMagic) => return Err(LogError::NotALog { path: path.into() }.into()),
+            Err(format::SuperblockError::Version(v)) => {
+                return Err(LogError::UnsupportedVersion { found: v, supported: format::VERSION }.into())
+            }
+            Err(format::SuperblockError::Corrupt(why)) => {
+                return Err(Error::corrupted(format!("log superblock ({why})"), format!("{} offset 0", path.display())))
+            }
+        };
+        if sb.device_size > len {
+            return Err(Error::corrupted(
+                "log superblock (device shorter than recorded size)",
+                format!("{} offset 16", path.display()),
+            ));
+        }
+        let status = read_status(dev.as_ref(), path)?;
+        if status.head.checked_add(sb.area_len).is_none() {
+            return Err(Error::corrupted("log status (head position out of range)", format!("{} status", path.display())));
+        }
+        let ring = Ring { dev, path: path.into(), area_offset: sb.area_offset, area_len: sb.area_len };
+        Ok(LogDevice { ring, sb, status })
+    }
+}
+
+/// Reads both status slots and returns the valid one with the larger seq.
+pub(crate) fn read_status(dev: &dyn Storage, path: &Path) -> Result<Status> {
+    let mut best: Option<Status> = None;
+    for slot in 0..2u64 {
+        let mut buf = vec![0u8; format::STATUS_SLOT as usize];
+        dev.read_at(&mut buf, Status::slot_offset(slot)).map_err(|e| Error::io("reading the log status", path, e))?;
+        if let Some(s) = Status::decode(&buf) {
+            // A status is only valid in the slot its seq selects.
+            if s.seq % 2 == slot && best.as_ref().is_none_or(|b| s.seq > b.seq) {
+                best = Some(s);
+            }
+        }
+    }
+    best.ok_or_else(|| Error::corrupted("log status (both slots invalid)", format!("{} offset 4096", path.display())))
+}
+
+/// Writes `status` to its slot and syncs.
+pub(crate) fn write_status(ring: &Ring, status: &Status) -> Result<()> {
+    let image = status.encode().ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+    ring.dev
+        .write_at(&image, Status::slot_offset(status.seq))
+        .map_err(|e| Error::io("writing the log status", &ring.path, e))?;
+    ring.dev.sync().map_err(|e| Error::io("syncing the log", &ring.path, e))
+}
+
+/// Why a scan stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanStop {
+    /// It reached the requested limit.
+    Limit,
+    /// The frame at `lsn` failed a check; the log ends there.
+    Defect {
+        /// Position of the refused frame.
+        lsn: u64,
+        /// What was wrong.
+        defect: FrameDefect,
+    },
+}
+
+/// What a scan found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// Log position just after the last complete transaction.
+    pub end: u64,
+    /// Complete transactions seen.
+    pub transactions: u64,
+    /// Bytes of valid frames after `end` that belong to no complete
+    /// transaction (a torn or unfinished tail), discarded.
+    pub discarded: u64,
+    /// Why it stopped.
+    pub stop: ScanStop,
+}
+
+/// One frame as the scanner reports it (for dumps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScannedFrame<'a> {
+    /// Position of the frame.
+    pub lsn: u64,
+    /// Total length of the frame.
+    pub len: u32,
+    /// The decoded frame.
+    pub frame: Frame<'a>,
+}
+
+/// Scans the log from `start` (at most up to `limit`) in `epoch`.
+///
+/// `on_frame` sees every valid frame in order (including those of a tail
+/// that turns out incomplete); `on_commit` is called with the position range
+/// `[tx_start, tx_end)` of each complete transaction, after its frames.
+/// Reading stops at the first frame that fails a check.
+pub(crate) fn scan(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    mut on_frame: impl FnMut(&ScannedFrame<'_>) -> Result<()>,
+    mut on_commit: impl FnMut(u64, u64) -> Result<()>,
+) -> Result<ScanEnd> {
+    const CHUNK: usize = 1 << 20;
+    let limit = limit.min(start.saturating_add(ring.area_len));
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_lsn = start; // log position of buf[0]
+    let mut pos = start;
+    let mut tx_start = start;
+    let mut ranges_in_tx = 0u32;
+    let mut transactions = 0u64;
+    // Ensures buf holds [pos, pos + need) if that lies below `limit`.
+    let fill = |buf: &mut Vec<u8>, buf_lsn: &mut u64, pos: u64, need: usize| -> Result<bool> {
+        if pos + need as u64 > limit {
+            return Ok(false);
+        }
+        let have_from = (pos - *buf_lsn) as usize;
+        if have_from + need <= buf.len() {
+            return Ok(true);
+        }
+        let want = need.max(CHUNK).min((limit - pos) as usize);
+        buf.drain(..have_from.min(buf.len()));
+        *buf_lsn = pos;
+        let old = buf.len();
+        if old < want {
+            buf.resize(want, 0);
+            ring.read(pos + old as u64, &mut buf[old..])?;
+        }
+        Ok(true)
+    };
+    let stop = loop {
+        if !fill(&mut buf, &mut buf_lsn, pos, FRAME_HEADER)? {
+            break ScanStop::Limit;
+        }
+        let at = (pos - buf_lsn) as usize;
+        let mut hb = [0u8; FRAME_HEADER];
+        hb.copy_from_slice(&buf[at..at + FRAME_HEADER]);
+        let header = FrameHeader::parse(&hb);
+        let len = match format::check_header(&header, pos, epoch) {
+            Ok(len) if len <= MAX_FRAME + 8 => len,
+            Ok(_) => break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength },
+            Err(defect) => break ScanStop::Defect { lsn: pos, defect },
+        };
+        if !fill(&mut buf, &mut buf_lsn, pos, len)? {
+            break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength };
+        }
+        let at = (pos - buf_lsn) as usize;
+        let frame = match format::decode_frame(&buf[at..at + len]) {
+            Ok(f) => f,
+            Err(defect) => break ScanStop::Defect { lsn: pos, defect },
+        };
+        if let Frame::Commit { ranges, .. } = frame {
+            if ranges != ranges_in_tx {
+                break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadBody };
+            }
+        }
+        on_frame(&ScannedFrame { lsn: pos, len: len as u32, frame: frame.clone() })?;
+        pos += len as u64;
+        match frame {
+            Frame::Range { .. } => ranges_in_tx += 1,
+            Frame::Commit { .. } => {
+                on_commit(tx_start, pos)?;
+                transactions += 1;
+                ranges_in_tx = 0;
+                tx_start = pos;
+            }
+        }
+    };
+    Ok(ScanEnd { end: tx_start, transactions, discarded: pos - tx_start, stop })
+}

@@ -1,0 +1,210 @@
+//! The unsafe fence: raw mappings and raw copies to and from mapped memory.
+//!
+//! Everything else in the crate works with addresses (`usize`) that the
+//! region table has checked; only this module turns them into pointers.
+
+use crate::error::MapError;
+use rustix::mm::{MapFlags, ProtFlags};
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+
+/// The system page size.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// Highest user address this crate will map at (the lower half of a 48-bit
+/// address space, which every 64-bit Linux target provides).
+pub const USER_ADDRESS_LIMIT: usize = 1 << 47;
+
+/// An owned memory mapping; dropping it unmaps.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is only an owned address range; access to its bytes is
+// synchronized by the transaction rules documented on the public API.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; &Mapping gives no access to the bytes by itself.
+unsafe impl Sync for Mapping {}
+
+/// Where a mapping goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Exactly at this address; an occupied range is an error.
+    Fixed(usize),
+    /// Wherever the system chooses.
+    Anywhere,
+}
+
+fn check_placement(placement: Placement, len: usize) -> Result<(), MapError> {
+    if let Placement::Fixed(addr) = placement {
+        let bad = || MapError::BadAddress { addr, len };
+        let end = addr.checked_add(len).ok_or_else(bad)?;
+        if addr == 0 || end > USER_ADDRESS_LIMIT {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+fn finish(placement: Placement, got: *mut std::ffi::c_void, len: usize) -> Result<Mapping, MapError> {
+    let addr = NonNull::new(got.cast::<u8>()).ok_or(MapError::System {
+        addr: 0,
+        len,
+        errno: "mmap returned null".into(),
+    })?;
+    let m = Mapping { addr, len };
+    if let Placement::Fixed(want) = placement {
+        if m.addr() != want {
+            // Kernels before 4.17 treat MAP_FIXED_NOREPLACE as a hint; the
+            // mapping landed elsewhere, which means the range was occupied.
+            drop(m);
+            return Err(MapError::AddressInUse { addr: want, len });
+        }
+    }
+    Ok(m)
+}
+
+fn map_err(placement: Placement, len: usize, e: rustix::io::Errno) -> MapError {
+    let addr = match placement {
+        Placement::Fixed(a) => a,
+        Placement::Anywhere => 0,
+    };
+    if e == rustix::io::Errno::EXIST {
+        MapError::AddressInUse { addr, len }
+    } else {
+        MapError::System { addr, len, errno: e.to_string() }
+    }
+}
+
+fn flags_for(placement: Placement) -> (*mut std::ffi::c_void, MapFlags) {
+    match placement {
+        Placement::Fixed(a) => (a as *mut std::ffi::c_void, MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE),
+        Placement::Anywhere => (std::ptr::null_mut(), MapFlags::PRIVATE),
+    }
+}
+
+impl Mapping {
+    /// Zero-filled private memory of `len` bytes (page multiple).
+    pub fn anonymous(placement: Placement, len: usize) -> Result<Mapping, MapError> {
+        check_placement(placement, len)?;
+        let (hint, flags) = flags_for(placement);
+        // SAFETY: a private anonymous mapping; with FIXED_NOREPLACE the kernel
+        // refuses (EEXIST) rather than replace anything already mapped, and
+        // without a fixed address it picks a free range. No existing memory
+        // is affected either way.
+        let got = unsafe { rustix::mm::mmap_anonymous(hint, len, ProtFlags::READ | ProtFlags::WRITE, flags) }
+            .map_err(|e| map_err(placement, len, e))?;
+        finish(placement, got, len)
+    }
+
+    /// A private (copy-on-write) mapping of `len` bytes of `fd` at `offset`:
+    /// pages are read lazily on first touch and stores never reach the file.
+    pub fn file_private(
+        placement: Placement,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<Mapping, MapError> {
+        check_placement(placement, len)?;
+        let (hint, flags) = flags_for(placement);
+        // SAFETY: as for `anonymous`: FIXED_NOREPLACE never replaces a
+        // mapping. MAP_PRIVATE means stores stay in this process. The caller
+        // (region mapping) checked that [offset, offset+len) lies inside the
+        // device, so touching the pages cannot raise SIGBUS while the device
+        // keeps its size (we hold its exclusive lock).
+        let got = unsafe {
+            rustix::mm::mmap(hint, len, ProtFlags::READ | ProtFlags::WRITE, flags, fd, offset)
+        }
+        .map_err(|e| map_err(placement, len, e))?;
+        finish(placement, got, len)
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// Start pointer.
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Fills `[off, off + src.len())` of the mapping from `src`, for
+    /// copy-on-map loading before the region is published.
+    pub fn fill(&self, off: usize, src_len: usize, fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        assert!(off.checked_add(src_len).is_some_and(|e| e <= self.len), "fill out of bounds");
+        // SAFETY: the range is inside this mapping (asserted), the mapping is
+        // not yet published to any other thread (only region creation calls
+        // this), so the exclusive slice cannot alias.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr().add(off), src_len) };
+        fill(dst)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping; nothing refers to it after drop (the
+        // region table removes the region and checks no transaction holds
+        // it before dropping the Mapping).
+        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Copies `dst.len()` bytes of mapped memory at `addr` into `dst`.
+///
+/// # Safety
+///
+/// `[addr, addr + dst.len())` must lie inside a live mapping, and no other
+/// thread may write it concurrently (the transaction rules guarantee this
+/// for declared ranges).
+pub unsafe fn copy_from(addr: usize, dst: &mut [u8]) {
+    // SAFETY: per the contract, the source is valid for reads and not
+    // concurrently written; `dst` is a distinct Rust buffer.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
+}
+
+/// Copies `src` into mapped memory at `addr`.
+///
+/// # Safety
+///
+/// `[addr, addr + src.len())` must lie inside a live mapping and no other
+/// thread may access it concurrently; no Rust reference may point into it.
+pub unsafe fn copy_to(addr: usize, src: &[u8]) {
+    // SAFETY: per the contract, the destination is valid for writes and
+    // exclusively ours for the duration of the copy.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_mapping_refuses_occupied_range() {
+        let ps = page_size();
+        let a = Mapping::anonymous(Placement::Anywhere, 4 * ps).unwrap();
+        let err = Mapping::anonymous(Placement::Fixed(a.addr() + ps), ps).unwrap_err();
+        assert!(matches!(err, MapError::AddressInUse { .. }), "{err:?}");
+        // The original mapping is untouched and still readable.
+        let mut b = [1u8; 8];
+        // SAFETY: inside `a`, which no one else uses.
+        unsafe { copy_from(a.addr(), &mut b) };
+        assert_eq!(b, [0; 8]);
+    }
+
+    #[test]
+    fn bad_addresses_are_errors() {
+        let ps = page_size();
+        assert!(matches!(Mapping::anonymous(Placement::Fixed(usize::MAX - ps + 1), ps), Err(MapError::BadAddress { .. })));
+        assert!(matches!(Mapping::anonymous(Placement::Fixed(0), ps), Err(MapError::BadAddress { .. })));
+    }
+}

@@ -1,0 +1,221 @@
+//! Segments (devices holding recoverable data) and regions (page-aligned
+//! pieces of a segment mapped into memory).
+
+use crate::mem::Mapping;
+use crate::storage::Storage;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use crate::mem::Placement;
+
+#[derive(Debug)]
+pub(crate) struct SegmentInner {
+    pub id: u32,
+    pub name: PathBuf,
+    pub dev: Arc<dyn Storage>,
+    pub len: u64,
+    /// Segment ranges currently mapped, `[start, end)`.
+    pub mapped: Mutex<Vec<(u64, u64)>>,
+    /// Sequence number of the last committed transaction that touched it.
+    pub last_tx: AtomicU64,
+}
+
+/// An open segment: a file or block device whose bytes regions map.
+///
+/// Obtained from [`crate::Rvm::open_segment`]; cheap to clone.
+#[derive(Clone)]
+pub struct Segment(pub(crate) Arc<SegmentInner>);
+
+impl Segment {
+    /// The segment's canonical name (its path).
+    pub fn name(&self) -> &Path {
+        &self.0.name
+    }
+    /// Size of the segment device in bytes.
+    pub fn len(&self) -> u64 {
+        self.0.len
+    }
+    /// Whether the device is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+    /// The id log records use for this segment.
+    pub fn id(&self) -> u32 {
+        self.0.id
+    }
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment").field("name", &self.0.name).field("id", &self.0.id).field("len", &self.0.len).finish()
+    }
+}
+
+/// How a region's contents come into memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Pages are read lazily on first touch (a private file mapping). Needs
+    /// a device with a file descriptor; other devices are copied at map time.
+    #[default]
+    OnDemand,
+    /// The whole region is read into memory when it is mapped.
+    OnMap,
+    /// Nothing is read: the region starts zero-filled, for a region the
+    /// caller will overwrite completely. Bytes not overwritten and committed
+    /// keep their old value in the segment.
+    NoCopy,
+}
+
+/// What to map: a page-aligned range of a segment, where, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Offset of the region in the segment (page multiple).
+    pub offset: u64,
+    /// Length of the region (page multiple, not zero).
+    pub len: usize,
+    /// Fixed address or anywhere.
+    pub placement: Placement,
+    /// How the contents are brought in.
+    pub copy: CopyMode,
+}
+
+impl MapSpec {
+    /// Maps `[offset, offset + len)` wherever the system chooses, copy-on-demand.
+    pub fn new(offset: u64, len: usize) -> Self {
+        MapSpec { offset, len, placement: Placement::Anywhere, copy: CopyMode::OnDemand }
+    }
+    /// Places the region at `addr` exactly.
+    pub fn at(mut self, addr: usize) -> Self {
+        self.placement = Placement::Fixed(addr);
+        self
+    }
+    /// Chooses the copy mode.
+    pub fn copy(mut self, copy: CopyMode) -> Self {
+        self.copy = copy;
+        self
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct RegionInner {
+    pub mapping: Mapping,
+    pub segment: Arc<SegmentInner>,
+    pub offset: u64,
+    /// Uncommitted transactions that declared ranges here.
+    pub active_txs: AtomicUsize,
+    pub copy: CopyMode,
+}
+
+impl RegionInner {
+    pub fn addr(&self) -> usize {
+        self.mapping.addr()
+    }
+    pub fn end(&self) -> usize {
+        self.mapping.addr() + self.mapping.len()
+    }
+    pub fn contains(&self, addr: usize, end: usize) -> bool {
+        addr >= self.addr() && end <= self.end()
+    }
+    /// Segment offset of a memory address inside the region.
+    pub fn segment_offset(&self, addr: usize) -> u64 {
+        self.offset + (addr - self.addr()) as u64
+    }
+}
+
+impl Drop for RegionInner {
+    fn drop(&mut self) {
+        let start = self.offset;
+        self.segment.mapped.lock().retain(|&(s, _)| s != start);
+    }
+}
+
+/// A mapped region: `len()` bytes of recoverable memory at `addr()`.
+///
+/// Reading the memory is ordinary; changing it must happen inside a
+/// transaction ([`crate::Transaction::set_range`] before the stores). The
+/// memory stays mapped until [`crate::Rvm::unmap`] and until every clone of
+/// this handle is gone.
+#[derive(Clone, Debug)]
+pub struct Region(pub(crate) Arc<RegionInner>);
+
+impl Region {
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.0.addr()
+    }
+    /// Start pointer.
+    pub fn as_ptr(&self) -> NonNull<u8> {
+        self.0.mapping.ptr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.mapping.len()
+    }
+    /// Always false: regions are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// Offset of the region in its segment.
+    pub fn segment_offset(&self) -> u64 {
+        self.0.offset
+    }
+    /// The segment the region maps.
+    pub fn segment(&self) -> Segment {
+        Segment(self.0.segment.clone())
+    }
+    /// How the region was mapped.
+    pub fn copy_mode(&self) -> CopyMode {
+        self.0.copy
+    }
+    /// Uncommitted transactions with ranges in this region.
+    pub fn active_transactions(&self) -> usize {
+        self.0.active_txs.load(Ordering::Acquire)
+    }
+    /// Copies bytes out of the region (a convenience for inspection and
+    /// tests; `off + dst.len()` must lie inside the region, else `None`).
+    ///
+    /// The caller must make sure no transaction modifies these bytes
+    /// concurrently (the application's locking, as for any read).
+    pub fn read(&self, off: usize, dst: &mut [u8]) -> Option<()> {
+        let end = off.checked_add(dst.len())?;
+        if end > self.len() {
+            return None;
+        }
+        // SAFETY: the range is inside this live mapping (checked above; the
+        // handle keeps the mapping alive). Concurrent writers are excluded by
+        // the documented contract, as for any read of mapped memory.
+        unsafe { crate::mem::copy_from(self.addr() + off, dst) };
+        Some(())
+    }
+}
+
+/// Regions by start address, for address lookups.
+#[derive(Debug, Default)]
+pub(crate) struct RegionTable {
+    by_addr: BTreeMap<usize, Arc<RegionInner>>,
+}
+
+impl RegionTable {
+    /// The region containing `[addr, end)`, if one does.
+    pub fn find(&self, addr: usize, end: usize) -> Option<&Arc<RegionInner>> {
+        let (_, r) = self.by_addr.range(..=addr).next_back()?;
+        r.contains(addr, end).then_some(r)
+    }
+    pub fn insert(&mut self, r: Arc<RegionInner>) {
+        self.by_addr.insert(r.addr(), r);
+    }
+    pub fn remove(&mut self, addr: usize) -> Option<Arc<RegionInner>> {
+        self.by_addr.remove(&addr)
+    }
+    pub fn get(&self, addr: usize) -> Option<&Arc<RegionInner>> {
+        self.by_addr.get(&addr)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<RegionInner>> {
+        self.by_addr.values()
+    }
+}

@@ -1,0 +1,112 @@
+//! Real files and block devices.
+
+use super::{OpenMode, Storage, Vfs};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A file or block device, locked exclusively (`flock`) while open.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+}
+
+impl FileStorage {
+    /// Opens (and with `mode`, creates with permissions 0600) the file at
+    /// `path` and locks it exclusively. Lock conflicts, with another process
+    /// or another handle of this one, are [`io::ErrorKind::WouldBlock`].
+    pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).mode(0o600);
+        match mode {
+            OpenMode::Existing => {}
+            OpenMode::CreateIfMissing => {
+                opts.create(true);
+            }
+            OpenMode::CreateNew => {
+                opts.create_new(true);
+            }
+        }
+        let file = opts.open(path)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is locked by another user", path.display()),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let block_device = rustix::fs::fstat(&file)
+            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice)
+            .unwrap_or(false);
+        Ok(FileStorage { file, path: path.to_path_buf(), block_device })
+    }
+
+    /// The path this device was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        if self.block_device {
+            // Block devices report st_size 0; their end is their size.
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.block_device {
+            if self.len()? >= len {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("block device {} cannot grow", self.path.display()),
+            ));
+        }
+        self.file.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+}
+
+/// Opens real files and block devices.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileVfs;
+
+impl Vfs for FileVfs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(FileStorage::open(path, mode)?))
+    }
+    fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
+        match std::fs::canonicalize(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Not created yet: resolve the directory, keep the name.
+                let file = path.file_name().ok_or(e)?;
+                let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                Ok(std::fs::canonicalize(dir)?.join(file))
+            }
+            r => r,
+        }
+    }
+}

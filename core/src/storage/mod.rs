@@ -1,0 +1,69 @@
+//! The one storage abstraction every byte of I/O goes through.
+//!
+//! A [`Storage`] is a random-access device: a file, a block device, or (with
+//! the `testing` feature) the [simulated device](crate::testing) that models
+//! crashes. A [`Vfs`] opens devices by path, so recovery can reopen the
+//! segments a log names.
+
+use std::fmt::Debug;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+mod file;
+pub use file::{FileStorage, FileVfs};
+
+/// A random-access device with explicit durability.
+///
+/// Writes become durable only after [`Storage::sync`] returns `Ok`; a crash
+/// may lose any unsynced write and may tear the last sector written.
+/// Implementations hold an exclusive lock on the device for as long as the
+/// value lives (see [`Vfs::open`]).
+pub trait Storage: Send + Sync + Debug {
+    /// Fills `buf` from `offset`. Reading past the end is an
+    /// [`io::ErrorKind::UnexpectedEof`] error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the device if it is a file.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// The device's size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Grows or shrinks the device (files only; block devices refuse).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every earlier write durable (`fdatasync` for files).
+    fn sync(&self) -> io::Result<()>;
+    /// The file descriptor behind the device, if there is one: it lets a
+    /// region be mapped copy-on-demand (a private file mapping). Devices
+    /// without one are mapped by copying at map time.
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Whether the device is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// Whether [`Vfs::open`] may create the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The device must exist.
+    Existing,
+    /// Create the device (an empty file, mode 0600) if it does not exist.
+    CreateIfMissing,
+    /// Create the device; it is an error if it exists.
+    CreateNew,
+}
+
+/// Opens devices by path; one `Vfs` is one crash domain.
+pub trait Vfs: Send + Sync + Debug {
+    /// Opens `path` and takes an exclusive lock on it for the life of the
+    /// returned handle. A device that is already open (in this process or
+    /// another) is an [`io::ErrorKind::WouldBlock`] error.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>>;
+    /// Canonical name of `path`, the form recorded in a log's segment
+    /// dictionary (absolute for files). Works for paths that do not exist
+    /// yet (the name a create would use).
+    fn canonical_name(&self, path: &Path) -> io::Result<std::path::PathBuf>;
+}
+

@@ -1,0 +1,247 @@
+//! Transactions: declare ranges, store into them, commit or abort.
+
+use crate::error::{Result, TxError};
+use crate::instance::{CommitMode, Inner, RestoreMode, Rvm};
+use crate::mem;
+use crate::segment::RegionInner;
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+thread_local! {
+    /// Instances on which this thread has an open transaction.
+    static OPEN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Declared {
+    addr: usize,
+    len: usize,
+    /// Index into `Transaction::held`.
+    region: usize,
+    /// Offset of the old values in `undo` (restore mode).
+    undo_at: usize,
+}
+
+/// An open transaction. Commit with [`Transaction::commit`]; dropping it
+/// without committing aborts it.
+///
+/// ```
+/// # use rvm_core::*;
+/// # let dir = tempfile::tempdir().unwrap();
+/// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+/// # let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+/// # let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+/// # let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+/// let counter = region.addr() as *mut u64;
+/// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+/// // SAFETY: nothing else touches the counter while the transaction runs.
+/// unsafe {
+///     tx.set_range(counter as usize, 8).unwrap();
+///     *counter += 1;
+/// }
+/// tx.abort(); // the old value comes back
+/// // SAFETY: as above.
+/// assert_eq!(unsafe { *counter }, 0);
+/// ```
+#[derive(Debug)]
+pub struct Transaction<'a> {
+    rvm: &'a Inner,
+    instance: u64,
+    mode: RestoreMode,
+    ranges: Vec<Declared>,
+    undo: Vec<u8>,
+    held: Vec<Arc<RegionInner>>,
+    finished: bool,
+}
+
+impl<'a> Transaction<'a> {
+    pub(crate) fn begin(rvm: &'a Rvm, mode: RestoreMode) -> Result<Self> {
+        let instance = rvm.instance_id();
+        rvm.inner.check_poison()?;
+        OPEN.with(|open| {
+            let mut open = open.borrow_mut();
+            if open.contains(&instance) {
+                return Err(TxError::Nested);
+            }
+            open.push(instance);
+            Ok(())
+        })?;
+        rvm.inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        crate::stats::Counters::add(&rvm.inner.counters.begun, 1);
+        Ok(Transaction {
+            rvm: &rvm.inner,
+            instance,
+            mode,
+            ranges: Vec::new(),
+            undo: Vec::new(),
+            held: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// The restore mode the transaction was begun with.
+    pub fn mode(&self) -> RestoreMode {
+        self.mode
+    }
+
+    /// Declares that the transaction will modify `[addr, addr + len)`,
+    /// which must lie inside one mapped region. In restore mode the current
+    /// bytes are saved for abort. Call it *before* storing.
+    ///
+    /// # Safety
+    ///
+    /// From this call until the transaction commits or aborts, no other
+    /// thread may write the range (the application's locks must cover it,
+    /// held until commit or abort, as in RVM), and no Rust reference may
+    /// hold it mutably while the transaction reads it (here, at commit, and
+    /// at abort, which writes it back in restore mode).
+    pub unsafe fn set_range(&mut self, addr: usize, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let not_mapped = TxError::RangeNotMapped { addr, len };
+        let end = addr.checked_add(len).ok_or(not_mapped.clone())?;
+        let region = match self.held.iter().position(|r| r.contains(addr, end)) {
+            Some(i) => i,
+            None => {
+                let table = self.rvm.regions.read();
+                let r = table.find(addr, end).ok_or(not_mapped)?;
+                // Counted under the table lock, so `unmap` sees it.
+                r.active_txs.fetch_add(1, Ordering::AcqRel);
+                self.held.push(r.clone());
+                self.held.len() - 1
+            }
+        };
+        let undo_at = self.undo.len();
+        if self.mode == RestoreMode::Restore {
+            self.undo.resize(undo_at + len, 0);
+            // SAFETY: [addr, end) is inside a region this transaction holds
+            // (its mapping cannot go away), and the caller guarantees no
+            // concurrent writer.
+            unsafe { mem::copy_from(addr, &mut self.undo[undo_at..]) };
+        }
+        self.ranges.push(Declared { addr, len, region, undo_at });
+        Ok(())
+    }
+
+    /// Declares `[addr, addr + data.len())` and stores `data` there.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Transaction::set_range`].
+    pub unsafe fn modify_bytes(&mut self, addr: usize, data: &[u8]) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.set_range(addr, data.len())? };
+        // SAFETY: set_range checked the range lies in a held region; the
+        // caller guarantees exclusive access.
+        unsafe { mem::copy_to(addr, data) };
+        Ok(())
+    }
+
+    /// Commits. With [`CommitMode::Flush`] it returns once the transaction
+    /// is durable; with [`CommitMode::NoFlush`] at once. If the commit fails
+    /// (the log is too small for it, or an earlier I/O failure stopped the
+    /// instance) the transaction is aborted and the error returned.
+    pub fn commit(mut self, mode: CommitMode) -> Result<()> {
+        let declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
+        let mut spans: Vec<(usize, usize, usize)> = self.ranges.iter().map(|r| (r.addr, r.len, r.region)).collect();
+        if self.rvm_coalesces() && spans.len() > 1 {
+            spans = merge_spans(spans);
+        }
+        let pieces: Vec<_> = spans
+            .iter()
+            .map(|&(addr, len, region)| {
+                let r = &self.held[region];
+                (r.segment.clone(), r.segment_offset(addr), len, addr)
+            })
+            .collect();
+        let seq = match self.rvm.commit_pieces(&pieces, declared) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.rollback();
+                return Err(e);
+            }
+        };
+        self.finish();
+        let c = &self.rvm.counters;
+        match mode {
+            CommitMode::NoFlush => {
+                crate::stats::Counters::add(&c.no_flush_commits, 1);
+                Ok(())
+            }
+            CommitMode::Flush => {
+                crate::stats::Counters::add(&c.flush_commits, 1);
+                self.rvm.flush_to(seq)
+            }
+        }
+    }
+
+    /// Aborts: in restore mode every declared range gets its old bytes back.
+    pub fn abort(mut self) {
+        self.rollback();
+    }
+
+    fn rvm_coalesces(&self) -> bool {
+        self.rvm.coalesces()
+    }
+
+    fn rollback(&mut self) {
+        if self.finished {
+            return;
+        }
+        if self.mode == RestoreMode::Restore {
+            // Newest first, so the first saved value of a byte wins.
+            for r in self.ranges.iter().rev() {
+                // SAFETY: the range is in a held region; the set_range
+                // contract gives this transaction exclusive access.
+                unsafe { mem::copy_to(r.addr, &self.undo[r.undo_at..r.undo_at + r.len]) };
+            }
+        }
+        crate::stats::Counters::add(&self.rvm.counters.aborted, 1);
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.finished = true;
+        for r in self.held.drain(..) {
+            r.active_txs.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.rvm.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let me = self.instance;
+        OPEN.with(|open| open.borrow_mut().retain(|&i| i != me));
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        self.rollback();
+    }
+}
+
+/// Intra-transaction coalescing: sorts spans and merges those of one
+/// region that overlap or touch.
+fn merge_spans(mut spans: Vec<(usize, usize, usize)>) -> Vec<(usize, usize, usize)> {
+    spans.sort_unstable_by_key(|s| (s.2, s.0));
+    let mut out: Vec<(usize, usize, usize)> = Vec::with_capacity(spans.len());
+    for (addr, len, region) in spans {
+        match out.last_mut() {
+            Some(last) if last.2 == region && addr <= last.0 + last.1 => {
+                last.1 = last.1.max(addr + len - last.0);
+            }
+            _ => out.push((addr, len, region)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_spans;
+
+    #[test]
+    fn spans_merge_when_they_touch() {
+        assert_eq!(merge_spans(vec![(10, 5, 0), (15, 5, 0), (30, 1, 0), (12, 1, 0)]), vec![(10, 10, 0), (30, 1, 0)]);
+        assert_eq!(merge_spans(vec![(10, 5, 0), (15, 5, 1)]), vec![(10, 5, 0), (15, 5, 1)]);
+    }
+}

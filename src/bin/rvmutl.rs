@@ -1,0 +1,2 @@
+//! rvmutl: create, inspect, recover and truncate RVM logs.
+fn main() {}

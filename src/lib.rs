@@ -1,0 +1,5 @@
+//! # rvm: a recoverable persistent heap
+//!
+//! The facade crate: it re-exports the layers ([`core`](rvm_core)) and ships
+//! the `rvmutl` command-line tool.
+pub use rvm_core::*;
