@@ -15,9 +15,11 @@ fn commit_survives_crash_on_sim() {
         let seg = rvm.create_segment("seg", 1 << 16).unwrap();
         let r = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
         let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: single-threaded test; nothing else touches the region.
         unsafe { tx.modify_bytes(r.addr() + 100, b"durable").unwrap() };
         tx.commit(CommitMode::Flush).unwrap();
         let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: as above.
         unsafe { tx.modify_bytes(r.addr() + 200, b"lost").unwrap() };
         tx.commit(CommitMode::NoFlush).unwrap();
         disk.crash(CrashMode::LoseUnsynced);

@@ -894,12 +894,11 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
     fn apply_ready(&mut self) -> Result<()> {
         let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, .. } = self;
         coalesce::<Error>(ready, data, scratch, |seg, off, bytes| {
-            if !devices.contains_key(&seg) {
-                let d = resolve(seg)?;
-                devices.insert(seg, d);
-            }
-            let (dev, name) = &devices[&seg];
-            dev.write_at(bytes, off).map_err(|e| Error::io("writing segment", name, e))?;
+            let (dev, name) = match devices.entry(seg) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(resolve(seg)?),
+            };
+            dev.write_at(bytes, off).map_err(|e| Error::io("writing segment", &*name, e))?;
             *segment_bytes += bytes.len() as u64;
             Ok(())
         })?;

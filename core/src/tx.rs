@@ -5,6 +5,7 @@ use crate::instance::{CommitMode, Inner, RestoreMode, Rvm};
 use crate::mem;
 use crate::segment::RegionInner;
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -53,6 +54,9 @@ pub struct Transaction<'a> {
     undo: Vec<u8>,
     held: Vec<Arc<RegionInner>>,
     finished: bool,
+    /// Transactions belong to the thread that began them (the nesting check
+    /// is per thread), so they are neither `Send` nor `Sync`.
+    _not_send: PhantomData<*const ()>,
 }
 
 impl<'a> Transaction<'a> {
@@ -77,6 +81,7 @@ impl<'a> Transaction<'a> {
             undo: Vec::new(),
             held: Vec::new(),
             finished: false,
+            _not_send: PhantomData,
         })
     }
 
