@@ -1,0 +1,42 @@
+//! # rvm-heap: an RDS-style recoverable heap
+//!
+//! `malloc` and `free` of recoverable memory inside transactions, on two
+//! mapped regions of a segment: a static region (header, persistent roots)
+//! and the heap region. All allocator metadata lives in recoverable memory
+//! and changes only through transactions; the volatile indexes (free
+//! extents by address and by size, preallocation caches) are rebuilt from
+//! the block headers at load.
+//!
+//! ```
+//! use rvm_core::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
+//! use rvm_heap::Heap;
+//! use std::alloc::Layout;
+//! # let dir = tempfile::tempdir().unwrap();
+//! create_log(dir.path().join("log"), 1 << 20).unwrap();
+//! let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+//! let seg = rvm.create_segment(dir.path().join("seg"), 1 << 20).unwrap();
+//! let statics = rvm.map(&seg, MapSpec::new(0, 1 << 12)).unwrap();
+//! let region = rvm.map(&seg, MapSpec::new(1 << 12, (1 << 20) - (1 << 12))).unwrap();
+//! let heap = Heap::format(&rvm, statics, region).unwrap();
+//!
+//! let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+//! let p = tx.malloc(Layout::new::<u64>()).unwrap();
+//! // SAFETY: the block was just allocated by this transaction.
+//! unsafe {
+//!     tx.set_range(p, 8).unwrap();
+//!     p.cast::<u64>().as_ptr().write(42);
+//! }
+//! tx.set_root("answer", Some((p, 8, 0))).unwrap();
+//! tx.commit(CommitMode::Flush).unwrap();
+//! assert_eq!(heap.root("answer").unwrap().ptr, p);
+//! heap.check().unwrap();
+//! ```
+
+mod avail;
+mod error;
+mod heap;
+pub mod layout;
+mod raw;
+
+pub use error::{HeapError, Result};
+pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ALIGN};
