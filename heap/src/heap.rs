@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use rvm_core::{CommitMode, Region, RestoreMode, Rvm, Transaction};
 use std::alloc::Layout;
 use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
 
 /// Root slots in a heap made by [`Heap::format`].
@@ -82,13 +83,32 @@ pub struct Root {
     pub type_tag: u64,
 }
 
+/// Block offsets are distinct multiples of 16: a multiplicative hash is
+/// enough and much cheaper than SipHash on the allocation path.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     avail: Avail,
     /// The committed layout's free blocks (offset → size).
     committed_free: BTreeMap<u64, u64>,
     /// Committed blocks freed by transactions in flight.
-    pending_frees: HashSet<u64>,
+    pending_frees: HashSet<u64, BuildHasherDefault<OffsetHasher>>,
     stats: HeapStats,
 }
 
@@ -584,8 +604,9 @@ impl Drop for HeapTx<'_> {
 /// What a commit changed, to put back if the core commit fails.
 #[derive(Debug, Default)]
 struct Undo {
-    /// Old bytes of every store made: (address, bytes).
-    stores: Vec<(usize, Vec<u8>)>,
+    /// Every store made: (address, offset of its old bytes in `old`, length).
+    stores: Vec<(usize, usize, usize)>,
+    old: Vec<u8>,
     /// Mirror entries removed and inserted.
     removed: Vec<(u64, u64)>,
     inserted: Vec<u64>,
@@ -595,9 +616,10 @@ struct Undo {
 
 impl Undo {
     fn store(&mut self, heap: &Heap, tx: &mut Transaction<'_>, addr: usize, bytes: &[u8]) -> Result<()> {
-        let mut old = vec![0u8; bytes.len()];
-        heap.read_mem(addr, &mut old);
-        self.stores.push((addr, old));
+        let at = self.old.len();
+        self.old.resize(at + bytes.len(), 0);
+        heap.read_mem(addr, &mut self.old[at..]);
+        self.stores.push((addr, at, bytes.len()));
         raw::store(tx, addr, bytes)?;
         Ok(())
     }
@@ -622,8 +644,8 @@ impl Undo {
         }
         // Still under the heap lock: nobody else writes headers or slots,
         // and the failed transaction is over.
-        for (addr, old) in self.stores.iter().rev() {
-            heap.write_back(*addr, old);
+        for &(addr, at, len) in self.stores.iter().rev() {
+            heap.write_back(addr, &self.old[at..at + len]);
         }
     }
 }
