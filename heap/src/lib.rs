@@ -34,9 +34,11 @@
 
 mod avail;
 mod error;
+mod global;
 mod heap;
 pub mod layout;
 mod raw;
 
 pub use error::{HeapError, Result};
+pub use global::HeapAllocator;
 pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ALIGN};
