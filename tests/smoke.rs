@@ -35,3 +35,43 @@ fn commit_survives_crash_on_sim() {
     r.read(200, &mut b).unwrap();
     assert_eq!(b, [0; 4]);
 }
+
+/// Dropping the last handle shuts the instance down on the caller's thread,
+/// even while the background truncator is busy: the files are unlocked and
+/// pending no-flush commits flushed when `drop` returns.
+#[test]
+fn drop_releases_files_at_once_with_background_truncation() {
+    let disk = SimDisk::new();
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    create_log_with(vfs.as_ref(), Path::new("log"), 1 << 20).unwrap();
+    let opts = Options { truncate_threshold: Some(0.05), pending_limit: 64 << 10, ..Options::default() };
+    for round in 0..20u8 {
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), opts.clone()).unwrap();
+        let seg =
+            if round == 0 { rvm.create_segment("seg", 1 << 16).unwrap() } else { rvm.open_segment("seg").unwrap() };
+        let r = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+        for i in 0..2000usize {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: single-threaded test; nothing else touches the region.
+            unsafe { tx.modify_bytes(r.addr() + (i * 64) % (1 << 16), &[round; 64]).unwrap() };
+            tx.commit(CommitMode::NoFlush).unwrap();
+        }
+        rvm.flush().unwrap();
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: as above.
+        unsafe { tx.modify_bytes(r.addr() + 8, b"last").unwrap() };
+        tx.commit(CommitMode::NoFlush).unwrap();
+        drop(r);
+        drop(seg);
+        drop(rvm);
+        // Simulated power loss right after drop returns: the last no-flush
+        // commit was flushed by drop.
+        disk.crash(CrashMode::LoseUnsynced);
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), opts.clone()).unwrap();
+        let seg = rvm.open_segment("seg").unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+        let mut b = [0u8; 4];
+        r.read(8, &mut b).unwrap();
+        assert_eq!(&b, b"last", "round {round}");
+    }
+}

@@ -197,6 +197,30 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Rvm {
     pub(crate) inner: Arc<Inner>,
+    _life: Arc<Lifetime>,
+}
+
+/// Shared by the user's handles only (never by the background thread), so
+/// dropping the last handle always runs the shutdown on the user's thread:
+/// stop and join the truncator, then flush. Files are unlocked when `drop`
+/// returns.
+struct Lifetime {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        *inner.background.stop.lock() = true;
+        inner.background.wake.notify_all();
+        if let Some(h) = inner.bg_thread.lock().take() {
+            let _ = h.join();
+        }
+        if !inner.poisoned.load(Ordering::Acquire) {
+            let last = inner.state.lock().next_tx - 1;
+            let _ = inner.flush_to(last);
+        }
+    }
 }
 
 impl std::fmt::Debug for Rvm {
@@ -260,7 +284,7 @@ impl Rvm {
                 .map_err(|e| Error::io("starting the truncation thread", log_path, e))?;
             *inner.bg_thread.lock() = Some(handle);
         }
-        Ok(Rvm { inner })
+        Ok(Rvm { _life: Arc::new(Lifetime { inner: inner.clone() }), inner })
     }
 
     /// What recovery did at open.
@@ -417,7 +441,11 @@ impl Inner {
         let mut st = self.status.lock();
         if let Some(seg) = st.segments.values().find(|s| s.name == name) {
             if create.is_some() {
-                return Err(Error::io("creating segment", path, std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
+                return Err(Error::io(
+                    "creating segment",
+                    path,
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ));
             }
             return Ok(Segment(seg.clone()));
         }
@@ -440,7 +468,8 @@ impl Inner {
         // The dictionary entry is durable before any record can name the id.
         let mut next = st.status.clone();
         next.seq += 1;
-        next.next_segment_id = id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+        next.next_segment_id =
+            id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
         next.segments.push(format::SegmentEntry { id, name });
         next.tail_hint = self.writer_tail_hint();
         log::write_status(&self.ring, &next)?;
@@ -463,7 +492,9 @@ impl Inner {
             return Err(MapError::NotPageAligned { what: "segment offset", value: spec.offset, page_size: ps }.into());
         }
         if spec.len % ps != 0 {
-            return Err(MapError::NotPageAligned { what: "region length", value: spec.len as u64, page_size: ps }.into());
+            return Err(
+                MapError::NotPageAligned { what: "region length", value: spec.len as u64, page_size: ps }.into()
+            );
         }
         if let Placement::Fixed(a) = spec.placement {
             if a % ps != 0 {
@@ -471,14 +502,23 @@ impl Inner {
             }
         }
         let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len).ok_or_else(|| {
-            MapError::OutsideSegment { segment: seg.name.clone(), offset: spec.offset, len: spec.len as u64, segment_len: seg.len }
+            MapError::OutsideSegment {
+                segment: seg.name.clone(),
+                offset: spec.offset,
+                len: spec.len as u64,
+                segment_len: seg.len,
+            }
         })?;
         // Claim the segment range (a range is mapped at most once).
         {
             let mut mapped = seg.mapped.lock();
             if mapped.iter().any(|&(s, e)| spec.offset < e && s < end) {
-                return Err(MapError::AlreadyMapped { segment: seg.name.clone(), offset: spec.offset, len: spec.len as u64 }
-                    .into());
+                return Err(MapError::AlreadyMapped {
+                    segment: seg.name.clone(),
+                    offset: spec.offset,
+                    len: spec.len as u64,
+                }
+                .into());
             }
             mapped.push((spec.offset, end));
         }
@@ -543,9 +583,14 @@ impl Inner {
 
     /// Adds a committed transaction to the pending batch. `pieces` address
     /// memory (`data_at` is the memory address); bytes are copied now.
-    pub(crate) fn commit_pieces(&self, ranges: &[(Arc<SegmentInner>, u64, usize, usize)], declared: u64) -> Result<u64> {
+    pub(crate) fn commit_pieces(
+        &self,
+        ranges: &[(Arc<SegmentInner>, u64, usize, usize)],
+        declared: u64,
+    ) -> Result<u64> {
         let bytes: u64 = ranges.iter().map(|r| r.2 as u64).sum();
-        let needed = ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
+        let needed =
+            ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
         if needed > self.ring.area_len {
             return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
         }
@@ -652,7 +697,10 @@ impl Inner {
             self.sync_to(*written)?;
             self.truncate_to(*written)?;
             if self.head.load(Ordering::Acquire) == before {
-                return Err(Error::corrupted("log (truncation made no progress)", self.ring.path.display().to_string()));
+                return Err(Error::corrupted(
+                    "log (truncation made no progress)",
+                    self.ring.path.display().to_string(),
+                ));
             }
         }
         self.ring.write(*written, frames)?;
@@ -751,10 +799,12 @@ impl Inner {
         let segments = self.status.lock().segments.clone();
         let r = (|| {
             let mut apply = Applier::new(|id| {
-                segments
-                    .get(&id)
-                    .map(|s| (s.dev.clone(), s.name.clone()))
-                    .ok_or_else(|| Error::corrupted(format!("log frame (unknown segment id {id})"), self.ring.path.display().to_string()))
+                segments.get(&id).map(|s| (s.dev.clone(), s.name.clone())).ok_or_else(|| {
+                    Error::corrupted(
+                        format!("log frame (unknown segment id {id})"),
+                        self.ring.path.display().to_string(),
+                    )
+                })
             });
             let end = apply.run(&self.ring, head, cut, self.epoch)?;
             if end.end != cut {
@@ -779,22 +829,6 @@ impl Inner {
         Counters::add(&self.counters.truncations, 1);
         Counters::add(&self.counters.truncated_bytes, cut - head);
         Ok(())
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        *self.background.stop.lock() = true;
-        self.background.wake.notify_all();
-        if let Some(h) = self.bg_thread.lock().take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-        if !self.poisoned.load(Ordering::Acquire) {
-            let last = self.state.lock().next_tx - 1;
-            let _ = self.flush_to(last);
-        }
     }
 }
 
@@ -921,7 +955,10 @@ fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, Recove
     let names: HashMap<u32, PathBuf> = status.segments.iter().map(|s| (s.id, s.name.clone())).collect();
     let mut apply = Applier::new(|id| {
         let name = names.get(&id).ok_or_else(|| {
-            Error::corrupted(format!("log frame (segment id {id} not in the dictionary)"), ring.path.display().to_string())
+            Error::corrupted(
+                format!("log frame (segment id {id} not in the dictionary)"),
+                ring.path.display().to_string(),
+            )
         })?;
         let dev = vfs
             .open(name, OpenMode::Existing)

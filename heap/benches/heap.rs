@@ -85,7 +85,9 @@ fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> f64 {
         let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
         let mut fresh = Vec::with_capacity(per_tx);
         for _ in 0..per_tx {
-            fresh.push(tx.malloc(Layout::from_size_align(rng.range(16, 256) as usize, 8).expect("layout")).expect("malloc"));
+            fresh.push(
+                tx.malloc(Layout::from_size_align(rng.range(16, 256) as usize, 8).expect("layout")).expect("malloc"),
+            );
             let i = rng.next() as usize % live.len();
             tx.free(live.swap_remove(i)).expect("free");
         }
@@ -227,8 +229,11 @@ fn main() {
     println!("| system allocator | {ms:.0} | {:.2} |", ms / m100);
     println!("| linked_list_allocator | {ml:.0} | {:.2} |", ml / m100);
 
-    let (ratio, hw, peak) = fragmentation(if quick() { 8 << 20 } else { 64 << 20 }, if quick() { 5_000 } else { 60_000 }, 42);
-    println!("\nfragmentation (log-uniform 16 B - 4 KiB, live ~50%): high-water {hw} B / peak live {peak} B = {ratio:.3}");
+    let (ratio, hw, peak) =
+        fragmentation(if quick() { 8 << 20 } else { 64 << 20 }, if quick() { 5_000 } else { 60_000 }, 42);
+    println!(
+        "\nfragmentation (log-uniform 16 B - 4 KiB, live ~50%): high-water {hw} B / peak live {peak} B = {ratio:.3}"
+    );
 
     let blocks = if quick() { 50_000 } else { 1_000_000 };
     let mut loads = vec![];
@@ -238,12 +243,20 @@ fn main() {
         loads.push(l);
         fill = f;
     }
-    println!("\nload of a heap with {blocks} live blocks: median {:.1} ms (filling it took {:.2} s)", median(&mut loads) * 1e3, fill);
+    println!(
+        "\nload of a heap with {blocks} live blocks: median {:.1} ms (filling it took {:.2} s)",
+        median(&mut loads) * 1e3,
+        fill
+    );
 }
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }

@@ -18,7 +18,9 @@
 
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
-use crate::layout::{self, BlockHeader, StaticHeader, HDR, MIN_BLOCK, ROOT_NAME_MAX, ROOT_SLOT, STATIC_FIXED, TAIL_GUARD};
+use crate::layout::{
+    self, BlockHeader, StaticHeader, HDR, MIN_BLOCK, ROOT_NAME_MAX, ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
+};
 use crate::raw;
 use parking_lot::Mutex;
 use rvm_core::{CommitMode, Region, RestoreMode, Rvm, Transaction};
@@ -134,14 +136,19 @@ impl Heap {
     pub fn format(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
         let slots = DEFAULT_ROOT_SLOTS;
         if static_region.len() < STATIC_FIXED + slots as usize * ROOT_SLOT {
-            return Err(HeapError::BadRegions { reason: format!("static region of {} bytes is too small", static_region.len()) });
+            return Err(HeapError::BadRegions {
+                reason: format!("static region of {} bytes is too small", static_region.len()),
+            });
         }
         let len = heap_region.len() as u64;
         if len < MIN_BLOCK || len % HDR != 0 || heap_region.addr() % HDR as usize != 0 {
-            return Err(HeapError::BadRegions { reason: "heap region must be 16-aligned and at least 32 bytes".into() });
+            return Err(HeapError::BadRegions {
+                reason: "heap region must be 16-aligned and at least 32 bytes".into(),
+            });
         }
         let nonce = {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
             t ^ (heap_region.addr() as u64).rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15
         };
         let header = StaticHeader {
@@ -168,7 +175,8 @@ impl Heap {
         static_region
             .read(0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
-        let header = StaticHeader::decode(&fixed).map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
+        let header = StaticHeader::decode(&fixed)
+            .map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
         if header.heap_addr != heap_region.addr() as u64 || header.heap_len != heap_region.len() as u64 {
             return Err(HeapError::corrupted(
                 "heap header (heap region address or length differ from the mapped region)",
@@ -259,10 +267,16 @@ impl Heap {
                 let mut g = [0u8; TAIL_GUARD as usize];
                 self.heap_region.read(data_end as usize, &mut g);
                 if u64::from_le_bytes(g) != layout::tail_guard(self.header.nonce, off) {
-                    return Err(HeapError::corrupted("heap block tail guard (overrun?)", format!("heap offset {data_end:#x}")));
+                    return Err(HeapError::corrupted(
+                        "heap block tail guard (overrun?)",
+                        format!("heap offset {data_end:#x}"),
+                    ));
                 }
             } else if prev_free {
-                return Err(HeapError::corrupted("heap layout (two adjacent free blocks)", format!("heap offset {off:#x}")));
+                return Err(HeapError::corrupted(
+                    "heap layout (two adjacent free blocks)",
+                    format!("heap offset {off:#x}"),
+                ));
             }
             prev_free = !h.allocated;
             out.push(Walked { off, header: h });
@@ -372,7 +386,10 @@ impl Heap {
     /// Every root.
     pub fn roots(&self) -> Vec<Root> {
         let _st = self.state.lock();
-        (0..self.header.root_slots as usize).filter_map(|i| self.read_slot(i)).filter_map(|s| self.root_from_slot(s)).collect()
+        (0..self.header.root_slots as usize)
+            .filter_map(|i| self.read_slot(i))
+            .filter_map(|s| self.root_from_slot(s))
+            .collect()
     }
 
     /// The root `name`, created if missing: a block of `size` bytes is
@@ -390,13 +407,17 @@ impl Heap {
             return Ok(r);
         }
         let mut tx = self.begin(RestoreMode::Restore)?;
-        let ptr = tx.malloc(Layout::from_size_align(size.max(1), 16).map_err(|_| HeapError::BadAlignment { align: 16, max: MAX_ALIGN })?)?;
+        let ptr = tx.malloc(
+            Layout::from_size_align(size.max(1), 16)
+                .map_err(|_| HeapError::BadAlignment { align: 16, max: MAX_ALIGN })?,
+        )?;
         let mut bytes = vec![0u8; size];
         init(&mut bytes);
         raw::store(tx.tx(), ptr.as_ptr() as usize, &bytes)?;
         tx.set_root(name, Some((ptr, size as u64, type_tag)))?;
         tx.commit(CommitMode::Flush)?;
-        self.root(name).ok_or_else(|| HeapError::corrupted(format!("root {name:?} (missing after commit)"), "root table"))
+        self.root(name)
+            .ok_or_else(|| HeapError::corrupted(format!("root {name:?} (missing after commit)"), "root table"))
     }
 }
 
@@ -405,6 +426,10 @@ struct Walked {
     off: u64,
     header: BlockHeader,
 }
+
+/// A root to record at commit: name, and (block offset, size, type tag) or
+/// `None` to remove it.
+type RootChange = (String, Option<(u64, u64, u64)>);
 
 #[derive(Clone, Copy, Debug)]
 struct Reserved {
@@ -421,7 +446,7 @@ pub struct HeapTx<'h> {
     tx: Option<Transaction<'h>>,
     allocs: Vec<Reserved>,
     frees: Vec<u64>,
-    roots: Vec<(String, Option<(u64, u64, u64)>)>,
+    roots: Vec<RootChange>,
 }
 
 impl<'h> HeapTx<'h> {
@@ -656,12 +681,13 @@ fn apply_intents(
     tx: &mut Transaction<'_>,
     allocs: &[Reserved],
     frees: &[u64],
-    roots: &[(String, Option<(u64, u64, u64)>)],
+    roots: &[RootChange],
     undo: &mut Undo,
 ) -> Result<()> {
     let base = heap.base();
     let nonce = heap.header.nonce;
-    let corrupt = |what: &str, off: u64| HeapError::corrupted(format!("heap layout ({what})"), format!("heap offset {off:#x}"));
+    let corrupt =
+        |what: &str, off: u64| HeapError::corrupted(format!("heap layout ({what})"), format!("heap offset {off:#x}"));
     for r in allocs {
         // The committed free block that contains the reservation.
         let (f, fs) = match st.committed_free.range(..=r.off).next_back() {
@@ -710,9 +736,9 @@ fn apply_intents(
         let slot = match (existing, target) {
             (Some(i), _) => i,
             (None, None) => continue,
-            (None, Some(_)) => (0..slots)
-                .find(|&i| heap.read_slot(i).is_none())
-                .ok_or(HeapError::RootsFull { slots })?,
+            (None, Some(_)) => {
+                (0..slots).find(|&i| heap.read_slot(i).is_none()).ok_or(HeapError::RootsFull { slots })?
+            }
         };
         let mut b = [0u8; ROOT_SLOT];
         if let Some((off, size, tag)) = target {
