@@ -456,7 +456,8 @@ impl Inner {
             dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
         }
         let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-        let id = st.status.next_segment_id;
+        let known = st.status.segments.iter().find(|e| e.name == name).map(|e| e.id);
+        let id = known.unwrap_or(st.status.next_segment_id);
         let seg = Arc::new(SegmentInner {
             id,
             name: name.clone(),
@@ -465,15 +466,17 @@ impl Inner {
             mapped: Mutex::new(Vec::new()),
             last_tx: AtomicU64::new(0),
         });
-        // The dictionary entry is durable before any record can name the id.
-        let mut next = st.status.clone();
-        next.seq += 1;
-        next.next_segment_id =
-            id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
-        next.segments.push(format::SegmentEntry { id, name });
-        next.tail_hint = self.writer_tail_hint();
-        log::write_status(&self.ring, &next)?;
-        st.status = next;
+        if known.is_none() {
+            // The dictionary entry is durable before any record can name the id.
+            let mut next = st.status.clone();
+            next.seq += 1;
+            next.next_segment_id =
+                id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+            next.segments.push(format::SegmentEntry { id, name });
+            next.tail_hint = self.writer_tail_hint();
+            log::write_status(&self.ring, &next)?;
+            st.status = next;
+        }
         st.segments.insert(id, seg.clone());
         Ok(Segment(seg))
     }
@@ -819,7 +822,7 @@ impl Inner {
             next.seq += 1;
             next.head = cut;
             next.tail_hint = cut;
-            next.committed += end.transactions;
+            next.committed = next.committed.saturating_add(end.transactions);
             log::write_status(&self.ring, &next)?;
             st.status = next;
             Ok(())
@@ -862,7 +865,7 @@ fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
 /// changed many times is written once per chunk.
 struct Applier<R> {
     resolve: R,
-    devices: HashMap<u32, (Arc<dyn Storage>, PathBuf)>,
+    devices: HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>,
     ready: Vec<Piece>,
     tx: Vec<Piece>,
     data: Vec<u8>,
@@ -919,7 +922,7 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
         // Drop the unfinished tail, apply the rest, make it durable.
         me.tx.clear();
         me.apply_ready()?;
-        for (dev, name) in me.devices.values() {
+        for (dev, name, _) in me.devices.values() {
             dev.sync().map_err(|e| Error::io("syncing segment", name, e))?;
         }
         Ok(end)
@@ -928,10 +931,20 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
     fn apply_ready(&mut self) -> Result<()> {
         let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, .. } = self;
         coalesce::<Error>(ready, data, scratch, |seg, off, bytes| {
-            let (dev, name) = match devices.entry(seg) {
+            let (dev, name, len) = match devices.entry(seg) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(resolve(seg)?),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let (dev, name) = resolve(seg)?;
+                    let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
+                    e.insert((dev, name, len))
+                }
             };
+            if off.checked_add(bytes.len() as u64).is_none_or(|end| end > *len) {
+                return Err(Error::corrupted(
+                    format!("log range frame (bytes [{off:#x}, +{:#x}) beyond the end of the segment)", bytes.len()),
+                    name.display().to_string(),
+                ));
+            }
             dev.write_at(bytes, off).map_err(|e| Error::io("writing segment", &*name, e))?;
             *segment_bytes += bytes.len() as u64;
             Ok(())
@@ -982,8 +995,9 @@ fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, Recove
         epoch: status.epoch + 1,
         head: end.end,
         tail_hint: end.end,
-        committed: status.committed + end.transactions,
-        segments: Vec::new(),
+        committed: status.committed.saturating_add(end.transactions),
+        // The dictionary stays: ids are stable per name, so both slots
+        // usually agree on it.
         ..status
     };
     log::write_status(ring, &next)?;

@@ -51,11 +51,8 @@ fn check_placement(placement: Placement, len: usize) -> Result<(), MapError> {
 }
 
 fn finish(placement: Placement, got: *mut std::ffi::c_void, len: usize) -> Result<Mapping, MapError> {
-    let addr = NonNull::new(got.cast::<u8>()).ok_or(MapError::System {
-        addr: 0,
-        len,
-        errno: "mmap returned null".into(),
-    })?;
+    let addr =
+        NonNull::new(got.cast::<u8>()).ok_or(MapError::System { addr: 0, len, errno: "mmap returned null".into() })?;
     let m = Mapping { addr, len };
     if let Placement::Fixed(want) = placement {
         if m.addr() != want {
@@ -116,10 +113,8 @@ impl Mapping {
         // (region mapping) checked that [offset, offset+len) lies inside the
         // device, so touching the pages cannot raise SIGBUS while the device
         // keeps its size (we hold its exclusive lock).
-        let got = unsafe {
-            rustix::mm::mmap(hint, len, ProtFlags::READ | ProtFlags::WRITE, flags, fd, offset)
-        }
-        .map_err(|e| map_err(placement, len, e))?;
+        let got = unsafe { rustix::mm::mmap(hint, len, ProtFlags::READ | ProtFlags::WRITE, flags, fd, offset) }
+            .map_err(|e| map_err(placement, len, e))?;
         finish(placement, got, len)
     }
 
@@ -140,7 +135,12 @@ impl Mapping {
 
     /// Fills `[off, off + src.len())` of the mapping from `src`, for
     /// copy-on-map loading before the region is published.
-    pub fn fill(&self, off: usize, src_len: usize, fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    pub fn fill(
+        &self,
+        off: usize,
+        src_len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         assert!(off.checked_add(src_len).is_some_and(|e| e <= self.len), "fill out of bounds");
         // SAFETY: the range is inside this mapping (asserted), the mapping is
         // not yet published to any other thread (only region creation calls
@@ -204,7 +204,10 @@ mod tests {
     #[test]
     fn bad_addresses_are_errors() {
         let ps = page_size();
-        assert!(matches!(Mapping::anonymous(Placement::Fixed(usize::MAX - ps + 1), ps), Err(MapError::BadAddress { .. })));
+        assert!(matches!(
+            Mapping::anonymous(Placement::Fixed(usize::MAX - ps + 1), ps),
+            Err(MapError::BadAddress { .. })
+        ));
         assert!(matches!(Mapping::anonymous(Placement::Fixed(0), ps), Err(MapError::BadAddress { .. })));
     }
 }

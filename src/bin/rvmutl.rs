@@ -1,2 +1,600 @@
 //! rvmutl: create, inspect, recover and truncate RVM logs.
-fn main() {}
+//!
+//! ```text
+//! rvmutl create-log <path> --size 64M   create a log of a fixed size
+//! rvmutl status <log> [--json]          superblock, status slots, space in use
+//! rvmutl dump <log> [--json]            one line (or JSON object) per frame
+//! rvmutl recover <log>                  replay the log onto its segments
+//! rvmutl truncate <log>                 open (recovering), truncate, close
+//! ```
+//!
+//! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
+//! 2 I/O error, missing file, log locked by another user, or a segment the
+//! log names cannot be opened; 3 not a log, unsupported version, or a
+//! corrupted log. `status` and `dump` only read; they never repair.
+
+use clap::{Parser, Subcommand};
+use rvm::log::format::{FrameDefect, FrameKind, Status, VERSION};
+use rvm::log::inspect::{FrameBody, FrameReport, LogInspector, ScanReport, SlotReport};
+use rvm::log::ScanStop;
+use rvm::{Error, FileVfs, LogError, Options, Rvm};
+use serde_json::{json, Value};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Shown at the end of every `--help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  usage error (bad arguments, invalid size)
+  2  I/O error, missing file, log locked by another user, or a segment named by the log cannot be opened
+  3  not an RVM log, unsupported format version, or corrupted log";
+
+/// Exit code for a usage error.
+const EXIT_USAGE: u8 = 1;
+/// Exit code for I/O, lock and missing-file errors.
+const EXIT_IO: u8 = 2;
+/// Exit code for bad or corrupted logs.
+const EXIT_INVALID: u8 = 3;
+
+/// Create, inspect, recover and truncate RVM (recoverable virtual memory) logs.
+#[derive(Debug, Parser)]
+#[command(name = "rvmutl", version, after_help = EXIT_CODES, arg_required_else_help = true)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new log of a fixed size (an existing file is never overwritten).
+    #[command(after_help = EXIT_CODES)]
+    CreateLog {
+        /// Path of the new log file (or an existing block device).
+        path: PathBuf,
+        /// Size in bytes; suffixes K, M, G, T (powers of 1024, also KiB, MiB, ...) are accepted.
+        /// At least 196K.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Show the superblock, both status slots, the chosen slot and the space in use.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// The log.
+        log: PathBuf,
+        /// Print a JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every frame from the head to the end of the log, one per line.
+    ///
+    /// Frames of an unfinished tail (no commit frame) are shown and marked; recovery discards them.
+    #[command(after_help = EXIT_CODES)]
+    Dump {
+        /// The log.
+        log: PathBuf,
+        /// Print a JSON document: {"log", "superblock", "status", "frames": [...], "scan"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the complete transactions of the log onto their segments and empty the log.
+    ///
+    /// The segments the log names must exist at their recorded paths.
+    #[command(after_help = EXIT_CODES)]
+    Recover {
+        /// The log.
+        log: PathBuf,
+    },
+    /// Open the log as an application would (running recovery), truncate it, and close it.
+    #[command(after_help = EXIT_CODES)]
+    Truncate {
+        /// The log.
+        log: PathBuf,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    /// An error from the library.
+    Rvm(Error),
+    /// The log has no valid status slot (already reported on stdout).
+    NoValidStatus,
+    /// Writing the output failed.
+    Output(io::Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Rvm(e)
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with success; the rest is a usage error.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = run(cli.command, &mut out).and_then(|()| out.flush().map_err(Failure::Output));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let _ = out.flush();
+            ExitCode::from(report_failure(&failure))
+        }
+    }
+}
+
+/// Prints a failure on stderr and returns the exit code.
+fn report_failure(failure: &Failure) -> u8 {
+    match failure {
+        // The reader went away (`rvmutl dump log | head`): nothing to say.
+        Failure::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+        Failure::Output(e) => {
+            eprintln!("rvmutl: error: writing the output: {e}");
+            EXIT_IO
+        }
+        Failure::NoValidStatus => {
+            eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
+            EXIT_INVALID
+        }
+        Failure::Rvm(e) => {
+            eprintln!("rvmutl: error: {e}");
+            if let Some(hint) = hint(e) {
+                eprintln!("rvmutl: hint: {hint}");
+            }
+            exit_code(e)
+        }
+    }
+}
+
+/// The exit code for a library error.
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Io { .. } | Error::Locked { .. } | Error::Poisoned { .. } => EXIT_IO,
+        Error::Corrupted { .. } => EXIT_INVALID,
+        Error::Log(LogError::BadSize { .. }) => EXIT_USAGE,
+        Error::Log(LogError::MissingSegment { .. }) => EXIT_IO,
+        Error::Log(LogError::NotALog { .. } | LogError::UnsupportedVersion { .. }) => EXIT_INVALID,
+        Error::Log(_) => EXIT_INVALID,
+        _ => EXIT_IO,
+    }
+}
+
+/// A suggestion for the usual causes of an error.
+fn hint(e: &Error) -> Option<&'static str> {
+    match e {
+        Error::Locked { .. } => Some("a program (or another rvmutl) has the log open; stop it first"),
+        Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path"),
+        Error::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists => {
+            Some("create-log never overwrites; choose another path or remove the file")
+        }
+        Error::Log(LogError::NotALog { .. }) => Some("create a log with `rvmutl create-log <path> --size <bytes>`"),
+        Error::Log(LogError::MissingSegment { .. }) => {
+            Some("the segments must be at the paths the log recorded; `rvmutl status` lists them")
+        }
+        _ => None,
+    }
+}
+
+fn run(command: Command, out: &mut dyn Write) -> Outcome {
+    match command {
+        Command::CreateLog { path, size } => create_log(&path, size, out),
+        Command::Status { log, json } => status(&log, json, out),
+        Command::Dump { log, json } => dump(&log, json, out),
+        Command::Recover { log } => recover(&log, out),
+        Command::Truncate { log } => truncate(&log, out),
+    }
+}
+
+/// Parses a size: digits with an optional binary suffix (K, M, G, T, with
+/// or without `iB`, any case).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let bad = || format!("`{s}` is not a size: expected a number of bytes with an optional suffix K, M, G or T");
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is too large"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn create_log(path: &Path, size: u64, out: &mut dyn Write) -> Outcome {
+    rvm::create_log(path, size)?;
+    let area = rvm::log::format::Superblock::for_size(size).map_or(0, |sb| sb.area_len);
+    writeln!(out, "created log {}: {size} bytes, record area {area} bytes", path.display())?;
+    Ok(())
+}
+
+/// Percentage for display.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn slot_line(slot: &SlotReport, chosen: Option<u8>) -> String {
+    let state = match (&slot.problem, chosen == Some(slot.index)) {
+        (None, true) => "valid, chosen".to_string(),
+        (None, false) => "valid, older".to_string(),
+        (Some(p), _) => format!("INVALID ({})", p.describe()),
+    };
+    let mut line = format!("slot {} (offset {}): {state}", slot.index, slot.offset);
+    if let Some(s) = &slot.status {
+        line.push_str(&format!(
+            "\n    seq {}, epoch {}, head {}, tail hint {}, checkpoint lsn {} generation {}, committed {}, next segment id {}",
+            s.seq,
+            s.epoch,
+            s.head,
+            s.tail_hint,
+            s.checkpoint_lsn,
+            s.checkpoint_generation,
+            s.committed,
+            s.next_segment_id
+        ));
+        if s.segments.is_empty() {
+            line.push_str("\n    segments: none");
+        }
+        for seg in &s.segments {
+            line.push_str(&format!("\n    segment {}: {}", seg.id, seg.name.display()));
+        }
+    }
+    line
+}
+
+fn status_json(s: &Status) -> Value {
+    json!({
+        "seq": s.seq,
+        "epoch": s.epoch,
+        "head": s.head,
+        "tail_hint": s.tail_hint,
+        "checkpoint_lsn": s.checkpoint_lsn,
+        "checkpoint_generation": s.checkpoint_generation,
+        "committed": s.committed,
+        "next_segment_id": s.next_segment_id,
+        "segments": s.segments.iter().map(|e| json!({
+            "id": e.id,
+            "name": e.name.to_string_lossy(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn slot_json(slot: &SlotReport) -> Value {
+    json!({
+        "index": slot.index,
+        "offset": slot.offset,
+        "valid": slot.is_valid(),
+        "problem": slot.problem.map(|p| p.describe()),
+        "status": slot.status.as_ref().map(status_json),
+    })
+}
+
+fn defect_name(defect: FrameDefect) -> &'static str {
+    match defect {
+        FrameDefect::BadLength => "bad_length",
+        FrameDefect::WrongPosition => "wrong_position",
+        FrameDefect::WrongEpoch => "wrong_epoch",
+        FrameDefect::BadChecksum => "bad_checksum",
+        FrameDefect::BadBody => "bad_body",
+    }
+}
+
+fn scan_json(scan: &ScanReport, capacity: u64) -> Value {
+    let stop = match scan.stop {
+        ScanStop::Limit => json!({ "reason": "end_of_area", "lsn": null, "description": scan.describe_stop() }),
+        ScanStop::Defect { lsn, defect } => {
+            json!({ "reason": defect_name(defect), "lsn": lsn, "description": scan.describe_stop() })
+        }
+    };
+    json!({
+        "start": scan.start,
+        "end": scan.end,
+        "transactions": scan.transactions,
+        "commits": scan.commits,
+        "frames": scan.frames,
+        "discarded_bytes": scan.discarded,
+        "used_bytes": scan.used(),
+        "free_bytes": capacity - scan.used(),
+        "stop": stop,
+    })
+}
+
+/// Superblock facts shared by `status` and `dump`.
+fn superblock_json(log: &LogInspector) -> Value {
+    let sb = log.superblock();
+    json!({
+        "version": VERSION,
+        "device_size": sb.device_size,
+        "device_len": log.device_len(),
+        "area_offset": sb.area_offset,
+        "area_len": sb.area_len,
+    })
+}
+
+fn status(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
+    let log = LogInspector::open(&FileVfs, path)?;
+    let sb = log.superblock();
+    let chosen = log.chosen_slot();
+    let scan = match chosen {
+        Some(_) => Some(log.walk(|_| {})?),
+        None => None,
+    };
+    if as_json {
+        let doc = json!({
+            "log": path.to_string_lossy(),
+            "superblock": superblock_json(&log),
+            "slots": log.slots().iter().map(slot_json).collect::<Vec<_>>(),
+            "chosen_slot": chosen,
+            "scan": scan.as_ref().map(|s| scan_json(s, sb.area_len)),
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "log:            {}", path.display())?;
+        writeln!(out, "format version: {VERSION}")?;
+        writeln!(out, "device size:    {} bytes (file is {} bytes)", sb.device_size, log.device_len())?;
+        writeln!(out, "record area:    {} bytes at offset {}", sb.area_len, sb.area_offset)?;
+        for slot in log.slots() {
+            writeln!(out, "{}", slot_line(slot, chosen))?;
+        }
+        match (chosen, &scan) {
+            (Some(index), Some(scan)) => {
+                let used = scan.used();
+                writeln!(out, "chosen slot:    {index}")?;
+                writeln!(out, "head:           {}", scan.start)?;
+                writeln!(out, "end:            {} (after the last complete transaction)", scan.end)?;
+                writeln!(out, "used:           {used} bytes ({:.1}%)", percent(used, sb.area_len))?;
+                writeln!(out, "free:           {} bytes", sb.area_len - used)?;
+                writeln!(out, "transactions:   {} complete in the log ({} commits)", scan.transactions, scan.commits)?;
+                writeln!(out, "discarded:      {} bytes of unfinished tail", scan.discarded)?;
+                match scan.stop {
+                    ScanStop::Limit => writeln!(out, "log ends:       {}", scan.describe_stop())?,
+                    ScanStop::Defect { lsn, .. } => {
+                        writeln!(out, "log ends:       at position {lsn} (next frame: {})", scan.describe_stop())?
+                    }
+                }
+            }
+            _ => writeln!(out, "chosen slot:    none (both slots are invalid; recovery would refuse this log)")?,
+        }
+    }
+    match chosen {
+        Some(_) => Ok(()),
+        None => Err(Failure::NoValidStatus),
+    }
+}
+
+fn frame_line(log: &LogInspector, f: &FrameReport, committed: bool) -> String {
+    let sb = log.superblock();
+    let device_offset = sb.area_offset + f.lsn % sb.area_len;
+    let body = match f.body {
+        FrameBody::Range { segment, offset, data_len } => {
+            let name = log.segment_name(segment).map_or_else(|| "?".to_string(), |p| p.display().to_string());
+            format!("range   segment {segment} ({name}) offset {offset} len {data_len}")
+        }
+        FrameBody::Commit { ranges, first_tx, last_tx, bytes } => {
+            format!("commit  ranges {ranges} commits {first_tx}..={last_tx} bytes {bytes}")
+        }
+    };
+    let tail = if committed { "" } else { "  [unfinished tail, discarded by recovery]" };
+    format!("{:>12} {:>12} {:>8}  {body}{tail}", f.lsn, device_offset, f.len)
+}
+
+fn frame_json(log: &LogInspector, f: &FrameReport, committed: bool) -> Value {
+    let sb = log.superblock();
+    let mut v = json!({
+        "lsn": f.lsn,
+        "device_offset": sb.area_offset + f.lsn % sb.area_len,
+        "len": f.len,
+        "committed": committed,
+    });
+    let extra = match f.body {
+        FrameBody::Range { segment, offset, data_len } => json!({
+            "kind": "range",
+            "segment": segment,
+            "segment_name": log.segment_name(segment).map(|p| p.to_string_lossy()),
+            "offset": offset,
+            "data_len": data_len,
+        }),
+        FrameBody::Commit { ranges, first_tx, last_tx, bytes } => json!({
+            "kind": "commit",
+            "ranges": ranges,
+            "first_tx": first_tx,
+            "last_tx": last_tx,
+            "bytes": bytes,
+        }),
+    };
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+/// Walks the log, calling `emit(frame, committed)` for every frame in log
+/// order. A frame is committed if a commit frame follows it, so the frames
+/// of each transaction are held back until its commit frame is seen (or
+/// the scan ends). Stops emitting at the first output error.
+fn walk_frames(
+    log: &LogInspector,
+    mut emit: impl FnMut(&FrameReport, bool) -> io::Result<()>,
+) -> Result<ScanReport, Failure> {
+    let mut open_tx: Vec<FrameReport> = Vec::new();
+    let mut failed: Option<io::Error> = None;
+    let scan = log.walk(|f| {
+        open_tx.push(*f);
+        if f.kind() == FrameKind::Commit {
+            for g in open_tx.drain(..) {
+                if failed.is_none() {
+                    failed = emit(&g, true).err();
+                }
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    for g in &open_tx {
+        emit(g, false)?;
+    }
+    Ok(scan)
+}
+
+fn dump(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
+    let log = LogInspector::open(&FileVfs, path)?;
+    let sb = log.superblock();
+    let Some(chosen) = log.chosen_slot() else {
+        for slot in log.slots() {
+            writeln!(out, "# {}", slot_line(slot, None).replace('\n', "\n# "))?;
+        }
+        return Err(Failure::NoValidStatus);
+    };
+    let status = log.status()?.clone();
+    if as_json {
+        let head = json!({
+            "log": path.to_string_lossy(),
+            "superblock": superblock_json(&log),
+            "chosen_slot": chosen,
+            "status": status_json(&status),
+        });
+        // The document is this object with "frames" and "scan" added; the
+        // frames stream out as they are read.
+        let head = serde_json::to_string(&head).map_err(io::Error::from)?;
+        let open = head.strip_suffix('}').unwrap_or(&head);
+        write!(out, "{open},\"frames\":[")?;
+        let mut first = true;
+        let scan = walk_frames(&log, |f, committed| {
+            let sep = if first { "\n" } else { ",\n" };
+            first = false;
+            write!(out, "{sep}{}", frame_json(&log, f, committed))
+        })?;
+        writeln!(out, "\n],\"scan\":{}}}", scan_json(&scan, sb.area_len))?;
+    } else {
+        writeln!(
+            out,
+            "# log {}: head {}, epoch {}, status slot {chosen}, record area {} bytes at offset {}",
+            path.display(),
+            status.head,
+            status.epoch,
+            sb.area_len,
+            sb.area_offset
+        )?;
+        writeln!(out, "# {:>10} {:>12} {:>8}  frame", "lsn", "offset", "len")?;
+        let scan = walk_frames(&log, |f, committed| writeln!(out, "{}", frame_line(&log, f, committed)))?;
+        let stop = match scan.stop {
+            ScanStop::Limit => scan.describe_stop().to_string(),
+            ScanStop::Defect { lsn, .. } => format!("next frame at {lsn}: {}", scan.describe_stop()),
+        };
+        writeln!(
+            out,
+            "# end {}: {} complete transactions ({} commits), {} frames, {} bytes used, {} bytes discarded; {stop}",
+            scan.end,
+            scan.transactions,
+            scan.commits,
+            scan.frames,
+            scan.used(),
+            scan.discarded
+        )?;
+    }
+    Ok(())
+}
+
+fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(out, "  transactions replayed:  {}", r.transactions)?;
+    writeln!(out, "  log bytes replayed:     {}", r.log_bytes)?;
+    writeln!(out, "  segment bytes written:  {}", r.segment_bytes_written)?;
+    writeln!(out, "  unfinished tail:        {} bytes discarded", r.discarded_bytes)?;
+    match r.stopped_at {
+        Some((lsn, why)) => writeln!(out, "  log ended at:           position {lsn} (next frame: {why})"),
+        None => writeln!(out, "  log ended at:           the end of the record area"),
+    }
+}
+
+fn recover(path: &Path, out: &mut dyn Write) -> Outcome {
+    let report = rvm::recover_log(&FileVfs, path)?;
+    writeln!(out, "recovered {}:", path.display())?;
+    recovery_lines(&report, out)?;
+    writeln!(out, "the log is now empty and its segments hold every complete transaction")?;
+    Ok(())
+}
+
+fn truncate(path: &Path, out: &mut dyn Write) -> Outcome {
+    let opts = Options { truncate_threshold: None, ..Options::default() };
+    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+    let report = rvm.recovery_report();
+    writeln!(out, "opened {} (recovery at open):", path.display())?;
+    recovery_lines(&report, out)?;
+    let before = rvm.query();
+    rvm.truncate()?;
+    let after = rvm.query();
+    rvm.close()?;
+    writeln!(
+        out,
+        "truncated: {} bytes applied; log empty at position {} ({} of {} bytes free); closed",
+        before.log_used, after.head, after.log_free, after.log_capacity
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64kib"), Ok(64 << 10));
+        assert_eq!(parse_size("3M"), Ok(3 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "K", "12X", "-1", "1.5M", "99999999999999999999", "20000000T"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_help_text() {
+        let io = Error::Locked { path: "x".into() };
+        assert_eq!(exit_code(&io), EXIT_IO);
+        let bad = Error::Corrupted { what: "log".into(), location: "here".into() };
+        assert_eq!(exit_code(&bad), EXIT_INVALID);
+        assert_eq!(exit_code(&LogError::NotALog { path: "x".into() }.into()), EXIT_INVALID);
+        assert_eq!(exit_code(&LogError::BadSize { requested: 1, reason: "small" }.into()), EXIT_USAGE);
+    }
+}

@@ -34,6 +34,9 @@ pub const COMMIT_FRAME: usize = FRAME_HEADER + 24;
 pub const MAX_FRAME: usize = RANGE_FIXED + MAX_RANGE_DATA;
 /// Status bytes before the segment dictionary.
 pub const STATUS_FIXED: usize = 80;
+/// Counters and positions in a status must stay below this (a status past
+/// it is refused as damaged), so incrementing them can never overflow.
+pub const MAX_POSITION: u64 = 1 << 62;
 /// Room for the segment dictionary in one slot.
 pub const DICT_LIMIT: usize = STATUS_SLOT as usize - STATUS_FIXED;
 
@@ -250,10 +253,14 @@ impl Status {
         if at != d.len() {
             return None;
         }
+        let (seq, epoch, head) = (le_u64(b, 8), le_u64(b, 16), le_u64(b, 24));
+        if seq >= MAX_POSITION || epoch >= MAX_POSITION || head >= MAX_POSITION {
+            return None;
+        }
         Some(Status {
-            seq: le_u64(b, 8),
-            epoch: le_u64(b, 16),
-            head: le_u64(b, 24),
+            seq,
+            epoch,
+            head,
             tail_hint: le_u64(b, 32),
             checkpoint_lsn: le_u64(b, 40),
             checkpoint_generation: le_u64(b, 48),

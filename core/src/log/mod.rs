@@ -2,6 +2,7 @@
 //! scanner shared by recovery, truncation and `rvmutl dump`.
 
 pub mod format;
+pub mod inspect;
 
 use crate::error::{Error, LogError, Result};
 use crate::storage::{OpenMode, Storage, Vfs};
@@ -128,7 +129,10 @@ impl LogDevice {
         }
         let status = read_status(dev.as_ref(), path)?;
         if status.head.checked_add(sb.area_len).is_none() {
-            return Err(Error::corrupted("log status (head position out of range)", format!("{} status", path.display())));
+            return Err(Error::corrupted(
+                "log status (head position out of range)",
+                format!("{} status", path.display()),
+            ));
         }
         let ring = Ring { dev, path: path.into(), area_offset: sb.area_offset, area_len: sb.area_len };
         Ok(LogDevice { ring, sb, status })

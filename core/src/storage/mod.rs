@@ -66,4 +66,3 @@ pub trait Vfs: Send + Sync + Debug {
     /// yet (the name a create would use).
     fn canonical_name(&self, path: &Path) -> io::Result<std::path::PathBuf>;
 }
-

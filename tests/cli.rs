@@ -1,0 +1,376 @@
+//! The `rvmutl` command-line tool, run as a separate process on real files:
+//! every subcommand on a log holding transactions made through the library,
+//! and the messages and exit codes on bad input (1 = usage, 2 = I/O or lock,
+//! 3 = not a log or corrupted).
+
+use rvm::log::format::{AREA_OFFSET, BLOCK, STATUS_SLOT};
+use rvm::{CommitMode, MapSpec, Options, Region, RestoreMode, Rvm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Serializes the tests of this file. A process spawned by one test thread
+/// briefly holds duplicates of every file descriptor of the test process
+/// (between fork and exec), and with them the `flock` of any log another
+/// test has open, so a test reopening its log right after closing it could
+/// see a spurious "in use" error.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `rvmutl` with `args`.
+fn rvmutl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
+}
+
+/// Runs `rvmutl` on a path argument.
+fn rvmutl_on(cmd: &str, path: &Path, extra: &[&str]) -> Output {
+    let p = path.to_str().expect("utf-8 temp path");
+    let mut args = vec![cmd, p];
+    args.extend_from_slice(extra);
+    rvmutl(&args)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing the output when it differs.
+#[track_caller]
+fn expect_code(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+fn opts() -> Options {
+    Options { truncate_threshold: None, ..Options::default() }
+}
+
+fn commit(rvm: &Rvm, r: &Region, writes: &[(usize, &[u8])]) {
+    let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+    for &(off, bytes) in writes {
+        // SAFETY: single-threaded test; nothing else touches the region.
+        unsafe { tx.modify_bytes(r.addr() + off, bytes).unwrap() };
+    }
+    tx.commit(CommitMode::Flush).unwrap();
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    seg: PathBuf,
+}
+
+/// A 1 MiB log made with `rvmutl create-log` and a segment, with three
+/// committed transactions left in the log (no truncation).
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("test.log");
+    let seg = dir.path().join("test.seg");
+    let o = rvmutl_on("create-log", &log, &["--size", "1M"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("created log"), "{}", stdout(&o));
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 1 << 20);
+    {
+        let rvm = Rvm::open(&log, opts()).unwrap();
+        let ps = rvm::page_size();
+        let s = rvm.create_segment(&seg, ps as u64).unwrap();
+        let r = rvm.map(&s, MapSpec::new(0, ps)).unwrap();
+        commit(&rvm, &r, &[(100, b"hello")]);
+        commit(&rvm, &r, &[(0, b"AAAA"), (200, b"BBBBBBBB")]);
+        commit(&rvm, &r, &[(300, &[7u8; 600])]);
+        rvm.close().unwrap();
+    }
+    Fixture { _dir: dir, log, seg }
+}
+
+#[test]
+fn help_lists_the_exit_codes() {
+    let _serial = serial();
+    let o = rvmutl(&["--help"]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    for needle in ["create-log", "status", "dump", "recover", "truncate", "Exit codes", "3  not an RVM log"] {
+        assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
+    }
+    let o = rvmutl(&["dump", "--help"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("--json") && stdout(&o).contains("Exit codes"));
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    let _serial = serial();
+    expect_code(&rvmutl(&[]), 1);
+    expect_code(&rvmutl(&["frobnicate"]), 1);
+    expect_code(&rvmutl(&["status"]), 1);
+    expect_code(&rvmutl(&["create-log", "x.log"]), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.log");
+    for bad in ["12X", "-1", "lots", "99999999999T"] {
+        let o = rvmutl_on("create-log", &p, &["--size", bad]);
+        expect_code(&o, 1);
+    }
+    // Too small for a log: refused by the library, still a usage error.
+    let o = rvmutl_on("create-log", &p, &["--size", "64K"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("invalid"), "{}", stderr(&o));
+    assert!(!p.exists());
+}
+
+#[test]
+fn create_log_accepts_suffixes_and_never_overwrites() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    for (size, bytes) in [("196K", 196u64 << 10), ("2m", 2 << 20), ("300000", 300_000)] {
+        let p = dir.path().join(format!("{size}.log"));
+        expect_code(&rvmutl_on("create-log", &p, &["--size", size]), 0);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), bytes);
+        let o = rvmutl_on("create-log", &p, &["--size", size]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn status_dump_recover_truncate() {
+    let _serial = serial();
+    let fx = fixture();
+
+    // status: both slots, the chosen one, space in use, transactions.
+    let o = rvmutl_on("status", &fx.log, &[]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    for needle in ["slot 0", "slot 1", "chosen slot:", "used:", "free:", "3 complete in the log (3 commits)"] {
+        assert!(text.contains(needle), "status lacks {needle:?}:\n{text}");
+    }
+    assert!(text.contains(fx.seg.file_name().unwrap().to_str().unwrap()), "segment dictionary not shown:\n{text}");
+    let o = rvmutl_on("status", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let st: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    assert_eq!(st["scan"]["transactions"], 3);
+    let used = st["scan"]["used_bytes"].as_u64().unwrap();
+    let free = st["scan"]["free_bytes"].as_u64().unwrap();
+    assert!(used > 600);
+    assert_eq!(used + free, st["superblock"]["area_len"].as_u64().unwrap());
+
+    // dump: one line per frame (4 ranges + 3 commits) between comment lines.
+    let o = rvmutl_on("dump", &fx.log, &[]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    let frames: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(frames.len(), 7, "{text}");
+    assert_eq!(frames.iter().filter(|l| l.contains(" range ")).count(), 4, "{text}");
+    assert_eq!(frames.iter().filter(|l| l.contains(" commit ")).count(), 3, "{text}");
+    assert!(frames[0].contains("offset 100 len 5"), "{text}");
+    assert!(!text.contains("unfinished"), "{text}");
+
+    // dump --json: a JSON document with the same frames.
+    let o = rvmutl_on("dump", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let doc: Value = serde_json::from_slice(&o.stdout).expect("dump --json is JSON");
+    let frames = doc["frames"].as_array().unwrap();
+    let kinds: Vec<&str> = frames.iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["range", "commit", "range", "range", "commit", "range", "commit"]);
+    assert!(frames.iter().all(|f| f["committed"] == true));
+    assert_eq!(
+        (&frames[0]["offset"], &frames[0]["data_len"], &frames[0]["segment"]),
+        (&100.into(), &5.into(), &1.into())
+    );
+    assert_eq!(
+        (&frames[2]["offset"], &frames[3]["offset"], &frames[5]["data_len"]),
+        (&0.into(), &200.into(), &600.into())
+    );
+    assert_eq!((&frames[4]["ranges"], &frames[4]["bytes"]), (&2.into(), &12.into()));
+    let mut lsn = 0;
+    for f in frames {
+        assert_eq!(f["lsn"].as_u64().unwrap(), lsn);
+        lsn += f["len"].as_u64().unwrap();
+    }
+    assert_eq!(doc["scan"]["end"].as_u64().unwrap(), lsn);
+    assert_eq!(doc["scan"]["transactions"], 3);
+    assert_eq!(doc["scan"]["discarded_bytes"], 0);
+    assert_eq!(doc["status"]["segments"][0]["id"], 1);
+
+    // An instance holds the lock: inspection is refused with exit code 2.
+    {
+        let _rvm = Rvm::open(&fx.log, opts()).unwrap();
+        let o = rvmutl_on("status", &fx.log, &[]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    }
+    // (That open ran recovery, so the log is empty again: add a transaction.)
+    {
+        let rvm = Rvm::open(&fx.log, opts()).unwrap();
+        let s = rvm.open_segment(&fx.seg).unwrap();
+        let r = rvm.map(&s, MapSpec::new(0, rvm::page_size())).unwrap();
+        commit(&rvm, &r, &[(1000, b"recover me")]);
+        rvm.close().unwrap();
+    }
+    assert_eq!(&std::fs::read(&fx.seg).unwrap()[1000..1010], &[0; 10]);
+
+    // recover: replays onto the segment and empties the log.
+    let o = rvmutl_on("recover", &fx.log, &[]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("transactions replayed:  1"), "{}", stdout(&o));
+    let seg = std::fs::read(&fx.seg).unwrap();
+    assert_eq!(&seg[1000..1010], b"recover me");
+    assert_eq!(&seg[100..105], b"hello");
+    let o = rvmutl_on("status", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((&st["scan"]["transactions"], &st["scan"]["used_bytes"]), (&0.into(), &0.into()));
+
+    // truncate: open (recovering), truncate, close.
+    {
+        let rvm = Rvm::open(&fx.log, opts()).unwrap();
+        let s = rvm.open_segment(&fx.seg).unwrap();
+        let r = rvm.map(&s, MapSpec::new(0, rvm::page_size())).unwrap();
+        commit(&rvm, &r, &[(2000, b"truncate me")]);
+        rvm.close().unwrap();
+    }
+    let o = rvmutl_on("truncate", &fx.log, &[]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("transactions replayed:  1") && stdout(&o).contains("truncated"), "{}", stdout(&o));
+    assert_eq!(&std::fs::read(&fx.seg).unwrap()[2000..2011], b"truncate me");
+    let o = rvmutl_on("dump", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["frames"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn dump_marks_an_unfinished_tail() {
+    let _serial = serial();
+    let fx = fixture();
+    let o = rvmutl_on("dump", &fx.log, &["--json"]);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last = &doc["frames"][6];
+    assert_eq!(last["kind"], "commit");
+    // Damage the last commit frame: its transaction becomes a torn tail.
+    let mut img = std::fs::read(&fx.log).unwrap();
+    let at = last["device_offset"].as_u64().unwrap() as usize;
+    img[at + 40] ^= 0x80;
+    std::fs::write(&fx.log, &img).unwrap();
+
+    let o = rvmutl_on("dump", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let frames = doc["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 6);
+    assert_eq!(frames[5]["committed"], false);
+    assert!(frames[..5].iter().all(|f| f["committed"] == true));
+    assert_eq!(doc["scan"]["transactions"], 2);
+    assert_eq!(doc["scan"]["discarded_bytes"], frames[5]["len"]);
+    assert_eq!(doc["scan"]["stop"]["reason"], "bad_checksum");
+    assert_eq!(doc["scan"]["stop"]["lsn"], last["lsn"]);
+
+    let o = rvmutl_on("dump", &fx.log, &[]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    assert_eq!(text.lines().filter(|l| l.contains("unfinished tail")).count(), 1, "{text}");
+    assert!(text.contains("checksum mismatch"), "{text}");
+
+    // Recovery replays the two complete transactions only.
+    let o = rvmutl_on("recover", &fx.log, &[]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("transactions replayed:  2"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("bytes discarded"), "{}", stdout(&o));
+    let seg = std::fs::read(&fx.seg).unwrap();
+    assert_eq!(&seg[200..208], b"BBBBBBBB");
+    assert_eq!(&seg[300..310], &[0; 10]);
+}
+
+/// Runs every log-reading subcommand on `path` and checks its exit code
+/// and that stderr says `needle`.
+#[track_caller]
+fn all_refuse(path: &Path, code: i32, needle: &str) {
+    for (cmd, extra) in [
+        ("status", &[][..]),
+        ("status", &["--json"][..]),
+        ("dump", &[][..]),
+        ("dump", &["--json"][..]),
+        ("recover", &[][..]),
+        ("truncate", &[][..]),
+    ] {
+        let o = rvmutl_on(cmd, path, extra);
+        expect_code(&o, code);
+        let err = stderr(&o);
+        assert!(err.starts_with("rvmutl: error:"), "{cmd}: {err}");
+        assert!(err.contains(needle), "{cmd} {extra:?}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn bad_files_give_clear_errors_and_exit_codes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.log");
+    all_refuse(&missing, 2, "No such file");
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "these are not the bytes you are looking for\n".repeat(200)).unwrap();
+    all_refuse(&text, 3, "not an RVM log");
+
+    let empty = dir.path().join("empty.log");
+    std::fs::write(&empty, b"").unwrap();
+    all_refuse(&empty, 3, "not an RVM log");
+
+    let dirpath = dir.path().join("a-directory");
+    std::fs::create_dir(&dirpath).unwrap();
+    for cmd in ["status", "dump", "recover", "truncate"] {
+        let o = rvmutl_on(cmd, &dirpath, &[]);
+        expect_code(&o, 2);
+    }
+
+    let fx = fixture();
+    let img = std::fs::read(&fx.log).unwrap();
+    let bad = dir.path().join("bad.log");
+
+    // Truncated files: inside the superblock, inside the status area, inside the records.
+    for len in [100, BLOCK as usize + 10, AREA_OFFSET as usize + 100, img.len() - 1] {
+        std::fs::write(&bad, &img[..len]).unwrap();
+        let needle = if len < BLOCK as usize { "not an RVM log" } else { "corrupted" };
+        all_refuse(&bad, 3, needle);
+    }
+
+    // Another format version.
+    let mut v2 = img.clone();
+    v2[8] = 2;
+    std::fs::write(&bad, &v2).unwrap();
+    all_refuse(&bad, 3, "version 2 is not supported");
+
+    // A damaged superblock.
+    let mut sb = img.clone();
+    sb[20] ^= 1;
+    std::fs::write(&bad, &sb).unwrap();
+    all_refuse(&bad, 3, "corrupted log superblock");
+
+    // Both status slots damaged: status still shows what it can, then fails.
+    let mut st = img.clone();
+    st[BLOCK as usize + 30] ^= 1;
+    st[(BLOCK + STATUS_SLOT) as usize + 30] ^= 1;
+    std::fs::write(&bad, &st).unwrap();
+    all_refuse(&bad, 3, "status");
+    let o = rvmutl_on("status", &bad, &[]);
+    assert!(stdout(&o).contains("INVALID (checksum mismatch"), "{}", stdout(&o));
+    let o = rvmutl_on("status", &bad, &["--json"]);
+    let doc: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON even for a bad log");
+    assert_eq!(doc["chosen_slot"], Value::Null);
+
+    // A segment named by the log is gone: recovery cannot replay.
+    std::fs::remove_file(&fx.seg).unwrap();
+    for cmd in ["recover", "truncate"] {
+        let o = rvmutl_on(cmd, &fx.log, &[]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("cannot be opened"), "{}", stderr(&o));
+    }
+    // ... but inspection still works.
+    expect_code(&rvmutl_on("dump", &fx.log, &[]), 0);
+}
