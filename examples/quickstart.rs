@@ -21,7 +21,8 @@ const UPDATES: usize = 8; // u64: committed updates, all runs together
 const LAST: usize = 16; // [u8; 48]: text of the last update
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
+    let dir =
+        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("quickstart.log");
     let seg_path = dir.join("quickstart.seg");
@@ -31,8 +32,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let rvm = Rvm::open(&log, Options::default())?;
     let report = rvm.recovery_report();
-    println!("recovery replayed {} transaction(s), discarded {} byte(s) of unfinished tail", report.transactions, report.discarded_bytes);
-    let segment = if seg_path.exists() { rvm.open_segment(&seg_path)? } else { rvm.create_segment(&seg_path, 64 * 1024)? };
+    println!(
+        "recovery replayed {} transaction(s), discarded {} byte(s) of unfinished tail",
+        report.transactions, report.discarded_bytes
+    );
+    let segment =
+        if seg_path.exists() { rvm.open_segment(&seg_path)? } else { rvm.create_segment(&seg_path, 64 * 1024)? };
     let region = rvm.map(&segment, MapSpec::new(0, 64 * 1024))?;
     let base = region.addr();
 

@@ -3,3 +3,4 @@
 //! The facade crate: it re-exports the layers ([`core`](rvm_core)) and ships
 //! the `rvmutl` command-line tool.
 pub use rvm_core::*;
+pub use rvm_loader as loader;

@@ -491,10 +491,10 @@ impl Inner {
         if spec.len == 0 {
             return Err(MapError::EmptyRegion.into());
         }
-        if spec.offset % ps as u64 != 0 {
+        if !spec.offset.is_multiple_of(ps as u64) {
             return Err(MapError::NotPageAligned { what: "segment offset", value: spec.offset, page_size: ps }.into());
         }
-        if spec.len % ps != 0 {
+        if !spec.len.is_multiple_of(ps) {
             return Err(
                 MapError::NotPageAligned { what: "region length", value: spec.len as u64, page_size: ps }.into()
             );
@@ -604,6 +604,13 @@ impl Inner {
             self.check_poison()?;
             seq = st.next_tx;
             st.next_tx += 1;
+            if ranges.is_empty() {
+                // Nothing to redo: no log record. A flush of it still makes
+                // every earlier commit durable (`flush_to(seq)`).
+                drop(st);
+                Counters::add(&self.counters.committed, 1);
+                return Ok(seq);
+            }
             let b = &mut st.pending;
             for (seg, offset, len, addr) in ranges {
                 let at = b.data.len();

@@ -140,7 +140,7 @@ fn fragmentation(heap_bytes: usize, steps: usize, seed: u64) -> (f64, u64, u64) 
     for _ in 0..steps {
         let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
         for _ in 0..16 {
-            if live_bytes < target || rng.next() % 2 == 0 && live_bytes < target + target / 10 {
+            if live_bytes < target || rng.next().is_multiple_of(2) && live_bytes < target + target / 10 {
                 let size = rng.log_uniform(16.0, 4096.0);
                 let p = tx.malloc(Layout::from_size_align(size, 8).expect("layout")).expect("malloc");
                 let end = (p.as_ptr() as usize - base + size + 8) as u64;

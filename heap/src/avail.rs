@@ -74,7 +74,7 @@ impl Avail {
     pub fn take(&mut self, need: u64, align: u64, base_mod: u64) -> Option<(u64, u64)> {
         if let Some(v) = self.cache.get_mut(&need) {
             if let Some(at) = v.pop() {
-                if align <= HDR || (base_mod + at + HDR) % align == 0 {
+                if align <= HDR || (base_mod + at + HDR).is_multiple_of(align) {
                     self.cached_bytes -= need;
                     return Some((at, need));
                 }

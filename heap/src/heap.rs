@@ -141,7 +141,7 @@ impl Heap {
             });
         }
         let len = heap_region.len() as u64;
-        if len < MIN_BLOCK || len % HDR != 0 || heap_region.addr() % HDR as usize != 0 {
+        if len < MIN_BLOCK || !len.is_multiple_of(HDR) || !heap_region.addr().is_multiple_of(HDR as usize) {
             return Err(HeapError::BadRegions {
                 reason: "heap region must be 16-aligned and at least 32 bytes".into(),
             });
@@ -504,7 +504,7 @@ impl<'h> HeapTx<'h> {
         let addr = ptr.as_ptr() as usize;
         let bad = HeapError::InvalidPointer { addr };
         let data_off = addr.checked_sub(heap.base()).ok_or(HeapError::InvalidPointer { addr })? as u64;
-        if data_off < HDR || data_off % HDR != 0 || data_off >= heap.header.heap_len {
+        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
             return Err(bad);
         }
         let off = data_off - HDR;

@@ -128,7 +128,7 @@ impl Superblock {
         let sb = Superblock { device_size: le_u64(b, 16), area_offset: le_u64(b, 24), area_len: le_u64(b, 32) };
         if sb.area_offset != AREA_OFFSET
             || sb.area_len < MIN_AREA
-            || sb.area_len % BLOCK != 0
+            || !sb.area_len.is_multiple_of(BLOCK)
             || sb.area_offset.checked_add(sb.area_len).is_none_or(|end| end > sb.device_size)
         {
             return Err(SuperblockError::Corrupt("area outside the device"));
@@ -446,7 +446,7 @@ impl FrameDefect {
 /// returns the frame length to read.
 pub fn check_header(h: &FrameHeader, lsn: u64, epoch: u64) -> Result<usize, FrameDefect> {
     let len = h.len as usize;
-    if len < FRAME_HEADER || len % 8 != 0 || len > MAX_FRAME + 8 {
+    if len < FRAME_HEADER || !len.is_multiple_of(8) || len > MAX_FRAME + 8 {
         return Err(FrameDefect::BadLength);
     }
     if h.lsn != lsn {

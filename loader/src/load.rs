@@ -1,0 +1,395 @@
+//! Creating segments with a load map, loading them, and loaded segments.
+
+use crate::error::{LoaderError, Result};
+use crate::format::{encoded_len_from_prefix, LoadMap, RegionSpec, FIXED_HEADER_LEN};
+use crate::raw::{self, HeaderArea};
+use rvm_core::{CopyMode, MapError, MapSpec, Region, Rvm, Segment};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn system_page_size() -> u64 {
+    rvm_core::page_size() as u64
+}
+
+fn check_page_size(map: &LoadMap) -> Result<()> {
+    let sys = system_page_size();
+    if !map.page_size().is_multiple_of(sys) {
+        return Err(LoaderError::PageSize { map: map.page_size(), system: rvm_core::page_size() });
+    }
+    Ok(())
+}
+
+fn to_usize(v: u64, what: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| LoaderError::InvalidMap {
+        region: None,
+        reason: format!("{what} {v:#x} does not fit this system"),
+    })
+}
+
+fn is_already_mapped(e: &rvm_core::Error) -> bool {
+    matches!(e, rvm_core::Error::Map(MapError::AlreadyMapped { .. }))
+}
+
+/// Maps the header area `[0, len)` anywhere (the kernel picks an address
+/// clear of everything already mapped, including the segment's regions).
+fn map_header(rvm: &Rvm, seg: &Segment, len: u64, copy: CopyMode) -> Result<HeaderArea> {
+    let spec = MapSpec::new(0, to_usize(len, "header length")?).copy(copy);
+    match rvm.map(seg, spec) {
+        Ok(r) => Ok(HeaderArea(r)),
+        Err(e) if is_already_mapped(&e) => Err(LoaderError::AlreadyLoaded { path: seg.name().to_path_buf() }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn short_device(path: &Path, len: u64, need: u64) -> LoaderError {
+    LoaderError::Corrupted {
+        what: format!("the device is {len:#x} bytes long; its load map needs {need:#x}"),
+        location: format!("segment {}", path.display()),
+    }
+}
+
+/// Reads and decodes the load map of an open segment through the core (so
+/// it sees the committed image), checking it against the device length.
+/// Maps the header area only while reading.
+fn read_header(rvm: &Rvm, seg: &Segment) -> Result<LoadMap> {
+    let path = seg.name();
+    let ps = system_page_size();
+    let dev = seg.len();
+    if dev < ps {
+        return Err(short_device(path, dev, ps));
+    }
+    let probe = map_header(rvm, seg, ps, CopyMode::OnDemand)?;
+    let mut prefix = [0u8; FIXED_HEADER_LEN];
+    let read = probe.0.read(0, &mut prefix);
+    let need = read
+        .ok_or_else(|| short_device(path, dev, FIXED_HEADER_LEN as u64))
+        .and_then(|()| encoded_len_from_prefix(&prefix).map_err(|e| e.in_segment(path)));
+    let need = match need {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = rvm.unmap(probe.0);
+            return Err(e);
+        }
+    };
+    // `need` is bounded by the region count limit (at most 80 KiB).
+    let mut bytes = vec![0u8; need];
+    let result = if need as u64 <= ps {
+        let r = probe.0.read(0, &mut bytes);
+        rvm.unmap(probe.0)?;
+        r
+    } else {
+        rvm.unmap(probe.0)?;
+        let len = (need as u64).div_ceil(ps) * ps;
+        if len > dev {
+            return Err(short_device(path, dev, len));
+        }
+        let whole = map_header(rvm, seg, len, CopyMode::OnDemand)?;
+        let r = whole.0.read(0, &mut bytes);
+        rvm.unmap(whole.0)?;
+        r
+    };
+    result.ok_or_else(|| short_device(path, dev, need as u64))?;
+    let map = LoadMap::decode(&bytes).map_err(|e| e.in_segment(path))?;
+    map.check(Some(dev)).map_err(|p| map.corrupted(p).in_segment(path))?;
+    Ok(map)
+}
+
+/// Creates a segment file of `len` bytes at `path` whose header holds `map`.
+///
+/// The map is validated first ([`LoadMap::validate_for_device`]; its page
+/// size must also suit this system). Then the core creates the file (sized
+/// and synced), the header area is mapped, and the encoded map is written
+/// into it by one transaction committed with flush; the log is then
+/// truncated so the header is in the segment file itself. When this returns
+/// `Ok` the segment is created: its header is durable.
+///
+/// A crash before the commit leaves a segment whose header is blank (all
+/// zeros): [`load_segment`] rejects it with [`LoaderError::NotALoadMap`],
+/// saying creation did not complete. A crash after it leaves the complete
+/// map (recovery replays the commit). Never a half-written map. If creation
+/// fails after the file was made, the file stays, blank; remove it before
+/// trying again.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let log = dir.path().join("log");
+/// # rvm_core::create_log(&log, 1 << 20).unwrap();
+/// use rvm_loader::{create_segment, load_segment, LoadMap, RegionSpec};
+/// let rvm = rvm_core::Rvm::open(&log, rvm_core::Options::default()).unwrap();
+/// let map = LoadMap::new().region(RegionSpec::new("heap", 1 << 16, 1 << 20, 0x5c00_0000_0000));
+/// create_segment(&rvm, dir.path().join("seg"), (1 << 16) + (1 << 20), &map).unwrap();
+/// let seg = load_segment(&rvm, dir.path().join("seg")).unwrap();
+/// let heap = seg.region("heap").unwrap();
+/// assert_eq!(heap.addr(), 0x5c00_0000_0000);
+/// assert_eq!(heap.len(), 1 << 20);
+/// ```
+pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap) -> Result<()> {
+    map.validate_for_device(len)?;
+    check_page_size(map)?;
+    let seg = rvm.create_segment(path.as_ref(), len)?;
+    // The new file is all zeros: nothing needs reading.
+    let mut header = map_header(rvm, &seg, map.header_len(), CopyMode::NoCopy)?;
+    let written = raw::commit_header(rvm, &mut header, &map.encode());
+    let unmapped = rvm.unmap(header.0);
+    written?;
+    unmapped?;
+    rvm.truncate()?;
+    Ok(())
+}
+
+/// Loads a segment: opens it (locking it against other processes), reads
+/// and validates its load map, and maps every region at its base address
+/// with its copy mode. The header area stays mapped (anywhere) while the
+/// segment is loaded.
+///
+/// All or nothing: if a region cannot be mapped (its addresses are in use,
+/// say), every region mapped so far is unmapped and the error names the
+/// region and the reason ([`LoaderError::MapRegion`]). A damaged header is
+/// [`LoaderError::Corrupted`] (or [`NotALoadMap`](LoaderError::NotALoadMap),
+/// [`UnsupportedVersion`](LoaderError::UnsupportedVersion)); a segment
+/// loaded already by this instance is [`LoaderError::AlreadyLoaded`]; one
+/// open in another process is `LoaderError::Core(rvm_core::Error::Locked { .. })`.
+pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> {
+    let segment = rvm.open_segment(path.as_ref())?;
+    let map = read_header(rvm, &segment)?;
+    check_page_size(&map)?;
+    let mut loaded = LoadedSegment {
+        rvm: rvm.clone(),
+        segment,
+        map: LoadMap::new(),
+        header: None,
+        regions: Vec::with_capacity(map.regions().len()),
+        by_name: HashMap::with_capacity(map.regions().len()),
+    };
+    for spec in map.regions() {
+        // On error, dropping `loaded` unmaps what was mapped.
+        let region = loaded.map_region(spec)?;
+        loaded.by_name.insert(spec.name.clone(), loaded.regions.len());
+        loaded.regions.push(region);
+    }
+    // The header last, so the kernel places it clear of the regions.
+    loaded.header = Some(map_header(rvm, &loaded.segment, map.header_len(), CopyMode::OnDemand)?);
+    loaded.map = map;
+    Ok(loaded)
+}
+
+/// Reads a segment's load map through `rvm` (after recovery, so it shows
+/// the committed map) without loading the segment. Opens the segment (it
+/// stays open, and locked, in `rvm`). For a segment this instance has
+/// loaded, use [`LoadedSegment::load_map`].
+pub fn read_load_map(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadMap> {
+    let segment = rvm.open_segment(path.as_ref())?;
+    read_header(rvm, &segment)
+}
+
+/// Reads a segment's load map straight from the file, without a log and
+/// without locking it (for inspection tools). It shows the header as the
+/// file holds it: a change committed to a log and not yet truncated is not
+/// there; [`read_load_map`] shows the recovered state.
+pub fn read_load_map_file(path: impl AsRef<Path>) -> Result<LoadMap> {
+    use std::os::unix::fs::FileExt;
+    let path = path.as_ref();
+    let io = |op: &'static str| move |source| LoaderError::Io { op, path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io("opening segment"))?;
+    let dev = file.metadata().map_err(io("sizing segment"))?.len();
+    let mut prefix = [0u8; FIXED_HEADER_LEN];
+    if dev < FIXED_HEADER_LEN as u64 {
+        return Err(short_device(path, dev, FIXED_HEADER_LEN as u64));
+    }
+    file.read_exact_at(&mut prefix, 0).map_err(io("reading segment header"))?;
+    let need = encoded_len_from_prefix(&prefix).map_err(|e| e.in_segment(path))?;
+    if need as u64 > dev {
+        return Err(short_device(path, dev, need as u64));
+    }
+    // Bounded by the region count limit (at most 80 KiB).
+    let mut bytes = vec![0u8; need];
+    file.read_exact_at(&mut bytes, 0).map_err(io("reading segment header"))?;
+    let map = LoadMap::decode(&bytes).map_err(|e| e.in_segment(path))?;
+    map.check(Some(dev)).map_err(|p| map.corrupted(p).in_segment(path))?;
+    Ok(map)
+}
+
+/// A loaded segment: its load map and its regions, mapped at their bases.
+///
+/// Look regions up by name with [`LoadedSegment::region`]. Dropping the
+/// value unloads the segment (unmapping every region; a region with an
+/// uncommitted transaction stays mapped until the transaction ends and the
+/// instance is dropped); [`LoadedSegment::unload`] does it with error
+/// reporting. Pointers into the regions dangle once the segment is unloaded.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let log = dir.path().join("log");
+/// # rvm_core::create_log(&log, 1 << 20).unwrap();
+/// # let rvm = rvm_core::Rvm::open(&log, rvm_core::Options::default()).unwrap();
+/// use rvm_core::{CommitMode, RestoreMode};
+/// use rvm_loader::{create_segment, load_segment, LoadMap, RegionSpec};
+/// let base = 0x5c00_4000_0000u64;
+/// let map = LoadMap::new().region(RegionSpec::new("data", 1 << 16, 1 << 16, base));
+/// create_segment(&rvm, dir.path().join("seg"), 1 << 17, &map).unwrap();
+/// let seg = load_segment(&rvm, dir.path().join("seg")).unwrap();
+/// let data = seg.region("data").unwrap();
+/// // Store an absolute pointer to the region's second word in its first.
+/// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+/// // SAFETY: nothing else uses the region while the transaction runs.
+/// unsafe { tx.modify_bytes(data.addr(), &(data.addr() + 8).to_le_bytes()).unwrap() };
+/// tx.commit(CommitMode::Flush).unwrap();
+/// // SAFETY: the first word is mapped and no transaction is writing it.
+/// let p = unsafe { data.as_ptr().cast::<usize>().read() };
+/// assert_eq!(p, base as usize + 8);
+/// ```
+#[derive(Debug)]
+pub struct LoadedSegment {
+    rvm: Rvm,
+    segment: Segment,
+    map: LoadMap,
+    header: Option<HeaderArea>,
+    /// In load-map order.
+    regions: Vec<Region>,
+    by_name: HashMap<String, usize>,
+}
+
+impl LoadedSegment {
+    /// The region called `name` (its `addr()`, `as_ptr()` and `len()` give
+    /// the memory), or `None` if the map has no such region or the segment
+    /// was unloaded.
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.by_name.get(name).and_then(|&i| self.regions.get(i))
+    }
+
+    /// Every region with its name, in load-map order.
+    pub fn regions(&self) -> impl Iterator<Item = (&str, &Region)> + '_ {
+        self.map.regions().iter().map(|s| s.name.as_str()).zip(&self.regions)
+    }
+
+    /// The load map the segment was loaded with (including regions added
+    /// since).
+    pub fn load_map(&self) -> &LoadMap {
+        &self.map
+    }
+
+    /// The segment.
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// The segment's canonical path.
+    pub fn path(&self) -> &Path {
+        self.segment.name()
+    }
+
+    /// The instance the segment is loaded in.
+    pub fn rvm(&self) -> &Rvm {
+        &self.rvm
+    }
+
+    /// Whether the segment is still loaded (false after [`LoadedSegment::unload`]).
+    pub fn is_loaded(&self) -> bool {
+        self.header.is_some()
+    }
+
+    /// Adds a region to the segment's load map and maps it.
+    ///
+    /// The region is checked against the rules of the format with the
+    /// existing regions and the device, and must fit in the header area
+    /// (see [`LoadMap::capacity`]); then it is mapped at its base (a conflict
+    /// is [`LoaderError::MapRegion`] and changes nothing); then the new map
+    /// is written into the header by one transaction committed with flush.
+    /// If that fails the region is unmapped again and the map is unchanged.
+    /// The calling thread must not have a transaction open on this instance.
+    pub fn add_region(&mut self, spec: RegionSpec) -> Result<&Region> {
+        let path = self.path().to_path_buf();
+        let Some(mut header) = self.header.take() else {
+            return Err(LoaderError::InvalidMap {
+                region: Some(spec.name),
+                reason: format!("segment {} is not loaded", path.display()),
+            });
+        };
+        let result = self.add_region_with(&mut header, spec);
+        self.header = Some(header);
+        let i = result?;
+        Ok(&self.regions[i])
+    }
+
+    fn add_region_with(&mut self, header: &mut HeaderArea, spec: RegionSpec) -> Result<usize> {
+        let map = self.map.with_added(spec.clone());
+        map.validate_for_device(self.segment.len())?;
+        let region = self.map_region(&spec)?;
+        if let Err(e) = raw::commit_header(&self.rvm, header, &map.encode()) {
+            let _ = self.rvm.unmap(region);
+            return Err(e);
+        }
+        self.map = map;
+        self.by_name.insert(spec.name, self.regions.len());
+        self.regions.push(region);
+        Ok(self.regions.len() - 1)
+    }
+
+    fn map_region(&self, spec: &RegionSpec) -> Result<Region> {
+        let fail = |source: rvm_core::Error| {
+            if is_already_mapped(&source) {
+                LoaderError::AlreadyLoaded { path: self.path().to_path_buf() }
+            } else {
+                LoaderError::MapRegion {
+                    path: self.path().to_path_buf(),
+                    region: spec.name.clone(),
+                    base: spec.base,
+                    source,
+                }
+            }
+        };
+        let len = to_usize(spec.len, "region length")?;
+        let base = to_usize(spec.base, "base address")?;
+        self.rvm.map(&self.segment, MapSpec::new(spec.offset, len).at(base).copy(spec.copy)).map_err(fail)
+    }
+
+    /// Unloads the segment: unmaps every region and the header area.
+    ///
+    /// Refused, with nothing unmapped, while a transaction with ranges in
+    /// one of the regions is uncommitted ([`LoaderError::Busy`]). After
+    /// success the value is empty ([`LoadedSegment::is_loaded`] is false,
+    /// [`LoadedSegment::region`] finds nothing) and the segment can be
+    /// loaded again; it stays open (and locked) in the instance.
+    pub fn unload(&mut self) -> Result<()> {
+        for (name, r) in self.regions() {
+            let count = r.active_transactions();
+            if count > 0 {
+                return Err(LoaderError::Busy { region: name.to_owned(), count });
+            }
+        }
+        if let Some(h) = &self.header {
+            let count = h.0.active_transactions();
+            if count > 0 {
+                return Err(LoaderError::Busy { region: "(header)".into(), count });
+            }
+        }
+        let mut first_error = None;
+        for r in self.release() {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Unmaps everything, newest first; returns each unmap's result.
+    fn release(&mut self) -> Vec<rvm_core::Result<()>> {
+        let mut results = Vec::with_capacity(self.regions.len() + 1);
+        if let Some(h) = self.header.take() {
+            results.push(self.rvm.unmap(h.0));
+        }
+        while let Some(r) = self.regions.pop() {
+            results.push(self.rvm.unmap(r));
+        }
+        self.by_name.clear();
+        results
+    }
+}
+
+impl Drop for LoadedSegment {
+    fn drop(&mut self) {
+        // Errors (a region with an uncommitted transaction) leave that region
+        // to the instance, which unmaps it when it is dropped.
+        let _ = self.release();
+    }
+}
