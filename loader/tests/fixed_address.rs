@@ -134,7 +134,8 @@ fn follow(dir: &Path, base: usize) {
     // SAFETY: as above; `me` was just checked to be the root page itself.
     assert_eq!(unsafe { (me as *const usize).add(2).read() }, NODES);
     assert_eq!(count, NODES);
-    let inside = |p: usize| p >= nodes.addr() && p + NODE_LEN <= nodes.addr() + nodes.len() && p % NODE_LEN == 0;
+    let inside =
+        |p: usize| p >= nodes.addr() && p + NODE_LEN <= nodes.addr() + nodes.len() && p.is_multiple_of(NODE_LEN);
     let mut p = head;
     let mut seen = 0;
     while p != 0 {
@@ -233,7 +234,7 @@ fn pointers_survive_kill9_after_a_flush_commit() {
             // SAFETY: the child's one thread alone uses the region.
             unsafe { tx.modify_bytes(counter, &n.to_ne_bytes()).unwrap() };
             tx.commit(CommitMode::NoFlush).unwrap();
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
