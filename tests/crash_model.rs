@@ -86,7 +86,7 @@ impl Cfg {
         Cfg {
             log_size: AREA_OFFSET + MIN_AREA,
             seg_pages: 8,
-            opts: Options { coalesce, pending_limit: 4096, truncate_threshold: None },
+            opts: Options { coalesce, pending_limit: 4096, truncate_threshold: None, ..Options::default() },
         }
     }
 
