@@ -373,9 +373,17 @@ impl Rvm {
                 // sweep its dirty pages from: once it is gone, the log must
                 // not be reclaimed before those commits are in the segment.
                 let dirty = region.0.track.is_dirty();
-                if !dirty || region.0.track.last_tx.load(Ordering::Acquire) <= covered {
+                let swept = !self.inner.ckpt.is_active();
+                if swept && (!dirty || region.0.track.last_tx.load(Ordering::Acquire) <= covered) {
                     table.remove(addr);
                     return Ok(());
+                }
+                if !swept && !dirty {
+                    // A running checkpoint may hold the region's memory:
+                    // let it finish, so the segment range is free again.
+                    drop(table);
+                    self.inner.checkpoint_finish()?;
+                    continue;
                 }
             }
             covered = self.inner.state.lock().next_tx - 1;
@@ -685,11 +693,7 @@ impl Inner {
 
     /// Adds a committed transaction to the pending batch. `pieces` address
     /// memory (`data_at` is the memory address); bytes are copied now.
-    pub(crate) fn commit_pieces(
-        &self,
-        ranges: &[(Arc<RegionInner>, u64, usize, usize)],
-        declared: u64,
-    ) -> Result<u64> {
+    pub(crate) fn commit_pieces(&self, ranges: &[(Arc<RegionInner>, u64, usize, usize)], declared: u64) -> Result<u64> {
         let bytes: u64 = ranges.iter().map(|r| r.2 as u64).sum();
         let needed =
             ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
