@@ -1003,6 +1003,9 @@ struct Step {
     flush_inside: bool,
     /// Call `truncate()` after the commit.
     truncate_after: bool,
+    /// Run a whole checkpoint while the transaction is open (it is in
+    /// flight across the freeze).
+    checkpoint_inside: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1021,13 +1024,15 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         prop_oneof![Just(F), Just(NF)],
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.15),
     )
-        .prop_map(|(mode, writes, commit, flush_inside, truncate_after)| Step {
+        .prop_map(|(mode, writes, commit, flush_inside, truncate_after, checkpoint_inside)| Step {
             mode,
             writes,
             commit,
             flush_inside,
             truncate_after,
+            checkpoint_inside,
         })
 }
 
@@ -1089,6 +1094,15 @@ fn run_faulty(cfg: &Cfg, steps: &[Step], fault: Fault, crash: CrashMode, recover
                 Err(e) => {
                     assert!(is_io_or_poisoned(&e), "step {s}: flush: {e}");
                     failed = Some(format!("flush: {e}"));
+                }
+            }
+        }
+        if step.checkpoint_inside && failed.is_none() {
+            match inst.rvm.checkpoint() {
+                Ok(_) => world.all_durable(),
+                Err(e) => {
+                    assert!(is_io_or_poisoned(&e), "step {s}: checkpoint: {e}");
+                    failed = Some(format!("checkpoint: {e}"));
                 }
             }
         }
@@ -1190,6 +1204,7 @@ fn io_error_at_every_operation() {
             commit: if i % 2 == 0 { F } else { NF },
             flush_inside: i % 5 == 4,
             truncate_after: i % 4 == 3,
+            checkpoint_inside: i % 3 == 1,
         })
         .collect();
     for coalesce in [true, false] {
