@@ -6,12 +6,16 @@
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
+//! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
+//! rvmutl segment show <seg> [--log <log>] [--spec | --json]
 //! ```
 //!
 //! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
 //! 2 I/O error, missing file, log locked by another user, or a segment the
 //! log names cannot be opened; 3 not a log, unsupported version, or a
 //! corrupted log. `status` and `dump` only read; they never repair.
+
+mod segment;
 
 use clap::{Parser, Subcommand};
 use rvm::log::format::{FrameDefect, FrameKind, Status, VERSION};
@@ -28,9 +32,9 @@ use std::sync::Arc;
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  usage error (bad arguments, invalid size)
+  1  usage error (bad arguments, invalid size, invalid load map)
   2  I/O error, missing file, log locked by another user, or a segment named by the log cannot be opened
-  3  not an RVM log, unsupported format version, or corrupted log";
+  3  not an RVM log, unsupported format version, or corrupted log (or a segment without a valid load map)";
 
 /// Exit code for a usage error.
 const EXIT_USAGE: u8 = 1;
@@ -95,6 +99,9 @@ enum Command {
         /// The log.
         log: PathBuf,
     },
+    /// Create a segment with a load map (regions at fixed addresses), or print a segment's load map.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Segment(segment::SegmentCommand),
 }
 
 /// Why a command failed.
@@ -106,6 +113,8 @@ enum Failure {
     NoValidStatus,
     /// Writing the output failed.
     Output(io::Error),
+    /// An error from the segment loader (`segment` subcommands).
+    Loader(rvm::loader::LoaderError),
 }
 
 impl From<Error> for Failure {
@@ -157,6 +166,7 @@ fn report_failure(failure: &Failure) -> u8 {
             eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
         }
+        Failure::Loader(e) => segment::report(e),
         Failure::Rvm(e) => {
             eprintln!("rvmutl: error: {e}");
             if let Some(hint) = hint(e) {
@@ -203,6 +213,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Dump { log, json } => dump(&log, json, out),
         Command::Recover { log } => recover(&log, out),
         Command::Truncate { log } => truncate(&log, out),
+        Command::Segment(command) => segment::run(command, out),
     }
 }
 
