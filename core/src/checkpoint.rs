@@ -192,6 +192,9 @@ pub(crate) struct Checkpointer {
     copy_limit: usize,
     /// Checkpoints completed over the log's life (from the status).
     generation: AtomicU64,
+    /// A region with dirty pages was unmapped: the next checkpoint must
+    /// replay the log instead (the pages' memory is gone).
+    retired_dirty: AtomicBool,
 }
 
 /// Pages a writer sweeps when the copy pool is full.
@@ -211,7 +214,14 @@ impl Checkpointer {
             starting: Mutex::new(()),
             copy_limit: copy_limit.max(1),
             generation: AtomicU64::new(generation),
+            retired_dirty: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that a region with dirty pages was unmapped (with no
+    /// checkpoint running).
+    pub fn retire_dirty_region(&self) {
+        self.retired_dirty.store(true, Ordering::SeqCst);
     }
 
     /// The generation commits mark now (call under the commit lock).
@@ -407,6 +417,16 @@ impl Inner {
             return Ok(Start::Overtaken);
         };
         let r = self.setup_sweep(sweep, lsn, old);
+        if matches!(r, Ok(false)) {
+            drop(guard);
+            drop(_t);
+            self.drop_checkpoint();
+            Counters::add(&self.counters.checkpoints_cancelled, 1);
+            self.ckpt.retired_dirty.store(false, Ordering::SeqCst);
+            // Everything committed before the flag was cleared, replayed.
+            self.replay_all()?;
+            return Ok(Start::Overtaken);
+        }
         if r.is_err() {
             drop(guard);
             self.drop_checkpoint();
@@ -425,10 +445,20 @@ impl Inner {
     }
 
     /// Setup, with the truncation lock held: picks the regions to sweep and
-    /// writes the pages that must be rebuilt from the log.
-    fn setup_sweep(&self, sweep: &mut Sweep, lsn: u64, old: usize) -> Result<()> {
+    /// writes the pages that must be rebuilt from the log. `false` if a
+    /// dirty region was unmapped: the log must be replayed instead.
+    fn setup_sweep(&self, sweep: &mut Sweep, lsn: u64, old: usize) -> Result<bool> {
         sweep.lsn = lsn;
-        sweep.regions = self.regions.read().iter().filter(|r| !r.track.dirty[old].is_empty()).cloned().collect();
+        {
+            let table = self.regions.read();
+            // Read under the regions lock that `unmap` holds while it sets
+            // the flag: an unmap either finished before this (flag seen) or
+            // comes after and, seeing this checkpoint, waits for its finish.
+            if self.ckpt.retired_dirty.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            sweep.regions = table.iter().filter(|r| !r.track.dirty[old].is_empty()).cloned().collect();
+        }
         // Pages memory cannot give as of L: ranges of transactions in flight
         // at the freeze, and pages polluted by no-restore aborts.
         let mut rebuild: BTreeSet<(usize, usize)> = BTreeSet::new();
@@ -462,7 +492,7 @@ impl Inner {
         }
         sweep.phase = Phase::Sweeping;
         self.ckpt.copies.lock().sweeping = true;
-        Ok(())
+        Ok(true)
     }
 
     /// Images of `pages` as of `lsn`: the segment's bytes (as of the head:

@@ -356,8 +356,6 @@ impl Rvm {
     /// is dropped.
     pub fn unmap(&self, region: Region) -> Result<()> {
         let addr = region.addr();
-        // Commits up to this one are in the segment (0: none needed yet).
-        let mut covered = 0;
         loop {
             {
                 let mut table = self.inner.regions.write();
@@ -369,25 +367,21 @@ impl Rvm {
                 if busy > 0 {
                     return Err(MapError::Busy { addr, count: busy }.into());
                 }
-                // The region's memory is the only copy the checkpoint could
-                // sweep its dirty pages from: once it is gone, the log must
-                // not be reclaimed before those commits are in the segment.
-                let dirty = region.0.track.is_dirty();
-                let swept = !self.inner.ckpt.is_active();
-                if swept && (!dirty || region.0.track.last_tx.load(Ordering::Acquire) <= covered) {
+                if !self.inner.ckpt.is_active() {
+                    // The region's memory was the only copy a checkpoint could
+                    // sweep its dirty pages from: the next checkpoint replays
+                    // the log instead, so those commits reach the segment
+                    // before the log is reclaimed.
+                    if region.0.track.is_dirty() {
+                        self.inner.ckpt.retire_dirty_region();
+                    }
                     table.remove(addr);
                     return Ok(());
                 }
-                if !swept && !dirty {
-                    // A running checkpoint may hold the region's memory:
-                    // let it finish, so the segment range is free again.
-                    drop(table);
-                    self.inner.checkpoint_finish()?;
-                    continue;
-                }
             }
-            covered = self.inner.state.lock().next_tx - 1;
-            self.truncate()?;
+            // A running checkpoint may hold the region's memory: let it
+            // finish, so the segment range is free again.
+            self.inner.checkpoint_finish()?;
         }
     }
 
@@ -449,7 +443,17 @@ impl Rvm {
     /// already (a second freeze never starts while a sweep runs), or if a
     /// log-replay truncation overtook this one.
     pub fn checkpoint_start(&self) -> Result<bool> {
-        Ok(self.inner.checkpoint_start()? == crate::checkpoint::Start::Started)
+        use crate::checkpoint::Start;
+        // Overtaken: a replay did the work (a log-full writer, or an unmapped
+        // dirty region); freeze again, a few times at most.
+        for _ in 0..3 {
+            match self.inner.checkpoint_start()? {
+                Start::Started => return Ok(true),
+                Start::Running => return Ok(false),
+                Start::Overtaken => {}
+            }
+        }
+        Ok(false)
     }
 
     /// Writes up to `max_pages` pages of the running checkpoint; returns how
@@ -466,9 +470,7 @@ impl Rvm {
 
     /// Flushes, then applies the whole log to the segments and empties it.
     pub fn truncate(&self) -> Result<()> {
-        self.flush()?;
-        self.inner.sync_log()?;
-        self.inner.truncate_to(self.inner.synced.load(Ordering::Acquire))
+        self.inner.replay_all()
     }
 
     /// Statistics since open.
@@ -884,6 +886,15 @@ impl Inner {
             self.flushed.notify_all();
             r?;
         }
+    }
+
+    /// Flushes every commit so far, then replays the whole log onto the
+    /// segments and frees it.
+    pub(crate) fn replay_all(&self) -> Result<()> {
+        let last = self.state.lock().next_tx - 1;
+        self.flush_to(last)?;
+        self.sync_log()?;
+        self.truncate_to(self.synced.load(Ordering::Acquire))
     }
 
     /// Every commit up to `seq` is durable (its batch was written and synced).
