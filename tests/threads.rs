@@ -3,7 +3,9 @@
 //!
 //! * `threads_crash_*`: 3 or 4 threads share one region of a segment on the
 //!   simulated disk ([`SimDisk`]), on a small log (128 KiB of records, so it
-//!   wraps many times per round) with background truncation on. Each thread
+//!   wraps many times per round) with background reclaim on (the
+//!   generation checkpoint in some rounds, log replay in others; writers
+//!   that find the log full replay it in both). Each thread
 //!   owns a **record**: a head (counter `v` and a hash of it) in a sector
 //!   every thread's head shares, and a 1 KiB payload derived from `v` that
 //!   crosses a page boundary. A transaction moves the record from `v` to
@@ -47,8 +49,8 @@
 //!   first sync until all four commits are in, so the count is exact (at
 //!   most two syncs); the other runs free on real files.
 //!
-//! Nothing here asserts on time. `RVM_THREADS_ROUNDS=N` runs `N` crash
-//! rounds per test instead of the default; `RVM_THREADS_SEED=S` fixes the
+//! Nothing here asserts on time. `RVM_THREAD_ROUNDS=N` runs `N` crash
+//! rounds per test instead of the default; `RVM_THREAD_SEED=S` fixes the
 //! random choices (the seed in use is printed; thread interleavings still
 //! vary from run to run).
 
@@ -73,25 +75,25 @@ const HEAD: usize = 16;
 const PAIR: usize = 32;
 /// Set in the counter of a value that a transaction stored and then aborted.
 const ABORTED: u64 = 1 << 63;
-/// Crash rounds per test when `RVM_THREADS_ROUNDS` is not set.
+/// Crash rounds per test when `RVM_THREAD_ROUNDS` is not set.
 const DEFAULT_ROUNDS: u32 = 16;
 /// A round that has not reached its crash point after this long is stuck.
 const STUCK: Duration = Duration::from_secs(120);
 
-fn opts(coalesce: bool) -> Options {
-    Options { coalesce, pending_limit: 4096, truncate_threshold: Some(0.25) }
+fn opts(coalesce: bool, reclaim: Reclaim) -> Options {
+    Options { coalesce, pending_limit: 4096, truncate_threshold: Some(0.25), reclaim, ..Options::default() }
 }
 
 fn rounds() -> u32 {
-    std::env::var("RVM_THREADS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_ROUNDS)
+    std::env::var("RVM_THREAD_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_ROUNDS)
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("RVM_THREADS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+    let seed = std::env::var("RVM_THREAD_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 ^ u64::from(std::process::id())
     });
-    eprintln!("threads: seed {seed} (set RVM_THREADS_SEED={seed} to repeat the random choices)");
+    eprintln!("threads: seed {seed} (set RVM_THREAD_SEED={seed} to repeat the random choices)");
     seed
 }
 
@@ -509,8 +511,8 @@ struct Inst {
     region: Region,
 }
 
-fn open(vfs: &Arc<dyn Vfs>, coalesce: bool, ctx: &str) -> Inst {
-    let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts(coalesce))
+fn open(vfs: &Arc<dyn Vfs>, opts: &Options, ctx: &str) -> Inst {
+    let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts.clone())
         .unwrap_or_else(|e| panic!("{ctx}: reopen (recovery) failed: {e}"));
     let seg = rvm.open_segment(SEG).unwrap_or_else(|e| panic!("{ctx}: open_segment failed: {e}"));
     let region = rvm.map(&seg, MapSpec::new(0, region_len())).unwrap_or_else(|e| panic!("{ctx}: map failed: {e}"));
@@ -598,6 +600,7 @@ struct Totals {
     flushes: u64,
     pair_txs: u64,
     truncations: u64,
+    checkpoints: u64,
     log_bytes: u64,
     acked_nonzero_rounds: u32,
 }
@@ -609,7 +612,7 @@ struct Totals {
 fn round(
     disk: &SimDisk,
     vfs: &Arc<dyn Vfs>,
-    coalesce: bool,
+    opts: &Options,
     state: &State,
     threads: usize,
     crash: Option<(u64, CrashMode)>,
@@ -617,7 +620,7 @@ fn round(
     totals: &mut Totals,
     ctx: &str,
 ) -> State {
-    let inst = open(vfs, coalesce, ctx);
+    let inst = open(vfs, opts, ctx);
     let img = read_all(&inst.region);
     let now = check(&img, state, &[], &PairMirror { attempted: state.pair.0, ..PairMirror::default() }, ctx);
     assert_eq!((now.values, now.pair), (state.values, state.pair), "{ctx}: state changed between rounds");
@@ -673,6 +676,7 @@ fn round(
         totals.pair_txs += l.pair_txs.len() as u64;
     }
     totals.truncations += stats.truncations;
+    totals.checkpoints += stats.checkpoints;
     totals.log_bytes += stats.log_bytes_written;
     if logs.iter().any(|l| l.acked > l.start) {
         totals.acked_nonzero_rounds += 1;
@@ -690,7 +694,7 @@ fn round(
             rvm.close().unwrap_or_else(|e| panic!("{ctx}: close failed: {e}"));
         }
     }
-    let inst = open(vfs, coalesce, ctx);
+    let inst = open(vfs, opts, ctx);
     let img = read_all(&inst.region);
     assert_eq!(disk.durable_image(SEG).as_deref(), Some(&img[..]), "{ctx}: the mapped image is not the segment's");
     let after = check(&img, state, &logs, &pair, ctx);
@@ -711,7 +715,7 @@ fn crash_rounds(coalesce: bool) {
     create_log_with(vfs.as_ref(), Path::new(LOG), LOG_SIZE).unwrap();
     // Every record and the pair start whole, at zero, durably.
     {
-        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts(coalesce)).unwrap();
+        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts(coalesce, Reclaim::Replay)).unwrap();
         let seg = rvm.create_segment(SEG, region_len() as u64).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, region_len())).unwrap();
         let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
@@ -731,6 +735,7 @@ fn crash_rounds(coalesce: bool) {
     let n = rounds();
     for r in 0..n {
         let threads = 3 + (r as usize % 2);
+        let reclaim = if (r / 2) % 2 == 0 { Reclaim::Checkpoint } else { Reclaim::Replay };
         let mode = match r % 3 {
             0 => CrashMode::LoseUnsynced,
             1 => CrashMode::KeepRandomSubset { seed: rng.next(), tear_last: true },
@@ -738,17 +743,19 @@ fn crash_rounds(coalesce: bool) {
         };
         let after = 100 + rng.below(900);
         let ctx = format!(
-            "seed {seed}, coalesce {coalesce}, round {r}: {threads} threads, crash {mode:?} after {after} commits"
+            "seed {seed}, coalesce {coalesce}, round {r}: {threads} threads, background {reclaim:?}, \
+             crash {mode:?} after {after} commits"
         );
-        state = round(&disk, &vfs, coalesce, &state, threads, Some((after, mode)), rng.next(), &mut totals, &ctx);
+        let o = opts(coalesce, reclaim);
+        state = round(&disk, &vfs, &o, &state, threads, Some((after, mode)), rng.next(), &mut totals, &ctx);
     }
     let ctx = format!("seed {seed}, coalesce {coalesce}, final round without a crash");
-    round(&disk, &vfs, coalesce, &state, MAX_THREADS, None, rng.next(), &mut totals, &ctx);
+    round(&disk, &vfs, &opts(coalesce, Reclaim::Checkpoint), &state, MAX_THREADS, None, rng.next(), &mut totals, &ctx);
     eprintln!("coalesce {coalesce}: {n} crash rounds: {totals:?}");
     // The workload did what the test claims: the log wrapped and was
     // truncated, flushes were acknowledged, pairs and aborts happened.
     assert!(totals.log_bytes > 2 * (LOG_SIZE - AREA_OFFSET), "the log did not wrap: {totals:?}");
-    assert!(totals.truncations > 0, "no truncation ran: {totals:?}");
+    assert!(totals.truncations > 0 && totals.checkpoints > 0, "no log replay or no checkpoint ran: {totals:?}");
     assert!(totals.flush_commits > 0 && totals.flushes > 0 && totals.acked_nonzero_rounds > 0, "{totals:?}");
     assert!(totals.pair_txs > 0 && totals.aborts > 0, "{totals:?}");
 }
