@@ -962,6 +962,20 @@ fn regression_abandoned_checkpoint_pages_go_to_the_next_one() {
         let ops =
             [Modify { off: 0, len: 8 }, Commit(NF), CkptStart, CkptStep(1), CkptAbandon, Checkpoint, Crash(keep(3))];
         run(&Cfg::roomy(coalesce), &ops);
+        // A page rebuilt at setup (a transaction was in flight) and written,
+        // then the checkpoint abandoned: the write must be synced before a
+        // later checkpoint frees the log.
+        let ops = [
+            Modify { off: 0, len: 8 },
+            Commit(F),
+            Modify { off: 0, len: 56 },
+            CkptStart,
+            Drop,
+            Begin(R),
+            CkptAbandon,
+            Checkpoint,
+        ];
+        run(&Cfg::roomy(coalesce), &ops);
     }
 }
 
