@@ -320,6 +320,16 @@ fn hold(rvm: &Rvm, region: &Region, paths: &Paths) {
 // ---------------------------------------------------------------------------
 // Parent side.
 
+/// Serializes the parents of this file's tests. A child spawned by one
+/// test briefly holds duplicates of every file descriptor of the test
+/// process (between fork and exec), and with them the `flock` of a log or
+/// segment the other test has open, so that test's next open (or its
+/// child's) could fail with a spurious `Error::Locked`.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs the child workload when this process is a child; returns true then.
 fn run_as_child() -> bool {
     match std::env::var_os(CHILD_ENV) {
@@ -411,6 +421,7 @@ fn kill9_recovery_keeps_a_committed_prefix() {
     if run_as_child() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(dir.path());
     create_files(&paths);
@@ -481,6 +492,7 @@ fn kill9_second_process_is_locked_out() {
     if run_as_child() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(dir.path());
     create_files(&paths);

@@ -1,0 +1,184 @@
+//! Files and devices as the library leaves them: new logs and segments are
+//! private (mode 0600), a log or segment already open in this process is
+//! refused with a clear [`Error::Locked`] (another process is covered by
+//! `tests/kill9.rs`), creating over an existing file never clobbers it, and
+//! recovery reports the bytes of an unfinished tail it discards.
+
+use rvm::log::format::FrameDefect;
+use rvm::log::inspect::{self, FrameBody};
+use rvm::testing::SimDisk;
+use rvm::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+fn opts() -> Options {
+    Options { truncate_threshold: None, ..Options::default() }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn new_logs_and_segments_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("private.log");
+    create_log(&log, 1 << 20).unwrap();
+    assert_eq!(mode(&log), 0o600, "a new log must be readable and writable by its owner only");
+    let rvm = Rvm::open(&log, opts()).unwrap();
+    let seg = dir.path().join("private.seg");
+    rvm.create_segment(&seg, 1 << 16).unwrap();
+    assert_eq!(mode(&seg), 0o600, "a new segment must be readable and writable by its owner only");
+    // Opening an existing file leaves its mode alone.
+    let shared = dir.path().join("shared.seg");
+    std::fs::write(&shared, vec![0u8; 1 << 16]).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    rvm.open_segment(&shared).unwrap();
+    assert_eq!(mode(&shared), 0o640);
+}
+
+/// Asserts `r` is `Error::Locked` naming `path`, with a message that says so.
+#[track_caller]
+fn assert_locked<T: std::fmt::Debug>(r: Result<T>, path: &Path, what: &str) {
+    match r {
+        Err(e @ Error::Locked { .. }) => {
+            let Error::Locked { path: p } = &e else { unreachable!() };
+            assert_eq!(p.file_name(), path.file_name(), "{what}: Locked names {}", p.display());
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&*path.file_name().unwrap().to_string_lossy()) && msg.contains("already in use"),
+                "{what}: unclear message {msg:?}"
+            );
+        }
+        other => panic!("{what}: expected Error::Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_open_in_this_process_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, other_log, seg) = (dir.path().join("a.log"), dir.path().join("b.log"), dir.path().join("a.seg"));
+    create_log(&log, 1 << 20).unwrap();
+    create_log(&other_log, 1 << 20).unwrap();
+    let rvm = Rvm::open(&log, opts()).unwrap();
+    let s = rvm.create_segment(&seg, 1 << 16).unwrap();
+    let region = rvm.map(&s, MapSpec::new(0, 1 << 16)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: single-threaded; nothing else touches the region.
+    unsafe { tx.modify_bytes(region.addr(), b"first instance").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+
+    // The log: a second instance, recovery and inspection are all refused.
+    assert_locked(Rvm::open(&log, opts()), &log, "Rvm::open of an open log");
+    assert_locked(recover_log(&FileVfs, &log), &log, "recover_log of an open log");
+    assert_locked(inspect::inspect(&FileVfs, &log), &log, "inspecting an open log");
+    // Creating a log over it fails without touching it.
+    let before = std::fs::read(&log).unwrap();
+    assert!(create_log(&log, 1 << 20).is_err(), "create_log over an existing log");
+    assert_eq!(std::fs::read(&log).unwrap(), before, "create_log changed an existing log");
+
+    // The segment, through another instance: refused, and not clobbered.
+    {
+        let other = Rvm::open(&other_log, opts()).unwrap();
+        assert_locked(other.open_segment(&seg), &seg, "open_segment of a segment another instance holds");
+        match other.create_segment(&seg, 1 << 12) {
+            Err(Error::Io { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists),
+            r => panic!("create_segment over an existing segment: {r:?}"),
+        }
+        other.close().unwrap();
+    }
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 1 << 16, "create_segment resized an existing segment");
+
+    // The same instance hands out the same segment, and maps a range once.
+    let again = rvm.open_segment(&seg).unwrap();
+    assert_eq!((again.id(), again.name()), (s.id(), s.name()));
+    match rvm.map(&again, MapSpec::new(0, rvm::page_size())) {
+        Err(Error::Map(MapError::AlreadyMapped { .. })) => {}
+        r => panic!("mapping a mapped range again: {r:?}"),
+    }
+    match rvm.create_segment(&seg, 1 << 16) {
+        Err(Error::Io { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists),
+        r => panic!("create_segment of a segment this instance holds: {r:?}"),
+    }
+
+    // Once the holder is gone, the other instance can take the segment (the
+    // committed bytes are still in the first log: a segment belongs to the
+    // log that recorded its changes until that log is truncated).
+    drop((region, again, s));
+    rvm.close().unwrap();
+    let other = Rvm::open(&other_log, opts()).unwrap();
+    drop(other.open_segment(&seg).expect("the segment is free once its instance is closed"));
+    other.close().unwrap();
+    // And the first log opens again; its recovery puts the bytes in place.
+    let rvm = Rvm::open(&log, opts()).expect("the log is free once its instance is closed");
+    assert_eq!(rvm.recovery_report().transactions, 1);
+    let s = rvm.open_segment(&seg).unwrap();
+    let region = rvm.map(&s, MapSpec::new(0, 1 << 16)).unwrap();
+    let mut b = [0u8; 14];
+    region.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"first instance");
+}
+
+#[test]
+fn recovery_reports_the_discarded_tail() {
+    let disk = SimDisk::new();
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    let log = Path::new("log");
+    create_log_with(vfs.as_ref(), log, 1 << 20).unwrap();
+    let o = Options { coalesce: false, ..opts() };
+    {
+        let rvm = Rvm::open_with(vfs.clone(), log, o.clone()).unwrap();
+        let seg = rvm.create_segment("seg", 1 << 16).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+        for (off, bytes) in [(0, &b"one"[..]), (100, b"two"), (200, b"three")] {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: single-threaded; nothing else touches the region.
+            unsafe {
+                tx.modify_bytes(r.addr() + off, bytes).unwrap();
+                tx.modify_bytes(r.addr() + off + 1000, bytes).unwrap();
+            }
+            tx.commit(CommitMode::Flush).unwrap();
+        }
+        drop((r, seg));
+        rvm.close().unwrap();
+    }
+    // Damage the last commit frame: its transaction becomes a tail of two
+    // valid range frames that recovery must discard, and count.
+    let report = inspect::inspect(vfs.as_ref(), log).unwrap();
+    let frames = &report.frames;
+    assert_eq!(frames.len(), 9, "{frames:?}");
+    let commit = frames[8];
+    assert!(matches!(commit.body, FrameBody::Commit { ranges: 2, .. }), "{commit:?}");
+    let tail: u64 = frames[6..8].iter().map(|f| u64::from(f.len)).sum();
+    let sb = report.superblock;
+    let at = (sb.area_offset + commit.lsn % sb.area_len) as usize;
+    let mut img = disk.durable_image(log).unwrap();
+    img[at + 40] ^= 0x01;
+    disk.set_durable_image(log, img);
+
+    // The inspector sees the same end as recovery will.
+    let scan = inspect::inspect(vfs.as_ref(), log).unwrap().scan.unwrap();
+    assert_eq!((scan.transactions, scan.discarded), (2, tail));
+    assert_eq!(scan.stop, rvm::log::ScanStop::Defect { lsn: commit.lsn, defect: FrameDefect::BadChecksum });
+
+    let rvm = Rvm::open_with(vfs.clone(), log, o.clone()).unwrap();
+    let rep = rvm.recovery_report();
+    assert_eq!(rep.transactions, 2, "{rep:?}");
+    assert_eq!(rep.discarded_bytes, tail, "{rep:?}");
+    assert_eq!(rep.stopped_at, Some((commit.lsn, FrameDefect::BadChecksum.describe())), "{rep:?}");
+    assert_eq!(rep.log_bytes, frames[6].lsn - frames[0].lsn, "{rep:?}");
+    let seg = rvm.open_segment("seg").unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    let mut b = [0u8; 1205];
+    r.read(0, &mut b).unwrap();
+    assert_eq!((&b[0..3], &b[100..103], &b[1100..1103]), (&b"one"[..], &b"two"[..], &b"two"[..]));
+    assert_eq!((&b[200..205], &b[1200..1205]), (&[0u8; 5][..], &[0u8; 5][..]), "a discarded transaction was applied");
+    drop((r, seg));
+    drop(rvm);
+
+    // The tail stays dead: the next recovery finds nothing to replay or discard.
+    let rvm = Rvm::open_with(vfs.clone(), log, o).unwrap();
+    let rep = rvm.recovery_report();
+    assert_eq!((rep.transactions, rep.discarded_bytes), (0, 0), "{rep:?}");
+}
