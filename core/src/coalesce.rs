@@ -34,12 +34,15 @@ struct Key {
     end: u64,
 }
 
-/// A coalesced run and where its bytes are painted in the scratch buffer.
+/// A coalesced run: its first piece and how many it has, and (with more
+/// than one) where its bytes are painted in the scratch buffer.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     segment: u32,
     offset: u64,
     end: u64,
+    first: usize,
+    pieces: usize,
     at: usize,
 }
 
@@ -50,7 +53,7 @@ pub(crate) struct Scratch {
     bytes: Vec<u8>,
     keys: Vec<Key>,
     runs: Vec<Run>,
-    run_of: Vec<usize>,
+    dest: Vec<usize>,
 }
 
 /// Calls `emit(segment, offset, bytes)` for each coalesced run, in
@@ -63,10 +66,11 @@ pub(crate) fn coalesce<E>(
 ) -> Result<(), E> {
     // One sort of direct keys (segment, offset, index; the index breaks ties,
     // so an unstable sort does), one pass in that order to find the runs,
-    // and one pass in commit order to paint every piece into its run, laid
-    // side by side in `bytes`: the newest bytes win without sorting each run
-    // by age, and every pass reads memory in order.
-    let Scratch { bytes, keys, runs, run_of } = scratch;
+    // and one pass in commit order to paint the pieces of runs that have
+    // several into their run, laid side by side in `bytes`: the newest bytes
+    // win without sorting each run by age, and every pass reads memory in
+    // order. A run of one piece is emitted straight from `data`.
+    let Scratch { bytes, keys, runs, dest } = scratch;
     keys.clear();
     keys.extend(pieces.iter().enumerate().map(|(index, p)| Key {
         segment: p.segment,
@@ -76,31 +80,59 @@ pub(crate) fn coalesce<E>(
     }));
     keys.sort_unstable_by_key(|k| (k.segment, k.offset, k.index));
     runs.clear();
-    run_of.clear();
-    run_of.resize(pieces.len(), 0);
     for k in keys.iter() {
         match runs.last_mut() {
-            Some(r) if r.segment == k.segment && k.offset <= r.end => r.end = r.end.max(k.end),
-            _ => runs.push(Run { segment: k.segment, offset: k.offset, end: k.end, at: 0 }),
+            Some(r) if r.segment == k.segment && k.offset <= r.end => {
+                r.end = r.end.max(k.end);
+                r.pieces += 1;
+            }
+            _ => runs.push(Run { segment: k.segment, offset: k.offset, end: k.end, first: k.index, pieces: 1, at: 0 }),
         }
-        run_of[k.index] = runs.len() - 1;
     }
     let mut total = 0;
-    for r in runs.iter_mut() {
+    for r in runs.iter_mut().filter(|r| r.pieces > 1) {
         r.at = total;
         total += (r.end - r.offset) as usize;
+    }
+    // Where each piece of a run of several goes in `bytes`: the same walk
+    // over the keys, grouping them exactly as above, in step with the runs.
+    const ALONE: usize = usize::MAX;
+    dest.clear();
+    dest.resize(pieces.len(), ALONE);
+    let mut run = runs.iter();
+    let mut current: Option<(&Run, u64)> = None;
+    for k in keys.iter() {
+        let r = match current {
+            Some((r, end)) if r.segment == k.segment && k.offset <= end => {
+                current = Some((r, end.max(k.end)));
+                r
+            }
+            _ => {
+                let Some(r) = run.next() else { break };
+                current = Some((r, k.end));
+                r
+            }
+        };
+        if r.pieces > 1 {
+            dest[k.index] = r.at + (k.offset - r.offset) as usize;
+        }
     }
     // Every byte of a run is painted below, so stale contents may stay.
     if bytes.len() < total {
         bytes.resize(total, 0);
     }
-    for (p, &r) in pieces.iter().zip(run_of.iter()) {
-        let r = &runs[r];
-        let at = r.at + (p.offset - r.offset) as usize;
-        bytes[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
+    for (p, &at) in pieces.iter().zip(dest.iter()) {
+        if at != ALONE {
+            bytes[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
+        }
     }
     for r in runs.iter() {
-        emit(r.segment, r.offset, &bytes[r.at..r.at + (r.end - r.offset) as usize])?;
+        if r.pieces == 1 {
+            let p = &pieces[r.first];
+            emit(r.segment, r.offset, &data[p.data_at..p.data_at + p.len])?;
+        } else {
+            emit(r.segment, r.offset, &bytes[r.at..r.at + (r.end - r.offset) as usize])?;
+        }
     }
     Ok(())
 }
@@ -136,6 +168,12 @@ mod tests {
     }
 
     #[test]
+    fn empty_pieces_are_harmless() {
+        let out = run(&[(1, 10, b""), (1, 10, b"ab"), (1, 12, b""), (1, 12, b"c"), (1, 40, b""), (2, 0, b"")]);
+        assert_eq!(out, vec![(1, 10, b"abc".to_vec()), (1, 40, Vec::new()), (2, 0, Vec::new())]);
+    }
+
+    #[test]
     fn disjoint_ranges_stay_apart() {
         let out = run(&[(1, 20, b"b"), (1, 10, b"a")]);
         assert_eq!(out, vec![(1, 10, b"a".to_vec()), (1, 20, b"b".to_vec())]);
@@ -143,7 +181,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn equals_painting_in_order(ops in prop::collection::vec((0u32..2, 0u64..64, prop::collection::vec(any::<u8>(), 1..16)), 0..40)) {
+        fn equals_painting_in_order(ops in prop::collection::vec((0u32..2, 0u64..64, prop::collection::vec(any::<u8>(), 0..16)), 0..40)) {
             let pieces: Vec<(u32, u64, &[u8])> = ops.iter().map(|(s, o, b)| (*s, *o, b.as_slice())).collect();
             let out = run(&pieces);
             // Reference: paint into per-segment byte maps.
