@@ -23,7 +23,7 @@
 
 mod common;
 
-use common::{base_for, Crash, End, Engine, Op, Rng, Step};
+use common::{Crash, End, Engine, Op, Rng, Step};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rvm_core::CommitMode::{Flush, NoFlush};
@@ -93,9 +93,9 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// Runs `steps` on a fresh heap at the base of test `n`.
-fn run(n: usize, steps: &[Step]) -> Result<Engine, String> {
-    let mut e = Engine::new(base_for(n))?;
+/// Runs `steps` on a fresh heap.
+fn run(steps: &[Step]) -> Result<Engine, String> {
+    let mut e = Engine::new()?;
     e.run(steps)?;
     Ok(e)
 }
@@ -105,7 +105,7 @@ proptest! {
 
     #[test]
     fn heap_survives_crashes_as_a_committed_prefix(steps in proptest::collection::vec(step(), 1..40)) {
-        let e = run(0, &steps).map_err(TestCaseError::fail)?; eprintln!("{:?}", e.tally);
+        run(&steps).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -131,7 +131,7 @@ fn unflushed_commits_are_lost_and_flushed_ones_kept() {
         tx(vec![malloc(65536, 12), Op::FreeOwn(0), malloc(300, 4)], End::Commit(NoFlush)),
         Step::Crash(Crash::Keep { seed: 1, tear: true }),
     ];
-    let e = run(1, &steps).unwrap();
+    let e = run(&steps).unwrap();
     assert_eq!(e.tally.crashes, 2);
     assert_eq!(e.tally.lossy_reloads, 2, "{:?}", e.tally);
     assert_eq!(e.tally.lost_commits, 3, "{:?}", e.tally);
@@ -154,7 +154,7 @@ fn aborts_and_crash_inside_a_transaction_leave_no_trace() {
         Step::Truncate,
         Step::Crash(Crash::Lose),
     ];
-    run(2, &steps).unwrap();
+    run(&steps).unwrap();
 }
 
 /// Fixed-seed random programs (the soak's generator): a deterministic
@@ -165,7 +165,7 @@ fn fixed_seed_programs() {
     for seed in 0..6 {
         let mut rng = Rng(0x5eed_0000 + seed);
         let steps = common::random_program(&mut rng, 30, 3);
-        let e = run(3, &steps).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
+        let e = run(&steps).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
         lossy += e.tally.lossy_reloads;
     }
     assert!(lossy > 0, "no crash lost a commit: the programs do not exercise the prefix rule");

@@ -17,8 +17,8 @@
 #![allow(dead_code)]
 
 use rvm_core::testing::{CrashMode, SimDisk};
-use rvm_core::{create_log_with, CommitMode, MapSpec, Options, RestoreMode, Rvm, Vfs};
-use rvm_heap::{Heap, HeapError};
+use rvm_core::{create_log_with, CommitMode, Options, RestoreMode, Rvm, Vfs};
+use rvm_heap::{Heap, HeapError, HeapSpec, PersistentHeap};
 use std::alloc::Layout;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
@@ -28,17 +28,15 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Segment size: a 4 KiB static region, the rest is heap.
-pub const SEG: u64 = 4 << 20;
-/// Static region (header and root slots).
-pub const STATIC: usize = 4096;
+/// Heap region size.
+pub const HEAP: u64 = 4 << 20;
 /// Log size.
 pub const LOG: u64 = 4 << 20;
 
-/// The fixed mapping base of test number `n` (distinct per test, since the
+/// A fresh fixed base for one test's heap (distinct per call, since the
 /// tests of one binary run in parallel in one address space).
-pub fn base_for(n: usize) -> usize {
-    0x6b00_0000_0000 + n * 0x10_0000_0000
+pub fn fresh_base() -> u64 {
+    rvm_loader::testing::address_range().at(0)
 }
 
 /// Converts errors into messages with context.
@@ -137,45 +135,45 @@ impl Crash {
     }
 }
 
-/// A simulated disk holding one heap segment and its log, mapped at `base`.
+/// A simulated disk holding one heap segment and its log; the heap is
+/// created and loaded through the loader at a fixed base, so absolute
+/// pointers survive a reload.
 #[derive(Clone)]
 pub struct Disk {
     /// The disk (crash it with [`SimDisk::crash`]).
     pub disk: SimDisk,
     vfs: Arc<dyn Vfs>,
-    base: usize,
+    spec: HeapSpec,
     opts: Options,
 }
 
 impl Disk {
-    /// A new, empty disk. `background` enables the core's background
-    /// truncation thread (off for deterministic runs).
-    pub fn new(base: usize, background: bool) -> Disk {
+    /// A new, empty disk for a heap of `heap` bytes at a fresh base.
+    /// `background` enables the core's background truncation thread (off for
+    /// deterministic runs).
+    pub fn new(heap: u64, background: bool) -> Disk {
         let disk = SimDisk::new();
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         let opts = Options { truncate_threshold: background.then_some(0.5), ..Options::default() };
-        Disk { disk, vfs, base, opts }
+        Disk { disk, vfs, spec: HeapSpec::new(fresh_base(), heap), opts }
     }
 
-    /// The heap region's address.
-    pub fn heap_base(&self) -> usize {
-        self.base + STATIC
+    /// The heap's spec.
+    pub fn spec(&self) -> &HeapSpec {
+        &self.spec
     }
 
-    /// Creates (formats) or reopens (recovers and loads) the heap.
-    pub fn open(&self, create: bool) -> Result<(Rvm, Heap), String> {
+    /// Creates (formats) or reopens (recovers and loads) the heap, each in
+    /// one call through the loader.
+    pub fn open(&self, create: bool) -> Result<(Rvm, PersistentHeap), String> {
         if create {
             create_log_with(self.vfs.as_ref(), Path::new("log"), LOG).ctx("create log")?;
         }
         let rvm = Rvm::open_with(self.vfs.clone(), Path::new("log"), self.opts.clone()).ctx("open log")?;
-        let seg = if create { rvm.create_segment("seg", SEG) } else { rvm.open_segment("seg") }.ctx("open segment")?;
-        let s = rvm.map(&seg, MapSpec::new(0, STATIC).at(self.base)).ctx("map static region")?;
-        let h =
-            rvm.map(&seg, MapSpec::new(STATIC as u64, SEG as usize - STATIC).at(self.heap_base())).ctx("map heap")?;
         let heap = if create {
-            Heap::format(&rvm, s, h).ctx("format heap")?
+            PersistentHeap::create(&rvm, "heap", &self.spec).ctx("create heap")?
         } else {
-            Heap::load(&rvm, s, h).ctx("load heap")?
+            PersistentHeap::open(&rvm, "heap").ctx("load heap")?
         };
         Ok((rvm, heap))
     }
@@ -304,7 +302,8 @@ struct Snap {
     blocks: BTreeMap<usize, MBlock>,
     /// Roots: name → (address, size, tag).
     roots: BTreeMap<String, (usize, u64, u64)>,
-    /// Committed allocations and frees since load.
+    /// Committed allocations and frees over the heap's lifetime (the
+    /// heap's persistent counters).
     allocations: u64,
     frees: u64,
 }
@@ -340,7 +339,7 @@ pub struct Tally {
 pub struct Engine {
     disk: Disk,
     rvm: Option<Rvm>,
-    heap: Option<Heap>,
+    heap: Option<PersistentHeap>,
     /// Committed states: `hist[0]` is known durable, the last is the newest.
     hist: Vec<Snap>,
     serial: u64,
@@ -349,9 +348,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A freshly formatted heap at `base`.
-    pub fn new(base: usize) -> Result<Engine, String> {
-        let disk = Disk::new(base, false);
+    /// A freshly formatted heap at a fresh base.
+    pub fn new() -> Result<Engine, String> {
+        let disk = Disk::new(HEAP, false);
         let (rvm, heap) = disk.open(true)?;
         let e = Engine {
             disk,
@@ -374,7 +373,7 @@ impl Engine {
     }
 
     fn heap(&self) -> &Heap {
-        self.heap.as_ref().expect("heap loaded")
+        self.heap.as_deref().expect("heap loaded")
     }
 
     fn rvm(&self) -> &Rvm {
@@ -622,9 +621,7 @@ impl Engine {
                 self.tally.lost_commits += (n - 1 - k) as u64;
             }
         }
-        let mut snap = self.hist.swap_remove(k);
-        snap.allocations = 0;
-        snap.frees = 0;
+        let snap = self.hist.swap_remove(k);
         self.hist = vec![snap];
         self.rvm = Some(rvm);
         self.heap = Some(heap);
@@ -642,7 +639,7 @@ impl Engine {
         ensure!(st.live_blocks == live, "stats say {} live blocks, model has {live}", st.live_blocks);
         ensure!(
             st.allocations == snap.allocations && st.frees == snap.frees,
-            "stats count {} allocations and {} frees since load, model {} and {}",
+            "stats count {} allocations and {} frees, model {} and {}",
             st.allocations,
             st.frees,
             snap.allocations,
@@ -686,6 +683,14 @@ fn pick<T>(cands: &[T], sel: u16) -> Option<&T> {
 fn matches(heap: &Heap, snap: &Snap) -> Result<(), String> {
     let st = heap.stats();
     ensure!(st.live_blocks == snap.blocks.len() as u64, "{} live blocks, model {}", st.live_blocks, snap.blocks.len());
+    ensure!(
+        (st.allocations, st.frees) == (snap.allocations, snap.frees),
+        "counters say {} allocations and {} frees, model {} and {}",
+        st.allocations,
+        st.frees,
+        snap.allocations,
+        snap.frees
+    );
     let roots: BTreeMap<String, (usize, u64, u64)> =
         heap.roots().into_iter().map(|r| (r.name, (r.ptr.as_ptr() as usize, r.size, r.type_tag))).collect();
     ensure!(roots == snap.roots, "roots {roots:x?}, model {:x?}", snap.roots);
@@ -805,7 +810,7 @@ fn encode_dir(entries: &[Entry]) -> Vec<u8> {
 pub fn make_dirs(heap: &Heap, n: usize) -> Result<Vec<usize>, String> {
     (0..n)
         .map(|i| {
-            heap.root_or_create(&dir_name(i), DIR_BYTES, DIR_TAG, |_| {})
+            heap.root_or_create(&dir_name(i), DIR_BYTES, 8, DIR_TAG, |_| {})
                 .map(|r| r.ptr.as_ptr() as usize)
                 .ctx("create directory")
         })
@@ -930,7 +935,7 @@ pub fn worker(heap: &Heap, cfg: &WorkerCfg, dir: usize, initial: Vec<Entry>, sto
                 if next.len() >= DIR_CAP {
                     break;
                 }
-                let size = rng.size(cfg.max_size);
+                let size = if rng.chance(1, 3) { 1 + rng.below(96) as usize } else { rng.size(cfg.max_size) };
                 let align = 1usize << if rng.chance(3, 4) { rng.below(5) } else { rng.below(13) };
                 let p = match tx.malloc(Layout::from_size_align(size, align).expect("valid layout")) {
                     Ok(p) => p.as_ptr() as usize,
@@ -946,12 +951,18 @@ pub fn worker(heap: &Heap, cfg: &WorkerCfg, dir: usize, initial: Vec<Entry>, sto
                 next.push(Entry { ptr: p as u64, size: size as u64, key });
             }
             if cfg.scratch && rng.chance(1, 3) {
-                let size = rng.size(2048);
+                // Small sizes, so other threads often ask for the same size
+                // class: the block must not reach them before this
+                // transaction ends (its abort would restore the old bytes
+                // over theirs).
+                let size = 1 + rng.below(96) as usize;
                 if let Ok(p) = tx.malloc(Layout::from_size_align(size, 16).expect("valid layout")) {
                     // SAFETY: as above, the block is this transaction's.
                     unsafe { tx.tx().modify_bytes(p.as_ptr() as usize, &pattern(u64::MAX - serial, size)) }
                         .ctx("scratch")?;
                     tx.free(p).ctx("free of a scratch block")?;
+                    // Widen the window in which another thread could get it.
+                    std::thread::yield_now();
                 }
             }
             // SAFETY: the directory belongs to this thread alone.
