@@ -365,12 +365,6 @@ impl Heap {
             .find(|r| addr >= r.addr() && addr.checked_add(len).is_some_and(|e| e <= r.addr() + r.len()))
     }
 
-    fn read_mem(&self, addr: usize, buf: &mut [u8]) {
-        if let Some(r) = self.region_of(addr, buf.len()) {
-            r.read(addr - r.addr(), buf);
-        }
-    }
-
     /// Puts back bytes of heap metadata after a failed commit.
     fn write_back(&self, addr: usize, bytes: &[u8]) {
         if self.region_of(addr, bytes.len()).is_some() {
@@ -387,8 +381,8 @@ impl Heap {
         BlockHeader::decode(&b, self.header.nonce, off, self.header.heap_len)
     }
 
-    /// Walks every block in address order, checking headers, tail guards and
-    /// that no two free blocks are adjacent.
+    /// Walks every block in address order, checking headers, tail guards
+    /// and that no two free blocks are adjacent.
     fn walk(&self, mut visit: impl FnMut(Walked)) -> Result<()> {
         let mut off = 0u64;
         let mut prev_free = false;
@@ -737,6 +731,14 @@ struct RootChange {
     create: bool,
 }
 
+/// A committed block freed by a transaction in flight (its header as read).
+#[derive(Clone, Copy, Debug)]
+struct Freed {
+    off: u64,
+    size: u64,
+    slack: u32,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Reserved {
     size: u64,
@@ -755,8 +757,8 @@ pub struct HeapTx<'h> {
     tx: Option<Transaction<'h>>,
     /// Blocks reserved by this transaction, by offset.
     allocs: HashMap<u64, Reserved, OffsetBuild>,
-    /// Committed blocks to free at commit: (offset, size).
-    frees: Vec<(u64, u64)>,
+    /// Committed blocks to free at commit.
+    frees: Vec<Freed>,
     roots: Vec<RootChange>,
 }
 
@@ -821,16 +823,8 @@ impl<'h> HeapTx<'h> {
         // small to stand alone (< MIN_BLOCK): always fits in u32.
         let slack = (block - HDR - size as u64) as u32;
         self.allocs.insert(off, Reserved { size: block, slack, freed: false });
-        let data = heap.base() + (off + HDR) as usize;
-        let guard = layout::tail_guard(heap.header.nonce, off);
-        // The block's interior is reserved to this transaction alone.
-        if let Err(e) = raw::store(self.tx(), data + size, &guard.to_le_bytes()) {
-            if let Some(r) = self.allocs.get_mut(&off) {
-                r.freed = true;
-            }
-            return Err(e.into());
-        }
-        NonNull::new(data as *mut u8).ok_or_else(|| oom(0))
+        // Header and tail guard are written at commit.
+        NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
     }
 
     /// Frees a block: at commit, or (if this transaction allocated it) as
@@ -854,21 +848,25 @@ impl<'h> HeapTx<'h> {
             return Ok(());
         }
         let mut st = heap.state.lock();
-        if st.pending_frees.contains(&off) {
+        // A valid allocated header marks a live block: committed layouts
+        // hold no stale allocated headers (a header that becomes interior
+        // to a free block is zeroed, see `apply_intents`).
+        let h = match heap.read_header(off) {
+            Ok(h) if h.allocated => h,
+            _ => {
+                // Freed already (the pointer lies in committed free space),
+                // or never a block.
+                return match st.committed_free.range(..=off).next_back() {
+                    Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
+                    _ => Err(bad),
+                };
+            }
+        };
+        if !st.pending_frees.insert(off) {
             return Err(HeapError::DoubleFree { addr });
         }
-        if let Some((&f, &fs)) = st.committed_free.range(..=off).next_back() {
-            if off < f + fs {
-                return Err(HeapError::DoubleFree { addr });
-            }
-        }
-        let size = match heap.read_header(off) {
-            Ok(h) if h.allocated => h.size,
-            _ => return Err(bad),
-        };
-        st.pending_frees.insert(off);
         drop(st);
-        self.frees.push((off, size));
+        self.frees.push(Freed { off, size: h.size, slack: h.slack });
         Ok(())
     }
 
@@ -886,7 +884,7 @@ impl<'h> HeapTx<'h> {
                 let capacity = match self.allocs.get(&off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
-                    None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.0 == off) => None,
+                    None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.off == off) => None,
                     None => {
                         let _st = self.heap.state.lock();
                         match self.heap.read_header(off) {
@@ -919,7 +917,7 @@ impl<'h> HeapTx<'h> {
         let frees = std::mem::take(&mut self.frees);
         let roots = std::mem::take(&mut self.roots);
         let mut st = heap.state.lock();
-        let mut undo = Undo::new(tx.mode());
+        let mut undo = Undo::new(tx.mode(), frees.len());
         let mut tx = tx;
         let result = match apply_intents(heap, &mut st, &mut tx, &allocs, &frees, &roots, &mut undo) {
             // The core commit copies the new values while the lock is held,
@@ -943,23 +941,23 @@ impl<'h> HeapTx<'h> {
                         st.live_per_class[class_of(r.size)] += 1;
                     }
                 }
-                for &(off, size) in &frees {
-                    st.pending_frees.remove(&off);
-                    st.avail.release(off, size);
-                    st.live_per_class[class_of(size)] -= 1;
+                for f in &frees {
+                    st.pending_frees.remove(&f.off);
+                    st.avail.release(f.off, f.size);
+                    st.live_per_class[class_of(f.size)] -= 1;
                 }
             }
             Err(_) => {
                 // The core aborted the transaction (restoring what it can in
                 // restore mode); put back what the heap changed in memory and
                 // in its mirrors, still under the lock.
-                undo.rollback(heap, st);
+                undo.rollback(heap, st, &frees);
                 for (&off, r) in &allocs {
                     st.reserved -= r.size;
                     st.avail.release(off, r.size);
                 }
-                for (off, _) in &frees {
-                    st.pending_frees.remove(off);
+                for f in &frees {
+                    st.pending_frees.remove(&f.off);
                 }
             }
         }
@@ -987,71 +985,76 @@ impl Drop for HeapTx<'_> {
             st.reserved -= r.size;
             st.avail.release(off, r.size);
         }
-        for (off, _) in self.frees.drain(..) {
-            st.pending_frees.remove(&off);
+        for f in self.frees.drain(..) {
+            st.pending_frees.remove(&f.off);
         }
     }
 }
 
+/// A change to the committed-free mirror, in order.
+#[derive(Clone, Copy, Debug)]
+enum MirrorOp {
+    Removed(u64, u64),
+    Inserted(u64),
+}
+
 /// What a commit changed, to put back if the core commit fails.
+///
+/// Every piece of committed heap metadata a commit overwrites is the header
+/// of a committed free block it removes from the mirror, the header of a
+/// block it frees, the counters, or a root slot (the other headers it writes
+/// land inside committed free blocks, where nothing committed lives). So a
+/// rollback re-encodes those headers from the mirror and the freed blocks,
+/// and keeps old bytes only of root slots and counters. (A restore-mode
+/// transaction gets all of it back from the core's own abort; the heap then
+/// only repairs its mirrors.)
 #[derive(Debug)]
 struct Undo {
-    /// Whether to save old bytes (no-restore transactions: the core keeps
-    /// none).
-    save: bool,
-    /// Every store made: (address, offset of its old bytes in `old`, length).
-    stores: Vec<(usize, usize, usize)>,
-    old: Vec<u8>,
-    /// Mirror entries removed and inserted.
-    removed: Vec<(u64, u64)>,
-    inserted: Vec<u64>,
+    /// Whether memory must be put back by the heap (no-restore: the core
+    /// keeps no old values).
+    write_back: bool,
+    mirror: Vec<MirrorOp>,
     /// The counters before.
     counters: Option<Counters>,
-    /// Root index changes: (name, slot it had).
+    /// Root slots written: (slot, old bytes), and index changes (name, the
+    /// slot it had).
+    slots: Vec<(usize, [u8; ROOT_SLOT])>,
     roots: Vec<(String, Option<usize>)>,
 }
 
 impl Undo {
-    fn new(mode: RestoreMode) -> Undo {
+    fn new(mode: RestoreMode, frees: usize) -> Undo {
         Undo {
-            save: mode == RestoreMode::NoRestore,
-            stores: Vec::new(),
-            old: Vec::new(),
-            removed: Vec::new(),
-            inserted: Vec::new(),
+            write_back: mode == RestoreMode::NoRestore,
+            mirror: Vec::with_capacity(frees * 3 + 8),
             counters: None,
+            slots: Vec::new(),
             roots: Vec::new(),
         }
     }
 
-    fn store(&mut self, heap: &Heap, tx: &mut Transaction<'_>, addr: usize, bytes: &[u8]) -> Result<()> {
-        if self.save {
-            let at = self.old.len();
-            self.old.resize(at + bytes.len(), 0);
-            heap.read_mem(addr, &mut self.old[at..]);
-            self.stores.push((addr, at, bytes.len()));
-        }
-        raw::store(tx, addr, bytes)?;
-        Ok(())
-    }
-
     fn remove(&mut self, st: &mut State, off: u64) -> Option<u64> {
         let size = st.committed_free.remove(&off)?;
-        self.removed.push((off, size));
+        self.mirror.push(MirrorOp::Removed(off, size));
         Some(size)
     }
 
     fn insert(&mut self, st: &mut State, off: u64, size: u64) {
         st.committed_free.insert(off, size);
-        self.inserted.push(off);
+        self.mirror.push(MirrorOp::Inserted(off));
     }
 
-    fn rollback(self, heap: &Heap, st: &mut State) {
-        for off in self.inserted.iter().rev() {
-            st.committed_free.remove(off);
-        }
-        for &(off, size) in self.removed.iter().rev() {
-            st.committed_free.insert(off, size);
+    fn rollback(self, heap: &Heap, st: &mut State, frees: &[Freed]) {
+        // Newest first, so a block a commit both made and used goes away.
+        for op in self.mirror.iter().rev() {
+            match *op {
+                MirrorOp::Removed(off, size) => {
+                    st.committed_free.insert(off, size);
+                }
+                MirrorOp::Inserted(off) => {
+                    st.committed_free.remove(&off);
+                }
+            }
         }
         if let Some(c) = self.counters {
             st.counters = c;
@@ -1066,20 +1069,44 @@ impl Undo {
                 st.roots.insert(name, i);
             }
         }
+        if !self.write_back {
+            return;
+        }
         // Still under the heap lock: nobody else writes heap metadata, and
         // the failed transaction is over.
-        for &(addr, at, len) in self.stores.iter().rev() {
-            heap.write_back(addr, &self.old[at..at + len]);
+        let (base, nonce) = (heap.base(), heap.header.nonce);
+        for op in &self.mirror {
+            if let MirrorOp::Removed(off, size) = *op {
+                if st.committed_free.get(&off) == Some(&size) {
+                    let h = BlockHeader { size, allocated: false, slack: 0 };
+                    heap.write_back(base + off as usize, &h.encode(nonce, off));
+                }
+            }
+        }
+        for f in frees {
+            let h = BlockHeader { size: f.size, allocated: true, slack: f.slack };
+            heap.write_back(base + f.off as usize, &h.encode(nonce, f.off));
+        }
+        if self.counters.is_some() {
+            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode());
+        }
+        for (slot, old) in self.slots.iter().rev() {
+            heap.write_back(heap.static_region.addr() + heap.slot_off(*slot), old);
         }
     }
 }
 
+/// Writes the commit's heap metadata into `tx`: root slots, the headers of
+/// allocated blocks (splitting the committed free block that holds each)
+/// and of freed ones (merged with their free neighbours), and the counters.
+/// Also updates the mirror of the committed free blocks and the root index;
+/// `undo` records how to put it all back.
 fn apply_intents(
     heap: &Heap,
     st: &mut State,
     tx: &mut Transaction<'_>,
     allocs: &HashMap<u64, Reserved, OffsetBuild>,
-    frees: &[(u64, u64)],
+    frees: &[Freed],
     roots: &[RootChange],
     undo: &mut Undo,
 ) -> Result<()> {
@@ -1118,14 +1145,18 @@ fn apply_intents(
                 st.free_slots.insert(slot);
             }
         }
-        undo.store(heap, tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
+        let mut old = [0u8; ROOT_SLOT];
+        heap.static_region.read(heap.slot_off(slot), &mut old);
+        undo.slots.push((slot, old));
+        raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
     }
     let mut counters = st.counters;
     for (&off, r) in allocs {
         if r.freed {
             continue;
         }
-        // The committed free block that contains the reservation.
+        // The committed free block that holds the reservation (committed
+        // free blocks are maximal, so one holds it whole).
         let (f, fs) = match st.committed_free.range(..=off).next_back() {
             Some((&f, &fs)) if off + r.size <= f + fs => (f, fs),
             _ => return Err(corrupt("reserved block outside committed free space", off)),
@@ -1134,21 +1165,27 @@ fn apply_intents(
         if off > f {
             undo.insert(st, f, off - f);
             let h = BlockHeader { size: off - f, allocated: false, slack: 0 };
-            undo.store(heap, tx, base + f as usize, &h.encode(nonce, f))?;
+            raw::store(tx, base + f as usize, &h.encode(nonce, f))?;
         }
-        let h = BlockHeader { size: r.size, allocated: true, slack: r.slack };
-        undo.store(heap, tx, base + off as usize, &h.encode(nonce, off))?;
         let end = off + r.size;
+        let h = BlockHeader { size: r.size, allocated: true, slack: r.slack }.encode(nonce, off);
+        let guard = layout::tail_guard(nonce, off).to_le_bytes();
+        let (at, guard_at) = (base + off as usize, base + (end - r.slack as u64) as usize);
+        // Header and tail guard: with the data the caller declares in
+        // between, the core merges them into one logged range.
+        raw::store(tx, at, &h)?;
+        raw::store(tx, guard_at, &guard)?;
         if end < f + fs {
             undo.insert(st, end, f + fs - end);
             let h = BlockHeader { size: f + fs - end, allocated: false, slack: 0 };
-            undo.store(heap, tx, base + end as usize, &h.encode(nonce, end))?;
+            raw::store(tx, base + end as usize, &h.encode(nonce, end))?;
         }
         counters.allocations += 1;
         counters.live_blocks += 1;
         counters.live_bytes += r.size;
     }
-    for &(off, size) in frees {
+    for fr in frees {
+        let (off, size) = (fr.off, fr.size);
         let (mut start, mut end) = (off, off + size);
         if let Some((&p, &ps)) = st.committed_free.range(..off).next_back() {
             if p + ps > off {
@@ -1159,16 +1196,15 @@ fn apply_intents(
                 start = p;
                 // The freed block's header is now interior: invalidate it so
                 // a stale pointer can never pass for a live block.
-                undo.store(heap, tx, base + off as usize, &[0u8; HDR as usize])?;
+                raw::store(tx, base + off as usize, &[0u8; HDR as usize])?;
             }
         }
-        if let Some(&ns) = st.committed_free.get(&end) {
-            undo.remove(st, end);
+        if let Some(ns) = undo.remove(st, end) {
             end += ns;
         }
         undo.insert(st, start, end - start);
         let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
-        undo.store(heap, tx, base + start as usize, &fh.encode(nonce, start))?;
+        raw::store(tx, base + start as usize, &fh.encode(nonce, start))?;
         counters.frees += 1;
         counters.live_blocks -= 1;
         counters.live_bytes -= size;
@@ -1176,7 +1212,7 @@ fn apply_intents(
     if counters != st.counters {
         undo.counters = Some(st.counters);
         st.counters = counters;
-        undo.store(heap, tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode())?;
+        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode())?;
     }
     Ok(())
 }

@@ -129,7 +129,19 @@ fn sizes_alignments_and_out_of_memory() {
     }
     tx.commit(CommitMode::NoFlush).unwrap();
     let report = heap.check().unwrap();
-    assert_eq!((report.blocks, report.free, report.free_bytes), (1, 1, total), "all merged back: {report:?}");
+    assert_eq!((report.allocated, report.free_bytes), (0, total), "{report:?}");
+    assert_eq!(heap.stats().free_bytes, total);
+    // Small blocks freed stay separate free blocks (size classes), but the
+    // whole heap is one block again for a request that needs it.
+    let mut tx = heap.begin(RestoreMode::NoRestore).unwrap();
+    let all = tx.malloc(layout(total as usize - 24, 16)).unwrap();
+    tx.commit(CommitMode::NoFlush).unwrap();
+    assert_eq!(heap.check().unwrap().blocks, 1);
+    let mut tx = heap.begin(RestoreMode::NoRestore).unwrap();
+    tx.free(all).unwrap();
+    tx.commit(CommitMode::NoFlush).unwrap();
+    let report = heap.check().unwrap();
+    assert_eq!((report.blocks, report.free, report.free_bytes), (1, 1, total), "{report:?}");
 }
 
 #[test]
@@ -192,6 +204,54 @@ fn roots_typed_listed_and_checked() {
     let (_rvm, heap) = disk.open(false).unwrap();
     assert_eq!(heap.roots().len(), 1);
     assert_eq!(heap.check().unwrap().dangling_roots, ["config"]);
+}
+
+/// A commit the core refuses (larger than the log) after the heap has
+/// written its headers: everything is put back, in both restore modes.
+#[test]
+fn a_failed_commit_leaves_the_heap_as_it_was() {
+    let disk = Disk::new(8 << 20, false);
+    let (_rvm, heap) = disk.open(true).unwrap();
+    let mut tx = heap.begin(RestoreMode::NoRestore).unwrap();
+    let keep: Vec<_> = (0..40).map(|i| tx.malloc(layout(1 + i * 97, 8)).unwrap()).collect();
+    tx.set_root("keep", Some((keep[3], 1, 0))).unwrap();
+    tx.commit(CommitMode::Flush).unwrap();
+    let before = heap.stats();
+    let roots = heap.roots();
+    for mode in [RestoreMode::NoRestore, RestoreMode::Restore] {
+        let mut tx = heap.begin(mode).unwrap();
+        for (i, &p) in keep.iter().enumerate() {
+            if i % 3 == 0 {
+                tx.free(p).unwrap();
+            }
+        }
+        let small: Vec<_> = (0..30).map(|i| tx.malloc(layout(16 + i * 40, 16)).unwrap()).collect();
+        tx.free(small[4]).unwrap();
+        tx.set_root("keep", Some((small[7], 8, 1))).unwrap();
+        tx.set_root("new", Some((small[9], 8, 1))).unwrap();
+        // Larger than the 4 MiB log: the core refuses the commit.
+        let big = tx.malloc(layout(5 << 20, 8)).unwrap();
+        // SAFETY: the block is this transaction's.
+        unsafe { tx.write(big, &vec![0xee; 5 << 20]).unwrap() };
+        let e = tx.commit(CommitMode::NoFlush).unwrap_err();
+        assert!(
+            matches!(e, HeapError::Core(rvm_core::Error::Log(rvm_core::LogError::TransactionTooLarge { .. }))),
+            "{e}"
+        );
+        heap.check().unwrap();
+        let after = heap.stats();
+        let key = |s: &rvm_heap::HeapStats| {
+            (s.allocations, s.frees, s.live_blocks, s.bytes_in_use, s.free_bytes, s.live_per_class, s.reserved_bytes)
+        };
+        assert_eq!(key(&after), key(&before), "{mode:?}");
+        assert_eq!(heap.roots(), roots);
+    }
+    // And the heap goes on working.
+    let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+    tx.free(keep[0]).unwrap();
+    tx.malloc(layout(100, 8)).unwrap();
+    tx.commit(CommitMode::NoFlush).unwrap();
+    heap.check().unwrap();
 }
 
 /// Two threads race to create the same root: one creates it, both get it,
