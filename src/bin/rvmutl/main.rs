@@ -6,12 +6,15 @@
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
+//! rvmutl heap create|check|stats ...    RDS heaps (see heap.rs)
 //! ```
 //!
 //! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
 //! 2 I/O error, missing file, log locked by another user, or a segment the
 //! log names cannot be opened; 3 not a log, unsupported version, or a
 //! corrupted log. `status` and `dump` only read; they never repair.
+
+mod heap;
 
 use clap::{Parser, Subcommand};
 use rvm::log::format::{FrameDefect, FrameKind, Status, VERSION};
@@ -95,6 +98,9 @@ enum Command {
         /// The log.
         log: PathBuf,
     },
+    /// Create, check and inspect RDS heaps (`rvmutl heap --help`).
+    #[command(subcommand)]
+    Heap(heap::HeapCommand),
 }
 
 /// Why a command failed.
@@ -106,6 +112,8 @@ enum Failure {
     NoValidStatus,
     /// Writing the output failed.
     Output(io::Error),
+    /// A heap error (not a core one).
+    Heap(rvm::heap::HeapError),
 }
 
 impl From<Error> for Failure {
@@ -153,6 +161,7 @@ fn report_failure(failure: &Failure) -> u8 {
             eprintln!("rvmutl: error: writing the output: {e}");
             EXIT_IO
         }
+        Failure::Heap(e) => heap::report(e),
         Failure::NoValidStatus => {
             eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
@@ -203,6 +212,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Dump { log, json } => dump(&log, json, out),
         Command::Recover { log } => recover(&log, out),
         Command::Truncate { log } => truncate(&log, out),
+        Command::Heap(cmd) => heap::run(cmd, out),
     }
 }
 
