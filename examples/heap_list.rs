@@ -95,7 +95,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // SAFETY: the root holds a List; this program's one thread is its only user.
     let list: List = unsafe { read(list_addr) };
-    println!("{} completed run(s), {} record(s) appended in all; the list holds {}:", list.runs, list.appended, list.len);
+    println!(
+        "{} completed run(s), {} record(s) appended in all; the list holds {}:",
+        list.runs, list.appended, list.len
+    );
     let mut at = list.head;
     let mut walked = 0;
     while at != 0 {

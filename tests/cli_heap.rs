@@ -29,7 +29,7 @@ fn rvmutl(args: &[&str]) -> Output {
 }
 
 fn heap_cmd(cmd: &str, log: &Path, seg: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["heap", cmd, log.to_str().expect("utf-8 path"), seg.to_str().expect("utf-8 path")];
+    let mut args = vec!["heap", cmd, seg.to_str().expect("utf-8 path"), "--log", log.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     rvmutl(&args)
 }
@@ -172,7 +172,11 @@ fn bad_input_and_its_exit_codes() {
     let new = f.dir.path().join("new.heap");
     // Usage errors: 1.
     expect_code(&rvmutl(&["heap"]), 1);
-    expect_code(&rvmutl(&["heap", "create", f.log.to_str().unwrap(), new.to_str().unwrap(), "--size", "1M"]), 1);
+    expect_code(
+        &rvmutl(&["heap", "create", new.to_str().unwrap(), "--log", f.log.to_str().unwrap(), "--size", "1M"]),
+        1,
+    );
+    expect_code(&rvmutl(&["heap", "check", f.seg.to_str().unwrap()]), 1);
     for (size, b) in
         [("12X", "0x5f00_0000_0000"), ("1M", "nowhere"), ("1M", "0x5f00_0000_0010"), ("1M", "0x8000_0000_0000")]
     {

@@ -268,6 +268,25 @@ pub fn encoded_len_from_prefix(prefix: &[u8]) -> Result<usize> {
     Ok(table_end(count as usize))
 }
 
+/// Recomputes the checksum field of a header in place, over the encoding
+/// its region count implies. Returns false (and changes nothing) when the
+/// bytes are too short for that encoding or the count is over the limit.
+/// Test support: lets fuzzing and property tests reach the checks behind
+/// the checksum.
+#[cfg(feature = "testing")]
+pub(crate) fn reseal(bytes: &mut [u8]) -> bool {
+    if bytes.len() < FIXED_HEADER_LEN {
+        return false;
+    }
+    let count = u32_at(bytes, OFF_COUNT) as usize;
+    if count > MAX_REGIONS || bytes.len() < table_end(count) {
+        return false;
+    }
+    let crc = crc_of(&bytes[..table_end(count)]);
+    bytes[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    true
+}
+
 fn crc_of(bytes: &[u8]) -> u32 {
     // bytes is the whole encoding; the CRC field itself is skipped.
     crc32c::crc32c_append(crc32c::crc32c(&bytes[..OFF_CRC]), &bytes[FIXED_HEADER_LEN..])

@@ -190,8 +190,9 @@ pub fn read_load_map_file(path: impl AsRef<Path>) -> Result<LoadMap> {
     use std::os::unix::fs::FileExt;
     let path = path.as_ref();
     let io = |op: &'static str| move |source| LoaderError::Io { op, path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(io("opening segment"))?;
-    let dev = file.metadata().map_err(io("sizing segment"))?.len();
+    let mut file = std::fs::File::open(path).map_err(io("opening segment"))?;
+    // Seeking to the end sizes block devices too (their metadata says 0).
+    let dev = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io("sizing segment"))?;
     let mut prefix = [0u8; FIXED_HEADER_LEN];
     if dev < FIXED_HEADER_LEN as u64 {
         return Err(short_device(path, dev, FIXED_HEADER_LEN as u64));
@@ -372,16 +373,19 @@ impl LoadedSegment {
         first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
-    /// Unmaps everything, newest first; returns each unmap's result.
+    /// Unmaps everything, the regions newest first and the header area
+    /// last (while the header area is mapped, the segment counts as loaded:
+    /// a concurrent [`load_segment`] fails at once); returns each unmap's
+    /// result.
     fn release(&mut self) -> Vec<rvm_core::Result<()>> {
         let mut results = Vec::with_capacity(self.regions.len() + 1);
-        if let Some(h) = self.header.take() {
-            results.push(self.rvm.unmap(h.0));
-        }
         while let Some(r) = self.regions.pop() {
             results.push(self.rvm.unmap(r));
         }
         self.by_name.clear();
+        if let Some(h) = self.header.take() {
+            results.push(self.rvm.unmap(h.0));
+        }
         results
     }
 }

@@ -1,9 +1,9 @@
 //! `rvmutl heap`: create, check and inspect RDS heaps.
 //!
 //! ```text
-//! rvmutl heap create <log> <segment> --size 64M --base 0x5b00_0000_0000
-//! rvmutl heap check <log> <segment> [--json]
-//! rvmutl heap stats <log> <segment> [--json]
+//! rvmutl heap create <segment> --log <log> --size 64M --base 0x5b00_0000_0000 [--static-len N]
+//! rvmutl heap check <segment> --log <log> [--json]
+//! rvmutl heap stats <segment> --log <log> [--json]
 //! ```
 //!
 //! Each opens the log as an application would (running recovery), loads the
@@ -11,7 +11,7 @@
 //! again. Exit codes as for the rest of `rvmutl`; a heap that fails its
 //! check, or a segment that is not a heap, is 3.
 
-use super::{exit_code, hint, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
+use crate::{Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
 use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS};
 use rvm::loader::spec::parse_number;
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 /// The `heap` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum HeapCommand {
+pub(crate) enum HeapCommand {
     /// Create a segment holding an empty heap at fixed addresses.
     ///
     /// Made through the loader: the segment gets a load map with two regions: `heap.static` (header, counters and
@@ -32,10 +32,11 @@ pub enum HeapCommand {
     /// addresses, so choose them once. The log must exist (`rvmutl create-log`).
     #[command(after_help = EXIT_CODES)]
     Create {
-        /// The log.
-        log: PathBuf,
-        /// Path of the new segment file (must not exist).
+        /// Path of the new segment file (an existing file is never overwritten).
         segment: PathBuf,
+        /// The log (made with `rvmutl create-log`; it records the segment).
+        #[arg(long)]
+        log: PathBuf,
         /// Bytes of heap (rounded up to whole pages); decimal or 0x hex, with an optional
         /// K, M, G or T suffix.
         #[arg(long, value_parser = parse_number)]
@@ -57,10 +58,11 @@ pub enum HeapCommand {
     /// named on stderr (and in the JSON document with --json).
     #[command(after_help = EXIT_CODES)]
     Check {
-        /// The log.
-        log: PathBuf,
         /// The heap's segment.
         segment: PathBuf,
+        /// The log (opened first, running recovery, as a program would).
+        #[arg(long)]
+        log: PathBuf,
         /// Print a JSON document instead of text.
         #[arg(long)]
         json: bool,
@@ -71,10 +73,11 @@ pub enum HeapCommand {
     /// live blocks per size class, roots.
     #[command(after_help = EXIT_CODES)]
     Stats {
-        /// The log.
-        log: PathBuf,
         /// The heap's segment.
         segment: PathBuf,
+        /// The log (opened first, running recovery, as a program would).
+        #[arg(long)]
+        log: PathBuf,
         /// Print a JSON document instead of text.
         #[arg(long)]
         json: bool,
@@ -82,7 +85,7 @@ pub enum HeapCommand {
 }
 
 /// Runs a `heap` subcommand.
-pub fn run(cmd: HeapCommand, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(cmd: HeapCommand, out: &mut dyn Write) -> Outcome {
     match cmd {
         HeapCommand::Create { log, segment, size, base, static_len } => {
             create(&log, &segment, size, base, static_len, out)
@@ -95,36 +98,32 @@ pub fn run(cmd: HeapCommand, out: &mut dyn Write) -> Outcome {
 impl From<HeapError> for Failure {
     fn from(e: HeapError) -> Self {
         match e {
-            HeapError::Core(e) | HeapError::Loader(LoaderError::Core(e)) => Failure::Rvm(e),
+            HeapError::Core(e) => Failure::Rvm(e),
+            // A bad --base or --size gets the heap's own hint; other loader
+            // errors are reported as for `rvmutl segment`.
+            e @ HeapError::Loader(LoaderError::InvalidMap { .. } | LoaderError::PageSize { .. }) => Failure::Heap(e),
+            HeapError::Loader(e) => Failure::from(e),
             e => Failure::Heap(e),
         }
     }
 }
 
-/// Prints a heap failure on stderr and returns the exit code.
-pub fn report(e: &HeapError) -> u8 {
+/// Prints a heap failure on stderr and returns the exit code: 3 for a heap
+/// that fails its check or a segment that is not a heap, 1 for a --base or
+/// --size the load map cannot take, 2 otherwise.
+pub(crate) fn report(e: &HeapError) -> u8 {
     eprintln!("rvmutl: error: {e}");
     let (code, hint_text) = match e {
-        HeapError::Core(c) | HeapError::Loader(LoaderError::Core(c)) => (exit_code(c), hint(c)),
-        HeapError::Loader(_) if e.is_corruption() => (
-            EXIT_INVALID,
-            Some("the file is not a segment with a valid load map (make heaps with `rvmutl heap create`)"),
-        ),
         _ if e.is_corruption() => {
             (EXIT_INVALID, Some("the heap failed its check; it was not used, and nothing was changed"))
         }
         HeapError::BadRegions { .. } => {
             (EXIT_INVALID, Some("the segment's load map has no `heap.static` and `heap` regions"))
         }
-        HeapError::Loader(LoaderError::InvalidMap { .. } | LoaderError::PageSize { .. } | LoaderError::Spec { .. }) => {
-            (
-                EXIT_USAGE,
-                Some("--base must be page-aligned, and the regions must lie in the user half of the address space"),
-            )
-        }
-        HeapError::Loader(LoaderError::MapRegion { .. }) => {
-            (EXIT_IO, Some("something else is mapped at the heap's addresses in this process"))
-        }
+        HeapError::Loader(_) => (
+            EXIT_USAGE,
+            Some("--base must be page-aligned, and the heap must lie in the user half of the address space"),
+        ),
         _ => (EXIT_IO, None),
     };
     if let Some(h) = hint_text {
@@ -179,6 +178,13 @@ fn check(log: &Path, segment: &Path, json: bool, out: &mut dyn Write) -> Outcome
             let doc = json!({ "segment": segment.to_string_lossy(), "ok": false, "error": e.to_string() });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
             return Err(Failure::Heap(e));
+        }
+        Err(Failure::Loader(e))
+            if json && matches!(e, LoaderError::NotALoadMap { .. } | LoaderError::Corrupted { .. }) =>
+        {
+            let doc = json!({ "segment": segment.to_string_lossy(), "ok": false, "error": e.to_string() });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+            return Err(Failure::Loader(e));
         }
         Err(e) => return Err(e),
     };

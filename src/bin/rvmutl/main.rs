@@ -6,6 +6,8 @@
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
+//! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
+//! rvmutl segment show <seg> [--log <log>] [--spec | --json]
 //! rvmutl heap create|check|stats ...    RDS heaps (see heap.rs)
 //! ```
 //!
@@ -15,6 +17,7 @@
 //! corrupted log. `status` and `dump` only read; they never repair.
 
 mod heap;
+mod segment;
 
 use clap::{Parser, Subcommand};
 use rvm::log::format::{FrameDefect, FrameKind, Status, VERSION};
@@ -31,9 +34,9 @@ use std::sync::Arc;
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  usage error (bad arguments, invalid size)
+  1  usage error (bad arguments, invalid size, invalid load map)
   2  I/O error, missing file, log locked by another user, or a segment named by the log cannot be opened
-  3  not an RVM log, unsupported format version, or corrupted log";
+  3  not an RVM log, unsupported format version, or corrupted log (or a segment without a valid load map)";
 
 /// Exit code for a usage error.
 const EXIT_USAGE: u8 = 1;
@@ -98,6 +101,9 @@ enum Command {
         /// The log.
         log: PathBuf,
     },
+    /// Create a segment with a load map (regions at fixed addresses), or print a segment's load map.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Segment(segment::SegmentCommand),
     /// Create, check and inspect RDS heaps (`rvmutl heap --help`).
     #[command(subcommand)]
     Heap(heap::HeapCommand),
@@ -112,6 +118,8 @@ enum Failure {
     NoValidStatus,
     /// Writing the output failed.
     Output(io::Error),
+    /// An error from the segment loader (`segment` subcommands).
+    Loader(rvm::loader::LoaderError),
     /// A heap error (not a core one).
     Heap(rvm::heap::HeapError),
 }
@@ -166,6 +174,7 @@ fn report_failure(failure: &Failure) -> u8 {
             eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
         }
+        Failure::Loader(e) => segment::report(e),
         Failure::Rvm(e) => {
             eprintln!("rvmutl: error: {e}");
             if let Some(hint) = hint(e) {
@@ -212,6 +221,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Dump { log, json } => dump(&log, json, out),
         Command::Recover { log } => recover(&log, out),
         Command::Truncate { log } => truncate(&log, out),
+        Command::Segment(command) => segment::run(command, out),
         Command::Heap(cmd) => heap::run(cmd, out),
     }
 }

@@ -1,0 +1,225 @@
+//! `rvmutl segment …`: create a segment whose header holds a load map, and
+//! print a segment's load map.
+//!
+//! ```text
+//! rvmutl segment create <segment> --log <log> --region heap:16K:1G:0x5a00_0000_0000 [--region …] [--size N]
+//! rvmutl segment create <segment> --log <log> --map map.txt [--size N]
+//! rvmutl segment show <segment> [--log <log>] [--spec | --json]
+//! ```
+//!
+//! The load map's text form (for `--map` files, and printed by `show
+//! --spec`) is documented in `rvm::loader::spec`: one region per line as
+//! `name:offset:length:base[:copy]`, optional `page_size = N` and
+//! `header_len = N` settings, `#` comments.
+
+use crate::{Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
+use clap::{ArgGroup, Args, Subcommand};
+use rvm::loader::format::{copy_mode_name, FORMAT_VERSION};
+use rvm::loader::spec::parse_number;
+use rvm::loader::{create_segment, read_load_map, read_load_map_file, LoadMap, LoaderError};
+use rvm::{Options, Rvm};
+use serde_json::json;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The `segment` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SegmentCommand {
+    /// Create a segment file whose header holds a load map (which regions of the segment are
+    /// mapped at which fixed addresses).
+    ///
+    /// The map comes from `--region` arguments or from a `--map` file in the text form: one region
+    /// per line as `name:offset:length:base[:copy]`, optional `page_size = N` and
+    /// `header_len = N` lines, `#` comments. Numbers are decimal or 0x-hex with optional `_` and
+    /// K/M/G/T suffixes; the copy mode is on-demand (default), on-map or no-copy. The header is
+    /// written through the log in one flush-committed transaction, then the log is truncated.
+    #[command(after_help = EXIT_CODES, group(ArgGroup::new("source").required(true).args(["map", "region"])))]
+    Create(CreateArgs),
+    /// Print a segment's load map: a table, its text form (--spec), or JSON (--json).
+    ///
+    /// Without --log the segment file is read as it is (without locking it); with --log the log
+    /// is opened first (running recovery, as a program would), so a map changed through the log
+    /// and not yet truncated into the file shows as committed.
+    #[command(after_help = EXIT_CODES)]
+    Show(ShowArgs),
+}
+
+/// Arguments of `segment create`.
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Path of the new segment file (an existing file is never overwritten).
+    segment: PathBuf,
+    /// The log the header is written through (made with `rvmutl create-log`; it records the
+    /// segment).
+    #[arg(long)]
+    log: PathBuf,
+    /// Segment size in bytes (suffixes K, M, G, T); default: the smallest size that holds the map.
+    #[arg(long, value_parser = parse_number)]
+    size: Option<u64>,
+    /// A file holding the load map in text form; `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
+    /// A region, `name:offset:length:base[:copy]`; repeat for more regions.
+    #[arg(long = "region", value_name = "SPEC")]
+    region: Vec<String>,
+    /// Page size of the map (default: the system's); with --region only.
+    #[arg(long, value_parser = parse_number, conflicts_with = "map")]
+    page_size: Option<u64>,
+    /// Bytes reserved for the header (default: enough pages for the region table); with --region
+    /// only.
+    #[arg(long, value_parser = parse_number, conflicts_with = "map")]
+    header_len: Option<u64>,
+}
+
+/// Arguments of `segment show`.
+#[derive(Debug, Args)]
+pub(crate) struct ShowArgs {
+    /// The segment file (or block device).
+    segment: PathBuf,
+    /// Read the map through this log, after recovery (locks the log and the segment).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Print the map's text form, which `segment create --map` reads.
+    #[arg(long, conflicts_with = "json")]
+    spec: bool,
+    /// Print a JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<LoaderError> for Failure {
+    fn from(e: LoaderError) -> Self {
+        match e {
+            // Core errors keep the core's exit codes and hints.
+            LoaderError::Core(e) => Failure::Rvm(e),
+            e => Failure::Loader(e),
+        }
+    }
+}
+
+/// Runs a `segment` subcommand.
+pub(crate) fn run(command: SegmentCommand, out: &mut dyn Write) -> Outcome {
+    match command {
+        SegmentCommand::Create(args) => create(args, out),
+        SegmentCommand::Show(args) => show(args, out),
+    }
+}
+
+/// Prints a loader error on stderr and returns the exit code: 1 for a load
+/// map given on the command line that is malformed or breaks a rule, 3 for
+/// a segment without a valid load map, 2 otherwise.
+pub(crate) fn report(e: &LoaderError) -> u8 {
+    eprintln!("rvmutl: error: {e}");
+    let (code, hint) = match e {
+        LoaderError::Spec { .. } | LoaderError::InvalidMap { .. } | LoaderError::PageSize { .. } => {
+            (EXIT_USAGE, Some("see `rvmutl segment create --help` for the load map's form and rules"))
+        }
+        LoaderError::NotALoadMap { found, .. } if *found == [0; 8] => (
+            EXIT_INVALID,
+            Some("a blank header: the segment's creation did not complete; remove the file and create it again"),
+        ),
+        LoaderError::NotALoadMap { .. } => {
+            (EXIT_INVALID, Some("create segments with a load map with `rvmutl segment create`"))
+        }
+        LoaderError::UnsupportedVersion { .. } | LoaderError::Corrupted { .. } => (EXIT_INVALID, None),
+        LoaderError::Core(e) => (crate::exit_code(e), crate::hint(e)),
+        _ => (EXIT_IO, None),
+    };
+    if let Some(hint) = hint {
+        eprintln!("rvmutl: hint: {hint}");
+    }
+    code
+}
+
+fn read_map_text(path: &Path) -> Result<String, Failure> {
+    let mut text = String::new();
+    let result = if path == Path::new("-") {
+        io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text)).map(|_| ())
+    };
+    result
+        .map_err(|source| Failure::Loader(LoaderError::Io { op: "reading the load map", path: path.into(), source }))?;
+    Ok(text)
+}
+
+fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
+    let map = match &args.map {
+        Some(path) => LoadMap::from_spec(&read_map_text(path)?)?,
+        None => {
+            let mut items = args.region.clone();
+            if let Some(ps) = args.page_size {
+                items.push(format!("page_size = {ps}"));
+            }
+            if let Some(hl) = args.header_len {
+                items.push(format!("header_len = {hl}"));
+            }
+            LoadMap::from_region_specs(&items)?
+        }
+    };
+    let size = args.size.unwrap_or_else(|| map.min_device_len());
+    let rvm = Rvm::open(&args.log, Options { truncate_threshold: None, ..Options::default() })?;
+    create_segment(&rvm, &args.segment, size, &map)?;
+    rvm.close()?;
+    writeln!(
+        out,
+        "created segment {}: {size} bytes ({size:#x}), through log {}",
+        args.segment.display(),
+        args.log.display()
+    )?;
+    write!(out, "{map:#}")?;
+    Ok(())
+}
+
+fn device_len(path: &Path) -> Result<u64, Failure> {
+    use std::io::Seek;
+    let io = |source| Failure::Loader(LoaderError::Io { op: "sizing segment", path: path.into(), source });
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    f.seek(io::SeekFrom::End(0)).map_err(io)
+}
+
+fn show(args: ShowArgs, out: &mut dyn Write) -> Outcome {
+    let map = match &args.log {
+        Some(log) => {
+            let rvm = Rvm::open(log, Options { truncate_threshold: None, ..Options::default() })?;
+            let map = read_load_map(&rvm, &args.segment)?;
+            rvm.close()?;
+            map
+        }
+        None => read_load_map_file(&args.segment)?,
+    };
+    let dev = device_len(&args.segment)?;
+    if args.spec {
+        write!(out, "{map}")?;
+    } else if args.json {
+        let regions: Vec<_> = map
+            .regions()
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "offset": r.offset,
+                    "len": r.len,
+                    "base": r.base,
+                    "base_hex": format!("{:#x}", r.base),
+                    "copy": copy_mode_name(r.copy),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "segment": args.segment.to_string_lossy(),
+            "device_len": dev,
+            "format_version": FORMAT_VERSION,
+            "page_size": map.page_size(),
+            "header_len": map.header_len(),
+            "capacity": map.capacity(),
+            "regions": regions,
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "segment {}: {dev} bytes ({dev:#x})", args.segment.display())?;
+        write!(out, "{map:#}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! `rvmutl segment create` and `rvmutl segment show`, run as a separate
+//! process on real files: maps from `--region` arguments, from a file and
+//! from standard input; the three output forms; the map a program added
+//! through the log; and the messages and exit codes on bad input (1 = an
+//! invalid map or usage, 2 = I/O or lock, 3 = not a load map or corrupted).
+
+use rvm::loader::testing::address_range;
+use rvm::loader::{load_segment, read_load_map_file, CopyMode, LoadMap, RegionSpec};
+use rvm::{Options, Rvm};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+/// Serializes the tests of this file: a process spawned by one test thread
+/// briefly holds duplicates of the test process's file descriptors (between
+/// fork and exec), and with them the locks of another test's open log.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn rvmutl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
+}
+
+fn rvmutl_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rvmutl"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running rvmutl");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn expect_code(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("test.log");
+        expect_code(&rvmutl(&["create-log", s(&log), "--size", "1M"]), 0);
+        Fixture { dir, log }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+#[test]
+fn help_lists_the_segment_commands() {
+    let _serial = serial();
+    let o = rvmutl(&["--help"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("segment"), "{}", stdout(&o));
+    let o = rvmutl(&["segment", "--help"]);
+    expect_code(&o, 0);
+    for needle in ["create", "show"] {
+        assert!(stdout(&o).contains(needle), "segment --help lacks {needle}:\n{}", stdout(&o));
+    }
+    let o = rvmutl(&["segment", "create", "--help"]);
+    expect_code(&o, 0);
+    for needle in ["name:offset:length:base[:copy]", "--map", "--region", "Exit codes"] {
+        assert!(stdout(&o).contains(needle), "segment create --help lacks {needle}:\n{}", stdout(&o));
+    }
+}
+
+#[test]
+fn create_from_arguments_then_show_in_every_form() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let range = address_range();
+    let seg = fx.path("a.seg");
+    let heap = format!("heap:16K:1M:{:#x}", range.start());
+    let roots = format!("roots:4K:4K:{:#x}:on-map", range.start() + (64 << 20));
+    let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--region", &heap, "--region", &roots]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("created segment") && stdout(&o).contains("2 region(s)"), "{}", stdout(&o));
+    let ps = rvm::page_size() as u64;
+    let expect = LoadMap::new()
+        .region(RegionSpec::new("heap", 16 << 10, 1 << 20, range.start() as u64))
+        .region(RegionSpec::new("roots", 4 << 10, 4 << 10, (range.start() + (64 << 20)) as u64).copy(CopyMode::OnMap));
+    // The default size is the smallest that holds the map.
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), (16 << 10) + (1 << 20));
+    assert_eq!(read_load_map_file(&seg).unwrap(), expect);
+
+    // Table.
+    let o = rvmutl(&["segment", "show", s(&seg)]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    for needle in ["heap", "roots", "on-map", &format!("[{:#x}, ", range.start()), &format!("page size {ps:#x}")] {
+        assert!(text.contains(needle), "show lacks {needle:?}:\n{text}");
+    }
+    // Text form: parses back to the same map.
+    let o = rvmutl(&["segment", "show", s(&seg), "--spec"]);
+    expect_code(&o, 0);
+    assert_eq!(LoadMap::from_spec(&stdout(&o)).unwrap(), expect);
+    // JSON.
+    let o = rvmutl(&["segment", "show", s(&seg), "--json"]);
+    expect_code(&o, 0);
+    let doc: Value = serde_json::from_slice(&o.stdout).expect("show --json is JSON");
+    assert_eq!(doc["device_len"], (16 << 10) + (1 << 20));
+    assert_eq!(doc["header_len"], ps);
+    assert_eq!(doc["regions"][0]["name"], "heap");
+    assert_eq!(doc["regions"][0]["base"], range.start() as u64);
+    assert_eq!(doc["regions"][1]["copy"], "on-map");
+    // Through the log: the same.
+    let o = rvmutl(&["segment", "show", s(&seg), "--log", s(&fx.log), "--spec"]);
+    expect_code(&o, 0);
+    assert_eq!(LoadMap::from_spec(&stdout(&o)).unwrap(), expect);
+
+    // The segment loads at the addresses given on the command line.
+    let rvm = Rvm::open(&fx.log, Options::default()).unwrap();
+    let loaded = load_segment(&rvm, &seg).unwrap();
+    assert_eq!(loaded.region("heap").unwrap().addr(), range.start());
+    assert_eq!(loaded.region("roots").unwrap().len(), 4096);
+}
+
+#[test]
+fn create_from_a_file_and_from_stdin() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let range = address_range();
+    let text = format!(
+        "# two regions and room for more\npage_size = 4K\nheader_len = 16K\n\nindex : 16K : 64K : {:#x} # the index\nlog:80K:8K:{:#x}:no-copy\n",
+        range.start(),
+        range.start() + (1 << 20)
+    );
+    let map_file = fx.path("map.txt");
+    std::fs::write(&map_file, &text).unwrap();
+    let seg = fx.path("file.seg");
+    let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--map", s(&map_file), "--size", "1M"]);
+    expect_code(&o, 0);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 1 << 20);
+    let map = read_load_map_file(&seg).unwrap();
+    assert_eq!(map, LoadMap::from_spec(&text).unwrap());
+    assert_eq!(map.header_len(), 16 << 10);
+    assert_eq!(map.get("log").unwrap().copy, CopyMode::NoCopy);
+
+    // Round trip: `show --spec` output as the input of another segment.
+    let spec = stdout(&rvmutl(&["segment", "show", s(&seg), "--spec"]));
+    let seg2 = fx.path("stdin.seg");
+    let o = rvmutl_stdin(&["segment", "create", s(&seg2), "--log", s(&fx.log), "--map", "-"], &spec);
+    expect_code(&o, 0);
+    assert_eq!(read_load_map_file(&seg2).unwrap(), map);
+}
+
+#[test]
+fn bad_maps_and_bad_segments_have_clear_errors_and_exit_codes() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let seg = fx.path("x.seg");
+    let create = |extra: &[&str]| {
+        let mut args = vec!["segment", "create", s(&seg), "--log", s(&fx.log)];
+        args.extend_from_slice(extra);
+        rvmutl(&args)
+    };
+    // Usage and invalid maps: exit 1, nothing created.
+    for (args, needle) in [
+        (vec![], "required"),
+        (vec!["--region", "a:8K:4K"], "expected name:offset:length:base"),
+        (vec!["--region", "a:8K:4K:0x5a0000000000:sometimes"], "copy mode"),
+        (vec!["--region", "a:0:4K:0x5a0000000000"], "inside the header area"),
+        (vec!["--region", "a:8K:8K:0x5a0000000000", "--region", "b:12K:4K:0x5b0000000000"], "overlap in segment"),
+        (vec!["--region", "a:8K:4K:0xffff800000000000"], "user half"),
+        (vec!["--region", "a:8K:4K:0x5a0000000000", "--size", "8K"], "past the end of the device"),
+        (vec!["--region", "a:8K:4K:0x5a0000000000", "--page-size", "3000"], "power of two"),
+        (vec!["--region", "a/b:8K:4K:0x5a0000000000"], "contains '/'"),
+        (vec!["--map", "/nonexistent/map.txt"], "reading the load map"),
+    ] {
+        let o = create(&args);
+        let code = if needle == "reading the load map" { 2 } else { 1 };
+        expect_code(&o, code);
+        assert!(stderr(&o).contains(needle), "{args:?}: stderr lacks {needle:?}:\n{}", stderr(&o));
+        assert!(!seg.exists(), "{args:?} created the segment");
+    }
+    let bad_file = fx.path("bad.txt");
+    std::fs::write(&bad_file, "page_size = 4096\n\nok:8K:4K:0x5a0000000000\nbroken line\n").unwrap();
+    let o = create(&["--map", s(&bad_file)]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("line 4"), "{}", stderr(&o));
+
+    // An existing file is never overwritten: exit 2.
+    std::fs::write(&seg, b"precious").unwrap();
+    let o = create(&["--region", "a:8K:4K:0x5a0000000000"]);
+    expect_code(&o, 2);
+    assert_eq!(std::fs::read(&seg).unwrap(), b"precious");
+    // A missing log: exit 2.
+    let o = rvmutl(&[
+        "segment",
+        "create",
+        s(&fx.path("y.seg")),
+        "--log",
+        s(&fx.path("no.log")),
+        "--region",
+        "a:8K:4K:0x5a0000000000",
+    ]);
+    expect_code(&o, 2);
+
+    // Segments without a valid load map: exit 3.
+    let o = rvmutl(&["segment", "show", s(&seg)]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("0x8 bytes long"), "{}", stderr(&o));
+    let blank = fx.path("blank.seg");
+    std::fs::write(&blank, vec![0u8; 8192]).unwrap();
+    let o = rvmutl(&["segment", "show", s(&blank)]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("did not complete"), "{}", stderr(&o));
+    let o = rvmutl(&["segment", "show", s(&fx.log)]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("no load map"), "{}", stderr(&o));
+    let good = fx.path("good.seg");
+    expect_code(
+        &rvmutl(&["segment", "create", s(&good), "--log", s(&fx.log), "--region", "a:8K:4K:0x5a0000000000"]),
+        0,
+    );
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes[70] ^= 1;
+    std::fs::write(&good, &bytes).unwrap();
+    let o = rvmutl(&["segment", "show", s(&good), "--json"]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
+    // A missing segment: exit 2.
+    expect_code(&rvmutl(&["segment", "show", s(&fx.path("none.seg"))]), 2);
+}
+
+#[test]
+fn show_through_the_log_sees_a_region_added_by_a_program() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let range = address_range();
+    let seg = fx.path("grow.seg");
+    let first = format!("first:4K:4K:{:#x}", range.start());
+    let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--region", &first, "--size", "64K"]);
+    expect_code(&o, 0);
+    {
+        // A program adds a region; the change stays in the log.
+        let rvm = Rvm::open(&fx.log, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+        let mut loaded = load_segment(&rvm, &seg).unwrap();
+        loaded.add_region(RegionSpec::new("second", 8 << 10, 4 << 10, (range.start() + (1 << 20)) as u64)).unwrap();
+        // While the program runs, the log is locked: exit 2.
+        let o = rvmutl(&["segment", "show", s(&seg), "--log", s(&fx.log)]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    }
+    // The file alone still shows the map as created; through the log
+    // (recovery) the region added.
+    let o = rvmutl(&["segment", "show", s(&seg), "--spec"]);
+    expect_code(&o, 0);
+    assert_eq!(LoadMap::from_spec(&stdout(&o)).unwrap().regions().len(), 1);
+    let o = rvmutl(&["segment", "show", s(&seg), "--log", s(&fx.log), "--spec"]);
+    expect_code(&o, 0);
+    let map = LoadMap::from_spec(&stdout(&o)).unwrap();
+    assert_eq!(map.regions().len(), 2);
+    assert_eq!(map.get("second").unwrap().base, (range.start() + (1 << 20)) as u64);
+}
