@@ -127,8 +127,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         text[..msg.len()].copy_from_slice(msg.as_bytes());
         let rec = tx.malloc(Layout::new::<Record>())?;
         let rec_addr = rec.as_ptr() as u64;
-        // SAFETY (all stores below): the new block is this transaction's; the
-        // list and its records are used by this thread alone.
+        // SAFETY: the new block is this transaction's; the list and its
+        // records are used by this thread alone (so for the stores below too).
         unsafe { tx.write(rec, &bytes_of(&Record { next: 0, seq: list.appended, text }))? };
         if list.tail == 0 {
             list.head = rec_addr;
