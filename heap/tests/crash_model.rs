@@ -5,7 +5,8 @@
 //! the same transaction, double and bogus frees), writes of recognisable
 //! patterns into live blocks, roots — each ending in a commit (flush or
 //! no-flush), an abort (explicit or by drop) or a crash while open; between
-//! them `rvm.flush()`, `rvm.truncate()`, preallocation, clean restarts and
+//! them `rvm.flush()`, `rvm.truncate()`, generation checkpoints (whole, or a
+//! sweep left running under later steps), preallocation, clean restarts and
 //! crashes of the simulated disk (`LoseUnsynced`, `KeepRandomSubset` with and
 //! without a torn last write), each followed by recovery and `Heap::load` at
 //! the same fixed addresses.
@@ -87,6 +88,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(restore, ops, end)| Step::Tx { restore, ops, end }),
         1 => Just(Step::Flush),
         1 => Just(Step::Truncate),
+        1 => prop_oneof![Just(0u8), 1u8..8].prop_map(|steps| Step::Checkpoint { steps }),
         3 => crash().prop_map(Step::Crash),
         1 => Just(Step::Restart),
         1 => (1usize..512, 0u8..16).prop_map(|(size, count)| Step::Preallocate { size, count }),
@@ -155,6 +157,31 @@ fn aborts_and_crash_inside_a_transaction_leave_no_trace() {
         Step::Crash(Crash::Lose),
     ];
     run(&steps).unwrap();
+}
+
+/// A checkpoint sweep running under transactions that allocate, free and
+/// write (its write barrier), then a crash mid-sweep.
+#[test]
+fn a_checkpoint_sweep_under_heap_transactions_and_a_crash() {
+    let steps = vec![
+        tx(vec![malloc(3000, 4), malloc(100, 3), malloc(40000, 6)], End::Commit(NoFlush)),
+        tx(vec![Op::Write { target: 2, at: 0, len: 40000, seed: 1 }], End::Commit(NoFlush)),
+        Step::Checkpoint { steps: 1 },
+        tx(
+            vec![Op::FreeCommitted(0), malloc(2000, 4), Op::Write { target: 1, at: 0, len: 90, seed: 2 }],
+            End::Commit(NoFlush),
+        ),
+        tx(vec![malloc(500, 12), Op::Write { target: 2, at: 30000, len: 9000, seed: 3 }], End::Abort),
+        Step::Crash(Crash::Keep { seed: 4, tear: true }),
+        tx(vec![malloc(10, 0), Op::FreeCommitted(1)], End::Commit(Flush)),
+        Step::Checkpoint { steps: 0 },
+        Step::Checkpoint { steps: 2 },
+        tx(vec![malloc(64, 5), Op::Write { target: 0, at: 0, len: 64, seed: 5 }], End::Commit(NoFlush)),
+        Step::Checkpoint { steps: 1 },
+        Step::Crash(Crash::Lose),
+    ];
+    let e = run(&steps).unwrap();
+    assert_eq!(e.tally.checkpoints, 3);
 }
 
 /// Fixed-seed random programs (the soak's generator): a deterministic

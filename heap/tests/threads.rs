@@ -13,31 +13,11 @@
 
 mod common;
 
-use common::{make_dirs, read_dir, verify_threads, worker, Ctx, Disk, ThreadLog, WorkerCfg};
+use common::{run_workers, verify_threads, Ctx, Disk, ThreadLog};
 use rvm_core::testing::CrashMode;
-use rvm_heap::Heap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const THREADS: usize = 4;
-
-/// Runs `THREADS` workers on `heap`; `during` runs on the calling thread
-/// meanwhile.
-fn run_workers(heap: &Heap, iters: u64, seed: u64, stop: &AtomicBool, during: impl FnOnce()) -> Vec<ThreadLog> {
-    let dirs = make_dirs(heap, THREADS).expect("directories");
-    let initial: Vec<_> = (0..THREADS).map(|i| read_dir(heap, i).expect("directory").1).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|i| {
-                let cfg =
-                    WorkerCfg { id: i, seed: seed ^ ((i as u64 + 1) * 0x9e37), iters, max_size: 8192, scratch: true };
-                let (dir, init) = (dirs[i], initial[i].clone());
-                s.spawn(move || worker(heap, &cfg, dir, init, stop))
-            })
-            .collect();
-        during();
-        handles.into_iter().map(|h| h.join().expect("worker thread")).collect()
-    })
-}
 
 fn assert_clean(logs: &[ThreadLog]) {
     for l in logs {
@@ -52,7 +32,7 @@ fn concurrent_transactions_never_tangle_and_survive_a_crash() {
     let disk = Disk::new(common::HEAP, false);
     let (rvm, heap) = disk.open(true).unwrap();
     let stop = AtomicBool::new(false);
-    let logs = run_workers(&heap, 250, 0x7157, &stop, || {});
+    let logs = run_workers(&heap, THREADS, 250, 0x7157, &stop, || {});
     assert_clean(&logs);
     verify_threads(&heap, &logs, true).unwrap();
     let st = heap.stats();
@@ -62,7 +42,7 @@ fn concurrent_transactions_never_tangle_and_survive_a_crash() {
     // A second round on the same heap, then a crash that loses or tears
     // unsynced writes: each thread's directory is one of its states since
     // its last flush commit, and the heap holds exactly those blocks.
-    let logs = run_workers(&heap, 150, 0xc4a5, &stop, || {});
+    let logs = run_workers(&heap, THREADS, 150, 0xc4a5, &stop, || {});
     assert_clean(&logs);
     verify_threads(&heap, &logs, true).unwrap();
     drop(heap);
@@ -80,7 +60,7 @@ fn a_crash_while_threads_run_leaves_a_consistent_heap() {
         let disk = Disk::new(common::HEAP, true);
         let (rvm, heap) = disk.open(true).unwrap();
         let stop = AtomicBool::new(false);
-        let logs = run_workers(&heap, 100_000, 0xd00d + round as u64, &stop, || {
+        let logs = run_workers(&heap, THREADS, 100_000, 0xd00d + round as u64, &stop, || {
             // Let the threads get going, crash the disk under them, stop them.
             std::thread::sleep(std::time::Duration::from_millis(300));
             disk.disk.crash(mode);

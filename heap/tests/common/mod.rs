@@ -276,6 +276,15 @@ pub enum Step {
     Flush,
     /// `rvm.truncate()`.
     Truncate,
+    /// The generation checkpoint: if one is running, `checkpoint_finish`;
+    /// else `steps == 0` runs a whole one (`rvm.checkpoint()`), and `steps >
+    /// 0` starts one and sweeps that many pages, leaving the rest of the
+    /// sweep to run under the following steps (transactions meet its write
+    /// barrier; a crash can hit it mid-sweep).
+    Checkpoint {
+        /// Pages to sweep now (0: the whole checkpoint).
+        steps: u8,
+    },
     /// Crash the disk, then reopen and reload.
     Crash(Crash),
     /// Clean shutdown (close), then reopen and reload.
@@ -333,6 +342,8 @@ pub struct Tally {
     pub lost_commits: u64,
     /// Largest live block count seen.
     pub max_live: u64,
+    /// Checkpoints started.
+    pub checkpoints: u64,
 }
 
 /// Runs programs against the heap and the model.
@@ -343,6 +354,8 @@ pub struct Engine {
     /// Committed states: `hist[0]` is known durable, the last is the newest.
     hist: Vec<Snap>,
     serial: u64,
+    /// A checkpoint sweep is running.
+    sweeping: bool,
     /// What happened so far.
     pub tally: Tally,
 }
@@ -358,6 +371,7 @@ impl Engine {
             heap: Some(heap),
             hist: vec![Snap::default()],
             serial: 0,
+            sweeping: false,
             tally: Tally::default(),
         };
         e.check_current()?;
@@ -398,6 +412,23 @@ impl Engine {
             Step::Truncate => {
                 self.rvm().truncate().ctx("truncate")?;
                 self.mark_durable();
+            }
+            // Not a durability point for the model (it only frees the log of
+            // what it wrote); a crash afterwards may still come back with any
+            // allowed state, and must come back with one.
+            Step::Checkpoint { steps } => {
+                let rvm = self.rvm.as_ref().expect("instance open");
+                if self.sweeping {
+                    rvm.checkpoint_finish().ctx("checkpoint_finish")?;
+                    self.sweeping = false;
+                } else if *steps == 0 {
+                    rvm.checkpoint().ctx("checkpoint")?;
+                    self.tally.checkpoints += 1;
+                } else if rvm.checkpoint_start().ctx("checkpoint_start")? {
+                    rvm.checkpoint_step(*steps as usize).ctx("checkpoint_step")?;
+                    self.sweeping = true;
+                    self.tally.checkpoints += 1;
+                }
             }
             Step::Crash(c) => self.reload(Some(*c))?,
             Step::Restart => self.reload(None)?,
@@ -581,6 +612,7 @@ impl Engine {
     /// Shuts down (crashing the disk first, if `crash`), reopens, and
     /// checks the reloaded heap is one of the allowed committed states.
     fn reload(&mut self, crash: Option<Crash>) -> Result<(), String> {
+        self.sweeping = false;
         drop(self.heap.take());
         let rvm = self.rvm.take().expect("instance open");
         match crash {
@@ -723,12 +755,13 @@ fn random_crash(rng: &mut Rng) -> Crash {
 }
 
 fn random_step(rng: &mut Rng, crash_weight: u64) -> Step {
-    let r = rng.below(20 + crash_weight);
+    let r = rng.below(21 + crash_weight);
     match r {
         0 => Step::Flush,
         1 => Step::Truncate,
         2 => Step::Restart,
         3 => Step::Preallocate { size: rng.size(512), count: rng.below(16) as u8 },
+        20 => Step::Checkpoint { steps: if rng.chance(1, 2) { 0 } else { 1 + rng.below(8) as u8 } },
         4..=19 => {
             let ops = (0..rng.below(9)).map(|_| random_op(rng)).collect();
             let end = match rng.below(16) {
@@ -1051,4 +1084,31 @@ pub fn verify_threads(heap: &Heap, logs: &[ThreadLog], exact: bool) -> Result<Ve
     let st = heap.stats();
     ensure!(st.live_blocks == total, "{} live blocks, the directories account for {total}", st.live_blocks);
     Ok(found)
+}
+
+/// Runs `threads` workers (directories `t0`..) on `heap` for up to `iters`
+/// transactions each; `during` runs on the calling thread meanwhile (to
+/// crash the disk under them, say).
+pub fn run_workers(
+    heap: &Heap,
+    threads: usize,
+    iters: u64,
+    seed: u64,
+    stop: &AtomicBool,
+    during: impl FnOnce(),
+) -> Vec<ThreadLog> {
+    let dirs = make_dirs(heap, threads).expect("directories");
+    let initial: Vec<_> = (0..threads).map(|i| read_dir(heap, i).expect("directory").1).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let cfg =
+                    WorkerCfg { id: i, seed: seed ^ ((i as u64 + 1) * 0x9e37), iters, max_size: 8192, scratch: true };
+                let (dir, init) = (dirs[i], initial[i].clone());
+                s.spawn(move || worker(heap, &cfg, dir, init, stop))
+            })
+            .collect();
+        during();
+        handles.into_iter().map(|h| h.join().expect("worker thread")).collect()
+    })
 }
