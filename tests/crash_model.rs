@@ -86,8 +86,14 @@ impl Cfg {
         Cfg {
             log_size: AREA_OFFSET + MIN_AREA,
             seg_pages: 8,
-            opts: Options { coalesce, pending_limit: 4096, truncate_threshold: None },
+            opts: Options { coalesce, pending_limit: 4096, truncate_threshold: None, ..Options::default() },
         }
+    }
+
+    /// The smallest log: writers may truncate (and so settle a running
+    /// checkpoint) whenever they commit.
+    fn tiny_log(&self) -> bool {
+        self.log_size == AREA_OFFSET + MIN_AREA
     }
 
     fn seg_len(&self) -> usize {
@@ -129,6 +135,15 @@ enum Op {
     /// Unmap the region and map it again (inside a transaction that has
     /// declared ranges: unmap must be refused).
     Remap,
+    /// `Rvm::checkpoint_start`: the freeze (and the pages rebuilt from the
+    /// log); inside a transaction, the transaction is in flight across it.
+    CkptStart,
+    /// `Rvm::checkpoint_step(n)`: sweep up to n pages.
+    CkptStep(usize),
+    /// `Rvm::checkpoint_finish`.
+    CkptFinish,
+    /// `Rvm::checkpoint`: a whole checkpoint.
+    Checkpoint,
 }
 
 use Op::*;
@@ -173,6 +188,10 @@ fn op_strategy(seg_len: usize, max_big: usize) -> impl Strategy<Value = Op> {
         2 => crash.prop_map(Crash),
         1 => Just(Reopen),
         1 => Just(Remap),
+        2 => Just(CkptStart),
+        2 => (1usize..4).prop_map(CkptStep),
+        1 => Just(CkptFinish),
+        1 => Just(Checkpoint),
     ]
 }
 
@@ -363,6 +382,8 @@ struct World {
     step: usize,
     /// What the segment's image before recovery must be.
     before: Before,
+    /// Commits in the model when the running checkpoint froze.
+    ckpt: Option<usize>,
 }
 
 impl World {
@@ -383,6 +404,7 @@ impl World {
             w: 0,
             step: 0,
             before: Before::Prefix,
+            ckpt: None,
         };
         (world, Inst { region, seg, rvm })
     }
@@ -441,6 +463,84 @@ impl World {
         assert_eq!((q.log_used, q.pending_bytes), (0, 0), "step {}: log after truncation: {q:?}", self.step);
     }
 
+    /// The no-steal rule on the segment's live image, byte by byte.
+    fn check_segment_bytes(&self, what: &str) {
+        let live = self.disk.live_image(SEG).unwrap();
+        if let Some(i) = self.model.uncommitted_byte(&live) {
+            panic!(
+                "step {}: {what}: byte {i} of the segment ({:#04x}) is in no committed state (steal)\n{}",
+                self.step,
+                live[i],
+                self.model.explain(&live)
+            );
+        }
+    }
+
+    /// The checkpoint operations (inside or outside a transaction).
+    fn checkpoint_op(&mut self, inst: &Inst, op: &Op) {
+        let rvm = &inst.rvm;
+        let step = self.step;
+        match *op {
+            CkptStart => {
+                let started = rvm.checkpoint_start().unwrap_or_else(|e| panic!("step {step}: checkpoint_start: {e}"));
+                match (self.ckpt, started) {
+                    (Some(_), true) => panic!("step {step}: a second freeze while a checkpoint runs"),
+                    (Some(_), false) => {}
+                    (None, true) => {
+                        // Everything committed is in the log up to L, synced.
+                        self.ckpt = Some(self.model.n());
+                        self.all_durable();
+                        assert!(rvm.query().checkpointing, "step {step}: not checkpointing after a start");
+                    }
+                    (None, false) => {
+                        assert!(self.cfg.tiny_log(), "step {step}: checkpoint_start refused with none running")
+                    }
+                }
+                self.check_segment_bytes("checkpoint start");
+            }
+            CkptStep(n) => {
+                let wrote = rvm.checkpoint_step(n).unwrap_or_else(|e| panic!("step {step}: checkpoint_step: {e}"));
+                assert!(wrote <= n, "step {step}: swept {wrote} pages, asked for {n}");
+                if self.ckpt.is_none() {
+                    assert_eq!(wrote, 0, "step {step}: swept pages with no checkpoint running");
+                }
+                self.check_segment_bytes("checkpoint step");
+            }
+            CkptFinish => {
+                let r = rvm.checkpoint_finish().unwrap_or_else(|e| panic!("step {step}: checkpoint_finish: {e}"));
+                match (self.ckpt.take(), r) {
+                    (Some(k), Some(report)) => self.check_checkpointed(inst, k, report.lsn),
+                    (Some(_), None) => {
+                        assert!(self.cfg.tiny_log(), "step {step}: the running checkpoint vanished")
+                    }
+                    (None, Some(r)) => panic!("step {step}: finished a checkpoint that was not running: {r:?}"),
+                    (None, None) => {}
+                }
+            }
+            Checkpoint => {
+                let report = rvm.checkpoint().unwrap_or_else(|e| panic!("step {step}: checkpoint: {e}"));
+                self.ckpt = None;
+                self.all_durable();
+                self.check_checkpointed(inst, self.model.n(), report.lsn);
+                let q = rvm.query();
+                assert_eq!((q.log_used, q.pending_bytes), (0, 0), "step {step}: log after a checkpoint: {q:?}");
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// After a checkpoint that froze after `k` commits finished at `lsn`:
+    /// the segment holds exactly the state after those commits, durably
+    /// (nothing of a transaction in flight, nothing committed after the
+    /// freeze), and the log's head is `lsn`.
+    fn check_checkpointed(&self, inst: &Inst, k: usize, lsn: u64) {
+        let want = self.model.state(k);
+        let durable = self.disk.durable_image(SEG).unwrap();
+        assert!(durable == want, "step {}: segment after checkpoint: {}", self.step, diff(&want, &durable));
+        assert_eq!(self.disk.live_image(SEG).unwrap(), durable, "step {}: segment has unsynced writes", self.step);
+        assert_eq!(inst.rvm.query().head, lsn, "step {}: log head after checkpoint", self.step);
+    }
+
     /// Crash (if `mode`) or close cleanly, reopen, and check the recovered
     /// image against the model.
     fn restart(&mut self, inst: Inst, mode: Option<CrashMode>, already_crashed: bool) -> Inst {
@@ -463,7 +563,9 @@ impl World {
         // No steal: the segment only ever holds committed prefixes; and WAL:
         // recovery cannot end behind what the segment already holds.
         let before = self.disk.durable_image(SEG).unwrap();
-        let js = match self.before {
+        // A crash mid-sweep leaves pages of two committed states.
+        let rule = if self.ckpt.take().is_some() { Before::CommittedBytes } else { self.before };
+        let js = match rule {
             Before::Prefix => self.model.matching_prefixes(&before),
             Before::CommittedBytes => {
                 if let Some(i) = self.model.uncommitted_byte(&before) {
@@ -627,6 +729,7 @@ fn run_tx(world: &mut World, inst: &Inst, mode: RestoreMode, ops: &[Op], i: &mut
             }
             Truncate => {
                 rvm.truncate().unwrap_or_else(|e| panic!("step {}: truncate failed: {e}", world.step));
+                world.ckpt = None;
                 world.all_durable();
                 world.check_truncated(inst);
             }
@@ -641,6 +744,7 @@ fn run_tx(world: &mut World, inst: &Inst, mode: RestoreMode, ops: &[Op], i: &mut
                 aborted(world, mode, snapshot);
                 return Next::Reopen;
             }
+            ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint) => world.checkpoint_op(inst, op),
             Remap => {
                 if !declared.is_empty() {
                     let r = rvm.unmap(inst.region.clone());
@@ -687,8 +791,13 @@ fn run(cfg: &Cfg, ops: &[Op]) {
                         );
                         Next::Continue
                     }
+                    ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint) => {
+                        world.checkpoint_op(&inst, op);
+                        Next::Continue
+                    }
                     Truncate => {
                         inst.rvm.truncate().unwrap_or_else(|e| panic!("step {}: truncate failed: {e}", world.step));
+                        world.ckpt = None;
                         world.all_durable();
                         world.check_truncated(&inst);
                         assert!(inst.rvm.query().quiescent, "step {}: not quiescent after truncate", world.step);
@@ -711,8 +820,14 @@ fn run(cfg: &Cfg, ops: &[Op]) {
                         world.model.mem = world.model.state(world.model.n());
                         world.check_mem(&inst, "map after unmap");
                         if world.model.n() > 0 {
+                            // Mapping applied the log (finishing a running
+                            // checkpoint first).
+                            world.ckpt = None;
                             world.all_durable();
                             world.check_truncated(&inst);
+                        }
+                        if !inst.rvm.query().checkpointing {
+                            world.ckpt = None;
                         }
                         Next::Continue
                     }
@@ -888,6 +1003,9 @@ struct Step {
     flush_inside: bool,
     /// Call `truncate()` after the commit.
     truncate_after: bool,
+    /// Run a whole checkpoint while the transaction is open (it is in
+    /// flight across the freeze).
+    checkpoint_inside: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -906,13 +1024,15 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         prop_oneof![Just(F), Just(NF)],
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.15),
     )
-        .prop_map(|(mode, writes, commit, flush_inside, truncate_after)| Step {
+        .prop_map(|(mode, writes, commit, flush_inside, truncate_after, checkpoint_inside)| Step {
             mode,
             writes,
             commit,
             flush_inside,
             truncate_after,
+            checkpoint_inside,
         })
 }
 
@@ -974,6 +1094,15 @@ fn run_faulty(cfg: &Cfg, steps: &[Step], fault: Fault, crash: CrashMode, recover
                 Err(e) => {
                     assert!(is_io_or_poisoned(&e), "step {s}: flush: {e}");
                     failed = Some(format!("flush: {e}"));
+                }
+            }
+        }
+        if step.checkpoint_inside && failed.is_none() {
+            match inst.rvm.checkpoint() {
+                Ok(_) => world.all_durable(),
+                Err(e) => {
+                    assert!(is_io_or_poisoned(&e), "step {s}: checkpoint: {e}");
+                    failed = Some(format!("checkpoint: {e}"));
                 }
             }
         }
@@ -1075,6 +1204,7 @@ fn io_error_at_every_operation() {
             commit: if i % 2 == 0 { F } else { NF },
             flush_inside: i % 5 == 4,
             truncate_after: i % 4 == 3,
+            checkpoint_inside: i % 3 == 1,
         })
         .collect();
     for coalesce in [true, false] {

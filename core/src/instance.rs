@@ -2,6 +2,7 @@
 //! (pending no-flush commits, ordered batch writes, group commit), log
 //! truncation by replay, recovery at open, and the background truncator.
 
+use crate::checkpoint::{CheckpointReport, Checkpointer, RegionTrack};
 use crate::coalesce::{coalesce, Piece};
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
@@ -33,12 +34,39 @@ pub struct Options {
     /// space is reclaimed only by [`Rvm::truncate`] or by a writer that finds
     /// the log full.
     pub truncate_threshold: Option<f64>,
+    /// How the background thread frees log space when the threshold is
+    /// passed (default [`Reclaim::Checkpoint`]). A writer that finds the
+    /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
+    /// wait for a sweep.
+    pub reclaim: Reclaim,
+    /// Pages the checkpoint's write barrier may hold as copies at once
+    /// (default 1024, 4 MiB with 4 KiB pages). Past it, a writer that
+    /// touches a page still waiting to be swept sweeps pages itself first.
+    pub checkpoint_copy_limit: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { coalesce: true, pending_limit: 4 << 20, truncate_threshold: Some(0.5) }
+        Options {
+            coalesce: true,
+            pending_limit: 4 << 20,
+            truncate_threshold: Some(0.5),
+            reclaim: Reclaim::Checkpoint,
+            checkpoint_copy_limit: 1024,
+        }
     }
+}
+
+/// How log space is reclaimed in the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Reclaim {
+    /// The generation checkpoint: each dirty page written once, from memory,
+    /// while transactions go on ([`Rvm::checkpoint`]).
+    #[default]
+    Checkpoint,
+    /// Log replay: the log's records are applied to the segments
+    /// ([`Rvm::truncate`]), RVM's classic truncation.
+    Replay,
 }
 
 /// Whether an abort restores memory.
@@ -100,11 +128,13 @@ pub struct Query {
     /// True when nothing is pending, the log is empty and no transaction is
     /// in flight: segments hold the whole committed state.
     pub quiescent: bool,
+    /// A generation checkpoint is running (frozen or sweeping).
+    pub checkpointing: bool,
 }
 
 /// Unflushed no-flush commits, in commit order.
 #[derive(Debug, Default)]
-struct Batch {
+pub(crate) struct Batch {
     pieces: Vec<Piece>,
     data: Vec<u8>,
     /// (end index in `pieces`, commit sequence number) per transaction.
@@ -120,12 +150,12 @@ impl Batch {
 }
 
 #[derive(Debug)]
-struct CommitState {
-    pending: Batch,
-    next_tx: u64,
+pub(crate) struct CommitState {
+    pub(crate) pending: Batch,
+    pub(crate) next_tx: u64,
     /// Every commit with a sequence number up to this is durable.
     durable_tx: u64,
-    next_batch: u64,
+    pub(crate) next_batch: u64,
     flushing: bool,
 }
 
@@ -139,8 +169,8 @@ struct Writer {
 }
 
 #[derive(Debug)]
-struct StatusState {
-    status: Status,
+pub(crate) struct StatusState {
+    pub(crate) status: Status,
     segments: HashMap<u32, Arc<SegmentInner>>,
 }
 
@@ -153,18 +183,19 @@ struct Background {
 pub(crate) struct Inner {
     id: u64,
     vfs: Arc<dyn Vfs>,
-    ring: Ring,
+    pub(crate) ring: Ring,
     opts: Options,
-    epoch: u64,
+    pub(crate) epoch: u64,
     pending_limit: usize,
-    state: Mutex<CommitState>,
+    pub(crate) state: Mutex<CommitState>,
     flushed: Condvar,
     writer: Mutex<Writer>,
     written_cv: Condvar,
     synced: AtomicU64,
-    head: AtomicU64,
-    status: Mutex<StatusState>,
-    truncation: Mutex<()>,
+    pub(crate) head: AtomicU64,
+    pub(crate) status: Mutex<StatusState>,
+    pub(crate) truncation: Mutex<()>,
+    pub(crate) ckpt: Checkpointer,
     pub(crate) regions: RwLock<RegionTable>,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
@@ -244,6 +275,7 @@ impl Rvm {
         let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
         let (status, recovery) = recover(vfs.as_ref(), &ring, status)?;
         let head = status.head;
+        let status_generation = status.checkpoint_generation;
         let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
         let inner = Arc::new(Inner {
             id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -264,6 +296,7 @@ impl Rvm {
             head: AtomicU64::new(head),
             status: Mutex::new(StatusState { status, segments: HashMap::new() }),
             truncation: Mutex::new(()),
+            ckpt: Checkpointer::new(opts.checkpoint_copy_limit, status_generation),
             regions: RwLock::new(RegionTable::default()),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
@@ -322,18 +355,34 @@ impl Rvm {
     /// uncommitted. The memory goes away when the last clone of the handle
     /// is dropped.
     pub fn unmap(&self, region: Region) -> Result<()> {
-        let mut table = self.inner.regions.write();
         let addr = region.addr();
-        match table.get(addr) {
-            Some(r) if Arc::ptr_eq(r, &region.0) => {}
-            _ => return Err(MapError::NotMapped { addr }.into()),
+        loop {
+            {
+                let mut table = self.inner.regions.write();
+                match table.get(addr) {
+                    Some(r) if Arc::ptr_eq(r, &region.0) => {}
+                    _ => return Err(MapError::NotMapped { addr }.into()),
+                }
+                let busy = region.0.active_txs.load(Ordering::Acquire);
+                if busy > 0 {
+                    return Err(MapError::Busy { addr, count: busy }.into());
+                }
+                if !self.inner.ckpt.is_active() {
+                    // The region's memory was the only copy a checkpoint could
+                    // sweep its dirty pages from: the next checkpoint replays
+                    // the log instead, so those commits reach the segment
+                    // before the log is reclaimed.
+                    if region.0.track.is_dirty() {
+                        self.inner.ckpt.retire_dirty_region();
+                    }
+                    table.remove(addr);
+                    return Ok(());
+                }
+            }
+            // A running checkpoint may hold the region's memory: let it
+            // finish, so the segment range is free again.
+            self.inner.checkpoint_finish()?;
         }
-        let busy = region.0.active_txs.load(Ordering::Acquire);
-        if busy > 0 {
-            return Err(MapError::Busy { addr, count: busy }.into());
-        }
-        table.remove(addr);
-        Ok(())
     }
 
     /// The region containing `addr`, if any.
@@ -359,11 +408,69 @@ impl Rvm {
         self.inner.flush_to(last)
     }
 
+    /// Runs a generation checkpoint: freezes (O(1): the commit lock is held
+    /// for a few microseconds whatever the heap size), writes every page
+    /// changed since the previous checkpoint once, as it stood at the
+    /// freeze, syncs the segments and frees the log before the freeze.
+    /// Transactions on other threads go on meanwhile. Every commit made
+    /// before the call is in the segments when it returns.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    /// for i in 0..100u64 {
+    ///     let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    ///     // SAFETY: this thread alone uses the region.
+    ///     unsafe { tx.modify_bytes(region.addr(), &i.to_le_bytes()).unwrap() };
+    ///     tx.commit(CommitMode::NoFlush).unwrap();
+    /// }
+    /// let report = rvm.checkpoint().unwrap();
+    /// assert_eq!(report.pages, 1); // a hot word: one page written, once
+    /// assert_eq!(rvm.query().log_used, 0);
+    /// ```
+    pub fn checkpoint(&self) -> Result<CheckpointReport> {
+        self.inner.checkpoint_full()
+    }
+
+    /// Starts a checkpoint (the freeze, and the pages that must be rebuilt
+    /// from the log), leaving the sweep to [`Rvm::checkpoint_step`] and
+    /// [`Rvm::checkpoint_finish`]: for driving a checkpoint step by step, as
+    /// deterministic tests do. Returns `false` if a checkpoint is running
+    /// already (a second freeze never starts while a sweep runs), or if a
+    /// log-replay truncation overtook this one.
+    pub fn checkpoint_start(&self) -> Result<bool> {
+        use crate::checkpoint::Start;
+        // Overtaken: a replay did the work (a log-full writer, or an unmapped
+        // dirty region); freeze again, a few times at most.
+        for _ in 0..3 {
+            match self.inner.checkpoint_start()? {
+                Start::Started => return Ok(true),
+                Start::Running => return Ok(false),
+                Start::Overtaken => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes up to `max_pages` pages of the running checkpoint; returns how
+    /// many it wrote (0 once all are written, or if none is running).
+    pub fn checkpoint_step(&self, max_pages: usize) -> Result<usize> {
+        self.inner.checkpoint_step(max_pages)
+    }
+
+    /// Completes the running checkpoint: the remaining pages, the segment
+    /// syncs, the status that frees the log. `None` if none was running.
+    pub fn checkpoint_finish(&self) -> Result<Option<CheckpointReport>> {
+        self.inner.checkpoint_finish()
+    }
+
     /// Flushes, then applies the whole log to the segments and empties it.
     pub fn truncate(&self) -> Result<()> {
-        self.flush()?;
-        self.inner.sync_log()?;
-        self.inner.truncate_to(self.inner.synced.load(Ordering::Acquire))
+        self.inner.replay_all()
     }
 
     /// Statistics since open.
@@ -389,6 +496,7 @@ impl Rvm {
             tail,
             durable: inner.synced.load(Ordering::Acquire),
             quiescent: in_flight == 0 && pending_bytes == 0 && used == 0,
+            checkpointing: inner.ckpt.is_active(),
         }
     }
 
@@ -423,7 +531,7 @@ impl Inner {
     }
 
     /// Records a failure after which durability can no longer be promised.
-    fn poison<T>(&self, r: Result<T>) -> Result<T> {
+    pub(crate) fn poison<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             let mut cause = self.poison_cause.lock();
             if cause.is_none() {
@@ -579,6 +687,7 @@ impl Inner {
             offset: spec.offset,
             active_txs: AtomicUsize::new(0),
             copy,
+            track: RegionTrack::new(spec.len),
         });
         self.regions.write().insert(region.clone());
         Ok(Region(region))
@@ -586,11 +695,7 @@ impl Inner {
 
     /// Adds a committed transaction to the pending batch. `pieces` address
     /// memory (`data_at` is the memory address); bytes are copied now.
-    pub(crate) fn commit_pieces(
-        &self,
-        ranges: &[(Arc<SegmentInner>, u64, usize, usize)],
-        declared: u64,
-    ) -> Result<u64> {
+    pub(crate) fn commit_pieces(&self, ranges: &[(Arc<RegionInner>, u64, usize, usize)], declared: u64) -> Result<u64> {
         let bytes: u64 = ranges.iter().map(|r| r.2 as u64).sum();
         let needed =
             ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
@@ -612,7 +717,8 @@ impl Inner {
                 return Ok(seq);
             }
             let b = &mut st.pending;
-            for (seg, offset, len, addr) in ranges {
+            for (region, offset, len, addr) in ranges {
+                let seg = &region.segment;
                 let at = b.data.len();
                 b.data.resize(at + len, 0);
                 // SAFETY: the transaction declared [addr, addr + len) inside a
@@ -621,6 +727,7 @@ impl Inner {
                 unsafe { mem::copy_from(*addr, &mut b.data[at..at + len]) };
                 b.pieces.push(Piece { segment: seg.id, offset: *offset, len: *len, data_at: at });
                 seg.last_tx.fetch_max(seq, Ordering::AcqRel);
+                self.mark_dirty(region, *addr, *len, seq);
             }
             b.tx_ends.push((b.pieces.len(), seq));
             b.bytes += bytes;
@@ -641,15 +748,18 @@ impl Inner {
 
     /// Writes batch number `n` after every earlier batch (batch numbers are
     /// handed out under the commit lock, so log order is commit order).
-    fn write_batch(&self, n: u64, batch: Batch) -> Result<()> {
+    /// Returns the log position after the batch.
+    pub(crate) fn write_batch(&self, n: u64, batch: Batch) -> Result<u64> {
         let mut w = self.writer.lock();
         while w.next_batch != n {
             self.written_cv.wait(&mut w);
         }
         let r = if self.poisoned.load(Ordering::Acquire) {
-            self.check_poison()
+            self.check_poison().map(|_| 0)
+        } else if batch.is_empty() {
+            Ok(w.written)
         } else {
-            let r = self.write_locked(&mut w, &batch);
+            let r = self.write_locked(&mut w, &batch).map(|_| w.written);
             self.poison(r)
         };
         w.next_batch += 1;
@@ -778,8 +888,23 @@ impl Inner {
         }
     }
 
+    /// Flushes every commit so far, then replays the whole log onto the
+    /// segments and frees it.
+    pub(crate) fn replay_all(&self) -> Result<()> {
+        let last = self.state.lock().next_tx - 1;
+        self.flush_to(last)?;
+        self.sync_log()?;
+        self.truncate_to(self.synced.load(Ordering::Acquire))
+    }
+
+    /// Every commit up to `seq` is durable (its batch was written and synced).
+    pub(crate) fn mark_durable(&self, seq: u64) {
+        let mut st = self.state.lock();
+        st.durable_tx = st.durable_tx.max(seq);
+    }
+
     /// Syncs the log if `upto` is not durable yet.
-    fn sync_to(&self, upto: u64) -> Result<()> {
+    pub(crate) fn sync_to(&self, upto: u64) -> Result<()> {
         if self.synced.load(Ordering::Acquire) >= upto {
             return Ok(());
         }
@@ -801,6 +926,10 @@ impl Inner {
     fn truncate_to(&self, cut: u64) -> Result<()> {
         let _t = self.truncation.lock();
         self.check_poison()?;
+        // A checkpoint in progress is finished first (its page images are
+        // older than what the replay writes) or, still frozen, dropped (the
+        // replay covers it).
+        self.settle_checkpoint_locked()?;
         let head = self.head.load(Ordering::Acquire);
         let cut = cut.min(self.synced.load(Ordering::Acquire));
         if cut <= head {
@@ -862,7 +991,10 @@ fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
         let used = written - inner.head.load(Ordering::Acquire);
         if used as f64 > threshold * inner.ring.area_len as f64 {
             // Errors poison the instance; committers will report them.
-            let _ = inner.sync_to(written).and_then(|_| inner.truncate_to(written));
+            let _ = match inner.opts.reclaim {
+                Reclaim::Checkpoint => inner.checkpoint_full().map(|_| ()),
+                Reclaim::Replay => inner.sync_to(written).and_then(|_| inner.truncate_to(written)),
+            };
         }
     }
 }

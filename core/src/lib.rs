@@ -12,6 +12,7 @@
 //! on-disk formats and protocols.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod checkpoint;
 mod coalesce;
 mod error;
 mod instance;
@@ -24,8 +25,9 @@ pub mod storage;
 pub mod testing;
 mod tx;
 
+pub use checkpoint::CheckpointReport;
 pub use error::{Error, LogError, MapError, Result, TxError};
-pub use instance::{recover_log, CommitMode, Options, Query, RecoveryReport, RestoreMode, Rvm};
+pub use instance::{recover_log, CommitMode, Options, Query, Reclaim, RecoveryReport, RestoreMode, Rvm};
 pub use log::{create_log, create_log_with};
 pub use mem::page_size;
 pub use segment::{CopyMode, MapSpec, Placement, Region, Segment};

@@ -172,6 +172,30 @@ pub unsafe fn copy_from(addr: usize, dst: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
 }
 
+/// Copies mapped memory that other threads may be storing into at the same
+/// time (the checkpoint's page snapshots): byte-wise volatile reads, so the
+/// compiler assumes nothing about the source. Bytes that a concurrent store
+/// touches may come out old or new; callers only use such bytes where they
+/// replace them afterwards (ranges of transactions in flight at a freeze).
+///
+/// # Safety
+///
+/// `[addr, addr + dst.len())` must lie inside a live mapping.
+pub unsafe fn copy_from_racy(addr: usize, dst: &mut [u8]) {
+    let words = dst.len() / 8;
+    let (head, tail) = dst.split_at_mut(words * 8);
+    for (i, chunk) in head.chunks_exact_mut(8).enumerate() {
+        // SAFETY: inside the live mapping per the contract; volatile reads
+        // of plain memory that may be written concurrently (see above).
+        let w = unsafe { std::ptr::read_volatile((addr as *const u8).add(i * 8).cast::<[u8; 8]>()) };
+        chunk.copy_from_slice(&w);
+    }
+    for (i, b) in tail.iter_mut().enumerate() {
+        // SAFETY: as above, one byte at a time for the unaligned rest.
+        *b = unsafe { std::ptr::read_volatile((addr as *const u8).add(words * 8 + i)) };
+    }
+}
+
 /// Copies `src` into mapped memory at `addr`.
 ///
 /// # Safety

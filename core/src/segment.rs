@@ -109,6 +109,8 @@ pub(crate) struct RegionInner {
     /// Uncommitted transactions that declared ranges here.
     pub active_txs: AtomicUsize,
     pub copy: CopyMode,
+    /// Dirty pages per generation, pages polluted by no-restore aborts.
+    pub track: crate::checkpoint::RegionTrack,
 }
 
 impl RegionInner {

@@ -54,6 +54,31 @@ counters! {
     segment_bytes_written,
     /// Times a writer waited for log space.
     log_full_waits,
+    /// Generation checkpoints completed.
+    checkpoints,
+    /// Checkpoints cancelled because a log-replay truncation overtook them.
+    checkpoints_cancelled,
+    /// Pages written to segments by checkpoints.
+    checkpoint_pages,
+    /// Bytes written to segments by checkpoints.
+    checkpoint_bytes,
+    /// Pages a checkpoint rebuilt from the segment and the log (they held
+    /// bytes of transactions in flight at the freeze, or of a no-restore
+    /// abort).
+    checkpoint_rebuilt_pages,
+    /// Total time spent frozen (commit lock held by a freeze), nanoseconds.
+    checkpoint_freeze_ns,
+    /// Longest freeze, nanoseconds.
+    checkpoint_freeze_max_ns,
+    /// Last freeze, nanoseconds.
+    checkpoint_freeze_last_ns,
+    /// Total time from freeze to finish of completed checkpoints, nanoseconds.
+    checkpoint_sweep_ns,
+    /// Pages copied by the write barrier (a store to a page still waiting
+    /// to be swept).
+    checkpoint_copies,
+    /// Times a writer found the copy pool full and swept pages itself.
+    checkpoint_stalls,
 }
 
 impl Counters {

@@ -53,6 +53,8 @@ pub struct Transaction<'a> {
     ranges: Vec<Declared>,
     undo: Vec<u8>,
     held: Vec<Arc<RegionInner>>,
+    /// The declared ranges as a checkpoint freeze sees them.
+    track: Arc<crate::checkpoint::TxTrack>,
     finished: bool,
     /// Transactions belong to the thread that began them (the nesting check
     /// is per thread), so they are neither `Send` nor `Sync`.
@@ -73,7 +75,9 @@ impl<'a> Transaction<'a> {
         })?;
         rvm.inner.in_flight.fetch_add(1, Ordering::AcqRel);
         crate::stats::Counters::add(&rvm.inner.counters.begun, 1);
+        let track = rvm.inner.ckpt.track();
         Ok(Transaction {
+            track,
             rvm: &rvm.inner,
             instance,
             mode,
@@ -127,6 +131,11 @@ impl<'a> Transaction<'a> {
             unsafe { mem::copy_from(addr, &mut self.undo[undo_at..]) };
         }
         self.ranges.push(Declared { addr, len, region, undo_at });
+        // Recorded before the barrier looks at the generation: a freeze
+        // either sees this range (and rebuilds its pages from the log) or
+        // turned the barrier on before we look (and we copy the pages).
+        self.track.record(addr, len);
+        self.rvm.checkpoint_barrier(&self.held[region], addr, len);
         Ok(())
     }
 
@@ -158,7 +167,7 @@ impl<'a> Transaction<'a> {
             .iter()
             .map(|&(addr, len, region)| {
                 let r = &self.held[region];
-                (r.segment.clone(), r.segment_offset(addr), len, addr)
+                (r.clone(), r.segment_offset(addr), len, addr)
             })
             .collect();
         let seq = match self.rvm.commit_pieces(&pieces, declared) {
@@ -202,6 +211,12 @@ impl<'a> Transaction<'a> {
                 // contract gives this transaction exclusive access.
                 unsafe { mem::copy_to(r.addr, &self.undo[r.undo_at..r.undo_at + r.len]) };
             }
+        } else {
+            // Memory keeps stores that are never committed: the checkpoint
+            // must not take these pages from memory.
+            for r in &self.ranges {
+                self.rvm.mark_polluted(&self.held[r.region], r.addr, r.len);
+            }
         }
         crate::stats::Counters::add(&self.rvm.counters.aborted, 1);
         self.finish();
@@ -213,6 +228,7 @@ impl<'a> Transaction<'a> {
             r.active_txs.fetch_sub(1, Ordering::AcqRel);
         }
         self.rvm.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.rvm.ckpt.untrack(&self.track);
         let me = self.instance;
         OPEN.with(|open| open.borrow_mut().retain(|&i| i != me));
     }

@@ -1,0 +1,687 @@
+//! The generation checkpoint: an O(1) freeze, a sweep that runs while
+//! transactions go on, and a durable hand-over that frees the log.
+//!
+//! After the 1995 note on one-bit generation checkpoints, adapted to RVM's
+//! transactions (see `docs/DESIGN.md`, "The generation checkpoint"):
+//!
+//! - Every region has two page sets ([`PageBits`]), one per generation. A
+//!   commit marks the pages it changes in the set of the current
+//!   generation, under the commit lock.
+//! - The freeze, under the commit lock, takes the pending batch (its end in
+//!   the log is the checkpoint position L), flips the generation bit, and
+//!   notes the transactions in flight. Nothing else: no walk over pages,
+//!   regions or sets.
+//! - The sweep writes each page of the old set once, as it stood at L:
+//!   memory, except where memory may hold bytes that are not committed at L
+//!   (ranges of transactions in flight at the freeze, and leftovers of
+//!   no-restore aborts): those pages are rebuilt from the segment plus the
+//!   log up to L. A `set_range` that touches a page still waiting in the old
+//!   set copies the page first (the write barrier), so stores made after
+//!   the freeze never reach the sweep.
+//! - Finish: segments synced, then a status with head = L; the log before L
+//!   is free.
+
+use crate::error::{Error, Result};
+use crate::instance::Inner;
+use crate::log::{self, format};
+use crate::mem;
+use crate::segment::{RegionInner, SegmentInner};
+use crate::stats::Counters;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A set of pages: one bit per page in atomic words, so commits can mark
+/// pages while the sweep clears others.
+#[derive(Debug)]
+pub(crate) struct PageBits {
+    words: Box<[AtomicU64]>,
+}
+
+impl PageBits {
+    pub fn new(pages: usize) -> PageBits {
+        PageBits { words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Adds pages `first..=last`.
+    pub fn insert_range(&self, first: usize, last: usize) {
+        let mut p = first;
+        while p <= last {
+            let bit = p % 64;
+            let n = (64 - bit).min(last - p + 1);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            self.words[p / 64].fetch_or(mask, Ordering::AcqRel);
+            p += n;
+        }
+    }
+
+    pub fn contains(&self, p: usize) -> bool {
+        self.words[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+
+    pub fn remove(&self, p: usize) {
+        self.words[p / 64].fetch_and(!(1 << (p % 64)), Ordering::AcqRel);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    }
+
+    /// The first page at or after `from` in the set.
+    pub fn next(&self, from: usize) -> Option<usize> {
+        let mut i = from / 64;
+        let mut w = self.words.get(i)?.load(Ordering::Acquire) & (u64::MAX << (from % 64));
+        loop {
+            if w != 0 {
+                return Some(i * 64 + w.trailing_zeros() as usize);
+            }
+            i += 1;
+            w = self.words.get(i)?.load(Ordering::Acquire);
+        }
+    }
+
+    /// Pages in both `self` and `other`, in order.
+    fn intersection<'a>(&'a self, other: &'a PageBits) -> impl Iterator<Item = usize> + 'a {
+        self.words.iter().zip(other.words.iter()).enumerate().flat_map(|(i, (a, b))| {
+            let mut w = a.load(Ordering::Acquire) & b.load(Ordering::Acquire);
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let bit = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    i * 64 + bit
+                })
+            })
+        })
+    }
+}
+
+/// A region's checkpoint bookkeeping.
+#[derive(Debug)]
+pub(crate) struct RegionTrack {
+    /// Pages changed by commits, one set per generation.
+    pub dirty: [PageBits; 2],
+    /// Pages whose memory may differ from the committed image outside any
+    /// open transaction (a no-restore abort left its stores there). The
+    /// sweep always rebuilds them from the segment and the log.
+    pub polluted: PageBits,
+    /// Sequence number of the last commit that changed the region.
+    pub last_tx: AtomicU64,
+}
+
+impl RegionTrack {
+    pub fn new(len: usize) -> RegionTrack {
+        let pages = len.div_ceil(mem::page_size());
+        RegionTrack {
+            dirty: [PageBits::new(pages), PageBits::new(pages)],
+            polluted: PageBits::new(pages),
+            last_tx: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty[0].is_empty() || !self.dirty[1].is_empty()
+    }
+}
+
+/// The ranges an open transaction has declared, visible to a freeze.
+#[derive(Debug, Default)]
+pub(crate) struct TxTrack {
+    ranges: Mutex<Vec<(usize, usize)>>,
+}
+
+impl TxTrack {
+    pub fn record(&self, addr: usize, len: usize) {
+        self.ranges.lock().push((addr, len));
+    }
+}
+
+/// Page copies made by the write barrier, and which generation is swept.
+#[derive(Debug, Default)]
+struct Copies {
+    /// (region key, page) → the page as it stood before a post-freeze store.
+    pages: HashMap<(usize, usize), Box<[u8]>>,
+    /// Whether the sweep is set up (writers may then help it instead of
+    /// copying past the limit).
+    sweeping: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Frozen; the batch ending at L is being written and synced.
+    Frozen,
+    /// Set up: pages are being written.
+    Sweeping,
+}
+
+/// One checkpoint in progress.
+#[derive(Debug)]
+struct Sweep {
+    phase: Phase,
+    /// The checkpoint position L (known once the freeze batch is written).
+    lsn: u64,
+    /// Transactions in flight at the freeze.
+    frozen: Vec<Arc<TxTrack>>,
+    /// Regions with pages in the old set, by address.
+    regions: Vec<Arc<RegionInner>>,
+    /// Next page to look at: (index in `regions`, page).
+    cursor: (usize, usize),
+    /// Segments written so far (synced at the finish).
+    written: HashMap<u32, Arc<SegmentInner>>,
+    started: Instant,
+    pages: u64,
+    rebuilt: u64,
+}
+
+/// The checkpointer's state, one per instance.
+#[derive(Debug)]
+pub(crate) struct Checkpointer {
+    /// The current generation (0 or 1); read and flipped under the commit lock.
+    gen: AtomicUsize,
+    /// The generation being swept (meaningful while `barrier` is on).
+    old: AtomicUsize,
+    /// On from the freeze to the finish: `set_range` must run the barrier.
+    barrier: AtomicBool,
+    txs: Mutex<Vec<Arc<TxTrack>>>,
+    copies: Mutex<Copies>,
+    sweep: Mutex<Option<Sweep>>,
+    /// One checkpoint start (freeze + setup) at a time.
+    starting: Mutex<()>,
+    /// Barrier copies kept at most (pages) before writers help the sweep.
+    copy_limit: usize,
+    /// Checkpoints completed over the log's life (from the status).
+    generation: AtomicU64,
+    /// A region with dirty pages was unmapped: the next checkpoint must
+    /// replay the log instead (the pages' memory is gone).
+    retired_dirty: AtomicBool,
+}
+
+/// Pages a writer sweeps when the copy pool is full.
+const ASSIST_PAGES: usize = 16;
+/// Pages written with one `write_at` at most.
+const RUN_PAGES: usize = 64;
+
+impl Checkpointer {
+    pub fn new(copy_limit: usize, generation: u64) -> Checkpointer {
+        Checkpointer {
+            gen: AtomicUsize::new(0),
+            old: AtomicUsize::new(1),
+            barrier: AtomicBool::new(false),
+            txs: Mutex::new(Vec::new()),
+            copies: Mutex::new(Copies::default()),
+            sweep: Mutex::new(None),
+            starting: Mutex::new(()),
+            copy_limit: copy_limit.max(1),
+            generation: AtomicU64::new(generation),
+            retired_dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Notes that a region with dirty pages was unmapped (with no
+    /// checkpoint running).
+    pub fn retire_dirty_region(&self) {
+        self.retired_dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// The generation commits mark now (call under the commit lock).
+    pub fn current(&self) -> usize {
+        self.gen.load(Ordering::Relaxed)
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.barrier.load(Ordering::Acquire)
+    }
+
+    /// Registers a new transaction (at begin).
+    pub fn track(&self) -> Arc<TxTrack> {
+        let t = Arc::new(TxTrack::default());
+        self.txs.lock().push(t.clone());
+        t
+    }
+
+    /// Forgets a finished transaction (a freeze may still hold it).
+    pub fn untrack(&self, t: &Arc<TxTrack>) {
+        let mut txs = self.txs.lock();
+        if let Some(i) = txs.iter().position(|x| Arc::ptr_eq(x, t)) {
+            txs.swap_remove(i);
+        }
+    }
+}
+
+/// Pages `[first, last]` of `region` that `[addr, addr + len)` touches.
+fn page_span(region: &RegionInner, addr: usize, len: usize) -> (usize, usize) {
+    let ps = mem::page_size();
+    let off = addr - region.addr();
+    (off / ps, (off + len.max(1) - 1) / ps)
+}
+
+fn region_key(r: &Arc<RegionInner>) -> usize {
+    Arc::as_ptr(r) as usize
+}
+
+/// How [`Inner::checkpoint_start`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Frozen and set up: the sweep can run.
+    Started,
+    /// Another checkpoint is running; nothing was frozen.
+    Running,
+    /// Frozen, then dropped because a log-replay truncation overtook it.
+    Overtaken,
+}
+
+/// What a completed checkpoint did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// The checkpoint position L: the log before it is free.
+    pub lsn: u64,
+    /// Pages written to segments.
+    pub pages: u64,
+    /// Pages rebuilt from the segment and the log (instead of memory).
+    pub rebuilt: u64,
+}
+
+impl Inner {
+    /// Commit side: marks the pages of a committed range in the current
+    /// generation. Called under the commit lock.
+    pub(crate) fn mark_dirty(&self, region: &RegionInner, addr: usize, len: usize, seq: u64) {
+        let (first, last) = page_span(region, addr, len);
+        region.track.dirty[self.ckpt.current()].insert_range(first, last);
+        region.track.last_tx.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// A no-restore abort left uncommitted bytes in these ranges.
+    pub(crate) fn mark_polluted(&self, region: &RegionInner, addr: usize, len: usize) {
+        let (first, last) = page_span(region, addr, len);
+        region.track.polluted.insert_range(first, last);
+    }
+
+    /// The write barrier, run by `set_range` after the range is recorded and
+    /// before the caller stores: a page still waiting in the old set is
+    /// copied first, so the sweep writes it as it stood before the store.
+    pub(crate) fn checkpoint_barrier(&self, region: &Arc<RegionInner>, addr: usize, len: usize) {
+        if !self.ckpt.is_active() {
+            return;
+        }
+        let old = self.ckpt.old.load(Ordering::Acquire);
+        let set = &region.track.dirty[old];
+        let (first, last) = page_span(region, addr, len);
+        let ps = mem::page_size();
+        for p in first..=last {
+            if !set.contains(p) {
+                continue;
+            }
+            let key = (region_key(region), p);
+            let mut assisted = false;
+            loop {
+                let mut copies = self.ckpt.copies.lock();
+                if !set.contains(p) || copies.pages.contains_key(&key) {
+                    break;
+                }
+                if copies.pages.len() >= self.ckpt.copy_limit && copies.sweeping && !assisted {
+                    // The pool is full: help the sweep instead of copying
+                    // more (this slows the writer down, bounding memory).
+                    drop(copies);
+                    Counters::add(&self.counters.checkpoint_stalls, 1);
+                    assisted = true;
+                    let _ = self.checkpoint_step(ASSIST_PAGES);
+                    continue;
+                }
+                let mut page = vec![0u8; ps].into_boxed_slice();
+                // SAFETY: the page lies inside `region`, whose mapping this
+                // transaction holds; other threads may store into ranges of
+                // transactions in flight at the freeze, which the sweep
+                // rebuilds from the log, so a racy byte there is never used.
+                unsafe { mem::copy_from_racy(region.addr() + p * ps, &mut page) };
+                copies.pages.insert(key, page);
+                Counters::add(&self.counters.checkpoint_copies, 1);
+                break;
+            }
+        }
+    }
+
+    /// Runs a whole checkpoint (finishing one in progress first): every
+    /// commit made before the call is in the segments when it returns, and
+    /// the log before it is free.
+    pub(crate) fn checkpoint_full(&self) -> Result<CheckpointReport> {
+        loop {
+            match self.checkpoint_start()? {
+                Start::Started => {
+                    if let Some(report) = self.checkpoint_finish()? {
+                        return Ok(report);
+                    }
+                }
+                Start::Running => {
+                    self.checkpoint_finish()?;
+                }
+                // A replay truncation took over; freeze again so that every
+                // commit before the call is covered.
+                Start::Overtaken => {}
+            }
+        }
+    }
+
+    /// Freezes and sets up a checkpoint.
+    pub(crate) fn checkpoint_start(&self) -> Result<Start> {
+        let _one = self.ckpt.starting.lock();
+        self.check_poison()?;
+        if self.ckpt.sweep.lock().is_some() {
+            return Ok(Start::Running);
+        }
+        // The freeze: O(1) in heap size, under the commit lock.
+        let (n, batch, last_tx, old) = {
+            let mut st = self.state.lock();
+            let t0 = Instant::now();
+            self.check_poison()?;
+            let batch = std::mem::take(&mut st.pending);
+            let n = st.next_batch;
+            st.next_batch += 1;
+            let last_tx = st.next_tx - 1;
+            let old = self.ckpt.gen.load(Ordering::Relaxed);
+            self.ckpt.gen.store(old ^ 1, Ordering::Relaxed);
+            self.ckpt.old.store(old, Ordering::Release);
+            self.ckpt.barrier.store(true, Ordering::SeqCst);
+            let frozen = self.ckpt.txs.lock().clone();
+            *self.ckpt.sweep.lock() = Some(Sweep {
+                phase: Phase::Frozen,
+                lsn: 0,
+                frozen,
+                regions: Vec::new(),
+                cursor: (0, 0),
+                written: HashMap::new(),
+                started: Instant::now(),
+                pages: 0,
+                rebuilt: 0,
+            });
+            let ns = t0.elapsed().as_nanos() as u64;
+            Counters::add(&self.counters.checkpoint_freeze_ns, ns);
+            self.counters.checkpoint_freeze_max_ns.fetch_max(ns, Ordering::Relaxed);
+            self.counters.checkpoint_freeze_last_ns.store(ns, Ordering::Relaxed);
+            (n, batch, last_tx, old)
+        };
+        // WAL: the log is durable up to L before any page is written.
+        let r = self.write_batch(n, batch).and_then(|lsn| self.sync_to(lsn).map(|_| lsn));
+        let lsn = match r {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                self.drop_checkpoint();
+                return Err(e);
+            }
+        };
+        self.mark_durable(last_tx);
+        let _t = self.truncation.lock();
+        let mut guard = self.ckpt.sweep.lock();
+        let Some(sweep) = guard.as_mut() else {
+            // A truncation replayed the log meanwhile and dropped this one.
+            return Ok(Start::Overtaken);
+        };
+        let r = self.setup_sweep(sweep, lsn, old);
+        if matches!(r, Ok(false)) {
+            drop(guard);
+            drop(_t);
+            self.drop_checkpoint();
+            Counters::add(&self.counters.checkpoints_cancelled, 1);
+            self.ckpt.retired_dirty.store(false, Ordering::SeqCst);
+            // Everything committed before the flag was cleared, replayed.
+            self.replay_all()?;
+            return Ok(Start::Overtaken);
+        }
+        if r.is_err() {
+            drop(guard);
+            self.drop_checkpoint();
+            return self.poison(r).map(|_| Start::Overtaken);
+        }
+        Ok(Start::Started)
+    }
+
+    /// Takes down a checkpoint that will not finish (error or cancel).
+    fn drop_checkpoint(&self) {
+        *self.ckpt.sweep.lock() = None;
+        self.ckpt.barrier.store(false, Ordering::SeqCst);
+        let mut copies = self.ckpt.copies.lock();
+        copies.pages.clear();
+        copies.sweeping = false;
+    }
+
+    /// Setup, with the truncation lock held: picks the regions to sweep and
+    /// writes the pages that must be rebuilt from the log. `false` if a
+    /// dirty region was unmapped: the log must be replayed instead.
+    fn setup_sweep(&self, sweep: &mut Sweep, lsn: u64, old: usize) -> Result<bool> {
+        sweep.lsn = lsn;
+        {
+            let table = self.regions.read();
+            // Read under the regions lock that `unmap` holds while it sets
+            // the flag: an unmap either finished before this (flag seen) or
+            // comes after and, seeing this checkpoint, waits for its finish.
+            if self.ckpt.retired_dirty.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            sweep.regions = table.iter().filter(|r| !r.track.dirty[old].is_empty()).cloned().collect();
+        }
+        // Pages memory cannot give as of L: ranges of transactions in flight
+        // at the freeze, and pages polluted by no-restore aborts.
+        let mut rebuild: BTreeSet<(usize, usize)> = BTreeSet::new();
+        for t in &sweep.frozen {
+            for &(addr, len) in t.ranges.lock().iter() {
+                let i = sweep.regions.partition_point(|r| r.addr() <= addr);
+                if i == 0 || !sweep.regions[i - 1].contains(addr, addr + len) {
+                    continue;
+                }
+                let r = &sweep.regions[i - 1];
+                let (first, last) = page_span(r, addr, len);
+                rebuild.extend((first..=last).filter(|&p| r.track.dirty[old].contains(p)).map(|p| (i - 1, p)));
+            }
+        }
+        for (i, r) in sweep.regions.iter().enumerate() {
+            rebuild.extend(r.track.dirty[old].intersection(&r.track.polluted).map(|p| (i, p)));
+        }
+        if !rebuild.is_empty() {
+            let images = self.rebuild_pages(sweep, &rebuild, lsn)?;
+            for ((i, p), image) in rebuild.iter().zip(images) {
+                let r = &sweep.regions[*i];
+                {
+                    let mut copies = self.ckpt.copies.lock();
+                    r.track.dirty[old].remove(*p);
+                    copies.pages.remove(&(region_key(r), *p));
+                }
+                self.write_pages(sweep, *i, *p, &image)?;
+            }
+            Counters::add(&self.counters.checkpoint_rebuilt_pages, rebuild.len() as u64);
+            sweep.rebuilt = rebuild.len() as u64;
+        }
+        sweep.phase = Phase::Sweeping;
+        self.ckpt.copies.lock().sweeping = true;
+        Ok(true)
+    }
+
+    /// Images of `pages` as of `lsn`: the segment's bytes (as of the head:
+    /// nothing of this checkpoint is written yet) with the complete
+    /// transactions of the log `[head, lsn)` applied in order.
+    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<Vec<u8>>> {
+        let ps = mem::page_size();
+        // (segment id, segment offset of the page) → image index.
+        let mut index: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+        let mut images = Vec::with_capacity(pages.len());
+        for &(i, p) in pages {
+            let r = &sweep.regions[i];
+            let off = r.offset + (p * ps) as u64;
+            let mut image = vec![0u8; ps];
+            r.segment.dev.read_at(&mut image, off).map_err(|e| Error::io("reading segment", &r.segment.name, e))?;
+            index.insert((r.segment.id, off), images.len());
+            images.push(image);
+        }
+        let head = self.head.load(Ordering::Acquire);
+        let mut tx: Vec<(u32, u64, Vec<u8>)> = Vec::new();
+        let images = std::cell::RefCell::new(images);
+        let tx = std::cell::RefCell::new(&mut tx);
+        let end = log::scan(
+            &self.ring,
+            head,
+            lsn,
+            self.epoch,
+            |f| {
+                if let format::Frame::Range { segment, offset, data } = f.frame {
+                    tx.borrow_mut().push((segment, offset, data.to_vec()));
+                }
+                Ok(())
+            },
+            |_, _| {
+                let mut images = images.borrow_mut();
+                for (segment, offset, data) in tx.borrow_mut().drain(..) {
+                    let end = offset + data.len() as u64;
+                    let first = offset - offset % ps as u64;
+                    for (&(_, page_off), &k) in index.range((segment, first)..(segment, end)) {
+                        let from = offset.max(page_off);
+                        let to = end.min(page_off + ps as u64);
+                        images[k][(from - page_off) as usize..(to - page_off) as usize]
+                            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        if end.end != lsn {
+            return Err(Error::corrupted(
+                "log (records before the checkpoint position are unreadable)",
+                format!("{} position {}", self.ring.path.display(), end.end),
+            ));
+        }
+        Ok(images.into_inner())
+    }
+
+    /// Writes `image` (whole pages from page `p` of region `i`) to the segment.
+    fn write_pages(&self, sweep: &mut Sweep, i: usize, p: usize, image: &[u8]) -> Result<()> {
+        let r = &sweep.regions[i];
+        let off = r.offset + (p * mem::page_size()) as u64;
+        r.segment.dev.write_at(image, off).map_err(|e| Error::io("writing segment", &r.segment.name, e))?;
+        sweep.written.entry(r.segment.id).or_insert_with(|| r.segment.clone());
+        let pages = (image.len() / mem::page_size()) as u64;
+        sweep.pages += pages;
+        Counters::add(&self.counters.checkpoint_pages, pages);
+        Counters::add(&self.counters.checkpoint_bytes, image.len() as u64);
+        Ok(())
+    }
+
+    /// Writes up to `max` pages of the old set; returns how many (0 when the
+    /// sweep is done or no checkpoint is set up).
+    pub(crate) fn checkpoint_step(&self, max: usize) -> Result<usize> {
+        self.check_poison()?;
+        let mut guard = self.ckpt.sweep.lock();
+        let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(0) };
+        let r = self.sweep_pages(sweep, max);
+        if r.is_err() {
+            drop(guard);
+            self.drop_checkpoint();
+        }
+        self.poison(r)
+    }
+
+    fn sweep_pages(&self, sweep: &mut Sweep, max: usize) -> Result<usize> {
+        let ps = mem::page_size();
+        let old = self.ckpt.old.load(Ordering::Acquire);
+        let mut done = 0;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at: Option<(usize, usize)> = None; // (region, first page)
+        while done < max {
+            let (i, from) = sweep.cursor;
+            let Some(r) = sweep.regions.get(i).cloned() else { break };
+            let Some(p) = r.track.dirty[old].next(from) else {
+                sweep.cursor = (i + 1, 0);
+                continue;
+            };
+            sweep.cursor = (i, p + 1);
+            let contiguous = run_at.is_some_and(|(ri, first)| ri == i && first + run.len() / ps == p);
+            if !contiguous || run.len() >= RUN_PAGES * ps {
+                if let Some((ri, first)) = run_at.take() {
+                    self.write_pages(sweep, ri, first, &run)?;
+                }
+                run.clear();
+                run_at = Some((i, p));
+            }
+            let at = run.len();
+            run.resize(at + ps, 0);
+            {
+                // Under the copy lock: a writer either copied the page before
+                // this (its copy is used) or sees it gone from the old set
+                // and stores only after this snapshot.
+                let mut copies = self.ckpt.copies.lock();
+                match copies.pages.remove(&(region_key(&r), p)) {
+                    Some(page) => run[at..].copy_from_slice(&page),
+                    // SAFETY: page `p` lies inside the region's live mapping
+                    // (the sweep holds the region). It holds no range of a
+                    // transaction in flight at the freeze (those pages were
+                    // rebuilt at setup); stores after the freeze go through
+                    // the barrier, which is excluded while we hold the lock.
+                    None => unsafe { mem::copy_from_racy(r.addr() + p * ps, &mut run[at..]) },
+                }
+                r.track.dirty[old].remove(p);
+            }
+            done += 1;
+        }
+        if let Some((ri, first)) = run_at {
+            self.write_pages(sweep, ri, first, &run)?;
+        }
+        Ok(done)
+    }
+
+    /// Completes the running checkpoint (all pages, segment syncs, status);
+    /// `false` if none is set up. Any thread may call it.
+    pub(crate) fn checkpoint_finish(&self) -> Result<Option<CheckpointReport>> {
+        let _one = self.ckpt.starting.lock();
+        let _t = self.truncation.lock();
+        self.finish_locked()
+    }
+
+    /// With the truncation lock held: finishes a checkpoint that is set up,
+    /// or cancels one still frozen (the caller is about to replay the log,
+    /// which covers it).
+    pub(crate) fn settle_checkpoint_locked(&self) -> Result<()> {
+        let frozen = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Frozen);
+        if frozen {
+            Counters::add(&self.counters.checkpoints_cancelled, 1);
+            self.drop_checkpoint();
+            return Ok(());
+        }
+        self.finish_locked().map(|_| ())
+    }
+
+    fn finish_locked(&self) -> Result<Option<CheckpointReport>> {
+        self.check_poison()?;
+        let mut guard = self.ckpt.sweep.lock();
+        let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(None) };
+        let r = (|| {
+            self.sweep_pages(sweep, usize::MAX)?;
+            for seg in sweep.written.values() {
+                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+            }
+            let generation = self.ckpt.generation.load(Ordering::Relaxed) + 1;
+            let mut st = self.status.lock();
+            let mut next = st.status.clone();
+            next.seq += 1;
+            next.head = sweep.lsn.max(next.head);
+            next.tail_hint = sweep.lsn;
+            next.checkpoint_lsn = sweep.lsn;
+            next.checkpoint_generation = generation;
+            log::write_status(&self.ring, &next)?;
+            st.status = next;
+            self.ckpt.generation.store(generation, Ordering::Relaxed);
+            Ok(())
+        })();
+        if r.is_err() {
+            drop(guard);
+            self.drop_checkpoint();
+            return self.poison(r).map(|_| None);
+        }
+        let before = self.head.swap(sweep.lsn.max(self.head.load(Ordering::Acquire)), Ordering::AcqRel);
+        let report = CheckpointReport { lsn: sweep.lsn, pages: sweep.pages, rebuilt: sweep.rebuilt };
+        let c = &self.counters;
+        Counters::add(&c.checkpoints, 1);
+        Counters::add(&c.checkpoint_sweep_ns, sweep.started.elapsed().as_nanos() as u64);
+        Counters::add(&c.truncated_bytes, sweep.lsn.saturating_sub(before));
+        *guard = None;
+        drop(guard);
+        self.drop_checkpoint();
+        Ok(Some(report))
+    }
+}
