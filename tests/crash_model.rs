@@ -144,6 +144,8 @@ enum Op {
     CkptFinish,
     /// `Rvm::checkpoint`: a whole checkpoint.
     Checkpoint,
+    /// `Rvm::checkpoint_abandon`: stop the running checkpoint part-way.
+    CkptAbandon,
 }
 
 use Op::*;
@@ -192,6 +194,7 @@ fn op_strategy(seg_len: usize, max_big: usize) -> impl Strategy<Value = Op> {
         2 => (1usize..4).prop_map(CkptStep),
         1 => Just(CkptFinish),
         1 => Just(Checkpoint),
+        1 => Just(CkptAbandon),
     ]
 }
 
@@ -384,6 +387,9 @@ struct World {
     before: Before,
     /// Commits in the model when the running checkpoint froze.
     ckpt: Option<usize>,
+    /// An abandoned checkpoint left pages of two states in the segment
+    /// (until the next checkpoint or truncation completes).
+    mixed: bool,
 }
 
 impl World {
@@ -405,6 +411,7 @@ impl World {
             step: 0,
             before: Before::Prefix,
             ckpt: None,
+            mixed: false,
         };
         (world, Inst { region, seg, rvm })
     }
@@ -509,7 +516,10 @@ impl World {
             CkptFinish => {
                 let r = rvm.checkpoint_finish().unwrap_or_else(|e| panic!("step {step}: checkpoint_finish: {e}"));
                 match (self.ckpt.take(), r) {
-                    (Some(k), Some(report)) => self.check_checkpointed(inst, k, report.lsn),
+                    (Some(k), Some(report)) => {
+                        self.mixed = false;
+                        self.check_checkpointed(inst, k, report.lsn)
+                    }
                     (Some(_), None) => {
                         assert!(self.cfg.tiny_log(), "step {step}: the running checkpoint vanished")
                     }
@@ -517,8 +527,19 @@ impl World {
                     (None, None) => {}
                 }
             }
+            CkptAbandon => {
+                let was = rvm.checkpoint_abandon().unwrap_or_else(|e| panic!("step {step}: checkpoint_abandon: {e}"));
+                if self.ckpt.take().is_some() {
+                    self.mixed = true;
+                    assert!(was || self.cfg.tiny_log(), "step {step}: the running checkpoint vanished");
+                } else {
+                    assert!(!was, "step {step}: abandoned a checkpoint that was not running");
+                }
+                assert!(!rvm.query().checkpointing, "step {step}: still checkpointing after abandon");
+            }
             Checkpoint => {
                 let report = rvm.checkpoint().unwrap_or_else(|e| panic!("step {step}: checkpoint: {e}"));
+                self.mixed = false;
                 self.ckpt = None;
                 self.all_durable();
                 self.check_checkpointed(inst, self.model.n(), report.lsn);
@@ -564,7 +585,8 @@ impl World {
         // recovery cannot end behind what the segment already holds.
         let before = self.disk.durable_image(SEG).unwrap();
         // A crash mid-sweep leaves pages of two committed states.
-        let rule = if self.ckpt.take().is_some() { Before::CommittedBytes } else { self.before };
+        let mixed = std::mem::take(&mut self.mixed);
+        let rule = if self.ckpt.take().is_some() || mixed { Before::CommittedBytes } else { self.before };
         let js = match rule {
             Before::Prefix => self.model.matching_prefixes(&before),
             Before::CommittedBytes => {
@@ -730,6 +752,7 @@ fn run_tx(world: &mut World, inst: &Inst, mode: RestoreMode, ops: &[Op], i: &mut
             Truncate => {
                 rvm.truncate().unwrap_or_else(|e| panic!("step {}: truncate failed: {e}", world.step));
                 world.ckpt = None;
+                world.mixed = false;
                 world.all_durable();
                 world.check_truncated(inst);
             }
@@ -744,7 +767,7 @@ fn run_tx(world: &mut World, inst: &Inst, mode: RestoreMode, ops: &[Op], i: &mut
                 aborted(world, mode, snapshot);
                 return Next::Reopen;
             }
-            ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint) => world.checkpoint_op(inst, op),
+            ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint | CkptAbandon) => world.checkpoint_op(inst, op),
             Remap => {
                 if !declared.is_empty() {
                     let r = rvm.unmap(inst.region.clone());
@@ -791,13 +814,14 @@ fn run(cfg: &Cfg, ops: &[Op]) {
                         );
                         Next::Continue
                     }
-                    ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint) => {
+                    ref op @ (CkptStart | CkptStep(_) | CkptFinish | Checkpoint | CkptAbandon) => {
                         world.checkpoint_op(&inst, op);
                         Next::Continue
                     }
                     Truncate => {
                         inst.rvm.truncate().unwrap_or_else(|e| panic!("step {}: truncate failed: {e}", world.step));
                         world.ckpt = None;
+                        world.mixed = false;
                         world.all_durable();
                         world.check_truncated(&inst);
                         assert!(inst.rvm.query().quiescent, "step {}: not quiescent after truncate", world.step);
@@ -823,6 +847,7 @@ fn run(cfg: &Cfg, ops: &[Op]) {
                             // Mapping applied the log (finishing a running
                             // checkpoint first).
                             world.ckpt = None;
+                            world.mixed = false;
                             world.all_durable();
                             world.check_truncated(&inst);
                         }
@@ -922,6 +947,59 @@ fn regression_empty_commit_then_remap() {
     for coalesce in [true, false] {
         run(&Cfg::roomy(coalesce), &[Begin(R), Commit(F), Remap]);
         run(&Cfg::roomy(coalesce), &[Begin(NR), Commit(NF), Modify { off: 0, len: 8 }, Commit(F), Remap, Truncate]);
+    }
+}
+
+/// Regression (found by the crash model with the fix removed): pages a
+/// checkpoint did not sweep before it was abandoned (or overtaken by a
+/// replay) stayed marked in the old generation only, so the next
+/// checkpoint skipped them and freed their log records.
+#[test]
+fn regression_abandoned_checkpoint_pages_go_to_the_next_one() {
+    for coalesce in [true, false] {
+        let ops = [Modify { off: 0, len: 8 }, Commit(F), CkptStart, CkptAbandon, CkptStart, CkptFinish];
+        run(&Cfg::roomy(coalesce), &ops);
+        let ops =
+            [Modify { off: 0, len: 8 }, Commit(NF), CkptStart, CkptStep(1), CkptAbandon, Checkpoint, Crash(keep(3))];
+        run(&Cfg::roomy(coalesce), &ops);
+        // A page rebuilt at setup (a transaction was in flight) and written,
+        // then the checkpoint abandoned: the write must be synced before a
+        // later checkpoint frees the log.
+        let ops = [
+            Modify { off: 0, len: 8 },
+            Commit(F),
+            Modify { off: 0, len: 56 },
+            CkptStart,
+            Drop,
+            Begin(R),
+            CkptAbandon,
+            Checkpoint,
+        ];
+        run(&Cfg::roomy(coalesce), &ops);
+    }
+}
+
+/// A transaction in flight across the freeze, in both modes, committed or
+/// aborted after it: its bytes never reach the segment through the sweep.
+#[test]
+fn transaction_in_flight_across_the_freeze() {
+    for mode in [R, NR] {
+        for end in [Commit(NF), Abort, Drop] {
+            let ops = [
+                Modify { off: 0, len: 64 },
+                Commit(NF),
+                Begin(mode),
+                Modify { off: 16, len: 32 },
+                CkptStart,
+                Modify { off: 4000, len: 200 },
+                CkptStep(1),
+                end.clone(),
+                CkptFinish,
+                Crash(keep(1)),
+            ];
+            run(&Cfg::roomy(true), &ops);
+            run(&Cfg::roomy(false), &ops);
+        }
     }
 }
 

@@ -82,6 +82,16 @@ impl PageBits {
         }
     }
 
+    /// Moves every page of `self` into `other`.
+    fn move_into(&self, other: &PageBits) {
+        for (a, b) in self.words.iter().zip(other.words.iter()) {
+            let w = a.swap(0, Ordering::AcqRel);
+            if w != 0 {
+                b.fetch_or(w, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Pages in both `self` and `other`, in order.
     fn intersection<'a>(&'a self, other: &'a PageBits) -> impl Iterator<Item = usize> + 'a {
         self.words.iter().zip(other.words.iter()).enumerate().flat_map(|(i, (a, b))| {
@@ -405,7 +415,7 @@ impl Inner {
         let lsn = match r {
             Ok(lsn) => lsn,
             Err(e) => {
-                self.drop_checkpoint();
+                self.drop_checkpoint()?;
                 return Err(e);
             }
         };
@@ -420,7 +430,7 @@ impl Inner {
         if matches!(r, Ok(false)) {
             drop(guard);
             drop(_t);
-            self.drop_checkpoint();
+            let _ = self.drop_checkpoint();
             Counters::add(&self.counters.checkpoints_cancelled, 1);
             self.ckpt.retired_dirty.store(false, Ordering::SeqCst);
             // Everything committed before the flag was cleared, replayed.
@@ -429,19 +439,41 @@ impl Inner {
         }
         if r.is_err() {
             drop(guard);
-            self.drop_checkpoint();
+            let _ = self.drop_checkpoint();
             return self.poison(r).map(|_| Start::Overtaken);
         }
         Ok(Start::Started)
     }
 
     /// Takes down a checkpoint that will not finish (error or cancel).
-    fn drop_checkpoint(&self) {
-        *self.ckpt.sweep.lock() = None;
+    ///
+    /// Pages it wrote are synced: a swept page's bit is gone, so a later
+    /// checkpoint, which syncs only what it writes itself, would free the
+    /// log that covers it. (On an error path the instance is poisoned and
+    /// the sync result does not matter.)
+    fn drop_checkpoint(&self) -> Result<()> {
+        let dropped = self.ckpt.sweep.lock().take();
+        if dropped.is_some() {
+            // Pages not swept go back to the current generation: the log
+            // stays until the next checkpoint writes them (or a replay does).
+            let old = self.ckpt.old.load(Ordering::Acquire);
+            for r in self.regions.read().iter() {
+                r.track.dirty[old].move_into(&r.track.dirty[old ^ 1]);
+            }
+        }
         self.ckpt.barrier.store(false, Ordering::SeqCst);
-        let mut copies = self.ckpt.copies.lock();
-        copies.pages.clear();
-        copies.sweeping = false;
+        {
+            let mut copies = self.ckpt.copies.lock();
+            copies.pages.clear();
+            copies.sweeping = false;
+        }
+        let r = (|| {
+            for seg in dropped.iter().flat_map(|s| s.written.values()) {
+                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+            }
+            Ok(())
+        })();
+        self.poison(r)
     }
 
     /// Setup, with the truncation lock held: picks the regions to sweep and
@@ -572,7 +604,7 @@ impl Inner {
         let r = self.sweep_pages(sweep, max);
         if r.is_err() {
             drop(guard);
-            self.drop_checkpoint();
+            let _ = self.drop_checkpoint();
         }
         self.poison(r)
     }
@@ -633,6 +665,21 @@ impl Inner {
         self.finish_locked()
     }
 
+    /// Stops the running checkpoint without freeing the log: pages written
+    /// so far stay written (they hold committed bytes, and the log still
+    /// covers them), the rest wait for the next checkpoint.
+    pub(crate) fn checkpoint_abandon(&self) -> Result<bool> {
+        let _one = self.ckpt.starting.lock();
+        let _t = self.truncation.lock();
+        self.check_poison()?;
+        let running = self.ckpt.sweep.lock().is_some();
+        if running {
+            Counters::add(&self.counters.checkpoints_cancelled, 1);
+            self.drop_checkpoint()?;
+        }
+        Ok(running)
+    }
+
     /// With the truncation lock held: finishes a checkpoint that is set up,
     /// or cancels one still frozen (the caller is about to replay the log,
     /// which covers it).
@@ -640,7 +687,7 @@ impl Inner {
         let frozen = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Frozen);
         if frozen {
             Counters::add(&self.counters.checkpoints_cancelled, 1);
-            self.drop_checkpoint();
+            self.drop_checkpoint()?;
             return Ok(());
         }
         self.finish_locked().map(|_| ())
@@ -670,7 +717,7 @@ impl Inner {
         })();
         if r.is_err() {
             drop(guard);
-            self.drop_checkpoint();
+            let _ = self.drop_checkpoint();
             return self.poison(r).map(|_| None);
         }
         let before = self.head.swap(sweep.lsn.max(self.head.load(Ordering::Acquire)), Ordering::AcqRel);
@@ -681,7 +728,7 @@ impl Inner {
         Counters::add(&c.truncated_bytes, sweep.lsn.saturating_sub(before));
         *guard = None;
         drop(guard);
-        self.drop_checkpoint();
+        self.drop_checkpoint()?;
         Ok(Some(report))
     }
 }

@@ -468,6 +468,13 @@ impl Rvm {
         self.inner.checkpoint_finish()
     }
 
+    /// Stops the running checkpoint without freeing the log (pages already
+    /// written stay; they hold committed bytes the log still covers). The
+    /// next checkpoint writes the rest. Returns whether one was running.
+    pub fn checkpoint_abandon(&self) -> Result<bool> {
+        self.inner.checkpoint_abandon()
+    }
+
     /// Flushes, then applies the whole log to the segments and empties it.
     pub fn truncate(&self) -> Result<()> {
         self.inner.replay_all()
