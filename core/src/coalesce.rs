@@ -25,46 +25,82 @@ impl Piece {
     }
 }
 
+/// A sort key: where a piece goes, and its place in commit order.
+#[derive(Clone, Copy, Debug)]
+struct Key {
+    segment: u32,
+    offset: u64,
+    index: usize,
+    end: u64,
+}
+
+/// A coalesced run and where its bytes are painted in the scratch buffer.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    segment: u32,
+    offset: u64,
+    end: u64,
+    at: usize,
+}
+
+/// Buffers [`coalesce`] reuses from call to call (fresh buffers of tens of
+/// MiB per call cost more in page faults than the coalescing itself).
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    bytes: Vec<u8>,
+    keys: Vec<Key>,
+    runs: Vec<Run>,
+    run_of: Vec<usize>,
+}
+
 /// Calls `emit(segment, offset, bytes)` for each coalesced run, in
-/// (segment, offset) order. `scratch` is reused between calls.
+/// (segment, offset) order.
 pub(crate) fn coalesce<E>(
     pieces: &[Piece],
     data: &[u8],
-    scratch: &mut Vec<u8>,
+    scratch: &mut Scratch,
     mut emit: impl FnMut(u32, u64, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
-    let mut order: Vec<u32> = (0..pieces.len() as u32).collect();
-    // Stable sort keeps commit order among pieces that start together.
-    order.sort_by_key(|&i| (pieces[i as usize].segment, pieces[i as usize].offset));
-    let mut i = 0;
-    while i < order.len() {
-        let first = pieces[order[i] as usize];
-        let mut end = first.end();
-        let mut j = i + 1;
-        while j < order.len() {
-            let p = pieces[order[j] as usize];
-            if p.segment != first.segment || p.offset > end {
-                break;
-            }
-            end = end.max(p.end());
-            j += 1;
+    // One sort of direct keys (segment, offset, index; the index breaks ties,
+    // so an unstable sort does), one pass in that order to find the runs,
+    // and one pass in commit order to paint every piece into its run, laid
+    // side by side in `bytes`: the newest bytes win without sorting each run
+    // by age, and every pass reads memory in order.
+    let Scratch { bytes, keys, runs, run_of } = scratch;
+    keys.clear();
+    keys.extend(pieces.iter().enumerate().map(|(index, p)| Key {
+        segment: p.segment,
+        offset: p.offset,
+        index,
+        end: p.end(),
+    }));
+    keys.sort_unstable_by_key(|k| (k.segment, k.offset, k.index));
+    runs.clear();
+    run_of.clear();
+    run_of.resize(pieces.len(), 0);
+    for k in keys.iter() {
+        match runs.last_mut() {
+            Some(r) if r.segment == k.segment && k.offset <= r.end => r.end = r.end.max(k.end),
+            _ => runs.push(Run { segment: k.segment, offset: k.offset, end: k.end, at: 0 }),
         }
-        if j == i + 1 {
-            emit(first.segment, first.offset, &data[first.data_at..first.data_at + first.len])?;
-        } else {
-            // Paint the cluster's pieces in commit order: the newest wins.
-            let cluster = &mut order[i..j];
-            cluster.sort_unstable();
-            scratch.clear();
-            scratch.resize((end - first.offset) as usize, 0);
-            for &k in cluster.iter() {
-                let p = pieces[k as usize];
-                let at = (p.offset - first.offset) as usize;
-                scratch[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
-            }
-            emit(first.segment, first.offset, scratch)?;
-        }
-        i = j;
+        run_of[k.index] = runs.len() - 1;
+    }
+    let mut total = 0;
+    for r in runs.iter_mut() {
+        r.at = total;
+        total += (r.end - r.offset) as usize;
+    }
+    // Every byte of a run is painted below, so stale contents may stay.
+    if bytes.len() < total {
+        bytes.resize(total, 0);
+    }
+    for (p, &r) in pieces.iter().zip(run_of.iter()) {
+        let r = &runs[r];
+        let at = r.at + (p.offset - r.offset) as usize;
+        bytes[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
+    }
+    for r in runs.iter() {
+        emit(r.segment, r.offset, &bytes[r.at..r.at + (r.end - r.offset) as usize])?;
     }
     Ok(())
 }
@@ -85,7 +121,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        coalesce::<()>(&ps, &data, &mut Vec::new(), |s, o, b| {
+        coalesce::<()>(&ps, &data, &mut Scratch::default(), |s, o, b| {
             out.push((s, o, b.to_vec()));
             Ok(())
         })

@@ -3,7 +3,8 @@
 //! truncation by replay, recovery at open, and the background truncator.
 
 use crate::checkpoint::{CheckpointReport, Checkpointer, RegionTrack};
-use crate::coalesce::{coalesce, Piece};
+use crate::coalesce::{coalesce, Piece, Scratch};
+use crate::combine::Combiner;
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
 use crate::log::{self, LogDevice, Ring, ScanEnd, ScanStop};
@@ -165,7 +166,7 @@ struct Writer {
     /// Log position after the last written batch.
     written: u64,
     frames: Vec<u8>,
-    scratch: Vec<u8>,
+    scratch: Scratch,
 }
 
 #[derive(Debug)]
@@ -290,7 +291,12 @@ impl Rvm {
                 flushing: false,
             }),
             flushed: Condvar::new(),
-            writer: Mutex::new(Writer { next_batch: 0, written: head, frames: Vec::new(), scratch: Vec::new() }),
+            writer: Mutex::new(Writer {
+                next_batch: 0,
+                written: head,
+                frames: Vec::new(),
+                scratch: Scratch::default(),
+            }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
             head: AtomicU64::new(head),
@@ -1015,7 +1021,8 @@ struct Applier<R> {
     ready: Vec<Piece>,
     tx: Vec<Piece>,
     data: Vec<u8>,
-    scratch: Vec<u8>,
+    scratch: Scratch,
+    combiner: Combiner,
     segment_bytes: u64,
     log_bytes: u64,
 }
@@ -1030,7 +1037,8 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
             ready: Vec::new(),
             tx: Vec::new(),
             data: Vec::new(),
-            scratch: Vec::new(),
+            scratch: Scratch::default(),
+            combiner: Combiner::default(),
             segment_bytes: 0,
             log_bytes: 0,
         }
@@ -1075,9 +1083,20 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
     }
 
     fn apply_ready(&mut self) -> Result<()> {
-        let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, .. } = self;
+        let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, combiner, .. } = self;
+        // Runs go to the segments through the write combiner (one
+        // read-modify-write per cluster of nearby runs).
+        let mut write_pending = |c: &mut Combiner, devices: &HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>| {
+            let Some(seg) = c.pending() else { return Ok(()) };
+            // Every run's segment was resolved before the run was pushed.
+            let (dev, name, _) = devices
+                .get(&seg)
+                .ok_or_else(|| Error::corrupted(format!("log replay (segment id {seg} unresolved)"), "replay"))?;
+            *segment_bytes += c.write_to(dev.as_ref()).map_err(|e| Error::io("writing segment", name, e))?;
+            Ok::<(), Error>(())
+        };
         coalesce::<Error>(ready, data, scratch, |seg, off, bytes| {
-            let (dev, name, len) = match devices.entry(seg) {
+            let (_, name, len) = match devices.entry(seg) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     let (dev, name) = resolve(seg)?;
@@ -1091,10 +1110,13 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
                     name.display().to_string(),
                 ));
             }
-            dev.write_at(bytes, off).map_err(|e| Error::io("writing segment", &*name, e))?;
-            *segment_bytes += bytes.len() as u64;
+            if !combiner.joins(seg, off, bytes.len()) {
+                write_pending(combiner, devices)?;
+            }
+            combiner.push(seg, off, bytes);
             Ok(())
         })?;
+        write_pending(combiner, devices)?;
         ready.clear();
         // Keep the bytes of an unfinished transaction (they sit at the end).
         let keep_from = tx.first().map_or(data.len(), |p| p.data_at);

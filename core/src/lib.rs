@@ -14,6 +14,7 @@
 
 mod checkpoint;
 mod coalesce;
+mod combine;
 mod error;
 mod instance;
 pub mod log;
