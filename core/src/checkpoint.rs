@@ -205,10 +205,10 @@ pub(crate) struct Checkpointer {
     /// A region with dirty pages was unmapped: the next checkpoint must
     /// replay the log instead (the pages' memory is gone).
     retired_dirty: AtomicBool,
+    /// Pages writers are writing to segments right now (copy pool full).
+    writer_writes: AtomicUsize,
 }
 
-/// Pages a writer sweeps when the copy pool is full.
-const ASSIST_PAGES: usize = 16;
 /// Pages written with one `write_at` at most.
 const RUN_PAGES: usize = 64;
 
@@ -225,6 +225,7 @@ impl Checkpointer {
             copy_limit: copy_limit.max(1),
             generation: AtomicU64::new(generation),
             retired_dirty: AtomicBool::new(false),
+            writer_writes: AtomicUsize::new(0),
         }
     }
 
@@ -323,32 +324,57 @@ impl Inner {
                 continue;
             }
             let key = (region_key(region), p);
-            let mut assisted = false;
-            loop {
-                let mut copies = self.ckpt.copies.lock();
-                if !set.contains(p) || copies.pages.contains_key(&key) {
-                    break;
-                }
-                if copies.pages.len() >= self.ckpt.copy_limit && copies.sweeping && !assisted {
-                    // The pool is full: help the sweep instead of copying
-                    // more (this slows the writer down, bounding memory).
-                    drop(copies);
-                    Counters::add(&self.counters.checkpoint_stalls, 1);
-                    assisted = true;
-                    let _ = self.checkpoint_step(ASSIST_PAGES);
-                    continue;
-                }
-                let mut page = vec![0u8; ps].into_boxed_slice();
-                // SAFETY: the page lies inside `region`, whose mapping this
-                // transaction holds; other threads may store into ranges of
-                // transactions in flight at the freeze, which the sweep
-                // rebuilds from the log, so a racy byte there is never used.
-                unsafe { mem::copy_from_racy(region.addr() + p * ps, &mut page) };
+            let mut copies = self.ckpt.copies.lock();
+            if !set.contains(p) || copies.pages.contains_key(&key) {
+                continue;
+            }
+            let mut page = vec![0u8; ps].into_boxed_slice();
+            // SAFETY: the page lies inside `region`, whose mapping this
+            // transaction holds. Once the sweep is set up, no transaction in
+            // flight at the freeze has a range in a page of the old set (those
+            // pages were rebuilt and left the set), so nothing stores into it
+            // now; before that, racy bytes land only in pages the setup
+            // rebuilds, and their copies are dropped.
+            unsafe { mem::copy_from_racy(region.addr() + p * ps, &mut page) };
+            if copies.pages.len() < self.ckpt.copy_limit || !copies.sweeping {
                 copies.pages.insert(key, page);
                 Counters::add(&self.counters.checkpoint_copies, 1);
-                break;
+                continue;
             }
+            // The copy pool is full: write the page out now, on this thread
+            // (slowing the writer down rather than holding more memory).
+            set.remove(p);
+            self.ckpt.writer_writes.fetch_add(1, Ordering::AcqRel);
+            drop(copies);
+            let off = region.offset + (p * ps) as u64;
+            let r = region
+                .segment
+                .dev
+                .write_at(&page, off)
+                .map_err(|e| Error::io("writing segment", &region.segment.name, e));
+            self.ckpt.writer_writes.fetch_sub(1, Ordering::AcqRel);
+            Counters::add(&self.counters.checkpoint_stalls, 1);
+            Counters::add(&self.counters.checkpoint_pages, 1);
+            Counters::add(&self.counters.checkpoint_bytes, ps as u64);
+            let _ = self.poison(r);
         }
+    }
+
+    /// Syncs every segment the sweep may have written (its own writes, and
+    /// pages writers wrote when the copy pool was full), once no writer is
+    /// still writing one.
+    fn sync_swept(&self, sweep: &Sweep) -> Result<()> {
+        while self.ckpt.writer_writes.load(Ordering::Acquire) > 0 {
+            std::thread::yield_now();
+        }
+        let mut segs: HashMap<u32, &Arc<SegmentInner>> = sweep.written.iter().map(|(k, v)| (*k, v)).collect();
+        for r in &sweep.regions {
+            segs.entry(r.segment.id).or_insert(&r.segment);
+        }
+        for seg in segs.values() {
+            seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+        }
+        Ok(())
     }
 
     /// Runs a whole checkpoint (finishing one in progress first): every
@@ -467,13 +493,13 @@ impl Inner {
             copies.pages.clear();
             copies.sweeping = false;
         }
-        let r = (|| {
-            for seg in dropped.iter().flat_map(|s| s.written.values()) {
-                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+        match &dropped {
+            Some(sweep) => {
+                let r = self.sync_swept(sweep);
+                self.poison(r)
             }
-            Ok(())
-        })();
-        self.poison(r)
+            None => Ok(()),
+        }
     }
 
     /// Setup, with the truncation lock held: picks the regions to sweep and
@@ -699,9 +725,7 @@ impl Inner {
         let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(None) };
         let r = (|| {
             self.sweep_pages(sweep, usize::MAX)?;
-            for seg in sweep.written.values() {
-                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
-            }
+            self.sync_swept(sweep)?;
             let generation = self.ckpt.generation.load(Ordering::Relaxed) + 1;
             let mut st = self.status.lock();
             let mut next = st.status.clone();

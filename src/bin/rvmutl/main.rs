@@ -6,6 +6,7 @@
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
+//! rvmutl checkpoint <log>               open (recovering), checkpoint, close
 //! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
 //! rvmutl segment show <seg> [--log <log>] [--spec | --json]
 //! ```
@@ -96,6 +97,15 @@ enum Command {
     /// Open the log as an application would (running recovery), truncate it, and close it.
     #[command(after_help = EXIT_CODES)]
     Truncate {
+        /// The log.
+        log: PathBuf,
+    },
+    /// Open the log as an application would (running recovery), run a generation checkpoint, and close it.
+    ///
+    /// A log no program has open has no memory to sweep: recovery replays its records onto the segments,
+    /// then the checkpoint records its position and generation in the status (see `status`).
+    #[command(after_help = EXIT_CODES)]
+    Checkpoint {
         /// The log.
         log: PathBuf,
     },
@@ -213,6 +223,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Dump { log, json } => dump(&log, json, out),
         Command::Recover { log } => recover(&log, out),
         Command::Truncate { log } => truncate(&log, out),
+        Command::Checkpoint { log } => checkpoint(&log, out),
         Command::Segment(command) => segment::run(command, out),
     }
 }
@@ -572,6 +583,28 @@ fn truncate(path: &Path, out: &mut dyn Write) -> Outcome {
         out,
         "truncated: {} bytes applied; log empty at position {} ({} of {} bytes free); closed",
         before.log_used, after.head, after.log_free, after.log_capacity
+    )?;
+    Ok(())
+}
+
+fn checkpoint(path: &Path, out: &mut dyn Write) -> Outcome {
+    let opts = Options { truncate_threshold: None, ..Options::default() };
+    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+    writeln!(out, "opened {} (recovery at open):", path.display())?;
+    recovery_lines(&rvm.recovery_report(), out)?;
+    let report = rvm.checkpoint()?;
+    let q = rvm.query();
+    rvm.close()?;
+    let generation =
+        LogInspector::open(&FileVfs, path).ok().and_then(|l| l.status().ok().map(|s| s.checkpoint_generation));
+    writeln!(
+        out,
+        "checkpoint at log position {}{}: {} page(s) written; log empty ({} of {} bytes free); closed",
+        report.lsn,
+        generation.map(|g| format!(", generation {g}")).unwrap_or_default(),
+        report.pages,
+        q.log_free,
+        q.log_capacity
     )?;
     Ok(())
 }
