@@ -244,9 +244,16 @@ impl Checkpointer {
         self.barrier.load(Ordering::Acquire)
     }
 
-    /// Registers a new transaction (at begin).
-    pub fn track(&self) -> Arc<TxTrack> {
-        let t = Arc::new(TxTrack::default());
+    /// Registers a new transaction (at begin), reusing `spare` (a record
+    /// no one else holds) if given.
+    pub fn track(&self, spare: Option<Arc<TxTrack>>) -> Arc<TxTrack> {
+        let t = match spare {
+            Some(t) => {
+                t.ranges.lock().clear();
+                t
+            }
+            None => Arc::new(TxTrack::default()),
+        };
         self.txs.lock().push(t.clone());
         t
     }

@@ -172,6 +172,24 @@ pub unsafe fn copy_from(addr: usize, dst: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
 }
 
+/// Appends `len` bytes of mapped memory at `addr` to `dst` (no zero-fill
+/// first).
+///
+/// # Safety
+///
+/// As for [`copy_from`].
+pub unsafe fn append_from(addr: usize, len: usize, dst: &mut Vec<u8>) {
+    dst.reserve(len);
+    let at = dst.len();
+    // SAFETY: the source is valid and not concurrently written (contract);
+    // `reserve` made room for `len` bytes after `at`, which the copy
+    // initializes before `set_len` exposes them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr().add(at), len);
+        dst.set_len(at + len);
+    }
+}
+
 /// Copies mapped memory that other threads may be storing into at the same
 /// time (the checkpoint's page snapshots): byte-wise volatile reads, so the
 /// compiler assumes nothing about the source. Bytes that a concurrent store
