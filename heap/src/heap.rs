@@ -834,10 +834,10 @@ impl<'h> HeapTx<'h> {
     pub fn free(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let heap = self.heap;
         let addr = ptr.as_ptr() as usize;
-        let bad = HeapError::InvalidPointer { addr };
-        let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad) };
+        let bad = || HeapError::InvalidPointer { addr };
+        let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
         if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
-            return Err(bad);
+            return Err(bad());
         }
         let off = data_off - HDR;
         if let Some(r) = self.allocs.get_mut(&off) {
@@ -858,7 +858,7 @@ impl<'h> HeapTx<'h> {
                 // or never a block.
                 return match st.committed_free.range(..=off).next_back() {
                     Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
-                    _ => Err(bad),
+                    _ => Err(bad()),
                 };
             }
         };
@@ -996,6 +996,8 @@ impl Drop for HeapTx<'_> {
 enum MirrorOp {
     Removed(u64, u64),
     Inserted(u64),
+    /// Size changed in place from the size given.
+    Resized(u64, u64),
 }
 
 /// What a commit changed, to put back if the core commit fails.
@@ -1048,7 +1050,7 @@ impl Undo {
         // Newest first, so a block a commit both made and used goes away.
         for op in self.mirror.iter().rev() {
             match *op {
-                MirrorOp::Removed(off, size) => {
+                MirrorOp::Removed(off, size) | MirrorOp::Resized(off, size) => {
                     st.committed_free.insert(off, size);
                 }
                 MirrorOp::Inserted(off) => {
@@ -1076,7 +1078,7 @@ impl Undo {
         // the failed transaction is over.
         let (base, nonce) = (heap.base(), heap.header.nonce);
         for op in &self.mirror {
-            if let MirrorOp::Removed(off, size) = *op {
+            if let MirrorOp::Removed(off, size) | MirrorOp::Resized(off, size) = *op {
                 if st.committed_free.get(&off) == Some(&size) {
                     let h = BlockHeader { size, allocated: false, slack: 0 };
                     heap.write_back(base + off as usize, &h.encode(nonce, off));
@@ -1156,14 +1158,22 @@ fn apply_intents(
             continue;
         }
         // The committed free block that holds the reservation (committed
-        // free blocks are maximal, so one holds it whole).
-        let (f, fs) = match st.committed_free.range(..=off).next_back() {
-            Some((&f, &fs)) if off + r.size <= f + fs => (f, fs),
+        // free blocks are maximal, so one holds it whole); what lies before
+        // the reservation stays free, resized in place.
+        let (f, fs) = match st.committed_free.range_mut(..=off).next_back() {
+            Some((&f, fs)) if off + r.size <= f + *fs => {
+                let old = *fs;
+                if off > f {
+                    undo.mirror.push(MirrorOp::Resized(f, old));
+                    *fs = off - f;
+                }
+                (f, old)
+            }
             _ => return Err(corrupt("reserved block outside committed free space", off)),
         };
-        undo.remove(st, f);
-        if off > f {
-            undo.insert(st, f, off - f);
+        if off == f {
+            undo.remove(st, f);
+        } else {
             let h = BlockHeader { size: off - f, allocated: false, slack: 0 };
             raw::store(tx, base + f as usize, &h.encode(nonce, f))?;
         }
@@ -1186,23 +1196,33 @@ fn apply_intents(
     }
     for fr in frees {
         let (off, size) = (fr.off, fr.size);
-        let (mut start, mut end) = (off, off + size);
-        if let Some((&p, &ps)) = st.committed_free.range(..off).next_back() {
-            if p + ps > off {
-                return Err(corrupt("freed block inside committed free space", off));
-            }
-            if p + ps == off {
-                undo.remove(st, p);
-                start = p;
-                // The freed block's header is now interior: invalidate it so
-                // a stale pointer can never pass for a live block.
-                raw::store(tx, base + off as usize, &[0u8; HDR as usize])?;
-            }
-        }
+        let mut end = off + size;
+        // Merge with the free block after, then with the one before (resized
+        // in place), else it becomes a free block of its own.
         if let Some(ns) = undo.remove(st, end) {
             end += ns;
         }
-        undo.insert(st, start, end - start);
+        let prev = match st.committed_free.range_mut(..off).next_back() {
+            Some((&p, ps)) if p + *ps > off => return Err(corrupt("freed block inside committed free space", off)),
+            Some((&p, ps)) if p + *ps == off => {
+                undo.mirror.push(MirrorOp::Resized(p, *ps));
+                *ps = end - p;
+                Some(p)
+            }
+            _ => None,
+        };
+        let start = match prev {
+            Some(p) => {
+                // The freed block's header is now interior: invalidate it so
+                // a stale pointer can never pass for a live block.
+                raw::store(tx, base + off as usize, &[0u8; HDR as usize])?;
+                p
+            }
+            None => {
+                undo.insert(st, off, end - off);
+                off
+            }
+        };
         let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
         raw::store(tx, base + start as usize, &fh.encode(nonce, start))?;
         counters.frees += 1;
