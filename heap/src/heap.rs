@@ -567,7 +567,7 @@ impl Heap {
         Ok(HeapTx {
             heap: self,
             tx: Some(self.rvm.begin(mode)?),
-            allocs: HashMap::default(),
+            allocs: Spare::take(),
             frees: Vec::new(),
             roots: Vec::new(),
         })
@@ -748,6 +748,66 @@ struct Reserved {
     freed: bool,
 }
 
+/// The blocks a transaction reserved, in order, with an index by offset
+/// that is built only when a transaction with many of them looks one up
+/// (to free it, or to root it).
+#[derive(Debug, Default)]
+struct Reservations {
+    list: Vec<(u64, Reserved)>,
+    index: HashMap<u64, usize, OffsetBuild>,
+    /// `index` covers `list[..indexed]`.
+    indexed: usize,
+}
+
+impl Reservations {
+    fn push(&mut self, off: u64, r: Reserved) {
+        self.list.push((off, r));
+    }
+
+    fn find(&mut self, off: u64) -> Option<&mut Reserved> {
+        if self.list.len() <= 16 {
+            return self.list.iter_mut().rev().find(|e| e.0 == off).map(|e| &mut e.1);
+        }
+        while self.indexed < self.list.len() {
+            self.index.insert(self.list[self.indexed].0, self.indexed);
+            self.indexed += 1;
+        }
+        let i = *self.index.get(&off)?;
+        Some(&mut self.list[i].1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(u64, Reserved)> + '_ {
+        self.list.iter()
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.index.clear();
+        self.indexed = 0;
+    }
+}
+
+thread_local! {
+    /// Each thread's spare reservation list, reused by its next transaction
+    /// (growing a fresh one for every transaction costs more than the
+    /// allocations it records).
+    static SPARE: std::cell::RefCell<Option<Reservations>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Access to [`SPARE`].
+struct Spare;
+
+impl Spare {
+    fn take() -> Reservations {
+        SPARE.with(|s| s.borrow_mut().take()).unwrap_or_default()
+    }
+
+    fn give(mut r: Reservations) {
+        r.clear();
+        SPARE.with(|s| *s.borrow_mut() = Some(r));
+    }
+}
+
 /// A transaction on the heap: allocations and frees take effect at commit,
 /// together with the stores the transaction declares. Dropping it without
 /// committing aborts it.
@@ -756,7 +816,7 @@ pub struct HeapTx<'h> {
     heap: &'h Heap,
     tx: Option<Transaction<'h>>,
     /// Blocks reserved by this transaction, by offset.
-    allocs: HashMap<u64, Reserved, OffsetBuild>,
+    allocs: Reservations,
     /// Committed blocks to free at commit.
     frees: Vec<Freed>,
     roots: Vec<RootChange>,
@@ -822,7 +882,7 @@ impl<'h> HeapTx<'h> {
         // At most the 16-byte rounding, the tail guard and a leftover too
         // small to stand alone (< MIN_BLOCK): always fits in u32.
         let slack = (block - HDR - size as u64) as u32;
-        self.allocs.insert(off, Reserved { size: block, slack, freed: false });
+        self.allocs.push(off, Reserved { size: block, slack, freed: false });
         // Header and tail guard are written at commit.
         NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
     }
@@ -840,7 +900,7 @@ impl<'h> HeapTx<'h> {
             return Err(bad());
         }
         let off = data_off - HDR;
-        if let Some(r) = self.allocs.get_mut(&off) {
+        if let Some(r) = self.allocs.find(off) {
             if r.freed {
                 return Err(HeapError::DoubleFree { addr });
             }
@@ -881,7 +941,7 @@ impl<'h> HeapTx<'h> {
             Some((ptr, size, tag)) => {
                 let addr = ptr.as_ptr() as usize;
                 let off = block_off(self.heap, ptr);
-                let capacity = match self.allocs.get(&off) {
+                let capacity = match self.allocs.find(off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
                     None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.off == off) => None,
@@ -916,10 +976,10 @@ impl<'h> HeapTx<'h> {
         let allocs = std::mem::take(&mut self.allocs);
         let frees = std::mem::take(&mut self.frees);
         let roots = std::mem::take(&mut self.roots);
-        let mut st = heap.state.lock();
+        let mut guard = heap.state.lock();
         let mut undo = Undo::new(tx.mode(), frees.len());
         let mut tx = tx;
-        let result = match apply_intents(heap, &mut st, &mut tx, &allocs, &frees, &roots, &mut undo) {
+        let result = match apply_intents(heap, &mut guard, &mut tx, &allocs, &frees, &roots, &mut undo) {
             // The core commit copies the new values while the lock is held,
             // so no other commit can write heap metadata in between.
             Ok(()) => tx.commit(CommitMode::NoFlush).map_err(HeapError::from),
@@ -930,10 +990,10 @@ impl<'h> HeapTx<'h> {
                 Err(e)
             }
         };
-        let st = &mut *st;
+        let st = &mut *guard;
         match &result {
             Ok(()) => {
-                for (&off, r) in &allocs {
+                for &(off, r) in allocs.iter() {
                     st.reserved -= r.size;
                     if r.freed {
                         st.avail.release(off, r.size);
@@ -952,7 +1012,7 @@ impl<'h> HeapTx<'h> {
                 // restore mode); put back what the heap changed in memory and
                 // in its mirrors, still under the lock.
                 undo.rollback(heap, st, &frees);
-                for (&off, r) in &allocs {
+                for &(off, r) in allocs.iter() {
                     st.reserved -= r.size;
                     st.avail.release(off, r.size);
                 }
@@ -961,6 +1021,9 @@ impl<'h> HeapTx<'h> {
                 }
             }
         }
+        // Not under the lock: the flush below waits for the disk.
+        drop(guard);
+        Spare::give(allocs);
         result?;
         if mode == CommitMode::Flush {
             heap.rvm.flush()?;
@@ -981,13 +1044,15 @@ impl Drop for HeapTx<'_> {
         // it may write old bytes back into them.
         tx.abort();
         let mut st = self.heap.state.lock();
-        for (off, r) in self.allocs.drain() {
+        for &(off, r) in self.allocs.iter() {
             st.reserved -= r.size;
             st.avail.release(off, r.size);
         }
         for f in self.frees.drain(..) {
             st.pending_frees.remove(&f.off);
         }
+        drop(st);
+        Spare::give(std::mem::take(&mut self.allocs));
     }
 }
 
@@ -1107,7 +1172,7 @@ fn apply_intents(
     heap: &Heap,
     st: &mut State,
     tx: &mut Transaction<'_>,
-    allocs: &HashMap<u64, Reserved, OffsetBuild>,
+    allocs: &Reservations,
     frees: &[Freed],
     roots: &[RootChange],
     undo: &mut Undo,
@@ -1153,7 +1218,7 @@ fn apply_intents(
         raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
     }
     let mut counters = st.counters;
-    for (&off, r) in allocs {
+    for &(off, r) in allocs.iter() {
         if r.freed {
             continue;
         }
