@@ -203,7 +203,7 @@ pub unsafe fn copy_from_racy(addr: usize, dst: &mut [u8]) {
     let src = addr as *const u8;
     let mut i = 0;
     // Byte reads up to 8-byte alignment, then whole words, then bytes.
-    while i < dst.len() && (addr + i) % 8 != 0 {
+    while i < dst.len() && !(addr + i).is_multiple_of(8) {
         // SAFETY: inside the live mapping per the contract; volatile reads
         // of plain memory that may be written concurrently (see above).
         dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };

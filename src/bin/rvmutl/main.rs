@@ -9,6 +9,7 @@
 //! rvmutl checkpoint <log>               open (recovering), checkpoint, close
 //! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
 //! rvmutl segment show <seg> [--log <log>] [--spec | --json]
+//! rvmutl heap create|check|stats ...    RDS heaps (see heap.rs)
 //! ```
 //!
 //! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
@@ -16,6 +17,7 @@
 //! log names cannot be opened; 3 not a log, unsupported version, or a
 //! corrupted log. `status` and `dump` only read; they never repair.
 
+mod heap;
 mod segment;
 
 use clap::{Parser, Subcommand};
@@ -112,6 +114,9 @@ enum Command {
     /// Create a segment with a load map (regions at fixed addresses), or print a segment's load map.
     #[command(subcommand, after_help = EXIT_CODES)]
     Segment(segment::SegmentCommand),
+    /// Create, check and inspect RDS heaps (`rvmutl heap --help`).
+    #[command(subcommand)]
+    Heap(heap::HeapCommand),
 }
 
 /// Why a command failed.
@@ -125,6 +130,8 @@ enum Failure {
     Output(io::Error),
     /// An error from the segment loader (`segment` subcommands).
     Loader(rvm::loader::LoaderError),
+    /// A heap error (not a core one).
+    Heap(rvm::heap::HeapError),
 }
 
 impl From<Error> for Failure {
@@ -172,6 +179,7 @@ fn report_failure(failure: &Failure) -> u8 {
             eprintln!("rvmutl: error: writing the output: {e}");
             EXIT_IO
         }
+        Failure::Heap(e) => heap::report(e),
         Failure::NoValidStatus => {
             eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
@@ -225,6 +233,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Truncate { log } => truncate(&log, out),
         Command::Checkpoint { log } => checkpoint(&log, out),
         Command::Segment(command) => segment::run(command, out),
+        Command::Heap(cmd) => heap::run(cmd, out),
     }
 }
 
