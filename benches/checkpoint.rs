@@ -18,7 +18,8 @@
 //!    every logged record (classic RVM truncation; the log's range bytes).
 //!
 //! `cargo bench --bench checkpoint`; `RVM_BENCH_QUICK=1` for a short run
-//! (smaller sizes); `RVM_BENCH_DIR` picks the folder (default: a temporary
+//! (smaller sizes); `RVM_BENCH_ONLY=freeze|sweep|bytes` for one part;
+//! `RVM_BENCH_VERBOSE=1` prints each sweep's statistics; `RVM_BENCH_DIR` picks the folder (default: a temporary
 //! folder under the system's temp folder; it must be a real disk).
 
 use rvm::{create_log, CommitMode, CopyMode, MapSpec, Options, Region, RestoreMode, Rvm};
@@ -165,6 +166,7 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
     rvm.checkpoint().expect("checkpoint");
     let mut base = Vec::new();
     let mut during = Vec::new();
+    let mut io_only = Vec::new();
     let mut sweep_secs = Vec::new();
     let mut copies = Vec::new();
     for round in 0..rounds {
@@ -185,12 +187,40 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
         });
         let after = rvm.stats();
         copies.push((after.checkpoint_copies - before.checkpoint_copies) as f64);
+        if std::env::var_os("RVM_BENCH_VERBOSE").is_some() {
+            eprintln!(
+                "round {round}: copies {} stalls {} pages {} rebuilt {}",
+                after.checkpoint_copies - before.checkpoint_copies,
+                after.checkpoint_stalls - before.checkpoint_stalls,
+                after.checkpoint_pages - before.checkpoint_pages,
+                after.checkpoint_rebuilt_pages - before.checkpoint_rebuilt_pages
+            );
+        }
         during.push(rate);
         sweep_secs.push(secs);
         // The same workload for as long, no checkpoint (the hot region's
         // pages are dirty again; nothing sweeps them).
         let d = Duration::from_secs_f64(secs);
         base.push(workload(&rvm, &hot, &|t| t >= d, 300 + round as u64));
+        // The same workload while another thread only writes as many bytes
+        // to a file and syncs it (no checkpoint): what the machine's second
+        // core and the page cache cost, apart from the checkpoint.
+        let done = AtomicBool::new(false);
+        let path = dir.join("io-only");
+        io_only.push(std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&path).expect("io file");
+                let chunk = vec![7u8; 256 << 10];
+                for _ in 0..sweep_len / chunk.len() {
+                    f.write_all(&chunk).expect("write");
+                }
+                f.sync_data().expect("sync");
+                done.store(true, Ordering::Release);
+            });
+            workload(&rvm, &hot, &|_| done.load(Ordering::Acquire), 400 + round as u64)
+        }));
+        let _ = std::fs::remove_file(&path);
         rvm.checkpoint().expect("checkpoint");
     }
     let (b, d) = (median(base.clone()), median(during.clone()));
@@ -198,6 +228,11 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
     println!("|---|---|---|");
     println!("| no checkpoint | {:.0} | {:?} |", b, base.iter().map(|x| *x as u64).collect::<Vec<_>>());
     println!("| during the sweep | {:.0} | {:?} |", d, during.iter().map(|x| *x as u64).collect::<Vec<_>>());
+    println!(
+        "| while another thread writes and syncs as many bytes to a file | {:.0} | {:?} |",
+        median(io_only.clone()),
+        io_only.iter().map(|x| *x as u64).collect::<Vec<_>>()
+    );
     println!(
         "\nduring / without = {:.2}; sweep (freeze to finish, incl. segment fsync) median {:.2} s; barrier copies per sweep median {:.0}",
         d / b,
@@ -261,9 +296,17 @@ fn main() {
         None => tempfile::tempdir(),
     }
     .expect("bench folder");
-    let rounds = if quick() { 3 } else { 7 };
     println!("# Generation checkpoint benchmark ({})", if quick() { "quick" } else { "full" });
-    freeze_times(tmp.path(), rounds);
-    throughput_during_sweep(tmp.path(), if quick() { 2 } else { 5 });
-    hot_spot(tmp.path());
+    // `RVM_BENCH_ONLY=freeze|sweep|bytes` runs one part.
+    let only = std::env::var("RVM_BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
+    if part("freeze") {
+        freeze_times(tmp.path(), if quick() { 5 } else { 41 });
+    }
+    if part("sweep") {
+        throughput_during_sweep(tmp.path(), if quick() { 2 } else { 5 });
+    }
+    if part("bytes") {
+        hot_spot(tmp.path());
+    }
 }

@@ -41,7 +41,7 @@ pub struct Options {
     /// wait for a sweep.
     pub reclaim: Reclaim,
     /// Pages the checkpoint's write barrier may hold as copies at once
-    /// (default 1024, 4 MiB with 4 KiB pages). Past it, a writer that
+    /// (default 16384, 64 MiB with 4 KiB pages). Past it, a writer that
     /// touches a page still waiting to be swept sweeps pages itself first.
     pub checkpoint_copy_limit: usize,
 }
@@ -53,7 +53,7 @@ impl Default for Options {
             pending_limit: 4 << 20,
             truncate_threshold: Some(0.5),
             reclaim: Reclaim::Checkpoint,
-            checkpoint_copy_limit: 1024,
+            checkpoint_copy_limit: 16384,
         }
     }
 }
