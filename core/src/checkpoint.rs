@@ -430,6 +430,7 @@ impl Inner {
                 .write_at(&page, off)
                 .map_err(|e| Error::io("writing segment", &region.segment.name, e));
             self.ckpt.writer_writes.fetch_sub(1, Ordering::AcqRel);
+            self.ckpt.copies.lock().recycle(page);
             Counters::add(&self.counters.checkpoint_stalls, 1);
             Counters::add(&self.counters.checkpoint_pages, 1);
             Counters::add(&self.counters.checkpoint_bytes, ps as u64);
