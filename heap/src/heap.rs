@@ -2,15 +2,15 @@
 //!
 //! # How concurrent transactions never tangle
 //!
-//! Persistent allocator metadata is the block headers, the counters and the
-//! root slots. They are written **only at commit**, under the heap lock, into
+//! Persistent allocator metadata is the block headers and tail guards, the
+//! counters and the root slots. They are written **only at commit**, under the heap lock, into
 //! the committing transaction, and the core commit (which copies the new
 //! values) happens before the lock is released. So no transaction ever holds
 //! an uncommitted change to heap metadata while another runs: an abort has
 //! nothing of the heap's to restore, and cannot clobber anyone.
 //!
 //! Between `malloc` and commit, the block is only *reserved* in volatile
-//! state ([`Avail`]); its header is written at commit, computed against the
+//! state ([`Avail`]); its header and tail guard are written at commit, computed against the
 //! committed layout at that moment (a mirror of the committed free blocks is
 //! kept in memory). `free` is deferred to commit (RDS's rule): an abort never
 //! loses a block, and an allocation of an aborted transaction returns to the
@@ -19,7 +19,7 @@
 //! restored), even when the transaction frees it itself: otherwise another
 //! transaction could reuse the memory while this one still has ranges
 //! declared in it, and this one's restore-mode abort would overwrite the
-//! other's data or committed headers.
+//! other's data. The full argument is in `docs/DESIGN.md`, section 7.3.
 
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
