@@ -4,6 +4,15 @@
 use rvm::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
 use serde_json::Value;
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Serializes the tests of this file: a process spawned by one test holds
+/// duplicates of the test process's file descriptors between fork and exec,
+/// and with them the lock of a log another test has open.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn rvmutl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
@@ -18,6 +27,7 @@ fn expect_code(o: &Output, code: i32) -> String {
 
 #[test]
 fn checkpoint_replays_and_records_its_position() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let seg = dir.path().join("seg");
@@ -49,6 +59,7 @@ fn checkpoint_replays_and_records_its_position() {
 
 #[test]
 fn checkpoint_on_bad_files_fails_cleanly() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![7u8; 300_000]).unwrap();
