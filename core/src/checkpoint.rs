@@ -27,7 +27,7 @@ use crate::log::{self, format};
 use crate::mem;
 use crate::segment::{RegionInner, SegmentInner};
 use crate::stats::Counters;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,7 +58,7 @@ impl PageBits {
     }
 
     pub fn contains(&self, p: usize) -> bool {
-        self.words[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+        self.words.get(p / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (p % 64)) != 0)
     }
 
     pub fn remove(&self, p: usize) {
@@ -67,6 +67,11 @@ impl PageBits {
 
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    }
+
+    /// Pages in the set.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.load(Ordering::Acquire).count_ones() as usize).sum()
     }
 
     /// The first page at or after `from` in the set.
@@ -107,6 +112,19 @@ impl PageBits {
     }
 }
 
+/// A value on cache lines of its own, so that one thread's stores to it do
+/// not slow down other threads' loads of its neighbours (false sharing).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// A region's checkpoint bookkeeping.
 #[derive(Debug)]
 pub(crate) struct RegionTrack {
@@ -116,8 +134,9 @@ pub(crate) struct RegionTrack {
     /// open transaction (a no-restore abort left its stores there). The
     /// sweep always rebuilds them from the segment and the log.
     pub polluted: PageBits,
-    /// Sequence number of the last commit that changed the region.
-    pub last_tx: AtomicU64,
+    /// Sequence number of the last commit that changed the region
+    /// (written by every commit; kept apart from what the sweep reads).
+    pub last_tx: Padded<AtomicU64>,
 }
 
 impl RegionTrack {
@@ -126,7 +145,7 @@ impl RegionTrack {
         RegionTrack {
             dirty: [PageBits::new(pages), PageBits::new(pages)],
             polluted: PageBits::new(pages),
-            last_tx: AtomicU64::new(0),
+            last_tx: Padded(AtomicU64::new(0)),
         }
     }
 
@@ -152,9 +171,15 @@ impl TxTrack {
 struct Copies {
     /// (region key, page) → the page as it stood before a post-freeze store.
     pages: HashMap<(usize, usize), Box<[u8]>>,
-    /// Whether the sweep is set up (writers may then help it instead of
-    /// copying past the limit).
+    /// Page buffers to reuse (fresh memory costs a page fault per page on
+    /// the writer's path); at most [`SPARE_PAGES`] are kept.
+    spare: Vec<Box<[u8]>>,
+    /// Whether the sweep is set up (writers may then write pages out
+    /// themselves instead of copying past the limit).
     sweeping: bool,
+    /// Pages the sweep is writing straight from memory: (region key, first
+    /// page, end page). A store into one of them waits until it is written.
+    writing: Option<(usize, usize, usize)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -194,23 +219,54 @@ pub(crate) struct Checkpointer {
     /// On from the freeze to the finish: `set_range` must run the barrier.
     barrier: AtomicBool,
     txs: Mutex<Vec<Arc<TxTrack>>>,
-    copies: Mutex<Copies>,
-    sweep: Mutex<Option<Sweep>>,
+    /// Taken by the sweep for every page: kept off the cache lines that
+    /// every `set_range` reads (`barrier`, `old`) or locks (`txs`).
+    copies: Padded<Mutex<Copies>>,
+    /// Signalled when the sweep's direct write of `Copies::writing` ends.
+    written: Condvar,
+    sweep: Padded<Mutex<Option<Sweep>>>,
     /// One checkpoint start (freeze + setup) at a time.
     starting: Mutex<()>,
-    /// Barrier copies kept at most (pages) before writers help the sweep.
+    /// Barrier copies kept at most (pages) before writers write pages out
+    /// themselves.
     copy_limit: usize,
     /// Checkpoints completed over the log's life (from the status).
     generation: AtomicU64,
     /// A region with dirty pages was unmapped: the next checkpoint must
     /// replay the log instead (the pages' memory is gone).
     retired_dirty: AtomicBool,
+    /// Pages writers are writing to segments right now (copy pool full).
+    writer_writes: AtomicUsize,
 }
 
-/// Pages a writer sweeps when the copy pool is full.
-const ASSIST_PAGES: usize = 16;
-/// Pages written with one `write_at` at most.
-const RUN_PAGES: usize = 64;
+/// Copy buffers kept for reuse between copies and checkpoints.
+const SPARE_PAGES: usize = 1024;
+
+impl Copies {
+    /// A buffer for one page copy.
+    fn buffer(&mut self, ps: usize) -> Box<[u8]> {
+        self.spare.pop().unwrap_or_else(|| vec![0u8; ps].into_boxed_slice())
+    }
+
+    fn recycle(&mut self, page: Box<[u8]>) {
+        if self.spare.len() < SPARE_PAGES {
+            self.spare.push(page);
+        }
+    }
+
+    /// Drops every copy, keeping some buffers.
+    fn clear(&mut self) {
+        let pages = std::mem::take(&mut self.pages);
+        for (_, page) in pages {
+            self.recycle(page);
+        }
+        self.spare.truncate(SPARE_PAGES);
+    }
+}
+
+/// Pages written with one `write_at` at most (writers touching them wait
+/// for the write).
+const RUN_PAGES: usize = 16;
 
 impl Checkpointer {
     pub fn new(copy_limit: usize, generation: u64) -> Checkpointer {
@@ -219,12 +275,14 @@ impl Checkpointer {
             old: AtomicUsize::new(1),
             barrier: AtomicBool::new(false),
             txs: Mutex::new(Vec::new()),
-            copies: Mutex::new(Copies::default()),
-            sweep: Mutex::new(None),
+            copies: Padded(Mutex::new(Copies::default())),
+            written: Condvar::new(),
+            sweep: Padded(Mutex::new(None)),
             starting: Mutex::new(()),
             copy_limit: copy_limit.max(1),
             generation: AtomicU64::new(generation),
             retired_dirty: AtomicBool::new(false),
+            writer_writes: AtomicUsize::new(0),
         }
     }
 
@@ -243,9 +301,16 @@ impl Checkpointer {
         self.barrier.load(Ordering::Acquire)
     }
 
-    /// Registers a new transaction (at begin).
-    pub fn track(&self) -> Arc<TxTrack> {
-        let t = Arc::new(TxTrack::default());
+    /// Registers a new transaction (at begin), reusing `spare` (a record
+    /// no one else holds) if given.
+    pub fn track(&self, spare: Option<Arc<TxTrack>>) -> Arc<TxTrack> {
+        let t = match spare {
+            Some(t) => {
+                t.ranges.lock().clear();
+                t
+            }
+            None => Arc::new(TxTrack::default()),
+        };
         self.txs.lock().push(t.clone());
         t
     }
@@ -323,32 +388,71 @@ impl Inner {
                 continue;
             }
             let key = (region_key(region), p);
-            let mut assisted = false;
-            loop {
-                let mut copies = self.ckpt.copies.lock();
-                if !set.contains(p) || copies.pages.contains_key(&key) {
-                    break;
-                }
-                if copies.pages.len() >= self.ckpt.copy_limit && copies.sweeping && !assisted {
-                    // The pool is full: help the sweep instead of copying
-                    // more (this slows the writer down, bounding memory).
-                    drop(copies);
-                    Counters::add(&self.counters.checkpoint_stalls, 1);
-                    assisted = true;
-                    let _ = self.checkpoint_step(ASSIST_PAGES);
-                    continue;
-                }
-                let mut page = vec![0u8; ps].into_boxed_slice();
+            let mut copies = self.ckpt.copies.lock();
+            // The sweep is writing this page from memory: wait for it.
+            while copies.writing.is_some_and(|(k, first, end)| k == key.0 && (first..end).contains(&p)) {
+                self.ckpt.written.wait(&mut copies);
+            }
+            if !set.contains(p) || copies.pages.contains_key(&key) {
+                continue;
+            }
+            let mut page = copies.buffer(ps);
+            let at = region.addr() + p * ps;
+            if copies.sweeping {
                 // SAFETY: the page lies inside `region`, whose mapping this
-                // transaction holds; other threads may store into ranges of
-                // transactions in flight at the freeze, which the sweep
-                // rebuilds from the log, so a racy byte there is never used.
-                unsafe { mem::copy_from_racy(region.addr() + p * ps, &mut page) };
+                // transaction holds. Once the sweep is set up, no store can
+                // race with this read: a page of the old set holds no range of
+                // a transaction in flight at the freeze (those pages were
+                // rebuilt and left the set), and every later store into it
+                // waits for this lock in its own barrier first.
+                unsafe { mem::copy_from(at, &mut page) };
+            } else {
+                // SAFETY: inside the held region's mapping. Before the setup,
+                // a transaction in flight at the freeze may store into this
+                // page; such pages are rebuilt from the log at setup and
+                // their copies dropped, so racy bytes are never used.
+                unsafe { mem::copy_from_racy(at, &mut page) };
+            }
+            if copies.pages.len() < self.ckpt.copy_limit || !copies.sweeping {
                 copies.pages.insert(key, page);
                 Counters::add(&self.counters.checkpoint_copies, 1);
-                break;
+                continue;
             }
+            // The copy pool is full: write the page out now, on this thread
+            // (slowing the writer down rather than holding more memory).
+            set.remove(p);
+            self.ckpt.writer_writes.fetch_add(1, Ordering::AcqRel);
+            drop(copies);
+            let off = region.offset + (p * ps) as u64;
+            let r = region
+                .segment
+                .dev
+                .write_at(&page, off)
+                .map_err(|e| Error::io("writing segment", &region.segment.name, e));
+            self.ckpt.writer_writes.fetch_sub(1, Ordering::AcqRel);
+            self.ckpt.copies.lock().recycle(page);
+            Counters::add(&self.counters.checkpoint_stalls, 1);
+            Counters::add(&self.counters.checkpoint_pages, 1);
+            Counters::add(&self.counters.checkpoint_bytes, ps as u64);
+            let _ = self.poison(r);
         }
+    }
+
+    /// Syncs every segment the sweep may have written (its own writes, and
+    /// pages writers wrote when the copy pool was full), once no writer is
+    /// still writing one.
+    fn sync_swept(&self, sweep: &Sweep) -> Result<()> {
+        while self.ckpt.writer_writes.load(Ordering::Acquire) > 0 {
+            std::thread::yield_now();
+        }
+        let mut segs: HashMap<u32, &Arc<SegmentInner>> = sweep.written.iter().map(|(k, v)| (*k, v)).collect();
+        for r in &sweep.regions {
+            segs.entry(r.segment.id).or_insert(&r.segment);
+        }
+        for seg in segs.values() {
+            seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+        }
+        Ok(())
     }
 
     /// Runs a whole checkpoint (finishing one in progress first): every
@@ -464,16 +568,16 @@ impl Inner {
         self.ckpt.barrier.store(false, Ordering::SeqCst);
         {
             let mut copies = self.ckpt.copies.lock();
-            copies.pages.clear();
+            copies.clear();
             copies.sweeping = false;
         }
-        let r = (|| {
-            for seg in dropped.iter().flat_map(|s| s.written.values()) {
-                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
+        match &dropped {
+            Some(sweep) => {
+                let r = self.sync_swept(sweep);
+                self.poison(r)
             }
-            Ok(())
-        })();
-        self.poison(r)
+            None => Ok(()),
+        }
     }
 
     /// Setup, with the truncation lock held: picks the regions to sweep and
@@ -515,12 +619,31 @@ impl Inner {
                 {
                     let mut copies = self.ckpt.copies.lock();
                     r.track.dirty[old].remove(*p);
-                    copies.pages.remove(&(region_key(r), *p));
+                    if let Some(page) = copies.pages.remove(&(region_key(r), *p)) {
+                        copies.recycle(page);
+                    }
                 }
                 self.write_pages(sweep, *i, *p, &image)?;
             }
             Counters::add(&self.counters.checkpoint_rebuilt_pages, rebuild.len() as u64);
             sweep.rebuilt = rebuild.len() as u64;
+        }
+        // Warm copy buffers for the writers' barrier, as many as it may
+        // hold: fresh memory would cost them a page fault per copy.
+        let dirty: usize = sweep.regions.iter().map(|r| r.track.dirty[old].count()).sum();
+        let want = dirty.min(self.ckpt.copy_limit);
+        let have = self.ckpt.copies.lock().spare.len();
+        if want > have {
+            let ps = mem::page_size();
+            let fresh: Vec<Box<[u8]>> = (have..want)
+                .map(|_| {
+                    let mut page = vec![0u8; ps].into_boxed_slice();
+                    // Touch it now (calloc may hand out untouched zero pages).
+                    page.iter_mut().step_by(512).for_each(|b| *b = 1);
+                    page
+                })
+                .collect();
+            self.ckpt.copies.lock().spare.extend(fresh);
         }
         sweep.phase = Phase::Sweeping;
         self.ckpt.copies.lock().sweeping = true;
@@ -613,46 +736,73 @@ impl Inner {
         let ps = mem::page_size();
         let old = self.ckpt.old.load(Ordering::Acquire);
         let mut done = 0;
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_at: Option<(usize, usize)> = None; // (region, first page)
         while done < max {
             let (i, from) = sweep.cursor;
             let Some(r) = sweep.regions.get(i).cloned() else { break };
-            let Some(p) = r.track.dirty[old].next(from) else {
+            let set = &r.track.dirty[old];
+            let Some(first) = set.next(from) else {
                 sweep.cursor = (i + 1, 0);
                 continue;
             };
-            sweep.cursor = (i, p + 1);
-            let contiguous = run_at.is_some_and(|(ri, first)| ri == i && first + run.len() / ps == p);
-            if !contiguous || run.len() >= RUN_PAGES * ps {
-                if let Some((ri, first)) = run_at.take() {
-                    self.write_pages(sweep, ri, first, &run)?;
-                }
-                run.clear();
-                run_at = Some((i, p));
+            // A run of pages still in the set.
+            let mut end = first + 1;
+            while end - first < RUN_PAGES && done + (end - first) < max && set.contains(end) {
+                end += 1;
             }
-            let at = run.len();
-            run.resize(at + ps, 0);
-            {
-                // Under the copy lock: a writer either copied the page before
-                // this (its copy is used) or sees it gone from the old set
-                // and stores only after this snapshot.
+            sweep.cursor = (i, end);
+            // Pages with a barrier copy leave the set with the copy taken,
+            // under the copy lock, and the copy is written. The others are
+            // written straight from memory, marked as being written: a
+            // writer's barrier for one of them waits until the write ends,
+            // so they cannot change meanwhile.
+            let key = region_key(&r);
+            let mut p = first;
+            while p < end {
                 let mut copies = self.ckpt.copies.lock();
-                match copies.pages.remove(&(region_key(&r), p)) {
-                    Some(page) => run[at..].copy_from_slice(&page),
-                    // SAFETY: page `p` lies inside the region's live mapping
-                    // (the sweep holds the region). It holds no range of a
-                    // transaction in flight at the freeze (those pages were
-                    // rebuilt at setup); stores after the freeze go through
-                    // the barrier, which is excluded while we hold the lock.
-                    None => unsafe { mem::copy_from_racy(r.addr() + p * ps, &mut run[at..]) },
+                if !set.contains(p) {
+                    // A writer wrote it out itself meanwhile.
+                    p += 1;
+                    continue;
                 }
-                r.track.dirty[old].remove(p);
+                if let Some(page) = copies.pages.remove(&(key, p)) {
+                    set.remove(p);
+                    drop(copies);
+                    let r = self.write_pages(sweep, i, p, &page);
+                    self.ckpt.copies.lock().recycle(page);
+                    r?;
+                    done += 1;
+                    p += 1;
+                    continue;
+                }
+                let mut e = p + 1;
+                while e < end && set.contains(e) && !copies.pages.contains_key(&(key, e)) {
+                    e += 1;
+                }
+                copies.writing = Some((key, p, e));
+                drop(copies);
+                // SAFETY: pages [p, e) lie inside the region's live mapping
+                // (the sweep holds the region). None holds a range of a
+                // transaction in flight at the freeze (those pages were
+                // rebuilt at setup), and a store after the freeze first
+                // passes its barrier, which waits while the pages are marked
+                // as being written: no thread writes these bytes until the
+                // write returns.
+                let w = unsafe {
+                    mem::with_bytes(r.addr() + p * ps, (e - p) * ps, |bytes| self.write_pages(sweep, i, p, bytes))
+                };
+                let mut copies = self.ckpt.copies.lock();
+                if w.is_ok() {
+                    for q in p..e {
+                        set.remove(q);
+                    }
+                }
+                copies.writing = None;
+                drop(copies);
+                self.ckpt.written.notify_all();
+                w?;
+                done += e - p;
+                p = e;
             }
-            done += 1;
-        }
-        if let Some((ri, first)) = run_at {
-            self.write_pages(sweep, ri, first, &run)?;
         }
         Ok(done)
     }
@@ -699,9 +849,7 @@ impl Inner {
         let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(None) };
         let r = (|| {
             self.sweep_pages(sweep, usize::MAX)?;
-            for seg in sweep.written.values() {
-                seg.dev.sync().map_err(|e| Error::io("syncing segment", &seg.name, e))?;
-            }
+            self.sync_swept(sweep)?;
             let generation = self.ckpt.generation.load(Ordering::Relaxed) + 1;
             let mut st = self.status.lock();
             let mut next = st.status.clone();

@@ -41,7 +41,7 @@ pub struct Options {
     /// wait for a sweep.
     pub reclaim: Reclaim,
     /// Pages the checkpoint's write barrier may hold as copies at once
-    /// (default 1024, 4 MiB with 4 KiB pages). Past it, a writer that
+    /// (default 16384, 64 MiB with 4 KiB pages). Past it, a writer that
     /// touches a page still waiting to be swept sweeps pages itself first.
     pub checkpoint_copy_limit: usize,
 }
@@ -53,7 +53,7 @@ impl Default for Options {
             pending_limit: 4 << 20,
             truncate_threshold: Some(0.5),
             reclaim: Reclaim::Checkpoint,
-            checkpoint_copy_limit: 1024,
+            checkpoint_copy_limit: 16384,
         }
     }
 }
@@ -708,10 +708,15 @@ impl Inner {
 
     /// Adds a committed transaction to the pending batch. `pieces` address
     /// memory (`data_at` is the memory address); bytes are copied now.
-    pub(crate) fn commit_pieces(&self, ranges: &[(Arc<RegionInner>, u64, usize, usize)], declared: u64) -> Result<u64> {
-        let bytes: u64 = ranges.iter().map(|r| r.2 as u64).sum();
+    pub(crate) fn commit_pieces(
+        &self,
+        held: &[Arc<RegionInner>],
+        spans: &[(usize, usize, usize)],
+        declared: u64,
+    ) -> Result<u64> {
+        let bytes: u64 = spans.iter().map(|r| r.1 as u64).sum();
         let needed =
-            ranges.iter().map(|r| format::range_frames_len(r.2) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
+            spans.iter().map(|r| format::range_frames_len(r.1) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
         if needed > self.ring.area_len {
             return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
         }
@@ -722,7 +727,7 @@ impl Inner {
             self.check_poison()?;
             seq = st.next_tx;
             st.next_tx += 1;
-            if ranges.is_empty() {
+            if spans.is_empty() {
                 // Nothing to redo: no log record. A flush of it still makes
                 // every earlier commit durable (`flush_to(seq)`).
                 drop(st);
@@ -730,17 +735,18 @@ impl Inner {
                 return Ok(seq);
             }
             let b = &mut st.pending;
-            for (region, offset, len, addr) in ranges {
+            for &(addr, len, region) in spans {
+                let region = &held[region];
                 let seg = &region.segment;
+                let offset = region.segment_offset(addr);
                 let at = b.data.len();
-                b.data.resize(at + len, 0);
                 // SAFETY: the transaction declared [addr, addr + len) inside a
                 // region it holds (so the mapping is alive), and by the
                 // `set_range` contract no one else writes it until commit.
-                unsafe { mem::copy_from(*addr, &mut b.data[at..at + len]) };
-                b.pieces.push(Piece { segment: seg.id, offset: *offset, len: *len, data_at: at });
+                unsafe { mem::append_from(addr, len, &mut b.data) };
+                b.pieces.push(Piece { segment: seg.id, offset, len, data_at: at });
                 seg.last_tx.fetch_max(seq, Ordering::AcqRel);
-                self.mark_dirty(region, *addr, *len, seq);
+                self.mark_dirty(region, addr, len, seq);
             }
             b.tx_ends.push((b.pieces.len(), seq));
             b.bytes += bytes;

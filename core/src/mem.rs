@@ -172,6 +172,24 @@ pub unsafe fn copy_from(addr: usize, dst: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
 }
 
+/// Appends `len` bytes of mapped memory at `addr` to `dst` (no zero-fill
+/// first).
+///
+/// # Safety
+///
+/// As for [`copy_from`].
+pub unsafe fn append_from(addr: usize, len: usize, dst: &mut Vec<u8>) {
+    dst.reserve(len);
+    let at = dst.len();
+    // SAFETY: the source is valid and not concurrently written (contract);
+    // `reserve` made room for `len` bytes after `at`, which the copy
+    // initializes before `set_len` exposes them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr().add(at), len);
+        dst.set_len(at + len);
+    }
+}
+
 /// Copies mapped memory that other threads may be storing into at the same
 /// time (the checkpoint's page snapshots): byte-wise volatile reads, so the
 /// compiler assumes nothing about the source. Bytes that a concurrent store
@@ -182,18 +200,39 @@ pub unsafe fn copy_from(addr: usize, dst: &mut [u8]) {
 ///
 /// `[addr, addr + dst.len())` must lie inside a live mapping.
 pub unsafe fn copy_from_racy(addr: usize, dst: &mut [u8]) {
-    let words = dst.len() / 8;
-    let (head, tail) = dst.split_at_mut(words * 8);
-    for (i, chunk) in head.chunks_exact_mut(8).enumerate() {
+    let src = addr as *const u8;
+    let mut i = 0;
+    // Byte reads up to 8-byte alignment, then whole words, then bytes.
+    while i < dst.len() && !(addr + i).is_multiple_of(8) {
         // SAFETY: inside the live mapping per the contract; volatile reads
         // of plain memory that may be written concurrently (see above).
-        let w = unsafe { std::ptr::read_volatile((addr as *const u8).add(i * 8).cast::<[u8; 8]>()) };
-        chunk.copy_from_slice(&w);
+        dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
+        i += 1;
     }
-    for (i, b) in tail.iter_mut().enumerate() {
-        // SAFETY: as above, one byte at a time for the unaligned rest.
-        *b = unsafe { std::ptr::read_volatile((addr as *const u8).add(words * 8 + i)) };
+    while i + 8 <= dst.len() {
+        // SAFETY: as above; `addr + i` is 8-byte aligned here.
+        let w = unsafe { std::ptr::read_volatile(src.add(i).cast::<u64>()) };
+        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        i += 8;
     }
+    while i < dst.len() {
+        // SAFETY: as above.
+        dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+}
+
+/// Calls `f` with `len` bytes of mapped memory at `addr` as a slice (to
+/// write them to a device without copying them first).
+///
+/// # Safety
+///
+/// `[addr, addr + len)` must lie inside a live mapping, and no thread may
+/// write it until `f` returns.
+pub unsafe fn with_bytes<R>(addr: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+    // SAFETY: valid for reads and not written while the slice lives (the
+    // contract); the slice does not outlive `f`.
+    f(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
 }
 
 /// Copies `src` into mapped memory at `addr`.

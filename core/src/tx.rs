@@ -12,6 +12,18 @@ use std::sync::Arc;
 thread_local! {
     /// Instances on which this thread has an open transaction.
     static OPEN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Buffers of this thread's last finished transaction, reused by the
+    /// next one so a small transaction allocates nothing.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// A transaction's buffers, kept between transactions of a thread.
+#[derive(Default)]
+struct Scratch {
+    ranges: Vec<Declared>,
+    undo: Vec<u8>,
+    spans: Vec<(usize, usize, usize)>,
+    track: Option<Arc<crate::checkpoint::TxTrack>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +65,8 @@ pub struct Transaction<'a> {
     ranges: Vec<Declared>,
     undo: Vec<u8>,
     held: Vec<Arc<RegionInner>>,
+    /// Commit's work list (reused buffer).
+    spans: Vec<(usize, usize, usize)>,
     /// The declared ranges as a checkpoint freeze sees them.
     track: Arc<crate::checkpoint::TxTrack>,
     finished: bool,
@@ -75,14 +89,16 @@ impl<'a> Transaction<'a> {
         })?;
         rvm.inner.in_flight.fetch_add(1, Ordering::AcqRel);
         crate::stats::Counters::add(&rvm.inner.counters.begun, 1);
-        let track = rvm.inner.ckpt.track();
+        let scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let track = rvm.inner.ckpt.track(scratch.track);
         Ok(Transaction {
             track,
             rvm: &rvm.inner,
             instance,
             mode,
-            ranges: Vec::new(),
-            undo: Vec::new(),
+            ranges: scratch.ranges,
+            undo: scratch.undo,
+            spans: scratch.spans,
             held: Vec::new(),
             finished: false,
             _not_send: PhantomData,
@@ -159,18 +175,15 @@ impl<'a> Transaction<'a> {
     /// instance) the transaction is aborted and the error returned.
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
         let declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
-        let mut spans: Vec<(usize, usize, usize)> = self.ranges.iter().map(|r| (r.addr, r.len, r.region)).collect();
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.clear();
+        spans.extend(self.ranges.iter().map(|r| (r.addr, r.len, r.region)));
         if self.rvm_coalesces() && spans.len() > 1 {
-            spans = merge_spans(spans);
+            merge_spans(&mut spans);
         }
-        let pieces: Vec<_> = spans
-            .iter()
-            .map(|&(addr, len, region)| {
-                let r = &self.held[region];
-                (r.clone(), r.segment_offset(addr), len, addr)
-            })
-            .collect();
-        let seq = match self.rvm.commit_pieces(&pieces, declared) {
+        let r = self.rvm.commit_pieces(&self.held, &spans, declared);
+        self.spans = spans;
+        let seq = match r {
             Ok(seq) => seq,
             Err(e) => {
                 self.rollback();
@@ -231,6 +244,19 @@ impl<'a> Transaction<'a> {
         self.rvm.ckpt.untrack(&self.track);
         let me = self.instance;
         OPEN.with(|open| open.borrow_mut().retain(|&i| i != me));
+        // Hand the buffers to the thread's next transaction. The range
+        // record is reused only if no checkpoint freeze still holds it.
+        let mut ranges = std::mem::take(&mut self.ranges);
+        let mut undo = std::mem::take(&mut self.undo);
+        ranges.clear();
+        undo.clear();
+        let track = (Arc::strong_count(&self.track) == 1).then(|| self.track.clone());
+        let spans = std::mem::take(&mut self.spans);
+        let _ = SCRATCH.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                *s = Scratch { ranges, undo, spans, track };
+            }
+        });
     }
 }
 
@@ -242,18 +268,22 @@ impl Drop for Transaction<'_> {
 
 /// Intra-transaction coalescing: sorts spans and merges those of one
 /// region that overlap or touch.
-fn merge_spans(mut spans: Vec<(usize, usize, usize)>) -> Vec<(usize, usize, usize)> {
+fn merge_spans(spans: &mut Vec<(usize, usize, usize)>) {
     spans.sort_unstable_by_key(|s| (s.2, s.0));
-    let mut out: Vec<(usize, usize, usize)> = Vec::with_capacity(spans.len());
-    for (addr, len, region) in spans {
-        match out.last_mut() {
-            Some(last) if last.2 == region && addr <= last.0 + last.1 => {
+    let mut out = 0;
+    for i in 0..spans.len() {
+        let (addr, len, region) = spans[i];
+        if out > 0 {
+            let last = &mut spans[out - 1];
+            if last.2 == region && addr <= last.0 + last.1 {
                 last.1 = last.1.max(addr + len - last.0);
+                continue;
             }
-            _ => out.push((addr, len, region)),
         }
+        spans[out] = (addr, len, region);
+        out += 1;
     }
-    out
+    spans.truncate(out);
 }
 
 #[cfg(test)]
@@ -262,7 +292,12 @@ mod tests {
 
     #[test]
     fn spans_merge_when_they_touch() {
-        assert_eq!(merge_spans(vec![(10, 5, 0), (15, 5, 0), (30, 1, 0), (12, 1, 0)]), vec![(10, 10, 0), (30, 1, 0)]);
-        assert_eq!(merge_spans(vec![(10, 5, 0), (15, 5, 1)]), vec![(10, 5, 0), (15, 5, 1)]);
+        let merged = |mut v: Vec<(usize, usize, usize)>| {
+            merge_spans(&mut v);
+            v
+        };
+        assert_eq!(merged(vec![(10, 5, 0), (15, 5, 0), (30, 1, 0), (12, 1, 0)]), vec![(10, 10, 0), (30, 1, 0)]);
+        assert_eq!(merged(vec![(10, 5, 0), (15, 5, 1)]), vec![(10, 5, 0), (15, 5, 1)]);
+        assert_eq!(merged(vec![(10, 5, 0), (0, 30, 0), (40, 1, 0)]), vec![(0, 30, 0), (40, 1, 0)]);
     }
 }

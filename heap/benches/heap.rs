@@ -3,10 +3,11 @@
 //! time of a heap with many live blocks. Prints a table of medians.
 //!
 //! `cargo bench -p rvm-heap --bench heap`; `RVM_BENCH_QUICK=1` for a short
-//! run; `RVM_BENCH_DIR` chooses where the files go (default: the target dir).
+//! run; `RVM_BENCH_ONLY=pairs|frag|load` for one part; `RVM_BENCH_DIR`
+//! chooses where the files go (default: the target dir).
 
-use rvm_core::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
-use rvm_heap::Heap;
+use rvm_core::{create_log, CommitMode, Options, RestoreMode, Rvm};
+use rvm_heap::{HeapSpec, PersistentHeap};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::ptr::NonNull;
@@ -34,10 +35,18 @@ fn quick() -> bool {
     std::env::var_os("RVM_BENCH_QUICK").is_some()
 }
 
+fn wanted(part: &str) -> bool {
+    std::env::var("RVM_BENCH_ONLY").map_or(part != "rvm-pairs", |only| only == part)
+}
+
+/// This run's directory (removed at the end): under `RVM_BENCH_DIR`, else
+/// the target directory, else the system's temporary directory.
 fn bench_dir() -> PathBuf {
     let base = std::env::var_os("RVM_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| {
         let exe = std::env::current_exe().unwrap_or_default();
-        exe.ancestors().nth(3).map(|p| p.join("rvm-bench")).unwrap_or_else(|| PathBuf::from("rvm-bench"))
+        exe.ancestors()
+            .find(|p| p.file_name().is_some_and(|n| n == "target"))
+            .map_or_else(std::env::temp_dir, |t| t.join("rvm-bench"))
     });
     let dir = base.join(format!("heap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create bench dir");
@@ -45,22 +54,46 @@ fn bench_dir() -> PathBuf {
 }
 
 struct Setup {
-    _dir: PathBuf,
+    dir: PathBuf,
+    heap: PersistentHeap,
     rvm: Rvm,
-    heap: Heap,
 }
 
-fn setup(name: &str, heap_bytes: usize, base: usize) -> Setup {
+/// A fresh log and heap (created through the loader at `base`).
+fn setup(name: &str, heap_bytes: usize, base: u64) -> Setup {
     let dir = bench_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     create_log(dir.join("log"), 512 << 20).expect("log");
     let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
-    let seg = rvm.create_segment(dir.join("seg"), (heap_bytes + 4096) as u64).expect("segment");
-    let s = rvm.map(&seg, MapSpec::new(0, 4096).at(base)).expect("map");
-    let h = rvm.map(&seg, MapSpec::new(4096, heap_bytes).at(base + 4096)).expect("map");
-    let heap = Heap::format(&rvm, s, h).expect("format");
-    Setup { _dir: dir, rvm, heap }
+    let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::new(base, heap_bytes as u64)).expect("create");
+    Setup { dir, heap, rvm }
+}
+
+/// This thread's time on a CPU so far, in seconds (from
+/// `/proc/thread-self/schedstat`; 0 where that is missing). The machine is
+/// shared, so rates per CPU-second are printed next to wall-clock ones.
+fn thread_cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()))
+        .map_or(0.0, |ns| ns / 1e9)
+}
+
+/// A rate measured both ways: (per wall-clock second, per CPU-second).
+#[derive(Clone, Copy)]
+struct Rate(f64, f64);
+
+fn rate(n: usize, wall_start: Instant, cpu_start: f64) -> Rate {
+    let wall = wall_start.elapsed().as_secs_f64();
+    let cpu = thread_cpu() - cpu_start;
+    Rate(n as f64 / wall, if cpu > 0.0 { n as f64 / cpu } else { f64::NAN })
+}
+
+fn medians(v: &[Rate]) -> Rate {
+    let mut w: Vec<f64> = v.iter().map(|r| r.0).collect();
+    let mut c: Vec<f64> = v.iter().map(|r| r.1).collect();
+    Rate(median(&mut w), median(&mut c))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -70,7 +103,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// malloc+free pairs per second, `per_tx` pairs per no-flush transaction;
 /// each pair frees a block allocated by an earlier transaction.
-fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> f64 {
+fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> Rate {
     let mut rng = Rng(seed);
     let mut live: Vec<NonNull<u8>> = Vec::new();
     // Warm-up working set.
@@ -79,7 +112,7 @@ fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> f64 {
         live.push(tx.malloc(Layout::from_size_align(rng.range(16, 256) as usize, 8).expect("layout")).expect("malloc"));
     }
     tx.commit(CommitMode::NoFlush).expect("commit");
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), thread_cpu());
     let mut done = 0;
     while done < total {
         let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
@@ -95,7 +128,7 @@ fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> f64 {
         live.extend(fresh);
         done += per_tx;
     }
-    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let rate = rate(done, start, cpu);
     let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
     for p in live {
         tx.free(p).expect("free");
@@ -105,14 +138,14 @@ fn rvm_pairs(s: &Setup, per_tx: usize, total: usize, seed: u64) -> f64 {
 }
 
 /// The same pattern on a volatile allocator.
-fn volatile_pairs(alloc: &dyn Fn(Layout) -> *mut u8, free: &dyn Fn(*mut u8, Layout), total: usize, seed: u64) -> f64 {
+fn volatile_pairs(alloc: &dyn Fn(Layout) -> *mut u8, free: &dyn Fn(*mut u8, Layout), total: usize, seed: u64) -> Rate {
     let mut rng = Rng(seed);
     let mut live: Vec<(*mut u8, Layout)> = Vec::new();
     for _ in 0..1000 {
         let l = Layout::from_size_align(rng.range(16, 256) as usize, 8).expect("layout");
         live.push((alloc(l), l));
     }
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), thread_cpu());
     for _ in 0..total {
         let l = Layout::from_size_align(rng.range(16, 256) as usize, 8).expect("layout");
         let p = alloc(l);
@@ -121,29 +154,36 @@ fn volatile_pairs(alloc: &dyn Fn(Layout) -> *mut u8, free: &dyn Fn(*mut u8, Layo
         free(q, ql);
         live.push((p, l));
     }
-    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let rate = rate(total, start, cpu);
     for (p, l) in live {
         free(p, l);
     }
     rate
 }
 
-/// Fragmentation: log-uniform sizes 16 B – 4 KiB, random frees, live set
-/// around half the heap. Returns high-water bytes / peak live bytes.
-fn fragmentation(heap_bytes: usize, steps: usize, seed: u64) -> (f64, u64, u64) {
-    let s = setup("frag", heap_bytes, 0x6e00_0000_0000);
+/// The fragmentation workload: transactions of 16 steps; each step
+/// allocates (log-uniform 16 B - 4 KiB) while the live bytes are under half
+/// the heap (and with even odds up to 10% over it), else frees a random live
+/// block. `alloc` returns the block's address and the end of the bytes it
+/// occupies (for the high-water mark); `free` frees; `end_tx` ends a group.
+/// Returns (high-water bytes / peak live bytes, high water, peak live).
+fn frag_workload(
+    heap_bytes: usize,
+    steps: usize,
+    seed: u64,
+    alloc: &mut dyn FnMut(usize) -> (usize, u64),
+    free: &mut dyn FnMut(usize, usize),
+    end_tx: &mut dyn FnMut(),
+) -> (f64, u64, u64) {
     let mut rng = Rng(seed);
-    let base = s.heap.heap_region().addr();
-    let mut live: Vec<(NonNull<u8>, usize)> = Vec::new();
+    let mut live: Vec<(usize, usize)> = Vec::new();
     let (mut live_bytes, mut peak_live, mut high_water) = (0u64, 0u64, 0u64);
     let target = heap_bytes as u64 / 2;
     for _ in 0..steps {
-        let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
         for _ in 0..16 {
             if live_bytes < target || rng.next().is_multiple_of(2) && live_bytes < target + target / 10 {
                 let size = rng.log_uniform(16.0, 4096.0);
-                let p = tx.malloc(Layout::from_size_align(size, 8).expect("layout")).expect("malloc");
-                let end = (p.as_ptr() as usize - base + size + 8) as u64;
+                let (p, end) = alloc(size);
                 high_water = high_water.max(end);
                 live.push((p, size));
                 live_bytes += size as u64;
@@ -151,21 +191,78 @@ fn fragmentation(heap_bytes: usize, steps: usize, seed: u64) -> (f64, u64, u64) 
             } else if !live.is_empty() {
                 let i = rng.next() as usize % live.len();
                 let (p, size) = live.swap_remove(i);
-                tx.free(p).expect("free");
+                free(p, size);
                 live_bytes -= size as u64;
             }
         }
-        tx.commit(CommitMode::NoFlush).expect("commit");
+        end_tx();
     }
-    s.heap.check().expect("check");
     (high_water as f64 / peak_live as f64, high_water, peak_live)
 }
 
-/// Time to load a heap holding `blocks` live blocks.
-fn load_time(blocks: usize) -> (f64, f64) {
+/// The fragmentation workload on the heap (one no-flush transaction per
+/// group of 16 steps). High water: the end of the highest block's bytes
+/// (header, data, tail guard) from the heap's start.
+fn fragmentation(heap_bytes: usize, steps: usize, seed: u64) -> (f64, u64, u64) {
+    let s = setup("frag", heap_bytes, 0x6e00_0000_0000);
+    let base = s.heap.heap_region().addr();
+    let tx = std::cell::RefCell::new(Some(s.heap.begin(RestoreMode::NoRestore).expect("begin")));
+    let r = frag_workload(
+        heap_bytes,
+        steps,
+        seed,
+        &mut |size| {
+            let mut t = tx.borrow_mut();
+            let p = t.as_mut().expect("tx").malloc(Layout::from_size_align(size, 8).expect("layout")).expect("malloc");
+            (p.as_ptr() as usize, (p.as_ptr() as usize - base + size + 8) as u64)
+        },
+        &mut |p, _| {
+            let mut t = tx.borrow_mut();
+            t.as_mut().expect("tx").free(NonNull::new(p as *mut u8).expect("non-null")).expect("free");
+        },
+        &mut || {
+            let mut t = tx.borrow_mut();
+            t.take().expect("tx").commit(CommitMode::NoFlush).expect("commit");
+            *t = Some(s.heap.begin(RestoreMode::NoRestore).expect("begin"));
+        },
+    );
+    drop(tx);
+    s.heap.check().expect("check");
+    r
+}
+
+/// The same workload on `linked_list_allocator` (first fit) over an arena of
+/// the same size. High water: the end of the highest allocation.
+fn fragmentation_lla(heap_bytes: usize, steps: usize, seed: u64) -> (f64, u64, u64) {
+    let arena: &mut [u8] = vec![0u8; heap_bytes].leak();
+    let base = arena.as_ptr() as usize;
+    let lheap = linked_list_allocator::LockedHeap::empty();
+    // SAFETY: the arena is leaked, so it lives for the rest of the program.
+    unsafe { lheap.lock().init(arena.as_mut_ptr(), arena.len()) };
+    frag_workload(
+        heap_bytes,
+        steps,
+        seed,
+        &mut |size| {
+            // SAFETY: a valid non-zero layout.
+            let p = unsafe { GlobalAlloc::alloc(&lheap, Layout::from_size_align(size, 8).expect("layout")) };
+            assert!(!p.is_null(), "linked_list_allocator ran out of memory");
+            (p as usize, (p as usize - base + size) as u64)
+        },
+        // SAFETY: freed with the layout it was allocated with.
+        &mut |p, size| unsafe {
+            GlobalAlloc::dealloc(&lheap, p as *mut u8, Layout::from_size_align(size, 8).expect("layout"))
+        },
+        &mut || {},
+    )
+}
+
+/// Time to load (one call: map both regions through the loader, check and
+/// index every block) a heap holding `blocks` live blocks, after a clean
+/// shutdown (the log truncated; the segment in the page cache).
+fn load_time(blocks: usize, runs: usize) -> (Vec<f64>, f64) {
     let heap_bytes = (blocks * 64 + (1 << 20)).next_multiple_of(4096);
-    let base = 0x6f00_0000_0000;
-    let s = setup("load", heap_bytes, base);
+    let s = setup("load", heap_bytes, 0x6f00_0000_0000);
     let t = Instant::now();
     let mut n = 0;
     while n < blocks {
@@ -178,76 +275,99 @@ fn load_time(blocks: usize) -> (f64, f64) {
     }
     let fill = t.elapsed().as_secs_f64();
     s.rvm.truncate().expect("truncate");
-    let Setup { _dir: dir, rvm, heap } = s;
-    drop(heap);
+    let Setup { dir, heap, rvm } = s;
+    heap.close().expect("close");
     drop(rvm);
-    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
-    let seg = rvm.open_segment(dir.join("seg")).expect("segment");
-    let t = Instant::now();
-    let st = rvm.map(&seg, MapSpec::new(0, 4096).at(base)).expect("map");
-    let h = rvm.map(&seg, MapSpec::new(4096, heap_bytes).at(base + 4096)).expect("map");
-    let heap = Heap::load(&rvm, st, h).expect("load");
-    let load = t.elapsed().as_secs_f64();
-    assert_eq!(heap.stats().live_blocks, blocks as u64);
-    (load, fill)
+    let mut loads = Vec::new();
+    for _ in 0..runs {
+        let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
+        let t = Instant::now();
+        let heap = PersistentHeap::open(&rvm, dir.join("heap")).expect("load");
+        loads.push(t.elapsed().as_secs_f64());
+        assert_eq!(heap.stats().live_blocks, blocks as u64);
+        heap.close().expect("close");
+    }
+    (loads, fill)
 }
 
 fn main() {
     let runs = if quick() { 1 } else { 5 };
     let total = if quick() { 20_000 } else { 400_000 };
-    println!("rvm-heap benchmarks ({} run(s) each, medians)", runs);
+    println!("rvm-heap benchmarks ({runs} run(s) each, medians)");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map_or(0, |n| n.get()), cpu_model());
 
-    let (mut one, mut hundred, mut sys, mut lla) = (vec![], vec![], vec![], vec![]);
-    for r in 0..runs {
-        let seed = 0x1234_5678 + r as u64;
+    if wanted("rvm-pairs") {
+        // For profiling: only the heap's batched pairs.
         let s = setup("pairs", 64 << 20, 0x6d00_0000_0000);
-        one.push(rvm_pairs(&s, 1, total / 4, seed));
-        hundred.push(rvm_pairs(&s, 100, total, seed));
-        drop(s);
-        // SAFETY: System's alloc/dealloc with matching layouts.
-        sys.push(volatile_pairs(&|l| unsafe { System.alloc(l) }, &|p, l| unsafe { System.dealloc(p, l) }, total, seed));
-        let arena = vec![0u8; 64 << 20].leak();
-        let lheap = linked_list_allocator::LockedHeap::empty();
-        // SAFETY: the arena is leaked, so it lives for the rest of the program.
-        unsafe { lheap.lock().init(arena.as_mut_ptr(), arena.len()) };
-        lla.push(volatile_pairs(
-            // SAFETY: LockedHeap implements GlobalAlloc; matching layouts.
-            &|l| unsafe { GlobalAlloc::alloc(&lheap, l) },
-            // SAFETY: as above.
-            &|p, l| unsafe { GlobalAlloc::dealloc(&lheap, p, l) },
-            total,
-            seed,
-        ));
+        let r = rvm_pairs(&s, 100, total * 4, 1);
+        println!("rvm-heap, 100 pairs per no-flush tx: {:.0} pairs/s, {:.0} per CPU-second", r.0, r.1);
     }
-    let (m1, m100, ms, ml) = (median(&mut one), median(&mut hundred), median(&mut sys), median(&mut lla));
-    println!("\nmalloc+free pairs (sizes 16-256 B, each pair frees a block allocated earlier)");
-    println!("| allocator | pairs/s | ratio to rvm batched |");
-    println!("|---|---:|---:|");
-    println!("| rvm-heap, 1 pair per no-flush tx | {m1:.0} | {:.2} |", m1 / m100);
-    println!("| rvm-heap, 100 pairs per no-flush tx | {m100:.0} | 1.00 |");
-    println!("| system allocator | {ms:.0} | {:.2} |", ms / m100);
-    println!("| linked_list_allocator | {ml:.0} | {:.2} |", ml / m100);
-
-    let (ratio, hw, peak) =
-        fragmentation(if quick() { 8 << 20 } else { 64 << 20 }, if quick() { 5_000 } else { 60_000 }, 42);
-    println!(
-        "\nfragmentation (log-uniform 16 B - 4 KiB, live ~50%): high-water {hw} B / peak live {peak} B = {ratio:.3}"
-    );
-
-    let blocks = if quick() { 50_000 } else { 1_000_000 };
-    let mut loads = vec![];
-    let mut fill = 0.0;
-    for _ in 0..runs.min(3) {
-        let (l, f) = load_time(blocks);
-        loads.push(l);
-        fill = f;
+    if wanted("pairs") {
+        let (mut one, mut hundred, mut sys, mut lla) = (vec![], vec![], vec![], vec![]);
+        for r in 0..runs {
+            let seed = 0x1234_5678 + r as u64;
+            let s = setup("pairs", 64 << 20, 0x6d00_0000_0000);
+            one.push(rvm_pairs(&s, 1, total / 4, seed));
+            hundred.push(rvm_pairs(&s, 100, total, seed));
+            drop(s);
+            sys.push(volatile_pairs(
+                // SAFETY: System's alloc/dealloc with matching layouts.
+                &|l| unsafe { System.alloc(l) },
+                // SAFETY: as above.
+                &|p, l| unsafe { System.dealloc(p, l) },
+                total,
+                seed,
+            ));
+            let arena = vec![0u8; 64 << 20].leak();
+            let lheap = linked_list_allocator::LockedHeap::empty();
+            // SAFETY: the arena is leaked, so it lives for the rest of the program.
+            unsafe { lheap.lock().init(arena.as_mut_ptr(), arena.len()) };
+            lla.push(volatile_pairs(
+                // SAFETY: LockedHeap implements GlobalAlloc; matching layouts.
+                &|l| unsafe { GlobalAlloc::alloc(&lheap, l) },
+                // SAFETY: as above.
+                &|p, l| unsafe { GlobalAlloc::dealloc(&lheap, p, l) },
+                total,
+                seed,
+            ));
+        }
+        let rows = [
+            ("rvm-heap, 1 pair per no-flush tx", medians(&one)),
+            ("rvm-heap, 100 pairs per no-flush tx", medians(&hundred)),
+            ("system allocator (volatile)", medians(&sys)),
+            ("linked_list_allocator (volatile)", medians(&lla)),
+        ];
+        let batched = rows[1].1;
+        println!("\nmalloc+free pairs (sizes 16-256 B, each pair frees a block allocated earlier; 1000 live)");
+        println!("| allocator | pairs/s (wall) | pairs per CPU-second | this / rvm-heap batched (wall) |");
+        println!("|---|---:|---:|---:|");
+        for (name, r) in rows {
+            println!("| {name} | {:.0} | {:.0} | {:.3} |", r.0, r.1, r.0 / batched.0);
+        }
     }
-    println!(
-        "\nload of a heap with {blocks} live blocks: median {:.1} ms (filling it took {:.2} s)",
-        median(&mut loads) * 1e3,
-        fill
-    );
+
+    if wanted("frag") {
+        let (heap_bytes, steps) = if quick() { (8 << 20, 5_000) } else { (64 << 20, 60_000) };
+        let (ratio, hw, peak) = fragmentation(heap_bytes, steps, 42);
+        let (lratio, lhw, lpeak) = fragmentation_lla(heap_bytes, steps, 42);
+        println!("\nfragmentation (log-uniform 16 B - 4 KiB, random frees, live ~50% of {} MiB)", heap_bytes >> 20);
+        println!("| allocator | high-water bytes | peak live bytes | ratio |");
+        println!("|---|---:|---:|---:|");
+        println!("| rvm-heap | {hw} | {peak} | {ratio:.3} |");
+        println!("| linked_list_allocator | {lhw} | {lpeak} | {lratio:.3} |");
+    }
+
+    if wanted("load") {
+        let blocks = if quick() { 50_000 } else { 1_000_000 };
+        let (mut loads, fill) = load_time(blocks, runs);
+        println!(
+            "\nload of a heap with {blocks} live blocks (PersistentHeap::open): median {:.1} ms, min {:.1} ms \
+             (filling it took {fill:.2} s)",
+            median(&mut loads) * 1e3,
+            loads[0] * 1e3
+        );
+    }
+    let _ = std::fs::remove_dir_all(bench_dir());
 }
 
 fn cpu_model() -> String {

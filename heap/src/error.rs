@@ -14,28 +14,33 @@ pub enum HeapError {
         /// Largest free block at the time.
         largest: u64,
     },
-    /// The alignment is not a power of two or exceeds a page.
-    #[error("unsupported alignment {align} (a power of two up to {max})")]
-    BadAlignment {
+    /// A size and alignment that make no layout (alignment not a power of
+    /// two, or the size overflows when rounded up to it).
+    #[error("invalid layout: {size} bytes aligned to {align}")]
+    BadLayout {
+        /// Requested size.
+        size: usize,
         /// Requested alignment.
         align: usize,
-        /// Largest supported.
-        max: usize,
     },
-    /// The block was freed already (committed, or earlier in a transaction
-    /// still in flight).
+    /// The block was freed already: by a committed transaction, or earlier
+    /// in a transaction still in flight (this one or another). A pointer to
+    /// a block another transaction allocated and has not committed yet is
+    /// reported the same way (it lies in free space as far as the committed
+    /// heap is concerned).
     #[error("double free of {addr:#x}")]
     DoubleFree {
         /// The pointer.
         addr: usize,
     },
-    /// The pointer is not one the heap handed out.
+    /// The pointer is not one the heap handed out (not the start of a live
+    /// block's data).
     #[error("{addr:#x} is not a block this heap handed out")]
     InvalidPointer {
         /// The pointer.
         addr: usize,
     },
-    /// Persistent heap data failed a check.
+    /// Persistent heap data failed a check: the heap is not used.
     #[error("corrupted {what} at {location}")]
     Corrupted {
         /// What is damaged.
@@ -43,7 +48,7 @@ pub enum HeapError {
         /// Where.
         location: String,
     },
-    /// A root name is empty or too long.
+    /// A root name is empty, too long, or holds a NUL byte.
     #[error("root name {name:?} is invalid (1 to {max} bytes, no NUL)")]
     BadRootName {
         /// The name.
@@ -51,18 +56,53 @@ pub enum HeapError {
         /// Maximum length.
         max: usize,
     },
+    /// A root exists already with another size or type tag than asked for.
+    #[error("root {name:?} exists with size {size} and type tag {type_tag:#x} (asked for size {want_size} and type tag {want_tag:#x})")]
+    RootMismatch {
+        /// The name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// Its type tag.
+        type_tag: u64,
+        /// The size asked for.
+        want_size: u64,
+        /// The type tag asked for.
+        want_tag: u64,
+    },
+    /// A root to be created exists already (another transaction created it
+    /// first).
+    #[error("root {name:?} exists already")]
+    RootExists {
+        /// The name.
+        name: String,
+    },
+    /// A root's size exceeds the bytes its block was allocated with.
+    #[error("root {name:?} of {size} bytes does not fit its block ({capacity} bytes)")]
+    RootTooLarge {
+        /// The name.
+        name: String,
+        /// The size given.
+        size: u64,
+        /// The block's bytes.
+        capacity: u64,
+    },
     /// Every root slot is in use.
     #[error("all {slots} root slots are in use")]
     RootsFull {
         /// Number of slots.
         slots: usize,
     },
-    /// A region is too small or misplaced for a heap.
+    /// A region is too small or misplaced for a heap, or the segment lacks
+    /// the heap's regions.
     #[error("invalid heap regions: {reason}")]
     BadRegions {
         /// Why.
         reason: String,
     },
+    /// An error from the loader (creating or loading the heap's segment).
+    #[error(transparent)]
+    Loader(#[from] rvm_loader::LoaderError),
     /// An error from the core (I/O, log, transaction).
     #[error(transparent)]
     Core(#[from] rvm_core::Error),
@@ -72,6 +112,26 @@ impl HeapError {
     pub(crate) fn corrupted(what: impl Into<String>, location: impl Into<String>) -> Self {
         HeapError::Corrupted { what: what.into(), location: location.into() }
     }
+
+    /// Whether this reports damaged persistent data (of the heap, the
+    /// segment's load map, or the log).
+    pub fn is_corruption(&self) -> bool {
+        use rvm_loader::LoaderError as L;
+        match self {
+            HeapError::Corrupted { .. } => true,
+            HeapError::Loader(L::Corrupted { .. } | L::NotALoadMap { .. } | L::UnsupportedVersion { .. }) => true,
+            HeapError::Loader(L::Core(e)) | HeapError::Core(e) => is_core_corruption(e),
+            _ => false,
+        }
+    }
+}
+
+fn is_core_corruption(e: &rvm_core::Error) -> bool {
+    use rvm_core::LogError as L;
+    matches!(
+        e,
+        rvm_core::Error::Corrupted { .. } | rvm_core::Error::Log(L::NotALog { .. } | L::UnsupportedVersion { .. })
+    )
 }
 
 /// Results of the heap.

@@ -8,13 +8,17 @@ use std::ptr::NonNull;
 
 /// Allocates recoverable memory through the [`GlobalAlloc`] interface.
 ///
-/// Every `alloc` and `dealloc` runs its own no-flush transaction (so a
-/// later flush makes them durable). It returns null (as `GlobalAlloc`
-/// requires) on any failure, including when the calling thread already has
-/// a transaction open on the instance: inside a transaction, use
-/// [`crate::HeapTx::malloc`] instead, which makes the allocation part of
-/// that transaction. It cannot be the process's `#[global_allocator]` (it
-/// borrows a heap that lives in recoverable memory).
+/// Every `alloc`, `alloc_zeroed`, `realloc` and `dealloc` runs its own
+/// no-flush transaction (so a later flush makes them durable); `alloc_zeroed`
+/// and `realloc` declare the zeroes and the copied bytes in that transaction,
+/// so they are recoverable too. Stores the caller makes afterwards with plain
+/// writes are **not** recoverable: declare them in a transaction. It returns
+/// null (as `GlobalAlloc` requires) on any failure, including when the
+/// calling thread already has a transaction open on the instance: inside a
+/// transaction, use [`crate::HeapTx::malloc`] instead, which makes the
+/// allocation part of that transaction. It cannot be the process's
+/// `#[global_allocator]` (it borrows a heap that lives in recoverable
+/// memory).
 ///
 /// ```
 /// # use rvm_core::*;
@@ -47,21 +51,55 @@ impl<'h> HeapAllocator<'h> {
         HeapAllocator { heap }
     }
 
-    fn try_alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+    fn try_alloc(&self, layout: Layout, zeroed: bool) -> Option<NonNull<u8>> {
         let mut tx = self.heap.begin(RestoreMode::NoRestore).ok()?;
         let p = tx.malloc(layout).ok()?;
+        if zeroed {
+            // SAFETY: the block belongs to this transaction alone.
+            unsafe { tx.write(p, &vec![0u8; layout.size()]).ok()? };
+        }
+        tx.commit(CommitMode::NoFlush).ok()?;
+        Some(p)
+    }
+
+    fn try_realloc(&self, old: NonNull<u8>, layout: Layout, new_size: usize) -> Option<NonNull<u8>> {
+        let new_layout = Layout::from_size_align(new_size, layout.align()).ok()?;
+        let keep = layout.size().min(new_size);
+        let mut bytes = vec![0u8; keep];
+        // SAFETY: `old` is a live block of at least `layout.size()` bytes
+        // (the GlobalAlloc contract), and its owner is not writing it while
+        // it asks for it to be moved.
+        unsafe { std::ptr::copy_nonoverlapping(old.as_ptr(), bytes.as_mut_ptr(), keep) };
+        let mut tx = self.heap.begin(RestoreMode::NoRestore).ok()?;
+        let p = tx.malloc(new_layout).ok()?;
+        // SAFETY: the new block belongs to this transaction alone.
+        unsafe { tx.write(p, &bytes).ok()? };
+        tx.free(old).ok()?;
         tx.commit(CommitMode::NoFlush).ok()?;
         Some(p)
     }
 }
 
-// SAFETY: `alloc` returns blocks that are at least `layout.size()` bytes,
-// aligned to `layout.align()`, and disjoint from every other live block
-// (the heap's allocator guarantees it); `dealloc` frees only what `alloc`
-// returned. Failures return null as the trait requires.
+// SAFETY: `alloc`, `alloc_zeroed` and `realloc` return blocks of at least
+// the requested size, aligned as asked, and disjoint from every other live
+// block (the heap's allocator guarantees it); `alloc_zeroed` zeroes them;
+// `realloc` keeps the old contents up to the smaller size and leaves the old
+// block alone when it fails; `dealloc` frees only what they returned.
+// Failures return null as the trait requires.
 unsafe impl GlobalAlloc for HeapAllocator<'_> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.try_alloc(layout).map_or(std::ptr::null_mut(), |p| p.as_ptr())
+        self.try_alloc(layout, false).map_or(std::ptr::null_mut(), |p| p.as_ptr())
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.try_alloc(layout, true).map_or(std::ptr::null_mut(), |p| p.as_ptr())
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // On failure the old block stays allocated, as the trait requires.
+        NonNull::new(ptr)
+            .and_then(|old| self.try_realloc(old, layout, new_size))
+            .map_or(std::ptr::null_mut(), |p| p.as_ptr())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
@@ -71,5 +109,64 @@ unsafe impl GlobalAlloc for HeapAllocator<'_> {
                 let _ = tx.commit(CommitMode::NoFlush);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rvm_core::testing::{CrashMode, SimDisk};
+    use rvm_core::{create_log_with, MapSpec, Options, Rvm, Vfs};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn open(vfs: &Arc<dyn Vfs>, base: usize, create: bool) -> (Rvm, Heap) {
+        if create {
+            create_log_with(vfs.as_ref(), Path::new("log"), 1 << 20).unwrap();
+        }
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), Options::default()).unwrap();
+        let seg = if create { rvm.create_segment("seg", 1 << 20) } else { rvm.open_segment("seg") }.unwrap();
+        let s = rvm.map(&seg, MapSpec::new(0, 4096).at(base)).unwrap();
+        let h = rvm.map(&seg, MapSpec::new(4096, (1 << 20) - 4096).at(base + 4096)).unwrap();
+        let heap = if create { Heap::format(&rvm, s, h) } else { Heap::load(&rvm, s, h) }.unwrap();
+        (rvm, heap)
+    }
+
+    #[test]
+    fn zeroed_and_reallocated_contents_are_recoverable() {
+        let disk = SimDisk::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        let base = rvm_loader::testing::address_range().start();
+        let (rvm, heap) = open(&vfs, base, true);
+        let a = HeapAllocator::new(&heap);
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        // SAFETY: valid layouts; pointers are used with the layouts they
+        // were allocated with; nothing else touches the blocks.
+        let (z, r) = unsafe {
+            let z = a.alloc_zeroed(layout);
+            let p = a.alloc(layout);
+            let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+            tx.write(NonNull::new(p).unwrap(), &[9u8; 64]).unwrap();
+            tx.commit(CommitMode::NoFlush).unwrap();
+            let r = a.realloc(p, layout, 4000);
+            assert!(!z.is_null() && !r.is_null());
+            (z as usize, r as usize)
+        };
+        assert_eq!(heap.stats().live_blocks, 2);
+        heap.check().unwrap();
+        rvm.flush().unwrap();
+        // The zeroes and the copy were logged: after a crash that keeps only
+        // what was synced, the blocks hold them.
+        drop(heap);
+        disk.crash(CrashMode::LoseUnsynced);
+        drop(rvm);
+        let (_rvm, heap) = open(&vfs, base, false);
+        heap.check().unwrap();
+        assert_eq!(heap.stats().live_blocks, 2);
+        let mut buf = vec![1u8; 64];
+        heap.heap_region().read(z - base - 4096, &mut buf).unwrap();
+        assert_eq!(buf, vec![0u8; 64]);
+        heap.heap_region().read(r - base - 4096, &mut buf).unwrap();
+        assert_eq!(buf, vec![9u8; 64]);
     }
 }

@@ -2,37 +2,45 @@
 //!
 //! # How concurrent transactions never tangle
 //!
-//! Persistent allocator metadata is only the block headers and the root
-//! slots. They are written **only at commit**, under the heap lock, into the
-//! committing transaction, and the core commit (which copies the new values)
-//! happens before the lock is released. So no transaction ever holds an
-//! uncommitted change to a header or root slot while another runs: an abort
-//! has nothing of the heap's to restore, and cannot clobber anyone.
+//! Persistent allocator metadata is the block headers and tail guards, the
+//! counters and the root slots. They are written **only at commit**, under the heap lock, into
+//! the committing transaction, and the core commit (which copies the new
+//! values) happens before the lock is released. So no transaction ever holds
+//! an uncommitted change to heap metadata while another runs: an abort has
+//! nothing of the heap's to restore, and cannot clobber anyone.
 //!
 //! Between `malloc` and commit, the block is only *reserved* in volatile
-//! state ([`Avail`]); its header is written at commit, computed against the
+//! state ([`Avail`]); its header and tail guard are written at commit, computed against the
 //! committed layout at that moment (a mirror of the committed free blocks is
 //! kept in memory). `free` is deferred to commit (RDS's rule): an abort never
 //! loses a block, and an allocation of an aborted transaction returns to the
-//! free space.
+//! free space. A reserved block goes back to the free space only **after**
+//! its transaction has ended (committed, or aborted with its ranges
+//! restored), even when the transaction frees it itself: otherwise another
+//! transaction could reuse the memory while this one still has ranges
+//! declared in it, and this one's restore-mode abort would overwrite the
+//! other's data. The full argument is in `docs/DESIGN.md`, section 7.3.
 
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
 use crate::layout::{
-    self, BlockHeader, StaticHeader, HDR, MIN_BLOCK, ROOT_NAME_MAX, ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
+    self, BlockHeader, Counters, StaticHeader, COUNTERS_AT, COUNTERS_LEN, HDR, HEADER_LEN, MIN_BLOCK, ROOT_NAME_MAX,
+    ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
 };
 use crate::raw;
 use parking_lot::Mutex;
 use rvm_core::{CommitMode, Region, RestoreMode, Rvm, Transaction};
 use std::alloc::Layout;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
 
-/// Root slots in a heap made by [`Heap::format`].
-pub const DEFAULT_ROOT_SLOTS: u32 = 62;
-/// Largest supported alignment.
-pub const MAX_ALIGN: usize = 4096;
+/// Root slots of a heap whose static region is one 4 KiB page (what
+/// [`crate::PersistentHeap::create`] makes by default).
+pub const DEFAULT_ROOT_SLOTS: u32 = ((4096 - STATIC_FIXED) / ROOT_SLOT) as u32;
+/// Most root slots a heap has, however large its static region (the slots
+/// are read at load).
+pub const MAX_ROOT_SLOTS: u32 = 1 << 16;
 /// Size-class boundaries for per-class statistics (block sizes up to and
 /// including each bound; the last class holds everything larger).
 pub const CLASS_BOUNDS: [u64; 9] = [32, 64, 128, 256, 512, 1024, 2048, 4096, u64::MAX];
@@ -41,26 +49,35 @@ pub const CLASS_BOUNDS: [u64; 9] = [32, 64, 128, 256, 512, 1024, 2048, 4096, u64
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeapStats {
-    /// Committed allocations since load.
+    /// Committed allocations over the heap's lifetime (persistent).
     pub allocations: u64,
-    /// Committed frees since load.
+    /// Committed frees over the heap's lifetime (persistent).
     pub frees: u64,
     /// Live (committed, allocated) blocks.
     pub live_blocks: u64,
-    /// Bytes in live blocks (headers and slack included).
+    /// Bytes in live blocks (headers, guards and slack included).
     pub bytes_in_use: u64,
-    /// Free bytes available to new allocations.
+    /// Free bytes available to new allocations (not counting blocks that
+    /// transactions in flight have reserved).
     pub free_bytes: u64,
-    /// Largest free extent.
+    /// Largest free block or extent available.
     pub largest_free: u64,
     /// Live blocks per size class ([`CLASS_BOUNDS`]).
     pub live_per_class: [u64; 9],
+    /// Free blocks waiting in the small-block size classes, per class
+    /// ([`CLASS_BOUNDS`]).
+    pub quick_per_class: [u64; 9],
+    /// Free extents in the volatile index (a measure of fragmentation).
+    pub free_extents: u64,
+    /// Bytes reserved by transactions in flight.
+    pub reserved_bytes: u64,
     /// Heap region size.
     pub heap_bytes: u64,
 }
 
 /// What a full heap check found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Blocks walked.
     pub blocks: u64,
@@ -68,8 +85,17 @@ pub struct CheckReport {
     pub allocated: u64,
     /// Free blocks.
     pub free: u64,
+    /// Bytes in allocated blocks.
+    pub allocated_bytes: u64,
     /// Bytes in free blocks.
     pub free_bytes: u64,
+    /// Largest free block.
+    pub largest_free: u64,
+    /// Roots in use.
+    pub roots: u64,
+    /// Roots whose block is not allocated (the application freed a rooted
+    /// block without removing the root). Not heap damage, so not an error.
+    pub dangling_roots: Vec<String>,
 }
 
 /// A named persistent root.
@@ -88,7 +114,7 @@ pub struct Root {
 /// Block offsets are distinct multiples of 16: a multiplicative hash is
 /// enough and much cheaper than SipHash on the allocation path.
 #[derive(Default)]
-struct OffsetHasher(u64);
+pub(crate) struct OffsetHasher(u64);
 
 impl Hasher for OffsetHasher {
     fn finish(&self) -> u64 {
@@ -104,18 +130,40 @@ impl Hasher for OffsetHasher {
     }
 }
 
-#[derive(Debug, Default)]
+type OffsetBuild = BuildHasherDefault<OffsetHasher>;
+
+/// A root slot's contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    name: String,
+    type_tag: u64,
+    off: u64,
+    size: u64,
+}
+
+#[derive(Debug)]
 struct State {
     avail: Avail,
     /// The committed layout's free blocks (offset → size).
     committed_free: BTreeMap<u64, u64>,
     /// Committed blocks freed by transactions in flight.
-    pending_frees: HashSet<u64, BuildHasherDefault<OffsetHasher>>,
-    stats: HeapStats,
+    pending_frees: HashSet<u64, OffsetBuild>,
+    /// Bytes reserved by transactions in flight.
+    reserved: u64,
+    /// The persistent counters as committed.
+    counters: Counters,
+    live_per_class: [u64; 9],
+    /// Root name → slot, and the unused slots (lowest first).
+    roots: HashMap<String, usize>,
+    free_slots: BTreeSet<usize>,
 }
 
-/// A recoverable heap on two mapped regions: a static one (header and
-/// roots) and the heap proper.
+/// A recoverable heap on two mapped regions: a static one (header,
+/// counters and roots) and the heap proper.
+///
+/// [`Heap::format`] and [`Heap::load`] work on regions the caller mapped;
+/// [`crate::PersistentHeap`] creates and loads a heap's segment through the
+/// loader in one call.
 #[derive(Debug)]
 pub struct Heap {
     rvm: Rvm,
@@ -129,15 +177,26 @@ fn class_of(size: u64) -> usize {
     CLASS_BOUNDS.iter().position(|&b| size <= b).unwrap_or(CLASS_BOUNDS.len() - 1)
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Walked {
+    off: u64,
+    header: BlockHeader,
+}
+
 impl Heap {
     /// Formats a new heap on the two regions (in one flush transaction):
-    /// writes the header, empty roots, and one free block covering the heap
-    /// region.
+    /// writes the header, zero counters, empty roots (as many slots as the
+    /// static region holds, up to [`MAX_ROOT_SLOTS`]), and one free block
+    /// covering the heap region. Whatever the regions held is lost.
     pub fn format(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
-        let slots = DEFAULT_ROOT_SLOTS;
-        if static_region.len() < STATIC_FIXED + slots as usize * ROOT_SLOT {
+        let slots = (static_region.len().saturating_sub(STATIC_FIXED) / ROOT_SLOT).min(MAX_ROOT_SLOTS as usize);
+        if slots == 0 {
             return Err(HeapError::BadRegions {
-                reason: format!("static region of {} bytes is too small", static_region.len()),
+                reason: format!(
+                    "static region of {} bytes is too small (at least {} bytes)",
+                    static_region.len(),
+                    STATIC_FIXED + ROOT_SLOT
+                ),
             });
         }
         let len = heap_region.len() as u64;
@@ -152,7 +211,7 @@ impl Heap {
             t ^ (heap_region.addr() as u64).rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15
         };
         let header = StaticHeader {
-            root_slots: slots,
+            root_slots: slots as u32,
             heap_addr: heap_region.addr() as u64,
             heap_len: len,
             static_addr: static_region.addr() as u64,
@@ -160,7 +219,8 @@ impl Heap {
         };
         let mut tx = rvm.begin(RestoreMode::NoRestore)?;
         raw::store(&mut tx, static_region.addr(), &header.encode())?;
-        raw::store(&mut tx, static_region.addr() + STATIC_FIXED, &vec![0u8; slots as usize * ROOT_SLOT])?;
+        let rest = vec![0u8; STATIC_FIXED - HEADER_LEN + slots * ROOT_SLOT];
+        raw::store(&mut tx, static_region.addr() + HEADER_LEN, &rest)?;
         let first = BlockHeader { size: len, allocated: false, slack: 0 };
         raw::store(&mut tx, heap_region.addr(), &first.encode(nonce, 0))?;
         tx.commit(CommitMode::Flush)?;
@@ -168,10 +228,12 @@ impl Heap {
     }
 
     /// Loads a heap from its regions: checks the header, walks every block
-    /// (checking each), and rebuilds the volatile indexes. A heap that fails
-    /// is reported as [`HeapError::Corrupted`], never used.
+    /// (checking each header, tail guard and the tiling), checks the
+    /// persistent counters against the blocks and the root slots, and
+    /// rebuilds the volatile indexes. A heap that fails is reported as
+    /// [`HeapError::Corrupted`], never used.
     pub fn load(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
-        let mut fixed = [0u8; STATIC_FIXED];
+        let mut fixed = [0u8; HEADER_LEN];
         static_region
             .read(0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
@@ -179,29 +241,95 @@ impl Heap {
             .map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
         if header.heap_addr != heap_region.addr() as u64 || header.heap_len != heap_region.len() as u64 {
             return Err(HeapError::corrupted(
-                "heap header (heap region address or length differ from the mapped region)",
+                format!(
+                    "heap header (it places the heap at {:#x}, {} bytes; the region mapped is at {:#x}, {} bytes)",
+                    header.heap_addr,
+                    header.heap_len,
+                    heap_region.addr(),
+                    heap_region.len()
+                ),
                 "static region offset 16",
             ));
         }
         if header.static_addr != static_region.addr() as u64
+            || header.root_slots == 0
+            || header.root_slots > MAX_ROOT_SLOTS
             || STATIC_FIXED + header.root_slots as usize * ROOT_SLOT > static_region.len()
+            || header.heap_len < MIN_BLOCK
+            || !header.heap_len.is_multiple_of(HDR)
         {
-            return Err(HeapError::corrupted("heap header (static region mismatch)", "static region offset 12"));
+            return Err(HeapError::corrupted(
+                "heap header (static region address, root slot count or heap length out of range)",
+                "static region offset 12",
+            ));
         }
-        let heap = Heap { rvm: rvm.clone(), static_region, heap_region, header, state: Mutex::new(State::default()) };
-        let walk = heap.walk()?;
+        let mut cbytes = [0u8; COUNTERS_LEN];
+        static_region.read(COUNTERS_AT, &mut cbytes);
+        let counters = Counters::decode(&cbytes);
+        let heap = Heap {
+            rvm: rvm.clone(),
+            static_region,
+            heap_region,
+            header,
+            state: Mutex::new(State {
+                avail: Avail::new(bin_limit(header.heap_len)),
+                committed_free: BTreeMap::new(),
+                pending_frees: HashSet::default(),
+                reserved: 0,
+                counters,
+                live_per_class: [0; 9],
+                roots: HashMap::new(),
+                free_slots: BTreeSet::new(),
+            }),
+        };
         let mut st = heap.state.lock();
-        for b in &walk {
-            if b.header.allocated {
-                st.stats.live_blocks += 1;
-                st.stats.bytes_in_use += b.header.size;
-                st.stats.live_per_class[class_of(b.header.size)] += 1;
-            } else {
-                st.committed_free.insert(b.off, b.header.size);
-                st.avail.give_back(b.off, b.header.size);
+        let (mut live, mut live_bytes) = (0u64, 0u64);
+        {
+            let State { avail, committed_free, live_per_class, .. } = &mut *st;
+            heap.walk(|b| {
+                if b.header.allocated {
+                    live += 1;
+                    live_bytes += b.header.size;
+                    live_per_class[class_of(b.header.size)] += 1;
+                } else {
+                    committed_free.insert(b.off, b.header.size);
+                    avail.merge(b.off, b.header.size);
+                }
+            })?;
+        }
+        if live != counters.live_blocks || live_bytes != counters.live_bytes {
+            return Err(HeapError::corrupted(
+                format!(
+                    "heap counters ({} live blocks of {} bytes recorded, {live} of {live_bytes} found)",
+                    counters.live_blocks, counters.live_bytes
+                ),
+                format!("static region offset {COUNTERS_AT}"),
+            ));
+        }
+        if counters.allocations.checked_sub(counters.frees) != Some(live) {
+            return Err(HeapError::corrupted(
+                format!(
+                    "heap counters ({} allocations minus {} frees is not {live} live blocks)",
+                    counters.allocations, counters.frees
+                ),
+                format!("static region offset {COUNTERS_AT}"),
+            ));
+        }
+        for i in 0..header.root_slots as usize {
+            match heap.read_slot(i)? {
+                None => {
+                    st.free_slots.insert(i);
+                }
+                Some(s) => {
+                    if st.roots.insert(s.name.clone(), i).is_some() {
+                        return Err(HeapError::corrupted(
+                            format!("root table (the name {:?} is used twice)", s.name),
+                            format!("static region offset {}", heap.slot_off(i)),
+                        ));
+                    }
+                }
             }
         }
-        st.stats.heap_bytes = header.heap_len;
         drop(st);
         Ok(heap)
     }
@@ -216,9 +344,14 @@ impl Heap {
         &self.heap_region
     }
 
-    /// The static region (header and roots).
+    /// The static region (header, counters and roots).
     pub fn static_region(&self) -> &Region {
         &self.static_region
+    }
+
+    /// Root slots of this heap.
+    pub fn root_slots(&self) -> usize {
+        self.header.root_slots as usize
     }
 
     fn base(&self) -> usize {
@@ -232,18 +365,12 @@ impl Heap {
             .find(|r| addr >= r.addr() && addr.checked_add(len).is_some_and(|e| e <= r.addr() + r.len()))
     }
 
-    fn read_mem(&self, addr: usize, buf: &mut [u8]) {
-        if let Some(r) = self.region_of(addr, buf.len()) {
-            r.read(addr - r.addr(), buf);
-        }
-    }
-
-    /// Puts back bytes of a header or root slot after a failed commit.
+    /// Puts back bytes of heap metadata after a failed commit.
     fn write_back(&self, addr: usize, bytes: &[u8]) {
         if self.region_of(addr, bytes.len()).is_some() {
             // SAFETY: inside one of the heap's live regions (checked); the
-            // caller holds the heap lock, the only context that writes
-            // headers and root slots, and the failed transaction has ended.
+            // caller holds the heap lock, the only context that writes heap
+            // metadata, and the failed transaction has ended.
             unsafe { raw::write_back(addr, bytes) };
         }
     }
@@ -254,8 +381,9 @@ impl Heap {
         BlockHeader::decode(&b, self.header.nonce, off, self.header.heap_len)
     }
 
-    fn walk(&self) -> Result<Vec<Walked>> {
-        let mut out = Vec::new();
+    /// Walks every block in address order, checking headers, tail guards
+    /// and that no two free blocks are adjacent.
+    fn walk(&self, mut visit: impl FnMut(Walked)) -> Result<()> {
         let mut off = 0u64;
         let mut prev_free = false;
         while off < self.header.heap_len {
@@ -268,7 +396,7 @@ impl Heap {
                 self.heap_region.read(data_end as usize, &mut g);
                 if u64::from_le_bytes(g) != layout::tail_guard(self.header.nonce, off) {
                     return Err(HeapError::corrupted(
-                        "heap block tail guard (overrun?)",
+                        format!("tail guard of the block at heap offset {off:#x} (written past its end?)"),
                         format!("heap offset {data_end:#x}"),
                     ));
                 }
@@ -279,60 +407,153 @@ impl Heap {
                 ));
             }
             prev_free = !h.allocated;
-            out.push(Walked { off, header: h });
+            visit(Walked { off, header: h });
             off += h.size;
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Walks every block and checks headers, guards, tail guards, that
-    /// blocks tile the heap without overlap, that the volatile indexes agree
-    /// with the persistent state, and that the counters agree.
+    /// Full check: walks every block (header guard words, sizes, tail
+    /// guards, blocks tiling the heap exactly so nothing overlaps, no two
+    /// free blocks adjacent), and checks that the persistent counters, the
+    /// per-class counts, the mirror of the committed free blocks, the
+    /// volatile free index and the reservations of transactions in flight
+    /// all agree with the blocks, and that every root slot is sound. Runs
+    /// under the heap lock (commits wait). Dangling roots are reported, not
+    /// errors.
     pub fn check(&self) -> Result<CheckReport> {
         let st = self.state.lock();
-        let walk = self.walk()?;
         let mut report = CheckReport::default();
-        let mut free = BTreeMap::new();
-        let mut live = 0;
-        for b in &walk {
+        let mut free = Vec::new();
+        let mut per_class = [0u64; 9];
+        let mut allocated = HashSet::<u64, OffsetBuild>::default();
+        self.walk(|b| {
             report.blocks += 1;
             if b.header.allocated {
                 report.allocated += 1;
-                live += b.header.size;
+                report.allocated_bytes += b.header.size;
+                per_class[class_of(b.header.size)] += 1;
+                allocated.insert(b.off);
             } else {
                 report.free += 1;
                 report.free_bytes += b.header.size;
-                free.insert(b.off, b.header.size);
+                report.largest_free = report.largest_free.max(b.header.size);
+                free.push((b.off, b.header.size));
             }
+        })?;
+        let mismatch = |what: String| HeapError::corrupted(format!("heap state ({what})"), "volatile index");
+        let persisted = self.read_counters();
+        if persisted != st.counters {
+            return Err(HeapError::corrupted(
+                format!("heap counters (memory holds {persisted:?}, the heap committed {:?})", st.counters),
+                format!("static region offset {COUNTERS_AT}"),
+            ));
         }
-        let mismatch = |what: &str| HeapError::corrupted(format!("heap state ({what})"), "volatile index");
-        if free != st.committed_free {
-            return Err(mismatch("free blocks differ from the committed layout mirror"));
+        if report.allocated != st.counters.live_blocks || report.allocated_bytes != st.counters.live_bytes {
+            return Err(HeapError::corrupted(
+                format!(
+                    "heap counters ({} live blocks of {} bytes recorded, {} of {} found)",
+                    st.counters.live_blocks, st.counters.live_bytes, report.allocated, report.allocated_bytes
+                ),
+                format!("static region offset {COUNTERS_AT}"),
+            ));
         }
-        if report.allocated != st.stats.live_blocks || live != st.stats.bytes_in_use {
-            return Err(mismatch("live counters disagree with the blocks"));
+        if st.counters.allocations.checked_sub(st.counters.frees) != Some(report.allocated) {
+            return Err(mismatch(format!(
+                "{} allocations minus {} frees is not {} live blocks",
+                st.counters.allocations, st.counters.frees, report.allocated
+            )));
         }
-        // Every byte available to allocation lies in a committed free block.
-        for (at, size) in st.avail.extents().chain(st.avail.cached()) {
+        if per_class != st.live_per_class {
+            return Err(mismatch(format!("live blocks per class {:?}, found {per_class:?}", st.live_per_class)));
+        }
+        if !free.iter().copied().eq(st.committed_free.iter().map(|(&a, &s)| (a, s))) {
+            return Err(mismatch("free blocks differ from the committed layout mirror".into()));
+        }
+        st.avail.verify().map_err(mismatch)?;
+        // Every byte available to allocation lies in a committed free block,
+        // and those bytes plus the reservations are all the free space.
+        for (at, size) in st.avail.all() {
             match st.committed_free.range(..=at).next_back() {
                 Some((&f, &fs)) if at + size <= f + fs => {}
-                _ => return Err(mismatch("available space outside the committed free blocks")),
+                _ => {
+                    return Err(mismatch(format!(
+                        "available space {at:#x}+{size:#x} lies outside the committed free blocks"
+                    )))
+                }
             }
         }
+        if st.avail.free_bytes() + st.reserved != report.free_bytes {
+            return Err(mismatch(format!(
+                "{} bytes available and {} reserved, but {} bytes in free blocks",
+                st.avail.free_bytes(),
+                st.reserved,
+                report.free_bytes
+            )));
+        }
+        for &off in &st.pending_frees {
+            if !allocated.contains(&off) {
+                return Err(mismatch(format!("a pending free of heap offset {off:#x}, which is not a live block")));
+            }
+        }
+        let mut used = 0;
+        for i in 0..self.root_slots() {
+            match self.read_slot(i)? {
+                None => {
+                    if !st.free_slots.contains(&i) {
+                        return Err(mismatch(format!("root slot {i} is empty but indexed as used")));
+                    }
+                }
+                Some(s) => {
+                    used += 1;
+                    if st.roots.get(&s.name) != Some(&i) {
+                        return Err(mismatch(format!("root {:?} in slot {i} is not indexed there", s.name)));
+                    }
+                    if !allocated.contains(&s.off) {
+                        report.dangling_roots.push(s.name);
+                    }
+                }
+            }
+        }
+        if used != st.roots.len() || used + st.free_slots.len() != self.root_slots() {
+            return Err(mismatch("root index and root slots disagree".into()));
+        }
+        report.roots = used as u64;
         Ok(report)
+    }
+
+    fn read_counters(&self) -> Counters {
+        let mut b = [0u8; COUNTERS_LEN];
+        self.static_region.read(COUNTERS_AT, &mut b);
+        Counters::decode(&b)
     }
 
     /// Statistics.
     pub fn stats(&self) -> HeapStats {
         let st = self.state.lock();
-        let mut s = st.stats.clone();
-        s.free_bytes = st.avail.free_bytes();
-        s.largest_free = st.avail.largest();
-        s
+        let mut quick = [0u64; 9];
+        for (size, n) in st.avail.binned() {
+            quick[class_of(size)] += n as u64;
+        }
+        HeapStats {
+            allocations: st.counters.allocations,
+            frees: st.counters.frees,
+            live_blocks: st.counters.live_blocks,
+            bytes_in_use: st.counters.live_bytes,
+            free_bytes: st.avail.free_bytes(),
+            largest_free: st.avail.largest(),
+            live_per_class: st.live_per_class,
+            quick_per_class: quick,
+            free_extents: st.avail.extent_count() as u64,
+            reserved_bytes: st.reserved,
+            heap_bytes: self.header.heap_len,
+        }
     }
 
-    /// Fills the cache for `size`-byte requests with up to `count` blocks
-    /// ahead of a burst (RDS's preallocation); returns how many it made.
+    /// Sets aside up to `count` blocks for `size`-byte requests ahead of a
+    /// burst (RDS's preallocation); returns how many it set aside. They stay
+    /// free (persistently and in the statistics) and are handed out first to
+    /// requests of that size with an alignment of at most 16.
     pub fn preallocate(&self, size: usize, count: usize) -> usize {
         match layout::block_size_for(size) {
             Some(need) => self.state.lock().avail.preallocate(need, count),
@@ -340,112 +561,264 @@ impl Heap {
         }
     }
 
-    /// Begins a heap transaction (wrapping a core transaction).
+    /// Begins a heap transaction (wrapping a core transaction; the calling
+    /// thread must not have one open on this instance).
     pub fn begin(&self, mode: RestoreMode) -> Result<HeapTx<'_>> {
         Ok(HeapTx {
             heap: self,
             tx: Some(self.rvm.begin(mode)?),
-            allocs: Vec::new(),
+            allocs: Spare::take(),
             frees: Vec::new(),
             roots: Vec::new(),
         })
     }
 
-    fn slot_addr(&self, i: usize) -> usize {
-        self.static_region.addr() + STATIC_FIXED + i * ROOT_SLOT
+    fn slot_off(&self, i: usize) -> usize {
+        STATIC_FIXED + i * ROOT_SLOT
     }
 
-    fn read_slot(&self, i: usize) -> Option<(String, u64, u64, u64)> {
+    /// Reads and checks root slot `i`.
+    fn read_slot(&self, i: usize) -> Result<Option<Slot>> {
+        let at = self.slot_off(i);
+        let bad =
+            |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
-        self.static_region.read(STATIC_FIXED + i * ROOT_SLOT, &mut b)?;
+        self.static_region.read(at, &mut b).ok_or_else(|| bad("outside the static region"))?;
         let n = b[..ROOT_NAME_MAX].iter().position(|&c| c == 0).unwrap_or(ROOT_NAME_MAX);
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
         if n == 0 {
-            return None;
+            return if b.iter().all(|&c| c == 0) { Ok(None) } else { Err(bad("unused but not zero")) };
         }
-        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
-        Some((String::from_utf8_lossy(&b[..n]).into_owned(), word(40), word(48), word(56)))
+        if b[n..ROOT_NAME_MAX].iter().any(|&c| c != 0) {
+            return Err(bad("name not NUL-padded"));
+        }
+        let name = std::str::from_utf8(&b[..n]).map_err(|_| bad("name is not UTF-8"))?.to_owned();
+        let (type_tag, off, size) = (word(40), word(48), word(56));
+        if !off.is_multiple_of(HDR) || off.checked_add(HDR + size).is_none_or(|e| e > self.header.heap_len) {
+            return Err(bad("block offset or size out of range"));
+        }
+        Ok(Some(Slot { name, type_tag, off, size }))
     }
 
-    fn root_from_slot(&self, (name, type_tag, off, size): (String, u64, u64, u64)) -> Option<Root> {
-        if off >= self.header.heap_len {
-            return None;
-        }
-        let ptr = NonNull::new((self.base() + off as usize + HDR as usize) as *mut u8)?;
-        Some(Root { name, ptr, size, type_tag })
+    fn root_from_slot(&self, s: Slot) -> Option<Root> {
+        let ptr = NonNull::new((self.base() + (s.off + HDR) as usize) as *mut u8)?;
+        Some(Root { name: s.name, ptr, size: s.size, type_tag: s.type_tag })
     }
 
     /// The root called `name`.
     pub fn root(&self, name: &str) -> Option<Root> {
-        let _st = self.state.lock();
-        (0..self.header.root_slots as usize)
-            .filter_map(|i| self.read_slot(i))
-            .find(|s| s.0 == name)
-            .and_then(|s| self.root_from_slot(s))
+        let st = self.state.lock();
+        let &i = st.roots.get(name)?;
+        self.read_slot(i).ok().flatten().and_then(|s| self.root_from_slot(s))
     }
 
-    /// Every root.
+    /// Every root, in slot order.
     pub fn roots(&self) -> Vec<Root> {
-        let _st = self.state.lock();
-        (0..self.header.root_slots as usize)
-            .filter_map(|i| self.read_slot(i))
+        let st = self.state.lock();
+        let mut slots: Vec<usize> = st.roots.values().copied().collect();
+        slots.sort_unstable();
+        slots
+            .into_iter()
+            .filter_map(|i| self.read_slot(i).ok().flatten())
             .filter_map(|s| self.root_from_slot(s))
             .collect()
     }
 
-    /// The root `name`, created if missing: a block of `size` bytes is
-    /// allocated, `init` fills it (it receives the zeroed block's bytes), and
-    /// the root is recorded, all in one flush transaction. An existing root
-    /// with another size or type tag is an error.
-    pub fn root_or_create(&self, name: &str, size: usize, type_tag: u64, init: impl FnOnce(&mut [u8])) -> Result<Root> {
-        if let Some(r) = self.root(name) {
+    /// The root `name`, created if missing: a block of `size` bytes aligned
+    /// to `align` is allocated, `init` fills it (it receives the block's
+    /// bytes, zeroed), and the root is recorded, all in one flush-committed
+    /// transaction. An existing root with another size or type tag is
+    /// [`HeapError::RootMismatch`]. Safe against a race with another thread
+    /// creating the same root: one creates it, the other gets it. The
+    /// calling thread must not have a transaction open on the instance.
+    pub fn root_or_create(
+        &self,
+        name: &str,
+        size: usize,
+        align: usize,
+        type_tag: u64,
+        init: impl FnOnce(&mut [u8]),
+    ) -> Result<Root> {
+        let existing = |r: Root| {
             if r.size != size as u64 || r.type_tag != type_tag {
-                return Err(HeapError::corrupted(
-                    format!("root {name:?} (exists with size {} and type tag {:#x})", r.size, r.type_tag),
-                    "root table",
-                ));
+                return Err(HeapError::RootMismatch {
+                    name: name.into(),
+                    size: r.size,
+                    type_tag: r.type_tag,
+                    want_size: size as u64,
+                    want_tag: type_tag,
+                });
             }
-            return Ok(r);
+            Ok(r)
+        };
+        if let Some(r) = self.root(name) {
+            return existing(r);
         }
+        let layout = Layout::from_size_align(size, align.max(1)).map_err(|_| HeapError::BadLayout { size, align })?;
         let mut tx = self.begin(RestoreMode::Restore)?;
-        let ptr = tx.malloc(
-            Layout::from_size_align(size.max(1), 16)
-                .map_err(|_| HeapError::BadAlignment { align: 16, max: MAX_ALIGN })?,
-        )?;
+        let ptr = tx.malloc(layout)?;
         let mut bytes = vec![0u8; size];
         init(&mut bytes);
         raw::store(tx.tx(), ptr.as_ptr() as usize, &bytes)?;
-        tx.set_root(name, Some((ptr, size as u64, type_tag)))?;
-        tx.commit(CommitMode::Flush)?;
-        self.root(name)
-            .ok_or_else(|| HeapError::corrupted(format!("root {name:?} (missing after commit)"), "root table"))
+        tx.roots.push(RootChange {
+            name: check_root_name(name)?,
+            target: Some((block_off(self, ptr), size as u64, type_tag)),
+            create: true,
+        });
+        match tx.commit(CommitMode::Flush) {
+            Ok(()) => {}
+            Err(HeapError::RootExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self.root(name) {
+            Some(r) => existing(r),
+            None => {
+                Err(HeapError::corrupted(format!("root table (root {name:?} missing after its commit)"), "root table"))
+            }
+        }
+    }
+
+    /// The root `name` holding a `T`, created with `init()` if missing (see
+    /// [`Heap::root_or_create`]; size and alignment are `T`'s). `T` must be
+    /// plain data that is valid for any bytes a `T` was stored as, and may
+    /// hold pointers into this heap (they stay valid across loads). Reading
+    /// and writing through the pointer follows the usual rules: declare a
+    /// range in a transaction before storing.
+    pub fn root_or_init<T: Copy>(&self, name: &str, type_tag: u64, init: impl FnOnce() -> T) -> Result<NonNull<T>> {
+        let size = std::mem::size_of::<T>();
+        let root = self.root_or_create(name, size, std::mem::align_of::<T>(), type_tag, |bytes| {
+            let value = init();
+            // SAFETY: `bytes` has exactly size_of::<T>() bytes; T is Copy
+            // (no drop glue), and reading its bytes is what storing it
+            // means. The source is a live, initialised T.
+            let src = unsafe { std::slice::from_raw_parts((&value as *const T).cast::<u8>(), size) };
+            bytes.copy_from_slice(src);
+        })?;
+        Ok(root.ptr.cast::<T>())
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Walked {
-    off: u64,
-    header: BlockHeader,
+/// The block size limit of the size classes: 1/16 of the heap, at least
+/// 64 KiB (blocks in the size classes are not merged, so they are bounded
+/// to keep fragmentation in check).
+fn bin_limit(heap_len: u64) -> u64 {
+    (heap_len / 16).max(64 << 10)
 }
 
-/// A root to record at commit: name, and (block offset, size, type tag) or
-/// `None` to remove it.
-type RootChange = (String, Option<(u64, u64, u64)>);
+fn check_root_name(name: &str) -> Result<String> {
+    if name.is_empty() || name.len() > ROOT_NAME_MAX || name.contains('\0') {
+        return Err(HeapError::BadRootName { name: name.into(), max: ROOT_NAME_MAX });
+    }
+    Ok(name.into())
+}
 
+/// The heap offset of the block whose data starts at `ptr` (not checked).
+fn block_off(heap: &Heap, ptr: NonNull<u8>) -> u64 {
+    (ptr.as_ptr() as usize).wrapping_sub(heap.base() + HDR as usize) as u64
+}
+
+/// A root change to make at commit.
+#[derive(Debug)]
+struct RootChange {
+    name: String,
+    /// (block offset, size, type tag), or `None` to remove the root.
+    target: Option<(u64, u64, u64)>,
+    /// Fail with [`HeapError::RootExists`] if the root exists.
+    create: bool,
+}
+
+/// A committed block freed by a transaction in flight (its header as read).
 #[derive(Clone, Copy, Debug)]
-struct Reserved {
+struct Freed {
     off: u64,
     size: u64,
     slack: u32,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Reserved {
+    size: u64,
+    slack: u32,
+    /// Freed again by its own transaction: no header at commit, and back to
+    /// the free space once the transaction has ended.
+    freed: bool,
+}
+
+/// The blocks a transaction reserved, in order, with an index by offset
+/// that is built only when a transaction with many of them looks one up
+/// (to free it, or to root it).
+#[derive(Debug, Default)]
+struct Reservations {
+    list: Vec<(u64, Reserved)>,
+    index: HashMap<u64, usize, OffsetBuild>,
+    /// `index` covers `list[..indexed]`.
+    indexed: usize,
+}
+
+impl Reservations {
+    fn push(&mut self, off: u64, r: Reserved) {
+        self.list.push((off, r));
+    }
+
+    fn find(&mut self, off: u64) -> Option<&mut Reserved> {
+        if self.list.len() <= 16 {
+            return self.list.iter_mut().rev().find(|e| e.0 == off).map(|e| &mut e.1);
+        }
+        while self.indexed < self.list.len() {
+            self.index.insert(self.list[self.indexed].0, self.indexed);
+            self.indexed += 1;
+        }
+        let i = *self.index.get(&off)?;
+        Some(&mut self.list[i].1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(u64, Reserved)> + '_ {
+        self.list.iter()
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.index.clear();
+        self.indexed = 0;
+    }
+}
+
+thread_local! {
+    /// Each thread's spare reservation list, reused by its next transaction
+    /// (growing a fresh one for every transaction costs more than the
+    /// allocations it records).
+    static SPARE: std::cell::RefCell<Option<Reservations>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Access to [`SPARE`].
+struct Spare;
+
+impl Spare {
+    fn take() -> Reservations {
+        SPARE.with(|s| s.borrow_mut().take()).unwrap_or_default()
+    }
+
+    fn give(mut r: Reservations) {
+        r.clear();
+        SPARE.with(|s| *s.borrow_mut() = Some(r));
+    }
+}
+
 /// A transaction on the heap: allocations and frees take effect at commit,
-/// together with the stores the transaction declares.
+/// together with the stores the transaction declares. Dropping it without
+/// committing aborts it.
 #[derive(Debug)]
 pub struct HeapTx<'h> {
     heap: &'h Heap,
     tx: Option<Transaction<'h>>,
-    allocs: Vec<Reserved>,
-    frees: Vec<u64>,
+    /// Blocks reserved by this transaction, by offset.
+    allocs: Reservations,
+    /// Committed blocks to free at commit.
+    frees: Vec<Freed>,
     roots: Vec<RootChange>,
 }
 
@@ -456,231 +829,351 @@ impl<'h> HeapTx<'h> {
         self.tx.as_mut().expect("heap transaction used after it ended")
     }
 
+    /// The heap.
+    pub fn heap(&self) -> &'h Heap {
+        self.heap
+    }
+
     /// Declares `[ptr, ptr + len)` (inside a block of this heap, or any
     /// mapped memory) for stores the caller makes next.
     ///
     /// # Safety
     ///
-    /// As [`Transaction::set_range`].
+    /// As [`Transaction::set_range`]: no other thread writes the range until
+    /// this transaction ends, and no Rust reference holds it meanwhile.
     pub unsafe fn set_range(&mut self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         // SAFETY: forwarded contract.
         unsafe { raw::declare(self.tx(), ptr.as_ptr() as usize, len)? };
         Ok(())
     }
 
-    /// Allocates a block for `layout` (any size, power-of-two alignment up to
-    /// 4096). The memory is the transaction's until it ends; if the
-    /// transaction aborts, the block returns to the free space.
+    /// Declares `[ptr, ptr + bytes.len())` and stores `bytes` there.
+    ///
+    /// # Safety
+    ///
+    /// As [`HeapTx::set_range`].
+    pub unsafe fn write(&mut self, ptr: NonNull<u8>, bytes: &[u8]) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.tx().modify_bytes(ptr.as_ptr() as usize, bytes)? };
+        Ok(())
+    }
+
+    /// Allocates a block for `layout` (any size the heap can hold, any
+    /// power-of-two alignment). The memory is the transaction's until it
+    /// ends; it becomes a live block at commit, and returns to the free space
+    /// if the transaction aborts. Its contents are undefined until written
+    /// (declare them in this transaction to make them durable).
     pub fn malloc(&mut self, layout: Layout) -> Result<NonNull<u8>> {
         let heap = self.heap;
-        let align = layout.align();
-        if align > MAX_ALIGN {
-            return Err(HeapError::BadAlignment { align, max: MAX_ALIGN });
-        }
-        let size = layout.size();
+        let (size, align) = (layout.size(), layout.align());
         let oom = |largest| HeapError::OutOfMemory { size, align, largest };
         let need = layout::block_size_for(size).ok_or_else(|| oom(0))?;
-        let base_mod = (heap.base() % align.max(1)) as u64;
+        let base_mod = (heap.base() % align) as u64;
         let (off, block) = {
             let mut st = heap.state.lock();
             match st.avail.take(need, align as u64, base_mod) {
-                Some(x) => x,
+                Some(x) => {
+                    st.reserved += x.1;
+                    x
+                }
                 None => return Err(oom(st.avail.largest())),
             }
         };
+        // At most the 16-byte rounding, the tail guard and a leftover too
+        // small to stand alone (< MIN_BLOCK): always fits in u32.
         let slack = (block - HDR - size as u64) as u32;
-        self.allocs.push(Reserved { off, size: block, slack });
-        let data = heap.base() + (off + HDR) as usize;
-        let guard = layout::tail_guard(heap.header.nonce, off);
-        // The block's interior is reserved to this transaction alone.
-        raw::store(self.tx(), data + size, &guard.to_le_bytes())?;
-        NonNull::new(data as *mut u8).ok_or_else(|| oom(0))
+        self.allocs.push(off, Reserved { size: block, slack, freed: false });
+        // Header and tail guard are written at commit.
+        NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
     }
 
-    /// Frees a block at commit (or at once, if this transaction allocated
-    /// it). Freeing twice, or a pointer the heap did not hand out, is an error.
+    /// Frees a block: at commit, or (if this transaction allocated it) as
+    /// if it had never been allocated. Freeing twice, or a pointer the heap
+    /// did not hand out, is an error ([`HeapError::DoubleFree`],
+    /// [`HeapError::InvalidPointer`]).
     pub fn free(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let heap = self.heap;
         let addr = ptr.as_ptr() as usize;
-        let bad = HeapError::InvalidPointer { addr };
-        let data_off = addr.checked_sub(heap.base()).ok_or(HeapError::InvalidPointer { addr })? as u64;
+        let bad = || HeapError::InvalidPointer { addr };
+        let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
         if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
-            return Err(bad);
+            return Err(bad());
         }
         let off = data_off - HDR;
-        let mut st = heap.state.lock();
-        if let Some(i) = self.allocs.iter().position(|r| r.off == off) {
-            let r = self.allocs.swap_remove(i);
-            st.avail.give_back(r.off, r.size);
-            return Ok(());
-        }
-        if st.pending_frees.contains(&off) {
-            return Err(HeapError::DoubleFree { addr });
-        }
-        if let Some((&f, &fs)) = st.committed_free.range(..=off).next_back() {
-            if off < f + fs {
+        if let Some(r) = self.allocs.find(off) {
+            if r.freed {
                 return Err(HeapError::DoubleFree { addr });
             }
+            r.freed = true;
+            return Ok(());
         }
-        match heap.read_header(off) {
-            Ok(h) if h.allocated => {}
-            _ => return Err(bad),
+        let mut st = heap.state.lock();
+        // A valid allocated header marks a live block: committed layouts
+        // hold no stale allocated headers (a header that becomes interior
+        // to a free block is zeroed, see `apply_intents`).
+        let h = match heap.read_header(off) {
+            Ok(h) if h.allocated => h,
+            _ => {
+                // Freed already (the pointer lies in committed free space),
+                // or never a block.
+                return match st.committed_free.range(..=off).next_back() {
+                    Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
+                    _ => Err(bad()),
+                };
+            }
+        };
+        if !st.pending_frees.insert(off) {
+            return Err(HeapError::DoubleFree { addr });
         }
-        st.pending_frees.insert(off);
-        self.frees.push(off);
+        drop(st);
+        self.frees.push(Freed { off, size: h.size, slack: h.slack });
         Ok(())
     }
 
     /// Records (or with `None` removes) the root `name` at commit. `target`
-    /// is (block pointer from this heap, size, type tag).
+    /// is (block pointer, size, type tag): the pointer must be a live block
+    /// of this heap (allocated by this transaction, or committed and not
+    /// freed by it) and `size` at most the bytes it was allocated with.
     pub fn set_root(&mut self, name: &str, target: Option<(NonNull<u8>, u64, u64)>) -> Result<()> {
-        if name.is_empty() || name.len() > ROOT_NAME_MAX || name.contains('\0') {
-            return Err(HeapError::BadRootName { name: name.into(), max: ROOT_NAME_MAX });
-        }
-        let t = match target {
-            Some((ptr, size, tag)) => {
-                let off = (ptr.as_ptr() as usize)
-                    .checked_sub(self.heap.base() + HDR as usize)
-                    .filter(|&o| (o as u64) < self.heap.header.heap_len)
-                    .ok_or(HeapError::InvalidPointer { addr: ptr.as_ptr() as usize })?;
-                Some((off as u64, size, tag))
-            }
+        let name = check_root_name(name)?;
+        let target = match target {
             None => None,
+            Some((ptr, size, tag)) => {
+                let addr = ptr.as_ptr() as usize;
+                let off = block_off(self.heap, ptr);
+                let capacity = match self.allocs.find(off) {
+                    Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
+                    Some(_) => None,
+                    None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.off == off) => None,
+                    None => {
+                        let _st = self.heap.state.lock();
+                        match self.heap.read_header(off) {
+                            Ok(h) if h.allocated => Some(h.size - HDR - h.slack as u64),
+                            _ => None,
+                        }
+                    }
+                };
+                match capacity {
+                    Some(c) if size <= c => Some((off, size, tag)),
+                    Some(capacity) => return Err(HeapError::RootTooLarge { name, size, capacity }),
+                    None => return Err(HeapError::InvalidPointer { addr }),
+                }
+            }
         };
-        self.roots.push((name.into(), t));
+        self.roots.push(RootChange { name, target, create: false });
         Ok(())
     }
 
     /// Commits: under the heap lock, writes the headers of allocated and
-    /// freed blocks and the root slots into the transaction and commits it
-    /// (see the module docs for why this never tangles with other
-    /// transactions); with [`CommitMode::Flush`] then waits for durability.
+    /// freed blocks, the counters and the root slots into the transaction
+    /// and commits it (see the module docs for why this never tangles with
+    /// other transactions); with [`CommitMode::Flush`] then waits for
+    /// durability. On error the transaction is aborted (allocations return
+    /// to the free space, frees are dropped).
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
         let heap = self.heap;
-        let mut tx = self.tx.take().expect("heap transaction used after it ended");
+        let tx = self.tx.take().expect("heap transaction used after it ended");
         let allocs = std::mem::take(&mut self.allocs);
         let frees = std::mem::take(&mut self.frees);
         let roots = std::mem::take(&mut self.roots);
-        let mut st = heap.state.lock();
-        let mut undo = Undo::default();
-        let r = apply_intents(heap, &mut st, &mut tx, &allocs, &frees, &roots, &mut undo)
-            .and_then(|()| tx.commit(CommitMode::NoFlush).map_err(HeapError::from));
-        match r {
-            Ok(()) => {
-                let State { avail, pending_frees, stats, .. } = &mut *st;
-                for r in &allocs {
-                    stats.allocations += 1;
-                    stats.live_blocks += 1;
-                    stats.bytes_in_use += r.size;
-                    stats.live_per_class[class_of(r.size)] += 1;
-                }
-                for &(off, size) in &undo.freed {
-                    pending_frees.remove(&off);
-                    avail.give_back(off, size);
-                    stats.frees += 1;
-                    stats.live_blocks -= 1;
-                    stats.bytes_in_use -= size;
-                    stats.live_per_class[class_of(size)] -= 1;
-                }
-                drop(st);
-                if mode == CommitMode::Flush {
-                    heap.rvm.flush()?;
-                }
-                Ok(())
-            }
+        let mut guard = heap.state.lock();
+        let mut undo = Undo::new(tx.mode(), frees.len());
+        let mut tx = tx;
+        let result = match apply_intents(heap, &mut guard, &mut tx, &allocs, &frees, &roots, &mut undo) {
+            // The core commit copies the new values while the lock is held,
+            // so no other commit can write heap metadata in between.
+            Ok(()) => tx.commit(CommitMode::NoFlush).map_err(HeapError::from),
             Err(e) => {
-                // The core aborted the transaction; put back what the heap
-                // changed in memory and in its mirror, under the same lock.
-                undo.rollback(heap, &mut st);
-                for r in &allocs {
-                    st.avail.give_back(r.off, r.size);
-                }
-                for off in &frees {
-                    st.pending_frees.remove(off);
-                }
+                // Abort under the lock, before anything goes back to the
+                // free space.
+                tx.abort();
                 Err(e)
             }
+        };
+        let st = &mut *guard;
+        match &result {
+            Ok(()) => {
+                for &(off, r) in allocs.iter() {
+                    st.reserved -= r.size;
+                    if r.freed {
+                        st.avail.release(off, r.size);
+                    } else {
+                        st.live_per_class[class_of(r.size)] += 1;
+                    }
+                }
+                for f in &frees {
+                    st.pending_frees.remove(&f.off);
+                    st.avail.release(f.off, f.size);
+                    st.live_per_class[class_of(f.size)] -= 1;
+                }
+            }
+            Err(_) => {
+                // The core aborted the transaction (restoring what it can in
+                // restore mode); put back what the heap changed in memory and
+                // in its mirrors, still under the lock.
+                undo.rollback(heap, st, &frees);
+                for &(off, r) in allocs.iter() {
+                    st.reserved -= r.size;
+                    st.avail.release(off, r.size);
+                }
+                for f in &frees {
+                    st.pending_frees.remove(&f.off);
+                }
+            }
         }
+        // Not under the lock: the flush below waits for the disk.
+        drop(guard);
+        Spare::give(allocs);
+        result?;
+        if mode == CommitMode::Flush {
+            heap.rvm.flush()?;
+        }
+        Ok(())
     }
 
-    /// Aborts: reserved blocks return to the free space, frees are dropped,
-    /// and (restore mode) declared stores are undone.
+    /// Aborts: the core transaction is aborted first (restore mode puts the
+    /// old bytes of every declared range back), then reserved blocks return
+    /// to the free space and deferred frees are dropped.
     pub fn abort(self) {}
 }
 
 impl Drop for HeapTx<'_> {
     fn drop(&mut self) {
-        if self.tx.is_none() {
-            return;
-        }
+        let Some(tx) = self.tx.take() else { return };
+        // First the core abort, while the reserved blocks are still ours:
+        // it may write old bytes back into them.
+        tx.abort();
         let mut st = self.heap.state.lock();
-        for r in self.allocs.drain(..) {
-            st.avail.give_back(r.off, r.size);
+        for &(off, r) in self.allocs.iter() {
+            st.reserved -= r.size;
+            st.avail.release(off, r.size);
         }
-        for off in self.frees.drain(..) {
-            st.pending_frees.remove(&off);
+        for f in self.frees.drain(..) {
+            st.pending_frees.remove(&f.off);
         }
         drop(st);
-        // Dropping the core transaction aborts it.
-        self.tx = None;
+        Spare::give(std::mem::take(&mut self.allocs));
     }
 }
 
+/// A change to the committed-free mirror, in order.
+#[derive(Clone, Copy, Debug)]
+enum MirrorOp {
+    Removed(u64, u64),
+    Inserted(u64),
+    /// Size changed in place from the size given.
+    Resized(u64, u64),
+}
+
 /// What a commit changed, to put back if the core commit fails.
-#[derive(Debug, Default)]
+///
+/// Every piece of committed heap metadata a commit overwrites is the header
+/// of a committed free block it removes from the mirror, the header of a
+/// block it frees, the counters, or a root slot (the other headers it writes
+/// land inside committed free blocks, where nothing committed lives). So a
+/// rollback re-encodes those headers from the mirror and the freed blocks,
+/// and keeps old bytes only of root slots and counters. (A restore-mode
+/// transaction gets all of it back from the core's own abort; the heap then
+/// only repairs its mirrors.)
+#[derive(Debug)]
 struct Undo {
-    /// Every store made: (address, offset of its old bytes in `old`, length).
-    stores: Vec<(usize, usize, usize)>,
-    old: Vec<u8>,
-    /// Mirror entries removed and inserted.
-    removed: Vec<(u64, u64)>,
-    inserted: Vec<u64>,
-    /// Blocks freed: (offset, size).
-    freed: Vec<(u64, u64)>,
+    /// Whether memory must be put back by the heap (no-restore: the core
+    /// keeps no old values).
+    write_back: bool,
+    mirror: Vec<MirrorOp>,
+    /// The counters before.
+    counters: Option<Counters>,
+    /// Root slots written: (slot, old bytes), and index changes (name, the
+    /// slot it had).
+    slots: Vec<(usize, [u8; ROOT_SLOT])>,
+    roots: Vec<(String, Option<usize>)>,
 }
 
 impl Undo {
-    fn store(&mut self, heap: &Heap, tx: &mut Transaction<'_>, addr: usize, bytes: &[u8]) -> Result<()> {
-        let at = self.old.len();
-        self.old.resize(at + bytes.len(), 0);
-        heap.read_mem(addr, &mut self.old[at..]);
-        self.stores.push((addr, at, bytes.len()));
-        raw::store(tx, addr, bytes)?;
-        Ok(())
+    fn new(mode: RestoreMode, frees: usize) -> Undo {
+        Undo {
+            write_back: mode == RestoreMode::NoRestore,
+            mirror: Vec::with_capacity(frees * 3 + 8),
+            counters: None,
+            slots: Vec::new(),
+            roots: Vec::new(),
+        }
     }
 
     fn remove(&mut self, st: &mut State, off: u64) -> Option<u64> {
         let size = st.committed_free.remove(&off)?;
-        self.removed.push((off, size));
+        self.mirror.push(MirrorOp::Removed(off, size));
         Some(size)
     }
 
     fn insert(&mut self, st: &mut State, off: u64, size: u64) {
         st.committed_free.insert(off, size);
-        self.inserted.push(off);
+        self.mirror.push(MirrorOp::Inserted(off));
     }
 
-    fn rollback(self, heap: &Heap, st: &mut State) {
-        for off in self.inserted.iter().rev() {
-            st.committed_free.remove(off);
+    fn rollback(self, heap: &Heap, st: &mut State, frees: &[Freed]) {
+        // Newest first, so a block a commit both made and used goes away.
+        for op in self.mirror.iter().rev() {
+            match *op {
+                MirrorOp::Removed(off, size) | MirrorOp::Resized(off, size) => {
+                    st.committed_free.insert(off, size);
+                }
+                MirrorOp::Inserted(off) => {
+                    st.committed_free.remove(&off);
+                }
+            }
         }
-        for &(off, size) in self.removed.iter().rev() {
-            st.committed_free.insert(off, size);
+        if let Some(c) = self.counters {
+            st.counters = c;
         }
-        // Still under the heap lock: nobody else writes headers or slots,
-        // and the failed transaction is over.
-        for &(addr, at, len) in self.stores.iter().rev() {
-            heap.write_back(addr, &self.old[at..at + len]);
+        for (name, slot) in self.roots.into_iter().rev() {
+            if let Some(&now) = st.roots.get(&name) {
+                st.free_slots.insert(now);
+                st.roots.remove(&name);
+            }
+            if let Some(i) = slot {
+                st.free_slots.remove(&i);
+                st.roots.insert(name, i);
+            }
+        }
+        if !self.write_back {
+            return;
+        }
+        // Still under the heap lock: nobody else writes heap metadata, and
+        // the failed transaction is over.
+        let (base, nonce) = (heap.base(), heap.header.nonce);
+        for op in &self.mirror {
+            if let MirrorOp::Removed(off, size) | MirrorOp::Resized(off, size) = *op {
+                if st.committed_free.get(&off) == Some(&size) {
+                    let h = BlockHeader { size, allocated: false, slack: 0 };
+                    heap.write_back(base + off as usize, &h.encode(nonce, off));
+                }
+            }
+        }
+        for f in frees {
+            let h = BlockHeader { size: f.size, allocated: true, slack: f.slack };
+            heap.write_back(base + f.off as usize, &h.encode(nonce, f.off));
+        }
+        if self.counters.is_some() {
+            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode());
+        }
+        for (slot, old) in self.slots.iter().rev() {
+            heap.write_back(heap.static_region.addr() + heap.slot_off(*slot), old);
         }
     }
 }
 
+/// Writes the commit's heap metadata into `tx`: root slots, the headers of
+/// allocated blocks (splitting the committed free block that holds each)
+/// and of freed ones (merged with their free neighbours), and the counters.
+/// Also updates the mirror of the committed free blocks and the root index;
+/// `undo` records how to put it all back.
 fn apply_intents(
     heap: &Heap,
     st: &mut State,
     tx: &mut Transaction<'_>,
-    allocs: &[Reserved],
-    frees: &[u64],
+    allocs: &Reservations,
+    frees: &[Freed],
     roots: &[RootChange],
     undo: &mut Undo,
 ) -> Result<()> {
@@ -688,66 +1181,123 @@ fn apply_intents(
     let nonce = heap.header.nonce;
     let corrupt =
         |what: &str, off: u64| HeapError::corrupted(format!("heap layout ({what})"), format!("heap offset {off:#x}"));
-    for r in allocs {
-        // The committed free block that contains the reservation.
-        let (f, fs) = match st.committed_free.range(..=r.off).next_back() {
-            Some((&f, &fs)) if r.off + r.size <= f + fs => (f, fs),
-            _ => return Err(corrupt("reserved block outside committed free space", r.off)),
-        };
-        undo.remove(st, f);
-        if r.off > f {
-            undo.insert(st, f, r.off - f);
-            let h = BlockHeader { size: r.off - f, allocated: false, slack: 0 };
-            undo.store(heap, tx, base + f as usize, &h.encode(nonce, f))?;
+    // Roots first: they can fail for ordinary reasons (full, created by
+    // someone else), best before anything else is written.
+    for change in roots {
+        let existing = st.roots.get(&change.name).copied();
+        if change.create && existing.is_some() {
+            return Err(HeapError::RootExists { name: change.name.clone() });
         }
-        let h = BlockHeader { size: r.size, allocated: true, slack: r.slack };
-        undo.store(heap, tx, base + r.off as usize, &h.encode(nonce, r.off))?;
-        let end = r.off + r.size;
+        let slot = match (existing, change.target) {
+            (Some(i), _) => i,
+            (None, None) => continue,
+            (None, Some(_)) => match st.free_slots.first() {
+                Some(&i) => i,
+                None => return Err(HeapError::RootsFull { slots: heap.root_slots() }),
+            },
+        };
+        let mut b = [0u8; ROOT_SLOT];
+        undo.roots.push((change.name.clone(), existing));
+        match change.target {
+            Some((off, size, tag)) => {
+                b[..change.name.len()].copy_from_slice(change.name.as_bytes());
+                b[40..48].copy_from_slice(&tag.to_le_bytes());
+                b[48..56].copy_from_slice(&off.to_le_bytes());
+                b[56..64].copy_from_slice(&size.to_le_bytes());
+                st.free_slots.remove(&slot);
+                st.roots.insert(change.name.clone(), slot);
+            }
+            None => {
+                st.roots.remove(&change.name);
+                st.free_slots.insert(slot);
+            }
+        }
+        let mut old = [0u8; ROOT_SLOT];
+        heap.static_region.read(heap.slot_off(slot), &mut old);
+        undo.slots.push((slot, old));
+        raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
+    }
+    let mut counters = st.counters;
+    for &(off, r) in allocs.iter() {
+        if r.freed {
+            continue;
+        }
+        // The committed free block that holds the reservation (committed
+        // free blocks are maximal, so one holds it whole); what lies before
+        // the reservation stays free, resized in place.
+        let (f, fs) = match st.committed_free.range_mut(..=off).next_back() {
+            Some((&f, fs)) if off + r.size <= f + *fs => {
+                let old = *fs;
+                if off > f {
+                    undo.mirror.push(MirrorOp::Resized(f, old));
+                    *fs = off - f;
+                }
+                (f, old)
+            }
+            _ => return Err(corrupt("reserved block outside committed free space", off)),
+        };
+        if off == f {
+            undo.remove(st, f);
+        } else {
+            let h = BlockHeader { size: off - f, allocated: false, slack: 0 };
+            raw::store(tx, base + f as usize, &h.encode(nonce, f))?;
+        }
+        let end = off + r.size;
+        let h = BlockHeader { size: r.size, allocated: true, slack: r.slack }.encode(nonce, off);
+        let guard = layout::tail_guard(nonce, off).to_le_bytes();
+        let (at, guard_at) = (base + off as usize, base + (end - r.slack as u64) as usize);
+        // Header and tail guard: with the data the caller declares in
+        // between, the core merges them into one logged range.
+        raw::store(tx, at, &h)?;
+        raw::store(tx, guard_at, &guard)?;
         if end < f + fs {
             undo.insert(st, end, f + fs - end);
             let h = BlockHeader { size: f + fs - end, allocated: false, slack: 0 };
-            undo.store(heap, tx, base + end as usize, &h.encode(nonce, end))?;
+            raw::store(tx, base + end as usize, &h.encode(nonce, end))?;
         }
+        counters.allocations += 1;
+        counters.live_blocks += 1;
+        counters.live_bytes += r.size;
     }
-    for &off in frees {
-        let h = heap.read_header(off).map_err(|why| corrupt(why, off))?;
-        let (mut start, mut end) = (off, off + h.size);
-        if let Some((&p, &ps)) = st.committed_free.range(..off).next_back() {
-            if p + ps == off {
-                undo.remove(st, p);
-                start = p;
-                // The freed block's header is now interior: invalidate it so
-                // a stale pointer can never pass for a live block.
-                undo.store(heap, tx, base + off as usize, &[0u8; HDR as usize])?;
-            }
-        }
-        if let Some(&ns) = st.committed_free.get(&end) {
-            undo.remove(st, end);
+    for fr in frees {
+        let (off, size) = (fr.off, fr.size);
+        let mut end = off + size;
+        // Merge with the free block after, then with the one before (resized
+        // in place), else it becomes a free block of its own.
+        if let Some(ns) = undo.remove(st, end) {
             end += ns;
         }
-        undo.insert(st, start, end - start);
-        let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
-        undo.store(heap, tx, base + start as usize, &fh.encode(nonce, start))?;
-        undo.freed.push((off, h.size));
-    }
-    for (name, target) in roots {
-        let slots = heap.header.root_slots as usize;
-        let existing = (0..slots).find(|&i| heap.read_slot(i).is_some_and(|s| &s.0 == name));
-        let slot = match (existing, target) {
-            (Some(i), _) => i,
-            (None, None) => continue,
-            (None, Some(_)) => {
-                (0..slots).find(|&i| heap.read_slot(i).is_none()).ok_or(HeapError::RootsFull { slots })?
+        let prev = match st.committed_free.range_mut(..off).next_back() {
+            Some((&p, ps)) if p + *ps > off => return Err(corrupt("freed block inside committed free space", off)),
+            Some((&p, ps)) if p + *ps == off => {
+                undo.mirror.push(MirrorOp::Resized(p, *ps));
+                *ps = end - p;
+                Some(p)
+            }
+            _ => None,
+        };
+        let start = match prev {
+            Some(p) => {
+                // The freed block's header is now interior: invalidate it so
+                // a stale pointer can never pass for a live block.
+                raw::store(tx, base + off as usize, &[0u8; HDR as usize])?;
+                p
+            }
+            None => {
+                undo.insert(st, off, end - off);
+                off
             }
         };
-        let mut b = [0u8; ROOT_SLOT];
-        if let Some((off, size, tag)) = target {
-            b[..name.len()].copy_from_slice(name.as_bytes());
-            b[40..48].copy_from_slice(&tag.to_le_bytes());
-            b[48..56].copy_from_slice(&off.to_le_bytes());
-            b[56..64].copy_from_slice(&size.to_le_bytes());
-        }
-        undo.store(heap, tx, heap.slot_addr(slot), &b)?;
+        let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
+        raw::store(tx, base + start as usize, &fh.encode(nonce, start))?;
+        counters.frees += 1;
+        counters.live_blocks -= 1;
+        counters.live_bytes -= size;
+    }
+    if counters != st.counters {
+        undo.counters = Some(st.counters);
+        st.counters = counters;
+        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode())?;
     }
     Ok(())
 }

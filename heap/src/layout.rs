@@ -14,7 +14,17 @@
 //! | 40 | 8 | nonce (mixed into guard words) |
 //! | 48 | 4 | CRC32C of bytes 0..48 |
 //! | 52 | 12 | zero |
-//! | 64 | 64 × slots | root slots |
+//! | 64 | 8 | allocations committed (lifetime) |
+//! | 72 | 8 | frees committed (lifetime) |
+//! | 80 | 8 | live blocks |
+//! | 88 | 8 | bytes in live blocks |
+//! | 96 | 32 | zero |
+//! | 128 | 64 × slots | root slots |
+//!
+//! Bytes 0..64 never change after the heap is formatted. The counters at
+//! 64..96 are rewritten by every commit that allocates or frees, in the same
+//! transaction as the block headers, so they always agree with the blocks
+//! (the load and the check verify it).
 //!
 //! Root slot (64 bytes): name (40 bytes, NUL-padded; empty = unused), type
 //! tag u64 at 40, block offset from the heap start u64 at 48, size u64 at 56.
@@ -29,8 +39,14 @@
 pub const MAGIC: [u8; 8] = *b"RVMHEAP1";
 /// Format version.
 pub const VERSION: u32 = 1;
+/// Bytes of the immutable header at the start of the static region.
+pub const HEADER_LEN: usize = 64;
+/// Offset of the persistent counters in the static region.
+pub const COUNTERS_AT: usize = 64;
+/// Bytes of the persistent counters.
+pub const COUNTERS_LEN: usize = 32;
 /// Bytes before the root slots.
-pub const STATIC_FIXED: usize = 64;
+pub const STATIC_FIXED: usize = 128;
 /// Bytes per root slot.
 pub const ROOT_SLOT: usize = 64;
 /// Longest root name.
@@ -71,9 +87,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 impl StaticHeader {
-    /// Encodes the 64 fixed bytes.
-    pub fn encode(&self) -> [u8; STATIC_FIXED] {
-        let mut b = [0u8; STATIC_FIXED];
+    /// Encodes the 64 header bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&self.root_slots.to_le_bytes());
@@ -86,9 +102,15 @@ impl StaticHeader {
         b
     }
 
-    /// Decodes and checks the 64 fixed bytes.
+    /// Decodes and checks the 64 header bytes.
     pub fn decode(b: &[u8]) -> Result<StaticHeader, &'static str> {
-        if b.len() < STATIC_FIXED || b[0..8] != MAGIC {
+        if b.len() < HEADER_LEN {
+            return Err("static region too small for a heap header");
+        }
+        if b[0..8] == [0; 8] {
+            return Err("no heap header (blank: the heap was never formatted, or its creation did not complete)");
+        }
+        if b[0..8] != MAGIC {
             return Err("not a heap (bad magic)");
         }
         if u32_at(b, 8) != VERSION {
@@ -104,6 +126,41 @@ impl StaticHeader {
             static_addr: u64_at(b, 32),
             nonce: u64_at(b, 40),
         })
+    }
+}
+
+/// The persistent counters (static region bytes 64..96).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Allocations committed over the heap's lifetime.
+    pub allocations: u64,
+    /// Frees committed over the heap's lifetime.
+    pub frees: u64,
+    /// Live (allocated) blocks.
+    pub live_blocks: u64,
+    /// Bytes in live blocks (headers, guards and slack included).
+    pub live_bytes: u64,
+}
+
+impl Counters {
+    /// Encodes the 32 counter bytes.
+    pub fn encode(&self) -> [u8; COUNTERS_LEN] {
+        let mut b = [0u8; COUNTERS_LEN];
+        for (i, v) in [self.allocations, self.frees, self.live_blocks, self.live_bytes].into_iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes the 32 counter bytes (any value decodes; the load checks
+    /// them against the blocks).
+    pub fn decode(b: &[u8; COUNTERS_LEN]) -> Counters {
+        Counters {
+            allocations: u64_at(b, 0),
+            frees: u64_at(b, 8),
+            live_blocks: u64_at(b, 16),
+            live_bytes: u64_at(b, 24),
+        }
     }
 }
 
@@ -201,6 +258,13 @@ mod tests {
         let mut d = b;
         d[20] ^= 1;
         assert!(StaticHeader::decode(&d).is_err());
+        assert!(StaticHeader::decode(&[0u8; HEADER_LEN]).unwrap_err().contains("blank"));
+    }
+
+    #[test]
+    fn counters_round_trip() {
+        let c = Counters { allocations: 5, frees: 2, live_blocks: 3, live_bytes: 96 };
+        assert_eq!(Counters::decode(&c.encode()), c);
     }
 
     #[test]

@@ -1,11 +1,23 @@
 //! # rvm-heap: an RDS-style recoverable heap
 //!
 //! `malloc` and `free` of recoverable memory inside transactions, on two
-//! mapped regions of a segment: a static region (header, persistent roots)
-//! and the heap region. All allocator metadata lives in recoverable memory
-//! and changes only through transactions; the volatile indexes (free
-//! extents by address and by size, preallocation caches) are rebuilt from
-//! the block headers at load.
+//! mapped regions of a segment: a static region (header, counters,
+//! persistent roots) and the heap region. All allocator metadata lives in
+//! recoverable memory and changes only through transactions, at commit,
+//! under the heap lock; the volatile indexes (free extents by address and by
+//! size, size classes for small blocks, preallocated blocks) are rebuilt
+//! from the block headers at load.
+//!
+//! - [`PersistentHeap::create`] / [`PersistentHeap::open`]: a heap in its own
+//!   segment, at fixed addresses, through the loader, in one call.
+//! - [`Heap::format`] / [`Heap::load`]: the same on regions the caller mapped.
+//! - [`HeapTx::malloc`] / [`HeapTx::free`]: allocation inside a transaction;
+//!   frees take effect at commit, allocations of an aborted transaction
+//!   return to the free space.
+//! - Roots: [`Heap::root_or_create`], [`Heap::root_or_init`],
+//!   [`HeapTx::set_root`], [`Heap::roots`].
+//! - [`Heap::check`], [`Heap::stats`], [`Heap::preallocate`].
+//! - [`HeapAllocator`]: a `GlobalAlloc`-style handle.
 //!
 //! ```
 //! use rvm_core::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
@@ -37,8 +49,10 @@ mod error;
 mod global;
 mod heap;
 pub mod layout;
+mod persistent;
 mod raw;
 
 pub use error::{HeapError, Result};
 pub use global::HeapAllocator;
-pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ALIGN};
+pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ROOT_SLOTS};
+pub use persistent::{HeapSpec, PersistentHeap, HEAP_REGION, STATIC_REGION};

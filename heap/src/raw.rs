@@ -1,13 +1,13 @@
 //! The heap's unsafe fence: stores into recoverable memory through a core
-//! transaction.
+//! transaction, and the write-back after a failed commit.
 
 use rvm_core::Transaction;
 
 /// Declares `[addr, addr + bytes.len())` in `tx` and stores `bytes` there.
 ///
-/// Callers pass only ranges the heap owns exclusively at that moment:
-/// block headers and root slots (written only under the heap lock, inside a
-/// commit), or the interior of a block reserved to `tx`.
+/// Callers pass only ranges the heap owns exclusively at that moment: heap
+/// metadata (written only under the heap lock, inside a commit), or the
+/// interior of a block reserved to `tx`.
 pub(crate) fn store(tx: &mut Transaction<'_>, addr: usize, bytes: &[u8]) -> rvm_core::Result<()> {
     // SAFETY: by the heap's locking discipline (see the callers and
     // docs/DESIGN.md, "Heap"), no other thread writes these bytes until `tx`

@@ -5,7 +5,8 @@
 //! the same transaction, double and bogus frees), writes of recognisable
 //! patterns into live blocks, roots — each ending in a commit (flush or
 //! no-flush), an abort (explicit or by drop) or a crash while open; between
-//! them `rvm.flush()`, `rvm.truncate()`, preallocation, clean restarts and
+//! them `rvm.flush()`, `rvm.truncate()`, generation checkpoints (whole, or a
+//! sweep left running under later steps), preallocation, clean restarts and
 //! crashes of the simulated disk (`LoseUnsynced`, `KeepRandomSubset` with and
 //! without a torn last write), each followed by recovery and `Heap::load` at
 //! the same fixed addresses.
@@ -23,7 +24,7 @@
 
 mod common;
 
-use common::{base_for, Crash, End, Engine, Op, Rng, Step};
+use common::{Crash, End, Engine, Op, Rng, Step};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rvm_core::CommitMode::{Flush, NoFlush};
@@ -87,15 +88,16 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(restore, ops, end)| Step::Tx { restore, ops, end }),
         1 => Just(Step::Flush),
         1 => Just(Step::Truncate),
+        1 => prop_oneof![Just(0u8), 1u8..8].prop_map(|steps| Step::Checkpoint { steps }),
         3 => crash().prop_map(Step::Crash),
         1 => Just(Step::Restart),
         1 => (1usize..512, 0u8..16).prop_map(|(size, count)| Step::Preallocate { size, count }),
     ]
 }
 
-/// Runs `steps` on a fresh heap at the base of test `n`.
-fn run(n: usize, steps: &[Step]) -> Result<Engine, String> {
-    let mut e = Engine::new(base_for(n))?;
+/// Runs `steps` on a fresh heap.
+fn run(steps: &[Step]) -> Result<Engine, String> {
+    let mut e = Engine::new()?;
     e.run(steps)?;
     Ok(e)
 }
@@ -105,7 +107,7 @@ proptest! {
 
     #[test]
     fn heap_survives_crashes_as_a_committed_prefix(steps in proptest::collection::vec(step(), 1..40)) {
-        let e = run(0, &steps).map_err(TestCaseError::fail)?; eprintln!("{:?}", e.tally);
+        run(&steps).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -131,7 +133,7 @@ fn unflushed_commits_are_lost_and_flushed_ones_kept() {
         tx(vec![malloc(65536, 12), Op::FreeOwn(0), malloc(300, 4)], End::Commit(NoFlush)),
         Step::Crash(Crash::Keep { seed: 1, tear: true }),
     ];
-    let e = run(1, &steps).unwrap();
+    let e = run(&steps).unwrap();
     assert_eq!(e.tally.crashes, 2);
     assert_eq!(e.tally.lossy_reloads, 2, "{:?}", e.tally);
     assert_eq!(e.tally.lost_commits, 3, "{:?}", e.tally);
@@ -154,7 +156,32 @@ fn aborts_and_crash_inside_a_transaction_leave_no_trace() {
         Step::Truncate,
         Step::Crash(Crash::Lose),
     ];
-    run(2, &steps).unwrap();
+    run(&steps).unwrap();
+}
+
+/// A checkpoint sweep running under transactions that allocate, free and
+/// write (its write barrier), then a crash mid-sweep.
+#[test]
+fn a_checkpoint_sweep_under_heap_transactions_and_a_crash() {
+    let steps = vec![
+        tx(vec![malloc(3000, 4), malloc(100, 3), malloc(40000, 6)], End::Commit(NoFlush)),
+        tx(vec![Op::Write { target: 2, at: 0, len: 40000, seed: 1 }], End::Commit(NoFlush)),
+        Step::Checkpoint { steps: 1 },
+        tx(
+            vec![Op::FreeCommitted(0), malloc(2000, 4), Op::Write { target: 1, at: 0, len: 90, seed: 2 }],
+            End::Commit(NoFlush),
+        ),
+        tx(vec![malloc(500, 12), Op::Write { target: 2, at: 30000, len: 9000, seed: 3 }], End::Abort),
+        Step::Crash(Crash::Keep { seed: 4, tear: true }),
+        tx(vec![malloc(10, 0), Op::FreeCommitted(1)], End::Commit(Flush)),
+        Step::Checkpoint { steps: 0 },
+        Step::Checkpoint { steps: 2 },
+        tx(vec![malloc(64, 5), Op::Write { target: 0, at: 0, len: 64, seed: 5 }], End::Commit(NoFlush)),
+        Step::Checkpoint { steps: 1 },
+        Step::Crash(Crash::Lose),
+    ];
+    let e = run(&steps).unwrap();
+    assert_eq!(e.tally.checkpoints, 3);
 }
 
 /// Fixed-seed random programs (the soak's generator): a deterministic
@@ -165,7 +192,7 @@ fn fixed_seed_programs() {
     for seed in 0..6 {
         let mut rng = Rng(0x5eed_0000 + seed);
         let steps = common::random_program(&mut rng, 30, 3);
-        let e = run(3, &steps).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
+        let e = run(&steps).unwrap_or_else(|err| panic!("seed {seed}: {err}"));
         lossy += e.tally.lossy_reloads;
     }
     assert!(lossy > 0, "no crash lost a commit: the programs do not exercise the prefix rule");

@@ -18,7 +18,7 @@
 //!   [`read_load_map`] and [`read_load_map_file`] print a segment's map.
 //!
 //! The on-disk format, byte by byte, and the address-space rules are in the
-//! [`format`] module and in section 8, "The loader", of `docs/DESIGN.md`.
+//! [`format`](mod@format) module and in section 8, "The loader", of `docs/DESIGN.md`.
 //!
 //! ```
 //! # let dir = tempfile::tempdir().unwrap();

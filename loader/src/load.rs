@@ -149,6 +149,35 @@ pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap
 /// [`UnsupportedVersion`](LoaderError::UnsupportedVersion)); a segment
 /// loaded already by this instance is [`LoaderError::AlreadyLoaded`]; one
 /// open in another process is `LoaderError::Core(rvm_core::Error::Locked { .. })`.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let log = dir.path().join("log");
+/// # rvm_core::create_log(&log, 1 << 20).unwrap();
+/// use rvm_core::{MapSpec, Rvm};
+/// use rvm_loader::{create_segment, load_segment, LoadMap, LoaderError, RegionSpec};
+/// let rvm = Rvm::open(&log, rvm_core::Options::default()).unwrap();
+/// let (a, b) = (0x5d40_0000_0000u64, 0x5d40_4000_0000u64);
+/// let map = LoadMap::new()
+///     .region(RegionSpec::new("a", 1 << 16, 1 << 16, a))
+///     .region(RegionSpec::new("b", 1 << 17, 1 << 16, b));
+/// let path = dir.path().join("seg");
+/// create_segment(&rvm, &path, 3 << 16, &map).unwrap();
+///
+/// // Something else occupies region `b`'s addresses: nothing is loaded.
+/// let other = rvm.create_segment(dir.path().join("other"), 1 << 16).unwrap();
+/// let occupant = rvm.map(&other, MapSpec::new(0, 1 << 16).at(b as usize)).unwrap();
+/// match load_segment(&rvm, &path) {
+///     Err(LoaderError::MapRegion { region, .. }) => assert_eq!(region, "b"),
+///     other => panic!("{other:?}"),
+/// }
+/// assert!(rvm.region_at(a as usize).is_none()); // `a` was unmapped again
+///
+/// rvm.unmap(occupant).unwrap();
+/// let seg = load_segment(&rvm, &path).unwrap();
+/// assert!(matches!(load_segment(&rvm, &path), Err(LoaderError::AlreadyLoaded { .. })));
+/// assert_eq!(seg.region("b").unwrap().addr() as u64, b);
+/// ```
 pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> {
     let segment = rvm.open_segment(path.as_ref())?;
     let map = read_header(rvm, &segment)?;
@@ -186,6 +215,19 @@ pub fn read_load_map(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadMap> {
 /// without locking it (for inspection tools). It shows the header as the
 /// file holds it: a change committed to a log and not yet truncated is not
 /// there; [`read_load_map`] shows the recovered state.
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let log = dir.path().join("log");
+/// # rvm_core::create_log(&log, 1 << 20).unwrap();
+/// # let rvm = rvm_core::Rvm::open(&log, rvm_core::Options::default()).unwrap();
+/// use rvm_loader::{create_segment, read_load_map_file, LoadMap, RegionSpec};
+/// let map = LoadMap::new().region(RegionSpec::new("heap", 1 << 16, 1 << 16, 0x5d80_0000_0000));
+/// create_segment(&rvm, dir.path().join("seg"), 1 << 17, &map).unwrap();
+/// assert_eq!(read_load_map_file(dir.path().join("seg")).unwrap(), map);
+/// // A file that is not a segment made by the loader:
+/// assert!(read_load_map_file(&log).is_err());
+/// ```
 pub fn read_load_map_file(path: impl AsRef<Path>) -> Result<LoadMap> {
     use std::os::unix::fs::FileExt;
     let path = path.as_ref();
@@ -298,6 +340,24 @@ impl LoadedSegment {
     /// is written into the header by one transaction committed with flush.
     /// If that fails the region is unmapped again and the map is unchanged.
     /// The calling thread must not have a transaction open on this instance.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let log = dir.path().join("log");
+    /// # rvm_core::create_log(&log, 1 << 20).unwrap();
+    /// # let rvm = rvm_core::Rvm::open(&log, rvm_core::Options::default()).unwrap();
+    /// use rvm_loader::{create_segment, load_segment, LoadMap, RegionSpec};
+    /// let map = LoadMap::new().region(RegionSpec::new("first", 1 << 16, 1 << 16, 0x5dc0_0000_0000));
+    /// let path = dir.path().join("seg");
+    /// create_segment(&rvm, &path, 1 << 20, &map).unwrap();
+    /// let mut seg = load_segment(&rvm, &path).unwrap();
+    /// let more = seg.add_region(RegionSpec::new("more", 1 << 17, 1 << 16, 0x5dc0_4000_0000)).unwrap();
+    /// assert_eq!(more.addr(), 0x5dc0_4000_0000);
+    /// drop(seg);
+    /// // The next load maps it too.
+    /// let seg = load_segment(&rvm, &path).unwrap();
+    /// assert_eq!(seg.load_map().regions().len(), 2);
+    /// ```
     pub fn add_region(&mut self, spec: RegionSpec) -> Result<&Region> {
         let path = self.path().to_path_buf();
         let Some(mut header) = self.header.take() else {

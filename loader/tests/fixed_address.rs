@@ -29,7 +29,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Set in the child: the work folder. Its presence selects the child role.
@@ -167,6 +167,16 @@ fn ready() {
     out.flush().unwrap();
 }
 
+/// Serializes the parents of this file. A child spawned by one test thread
+/// holds duplicates of every file descriptor of the test process between
+/// fork and exec, and with them the `flock` of a log or segment another
+/// test has open at that moment, so that test could see a spurious
+/// "in use" error.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Starts this test function as a child process.
 fn spawn(test: &str, dir: &Path, base: usize) -> Child {
     Command::new(std::env::current_exe().unwrap())
@@ -211,6 +221,7 @@ fn pointers_survive_a_clean_exit() {
         rvm.close().unwrap();
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let range = address_range();
     let status = spawn("pointers_survive_a_clean_exit", dir.path(), range.start()).wait().unwrap();
@@ -240,6 +251,7 @@ fn pointers_survive_kill9_after_a_flush_commit() {
         }
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let range = address_range();
     let mut child = spawn("pointers_survive_kill9_after_a_flush_commit", dir.path(), range.start());
@@ -262,6 +274,7 @@ fn a_segment_loaded_by_another_process_is_locked() {
         std::thread::sleep(CHILD_LIFETIME);
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let range = address_range();
     let mut child = spawn("a_segment_loaded_by_another_process_is_locked", dir.path(), range.start());

@@ -557,3 +557,11 @@ fn concurrent_loads_never_leave_a_half_loaded_segment() {
         }
     });
 }
+
+#[test]
+fn loaded_segments_and_maps_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<LoadedSegment>();
+    send_sync::<LoadMap>();
+    send_sync::<LoaderError>();
+}

@@ -17,8 +17,8 @@
 #![allow(dead_code)]
 
 use rvm_core::testing::{CrashMode, SimDisk};
-use rvm_core::{create_log_with, CommitMode, MapSpec, Options, RestoreMode, Rvm, Vfs};
-use rvm_heap::{Heap, HeapError};
+use rvm_core::{create_log_with, CommitMode, Options, RestoreMode, Rvm, Vfs};
+use rvm_heap::{Heap, HeapError, HeapSpec, PersistentHeap};
 use std::alloc::Layout;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
@@ -28,17 +28,15 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Segment size: a 4 KiB static region, the rest is heap.
-pub const SEG: u64 = 4 << 20;
-/// Static region (header and root slots).
-pub const STATIC: usize = 4096;
+/// Heap region size.
+pub const HEAP: u64 = 4 << 20;
 /// Log size.
 pub const LOG: u64 = 4 << 20;
 
-/// The fixed mapping base of test number `n` (distinct per test, since the
+/// A fresh fixed base for one test's heap (distinct per call, since the
 /// tests of one binary run in parallel in one address space).
-pub fn base_for(n: usize) -> usize {
-    0x6b00_0000_0000 + n * 0x10_0000_0000
+pub fn fresh_base() -> u64 {
+    rvm_loader::testing::address_range().at(0)
 }
 
 /// Converts errors into messages with context.
@@ -137,45 +135,45 @@ impl Crash {
     }
 }
 
-/// A simulated disk holding one heap segment and its log, mapped at `base`.
+/// A simulated disk holding one heap segment and its log; the heap is
+/// created and loaded through the loader at a fixed base, so absolute
+/// pointers survive a reload.
 #[derive(Clone)]
 pub struct Disk {
     /// The disk (crash it with [`SimDisk::crash`]).
     pub disk: SimDisk,
     vfs: Arc<dyn Vfs>,
-    base: usize,
+    spec: HeapSpec,
     opts: Options,
 }
 
 impl Disk {
-    /// A new, empty disk. `background` enables the core's background
-    /// truncation thread (off for deterministic runs).
-    pub fn new(base: usize, background: bool) -> Disk {
+    /// A new, empty disk for a heap of `heap` bytes at a fresh base.
+    /// `background` enables the core's background truncation thread (off for
+    /// deterministic runs).
+    pub fn new(heap: u64, background: bool) -> Disk {
         let disk = SimDisk::new();
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         let opts = Options { truncate_threshold: background.then_some(0.5), ..Options::default() };
-        Disk { disk, vfs, base, opts }
+        Disk { disk, vfs, spec: HeapSpec::new(fresh_base(), heap), opts }
     }
 
-    /// The heap region's address.
-    pub fn heap_base(&self) -> usize {
-        self.base + STATIC
+    /// The heap's spec.
+    pub fn spec(&self) -> &HeapSpec {
+        &self.spec
     }
 
-    /// Creates (formats) or reopens (recovers and loads) the heap.
-    pub fn open(&self, create: bool) -> Result<(Rvm, Heap), String> {
+    /// Creates (formats) or reopens (recovers and loads) the heap, each in
+    /// one call through the loader.
+    pub fn open(&self, create: bool) -> Result<(Rvm, PersistentHeap), String> {
         if create {
             create_log_with(self.vfs.as_ref(), Path::new("log"), LOG).ctx("create log")?;
         }
         let rvm = Rvm::open_with(self.vfs.clone(), Path::new("log"), self.opts.clone()).ctx("open log")?;
-        let seg = if create { rvm.create_segment("seg", SEG) } else { rvm.open_segment("seg") }.ctx("open segment")?;
-        let s = rvm.map(&seg, MapSpec::new(0, STATIC).at(self.base)).ctx("map static region")?;
-        let h =
-            rvm.map(&seg, MapSpec::new(STATIC as u64, SEG as usize - STATIC).at(self.heap_base())).ctx("map heap")?;
         let heap = if create {
-            Heap::format(&rvm, s, h).ctx("format heap")?
+            PersistentHeap::create(&rvm, "heap", &self.spec).ctx("create heap")?
         } else {
-            Heap::load(&rvm, s, h).ctx("load heap")?
+            PersistentHeap::open(&rvm, "heap").ctx("load heap")?
         };
         Ok((rvm, heap))
     }
@@ -278,6 +276,15 @@ pub enum Step {
     Flush,
     /// `rvm.truncate()`.
     Truncate,
+    /// The generation checkpoint: if one is running, `checkpoint_finish`;
+    /// else `steps == 0` runs a whole one (`rvm.checkpoint()`), and `steps >
+    /// 0` starts one and sweeps that many pages, leaving the rest of the
+    /// sweep to run under the following steps (transactions meet its write
+    /// barrier; a crash can hit it mid-sweep).
+    Checkpoint {
+        /// Pages to sweep now (0: the whole checkpoint).
+        steps: u8,
+    },
     /// Crash the disk, then reopen and reload.
     Crash(Crash),
     /// Clean shutdown (close), then reopen and reload.
@@ -304,7 +311,8 @@ struct Snap {
     blocks: BTreeMap<usize, MBlock>,
     /// Roots: name → (address, size, tag).
     roots: BTreeMap<String, (usize, u64, u64)>,
-    /// Committed allocations and frees since load.
+    /// Committed allocations and frees over the heap's lifetime (the
+    /// heap's persistent counters).
     allocations: u64,
     frees: u64,
 }
@@ -334,24 +342,28 @@ pub struct Tally {
     pub lost_commits: u64,
     /// Largest live block count seen.
     pub max_live: u64,
+    /// Checkpoints started.
+    pub checkpoints: u64,
 }
 
 /// Runs programs against the heap and the model.
 pub struct Engine {
     disk: Disk,
     rvm: Option<Rvm>,
-    heap: Option<Heap>,
+    heap: Option<PersistentHeap>,
     /// Committed states: `hist[0]` is known durable, the last is the newest.
     hist: Vec<Snap>,
     serial: u64,
+    /// A checkpoint sweep is running.
+    sweeping: bool,
     /// What happened so far.
     pub tally: Tally,
 }
 
 impl Engine {
-    /// A freshly formatted heap at `base`.
-    pub fn new(base: usize) -> Result<Engine, String> {
-        let disk = Disk::new(base, false);
+    /// A freshly formatted heap at a fresh base.
+    pub fn new() -> Result<Engine, String> {
+        let disk = Disk::new(HEAP, false);
         let (rvm, heap) = disk.open(true)?;
         let e = Engine {
             disk,
@@ -359,6 +371,7 @@ impl Engine {
             heap: Some(heap),
             hist: vec![Snap::default()],
             serial: 0,
+            sweeping: false,
             tally: Tally::default(),
         };
         e.check_current()?;
@@ -374,7 +387,7 @@ impl Engine {
     }
 
     fn heap(&self) -> &Heap {
-        self.heap.as_ref().expect("heap loaded")
+        self.heap.as_deref().expect("heap loaded")
     }
 
     fn rvm(&self) -> &Rvm {
@@ -399,6 +412,23 @@ impl Engine {
             Step::Truncate => {
                 self.rvm().truncate().ctx("truncate")?;
                 self.mark_durable();
+            }
+            // Not a durability point for the model (it only frees the log of
+            // what it wrote); a crash afterwards may still come back with any
+            // allowed state, and must come back with one.
+            Step::Checkpoint { steps } => {
+                let rvm = self.rvm.as_ref().expect("instance open");
+                if self.sweeping {
+                    rvm.checkpoint_finish().ctx("checkpoint_finish")?;
+                    self.sweeping = false;
+                } else if *steps == 0 {
+                    rvm.checkpoint().ctx("checkpoint")?;
+                    self.tally.checkpoints += 1;
+                } else if rvm.checkpoint_start().ctx("checkpoint_start")? {
+                    rvm.checkpoint_step(*steps as usize).ctx("checkpoint_step")?;
+                    self.sweeping = true;
+                    self.tally.checkpoints += 1;
+                }
             }
             Step::Crash(c) => self.reload(Some(*c))?,
             Step::Restart => self.reload(None)?,
@@ -582,6 +612,7 @@ impl Engine {
     /// Shuts down (crashing the disk first, if `crash`), reopens, and
     /// checks the reloaded heap is one of the allowed committed states.
     fn reload(&mut self, crash: Option<Crash>) -> Result<(), String> {
+        self.sweeping = false;
         drop(self.heap.take());
         let rvm = self.rvm.take().expect("instance open");
         match crash {
@@ -622,9 +653,7 @@ impl Engine {
                 self.tally.lost_commits += (n - 1 - k) as u64;
             }
         }
-        let mut snap = self.hist.swap_remove(k);
-        snap.allocations = 0;
-        snap.frees = 0;
+        let snap = self.hist.swap_remove(k);
         self.hist = vec![snap];
         self.rvm = Some(rvm);
         self.heap = Some(heap);
@@ -642,7 +671,7 @@ impl Engine {
         ensure!(st.live_blocks == live, "stats say {} live blocks, model has {live}", st.live_blocks);
         ensure!(
             st.allocations == snap.allocations && st.frees == snap.frees,
-            "stats count {} allocations and {} frees since load, model {} and {}",
+            "stats count {} allocations and {} frees, model {} and {}",
             st.allocations,
             st.frees,
             snap.allocations,
@@ -686,6 +715,14 @@ fn pick<T>(cands: &[T], sel: u16) -> Option<&T> {
 fn matches(heap: &Heap, snap: &Snap) -> Result<(), String> {
     let st = heap.stats();
     ensure!(st.live_blocks == snap.blocks.len() as u64, "{} live blocks, model {}", st.live_blocks, snap.blocks.len());
+    ensure!(
+        (st.allocations, st.frees) == (snap.allocations, snap.frees),
+        "counters say {} allocations and {} frees, model {} and {}",
+        st.allocations,
+        st.frees,
+        snap.allocations,
+        snap.frees
+    );
     let roots: BTreeMap<String, (usize, u64, u64)> =
         heap.roots().into_iter().map(|r| (r.name, (r.ptr.as_ptr() as usize, r.size, r.type_tag))).collect();
     ensure!(roots == snap.roots, "roots {roots:x?}, model {:x?}", snap.roots);
@@ -718,12 +755,13 @@ fn random_crash(rng: &mut Rng) -> Crash {
 }
 
 fn random_step(rng: &mut Rng, crash_weight: u64) -> Step {
-    let r = rng.below(20 + crash_weight);
+    let r = rng.below(21 + crash_weight);
     match r {
         0 => Step::Flush,
         1 => Step::Truncate,
         2 => Step::Restart,
         3 => Step::Preallocate { size: rng.size(512), count: rng.below(16) as u8 },
+        20 => Step::Checkpoint { steps: if rng.chance(1, 2) { 0 } else { 1 + rng.below(8) as u8 } },
         4..=19 => {
             let ops = (0..rng.below(9)).map(|_| random_op(rng)).collect();
             let end = match rng.below(16) {
@@ -805,7 +843,7 @@ fn encode_dir(entries: &[Entry]) -> Vec<u8> {
 pub fn make_dirs(heap: &Heap, n: usize) -> Result<Vec<usize>, String> {
     (0..n)
         .map(|i| {
-            heap.root_or_create(&dir_name(i), DIR_BYTES, DIR_TAG, |_| {})
+            heap.root_or_create(&dir_name(i), DIR_BYTES, 8, DIR_TAG, |_| {})
                 .map(|r| r.ptr.as_ptr() as usize)
                 .ctx("create directory")
         })
@@ -930,7 +968,7 @@ pub fn worker(heap: &Heap, cfg: &WorkerCfg, dir: usize, initial: Vec<Entry>, sto
                 if next.len() >= DIR_CAP {
                     break;
                 }
-                let size = rng.size(cfg.max_size);
+                let size = if rng.chance(1, 3) { 1 + rng.below(96) as usize } else { rng.size(cfg.max_size) };
                 let align = 1usize << if rng.chance(3, 4) { rng.below(5) } else { rng.below(13) };
                 let p = match tx.malloc(Layout::from_size_align(size, align).expect("valid layout")) {
                     Ok(p) => p.as_ptr() as usize,
@@ -946,12 +984,18 @@ pub fn worker(heap: &Heap, cfg: &WorkerCfg, dir: usize, initial: Vec<Entry>, sto
                 next.push(Entry { ptr: p as u64, size: size as u64, key });
             }
             if cfg.scratch && rng.chance(1, 3) {
-                let size = rng.size(2048);
+                // Small sizes, so other threads often ask for the same size
+                // class: the block must not reach them before this
+                // transaction ends (its abort would restore the old bytes
+                // over theirs).
+                let size = 1 + rng.below(96) as usize;
                 if let Ok(p) = tx.malloc(Layout::from_size_align(size, 16).expect("valid layout")) {
                     // SAFETY: as above, the block is this transaction's.
                     unsafe { tx.tx().modify_bytes(p.as_ptr() as usize, &pattern(u64::MAX - serial, size)) }
                         .ctx("scratch")?;
                     tx.free(p).ctx("free of a scratch block")?;
+                    // Widen the window in which another thread could get it.
+                    std::thread::yield_now();
                 }
             }
             // SAFETY: the directory belongs to this thread alone.
@@ -1040,4 +1084,31 @@ pub fn verify_threads(heap: &Heap, logs: &[ThreadLog], exact: bool) -> Result<Ve
     let st = heap.stats();
     ensure!(st.live_blocks == total, "{} live blocks, the directories account for {total}", st.live_blocks);
     Ok(found)
+}
+
+/// Runs `threads` workers (directories `t0`..) on `heap` for up to `iters`
+/// transactions each; `during` runs on the calling thread meanwhile (to
+/// crash the disk under them, say).
+pub fn run_workers(
+    heap: &Heap,
+    threads: usize,
+    iters: u64,
+    seed: u64,
+    stop: &AtomicBool,
+    during: impl FnOnce(),
+) -> Vec<ThreadLog> {
+    let dirs = make_dirs(heap, threads).expect("directories");
+    let initial: Vec<_> = (0..threads).map(|i| read_dir(heap, i).expect("directory").1).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let cfg =
+                    WorkerCfg { id: i, seed: seed ^ ((i as u64 + 1) * 0x9e37), iters, max_size: 8192, scratch: true };
+                let (dir, init) = (dirs[i], initial[i].clone());
+                s.spawn(move || worker(heap, &cfg, dir, init, stop))
+            })
+            .collect();
+        during();
+        handles.into_iter().map(|h| h.join().expect("worker thread")).collect()
+    })
 }

@@ -6,8 +6,10 @@
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
+//! rvmutl checkpoint <log>               open (recovering), checkpoint, close
 //! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
 //! rvmutl segment show <seg> [--log <log>] [--spec | --json]
+//! rvmutl heap create|check|stats ...    RDS heaps (see heap.rs)
 //! ```
 //!
 //! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
@@ -15,6 +17,7 @@
 //! log names cannot be opened; 3 not a log, unsupported version, or a
 //! corrupted log. `status` and `dump` only read; they never repair.
 
+mod heap;
 mod segment;
 
 use clap::{Parser, Subcommand};
@@ -99,9 +102,21 @@ enum Command {
         /// The log.
         log: PathBuf,
     },
+    /// Open the log as an application would (running recovery), run a generation checkpoint, and close it.
+    ///
+    /// A log no program has open has no memory to sweep: recovery replays its records onto the segments,
+    /// then the checkpoint records its position and generation in the status (see `status`).
+    #[command(after_help = EXIT_CODES)]
+    Checkpoint {
+        /// The log.
+        log: PathBuf,
+    },
     /// Create a segment with a load map (regions at fixed addresses), or print a segment's load map.
     #[command(subcommand, after_help = EXIT_CODES)]
     Segment(segment::SegmentCommand),
+    /// Create, check and inspect RDS heaps (`rvmutl heap --help`).
+    #[command(subcommand)]
+    Heap(heap::HeapCommand),
 }
 
 /// Why a command failed.
@@ -115,6 +130,8 @@ enum Failure {
     Output(io::Error),
     /// An error from the segment loader (`segment` subcommands).
     Loader(rvm::loader::LoaderError),
+    /// A heap error (not a core one).
+    Heap(rvm::heap::HeapError),
 }
 
 impl From<Error> for Failure {
@@ -162,6 +179,7 @@ fn report_failure(failure: &Failure) -> u8 {
             eprintln!("rvmutl: error: writing the output: {e}");
             EXIT_IO
         }
+        Failure::Heap(e) => heap::report(e),
         Failure::NoValidStatus => {
             eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
@@ -213,7 +231,9 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::Dump { log, json } => dump(&log, json, out),
         Command::Recover { log } => recover(&log, out),
         Command::Truncate { log } => truncate(&log, out),
+        Command::Checkpoint { log } => checkpoint(&log, out),
         Command::Segment(command) => segment::run(command, out),
+        Command::Heap(cmd) => heap::run(cmd, out),
     }
 }
 
@@ -572,6 +592,28 @@ fn truncate(path: &Path, out: &mut dyn Write) -> Outcome {
         out,
         "truncated: {} bytes applied; log empty at position {} ({} of {} bytes free); closed",
         before.log_used, after.head, after.log_free, after.log_capacity
+    )?;
+    Ok(())
+}
+
+fn checkpoint(path: &Path, out: &mut dyn Write) -> Outcome {
+    let opts = Options { truncate_threshold: None, ..Options::default() };
+    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+    writeln!(out, "opened {} (recovery at open):", path.display())?;
+    recovery_lines(&rvm.recovery_report(), out)?;
+    let report = rvm.checkpoint()?;
+    let q = rvm.query();
+    rvm.close()?;
+    let generation =
+        LogInspector::open(&FileVfs, path).ok().and_then(|l| l.status().ok().map(|s| s.checkpoint_generation));
+    writeln!(
+        out,
+        "checkpoint at log position {}{}: {} page(s) written; log empty ({} of {} bytes free); closed",
+        report.lsn,
+        generation.map(|g| format!(", generation {g}")).unwrap_or_default(),
+        report.pages,
+        q.log_free,
+        q.log_capacity
     )?;
     Ok(())
 }

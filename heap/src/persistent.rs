@@ -1,0 +1,207 @@
+//! A heap in its own segment, created and loaded through the loader in one
+//! call.
+//!
+//! The segment's load map has two regions at fixed bases:
+//! [`STATIC_REGION`] (header, counters, roots: one page by default) and
+//! [`HEAP_REGION`] (the blocks). Loading maps both at the addresses recorded
+//! in the segment, so absolute pointers stored in the heap stay valid across
+//! restarts and crashes.
+
+use crate::error::{HeapError, Result};
+use crate::heap::Heap;
+use rvm_core::{CopyMode, Rvm};
+use rvm_loader::{create_segment, load_segment, LoadMap, LoadedSegment, RegionSpec};
+use std::path::Path;
+
+/// Load-map name of the static region (header, counters and root slots).
+pub const STATIC_REGION: &str = "heap.static";
+/// Load-map name of the heap region (the blocks).
+pub const HEAP_REGION: &str = "heap";
+
+/// Where a new heap goes and how large it is (see
+/// [`PersistentHeap::create`]).
+///
+/// ```
+/// let spec = rvm_heap::HeapSpec::new(0x5b00_0000_0000, 64 << 20);
+/// assert_eq!(spec.heap_base(), 0x5b00_0000_0000 + 4096);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeapSpec {
+    base: u64,
+    heap_len: u64,
+    static_len: u64,
+    heap_base: Option<u64>,
+    copy: CopyMode,
+}
+
+impl HeapSpec {
+    /// A heap of `heap_len` bytes (rounded up to whole pages) whose static
+    /// region is mapped at `base` (page-aligned) and whose heap region
+    /// follows it directly.
+    pub fn new(base: u64, heap_len: u64) -> HeapSpec {
+        let page = rvm_core::page_size() as u64;
+        HeapSpec {
+            base,
+            heap_len: heap_len.next_multiple_of(page),
+            static_len: page,
+            heap_base: None,
+            copy: CopyMode::OnDemand,
+        }
+    }
+
+    /// Sets the static region's length (rounded up to whole pages; default
+    /// one page, which holds 62 roots; each 64 bytes more hold one more).
+    pub fn with_static_len(mut self, len: u64) -> HeapSpec {
+        self.static_len = len.max(1).next_multiple_of(rvm_core::page_size() as u64);
+        self
+    }
+
+    /// Maps the heap region at `addr` instead of right after the static
+    /// region.
+    pub fn with_heap_base(mut self, addr: u64) -> HeapSpec {
+        self.heap_base = Some(addr);
+        self
+    }
+
+    /// How the heap region is mapped at load (default
+    /// [`CopyMode::OnDemand`]: pages come in as they are touched).
+    pub fn with_copy(mut self, copy: CopyMode) -> HeapSpec {
+        self.copy = copy;
+        self
+    }
+
+    /// The static region's address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The heap region's address.
+    pub fn heap_base(&self) -> u64 {
+        self.heap_base.unwrap_or(self.base.wrapping_add(self.static_len))
+    }
+
+    /// The heap region's length.
+    pub fn heap_len(&self) -> u64 {
+        self.heap_len
+    }
+
+    /// The load map of the heap's segment.
+    pub fn load_map(&self) -> LoadMap {
+        let map = LoadMap::new();
+        let first = map.header_len();
+        map.region(RegionSpec::new(STATIC_REGION, first, self.static_len, self.base)).region(
+            RegionSpec::new(HEAP_REGION, first + self.static_len, self.heap_len, self.heap_base()).copy(self.copy),
+        )
+    }
+
+    /// The segment's length: the load map's header, the static region and
+    /// the heap region.
+    pub fn segment_len(&self) -> u64 {
+        self.load_map().min_device_len()
+    }
+}
+
+/// A heap in its own segment, loaded at its fixed addresses: dereferences
+/// to the [`Heap`]. Dropping it unloads the segment (commit or abort every
+/// transaction first; pointers into the heap dangle afterwards).
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// use rvm_core::{create_log, CommitMode, Options, RestoreMode, Rvm};
+/// use rvm_heap::{HeapSpec, PersistentHeap};
+/// use std::alloc::Layout;
+///
+/// let base = 0x5b40_0000_0000u64;
+/// create_log(dir.path().join("log"), 1 << 20).unwrap();
+/// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+/// let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &HeapSpec::new(base, 1 << 20)).unwrap();
+/// let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+/// let p = tx.malloc(Layout::new::<u64>()).unwrap();
+/// // SAFETY: the block is this transaction's alone.
+/// unsafe { tx.write(p, &7u64.to_le_bytes()).unwrap() };
+/// tx.set_root("seven", Some((p, 8, 1))).unwrap();
+/// tx.commit(CommitMode::Flush).unwrap();
+/// drop(heap);
+///
+/// // Another run: one call maps both regions where they were and checks the heap.
+/// let heap = PersistentHeap::open(&rvm, dir.path().join("heap")).unwrap();
+/// let root = heap.root("seven").unwrap();
+/// assert_eq!(root.ptr, p);
+/// // SAFETY: a live block of 8 bytes, written by a committed transaction.
+/// assert_eq!(unsafe { root.ptr.cast::<u64>().as_ptr().read() }, 7);
+/// ```
+#[derive(Debug)]
+pub struct PersistentHeap {
+    // Declared first: dropped before the segment unmaps its regions.
+    heap: Heap,
+    segment: LoadedSegment,
+}
+
+impl PersistentHeap {
+    /// Creates the segment file `path` (it must not exist) with the load map
+    /// of `spec`, loads it, and formats the heap in it. When this returns
+    /// `Ok` the heap is durable.
+    ///
+    /// A crash during creation leaves a segment that [`PersistentHeap::open`]
+    /// rejects (blank load map, or a load map with a blank heap header),
+    /// never a half-formatted heap that passes for a good one; remove the
+    /// file and create it again.
+    pub fn create(rvm: &Rvm, path: impl AsRef<Path>, spec: &HeapSpec) -> Result<PersistentHeap> {
+        let map = spec.load_map();
+        create_segment(rvm, path.as_ref(), map.min_device_len(), &map)?;
+        let segment = load_segment(rvm, path.as_ref())?;
+        let (s, h) = regions(&segment)?;
+        let heap = Heap::format(rvm, s, h)?;
+        Ok(PersistentHeap { heap, segment })
+    }
+
+    /// Loads the heap of segment `path`: one call that maps its regions at
+    /// their bases (recovery has already run when `rvm` was opened) and
+    /// checks and indexes the heap ([`Heap::load`]). A heap that fails its
+    /// check is reported ([`HeapError::Corrupted`]) and its segment unloaded.
+    pub fn open(rvm: &Rvm, path: impl AsRef<Path>) -> Result<PersistentHeap> {
+        PersistentHeap::from_segment(load_segment(rvm, path.as_ref())?)
+    }
+
+    /// Loads the heap of a segment loaded already.
+    pub fn from_segment(segment: LoadedSegment) -> Result<PersistentHeap> {
+        let (s, h) = regions(&segment)?;
+        let heap = Heap::load(segment.rvm(), s, h)?;
+        Ok(PersistentHeap { heap, segment })
+    }
+
+    /// The heap.
+    pub fn heap(&self) -> &Heap {
+        &self.heap
+    }
+
+    /// The loaded segment.
+    pub fn segment(&self) -> &LoadedSegment {
+        &self.segment
+    }
+
+    /// Unloads the segment, reporting errors that dropping would swallow
+    /// (a transaction still open on the heap: [`rvm_loader::LoaderError::Busy`]).
+    pub fn close(self) -> Result<()> {
+        let PersistentHeap { heap, mut segment } = self;
+        drop(heap);
+        segment.unload()?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for PersistentHeap {
+    type Target = Heap;
+    fn deref(&self) -> &Heap {
+        &self.heap
+    }
+}
+
+fn regions(segment: &LoadedSegment) -> Result<(rvm_core::Region, rvm_core::Region)> {
+    let find = |name: &str| {
+        segment.region(name).cloned().ok_or_else(|| HeapError::BadRegions {
+            reason: format!("segment {} has no region named {name:?}: not a heap segment", segment.path().display()),
+        })
+    };
+    Ok((find(STATIC_REGION)?, find(HEAP_REGION)?))
+}

@@ -1,0 +1,234 @@
+//! `rvmutl heap create | check | stats`, run as a separate process on real
+//! files: on heaps made and filled through the library, and the messages and
+//! exit codes on bad input (1 = usage, 2 = I/O or lock, 3 = not a heap or a
+//! damaged one).
+
+use rvm::heap::PersistentHeap;
+use rvm::{CommitMode, Options, RestoreMode, Rvm};
+use serde_json::Value;
+use std::alloc::Layout;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Serializes the tests of this file (see `tests/cli.rs`: a child process
+/// briefly inherits the test process's file locks).
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fixed base per test (distinct, so the library side of two tests never
+/// collides; the CLI maps in its own process).
+fn base(n: u64) -> u64 {
+    0x5e80_0000_0000 + n * (1 << 30)
+}
+
+fn rvmutl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
+}
+
+fn heap_cmd(cmd: &str, log: &Path, seg: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["heap", cmd, seg.to_str().expect("utf-8 path"), "--log", log.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    rvmutl(&args)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn expect_code(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(o)))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    log: PathBuf,
+    seg: PathBuf,
+}
+
+/// A log (made with `rvmutl create-log`) and a 1 MiB heap made with `rvmutl
+/// heap create` at `base`.
+fn fixture(base: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let seg = dir.path().join("app.heap");
+    expect_code(&rvmutl(&["create-log", log.to_str().unwrap(), "--size", "2M"]), 0);
+    let o = heap_cmd("create", &log, &seg, &["--size", "1M", "--base", &format!("{base:#x}")]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("created heap"), "{}", stdout(&o));
+    Fixture { dir, log, seg }
+}
+
+fn opts() -> Options {
+    Options { truncate_threshold: None, ..Options::default() }
+}
+
+#[test]
+fn create_check_and_stats_of_a_heap_in_use() {
+    let _serial = serial();
+    let f = fixture(base(0));
+    let o = heap_cmd("check", &f.log, &f.seg, &[]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("OK") && stdout(&o).contains("1 free"), "{}", stdout(&o));
+
+    // Fill it through the library: 50 blocks, 10 freed again, two roots.
+    {
+        let rvm = Rvm::open(&f.log, opts()).unwrap();
+        let heap = PersistentHeap::open(&rvm, &f.seg).unwrap();
+        assert_eq!(heap.heap_region().addr() as u64, base(0) + rvm::page_size() as u64);
+        let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+        let blocks: Vec<_> =
+            (0..50).map(|i| tx.malloc(Layout::from_size_align(8 + i * 40, 8).unwrap()).unwrap()).collect();
+        tx.set_root("first", Some((blocks[0], 8, 0x11))).unwrap();
+        tx.set_root("second", Some((blocks[1], 48, 0x22))).unwrap();
+        tx.commit(CommitMode::Flush).unwrap();
+        let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+        for &p in &blocks[40..] {
+            tx.free(p).unwrap();
+        }
+        tx.commit(CommitMode::NoFlush).unwrap();
+        heap.close().unwrap();
+        // Closed without truncating: the CLI finds the last commits by recovery.
+        rvm.close().unwrap();
+    }
+    let o = heap_cmd("stats", &f.log, &f.seg, &[]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    for needle in
+        ["allocations:  50", "frees:        10", "live blocks:  40", "roots:        2 of 62", "first", "second"]
+    {
+        assert!(text.contains(needle), "stats lack {needle:?}:\n{text}");
+    }
+    let o = heap_cmd("stats", &f.log, &f.seg, &["--json"]);
+    expect_code(&o, 0);
+    let doc = json(&o);
+    assert_eq!(doc["live_blocks"], 40);
+    assert_eq!(doc["heap_bytes"], 1 << 20);
+    let per_class: u64 = doc["classes"].as_array().unwrap().iter().map(|c| c["live_blocks"].as_u64().unwrap()).sum();
+    assert_eq!(per_class, 40);
+    assert_eq!(doc["roots"][1]["name"], "second");
+    assert_eq!(doc["roots"][1]["type_tag"], 0x22);
+
+    let o = heap_cmd("check", &f.log, &f.seg, &["--json"]);
+    expect_code(&o, 0);
+    let doc = json(&o);
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["allocated_blocks"], 40);
+    assert_eq!(doc["roots"], 2);
+    assert_eq!(doc["dangling_roots"].as_array().unwrap().len(), 0);
+    // The heap can be reopened by the library afterwards (the CLI closed it).
+    let rvm = Rvm::open(&f.log, opts()).unwrap();
+    assert_eq!(PersistentHeap::open(&rvm, &f.seg).unwrap().stats().live_blocks, 40);
+}
+
+#[test]
+fn a_damaged_heap_fails_the_check_with_3() {
+    let _serial = serial();
+    let f = fixture(base(1));
+    let block = {
+        let rvm = Rvm::open(&f.log, opts()).unwrap();
+        let heap = PersistentHeap::open(&rvm, &f.seg).unwrap();
+        let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+        let p = tx.malloc(Layout::from_size_align(200, 8).unwrap()).unwrap();
+        tx.commit(CommitMode::Flush).unwrap();
+        let r = heap.heap_region();
+        let at = r.segment_offset() + (p.as_ptr() as usize - 16 - r.addr()) as u64;
+        heap.close().unwrap();
+        rvm.truncate().unwrap();
+        at
+    };
+    // Overwrite the block's tail guard (as an overrun would).
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&f.seg).unwrap();
+        file.write_all_at(&[0xab; 4], block + 16 + 200).unwrap();
+    }
+    let o = heap_cmd("check", &f.log, &f.seg, &[]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("corrupted tail guard"), "{}", stderr(&o));
+    let o = heap_cmd("check", &f.log, &f.seg, &["--json"]);
+    expect_code(&o, 3);
+    let doc = json(&o);
+    assert_eq!(doc["ok"], false);
+    assert!(doc["error"].as_str().unwrap().contains("tail guard"), "{doc}");
+    expect_code(&heap_cmd("stats", &f.log, &f.seg, &[]), 3);
+}
+
+#[test]
+fn bad_input_and_its_exit_codes() {
+    let _serial = serial();
+    let f = fixture(base(2));
+    let new = f.dir.path().join("new.heap");
+    // Usage errors: 1.
+    expect_code(&rvmutl(&["heap"]), 1);
+    expect_code(
+        &rvmutl(&["heap", "create", new.to_str().unwrap(), "--log", f.log.to_str().unwrap(), "--size", "1M"]),
+        1,
+    );
+    expect_code(&rvmutl(&["heap", "check", f.seg.to_str().unwrap()]), 1);
+    for (size, b) in
+        [("12X", "0x5f00_0000_0000"), ("1M", "nowhere"), ("1M", "0x5f00_0000_0010"), ("1M", "0x8000_0000_0000")]
+    {
+        let o = heap_cmd("create", &f.log, &new, &["--size", size, "--base", b]);
+        expect_code(&o, 1);
+        assert!(!new.exists(), "a refused create left {}", new.display());
+    }
+    // The segment exists already, the log is missing: 2.
+    let o = heap_cmd("create", &f.log, &f.seg, &["--size", "1M", "--base", "0x5f00_0000_0000"]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
+    let o = heap_cmd("check", &f.dir.path().join("none.log"), &f.seg, &[]);
+    expect_code(&o, 2);
+    let o = heap_cmd("stats", &f.log, &f.dir.path().join("none.heap"), &[]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
+    // Not a heap: 3.
+    let junk = f.dir.path().join("junk");
+    std::fs::write(&junk, vec![0x5au8; 64 << 10]).unwrap();
+    let o = heap_cmd("check", &f.log, &junk, &[]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("no load map"), "{}", stderr(&o));
+    let other = f.dir.path().join("other.seg");
+    {
+        let rvm = Rvm::open(&f.log, opts()).unwrap();
+        let map = rvm::loader::LoadMap::new().region(rvm::loader::RegionSpec::new("data", 4096, 4096, base(3)));
+        rvm::loader::create_segment(&rvm, &other, 8192, &map).unwrap();
+    }
+    let o = heap_cmd("check", &f.log, &other, &[]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains("not a heap segment"), "{}", stderr(&o));
+    // The static region is whole pages: --static-len rounds up.
+    let o = heap_cmd("create", &f.log, &new, &["--size", "64K", "--base", "0x5f00_0000_0000", "--static-len", "1"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("62 root slots"), "{}", stdout(&o));
+    let big = f.dir.path().join("big.heap");
+    let o = heap_cmd("create", &f.log, &big, &["--size", "64K", "--base", "0x5f40_0000_0000", "--static-len", "8K"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("126 root slots"), "{}", stdout(&o));
+}
+
+#[test]
+fn help_names_the_subcommands_and_exit_codes() {
+    let _serial = serial();
+    let o = rvmutl(&["heap", "--help"]);
+    expect_code(&o, 0);
+    for needle in ["create", "check", "stats"] {
+        assert!(stdout(&o).contains(needle), "{}", stdout(&o));
+    }
+    let o = rvmutl(&["heap", "create", "--help"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("--base") && stdout(&o).contains("Exit codes"), "{}", stdout(&o));
+    let o = rvmutl(&["--help"]);
+    assert!(stdout(&o).contains("heap"), "{}", stdout(&o));
+}
