@@ -25,114 +25,46 @@ impl Piece {
     }
 }
 
-/// A sort key: where a piece goes, and its place in commit order.
-#[derive(Clone, Copy, Debug)]
-struct Key {
-    segment: u32,
-    offset: u64,
-    index: usize,
-    end: u64,
-}
-
-/// A coalesced run: its first piece and how many it has, and (with more
-/// than one) where its bytes are painted in the scratch buffer.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    segment: u32,
-    offset: u64,
-    end: u64,
-    first: usize,
-    pieces: usize,
-    at: usize,
-}
-
-/// Buffers [`coalesce`] reuses from call to call (fresh buffers of tens of
-/// MiB per call cost more in page faults than the coalescing itself).
-#[derive(Debug, Default)]
-pub(crate) struct Scratch {
-    bytes: Vec<u8>,
-    keys: Vec<Key>,
-    runs: Vec<Run>,
-    dest: Vec<usize>,
-}
-
 /// Calls `emit(segment, offset, bytes)` for each coalesced run, in
-/// (segment, offset) order.
+/// (segment, offset) order. `scratch` is reused between calls.
 pub(crate) fn coalesce<E>(
     pieces: &[Piece],
     data: &[u8],
-    scratch: &mut Scratch,
+    scratch: &mut Vec<u8>,
     mut emit: impl FnMut(u32, u64, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
-    // One sort of direct keys (segment, offset, index; the index breaks ties,
-    // so an unstable sort does), one pass in that order to find the runs,
-    // and one pass in commit order to paint the pieces of runs that have
-    // several into their run, laid side by side in `bytes`: the newest bytes
-    // win without sorting each run by age, and every pass reads memory in
-    // order. A run of one piece is emitted straight from `data`.
-    let Scratch { bytes, keys, runs, dest } = scratch;
-    keys.clear();
-    keys.extend(pieces.iter().enumerate().map(|(index, p)| Key {
-        segment: p.segment,
-        offset: p.offset,
-        index,
-        end: p.end(),
-    }));
-    keys.sort_unstable_by_key(|k| (k.segment, k.offset, k.index));
-    runs.clear();
-    for k in keys.iter() {
-        match runs.last_mut() {
-            Some(r) if r.segment == k.segment && k.offset <= r.end => {
-                r.end = r.end.max(k.end);
-                r.pieces += 1;
+    let mut order: Vec<u32> = (0..pieces.len() as u32).collect();
+    // Stable sort keeps commit order among pieces that start together.
+    order.sort_by_key(|&i| (pieces[i as usize].segment, pieces[i as usize].offset));
+    let mut i = 0;
+    while i < order.len() {
+        let first = pieces[order[i] as usize];
+        let mut end = first.end();
+        let mut j = i + 1;
+        while j < order.len() {
+            let p = pieces[order[j] as usize];
+            if p.segment != first.segment || p.offset > end {
+                break;
             }
-            _ => runs.push(Run { segment: k.segment, offset: k.offset, end: k.end, first: k.index, pieces: 1, at: 0 }),
+            end = end.max(p.end());
+            j += 1;
         }
-    }
-    let mut total = 0;
-    for r in runs.iter_mut().filter(|r| r.pieces > 1) {
-        r.at = total;
-        total += (r.end - r.offset) as usize;
-    }
-    // Where each piece of a run of several goes in `bytes`: the same walk
-    // over the keys, grouping them exactly as above, in step with the runs.
-    const ALONE: usize = usize::MAX;
-    dest.clear();
-    dest.resize(pieces.len(), ALONE);
-    let mut run = runs.iter();
-    let mut current: Option<(&Run, u64)> = None;
-    for k in keys.iter() {
-        let r = match current {
-            Some((r, end)) if r.segment == k.segment && k.offset <= end => {
-                current = Some((r, end.max(k.end)));
-                r
-            }
-            _ => {
-                let Some(r) = run.next() else { break };
-                current = Some((r, k.end));
-                r
-            }
-        };
-        if r.pieces > 1 {
-            dest[k.index] = r.at + (k.offset - r.offset) as usize;
-        }
-    }
-    // Every byte of a run is painted below, so stale contents may stay.
-    if bytes.len() < total {
-        bytes.resize(total, 0);
-    }
-    for (p, &at) in pieces.iter().zip(dest.iter()) {
-        if at != ALONE {
-            bytes[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
-        }
-    }
-    for r in runs.iter() {
-        if r.pieces == 1 {
-            let p = &pieces[r.first];
-            emit(r.segment, r.offset, &data[p.data_at..p.data_at + p.len])?;
+        if j == i + 1 {
+            emit(first.segment, first.offset, &data[first.data_at..first.data_at + first.len])?;
         } else {
-            emit(r.segment, r.offset, &bytes[r.at..r.at + (r.end - r.offset) as usize])?;
+            // Paint the cluster's pieces in commit order: the newest wins.
+            let cluster = &mut order[i..j];
+            cluster.sort_unstable();
+            scratch.clear();
+            scratch.resize((end - first.offset) as usize, 0);
+            for &k in cluster.iter() {
+                let p = pieces[k as usize];
+                let at = (p.offset - first.offset) as usize;
+                scratch[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
+            }
+            emit(first.segment, first.offset, scratch)?;
         }
+        i = j;
     }
     Ok(())
 }
@@ -153,7 +85,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        coalesce::<()>(&ps, &data, &mut Scratch::default(), |s, o, b| {
+        coalesce::<()>(&ps, &data, &mut Vec::new(), |s, o, b| {
             out.push((s, o, b.to_vec()));
             Ok(())
         })

@@ -3,7 +3,7 @@
 //! truncation by replay, recovery at open, and the background truncator.
 
 use crate::checkpoint::{CheckpointReport, Checkpointer, RegionTrack};
-use crate::coalesce::{coalesce, Piece, Scratch};
+use crate::coalesce::{coalesce, Piece};
 use crate::combine::Combiner;
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
@@ -166,7 +166,7 @@ struct Writer {
     /// Log position after the last written batch.
     written: u64,
     frames: Vec<u8>,
-    scratch: Scratch,
+    scratch: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -291,12 +291,7 @@ impl Rvm {
                 flushing: false,
             }),
             flushed: Condvar::new(),
-            writer: Mutex::new(Writer {
-                next_batch: 0,
-                written: head,
-                frames: Vec::new(),
-                scratch: Scratch::default(),
-            }),
+            writer: Mutex::new(Writer { next_batch: 0, written: head, frames: Vec::new(), scratch: Vec::new() }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
             head: AtomicU64::new(head),
@@ -1027,7 +1022,7 @@ struct Applier<R> {
     ready: Vec<Piece>,
     tx: Vec<Piece>,
     data: Vec<u8>,
-    scratch: Scratch,
+    scratch: Vec<u8>,
     combiner: Combiner,
     segment_bytes: u64,
     log_bytes: u64,
@@ -1043,7 +1038,7 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
             ready: Vec::new(),
             tx: Vec::new(),
             data: Vec::new(),
-            scratch: Scratch::default(),
+            scratch: Vec::new(),
             combiner: Combiner::default(),
             segment_bytes: 0,
             log_bytes: 0,
