@@ -134,19 +134,12 @@ pub(crate) struct RegionTrack {
     /// open transaction (a no-restore abort left its stores there). The
     /// sweep always rebuilds them from the segment and the log.
     pub polluted: PageBits,
-    /// Sequence number of the last commit that changed the region
-    /// (written by every commit; kept apart from what the sweep reads).
-    pub last_tx: Padded<AtomicU64>,
 }
 
 impl RegionTrack {
     pub fn new(len: usize) -> RegionTrack {
         let pages = len.div_ceil(mem::page_size());
-        RegionTrack {
-            dirty: [PageBits::new(pages), PageBits::new(pages)],
-            polluted: PageBits::new(pages),
-            last_tx: Padded(AtomicU64::new(0)),
-        }
+        RegionTrack { dirty: [PageBits::new(pages), PageBits::new(pages)], polluted: PageBits::new(pages) }
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -230,8 +223,6 @@ pub(crate) struct Checkpointer {
     /// Barrier copies kept at most (pages) before writers write pages out
     /// themselves.
     copy_limit: usize,
-    /// Checkpoints completed over the log's life (from the status).
-    generation: AtomicU64,
     /// A region with dirty pages was unmapped: the next checkpoint must
     /// replay the log instead (the pages' memory is gone).
     retired_dirty: AtomicBool,
@@ -269,7 +260,7 @@ impl Copies {
 const RUN_PAGES: usize = 16;
 
 impl Checkpointer {
-    pub fn new(copy_limit: usize, generation: u64) -> Checkpointer {
+    pub fn new(copy_limit: usize) -> Checkpointer {
         Checkpointer {
             gen: AtomicUsize::new(0),
             old: AtomicUsize::new(1),
@@ -280,7 +271,6 @@ impl Checkpointer {
             sweep: Padded(Mutex::new(None)),
             starting: Mutex::new(()),
             copy_limit: copy_limit.max(1),
-            generation: AtomicU64::new(generation),
             retired_dirty: AtomicBool::new(false),
             writer_writes: AtomicUsize::new(0),
         }
@@ -360,10 +350,9 @@ pub struct CheckpointReport {
 impl Inner {
     /// Commit side: marks the pages of a committed range in the current
     /// generation. Called under the commit lock.
-    pub(crate) fn mark_dirty(&self, region: &RegionInner, addr: usize, len: usize, seq: u64) {
+    pub(crate) fn mark_dirty(&self, region: &RegionInner, addr: usize, len: usize) {
         let (first, last) = page_span(region, addr, len);
         region.track.dirty[self.ckpt.current()].insert_range(first, last);
-        region.track.last_tx.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// A no-restore abort left uncommitted bytes in these ranges.
@@ -850,17 +839,15 @@ impl Inner {
         let r = (|| {
             self.sweep_pages(sweep, usize::MAX)?;
             self.sync_swept(sweep)?;
-            let generation = self.ckpt.generation.load(Ordering::Relaxed) + 1;
             let mut st = self.status.lock();
             let mut next = st.status.clone();
             next.seq += 1;
             next.head = sweep.lsn.max(next.head);
             next.tail_hint = sweep.lsn;
             next.checkpoint_lsn = sweep.lsn;
-            next.checkpoint_generation = generation;
+            next.checkpoint_generation += 1;
             log::write_status(&self.ring, &next)?;
             st.status = next;
-            self.ckpt.generation.store(generation, Ordering::Relaxed);
             Ok(())
         })();
         if r.is_err() {

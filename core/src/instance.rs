@@ -276,7 +276,6 @@ impl Rvm {
         let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
         let (status, recovery) = recover(vfs.as_ref(), &ring, status)?;
         let head = status.head;
-        let status_generation = status.checkpoint_generation;
         let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
         let inner = Arc::new(Inner {
             id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -297,7 +296,7 @@ impl Rvm {
             head: AtomicU64::new(head),
             status: Mutex::new(StatusState { status, segments: HashMap::new() }),
             truncation: Mutex::new(()),
-            ckpt: Checkpointer::new(opts.checkpoint_copy_limit, status_generation),
+            ckpt: Checkpointer::new(opts.checkpoint_copy_limit),
             regions: RwLock::new(RegionTable::default()),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
@@ -741,7 +740,7 @@ impl Inner {
                 unsafe { mem::append_from(addr, len, &mut b.data) };
                 b.pieces.push(Piece { segment: seg.id, offset, len, data_at: at });
                 seg.last_tx.fetch_max(seq, Ordering::AcqRel);
-                self.mark_dirty(region, addr, len, seq);
+                self.mark_dirty(region, addr, len);
             }
             b.tx_ends.push((b.pieces.len(), seq));
             b.bytes += bytes;
