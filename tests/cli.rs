@@ -7,23 +7,10 @@ use rvm::log::format::{AREA_OFFSET, BLOCK, STATUS_SLOT};
 use rvm::{CommitMode, MapSpec, Options, Region, RestoreMode, Rvm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use std::process::Output;
 
-/// Serializes the tests of this file. A process spawned by one test thread
-/// briefly holds duplicates of every file descriptor of the test process
-/// (between fork and exec), and with them the `flock` of any log another
-/// test has open, so a test reopening its log right after closing it could
-/// see a spurious "in use" error.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Runs `rvmutl` with `args`.
-fn rvmutl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
-}
+mod common;
+use common::{expect_code, rvmutl, serial, stderr, stdout};
 
 /// Runs `rvmutl` on a path argument.
 fn rvmutl_on(cmd: &str, path: &Path, extra: &[&str]) -> Output {
@@ -31,20 +18,6 @@ fn rvmutl_on(cmd: &str, path: &Path, extra: &[&str]) -> Output {
     let mut args = vec![cmd, p];
     args.extend_from_slice(extra);
     rvmutl(&args)
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts the exit code, showing the output when it differs.
-#[track_caller]
-fn expect_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
 }
 
 fn opts() -> Options {

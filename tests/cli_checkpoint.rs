@@ -3,27 +3,9 @@
 
 use rvm::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
 use serde_json::Value;
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 
-/// Serializes the tests of this file: a process spawned by one test holds
-/// duplicates of the test process's file descriptors between fork and exec,
-/// and with them the lock of a log another test has open.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn rvmutl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
-}
-
-#[track_caller]
-fn expect_code(o: &Output, code: i32) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{out}\nstderr:\n{}", String::from_utf8_lossy(&o.stderr));
-    out
-}
+mod common;
+use common::{expect_code, rvmutl, serial, stdout};
 
 #[test]
 fn checkpoint_replays_and_records_its_position() {
@@ -44,16 +26,22 @@ fn checkpoint_replays_and_records_its_position() {
     }
     assert_ne!(&std::fs::read(&seg).unwrap()[100..112], b"checkpointed");
     let l = log.to_str().unwrap();
-    let out = expect_code(&rvmutl(&["checkpoint", l]), 0);
+    let o = rvmutl(&["checkpoint", l]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
     assert!(out.contains("transactions replayed:  1"), "{out}");
     assert!(out.contains("checkpoint at log position"), "{out}");
     assert!(out.contains("generation 1"), "{out}");
     assert_eq!(&std::fs::read(&seg).unwrap()[100..112], b"checkpointed");
-    let json: Value = serde_json::from_str(&expect_code(&rvmutl(&["status", l, "--json"]), 0)).unwrap();
+    let o = rvmutl(&["status", l, "--json"]);
+    expect_code(&o, 0);
+    let json: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let text = json.to_string();
     assert!(text.contains("\"checkpoint_generation\":1"), "{text}");
     // A second checkpoint: generation 2.
-    let out = expect_code(&rvmutl(&["checkpoint", l]), 0);
+    let o = rvmutl(&["checkpoint", l]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
     assert!(out.contains("generation 2"), "{out}");
 }
 

@@ -8,15 +8,10 @@ use rvm::{CommitMode, Options, RestoreMode, Rvm};
 use serde_json::Value;
 use std::alloc::Layout;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use std::process::Output;
 
-/// Serializes the tests of this file (see `tests/cli.rs`: a child process
-/// briefly inherits the test process's file locks).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+mod common;
+use common::{expect_code, rvmutl, serial, stderr, stdout};
 
 /// A fixed base per test (distinct, so the library side of two tests never
 /// collides; the CLI maps in its own process).
@@ -24,27 +19,10 @@ fn base(n: u64) -> u64 {
     0x5e80_0000_0000 + n * (1 << 30)
 }
 
-fn rvmutl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
-}
-
 fn heap_cmd(cmd: &str, log: &Path, seg: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["heap", cmd, seg.to_str().expect("utf-8 path"), "--log", log.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     rvmutl(&args)
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn expect_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
 }
 
 fn json(o: &Output) -> Value {

@@ -11,19 +11,9 @@ use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 
-/// Serializes the tests of this file: a process spawned by one test thread
-/// briefly holds duplicates of the test process's file descriptors (between
-/// fork and exec), and with them the locks of another test's open log.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn rvmutl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).output().expect("running rvmutl")
-}
+mod common;
+use common::{expect_code, rvmutl, serial, stderr, stdout};
 
 fn rvmutl_stdin(args: &[&str], input: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rvmutl"))
@@ -35,19 +25,6 @@ fn rvmutl_stdin(args: &[&str], input: &str) -> Output {
         .expect("running rvmutl");
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn expect_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
 }
 
 fn s(p: &Path) -> &str {
