@@ -1130,6 +1130,10 @@ fn is_io_or_poisoned(e: &Error) -> bool {
 /// `crash`, optionally fails the first recovery after `recovery_fault`
 /// operations (and crashes again), reopens and checks the prefix rule.
 fn run_faulty(cfg: &Cfg, steps: &[Step], fault: Fault, crash: CrashMode, recovery_fault: Option<u64>) {
+    // Every log write on this thread, in program order: the n-th storage
+    // operation is the same one each run, and a failure surfaces at the
+    // operation that caused it.
+    let cfg = &Cfg { opts: Options { write_behind: false, ..cfg.opts.clone() }, ..cfg.clone() };
     let (mut world, inst) = World::new(cfg);
     // A failure can stop a truncation (or a recovery) part-way, leaving a mix
     // of committed states in the segment that the next recovery repairs.

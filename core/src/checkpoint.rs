@@ -477,9 +477,7 @@ impl Inner {
             let mut st = self.state.lock();
             let t0 = Instant::now();
             self.check_poison()?;
-            let batch = std::mem::take(&mut st.pending);
-            let n = st.next_batch;
-            st.next_batch += 1;
+            let (n, batch) = st.take_batch();
             let last_tx = st.next_tx - 1;
             let old = self.ckpt.gen.load(Ordering::Relaxed);
             self.ckpt.gen.store(old ^ 1, Ordering::Relaxed);
@@ -504,7 +502,7 @@ impl Inner {
             (n, batch, last_tx, old)
         };
         // WAL: the log is durable up to L before any page is written.
-        let r = self.write_batch(n, batch).and_then(|lsn| self.sync_to(lsn).map(|_| lsn));
+        let r = self.write_batch(n, &batch).and_then(|lsn| self.sync_to(lsn).map(|_| lsn));
         let lsn = match r {
             Ok(lsn) => lsn,
             Err(e) => {

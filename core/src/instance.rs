@@ -40,6 +40,13 @@ pub struct Options {
     /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
     /// wait for a sweep.
     pub reclaim: Reclaim,
+    /// Write full batches of no-flush commits to the log on a background
+    /// thread (default on), so the committing thread goes on at memory
+    /// speed. At most [`SPOOLED_BATCHES`] full batches wait for that thread;
+    /// a committer that finds more waits. Off, the committer that fills a
+    /// batch writes it itself: one thread does all I/O in program order,
+    /// which fault-injection tests rely on.
+    pub write_behind: bool,
     /// Pages the checkpoint's write barrier may hold as copies at once
     /// (default 16384, 64 MiB with 4 KiB pages). Past it, a writer that
     /// touches a page still waiting to be swept sweeps pages itself first.
@@ -54,6 +61,7 @@ impl Default for Options {
             truncate_threshold: Some(0.5),
             reclaim: Reclaim::Checkpoint,
             checkpoint_copy_limit: 16384,
+            write_behind: true,
         }
     }
 }
@@ -150,7 +158,11 @@ impl Batch {
     }
 }
 
-#[derive(Debug)]
+/// Full batches that may wait for the background log writer
+/// ([`Options::write_behind`]) before committers wait for it.
+pub const SPOOLED_BATCHES: usize = 2;
+
+#[derive(Debug, Default)]
 pub(crate) struct CommitState {
     pub(crate) pending: Batch,
     pub(crate) next_tx: u64,
@@ -158,6 +170,36 @@ pub(crate) struct CommitState {
     durable_tx: u64,
     pub(crate) next_batch: u64,
     flushing: bool,
+    /// Full batches for the background log writer, in batch-number order
+    /// (they are queued under this lock as their numbers are handed out).
+    spool: std::collections::VecDeque<(u64, Batch)>,
+    /// Written batches kept for reuse: their buffers are grown already.
+    spare: Vec<Batch>,
+    /// Tells the background log writer to exit once the spool is empty.
+    writer_stop: bool,
+}
+
+impl CommitState {
+    /// Takes the pending batch (replaced by a spare one) and gives it the
+    /// next batch number: log order is the order of these calls.
+    pub(crate) fn take_batch(&mut self) -> (u64, Batch) {
+        let fresh = self.spare.pop().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.pending, fresh);
+        self.next_batch += 1;
+        (self.next_batch - 1, batch)
+    }
+
+    /// Keeps a written batch's buffers for a later one, if it is big enough
+    /// to be worth keeping (a full batch) and few are kept already.
+    fn recycle(&mut self, mut batch: Batch, pending_limit: usize) {
+        if self.spare.len() < SPOOLED_BATCHES && batch.data.capacity() >= pending_limit {
+            batch.pieces.clear();
+            batch.data.clear();
+            batch.tx_ends.clear();
+            batch.bytes = 0;
+            self.spare.push(batch);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -190,6 +232,14 @@ pub(crate) struct Inner {
     pending_limit: usize,
     pub(crate) state: Mutex<CommitState>,
     flushed: Condvar,
+    /// Wakes the background log writer (a batch was spooled, or stop).
+    spooled: Condvar,
+    /// Wakes committers waiting for room in the spool.
+    spool_room: Condvar,
+    log_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Bytes of spooled batches not yet written (raised under the commit
+    /// lock as a batch is spooled, lowered as its write completes).
+    spooled_bytes: AtomicU64,
     writer: Mutex<Writer>,
     written_cv: Condvar,
     synced: AtomicU64,
@@ -252,6 +302,13 @@ impl Drop for Lifetime {
             let last = inner.state.lock().next_tx - 1;
             let _ = inner.flush_to(last);
         }
+        // The log writer empties the spool (a flush did already, unless the
+        // instance failed) and exits.
+        inner.state.lock().writer_stop = true;
+        inner.spooled.notify_all();
+        if let Some(h) = inner.log_writer.lock().take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -282,14 +339,12 @@ impl Rvm {
             vfs,
             epoch: status.epoch,
             pending_limit,
-            state: Mutex::new(CommitState {
-                pending: Batch::default(),
-                next_tx: 1,
-                durable_tx: 0,
-                next_batch: 0,
-                flushing: false,
-            }),
+            state: Mutex::new(CommitState { next_tx: 1, ..CommitState::default() }),
             flushed: Condvar::new(),
+            spooled: Condvar::new(),
+            spool_room: Condvar::new(),
+            log_writer: Mutex::new(None),
+            spooled_bytes: AtomicU64::new(0),
             writer: Mutex::new(Writer { next_batch: 0, written: head, frames: Vec::new(), scratch: Vec::new() }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
@@ -316,6 +371,14 @@ impl Rvm {
                 .spawn(move || background_loop(weak, bg, threshold))
                 .map_err(|e| Error::io("starting the truncation thread", log_path, e))?;
             *inner.bg_thread.lock() = Some(handle);
+        }
+        if inner.opts.write_behind {
+            let me = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name("rvm-log-writer".into())
+                .spawn(move || me.write_spooled())
+                .map_err(|e| Error::io("starting the log writer thread", log_path, e))?;
+            *inner.log_writer.lock() = Some(handle);
         }
         Ok(Rvm { _life: Arc::new(Lifetime { inner: inner.clone() }), inner })
     }
@@ -488,7 +551,10 @@ impl Rvm {
     /// Transactions in flight and log space.
     pub fn query(&self) -> Query {
         let inner = &self.inner;
-        let pending_bytes = inner.state.lock().pending.data.len() as u64;
+        let pending_bytes = {
+            let st = inner.state.lock();
+            st.pending.data.len() as u64 + inner.spooled_bytes.load(Ordering::Acquire)
+        };
         let tail = inner.writer.lock().written;
         let head = inner.head.load(Ordering::Acquire);
         let used = tail - head;
@@ -547,6 +613,7 @@ impl Inner {
             self.poisoned.store(true, Ordering::Release);
             self.flushed.notify_all();
             self.written_cv.notify_all();
+            self.spool_room.notify_all();
         }
         r
     }
@@ -745,24 +812,62 @@ impl Inner {
             b.tx_ends.push((b.pieces.len(), seq));
             b.bytes += bytes;
             if b.data.len() >= self.pending_limit {
-                let n = st.next_batch;
-                st.next_batch += 1;
-                spill = Some((n, std::mem::take(&mut st.pending)));
+                let (n, batch) = st.take_batch();
+                if self.opts.write_behind {
+                    self.spooled_bytes.fetch_add(batch.data.len() as u64, Ordering::AcqRel);
+                    st.spool.push_back((n, batch));
+                    self.spooled.notify_one();
+                    // Bounded memory: wait while the writer is behind.
+                    while st.spool.len() > SPOOLED_BATCHES && !self.poisoned.load(Ordering::Acquire) {
+                        self.spool_room.wait(&mut st);
+                    }
+                } else {
+                    spill = Some((n, batch));
+                }
             }
         }
         Counters::add(&self.counters.committed, 1);
         Counters::add(&self.counters.bytes_declared, declared);
         Counters::add(&self.counters.bytes_saved_intra, declared - bytes);
         if let Some((n, batch)) = spill {
-            self.write_batch(n, batch)?;
+            self.write_batch(n, &batch)?;
+            self.state.lock().recycle(batch, self.pending_limit);
         }
         Ok(seq)
+    }
+
+    /// The background log writer's work: spooled batches, in order.
+    fn write_spooled(&self) {
+        loop {
+            let (n, batch) = {
+                let mut st = self.state.lock();
+                loop {
+                    if let Some(b) = st.spool.pop_front() {
+                        break b;
+                    }
+                    if st.writer_stop {
+                        return;
+                    }
+                    self.spooled.wait(&mut st);
+                }
+            };
+            // A failure poisons the instance: committers and flushes report it.
+            let _ = self.write_batch_from(n, &batch, true);
+            let mut st = self.state.lock();
+            st.recycle(batch, self.pending_limit);
+            self.spool_room.notify_all();
+        }
     }
 
     /// Writes batch number `n` after every earlier batch (batch numbers are
     /// handed out under the commit lock, so log order is commit order).
     /// Returns the log position after the batch.
-    pub(crate) fn write_batch(&self, n: u64, batch: Batch) -> Result<u64> {
+    pub(crate) fn write_batch(&self, n: u64, batch: &Batch) -> Result<u64> {
+        self.write_batch_from(n, batch, false)
+    }
+
+    /// [`Inner::write_batch`]; `spooled` if the batch came from the spool.
+    fn write_batch_from(&self, n: u64, batch: &Batch, spooled: bool) -> Result<u64> {
         let mut w = self.writer.lock();
         while w.next_batch != n {
             self.written_cv.wait(&mut w);
@@ -772,9 +877,14 @@ impl Inner {
         } else if batch.is_empty() {
             Ok(w.written)
         } else {
-            let r = self.write_locked(&mut w, &batch).map(|_| w.written);
+            let r = self.write_locked(&mut w, batch).map(|_| w.written);
             self.poison(r)
         };
+        if spooled {
+            // Before the batch counts as written, so a flush that waited
+            // for it sees no spooled bytes left.
+            self.spooled_bytes.fetch_sub(batch.data.len() as u64, Ordering::AcqRel);
+        }
         w.next_batch += 1;
         self.written_cv.notify_all();
         drop(w);
@@ -872,15 +982,14 @@ impl Inner {
             // Become the leader: take everything committed so far.
             st.flushing = true;
             let target = st.next_tx - 1;
-            let batch = std::mem::take(&mut st.pending);
-            let mine = (!batch.is_empty()).then(|| {
-                st.next_batch += 1;
-                st.next_batch - 1
-            });
+            let mine = (!st.pending.is_empty()).then(|| st.take_batch());
             let all_before = st.next_batch;
+            let mut spent = None;
             let r = parking_lot::MutexGuard::unlocked(&mut st, || -> Result<()> {
-                if let Some(n) = mine {
-                    self.write_batch(n, batch)?;
+                if let Some((n, batch)) = mine {
+                    let r = self.write_batch(n, &batch);
+                    spent = Some(batch);
+                    r?;
                 }
                 let written = {
                     let mut w = self.writer.lock();
@@ -893,6 +1002,9 @@ impl Inner {
                 self.sync_to(written)
             });
             st.flushing = false;
+            if let Some(batch) = spent {
+                st.recycle(batch, self.pending_limit);
+            }
             if r.is_ok() {
                 st.durable_tx = st.durable_tx.max(target);
             }
