@@ -3,7 +3,7 @@
 //! Replaying a log of small ranges spread over a segment yields many small
 //! runs; one `pwrite` each made replay syscall-bound (about 2.5 µs a run,
 //! under 100 MB/s of log). The combiner gathers the runs that
-//! [`coalesce`](crate::coalesce::coalesce) emits in (segment, offset) order
+//! [`Coalescer::run`](crate::coalesce::Coalescer::run) emits in (segment, offset) order
 //! into clusters whose runs lie in the same or neighbouring 4 KiB file
 //! pages, and writes each cluster with one read of its span (for the bytes
 //! between the runs), the runs painted over it, and one write.

@@ -3,7 +3,7 @@
 //! truncation by replay, recovery at open, and the background truncator.
 
 use crate::checkpoint::{CheckpointReport, Checkpointer, RegionTrack};
-use crate::coalesce::{coalesce, Piece};
+use crate::coalesce::{Coalescer, Piece};
 use crate::combine::Combiner;
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
@@ -208,7 +208,7 @@ struct Writer {
     /// Log position after the last written batch.
     written: u64,
     frames: Vec<u8>,
-    scratch: Vec<u8>,
+    coalescer: Coalescer,
 }
 
 #[derive(Debug)]
@@ -345,7 +345,12 @@ impl Rvm {
             spool_room: Condvar::new(),
             log_writer: Mutex::new(None),
             spooled_bytes: AtomicU64::new(0),
-            writer: Mutex::new(Writer { next_batch: 0, written: head, frames: Vec::new(), scratch: Vec::new() }),
+            writer: Mutex::new(Writer {
+                next_batch: 0,
+                written: head,
+                frames: Vec::new(),
+                coalescer: Coalescer::default(),
+            }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
             head: AtomicU64::new(head),
@@ -895,18 +900,19 @@ impl Inner {
     }
 
     fn write_locked(&self, w: &mut Writer, batch: &Batch) -> Result<()> {
-        let Writer { frames, scratch, written, .. } = w;
+        let Writer { frames, coalescer, written, .. } = w;
         frames.clear();
         let mut fw = FrameWriter::new(frames, *written, self.epoch);
         let mut logged = 0u64;
         if self.opts.coalesce {
             let mut ranges = 0u32;
-            coalesce::<()>(&batch.pieces, &batch.data, scratch, |seg, off, bytes| {
-                ranges += fw.range(seg, off, bytes);
-                logged += bytes.len() as u64;
-                Ok(())
-            })
-            .ok();
+            coalescer
+                .run::<()>(&batch.pieces, &batch.data, |seg, off, bytes| {
+                    ranges += fw.range(seg, off, bytes);
+                    logged += bytes.len() as u64;
+                    Ok(())
+                })
+                .ok();
             let first = batch.tx_ends.first().map_or(0, |t| t.1);
             let last = batch.tx_ends.last().map_or(0, |t| t.1);
             fw.commit(ranges, first, last, logged);
@@ -1133,7 +1139,7 @@ struct Applier<R> {
     ready: Vec<Piece>,
     tx: Vec<Piece>,
     data: Vec<u8>,
-    scratch: Vec<u8>,
+    coalescer: Coalescer,
     combiner: Combiner,
     segment_bytes: u64,
     log_bytes: u64,
@@ -1149,7 +1155,7 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
             ready: Vec::new(),
             tx: Vec::new(),
             data: Vec::new(),
-            scratch: Vec::new(),
+            coalescer: Coalescer::default(),
             combiner: Combiner::default(),
             segment_bytes: 0,
             log_bytes: 0,
@@ -1195,7 +1201,7 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
     }
 
     fn apply_ready(&mut self) -> Result<()> {
-        let Applier { resolve, devices, ready, data, scratch, segment_bytes, tx, combiner, .. } = self;
+        let Applier { resolve, devices, ready, data, coalescer, segment_bytes, tx, combiner, .. } = self;
         // Runs go to the segments through the write combiner (one
         // read-modify-write per cluster of nearby runs).
         let mut write_pending = |c: &mut Combiner, devices: &HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>| {
@@ -1207,7 +1213,7 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
             *segment_bytes += c.write_to(dev.as_ref()).map_err(|e| Error::io("writing segment", name, e))?;
             Ok::<(), Error>(())
         };
-        coalesce::<Error>(ready, data, scratch, |seg, off, bytes| {
+        coalescer.run::<Error>(ready, data, |seg, off, bytes| {
             let (_, name, len) = match devices.entry(seg) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
