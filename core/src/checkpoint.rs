@@ -112,6 +112,10 @@ impl PageBits {
     }
 }
 
+/// A barrier copy: the page's region (kept alive, and its `copied` bit
+/// cleared when the copy goes) and the page's bytes.
+type PageCopy = (Arc<RegionInner>, Box<[u8]>);
+
 /// A value on cache lines of its own, so that one thread's stores to it do
 /// not slow down other threads' loads of its neighbours (false sharing).
 #[derive(Debug, Default)]
@@ -134,12 +138,20 @@ pub(crate) struct RegionTrack {
     /// open transaction (a no-restore abort left its stores there). The
     /// sweep always rebuilds them from the segment and the log.
     pub polluted: PageBits,
+    /// Pages with a barrier copy in the running checkpoint's pool: exactly
+    /// the pool's keys for this region (changed only with the copy lock
+    /// held), so a store into a page copied already skips the lock.
+    pub copied: PageBits,
 }
 
 impl RegionTrack {
     pub fn new(len: usize) -> RegionTrack {
         let pages = len.div_ceil(mem::page_size());
-        RegionTrack { dirty: [PageBits::new(pages), PageBits::new(pages)], polluted: PageBits::new(pages) }
+        RegionTrack {
+            dirty: [PageBits::new(pages), PageBits::new(pages)],
+            polluted: PageBits::new(pages),
+            copied: PageBits::new(pages),
+        }
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -162,8 +174,10 @@ impl TxTrack {
 /// Page copies made by the write barrier, and which generation is swept.
 #[derive(Debug, Default)]
 struct Copies {
-    /// (region key, page) → the page as it stood before a post-freeze store.
-    pages: HashMap<(usize, usize), Box<[u8]>>,
+    /// (region key, page) → the page as it stood before a post-freeze
+    /// store. Changed only through `put` and `take`, which keep the
+    /// regions' `copied` bits equal to the keys.
+    pages: HashMap<(usize, usize), PageCopy>,
     /// Page buffers to reuse (fresh memory costs a page fault per page on
     /// the writer's path); at most [`SPARE_PAGES`] are kept.
     spare: Vec<Box<[u8]>>,
@@ -239,6 +253,23 @@ impl Copies {
         self.spare.pop().unwrap_or_else(|| vec![0u8; ps].into_boxed_slice())
     }
 
+    /// Adds the copy of page `p` of `r`.
+    fn put(&mut self, r: &Arc<RegionInner>, p: usize, page: Box<[u8]>) {
+        r.track.copied.insert_range(p, p);
+        self.pages.insert((region_key(r), p), (r.clone(), page));
+    }
+
+    /// Takes the copy of page `p` of `r`, if there is one.
+    fn take(&mut self, r: &Arc<RegionInner>, p: usize) -> Option<Box<[u8]>> {
+        let (_, page) = self.pages.remove(&(region_key(r), p))?;
+        r.track.copied.remove(p);
+        Some(page)
+    }
+
+    fn has(&self, r: &RegionInner, p: usize) -> bool {
+        r.track.copied.contains(p)
+    }
+
     fn recycle(&mut self, page: Box<[u8]>) {
         if self.spare.len() < SPARE_PAGES {
             self.spare.push(page);
@@ -248,7 +279,8 @@ impl Copies {
     /// Drops every copy, keeping some buffers.
     fn clear(&mut self) {
         let pages = std::mem::take(&mut self.pages);
-        for (_, page) in pages {
+        for ((_, p), (r, page)) in pages {
+            r.track.copied.remove(p);
             self.recycle(page);
         }
         self.spare.truncate(SPARE_PAGES);
@@ -373,16 +405,18 @@ impl Inner {
         let (first, last) = page_span(region, addr, len);
         let ps = mem::page_size();
         for p in first..=last {
-            if !set.contains(p) {
+            // Not waiting, or copied already (the bit may clear meanwhile:
+            // then the sweep took the copy, and the page left the set).
+            if !set.contains(p) || region.track.copied.contains(p) {
                 continue;
             }
-            let key = (region_key(region), p);
             let mut copies = self.ckpt.copies.lock();
             // The sweep is writing this page from memory: wait for it.
-            while copies.writing.is_some_and(|(k, first, end)| k == key.0 && (first..end).contains(&p)) {
+            let key = region_key(region);
+            while copies.writing.is_some_and(|(k, first, end)| k == key && (first..end).contains(&p)) {
                 self.ckpt.written.wait(&mut copies);
             }
-            if !set.contains(p) || copies.pages.contains_key(&key) {
+            if !set.contains(p) || copies.has(region, p) {
                 continue;
             }
             let mut page = copies.buffer(ps);
@@ -403,7 +437,7 @@ impl Inner {
                 unsafe { mem::copy_from_racy(at, &mut page) };
             }
             if copies.pages.len() < self.ckpt.copy_limit || !copies.sweeping {
-                copies.pages.insert(key, page);
+                copies.put(region, p, page);
                 Counters::add(&self.counters.checkpoint_copies, 1);
                 continue;
             }
@@ -606,7 +640,7 @@ impl Inner {
                 {
                     let mut copies = self.ckpt.copies.lock();
                     r.track.dirty[old].remove(*p);
-                    if let Some(page) = copies.pages.remove(&(region_key(r), *p)) {
+                    if let Some(page) = copies.take(r, *p) {
                         copies.recycle(page);
                     }
                 }
@@ -696,7 +730,7 @@ impl Inner {
     fn write_pages(&self, sweep: &mut Sweep, i: usize, p: usize, image: &[u8]) -> Result<()> {
         let r = &sweep.regions[i];
         let off = r.offset + (p * mem::page_size()) as u64;
-        r.segment.dev.write_at(image, off).map_err(|e| Error::io("writing segment", &r.segment.name, e))?;
+        r.segment.dev.write_pages_at(image, off).map_err(|e| Error::io("writing segment", &r.segment.name, e))?;
         sweep.written.entry(r.segment.id).or_insert_with(|| r.segment.clone());
         let pages = (image.len() / mem::page_size()) as u64;
         sweep.pages += pages;
@@ -751,7 +785,7 @@ impl Inner {
                     p += 1;
                     continue;
                 }
-                if let Some(page) = copies.pages.remove(&(key, p)) {
+                if let Some(page) = copies.take(&r, p) {
                     set.remove(p);
                     drop(copies);
                     let r = self.write_pages(sweep, i, p, &page);
@@ -762,7 +796,7 @@ impl Inner {
                     continue;
                 }
                 let mut e = p + 1;
-                while e < end && set.contains(e) && !copies.pages.contains_key(&(key, e)) {
+                while e < end && set.contains(e) && !copies.has(&r, e) {
                     e += 1;
                 }
                 copies.writing = Some((key, p, e));
