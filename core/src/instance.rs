@@ -177,7 +177,16 @@ pub(crate) struct CommitState {
     spare: Vec<Batch>,
     /// Tells the background log writer to exit once the spool is empty.
     writer_stop: bool,
+    /// Threads in `flush_to`.
+    flush_waiters: usize,
+    /// Flushers the last log sync served (its leader waited for as many).
+    last_group: usize,
+    /// A leader waits for more flushers (`Inner::gathered`).
+    gathering: bool,
 }
+
+/// The longest a flush leader waits for other flushers before its sync.
+const MAX_GATHER: Duration = Duration::from_millis(1);
 
 impl CommitState {
     /// Takes the pending batch (replaced by a spare one) and gives it the
@@ -232,6 +241,10 @@ pub(crate) struct Inner {
     pending_limit: usize,
     pub(crate) state: Mutex<CommitState>,
     flushed: Condvar,
+    /// Wakes a flush leader waiting for more flushers.
+    gathered: Condvar,
+    /// How long the last log sync took, in nanoseconds.
+    last_sync_ns: AtomicU64,
     /// Wakes the background log writer (a batch was spooled, or stop).
     spooled: Condvar,
     /// Wakes committers waiting for room in the spool.
@@ -341,6 +354,8 @@ impl Rvm {
             pending_limit,
             state: Mutex::new(CommitState { next_tx: 1, ..CommitState::default() }),
             flushed: Condvar::new(),
+            gathered: Condvar::new(),
+            last_sync_ns: AtomicU64::new(0),
             spooled: Condvar::new(),
             spool_room: Condvar::new(),
             log_writer: Mutex::new(None),
@@ -976,22 +991,43 @@ impl Inner {
     /// Group commit: returns once commit `seq` (and all before it) is durable.
     pub(crate) fn flush_to(&self, seq: u64) -> Result<()> {
         let mut st = self.state.lock();
+        st.flush_waiters += 1;
+        if st.gathering {
+            self.gathered.notify_one();
+        }
+        let r = self.flush_locked(&mut st, seq);
+        st.flush_waiters -= 1;
+        r
+    }
+
+    fn flush_locked(&self, st: &mut parking_lot::MutexGuard<'_, CommitState>, seq: u64) -> Result<()> {
         loop {
             self.check_poison()?;
             if st.durable_tx >= seq {
                 return Ok(());
             }
             if st.flushing {
-                self.flushed.wait(&mut st);
+                self.flushed.wait(st);
                 continue;
             }
-            // Become the leader: take everything committed so far.
+            // Become the leader. As many flushers as the last sync served
+            // are likely on their way (threads its sync released, now
+            // running their next transaction): wait for them a little, at
+            // most half a sync's time, so that one sync serves them all.
             st.flushing = true;
+            if st.flush_waiters < st.last_group {
+                let wait = Duration::from_nanos(self.last_sync_ns.load(Ordering::Relaxed) / 2).min(MAX_GATHER);
+                let deadline = std::time::Instant::now() + wait;
+                st.gathering = true;
+                while st.flush_waiters < st.last_group && !self.gathered.wait_until(st, deadline).timed_out() {}
+                st.gathering = false;
+            }
+            st.last_group = st.flush_waiters;
             let target = st.next_tx - 1;
             let mine = (!st.pending.is_empty()).then(|| st.take_batch());
             let all_before = st.next_batch;
             let mut spent = None;
-            let r = parking_lot::MutexGuard::unlocked(&mut st, || -> Result<()> {
+            let r = parking_lot::MutexGuard::unlocked(st, || -> Result<()> {
                 if let Some((n, batch)) = mine {
                     let r = self.write_batch(n, &batch);
                     spent = Some(batch);
@@ -1039,7 +1075,9 @@ impl Inner {
         if self.synced.load(Ordering::Acquire) >= upto {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let r = self.ring.dev.sync().map_err(|e| Error::io("syncing the log", &self.ring.path, e));
+        self.last_sync_ns.store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.poison(r)?;
         Counters::add(&self.counters.log_syncs, 1);
         self.synced.fetch_max(upto, Ordering::AcqRel);
