@@ -4,14 +4,14 @@
 
 use crate::checkpoint::{CheckpointReport, Checkpointer, RegionTrack};
 use crate::coalesce::{Coalescer, Piece};
-use crate::combine::Combiner;
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
-use crate::log::{self, LogDevice, Ring, ScanEnd, ScanStop};
+use crate::log::{self, LogDevice, Ring, ScanStop};
 use crate::mem::{self, Mapping};
+use crate::replay::{replay, Replayed};
 use crate::segment::{CopyMode, MapSpec, Placement, Region, RegionInner, RegionTable, Segment, SegmentInner};
 use crate::stats::{Counters, Stats};
-use crate::storage::{FileVfs, OpenMode, Storage, Vfs};
+use crate::storage::{FileVfs, OpenMode, Vfs};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -1106,22 +1106,22 @@ impl Inner {
         }
         let segments = self.status.lock().segments.clone();
         let r = (|| {
-            let mut apply = Applier::new(|id| {
+            let resolve = |id| {
                 segments.get(&id).map(|s| (s.dev.clone(), s.name.clone())).ok_or_else(|| {
                     Error::corrupted(
                         format!("log frame (unknown segment id {id})"),
                         self.ring.path.display().to_string(),
                     )
                 })
-            });
-            let end = apply.run(&self.ring, head, cut, self.epoch)?;
+            };
+            let Replayed { end, segment_bytes, .. } = replay(&self.ring, head, cut, self.epoch, resolve)?;
             if end.end != cut {
                 return Err(Error::corrupted(
                     "log (records this instance wrote are unreadable)",
                     format!("{} position {}", self.ring.path.display(), end.end),
                 ));
             }
-            Counters::add(&self.counters.segment_bytes_written, apply.segment_bytes);
+            Counters::add(&self.counters.segment_bytes_written, segment_bytes);
             let mut st = self.status.lock();
             let mut next = st.status.clone();
             next.seq += 1;
@@ -1168,129 +1168,13 @@ fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
     }
 }
 
-/// Replays complete transactions of a log range onto segment devices, in
-/// bounded chunks, coalescing each chunk (newest bytes win) so a byte
-/// changed many times is written once per chunk.
-struct Applier<R> {
-    resolve: R,
-    devices: HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>,
-    ready: Vec<Piece>,
-    tx: Vec<Piece>,
-    data: Vec<u8>,
-    coalescer: Coalescer,
-    combiner: Combiner,
-    segment_bytes: u64,
-    log_bytes: u64,
-}
-
-const APPLY_CHUNK: usize = 64 << 20;
-
-impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Applier<R> {
-    fn new(resolve: R) -> Self {
-        Applier {
-            resolve,
-            devices: HashMap::new(),
-            ready: Vec::new(),
-            tx: Vec::new(),
-            data: Vec::new(),
-            coalescer: Coalescer::default(),
-            combiner: Combiner::default(),
-            segment_bytes: 0,
-            log_bytes: 0,
-        }
-    }
-
-    fn run(&mut self, ring: &Ring, start: u64, limit: u64, epoch: u64) -> Result<ScanEnd> {
-        // Split borrows: the two callbacks touch disjoint state.
-        let cell = std::cell::RefCell::new(self);
-        let end = log::scan(
-            ring,
-            start,
-            limit,
-            epoch,
-            |f| {
-                if let format::Frame::Range { segment, offset, data } = f.frame {
-                    let mut me = cell.borrow_mut();
-                    let at = me.data.len();
-                    me.data.extend_from_slice(data);
-                    me.tx.push(Piece { segment, offset, len: data.len(), data_at: at });
-                }
-                Ok(())
-            },
-            |s, e| {
-                let mut me = cell.borrow_mut();
-                me.log_bytes += e - s;
-                let tx = std::mem::take(&mut me.tx);
-                me.ready.extend(tx);
-                if me.data.len() >= APPLY_CHUNK {
-                    me.apply_ready()?;
-                }
-                Ok(())
-            },
-        )?;
-        let me = cell.into_inner();
-        // Drop the unfinished tail, apply the rest, make it durable.
-        me.tx.clear();
-        me.apply_ready()?;
-        for (dev, name, _) in me.devices.values() {
-            dev.sync().map_err(|e| Error::io("syncing segment", name, e))?;
-        }
-        Ok(end)
-    }
-
-    fn apply_ready(&mut self) -> Result<()> {
-        let Applier { resolve, devices, ready, data, coalescer, segment_bytes, tx, combiner, .. } = self;
-        // Runs go to the segments through the write combiner (one
-        // read-modify-write per cluster of nearby runs).
-        let mut write_pending = |c: &mut Combiner, devices: &HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>| {
-            let Some(seg) = c.pending() else { return Ok(()) };
-            // Every run's segment was resolved before the run was pushed.
-            let (dev, name, _) = devices
-                .get(&seg)
-                .ok_or_else(|| Error::corrupted(format!("log replay (segment id {seg} unresolved)"), "replay"))?;
-            *segment_bytes += c.write_to(dev.as_ref()).map_err(|e| Error::io("writing segment", name, e))?;
-            Ok::<(), Error>(())
-        };
-        coalescer.run::<Error>(ready, data, |seg, off, bytes| {
-            let (_, name, len) = match devices.entry(seg) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let (dev, name) = resolve(seg)?;
-                    let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-                    e.insert((dev, name, len))
-                }
-            };
-            if off.checked_add(bytes.len() as u64).is_none_or(|end| end > *len) {
-                return Err(Error::corrupted(
-                    format!("log range frame (bytes [{off:#x}, +{:#x}) beyond the end of the segment)", bytes.len()),
-                    name.display().to_string(),
-                ));
-            }
-            if !combiner.joins(seg, off, bytes.len()) {
-                write_pending(combiner, devices)?;
-            }
-            combiner.push(seg, off, bytes);
-            Ok(())
-        })?;
-        write_pending(combiner, devices)?;
-        ready.clear();
-        // Keep the bytes of an unfinished transaction (they sit at the end).
-        let keep_from = tx.first().map_or(data.len(), |p| p.data_at);
-        data.drain(..keep_from);
-        for p in tx.iter_mut() {
-            p.data_at -= keep_from;
-        }
-        Ok(())
-    }
-}
-
 /// Recovery: replays every complete transaction after the head onto its
 /// segment, syncs the segments, then writes a status with the log empty and
 /// a new epoch. Running it again after a crash at any point redoes the same
 /// idempotent writes.
 fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, RecoveryReport)> {
     let names: HashMap<u32, PathBuf> = status.segments.iter().map(|s| (s.id, s.name.clone())).collect();
-    let mut apply = Applier::new(|id| {
+    let resolve = |id| {
         let name = names.get(&id).ok_or_else(|| {
             Error::corrupted(
                 format!("log frame (segment id {id} not in the dictionary)"),
@@ -1301,19 +1185,20 @@ fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, Recove
             .open(name, OpenMode::Existing)
             .map_err(|e| LogError::MissingSegment { path: name.clone(), reason: e.to_string() })?;
         Ok((dev, name.clone()))
-    });
-    let end = apply.run(ring, status.head, u64::MAX, status.epoch)?;
+    };
+    // The segments are closed (unlocked) when it returns, before the
+    // application opens them.
+    let Replayed { end, log_bytes, segment_bytes } = replay(ring, status.head, u64::MAX, status.epoch, resolve)?;
     let report = RecoveryReport {
         transactions: end.transactions,
-        log_bytes: apply.log_bytes,
+        log_bytes,
         discarded_bytes: end.discarded,
-        segment_bytes_written: apply.segment_bytes,
+        segment_bytes_written: segment_bytes,
         stopped_at: match end.stop {
             ScanStop::Limit => None,
             ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
         },
     };
-    drop(apply); // unlock the segments before the application opens them
     let next = Status {
         seq: status.seq + 1,
         epoch: status.epoch + 1,

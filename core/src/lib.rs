@@ -19,6 +19,7 @@ mod error;
 mod instance;
 pub mod log;
 mod mem;
+mod replay;
 mod segment;
 mod stats;
 pub mod storage;
