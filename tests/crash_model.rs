@@ -1372,3 +1372,75 @@ fn open_transaction_cannot_commit_after_failed_sync() {
         world.restart(inst, Some(keep(3)), true);
     }
 }
+
+/// Write-behind under faults: the background log writer hits an injected
+/// I/O error while writing a spooled batch. Nothing hangs; the failure
+/// reaches the application as an error at a later commit or flush; and
+/// after a crash and recovery the segment holds a prefix of the commits,
+/// including every one a successful flush covered.
+#[test]
+fn write_behind_failure_poisons_and_recovery_keeps_a_prefix() {
+    let ps = page_size();
+    let len = 4 * ps;
+    for n in [0u64, 1, 2, 3, 5, 8, 13] {
+        let disk = SimDisk::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        create_log_with(vfs.as_ref(), Path::new(LOG), 1 << 20).unwrap();
+        let opts = Options { pending_limit: 4096, truncate_threshold: None, write_behind: true, ..Options::default() };
+        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts.clone()).unwrap();
+        let seg = rvm.create_segment(SEG, len as u64).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+        // states[k]: the segment after the first k commits.
+        let mut states = vec![vec![0u8; len]];
+        let mut flushed = 0;
+        disk.fail_after(n);
+        let mut failed = false;
+        for i in 0..400u32 {
+            let off = (i as usize * 97) % (len - 64);
+            let data = fresh(i + 1, 64);
+            let mut tx = match rvm.begin(RestoreMode::NoRestore) {
+                Ok(tx) => tx,
+                Err(e) => {
+                    assert!(matches!(e, Error::Poisoned { .. }), "begin: {e}");
+                    failed = true;
+                    break;
+                }
+            };
+            // SAFETY: single-threaded; inside the region.
+            unsafe { tx.modify_bytes(region.addr() + off, &data).unwrap() };
+            match tx.commit(CommitMode::NoFlush) {
+                Ok(()) => {
+                    let mut next = states.last().unwrap().clone();
+                    next[off..off + 64].copy_from_slice(&data);
+                    states.push(next);
+                }
+                Err(e) => {
+                    assert!(matches!(e, Error::Poisoned { .. } | Error::Io { .. }), "commit: {e}");
+                    failed = true;
+                    break;
+                }
+            }
+            if i % 50 == 49 {
+                match rvm.flush() {
+                    Ok(()) => flushed = states.len() - 1,
+                    Err(e) => {
+                        assert!(matches!(e, Error::Poisoned { .. } | Error::Io { .. }), "flush: {e}");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(failed, "fail_after({n}): the injected error never surfaced");
+        assert!(matches!(rvm.flush(), Err(Error::Poisoned { .. })), "a poisoned instance refuses to flush");
+        disk.clear_faults();
+        disk.crash(CrashMode::LoseUnsynced);
+        drop((region, seg, rvm));
+        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts).unwrap();
+        let seg = rvm.open_segment(SEG).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+        let got = read_region(&region);
+        let k = states.iter().rposition(|s| *s == got);
+        assert!(k.is_some_and(|k| k >= flushed), "fail_after({n}): not a prefix with the {flushed} flushed commits");
+    }
+}

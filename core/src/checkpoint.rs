@@ -114,7 +114,7 @@ impl PageBits {
 
 /// A barrier copy: the page's region (kept alive, and its `copied` bit
 /// cleared when the copy goes) and the page's bytes.
-type PageCopy = (Arc<RegionInner>, Box<[u8]>);
+type PageCopy = (Arc<RegionInner>, mem::PageBuf);
 
 /// A value on cache lines of its own, so that one thread's stores to it do
 /// not slow down other threads' loads of its neighbours (false sharing).
@@ -180,7 +180,7 @@ struct Copies {
     pages: HashMap<(usize, usize), PageCopy>,
     /// Page buffers to reuse (fresh memory costs a page fault per page on
     /// the writer's path); at most [`SPARE_PAGES`] are kept.
-    spare: Vec<Box<[u8]>>,
+    spare: Vec<mem::PageBuf>,
     /// Whether the sweep is set up (writers may then write pages out
     /// themselves instead of copying past the limit).
     sweeping: bool,
@@ -249,18 +249,18 @@ const SPARE_PAGES: usize = 1024;
 
 impl Copies {
     /// A buffer for one page copy.
-    fn buffer(&mut self, ps: usize) -> Box<[u8]> {
-        self.spare.pop().unwrap_or_else(|| vec![0u8; ps].into_boxed_slice())
+    fn buffer(&mut self) -> mem::PageBuf {
+        self.spare.pop().unwrap_or_default()
     }
 
     /// Adds the copy of page `p` of `r`.
-    fn put(&mut self, r: &Arc<RegionInner>, p: usize, page: Box<[u8]>) {
+    fn put(&mut self, r: &Arc<RegionInner>, p: usize, page: mem::PageBuf) {
         r.track.copied.insert_range(p, p);
         self.pages.insert((region_key(r), p), (r.clone(), page));
     }
 
     /// Takes the copy of page `p` of `r`, if there is one.
-    fn take(&mut self, r: &Arc<RegionInner>, p: usize) -> Option<Box<[u8]>> {
+    fn take(&mut self, r: &Arc<RegionInner>, p: usize) -> Option<mem::PageBuf> {
         let (_, page) = self.pages.remove(&(region_key(r), p))?;
         r.track.copied.remove(p);
         Some(page)
@@ -270,7 +270,7 @@ impl Copies {
         r.track.copied.contains(p)
     }
 
-    fn recycle(&mut self, page: Box<[u8]>) {
+    fn recycle(&mut self, page: mem::PageBuf) {
         if self.spare.len() < SPARE_PAGES {
             self.spare.push(page);
         }
@@ -419,7 +419,7 @@ impl Inner {
             if !set.contains(p) || copies.has(region, p) {
                 continue;
             }
-            let mut page = copies.buffer(ps);
+            let mut page = copies.buffer();
             let at = region.addr() + p * ps;
             if copies.sweeping {
                 // SAFETY: the page lies inside `region`, whose mapping this
@@ -450,7 +450,7 @@ impl Inner {
             let r = region
                 .segment
                 .dev
-                .write_at(&page, off)
+                .write_pages_at(&page, off)
                 .map_err(|e| Error::io("writing segment", &region.segment.name, e));
             self.ckpt.writer_writes.fetch_sub(1, Ordering::AcqRel);
             self.ckpt.copies.lock().recycle(page);
@@ -537,6 +537,7 @@ impl Inner {
         };
         // WAL: the log is durable up to L before any page is written.
         let r = self.write_batch(n, &batch).and_then(|lsn| self.sync_to(lsn).map(|_| lsn));
+        self.recycle_batch(batch);
         let lsn = match r {
             Ok(lsn) => lsn,
             Err(e) => {
@@ -586,12 +587,15 @@ impl Inner {
                 r.track.dirty[old].move_into(&r.track.dirty[old ^ 1]);
             }
         }
-        self.ckpt.barrier.store(false, Ordering::SeqCst);
+        // The pool first: it holds regions, which `unmap` may hand back to
+        // the application once the barrier is off. (No copy can be added
+        // meanwhile: the old set is empty or moved.)
         {
             let mut copies = self.ckpt.copies.lock();
             copies.clear();
             copies.sweeping = false;
         }
+        self.ckpt.barrier.store(false, Ordering::SeqCst);
         match &dropped {
             Some(sweep) => {
                 let r = self.sync_swept(sweep);
@@ -655,10 +659,9 @@ impl Inner {
         let want = dirty.min(self.ckpt.copy_limit);
         let have = self.ckpt.copies.lock().spare.len();
         if want > have {
-            let ps = mem::page_size();
-            let fresh: Vec<Box<[u8]>> = (have..want)
+            let fresh: Vec<mem::PageBuf> = (have..want)
                 .map(|_| {
-                    let mut page = vec![0u8; ps].into_boxed_slice();
+                    let mut page = mem::PageBuf::new();
                     // Touch it now (calloc may hand out untouched zero pages).
                     page.iter_mut().step_by(512).for_each(|b| *b = 1);
                     page
@@ -674,7 +677,7 @@ impl Inner {
     /// Images of `pages` as of `lsn`: the segment's bytes (as of the head:
     /// nothing of this checkpoint is written yet) with the complete
     /// transactions of the log `[head, lsn)` applied in order.
-    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<Vec<u8>>> {
+    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<mem::PageBuf>> {
         let ps = mem::page_size();
         // (segment id, segment offset of the page) → image index.
         let mut index: BTreeMap<(u32, u64), usize> = BTreeMap::new();
@@ -682,7 +685,7 @@ impl Inner {
         for &(i, p) in pages {
             let r = &sweep.regions[i];
             let off = r.offset + (p * ps) as u64;
-            let mut image = vec![0u8; ps];
+            let mut image = mem::PageBuf::new();
             r.segment.dev.read_at(&mut image, off).map_err(|e| Error::io("reading segment", &r.segment.name, e))?;
             index.insert((r.segment.id, off), images.len());
             images.push(image);

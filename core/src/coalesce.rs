@@ -49,6 +49,8 @@ impl Coalescer {
         mut emit: impl FnMut(u32, u64, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let Coalescer { keys, sorted, run } = self;
+        // The index takes the low 32 bits of a key.
+        debug_assert!(pieces.len() <= u32::MAX as usize, "too many pieces for one coalescing");
         keys.clear();
         keys.extend(
             pieces.iter().enumerate().map(|(i, p)| (p.segment as u128) << 96 | (p.offset as u128) << 32 | i as u128),

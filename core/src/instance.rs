@@ -159,7 +159,8 @@ impl Batch {
 }
 
 /// Full batches that may wait for the background log writer
-/// ([`Options::write_behind`]) before committers wait for it.
+/// ([`Options::write_behind`]), besides the one it is writing, before
+/// committers wait for it.
 pub const SPOOLED_BATCHES: usize = 2;
 
 #[derive(Debug, Default)]
@@ -838,7 +839,7 @@ impl Inner {
                     st.spool.push_back((n, batch));
                     self.spooled.notify_one();
                     // Bounded memory: wait while the writer is behind.
-                    while st.spool.len() > SPOOLED_BATCHES && !self.poisoned.load(Ordering::Acquire) {
+                    while st.spool.len() >= SPOOLED_BATCHES && !self.poisoned.load(Ordering::Acquire) {
                         self.spool_room.wait(&mut st);
                     }
                 } else {
@@ -850,10 +851,16 @@ impl Inner {
         Counters::add(&self.counters.bytes_declared, declared);
         Counters::add(&self.counters.bytes_saved_intra, declared - bytes);
         if let Some((n, batch)) = spill {
-            self.write_batch(n, &batch)?;
-            self.state.lock().recycle(batch, self.pending_limit);
+            let r = self.write_batch(n, &batch);
+            self.recycle_batch(batch);
+            r?;
         }
         Ok(seq)
+    }
+
+    /// Keeps a written batch's buffers for a later batch.
+    pub(crate) fn recycle_batch(&self, batch: Batch) {
+        self.state.lock().recycle(batch, self.pending_limit);
     }
 
     /// The background log writer's work: spooled batches, in order.
@@ -871,8 +878,21 @@ impl Inner {
                     self.spooled.wait(&mut st);
                 }
             };
-            // A failure poisons the instance: committers and flushes report it.
-            let _ = self.write_batch_from(n, &batch, true);
+            // A failure poisons the instance: committers and flushes report
+            // it. So does a panic, which must not leave them waiting for a
+            // batch that will never be written.
+            let wrote =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch_from(n, &batch, true)));
+            if wrote.is_err() {
+                let _ =
+                    self.poison::<()>(Err(Error::corrupted("log writer (panicked writing a batch)", "write-behind")));
+                let mut w = self.writer.lock();
+                if w.next_batch == n {
+                    self.spooled_bytes.fetch_sub(batch.data.len() as u64, Ordering::AcqRel);
+                    w.next_batch += 1;
+                }
+                self.written_cv.notify_all();
+            }
             let mut st = self.state.lock();
             st.recycle(batch, self.pending_limit);
             self.spool_room.notify_all();

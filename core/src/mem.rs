@@ -30,6 +30,70 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above; &Mapping gives no access to the bytes by itself.
 unsafe impl Sync for Mapping {}
 
+/// One page of heap memory, zeroed and aligned to the page size, so a
+/// checkpoint's page copies can be written with direct I/O like the pages
+/// it writes straight from a region.
+pub struct PageBuf {
+    ptr: NonNull<u8>,
+}
+
+impl PageBuf {
+    fn layout() -> std::alloc::Layout {
+        let ps = page_size();
+        // A page size is a power of two that fits in isize.
+        std::alloc::Layout::from_size_align(ps, ps).unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
+    }
+
+    /// A zeroed page.
+    pub fn new() -> PageBuf {
+        let layout = Self::layout();
+        // SAFETY: the layout's size is a page, never zero.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        PageBuf { ptr }
+    }
+}
+
+impl Default for PageBuf {
+    fn default() -> Self {
+        PageBuf::new()
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` owns an initialized (zeroed, then only written
+        // through `&mut self`) allocation of one page.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), Self::layout().size()) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), Self::layout().size()) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this same layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageBuf").field("addr", &self.ptr).finish()
+    }
+}
+
+// SAFETY: a PageBuf owns its allocation alone, like a Box<[u8]>.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only reads, like &[u8].
+unsafe impl Sync for PageBuf {}
+
 /// Where a mapping goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
