@@ -19,22 +19,40 @@ pub(crate) struct Piece {
     pub data_at: usize,
 }
 
-impl Piece {
+/// A piece as the sort sees it: its sort key and all the loop needs, so
+/// the sorted order is walked without looking pieces up at random.
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    segment: u32,
+    /// Index in commit order (ties between equal offsets keep it).
+    index: u32,
+    offset: u64,
+    len: usize,
+    data_at: usize,
+}
+
+impl Entry {
+    /// Segment (bits 96..128), offset (32..96), index (0..32): sorting by
+    /// it sorts by (segment, offset) and keeps commit order among pieces
+    /// that start together.
+    fn key(&self) -> u128 {
+        (self.segment as u128) << 96 | (self.offset as u128) << 32 | self.index as u128
+    }
+
     fn end(&self) -> u64 {
         self.offset + self.len as u64
     }
 }
 
+/// How many pieces ahead [`Coalescer::run`] prefetches bytes.
+const PREFETCH_AHEAD: usize = 16;
+
 /// Reusable buffers of [`Coalescer::run`].
 #[derive(Debug, Default)]
 pub(crate) struct Coalescer {
-    /// Sort keys: segment (bits 96..128), offset (32..96), piece index
-    /// (0..32). Sorting them whole sorts by (segment, offset) and keeps
-    /// commit order among pieces that start together, and compares plain
-    /// integers instead of looking pieces up.
-    keys: Vec<u128>,
+    entries: Vec<Entry>,
     /// The radix sort's second buffer.
-    sorted: Vec<u128>,
+    sorted: Vec<Entry>,
     /// A merged cluster's bytes.
     run: Vec<u8>,
 }
@@ -48,22 +66,30 @@ impl Coalescer {
         data: &[u8],
         mut emit: impl FnMut(u32, u64, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let Coalescer { keys, sorted, run } = self;
+        let Coalescer { entries, sorted, run } = self;
         // The index takes the low 32 bits of a key.
         debug_assert!(pieces.len() <= u32::MAX as usize, "too many pieces for one coalescing");
-        keys.clear();
-        keys.extend(
-            pieces.iter().enumerate().map(|(i, p)| (p.segment as u128) << 96 | (p.offset as u128) << 32 | i as u128),
-        );
-        sort_keys(keys, sorted);
-        let piece = |k: u128| &pieces[k as u32 as usize];
+        entries.clear();
+        entries.extend(pieces.iter().enumerate().map(|(i, p)| Entry {
+            segment: p.segment,
+            index: i as u32,
+            offset: p.offset,
+            len: p.len,
+            data_at: p.data_at,
+        }));
+        radix_sort(entries, sorted, Entry::key);
         let mut i = 0;
-        while i < keys.len() {
-            let first = piece(keys[i]);
+        while i < entries.len() {
+            // The bytes are read in offset order, far from commit order: ask
+            // for those of a piece a few steps ahead.
+            if let Some(ahead) = entries.get(i + PREFETCH_AHEAD) {
+                crate::mem::prefetch(data, ahead.data_at);
+            }
+            let first = entries[i];
             let mut end = first.end();
             let mut j = i + 1;
-            while j < keys.len() {
-                let p = piece(keys[j]);
+            while j < entries.len() {
+                let p = &entries[j];
                 if p.segment != first.segment || p.offset > end {
                     break;
                 }
@@ -74,12 +100,11 @@ impl Coalescer {
                 emit(first.segment, first.offset, &data[first.data_at..first.data_at + first.len])?;
             } else {
                 // Paint the cluster's pieces in commit order: the newest wins.
-                let cluster = &mut keys[i..j];
-                cluster.sort_unstable_by_key(|&k| k as u32);
+                let cluster = &mut entries[i..j];
+                cluster.sort_unstable_by_key(|e| e.index);
                 run.clear();
                 run.resize((end - first.offset) as usize, 0);
-                for &k in cluster.iter() {
-                    let p = piece(k);
+                for p in cluster.iter() {
                     let at = (p.offset - first.offset) as usize;
                     run[at..at + p.len].copy_from_slice(&data[p.data_at..p.data_at + p.len]);
                 }
@@ -91,33 +116,33 @@ impl Coalescer {
     }
 }
 
-/// Sorts coalescing keys: an LSD radix sort over the bytes of segment and
-/// offset in which the keys differ (4 passes for a 64 MiB region), as a
-/// batch holds a hundred thousand pieces. Keys come in index order and
-/// every pass is stable, so equal (segment, offset) stay in index order:
-/// the result equals a full sort of the keys.
-fn sort_keys(keys: &mut Vec<u128>, spare: &mut Vec<u128>) {
-    if keys.len() < 512 {
-        keys.sort_unstable();
+/// Sorts `items` by `key`, whose low 32 bits must already be in increasing
+/// order (the index): an LSD radix sort over the key bytes above them in
+/// which the items differ (4 passes for a 64 MiB region), as a batch holds
+/// a hundred thousand pieces. Every pass is stable, so items equal above
+/// the low 32 bits stay in index order: the result equals a full sort.
+fn radix_sort<T: Copy + Default>(items: &mut Vec<T>, spare: &mut Vec<T>, key: impl Fn(&T) -> u128) {
+    if items.len() < 512 {
+        items.sort_unstable_by_key(&key);
         return;
     }
     let (mut any, mut all) = (0u128, !0u128);
-    for &k in keys.iter() {
+    for k in items.iter().map(&key) {
         any |= k;
         all &= k;
     }
     let differ = (any ^ all) >> 32;
     spare.clear();
-    spare.resize(keys.len(), 0);
+    spare.resize(items.len(), T::default());
     for byte in 0..12 {
         if (differ >> (8 * byte)) as u8 == 0 {
             continue;
         }
         let shift = 32 + 8 * byte;
-        let digit = |k: u128| (k >> shift) as u8 as usize;
+        let digit = |t: &T| (key(t) >> shift) as u8 as usize;
         let mut at = [0usize; 256];
-        for &k in keys.iter() {
-            at[digit(k)] += 1;
+        for t in items.iter() {
+            at[digit(t)] += 1;
         }
         let mut sum = 0;
         for slot in at.iter_mut() {
@@ -125,12 +150,12 @@ fn sort_keys(keys: &mut Vec<u128>, spare: &mut Vec<u128>) {
             *slot = sum;
             sum += n;
         }
-        for &k in keys.iter() {
-            let d = digit(k);
-            spare[at[d]] = k;
+        for t in items.iter() {
+            let d = digit(t);
+            spare[at[d]] = *t;
             at[d] += 1;
         }
-        std::mem::swap(keys, spare);
+        std::mem::swap(items, spare);
     }
 }
 
@@ -200,7 +225,7 @@ mod tests {
                 .collect();
             let mut want = keys.clone();
             want.sort_unstable();
-            sort_keys(&mut keys, &mut Vec::new());
+            radix_sort(&mut keys, &mut Vec::new(), |&k| k);
             prop_assert_eq!(keys, want);
         }
 
