@@ -857,6 +857,15 @@ impl Inner {
     /// With the truncation lock held: finishes a checkpoint that is set up,
     /// or cancels one still frozen (the caller is about to replay the log,
     /// which covers it).
+    /// For a writer that found the log full: finishes a sweeping
+    /// checkpoint (not a frozen one, whose batch comes after the writer's),
+    /// which frees the log before its position. Whether one was finished.
+    pub(crate) fn finish_checkpoint_for_room(&self) -> Result<bool> {
+        let _t = self.truncation.lock();
+        let sweeping = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Sweeping);
+        Ok(sweeping && self.finish_locked()?.is_some())
+    }
+
     pub(crate) fn settle_checkpoint_locked(&self) -> Result<()> {
         let frozen = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Frozen);
         if frozen {

@@ -979,7 +979,12 @@ impl Inner {
             }
             let before = self.head.load(Ordering::Acquire);
             self.sync_to(*written)?;
-            self.truncate_to(*written)?;
+            // A sweeping checkpoint frees the log up to its position once
+            // it ends: finishing it is cheaper than replaying that part.
+            // Only if that is not room enough is the rest replayed.
+            if !self.finish_checkpoint_for_room()? || *written + len - self.head.load(Ordering::Acquire) > cap {
+                self.truncate_to(*written)?;
+            }
             if self.head.load(Ordering::Acquire) == before {
                 return Err(Error::corrupted(
                     "log (truncation made no progress)",
