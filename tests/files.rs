@@ -183,10 +183,9 @@ fn recovery_reports_the_discarded_tail() {
     assert_eq!((rep.transactions, rep.discarded_bytes), (0, 0), "{rep:?}");
 }
 
-/// A checkpoint on real files writes its page runs with direct I/O where
-/// the file system allows it: the segment file then holds every commit,
-/// seen by a plain read, by a copy-on-demand map after reopening, and by
-/// a later buffered replay over the same pages.
+/// A checkpoint on real files: the segment file then holds every commit,
+/// seen by a plain read, by a copy-on-demand map after reopening, and
+/// after a later replay over the same pages.
 #[test]
 fn checkpointed_pages_reach_the_segment_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -114,7 +114,7 @@ impl PageBits {
 
 /// A barrier copy: the page's region (kept alive, and its `copied` bit
 /// cleared when the copy goes) and the page's bytes.
-type PageCopy = (Arc<RegionInner>, mem::PageBuf);
+type PageCopy = (Arc<RegionInner>, Box<[u8]>);
 
 /// A value on cache lines of its own, so that one thread's stores to it do
 /// not slow down other threads' loads of its neighbours (false sharing).
@@ -180,7 +180,7 @@ struct Copies {
     pages: HashMap<(usize, usize), PageCopy>,
     /// Page buffers to reuse (fresh memory costs a page fault per page on
     /// the writer's path); at most [`SPARE_PAGES`] are kept.
-    spare: Vec<mem::PageBuf>,
+    spare: Vec<Box<[u8]>>,
     /// Whether the sweep is set up (writers may then write pages out
     /// themselves instead of copying past the limit).
     sweeping: bool,
@@ -249,18 +249,18 @@ const SPARE_PAGES: usize = 1024;
 
 impl Copies {
     /// A buffer for one page copy.
-    fn buffer(&mut self) -> mem::PageBuf {
-        self.spare.pop().unwrap_or_default()
+    fn buffer(&mut self) -> Box<[u8]> {
+        self.spare.pop().unwrap_or_else(|| vec![0u8; mem::page_size()].into_boxed_slice())
     }
 
     /// Adds the copy of page `p` of `r`.
-    fn put(&mut self, r: &Arc<RegionInner>, p: usize, page: mem::PageBuf) {
+    fn put(&mut self, r: &Arc<RegionInner>, p: usize, page: Box<[u8]>) {
         r.track.copied.insert_range(p, p);
         self.pages.insert((region_key(r), p), (r.clone(), page));
     }
 
     /// Takes the copy of page `p` of `r`, if there is one.
-    fn take(&mut self, r: &Arc<RegionInner>, p: usize) -> Option<mem::PageBuf> {
+    fn take(&mut self, r: &Arc<RegionInner>, p: usize) -> Option<Box<[u8]>> {
         let (_, page) = self.pages.remove(&(region_key(r), p))?;
         r.track.copied.remove(p);
         Some(page)
@@ -270,7 +270,7 @@ impl Copies {
         r.track.copied.contains(p)
     }
 
-    fn recycle(&mut self, page: mem::PageBuf) {
+    fn recycle(&mut self, page: Box<[u8]>) {
         if self.spare.len() < SPARE_PAGES {
             self.spare.push(page);
         }
@@ -450,7 +450,7 @@ impl Inner {
             let r = region
                 .segment
                 .dev
-                .write_pages_at(&page, off)
+                .write_at(&page, off)
                 .map_err(|e| Error::io("writing segment", &region.segment.name, e));
             self.ckpt.writer_writes.fetch_sub(1, Ordering::AcqRel);
             self.ckpt.copies.lock().recycle(page);
@@ -659,9 +659,9 @@ impl Inner {
         let want = dirty.min(self.ckpt.copy_limit);
         let have = self.ckpt.copies.lock().spare.len();
         if want > have {
-            let fresh: Vec<mem::PageBuf> = (have..want)
+            let fresh: Vec<Box<[u8]>> = (have..want)
                 .map(|_| {
-                    let mut page = mem::PageBuf::new();
+                    let mut page = vec![0u8; mem::page_size()].into_boxed_slice();
                     // Touch it now (calloc may hand out untouched zero pages).
                     page.iter_mut().step_by(512).for_each(|b| *b = 1);
                     page
@@ -677,7 +677,7 @@ impl Inner {
     /// Images of `pages` as of `lsn`: the segment's bytes (as of the head:
     /// nothing of this checkpoint is written yet) with the complete
     /// transactions of the log `[head, lsn)` applied in order.
-    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<mem::PageBuf>> {
+    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<Box<[u8]>>> {
         let ps = mem::page_size();
         // (segment id, segment offset of the page) → image index.
         let mut index: BTreeMap<(u32, u64), usize> = BTreeMap::new();
@@ -685,7 +685,7 @@ impl Inner {
         for &(i, p) in pages {
             let r = &sweep.regions[i];
             let off = r.offset + (p * ps) as u64;
-            let mut image = mem::PageBuf::new();
+            let mut image = vec![0u8; mem::page_size()].into_boxed_slice();
             r.segment.dev.read_at(&mut image, off).map_err(|e| Error::io("reading segment", &r.segment.name, e))?;
             index.insert((r.segment.id, off), images.len());
             images.push(image);
@@ -733,7 +733,7 @@ impl Inner {
     fn write_pages(&self, sweep: &mut Sweep, i: usize, p: usize, image: &[u8]) -> Result<()> {
         let r = &sweep.regions[i];
         let off = r.offset + (p * mem::page_size()) as u64;
-        r.segment.dev.write_pages_at(image, off).map_err(|e| Error::io("writing segment", &r.segment.name, e))?;
+        r.segment.dev.write_at(image, off).map_err(|e| Error::io("writing segment", &r.segment.name, e))?;
         sweep.written.entry(r.segment.id).or_insert_with(|| r.segment.clone());
         let pages = (image.len() / mem::page_size()) as u64;
         sweep.pages += pages;

@@ -38,15 +38,6 @@ pub trait Storage: Send + Sync + Debug {
     fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
-    /// Writes whole pages, as [`Storage::write_at`] does, for the
-    /// checkpoint's sweep. A device may bypass its caches here (files use
-    /// `O_DIRECT` when `buf`, `offset` and the length are 4 KiB-aligned),
-    /// so a large sweep neither copies its pages into the page cache nor
-    /// evicts the application's cached data. Durability is the same:
-    /// only [`Storage::sync`] makes the write durable.
-    fn write_pages_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_at(buf, offset)
-    }
     /// Whether the device is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
