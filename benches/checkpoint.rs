@@ -158,15 +158,18 @@ fn workload(rvm: &Rvm, region: &Region, stop: &dyn Fn(Duration) -> bool, seed: u
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn throughput_during_sweep(dir: &Path, rounds: usize) {
+/// `rate`: the sweep's `Options::checkpoint_rate`.
+fn throughput_during_sweep(dir: &Path, rounds: usize, rate: Option<u64>) {
     let sweep_len = if quick() { 128 * MIB } else { 1024 * MIB };
+    let pace = rate.map_or("unpaced (full speed)".to_string(), |r| format!("paced at {} MiB/s", r / MIB as u64));
     println!(
-        "\n## No-flush commits (1-4 ranges of 8-64 B in 64 MiB) with and without a sweep of {} MiB, {rounds} rounds",
+        "\n## No-flush commits (1-4 ranges of 8-64 B in 64 MiB) with and without a sweep of {} MiB, sweep {pace}, {rounds} rounds",
         sweep_len / MIB
     );
-    let o = Options { truncate_threshold: None, pending_limit: 4 * MIB, ..Options::default() };
-    let (rvm, hot) = setup(dir, "sweep", 1024 * MIB, 64 * MIB, CopyMode::NoCopy, o);
-    let seg = rvm.create_segment(dir.join("sweep-big.seg"), sweep_len as u64).expect("segment");
+    let o = Options { truncate_threshold: None, pending_limit: 4 * MIB, checkpoint_rate: rate, ..Options::default() };
+    let name = if rate.is_some() { "sweep-paced" } else { "sweep-full" };
+    let (rvm, hot) = setup(dir, name, 4096 * MIB, 64 * MIB, CopyMode::NoCopy, o);
+    let seg = rvm.create_segment(dir.join(format!("{name}-big.seg")), sweep_len as u64).expect("segment");
     let big = rvm.map(&seg, MapSpec::new(0, sweep_len).copy(CopyMode::NoCopy)).expect("map");
     // Warm up: both regions dirty.
     workload(&rvm, &hot, &|t| t > Duration::from_millis(300), 1);
@@ -196,11 +199,12 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
         copies.push((after.checkpoint_copies - before.checkpoint_copies) as f64);
         if std::env::var_os("RVM_BENCH_VERBOSE").is_some() {
             eprintln!(
-                "round {round}: copies {} stalls {} pages {} rebuilt {}",
+                "round {round}: copies {} stalls {} pages {} rebuilt {} log-full waits {}",
                 after.checkpoint_copies - before.checkpoint_copies,
                 after.checkpoint_stalls - before.checkpoint_stalls,
                 after.checkpoint_pages - before.checkpoint_pages,
-                after.checkpoint_rebuilt_pages - before.checkpoint_rebuilt_pages
+                after.checkpoint_rebuilt_pages - before.checkpoint_rebuilt_pages,
+                after.log_full_waits - before.log_full_waits
             );
         }
         during.push(rate);
@@ -210,7 +214,11 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
         // with the log emptied, so none runs into a full log.
         rvm.checkpoint().expect("checkpoint");
         let d = Duration::from_secs_f64(secs);
+        let before = rvm.stats();
         base.push(workload(&rvm, &hot, &|t| t >= d, 300 + round as u64));
+        if std::env::var_os("RVM_BENCH_VERBOSE").is_some() {
+            eprintln!("round {round}: baseline log-full waits {}", rvm.stats().log_full_waits - before.log_full_waits);
+        }
         // The same workload while another thread only writes as many bytes
         // to a file and syncs it (no checkpoint): what the machine's second
         // core and the page cache cost, apart from the checkpoint.
@@ -249,6 +257,10 @@ fn throughput_during_sweep(dir: &Path, rounds: usize) {
         median(sweep_secs),
         median(copies)
     );
+    drop((big, seg, hot, rvm));
+    for f in [format!("{name}.log"), format!("{name}.seg"), format!("{name}-big.seg")] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
 }
 
 fn hot_spot(dir: &Path) {
@@ -314,7 +326,10 @@ fn main() {
         freeze_times(tmp.path(), if quick() { 5 } else { 41 });
     }
     if part("sweep") {
-        throughput_during_sweep(tmp.path(), if quick() { 2 } else { 5 });
+        let rounds = if quick() { 2 } else { 5 };
+        // The default pace, then full speed.
+        throughput_during_sweep(tmp.path(), rounds, Options::default().checkpoint_rate);
+        throughput_during_sweep(tmp.path(), rounds, None);
     }
     if part("bytes") {
         hot_spot(tmp.path());

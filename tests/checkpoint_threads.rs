@@ -259,3 +259,58 @@ fn checkpoint_after_unmapping_a_dirty_region_keeps_its_commits() {
     r.read(2 * ps + 10, &mut buf).unwrap();
     assert_eq!(&buf, b"in b");
 }
+
+/// An instance with `pages` pages, all dirty, and the given sweep rate.
+fn dirty_instance(disk: &SimDisk, pages: usize, rate: Option<u64>) -> (Rvm, Region) {
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    create_log_with(vfs.as_ref(), Path::new("log"), 4 << 20).unwrap();
+    let opts = Options { truncate_threshold: None, checkpoint_rate: rate, ..Options::default() };
+    let rvm = Rvm::open_with(vfs, Path::new("log"), opts).unwrap();
+    let seg = rvm.create_segment("seg", (pages * page_size()) as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, pages * page_size())).unwrap();
+    let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+    for p in 0..pages {
+        // SAFETY: single-threaded; inside the region.
+        unsafe { tx.modify_bytes(region.addr() + p * page_size(), &[(p % 251) as u8 + 1; 8]).unwrap() };
+    }
+    tx.commit(CommitMode::NoFlush).unwrap();
+    (rvm, region)
+}
+
+/// `Options::checkpoint_rate` paces a sweep: 1 MiB of dirty pages at
+/// 4 MiB/s takes at least a quarter second (a lower bound: sleeping
+/// makes it true on any machine).
+#[test]
+fn a_sweep_keeps_to_its_rate() {
+    let pages = (1 << 20) / page_size();
+    let (rvm, _region) = dirty_instance(&SimDisk::new(), pages, Some(4 << 20));
+    let t0 = std::time::Instant::now();
+    let report = rvm.checkpoint().unwrap();
+    assert_eq!(report.pages as usize, pages);
+    let took = t0.elapsed();
+    assert!(took >= std::time::Duration::from_millis(240), "a paced 1 MiB sweep at 4 MiB/s took {took:?}");
+}
+
+/// A paced sweep goes at full speed once something waits for it: here a
+/// log-replay truncation started while the sweep crawls at 64 KiB/s
+/// (paced, 4 MiB would take a minute).
+#[test]
+fn a_waiting_truncation_lifts_the_pace() {
+    let pages = (4 << 20) / page_size();
+    let disk = SimDisk::new();
+    let (rvm, region) = dirty_instance(&disk, pages, Some(64 << 10));
+    assert!(rvm.checkpoint_start().unwrap());
+    let t0 = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let sweeper = s.spawn(|| rvm.checkpoint_finish().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        rvm.truncate().unwrap();
+        sweeper.join().unwrap();
+    });
+    let took = t0.elapsed();
+    assert!(took < std::time::Duration::from_secs(30), "the truncation did not hurry the sweep ({took:?})");
+    assert!(rvm.query().quiescent);
+    // SAFETY: no transaction is open; the region is mapped.
+    let mem = unsafe { std::slice::from_raw_parts(region.addr() as *const u8, pages * page_size()) };
+    assert_eq!(disk.durable_image("seg").unwrap(), mem, "the segment holds every commit");
+}

@@ -31,7 +31,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A set of pages: one bit per page in atomic words, so commits can mark
 /// pages while the sweep clears others.
@@ -214,6 +214,8 @@ struct Sweep {
     started: Instant,
     pages: u64,
     rebuilt: u64,
+    /// Pages to sweep, counted at the setup (for pacing).
+    to_sweep: u64,
 }
 
 /// The checkpointer's state, one per instance.
@@ -242,6 +244,21 @@ pub(crate) struct Checkpointer {
     retired_dirty: AtomicBool,
     /// Pages writers are writing to segments right now (copy pool full).
     writer_writes: AtomicUsize,
+    /// Bytes per second a sweep writes at most ([`crate::Options::checkpoint_rate`]).
+    rate: Option<u64>,
+    /// Threads waiting for the running checkpoint to end (a writer that
+    /// found the log full, a replay, an unmap): while any, the sweep does
+    /// not pace itself.
+    hurry: AtomicUsize,
+}
+
+/// A thread waiting for the running checkpoint (see [`Checkpointer::hurry`]).
+pub(crate) struct Hurry<'a>(&'a AtomicUsize);
+
+impl Drop for Hurry<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Copy buffers kept for reuse between copies and checkpoints.
@@ -292,7 +309,7 @@ impl Copies {
 const RUN_PAGES: usize = 16;
 
 impl Checkpointer {
-    pub fn new(copy_limit: usize) -> Checkpointer {
+    pub fn new(copy_limit: usize, rate: Option<u64>) -> Checkpointer {
         Checkpointer {
             gen: AtomicUsize::new(0),
             old: AtomicUsize::new(1),
@@ -305,6 +322,8 @@ impl Checkpointer {
             copy_limit: copy_limit.max(1),
             retired_dirty: AtomicBool::new(false),
             writer_writes: AtomicUsize::new(0),
+            rate: rate.filter(|&r| r > 0),
+            hurry: AtomicUsize::new(0),
         }
     }
 
@@ -317,6 +336,13 @@ impl Checkpointer {
     /// The generation commits mark now (call under the commit lock).
     pub fn current(&self) -> usize {
         self.gen.load(Ordering::Relaxed)
+    }
+
+    /// Asks a paced sweep to go at full speed until the guard is dropped;
+    /// take it before waiting for the checkpoint to end.
+    pub fn hurry(&self) -> Hurry<'_> {
+        self.hurry.fetch_add(1, Ordering::AcqRel);
+        Hurry(&self.hurry)
     }
 
     pub fn is_active(&self) -> bool {
@@ -528,6 +554,7 @@ impl Inner {
                 started: Instant::now(),
                 pages: 0,
                 rebuilt: 0,
+                to_sweep: 0,
             });
             let ns = t0.elapsed().as_nanos() as u64;
             Counters::add(&self.counters.checkpoint_freeze_ns, ns);
@@ -669,6 +696,7 @@ impl Inner {
                 .collect();
             self.ckpt.copies.lock().spare.extend(fresh);
         }
+        sweep.to_sweep = dirty as u64;
         sweep.phase = Phase::Sweeping;
         self.ckpt.copies.lock().sweeping = true;
         Ok(true)
@@ -748,7 +776,7 @@ impl Inner {
         self.check_poison()?;
         let mut guard = self.ckpt.sweep.lock();
         let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(0) };
-        let r = self.sweep_pages(sweep, max);
+        let r = self.sweep_pages(sweep, max, false);
         if r.is_err() {
             drop(guard);
             let _ = self.drop_checkpoint();
@@ -756,7 +784,10 @@ impl Inner {
         self.poison(r)
     }
 
-    fn sweep_pages(&self, sweep: &mut Sweep, max: usize) -> Result<usize> {
+    /// Writes up to `max` pages of the old set; `paced`: at most
+    /// [`Checkpointer::rate`] bytes per second since the freeze, unless
+    /// someone hurries it.
+    fn sweep_pages(&self, sweep: &mut Sweep, max: usize, paced: bool) -> Result<usize> {
         let ps = mem::page_size();
         let old = self.ckpt.old.load(Ordering::Acquire);
         let mut done = 0;
@@ -826,9 +857,34 @@ impl Inner {
                 w?;
                 done += e - p;
                 p = e;
+                if paced {
+                    self.pace(sweep);
+                }
             }
         }
         Ok(done)
+    }
+
+    /// Waits while the sweep is ahead of both its schedules, a few
+    /// milliseconds at a time: the rate ([`Checkpointer::rate`] bytes per
+    /// second since the freeze), and the log's growth (the sweep must end
+    /// before commits made since the freeze fill half of the space that
+    /// was free then, so pacing never makes writers wait for log space).
+    /// Someone waiting for the checkpoint ends all pacing.
+    fn pace(&self, sweep: &Sweep) {
+        let Some(rate) = self.ckpt.rate else { return };
+        let due = Duration::from_secs_f64(sweep.pages as f64 * mem::page_size() as f64 / rate as f64);
+        let done = sweep.pages as f64 / sweep.to_sweep.max(1) as f64;
+        let free_at_freeze = self.ring.area_len.saturating_sub(sweep.lsn - self.head.load(Ordering::Acquire));
+        let budget = (free_at_freeze / 2).max(1) as f64;
+        while self.ckpt.hurry.load(Ordering::Acquire) == 0 {
+            let Some(early) = due.checked_sub(sweep.started.elapsed()).filter(|d| !d.is_zero()) else { return };
+            let logged = self.log_tail().saturating_sub(sweep.lsn) as f64 / budget;
+            if logged >= done {
+                return;
+            }
+            std::thread::sleep(early.min(Duration::from_millis(2)));
+        }
     }
 
     /// Completes the running checkpoint (all pages, segment syncs, status);
@@ -858,12 +914,16 @@ impl Inner {
     /// or cancels one still frozen (the caller is about to replay the log,
     /// which covers it).
     /// For a writer that found the log full: finishes a sweeping
-    /// checkpoint (not a frozen one, whose batch comes after the writer's),
-    /// which frees the log before its position. Whether one was finished.
-    pub(crate) fn finish_checkpoint_for_room(&self) -> Result<bool> {
+    /// checkpoint at full speed (not a frozen one, whose batch comes after
+    /// the writer's), which frees the log before its position.
+    pub(crate) fn finish_checkpoint_for_room(&self) -> Result<()> {
+        let _hurry = self.ckpt.hurry();
         let _t = self.truncation.lock();
         let sweeping = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Sweeping);
-        Ok(sweeping && self.finish_locked()?.is_some())
+        if sweeping {
+            self.finish_locked()?;
+        }
+        Ok(())
     }
 
     pub(crate) fn settle_checkpoint_locked(&self) -> Result<()> {
@@ -881,7 +941,7 @@ impl Inner {
         let mut guard = self.ckpt.sweep.lock();
         let Some(sweep) = guard.as_mut().filter(|s| s.phase == Phase::Sweeping) else { return Ok(None) };
         let r = (|| {
-            self.sweep_pages(sweep, usize::MAX)?;
+            self.sweep_pages(sweep, usize::MAX, true)?;
             self.sync_swept(sweep)?;
             let mut st = self.status.lock();
             let mut next = st.status.clone();

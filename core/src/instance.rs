@@ -40,6 +40,16 @@ pub struct Options {
     /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
     /// wait for a sweep.
     pub reclaim: Reclaim,
+    /// Bytes per second a checkpoint's sweep writes (default
+    /// `Some(128 MiB)`), so that a large sweep leaves the disk and the CPU
+    /// to the application's commits; `None` sweeps at full speed. A sweep
+    /// goes faster when the log grows fast: it keeps ahead of the commits
+    /// made since its freeze, so as to end before they fill half of the log
+    /// space free at the freeze. The pace is dropped as soon as something
+    /// waits for the checkpoint to end: a writer that finds the log full, a
+    /// log-replay truncation, an unmap, closing the instance.
+    /// [`Rvm::checkpoint_step`] is never paced.
+    pub checkpoint_rate: Option<u64>,
     /// Write full batches of no-flush commits to the log on a background
     /// thread (default on), so the committing thread goes on at memory
     /// speed. At most [`SPOOLED_BATCHES`] full batches wait for that thread;
@@ -62,6 +72,7 @@ impl Default for Options {
             reclaim: Reclaim::Checkpoint,
             checkpoint_copy_limit: 16384,
             write_behind: true,
+            checkpoint_rate: Some(128 << 20),
         }
     }
 }
@@ -257,6 +268,9 @@ pub(crate) struct Inner {
     writer: Mutex<Writer>,
     written_cv: Condvar,
     synced: AtomicU64,
+    /// Log position after the last written batch (the writer's `written`,
+    /// readable without its lock).
+    tail: AtomicU64,
     pub(crate) head: AtomicU64,
     pub(crate) status: Mutex<StatusState>,
     pub(crate) truncation: Mutex<()>,
@@ -307,6 +321,8 @@ struct Lifetime {
 impl Drop for Lifetime {
     fn drop(&mut self) {
         let inner = &self.inner;
+        // A background checkpoint still sweeping finishes at full speed.
+        let _hurry = inner.ckpt.hurry();
         *inner.background.stop.lock() = true;
         inner.background.wake.notify_all();
         if let Some(h) = inner.bg_thread.lock().take() {
@@ -369,10 +385,11 @@ impl Rvm {
             }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
+            tail: AtomicU64::new(head),
             head: AtomicU64::new(head),
             status: Mutex::new(StatusState { status, segments: HashMap::new() }),
             truncation: Mutex::new(()),
-            ckpt: Checkpointer::new(opts.checkpoint_copy_limit),
+            ckpt: Checkpointer::new(opts.checkpoint_copy_limit, opts.checkpoint_rate),
             regions: RwLock::new(RegionTable::default()),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
@@ -464,7 +481,8 @@ impl Rvm {
                 }
             }
             // A running checkpoint may hold the region's memory: let it
-            // finish, so the segment range is free again.
+            // finish, at full speed, so the segment range is free again.
+            let _hurry = self.inner.ckpt.hurry();
             self.inner.checkpoint_finish()?;
         }
     }
@@ -858,6 +876,11 @@ impl Inner {
         Ok(seq)
     }
 
+    /// Log position after the last written batch.
+    pub(crate) fn log_tail(&self) -> u64 {
+        self.tail.load(Ordering::Acquire)
+    }
+
     /// Keeps a written batch's buffers for a later batch.
     pub(crate) fn recycle_batch(&self, batch: Batch) {
         self.state.lock().recycle(batch, self.pending_limit);
@@ -982,7 +1005,8 @@ impl Inner {
             // A sweeping checkpoint frees the log up to its position once
             // it ends: finishing it is cheaper than replaying that part.
             // Only if that is not room enough is the rest replayed.
-            if !self.finish_checkpoint_for_room()? || *written + len - self.head.load(Ordering::Acquire) > cap {
+            self.finish_checkpoint_for_room()?;
+            if *written + len - self.head.load(Ordering::Acquire) > cap {
                 self.truncate_to(*written)?;
             }
             if self.head.load(Ordering::Acquire) == before {
@@ -994,6 +1018,7 @@ impl Inner {
         }
         self.ring.write(*written, frames)?;
         *written += len;
+        self.tail.store(*written, Ordering::Release);
         let c = &self.counters;
         Counters::add(&c.log_writes, 1);
         Counters::add(&c.log_bytes_written, len);
@@ -1118,6 +1143,8 @@ impl Inner {
     /// segments, then frees it: the split of the log into the part being
     /// truncated and the active part, where commits go on.
     fn truncate_to(&self, cut: u64) -> Result<()> {
+        // A running checkpoint ends first (below): at full speed.
+        let _hurry = self.ckpt.hurry();
         let _t = self.truncation.lock();
         self.check_poison()?;
         // A checkpoint in progress is finished first (its page images are
