@@ -170,7 +170,9 @@ pub struct Status {
     pub checkpoint_lsn: u64,
     /// Generation of the last completed checkpoint.
     pub checkpoint_generation: u64,
-    /// Transactions committed over the log's life (statistics).
+    /// Log transactions applied to segments by log replay (recovery and
+    /// truncation) over the log's life (statistics). A checkpoint frees the
+    /// log without reading it and does not add to it.
     pub committed: u64,
     /// Next unused segment id.
     pub next_segment_id: u32,
