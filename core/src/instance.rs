@@ -52,8 +52,8 @@ pub struct Options {
     pub checkpoint_rate: Option<u64>,
     /// Write full batches of no-flush commits to the log on a background
     /// thread (default on), so the committing thread goes on at memory
-    /// speed. At most [`SPOOLED_BATCHES`] full batches wait for that thread;
-    /// a committer that finds more waits. Off, the committer that fills a
+    /// speed. At most two full batches wait for that thread besides the one
+    /// it writes; a committer that finds more waits. Off, the committer that fills a
     /// batch writes it itself: one thread does all I/O in program order,
     /// which fault-injection tests rely on.
     pub write_behind: bool,
@@ -172,7 +172,7 @@ impl Batch {
 /// Full batches that may wait for the background log writer
 /// ([`Options::write_behind`]), besides the one it is writing, before
 /// committers wait for it.
-pub const SPOOLED_BATCHES: usize = 2;
+pub(crate) const SPOOLED_BATCHES: usize = 2;
 
 #[derive(Debug, Default)]
 pub(crate) struct CommitState {

@@ -1,7 +1,7 @@
 //! The one storage abstraction every byte of I/O goes through.
 //!
 //! A [`Storage`] is a random-access device: a file, a block device, or (with
-//! the `testing` feature) the [simulated device](crate::testing) that models
+//! the `testing` feature) the simulated device (`rvm_core::testing`) that models
 //! crashes. A [`Vfs`] opens devices by path, so recovery can reopen the
 //! segments a log names.
 
