@@ -434,6 +434,12 @@ impl Rvm {
     /// Opens an existing segment (file or block device), locking it
     /// exclusively. Opening a segment this instance has open already returns
     /// the same segment.
+    ///
+    /// A segment's committed changes stay in the log that recorded them
+    /// until a checkpoint or truncation applies them (closing the instance
+    /// does not). Until then, open the segment through that same log: its
+    /// recovery applies them. Opened through another log, or read directly,
+    /// the segment shows the state before those commits.
     pub fn open_segment(&self, path: impl AsRef<Path>) -> Result<Segment> {
         self.inner.open_segment(path.as_ref(), None)
     }
