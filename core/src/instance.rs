@@ -788,7 +788,7 @@ impl Inner {
                 Mapping::file_private(spec.placement, fd, spec.offset, spec.len)?
             }
             CopyMode::OnMap => {
-                let m = Mapping::anonymous(spec.placement, spec.len)?;
+                let m = Mapping::anonymous_populated(spec.placement, spec.len)?;
                 m.fill(0, spec.len, |dst| {
                     for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
                         seg.dev.read_at(chunk, spec.offset + (i * (8 << 20)) as u64)?;

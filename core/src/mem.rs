@@ -101,8 +101,20 @@ fn flags_for(placement: Placement) -> (*mut std::ffi::c_void, MapFlags) {
 impl Mapping {
     /// Zero-filled private memory of `len` bytes (page multiple).
     pub fn anonymous(placement: Placement, len: usize) -> Result<Mapping, MapError> {
+        Self::anonymous_with(placement, len, MapFlags::empty())
+    }
+
+    /// [`Mapping::anonymous`] with its pages allocated now
+    /// (`MAP_POPULATE`), for memory about to be filled whole: one system
+    /// call instead of a page fault per page.
+    pub fn anonymous_populated(placement: Placement, len: usize) -> Result<Mapping, MapError> {
+        Self::anonymous_with(placement, len, MapFlags::POPULATE)
+    }
+
+    fn anonymous_with(placement: Placement, len: usize, extra: MapFlags) -> Result<Mapping, MapError> {
         check_placement(placement, len)?;
         let (hint, flags) = flags_for(placement);
+        let flags = flags | extra;
         // SAFETY: a private anonymous mapping; with FIXED_NOREPLACE the kernel
         // refuses (EEXIST) rather than replace anything already mapped, and
         // without a fixed address it picks a free range. No existing memory
