@@ -228,3 +228,31 @@ fn checkpointed_pages_reach_the_segment_file() {
     let got = unsafe { std::slice::from_raw_parts(region.addr() as *const u8, len) };
     assert_eq!(got, &want[..], "segment mapped after reopening");
 }
+
+/// A segment whose creation fails part-way (sizing, syncing, or the log's
+/// dictionary write) is not left behind: the error is returned, the file is
+/// gone, and creating it again works.
+#[test]
+fn a_failed_segment_creation_leaves_no_file() {
+    let disk = SimDisk::new();
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    create_log_with(vfs.as_ref(), Path::new("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open_with(vfs, Path::new("log"), opts()).unwrap();
+    let mut failures = 0;
+    for n in 0..12 {
+        let seg = format!("seg{n}");
+        disk.fail_after(n);
+        let r = rvm.create_segment(&seg, 1 << 16);
+        disk.clear_faults();
+        match r {
+            Ok(_) => assert!(disk.file_names().iter().any(|f| f == Path::new(&seg))),
+            Err(e) => {
+                failures += 1;
+                assert!(matches!(e, Error::Io { .. }), "fail_after({n}): {e}");
+                assert!(!disk.file_names().iter().any(|f| f == Path::new(&seg)), "fail_after({n}): {seg} left behind");
+                rvm.create_segment(&seg, 1 << 16).unwrap_or_else(|e| panic!("fail_after({n}): retry: {e}"));
+            }
+        }
+    }
+    assert!(failures >= 3, "the faults hit only {failures} creations");
+}

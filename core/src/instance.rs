@@ -678,32 +678,41 @@ impl Inner {
         }
         let mode = if create.is_some() { OpenMode::CreateNew } else { OpenMode::Existing };
         let dev = self.vfs.open(&name, mode).map_err(|e| Error::io("opening segment", &name, e))?;
-        if let Some(len) = create {
-            dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
-            dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
-        }
-        let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-        let known = st.status.segments.iter().find(|e| e.name == name).map(|e| e.id);
-        let id = known.unwrap_or(st.status.next_segment_id);
-        let seg = Arc::new(SegmentInner {
-            id,
-            name: name.clone(),
-            dev,
-            len,
-            mapped: Mutex::new(Vec::new()),
-            last_tx: AtomicU64::new(0),
-        });
-        if known.is_none() {
-            // The dictionary entry is durable before any record can name the id.
-            let mut next = st.status.clone();
-            next.seq += 1;
-            next.next_segment_id =
-                id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
-            next.segments.push(format::SegmentEntry { id, name });
-            next.tail_hint = self.writer_tail_hint();
-            log::write_status(&self.ring, &next)?;
-            st.status = next;
-        }
+        let opened = (|| {
+            if let Some(len) = create {
+                dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
+                dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
+            }
+            let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
+            let known = st.status.segments.iter().find(|e| e.name == name).map(|e| e.id);
+            let id = known.unwrap_or(st.status.next_segment_id);
+            if known.is_none() {
+                // The dictionary entry is durable before any record can name the id.
+                let mut next = st.status.clone();
+                next.seq += 1;
+                next.next_segment_id =
+                    id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+                next.segments.push(format::SegmentEntry { id, name: name.clone() });
+                next.tail_hint = self.writer_tail_hint();
+                log::write_status(&self.ring, &next)?;
+                st.status = next;
+            }
+            Ok((id, len))
+        })();
+        let (id, len) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                if create.is_some() {
+                    // No record names the new file: remove it, so that a
+                    // retry can create it (best effort; the error stands).
+                    drop(dev);
+                    let _ = self.vfs.remove(&name);
+                }
+                return Err(e);
+            }
+        };
+        let seg =
+            Arc::new(SegmentInner { id, name, dev, len, mapped: Mutex::new(Vec::new()), last_tx: AtomicU64::new(0) });
         st.segments.insert(id, seg.clone());
         Ok(Segment(seg))
     }

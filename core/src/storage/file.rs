@@ -98,6 +98,9 @@ impl Vfs for FileVfs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
         Ok(Arc::new(FileStorage::open(path, mode)?))
     }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         match std::fs::canonicalize(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -65,4 +65,10 @@ pub trait Vfs: Send + Sync + Debug {
     /// dictionary (absolute for files). Works for paths that do not exist
     /// yet (the name a create would use).
     fn canonical_name(&self, path: &Path) -> io::Result<std::path::PathBuf>;
+    /// Removes the device at `path` (used to take back a segment file whose
+    /// creation failed half-way). The default refuses
+    /// ([`io::ErrorKind::Unsupported`]).
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot remove {}", path.display())))
+    }
 }

@@ -480,6 +480,16 @@ impl Vfs for SimDisk {
         Ok(Arc::new(SimFile { state: Arc::clone(&self.state), path: path.to_path_buf(), id, epoch: st.epoch }))
     }
 
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        if SimDisk::remove(self, path) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} does not exist on the simulated disk", path.display()),
+            ))
+        }
+    }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         Ok(path.to_path_buf())
     }
