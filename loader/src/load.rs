@@ -6,6 +6,20 @@ use crate::raw::{self, HeaderArea};
 use rvm_core::{CopyMode, MapError, MapSpec, Region, Rvm, Segment};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// Held by every loader call that maps a segment's header. A header is
+/// mapped briefly to read the load map, and for good at the end of a load;
+/// without this, two concurrent loads of one segment could each find the
+/// other's mapping in the way and both fail with `AlreadyLoaded`. Loads are
+/// rare and short (copy-on-demand maps in microseconds), so one lock for
+/// the process is enough.
+static HEADER_MAPS: Mutex<()> = Mutex::new(());
+
+fn header_maps() -> MutexGuard<'static, ()> {
+    // Nothing it guards can be left half-done by a panic.
+    HEADER_MAPS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn system_page_size() -> u64 {
     rvm_core::page_size() as u64
@@ -126,6 +140,7 @@ fn read_header(rvm: &Rvm, seg: &Segment) -> Result<LoadMap> {
 pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap) -> Result<()> {
     map.validate_for_device(len)?;
     check_page_size(map)?;
+    let _one = header_maps();
     let seg = rvm.create_segment(path.as_ref(), len)?;
     // The new file is all zeros: nothing needs reading.
     let mut header = map_header(rvm, &seg, map.header_len(), CopyMode::NoCopy)?;
@@ -179,6 +194,7 @@ pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap
 /// assert_eq!(seg.region("b").unwrap().addr() as u64, b);
 /// ```
 pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> {
+    let _one = header_maps();
     let segment = rvm.open_segment(path.as_ref())?;
     let map = read_header(rvm, &segment)?;
     check_page_size(&map)?;
@@ -207,6 +223,7 @@ pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> 
 /// stays open, and locked, in `rvm`). For a segment this instance has
 /// loaded, use [`LoadedSegment::load_map`].
 pub fn read_load_map(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadMap> {
+    let _one = header_maps();
     let segment = rvm.open_segment(path.as_ref())?;
     read_header(rvm, &segment)
 }
