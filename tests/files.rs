@@ -256,3 +256,39 @@ fn a_failed_segment_creation_leaves_no_file() {
     }
     assert!(failures >= 3, "the faults hit only {failures} creations");
 }
+
+/// `close_segment`: refused while a region is mapped; applies the
+/// segment's commits (the file holds them, the log is empty); the file is
+/// unlocked, so it can be opened again, and a stale handle cannot map it.
+#[test]
+fn closing_a_segment_applies_its_commits_and_unlocks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, path) = (dir.path().join("close.log"), dir.path().join("close.seg"));
+    create_log(&log, 1 << 20).unwrap();
+    let rvm = Rvm::open(&log, opts()).unwrap();
+    let seg = rvm.create_segment(&path, 8192).unwrap();
+    let stale = seg.clone();
+    let region = rvm.map(&seg, MapSpec::new(0, 8192)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: single-threaded; inside the region.
+    unsafe { tx.modify_bytes(region.addr() + 4096, b"closed").unwrap() };
+    tx.commit(CommitMode::NoFlush).unwrap();
+    match rvm.close_segment(seg.clone()) {
+        Err(Error::Map(MapError::SegmentInUse { regions: 1, .. })) => {}
+        other => panic!("closing a mapped segment: {other:?}"),
+    }
+    rvm.unmap(region).unwrap();
+    rvm.close_segment(seg).unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[4096..4102], b"closed");
+    assert_eq!(rvm.query().log_used, 0);
+    match rvm.map(&stale, MapSpec::new(0, 4096)) {
+        Err(Error::Map(MapError::SegmentClosed { .. })) => {}
+        other => panic!("mapping a closed segment: {other:?}"),
+    }
+    drop(stale);
+    // Unlocked once the last handle went: it opens again, with the commit.
+    let seg = rvm.open_segment(&path).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(4096, 4096)).unwrap();
+    // SAFETY: no transaction is open; the region is mapped.
+    assert_eq!(unsafe { std::slice::from_raw_parts(region.addr() as *const u8, 6) }, b"closed");
+}

@@ -158,6 +158,20 @@ pub enum MapError {
         /// Region length.
         len: u64,
     },
+    /// A segment with mapped regions cannot be closed.
+    #[error("segment {} has {regions} region(s) mapped; unmap them before closing it", segment.display())]
+    SegmentInUse {
+        /// The segment.
+        segment: PathBuf,
+        /// Regions mapped.
+        regions: usize,
+    },
+    /// The segment was closed ([`crate::Rvm::close_segment`]).
+    #[error("segment {} is closed", segment.display())]
+    SegmentClosed {
+        /// The segment.
+        segment: PathBuf,
+    },
     /// Unmap was asked while transactions on the region are uncommitted.
     #[error("region at {addr:#x} has {count} uncommitted transaction(s)")]
     Busy {

@@ -450,6 +450,52 @@ impl Rvm {
         self.inner.open_segment(path.as_ref(), Some(len))
     }
 
+    /// Closes a segment: applies every commit that changed it to it (a log
+    /// replay, if any is still in the log) and forgets it, so its device is
+    /// closed and unlocked once the last handle to it is gone (a clone of
+    /// `segment` held elsewhere keeps it open). Refused while a region of
+    /// it is mapped ([`MapError::SegmentInUse`]); mapping it afterwards
+    /// through another handle is [`MapError::SegmentClosed`]. Open it again
+    /// with [`Rvm::open_segment`].
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+    /// // SAFETY: this thread alone uses the region.
+    /// unsafe { tx.modify_bytes(region.addr(), b"kept").unwrap() };
+    /// tx.commit(CommitMode::NoFlush).unwrap();
+    /// rvm.unmap(region).unwrap();
+    /// rvm.close_segment(seg).unwrap();
+    /// // Applied and unlocked: the file holds the commit.
+    /// assert_eq!(&std::fs::read(dir.path().join("seg")).unwrap()[..4], b"kept");
+    /// ```
+    pub fn close_segment(&self, segment: Segment) -> Result<()> {
+        let seg = segment.0;
+        {
+            let mapped = seg.mapped.lock();
+            if !mapped.is_empty() {
+                return Err(MapError::SegmentInUse { segment: seg.name.clone(), regions: mapped.len() }.into());
+            }
+            seg.closed.store(true, Ordering::Release);
+        }
+        // No region maps it any more, so no commit can change it now; the
+        // replay applies every earlier one (the log must not keep records
+        // naming a segment the instance no longer has open).
+        if seg.last_tx.load(Ordering::Acquire) > 0 {
+            if let Err(e) = self.inner.replay_all() {
+                seg.closed.store(false, Ordering::Release);
+                return Err(e);
+            }
+        }
+        self.inner.status.lock().segments.remove(&seg.id);
+        Ok(())
+    }
+
     /// Maps a page-aligned range of `segment` into memory. The region shows
     /// the segment's committed image. Fails if the range is mapped already
     /// (a range is mapped at most once), lies outside the segment, or (for a
@@ -711,8 +757,15 @@ impl Inner {
                 return Err(e);
             }
         };
-        let seg =
-            Arc::new(SegmentInner { id, name, dev, len, mapped: Mutex::new(Vec::new()), last_tx: AtomicU64::new(0) });
+        let seg = Arc::new(SegmentInner {
+            id,
+            name,
+            dev,
+            len,
+            mapped: Mutex::new(Vec::new()),
+            last_tx: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
         st.segments.insert(id, seg.clone());
         Ok(Segment(seg))
     }
@@ -751,6 +804,9 @@ impl Inner {
         // Claim the segment range (a range is mapped at most once).
         {
             let mut mapped = seg.mapped.lock();
+            if seg.closed.load(Ordering::Acquire) {
+                return Err(MapError::SegmentClosed { segment: seg.name.clone() }.into());
+            }
             if mapped.iter().any(|&(s, e)| spec.offset < e && s < end) {
                 return Err(MapError::AlreadyMapped {
                     segment: seg.name.clone(),

@@ -23,6 +23,9 @@ pub(crate) struct SegmentInner {
     pub mapped: Mutex<Vec<(u64, u64)>>,
     /// Sequence number of the last committed transaction that touched it.
     pub last_tx: AtomicU64,
+    /// Closed by [`crate::Rvm::close_segment`]: no region may map it
+    /// (set and checked under `mapped`).
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 /// An open segment: a file or block device whose bytes regions map.
