@@ -226,8 +226,6 @@ impl CommitState {
 #[derive(Debug)]
 struct Writer {
     next_batch: u64,
-    /// Log position after the last written batch.
-    written: u64,
     frames: Vec<u8>,
     coalescer: Coalescer,
 }
@@ -268,8 +266,8 @@ pub(crate) struct Inner {
     writer: Mutex<Writer>,
     written_cv: Condvar,
     synced: AtomicU64,
-    /// Log position after the last written batch (the writer's `written`,
-    /// readable without its lock).
+    /// Log position after the last written batch: changed only under the
+    /// writer lock, read anywhere.
     tail: AtomicU64,
     pub(crate) head: AtomicU64,
     pub(crate) status: Mutex<StatusState>,
@@ -377,12 +375,7 @@ impl Rvm {
             spool_room: Condvar::new(),
             log_writer: Mutex::new(None),
             spooled_bytes: AtomicU64::new(0),
-            writer: Mutex::new(Writer {
-                next_batch: 0,
-                written: head,
-                frames: Vec::new(),
-                coalescer: Coalescer::default(),
-            }),
+            writer: Mutex::new(Writer { next_batch: 0, frames: Vec::new(), coalescer: Coalescer::default() }),
             written_cv: Condvar::new(),
             synced: AtomicU64::new(head),
             tail: AtomicU64::new(head),
@@ -646,7 +639,7 @@ impl Rvm {
             let st = inner.state.lock();
             st.pending.data.len() as u64 + inner.spooled_bytes.load(Ordering::Acquire)
         };
-        let tail = inner.writer.lock().written;
+        let tail = inner.log_tail();
         let head = inner.head.load(Ordering::Acquire);
         let used = tail - head;
         let in_flight = inner.in_flight.load(Ordering::Acquire);
@@ -830,11 +823,7 @@ impl Inner {
         // it are not yet applied (the range was mapped, changed and unmapped
         // before), apply the log first.
         if seg.last_tx.load(Ordering::Acquire) > 0 {
-            self.check_poison()?;
-            let last = self.state.lock().next_tx - 1;
-            self.flush_to(last)?;
-            self.sync_log()?;
-            self.truncate_to(self.synced.load(Ordering::Acquire))?;
+            self.replay_all()?;
         }
         // Hold truncation off while the contents are read in.
         let _t = self.truncation.lock();
@@ -1009,9 +998,9 @@ impl Inner {
         let r = if self.poisoned.load(Ordering::Acquire) {
             self.check_poison().map(|_| 0)
         } else if batch.is_empty() {
-            Ok(w.written)
+            Ok(self.log_tail())
         } else {
-            let r = self.write_locked(&mut w, batch).map(|_| w.written);
+            let r = self.write_locked(&mut w, batch).map(|_| self.log_tail());
             self.poison(r)
         };
         if spooled {
@@ -1029,9 +1018,11 @@ impl Inner {
     }
 
     fn write_locked(&self, w: &mut Writer, batch: &Batch) -> Result<()> {
-        let Writer { frames, coalescer, written, .. } = w;
+        let Writer { frames, coalescer, .. } = w;
+        // Only this function, under the writer lock, moves the tail.
+        let written = self.tail.load(Ordering::Acquire);
         frames.clear();
-        let mut fw = FrameWriter::new(frames, *written, self.epoch);
+        let mut fw = FrameWriter::new(frames, written, self.epoch);
         let mut logged = 0u64;
         if self.opts.coalesce {
             let mut ranges = 0u32;
@@ -1065,20 +1056,20 @@ impl Inner {
             return Err(LogError::TransactionTooLarge { needed: len, capacity: cap }.into());
         }
         let mut waited = false;
-        while *written + len - self.head.load(Ordering::Acquire) > cap {
+        while written + len - self.head.load(Ordering::Acquire) > cap {
             // The log is full: make what is written durable and apply it.
             if !waited {
                 Counters::add(&self.counters.log_full_waits, 1);
                 waited = true;
             }
             let before = self.head.load(Ordering::Acquire);
-            self.sync_to(*written)?;
+            self.sync_to(written)?;
             // A sweeping checkpoint frees the log up to its position once
             // it ends: finishing it is cheaper than replaying that part.
             // Only if that is not room enough is the rest replayed.
             self.finish_checkpoint_for_room()?;
-            if *written + len - self.head.load(Ordering::Acquire) > cap {
-                self.truncate_to(*written)?;
+            if written + len - self.head.load(Ordering::Acquire) > cap {
+                self.truncate_to(written)?;
             }
             if self.head.load(Ordering::Acquire) == before {
                 return Err(Error::corrupted(
@@ -1087,9 +1078,8 @@ impl Inner {
                 ));
             }
         }
-        self.ring.write(*written, frames)?;
-        *written += len;
-        self.tail.store(*written, Ordering::Release);
+        self.ring.write(written, frames)?;
+        self.tail.store(written + len, Ordering::Release);
         let c = &self.counters;
         Counters::add(&c.log_writes, 1);
         Counters::add(&c.log_bytes_written, len);
@@ -1101,9 +1091,8 @@ impl Inner {
     fn over_threshold(&self) -> bool {
         match self.opts.truncate_threshold {
             Some(t) => {
-                let used = self.writer.try_lock().map(|w| w.written).unwrap_or(0);
                 let head = self.head.load(Ordering::Acquire);
-                used.saturating_sub(head) as f64 > t * self.ring.area_len as f64
+                self.log_tail().saturating_sub(head) as f64 > t * self.ring.area_len as f64
             }
             None => false,
         }
@@ -1159,7 +1148,7 @@ impl Inner {
                     while w.next_batch < all_before && !self.poisoned.load(Ordering::Acquire) {
                         self.written_cv.wait(&mut w);
                     }
-                    w.written
+                    self.log_tail()
                 };
                 self.check_poison()?;
                 self.sync_to(written)
@@ -1181,7 +1170,7 @@ impl Inner {
     pub(crate) fn replay_all(&self) -> Result<()> {
         let last = self.state.lock().next_tx - 1;
         self.flush_to(last)?;
-        self.sync_log()?;
+        self.sync_to(self.log_tail())?;
         self.truncate_to(self.synced.load(Ordering::Acquire))
     }
 
@@ -1203,11 +1192,6 @@ impl Inner {
         Counters::add(&self.counters.log_syncs, 1);
         self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
-    }
-
-    fn sync_log(&self) -> Result<()> {
-        let written = self.writer.lock().written;
-        self.sync_to(written)
     }
 
     /// Applies the durable log up to `cut` (a batch boundary) to the
@@ -1279,7 +1263,7 @@ fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
         if inner.poisoned.load(Ordering::Acquire) {
             return;
         }
-        let written = inner.writer.lock().written;
+        let written = inner.log_tail();
         let used = written - inner.head.load(Ordering::Acquire);
         if used as f64 > threshold * inner.ring.area_len as f64 {
             // Errors poison the instance; committers will report them.
