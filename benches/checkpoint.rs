@@ -22,35 +22,14 @@
 //! `RVM_BENCH_VERBOSE=1` prints each sweep's statistics; `RVM_BENCH_DIR` picks the folder (default: a temporary
 //! folder under the system's temp folder; it must be a real disk).
 
+mod common;
+use common::{median, quick, Rng};
 use rvm::{create_log, CommitMode, CopyMode, MapSpec, Options, Region, RestoreMode, Rvm};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn quick() -> bool {
-    std::env::var_os("RVM_BENCH_QUICK").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn opts() -> Options {
     Options { truncate_threshold: None, ..Options::default() }
@@ -110,7 +89,7 @@ fn freeze_times(dir: &Path, rounds: usize) {
                 assert!(rvm.checkpoint_abandon().expect("abandon"));
             }
             let (lo, hi) = (ns.iter().cloned().fold(f64::MAX, f64::min), ns.iter().cloned().fold(0.0, f64::max));
-            let m = median(ns);
+            let m = median(&ns);
             medians.push(m);
             println!(
                 "| {} MiB | {pct}% ({pages}) | {:.2} µs | {:.2} µs | {:.2} µs |",
@@ -241,21 +220,21 @@ fn throughput_during_sweep(dir: &Path, rounds: usize, rate: Option<u64>) {
         let _ = std::fs::remove_file(&path);
         rvm.checkpoint().expect("checkpoint");
     }
-    let (b, d) = (median(base.clone()), median(during.clone()));
+    let (b, d) = (median(&base), median(&during));
     println!("| case | tx/s median | runs |");
     println!("|---|---|---|");
     println!("| no checkpoint | {:.0} | {:?} |", b, base.iter().map(|x| *x as u64).collect::<Vec<_>>());
     println!("| during the sweep | {:.0} | {:?} |", d, during.iter().map(|x| *x as u64).collect::<Vec<_>>());
     println!(
         "| while another thread writes and syncs as many bytes to a file | {:.0} | {:?} |",
-        median(io_only.clone()),
+        median(&io_only),
         io_only.iter().map(|x| *x as u64).collect::<Vec<_>>()
     );
     println!(
         "\nduring / without = {:.2}; sweep (freeze to finish, incl. segment fsync) median {:.2} s; barrier copies per sweep median {:.0}",
         d / b,
-        median(sweep_secs),
-        median(copies)
+        median(&sweep_secs),
+        median(&copies)
     );
     drop((big, seg, hot, rvm));
     for f in [format!("{name}.log"), format!("{name}.seg"), format!("{name}-big.seg")] {

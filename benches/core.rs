@@ -12,6 +12,8 @@
 //! `RVM_BENCH_DIR` chooses where the files go (default: `rvm-bench/` in the
 //! cargo target directory); it must be on a real disk, not tmpfs.
 
+mod common;
+use common::{median, quick, Rng};
 use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm, Stats};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -23,29 +25,6 @@ const MIB: usize = 1 << 20;
 /// Where the log's record area starts (superblock + two status slots), so
 /// the raw baseline writes at the same file offsets as the log does.
 const LOG_AREA_OFFSET: u64 = 4096 + 2 * 64 * 1024;
-
-/// xorshift64: enough randomness for workloads, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in `[lo, hi]`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
-
-fn quick() -> bool {
-    std::env::var_os("RVM_BENCH_QUICK").is_some_and(|v| !v.is_empty() && v != "0")
-}
 
 fn bench_root() -> PathBuf {
     let base = std::env::var_os("RVM_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| {
@@ -130,17 +109,6 @@ fn thread_cpu() -> f64 {
 
 // ---------------------------------------------------------------------------
 // Figures.
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
 
 /// Three significant digits with a k/M/G suffix.
 fn si(x: f64) -> String {
