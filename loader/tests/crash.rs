@@ -37,6 +37,28 @@ fn crash_modes(n: u64) -> [CrashMode; 2] {
     ]
 }
 
+/// Runs `attempt(n, mode)` (fault at storage operation `n`, then a crash
+/// in `mode`; it returns whether the call succeeded) for `n = 0, 1, ...`
+/// in both crash modes, until a call succeeds; every operation before that
+/// must have failed once per mode.
+fn fault_every_op_until_success(what: &str, mut attempt: impl FnMut(u64, CrashMode) -> bool) {
+    let mut failed = 0;
+    for n in 0..400u64 {
+        let mut completed = false;
+        for mode in crash_modes(n) {
+            let ok = attempt(n, mode);
+            completed |= ok;
+            failed += usize::from(!ok);
+        }
+        if completed {
+            assert!(failed >= 4, "only {failed} injected failures");
+            eprintln!("{failed} injected failures, then success at op {n}");
+            return;
+        }
+    }
+    panic!("{what} never completed within 400 storage operations");
+}
+
 /// What loading the segment after a crash shows: `None` when the segment
 /// is missing, blank or shorter than its map (creation did not complete).
 fn loaded_map(rvm: &Rvm) -> Option<LoadMap> {
@@ -59,33 +81,21 @@ fn create_segment_is_all_or_nothing_under_crashes() {
         8 * ps,
         range.at(1 << 20),
     ));
-    let mut completed = false;
-    let mut failed = 0;
-    for n in 0..400u64 {
-        for mode in crash_modes(n) {
-            let (disk, vfs) = fresh_disk();
-            let rvm = open(&vfs);
-            disk.fail_after(n);
-            let result = create_segment(&rvm, SEG, map.min_device_len(), &map);
-            drop(rvm);
-            disk.crash(mode);
-            disk.clear_faults();
-            let rvm = open(&vfs);
-            match loaded_map(&rvm) {
-                Some(m) => assert_eq!(m, map, "fault at op {n}: a different map"),
-                None => assert!(result.is_err(), "fault at op {n}: create_segment returned Ok but the map is gone"),
-            }
-            completed |= result.is_ok();
-            failed += usize::from(result.is_err());
+    fault_every_op_until_success("create_segment", |n, mode| {
+        let (disk, vfs) = fresh_disk();
+        let rvm = open(&vfs);
+        disk.fail_after(n);
+        let result = create_segment(&rvm, SEG, map.min_device_len(), &map);
+        drop(rvm);
+        disk.crash(mode);
+        disk.clear_faults();
+        let rvm = open(&vfs);
+        match loaded_map(&rvm) {
+            Some(m) => assert_eq!(m, map, "fault at op {n}: a different map"),
+            None => assert!(result.is_err(), "fault at op {n}: create_segment returned Ok but the map is gone"),
         }
-        if completed {
-            // Every storage operation before success failed once per mode.
-            assert!(failed >= 4, "only {failed} injected failures");
-            eprintln!("{failed} injected failures, then success at op {n}");
-            return;
-        }
-    }
-    panic!("create_segment never completed within 400 storage operations");
+        result.is_ok()
+    });
 }
 
 #[test]
@@ -99,40 +109,28 @@ fn add_region_is_all_or_nothing_under_crashes() {
         m.push(added.clone());
         m
     };
-    let mut completed = false;
-    let mut failed = 0;
-    for n in 0..400u64 {
-        for mode in crash_modes(n) {
-            let (disk, vfs) = fresh_disk();
-            let rvm = open(&vfs);
-            create_segment(&rvm, SEG, 16 * ps, &old).unwrap();
-            let mut seg = load_segment(&rvm, SEG).unwrap();
-            disk.fail_after(n);
-            let result = seg.add_region(added.clone()).map(|_| ());
-            if result.is_err() {
-                assert_eq!(seg.load_map(), &old, "a failed add_region changed the loaded map");
-                assert!(seg.region("more").is_none());
-            }
-            drop(seg);
-            drop(rvm);
-            disk.crash(mode);
-            disk.clear_faults();
-            let rvm = open(&vfs);
-            let m = loaded_map(&rvm).unwrap_or_else(|| panic!("fault at op {n}: the segment lost its map"));
-            if result.is_ok() {
-                assert_eq!(m, new, "fault at op {n}: add_region returned Ok but the region is gone");
-            } else {
-                assert!(m == old || m == new, "fault at op {n}: neither the old nor the new map: {m}");
-            }
-            completed |= result.is_ok();
-            failed += usize::from(result.is_err());
+    fault_every_op_until_success("add_region", |n, mode| {
+        let (disk, vfs) = fresh_disk();
+        let rvm = open(&vfs);
+        create_segment(&rvm, SEG, 16 * ps, &old).unwrap();
+        let mut seg = load_segment(&rvm, SEG).unwrap();
+        disk.fail_after(n);
+        let result = seg.add_region(added.clone()).map(|_| ());
+        if result.is_err() {
+            assert_eq!(seg.load_map(), &old, "a failed add_region changed the loaded map");
+            assert!(seg.region("more").is_none());
         }
-        if completed {
-            // Every storage operation before success failed once per mode.
-            assert!(failed >= 4, "only {failed} injected failures");
-            eprintln!("{failed} injected failures, then success at op {n}");
-            return;
+        drop(seg);
+        drop(rvm);
+        disk.crash(mode);
+        disk.clear_faults();
+        let rvm = open(&vfs);
+        let m = loaded_map(&rvm).unwrap_or_else(|| panic!("fault at op {n}: the segment lost its map"));
+        if result.is_ok() {
+            assert_eq!(m, new, "fault at op {n}: add_region returned Ok but the region is gone");
+        } else {
+            assert!(m == old || m == new, "fault at op {n}: neither the old nor the new map: {m}");
         }
-    }
-    panic!("add_region never completed within 400 storage operations");
+        result.is_ok()
+    });
 }
