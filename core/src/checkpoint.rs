@@ -919,11 +919,8 @@ impl Inner {
     pub(crate) fn finish_checkpoint_for_room(&self) -> Result<()> {
         let _hurry = self.ckpt.hurry();
         let _t = self.truncation.lock();
-        let sweeping = matches!(self.ckpt.sweep.lock().as_ref(), Some(s) if s.phase == Phase::Sweeping);
-        if sweeping {
-            self.finish_locked()?;
-        }
-        Ok(())
+        // Nothing unless one is sweeping (a frozen one stays).
+        self.finish_locked().map(|_| ())
     }
 
     pub(crate) fn settle_checkpoint_locked(&self) -> Result<()> {
