@@ -43,10 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let read_u64 = |off: usize| {
         let mut b = [0u8; 8];
-        region.read(off, &mut b).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
+        // SAFETY: nothing stores into the region while the test reads it.
+        unsafe { region.read(off, &mut b) }.map(|_| u64::from_le_bytes(b)).unwrap_or(0)
     };
     let mut last = [0u8; 48];
-    region.read(LAST, &mut last);
+    // SAFETY: nothing stores into the region while the test reads it.
+    unsafe { region.read(LAST, &mut last) };
     let text_end = last.iter().position(|&b| b == 0).unwrap_or(last.len());
     println!(
         "found {} completed run(s), {} committed update(s); last update: {:?}",

@@ -314,10 +314,10 @@ fn bad_files_give_clear_errors_and_exit_codes() {
     }
 
     // Another format version.
-    let mut v2 = img.clone();
-    v2[8] = 2;
-    std::fs::write(&bad, &v2).unwrap();
-    all_refuse(&bad, 3, "version 2 is not supported");
+    let mut v9 = img.clone();
+    v9[8] = 9;
+    std::fs::write(&bad, &v9).unwrap();
+    all_refuse(&bad, 3, "version 9 is not supported");
 
     // A damaged superblock.
     let mut sb = img.clone();

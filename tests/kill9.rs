@@ -179,7 +179,8 @@ fn check_no_steal(raw: &[u8], c: u64) -> Result<(), String> {
 
 fn read_region(region: &Region) -> Vec<u8> {
     let mut img = vec![0u8; region.len()];
-    region.read(0, &mut img).unwrap();
+    // SAFETY: nothing stores into the region while the test reads it.
+    unsafe { region.read(0, &mut img) }.unwrap();
     img
 }
 
@@ -241,7 +242,8 @@ fn commit_forever(rvm: &Rvm, region: &Region, paths: &Paths) {
     let base = region.addr();
     let mut side = OpenOptions::new().create(true).append(true).open(&paths.side).expect("child: side file");
     let mut img = [0u8; 8];
-    region.read(COUNTER, &mut img).unwrap();
+    // SAFETY: nothing stores into the region while the test reads it.
+    unsafe { region.read(COUNTER, &mut img) }.unwrap();
     let start = u64::from_le_bytes(img);
     let started = Instant::now();
     let mut n = start;
@@ -503,7 +505,7 @@ fn kill9_second_process_is_locked_out() {
         Err(Error::Locked { path }) => assert!(path.ends_with("kill9.log"), "Locked names {}", path.display()),
         other => panic!("opening a log another process holds: expected Error::Locked, got {other:?}"),
     }
-    match recover_log(&FileVfs, &paths.log) {
+    match recover_log(&FileVfs, &paths.log, &rvm::Options::default()) {
         Err(Error::Locked { .. }) => {}
         other => panic!("recovering a log another process holds: expected Error::Locked, got {other:?}"),
     }
@@ -527,7 +529,8 @@ fn kill9_second_process_is_locked_out() {
     let seg = rvm.open_segment(&paths.seg).expect("opening the segment after the holder died");
     let region = rvm.map(&seg, MapSpec::new(0, SEG_SIZE)).unwrap();
     let mut b = [0u8; 17];
-    region.read(100, &mut b).unwrap();
+    // SAFETY: nothing stores into the region while the test reads it.
+    unsafe { region.read(100, &mut b) }.unwrap();
     assert_eq!(&b, b"held by the child");
     // And the other log can now take the segment too, once this one lets go.
     drop(region);

@@ -944,7 +944,7 @@ impl Inner {
             let mut next = st.status.clone();
             next.seq += 1;
             next.head = sweep.lsn.max(next.head);
-            next.tail_hint = sweep.lsn;
+            next.synced_end = sweep.lsn;
             next.checkpoint_lsn = sweep.lsn;
             next.checkpoint_generation += 1;
             log::write_status(&self.ring, &next)?;

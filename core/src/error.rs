@@ -93,6 +93,67 @@ pub enum LogError {
         /// Size limit of the dictionary.
         limit: usize,
     },
+    /// The log holds records for bytes past the end of a segment: the
+    /// segment file was truncated (or replaced by a shorter one) by someone
+    /// else. The log itself is intact; nothing was written.
+    #[error(
+        "segment {} is {len} bytes but the log holds records up to byte {needed}: it was truncated or replaced \
+         behind the log's back; restore it (or extend it) and open again",
+        path.display()
+    )]
+    SegmentTooShort {
+        /// The segment.
+        path: PathBuf,
+        /// End of the furthest record.
+        needed: u64,
+        /// The segment's length now.
+        len: u64,
+    },
+    /// The file under a segment's recorded name is not the file the log
+    /// recorded (swapped, replaced or restored from a copy). Nothing was
+    /// written to it. If the file is the right one (moved or restored on
+    /// purpose), accept it with [`crate::Options::accept_segment`].
+    #[error(
+        "segment {} is not the file this log recorded ({recorded}; found {found}); refusing to apply its records \
+         to another file (accept it with Options::accept_segment if it was restored or moved on purpose)",
+        path.display()
+    )]
+    SegmentReplaced {
+        /// The segment's recorded name.
+        path: PathBuf,
+        /// The identity the log recorded.
+        recorded: crate::storage::DeviceId,
+        /// The identity of the file found there.
+        found: crate::storage::DeviceId,
+    },
+    /// Another log may hold unapplied records for this segment: opening it
+    /// through this one would show stale bytes, and that log's recovery
+    /// would later overwrite this one's commits. Open it through that log
+    /// (its recovery applies the records) and close it there
+    /// ([`crate::Rvm::close_segment`]) first.
+    #[error(
+        "segment {} has unapplied records in another log ({}): open it through that log and close it there \
+         (Rvm::close_segment) before using it with {}",
+        path.display(),
+        other_log.display(),
+        this_log.display()
+    )]
+    SegmentInOtherLog {
+        /// The segment.
+        path: PathBuf,
+        /// The log that holds records for it.
+        other_log: PathBuf,
+        /// This log.
+        this_log: PathBuf,
+    },
+    /// The log file lost its last name while open (deleted or renamed over):
+    /// commits written to it could never be recovered, so the commit fails
+    /// and the instance stops.
+    #[error("log {} was deleted or replaced while open; commits can no longer be made durable", path.display())]
+    LogUnlinked {
+        /// The log's path.
+        path: PathBuf,
+    },
     /// The log names a segment that cannot be opened during recovery.
     #[error("the log holds records for segment {} which cannot be opened: {reason}", path.display())]
     MissingSegment {
@@ -171,6 +232,20 @@ pub enum MapError {
     SegmentClosed {
         /// The segment.
         segment: PathBuf,
+    },
+    /// The segment or region handle belongs to another instance (another
+    /// log): its commits would go to that instance's log.
+    #[error("segment {} belongs to another RVM instance (opened through another log or handle)", segment.display())]
+    ForeignSegment {
+        /// The segment.
+        segment: PathBuf,
+    },
+    /// The region is claimed by a component that relies on it (a loaded
+    /// segment, a heap); only that component may unmap it.
+    #[error("region at {addr:#x} is owned by a loaded segment or heap; unload it there")]
+    Claimed {
+        /// Region address.
+        addr: usize,
     },
     /// Unmap was asked while transactions on the region are uncommitted.
     #[error("region at {addr:#x} has {count} uncommitted transaction(s)")]

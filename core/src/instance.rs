@@ -9,7 +9,9 @@ use crate::log::format::{self, FrameWriter, Status};
 use crate::log::{self, LogDevice, Ring, ScanStop};
 use crate::mem::{self, Mapping};
 use crate::replay::{replay, Replayed};
-use crate::segment::{CopyMode, MapSpec, Placement, Region, RegionInner, RegionTable, Segment, SegmentInner};
+use crate::segment::{
+    CopyMode, MapSpec, Placement, Region, RegionClaim, RegionInner, RegionTable, Segment, SegmentInner,
+};
 use crate::stats::{Counters, Stats};
 use crate::storage::{FileVfs, OpenMode, Vfs};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -61,6 +63,43 @@ pub struct Options {
     /// (default 16384, 64 MiB with 4 KiB pages). Past it, a writer that
     /// touches a page still waiting to be swept sweeps pages itself first.
     pub checkpoint_copy_limit: usize,
+    /// Open a damaged log anyway (default off). Recovery normally refuses a
+    /// log whose synced records are damaged ([`Error::Corrupted`]) and
+    /// writes nothing; with `salvage` it keeps a copy of the log beside it
+    /// (`<log>.damaged-<epoch>`), applies the complete transactions before
+    /// the damage, drops the rest, and reports what it dropped in
+    /// [`RecoveryReport::salvage`].
+    pub salvage: bool,
+    /// Segments accepted although their file is not the one the log
+    /// recorded: `(recorded name, path now)`. For a segment restored from a
+    /// copy (same path twice) or moved to another path; see
+    /// [`Options::accept_segment`].
+    pub accepted_segments: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Options {
+    /// Accepts the file at `now_at` as the segment the log recorded as
+    /// `recorded` (its identity is not checked): for a segment restored
+    /// from a copy (`now_at == recorded`) or moved. Its records are applied
+    /// to `now_at`.
+    ///
+    /// ```
+    /// let opts = rvm_core::Options::default().accept_segment("/data/app.seg", "/data/app.seg");
+    /// assert_eq!(opts.accepted_segments.len(), 1);
+    /// ```
+    pub fn accept_segment(mut self, recorded: impl Into<PathBuf>, now_at: impl Into<PathBuf>) -> Self {
+        self.accepted_segments.push((recorded.into(), now_at.into()));
+        self
+    }
+
+    /// The path a recorded segment name is opened at, and whether its
+    /// identity is checked.
+    fn segment_location(&self, recorded: &Path) -> (PathBuf, bool) {
+        match self.accepted_segments.iter().find(|(r, _)| r == recorded) {
+            Some((_, now)) => (now.clone(), false),
+            None => (recorded.to_path_buf(), true),
+        }
+    }
 }
 
 impl Default for Options {
@@ -73,6 +112,8 @@ impl Default for Options {
             checkpoint_copy_limit: 16384,
             write_behind: true,
             checkpoint_rate: Some(128 << 20),
+            salvage: false,
+            accepted_segments: Vec::new(),
         }
     }
 }
@@ -108,8 +149,28 @@ pub enum CommitMode {
     NoFlush,
 }
 
+/// What a salvage ([`Options::salvage`]) dropped from a damaged log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Salvage {
+    /// Log position of the first damaged frame: transactions from there on
+    /// were dropped.
+    pub damaged_at: u64,
+    /// What was wrong with it.
+    pub defect: &'static str,
+    /// The log had been durable up to this position.
+    pub synced_to: u64,
+    /// Log bytes dropped: from the damage to the end of the valid frames
+    /// after it.
+    pub dropped_bytes: u64,
+    /// Complete transactions seen after the damage (dropped), besides the
+    /// one the damaged frame belonged to.
+    pub dropped_transactions: u64,
+    /// Where the damaged log was copied before anything was written.
+    pub copy: PathBuf,
+}
+
 /// What recovery did when the instance was opened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct RecoveryReport {
     /// Complete transactions replayed onto segments.
     pub transactions: u64,
@@ -123,6 +184,9 @@ pub struct RecoveryReport {
     /// Log position where the scan stopped on a damaged or stale frame, with
     /// the reason (`None` if the scan reached the end of the ring).
     pub stopped_at: Option<(u64, &'static str)>,
+    /// Set when a damaged log was salvaged ([`Options::salvage`]): what was
+    /// dropped.
+    pub salvage: Option<Salvage>,
 }
 
 /// A snapshot of the log and transaction state (see [`Rvm::query`]).
@@ -244,6 +308,8 @@ struct Background {
 
 pub(crate) struct Inner {
     id: u64,
+    /// The log's identity (its superblock's), written in segments' owner marks.
+    log_id: u128,
     vfs: Arc<dyn Vfs>,
     pub(crate) ring: Ring,
     opts: Options,
@@ -359,7 +425,7 @@ impl Rvm {
     /// [`Rvm::open`] on any [`Vfs`], such as the simulated disk.
     pub fn open_with(vfs: Arc<dyn Vfs>, log_path: &Path, opts: Options) -> Result<Rvm> {
         let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
-        let (status, recovery) = recover(vfs.as_ref(), &ring, status)?;
+        let (status, recovery) = recover(vfs.as_ref(), &ring, &sb, status, &opts)?;
         let head = status.head;
         let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
         let inner = Arc::new(Inner {
@@ -391,6 +457,7 @@ impl Rvm {
             recovery,
             background: Arc::new(Background::default()),
             bg_thread: Mutex::new(None),
+            log_id: sb.log_id,
             ring,
             opts,
         });
@@ -416,7 +483,7 @@ impl Rvm {
 
     /// What recovery did at open.
     pub fn recovery_report(&self) -> RecoveryReport {
-        self.inner.recovery
+        self.inner.recovery.clone()
     }
 
     /// The log's path.
@@ -469,6 +536,7 @@ impl Rvm {
     /// ```
     pub fn close_segment(&self, segment: Segment) -> Result<()> {
         let seg = segment.0;
+        self.inner.check_own(&seg)?;
         {
             let mapped = seg.mapped.lock();
             if !mapped.is_empty() {
@@ -486,13 +554,33 @@ impl Rvm {
             }
         }
         self.inner.status.lock().segments.remove(&seg.id);
+        // This log holds nothing for it now (best effort: a mark left
+        // behind is recognised as stale by the next log that opens it).
+        let _ = seg.dev.set_owner_mark(None);
         Ok(())
     }
 
     /// Maps a page-aligned range of `segment` into memory. The region shows
     /// the segment's committed image. Fails if the range is mapped already
     /// (a range is mapped at most once), lies outside the segment, or (for a
-    /// fixed placement) the address range is in use.
+    /// fixed placement) the address range is in use, or if `segment` was
+    /// opened by another instance ([`MapError::ForeignSegment`]).
+    ///
+    /// # Other processes and the segment file
+    ///
+    /// The instance holds an exclusive (advisory) lock on the segment file.
+    /// A process that ignores it and **truncates** the file while an
+    /// on-demand ([`CopyMode::OnDemand`]) region is mapped makes the first
+    /// access to a page not yet read in raise `SIGBUS`; one that **writes**
+    /// the file changes the bytes of such pages under the program (copy
+    /// modes `OnMap` and `NoCopy` read nothing from the file after `map`).
+    /// `map` is nevertheless safe: it hands out no reference into the
+    /// memory; every access goes through `unsafe` code whose contract
+    /// ([`Region::read`], [`crate::Transaction::modify_bytes`], raw
+    /// pointers) includes that the file is not changed behind the lock, as
+    /// memmap2's `Mmap::map` states for the same hazard. A segment truncated
+    /// behind the log's back is reported at the next open as
+    /// [`LogError::SegmentTooShort`], never as log damage.
     pub fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
         self.inner.map(segment, spec)
     }
@@ -500,7 +588,21 @@ impl Rvm {
     /// Unmaps a region. Refused while a transaction with ranges in it is
     /// uncommitted. The memory goes away when the last clone of the handle
     /// is dropped.
+    ///
+    /// A region claimed by a loaded segment or a heap
+    /// ([`Region::claim`]) is refused ([`MapError::Claimed`]): only its
+    /// owner unmaps it, with [`Rvm::unmap_claimed`].
     pub fn unmap(&self, region: Region) -> Result<()> {
+        self.unmap_region(region, false)
+    }
+
+    /// Unmaps a region its owner claimed ([`Region::claim`]), ending the
+    /// claim; otherwise as [`Rvm::unmap`].
+    pub fn unmap_claimed(&self, claim: RegionClaim) -> Result<()> {
+        self.unmap_region(claim.release(), true)
+    }
+
+    fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
         let addr = region.addr();
         loop {
             {
@@ -508,6 +610,9 @@ impl Rvm {
                 match table.get(addr) {
                     Some(r) if Arc::ptr_eq(r, &region.0) => {}
                     _ => return Err(MapError::NotMapped { addr }.into()),
+                }
+                if !claimed && region.0.claimed.load(Ordering::Acquire) {
+                    return Err(MapError::Claimed { addr }.into());
                 }
                 let busy = region.0.active_txs.load(Ordering::Acquire);
                 if busy > 0 {
@@ -723,16 +828,24 @@ impl Inner {
                 dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
             }
             let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-            let known = st.status.segments.iter().find(|e| e.name == name).map(|e| e.id);
-            let id = known.unwrap_or(st.status.next_segment_id);
-            if known.is_none() {
-                // The dictionary entry is durable before any record can name the id.
+            let device = dev.identity().map_err(|e| Error::io("identifying segment", &name, e))?;
+            self.claim_segment(dev.as_ref(), &name)?;
+            let known = st.status.segments.iter().find(|e| e.name == name).cloned();
+            let id = known.as_ref().map_or(st.status.next_segment_id, |e| e.id);
+            if known.as_ref().is_none_or(|e| e.device != device) {
+                // The dictionary entry (new, or naming the file now under
+                // that name: the log holds no records for it, since
+                // recovery emptied it and this instance has not opened
+                // it) is durable before any record can name the id.
                 let mut next = st.status.clone();
                 next.seq += 1;
-                next.next_segment_id =
-                    id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
-                next.segments.push(format::SegmentEntry { id, name: name.clone() });
-                next.tail_hint = self.writer_tail_hint();
+                if known.is_none() {
+                    next.next_segment_id =
+                        id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+                }
+                next.segments.retain(|e| e.id != id);
+                next.segments.push(format::SegmentEntry { id, name: name.clone(), device });
+                next.synced_end = self.synced_end();
                 log::write_status(&self.ring, &next)?;
                 st.status = next;
             }
@@ -752,6 +865,7 @@ impl Inner {
         };
         let seg = Arc::new(SegmentInner {
             id,
+            instance: self.id,
             name,
             dev,
             len,
@@ -763,13 +877,49 @@ impl Inner {
         Ok(Segment(seg))
     }
 
-    fn writer_tail_hint(&self) -> u64 {
+    /// The position up to which the log is durable (a status records it,
+    /// so that recovery can tell damage from a torn end).
+    pub(crate) fn synced_end(&self) -> u64 {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Marks the segment as this log's (its unapplied records live here),
+    /// refusing one whose mark names another log that may still hold
+    /// records for it. The mark is durable before the segment can be
+    /// changed through this log.
+    fn claim_segment(&self, dev: &dyn crate::storage::Storage, name: &Path) -> Result<()> {
+        let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", name, e))?;
+        let theirs = mark.as_deref().and_then(OwnerMark::decode);
+        if theirs.as_ref().is_some_and(|m| m.log_id == self.log_id && m.log == self.ring.path) {
+            return Ok(());
+        }
+        if let Some(other) = theirs.filter(|m| m.log_id != self.log_id) {
+            if other_log_holds(self.vfs.as_ref(), &other, name)? {
+                return Err(LogError::SegmentInOtherLog {
+                    path: name.to_path_buf(),
+                    other_log: other.log,
+                    this_log: self.ring.path.clone(),
+                }
+                .into());
+            }
+        }
+        let ours = OwnerMark { log_id: self.log_id, log: self.ring.path.clone() }.encode();
+        dev.set_owner_mark(Some(&ours)).map_err(|e| Error::io("writing the segment's owner mark", name, e))
+    }
+
+    /// Refuses a segment handle of another instance: its commits would go
+    /// to that instance's log.
+    fn check_own(&self, seg: &SegmentInner) -> Result<()> {
+        if seg.instance != self.id {
+            return Err(MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        Ok(())
     }
 
     fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
         let ps = mem::page_size();
         let seg = &segment.0;
+        self.check_own(seg)?;
         if spec.len == 0 {
             return Err(MapError::EmptyRegion.into());
         }
@@ -861,6 +1011,7 @@ impl Inner {
             active_txs: AtomicUsize::new(0),
             copy,
             track: RegionTrack::new(spec.len),
+            claimed: AtomicBool::new(false),
         });
         self.regions.write().insert(region.clone());
         Ok(Region(region))
@@ -1023,6 +1174,7 @@ impl Inner {
         let written = self.tail.load(Ordering::Acquire);
         frames.clear();
         let mut fw = FrameWriter::new(frames, written, self.epoch);
+        let synced = self.synced_end();
         let mut logged = 0u64;
         if self.opts.coalesce {
             let mut ranges = 0u32;
@@ -1035,7 +1187,7 @@ impl Inner {
                 .ok();
             let first = batch.tx_ends.first().map_or(0, |t| t.1);
             let last = batch.tx_ends.last().map_or(0, |t| t.1);
-            fw.commit(ranges, first, last, logged);
+            fw.commit(ranges, first, last, logged, synced);
         } else {
             let mut start = 0;
             for &(end, seq) in &batch.tx_ends {
@@ -1045,7 +1197,7 @@ impl Inner {
                     ranges += fw.range(p.segment, p.offset, &batch.data[p.data_at..p.data_at + p.len]);
                     bytes += p.len as u64;
                 }
-                fw.commit(ranges, seq, seq, bytes);
+                fw.commit(ranges, seq, seq, bytes, synced);
                 logged += bytes;
                 start = end;
             }
@@ -1186,7 +1338,15 @@ impl Inner {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let r = self.ring.dev.sync().map_err(|e| Error::io("syncing the log", &self.ring.path, e));
+        let r = self.ring.dev.sync().map_err(|e| Error::io("syncing the log", &self.ring.path, e)).and_then(|()| {
+            // A log that lost its name cannot be recovered from: what this
+            // sync made durable is in a file nobody can open again.
+            match self.ring.dev.is_unlinked() {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(LogError::LogUnlinked { path: self.ring.path.clone() }.into()),
+                Err(e) => Err(Error::io("checking the log file", &self.ring.path, e)),
+            }
+        });
         self.last_sync_ns.store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.poison(r)?;
         Counters::add(&self.counters.log_syncs, 1);
@@ -1233,7 +1393,7 @@ impl Inner {
             let mut next = st.status.clone();
             next.seq += 1;
             next.head = cut;
-            next.tail_hint = cut;
+            next.synced_end = cut;
             next.committed = next.committed.saturating_add(end.transactions);
             log::write_status(&self.ring, &next)?;
             st.status = next;
@@ -1275,42 +1435,131 @@ fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
     }
 }
 
-/// Recovery: replays every complete transaction after the head onto its
-/// segment, syncs the segments, then writes a status with the log empty and
-/// a new epoch. Running it again after a crash at any point redoes the same
-/// idempotent writes.
-fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, RecoveryReport)> {
-    let names: HashMap<u32, PathBuf> = status.segments.iter().map(|s| (s.id, s.name.clone())).collect();
-    let resolve = |id| {
-        let name = names.get(&id).ok_or_else(|| {
+/// Recovery, in two passes so that a damaged log is refused before anything
+/// is written:
+///
+/// 1. verify: scan every frame from the head (CRCs, positions, epoch),
+///    noting the segments the complete transactions touch and how far; tell
+///    a torn or clean end from damage ([`log::find_damage`]);
+/// 2. open every touched segment and check it is the file the log recorded,
+///    long enough, and not claimed by another log;
+/// 3. replay the complete transactions, sync the segments, then write a
+///    status with the log empty and a new epoch.
+///
+/// Running it again after a crash at any point redoes the same idempotent
+/// writes.
+fn recover(
+    vfs: &dyn Vfs,
+    ring: &Ring,
+    sb: &format::Superblock,
+    status: Status,
+    opts: &Options,
+) -> Result<(Status, RecoveryReport)> {
+    use crate::log::format::Frame;
+    let touched = std::cell::RefCell::new(HashMap::<u32, u64>::new());
+    let in_tx = std::cell::RefCell::new(Vec::<(u32, u64)>::new());
+    let verified = log::scan(
+        ring,
+        status.head,
+        u64::MAX,
+        status.epoch,
+        |f| {
+            if let Frame::Range { segment, offset, data } = f.frame {
+                in_tx.borrow_mut().push((segment, offset.saturating_add(data.len() as u64)));
+            }
+            Ok(())
+        },
+        |_, _| {
+            let mut touched = touched.borrow_mut();
+            for (id, end) in in_tx.borrow_mut().drain(..) {
+                let e = touched.entry(id).or_insert(0);
+                *e = (*e).max(end);
+            }
+            Ok(())
+        },
+    )?;
+    let mut salvage = None;
+    if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
+        if !opts.salvage {
+            return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
+        }
+        let copy = keep_damaged_copy(vfs, &ring.path, status.epoch)?;
+        salvage = Some(Salvage {
+            damaged_at: damage.lsn,
+            defect: damage.defect.describe(),
+            synced_to: damage.synced_to,
+            dropped_bytes: damage.valid_end.max(damage.lsn) - verified.end,
+            dropped_transactions: damage.transactions_after,
+            copy,
+        });
+    }
+    // Every segment is opened and checked before any is written.
+    let mut devices = HashMap::new();
+    for (&id, &needed) in touched.borrow().iter() {
+        let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
             Error::corrupted(
                 format!("log frame (segment id {id} not in the dictionary)"),
                 ring.path.display().to_string(),
             )
         })?;
+        let (path, checked) = opts.segment_location(&entry.name);
         let dev = vfs
-            .open(name, OpenMode::Existing)
-            .map_err(|e| LogError::MissingSegment { path: name.clone(), reason: e.to_string() })?;
-        Ok((dev, name.clone()))
+            .open(&path, OpenMode::Existing)
+            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        if checked {
+            let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
+            if let (Some(recorded), Some(found)) = (entry.device, found) {
+                if recorded != found {
+                    return Err(LogError::SegmentReplaced { path, recorded, found }.into());
+                }
+            }
+            let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
+            if let Some(other) = mark.as_deref().and_then(|m| OwnerMark::decode(m)).filter(|m| m.log_id != sb.log_id) {
+                return Err(
+                    LogError::SegmentInOtherLog { path, other_log: other.log, this_log: ring.path.clone() }.into()
+                );
+            }
+        }
+        let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;
+        if len < needed {
+            return Err(LogError::SegmentTooShort { path, needed, len }.into());
+        }
+        devices.insert(id, (dev, path));
+    }
+    let resolve = |id| {
+        devices.get(&id).cloned().ok_or_else(|| {
+            Error::corrupted(
+                format!("log frame (segment id {id} changed between scans)"),
+                ring.path.display().to_string(),
+            )
+        })
     };
+    let Replayed { end, log_bytes, segment_bytes } = replay(ring, status.head, verified.end, status.epoch, resolve)?;
+    if end.end != verified.end {
+        return Err(Error::corrupted(
+            "log (records changed between the verifying scan and the replay)",
+            format!("{} position {}", ring.path.display(), end.end),
+        ));
+    }
     // The segments are closed (unlocked) when it returns, before the
     // application opens them.
-    let Replayed { end, log_bytes, segment_bytes } = replay(ring, status.head, u64::MAX, status.epoch, resolve)?;
+    drop(devices);
     let report = RecoveryReport {
         transactions: end.transactions,
         log_bytes,
-        discarded_bytes: end.discarded,
+        discarded_bytes: verified.discarded,
         segment_bytes_written: segment_bytes,
-        stopped_at: match end.stop {
+        stopped_at: match verified.stop {
             ScanStop::Limit => None,
             ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
         },
+        salvage,
     };
     let next = Status {
         seq: status.seq + 1,
         epoch: status.epoch + 1,
         head: end.end,
-        tail_hint: end.end,
+        synced_end: end.end,
         committed: status.committed.saturating_add(end.transactions),
         // The dictionary stays: ids are stable per name, so both slots
         // usually agree on it.
@@ -1320,9 +1569,75 @@ fn recover(vfs: &dyn Vfs, ring: &Ring, status: Status) -> Result<(Status, Recove
     Ok((next, report))
 }
 
+/// Copies a damaged log to `<log>.damaged-<epoch>` (or `...-<epoch>.<n>`
+/// if that exists) before a salvage rewrites its status.
+fn keep_damaged_copy(vfs: &dyn Vfs, log: &Path, epoch: u64) -> Result<PathBuf> {
+    let base = format!("{}.damaged-{epoch}", log.display());
+    for n in 0..1000 {
+        let to = PathBuf::from(if n == 0 { base.clone() } else { format!("{base}.{n}") });
+        match vfs.copy(log, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("keeping a copy of the damaged log", to, e)),
+        }
+    }
+    Err(Error::io("keeping a copy of the damaged log", base, std::io::ErrorKind::AlreadyExists.into()))
+}
+
+/// A segment's owner mark: the log that may hold unapplied records for it
+/// (its id and path). Stored as an extended attribute on segment files:
+/// log id u128 (16 bytes), then the log's canonical path.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct OwnerMark {
+    pub log_id: u128,
+    pub log: PathBuf,
+}
+
+impl OwnerMark {
+    fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = self.log_id.to_le_bytes().to_vec();
+        b.extend_from_slice(self.log.as_os_str().as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<OwnerMark> {
+        use std::os::unix::ffi::OsStrExt;
+        let id: [u8; 16] = b.get(..16)?.try_into().ok()?;
+        Some(OwnerMark { log_id: u128::from_le_bytes(id), log: PathBuf::from(std::ffi::OsStr::from_bytes(&b[16..])) })
+    }
+}
+
+/// Whether the log a foreign owner mark names may still hold records for
+/// the segment `name`: true if that log is open elsewhere (locked) or its
+/// live records name the segment; false if it is gone, is another log now,
+/// or holds nothing for the segment (the mark is stale).
+fn other_log_holds(vfs: &dyn Vfs, mark: &OwnerMark, name: &Path) -> Result<bool> {
+    let log = match crate::log::inspect::LogInspector::open(vfs, &mark.log) {
+        Ok(log) => log,
+        Err(Error::Locked { .. }) => return Ok(true),
+        Err(_) => return Ok(false),
+    };
+    if log.superblock().log_id != mark.log_id {
+        return Ok(false);
+    }
+    let Ok(status) = log.status() else { return Ok(true) };
+    let Some(id) = status.segments.iter().find(|e| e.name == name).map(|e| e.id) else { return Ok(false) };
+    let mut names_it = false;
+    log.walk(|f| {
+        if let crate::log::inspect::FrameBody::Range { segment, .. } = f.body {
+            names_it |= segment == id;
+        }
+    })?;
+    Ok(names_it)
+}
+
 /// Runs recovery on a log without keeping it open (what `rvmutl recover`
 /// does); returns the report.
-pub fn recover_log(vfs: &dyn Vfs, log_path: &Path) -> Result<RecoveryReport> {
-    let LogDevice { ring, status, .. } = LogDevice::open(vfs, log_path)?;
-    Ok(recover(vfs, &ring, status)?.1)
+///
+/// `opts` supplies [`Options::salvage`] and [`Options::accepted_segments`];
+/// the other fields do not matter here.
+pub fn recover_log(vfs: &dyn Vfs, log_path: &Path, opts: &Options) -> Result<RecoveryReport> {
+    let LogDevice { ring, sb, status } = LogDevice::open(vfs, log_path)?;
+    Ok(recover(vfs, &ring, &sb, status, opts)?.1)
 }

@@ -11,7 +11,7 @@
 
 use crate::coalesce::{Coalescer, Piece};
 use crate::combine::Combiner;
-use crate::error::{Error, Result};
+use crate::error::{Error, LogError, Result};
 use crate::log::{self, format, Ring, ScanEnd};
 use crate::storage::Storage;
 use std::cell::RefCell;
@@ -82,10 +82,14 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> SegmentWriter<R> {
                 }
             };
             if off.checked_add(bytes.len() as u64).is_none_or(|end| end > *len) {
-                return Err(Error::corrupted(
-                    format!("log range frame (bytes [{off:#x}, +{:#x}) beyond the end of the segment)", bytes.len()),
-                    name.display().to_string(),
-                ));
+                // The log was checked before: the segment shrank since its
+                // records were written (truncated by someone else).
+                return Err(LogError::SegmentTooShort {
+                    path: name.clone(),
+                    needed: off.saturating_add(bytes.len() as u64),
+                    len: *len,
+                }
+                .into());
             }
             if !combiner.joins(seg, off, bytes.len()) {
                 write_pending(combiner, devices)?;

@@ -16,6 +16,8 @@ pub use crate::mem::Placement;
 #[derive(Debug)]
 pub(crate) struct SegmentInner {
     pub id: u32,
+    /// The instance that opened it (its commits go to that log only).
+    pub instance: u64,
     pub name: PathBuf,
     pub dev: Arc<dyn Storage>,
     pub len: u64,
@@ -114,6 +116,8 @@ pub(crate) struct RegionInner {
     pub copy: CopyMode,
     /// Dirty pages per generation, pages polluted by no-restore aborts.
     pub track: crate::checkpoint::RegionTrack,
+    /// Held by a [`RegionClaim`]: plain [`crate::Rvm::unmap`] refuses it.
+    pub claimed: std::sync::atomic::AtomicBool,
 }
 
 impl RegionInner {
@@ -184,18 +188,80 @@ impl Region {
     /// Copies bytes out of the region (a convenience for inspection and
     /// tests; `off + dst.len()` must lie inside the region, else `None`).
     ///
-    /// The caller must make sure no transaction modifies these bytes
-    /// concurrently (the application's locking, as for any read).
-    pub fn read(&self, off: usize, dst: &mut [u8]) -> Option<()> {
+    /// # Safety
+    ///
+    /// No other thread may store into `[addr() + off, + dst.len())` while
+    /// this runs (a transaction's stores, or a heap's, into those bytes
+    /// would be a data race): hold the application's lock for that data,
+    /// as for any read of it. The segment file must not be truncated by
+    /// another process while an on-demand region is mapped (pages not read
+    /// in yet would raise `SIGBUS`; see [`crate::Rvm::map`]).
+    pub unsafe fn read(&self, off: usize, dst: &mut [u8]) -> Option<()> {
         let end = off.checked_add(dst.len())?;
         if end > self.len() {
             return None;
         }
         // SAFETY: the range is inside this live mapping (checked above; the
-        // handle keeps the mapping alive). Concurrent writers are excluded by
-        // the documented contract, as for any read of mapped memory.
+        // handle keeps the mapping alive); the caller excludes concurrent
+        // writers (this function's contract).
         unsafe { crate::mem::copy_from(self.addr() + off, dst) };
         Some(())
+    }
+
+    /// Claims the region for a component that relies on it staying mapped
+    /// (the loader claims every region of a loaded segment, a heap its
+    /// regions): while the claim lives, [`crate::Rvm::unmap`] refuses the
+    /// region ([`crate::MapError::Claimed`]), and only the claim's holder
+    /// unmaps it ([`crate::Rvm::unmap_claimed`]). A region has at most one
+    /// claim; dropping the claim ends it.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// let claim = region.claim().unwrap();
+    /// assert!(matches!(rvm.unmap(region.clone()), Err(Error::Map(MapError::Claimed { .. }))));
+    /// assert!(region.claim().is_err());
+    /// rvm.unmap_claimed(claim).unwrap();
+    /// ```
+    pub fn claim(&self) -> crate::Result<RegionClaim> {
+        if self.0.claimed.swap(true, Ordering::AcqRel) {
+            return Err(crate::MapError::Claimed { addr: self.addr() }.into());
+        }
+        Ok(RegionClaim { region: Some(self.clone()) })
+    }
+}
+
+/// The exclusive right to unmap a region ([`Region::claim`]); not `Clone`.
+#[derive(Debug)]
+pub struct RegionClaim {
+    /// `None` only after [`RegionClaim::release`].
+    region: Option<Region>,
+}
+
+impl RegionClaim {
+    /// The claimed region.
+    pub fn region(&self) -> &Region {
+        // Only `release` (which consumes the claim) takes it out.
+        self.region.as_ref().unwrap_or_else(|| unreachable!("a claim holds its region until released"))
+    }
+
+    /// Ends the claim and returns the region.
+    pub fn release(mut self) -> Region {
+        let region = self.region.take().unwrap_or_else(|| unreachable!("a claim holds its region until released"));
+        region.0.claimed.store(false, Ordering::Release);
+        region
+    }
+}
+
+impl Drop for RegionClaim {
+    fn drop(&mut self) {
+        if let Some(r) = &self.region {
+            r.0.claimed.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -234,8 +234,7 @@ impl Heap {
     /// [`HeapError::Corrupted`], never used.
     pub fn load(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
         let mut fixed = [0u8; HEADER_LEN];
-        static_region
-            .read(0, &mut fixed)
+        raw::read_metadata(&static_region, 0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
         let header = StaticHeader::decode(&fixed)
             .map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
@@ -264,7 +263,7 @@ impl Heap {
             ));
         }
         let mut cbytes = [0u8; COUNTERS_LEN];
-        static_region.read(COUNTERS_AT, &mut cbytes);
+        raw::read_metadata(&static_region, COUNTERS_AT, &mut cbytes);
         let counters = Counters::decode(&cbytes);
         let heap = Heap {
             rvm: rvm.clone(),
@@ -377,7 +376,7 @@ impl Heap {
 
     fn read_header(&self, off: u64) -> std::result::Result<BlockHeader, &'static str> {
         let mut b = [0u8; HDR as usize];
-        self.heap_region.read(off as usize, &mut b).ok_or("block header outside the heap")?;
+        raw::read_metadata(&self.heap_region, off as usize, &mut b).ok_or("block header outside the heap")?;
         BlockHeader::decode(&b, self.header.nonce, off, self.header.heap_len)
     }
 
@@ -393,7 +392,7 @@ impl Heap {
             if h.allocated {
                 let data_end = off + h.size - h.slack as u64;
                 let mut g = [0u8; TAIL_GUARD as usize];
-                self.heap_region.read(data_end as usize, &mut g);
+                raw::read_metadata(&self.heap_region, data_end as usize, &mut g);
                 if u64::from_le_bytes(g) != layout::tail_guard(self.header.nonce, off) {
                     return Err(HeapError::corrupted(
                         format!("tail guard of the block at heap offset {off:#x} (written past its end?)"),
@@ -524,7 +523,7 @@ impl Heap {
 
     fn read_counters(&self) -> Counters {
         let mut b = [0u8; COUNTERS_LEN];
-        self.static_region.read(COUNTERS_AT, &mut b);
+        raw::read_metadata(&self.static_region, COUNTERS_AT, &mut b);
         Counters::decode(&b)
     }
 
@@ -583,7 +582,7 @@ impl Heap {
         let bad =
             |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
-        self.static_region.read(at, &mut b).ok_or_else(|| bad("outside the static region"))?;
+        raw::read_metadata(&self.static_region, at, &mut b).ok_or_else(|| bad("outside the static region"))?;
         let n = b[..ROOT_NAME_MAX].iter().position(|&c| c == 0).unwrap_or(ROOT_NAME_MAX);
         let word = |at: usize| {
             let mut w = [0u8; 8];
@@ -1213,7 +1212,7 @@ fn apply_intents(
             }
         }
         let mut old = [0u8; ROOT_SLOT];
-        heap.static_region.read(heap.slot_off(slot), &mut old);
+        raw::read_metadata(&heap.static_region, heap.slot_off(slot), &mut old);
         undo.slots.push((slot, old));
         raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
     }

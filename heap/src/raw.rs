@@ -36,3 +36,16 @@ pub(crate) unsafe fn write_back(addr: usize, bytes: &[u8]) {
     // SAFETY: per the contract, the destination is valid and exclusive.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) }
 }
+
+/// Copies heap metadata out of `region` (`None` if `[off, + dst.len())`
+/// is outside it).
+///
+/// Callers read only heap metadata (header, counters, root slots, block
+/// headers and guards), which this crate alone stores into, under the heap
+/// lock or before the heap is shared (at load).
+pub(crate) fn read_metadata(region: &rvm_core::Region, off: usize, dst: &mut [u8]) -> Option<()> {
+    // SAFETY: by the heap's locking discipline no thread stores into heap
+    // metadata while the caller (holding the heap lock, or loading the
+    // heap before anyone else can use it) reads it.
+    unsafe { region.read(off, dst) }
+}

@@ -3,7 +3,7 @@
 use crate::error::{LoaderError, Result};
 use crate::format::{encoded_len_from_prefix, LoadMap, RegionSpec, FIXED_HEADER_LEN};
 use crate::raw::{self, HeaderArea};
-use rvm_core::{CopyMode, MapError, MapSpec, Region, Rvm, Segment};
+use rvm_core::{CopyMode, MapError, MapSpec, Region, RegionClaim, Rvm, Segment};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -49,7 +49,7 @@ fn is_already_mapped(e: &rvm_core::Error) -> bool {
 fn map_header(rvm: &Rvm, seg: &Segment, len: u64, copy: CopyMode) -> Result<HeaderArea> {
     let spec = MapSpec::new(0, to_usize(len, "header length")?).copy(copy);
     match rvm.map(seg, spec) {
-        Ok(r) => Ok(HeaderArea(r)),
+        Ok(r) => Ok(HeaderArea(r.claim()?)),
         Err(e) if is_already_mapped(&e) => Err(LoaderError::AlreadyLoaded { path: seg.name().to_path_buf() }),
         Err(e) => Err(e.into()),
     }
@@ -74,32 +74,32 @@ fn read_header(rvm: &Rvm, seg: &Segment) -> Result<LoadMap> {
     }
     let probe = map_header(rvm, seg, ps, CopyMode::OnDemand)?;
     let mut prefix = [0u8; FIXED_HEADER_LEN];
-    let read = probe.0.read(0, &mut prefix);
+    let read = probe.read(0, &mut prefix);
     let need = read
         .ok_or_else(|| short_device(path, dev, FIXED_HEADER_LEN as u64))
         .and_then(|()| encoded_len_from_prefix(&prefix).map_err(|e| e.in_segment(path)));
     let need = match need {
         Ok(n) => n,
         Err(e) => {
-            let _ = rvm.unmap(probe.0);
+            let _ = rvm.unmap_claimed(probe.0);
             return Err(e);
         }
     };
     // `need` is bounded by the region count limit (at most 80 KiB).
     let mut bytes = vec![0u8; need];
     let result = if need as u64 <= ps {
-        let r = probe.0.read(0, &mut bytes);
-        rvm.unmap(probe.0)?;
+        let r = probe.read(0, &mut bytes);
+        rvm.unmap_claimed(probe.0)?;
         r
     } else {
-        rvm.unmap(probe.0)?;
+        rvm.unmap_claimed(probe.0)?;
         let len = (need as u64).div_ceil(ps) * ps;
         if len > dev {
             return Err(short_device(path, dev, len));
         }
         let whole = map_header(rvm, seg, len, CopyMode::OnDemand)?;
-        let r = whole.0.read(0, &mut bytes);
-        rvm.unmap(whole.0)?;
+        let r = whole.read(0, &mut bytes);
+        rvm.unmap_claimed(whole.0)?;
         r
     };
     result.ok_or_else(|| short_device(path, dev, need as u64))?;
@@ -145,7 +145,7 @@ pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap
     // The new file is all zeros: nothing needs reading.
     let mut header = map_header(rvm, &seg, map.header_len(), CopyMode::NoCopy)?;
     let written = raw::commit_header(rvm, &mut header, &map.encode());
-    let unmapped = rvm.unmap(header.0);
+    let unmapped = rvm.unmap_claimed(header.0);
     written?;
     unmapped?;
     rvm.truncate()?;
@@ -208,7 +208,7 @@ pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> 
     };
     for spec in map.regions() {
         // On error, dropping `loaded` unmaps what was mapped.
-        let region = loaded.map_region(spec)?;
+        let region = loaded.map_region(spec)?.claim()?;
         loaded.by_name.insert(spec.name.clone(), loaded.regions.len());
         loaded.regions.push(region);
     }
@@ -305,7 +305,8 @@ pub struct LoadedSegment {
     map: LoadMap,
     header: Option<HeaderArea>,
     /// In load-map order.
-    regions: Vec<Region>,
+    /// The regions, claimed: only this value unmaps them.
+    regions: Vec<RegionClaim>,
     by_name: HashMap<String, usize>,
 }
 
@@ -314,12 +315,12 @@ impl LoadedSegment {
     /// the memory), or `None` if the map has no such region or the segment
     /// was unloaded.
     pub fn region(&self, name: &str) -> Option<&Region> {
-        self.by_name.get(name).and_then(|&i| self.regions.get(i))
+        self.by_name.get(name).and_then(|&i| self.regions.get(i)).map(RegionClaim::region)
     }
 
     /// Every region with its name, in load-map order.
     pub fn regions(&self) -> impl Iterator<Item = (&str, &Region)> + '_ {
-        self.map.regions().iter().map(|s| s.name.as_str()).zip(&self.regions)
+        self.map.regions().iter().map(|s| s.name.as_str()).zip(self.regions.iter().map(RegionClaim::region))
     }
 
     /// The load map the segment was loaded with (including regions added
@@ -386,15 +387,15 @@ impl LoadedSegment {
         let result = self.add_region_with(&mut header, spec);
         self.header = Some(header);
         let i = result?;
-        Ok(&self.regions[i])
+        Ok(self.regions[i].region())
     }
 
     fn add_region_with(&mut self, header: &mut HeaderArea, spec: RegionSpec) -> Result<usize> {
         let map = self.map.with_added(spec.clone());
         map.validate_for_device(self.segment.len())?;
-        let region = self.map_region(&spec)?;
+        let region = self.map_region(&spec)?.claim()?;
         if let Err(e) = raw::commit_header(&self.rvm, header, &map.encode()) {
-            let _ = self.rvm.unmap(region);
+            let _ = self.rvm.unmap_claimed(region);
             return Err(e);
         }
         self.map = map;
@@ -436,7 +437,7 @@ impl LoadedSegment {
             }
         }
         if let Some(h) = &self.header {
-            let count = h.0.active_transactions();
+            let count = h.region().active_transactions();
             if count > 0 {
                 return Err(LoaderError::Busy { region: "(header)".into(), count });
             }
@@ -457,11 +458,11 @@ impl LoadedSegment {
     fn release(&mut self) -> Vec<rvm_core::Result<()>> {
         let mut results = Vec::with_capacity(self.regions.len() + 1);
         while let Some(r) = self.regions.pop() {
-            results.push(self.rvm.unmap(r));
+            results.push(self.rvm.unmap_claimed(r));
         }
         self.by_name.clear();
         if let Some(h) = self.header.take() {
-            results.push(self.rvm.unmap(h.0));
+            results.push(self.rvm.unmap_claimed(h.0));
         }
         results
     }

@@ -4,15 +4,31 @@
 //! free. Everything else in the crate is safe code over the core's API.
 
 use crate::error::{LoaderError, Result};
-use rvm_core::{CommitMode, Region, RestoreMode, Rvm};
+use rvm_core::{CommitMode, Region, RegionClaim, RestoreMode, Rvm};
 
-/// A mapping of a segment's header area `[0, header_len)`.
+/// A mapping of a segment's header area `[0, header_len)`, claimed
+/// ([`Region::claim`]) so that nobody else can unmap it.
 ///
 /// Only this crate creates one, and it never hands the region or its
 /// address out: no other code stores into the header through safe means,
 /// and no Rust reference ever points into it.
 #[derive(Debug)]
-pub(crate) struct HeaderArea(pub(crate) Region);
+pub(crate) struct HeaderArea(pub(crate) RegionClaim);
+
+impl HeaderArea {
+    pub(crate) fn region(&self) -> &Region {
+        self.0.region()
+    }
+
+    /// Copies `dst.len()` bytes from offset `off` of the header area
+    /// (`None` if that is outside it).
+    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Option<()> {
+        // SAFETY: only `commit_header` stores into the area, and it needs
+        // `&mut HeaderArea`, which cannot coexist with this `&self`; the
+        // claim keeps the area mapped.
+        unsafe { self.region().read(off, dst) }
+    }
+}
 
 /// Writes `bytes` at the start of the header area in one restore-mode
 /// transaction committed with [`CommitMode::Flush`]: when this returns `Ok`
@@ -21,10 +37,10 @@ pub(crate) struct HeaderArea(pub(crate) Region);
 ///
 /// Takes `&mut HeaderArea`: the caller holds the area exclusively.
 pub(crate) fn commit_header(rvm: &Rvm, header: &mut HeaderArea, bytes: &[u8]) -> Result<()> {
-    if bytes.len() > header.0.len() {
+    if bytes.len() > header.region().len() {
         return Err(LoaderError::InvalidMap {
             region: None,
-            reason: format!("the load map needs {} bytes; the header area has {}", bytes.len(), header.0.len()),
+            reason: format!("the load map needs {} bytes; the header area has {}", bytes.len(), header.region().len()),
         });
     }
     let mut tx = rvm.begin(RestoreMode::Restore)?;
@@ -34,7 +50,7 @@ pub(crate) fn commit_header(rvm: &Rvm, header: &mut HeaderArea, bytes: &[u8]) ->
     // no other thread writes it during the transaction and no Rust reference
     // points into it; the transaction ends (commit, or abort on error) before
     // this function returns.
-    unsafe { tx.modify_bytes(header.0.addr(), bytes)? };
+    unsafe { tx.modify_bytes(header.region().addr(), bytes)? };
     tx.commit(CommitMode::Flush)?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The log's on-disk format (version 1): superblock, two status slots,
+//! The log's on-disk format (version 2): superblock, two status slots,
 //! and framed records. All integers are little-endian. Byte offsets are
 //! documented in `docs/DESIGN.md` and mirrored by the constants here.
 //!
@@ -16,7 +16,7 @@ pub const AREA_OFFSET: u64 = BLOCK + 2 * STATUS_SLOT;
 /// The smallest record area accepted at creation.
 pub const MIN_AREA: u64 = 64 * 1024;
 /// Format version written and read by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Superblock magic.
 pub const LOG_MAGIC: [u8; 8] = *b"RVMLOG\0\x01";
 /// Status slot magic.
@@ -29,7 +29,7 @@ pub const MAX_RANGE_DATA: usize = 1 << 20;
 /// Length of a range frame's fixed part (header + offset, length).
 pub const RANGE_FIXED: usize = FRAME_HEADER + 16;
 /// Length of a commit frame.
-pub const COMMIT_FRAME: usize = FRAME_HEADER + 24;
+pub const COMMIT_FRAME: usize = FRAME_HEADER + 32;
 /// No valid frame is longer than this (bounds every read of untrusted input).
 pub const MAX_FRAME: usize = RANGE_FIXED + MAX_RANGE_DATA;
 /// Status bytes before the segment dictionary.
@@ -66,10 +66,14 @@ pub const fn align8(n: usize) -> usize {
 ///
 /// Layout (block 0): magic `[0..8)`, version u32 `[8..12)`, block size u32
 /// `[12..16)`, device size u64 `[16..24)`, area offset u64 `[24..32)`, area
-/// length u64 `[32..40)`, status slot length u32 `[40..44)`, CRC32C of
-/// `[0..44)` u32 `[44..48)`; the rest of the block is zero.
+/// length u64 `[32..40)`, status slot length u32 `[40..44)`, log id u128
+/// `[44..60)`, CRC32C of `[0..60)` u32 `[60..64)`; the rest of the block is
+/// zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// A random identity given at creation: segments name the log that
+    /// holds their unapplied records by it.
+    pub log_id: u128,
     /// Size of the log device in bytes.
     pub device_size: u64,
     /// Offset of the record area.
@@ -93,7 +97,12 @@ impl Superblock {
     /// The layout for a log device of `device_size` bytes.
     pub fn for_size(device_size: u64) -> Option<Superblock> {
         let area_len = device_size.checked_sub(AREA_OFFSET)? / BLOCK * BLOCK;
-        (area_len >= MIN_AREA).then_some(Superblock { device_size, area_offset: AREA_OFFSET, area_len })
+        (area_len >= MIN_AREA).then_some(Superblock {
+            log_id: random_u128(),
+            device_size,
+            area_offset: AREA_OFFSET,
+            area_len,
+        })
     }
 
     /// Encodes into one block.
@@ -106,26 +115,34 @@ impl Superblock {
         put_u64(&mut b, 24, self.area_offset);
         put_u64(&mut b, 32, self.area_len);
         put_u32(&mut b, 40, STATUS_SLOT as u32);
-        let crc = crc32c::crc32c(&b[0..44]);
-        put_u32(&mut b, 44, crc);
+        b[44..60].copy_from_slice(&self.log_id.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..60]);
+        put_u32(&mut b, 60, crc);
         b
     }
 
     /// Decodes and validates a block read from offset 0.
     pub fn decode(b: &[u8]) -> Result<Superblock, SuperblockError> {
-        if b.len() < 48 || b[0..6] != LOG_MAGIC[0..6] {
+        if b.len() < 64 || b[0..6] != LOG_MAGIC[0..6] {
             return Err(SuperblockError::BadMagic);
         }
         if b[0..8] != LOG_MAGIC || le_u32(b, 8) != VERSION {
             return Err(SuperblockError::Version(le_u32(b, 8)));
         }
-        if crc32c::crc32c(&b[0..44]) != le_u32(b, 44) {
+        if crc32c::crc32c(&b[0..60]) != le_u32(b, 60) {
             return Err(SuperblockError::Corrupt("checksum mismatch"));
         }
         if le_u32(b, 12) as u64 != BLOCK || le_u32(b, 40) as u64 != STATUS_SLOT {
             return Err(SuperblockError::Corrupt("unsupported block or slot size"));
         }
-        let sb = Superblock { device_size: le_u64(b, 16), area_offset: le_u64(b, 24), area_len: le_u64(b, 32) };
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[44..60]);
+        let sb = Superblock {
+            log_id: u128::from_le_bytes(id),
+            device_size: le_u64(b, 16),
+            area_offset: le_u64(b, 24),
+            area_len: le_u64(b, 32),
+        };
         if sb.area_offset != AREA_OFFSET
             || sb.area_len < MIN_AREA
             || !sb.area_len.is_multiple_of(BLOCK)
@@ -144,9 +161,49 @@ pub struct SegmentEntry {
     pub id: u32,
     /// The segment's canonical name (a path).
     pub name: PathBuf,
+    /// The identity of the device that was opened under that name, so that
+    /// recovery never applies records to another file put in its place
+    /// (`None`: the device has no stable identity, such as a block device).
+    pub device: Option<DeviceId>,
 }
 
-/// The log's mutable state, written alternately to two slots.
+/// What identifies one file across renames (not across copies): its inode
+/// number and birth time. Recorded per segment in the log's dictionary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceId {
+    /// The file's inode number.
+    pub file: u64,
+    /// The file's birth time in nanoseconds since the epoch (0 where the
+    /// file system does not record one).
+    pub birth: u64,
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "inode {} born {}", self.file, self.birth)
+    }
+}
+
+/// Bytes of a dictionary entry before its name: id u32, name length u16,
+/// flags u16 (bit 0: device id present), inode u64, birth u64.
+const ENTRY_FIXED: usize = 24;
+
+/// A random 128-bit value from the standard library's randomly seeded
+/// hasher keys (no extra dependency; uniqueness, not secrecy, is needed).
+fn random_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut parts = [0u64; 2];
+    for (i, part) in parts.iter_mut().enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i as u64);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        *part = h.finish();
+    }
+    (u128::from(parts[0]) << 64) | u128::from(parts[1])
+}
+
+/// The log's mutable state, written to both slots in turn (each synced).
 ///
 /// Layout of a slot: magic `[0..8)`, seq u64 `[8..16)`, epoch u64
 /// `[16..24)`, head LSN u64 `[24..32)`, tail hint u64 `[32..40)`,
@@ -154,18 +211,21 @@ pub struct SegmentEntry {
 /// committed transactions u64 `[56..64)`, next segment id u32 `[64..68)`,
 /// dictionary entries u32 `[68..72)`, dictionary bytes u32 `[72..76)`,
 /// CRC32C u32 `[76..80)` over `[0..76)` followed by the dictionary; the
-/// dictionary at `[80..)`: per entry id u32, name length u16, name bytes.
+/// dictionary at `[80..)`: per entry id u32, name length u16, flags u16,
+/// inode u64, birth u64, name bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Status {
-    /// Write sequence; the valid slot with the larger one wins. Slot = seq % 2.
+    /// Write sequence; the valid slot with the larger one wins (both slots
+    /// hold the same status once a status write has finished).
     pub seq: u64,
     /// Incremented at every open; frames carry it, so frames left over from
     /// before a crash can never be mistaken for new ones.
     pub epoch: u64,
     /// Oldest live log position.
     pub head: u64,
-    /// Where the log ended when the status was written (informational).
-    pub tail_hint: u64,
+    /// The log was durable up to this position when the status was written:
+    /// a scan that stops before it has met damaged synced records.
+    pub synced_end: u64,
     /// Log position of the last completed checkpoint (0 = none).
     pub checkpoint_lsn: u64,
     /// Generation of the last completed checkpoint.
@@ -183,7 +243,7 @@ pub struct Status {
 impl Status {
     /// Bytes the dictionary takes when encoded.
     pub fn dict_len(segments: &[SegmentEntry]) -> usize {
-        segments.iter().map(|s| 6 + s.name.as_os_str().len()).sum()
+        segments.iter().map(|s| ENTRY_FIXED + s.name.as_os_str().len()).sum()
     }
 
     /// Encodes into a slot image (None if the dictionary does not fit).
@@ -198,7 +258,7 @@ impl Status {
         put_u64(&mut b, 8, self.seq);
         put_u64(&mut b, 16, self.epoch);
         put_u64(&mut b, 24, self.head);
-        put_u64(&mut b, 32, self.tail_hint);
+        put_u64(&mut b, 32, self.synced_end);
         put_u64(&mut b, 40, self.checkpoint_lsn);
         put_u64(&mut b, 48, self.checkpoint_generation);
         put_u64(&mut b, 56, self.committed);
@@ -210,8 +270,12 @@ impl Status {
             let name = s.name.as_os_str().as_bytes();
             put_u32(&mut b, at, s.id);
             b[at + 4..at + 6].copy_from_slice(&(name.len() as u16).to_le_bytes());
-            b[at + 6..at + 6 + name.len()].copy_from_slice(name);
-            at += 6 + name.len();
+            let dev = s.device.unwrap_or(DeviceId { file: 0, birth: 0 });
+            b[at + 6..at + 8].copy_from_slice(&u16::from(s.device.is_some()).to_le_bytes());
+            put_u64(&mut b, at + 8, dev.file);
+            put_u64(&mut b, at + 16, dev.birth);
+            b[at + ENTRY_FIXED..at + ENTRY_FIXED + name.len()].copy_from_slice(name);
+            at += ENTRY_FIXED + name.len();
         }
         let mut crc = crc32c::crc32c(&b[0..76]);
         crc = crc32c::crc32c_append(crc, &b[STATUS_FIXED..]);
@@ -237,20 +301,22 @@ impl Status {
             return None;
         }
         let d = &b[STATUS_FIXED..STATUS_FIXED + dict];
-        let mut segments = Vec::with_capacity(count.min(dict / 6));
+        let mut segments = Vec::with_capacity(count.min(dict / ENTRY_FIXED));
         let mut at = 0;
         for _ in 0..count {
-            if at + 6 > d.len() {
+            if at + ENTRY_FIXED > d.len() {
                 return None;
             }
             let id = le_u32(d, at);
             let n = u16::from_le_bytes([d[at + 4], d[at + 5]]) as usize;
-            if at + 6 + n > d.len() {
+            let flags = u16::from_le_bytes([d[at + 6], d[at + 7]]);
+            if flags > 1 || at + ENTRY_FIXED + n > d.len() {
                 return None;
             }
-            let name = PathBuf::from(std::ffi::OsStr::from_bytes(&d[at + 6..at + 6 + n]));
-            segments.push(SegmentEntry { id, name });
-            at += 6 + n;
+            let device = (flags == 1).then(|| DeviceId { file: le_u64(d, at + 8), birth: le_u64(d, at + 16) });
+            let name = PathBuf::from(std::ffi::OsStr::from_bytes(&d[at + ENTRY_FIXED..at + ENTRY_FIXED + n]));
+            segments.push(SegmentEntry { id, name, device });
+            at += ENTRY_FIXED + n;
         }
         if at != d.len() {
             return None;
@@ -263,7 +329,7 @@ impl Status {
             seq,
             epoch,
             head,
-            tail_hint: le_u64(b, 32),
+            synced_end: le_u64(b, 32),
             checkpoint_lsn: le_u64(b, 40),
             checkpoint_generation: le_u64(b, 48),
             committed: le_u64(b, 56),
@@ -272,9 +338,9 @@ impl Status {
         })
     }
 
-    /// Offset of the slot this status is written to.
-    pub fn slot_offset(seq: u64) -> u64 {
-        BLOCK + (seq % 2) * STATUS_SLOT
+    /// Offset of status slot `slot` (0 or 1).
+    pub fn slot_offset(slot: u64) -> u64 {
+        BLOCK + (slot % 2) * STATUS_SLOT
     }
 }
 
@@ -375,11 +441,16 @@ impl<'a> FrameWriter<'a> {
 
     /// Appends the commit frame that closes a transaction of `ranges` range
     /// frames covering commits `first_tx..=last_tx`, `bytes` bytes of data.
-    pub fn commit(&mut self, ranges: u32, first_tx: u64, last_tx: u64, bytes: u64) {
-        let mut fixed = [0u8; 24];
+    /// `synced` is the position up to which the log was durable when the
+    /// frame was made: a later reader that finds this frame knows that
+    /// everything before `synced` was acknowledged, so a bad frame there is
+    /// damage, not a torn write.
+    pub fn commit(&mut self, ranges: u32, first_tx: u64, last_tx: u64, bytes: u64, synced: u64) {
+        let mut fixed = [0u8; 32];
         put_u64(&mut fixed, 0, first_tx);
         put_u64(&mut fixed, 8, last_tx);
         put_u64(&mut fixed, 16, bytes);
+        put_u64(&mut fixed, 24, synced);
         self.frame(FrameKind::Commit, ranges, &fixed, &[]);
     }
 }
@@ -413,6 +484,8 @@ pub enum Frame<'a> {
         last_tx: u64,
         /// Data bytes in its ranges.
         bytes: u64,
+        /// The log was durable up to this position when the frame was made.
+        synced: u64,
     },
 }
 
@@ -493,6 +566,7 @@ pub fn decode_frame(f: &[u8]) -> Result<Frame<'_>, FrameDefect> {
                 first_tx: le_u64(f, FRAME_HEADER),
                 last_tx: le_u64(f, FRAME_HEADER + 8),
                 bytes: le_u64(f, FRAME_HEADER + 16),
+                synced: le_u64(f, FRAME_HEADER + 24),
             })
         }
         _ => Err(FrameDefect::BadBody),
@@ -508,7 +582,7 @@ mod tests {
         let sb = Superblock::for_size(1 << 20).unwrap();
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b), Ok(sb));
-        for i in 0..48 {
+        for i in 0..64 {
             let mut d = b.clone();
             d[i] ^= 0x10;
             assert!(Superblock::decode(&d).is_err(), "flip at {i} accepted");
@@ -522,12 +596,15 @@ mod tests {
             seq: 7,
             epoch: 3,
             head: 4096,
-            tail_hint: 8192,
+            synced_end: 8192,
             checkpoint_lsn: 0,
             checkpoint_generation: 0,
             committed: 99,
             next_segment_id: 2,
-            segments: vec![SegmentEntry { id: 1, name: "/tmp/seg".into() }],
+            segments: vec![
+                SegmentEntry { id: 1, name: "/tmp/seg".into(), device: Some(DeviceId { file: 12, birth: 34 }) },
+                SegmentEntry { id: 2, name: "/dev/x".into(), device: None },
+            ],
         };
         let b = st.encode().unwrap();
         assert_eq!(Status::decode(&b), Some(st));
@@ -546,7 +623,7 @@ mod tests {
         let mut out = Vec::new();
         let mut w = FrameWriter::new(&mut out, 64, 5);
         assert_eq!(w.range(3, 100, b"hello"), 1);
-        w.commit(1, 1, 1, 5);
+        w.commit(1, 1, 1, 5, 40);
         let end = w.lsn();
         assert_eq!(end, 64 + out.len() as u64);
         assert_eq!(range_frames_len(5), align8(RANGE_FIXED + 5));
@@ -556,7 +633,7 @@ mod tests {
         assert_eq!(check_header(&h, 64, 4), Err(FrameDefect::WrongEpoch));
         assert_eq!(check_header(&h, 72, 5), Err(FrameDefect::WrongPosition));
         let c = &out[len..];
-        assert_eq!(decode_frame(c), Ok(Frame::Commit { ranges: 1, first_tx: 1, last_tx: 1, bytes: 5 }));
+        assert_eq!(decode_frame(c), Ok(Frame::Commit { ranges: 1, first_tx: 1, last_tx: 1, bytes: 5, synced: 40 }));
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //! ```
 
 use super::format::{self, Frame, FrameKind, Status, Superblock};
-use super::{scan, Ring, ScanStop};
+use super::{find_damage, scan, Damage, Ring, ScanStop};
 use crate::error::{Error, LogError, Result};
 use crate::storage::{OpenMode, Vfs};
 use std::path::{Path, PathBuf};
@@ -41,9 +41,6 @@ pub enum SlotProblem {
     /// Checksum mismatch or a malformed segment dictionary: a torn or
     /// damaged write.
     Damaged,
-    /// A whole, checksummed status whose sequence number selects the other
-    /// slot (a status is valid only in slot `seq % 2`).
-    WrongSlot,
 }
 
 impl SlotProblem {
@@ -53,7 +50,6 @@ impl SlotProblem {
             SlotProblem::Empty => "never written (all zero)",
             SlotProblem::BadMagic => "bad magic",
             SlotProblem::Damaged => "checksum mismatch or malformed dictionary",
-            SlotProblem::WrongSlot => "status sequence number selects the other slot",
         }
     }
 }
@@ -66,7 +62,7 @@ pub struct SlotReport {
     /// Byte offset of the slot on the device.
     pub offset: u64,
     /// The decoded status, whenever the slot holds a whole, checksummed one
-    /// (also when it sits in the wrong slot, see [`SlotProblem::WrongSlot`]).
+    /// (valid or not).
     pub status: Option<Status>,
     /// Why the slot is not valid; `None` for a valid slot.
     pub problem: Option<SlotProblem>,
@@ -92,8 +88,7 @@ impl SlotReport {
         let fixed = &image[..format::STATUS_FIXED.min(image.len())];
         let status = Status::decode(image);
         let problem = match &status {
-            Some(s) if s.seq % 2 == u64::from(index) => None,
-            Some(_) => Some(SlotProblem::WrongSlot),
+            Some(_) => None,
             None if fixed.iter().all(|&b| b == 0) => Some(SlotProblem::Empty),
             None if !image.starts_with(&format::STATUS_MAGIC) => Some(SlotProblem::BadMagic),
             None => Some(SlotProblem::Damaged),
@@ -125,6 +120,8 @@ pub enum FrameBody {
         last_tx: u64,
         /// Data bytes in its ranges.
         bytes: u64,
+        /// The log was durable up to this position when the frame was made.
+        synced: u64,
     },
 }
 
@@ -154,8 +151,8 @@ impl FrameReport {
                 // decode_frame bounds data by MAX_RANGE_DATA, which fits u32.
                 FrameBody::Range { segment, offset, data_len: u32::try_from(data.len()).unwrap_or(u32::MAX) }
             }
-            Frame::Commit { ranges, first_tx, last_tx, bytes } => {
-                FrameBody::Commit { ranges, first_tx, last_tx, bytes }
+            Frame::Commit { ranges, first_tx, last_tx, bytes, synced } => {
+                FrameBody::Commit { ranges, first_tx, last_tx, bytes, synced }
             }
         };
         FrameReport { lsn, len, body }
@@ -184,6 +181,10 @@ pub struct ScanReport {
     /// log: the first position after the last frame holds zeros or stale
     /// bytes from an earlier lap or epoch.
     pub stop: ScanStop,
+    /// Set when the bad frame where the scan stopped is damage rather than
+    /// the log's end: records after it had been synced. Recovery refuses
+    /// such a log unless told to salvage it.
+    pub damage: Option<Damage>,
 }
 
 impl ScanReport {
@@ -239,7 +240,7 @@ pub struct LogReport {
 /// # rvm_core::create_log(&path, 1 << 20).unwrap();
 /// let report = rvm_core::log::inspect::inspect(&rvm_core::FileVfs, &path).unwrap();
 /// assert_eq!(report.superblock.device_size, 1 << 20);
-/// assert!(report.slots[0].is_valid() && !report.slots[1].is_valid());
+/// assert!(report.slots[0].is_valid() && report.slots[1].is_valid()); // both hold the status
 /// assert!(report.frames.is_empty());
 /// ```
 pub fn inspect(vfs: &dyn Vfs, path: &Path) -> Result<LogReport> {
@@ -315,11 +316,15 @@ impl LogInspector {
             Ok(SlotReport::decode(index, offset, &image))
         };
         let slots = [read_slot(0)?, read_slot(1)?];
-        // The same choice as recovery: the valid slot with the larger seq.
+        // The same choice as recovery: the valid slot with the larger seq
+        // (slot 0 when both hold the same status).
         let chosen = slots
             .iter()
             .filter_map(|s| s.valid_status().map(|st| (st.seq, s.index)))
-            .max_by_key(|&(seq, _)| seq)
+            .fold(None, |best: Option<(u64, u8)>, (seq, index)| match best {
+                Some((b, _)) if b >= seq => best,
+                _ => Some((seq, index)),
+            })
             .map(|(_, index)| index);
         let ring = Ring { dev, path: path.into(), area_offset: superblock.area_offset, area_len: superblock.area_len };
         Ok(LogInspector { ring, device_len, superblock, slots, chosen })
@@ -426,6 +431,7 @@ impl LogInspector {
                 Ok(())
             },
         )?;
+        let damage = find_damage(&self.ring, start, &end, status.epoch, status.synced_end)?;
         Ok(ScanReport {
             start,
             end: end.end,
@@ -434,6 +440,7 @@ impl LogInspector {
             frames,
             discarded: end.discarded,
             stop: end.stop,
+            damage,
         })
     }
 
@@ -512,28 +519,27 @@ mod tests {
         let log = Path::new("log");
         crate::create_log_with(&disk, log, 256 << 10).unwrap();
         let mut img = disk.durable_image(log).unwrap();
+        // One damaged slot: the other holds the same status.
         img[format::BLOCK as usize + 20] ^= 4;
         disk.set_durable_image(log, img.clone());
         let report = inspect(&disk, log).unwrap();
         assert_eq!(report.slots[0].problem, Some(SlotProblem::Damaged));
-        assert_eq!(report.slots[1].problem, Some(SlotProblem::Empty));
+        assert_eq!(report.slots[1].problem, None);
+        assert_eq!(report.chosen_slot, Some(1));
+        assert!(report.scan.is_some());
+        // Both damaged: reported, and a walk is refused.
+        let slot1 = (format::BLOCK + format::STATUS_SLOT) as usize;
+        img[slot1] = 0xff; // one junk byte: bad magic
+        disk.set_durable_image(log, img.clone());
+        let report = inspect(&disk, log).unwrap();
+        assert_eq!(report.slots[1].problem, Some(SlotProblem::BadMagic));
         assert_eq!((report.chosen_slot, report.scan), (None, None));
         let inspector = LogInspector::open(&disk, log).unwrap();
         assert!(matches!(inspector.walk(|_| {}), Err(Error::Corrupted { .. })));
         drop(inspector);
-        // A valid status copied to the wrong slot.
-        let slot0 = format::BLOCK as usize;
-        let slot1 = slot0 + format::STATUS_SLOT as usize;
-        img[slot1] = 0xff; // one junk byte: bad magic
-        disk.set_durable_image(log, img.clone());
-        assert_eq!(inspect(&disk, log).unwrap().slots[1].problem, Some(SlotProblem::BadMagic));
-        img[slot0 + 20] ^= 4; // repair slot 0
-        let fixed = img[slot0..slot0 + 4096].to_vec();
-        img[slot1..slot1 + 4096].copy_from_slice(&fixed);
+        img[slot1..slot1 + format::STATUS_SLOT as usize].fill(0);
         disk.set_durable_image(log, img);
-        let report = inspect(&disk, log).unwrap();
-        assert_eq!(report.slots[1].problem, Some(SlotProblem::WrongSlot));
-        assert_eq!(report.chosen_slot, Some(0));
+        assert_eq!(inspect(&disk, log).unwrap().slots[1].problem, Some(SlotProblem::Empty));
     }
 
     #[test]

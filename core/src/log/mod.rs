@@ -79,11 +79,12 @@ pub fn create_log_with(vfs: &dyn Vfs, path: &Path, size: u64) -> Result<()> {
     let dev = vfs.open(path, OpenMode::CreateNew).map_err(|e| Error::io("creating the log", path, e))?;
     let io = |op, r: std::io::Result<()>| r.map_err(|e| Error::io(op, path, e));
     io("sizing the log", dev.set_len(size))?;
-    // A fresh status in slot 0; slot 1 stays zero (invalid) until first use.
+    // A fresh status in both slots.
     let status = Status { seq: 0, epoch: 1, next_segment_id: 1, ..Status::default() };
     let image = status.encode().ok_or(LogError::BadSize { requested: size, reason: "status does not fit" })?;
-    io("writing the log status", dev.write_at(&image, Status::slot_offset(0)))?;
-    io("writing the log status", dev.write_at(&vec![0u8; format::STATUS_SLOT as usize], Status::slot_offset(1)))?;
+    for slot in 0..2 {
+        io("writing the log status", dev.write_at(&image, Status::slot_offset(slot)))?;
+    }
     // Zero the first block of the area so a scan of a new log ends at once.
     io("writing the log", dev.write_at(&[0u8; format::BLOCK as usize], sb.area_offset))?;
     io("syncing the log", dev.sync())?;
@@ -140,14 +141,17 @@ impl LogDevice {
 }
 
 /// Reads both status slots and returns the valid one with the larger seq.
+///
+/// Every status write leaves both slots holding it (see [`write_status`]),
+/// and while one slot is being written the other holds a status that
+/// leads to every committed frame, so one damaged slot loses nothing.
 pub(crate) fn read_status(dev: &dyn Storage, path: &Path) -> Result<Status> {
     let mut best: Option<Status> = None;
     for slot in 0..2u64 {
         let mut buf = vec![0u8; format::STATUS_SLOT as usize];
         dev.read_at(&mut buf, Status::slot_offset(slot)).map_err(|e| Error::io("reading the log status", path, e))?;
         if let Some(s) = Status::decode(&buf) {
-            // A status is only valid in the slot its seq selects.
-            if s.seq % 2 == slot && best.as_ref().is_none_or(|b| s.seq > b.seq) {
+            if best.as_ref().is_none_or(|b| s.seq > b.seq) {
                 best = Some(s);
             }
         }
@@ -155,13 +159,20 @@ pub(crate) fn read_status(dev: &dyn Storage, path: &Path) -> Result<Status> {
     best.ok_or_else(|| Error::corrupted("log status (both slots invalid)", format!("{} offset 4096", path.display())))
 }
 
-/// Writes `status` to its slot and syncs.
+/// Writes `status` to slot 0, syncs, then to slot 1, and syncs again.
+///
+/// No frame depends on a status before this returns (the writer uses a new
+/// epoch, dictionary entry or freed space only afterwards), so whichever
+/// slot a crash or later damage leaves valid leads to every committed frame.
 pub(crate) fn write_status(ring: &Ring, status: &Status) -> Result<()> {
     let image = status.encode().ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
-    ring.dev
-        .write_at(&image, Status::slot_offset(status.seq))
-        .map_err(|e| Error::io("writing the log status", &ring.path, e))?;
-    ring.dev.sync().map_err(|e| Error::io("syncing the log", &ring.path, e))
+    for slot in 0..2 {
+        ring.dev
+            .write_at(&image, Status::slot_offset(slot))
+            .map_err(|e| Error::io("writing the log status", &ring.path, e))?;
+        ring.dev.sync().map_err(|e| Error::io("syncing the log", &ring.path, e))?;
+    }
+    Ok(())
 }
 
 /// Why a scan stopped.
@@ -169,7 +180,9 @@ pub(crate) fn write_status(ring: &Ring, status: &Status) -> Result<()> {
 pub enum ScanStop {
     /// It reached the requested limit.
     Limit,
-    /// The frame at `lsn` failed a check; the log ends there.
+    /// The frame at `lsn` failed a check; the log ends there (whether
+    /// synced records follow it, which makes it damage, is told by
+    /// [`inspect::ScanReport::damage`]).
     Defect {
         /// Position of the refused frame.
         lsn: u64,
@@ -283,4 +296,120 @@ pub(crate) fn scan(
         }
     };
     Ok(ScanEnd { end: tx_start, transactions, discarded: pos - tx_start, stop })
+}
+
+/// Synced records found past the frame where a scan stopped: the log is
+/// damaged, not merely torn at its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// Position of the first bad frame.
+    pub lsn: u64,
+    /// What was wrong with it.
+    pub defect: FrameDefect,
+    /// The log is known to have been durable up to here (from the status or
+    /// from a later frame), beyond `lsn`: acknowledged records were lost.
+    pub synced_to: u64,
+    /// Position of the first valid frame after the bad one, if one was found
+    /// (within one maximal frame of it).
+    pub next_valid: Option<u64>,
+    /// Where the valid frames after the bad one end.
+    pub valid_end: u64,
+    /// Complete transactions (commit frames) among those valid frames: what
+    /// a salvage drops, besides the transaction the bad frame belonged to.
+    pub transactions_after: u64,
+}
+
+impl Damage {
+    /// The typed error recovery returns for this damage.
+    pub(crate) fn error(&self, path: &Path, area_offset: u64, area_len: u64) -> Error {
+        Error::corrupted(
+            format!(
+                "log frame ({}) followed by records that were acknowledged as durable up to position {} \
+                 ({} complete transaction(s) after it); nothing was written; open with `Options::salvage` \
+                 (rvmutl recover --salvage) to keep only the records before it",
+                self.defect.describe(),
+                self.synced_to,
+                self.transactions_after,
+            ),
+            format!("{} position {} (byte offset {})", path.display(), self.lsn, area_offset + self.lsn % area_len),
+        )
+    }
+}
+
+/// Tells damage from a torn or clean end: after a scan from `start` stopped
+/// on a bad frame, looks for evidence that records past it were synced —
+/// the status's `synced_end` beyond it, or a valid frame of this epoch
+/// within one maximal frame after it whose commit frames (or any later
+/// one's) record a synced position beyond it. A write lost or torn by a
+/// crash is never synced, so such evidence means the bytes changed after
+/// they were acknowledged.
+pub(crate) fn find_damage(
+    ring: &Ring,
+    start: u64,
+    end: &ScanEnd,
+    epoch: u64,
+    synced_end: u64,
+) -> Result<Option<Damage>> {
+    let ScanStop::Defect { lsn, defect } = end.stop else { return Ok(None) };
+    let limit = start.saturating_add(ring.area_len);
+    let next_valid = probe_valid_frame(ring, lsn, limit, epoch)?;
+    let (mut synced_to, mut valid_end, mut transactions_after) = (synced_end, lsn, 0);
+    if let Some(first) = next_valid {
+        let mut pos = first;
+        while let Some((len, frame)) = read_valid_frame(ring, pos, limit, epoch)? {
+            if let Frame::Commit { synced, .. } = frame {
+                synced_to = synced_to.max(synced);
+                transactions_after += 1;
+            }
+            pos += len as u64;
+        }
+        valid_end = pos;
+    }
+    Ok((synced_to > lsn).then_some(Damage { lsn, defect, synced_to, next_valid, valid_end, transactions_after }))
+}
+
+/// The first position after `lsn` (8-aligned, within one maximal frame)
+/// where a valid frame of `epoch` starts.
+fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Option<u64>> {
+    let window_end = limit.min(lsn.saturating_add((MAX_FRAME + 64) as u64));
+    let read_end = limit.min(window_end.saturating_add((MAX_FRAME + 8) as u64));
+    let Some(len) = read_end.checked_sub(lsn).filter(|&n| n > 0) else { return Ok(None) };
+    let mut buf = vec![0u8; len as usize];
+    ring.read(lsn, &mut buf)?;
+    let mut p = lsn + 8;
+    while p + FRAME_HEADER as u64 <= window_end {
+        let at = (p - lsn) as usize;
+        let mut hb = [0u8; FRAME_HEADER];
+        hb.copy_from_slice(&buf[at..at + FRAME_HEADER]);
+        if let Ok(n) = format::check_header(&FrameHeader::parse(&hb), p, epoch) {
+            if at + n <= buf.len() && format::decode_frame(&buf[at..at + n]).is_ok() {
+                return Ok(Some(p));
+            }
+        }
+        p += 8;
+    }
+    Ok(None)
+}
+
+/// The valid frame of `epoch` at `pos`, if there is one below `limit`.
+fn read_valid_frame(ring: &Ring, pos: u64, limit: u64, epoch: u64) -> Result<Option<(usize, Frame<'static>)>> {
+    if pos + FRAME_HEADER as u64 > limit {
+        return Ok(None);
+    }
+    let mut hb = [0u8; FRAME_HEADER];
+    ring.read(pos, &mut hb)?;
+    let Ok(len) = format::check_header(&FrameHeader::parse(&hb), pos, epoch) else { return Ok(None) };
+    if pos + len as u64 > limit {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; len];
+    ring.read(pos, &mut buf)?;
+    Ok(match format::decode_frame(&buf) {
+        // Only the commit's fields are needed; range data is not kept.
+        Ok(Frame::Commit { ranges, first_tx, last_tx, bytes, synced }) => {
+            Some((len, Frame::Commit { ranges, first_tx, last_tx, bytes, synced }))
+        }
+        Ok(Frame::Range { segment, offset, .. }) => Some((len, Frame::Range { segment, offset, data: &[] })),
+        Err(_) => None,
+    })
 }

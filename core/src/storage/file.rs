@@ -1,6 +1,6 @@
 //! Real files and block devices.
 
-use super::{OpenMode, Storage, Vfs};
+use super::{DeviceId, OpenMode, Storage, Vfs};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -88,7 +88,62 @@ impl Storage for FileStorage {
     fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.file.as_fd())
     }
+    fn identity(&self) -> io::Result<Option<DeviceId>> {
+        if self.block_device {
+            return Ok(None);
+        }
+        use rustix::fs::{statx, AtFlags, StatxFlags};
+        let st = statx(&self.file, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME)?;
+        let birth = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME) {
+            (st.stx_btime.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(u64::from(st.stx_btime.tv_nsec))
+        } else {
+            0
+        };
+        Ok(Some(DeviceId { file: st.stx_ino, birth }))
+    }
+    fn is_unlinked(&self) -> io::Result<bool> {
+        Ok(!self.block_device && rustix::fs::fstat(&self.file)?.st_nlink == 0)
+    }
+    fn owner_mark(&self) -> io::Result<Option<Vec<u8>>> {
+        if self.block_device {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; MAX_MARK];
+        match rustix::fs::fgetxattr(&self.file, OWNER_XATTR, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(Some(buf))
+            }
+            Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn set_owner_mark(&self, mark: Option<&[u8]>) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        let r = match mark {
+            Some(m) => rustix::fs::fsetxattr(&self.file, OWNER_XATTR, m, rustix::fs::XattrFlags::empty()),
+            None => match rustix::fs::fremovexattr(&self.file, OWNER_XATTR) {
+                Err(e) if e == rustix::io::Errno::NODATA => Ok(()),
+                r => r,
+            },
+        };
+        match r {
+            // A file system without user attributes carries no mark: the
+            // cross-log check is off there (documented).
+            Err(e) if e == rustix::io::Errno::NOTSUP => Ok(()),
+            Err(e) => Err(e.into()),
+            // Attributes are metadata: fdatasync may not cover them.
+            Ok(()) => rustix::fs::fsync(&self.file).map_err(Into::into),
+        }
+    }
 }
+
+/// The extended attribute holding a segment's owner mark.
+const OWNER_XATTR: &str = "user.rvm.log";
+/// The longest owner mark read (a log id and a path).
+const MAX_MARK: usize = 16 + 4096;
 
 /// Opens real files and block devices.
 #[derive(Debug, Default, Clone, Copy)]
@@ -100,6 +155,12 @@ impl Vfs for FileVfs {
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+    fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut src = File::open(from)?;
+        let mut dst = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+        io::copy(&mut src, &mut dst)?;
+        dst.sync_all()
     }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         match std::fs::canonicalize(path) {

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod file;
+pub use crate::log::format::DeviceId;
 pub use file::{FileStorage, FileVfs};
 
 /// A random-access device with explicit durability.
@@ -42,6 +43,30 @@ pub trait Storage: Send + Sync + Debug {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// What identifies this file across renames (inode and birth time), so
+    /// a log can tell that the file under a recorded name was replaced.
+    /// `None` (the default) where there is no stable identity, as for block
+    /// devices, whose device nodes are made anew at every boot.
+    fn identity(&self) -> io::Result<Option<DeviceId>> {
+        Ok(None)
+    }
+    /// Whether the file has lost its last name (it was unlinked or renamed
+    /// over while open): writes to it then reach no file anyone can open.
+    fn is_unlinked(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// The owner mark: which log may hold unapplied records for this
+    /// segment (an extended attribute on files). `None` if there is none
+    /// or the device cannot carry one.
+    fn owner_mark(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Sets (or, with `None`, removes) the owner mark durably. Devices that
+    /// cannot carry one ignore it (the default).
+    fn set_owner_mark(&self, mark: Option<&[u8]>) -> io::Result<()> {
+        let _ = mark;
+        Ok(())
+    }
 }
 
 /// Whether [`Vfs::open`] may create the device.
@@ -70,5 +95,12 @@ pub trait Vfs: Send + Sync + Debug {
     /// ([`io::ErrorKind::Unsupported`]).
     fn remove(&self, path: &Path) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot remove {}", path.display())))
+    }
+    /// Copies the whole device at `from` to a new file `to` and syncs it
+    /// (used to keep a damaged log before a salvage rewrites it). The
+    /// default refuses ([`io::ErrorKind::Unsupported`]).
+    fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let _ = to;
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot copy {}", from.display())))
     }
 }

@@ -114,6 +114,8 @@ struct State {
     fail_syncs: bool,
     /// The largest length a write or `set_len` may give a file.
     max_file_len: u64,
+    /// The identity of the next file created.
+    next_ino: u64,
 }
 
 /// One file.
@@ -127,6 +129,11 @@ struct FileState {
     unsynced_sectors: usize,
     /// The id of the handle holding the lock.
     lock: Option<u64>,
+    /// The file's identity (an inode number): kept by [`SimDisk::rename`],
+    /// new for every file created.
+    ino: u64,
+    /// The owner mark (an extended attribute), durable when set.
+    mark: Option<Vec<u8>>,
 }
 
 /// An unsynced change to a file.
@@ -324,6 +331,7 @@ impl SimDisk {
                 fail_at: None,
                 fail_syncs: false,
                 max_file_len: max,
+                next_ino: 0,
             })),
         }
     }
@@ -415,6 +423,17 @@ impl SimDisk {
         self.state.lock().files.remove(path.as_ref()).is_some()
     }
 
+    /// Renames `from` to `to` (replacing any file there), keeping the file's
+    /// identity, as `rename(2)` does; false if `from` does not exist. Open
+    /// handles on either file are dead afterwards.
+    pub fn rename(&self, from: impl AsRef<Path>, to: impl AsRef<Path>) -> bool {
+        let mut st = self.state.lock();
+        let Some(mut file) = st.files.remove(from.as_ref()) else { return false };
+        file.lock = None;
+        st.files.insert(to.as_ref().to_path_buf(), file);
+        true
+    }
+
     /// Sets both images of `path` to `bytes` and forgets its unsynced
     /// writes, creating the file if needed; for corruption tests. An open
     /// handle on the file stays usable and sees the new contents.
@@ -424,7 +443,8 @@ impl SimDisk {
         match st.files.get_mut(path.as_ref()) {
             Some(file) => file.reset(bytes),
             None => {
-                st.files.insert(path.as_ref().to_path_buf(), FileState::with_image(bytes));
+                let ino = st.new_ino();
+                st.files.insert(path.as_ref().to_path_buf(), FileState { ino, ..FileState::with_image(bytes) });
             }
         }
     }
@@ -467,7 +487,11 @@ impl Vfs for SimDisk {
             }
             _ => {}
         }
-        let file = st.files.entry(path.to_path_buf()).or_default();
+        if !exists {
+            let ino = st.new_ino();
+            st.files.insert(path.to_path_buf(), FileState { ino, ..FileState::default() });
+        }
+        let file = st.files.get_mut(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         if file.lock.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -492,6 +516,23 @@ impl Vfs for SimDisk {
     }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         Ok(path.to_path_buf())
+    }
+    fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if st.files.contains_key(to) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", to.display())));
+        }
+        let image = st.files.get(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?.live.clone();
+        let ino = st.new_ino();
+        st.files.insert(to.to_path_buf(), FileState { ino, ..FileState::with_image(image) });
+        Ok(())
+    }
+}
+
+impl State {
+    fn new_ino(&mut self) -> u64 {
+        self.next_ino += 1;
+        self.next_ino
     }
 }
 
@@ -554,6 +595,21 @@ impl Storage for SimFile {
     fn sync(&self) -> io::Result<()> {
         self.op(true, |file, _| {
             file.sync();
+            Ok(())
+        })
+    }
+
+    fn identity(&self) -> io::Result<Option<crate::storage::DeviceId>> {
+        self.op(false, |file, _| Ok(Some(crate::storage::DeviceId { file: file.ino, birth: 0 })))
+    }
+
+    fn owner_mark(&self) -> io::Result<Option<Vec<u8>>> {
+        self.op(false, |file, _| Ok(file.mark.clone()))
+    }
+
+    fn set_owner_mark(&self, mark: Option<&[u8]>) -> io::Result<()> {
+        self.op(true, |file, _| {
+            file.mark = mark.map(<[u8]>::to_vec);
             Ok(())
         })
     }

@@ -95,6 +95,14 @@ enum Command {
     Recover {
         /// The log.
         log: PathBuf,
+        /// Accept a damaged log: keep a copy of it (<log>.damaged-<epoch>), apply the complete transactions
+        /// before the damage, drop the rest, and report what was dropped.
+        #[arg(long)]
+        salvage: bool,
+        /// Accept the file at NOW as the segment the log recorded as RECORDED (restored from a copy or moved);
+        /// its identity is not checked. Repeat for several segments.
+        #[arg(long, value_name = "RECORDED=NOW")]
+        accept_segment: Vec<String>,
     },
     /// Open the log as an application would (running recovery), truncate it, and close it.
     #[command(after_help = EXIT_CODES)]
@@ -229,7 +237,7 @@ fn run(command: Command, out: &mut dyn Write) -> Outcome {
         Command::CreateLog { path, size } => create_log(&path, size, out),
         Command::Status { log, json } => status(&log, json, out),
         Command::Dump { log, json } => dump(&log, json, out),
-        Command::Recover { log } => recover(&log, out),
+        Command::Recover { log, salvage, accept_segment } => recover(&log, salvage, &accept_segment, out),
         Command::Truncate { log } => truncate(&log, out),
         Command::Checkpoint { log } => checkpoint(&log, out),
         Command::Segment(command) => segment::run(command, out),
@@ -284,11 +292,11 @@ fn slot_line(slot: &SlotReport, chosen: Option<u8>) -> String {
     let mut line = format!("slot {} (offset {}): {state}", slot.index, slot.offset);
     if let Some(s) = &slot.status {
         line.push_str(&format!(
-            "\n    seq {}, epoch {}, head {}, tail hint {}, checkpoint lsn {} generation {}, committed {}, next segment id {}",
+            "\n    seq {}, epoch {}, head {}, synced end {}, checkpoint lsn {} generation {}, committed {}, next segment id {}",
             s.seq,
             s.epoch,
             s.head,
-            s.tail_hint,
+            s.synced_end,
             s.checkpoint_lsn,
             s.checkpoint_generation,
             s.committed,
@@ -299,6 +307,9 @@ fn slot_line(slot: &SlotReport, chosen: Option<u8>) -> String {
         }
         for seg in &s.segments {
             line.push_str(&format!("\n    segment {}: {}", seg.id, seg.name.display()));
+            if let Some(d) = seg.device {
+                line.push_str(&format!(" ({d})"));
+            }
         }
     }
     line
@@ -309,7 +320,7 @@ fn status_json(s: &Status) -> Value {
         "seq": s.seq,
         "epoch": s.epoch,
         "head": s.head,
-        "tail_hint": s.tail_hint,
+        "synced_end": s.synced_end,
         "checkpoint_lsn": s.checkpoint_lsn,
         "checkpoint_generation": s.checkpoint_generation,
         "committed": s.committed,
@@ -317,6 +328,8 @@ fn status_json(s: &Status) -> Value {
         "segments": s.segments.iter().map(|e| json!({
             "id": e.id,
             "name": e.name.to_string_lossy(),
+            "inode": e.device.map(|d| d.file),
+            "birth_ns": e.device.map(|d| d.birth),
         })).collect::<Vec<_>>(),
     })
 }
@@ -358,6 +371,14 @@ fn scan_json(scan: &ScanReport, capacity: u64) -> Value {
         "used_bytes": scan.used(),
         "free_bytes": capacity - scan.used(),
         "stop": stop,
+        "damage": scan.damage.map(|d| json!({
+            "lsn": d.lsn,
+            "reason": defect_name(d.defect),
+            "synced_to": d.synced_to,
+            "next_valid": d.next_valid,
+            "valid_end": d.valid_end,
+            "transactions_after": d.transactions_after,
+        })),
     })
 }
 
@@ -409,9 +430,19 @@ fn status(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
                 writeln!(out, "free:           {} bytes", sb.area_len - used)?;
                 writeln!(out, "transactions:   {} complete in the log ({} commits)", scan.transactions, scan.commits)?;
                 writeln!(out, "discarded:      {} bytes of unfinished tail", scan.discarded)?;
-                match scan.stop {
-                    ScanStop::Limit => writeln!(out, "log ends:       {}", scan.describe_stop())?,
-                    ScanStop::Defect { lsn, .. } => {
+                match (scan.stop, scan.damage) {
+                    (_, Some(d)) => writeln!(
+                        out,
+                        "DAMAGED:        the frame at position {} is bad ({}) but the log was durable up to {}; \
+                         valid frames follow ({} complete transaction(s) after it). Recovery refuses this log; \
+                         `rvmutl recover --salvage` keeps only what precedes the damage",
+                        d.lsn,
+                        d.defect.describe(),
+                        d.synced_to,
+                        d.transactions_after
+                    )?,
+                    (ScanStop::Limit, None) => writeln!(out, "log ends:       {}", scan.describe_stop())?,
+                    (ScanStop::Defect { lsn, .. }, None) => {
                         writeln!(out, "log ends:       at position {lsn} (next frame: {})", scan.describe_stop())?
                     }
                 }
@@ -433,8 +464,8 @@ fn frame_line(log: &LogInspector, f: &FrameReport, committed: bool) -> String {
             let name = log.segment_name(segment).map_or_else(|| "?".to_string(), |p| p.display().to_string());
             format!("range   segment {segment} ({name}) offset {offset} len {data_len}")
         }
-        FrameBody::Commit { ranges, first_tx, last_tx, bytes } => {
-            format!("commit  ranges {ranges} commits {first_tx}..={last_tx} bytes {bytes}")
+        FrameBody::Commit { ranges, first_tx, last_tx, bytes, synced } => {
+            format!("commit  ranges {ranges} commits {first_tx}..={last_tx} bytes {bytes} synced {synced}")
         }
     };
     let tail = if committed { "" } else { "  [unfinished tail, discarded by recovery]" };
@@ -457,12 +488,13 @@ fn frame_json(log: &LogInspector, f: &FrameReport, committed: bool) -> Value {
             "offset": offset,
             "data_len": data_len,
         }),
-        FrameBody::Commit { ranges, first_tx, last_tx, bytes } => json!({
+        FrameBody::Commit { ranges, first_tx, last_tx, bytes, synced } => json!({
             "kind": "commit",
             "ranges": ranges,
             "first_tx": first_tx,
             "last_tx": last_tx,
             "bytes": bytes,
+            "synced": synced,
         }),
     };
     if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
@@ -565,16 +597,40 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
     writeln!(out, "  segment bytes written:  {}", r.segment_bytes_written)?;
     writeln!(out, "  unfinished tail:        {} bytes discarded", r.discarded_bytes)?;
     match r.stopped_at {
-        Some((lsn, why)) => writeln!(out, "  log ended at:           position {lsn} (next frame: {why})"),
-        None => writeln!(out, "  log ended at:           the end of the record area"),
+        Some((lsn, why)) => writeln!(out, "  log ended at:           position {lsn} (next frame: {why})")?,
+        None => writeln!(out, "  log ended at:           the end of the record area")?,
     }
+    if let Some(s) = &r.salvage {
+        writeln!(out, "  SALVAGED a damaged log: frame at position {} was bad ({})", s.damaged_at, s.defect)?;
+        writeln!(
+            out,
+            "  dropped:                {} log bytes, {} complete transaction(s) after the damage, and the",
+            s.dropped_bytes, s.dropped_transactions
+        )?;
+        writeln!(
+            out,
+            "                          transaction the damaged frame belonged to (the log had been durable up to {})",
+            s.synced_to
+        )?;
+        writeln!(out, "  damaged log kept at:    {}", s.copy.display())?;
+    }
+    Ok(())
 }
 
-fn recover(path: &Path, out: &mut dyn Write) -> Outcome {
-    let report = rvm::recover_log(&FileVfs, path)?;
+fn recover(path: &Path, salvage: bool, accept: &[String], out: &mut dyn Write) -> Outcome {
+    let mut opts = Options { salvage, ..Options::default() };
+    for a in accept {
+        let (recorded, now) = a.split_once('=').unwrap_or((a.as_str(), a.as_str()));
+        opts = opts.accept_segment(recorded, now);
+    }
+    let report = rvm::recover_log(&FileVfs, path, &opts)?;
     writeln!(out, "recovered {}:", path.display())?;
     recovery_lines(&report, out)?;
-    writeln!(out, "the log is now empty and its segments hold every complete transaction")?;
+    if report.salvage.is_some() {
+        writeln!(out, "the log is now empty; its segments hold every complete transaction before the damage")?;
+    } else {
+        writeln!(out, "the log is now empty and its segments hold every complete transaction")?;
+    }
     Ok(())
 }
 
