@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod file;
-pub use file::{FileStorage, FileVfs};
+pub use file::{open_read_only, FileStorage, FileVfs};
 
 /// A random-access device with explicit durability.
 ///
