@@ -255,3 +255,61 @@ fn show_through_the_log_sees_a_region_added_by_a_program() {
     assert_eq!(map.regions().len(), 2);
     assert_eq!(map.get("second").unwrap().base, (range.start() + (1 << 20)) as u64);
 }
+
+/// Runs `rvmutl` with `args`, killing it if it has not ended within
+/// `limit` (so a command that blocks fails the test instead of hanging it).
+fn rvmutl_within(args: &[&str], limit: std::time::Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rvmutl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running rvmutl");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("waiting for rvmutl").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().expect("killing rvmutl");
+            let o = child.wait_with_output().expect("reaping rvmutl");
+            panic!("rvmutl {args:?} still running after {limit:?} (blocked?); stderr:\n{}", stderr(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("collecting rvmutl's output")
+}
+
+/// A FIFO is neither a segment nor a log: every command that opens one
+/// refuses it at once, with a non-zero exit. (`segment show` used to block
+/// forever in `open`, waiting for a writer to open the FIFO's other end.)
+#[test]
+fn a_fifo_is_refused_without_blocking() {
+    use rustix::fs::{FileType, Mode, CWD};
+    let _serial = serial();
+    let fx = Fixture::new();
+    let fifo = fx.path("fifo");
+    rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).expect("mkfifo");
+    let limit = std::time::Duration::from_secs(10);
+    let (f, log) = (s(&fifo), s(&fx.log));
+    // `segment show` reads the file itself: a clear refusal, exit 2.
+    for args in [vec!["segment", "show", f], vec!["segment", "show", f, "--json"]] {
+        let o = rvmutl_within(&args, limit);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("not a regular file or block device (a FIFO)"), "{args:?}:\n{}", stderr(&o));
+    }
+    // The others go through the library's devices (opened read-write, which
+    // does not wait for a FIFO's other end) and refuse what they read.
+    for args in [
+        vec!["status", f],
+        vec!["dump", f],
+        vec!["recover", f],
+        vec!["truncate", f],
+        vec!["checkpoint", f],
+        vec!["segment", "show", f, "--log", log],
+        vec!["heap", "check", "--log", log, f],
+        vec!["heap", "stats", "--log", log, f],
+    ] {
+        let o = rvmutl_within(&args, limit);
+        assert_ne!(o.status.code(), Some(0), "{args:?} accepted a FIFO:\n{}", stdout(&o));
+        assert!(stderr(&o).starts_with("rvmutl: error: "), "{args:?}:\n{}", stderr(&o));
+    }
+}

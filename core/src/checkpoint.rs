@@ -14,8 +14,9 @@
 //! - The sweep writes each page of the old set once, as it stood at L:
 //!   memory, except where memory may hold bytes that are not committed at L
 //!   (ranges of transactions in flight at the freeze, and leftovers of
-//!   no-restore aborts): those pages are rebuilt from the segment plus the
-//!   log up to L. A `set_range` that touches a page still waiting in the old
+//!   no-restore aborts), and pages of no-copy regions (their memory began
+//!   as zeros, not the segment's bytes): those pages are rebuilt from the
+//!   segment plus the log up to L, exactly what a replay would write. A `set_range` that touches a page still waiting in the old
 //!   set copies the page first (the write barrier), so stores made after
 //!   the freeze never reach the sweep.
 //! - Finish: segments synced, then a status with head = L; the log before L
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::instance::Inner;
 use crate::log::{self, format};
 use crate::mem;
-use crate::segment::{RegionInner, SegmentInner};
+use crate::segment::{CopyMode, RegionInner, SegmentInner};
 use crate::stats::Counters;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -95,6 +96,11 @@ impl PageBits {
                 b.fetch_or(w, Ordering::AcqRel);
             }
         }
+    }
+
+    /// Pages in the set, in order.
+    fn pages(&self) -> impl Iterator<Item = usize> + '_ {
+        self.intersection(self)
     }
 
     /// Pages in both `self` and `other`, in order.
@@ -303,6 +309,10 @@ impl Copies {
         self.spare.truncate(SPARE_PAGES);
     }
 }
+
+/// Bytes of page images rebuilt from the log at once (each batch of them
+/// costs a scan of the log up to the checkpoint position).
+const REBUILD_BYTES: usize = 16 << 20;
 
 /// Pages written with one `write_at` at most (writers touching them wait
 /// for the write).
@@ -648,7 +658,9 @@ impl Inner {
             sweep.regions = table.iter().filter(|r| !r.track.dirty[old].is_empty()).cloned().collect();
         }
         // Pages memory cannot give as of L: ranges of transactions in flight
-        // at the freeze, and pages polluted by no-restore aborts.
+        // at the freeze, pages polluted by no-restore aborts, and every page
+        // of a no-copy region (its memory started as zeros, not the
+        // segment's bytes: only the log says which bytes it holds rightly).
         let mut rebuild: BTreeSet<(usize, usize)> = BTreeSet::new();
         for t in &sweep.frozen {
             for &(addr, len) in t.ranges.lock().iter() {
@@ -662,21 +674,30 @@ impl Inner {
             }
         }
         for (i, r) in sweep.regions.iter().enumerate() {
-            rebuild.extend(r.track.dirty[old].intersection(&r.track.polluted).map(|p| (i, p)));
+            let dirty = &r.track.dirty[old];
+            if r.copy == CopyMode::NoCopy {
+                rebuild.extend(dirty.pages().map(|p| (i, p)));
+            } else {
+                rebuild.extend(dirty.intersection(&r.track.polluted).map(|p| (i, p)));
+            }
         }
-        if !rebuild.is_empty() {
-            let images = self.rebuild_pages(sweep, &rebuild, lsn)?;
-            for ((i, p), image) in rebuild.iter().zip(images) {
-                let r = &sweep.regions[*i];
+        // In chunks of bounded memory, one scan of the log each.
+        let rebuild: Vec<(usize, usize)> = rebuild.into_iter().collect();
+        for chunk in rebuild.chunks((REBUILD_BYTES / mem::page_size()).max(1)) {
+            let images = self.rebuild_pages(sweep, chunk, lsn)?;
+            for (&(i, p), image) in chunk.iter().zip(images) {
+                let r = &sweep.regions[i];
                 {
                     let mut copies = self.ckpt.copies.lock();
-                    r.track.dirty[old].remove(*p);
-                    if let Some(page) = copies.take(r, *p) {
+                    r.track.dirty[old].remove(p);
+                    if let Some(page) = copies.take(r, p) {
                         copies.recycle(page);
                     }
                 }
-                self.write_pages(sweep, *i, *p, &image)?;
+                self.write_pages(sweep, i, p, &image)?;
             }
+        }
+        if !rebuild.is_empty() {
             Counters::add(&self.counters.checkpoint_rebuilt_pages, rebuild.len() as u64);
             sweep.rebuilt = rebuild.len() as u64;
         }
@@ -705,7 +726,7 @@ impl Inner {
     /// Images of `pages` as of `lsn`: the segment's bytes (as of the head:
     /// nothing of this checkpoint is written yet) with the complete
     /// transactions of the log `[head, lsn)` applied in order.
-    fn rebuild_pages(&self, sweep: &Sweep, pages: &BTreeSet<(usize, usize)>, lsn: u64) -> Result<Vec<Box<[u8]>>> {
+    fn rebuild_pages(&self, sweep: &Sweep, pages: &[(usize, usize)], lsn: u64) -> Result<Vec<Box<[u8]>>> {
         let ps = mem::page_size();
         // (segment id, segment offset of the page) → image index.
         let mut index: BTreeMap<(u32, u64), usize> = BTreeMap::new();

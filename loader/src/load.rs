@@ -231,7 +231,9 @@ pub fn read_load_map(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadMap> {
 /// Reads a segment's load map straight from the file, without a log and
 /// without locking it (for inspection tools). It shows the header as the
 /// file holds it: a change committed to a log and not yet truncated is not
-/// there; [`read_load_map`] shows the recovered state.
+/// there; [`read_load_map`] shows the recovered state. Only a regular file
+/// or a block device is read: anything else (a FIFO, say) is refused at
+/// once with [`LoaderError::Io`], never waited for.
 ///
 /// ```
 /// # let dir = tempfile::tempdir().unwrap();
@@ -249,7 +251,7 @@ pub fn read_load_map_file(path: impl AsRef<Path>) -> Result<LoadMap> {
     use std::os::unix::fs::FileExt;
     let path = path.as_ref();
     let io = |op: &'static str| move |source| LoaderError::Io { op, path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(io("opening segment"))?;
+    let mut file = rvm_core::storage::open_read_only(path).map_err(io("opening segment"))?;
     // Seeking to the end sizes block devices too (their metadata says 0).
     let dev = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io("sizing segment"))?;
     let mut prefix = [0u8; FIXED_HEADER_LEN];

@@ -8,6 +8,29 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Opens a file or block device for reading only, without locking it (to
+/// inspect a device a program may hold). Anything else is refused at once
+/// with [`io::ErrorKind::InvalidInput`]: a FIFO (whose plain `open` would
+/// wait for a writer), a character device, a directory.
+pub fn open_read_only(path: &Path) -> io::Result<File> {
+    use rustix::fs::{FileType, OFlags};
+    // Non-blocking, so that a FIFO's open returns (to be refused) instead of
+    // waiting for its other end.
+    let file = OpenOptions::new().read(true).custom_flags(OFlags::NONBLOCK.bits() as i32).open(path)?;
+    let what = match FileType::from_raw_mode(rustix::fs::fstat(&file)?.st_mode) {
+        FileType::RegularFile | FileType::BlockDevice => {
+            rustix::fs::fcntl_setfl(&file, rustix::fs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+            return Ok(file);
+        }
+        FileType::Fifo => "a FIFO",
+        FileType::CharacterDevice => "a character device",
+        FileType::Directory => "a directory",
+        FileType::Socket => "a socket",
+        _ => "of an unknown type",
+    };
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not a regular file or block device ({what})")))
+}
+
 /// A file or block device, locked exclusively (`flock`) while open.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -172,5 +195,29 @@ impl Vfs for FileVfs {
             }
             r => r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{FileType, Mode, OFlags, CWD};
+
+    #[test]
+    fn open_read_only_takes_files_and_refuses_the_rest_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"bytes").unwrap();
+        let f = open_read_only(&file).unwrap();
+        assert!(!rustix::fs::fcntl_getfl(&f).unwrap().contains(OFlags::NONBLOCK), "left non-blocking");
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        for (path, what) in [(&fifo, "(a FIFO)"), (&dir.path().to_path_buf(), "(a directory)")] {
+            let e = open_read_only(path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().ends_with(what), "{e}");
+        }
+        let missing = open_read_only(&dir.path().join("none")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 mod file;
 pub use crate::log::format::DeviceId;
-pub use file::{FileStorage, FileVfs};
+pub use file::{open_read_only, FileStorage, FileVfs};
 
 /// A random-access device with explicit durability.
 ///

@@ -174,7 +174,7 @@ fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
 fn device_len(path: &Path) -> Result<u64, Failure> {
     use std::io::Seek;
     let io = |source| Failure::Loader(LoaderError::Io { op: "sizing segment", path: path.into(), source });
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = rvm::storage::open_read_only(path).map_err(io)?;
     f.seek(io::SeekFrom::End(0)).map_err(io)
 }
 
