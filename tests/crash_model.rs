@@ -146,6 +146,31 @@ enum Op {
     Checkpoint,
     /// `Rvm::checkpoint_abandon`: stop the running checkpoint part-way.
     CkptAbandon,
+    /// Media damage: the next restart (after a crash or a clean close)
+    /// finds this damage in the log's durable image.
+    Damage(MediaDamage),
+}
+
+/// Where media damage hits the log: a bit flip or a zeroed 512-byte sector.
+#[derive(Clone, Copy, Debug)]
+struct MediaDamage {
+    spot: Spot,
+    /// Picks the byte within the spot.
+    pick: u64,
+    /// Zero the sector around the byte instead of flipping `bit` of it.
+    zero_sector: bool,
+    bit: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Spot {
+    /// The live record area, from the head to a little past the last valid
+    /// frame.
+    Records,
+    /// The used bytes of status slot 0 or 1.
+    Slot(u8),
+    /// The superblock's fields.
+    Superblock,
 }
 
 use Op::*;
@@ -195,6 +220,13 @@ fn op_strategy(seg_len: usize, max_big: usize) -> impl Strategy<Value = Op> {
         1 => Just(CkptFinish),
         1 => Just(Checkpoint),
         1 => Just(CkptAbandon),
+        2 => (
+            prop_oneof![4 => Just(Spot::Records), 2 => (0u8..2).prop_map(Spot::Slot), 1 => Just(Spot::Superblock)],
+            any::<u64>(),
+            prop::bool::weighted(0.3),
+            0u8..8
+        )
+            .prop_map(|(spot, pick, zero_sector, bit)| Damage(MediaDamage { spot, pick, zero_sector, bit })),
     ]
 }
 
@@ -391,6 +423,8 @@ struct World {
     /// An abandoned checkpoint left pages of two states in the segment
     /// (until the next checkpoint or truncation completes).
     mixed: bool,
+    /// Media damage the next restart finds in the log.
+    damage: Option<MediaDamage>,
 }
 
 impl World {
@@ -413,6 +447,7 @@ impl World {
             before: Before::Prefix,
             ckpt: None,
             mixed: false,
+            damage: None,
         };
         (world, Inst { region, seg, rvm })
     }
@@ -423,6 +458,101 @@ impl World {
         let seg = rvm.open_segment(SEG).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, self.cfg.seg_len())).unwrap();
         Inst { region, seg, rvm }
+    }
+
+    /// Damages the log's durable image as `d` says and opens it. The open
+    /// must either succeed (then the usual prefix checks run; `false` is
+    /// returned when the damage was undetectable by design: nothing after
+    /// it proves it was synced) or fail with a typed corruption error
+    /// having written nothing, after which the damage is repaired and the
+    /// open must succeed. One damaged status slot must never stop an open
+    /// while the other is valid.
+    fn open_damaged(&mut self, d: MediaDamage) -> (Inst, bool) {
+        use rvm::log::inspect::{FrameBody, LogInspector};
+        let clean = self.disk.durable_image(LOG).unwrap();
+        let seg = (self.disk.durable_image(SEG).unwrap(), self.disk.live_image(SEG).unwrap());
+        let (range, must_open, detectable) = {
+            let log = LogInspector::open(self.vfs.as_ref(), Path::new(LOG))
+                .unwrap_or_else(|e| panic!("step {}: inspecting the undamaged log failed: {e}", self.step));
+            let sb = log.superblock();
+            let status = log.status().unwrap_or_else(|e| panic!("step {}: undamaged log: {e}", self.step)).clone();
+            let mut commits = Vec::new(); // (lsn, synced)
+            let mut valid_end = status.head;
+            let scan = log
+                .walk(|f| {
+                    valid_end = f.lsn + u64::from(f.len);
+                    if let FrameBody::Commit { synced, .. } = f.body {
+                        commits.push((f.lsn, synced));
+                    }
+                })
+                .unwrap();
+            assert!(scan.damage.is_none(), "step {}: the undamaged log reports damage: {scan:?}", self.step);
+            let sector = |at: usize| at & !511;
+            match d.spot {
+                Spot::Records => {
+                    let lsn = status.head + d.pick % (valid_end - status.head + 64);
+                    let at = (sb.area_offset + lsn % sb.area_len) as usize;
+                    let (start, len) = if d.zero_sector { (sector(at), 512) } else { (at, 1) };
+                    // Bytes before the head are freed: the first live
+                    // damaged byte is where the scan can stop.
+                    let first = (lsn - (at - start) as u64).max(status.head);
+                    let last = lsn - (at - start) as u64 + len as u64;
+                    let proved = status.synced_end > first || commits.iter().any(|&(c, s)| c >= last && s > first);
+                    (start..start + len, false, proved)
+                }
+                Spot::Slot(i) => {
+                    let slot = &log.slots()[usize::from(i)];
+                    let used = slot.status.as_ref().map_or(80, |s| s.encode().map_or(80, |b| b.len()));
+                    let at = slot.offset as usize + (d.pick % used as u64) as usize;
+                    let other_valid = log.slots()[usize::from(1 - i)].is_valid();
+                    let range = if d.zero_sector { sector(at)..sector(at) + 512 } else { at..at + 1 };
+                    (range, other_valid, true)
+                }
+                Spot::Superblock => {
+                    let at = (d.pick % 64) as usize;
+                    let range = if d.zero_sector { 0..512 } else { at..at + 1 };
+                    (range, false, true)
+                }
+            }
+        };
+        let mut img = clean.clone();
+        if d.zero_sector {
+            img[range].fill(0);
+        } else {
+            img[range.start] ^= 1 << d.bit;
+        }
+        self.disk.set_durable_image(LOG, img.clone());
+        match Rvm::open_with(self.vfs.clone(), Path::new(LOG), self.cfg.opts.clone()) {
+            Ok(rvm) => {
+                let seg = rvm.open_segment(SEG).unwrap();
+                let region = rvm.map(&seg, MapSpec::new(0, self.cfg.seg_len())).unwrap();
+                (Inst { region, seg, rvm }, detectable)
+            }
+            Err(e) => {
+                assert!(!must_open, "step {}: one damaged status slot ({d:?}) stopped the open: {e}", self.step);
+                assert!(
+                    matches!(
+                        e,
+                        Error::Corrupted { .. }
+                            | Error::Log(LogError::NotALog { .. } | LogError::UnsupportedVersion { .. })
+                    ),
+                    "step {}: damage {d:?} gave an untyped error: {e:?}",
+                    self.step
+                );
+                assert!(
+                    self.disk.durable_image(LOG).unwrap() == img && self.disk.live_image(LOG).unwrap() == img,
+                    "step {}: a refused open wrote to the log",
+                    self.step
+                );
+                assert!(
+                    (self.disk.durable_image(SEG).unwrap(), self.disk.live_image(SEG).unwrap()) == seg,
+                    "step {}: a refused open wrote to the segment",
+                    self.step
+                );
+                self.disk.set_durable_image(LOG, clean);
+                (self.open(), true)
+            }
+        }
     }
 
     fn clamp(&self, off: usize, len: usize) -> (usize, usize) {
@@ -608,8 +738,21 @@ impl World {
             self.step,
             self.model.explain(&before)
         );
-        let lower = self.model.durable.max(js[0]);
-        let inst = self.open();
+        let mut lower = self.model.durable.max(js[0]);
+        let inst = match self.damage.take() {
+            None => self.open(),
+            Some(d) => {
+                let (inst, detectable) = self.open_damaged(d);
+                if !detectable {
+                    // Damage past the last proof of a sync looks like a
+                    // torn tail: acknowledged commits after it may be lost
+                    // (the documented limit), but never what the segment
+                    // already held.
+                    lower = js[0];
+                }
+                inst
+            }
+        };
         let got = read_region(&inst.region);
         assert_eq!(
             self.disk.durable_image(SEG).unwrap(),
@@ -750,6 +893,7 @@ fn run_tx(world: &mut World, inst: &Inst, mode: RestoreMode, ops: &[Op], i: &mut
                 rvm.flush().unwrap_or_else(|e| panic!("step {}: flush failed: {e}", world.step));
                 world.all_durable();
             }
+            Damage(d) => world.damage = Some(d),
             Truncate => {
                 rvm.truncate().unwrap_or_else(|e| panic!("step {}: truncate failed: {e}", world.step));
                 world.ckpt = None;
@@ -833,6 +977,10 @@ fn run(cfg: &Cfg, ops: &[Op]) {
                         Next::Continue
                     }
                     Reopen => Next::Reopen,
+                    Damage(d) => {
+                        world.damage = Some(d);
+                        Next::Continue
+                    }
                     Remap => {
                         let Inst { region, seg, rvm } = inst;
                         rvm.unmap(region).unwrap_or_else(|e| panic!("step {}: unmap failed: {e}", world.step));

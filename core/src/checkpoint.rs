@@ -572,8 +572,12 @@ impl Inner {
             self.counters.checkpoint_freeze_last_ns.store(ns, Ordering::Relaxed);
             (n, batch, last_tx, old)
         };
-        // WAL: the log is durable up to L before any page is written.
-        let r = self.write_batch(n, &batch).and_then(|lsn| self.sync_to(lsn).map(|_| lsn));
+        // WAL: the log is durable up to L before any page is written, and
+        // a status records it (so damage to any record a page reflects is
+        // refused at the next open, never taken for a torn end).
+        let r = self
+            .write_batch(n, &batch)
+            .and_then(|lsn| self.sync_to(lsn).and_then(|_| self.record_synced_end(lsn)).map(|_| lsn));
         self.recycle_batch(batch);
         let lsn = match r {
             Ok(lsn) => lsn,

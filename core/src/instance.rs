@@ -394,7 +394,11 @@ impl Drop for Lifetime {
         }
         if !inner.poisoned.load(Ordering::Acquire) {
             let last = inner.state.lock().next_tx - 1;
-            let _ = inner.flush_to(last);
+            if inner.flush_to(last).is_ok() {
+                // Record how far the log is durable, so that damage to any
+                // of its records is told from a torn end at the next open.
+                let _ = inner.record_synced_end(u64::MAX);
+            }
         }
         // The log writer empties the spool (a flush did already, unless the
         // instance failed) and exits.
@@ -875,6 +879,27 @@ impl Inner {
         });
         st.segments.insert(id, seg.clone());
         Ok(Segment(seg))
+    }
+
+    /// Makes sure a durable status says the log is synced at least up to
+    /// `upto` (writing one at the current synced position if not). Called
+    /// before segments receive bytes from records below `upto`: from then
+    /// on, damage to those records is always refused at open, never taken
+    /// for a torn end that recovery would silently stop at (with the
+    /// segment already holding part of what follows).
+    pub(crate) fn record_synced_end(&self, upto: u64) -> Result<()> {
+        let synced = self.synced_end();
+        let mut st = self.status.lock();
+        if st.status.synced_end >= upto.min(synced) {
+            return Ok(());
+        }
+        let mut next = st.status.clone();
+        next.seq += 1;
+        next.synced_end = synced;
+        // A status write that failed may have damaged a slot: stop.
+        self.poison(log::write_status(&self.ring, &next))?;
+        st.status = next;
+        Ok(())
     }
 
     /// The position up to which the log is durable (a status records it,
@@ -1373,6 +1398,7 @@ impl Inner {
         }
         let segments = self.status.lock().segments.clone();
         let r = (|| {
+            self.record_synced_end(cut)?;
             let resolve = |id| {
                 segments.get(&id).map(|s| (s.dev.clone(), s.name.clone())).ok_or_else(|| {
                     Error::corrupted(
@@ -1525,6 +1551,15 @@ fn recover(
             return Err(LogError::SegmentTooShort { path, needed, len }.into());
         }
         devices.insert(id, (dev, path));
+    }
+    // Before any segment write, a status says how far the log is durable:
+    // should the replay be cut short by a crash, later damage to the
+    // records it applied is still refused, never taken for the log's end.
+    let mut status = status;
+    if status.synced_end < verified.end {
+        status.seq += 1;
+        status.synced_end = verified.end;
+        log::write_status(ring, &status)?;
     }
     let resolve = |id| {
         devices.get(&id).cloned().ok_or_else(|| {
