@@ -24,8 +24,8 @@
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
 use crate::layout::{
-    self, BlockHeader, Counters, StaticHeader, COUNTERS_AT, COUNTERS_LEN, HDR, HEADER_LEN, MIN_BLOCK, ROOT_NAME_MAX,
-    ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
+    self, BlockHeader, Counters, HeaderError, RootSlot, StaticHeader, COUNTERS_AT, COUNTERS_LEN, HDR, HEADER_LEN,
+    MIN_BLOCK, ROOT_NAME_MAX, ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
 };
 use crate::raw;
 use parking_lot::Mutex;
@@ -132,15 +132,6 @@ impl Hasher for OffsetHasher {
 
 type OffsetBuild = BuildHasherDefault<OffsetHasher>;
 
-/// A root slot's contents.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Slot {
-    name: String,
-    type_tag: u64,
-    off: u64,
-    size: u64,
-}
-
 #[derive(Debug)]
 struct State {
     avail: Avail,
@@ -219,7 +210,11 @@ impl Heap {
         };
         let mut tx = rvm.begin(RestoreMode::NoRestore)?;
         raw::store(&mut tx, static_region.addr(), &header.encode())?;
-        let rest = vec![0u8; STATIC_FIXED - HEADER_LEN + slots * ROOT_SLOT];
+        let mut rest = Vec::with_capacity(STATIC_FIXED - HEADER_LEN + slots * ROOT_SLOT);
+        rest.extend_from_slice(&Counters::default().encode(nonce));
+        for i in 0..slots {
+            rest.extend_from_slice(&RootSlot::encode(None, nonce, i as u32));
+        }
         raw::store(&mut tx, static_region.addr() + HEADER_LEN, &rest)?;
         let first = BlockHeader { size: len, allocated: false, slack: 0 };
         raw::store(&mut tx, heap_region.addr(), &first.encode(nonce, 0))?;
@@ -237,8 +232,10 @@ impl Heap {
         static_region
             .read(0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
-        let header = StaticHeader::decode(&fixed)
-            .map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
+        let header = StaticHeader::decode(&fixed).map_err(|e| match e {
+            HeaderError::Corrupted(why) => HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"),
+            HeaderError::Version(found) => HeapError::UnsupportedVersion { found, supported: layout::VERSION },
+        })?;
         if header.heap_addr != heap_region.addr() as u64 || header.heap_len != heap_region.len() as u64 {
             return Err(HeapError::corrupted(
                 format!(
@@ -263,9 +260,7 @@ impl Heap {
                 "static region offset 12",
             ));
         }
-        let mut cbytes = [0u8; COUNTERS_LEN];
-        static_region.read(COUNTERS_AT, &mut cbytes);
-        let counters = Counters::decode(&cbytes);
+        let counters = read_counters(&static_region, header.nonce)?;
         let heap = Heap {
             rvm: rvm.clone(),
             static_region,
@@ -329,6 +324,12 @@ impl Heap {
                     }
                 }
             }
+        }
+        if st.roots.len() as u64 != counters.roots {
+            return Err(HeapError::corrupted(
+                format!("heap counters ({} roots recorded, {} found in the root slots)", counters.roots, st.roots.len()),
+                format!("static region offset {}", COUNTERS_AT + 32),
+            ));
         }
         drop(st);
         Ok(heap)
@@ -442,7 +443,7 @@ impl Heap {
             }
         })?;
         let mismatch = |what: String| HeapError::corrupted(format!("heap state ({what})"), "volatile index");
-        let persisted = self.read_counters();
+        let persisted = read_counters(&self.static_region, self.header.nonce)?;
         if persisted != st.counters {
             return Err(HeapError::corrupted(
                 format!("heap counters (memory holds {persisted:?}, the heap committed {:?})", st.counters),
@@ -518,14 +519,14 @@ impl Heap {
         if used != st.roots.len() || used + st.free_slots.len() != self.root_slots() {
             return Err(mismatch("root index and root slots disagree".into()));
         }
+        if used as u64 != st.counters.roots {
+            return Err(HeapError::corrupted(
+                format!("heap counters ({} roots recorded, {used} found in the root slots)", st.counters.roots),
+                format!("static region offset {}", COUNTERS_AT + 32),
+            ));
+        }
         report.roots = used as u64;
         Ok(report)
-    }
-
-    fn read_counters(&self) -> Counters {
-        let mut b = [0u8; COUNTERS_LEN];
-        self.static_region.read(COUNTERS_AT, &mut b);
-        Counters::decode(&b)
     }
 
     /// Statistics.
@@ -578,33 +579,16 @@ impl Heap {
     }
 
     /// Reads and checks root slot `i`.
-    fn read_slot(&self, i: usize) -> Result<Option<Slot>> {
+    fn read_slot(&self, i: usize) -> Result<Option<RootSlot>> {
         let at = self.slot_off(i);
         let bad =
             |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
         self.static_region.read(at, &mut b).ok_or_else(|| bad("outside the static region"))?;
-        let n = b[..ROOT_NAME_MAX].iter().position(|&c| c == 0).unwrap_or(ROOT_NAME_MAX);
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        if n == 0 {
-            return if b.iter().all(|&c| c == 0) { Ok(None) } else { Err(bad("unused but not zero")) };
-        }
-        if b[n..ROOT_NAME_MAX].iter().any(|&c| c != 0) {
-            return Err(bad("name not NUL-padded"));
-        }
-        let name = std::str::from_utf8(&b[..n]).map_err(|_| bad("name is not UTF-8"))?.to_owned();
-        let (type_tag, off, size) = (word(40), word(48), word(56));
-        if !off.is_multiple_of(HDR) || off.checked_add(HDR + size).is_none_or(|e| e > self.header.heap_len) {
-            return Err(bad("block offset or size out of range"));
-        }
-        Ok(Some(Slot { name, type_tag, off, size }))
+        RootSlot::decode(&b, self.header.nonce, i as u32, self.header.heap_len).map_err(bad)
     }
 
-    fn root_from_slot(&self, s: Slot) -> Option<Root> {
+    fn root_from_slot(&self, s: RootSlot) -> Option<Root> {
         let ptr = NonNull::new((self.base() + (s.off + HDR) as usize) as *mut u8)?;
         Some(Root { name: s.name, ptr, size: s.size, type_tag: s.type_tag })
     }
@@ -700,6 +684,17 @@ impl Heap {
         })?;
         Ok(root.ptr.cast::<T>())
     }
+}
+
+/// Reads and checks the persistent counters (their checksum; the load and
+/// the check compare the values with the blocks and roots).
+fn read_counters(static_region: &Region, nonce: u64) -> Result<Counters> {
+    let at = format!("static region offset {COUNTERS_AT}");
+    let mut b = [0u8; COUNTERS_LEN];
+    static_region
+        .read(COUNTERS_AT, &mut b)
+        .ok_or_else(|| HeapError::corrupted("heap counters (outside the static region)", at.clone()))?;
+    Counters::decode(&b, nonce).map_err(|why| HeapError::corrupted(format!("heap counters ({why})"), at))
 }
 
 /// The block size limit of the size classes: 1/16 of the heap, at least
@@ -1155,7 +1150,7 @@ impl Undo {
             heap.write_back(base + f.off as usize, &h.encode(nonce, f.off));
         }
         if self.counters.is_some() {
-            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode());
+            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode(nonce));
         }
         for (slot, old) in self.slots.iter().rev() {
             heap.write_back(heap.static_region.addr() + heap.slot_off(*slot), old);
@@ -1181,6 +1176,7 @@ fn apply_intents(
     let nonce = heap.header.nonce;
     let corrupt =
         |what: &str, off: u64| HeapError::corrupted(format!("heap layout ({what})"), format!("heap offset {off:#x}"));
+    let mut counters = st.counters;
     // Roots first: they can fail for ordinary reasons (full, created by
     // someone else), best before anything else is written.
     for change in roots {
@@ -1196,28 +1192,29 @@ fn apply_intents(
                 None => return Err(HeapError::RootsFull { slots: heap.root_slots() }),
             },
         };
-        let mut b = [0u8; ROOT_SLOT];
         undo.roots.push((change.name.clone(), existing));
-        match change.target {
-            Some((off, size, tag)) => {
-                b[..change.name.len()].copy_from_slice(change.name.as_bytes());
-                b[40..48].copy_from_slice(&tag.to_le_bytes());
-                b[48..56].copy_from_slice(&off.to_le_bytes());
-                b[56..64].copy_from_slice(&size.to_le_bytes());
+        let b = match change.target {
+            Some((off, size, type_tag)) => {
                 st.free_slots.remove(&slot);
                 st.roots.insert(change.name.clone(), slot);
+                let s = RootSlot { name: change.name.clone(), type_tag, off, size };
+                RootSlot::encode(Some(&s), nonce, slot as u32)
             }
             None => {
                 st.roots.remove(&change.name);
                 st.free_slots.insert(slot);
+                RootSlot::encode(None, nonce, slot as u32)
             }
-        }
+        };
+        counters.roots = st.roots.len() as u64;
         let mut old = [0u8; ROOT_SLOT];
         heap.static_region.read(heap.slot_off(slot), &mut old);
         undo.slots.push((slot, old));
         raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
     }
-    let mut counters = st.counters;
+    // Lifetime counters come from disk: a hostile value near 2^64 is an
+    // error, not an overflow.
+    let overflow = || HeapError::corrupted("heap counters (a lifetime counter overflows)", format!("static region offset {COUNTERS_AT}"));
     for &(off, r) in allocs.iter() {
         if r.freed {
             continue;
@@ -1255,7 +1252,7 @@ fn apply_intents(
             let h = BlockHeader { size: f + fs - end, allocated: false, slack: 0 };
             raw::store(tx, base + end as usize, &h.encode(nonce, end))?;
         }
-        counters.allocations += 1;
+        counters.allocations = counters.allocations.checked_add(1).ok_or_else(overflow)?;
         counters.live_blocks += 1;
         counters.live_bytes += r.size;
     }
@@ -1290,14 +1287,14 @@ fn apply_intents(
         };
         let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
         raw::store(tx, base + start as usize, &fh.encode(nonce, start))?;
-        counters.frees += 1;
+        counters.frees = counters.frees.checked_add(1).ok_or_else(overflow)?;
         counters.live_blocks -= 1;
         counters.live_bytes -= size;
     }
     if counters != st.counters {
         undo.counters = Some(st.counters);
         st.counters = counters;
-        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode())?;
+        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode(nonce))?;
     }
     Ok(())
 }

@@ -179,6 +179,26 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// Offset of the static region in the heap's segment file.
+    pub fn static_at(&self) -> usize {
+        self.spec.load_map().header_len() as usize
+    }
+
+    /// Offset of the heap region in the heap's segment file.
+    pub fn heap_at(&self) -> usize {
+        self.static_at() + rvm_core::page_size()
+    }
+
+    /// Changes the durable (and live) image of the heap's segment file with
+    /// `f`, as media damage would (call it with the instance closed).
+    pub fn damage(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut img = self.disk.durable_image("heap").expect("the heap segment exists");
+        f(&mut img);
+        self.disk.set_durable_image("heap", img);
+    }
+}
+
 /// Reads `len` bytes at address `addr` of the heap region.
 pub fn read_block(heap: &Heap, addr: usize, len: usize) -> Result<Vec<u8>, String> {
     let region = heap.heap_region();
