@@ -668,19 +668,63 @@ impl Heap {
 
     /// The root `name` holding a `T`, created with `init()` if missing (see
     /// [`Heap::root_or_create`]; size and alignment are `T`'s). `T` must be
-    /// plain data that is valid for any bytes a `T` was stored as, and may
-    /// hold pointers into this heap (they stay valid across loads). Reading
-    /// and writing through the pointer follows the usual rules: declare a
-    /// range in a transaction before storing.
-    pub fn root_or_init<T: Copy>(&self, name: &str, type_tag: u64, init: impl FnOnce() -> T) -> Result<NonNull<T>> {
+    /// plain data without padding ([`bytemuck::NoUninit`], re-exported as
+    /// [`crate::bytemuck`]: every byte of it is initialised, so its bytes
+    /// can go to the log) that is valid for any bytes a `T` was stored as,
+    /// and may hold pointers into this heap (they stay valid across loads).
+    /// Reading and writing through the pointer follows the usual rules:
+    /// declare a range in a transaction before storing.
+    ///
+    /// ```
+    /// # use rvm_core::{create_log, MapSpec, Options, Rvm};
+    /// # use rvm_heap::Heap;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// # let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// # let seg = rvm.create_segment(dir.path().join("seg"), 1 << 20).unwrap();
+    /// # let s = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// # let h = rvm.map(&seg, MapSpec::new(4096, (1 << 20) - 4096)).unwrap();
+    /// # let heap = Heap::format(&rvm, s, h).unwrap();
+    /// use rvm_heap::bytemuck::NoUninit;
+    ///
+    /// #[derive(Clone, Copy, NoUninit)]
+    /// #[bytemuck(crate = "rvm_heap::bytemuck")]
+    /// #[repr(C)]
+    /// struct Config {
+    ///     version: u64,
+    ///     limit: u64,
+    /// }
+    /// let p = heap.root_or_init("config", 1, || Config { version: 3, limit: 99 }).unwrap();
+    /// // SAFETY: the root holds a Config written by a committed transaction.
+    /// assert_eq!(unsafe { p.as_ptr().read() }.limit, 99);
+    /// ```
+    ///
+    /// A type with padding is refused at compile time (its padding bytes
+    /// are uninitialised, and would reach the log):
+    ///
+    /// ```compile_fail
+    /// # use rvm_heap::Heap;
+    /// # fn f(heap: &Heap) {
+    /// #[derive(Clone, Copy)]
+    /// #[repr(C)]
+    /// struct Padded {
+    ///     small: u8,
+    ///     // 7 bytes of padding here
+    ///     big: u64,
+    /// }
+    /// heap.root_or_init("padded", 1, || Padded { small: 1, big: 2 });
+    /// # }
+    /// ```
+    pub fn root_or_init<T: bytemuck::NoUninit>(
+        &self,
+        name: &str,
+        type_tag: u64,
+        init: impl FnOnce() -> T,
+    ) -> Result<NonNull<T>> {
         let size = std::mem::size_of::<T>();
         let root = self.root_or_create(name, size, std::mem::align_of::<T>(), type_tag, |bytes| {
             let value = init();
-            // SAFETY: `bytes` has exactly size_of::<T>() bytes; T is Copy
-            // (no drop glue), and reading its bytes is what storing it
-            // means. The source is a live, initialised T.
-            let src = unsafe { std::slice::from_raw_parts((&value as *const T).cast::<u8>(), size) };
-            bytes.copy_from_slice(src);
+            bytes.copy_from_slice(bytemuck::bytes_of(&value));
         })?;
         Ok(root.ptr.cast::<T>())
     }
