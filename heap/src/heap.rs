@@ -31,9 +31,11 @@ use crate::raw;
 use parking_lot::Mutex;
 use rvm_core::{CommitMode, Region, RestoreMode, Rvm, Transaction};
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
+use std::rc::{Rc, Weak};
 
 /// Root slots of a heap whose static region is one 4 KiB page (what
 /// [`crate::PersistentHeap::create`] makes by default).
@@ -157,12 +159,17 @@ struct State {
 /// loader in one call.
 #[derive(Debug)]
 pub struct Heap {
+    /// Identifies the heap in the per-thread registry of open heap
+    /// transactions (never reused within a process).
+    id: u64,
     rvm: Rvm,
     static_region: Region,
     heap_region: Region,
     header: StaticHeader,
     state: Mutex<State>,
 }
+
+static NEXT_HEAP_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn class_of(size: u64) -> usize {
     CLASS_BOUNDS.iter().position(|&b| size <= b).unwrap_or(CLASS_BOUNDS.len() - 1)
@@ -262,6 +269,7 @@ impl Heap {
         }
         let counters = read_counters(&static_region, header.nonce)?;
         let heap = Heap {
+            id: NEXT_HEAP_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             rvm: rvm.clone(),
             static_region,
             heap_region,
@@ -565,13 +573,27 @@ impl Heap {
     /// Begins a heap transaction (wrapping a core transaction; the calling
     /// thread must not have one open on this instance).
     pub fn begin(&self, mode: RestoreMode) -> Result<HeapTx<'_>> {
-        Ok(HeapTx {
-            heap: self,
-            tx: Some(self.rvm.begin(mode)?),
-            allocs: Spare::take(),
-            frees: Vec::new(),
-            roots: Vec::new(),
-        })
+        let tx = self.rvm.begin(mode)?;
+        let intents = Rc::new(RefCell::new(Intents { allocs: Spare::take(), frees: Vec::new() }));
+        // The core let this thread begin, so any heap transaction the
+        // registry still lists for this heap on this thread was forgotten
+        // (`mem::forget`: never committed, aborted or dropped): give its
+        // reservations and deferred frees back, as its drop would have.
+        if let Some(stale) = OpenTx::replace(self.id, &intents) {
+            let mut st = self.state.lock();
+            release(&mut st, &mut stale.borrow_mut());
+        }
+        Ok(HeapTx { heap: self, tx: Some(tx), intents, roots: Vec::new() })
+    }
+
+    /// Frees `ptr` inside the heap transaction the calling thread has open
+    /// on this heap, if any ([`crate::HeapAllocator`]'s `dealloc` inside a
+    /// transaction): `None` when there is none, else the result of
+    /// [`HeapTx::free`].
+    pub(crate) fn free_in_open_tx(&self, ptr: NonNull<u8>) -> Option<Result<()>> {
+        let intents = OpenTx::get(self.id)?;
+        let mut intents = intents.try_borrow_mut().ok()?;
+        Some(free_in(self, &mut intents, ptr))
     }
 
     fn slot_off(&self, i: usize) -> usize {
@@ -854,11 +876,74 @@ impl Spare {
 pub struct HeapTx<'h> {
     heap: &'h Heap,
     tx: Option<Transaction<'h>>,
-    /// Blocks reserved by this transaction, by offset.
+    /// Its reservations and deferred frees, shared with the thread's
+    /// registry of open heap transactions ([`OpenTx`]) so that
+    /// [`crate::HeapAllocator`]'s `dealloc` can free inside it.
+    intents: Rc<RefCell<Intents>>,
+    roots: Vec<RootChange>,
+}
+
+/// What a heap transaction does at commit to the allocation state.
+#[derive(Debug, Default)]
+struct Intents {
+    /// Blocks reserved by the transaction, by offset.
     allocs: Reservations,
     /// Committed blocks to free at commit.
     frees: Vec<Freed>,
-    roots: Vec<RootChange>,
+}
+
+/// Gives a transaction's reservations back to the free space and drops its
+/// deferred frees (after its core transaction has ended).
+fn release(st: &mut State, intents: &mut Intents) {
+    for &(off, r) in intents.allocs.iter() {
+        st.reserved -= r.size;
+        st.avail.release(off, r.size);
+    }
+    intents.allocs.clear();
+    for f in intents.frees.drain(..) {
+        st.pending_frees.remove(&f.off);
+    }
+}
+
+thread_local! {
+    /// The heap transactions open on this thread: (heap id, its intents).
+    static OPEN_TX: RefCell<Vec<(u64, Weak<RefCell<Intents>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Access to [`OPEN_TX`].
+struct OpenTx;
+
+impl OpenTx {
+    /// Registers `intents` as the open transaction of heap `id`; returns
+    /// the one registered before, if it is still alive (a forgotten one).
+    fn replace(id: u64, intents: &Rc<RefCell<Intents>>) -> Option<Rc<RefCell<Intents>>> {
+        OPEN_TX.with(|o| {
+            let mut o = o.borrow_mut();
+            o.retain(|(_, w)| w.strong_count() > 0);
+            match o.iter_mut().find(|(h, _)| *h == id) {
+                Some((_, w)) => std::mem::replace(w, Rc::downgrade(intents)).upgrade(),
+                None => {
+                    o.push((id, Rc::downgrade(intents)));
+                    None
+                }
+            }
+        })
+    }
+
+    /// The open transaction of heap `id` on this thread.
+    fn get(id: u64) -> Option<Rc<RefCell<Intents>>> {
+        OPEN_TX.with(|o| o.borrow().iter().find(|(h, _)| *h == id).and_then(|(_, w)| w.upgrade()))
+    }
+
+    /// Unregisters `intents` (its transaction has ended).
+    fn remove(id: u64, intents: &Rc<RefCell<Intents>>) {
+        // `try_with`: a transaction dropped while the thread's locals are
+        // being destroyed has nothing left to unregister from.
+        let _ = OPEN_TX.try_with(|o| {
+            let mut o = o.borrow_mut();
+            o.retain(|(h, w)| !(*h == id && std::ptr::eq(w.as_ptr(), Rc::as_ptr(intents))));
+        });
+    }
 }
 
 impl<'h> HeapTx<'h> {
@@ -921,7 +1006,7 @@ impl<'h> HeapTx<'h> {
         // At most the 16-byte rounding, the tail guard and a leftover too
         // small to stand alone (< MIN_BLOCK): always fits in u32.
         let slack = (block - HDR - size as u64) as u32;
-        self.allocs.push(off, Reserved { size: block, slack, freed: false });
+        self.intents.borrow_mut().allocs.push(off, Reserved { size: block, slack, freed: false });
         // Header and tail guard are written at commit.
         NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
     }
@@ -931,42 +1016,7 @@ impl<'h> HeapTx<'h> {
     /// did not hand out, is an error ([`HeapError::DoubleFree`],
     /// [`HeapError::InvalidPointer`]).
     pub fn free(&mut self, ptr: NonNull<u8>) -> Result<()> {
-        let heap = self.heap;
-        let addr = ptr.as_ptr() as usize;
-        let bad = || HeapError::InvalidPointer { addr };
-        let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
-        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
-            return Err(bad());
-        }
-        let off = data_off - HDR;
-        if let Some(r) = self.allocs.find(off) {
-            if r.freed {
-                return Err(HeapError::DoubleFree { addr });
-            }
-            r.freed = true;
-            return Ok(());
-        }
-        let mut st = heap.state.lock();
-        // A valid allocated header marks a live block: committed layouts
-        // hold no stale allocated headers (a header that becomes interior
-        // to a free block is zeroed, see `apply_intents`).
-        let h = match heap.read_header(off) {
-            Ok(h) if h.allocated => h,
-            _ => {
-                // Freed already (the pointer lies in committed free space),
-                // or never a block.
-                return match st.committed_free.range(..=off).next_back() {
-                    Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
-                    _ => Err(bad()),
-                };
-            }
-        };
-        if !st.pending_frees.insert(off) {
-            return Err(HeapError::DoubleFree { addr });
-        }
-        drop(st);
-        self.frees.push(Freed { off, size: h.size, slack: h.slack });
-        Ok(())
+        free_in(self.heap, &mut self.intents.borrow_mut(), ptr)
     }
 
     /// Records (or with `None` removes) the root `name` at commit. `target`
@@ -980,10 +1030,12 @@ impl<'h> HeapTx<'h> {
             Some((ptr, size, tag)) => {
                 let addr = ptr.as_ptr() as usize;
                 let off = block_off(self.heap, ptr);
-                let capacity = match self.allocs.find(off) {
+                let mut guard = self.intents.borrow_mut();
+                let Intents { allocs, frees } = &mut *guard;
+                let capacity = match allocs.find(off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
-                    None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.off == off) => None,
+                    None if off >= self.heap.header.heap_len || frees.iter().any(|f| f.off == off) => None,
                     None => {
                         let _st = self.heap.state.lock();
                         match self.heap.read_header(off) {
@@ -1012,8 +1064,8 @@ impl<'h> HeapTx<'h> {
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
         let heap = self.heap;
         let tx = self.tx.take().expect("heap transaction used after it ended");
-        let allocs = std::mem::take(&mut self.allocs);
-        let frees = std::mem::take(&mut self.frees);
+        OpenTx::remove(heap.id, &self.intents);
+        let Intents { allocs, frees } = std::mem::take(&mut *self.intents.borrow_mut());
         let roots = std::mem::take(&mut self.roots);
         let mut guard = heap.state.lock();
         let mut undo = Undo::new(tx.mode(), frees.len());
@@ -1079,20 +1131,55 @@ impl<'h> HeapTx<'h> {
 impl Drop for HeapTx<'_> {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else { return };
+        OpenTx::remove(self.heap.id, &self.intents);
         // First the core abort, while the reserved blocks are still ours:
         // it may write old bytes back into them.
         tx.abort();
+        let mut intents = self.intents.borrow_mut();
         let mut st = self.heap.state.lock();
-        for &(off, r) in self.allocs.iter() {
-            st.reserved -= r.size;
-            st.avail.release(off, r.size);
-        }
-        for f in self.frees.drain(..) {
-            st.pending_frees.remove(&f.off);
-        }
+        release(&mut st, &mut intents);
         drop(st);
-        Spare::give(std::mem::take(&mut self.allocs));
+        Spare::give(std::mem::take(&mut intents.allocs));
     }
+}
+
+/// [`HeapTx::free`] on a transaction's intents.
+fn free_in(heap: &Heap, intents: &mut Intents, ptr: NonNull<u8>) -> Result<()> {
+    let addr = ptr.as_ptr() as usize;
+    let bad = || HeapError::InvalidPointer { addr };
+    let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
+    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
+        return Err(bad());
+    }
+    let off = data_off - HDR;
+    if let Some(r) = intents.allocs.find(off) {
+        if r.freed {
+            return Err(HeapError::DoubleFree { addr });
+        }
+        r.freed = true;
+        return Ok(());
+    }
+    let mut st = heap.state.lock();
+    // A valid allocated header marks a live block: committed layouts
+    // hold no stale allocated headers (a header that becomes interior
+    // to a free block is zeroed, see `apply_intents`).
+    let h = match heap.read_header(off) {
+        Ok(h) if h.allocated => h,
+        _ => {
+            // Freed already (the pointer lies in committed free space),
+            // or never a block.
+            return match st.committed_free.range(..=off).next_back() {
+                Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
+                _ => Err(bad()),
+            };
+        }
+    };
+    if !st.pending_frees.insert(off) {
+        return Err(HeapError::DoubleFree { addr });
+    }
+    drop(st);
+    intents.frees.push(Freed { off, size: h.size, slack: h.slack });
+    Ok(())
 }
 
 /// A change to the committed-free mirror, in order.
