@@ -280,6 +280,28 @@ impl RootSlot {
     }
 }
 
+/// Recomputes every checksum of a static area in place (header, counters
+/// and the root slots its header declares, as far as `b` holds them), so a
+/// test can change a field and reach the checks behind the checksums.
+pub(crate) fn reseal(b: &mut [u8]) {
+    if b.len() < STATIC_FIXED {
+        return;
+    }
+    let crc = crc32c::crc32c(&b[0..48]);
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+    let nonce = u64_at(b, 40);
+    let crc = counters_crc(nonce, &b[COUNTERS_AT..COUNTERS_AT + COUNTERS_LEN]);
+    b[COUNTERS_AT + COUNTERS_LEN - 4..COUNTERS_AT + COUNTERS_LEN].copy_from_slice(&crc.to_le_bytes());
+    let slots = (u32_at(b, 12) as usize).min((b.len() - STATIC_FIXED) / ROOT_SLOT);
+    for i in 0..slots {
+        let at = STATIC_FIXED + i * ROOT_SLOT;
+        let mut s = [0u8; ROOT_SLOT];
+        s.copy_from_slice(&b[at..at + ROOT_SLOT]);
+        let crc = slot_crc(nonce, i as u32, &s);
+        b[at + ROOT_NAME_MAX..at + ROOT_NAME_MAX + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
 /// A decoded block header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockHeader {

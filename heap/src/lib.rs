@@ -51,6 +51,8 @@ mod heap;
 pub mod layout;
 mod persistent;
 mod raw;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// The `bytemuck` crate, for the [`bytemuck::NoUninit`] bound of
 /// [`Heap::root_or_init`] (derive it with
