@@ -240,7 +240,9 @@ impl Heap {
             .read(0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
         let header = StaticHeader::decode(&fixed).map_err(|e| match e {
-            HeaderError::Corrupted(why) => HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"),
+            HeaderError::Corrupted(why) => {
+                HeapError::corrupted(format!("heap header ({why})"), "static region offset 0")
+            }
             HeaderError::Version(found) => HeapError::UnsupportedVersion { found, supported: layout::VERSION },
         })?;
         if header.heap_addr != heap_region.addr() as u64 || header.heap_len != heap_region.len() as u64 {
@@ -335,7 +337,11 @@ impl Heap {
         }
         if st.roots.len() as u64 != counters.roots {
             return Err(HeapError::corrupted(
-                format!("heap counters ({} roots recorded, {} found in the root slots)", counters.roots, st.roots.len()),
+                format!(
+                    "heap counters ({} roots recorded, {} found in the root slots)",
+                    counters.roots,
+                    st.roots.len()
+                ),
                 format!("static region offset {}", COUNTERS_AT + 32),
             ));
         }
@@ -1345,7 +1351,12 @@ fn apply_intents(
     }
     // Lifetime counters come from disk: a hostile value near 2^64 is an
     // error, not an overflow.
-    let overflow = || HeapError::corrupted("heap counters (a lifetime counter overflows)", format!("static region offset {COUNTERS_AT}"));
+    let overflow = || {
+        HeapError::corrupted(
+            "heap counters (a lifetime counter overflows)",
+            format!("static region offset {COUNTERS_AT}"),
+        )
+    };
     for &(off, r) in allocs.iter() {
         if r.freed {
             continue;

@@ -398,7 +398,9 @@ mod tests {
             d[i] ^= 1;
             assert!(StaticHeader::decode(&d).is_err(), "a flip at byte {i} passes");
         }
-        assert!(matches!(StaticHeader::decode(&[0u8; HEADER_LEN]), Err(HeaderError::Corrupted(w)) if w.contains("blank")));
+        assert!(
+            matches!(StaticHeader::decode(&[0u8; HEADER_LEN]), Err(HeaderError::Corrupted(w)) if w.contains("blank"))
+        );
         // A version 1 header (its own checksum valid) is refused as such.
         let mut v1 = b;
         v1[8..12].copy_from_slice(&1u32.to_le_bytes());

@@ -123,10 +123,7 @@ pub fn fuzz_heap_image(data: &[u8]) -> bool {
         Err(e) => {
             // Rendering the error must work too.
             assert!(!e.to_string().is_empty());
-            assert!(
-                rvm_loader::testing::range_is_free(base, span),
-                "a failed heap load left its regions mapped: {e}"
-            );
+            assert!(rvm_loader::testing::range_is_free(base, span), "a failed heap load left its regions mapped: {e}");
             return false;
         }
     };

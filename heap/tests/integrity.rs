@@ -87,7 +87,9 @@ fn every_bit_of_the_static_metadata_is_checked() {
         disk.disk.set_durable_image("heap", pristine.clone());
     }
     // Slot 0 copied over slot 2 (a shifted write): the index is in the checksum.
-    disk.damage(|img| img.copy_within(s + STATIC_FIXED..s + STATIC_FIXED + ROOT_SLOT, s + STATIC_FIXED + 2 * ROOT_SLOT));
+    disk.damage(|img| {
+        img.copy_within(s + STATIC_FIXED..s + STATIC_FIXED + ROOT_SLOT, s + STATIC_FIXED + 2 * ROOT_SLOT)
+    });
     expect_corrupted(&disk, "root slot copied to another slot", STATIC_FIXED + 2 * ROOT_SLOT);
     disk.disk.set_durable_image("heap", pristine.clone());
     assert!(flips >= 900, "{flips} flips");
