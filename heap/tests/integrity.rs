@@ -115,7 +115,7 @@ fn hostile_root_sizes_behind_a_valid_checksum_are_errors() {
     let s = disk.static_at();
     let nonce = nonce(&disk);
     let pristine = disk.disk.durable_image("heap").unwrap();
-    for (off, size) in [(0, u64::MAX), (0, u64::MAX - 15), (u64::MAX & !15, 64), (0, 1 << 20), (1 << 40, 8)] {
+    for (off, size) in [(0, u64::MAX), (0, u64::MAX - 15), (!15, 64), (0, 1 << 20), (1 << 40, 8)] {
         let slot = RootSlot { name: "config".into(), type_tag: 0, off, size };
         let b = RootSlot::encode(Some(&slot), nonce, 0);
         disk.damage(|img| img[s + STATIC_FIXED..s + STATIC_FIXED + ROOT_SLOT].copy_from_slice(&b));
@@ -159,7 +159,7 @@ fn an_older_format_version_is_refused() {
         let crc = crc32c::crc32c(&h[..48]);
         h[48..52].copy_from_slice(&crc.to_le_bytes());
     });
-    let e = open_after_damage(&disk).err().expect("a version 1 heap is refused");
+    let e = open_after_damage(&disk).expect_err("a version 1 heap is refused");
     assert!(matches!(e, HeapError::UnsupportedVersion { found: 1, supported: 2 }), "{e:?}");
     assert!(e.is_corruption());
     assert!(e.to_string().contains("version 1"), "{e}");
