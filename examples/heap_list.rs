@@ -14,10 +14,11 @@
 //! the oldest one. Kill it at any moment and run it again: the list is whole
 //! and every record it reported committed is there.
 
+use rvm::heap::bytemuck::{self, NoUninit};
 use rvm::heap::{HeapSpec, PersistentHeap};
 use rvm::{create_log, CommitMode, Options, RestoreMode, Rvm};
 use std::alloc::Layout;
-use std::mem::{offset_of, size_of};
+use std::mem::offset_of;
 use std::path::PathBuf;
 use std::ptr::NonNull;
 
@@ -29,8 +30,10 @@ const LIST_TAG: u64 = 0x4c49_5354; // "LIST"
 /// Records kept; older ones are freed.
 const KEEP: u64 = 50;
 
-/// The root: the list's ends and counters.
-#[derive(Clone, Copy, Debug)]
+/// The root: the list's ends and counters. `NoUninit` (no padding bytes)
+/// is what `root_or_init` asks of a root's type: all its bytes go to the log.
+#[derive(Clone, Copy, Debug, NoUninit)]
+#[bytemuck(crate = "rvm::heap::bytemuck")]
 #[repr(C)]
 struct List {
     /// Address of the oldest record (0: empty).
@@ -46,7 +49,8 @@ struct List {
 }
 
 /// A record of the list.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, NoUninit)]
+#[bytemuck(crate = "rvm::heap::bytemuck")]
 #[repr(C)]
 struct Record {
     /// Address of the next (newer) record, 0 at the tail.
@@ -57,10 +61,8 @@ struct Record {
     text: [u8; 48],
 }
 
-fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
-    // SAFETY: `T` is a `repr(C)` plain-data type here (List, Record, u64)
-    // without padding bytes; reading its bytes is reading initialised memory.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
+fn bytes_of<T: NoUninit>(v: &T) -> Vec<u8> {
+    bytemuck::bytes_of(v).to_vec()
 }
 
 /// Reads a `T` stored in the heap at `addr`.

@@ -48,6 +48,15 @@ pub enum HeapError {
         /// Where.
         location: String,
     },
+    /// The static region holds a heap of another format version (an older
+    /// one is not read: its layout differs).
+    #[error("heap format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
     /// A root name is empty, too long, or holds a NUL byte.
     #[error("root name {name:?} is invalid (1 to {max} bytes, no NUL)")]
     BadRootName {
@@ -118,7 +127,7 @@ impl HeapError {
     pub fn is_corruption(&self) -> bool {
         use rvm_loader::LoaderError as L;
         match self {
-            HeapError::Corrupted { .. } => true,
+            HeapError::Corrupted { .. } | HeapError::UnsupportedVersion { .. } => true,
             HeapError::Loader(L::Corrupted { .. } | L::NotALoadMap { .. } | L::UnsupportedVersion { .. }) => true,
             HeapError::Loader(L::Core(e)) | HeapError::Core(e) => is_core_corruption(e),
             _ => false,

@@ -1,8 +1,9 @@
 //! A `GlobalAlloc`-style handle: each allocation and each deallocation is
 //! its own small no-flush transaction.
 
+use crate::error::HeapError;
 use crate::heap::Heap;
-use rvm_core::{CommitMode, RestoreMode};
+use rvm_core::{CommitMode, RestoreMode, TxError};
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::NonNull;
 
@@ -19,6 +20,15 @@ use std::ptr::NonNull;
 /// allocation part of that transaction. It cannot be the process's
 /// `#[global_allocator]` (it borrows a heap that lives in recoverable
 /// memory).
+///
+/// `dealloc` while the calling thread has a [`crate::HeapTx`] open on the
+/// same heap frees the block inside that transaction, exactly as
+/// [`crate::HeapTx::free`]: the block is freed when the transaction
+/// commits, and stays allocated if it aborts. `dealloc` cannot report an
+/// error, so it panics rather than lose a block silently when the free
+/// fails (a pointer the heap did not hand out, a double free) or cannot be
+/// done (the thread has some other transaction open on the instance, a
+/// core transaction or one on another heap; or the instance failed).
 ///
 /// ```
 /// # use rvm_core::*;
@@ -60,6 +70,22 @@ impl<'h> HeapAllocator<'h> {
         }
         tx.commit(CommitMode::NoFlush).ok()?;
         Some(p)
+    }
+
+    /// Frees `p` in its own no-flush transaction, or inside the heap
+    /// transaction the thread has open on this heap.
+    fn try_dealloc(&self, p: NonNull<u8>) -> crate::Result<()> {
+        match self.heap.begin(RestoreMode::NoRestore) {
+            Ok(mut tx) => {
+                tx.free(p)?;
+                tx.commit(CommitMode::NoFlush)
+            }
+            Err(HeapError::Core(rvm_core::Error::Tx(TxError::Nested))) => match self.heap.free_in_open_tx(p) {
+                Some(r) => r,
+                None => Err(HeapError::Core(rvm_core::Error::Tx(TxError::Nested))),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     fn try_realloc(&self, old: NonNull<u8>, layout: Layout, new_size: usize) -> Option<NonNull<u8>> {
@@ -104,10 +130,8 @@ unsafe impl GlobalAlloc for HeapAllocator<'_> {
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
         let Some(p) = NonNull::new(ptr) else { return };
-        if let Ok(mut tx) = self.heap.begin(RestoreMode::NoRestore) {
-            if tx.free(p).is_ok() {
-                let _ = tx.commit(CommitMode::NoFlush);
-            }
+        if let Err(e) = self.try_dealloc(p) {
+            panic!("HeapAllocator::dealloc of {ptr:p} failed, the block is not freed: {e}");
         }
     }
 }

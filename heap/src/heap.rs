@@ -24,16 +24,18 @@
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
 use crate::layout::{
-    self, BlockHeader, Counters, StaticHeader, COUNTERS_AT, COUNTERS_LEN, HDR, HEADER_LEN, MIN_BLOCK, ROOT_NAME_MAX,
-    ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
+    self, BlockHeader, Counters, HeaderError, RootSlot, StaticHeader, COUNTERS_AT, COUNTERS_LEN, HDR, HEADER_LEN,
+    MIN_BLOCK, ROOT_NAME_MAX, ROOT_SLOT, STATIC_FIXED, TAIL_GUARD,
 };
 use crate::raw;
 use parking_lot::Mutex;
 use rvm_core::{CommitMode, Region, RestoreMode, Rvm, Transaction};
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
+use std::rc::{Rc, Weak};
 
 /// Root slots of a heap whose static region is one 4 KiB page (what
 /// [`crate::PersistentHeap::create`] makes by default).
@@ -132,15 +134,6 @@ impl Hasher for OffsetHasher {
 
 type OffsetBuild = BuildHasherDefault<OffsetHasher>;
 
-/// A root slot's contents.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Slot {
-    name: String,
-    type_tag: u64,
-    off: u64,
-    size: u64,
-}
-
 #[derive(Debug)]
 struct State {
     avail: Avail,
@@ -166,12 +159,20 @@ struct State {
 /// loader in one call.
 #[derive(Debug)]
 pub struct Heap {
+    /// Identifies the heap in the per-thread registry of open heap
+    /// transactions (never reused within a process).
+    id: u64,
     rvm: Rvm,
     static_region: Region,
     heap_region: Region,
+    /// Claims on the regions, where nobody (such as the loader) held one
+    /// already: nobody else can unmap them under the heap.
+    _claims: [Option<rvm_core::RegionClaim>; 2],
     header: StaticHeader,
     state: Mutex<State>,
 }
+
+static NEXT_HEAP_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn class_of(size: u64) -> usize {
     CLASS_BOUNDS.iter().position(|&b| size <= b).unwrap_or(CLASS_BOUNDS.len() - 1)
@@ -219,7 +220,11 @@ impl Heap {
         };
         let mut tx = rvm.begin(RestoreMode::NoRestore)?;
         raw::store(&mut tx, static_region.addr(), &header.encode())?;
-        let rest = vec![0u8; STATIC_FIXED - HEADER_LEN + slots * ROOT_SLOT];
+        let mut rest = Vec::with_capacity(STATIC_FIXED - HEADER_LEN + slots * ROOT_SLOT);
+        rest.extend_from_slice(&Counters::default().encode(nonce));
+        for i in 0..slots {
+            rest.extend_from_slice(&RootSlot::encode(None, nonce, i as u32));
+        }
         raw::store(&mut tx, static_region.addr() + HEADER_LEN, &rest)?;
         let first = BlockHeader { size: len, allocated: false, slack: 0 };
         raw::store(&mut tx, heap_region.addr(), &first.encode(nonce, 0))?;
@@ -236,8 +241,12 @@ impl Heap {
         let mut fixed = [0u8; HEADER_LEN];
         raw::read_metadata(&static_region, 0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
-        let header = StaticHeader::decode(&fixed)
-            .map_err(|why| HeapError::corrupted(format!("heap header ({why})"), "static region offset 0"))?;
+        let header = StaticHeader::decode(&fixed).map_err(|e| match e {
+            HeaderError::Corrupted(why) => {
+                HeapError::corrupted(format!("heap header ({why})"), "static region offset 0")
+            }
+            HeaderError::Version(found) => HeapError::UnsupportedVersion { found, supported: layout::VERSION },
+        })?;
         if header.heap_addr != heap_region.addr() as u64 || header.heap_len != heap_region.len() as u64 {
             return Err(HeapError::corrupted(
                 format!(
@@ -262,11 +271,11 @@ impl Heap {
                 "static region offset 12",
             ));
         }
-        let mut cbytes = [0u8; COUNTERS_LEN];
-        raw::read_metadata(&static_region, COUNTERS_AT, &mut cbytes);
-        let counters = Counters::decode(&cbytes);
+        let counters = read_counters(&static_region, header.nonce)?;
         let heap = Heap {
+            id: NEXT_HEAP_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             rvm: rvm.clone(),
+            _claims: [static_region.claim().ok(), heap_region.claim().ok()],
             static_region,
             heap_region,
             header,
@@ -328,6 +337,16 @@ impl Heap {
                     }
                 }
             }
+        }
+        if st.roots.len() as u64 != counters.roots {
+            return Err(HeapError::corrupted(
+                format!(
+                    "heap counters ({} roots recorded, {} found in the root slots)",
+                    counters.roots,
+                    st.roots.len()
+                ),
+                format!("static region offset {}", COUNTERS_AT + 32),
+            ));
         }
         drop(st);
         Ok(heap)
@@ -441,7 +460,7 @@ impl Heap {
             }
         })?;
         let mismatch = |what: String| HeapError::corrupted(format!("heap state ({what})"), "volatile index");
-        let persisted = self.read_counters();
+        let persisted = read_counters(&self.static_region, self.header.nonce)?;
         if persisted != st.counters {
             return Err(HeapError::corrupted(
                 format!("heap counters (memory holds {persisted:?}, the heap committed {:?})", st.counters),
@@ -517,14 +536,14 @@ impl Heap {
         if used != st.roots.len() || used + st.free_slots.len() != self.root_slots() {
             return Err(mismatch("root index and root slots disagree".into()));
         }
+        if used as u64 != st.counters.roots {
+            return Err(HeapError::corrupted(
+                format!("heap counters ({} roots recorded, {used} found in the root slots)", st.counters.roots),
+                format!("static region offset {}", COUNTERS_AT + 32),
+            ));
+        }
         report.roots = used as u64;
         Ok(report)
-    }
-
-    fn read_counters(&self) -> Counters {
-        let mut b = [0u8; COUNTERS_LEN];
-        raw::read_metadata(&self.static_region, COUNTERS_AT, &mut b);
-        Counters::decode(&b)
     }
 
     /// Statistics.
@@ -563,13 +582,27 @@ impl Heap {
     /// Begins a heap transaction (wrapping a core transaction; the calling
     /// thread must not have one open on this instance).
     pub fn begin(&self, mode: RestoreMode) -> Result<HeapTx<'_>> {
-        Ok(HeapTx {
-            heap: self,
-            tx: Some(self.rvm.begin(mode)?),
-            allocs: Spare::take(),
-            frees: Vec::new(),
-            roots: Vec::new(),
-        })
+        let tx = self.rvm.begin(mode)?;
+        let intents = Rc::new(RefCell::new(Intents { allocs: Spare::take(), frees: Vec::new() }));
+        // The core let this thread begin, so any heap transaction the
+        // registry still lists for this heap on this thread was forgotten
+        // (`mem::forget`: never committed, aborted or dropped): give its
+        // reservations and deferred frees back, as its drop would have.
+        if let Some(stale) = OpenTx::replace(self.id, &intents) {
+            let mut st = self.state.lock();
+            release(&mut st, &mut stale.borrow_mut());
+        }
+        Ok(HeapTx { heap: self, tx: Some(tx), intents, roots: Vec::new() })
+    }
+
+    /// Frees `ptr` inside the heap transaction the calling thread has open
+    /// on this heap, if any ([`crate::HeapAllocator`]'s `dealloc` inside a
+    /// transaction): `None` when there is none, else the result of
+    /// [`HeapTx::free`].
+    pub(crate) fn free_in_open_tx(&self, ptr: NonNull<u8>) -> Option<Result<()>> {
+        let intents = OpenTx::get(self.id)?;
+        let mut intents = intents.try_borrow_mut().ok()?;
+        Some(free_in(self, &mut intents, ptr))
     }
 
     fn slot_off(&self, i: usize) -> usize {
@@ -577,33 +610,16 @@ impl Heap {
     }
 
     /// Reads and checks root slot `i`.
-    fn read_slot(&self, i: usize) -> Result<Option<Slot>> {
+    fn read_slot(&self, i: usize) -> Result<Option<RootSlot>> {
         let at = self.slot_off(i);
         let bad =
             |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
         raw::read_metadata(&self.static_region, at, &mut b).ok_or_else(|| bad("outside the static region"))?;
-        let n = b[..ROOT_NAME_MAX].iter().position(|&c| c == 0).unwrap_or(ROOT_NAME_MAX);
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        if n == 0 {
-            return if b.iter().all(|&c| c == 0) { Ok(None) } else { Err(bad("unused but not zero")) };
-        }
-        if b[n..ROOT_NAME_MAX].iter().any(|&c| c != 0) {
-            return Err(bad("name not NUL-padded"));
-        }
-        let name = std::str::from_utf8(&b[..n]).map_err(|_| bad("name is not UTF-8"))?.to_owned();
-        let (type_tag, off, size) = (word(40), word(48), word(56));
-        if !off.is_multiple_of(HDR) || off.checked_add(HDR + size).is_none_or(|e| e > self.header.heap_len) {
-            return Err(bad("block offset or size out of range"));
-        }
-        Ok(Some(Slot { name, type_tag, off, size }))
+        RootSlot::decode(&b, self.header.nonce, i as u32, self.header.heap_len).map_err(bad)
     }
 
-    fn root_from_slot(&self, s: Slot) -> Option<Root> {
+    fn root_from_slot(&self, s: RootSlot) -> Option<Root> {
         let ptr = NonNull::new((self.base() + (s.off + HDR) as usize) as *mut u8)?;
         Some(Root { name: s.name, ptr, size: s.size, type_tag: s.type_tag })
     }
@@ -683,22 +699,76 @@ impl Heap {
 
     /// The root `name` holding a `T`, created with `init()` if missing (see
     /// [`Heap::root_or_create`]; size and alignment are `T`'s). `T` must be
-    /// plain data that is valid for any bytes a `T` was stored as, and may
-    /// hold pointers into this heap (they stay valid across loads). Reading
-    /// and writing through the pointer follows the usual rules: declare a
-    /// range in a transaction before storing.
-    pub fn root_or_init<T: Copy>(&self, name: &str, type_tag: u64, init: impl FnOnce() -> T) -> Result<NonNull<T>> {
+    /// plain data without padding ([`bytemuck::NoUninit`], re-exported as
+    /// [`crate::bytemuck`]: every byte of it is initialised, so its bytes
+    /// can go to the log) that is valid for any bytes a `T` was stored as,
+    /// and may hold pointers into this heap (they stay valid across loads).
+    /// Reading and writing through the pointer follows the usual rules:
+    /// declare a range in a transaction before storing.
+    ///
+    /// ```
+    /// # use rvm_core::{create_log, MapSpec, Options, Rvm};
+    /// # use rvm_heap::Heap;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// # let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// # let seg = rvm.create_segment(dir.path().join("seg"), 1 << 20).unwrap();
+    /// # let s = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// # let h = rvm.map(&seg, MapSpec::new(4096, (1 << 20) - 4096)).unwrap();
+    /// # let heap = Heap::format(&rvm, s, h).unwrap();
+    /// use rvm_heap::bytemuck::NoUninit;
+    ///
+    /// #[derive(Clone, Copy, NoUninit)]
+    /// #[bytemuck(crate = "rvm_heap::bytemuck")]
+    /// #[repr(C)]
+    /// struct Config {
+    ///     version: u64,
+    ///     limit: u64,
+    /// }
+    /// let p = heap.root_or_init("config", 1, || Config { version: 3, limit: 99 }).unwrap();
+    /// // SAFETY: the root holds a Config written by a committed transaction.
+    /// assert_eq!(unsafe { p.as_ptr().read() }.limit, 99);
+    /// ```
+    ///
+    /// A type with padding is refused at compile time (its padding bytes
+    /// are uninitialised, and would reach the log):
+    ///
+    /// ```compile_fail
+    /// # use rvm_heap::Heap;
+    /// # fn f(heap: &Heap) {
+    /// #[derive(Clone, Copy)]
+    /// #[repr(C)]
+    /// struct Padded {
+    ///     small: u8,
+    ///     // 7 bytes of padding here
+    ///     big: u64,
+    /// }
+    /// heap.root_or_init("padded", 1, || Padded { small: 1, big: 2 });
+    /// # }
+    /// ```
+    pub fn root_or_init<T: bytemuck::NoUninit>(
+        &self,
+        name: &str,
+        type_tag: u64,
+        init: impl FnOnce() -> T,
+    ) -> Result<NonNull<T>> {
         let size = std::mem::size_of::<T>();
         let root = self.root_or_create(name, size, std::mem::align_of::<T>(), type_tag, |bytes| {
             let value = init();
-            // SAFETY: `bytes` has exactly size_of::<T>() bytes; T is Copy
-            // (no drop glue), and reading its bytes is what storing it
-            // means. The source is a live, initialised T.
-            let src = unsafe { std::slice::from_raw_parts((&value as *const T).cast::<u8>(), size) };
-            bytes.copy_from_slice(src);
+            bytes.copy_from_slice(bytemuck::bytes_of(&value));
         })?;
         Ok(root.ptr.cast::<T>())
     }
+}
+
+/// Reads and checks the persistent counters (their checksum; the load and
+/// the check compare the values with the blocks and roots).
+fn read_counters(static_region: &Region, nonce: u64) -> Result<Counters> {
+    let at = format!("static region offset {COUNTERS_AT}");
+    let mut b = [0u8; COUNTERS_LEN];
+    raw::read_metadata(static_region, COUNTERS_AT, &mut b)
+        .ok_or_else(|| HeapError::corrupted("heap counters (outside the static region)", at.clone()))?;
+    Counters::decode(&b, nonce).map_err(|why| HeapError::corrupted(format!("heap counters ({why})"), at))
 }
 
 /// The block size limit of the size classes: 1/16 of the heap, at least
@@ -814,11 +884,74 @@ impl Spare {
 pub struct HeapTx<'h> {
     heap: &'h Heap,
     tx: Option<Transaction<'h>>,
-    /// Blocks reserved by this transaction, by offset.
+    /// Its reservations and deferred frees, shared with the thread's
+    /// registry of open heap transactions ([`OpenTx`]) so that
+    /// [`crate::HeapAllocator`]'s `dealloc` can free inside it.
+    intents: Rc<RefCell<Intents>>,
+    roots: Vec<RootChange>,
+}
+
+/// What a heap transaction does at commit to the allocation state.
+#[derive(Debug, Default)]
+struct Intents {
+    /// Blocks reserved by the transaction, by offset.
     allocs: Reservations,
     /// Committed blocks to free at commit.
     frees: Vec<Freed>,
-    roots: Vec<RootChange>,
+}
+
+/// Gives a transaction's reservations back to the free space and drops its
+/// deferred frees (after its core transaction has ended).
+fn release(st: &mut State, intents: &mut Intents) {
+    for &(off, r) in intents.allocs.iter() {
+        st.reserved -= r.size;
+        st.avail.release(off, r.size);
+    }
+    intents.allocs.clear();
+    for f in intents.frees.drain(..) {
+        st.pending_frees.remove(&f.off);
+    }
+}
+
+thread_local! {
+    /// The heap transactions open on this thread: (heap id, its intents).
+    static OPEN_TX: RefCell<Vec<(u64, Weak<RefCell<Intents>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Access to [`OPEN_TX`].
+struct OpenTx;
+
+impl OpenTx {
+    /// Registers `intents` as the open transaction of heap `id`; returns
+    /// the one registered before, if it is still alive (a forgotten one).
+    fn replace(id: u64, intents: &Rc<RefCell<Intents>>) -> Option<Rc<RefCell<Intents>>> {
+        OPEN_TX.with(|o| {
+            let mut o = o.borrow_mut();
+            o.retain(|(_, w)| w.strong_count() > 0);
+            match o.iter_mut().find(|(h, _)| *h == id) {
+                Some((_, w)) => std::mem::replace(w, Rc::downgrade(intents)).upgrade(),
+                None => {
+                    o.push((id, Rc::downgrade(intents)));
+                    None
+                }
+            }
+        })
+    }
+
+    /// The open transaction of heap `id` on this thread.
+    fn get(id: u64) -> Option<Rc<RefCell<Intents>>> {
+        OPEN_TX.with(|o| o.borrow().iter().find(|(h, _)| *h == id).and_then(|(_, w)| w.upgrade()))
+    }
+
+    /// Unregisters `intents` (its transaction has ended).
+    fn remove(id: u64, intents: &Rc<RefCell<Intents>>) {
+        // `try_with`: a transaction dropped while the thread's locals are
+        // being destroyed has nothing left to unregister from.
+        let _ = OPEN_TX.try_with(|o| {
+            let mut o = o.borrow_mut();
+            o.retain(|(h, w)| !(*h == id && std::ptr::eq(w.as_ptr(), Rc::as_ptr(intents))));
+        });
+    }
 }
 
 impl<'h> HeapTx<'h> {
@@ -881,7 +1014,7 @@ impl<'h> HeapTx<'h> {
         // At most the 16-byte rounding, the tail guard and a leftover too
         // small to stand alone (< MIN_BLOCK): always fits in u32.
         let slack = (block - HDR - size as u64) as u32;
-        self.allocs.push(off, Reserved { size: block, slack, freed: false });
+        self.intents.borrow_mut().allocs.push(off, Reserved { size: block, slack, freed: false });
         // Header and tail guard are written at commit.
         NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
     }
@@ -891,42 +1024,7 @@ impl<'h> HeapTx<'h> {
     /// did not hand out, is an error ([`HeapError::DoubleFree`],
     /// [`HeapError::InvalidPointer`]).
     pub fn free(&mut self, ptr: NonNull<u8>) -> Result<()> {
-        let heap = self.heap;
-        let addr = ptr.as_ptr() as usize;
-        let bad = || HeapError::InvalidPointer { addr };
-        let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
-        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
-            return Err(bad());
-        }
-        let off = data_off - HDR;
-        if let Some(r) = self.allocs.find(off) {
-            if r.freed {
-                return Err(HeapError::DoubleFree { addr });
-            }
-            r.freed = true;
-            return Ok(());
-        }
-        let mut st = heap.state.lock();
-        // A valid allocated header marks a live block: committed layouts
-        // hold no stale allocated headers (a header that becomes interior
-        // to a free block is zeroed, see `apply_intents`).
-        let h = match heap.read_header(off) {
-            Ok(h) if h.allocated => h,
-            _ => {
-                // Freed already (the pointer lies in committed free space),
-                // or never a block.
-                return match st.committed_free.range(..=off).next_back() {
-                    Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
-                    _ => Err(bad()),
-                };
-            }
-        };
-        if !st.pending_frees.insert(off) {
-            return Err(HeapError::DoubleFree { addr });
-        }
-        drop(st);
-        self.frees.push(Freed { off, size: h.size, slack: h.slack });
-        Ok(())
+        free_in(self.heap, &mut self.intents.borrow_mut(), ptr)
     }
 
     /// Records (or with `None` removes) the root `name` at commit. `target`
@@ -940,10 +1038,12 @@ impl<'h> HeapTx<'h> {
             Some((ptr, size, tag)) => {
                 let addr = ptr.as_ptr() as usize;
                 let off = block_off(self.heap, ptr);
-                let capacity = match self.allocs.find(off) {
+                let mut guard = self.intents.borrow_mut();
+                let Intents { allocs, frees } = &mut *guard;
+                let capacity = match allocs.find(off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
-                    None if off >= self.heap.header.heap_len || self.frees.iter().any(|f| f.off == off) => None,
+                    None if off >= self.heap.header.heap_len || frees.iter().any(|f| f.off == off) => None,
                     None => {
                         let _st = self.heap.state.lock();
                         match self.heap.read_header(off) {
@@ -972,8 +1072,8 @@ impl<'h> HeapTx<'h> {
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
         let heap = self.heap;
         let tx = self.tx.take().expect("heap transaction used after it ended");
-        let allocs = std::mem::take(&mut self.allocs);
-        let frees = std::mem::take(&mut self.frees);
+        OpenTx::remove(heap.id, &self.intents);
+        let Intents { allocs, frees } = std::mem::take(&mut *self.intents.borrow_mut());
         let roots = std::mem::take(&mut self.roots);
         let mut guard = heap.state.lock();
         let mut undo = Undo::new(tx.mode(), frees.len());
@@ -1039,20 +1139,55 @@ impl<'h> HeapTx<'h> {
 impl Drop for HeapTx<'_> {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else { return };
+        OpenTx::remove(self.heap.id, &self.intents);
         // First the core abort, while the reserved blocks are still ours:
         // it may write old bytes back into them.
         tx.abort();
+        let mut intents = self.intents.borrow_mut();
         let mut st = self.heap.state.lock();
-        for &(off, r) in self.allocs.iter() {
-            st.reserved -= r.size;
-            st.avail.release(off, r.size);
-        }
-        for f in self.frees.drain(..) {
-            st.pending_frees.remove(&f.off);
-        }
+        release(&mut st, &mut intents);
         drop(st);
-        Spare::give(std::mem::take(&mut self.allocs));
+        Spare::give(std::mem::take(&mut intents.allocs));
     }
+}
+
+/// [`HeapTx::free`] on a transaction's intents.
+fn free_in(heap: &Heap, intents: &mut Intents, ptr: NonNull<u8>) -> Result<()> {
+    let addr = ptr.as_ptr() as usize;
+    let bad = || HeapError::InvalidPointer { addr };
+    let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
+    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
+        return Err(bad());
+    }
+    let off = data_off - HDR;
+    if let Some(r) = intents.allocs.find(off) {
+        if r.freed {
+            return Err(HeapError::DoubleFree { addr });
+        }
+        r.freed = true;
+        return Ok(());
+    }
+    let mut st = heap.state.lock();
+    // A valid allocated header marks a live block: committed layouts
+    // hold no stale allocated headers (a header that becomes interior
+    // to a free block is zeroed, see `apply_intents`).
+    let h = match heap.read_header(off) {
+        Ok(h) if h.allocated => h,
+        _ => {
+            // Freed already (the pointer lies in committed free space),
+            // or never a block.
+            return match st.committed_free.range(..=off).next_back() {
+                Some((&f, &fs)) if off < f + fs => Err(HeapError::DoubleFree { addr }),
+                _ => Err(bad()),
+            };
+        }
+    };
+    if !st.pending_frees.insert(off) {
+        return Err(HeapError::DoubleFree { addr });
+    }
+    drop(st);
+    intents.frees.push(Freed { off, size: h.size, slack: h.slack });
+    Ok(())
 }
 
 /// A change to the committed-free mirror, in order.
@@ -1154,7 +1289,7 @@ impl Undo {
             heap.write_back(base + f.off as usize, &h.encode(nonce, f.off));
         }
         if self.counters.is_some() {
-            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode());
+            heap.write_back(heap.static_region.addr() + COUNTERS_AT, &st.counters.encode(nonce));
         }
         for (slot, old) in self.slots.iter().rev() {
             heap.write_back(heap.static_region.addr() + heap.slot_off(*slot), old);
@@ -1180,6 +1315,7 @@ fn apply_intents(
     let nonce = heap.header.nonce;
     let corrupt =
         |what: &str, off: u64| HeapError::corrupted(format!("heap layout ({what})"), format!("heap offset {off:#x}"));
+    let mut counters = st.counters;
     // Roots first: they can fail for ordinary reasons (full, created by
     // someone else), best before anything else is written.
     for change in roots {
@@ -1195,28 +1331,34 @@ fn apply_intents(
                 None => return Err(HeapError::RootsFull { slots: heap.root_slots() }),
             },
         };
-        let mut b = [0u8; ROOT_SLOT];
         undo.roots.push((change.name.clone(), existing));
-        match change.target {
-            Some((off, size, tag)) => {
-                b[..change.name.len()].copy_from_slice(change.name.as_bytes());
-                b[40..48].copy_from_slice(&tag.to_le_bytes());
-                b[48..56].copy_from_slice(&off.to_le_bytes());
-                b[56..64].copy_from_slice(&size.to_le_bytes());
+        let b = match change.target {
+            Some((off, size, type_tag)) => {
                 st.free_slots.remove(&slot);
                 st.roots.insert(change.name.clone(), slot);
+                let s = RootSlot { name: change.name.clone(), type_tag, off, size };
+                RootSlot::encode(Some(&s), nonce, slot as u32)
             }
             None => {
                 st.roots.remove(&change.name);
                 st.free_slots.insert(slot);
+                RootSlot::encode(None, nonce, slot as u32)
             }
-        }
+        };
+        counters.roots = st.roots.len() as u64;
         let mut old = [0u8; ROOT_SLOT];
         raw::read_metadata(&heap.static_region, heap.slot_off(slot), &mut old);
         undo.slots.push((slot, old));
         raw::store(tx, heap.static_region.addr() + heap.slot_off(slot), &b)?;
     }
-    let mut counters = st.counters;
+    // Lifetime counters come from disk: a hostile value near 2^64 is an
+    // error, not an overflow.
+    let overflow = || {
+        HeapError::corrupted(
+            "heap counters (a lifetime counter overflows)",
+            format!("static region offset {COUNTERS_AT}"),
+        )
+    };
     for &(off, r) in allocs.iter() {
         if r.freed {
             continue;
@@ -1254,7 +1396,7 @@ fn apply_intents(
             let h = BlockHeader { size: f + fs - end, allocated: false, slack: 0 };
             raw::store(tx, base + end as usize, &h.encode(nonce, end))?;
         }
-        counters.allocations += 1;
+        counters.allocations = counters.allocations.checked_add(1).ok_or_else(overflow)?;
         counters.live_blocks += 1;
         counters.live_bytes += r.size;
     }
@@ -1289,14 +1431,14 @@ fn apply_intents(
         };
         let fh = BlockHeader { size: end - start, allocated: false, slack: 0 };
         raw::store(tx, base + start as usize, &fh.encode(nonce, start))?;
-        counters.frees += 1;
+        counters.frees = counters.frees.checked_add(1).ok_or_else(overflow)?;
         counters.live_blocks -= 1;
         counters.live_bytes -= size;
     }
     if counters != st.counters {
         undo.counters = Some(st.counters);
         st.counters = counters;
-        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode())?;
+        raw::store(tx, heap.static_region.addr() + COUNTERS_AT, &counters.encode(nonce))?;
     }
     Ok(())
 }

@@ -51,7 +51,14 @@ mod heap;
 pub mod layout;
 mod persistent;
 mod raw;
+#[cfg(feature = "testing")]
+pub mod testing;
 
+/// The `bytemuck` crate, for the [`bytemuck::NoUninit`] bound of
+/// [`Heap::root_or_init`] (derive it with
+/// `#[bytemuck(crate = "rvm_heap::bytemuck")]` without a dependency of your
+/// own).
+pub use bytemuck;
 pub use error::{HeapError, Result};
 pub use global::HeapAllocator;
 pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ROOT_SLOTS};

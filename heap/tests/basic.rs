@@ -149,18 +149,20 @@ fn roots_typed_listed_and_checked() {
     let disk = Disk::new(1 << 20, false);
     let (rvm, heap) = disk.open(true).unwrap();
     assert_eq!(heap.root_slots(), DEFAULT_ROOT_SLOTS as usize);
-    #[derive(Clone, Copy, Debug, PartialEq)]
+    // No padding (the NoUninit bound): all 64 bytes are fields.
+    #[derive(Clone, Copy, Debug, PartialEq, bytemuck::NoUninit)]
     #[repr(C, align(64))]
     struct Config {
-        version: u32,
+        version: u64,
         limit: u64,
+        spare: [u64; 6],
     }
-    let p = heap.root_or_init("config", 0xc0f, || Config { version: 3, limit: 99 }).unwrap();
+    let p = heap.root_or_init("config", 0xc0f, || Config { version: 3, limit: 99, spare: [0; 6] }).unwrap();
     assert_eq!(p.as_ptr() as usize % 64, 0);
     // SAFETY: the root block holds a Config written at creation.
-    assert_eq!(unsafe { p.as_ptr().read() }, Config { version: 3, limit: 99 });
+    assert_eq!(unsafe { p.as_ptr().read() }, Config { version: 3, limit: 99, spare: [0; 6] });
     // Found again, not created again.
-    let q = heap.root_or_init("config", 0xc0f, || Config { version: 0, limit: 0 }).unwrap();
+    let q = heap.root_or_init("config", 0xc0f, || Config { version: 0, limit: 0, spare: [1; 6] }).unwrap();
     assert_eq!(p, q);
     assert!(matches!(heap.root_or_init("config", 0xbad, || 0u64), Err(HeapError::RootMismatch { .. })));
     let r = heap.root_or_create("bytes", 5, 1, 7, |b| b.copy_from_slice(b"hello")).unwrap();
@@ -171,7 +173,7 @@ fn roots_typed_listed_and_checked() {
 
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
     assert!(matches!(tx.set_root("", None), Err(HeapError::BadRootName { .. })));
-    assert!(matches!(tx.set_root(&"x".repeat(41), None), Err(HeapError::BadRootName { .. })));
+    assert!(matches!(tx.set_root(&"x".repeat(37), None), Err(HeapError::BadRootName { .. })));
     assert!(matches!(tx.set_root("a\0b", None), Err(HeapError::BadRootName { .. })));
     assert!(matches!(tx.set_root("x", Some((offset(r.ptr, 16), 1, 0))), Err(HeapError::InvalidPointer { .. })));
     assert!(matches!(tx.set_root("x", Some((r.ptr, 64, 0))), Err(HeapError::RootTooLarge { .. })));

@@ -179,6 +179,26 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// Offset of the static region in the heap's segment file.
+    pub fn static_at(&self) -> usize {
+        self.spec.load_map().header_len() as usize
+    }
+
+    /// Offset of the heap region in the heap's segment file.
+    pub fn heap_at(&self) -> usize {
+        self.static_at() + rvm_core::page_size()
+    }
+
+    /// Changes the durable (and live) image of the heap's segment file with
+    /// `f`, as media damage would (call it with the instance closed).
+    pub fn damage(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut img = self.disk.durable_image("heap").expect("the heap segment exists");
+        f(&mut img);
+        self.disk.set_durable_image("heap", img);
+    }
+}
+
 /// Reads `len` bytes at address `addr` of the heap region.
 pub fn read_block(heap: &Heap, addr: usize, len: usize) -> Result<Vec<u8>, String> {
     let region = heap.heap_region();
@@ -297,6 +317,22 @@ pub enum Step {
         /// Blocks.
         count: u8,
     },
+    /// Media damage to synced heap metadata: the log is truncated (all
+    /// commits reach the segment and are durable) and the instance closed,
+    /// then one bit of the heap's metadata in the segment flips (or the
+    /// aligned 8 bytes around it are zeroed): the static header, the
+    /// counters, the first root slots (used or not), or a live block's
+    /// header or tail guard. The reopen must either fail with a typed
+    /// corruption error (then the damage is repaired and the heap reopened)
+    /// or return every commit intact.
+    Damage {
+        /// Picks the byte among the metadata bytes.
+        sel: u32,
+        /// The bit to flip.
+        bit: u8,
+        /// Zero 8 bytes instead of flipping a bit.
+        zero: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -345,6 +381,11 @@ pub struct Tally {
     pub max_live: u64,
     /// Checkpoints started.
     pub checkpoints: u64,
+    /// Media damage refused at load with a corruption error.
+    pub damage_refused: u64,
+    /// Media damage that changed bytes and still loaded (it must have
+    /// changed nothing that counts).
+    pub damage_loaded: u64,
 }
 
 /// Runs programs against the heap and the model.
@@ -436,8 +477,80 @@ impl Engine {
             Step::Preallocate { size, count } => {
                 self.heap().preallocate(*size, *count as usize);
             }
+            Step::Damage { sel, bit, zero } => self.damage(*sel, *bit, *zero)?,
         }
         self.check_current()
+    }
+
+    /// [`Step::Damage`].
+    fn damage(&mut self, sel: u32, bit: u8, zero: bool) -> Result<(), String> {
+        self.sweeping = false;
+        let heap = self.heap.take().expect("heap loaded");
+        let (heap_addr, slots) = (heap.heap_region().addr(), heap.root_slots());
+        heap.close().ctx("close before damage")?;
+        let rvm = self.rvm.take().expect("instance open");
+        rvm.truncate().ctx("truncate before damage")?;
+        rvm.close().ctx("close before damage")?;
+        self.mark_durable();
+        // The metadata bytes, as ranges of segment offsets.
+        let (s, h) = (self.disk.static_at(), self.disk.heap_at());
+        let mut ranges = vec![(s, 128 + 64 * slots.min(6))];
+        for (&a, b) in &self.hist[0].blocks {
+            let off = h + (a - 16 - heap_addr);
+            ranges.push((off, 16));
+            ranges.push((off + 16 + b.size, 8));
+        }
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let mut k = sel as usize % total;
+        let at = ranges
+            .iter()
+            .find_map(|&(start, len)| {
+                if k < len {
+                    Some(start + k)
+                } else {
+                    k -= len;
+                    None
+                }
+            })
+            .expect("k < total");
+        let pristine = self.disk.disk.durable_image("heap").expect("the heap segment");
+        self.disk.damage(|img| {
+            if zero {
+                img[at & !7..(at & !7) + 8].fill(0);
+            } else {
+                img[at] ^= 1 << (bit % 8);
+            }
+        });
+        let changed = self.disk.disk.durable_image("heap").expect("the heap segment") != pristine;
+        let rvm = Rvm::open_with(self.disk.vfs.clone(), Path::new("log"), self.disk.opts.clone()).ctx("open log")?;
+        match PersistentHeap::open(&rvm, "heap") {
+            Ok(heap) => {
+                // Ok means everything: the heap is exactly the newest state.
+                self.rvm = Some(rvm);
+                self.heap = Some(heap);
+                self.check_current().map_err(|e| {
+                    format!("damage at segment offset {at:#x} (changed: {changed}) loaded a different heap: {e}")
+                })?;
+                if changed {
+                    self.tally.damage_loaded += 1;
+                }
+            }
+            Err(e) => {
+                ensure!(changed, "an undamaged heap failed to load: {e}");
+                ensure!(
+                    e.is_corruption(),
+                    "damage at segment offset {at:#x} gave an error that is not a corruption: {e}"
+                );
+                drop(rvm);
+                self.tally.damage_refused += 1;
+                // The user restores from a copy: the heap comes back whole.
+                self.disk.disk.set_durable_image("heap", pristine);
+                let (rvm, heap) = self.disk.open(false)?;
+                self.rvm = Some(rvm);
+                self.heap = Some(heap);
+            }
+        }
+        Ok(())
     }
 
     fn tx(&mut self, restore: bool, ops: &[Op], end: End) -> Result<(), String> {
@@ -762,6 +875,9 @@ fn random_step(rng: &mut Rng, crash_weight: u64) -> Step {
         1 => Step::Truncate,
         2 => Step::Restart,
         3 => Step::Preallocate { size: rng.size(512), count: rng.below(16) as u8 },
+        20 if rng.chance(1, 3) => {
+            Step::Damage { sel: rng.next() as u32, bit: rng.below(8) as u8, zero: rng.chance(1, 4) }
+        }
         20 => Step::Checkpoint { steps: if rng.chance(1, 2) { 0 } else { 1 + rng.below(8) as u8 } },
         4..=19 => {
             let ops = (0..rng.below(9)).map(|_| random_op(rng)).collect();
