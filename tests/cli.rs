@@ -347,3 +347,101 @@ fn bad_files_give_clear_errors_and_exit_codes() {
     // ... but inspection still works.
     expect_code(&rvmutl_on("dump", &fx.log, &[]), 0);
 }
+
+/// The fixture's log with one bit flipped in the data of the second
+/// transaction's first range frame (mid-log damage: a later commit frame
+/// records that the log was durable past it). Returns the damaged frame's
+/// position and the damaged bytes.
+fn damage_second_transaction(fx: &Fixture) -> (u64, Vec<u8>) {
+    let o = rvmutl_on("dump", &fx.log, &["--json"]);
+    expect_code(&o, 0);
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Frames: range, commit | range, range, commit | range, commit.
+    let frame = &doc["frames"][2];
+    assert_eq!(frame["kind"], "range");
+    let lsn = frame["lsn"].as_u64().unwrap();
+    let at = frame["device_offset"].as_u64().unwrap() as usize;
+    assert_eq!(at as u64, AREA_OFFSET + lsn);
+    let mut img = std::fs::read(&fx.log).unwrap();
+    img[at + 48] ^= 0x02;
+    std::fs::write(&fx.log, &img).unwrap();
+    (lsn, img)
+}
+
+#[test]
+fn recover_refuses_mid_log_damage_and_changes_nothing() {
+    let _serial = serial();
+    let fx = fixture();
+    let (lsn, img) = damage_second_transaction(&fx);
+    let seg = std::fs::read(&fx.seg).unwrap();
+
+    let o = rvmutl_on("recover", &fx.log, &[]);
+    expect_code(&o, 3);
+    let err = stderr(&o);
+    assert!(err.contains(&format!("position {lsn} ")), "{err}");
+    assert!(err.contains(&format!("byte offset {}", AREA_OFFSET + lsn)), "{err}");
+    assert!(err.contains("--salvage"), "{err}");
+    assert_eq!(std::fs::read(&fx.log).unwrap(), img, "the refused recovery changed the log");
+    assert_eq!(std::fs::read(&fx.seg).unwrap(), seg, "the refused recovery changed the segment");
+    let names: Vec<_> = std::fs::read_dir(fx.log.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "no file may be created: {names:?}");
+    // So does `truncate`, which opens the log as an application would.
+    let o = rvmutl_on("truncate", &fx.log, &[]);
+    expect_code(&o, 3);
+    assert!(stderr(&o).contains(&format!("position {lsn} ")), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&fx.log).unwrap(), img);
+}
+
+#[test]
+fn status_reports_mid_log_damage() {
+    let _serial = serial();
+    let fx = fixture();
+    let (lsn, img) = damage_second_transaction(&fx);
+    let o = rvmutl_on("status", &fx.log, &[]);
+    let text = stdout(&o);
+    let line = text.lines().find(|l| l.starts_with("DAMAGED:")).unwrap_or_else(|| panic!("no DAMAGED line:\n{text}"));
+    assert!(line.contains(&format!("position {lsn} ")) && line.contains("--salvage"), "{line}");
+    let o = rvmutl_on("status", &fx.log, &["--json"]);
+    let st: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    let d = &st["scan"]["damage"];
+    assert_eq!(d["lsn"], lsn);
+    assert_eq!(d["reason"], "bad_checksum");
+    assert!(d["synced_to"].as_u64().unwrap() > lsn, "{d}");
+    assert!(d["next_valid"].as_u64().unwrap() > lsn, "{d}");
+    assert_eq!(std::fs::read(&fx.log).unwrap(), img, "status changed the log");
+}
+
+#[test]
+fn recover_salvage_keeps_the_prefix_and_a_copy() {
+    let _serial = serial();
+    let fx = fixture();
+    let (lsn, img) = damage_second_transaction(&fx);
+    let o = rvmutl_on("status", &fx.log, &["--json"]);
+    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let chosen = st["chosen_slot"].as_u64().unwrap() as usize;
+    let epoch = st["slots"][chosen]["status"]["epoch"].as_u64().unwrap();
+    let end = st["scan"]["damage"]["valid_end"].as_u64().unwrap();
+
+    let o = rvmutl_on("recover", &fx.log, &["--salvage"]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    let copy = PathBuf::from(format!("{}.damaged-{epoch}", fx.log.display()));
+    assert!(text.contains("transactions replayed:  1"), "{text}");
+    assert!(text.contains(&format!("SALVAGED a damaged log: frame at position {lsn} was bad")), "{text}");
+    assert!(text.contains(&format!("damaged log kept at:    {}", copy.display())), "{text}");
+    assert!(text.contains(&format!("dropped:                {} log bytes", end - lsn)), "{text}");
+    assert_eq!(std::fs::read(&copy).unwrap(), img, "the copy is the damaged log");
+    // The first transaction only.
+    let seg = std::fs::read(&fx.seg).unwrap();
+    assert_eq!(&seg[100..105], b"hello");
+    assert_eq!(&seg[0..4], &[0; 4]);
+    assert_eq!(&seg[300..310], &[0; 10]);
+    // The log is usable again.
+    let o = rvmutl_on("status", &fx.log, &[]);
+    expect_code(&o, 0);
+    assert!(!stdout(&o).contains("DAMAGED"), "{}", stdout(&o));
+    let o = rvmutl_on("recover", &fx.log, &[]);
+    expect_code(&o, 0);
+    // One complete transaction (the third) followed the damaged one.
+    assert!(text.contains(", 1 complete transaction(s) after the damage"), "{text}");
+}
