@@ -494,9 +494,11 @@ fn crash_between_the_two_slot_writes_loses_nothing() {
         if a != b {
             split += 1;
             // Slot 0 was written first: it holds the new status, slot 1
-            // the old one.
-            assert_eq!(b.as_ref(), Some(&old), "op {n}");
-            assert_eq!(a.as_ref().unwrap().seq, old.seq + 1, "op {n}");
+            // the one before (recovery writes two: the synced position
+            // before it replays, then the emptied log).
+            let (sa, sb) = (a.as_ref().unwrap().seq, b.as_ref().unwrap().seq);
+            assert!(sb == old.seq || sb == old.seq + 1, "op {n}: {b:?}");
+            assert_eq!(sa, sb + 1, "op {n}");
             // Losing the newer slot too must lose nothing.
             let mut v = img.clone();
             v[slot_bytes(&img, 0)].fill(0);
@@ -716,11 +718,10 @@ fn mark_log(seg: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(std::ffi::OsStr::from_bytes(&buf[16..n])))
 }
 
-fn in_other_log(r: Result<Segment>, other: &Path, this: &Path) {
+fn in_other_log(r: Result<Segment>, other: &Path) {
     match r {
-        Err(Error::Log(LogError::SegmentInOtherLog { other_log, this_log, .. })) => {
+        Err(Error::Log(LogError::SegmentInOtherLog { other_log, .. })) => {
             assert_eq!(other_log, other.canonicalize().unwrap());
-            assert_eq!(this_log, this.canonicalize().unwrap());
         }
         other => panic!("expected SegmentInOtherLog, got {other:?}"),
     }
@@ -752,7 +753,7 @@ fn segment_with_records_in_another_log_is_refused_until_closed_there() {
     let a_bytes = std::fs::read(&a).unwrap();
 
     let rvm_b = Rvm::open(&b, opts()).unwrap();
-    in_other_log(rvm_b.open_segment(&seg), &a, &b);
+    in_other_log(rvm_b.open_segment(&seg), &a);
     assert_eq!(std::fs::read(&seg).unwrap(), seg_bytes, "the refused open changed the segment");
     assert_eq!(std::fs::read(&a).unwrap(), a_bytes, "the refused open changed log A");
     assert_eq!(mark_log(&seg), Some(a.canonicalize().unwrap()));
@@ -761,7 +762,7 @@ fn segment_with_records_in_another_log_is_refused_until_closed_there() {
     // refused while A holds its mark.
     let rvm_a = Rvm::open(&a, opts()).unwrap();
     assert_eq!(rvm_a.recovery_report().transactions, 1);
-    in_other_log(rvm_b.open_segment(&seg), &a, &b);
+    in_other_log(rvm_b.open_segment(&seg), &a);
     // A closes it: the mark goes, and B can use it and sees A's commit.
     let s = rvm_a.open_segment(&seg).unwrap();
     rvm_a.close_segment(s).unwrap();
@@ -776,7 +777,7 @@ fn segment_with_records_in_another_log_is_refused_until_closed_there() {
     drop((r, s, rvm_b));
     drop(rvm_a);
     let rvm_a = Rvm::open(&a, opts()).unwrap();
-    in_other_log(rvm_a.open_segment(&seg), &b, &a);
+    in_other_log(rvm_a.open_segment(&seg), &b);
     drop(rvm_a);
     let rvm_b = Rvm::open(&b, opts()).unwrap();
     assert_eq!(rvm_b.recovery_report().transactions, 1);

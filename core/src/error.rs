@@ -133,18 +133,15 @@ pub enum LogError {
     /// ([`crate::Rvm::close_segment`]) first.
     #[error(
         "segment {} has unapplied records in another log ({}): open it through that log and close it there \
-         (Rvm::close_segment) before using it with {}",
+         (Rvm::close_segment) before using it with this one",
         path.display(),
-        other_log.display(),
-        this_log.display()
+        other_log.display()
     )]
     SegmentInOtherLog {
         /// The segment.
         path: PathBuf,
         /// The log that holds records for it.
         other_log: PathBuf,
-        /// This log.
-        this_log: PathBuf,
     },
     /// The log file lost its last name while open (deleted or renamed over):
     /// commits written to it could never be recovered, so the commit fails

@@ -920,12 +920,7 @@ impl Inner {
         }
         if let Some(other) = theirs.filter(|m| m.log_id != self.log_id) {
             if other_log_holds(self.vfs.as_ref(), &other, name)? {
-                return Err(LogError::SegmentInOtherLog {
-                    path: name.to_path_buf(),
-                    other_log: other.log,
-                    this_log: self.ring.path.clone(),
-                }
-                .into());
+                return Err(LogError::SegmentInOtherLog { path: name.to_path_buf(), other_log: other.log }.into());
             }
         }
         let ours = OwnerMark { log_id: self.log_id, log: self.ring.path.clone() }.encode();
@@ -1541,9 +1536,7 @@ fn recover(
             }
             let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
             if let Some(other) = mark.as_deref().and_then(|m| OwnerMark::decode(m)).filter(|m| m.log_id != sb.log_id) {
-                return Err(
-                    LogError::SegmentInOtherLog { path, other_log: other.log, this_log: ring.path.clone() }.into()
-                );
+                return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
             }
         }
         let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;

@@ -356,10 +356,22 @@ pub(crate) fn find_damage(
     let (mut synced_to, mut valid_end, mut transactions_after) = (synced_end, lsn, 0);
     if let Some(first) = next_valid {
         let mut pos = first;
+        // Range frames seen before the first commit: fewer than it counts
+        // means that commit closes the damaged transaction (not counted).
+        let mut ranges_seen = Some(0u32);
         while let Some((len, frame)) = read_valid_frame(ring, pos, limit, epoch)? {
-            if let Frame::Commit { synced, .. } = frame {
-                synced_to = synced_to.max(synced);
-                transactions_after += 1;
+            match frame {
+                Frame::Commit { synced, ranges, .. } => {
+                    synced_to = synced_to.max(synced);
+                    if ranges_seen.take().is_none_or(|seen| seen == ranges) {
+                        transactions_after += 1;
+                    }
+                }
+                Frame::Range { .. } => {
+                    if let Some(seen) = &mut ranges_seen {
+                        *seen += 1;
+                    }
+                }
             }
             pos += len as u64;
         }
