@@ -1535,7 +1535,7 @@ fn recover(
                 }
             }
             let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
-            if let Some(other) = mark.as_deref().and_then(|m| OwnerMark::decode(m)).filter(|m| m.log_id != sb.log_id) {
+            if let Some(other) = mark.as_deref().and_then(OwnerMark::decode).filter(|m| m.log_id != sb.log_id) {
                 return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
             }
         }
