@@ -282,8 +282,13 @@ pub enum TxError {
         /// Length.
         len: usize,
     },
-    /// This thread already has a transaction open on this instance.
-    #[error("nested transactions are not supported: this thread already has one open on this instance")]
+    /// This thread already has a transaction open on this instance (or
+    /// leaked one with `mem::forget`, which leaves it open for good: drop
+    /// or end transactions instead).
+    #[error(
+        "nested transactions are not supported: this thread already has one open on this instance \
+         (a transaction leaked with mem::forget stays open for good)"
+    )]
     Nested,
 }
 

@@ -39,6 +39,12 @@ struct Declared {
 /// An open transaction. Commit with [`Transaction::commit`]; dropping it
 /// without committing aborts it.
 ///
+/// Do not leak one (`mem::forget`): it then stays open for good, its
+/// regions stay busy (no unmap), and this thread's next
+/// [`crate::Rvm::begin`] on the instance fails with
+/// [`crate::TxError::Nested`]. Leaking is safe (no undefined behaviour), but
+/// only dropping or ending the transaction gives the thread back.
+///
 /// ```
 /// # use rvm_core::*;
 /// # let dir = tempfile::tempdir().unwrap();
