@@ -102,13 +102,17 @@ fn a_second_open_in_this_process_is_refused() {
         r => panic!("create_segment of a segment this instance holds: {r:?}"),
     }
 
-    // Once the holder is gone, the other instance can take the segment (the
-    // committed bytes are still in the first log: a segment belongs to the
-    // log that recorded its changes until that log is truncated).
+    // Once the holder is gone, the other log still cannot take the segment:
+    // its committed bytes are in the first log until that log applies them
+    // (through the other log it would show stale bytes, and the first
+    // log's recovery would later overwrite the other's commits).
     drop((region, again, s));
     rvm.close().unwrap();
     let other = Rvm::open(&other_log, opts()).unwrap();
-    drop(other.open_segment(&seg).expect("the segment is free once its instance is closed"));
+    match other.open_segment(&seg) {
+        Err(Error::Log(LogError::SegmentInOtherLog { .. })) => {}
+        r => panic!("a segment with records in another log: {r:?}"),
+    }
     other.close().unwrap();
     // And the first log opens again; its recovery puts the bytes in place.
     let rvm = Rvm::open(&log, opts()).expect("the log is free once its instance is closed");
@@ -141,11 +145,14 @@ fn recovery_reports_the_discarded_tail() {
             }
             tx.commit(CommitMode::Flush).unwrap();
         }
-        drop((r, seg));
-        rvm.close().unwrap();
+        // A crash, not a clean close (which would record the synced end
+        // and make the damage below detectable).
+        disk.crash(rvm::testing::CrashMode::LoseUnsynced);
+        drop((r, seg, rvm));
     }
-    // Damage the last commit frame: its transaction becomes a tail of two
-    // valid range frames that recovery must discard, and count.
+    // Damage the last commit frame: nothing after it proves it was synced,
+    // so its transaction becomes a tail of two valid range frames that
+    // recovery must discard, and count (the documented limit, DESIGN.md 5).
     let report = inspect::inspect(vfs.as_ref(), log).unwrap();
     let frames = &report.frames;
     assert_eq!(frames.len(), 9, "{frames:?}");

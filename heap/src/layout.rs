@@ -283,6 +283,7 @@ impl RootSlot {
 /// Recomputes every checksum of a static area in place (header, counters
 /// and the root slots its header declares, as far as `b` holds them), so a
 /// test can change a field and reach the checks behind the checksums.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn reseal(b: &mut [u8]) {
     if b.len() < STATIC_FIXED {
         return;

@@ -47,7 +47,8 @@
 //! // Later (or in another run): the pointer is valid as stored.
 //! let seg = load_segment(&rvm, &path).unwrap();
 //! let mut word = [0u8; 8];
-//! seg.region("roots").unwrap().read(0, &mut word).unwrap();
+//! // SAFETY: no other thread stores into the region meanwhile.
+//! unsafe { seg.region("roots").unwrap().read(0, &mut word) }.unwrap();
 //! assert_eq!(usize::from_le_bytes(word), 0x5d00_4000_0040);
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
