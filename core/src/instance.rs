@@ -836,7 +836,11 @@ impl Inner {
             self.claim_segment(dev.as_ref(), &name)?;
             let known = st.status.segments.iter().find(|e| e.name == name).cloned();
             let id = known.as_ref().map_or(st.status.next_segment_id, |e| e.id);
-            if known.as_ref().is_none_or(|e| e.device != device) {
+            let same = |e: &format::SegmentEntry| match (e.device, device) {
+                (Some(a), Some(b)) => a.same_file(&b),
+                (a, b) => a == b,
+            };
+            if known.as_ref().is_none_or(|e| !same(e)) {
                 // The dictionary entry (new, or naming the file now under
                 // that name: the log holds no records for it, since
                 // recovery emptied it and this instance has not opened
@@ -1530,7 +1534,7 @@ fn recover(
         if checked {
             let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
             if let (Some(recorded), Some(found)) = (entry.device, found) {
-                if recorded != found {
+                if !recorded.same_file(&found) {
                     return Err(LogError::SegmentReplaced { path, recorded, found }.into());
                 }
             }

@@ -178,6 +178,14 @@ pub struct DeviceId {
     pub birth: u64,
 }
 
+impl DeviceId {
+    /// Whether both identify the same file: same inode, and the same birth
+    /// time where both are known (a birth time of 0 means unknown).
+    pub fn same_file(&self, other: &DeviceId) -> bool {
+        self.file == other.file && (self.birth == other.birth || self.birth == 0 || other.birth == 0)
+    }
+}
+
 impl std::fmt::Display for DeviceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "inode {} born {}", self.file, self.birth)

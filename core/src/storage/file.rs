@@ -116,13 +116,22 @@ impl Storage for FileStorage {
             return Ok(None);
         }
         use rustix::fs::{statx, AtFlags, StatxFlags};
-        let st = statx(&self.file, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME)?;
-        let birth = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME) {
-            (st.stx_btime.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(u64::from(st.stx_btime.tv_nsec))
-        } else {
-            0
-        };
-        Ok(Some(DeviceId { file: st.stx_ino, birth }))
+        match statx(&self.file, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME) {
+            Ok(st) => {
+                let birth = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME) {
+                    (st.stx_btime.tv_sec as u64)
+                        .wrapping_mul(1_000_000_000)
+                        .wrapping_add(u64::from(st.stx_btime.tv_nsec))
+                } else {
+                    0
+                };
+                Ok(Some(DeviceId { file: st.stx_ino, birth }))
+            }
+            // No statx (an old kernel, or a sandbox that forbids it): the
+            // inode alone, with no birth time (the identity then stays the
+            // same whichever way the file is opened later).
+            Err(_) => Ok(Some(DeviceId { file: rustix::fs::fstat(&self.file)?.st_ino, birth: 0 })),
+        }
     }
     fn is_unlinked(&self) -> io::Result<bool> {
         Ok(!self.block_device && rustix::fs::fstat(&self.file)?.st_nlink == 0)
