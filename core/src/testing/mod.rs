@@ -12,7 +12,11 @@
 //! storage operation from now (and every later one) fail, and
 //! [`SimDisk::fail_syncs`] makes every sync fail.
 //!
-//! This module exists in unit tests and with the `testing` feature.
+//! This module exists in unit tests and with the `testing` feature. It
+//! also holds the fuzz body for the log scanner and recovery
+//! ([`fuzz_log_image`]).
 
+mod fuzz;
 mod sim;
+pub use fuzz::*;
 pub use sim::*;
