@@ -1481,7 +1481,9 @@ fn recover(
     opts: &Options,
 ) -> Result<(Status, RecoveryReport)> {
     use crate::log::format::Frame;
-    let touched = std::cell::RefCell::new(HashMap::<u32, u64>::new());
+    // Ordered, so the first refused segment (and the error) is the same
+    // at every open.
+    let touched = std::cell::RefCell::new(std::collections::BTreeMap::<u32, u64>::new());
     let in_tx = std::cell::RefCell::new(Vec::<(u32, u64)>::new());
     let verified = log::scan(
         ring,
