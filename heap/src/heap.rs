@@ -624,6 +624,23 @@ impl Heap {
         Some(Root { name: s.name, ptr, size: s.size, type_tag: s.type_tag })
     }
 
+    /// The length of the user data of the live block whose data starts at
+    /// `ptr` (a committed, allocated block), or `None` if `ptr` is not the
+    /// start of one: for typed layers that must not trust a pointer read
+    /// from the heap (a root slot, a stored pointer) before viewing it as a
+    /// value.
+    pub fn live_block_len(&self, ptr: NonNull<u8>) -> Option<u64> {
+        let data_off = (ptr.as_ptr() as usize).checked_sub(self.base())? as u64;
+        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.header.heap_len {
+            return None;
+        }
+        let off = data_off - HDR;
+        // A valid allocated header marks a live block (see `free_in`).
+        let _st = self.state.lock();
+        let h = self.read_header(off).ok().filter(|h| h.allocated)?;
+        h.size.checked_sub(u64::from(h.slack))?.checked_sub(HDR)
+    }
+
     /// The root called `name`.
     pub fn root(&self, name: &str) -> Option<Root> {
         let st = self.state.lock();

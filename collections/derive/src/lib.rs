@@ -1,0 +1,108 @@
+//! `#[derive(Persist)]` for `rvm-collections`.
+//!
+//! The derive accepts a struct with named or tuple fields that is
+//! `#[repr(C)]` (or `#[repr(transparent)]`), so its layout is the same for
+//! every compiler that reads the heap later. It emits:
+//! - a bound `F: Persist` for every field type (a field that points into
+//!   volatile memory, a reference, a `Box`, a `Vec`, fails to compile);
+//! - a compile-time check that the fields' sizes add up to the struct's
+//!   size (no padding: no uninitialised byte ever reaches the log);
+//! - the layout fingerprint: a hash of the size, the alignment, and each
+//!   field's offset and fingerprint;
+//! - `visit_blocks`, visiting every field (for drop and reachability).
+
+use proc_macro::TokenStream;
+use quote::quote;
+use syn::{parse_macro_input, Data, DeriveInput, Fields};
+
+/// Derives `rvm_collections::Persist` (see the crate docs).
+#[proc_macro_derive(Persist)]
+pub fn derive_persist(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    match expand(&input) {
+        Ok(t) => t.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let name = &input.ident;
+    let Data::Struct(data) = &input.data else {
+        return Err(syn::Error::new_spanned(
+            &input.ident,
+            "#[derive(Persist)] supports structs only (an enum's invalid discriminants would be undefined behaviour \
+             after damage; wrap a u8 or u32 instead)",
+        ));
+    };
+    let mut stable = false;
+    for attr in &input.attrs {
+        if attr.path().is_ident("repr") {
+            attr.parse_nested_meta(|m| {
+                if m.path.is_ident("C") || m.path.is_ident("transparent") {
+                    stable = true;
+                }
+                Ok(())
+            })?;
+        }
+    }
+    if !stable {
+        return Err(syn::Error::new_spanned(
+            &input.ident,
+            "#[derive(Persist)] needs #[repr(C)] (or #[repr(transparent)]): the default Rust layout may change \
+             between compiler versions, and the heap outlives the program",
+        ));
+    }
+    let (members, types): (Vec<proc_macro2::TokenStream>, Vec<&syn::Type>) = match &data.fields {
+        Fields::Named(f) => f
+            .named
+            .iter()
+            .map(|f| {
+                let id = f.ident.as_ref().expect("named field");
+                (quote!(#id), &f.ty)
+            })
+            .unzip(),
+        Fields::Unnamed(f) => f
+            .unnamed
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let idx = syn::Index::from(i);
+                (quote!(#idx), &f.ty)
+            })
+            .unzip(),
+        Fields::Unit => (Vec::new(), Vec::new()),
+    };
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let mut where_clause = where_clause.cloned().unwrap_or_else(|| syn::parse_quote!(where));
+    for ty in &types {
+        where_clause.predicates.push(syn::parse_quote!(#ty: ::rvm_collections::Persist));
+    }
+    let krate = quote!(::rvm_collections);
+    Ok(quote! {
+        // SAFETY: every field is `Persist` (the bounds above), the layout is
+        // #[repr(C)] or #[repr(transparent)], and the `FINGERPRINT` below
+        // fails to compile if the fields do not fill the struct (padding).
+        unsafe impl #impl_generics #krate::Persist for #name #ty_generics #where_clause {
+            const FINGERPRINT: u64 = {
+                let fields = 0usize #( + ::core::mem::size_of::<#types>() )*;
+                assert!(
+                    fields == ::core::mem::size_of::<Self>(),
+                    "#[derive(Persist)]: the struct has padding bytes (reorder the fields, or add explicit padding fields)"
+                );
+                let mut h = #krate::persist::fingerprint_start(
+                    ::core::mem::size_of::<Self>(),
+                    ::core::mem::align_of::<Self>(),
+                );
+                #(
+                    h = #krate::persist::fingerprint_mix(h, ::core::mem::offset_of!(Self, #members) as u64);
+                    h = #krate::persist::fingerprint_mix(h, <#types as #krate::Persist>::FINGERPRINT);
+                )*
+                h
+            };
+
+            fn visit_blocks(&self, visit: &mut dyn FnMut(#krate::persist::Block)) {
+                #( #krate::Persist::visit_blocks(&self.#members, visit); )*
+            }
+        }
+    })
+}

@@ -1,0 +1,65 @@
+//! # rvm-collections: typed, safe persistent data
+//!
+//! The layer a program touches: values of [`Persist`] types live in a
+//! recoverable heap under named, typed roots, and change only inside
+//! closure transactions that commit on `Ok` and undo everything on `Err`
+//! or panic.
+//!
+//! ```
+//! use rvm_collections::{Config, PHeap, Persist};
+//!
+//! #[derive(Persist, Clone, Copy)]
+//! #[repr(C)]
+//! struct Totals {
+//!     deposits: u64,
+//!     withdrawals: u64,
+//! }
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+//! // Commits durably on Ok ...
+//! heap.write(|tx| {
+//!     let mut t = tx.root_or_insert_with("totals", || Totals { deposits: 0, withdrawals: 0 })?;
+//!     t.deposits += 100;
+//!     Ok::<_, rvm_collections::Error>(())
+//! })?;
+//! // ... and undoes every change on Err (or panic).
+//! #[derive(Debug)]
+//! enum BankError {
+//!     Heap(rvm_collections::Error),
+//!     InsufficientFunds,
+//! }
+//! impl From<rvm_collections::Error> for BankError {
+//!     fn from(e: rvm_collections::Error) -> Self {
+//!         BankError::Heap(e)
+//!     }
+//! }
+//! let r = heap.write(|tx| {
+//!     let mut t = tx.root_mut::<Totals>("totals")?.expect("made above");
+//!     t.withdrawals += 500;
+//!     if t.withdrawals > t.deposits {
+//!         return Err(BankError::InsufficientFunds);
+//!     }
+//!     Ok(())
+//! });
+//! assert!(matches!(r, Err(BankError::InsufficientFunds)));
+//! let t = heap.read(|r| r.root::<Totals>("totals").map(|t| t.copied()))?.unwrap();
+//! assert_eq!((t.deposits, t.withdrawals), (100, 0));
+//! # Ok::<(), rvm_collections::Error>(())
+//! ```
+//!
+//! This first part of the typed layer keeps plain-data roots (integers,
+//! floats, arrays, `#[derive(Persist)]` structs); persistent pointers and
+//! collections come next.
+
+mod error;
+pub mod persist;
+mod pheap;
+mod raw;
+mod tx;
+
+pub use error::{Error, Result};
+pub use persist::Persist;
+pub use pheap::{Config, PHeap, HEAP_FILE, LOG_FILE};
+pub use rvm_collections_derive::Persist;
+pub use tx::{ReadTx, RootMut, RootRef, WriteTx};

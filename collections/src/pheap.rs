@@ -1,0 +1,270 @@
+//! [`PHeap`]: a log and a heap segment in one folder, opened in one call.
+
+use crate::error::{Error, Result};
+use crate::tx::{ReadTx, WriteTx};
+use parking_lot::RwLock;
+use rvm_core::{CommitMode, Options, RestoreMode, Rvm};
+use rvm_heap::{HeapSpec, PersistentHeap};
+use std::path::{Path, PathBuf};
+
+/// Name of the log file in a heap's folder.
+pub const LOG_FILE: &str = "rvm.log";
+/// Name of the heap segment file in a heap's folder.
+pub const HEAP_FILE: &str = "heap.seg";
+/// Where a heap segment is made before it is complete (then renamed).
+const CREATING_FILE: &str = "heap.seg.creating";
+
+/// How [`PHeap::open_or_create`] makes a new heap (an existing one keeps
+/// what it was made with).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Bytes of heap (default 64 MiB).
+    pub heap_len: u64,
+    /// Bytes of log (default 64 MiB).
+    pub log_len: u64,
+    /// The heap's fixed base address; `None` (the default) picks a free
+    /// one at creation and records it in the segment's load map.
+    pub base: Option<u64>,
+    /// The core's options (log coalescing, checkpoints, salvage...).
+    pub options: Options,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { heap_len: 64 << 20, log_len: 64 << 20, base: None, options: Options::default() }
+    }
+}
+
+/// A typed persistent heap: the log and the heap segment of one folder,
+/// with closure transactions ([`PHeap::write`], [`PHeap::read`]) over typed
+/// roots.
+///
+/// Writers are serialised (one write transaction at a time, as in LMDB and
+/// redb); readers run together but not during a write: a reader never sees
+/// a half-made change and no safe call can race with a store. The price:
+/// a long write holds readers off. The folder is opened exclusively (its
+/// log and segment are locked against other processes).
+///
+/// ```
+/// use rvm_collections::{Config, PHeap, Persist};
+///
+/// #[derive(Persist, Clone, Copy, Debug, PartialEq)]
+/// #[repr(C)]
+/// struct Counter {
+///     runs: u64,
+///     total: u64,
+/// }
+///
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut c = tx.root_or_insert_with("counter", || Counter { runs: 0, total: 0 })?;
+///     c.runs += 1;
+///     c.total += 10;
+///     Ok::<_, rvm_collections::Error>(())
+/// })?;
+/// drop(heap);
+///
+/// // Another run (or after a crash): the committed counter is there.
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// let c = heap.read(|r| r.root::<Counter>("counter").map(|c| c.copied()))?;
+/// assert_eq!(c, Some(Counter { runs: 1, total: 10 }));
+/// # Ok::<(), rvm_collections::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct PHeap {
+    lock: RwLock<()>,
+    // Dropped before `rvm`: the heap unloads its segment first.
+    heap: PersistentHeap,
+    rvm: Rvm,
+    dir: PathBuf,
+}
+
+fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> Error + 'p {
+    move |source| Error::Io { op, path: path.to_path_buf(), source }
+}
+
+impl PHeap {
+    /// Opens the heap in folder `dir`, creating the folder, the log and the
+    /// heap segment first if they do not exist (with `config`; on create
+    /// the base address is picked among free addresses unless
+    /// `config.base` fixes it). Recovery runs at every open.
+    ///
+    /// A crash while the heap segment is being made leaves a
+    /// `heap.seg.creating` file, which the next call removes before it
+    /// makes the heap again: the heap appears (as `heap.seg`) only once it
+    /// is complete and durable.
+    pub fn open_or_create(dir: impl AsRef<Path>, config: Config) -> Result<PHeap> {
+        let dir = dir.as_ref();
+        if config.heap_len == 0 || !config.heap_len.is_multiple_of(4096) {
+            return Err(Error::Config(format!("heap_len {} is not a non-zero multiple of 4096", config.heap_len)));
+        }
+        std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
+        let log = dir.join(LOG_FILE);
+        match rvm_core::create_log(&log, config.log_len) {
+            Ok(()) => sync_dir(dir)?,
+            Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        let rvm = Rvm::open(&log, config.options.clone())?;
+        let path = dir.join(HEAP_FILE);
+        let heap = if path.exists() {
+            PersistentHeap::open(&rvm, &path)?
+        } else {
+            create_heap(&rvm, dir, &config)?;
+            PersistentHeap::open(&rvm, &path)?
+        };
+        Ok(PHeap { lock: RwLock::new(()), heap, rvm, dir: dir.to_path_buf() })
+    }
+
+    /// The folder the heap lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The heap's fixed base address.
+    pub fn base(&self) -> usize {
+        self.heap.static_region().addr()
+    }
+
+    /// The underlying heap (statistics, check, the raw API).
+    pub fn raw_heap(&self) -> &rvm_heap::Heap {
+        &self.heap
+    }
+
+    /// The underlying instance.
+    pub fn rvm(&self) -> &Rvm {
+        &self.rvm
+    }
+
+    /// Runs `f` in a write transaction and commits it, durably (flush),
+    /// if `f` returns `Ok`; aborts it (every change undone) if `f` returns
+    /// `Err` or panics (the panic then continues). Returns `f`'s value.
+    ///
+    /// References into the heap that `f` gets live only as long as the
+    /// transaction: they cannot leave the closure.
+    pub fn write<R, E: From<Error>>(&self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>) -> Result<R, E> {
+        self.write_with(CommitMode::Flush, f)
+    }
+
+    /// [`PHeap::write`], committed without waiting for durability (a later
+    /// flushing write, [`PHeap::flush`] or a clean close makes it durable;
+    /// a crash before may lose it, never part of it).
+    pub fn write_no_flush<R, E: From<Error>>(&self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>) -> Result<R, E> {
+        self.write_with(CommitMode::NoFlush, f)
+    }
+
+    fn write_with<R, E: From<Error>>(
+        &self,
+        mode: CommitMode,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let _writer = self.lock.write();
+        let htx = self.heap.begin(RestoreMode::Restore).map_err(|e| E::from(e.into()))?;
+        let mut tx = WriteTx::new(&self.heap, htx);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx))) {
+            Ok(Ok(value)) => {
+                tx.commit(mode).map_err(E::from)?;
+                Ok(value)
+            }
+            // Dropping the transaction aborts it: restore-mode undo puts
+            // back every byte, the heap forgets its allocations and frees.
+            Ok(Err(e)) => Err(e),
+            Err(panic) => {
+                drop(tx);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Runs `f` with read access to the heap. Readers run concurrently with
+    /// each other, never with a write transaction.
+    ///
+    /// A reference into the heap cannot leave the closure (after it, a
+    /// writer could change or free what it points at):
+    ///
+    /// ```compile_fail
+    /// # use rvm_collections::{Config, PHeap};
+    /// # fn f(heap: &PHeap) {
+    /// let escaped: Option<&u64> = heap.read(|r| r.root::<u64>("n").unwrap());
+    /// # }
+    /// ```
+    ///
+    /// Nor can a guard leave a write transaction:
+    ///
+    /// ```compile_fail
+    /// # use rvm_collections::{Config, Error, PHeap};
+    /// # fn f(heap: &PHeap) {
+    /// let escaped = heap.write(|tx| Ok::<_, Error>(tx.root_mut::<u64>("n")?));
+    /// # }
+    /// ```
+    pub fn read<R>(&self, f: impl FnOnce(&ReadTx<'_>) -> R) -> R {
+        let _reader = self.lock.read();
+        f(&ReadTx::new(&self.heap))
+    }
+
+    /// Makes every earlier commit durable.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.rvm.flush()?)
+    }
+
+    /// Closes the heap, reporting errors that dropping would swallow.
+    pub fn close(self) -> Result<()> {
+        let PHeap { heap, rvm, .. } = self;
+        heap.close()?;
+        rvm.close()?;
+        Ok(())
+    }
+}
+
+/// Makes a heap segment under a temporary name, applies and forgets it in
+/// the log, then renames it into place: a crash leaves no half-made
+/// `heap.seg`.
+fn create_heap(rvm: &Rvm, dir: &Path, config: &Config) -> Result<()> {
+    let creating = dir.join(CREATING_FILE);
+    match std::fs::remove_file(&creating) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing an unfinished heap", &creating)(e)),
+    }
+    let probe = HeapSpec::new(0, config.heap_len);
+    let span = usize::try_from(probe.segment_len())
+        .map_err(|_| Error::Config(format!("heap_len {} does not fit this address space", config.heap_len)))?;
+    let mut tries = 0;
+    loop {
+        let base = match config.base {
+            Some(b) => b,
+            None => crate::raw::free_address_range(span, 1 << 21).map_err(io("picking a base address", dir))? as u64,
+        };
+        let spec = HeapSpec::new(base, config.heap_len);
+        match PersistentHeap::create(rvm, &creating, &spec) {
+            Ok(heap) => {
+                heap.close()?;
+                break;
+            }
+            // Another thread mapped the range meanwhile: pick again.
+            Err(e) if config.base.is_none() && tries < 8 && is_address_in_use(&e) => {
+                tries += 1;
+                // The failed create left the file open in the instance.
+                if let Ok(seg) = rvm.open_segment(&creating) {
+                    rvm.close_segment(seg)?;
+                }
+                std::fs::remove_file(&creating).map_err(io("removing an unfinished heap", &creating))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let seg = rvm.open_segment(&creating)?;
+    rvm.close_segment(seg)?;
+    let target = dir.join(HEAP_FILE);
+    std::fs::rename(&creating, &target).map_err(io("renaming the new heap", &target))?;
+    sync_dir(dir)
+}
+
+fn is_address_in_use(e: &rvm_heap::HeapError) -> bool {
+    matches!(e, rvm_heap::HeapError::Loader(rvm_loader::LoaderError::MapRegion { .. }))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing the folder", dir))
+}

@@ -1,0 +1,224 @@
+//! The typed layer end to end on real files: typed roots across reopen,
+//! type checks, borrow checks, abort on `Err` and on panic, readers
+//! isolated from writers.
+
+use rvm_collections::{Config, Error, PHeap, Persist};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Persist, Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+struct Pair {
+    a: u64,
+    b: u64,
+}
+
+#[derive(Persist, Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+struct Other {
+    x: u32,
+    y: u32,
+    z: u64,
+}
+
+fn small() -> Config {
+    Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() }
+}
+
+#[test]
+fn roots_survive_reopen_and_keep_their_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let base = heap.base();
+    heap.write(|tx| {
+        tx.root_or_insert_with("pair", || Pair { a: 1, b: 2 })?.a = 10;
+        *tx.root_or_insert_with("n", || 5u64)? += 1;
+        tx.root_or_insert_with("arr", || [7u8; 16])?[3] = 9;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.close().unwrap();
+
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert_eq!(heap.base(), base, "the base is recorded in the segment");
+    heap.read(|r| {
+        assert_eq!(r.root::<Pair>("pair").unwrap().copied(), Some(Pair { a: 10, b: 2 }));
+        assert_eq!(r.root::<u64>("n").unwrap().copied(), Some(6));
+        let arr = *r.root::<[u8; 16]>("arr").unwrap().unwrap();
+        assert_eq!((arr[2], arr[3]), (7, 9));
+        assert!(r.root::<u64>("missing").unwrap().is_none());
+        // The same size, another layout: refused, never reinterpreted.
+        assert!(matches!(r.root::<Other>("pair"), Err(Error::RootType { .. })));
+        assert!(matches!(r.root::<[u64; 2]>("pair"), Err(Error::RootType { .. })));
+        assert!(matches!(r.root::<i64>("n"), Err(Error::RootType { .. })));
+    });
+    // Also inside a write transaction, and for creation.
+    let r = heap.write(|tx| tx.root_or_insert_with("n", || 0i64).map(|_| ()));
+    assert!(matches!(r, Err(Error::RootType { .. })), "{r:?}");
+}
+
+#[test]
+fn a_root_is_borrowed_mutably_once_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| {
+        let first = tx.root_or_insert_with("pair", || Pair { a: 1, b: 2 })?;
+        assert!(matches!(tx.root_mut::<Pair>("pair"), Err(Error::RootBorrowed { .. })));
+        assert!(matches!(tx.root::<Pair>("pair"), Err(Error::RootBorrowed { .. })));
+        assert!(matches!(tx.remove_root::<Pair>("pair"), Err(Error::RootBorrowed { .. })));
+        drop(first);
+        let s1 = tx.root::<Pair>("pair")?.unwrap();
+        let s2 = tx.root::<Pair>("pair")?.unwrap();
+        assert_eq!(s1.a + s2.b, 3);
+        assert!(matches!(tx.root_mut::<Pair>("pair"), Err(Error::RootBorrowed { .. })));
+        drop((s1, s2));
+        // Two different roots at once are fine.
+        let mut p = tx.root_mut::<Pair>("pair")?.unwrap();
+        let mut n = tx.root_or_insert_with("n", || 0u64)?;
+        *n += p.a;
+        p.b = *n;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(heap.read(|r| r.root::<Pair>("pair").unwrap().copied()), Some(Pair { a: 1, b: 1 }));
+}
+
+#[derive(Debug)]
+enum AppError {
+    #[allow(dead_code)] // read through Debug when a test fails
+    Heap(Error),
+    Refused,
+}
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        AppError::Heap(e)
+    }
+}
+
+#[test]
+fn err_and_panic_abort_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| tx.root_or_insert_with("pair", || Pair { a: 1, b: 2 }).map(|_| ())).unwrap();
+    let live = heap.raw_heap().stats().live_blocks;
+
+    let r = heap.write(|tx| {
+        tx.root_mut::<Pair>("pair")?.unwrap().a = 99;
+        tx.root_or_insert_with("new", || 5u64)?;
+        Err::<(), _>(AppError::Refused)
+    });
+    assert!(matches!(r, Err(AppError::Refused)));
+
+    let p = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        heap.write(|tx| {
+            tx.root_mut::<Pair>("pair")?.unwrap().b = 77;
+            tx.root_or_insert_with("other", || 6u64)?;
+            panic!("boom");
+            #[allow(unreachable_code)]
+            Ok::<_, Error>(())
+        })
+    }));
+    assert!(p.is_err(), "the panic continues after the abort");
+
+    heap.read(|r| {
+        assert_eq!(r.root::<Pair>("pair").unwrap().copied(), Some(Pair { a: 1, b: 2 }));
+        assert!(r.root::<u64>("new").unwrap().is_none());
+        assert!(r.root::<u64>("other").unwrap().is_none());
+    });
+    assert_eq!(heap.raw_heap().stats().live_blocks, live, "aborted allocations are given back");
+    heap.raw_heap().check().unwrap();
+    // And the heap goes on working (no lock or transaction left behind).
+    heap.write(|tx| {
+        tx.root_mut::<Pair>("pair")?.unwrap().a = 3;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.close().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<Pair>("pair").unwrap().copied()), Some(Pair { a: 3, b: 2 }));
+}
+
+#[test]
+fn removed_roots_free_their_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let live = heap.raw_heap().stats().live_blocks;
+    heap.write(|tx| tx.root_or_insert_with("gone", || [1u64; 32]).map(|_| ())).unwrap();
+    assert_eq!(heap.raw_heap().stats().live_blocks, live + 1);
+    assert!(heap.write(|tx| tx.remove_root::<[u64; 32]>("gone")).unwrap());
+    assert!(!heap.write(|tx| tx.remove_root::<[u64; 32]>("gone")).unwrap());
+    assert_eq!(heap.raw_heap().stats().live_blocks, live);
+    heap.raw_heap().check().unwrap();
+}
+
+#[test]
+fn readers_never_see_half_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = Arc::new(PHeap::open_or_create(dir.path(), small()).unwrap());
+    heap.write(|tx| tx.root_or_insert_with("pair", || Pair { a: 0, b: 1000 }).map(|_| ())).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (heap, stop) = (heap.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = heap.read(|r| r.root::<Pair>("pair").unwrap().copied().unwrap());
+                    assert_eq!(p.a + p.b, 1000, "a reader saw half a transfer: {p:?}");
+                    seen += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    for i in 0..300u64 {
+        heap.write_no_flush(|tx| {
+            let mut p = tx.root_mut::<Pair>("pair")?.unwrap();
+            let amount = i % 7;
+            if p.b >= amount {
+                p.b -= amount;
+                p.a += amount;
+            }
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    heap.flush().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    let p = heap.read(|r| r.root::<Pair>("pair").unwrap().copied().unwrap());
+    assert_eq!(p.a + p.b, 1000);
+}
+
+#[test]
+fn heaps_pick_distinct_bases_and_an_unfinished_creation_is_redone() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A crash while the heap segment was being made leaves this file.
+    std::fs::write(d2.path().join("heap.seg.creating"), vec![0u8; 8192]).unwrap();
+    let h1 = PHeap::open_or_create(d1.path(), small()).unwrap();
+    let h2 = PHeap::open_or_create(d2.path(), small()).unwrap();
+    assert_ne!(h1.base(), h2.base());
+    assert!(!d2.path().join("heap.seg.creating").exists());
+    for (h, v) in [(&h1, 1u64), (&h2, 2)] {
+        h.write(|tx| tx.root_or_insert_with("v", || v).map(|_| ())).unwrap();
+    }
+    assert_eq!(h1.read(|r| r.root::<u64>("v").unwrap().copied()), Some(1));
+    assert_eq!(h2.read(|r| r.root::<u64>("v").unwrap().copied()), Some(2));
+    // A fixed base is honoured.
+    let d3 = tempfile::tempdir().unwrap();
+    let base = 0x5e00_0000_0000u64;
+    let h3 = PHeap::open_or_create(d3.path(), Config { base: Some(base), ..small() }).unwrap();
+    assert_eq!(h3.base() as u64, base);
+    // A bad size is a typed error.
+    let d4 = tempfile::tempdir().unwrap();
+    assert!(matches!(PHeap::open_or_create(d4.path(), Config { heap_len: 1000, ..small() }), Err(Error::Config(_))));
+}
+
+#[test]
+fn the_folder_is_opened_exclusively() {
+    let dir = tempfile::tempdir().unwrap();
+    let _h = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert!(matches!(PHeap::open_or_create(dir.path(), small()), Err(Error::Core(rvm_core::Error::Locked { .. }))));
+}
