@@ -42,6 +42,14 @@ pub enum Error {
         /// Bytes the type needs.
         size: u64,
     },
+    /// A value read from the heap holds a pointer that is not sound (not a
+    /// live block, too small, misaligned, a length past its capacity):
+    /// damaged data, refused before it is used.
+    #[error("root {name:?} holds a damaged value (a pointer or length that does not match the heap)")]
+    Damaged {
+        /// The root.
+        name: String,
+    },
     /// The root is borrowed already in this transaction (mutably, or
     /// shared while a mutable borrow is asked for).
     #[error("root {name:?} is already borrowed in this transaction")]

@@ -57,9 +57,12 @@ pub mod persist;
 mod pheap;
 mod raw;
 mod tx;
+mod vec;
 
 pub use error::{Error, Result};
 pub use persist::Persist;
+pub use persist::Plain;
 pub use pheap::{Config, PHeap, HEAP_FILE, LOG_FILE};
 pub use rvm_collections_derive::Persist;
 pub use tx::{ReadTx, RootMut, RootRef, WriteTx};
+pub use vec::PVec;

@@ -1,5 +1,7 @@
 //! The [`Persist`] trait: which types may live in the heap.
 
+pub use rvm_heap::Heap;
+
 /// A type whose values may live in the recoverable heap and be read back,
 /// as the same values, after the program restarts (or crashes).
 ///
@@ -115,7 +117,31 @@ pub unsafe trait Persist: Sized + 'static {
     fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
         let _ = visit;
     }
+
+    /// Whether the pointers the value holds are sound in `heap`: each one
+    /// at a live block, large enough and aligned, with lengths and
+    /// capacities that agree. Checked before a value read from the heap is
+    /// handed out (a root slot or a stored pointer is never trusted alone).
+    /// Plain data has nothing to check.
+    fn check(&self, heap: &rvm_heap::Heap) -> bool {
+        let _ = heap;
+        true
+    }
 }
+
+/// A [`Persist`] type that owns no heap block: its values may be copied,
+/// moved, overwritten or dropped freely (nothing leaks, nothing is owned
+/// twice), so the typed layer hands out `&mut` to it. Integers, floats,
+/// `bool`, `char`, arrays of `Plain`, and every `#[derive(Persist)]`
+/// struct whose fields are all `Plain`. Collections such as
+/// [`crate::PVec`] are `Persist` but not `Plain`: they change only through
+/// their methods.
+///
+/// # Safety
+///
+/// The type and every field owns no heap block ([`Persist::visit_blocks`]
+/// visits nothing).
+pub unsafe trait Plain: Persist {}
 
 /// A heap block a value owns, as [`Persist::visit_blocks`] reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +177,8 @@ macro_rules! primitive {
                 $tag,
             );
         }
+        // SAFETY: a primitive owns nothing.
+        unsafe impl Plain for $t {}
     )*};
 }
 
@@ -171,7 +199,14 @@ unsafe impl<T: Persist, const N: usize> Persist for [T; N] {
             v.visit_blocks(visit);
         }
     }
+
+    fn check(&self, heap: &rvm_heap::Heap) -> bool {
+        self.iter().all(|v| v.check(heap))
+    }
 }
+
+// SAFETY: an array of values that own nothing owns nothing.
+unsafe impl<T: Plain, const N: usize> Plain for [T; N] {}
 
 /// The bytes of a value (every one initialised, by [`Persist`]'s contract).
 pub(crate) fn bytes_of<T: Persist>(value: &T) -> &[u8] {

@@ -3,9 +3,10 @@
 use crate::error::{Error, Result};
 use crate::tx::{ReadTx, WriteTx};
 use parking_lot::RwLock;
-use rvm_core::{CommitMode, Options, RestoreMode, Rvm};
+use rvm_core::{CommitMode, FileVfs, Options, RestoreMode, Rvm, Vfs};
 use rvm_heap::{HeapSpec, PersistentHeap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Name of the log file in a heap's folder.
 pub const LOG_FILE: &str = "rvm.log";
@@ -96,24 +97,53 @@ impl PHeap {
     /// is complete and durable.
     pub fn open_or_create(dir: impl AsRef<Path>, config: Config) -> Result<PHeap> {
         let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
+        let created_log = !dir.join(LOG_FILE).exists();
+        let heap = PHeap::open_or_create_with(Arc::new(FileVfs), dir, config)?;
+        if created_log {
+            // The new log's name is durable once its folder is synced.
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing the folder", dir))?;
+        }
+        Ok(heap)
+    }
+
+    /// [`PHeap::open_or_create`] on any [`Vfs`], such as the simulated disk
+    /// ([`rvm_core::testing::SimDisk`], feature `testing`): `dir` only
+    /// prefixes the two file names there, and crashes at any point can be
+    /// tested on typed data.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHeap};
+    /// use rvm_core::testing::{CrashMode, SimDisk};
+    /// use std::sync::Arc;
+    ///
+    /// let disk = SimDisk::new();
+    /// let config = Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() };
+    /// let heap = PHeap::open_or_create_with(Arc::new(disk.clone()), "db".as_ref(), config.clone())?;
+    /// heap.write(|tx| tx.root_or_insert_with("n", || 1u64).map(|_| ()))?; // durable
+    /// heap.write_no_flush(|tx| tx.root_mut::<u64>("n").map(|n| *n.unwrap() += 1))?; // not yet
+    /// disk.crash(CrashMode::LoseUnsynced);
+    /// drop(heap);
+    /// let heap = PHeap::open_or_create_with(Arc::new(disk.clone()), "db".as_ref(), config)?;
+    /// assert_eq!(heap.read(|r| r.root::<u64>("n").map(|n| n.copied()))?, Some(1));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn open_or_create_with(vfs: Arc<dyn Vfs>, dir: &Path, config: Config) -> Result<PHeap> {
         if config.heap_len == 0 || !config.heap_len.is_multiple_of(4096) {
             return Err(Error::Config(format!("heap_len {} is not a non-zero multiple of 4096", config.heap_len)));
         }
-        std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
         let log = dir.join(LOG_FILE);
-        match rvm_core::create_log(&log, config.log_len) {
-            Ok(()) => sync_dir(dir)?,
+        match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
+            Ok(()) => {}
             Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
         }
-        let rvm = Rvm::open(&log, config.options.clone())?;
+        let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone())?;
         let path = dir.join(HEAP_FILE);
-        let heap = if path.exists() {
-            PersistentHeap::open(&rvm, &path)?
-        } else {
-            create_heap(&rvm, dir, &config)?;
-            PersistentHeap::open(&rvm, &path)?
-        };
+        if !vfs.exists(&path).map_err(io("looking for the heap", &path))? {
+            create_heap(&rvm, vfs.as_ref(), dir, &config)?;
+        }
+        let heap = PersistentHeap::open(&rvm, &path)?;
         Ok(PHeap { lock: RwLock::new(()), heap, rvm, dir: dir.to_path_buf() })
     }
 
@@ -220,9 +250,9 @@ impl PHeap {
 /// Makes a heap segment under a temporary name, applies and forgets it in
 /// the log, then renames it into place: a crash leaves no half-made
 /// `heap.seg`.
-fn create_heap(rvm: &Rvm, dir: &Path, config: &Config) -> Result<()> {
+fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<()> {
     let creating = dir.join(CREATING_FILE);
-    match std::fs::remove_file(&creating) {
+    match vfs.remove(&creating) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("removing an unfinished heap", &creating)(e)),
@@ -249,7 +279,7 @@ fn create_heap(rvm: &Rvm, dir: &Path, config: &Config) -> Result<()> {
                 if let Ok(seg) = rvm.open_segment(&creating) {
                     rvm.close_segment(seg)?;
                 }
-                std::fs::remove_file(&creating).map_err(io("removing an unfinished heap", &creating))?;
+                vfs.remove(&creating).map_err(io("removing an unfinished heap", &creating))?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -257,14 +287,9 @@ fn create_heap(rvm: &Rvm, dir: &Path, config: &Config) -> Result<()> {
     let seg = rvm.open_segment(&creating)?;
     rvm.close_segment(seg)?;
     let target = dir.join(HEAP_FILE);
-    std::fs::rename(&creating, &target).map_err(io("renaming the new heap", &target))?;
-    sync_dir(dir)
+    vfs.rename(&creating, &target).map_err(io("renaming the new heap", &target))
 }
 
 fn is_address_in_use(e: &rvm_heap::HeapError) -> bool {
     matches!(e, rvm_heap::HeapError::Loader(rvm_loader::LoaderError::MapRegion { .. }))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing the folder", dir))
 }

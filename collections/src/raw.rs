@@ -54,3 +54,58 @@ pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<us
     let addr = p as usize;
     Ok(addr.div_ceil(align) * align)
 }
+
+/// The `len` values of type `T` at `ptr` as a slice.
+///
+/// # Safety
+///
+/// `ptr` is null only if `len` is 0; otherwise it is aligned for `T` and
+/// `[ptr, ptr + len * size_of::<T>())` lies in a live heap block holding
+/// valid `T`s, not changed for `'a` except through the returned slice (if
+/// mutable).
+pub(crate) unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
+}
+
+/// [`slice`], mutable.
+///
+/// # Safety
+///
+/// As [`slice`], and no other reference to the range exists for `'a`; the
+/// range is declared in the open transaction.
+pub(crate) unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
+}
+
+/// Moves `count` values of `T` from index `from` to index `to` of the
+/// array at `ptr` (the ranges may overlap).
+///
+/// # Safety
+///
+/// Both ranges lie in one live heap block aligned for `T`, declared in the
+/// open transaction, with no reference into them.
+pub(crate) unsafe fn shift<T>(ptr: usize, from: usize, to: usize, count: usize) {
+    let base = ptr as *mut T;
+    // SAFETY: per the contract.
+    unsafe { std::ptr::copy(base.add(from), base.add(to), count) }
+}
+
+/// Moves the value out of index `i` of the array at `ptr` (a bitwise copy:
+/// the slot is dead afterwards).
+///
+/// # Safety
+///
+/// Index `i` holds a valid `T` in a live heap block aligned for `T`, and
+/// the slot is treated as uninitialised afterwards.
+pub(crate) unsafe fn take<T>(ptr: usize, i: usize) -> T {
+    // SAFETY: per the contract.
+    unsafe { std::ptr::read((ptr as *const T).add(i)) }
+}

@@ -1,7 +1,7 @@
 //! Closure transactions: [`WriteTx`] and [`ReadTx`], and typed root access.
 
 use crate::error::{Error, Result};
-use crate::persist::{bytes_of, Persist};
+use crate::persist::{bytes_of, Persist, Plain};
 use rvm_core::CommitMode;
 use rvm_heap::{Heap, HeapTx};
 use std::alloc::Layout;
@@ -28,6 +28,12 @@ fn typed_root<T: Persist>(heap: &Heap, name: &str) -> Result<Option<NonNull<u8>>
     let live = heap.live_block_len(root.ptr).is_some_and(|len| len >= size);
     if !live || !(root.ptr.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::RootNotLive { name: name.into(), size });
+    }
+    // SAFETY: a live, aligned block of a `T`'s size recorded as a `T`;
+    // callers hold the heap's reader or writer lock, so nothing changes it
+    // while `check` reads it.
+    if !unsafe { crate::raw::view::<T>(root.ptr) }.check(heap) {
+        return Err(Error::Damaged { name: name.into() });
     }
     Ok(Some(root.ptr))
 }
@@ -98,7 +104,17 @@ impl<'h> WriteTx<'h> {
         }
     }
 
-    fn with_htx<R>(&self, f: impl FnOnce(&mut HeapTx<'h>) -> Result<R>) -> Result<R> {
+    /// Declares `[ptr, ptr + len)` (inside a block this transaction may
+    /// change) for the stores the caller makes next.
+    pub(crate) fn declare(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        // SAFETY: callers pass ranges of heap blocks reachable only through
+        // a guard they hold exclusively (or blocks this transaction made);
+        // the writer lock keeps other threads out, and callers hold no
+        // reference into the range while it is declared.
+        self.with_htx(|htx| unsafe { Ok(htx.set_range(ptr, len)?) })
+    }
+
+    pub(crate) fn with_htx<R>(&self, f: impl FnOnce(&mut HeapTx<'h>) -> Result<R>) -> Result<R> {
         let mut htx = self.htx.borrow_mut();
         // Present until `commit` consumes the transaction.
         let htx = htx.as_mut().ok_or_else(|| Error::Config("transaction already ended".into()))?;
@@ -202,8 +218,17 @@ impl<'h> WriteTx<'h> {
         if self.borrows.borrow().contains_key(&(ptr.as_ptr() as usize)) {
             return Err(Error::RootBorrowed { name: name.into() });
         }
+        let mut owned = Vec::new();
+        // SAFETY: a live root block of a checked `T` (by `find`), not
+        // borrowed (checked above); the writer lock holds other threads off.
+        unsafe { crate::raw::view::<T>(ptr) }.visit_blocks(&mut |b| owned.push(b.addr));
         self.with_htx(|htx| {
             htx.set_root(name, None)?;
+            for addr in owned {
+                if let Some(p) = NonNull::new(addr as *mut u8) {
+                    htx.free(p)?;
+                }
+            }
             htx.free(ptr)?;
             Ok(())
         })?;
@@ -253,12 +278,30 @@ impl<T: Persist> Deref for RootMut<'_, '_, T> {
     }
 }
 
-impl<T: Persist> DerefMut for RootMut<'_, '_, T> {
+/// Only for [`Plain`] values: a value that owns heap blocks (a [`crate::PVec`])
+/// changes through its methods, so that no owner is ever overwritten,
+/// duplicated or moved out of the heap.
+impl<T: Plain> DerefMut for RootMut<'_, '_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: a live root block of a `T` (checked when borrowed),
         // declared in the transaction; the borrow table holds it exclusive
         // while this guard lives, so this is the only reference (for the
         // borrow of `self`).
+        unsafe { crate::raw::view_mut::<T>(self.ptr) }
+    }
+}
+
+impl<'t, 'h, T: Persist> RootMut<'t, 'h, T> {
+    /// The transaction the guard belongs to.
+    pub(crate) fn tx(&self) -> &'t WriteTx<'h> {
+        self.tx
+    }
+
+    /// The value, to change through the collection's own methods (which
+    /// declare what they store).
+    pub(crate) fn value_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref_mut`: the only reference for the borrow of
+        // `self`; the value's bytes were declared when it was borrowed.
         unsafe { crate::raw::view_mut::<T>(self.ptr) }
     }
 }

@@ -74,8 +74,10 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     };
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let mut where_clause = where_clause.cloned().unwrap_or_else(|| syn::parse_quote!(where));
+    let mut plain_where = where_clause.clone();
     for ty in &types {
         where_clause.predicates.push(syn::parse_quote!(#ty: ::rvm_collections::Persist));
+        plain_where.predicates.push(syn::parse_quote!(#ty: ::rvm_collections::persist::Plain));
     }
     let krate = quote!(::rvm_collections);
     Ok(quote! {
@@ -103,6 +105,13 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             fn visit_blocks(&self, visit: &mut dyn FnMut(#krate::persist::Block)) {
                 #( #krate::Persist::visit_blocks(&self.#members, visit); )*
             }
+
+            fn check(&self, heap: &#krate::persist::Heap) -> bool {
+                true #( && #krate::Persist::check(&self.#members, heap) )*
+            }
         }
+
+        // SAFETY: every field owns no heap block (the bounds above).
+        unsafe impl #impl_generics #krate::persist::Plain for #name #ty_generics #plain_where {}
     })
 }

@@ -188,6 +188,15 @@ impl Vfs for FileVfs {
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
     }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)?;
+        // The new name is durable once its folder is synced.
+        let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir)?.sync_all()
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
     fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut src = File::open(from)?;
         let mut dst = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;

@@ -103,4 +103,20 @@ pub trait Vfs: Send + Sync + Debug {
         let _ = to;
         Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot copy {}", from.display())))
     }
+    /// Renames `from` to `to` durably (replacing a file there), keeping the
+    /// file's identity. The default refuses ([`io::ErrorKind::Unsupported`]).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let _ = to;
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot rename {}", from.display())))
+    }
+    /// Whether a device exists at `path` (the default opens it: a locked
+    /// device exists).
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        match self.open(path, OpenMode::Existing) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }

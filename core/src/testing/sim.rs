@@ -517,6 +517,19 @@ impl Vfs for SimDisk {
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         Ok(path.to_path_buf())
     }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if SimDisk::rename(self, from, to) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} does not exist on the simulated disk", from.display()),
+            ))
+        }
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        Ok(self.state.lock().files.contains_key(path))
+    }
     fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut st = self.state.lock();
         if st.files.contains_key(to) {
