@@ -56,6 +56,7 @@ mod error;
 pub mod persist;
 mod pheap;
 mod raw;
+mod string;
 mod tx;
 mod vec;
 
@@ -64,5 +65,6 @@ pub use persist::Persist;
 pub use persist::Plain;
 pub use pheap::{Config, PHeap, HEAP_FILE, LOG_FILE};
 pub use rvm_collections_derive::Persist;
+pub use string::PString;
 pub use tx::{ReadTx, RootMut, RootRef, WriteTx};
 pub use vec::PVec;

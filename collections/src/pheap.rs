@@ -15,6 +15,9 @@ pub const HEAP_FILE: &str = "heap.seg";
 /// Where a heap segment is made before it is complete (then renamed).
 const CREATING_FILE: &str = "heap.seg.creating";
 
+/// Held while a heap is made and mapped (see `open_or_create_with`).
+static CREATING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// How [`PHeap::open_or_create`] makes a new heap (an existing one keeps
 /// what it was made with).
 #[derive(Clone, Debug)]
@@ -140,10 +143,15 @@ impl PHeap {
         }
         let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone())?;
         let path = dir.join(HEAP_FILE);
-        if !vfs.exists(&path).map_err(io("looking for the heap", &path))? {
-            create_heap(&rvm, vfs.as_ref(), dir, &config)?;
-        }
-        let heap = PersistentHeap::open(&rvm, &path)?;
+        let heap = {
+            // Heaps made in this process at once must not pick the same
+            // free range (a pick is free until the heap maps it).
+            let _one = CREATING.lock();
+            if !vfs.exists(&path).map_err(io("looking for the heap", &path))? {
+                create_heap(&rvm, vfs.as_ref(), dir, &config)?;
+            }
+            PersistentHeap::open(&rvm, &path)?
+        };
         Ok(PHeap { lock: RwLock::new(()), heap, rvm, dir: dir.to_path_buf() })
     }
 

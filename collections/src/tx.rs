@@ -264,6 +264,7 @@ impl<T: Persist> Drop for RootRef<'_, '_, T> {
 /// A root borrowed to change in a [`WriteTx`]; dereferences (mutably) to
 /// the `T`. Stores through it are logged at commit and undone at abort.
 #[derive(Debug)]
+#[repr(C)] // the same layout for every `T`: see `RootMut::as_inner`
 pub struct RootMut<'t, 'h, T: Persist> {
     tx: &'t WriteTx<'h>,
     ptr: NonNull<u8>,
@@ -295,6 +296,21 @@ impl<'t, 'h, T: Persist> RootMut<'t, 'h, T> {
     /// The transaction the guard belongs to.
     pub(crate) fn tx(&self) -> &'t WriteTx<'h> {
         self.tx
+    }
+
+    /// This guard, seen as a guard of `U`, a type `T` wraps.
+    ///
+    /// # Safety
+    ///
+    /// `T` is `#[repr(transparent)]` over `U` (so a `T` value is a `U`
+    /// value), and `U`'s invariants are all `T` needs besides its own,
+    /// which the caller keeps.
+    pub(crate) unsafe fn as_inner<U: Persist>(&mut self) -> &mut RootMut<'t, 'h, U> {
+        // SAFETY: `RootMut` is `#[repr(C)]` with fields that do not depend
+        // on the type parameter but through a zero-sized marker, so both
+        // types have the same layout; the caller vouches that the bytes at
+        // `ptr` are a valid `U`.
+        unsafe { &mut *(self as *mut Self).cast::<RootMut<'t, 'h, U>>() }
     }
 
     /// The value, to change through the collection's own methods (which

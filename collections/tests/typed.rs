@@ -222,3 +222,39 @@ fn the_folder_is_opened_exclusively() {
     let _h = PHeap::open_or_create(dir.path(), small()).unwrap();
     assert!(matches!(PHeap::open_or_create(dir.path(), small()), Err(Error::Core(rvm_core::Error::Locked { .. }))));
 }
+
+#[test]
+fn strings_stay_utf8_across_changes_aborts_and_reopen() {
+    use rvm_collections::PString;
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| {
+        let mut s = tx.root_or_insert_with("s", PString::new)?;
+        s.push_str("naïve ")?;
+        s.push('☃')?;
+        assert_eq!(s.pop()?, Some('☃'));
+        s.push_str("café")?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // A truncate inside a character panics (as String's does): the
+    // transaction aborts, the string is unchanged.
+    let p = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        heap.write(|tx| {
+            let mut s = tx.root_mut::<PString>("s")?.unwrap();
+            s.push_str(" more")?;
+            s.truncate(3)?; // inside 'ï'
+            Ok::<_, Error>(())
+        })
+    }));
+    assert!(p.is_err());
+    heap.close().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let s = heap.read(|r| r.root::<PString>("s").unwrap().map(|s| s.as_str().to_owned()));
+    assert_eq!(s.as_deref(), Some("naïve café"));
+    // A string is not a byte vector (another fingerprint).
+    assert!(matches!(heap.read(|r| r.root::<rvm_collections::PVec<u8>>("s").map(|_| ())), Err(Error::RootType { .. })));
+    assert!(heap.write(|tx| tx.remove_root::<PString>("s")).unwrap());
+    heap.raw_heap().check().unwrap();
+    assert_eq!(heap.raw_heap().stats().live_blocks, 0, "the string's buffer is freed with its root");
+}

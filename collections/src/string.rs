@@ -1,0 +1,119 @@
+//! [`PString`]: a UTF-8 string in the heap.
+
+use crate::error::Result;
+use crate::persist::{fingerprint_mix, Block, Persist};
+use crate::tx::RootMut;
+use crate::vec::PVec;
+
+/// A growable UTF-8 string in the heap, like `String`: a [`PVec<u8>`]
+/// whose bytes are always UTF-8 (checked whenever it is borrowed from the
+/// heap).
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PString};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut s = tx.root_or_insert_with("greeting", PString::new)?;
+///     s.push_str("hello")?;
+///     s.push(',')?;
+///     s.push_str(" wörld")?;
+///     Ok::<_, Error>(())
+/// })?;
+/// let s = heap.read(|r| r.root::<PString>("greeting").map(|s| s.map(|s| s.as_str().to_owned())))?;
+/// assert_eq!(s.as_deref(), Some("hello, wörld"));
+/// # Ok::<(), Error>(())
+/// ```
+#[repr(transparent)]
+#[derive(Debug, Default)]
+pub struct PString(PVec<u8>);
+
+impl PString {
+    /// An empty string (owns no block).
+    pub fn new() -> Self {
+        PString(PVec::new())
+    }
+
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        // `check` confirmed UTF-8 when the value was borrowed, and only
+        // this type's methods (which keep it UTF-8) change it. Checked
+        // again rather than trusted: a damaged string reads as empty.
+        std::str::from_utf8(self.0.as_slice()).unwrap_or_default()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for PString {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+// SAFETY: `#[repr(transparent)]` over a `PVec<u8>` (which is `Persist`);
+// its own fingerprint.
+unsafe impl Persist for PString {
+    const FINGERPRINT: u64 = fingerprint_mix(<PVec<u8> as Persist>::FINGERPRINT, 71);
+
+    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
+        self.0.visit_blocks(visit);
+    }
+
+    fn check(&self, heap: &rvm_heap::Heap) -> bool {
+        self.0.check(heap) && std::str::from_utf8(self.0.as_slice()).is_ok()
+    }
+}
+
+impl<'t, 'h> RootMut<'t, 'h, PString> {
+    fn bytes(&mut self) -> &mut RootMut<'t, 'h, PVec<u8>> {
+        // SAFETY: `PString` is `#[repr(transparent)]` over `PVec<u8>`; every
+        // change below keeps the bytes UTF-8.
+        unsafe { self.as_inner::<PVec<u8>>() }
+    }
+
+    /// Appends `s`.
+    pub fn push_str(&mut self, s: &str) -> Result<()> {
+        self.bytes().extend_from_slice(s.as_bytes())
+    }
+
+    /// Appends `c`.
+    pub fn push(&mut self, c: char) -> Result<()> {
+        self.push_str(c.encode_utf8(&mut [0; 4]))
+    }
+
+    /// Removes and returns the last character.
+    pub fn pop(&mut self) -> Result<Option<char>> {
+        let Some(c) = self.as_str().chars().next_back() else { return Ok(None) };
+        let len = self.len() - c.len_utf8();
+        self.bytes().truncate(len)?;
+        Ok(Some(c))
+    }
+
+    /// Shortens it to `len` bytes.
+    ///
+    /// # Panics
+    ///
+    /// If `len` is not on a character boundary (as `String::truncate`).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len < self.len() {
+            assert!(self.as_str().is_char_boundary(len), "truncate: {len} is not a char boundary");
+            self.bytes().truncate(len)?;
+        }
+        Ok(())
+    }
+
+    /// Empties it (the buffer stays).
+    pub fn clear(&mut self) -> Result<()> {
+        self.bytes().clear()
+    }
+}
