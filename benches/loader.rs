@@ -58,7 +58,7 @@ fn timed_load(rvm: &Rvm, path: &Path, touch: bool) -> Result<Duration, Box<dyn s
         let mut sum = 0u8;
         let mut b = [0u8; 1];
         for off in (0..region.len()).step_by(ps) {
-            // SAFETY: nothing stores into the region while the test reads it.
+            // SAFETY: this program is single-threaded: nothing stores into the region while it is read.
             unsafe { region.read(off, &mut b) }.ok_or("read outside the region")?;
             sum = sum.wrapping_add(b[0]);
         }

@@ -43,11 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let read_u64 = |off: usize| {
         let mut b = [0u8; 8];
-        // SAFETY: nothing stores into the region while the test reads it.
+        // SAFETY: this program is single-threaded: nothing stores into the region while it is read.
         unsafe { region.read(off, &mut b) }.map(|_| u64::from_le_bytes(b)).unwrap_or(0)
     };
     let mut last = [0u8; 48];
-    // SAFETY: nothing stores into the region while the test reads it.
+    // SAFETY: this program is single-threaded: nothing stores into the region while it is read.
     unsafe { region.read(LAST, &mut last) };
     let text_end = last.iter().position(|&b| b == 0).unwrap_or(last.len());
     println!(
