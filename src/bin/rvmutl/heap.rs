@@ -221,7 +221,11 @@ fn with_heap<T>(
     let snap = segment_snapshot(&FileVfs, log, segment, None, &mut |done, total| progress.set(done, total));
     progress.finish();
     let snap = snap?;
-    let name = FileVfs.canonical_name(segment).map_err(|source| Error::Io { op: "resolving the name of", path: segment.into(), source })?;
+    let name = FileVfs.canonical_name(segment).map_err(|source| Error::Io {
+        op: "resolving the name of",
+        path: segment.into(),
+        source,
+    })?;
     let mem = MemVfs::new();
     rvm::create_log_with(&mem, log, VIEW_LOG_LEN)?;
     mem.insert(&name, snap.bytes);
