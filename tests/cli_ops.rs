@@ -71,7 +71,7 @@ fn holder_process() {
         if count == 20 {
             std::fs::write(dir.join("ready"), b"").unwrap();
         }
-        if count % 150 == 0 {
+        if count.is_multiple_of(150) {
             rvm.truncate().unwrap();
         }
         std::thread::sleep(Duration::from_millis(2));

@@ -915,7 +915,12 @@ mod tests {
         assert_eq!(scan.log_end(), LogEnd::Clean);
         assert!(scan.stop_blank);
         let mut seen = Vec::new();
-        let replayed = view.replay(|seg, off, data| Ok(seen.push((seg, off, data.to_vec())))).unwrap();
+        let replayed = view
+            .replay(|seg, off, data| {
+                seen.push((seg, off, data.to_vec()));
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(replayed, scan);
         assert_eq!(seen, (0..3u8).map(|i| (1, 16 * u64::from(i), vec![i + 1; 8])).collect::<Vec<_>>());
         // Reads only: the live image is unchanged and no write was counted

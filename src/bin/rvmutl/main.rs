@@ -919,5 +919,20 @@ mod tests {
         assert_eq!(exit_code(&bad), EXIT_INVALID);
         assert_eq!(exit_code(&LogError::NotALog { path: "x".into() }.into()), EXIT_INVALID);
         assert_eq!(exit_code(&LogError::BadSize { requested: 1, reason: "small" }.into()), EXIT_USAGE);
+        assert_eq!(exit_code(&LogError::ViewUnstable { path: "x".into(), attempts: 8 }.into()), EXIT_IO);
+    }
+
+    #[test]
+    fn usage_errors_get_the_one_prefix() {
+        assert_eq!(usage_error("error: unexpected argument\n"), "rvmutl: error: unexpected argument\n");
+        assert_eq!(usage_error("odd text\n"), "rvmutl: error: odd text\n");
+        let e = Cli::try_parse_from(["rvmutl", "frobnicate"]).unwrap_err();
+        assert!(usage_error(&e.render().to_string()).starts_with("rvmutl: error: unrecognized subcommand"));
+    }
+
+    #[test]
+    fn the_lock_hint_names_the_locked_file() {
+        let h = hint(&Error::Locked { path: "/data/app.heap".into() }).unwrap();
+        assert!(h.starts_with("/data/app.heap is open"), "{h}");
     }
 }
