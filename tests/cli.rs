@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::{expect_code, rvmutl, serial, stderr, stdout};
+use common::{expect_code, log_doc, rvmutl, serial, stderr, stdout};
 
 /// Runs `rvmutl` on a path argument.
 fn rvmutl_on(cmd: &str, path: &Path, extra: &[&str]) -> Output {
@@ -125,7 +125,7 @@ fn status_dump_recover_truncate() {
     assert!(text.contains(fx.seg.file_name().unwrap().to_str().unwrap()), "segment dictionary not shown:\n{text}");
     let o = rvmutl_on("status", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let st: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    let st: Value = log_doc(&o);
     assert_eq!(st["scan"]["transactions"], 3);
     let used = st["scan"]["used_bytes"].as_u64().unwrap();
     let free = st["scan"]["free_bytes"].as_u64().unwrap();
@@ -146,7 +146,7 @@ fn status_dump_recover_truncate() {
     // dump --json: a JSON document with the same frames.
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let doc: Value = serde_json::from_slice(&o.stdout).expect("dump --json is JSON");
+    let doc: Value = log_doc(&o);
     let frames = doc["frames"].as_array().unwrap();
     let kinds: Vec<&str> = frames.iter().map(|f| f["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["range", "commit", "range", "range", "commit", "range", "commit"]);
@@ -170,12 +170,19 @@ fn status_dump_recover_truncate() {
     assert_eq!(doc["scan"]["discarded_bytes"], 0);
     assert_eq!(doc["status"]["segments"][0]["id"], 1);
 
-    // An instance holds the lock: inspection is refused with exit code 2.
+    // An instance holds the lock: inspection still works (a live view,
+    // without a lock); a command that writes is refused with exit code 2
+    // and a hint naming the locked log.
     {
         let _rvm = Rvm::open(&fx.log, opts()).unwrap();
         let o = rvmutl_on("status", &fx.log, &[]);
+        expect_code(&o, 0);
+        assert!(stdout(&o).contains("live view"), "{}", stdout(&o));
+        let o = rvmutl_on("recover", &fx.log, &[]);
         expect_code(&o, 2);
         assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+        let hint = stderr(&o).lines().find(|l| l.starts_with("rvmutl: hint:")).unwrap_or_default().to_string();
+        assert!(hint.contains(fx.log.to_str().unwrap()), "the hint does not name the log: {hint}");
     }
     // (That open ran recovery, so the log is empty again: add a transaction.)
     {
@@ -196,7 +203,7 @@ fn status_dump_recover_truncate() {
     assert_eq!(&seg[100..105], b"hello");
     let o = rvmutl_on("status", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let st: Value = log_doc(&o);
     assert_eq!((&st["scan"]["transactions"], &st["scan"]["used_bytes"]), (&0.into(), &0.into()));
 
     // truncate: open (recovering), truncate, close.
@@ -213,7 +220,7 @@ fn status_dump_recover_truncate() {
     assert_eq!(&std::fs::read(&fx.seg).unwrap()[2000..2011], b"truncate me");
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc: Value = log_doc(&o);
     assert_eq!(doc["frames"].as_array().unwrap().len(), 0);
 }
 
@@ -222,7 +229,7 @@ fn dump_marks_an_unfinished_tail() {
     let _serial = serial();
     let fx = fixture();
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc: Value = log_doc(&o);
     let last = &doc["frames"][6];
     assert_eq!(last["kind"], "commit");
     // Damage the last commit frame: its transaction becomes a torn tail.
@@ -233,7 +240,7 @@ fn dump_marks_an_unfinished_tail() {
 
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc: Value = log_doc(&o);
     let frames = doc["frames"].as_array().unwrap();
     assert_eq!(frames.len(), 6);
     assert_eq!(frames[5]["committed"], false);
@@ -339,7 +346,7 @@ fn bad_files_give_clear_errors_and_exit_codes() {
     let o = rvmutl_on("status", &bad, &[]);
     assert!(stdout(&o).contains("INVALID (checksum mismatch"), "{}", stdout(&o));
     let o = rvmutl_on("status", &bad, &["--json"]);
-    let doc: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON even for a bad log");
+    let doc: Value = log_doc(&o);
     assert_eq!(doc["chosen_slot"], Value::Null);
 
     // A segment named by the log is gone: recovery cannot replay.
@@ -360,7 +367,7 @@ fn bad_files_give_clear_errors_and_exit_codes() {
 fn damage_second_transaction(fx: &Fixture) -> (u64, Vec<u8>) {
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc: Value = log_doc(&o);
     // Frames: range, commit | range, range, commit | range, commit.
     let frame = &doc["frames"][2];
     assert_eq!(frame["kind"], "range");
@@ -407,7 +414,7 @@ fn status_reports_mid_log_damage() {
     let line = text.lines().find(|l| l.starts_with("DAMAGED:")).unwrap_or_else(|| panic!("no DAMAGED line:\n{text}"));
     assert!(line.contains(&format!("position {lsn} ")) && line.contains("--salvage"), "{line}");
     let o = rvmutl_on("status", &fx.log, &["--json"]);
-    let st: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    let st: Value = log_doc(&o);
     let d = &st["scan"]["damage"];
     assert_eq!(d["lsn"], lsn);
     assert_eq!(d["reason"], "bad_checksum");
@@ -422,7 +429,7 @@ fn recover_salvage_keeps_the_prefix_and_a_copy() {
     let fx = fixture();
     let (lsn, img) = damage_second_transaction(&fx);
     let o = rvmutl_on("status", &fx.log, &["--json"]);
-    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let st: Value = log_doc(&o);
     let chosen = st["chosen_slot"].as_u64().unwrap() as usize;
     let epoch = st["slots"][chosen]["status"]["epoch"].as_u64().unwrap();
     let end = st["scan"]["damage"]["valid_end"].as_u64().unwrap();

@@ -35,7 +35,7 @@ fn checkpoint_replays_and_records_its_position() {
     assert_eq!(&std::fs::read(&seg).unwrap()[100..112], b"checkpointed");
     let o = rvmutl(&["status", l, "--json"]);
     expect_code(&o, 0);
-    let json: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let json: Value = common::log_doc(&o);
     let text = json.to_string();
     assert!(text.contains("\"checkpoint_generation\":1"), "{text}");
     // A second checkpoint: generation 2.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::{expect_code, rvmutl, serial, stderr, stdout};
+use common::{expect_code, ndjson, record, records, rvmutl, serial, stderr, stdout};
 
 /// A fixed base per test (distinct, so the library side of two tests never
 /// collides; the CLI maps in its own process).
@@ -25,8 +25,9 @@ fn heap_cmd(cmd: &str, log: &Path, seg: &Path, extra: &[&str]) -> Output {
     rvmutl(&args)
 }
 
-fn json(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(o)))
+/// The NDJSON records of `o`.
+fn json(o: &Output) -> Vec<Value> {
+    ndjson(o)
 }
 
 struct Fixture {
@@ -90,21 +91,25 @@ fn create_check_and_stats_of_a_heap_in_use() {
     }
     let o = heap_cmd("stats", &f.log, &f.seg, &["--json"]);
     expect_code(&o, 0);
-    let doc = json(&o);
+    let all = json(&o);
+    let doc = record(&all, "stats");
     assert_eq!(doc["live_blocks"], 40);
     assert_eq!(doc["heap_bytes"], 1 << 20);
-    let per_class: u64 = doc["classes"].as_array().unwrap().iter().map(|c| c["live_blocks"].as_u64().unwrap()).sum();
+    assert_eq!(doc["log_transactions"], 2);
+    let per_class: u64 = records(&all, "class").iter().map(|c| c["live_blocks"].as_u64().unwrap()).sum();
     assert_eq!(per_class, 40);
-    assert_eq!(doc["roots"][1]["name"], "second");
-    assert_eq!(doc["roots"][1]["type_tag"], 0x22);
+    let roots = records(&all, "root");
+    assert_eq!((roots.len(), &roots[1]["name"], &roots[1]["type_tag"]), (2, &"second".into(), &0x22.into()));
 
     let o = heap_cmd("check", &f.log, &f.seg, &["--json"]);
     expect_code(&o, 0);
-    let doc = json(&o);
+    let all = json(&o);
+    let doc = record(&all, "check");
     assert_eq!(doc["ok"], true);
     assert_eq!(doc["allocated_blocks"], 40);
     assert_eq!(doc["roots"], 2);
-    assert_eq!(doc["dangling_roots"].as_array().unwrap().len(), 0);
+    assert_eq!(doc["dangling_roots"], 0);
+    assert!(records(&all, "finding").is_empty(), "{all:?}");
     // The heap can be reopened by the library afterwards (the CLI closed it).
     let rvm = Rvm::open(&f.log, opts()).unwrap();
     assert_eq!(PersistentHeap::open(&rvm, &f.seg).unwrap().stats().live_blocks, 40);
@@ -137,9 +142,11 @@ fn a_damaged_heap_fails_the_check_with_3() {
     assert!(stderr(&o).contains("corrupted tail guard"), "{}", stderr(&o));
     let o = heap_cmd("check", &f.log, &f.seg, &["--json"]);
     expect_code(&o, 3);
-    let doc = json(&o);
-    assert_eq!(doc["ok"], false);
-    assert!(doc["error"].as_str().unwrap().contains("tail guard"), "{doc}");
+    let all = json(&o);
+    assert_eq!(record(&all, "check")["ok"], false);
+    let finding = record(&all, "finding");
+    assert_eq!((&finding["severity"], &finding["kind"]), (&"error".into(), &"corrupted".into()));
+    assert!(finding["message"].as_str().unwrap().contains("tail guard"), "{finding}");
     expect_code(&heap_cmd("stats", &f.log, &f.seg, &[]), 3);
 }
 

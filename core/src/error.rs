@@ -151,6 +151,21 @@ pub enum LogError {
         /// The log's path.
         path: PathBuf,
     },
+    /// A read-only view of a log ([`crate::log::inspect::segment_snapshot`])
+    /// found the log's head moved (by a truncation, checkpoint or reopen
+    /// finishing) during each of its attempts to read a consistent state.
+    /// Nothing is wrong with the log; try again.
+    #[error(
+        "log {} changed under each of {attempts} attempts to read a consistent view (a truncation or checkpoint \
+         kept finishing); try again",
+        path.display()
+    )]
+    ViewUnstable {
+        /// The log.
+        path: PathBuf,
+        /// Attempts made.
+        attempts: u32,
+    },
     /// The log names a segment that cannot be opened during recovery.
     #[error("the log holds records for segment {} which cannot be opened: {reason}", path.display())]
     MissingSegment {

@@ -63,5 +63,5 @@ pub mod testing;
 
 pub use error::{LoaderError, Result};
 pub use format::{encoded_len_from_prefix, LoadMap, RegionSpec};
-pub use load::{create_segment, load_segment, read_load_map, read_load_map_file, LoadedSegment};
+pub use load::{create_segment, load_segment, read_load_map, read_load_map_file, read_load_map_image, LoadedSegment};
 pub use rvm_core::CopyMode;

@@ -254,18 +254,61 @@ pub fn read_load_map_file(path: impl AsRef<Path>) -> Result<LoadMap> {
     let mut file = rvm_core::storage::open_read_only(path).map_err(io("opening segment"))?;
     // Seeking to the end sizes block devices too (their metadata says 0).
     let dev = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io("sizing segment"))?;
+    read_map_with(path, dev, |buf, at| file.read_exact_at(buf, at).map_err(io("reading segment header")))
+}
+
+/// Reads a segment's load map from an image of the segment's first bytes
+/// (`image` holds bytes `[0, image.len())` of a segment of `device_len`
+/// bytes), with the checks of [`read_load_map_file`]; `path` names the
+/// segment in errors. Inspection tools use it on a segment's header as
+/// recovery would leave it, built in memory
+/// (`rvm_core::log::inspect::segment_snapshot`). An image shorter than the
+/// header is [`LoaderError::Io`] (`UnexpectedEof`).
+///
+/// ```
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let log = dir.path().join("log");
+/// # rvm_core::create_log(&log, 1 << 20).unwrap();
+/// # let rvm = rvm_core::Rvm::open(&log, rvm_core::Options::default()).unwrap();
+/// use rvm_loader::{create_segment, read_load_map_image, LoadMap, RegionSpec};
+/// let map = LoadMap::new().region(RegionSpec::new("heap", 1 << 16, 1 << 16, 0x5d90_0000_0000));
+/// let seg = dir.path().join("seg");
+/// create_segment(&rvm, &seg, 1 << 17, &map).unwrap();
+/// let bytes = std::fs::read(&seg).unwrap();
+/// assert_eq!(read_load_map_image(&seg, &bytes[..8192], 1 << 17).unwrap(), map);
+/// ```
+pub fn read_load_map_image(path: impl AsRef<Path>, image: &[u8], device_len: u64) -> Result<LoadMap> {
+    let path = path.as_ref();
+    read_map_with(path, device_len, |buf, at| {
+        let start = usize::try_from(at).ok().filter(|&s| s <= image.len());
+        match start.and_then(|s| image.get(s..s + buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(LoaderError::Io {
+                op: "reading segment header",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the image ends inside the header"),
+            }),
+        }
+    })
+}
+
+/// The header checks of [`read_load_map_file`], reading through `read`.
+fn read_map_with(path: &Path, dev: u64, mut read: impl FnMut(&mut [u8], u64) -> Result<()>) -> Result<LoadMap> {
     let mut prefix = [0u8; FIXED_HEADER_LEN];
     if dev < FIXED_HEADER_LEN as u64 {
         return Err(short_device(path, dev, FIXED_HEADER_LEN as u64));
     }
-    file.read_exact_at(&mut prefix, 0).map_err(io("reading segment header"))?;
+    read(&mut prefix, 0)?;
     let need = encoded_len_from_prefix(&prefix).map_err(|e| e.in_segment(path))?;
     if need as u64 > dev {
         return Err(short_device(path, dev, need as u64));
     }
     // Bounded by the region count limit (at most 80 KiB).
     let mut bytes = vec![0u8; need];
-    file.read_exact_at(&mut bytes, 0).map_err(io("reading segment header"))?;
+    read(&mut bytes, 0)?;
     let map = LoadMap::decode(&bytes).map_err(|e| e.in_segment(path))?;
     map.check(Some(dev)).map_err(|p| map.corrupted(p).in_segment(path))?;
     Ok(map)

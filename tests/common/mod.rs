@@ -33,3 +33,46 @@ pub fn stderr(o: &Output) -> String {
 pub fn expect_code(o: &Output, code: i32) {
     assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
 }
+
+/// Parses newline-delimited JSON (`--json`): every line must be one JSON
+/// object with a string `"type"`.
+#[track_caller]
+pub fn ndjson(o: &Output) -> Vec<serde_json::Value> {
+    let text = stdout(o);
+    assert!(text.is_empty() || text.ends_with('\n'), "NDJSON output does not end with a newline:\n{text}");
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("line {} is not JSON ({e}): {line:?}\nstderr:\n{}", i + 1, stderr(o)));
+            assert!(v.is_object() && v["type"].is_string(), "line {} is not a typed object: {line}", i + 1);
+            v
+        })
+        .collect()
+}
+
+/// The NDJSON records of one type.
+pub fn records<'a>(records: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    records.iter().filter(|r| r["type"] == kind).collect()
+}
+
+/// The one NDJSON record of a type.
+#[track_caller]
+pub fn record<'a>(all: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let found = records(all, kind);
+    assert_eq!(found.len(), 1, "expected one {kind:?} record in {all:?}");
+    found[0]
+}
+
+/// `status --json` or `dump --json` gathered into one object: the "log"
+/// record's fields, plus "slots" (the slot records), "frames" (the frame
+/// records) and "scan" (the scan record, or null).
+#[track_caller]
+pub fn log_doc(o: &Output) -> serde_json::Value {
+    let all = ndjson(o);
+    let mut doc = record(&all, "log").clone();
+    doc["slots"] = serde_json::Value::Array(records(&all, "slot").into_iter().cloned().collect());
+    doc["frames"] = serde_json::Value::Array(records(&all, "frame").into_iter().cloned().collect());
+    doc["scan"] = records(&all, "scan").first().map_or(serde_json::Value::Null, |s| (*s).clone());
+    doc
+}

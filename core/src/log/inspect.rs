@@ -6,9 +6,15 @@
 //! repair anything, so it can be pointed at a damaged log to see what a
 //! recovery would find.
 //!
-//! Opening a log takes the device's exclusive lock for as long as the
-//! [`LogInspector`] lives (see [`Vfs::open`]): inspecting a log that an
-//! instance holds open fails with [`Error::Locked`].
+//! [`LogInspector::open`] takes the device's exclusive lock for as long as
+//! the [`LogInspector`] lives (see [`Vfs::open`]): inspecting a log that an
+//! instance holds open that way fails with [`Error::Locked`].
+//! [`LogInspector::open_shared`] takes no lock ([`Vfs::open_read_only`]):
+//! it inspects a log a running program holds, as a **live view** that may
+//! be behind the writer (a batch being written shows as a torn tail).
+//!
+//! [`ScanReport::log_end`] says how the log ends in an operator's words: a
+//! clean end, a torn (or unfinished) tail, or damage.
 //!
 //! ```
 //! use rvm_core::log::inspect::LogInspector;
@@ -25,10 +31,11 @@
 //! ```
 
 use super::format::{self, Frame, FrameKind, Status, Superblock};
-use super::{find_damage, scan, Damage, Ring, ScanStop};
+use super::{look_past_stop, read_valid_frame, scan, Damage, Ring, ScanStop, ScannedFrame};
 use crate::error::{Error, LogError, Result};
-use crate::storage::{OpenMode, Vfs};
+use crate::storage::{OpenMode, Storage, Vfs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a status slot does not hold a valid status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +192,45 @@ pub struct ScanReport {
     /// the log's end: records after it had been synced. Recovery refuses
     /// such a log unless told to salvage it.
     pub damage: Option<Damage>,
+    /// The first valid frame of the status's epoch found after the refused
+    /// one (within one maximal frame), damage or not: valid frames follow
+    /// the bad one. Without damage they were never synced (a crash tore or
+    /// lost the write before them), and recovery discards them.
+    pub next_valid: Option<u64>,
+    /// Whether the frame header where the scan stopped is all zero (never
+    /// written).
+    pub stop_blank: bool,
+}
+
+/// How a log ends, in words an operator can act on ([`ScanReport::log_end`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogEnd {
+    /// Nothing follows the last complete transaction: the scan reached the
+    /// end of the record area, or stopped on a never-written (all-zero) or
+    /// stale header (a frame of an earlier lap of the ring or an earlier
+    /// epoch) with no valid frame after it.
+    Clean,
+    /// A torn or unfinished tail: frames of a transaction whose commit
+    /// frame is missing, a partly written frame, or valid frames after a
+    /// refused one that were never synced. A crash leaves this (and so does
+    /// a writer caught mid-write by a live view); recovery discards the
+    /// tail, and nothing acknowledged is lost.
+    Torn,
+    /// Damage to synced records ([`ScanReport::damage`]): recovery refuses
+    /// the log until it is restored or salvaged.
+    Damaged,
+}
+
+impl LogEnd {
+    /// A short name (`clean`, `torn`, `damaged`), as `rvmutl --json` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogEnd::Clean => "clean",
+            LogEnd::Torn => "torn",
+            LogEnd::Damaged => "damaged",
+        }
+    }
 }
 
 impl ScanReport {
@@ -197,6 +243,23 @@ impl ScanReport {
     /// opposed to a discarded tail).
     pub fn is_committed(&self, lsn: u64) -> bool {
         lsn >= self.start && lsn < self.end
+    }
+
+    /// How the log ends: clean, torn or damaged (see [`LogEnd`]).
+    pub fn log_end(&self) -> LogEnd {
+        use super::format::FrameDefect;
+        if self.damage.is_some() {
+            return LogEnd::Damaged;
+        }
+        if self.discarded > 0 || self.next_valid.is_some() {
+            return LogEnd::Torn;
+        }
+        match self.stop {
+            ScanStop::Limit => LogEnd::Clean,
+            ScanStop::Defect { defect: FrameDefect::WrongPosition | FrameDefect::WrongEpoch, .. } => LogEnd::Clean,
+            ScanStop::Defect { .. } if self.stop_blank => LogEnd::Clean,
+            ScanStop::Defect { .. } => LogEnd::Torn,
+        }
     }
 
     /// Human-readable reason the scan stopped.
@@ -265,7 +328,9 @@ pub fn inspect(vfs: &dyn Vfs, path: &Path) -> Result<LogReport> {
 
 /// An open, read-only view of a log.
 ///
-/// Holds the device's exclusive lock until dropped.
+/// Opened with [`open`](Self::open), it holds the device's exclusive lock
+/// until dropped; with [`open_shared`](Self::open_shared) it holds no lock
+/// and is a live view.
 #[derive(Debug)]
 pub struct LogInspector {
     ring: Ring,
@@ -273,6 +338,7 @@ pub struct LogInspector {
     superblock: Superblock,
     slots: [SlotReport; 2],
     chosen: Option<u8>,
+    live: bool,
 }
 
 impl LogInspector {
@@ -287,6 +353,46 @@ impl LogInspector {
     /// refused.
     pub fn open(vfs: &dyn Vfs, path: &Path) -> Result<LogInspector> {
         let dev = vfs.open(path, OpenMode::Existing).map_err(|e| Error::io("opening the log", path, e))?;
+        Self::open_on(dev, path, false)
+    }
+
+    /// Opens the log at `path` on `vfs` for reading only **without taking
+    /// its lock** ([`Vfs::open_read_only`]), so a log that a running program
+    /// holds can be inspected. Nothing is written, and the program is not
+    /// disturbed.
+    ///
+    /// The result is a **live view**: the status slots are read once, at
+    /// open, and the frames when [`walk`](Self::walk) reads them, while the
+    /// program may be writing. A batch being written shows as a torn tail
+    /// (never as damage: a walk that stops on a frame that is valid when
+    /// read again reports no damage), and commits made after the read are
+    /// not shown. Errors as for [`open`](Self::open), without
+    /// [`Error::Locked`].
+    ///
+    /// ```
+    /// use rvm_core::log::inspect::LogInspector;
+    /// use rvm_core::{FileVfs, Options, Rvm};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("live.log");
+    /// rvm_core::create_log(&path, 1 << 20).unwrap();
+    /// let rvm = Rvm::open(&path, Options::default()).unwrap(); // holds the lock
+    /// let view = LogInspector::open_shared(&FileVfs, &path).unwrap();
+    /// assert!(view.is_live());
+    /// assert_eq!(view.walk(|_| {}).unwrap().transactions, 0);
+    /// # drop(rvm);
+    /// ```
+    pub fn open_shared(vfs: &dyn Vfs, path: &Path) -> Result<LogInspector> {
+        let dev = vfs.open_read_only(path).map_err(|e| Error::io("opening the log", path, e))?;
+        Self::open_on(dev, path, true)
+    }
+
+    /// Whether this is a live view ([`open_shared`](Self::open_shared)): a
+    /// program may be writing the log, and the view may be behind it.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    fn open_on(dev: Arc<dyn Storage>, path: &Path, live: bool) -> Result<LogInspector> {
         let device_len = dev.len().map_err(|e| Error::io("sizing the log", path, e))?;
         if device_len < format::BLOCK {
             return Err(LogError::NotALog { path: path.into() }.into());
@@ -327,7 +433,7 @@ impl LogInspector {
             })
             .map(|(_, index)| index);
         let ring = Ring { dev, path: path.into(), area_offset: superblock.area_offset, area_len: superblock.area_len };
-        Ok(LogInspector { ring, device_len, superblock, slots, chosen })
+        Ok(LogInspector { ring, device_len, superblock, slots, chosen, live })
     }
 
     /// The log's path.
@@ -400,14 +506,79 @@ impl LogInspector {
     /// assert_eq!(commits, scan.transactions);
     /// ```
     pub fn walk(&self, mut on_frame: impl FnMut(&FrameReport)) -> Result<ScanReport> {
+        self.scan_frames(
+            |f| {
+                on_frame(&FrameReport::from_frame(f.lsn, f.len, &f.frame));
+                Ok(())
+            },
+            || Ok(()),
+        )
+    }
+
+    /// Replays the log into `apply` as recovery would, writing nothing:
+    /// calls `apply(segment, offset, data)` for every range frame of every
+    /// complete transaction from the head, in log order (frames of an
+    /// unfinished tail are not passed). Applying them in this order to the
+    /// segments' bytes gives what recovery would leave there. A transaction's
+    /// frames are held in memory until its commit frame is read.
+    ///
+    /// The caller decides what damage means ([`ScanReport::damage`]):
+    /// recovery refuses a damaged log; the frames passed lie before the
+    /// damage. Errors as for [`walk`](Self::walk), and whatever `apply`
+    /// returns (which stops the replay).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("demo.log");
+    /// # rvm_core::create_log(&path, 1 << 20).unwrap();
+    /// use rvm_core::log::inspect::LogInspector;
+    /// let log = LogInspector::open_shared(&rvm_core::FileVfs, &path).unwrap();
+    /// let mut image = vec![0u8; 4096];
+    /// let scan = log
+    ///     .replay(|_segment, offset, data| {
+    ///         image[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    ///         Ok(())
+    ///     })
+    ///     .unwrap();
+    /// assert_eq!(scan.transactions, 0);
+    /// ```
+    pub fn replay(&self, mut apply: impl FnMut(u32, u64, &[u8]) -> Result<()>) -> Result<ScanReport> {
+        let pending = std::cell::RefCell::new(Vec::<(u32, u64, Vec<u8>)>::new());
+        self.scan_frames(
+            |f| {
+                if let Frame::Range { segment, offset, data } = f.frame {
+                    pending.borrow_mut().push((segment, offset, data.to_vec()));
+                }
+                Ok(())
+            },
+            || {
+                for (segment, offset, data) in pending.borrow_mut().drain(..) {
+                    apply(segment, offset, &data)?;
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// The scan behind [`walk`](Self::walk) and [`replay`](Self::replay):
+    /// `on_frame` sees every valid frame, `on_commit` is called after the
+    /// frames of each complete transaction.
+    fn scan_frames(
+        &self,
+        mut on_frame: impl FnMut(&ScannedFrame<'_>) -> Result<()>,
+        mut on_commit: impl FnMut() -> Result<()>,
+    ) -> Result<ScanReport> {
         let status = self.status()?;
         let start = status.head;
-        if start.checked_add(self.superblock.area_len).is_none() {
-            return Err(Error::corrupted(
-                "log status (head position out of range)",
-                format!("{} status", self.ring.path.display()),
-            ));
-        }
+        let limit = match start.checked_add(self.superblock.area_len) {
+            Some(limit) => limit,
+            None => {
+                return Err(Error::corrupted(
+                    "log status (head position out of range)",
+                    format!("{} status", self.ring.path.display()),
+                ))
+            }
+        };
         let mut frames = 0u64;
         let mut commits = 0u64;
         // Commits the last commit frame covers (the callbacks share it).
@@ -418,20 +589,31 @@ impl LogInspector {
             u64::MAX,
             status.epoch,
             |f| {
-                let report = FrameReport::from_frame(f.lsn, f.len, &f.frame);
-                if let FrameBody::Commit { first_tx, last_tx, .. } = report.body {
+                if let Frame::Commit { first_tx, last_tx, .. } = f.frame {
                     last_covered.set(last_tx.saturating_sub(first_tx).saturating_add(1));
                 }
                 frames += 1;
-                on_frame(&report);
-                Ok(())
+                on_frame(f)
             },
             |_, _| {
                 commits = commits.saturating_add(last_covered.get());
-                Ok(())
+                on_commit()
             },
         )?;
-        let damage = find_damage(&self.ring, start, &end, status.epoch, status.synced_end)?;
+        let mut past = look_past_stop(&self.ring, start, &end, status.epoch, status.synced_end)?;
+        let mut stop_blank = false;
+        if let ScanStop::Defect { lsn, .. } = end.stop {
+            let mut header = [0u8; format::FRAME_HEADER];
+            self.ring.read(lsn, &mut header)?;
+            stop_blank = header.iter().all(|&b| b == 0);
+            // A live view may have read a frame the writer was writing (and
+            // then found the frames it wrote after it): if the frame is
+            // valid now, the scan stopped at the writer's moving end, not on
+            // damage.
+            if self.live && past.damage.is_some() && read_valid_frame(&self.ring, lsn, limit, status.epoch)?.is_some() {
+                past.damage = None;
+            }
+        }
         Ok(ScanReport {
             start,
             end: end.end,
@@ -440,7 +622,9 @@ impl LogInspector {
             frames,
             discarded: end.discarded,
             stop: end.stop,
-            damage,
+            damage: past.damage,
+            next_valid: past.next_valid,
+            stop_blank,
         })
     }
 
@@ -450,6 +634,165 @@ impl LogInspector {
         let scan = self.walk(|f| frames.push(*f))?;
         Ok((frames, scan))
     }
+}
+
+/// How many times [`segment_snapshot`] reads before giving up on a log that
+/// keeps changing under it.
+pub const SNAPSHOT_ATTEMPTS: u32 = 8;
+
+/// A window of a segment's bytes as recovery would leave them, built in
+/// memory by [`segment_snapshot`] without writing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentSnapshot {
+    /// The segment's length.
+    pub device_len: u64,
+    /// Segment offset of `bytes[0]`.
+    pub offset: u64,
+    /// The window's bytes: the segment's, with the log's complete
+    /// transactions for it applied in log order.
+    pub bytes: Vec<u8>,
+    /// The segment's id in the log's dictionary; `None` if the log does not
+    /// name it (then nothing was applied).
+    pub segment_id: Option<u32>,
+    /// Range frames that touched the window.
+    pub applied: u64,
+    /// The scan of the log the bytes reflect.
+    pub scan: ScanReport,
+    /// Whether the log was read as a live view (always: the snapshot takes
+    /// no lock), for the record.
+    pub live: bool,
+    /// Reads it took to get a consistent view (1 unless a truncation or
+    /// checkpoint moved the log's head meanwhile).
+    pub attempts: u32,
+}
+
+/// Reads the window `[offset, offset + len)` of `segment` (`None`: the
+/// whole segment) as recovery through `log` would leave it, **writing
+/// nothing** and taking no lock: the segment's bytes, with the range frames
+/// of the log's complete transactions for that segment applied in log
+/// order, in memory. A program may hold both files meanwhile.
+///
+/// The segment is read before the log, and the log's status is read before
+/// and after: if the head or epoch moved (a truncation, checkpoint or
+/// reopen finished while reading), the read is repeated, up to
+/// [`SNAPSHOT_ATTEMPTS`] times. So the bytes are the committed state at one
+/// moment, which may be behind a running writer. `progress(done, total)`
+/// is called as the segment and the log are read (bytes; the log's share of
+/// `total` is an estimate).
+///
+/// Errors: [`Error::Io`] (a missing or unreadable file), the log errors of
+/// [`LogInspector::open_shared`], [`Error::Corrupted`] for a log recovery
+/// would refuse (both status slots bad, or damage: see
+/// [`ScanReport::damage`]), [`LogError::SegmentReplaced`] if the file is
+/// not the one the log recorded, [`LogError::SegmentTooShort`] if the log
+/// holds records past its end, and [`LogError::ViewUnstable`] if the head
+/// moved during every attempt.
+///
+/// ```
+/// use rvm_core::log::inspect::segment_snapshot;
+/// use rvm_core::{CommitMode, FileVfs, MapSpec, Options, RestoreMode, Rvm};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let (log, seg) = (dir.path().join("log"), dir.path().join("seg"));
+/// rvm_core::create_log(&log, 1 << 20).unwrap();
+/// let rvm = Rvm::open(&log, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+/// let s = rvm.create_segment(&seg, 4096).unwrap();
+/// let r = rvm.map(&s, MapSpec::new(0, 4096)).unwrap();
+/// let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+/// // SAFETY: nothing else touches the region.
+/// unsafe { tx.modify_bytes(r.addr() + 8, b"in the log").unwrap() };
+/// tx.commit(CommitMode::Flush).unwrap();
+/// // The program still runs; the record is in the log only.
+/// assert_eq!(&std::fs::read(&seg).unwrap()[8..18], &[0; 10]);
+/// let snap = segment_snapshot(&FileVfs, &log, &seg, Some((8, 10)), &mut |_, _| {}).unwrap();
+/// assert_eq!(snap.bytes, b"in the log");
+/// # drop(r);
+/// ```
+pub fn segment_snapshot(
+    vfs: &dyn Vfs,
+    log: &Path,
+    segment: &Path,
+    window: Option<(u64, u64)>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SegmentSnapshot> {
+    let name = vfs.canonical_name(segment).map_err(|e| Error::io("resolving the segment's name", segment, e))?;
+    for attempt in 1..=SNAPSHOT_ATTEMPTS {
+        let before = LogInspector::open_shared(vfs, log)?;
+        let status = before.status()?.clone();
+        let entry = status.segments.iter().find(|e| e.name == name);
+        let dev = vfs.open_read_only(segment).map_err(|e| Error::io("opening the segment", segment, e))?;
+        let device_len = dev.len().map_err(|e| Error::io("sizing the segment", segment, e))?;
+        if let (Some(recorded), Some(found)) = (
+            entry.and_then(|e| e.device),
+            dev.identity().map_err(|e| Error::io("reading the segment's identity", segment, e))?,
+        ) {
+            if !recorded.same_file(&found) {
+                return Err(LogError::SegmentReplaced { path: name, recorded, found }.into());
+            }
+        }
+        let (offset, len) = window.unwrap_or((0, device_len));
+        let offset = offset.min(device_len);
+        let len = len.min(device_len - offset);
+        let log_estimate = status.synced_end.saturating_sub(status.head);
+        let mut total = len.saturating_add(log_estimate);
+        let mut bytes = vec![
+            0u8;
+            usize::try_from(len).map_err(|_| Error::io(
+                "reading the segment",
+                segment,
+                std::io::Error::from(std::io::ErrorKind::OutOfMemory)
+            ))?
+        ];
+        const CHUNK: usize = 8 << 20;
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let n = CHUNK.min(bytes.len() - done);
+            dev.read_at(&mut bytes[done..done + n], offset + done as u64)
+                .map_err(|e| Error::io("reading the segment", segment, e))?;
+            done += n;
+            progress(done as u64, total);
+        }
+        drop(dev);
+        let id = entry.map(|e| e.id);
+        let mut applied = 0u64;
+        let window_end = offset + len;
+        let scan = before.replay(|sid, at, data| {
+            if Some(sid) != id {
+                return Ok(());
+            }
+            let end = at.saturating_add(data.len() as u64);
+            if end > device_len {
+                return Err(LogError::SegmentTooShort { path: name.clone(), needed: end, len: device_len }.into());
+            }
+            let (lo, hi) = (at.max(offset), end.min(window_end));
+            if lo < hi {
+                bytes[(lo - offset) as usize..(hi - offset) as usize]
+                    .copy_from_slice(&data[(lo - at) as usize..(hi - at) as usize]);
+                applied += 1;
+            }
+            Ok(())
+        })?;
+        if let Some(d) = scan.damage {
+            let sb = before.superblock();
+            return Err(d.error(log, sb.area_offset, sb.area_len));
+        }
+        total = total.max(len + scan.used());
+        progress(total, total);
+        let after = LogInspector::open_shared(vfs, log)?;
+        let now = after.status()?;
+        if (now.head, now.epoch) == (status.head, status.epoch) {
+            return Ok(SegmentSnapshot {
+                device_len,
+                offset,
+                bytes,
+                segment_id: id,
+                applied,
+                scan,
+                live: true,
+                attempts: attempt,
+            });
+        }
+    }
+    Err(LogError::ViewUnstable { path: log.to_path_buf(), attempts: SNAPSHOT_ATTEMPTS }.into())
 }
 
 #[cfg(test)]
@@ -540,6 +883,154 @@ mod tests {
         img[slot1..slot1 + format::STATUS_SLOT as usize].fill(0);
         disk.set_durable_image(log, img);
         assert_eq!(inspect(&disk, log).unwrap().slots[1].problem, Some(SlotProblem::Empty));
+    }
+
+    /// A log with `n` flush-committed one-range transactions on a 4 KiB
+    /// segment "seg" (writes `i` at offset 16 * i), left open in `rvm`.
+    fn live_log(disk: &SimDisk, n: usize) -> (Rvm, crate::Region) {
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        crate::create_log_with(vfs.as_ref(), Path::new("log"), 256 << 10).unwrap();
+        let rvm = Rvm::open_with(vfs, Path::new("log"), opts()).unwrap();
+        let seg = rvm.create_segment("seg", 4096).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+        for i in 0..n {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: single-threaded test; nothing else touches the region.
+            unsafe { tx.modify_bytes(r.addr() + 16 * i, &[i as u8 + 1; 8]).unwrap() };
+            tx.commit(CommitMode::Flush).unwrap();
+        }
+        (rvm, r)
+    }
+
+    #[test]
+    fn a_shared_view_reads_a_held_log_and_writes_nothing() {
+        let disk = SimDisk::new();
+        let (rvm, r) = live_log(&disk, 3);
+        let before = disk.live_image("log").unwrap();
+        let ops = disk.op_count();
+        let view = LogInspector::open_shared(&disk, Path::new("log")).unwrap();
+        assert!(view.is_live());
+        let (frames, scan) = view.frames().unwrap();
+        assert_eq!((frames.len(), scan.transactions), (6, 3));
+        assert_eq!(scan.log_end(), LogEnd::Clean);
+        assert!(scan.stop_blank);
+        let mut seen = Vec::new();
+        let replayed = view
+            .replay(|seg, off, data| {
+                seen.push((seg, off, data.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(replayed, scan);
+        assert_eq!(seen, (0..3u8).map(|i| (1, 16 * u64::from(i), vec![i + 1; 8])).collect::<Vec<_>>());
+        // Reads only: the live image is unchanged and no write was counted
+        // (the op counter counts reads too, so compare the bytes).
+        assert!(disk.op_count() > ops);
+        assert_eq!(disk.live_image("log").unwrap(), before);
+        // The holder carries on.
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: single-threaded test; nothing else touches the region.
+        unsafe { tx.modify_bytes(r.addr(), b"more").unwrap() };
+        tx.commit(CommitMode::Flush).unwrap();
+        assert_eq!(view.walk(|_| {}).unwrap().transactions, 4);
+        // A shared view cannot write through its device.
+        assert!(view.ring.write(0, b"x").is_err());
+    }
+
+    #[test]
+    fn log_end_tells_clean_torn_and_damaged_apart() {
+        let disk = SimDisk::new();
+        let (rvm, _r) = live_log(&disk, 3);
+        let frames = LogInspector::open_shared(&disk, Path::new("log")).unwrap().frames().unwrap().0;
+        drop(_r);
+        rvm.close().unwrap();
+        let clean = disk.durable_image("log").unwrap();
+        let at = |lsn: u64| (format::AREA_OFFSET + lsn) as usize;
+        let end_of = |img: &[u8]| {
+            disk.set_durable_image("log", img.to_vec());
+            LogInspector::open_shared(&disk, Path::new("log")).unwrap().walk(|_| {}).unwrap()
+        };
+        assert_eq!(end_of(&clean).log_end(), LogEnd::Clean);
+        // Synced frames damaged mid-log: damage.
+        let mut img = clean.clone();
+        img[at(frames[2].lsn) + 40] ^= 1;
+        let scan = end_of(&img);
+        assert_eq!(scan.log_end(), LogEnd::Damaged);
+        assert_eq!(scan.next_valid, Some(frames[3].lsn));
+        // A partial frame at the end of a log whose status does not vouch for it: torn.
+        let mut img = clean.clone();
+        let status_at = format::BLOCK as usize;
+        for slot in 0..2 {
+            let o = status_at + slot * format::STATUS_SLOT as usize;
+            let mut st = Status::decode(&img[o..o + format::STATUS_SLOT as usize]).unwrap();
+            st.synced_end = frames[4].lsn;
+            let enc = st.encode().unwrap();
+            img[o..o + enc.len()].copy_from_slice(&enc);
+        }
+        img[at(frames[5].lsn) + 40] ^= 1;
+        let scan = end_of(&img);
+        assert_eq!((scan.log_end(), scan.transactions, scan.next_valid), (LogEnd::Torn, 2, None));
+        assert!(scan.discarded > 0);
+        // A non-blank header at the end (garbage past the last frame): torn.
+        let mut img = clean.clone();
+        let end = frames[5].lsn + u64::from(frames[5].len);
+        img[at(end)..at(end) + 8].copy_from_slice(&[0xab; 8]);
+        let scan = end_of(&img);
+        assert_eq!((scan.log_end(), scan.stop_blank), (LogEnd::Torn, false));
+    }
+
+    #[test]
+    fn a_snapshot_is_what_recovery_leaves_and_writes_nothing() {
+        let disk = SimDisk::new();
+        let (rvm, r) = live_log(&disk, 4);
+        let (log_before, seg_before) = (disk.live_image("log").unwrap(), disk.live_image("seg").unwrap());
+        let seg = Path::new("seg");
+        let snap = segment_snapshot(&disk, Path::new("log"), seg, None, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            (snap.device_len, snap.offset, snap.segment_id, snap.applied, snap.attempts),
+            (4096, 0, Some(1), 4, 1)
+        );
+        assert_eq!(disk.live_image("log").unwrap(), log_before);
+        assert_eq!(disk.live_image("seg").unwrap(), seg_before);
+        let window = segment_snapshot(&disk, Path::new("log"), seg, Some((20, 30)), &mut |_, _| {}).unwrap();
+        assert_eq!(window.bytes, snap.bytes[20..50]);
+        assert_eq!(window.applied, 3);
+        // What recovery writes into the segment is what the snapshot showed.
+        drop(r);
+        rvm.truncate().unwrap();
+        rvm.close().unwrap();
+        assert_eq!(disk.live_image("seg").unwrap(), snap.bytes);
+        // A segment the log does not name: its bytes as they are.
+        disk.set_durable_image("other", vec![7u8; 100]);
+        let other = segment_snapshot(&disk, Path::new("log"), Path::new("other"), None, &mut |_, _| {}).unwrap();
+        assert_eq!((other.segment_id, other.bytes), (None, vec![7u8; 100]));
+    }
+
+    #[test]
+    fn a_snapshot_refuses_what_recovery_refuses() {
+        let disk = SimDisk::new();
+        let (rvm, r) = live_log(&disk, 3);
+        let frames = LogInspector::open_shared(&disk, Path::new("log")).unwrap().frames().unwrap().0;
+        drop(r);
+        drop(rvm); // no close: the records stay in the log
+        let img = disk.durable_image("log").unwrap();
+        let snap = |_: ()| segment_snapshot(&disk, Path::new("log"), Path::new("seg"), None, &mut |_, _| {});
+        // A shorter segment than the records need.
+        let seg = disk.durable_image("seg").unwrap();
+        disk.set_durable_image("seg", seg[..20].to_vec());
+        assert!(matches!(snap(()), Err(Error::Log(LogError::SegmentTooShort { needed: 24, len: 20, .. }))));
+        disk.set_durable_image("seg", seg.clone());
+        // Damage.
+        let mut bad = img.clone();
+        bad[(format::AREA_OFFSET + frames[2].lsn) as usize + 40] ^= 1;
+        disk.set_durable_image("log", bad);
+        assert!(matches!(snap(()), Err(Error::Corrupted { .. })));
+        disk.set_durable_image("log", img);
+        assert_eq!(snap(()).unwrap().applied, 3);
+        // Another file under the segment's name.
+        disk.remove("seg");
+        disk.set_durable_image("seg", seg);
+        assert!(matches!(snap(()), Err(Error::Log(LogError::SegmentReplaced { .. }))));
     }
 
     #[test]

@@ -350,7 +350,22 @@ pub(crate) fn find_damage(
     epoch: u64,
     synced_end: u64,
 ) -> Result<Option<Damage>> {
-    let ScanStop::Defect { lsn, defect } = end.stop else { return Ok(None) };
+    Ok(look_past_stop(ring, start, end, epoch, synced_end)?.damage)
+}
+
+/// What lies past the frame where a scan stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PastStop {
+    /// The first valid frame of the epoch after the refused one (within one
+    /// maximal frame), whether or not it proves damage.
+    pub next_valid: Option<u64>,
+    /// Set when records past the refused frame had been synced.
+    pub damage: Option<Damage>,
+}
+
+/// [`find_damage`], also telling where the next valid frame is.
+pub(crate) fn look_past_stop(ring: &Ring, start: u64, end: &ScanEnd, epoch: u64, synced_end: u64) -> Result<PastStop> {
+    let ScanStop::Defect { lsn, defect } = end.stop else { return Ok(PastStop::default()) };
     let limit = start.saturating_add(ring.area_len);
     let next_valid = probe_valid_frame(ring, lsn, limit, epoch)?;
     let (mut synced_to, mut valid_end, mut transactions_after) = (synced_end, lsn, 0);
@@ -377,7 +392,9 @@ pub(crate) fn find_damage(
         }
         valid_end = pos;
     }
-    Ok((synced_to > lsn).then_some(Damage { lsn, defect, synced_to, next_valid, valid_end, transactions_after }))
+    let damage =
+        (synced_to > lsn).then_some(Damage { lsn, defect, synced_to, next_valid, valid_end, transactions_after });
+    Ok(PastStop { next_valid, damage })
 }
 
 /// The first position after `lsn` (8-aligned, within one maximal frame)
@@ -404,7 +421,12 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
 }
 
 /// The valid frame of `epoch` at `pos`, if there is one below `limit`.
-fn read_valid_frame(ring: &Ring, pos: u64, limit: u64, epoch: u64) -> Result<Option<(usize, Frame<'static>)>> {
+pub(crate) fn read_valid_frame(
+    ring: &Ring,
+    pos: u64,
+    limit: u64,
+    epoch: u64,
+) -> Result<Option<(usize, Frame<'static>)>> {
     if pos + FRAME_HEADER as u64 > limit {
         return Ok(None);
     }

@@ -31,6 +31,95 @@ pub fn open_read_only(path: &Path) -> io::Result<File> {
     Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not a regular file or block device ({what})")))
 }
 
+/// What identifies `file` across renames: inode and birth time (`None` for
+/// block devices, whose nodes are made anew at every boot).
+fn file_identity(file: &File, block_device: bool) -> io::Result<Option<DeviceId>> {
+    if block_device {
+        return Ok(None);
+    }
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    match statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME) {
+        Ok(st) => {
+            let birth = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME) {
+                (st.stx_btime.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(u64::from(st.stx_btime.tv_nsec))
+            } else {
+                0
+            };
+            Ok(Some(DeviceId { file: st.stx_ino, birth }))
+        }
+        // No statx (an old kernel, or a sandbox that forbids it): the
+        // inode alone, with no birth time (the identity then stays the
+        // same whichever way the file is opened later).
+        Err(_) => Ok(Some(DeviceId { file: rustix::fs::fstat(file)?.st_ino, birth: 0 })),
+    }
+}
+
+/// The size of `file`: its length, or for a block device its end (block
+/// devices report `st_size` 0).
+fn file_len(file: &File, block_device: bool) -> io::Result<u64> {
+    if block_device {
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+    } else {
+        Ok(file.metadata()?.len())
+    }
+}
+
+fn is_block_device(file: &File) -> bool {
+    rustix::fs::fstat(file)
+        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice)
+        .unwrap_or(false)
+}
+
+/// A file or block device opened for reading only and **not locked**
+/// ([`Vfs::open_read_only`]): a view of a device that a program may hold
+/// and write at the same time. Every write, `set_len` and owner-mark change
+/// fails with [`io::ErrorKind::PermissionDenied`]; `sync` has nothing to do.
+#[derive(Debug)]
+pub struct ReadOnlyFile {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+}
+
+impl ReadOnlyFile {
+    /// Opens `path` with [`open_read_only`] (regular files and block
+    /// devices only; never waits, never locks).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = open_read_only(path)?;
+        let block_device = is_block_device(&file);
+        Ok(ReadOnlyFile { file, path: path.to_path_buf(), block_device })
+    }
+
+    fn refuse(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is open read-only", self.path.display()))
+    }
+}
+
+impl Storage for ReadOnlyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(self.refuse())
+    }
+    fn len(&self) -> io::Result<u64> {
+        file_len(&self.file, self.block_device)
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(self.refuse())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn identity(&self) -> io::Result<Option<DeviceId>> {
+        file_identity(&self.file, self.block_device)
+    }
+    fn set_owner_mark(&self, _mark: Option<&[u8]>) -> io::Result<()> {
+        Err(self.refuse())
+    }
+}
+
 /// A file or block device, locked exclusively (`flock`) while open.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -66,9 +155,7 @@ impl FileStorage {
             }
             Err(e) => return Err(e.into()),
         }
-        let block_device = rustix::fs::fstat(&file)
-            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice)
-            .unwrap_or(false);
+        let block_device = is_block_device(&file);
         Ok(FileStorage { file, path: path.to_path_buf(), block_device })
     }
 
@@ -86,12 +173,7 @@ impl Storage for FileStorage {
         self.file.write_all_at(buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
-        if self.block_device {
-            // Block devices report st_size 0; their end is their size.
-            (&self.file).seek(SeekFrom::End(0))
-        } else {
-            Ok(self.file.metadata()?.len())
-        }
+        file_len(&self.file, self.block_device)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         if self.block_device {
@@ -112,26 +194,7 @@ impl Storage for FileStorage {
         Some(self.file.as_fd())
     }
     fn identity(&self) -> io::Result<Option<DeviceId>> {
-        if self.block_device {
-            return Ok(None);
-        }
-        use rustix::fs::{statx, AtFlags, StatxFlags};
-        match statx(&self.file, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME) {
-            Ok(st) => {
-                let birth = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BTIME) {
-                    (st.stx_btime.tv_sec as u64)
-                        .wrapping_mul(1_000_000_000)
-                        .wrapping_add(u64::from(st.stx_btime.tv_nsec))
-                } else {
-                    0
-                };
-                Ok(Some(DeviceId { file: st.stx_ino, birth }))
-            }
-            // No statx (an old kernel, or a sandbox that forbids it): the
-            // inode alone, with no birth time (the identity then stays the
-            // same whichever way the file is opened later).
-            Err(_) => Ok(Some(DeviceId { file: rustix::fs::fstat(&self.file)?.st_ino, birth: 0 })),
-        }
+        file_identity(&self.file, self.block_device)
     }
     fn is_unlinked(&self) -> io::Result<bool> {
         Ok(!self.block_device && rustix::fs::fstat(&self.file)?.st_nlink == 0)
@@ -185,6 +248,9 @@ impl Vfs for FileVfs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
         Ok(Arc::new(FileStorage::open(path, mode)?))
     }
+    fn open_read_only(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(ReadOnlyFile::open(path)?))
+    }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
     }
@@ -237,5 +303,28 @@ mod tests {
         }
         let missing = open_read_only(&dir.path().join("none")).unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn read_only_handles_coexist_with_the_lock_and_never_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let locked = FileVfs.open(&path, OpenMode::CreateNew).unwrap();
+        locked.write_at(b"locked bytes", 0).unwrap();
+        let view = FileVfs.open_read_only(&path).unwrap();
+        let mut buf = [0u8; 6];
+        view.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"locked");
+        assert_eq!(view.len().unwrap(), 12);
+        assert_eq!(view.identity().unwrap(), locked.identity().unwrap());
+        for e in [view.write_at(b"x", 0).unwrap_err(), view.set_len(0).unwrap_err()] {
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        }
+        assert_eq!(view.set_owner_mark(Some(b"m")).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        view.sync().unwrap();
+        // The view holds no lock: a second exclusive open is refused only by the first.
+        drop(locked);
+        let _again = FileVfs.open(&path, OpenMode::Existing).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"locked bytes");
     }
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 mod file;
 pub use crate::log::format::DeviceId;
-pub use file::{open_read_only, FileStorage, FileVfs};
+mod mem;
+pub use file::{open_read_only, FileStorage, FileVfs, ReadOnlyFile};
+pub use mem::MemVfs;
 
 /// A random-access device with explicit durability.
 ///
@@ -86,6 +88,15 @@ pub trait Vfs: Send + Sync + Debug {
     /// returned handle. A device that is already open (in this process or
     /// another) is an [`io::ErrorKind::WouldBlock`] error.
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>>;
+    /// Opens the existing device at `path` for reading only, **without**
+    /// taking the lock: a view of a device that another handle (in this
+    /// process or another) may hold and write meanwhile, as inspection tools
+    /// use it ([`crate::log::inspect::LogInspector::open_shared`]). Writes
+    /// through the handle fail with [`io::ErrorKind::PermissionDenied`].
+    /// The default refuses ([`io::ErrorKind::Unsupported`]).
+    fn open_read_only(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot open {} read-only", path.display())))
+    }
     /// Canonical name of `path`, the form recorded in a log's segment
     /// dictionary (absolute for files). Works for paths that do not exist
     /// yet (the name a create would use).

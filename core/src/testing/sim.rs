@@ -96,6 +96,8 @@ pub struct SimFile {
     id: u64,
     /// The disk's crash count when the handle was opened.
     epoch: u64,
+    /// Opened by [`Vfs::open_read_only`]: holds no lock, cannot write.
+    read_only: bool,
 }
 
 /// Everything behind a [`SimDisk`]'s mutex.
@@ -501,7 +503,32 @@ impl Vfs for SimDisk {
         let id = st.next_handle;
         st.next_handle = st.next_handle.wrapping_add(1);
         file.lock = Some(id);
-        Ok(Arc::new(SimFile { state: Arc::clone(&self.state), path: path.to_path_buf(), id, epoch: st.epoch }))
+        Ok(Arc::new(SimFile {
+            state: Arc::clone(&self.state),
+            path: path.to_path_buf(),
+            id,
+            epoch: st.epoch,
+            read_only: false,
+        }))
+    }
+
+    fn open_read_only(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
+        let mut st = self.state.lock();
+        if !st.files.contains_key(path) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} does not exist on the simulated disk", path.display()),
+            ));
+        }
+        let id = st.next_handle;
+        st.next_handle = st.next_handle.wrapping_add(1);
+        Ok(Arc::new(SimFile {
+            state: Arc::clone(&self.state),
+            path: path.to_path_buf(),
+            id,
+            epoch: st.epoch,
+            read_only: true,
+        }))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -572,13 +599,25 @@ impl SimFile {
             return Err(io::Error::other("injected sync failure"));
         }
         let max = st.max_file_len;
-        let file = st.files.get_mut(&self.path).filter(|f| f.lock == Some(self.id)).ok_or_else(|| {
+        let read_only = self.read_only;
+        let file = st.files.get_mut(&self.path).filter(|f| read_only || f.lock == Some(self.id)).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{} was removed from the simulated disk", self.path.display()),
             )
         })?;
         f(file, max)
+    }
+}
+
+impl SimFile {
+    /// Refuses writes through a read-only handle.
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is open read-only", self.path.display())))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -594,6 +633,7 @@ impl Storage for SimFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writable()?;
         self.op(false, |file, max| file.write(buf, offset, max))
     }
 
@@ -602,10 +642,15 @@ impl Storage for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.writable()?;
         self.op(false, |file, max| file.set_len(len, max))
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.read_only {
+            // Nothing was written through this handle.
+            return Ok(());
+        }
         self.op(true, |file, _| {
             file.sync();
             Ok(())
@@ -621,6 +666,7 @@ impl Storage for SimFile {
     }
 
     fn set_owner_mark(&self, mark: Option<&[u8]>) -> io::Result<()> {
+        self.writable()?;
         self.op(true, |file, _| {
             file.mark = mark.map(<[u8]>::to_vec);
             Ok(())

@@ -6,20 +6,29 @@
 //! rvmutl heap stats <segment> --log <log> [--json]
 //! ```
 //!
-//! Each opens the log as an application would (running recovery), loads the
-//! heap's segment at its fixed addresses through the loader, and closes both
-//! again. Exit codes as for the rest of `rvmutl`; a heap that fails its
-//! check, or a segment that is not a heap, is 3.
+//! `create` opens the log as an application would and writes the new
+//! segment through it. `check` and `stats` write nothing and take no lock:
+//! they read the segment and the log read-only, build the segment as
+//! recovery would leave it in memory
+//! (`rvm::log::inspect::segment_snapshot`), and load the heap from that
+//! image on in-memory devices (`rvm::storage::MemVfs`) at its fixed
+//! addresses, so they work on a heap a program has open (a live view).
+//! Exit codes as for the rest of `rvmutl`; a heap that fails its check, or a
+//! segment that is not a heap, is 3.
 
-use crate::{Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
+use crate::progress::Progress;
+use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
 use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS};
 use rvm::loader::spec::parse_number;
 use rvm::loader::LoaderError;
-use rvm::{Options, Rvm};
+use rvm::log::inspect::{segment_snapshot, ScanReport};
+use rvm::storage::MemVfs;
+use rvm::{Error, FileVfs, Options, Rvm, Vfs};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The `heap` subcommands.
 #[derive(Debug, Subcommand)]
@@ -50,48 +59,80 @@ pub(crate) enum HeapCommand {
         #[arg(long, value_parser = parse_number)]
         static_len: Option<u64>,
     },
-    /// Load a heap and run the full heap check.
+    /// Run the full heap check on the heap as recovery would leave it, writing nothing.
     ///
-    /// The check covers every block's header guard, size and tail guard, blocks tiling the
-    /// heap, no adjacent free blocks, counters and indexes agreeing, and the root slots.
-    /// Loading already refuses a damaged heap; the exit code is then 3 and the damage is
-    /// named on stderr (and in the JSON document with --json).
-    #[command(after_help = EXIT_CODES)]
+    /// The segment and the log are read without a lock (a program may have them open: the result
+    /// is then a live view, possibly slightly behind it); the log's complete transactions are
+    /// applied to a copy of the segment in memory, and the heap is loaded from that copy. The check
+    /// covers every block's header guard, size and tail guard, blocks tiling the heap, no adjacent
+    /// free blocks, counters and indexes agreeing, and the root slots. Loading already refuses a
+    /// damaged heap; the exit code is then 3 and the damage is named on stderr (and as a finding
+    /// with --json).
+    #[command(after_help = HEAP_CHECK_JSON)]
     Check {
         /// The heap's segment.
         segment: PathBuf,
-        /// The log (opened first, running recovery, as a program would).
+        /// The log that records the segment (read, not recovered: nothing is written).
         #[arg(long)]
         log: PathBuf,
-        /// Print a JSON document instead of text.
+        /// Print newline-delimited JSON: a "check" object, then one "finding" object per finding.
         #[arg(long)]
         json: bool,
     },
-    /// Load a heap and print its statistics.
+    /// Print a heap's statistics, as recovery would leave it, writing nothing.
     ///
     /// Lifetime allocations and frees, live blocks and bytes, free bytes, largest free block,
-    /// live blocks per size class, roots.
-    #[command(after_help = EXIT_CODES)]
+    /// live blocks per size class, roots. Read like `heap check`: without a lock, in memory.
+    #[command(after_help = HEAP_STATS_JSON)]
     Stats {
         /// The heap's segment.
         segment: PathBuf,
-        /// The log (opened first, running recovery, as a program would).
+        /// The log that records the segment (read, not recovered: nothing is written).
         #[arg(long)]
         log: PathBuf,
-        /// Print a JSON document instead of text.
+        /// Print newline-delimited JSON: a "stats" object, one "class" object per size class, one
+        /// "root" object per root.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// The fields of `heap check --json`.
+const HEAP_CHECK_JSON: &str = concat!(
+    "\
+JSON (--json): one object per line, each with \"type\":
+  check    segment, log, live (true: read without a lock), log_transactions (complete transactions
+           of the log applied in memory), log_end (clean | torn | damaged), ok, and when ok: blocks,
+           allocated_blocks, free_blocks, allocated_bytes, free_bytes, largest_free, allocations,
+           frees, roots, dangling_roots (count)
+  finding  severity (error | warning), kind (corrupted | not_a_heap | dangling_root), message,
+           root (for dangling_root)
+
+",
+    crate::exit_codes!()
+);
+
+/// The fields of `heap stats --json`.
+const HEAP_STATS_JSON: &str = concat!(
+    "\
+JSON (--json): one object per line, each with \"type\":
+  stats  segment, log, live, log_transactions, heap_bytes, allocations, frees, live_blocks,
+         bytes_in_use, free_bytes, largest_free, free_extents, root_slots, roots (count)
+  class  block_bytes (size class, e.g. \"33-64\"), live_blocks
+  root   name, addr, size, type_tag
+
+",
+    crate::exit_codes!()
+);
+
 /// Runs a `heap` subcommand.
-pub(crate) fn run(cmd: HeapCommand, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(cmd: HeapCommand, quiet: bool, out: &mut dyn Write) -> Outcome {
     match cmd {
         HeapCommand::Create { log, segment, size, base, static_len } => {
             create(&log, &segment, size, base, static_len, out)
         }
-        HeapCommand::Check { log, segment, json } => check(&log, &segment, json, out),
-        HeapCommand::Stats { log, segment, json } => stats(&log, &segment, json, out),
+        HeapCommand::Check { log, segment, json } => check(&log, &segment, json, quiet, out),
+        HeapCommand::Stats { log, segment, json } => stats(&log, &segment, json, quiet, out),
     }
 }
 
@@ -156,46 +197,118 @@ fn create(log: &Path, segment: &Path, size: u64, base: u64, static_len: Option<u
     Ok(())
 }
 
-/// Opens the log and the heap and runs `f` on it; closes both.
+/// The in-memory log the heap view is opened through (its records are the
+/// view's own: loading and closing the heap).
+const VIEW_LOG_LEN: u64 = 4 << 20;
+
+/// What the heap view was built from.
+struct View {
+    /// The scan of the real log whose complete transactions were applied.
+    scan: ScanReport,
+}
+
+/// Loads the heap of `segment` as recovery through `log` would leave it,
+/// without writing anything or taking a lock, and runs `f` on it: the
+/// segment with the log's complete transactions applied, in memory
+/// ([`segment_snapshot`]), opened through an empty in-memory log.
 fn with_heap<T>(
     log: &Path,
     segment: &Path,
+    quiet: bool,
     f: impl FnOnce(&PersistentHeap) -> Result<T, HeapError>,
-) -> Result<T, Failure> {
-    let rvm = open_log(log)?;
-    let heap = PersistentHeap::open(&rvm, segment)?;
+) -> Result<(T, View), Failure> {
+    let progress = Progress::bytes(quiet, "reading the heap and the log", 0);
+    let snap = segment_snapshot(&FileVfs, log, segment, None, &mut |done, total| progress.set(done, total));
+    progress.finish();
+    let snap = snap?;
+    let name = FileVfs.canonical_name(segment).map_err(|source| Error::Io {
+        op: "resolving the name of",
+        path: segment.into(),
+        source,
+    })?;
+    let mem = MemVfs::new();
+    rvm::create_log_with(&mem, log, VIEW_LOG_LEN)?;
+    mem.insert(&name, snap.bytes);
+    let vfs: Arc<dyn Vfs> = Arc::new(mem);
+    let rvm = Rvm::open_with(vfs, log, Options { truncate_threshold: None, ..Options::default() })?;
+    let heap = PersistentHeap::open(&rvm, &name)?;
     let r = f(&heap);
     heap.close()?;
     rvm.close()?;
-    Ok(r?)
+    Ok((r?, View { scan: snap.scan }))
 }
 
-fn check(log: &Path, segment: &Path, json: bool, out: &mut dyn Write) -> Outcome {
-    let result = with_heap(log, segment, |h| Ok((h.check()?, h.stats())));
-    let (report, stats) = match result {
+/// The fields every `check` and `stats` record starts with.
+fn view_json(kind: &str, log: &Path, segment: &Path, view: Option<&View>) -> Value {
+    json!({
+        "type": kind,
+        "segment": segment.to_string_lossy(),
+        "log": log.to_string_lossy(),
+        "live": true,
+        "log_transactions": view.map(|v| v.scan.transactions),
+        "log_end": view.map(|v| v.scan.log_end().name()),
+    })
+}
+
+/// Merges the fields of `extra` into the object `v`.
+fn merge(mut v: Value, extra: Value) -> Value {
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+/// The first line of the human output: what the view was built from.
+fn view_line(log: &Path, view: &View) -> String {
+    format!(
+        "  view:         read without a lock, writing nothing: the segment with the {} complete transaction(s) of {} \
+         applied in memory (a live view if a program has them open)",
+        view.scan.transactions,
+        log.display()
+    )
+}
+
+fn check(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Write) -> Outcome {
+    let result = with_heap(log, segment, quiet, |h| Ok((h.check()?, h.stats())));
+    let failed = |out: &mut dyn Write, kind: &str, message: String| -> std::io::Result<()> {
+        ndjson(out, &merge(view_json("check", log, segment, None), json!({ "ok": false })))?;
+        ndjson(out, &json!({ "type": "finding", "severity": "error", "kind": kind, "message": message }))
+    };
+    let ((report, stats), view) = match result {
         Ok(r) => r,
         Err(Failure::Heap(e)) if json && (e.is_corruption() || matches!(e, HeapError::BadRegions { .. })) => {
-            let doc = json!({ "segment": segment.to_string_lossy(), "ok": false, "error": e.to_string() });
-            writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+            let kind = if e.is_corruption() { "corrupted" } else { "not_a_heap" };
+            failed(out, kind, e.to_string())?;
             return Err(Failure::Heap(e));
         }
         Err(Failure::Loader(e))
             if json && matches!(e, LoaderError::NotALoadMap { .. } | LoaderError::Corrupted { .. }) =>
         {
-            let doc = json!({ "segment": segment.to_string_lossy(), "ok": false, "error": e.to_string() });
-            writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+            let kind = if matches!(e, LoaderError::Corrupted { .. }) { "corrupted" } else { "not_a_heap" };
+            failed(out, kind, e.to_string())?;
             return Err(Failure::Loader(e));
         }
         Err(e) => return Err(e),
     };
     if json {
-        let mut doc = report_json(&report, &stats);
-        doc["segment"] = json!(segment.to_string_lossy());
-        doc["ok"] = json!(true);
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+        let doc = merge(view_json("check", log, segment, Some(&view)), json!({ "ok": true }));
+        ndjson(out, &merge(doc, report_json(&report, &stats)))?;
+        for name in &report.dangling_roots {
+            ndjson(
+                out,
+                &json!({
+                    "type": "finding",
+                    "severity": "warning",
+                    "kind": "dangling_root",
+                    "root": name,
+                    "message": format!("root {name:?} names a block that is not allocated"),
+                }),
+            )?;
+        }
         return Ok(());
     }
     writeln!(out, "heap {}: OK", segment.display())?;
+    writeln!(out, "{}", view_line(log, &view))?;
     writeln!(out, "  blocks:       {} ({} allocated, {} free)", report.blocks, report.allocated, report.free)?;
     writeln!(out, "  allocated:    {} bytes", report.allocated_bytes)?;
     writeln!(out, "  free:         {} bytes, largest free block {} bytes", report.free_bytes, report.largest_free)?;
@@ -218,7 +331,7 @@ fn report_json(r: &CheckReport, s: &HeapStats) -> Value {
         "allocations": s.allocations,
         "frees": s.frees,
         "roots": r.roots,
-        "dangling_roots": r.dangling_roots,
+        "dangling_roots": r.dangling_roots.len(),
     })
 }
 
@@ -230,18 +343,14 @@ fn class_name(i: usize) -> String {
     }
 }
 
-fn stats(log: &Path, segment: &Path, json: bool, out: &mut dyn Write) -> Outcome {
-    let (s, roots, slots) = with_heap(log, segment, |h| {
+fn stats(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Write) -> Outcome {
+    let ((s, roots, slots), view) = with_heap(log, segment, quiet, |h| {
         let roots: Vec<(String, u64, u64, u64)> =
             h.roots().into_iter().map(|r| (r.name, (r.ptr.as_ptr() as u64), r.size, r.type_tag)).collect();
         Ok((h.stats(), roots, h.root_slots()))
     })?;
     if json {
-        let classes: Vec<Value> = (0..CLASS_BOUNDS.len())
-            .map(|i| json!({ "block_bytes": class_name(i), "live_blocks": s.live_per_class[i] }))
-            .collect();
         let doc = json!({
-            "segment": segment.to_string_lossy(),
             "heap_bytes": s.heap_bytes,
             "allocations": s.allocations,
             "frees": s.frees,
@@ -250,15 +359,21 @@ fn stats(log: &Path, segment: &Path, json: bool, out: &mut dyn Write) -> Outcome
             "free_bytes": s.free_bytes,
             "largest_free": s.largest_free,
             "free_extents": s.free_extents,
-            "classes": classes,
             "root_slots": slots,
-            "roots": roots.iter().map(|(n, a, sz, t)| json!({ "name": n, "addr": a, "size": sz, "type_tag": t })).collect::<Vec<_>>(),
+            "roots": roots.len(),
         });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+        ndjson(out, &merge(view_json("stats", log, segment, Some(&view)), doc))?;
+        for i in 0..CLASS_BOUNDS.len() {
+            ndjson(out, &json!({ "type": "class", "block_bytes": class_name(i), "live_blocks": s.live_per_class[i] }))?;
+        }
+        for (name, addr, size, tag) in &roots {
+            ndjson(out, &json!({ "type": "root", "name": name, "addr": addr, "size": size, "type_tag": tag }))?;
+        }
         return Ok(());
     }
     let pct = |part: u64| if s.heap_bytes == 0 { 0.0 } else { part as f64 * 100.0 / s.heap_bytes as f64 };
     writeln!(out, "heap {}: {} bytes", segment.display(), s.heap_bytes)?;
+    writeln!(out, "{}", view_line(log, &view))?;
     writeln!(out, "  allocations:  {} (lifetime)", s.allocations)?;
     writeln!(out, "  frees:        {} (lifetime)", s.frees)?;
     writeln!(out, "  live blocks:  {}", s.live_blocks)?;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rvmutl create-log <path> --size 64M   create a log of a fixed size
-//! rvmutl status <log> [--json]          superblock, status slots, space in use
+//! rvmutl status <log> [--json]          superblock, status slots, space in use, how the log ends
 //! rvmutl dump <log> [--json]            one line (or JSON object) per frame
 //! rvmutl recover <log>                  replay the log onto its segments
 //! rvmutl truncate <log>                 open (recovering), truncate, close
@@ -10,19 +10,28 @@
 //! rvmutl segment create <seg> --log <log> (--region SPEC… | --map FILE)
 //! rvmutl segment show <seg> [--log <log>] [--spec | --json]
 //! rvmutl heap create|check|stats ...    RDS heaps (see heap.rs)
+//! rvmutl completions <shell>            shell completion script
 //! ```
 //!
 //! Exit codes: 0 success; 1 usage error (bad arguments, invalid size);
 //! 2 I/O error, missing file, log locked by another user, or a segment the
 //! log names cannot be opened; 3 not a log, unsupported version, or a
-//! corrupted log. `status` and `dump` only read; they never repair.
+//! corrupted log.
+//!
+//! Inspection never writes and takes no lock: `status`, `dump`, `heap
+//! check`, `heap stats` and `segment show` read the files read-only (a
+//! live view of files a program may hold), and where they need the
+//! recovered state they build it in memory. `--json` prints
+//! newline-delimited JSON: one object per line, each with a `"type"`.
 
 mod heap;
+mod progress;
 mod segment;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use progress::Progress;
 use rvm::log::format::{FrameDefect, FrameKind, Status, VERSION};
-use rvm::log::inspect::{FrameBody, FrameReport, LogInspector, ScanReport, SlotReport};
+use rvm::log::inspect::{FrameBody, FrameReport, LogEnd, LogInspector, ScanReport, SlotReport};
 use rvm::log::ScanStop;
 use rvm::{Error, FileVfs, LogError, Options, Rvm};
 use serde_json::{json, Value};
@@ -31,13 +40,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Shown at the end of every `--help`.
-const EXIT_CODES: &str = "\
+/// The exit codes, as every `--help` ends.
+macro_rules! exit_codes {
+    () => {
+        "\
 Exit codes:
   0  success
   1  usage error (bad arguments, invalid size, invalid load map)
   2  I/O error, missing file, log locked by another user, or a segment named by the log cannot be opened
-  3  not an RVM log, unsupported format version, or corrupted log (or a segment without a valid load map)";
+  3  not an RVM log, unsupported format version, or corrupted log (or a segment without a valid load map)"
+    };
+}
+pub(crate) use exit_codes;
+
+/// Shown at the end of every `--help`.
+const EXIT_CODES: &str = exit_codes!();
 
 /// Exit code for a usage error.
 const EXIT_USAGE: u8 = 1;
@@ -47,9 +64,16 @@ const EXIT_IO: u8 = 2;
 const EXIT_INVALID: u8 = 3;
 
 /// Create, inspect, recover and truncate RVM (recoverable virtual memory) logs.
+///
+/// Inspection (`status`, `dump`, `heap check`, `heap stats`, `segment show`) never writes and
+/// takes no lock: it works on files a running program holds, as a live view that may be slightly
+/// behind the program. `--json` prints one JSON object per line.
 #[derive(Debug, Parser)]
 #[command(name = "rvmutl", version, after_help = EXIT_CODES, arg_required_else_help = true)]
 struct Cli {
+    /// Show no progress (progress is drawn on standard error, only when it is a terminal).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     /// What to do.
     #[command(subcommand)]
     command: Command,
@@ -68,23 +92,30 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
-    /// Show the superblock, both status slots, the chosen slot and the space in use.
-    #[command(after_help = EXIT_CODES)]
+    /// Show the superblock, both status slots, the chosen slot, the space in use and how the log ends.
+    ///
+    /// The end is told in three words: a clean end (nothing follows the last complete transaction),
+    /// a torn tail (an unfinished transaction, a partly written frame, or valid frames after a bad one
+    /// that were never synced: what a crash leaves; recovery discards it and loses nothing
+    /// acknowledged), or damage (records after the bad frame had been synced: recovery refuses the
+    /// log). Reads without a lock and writes nothing: a log a program holds shows as a live view.
+    #[command(after_help = STATUS_JSON)]
     Status {
         /// The log.
         log: PathBuf,
-        /// Print a JSON document instead of text.
+        /// Print newline-delimited JSON: a "log" object, two "slot" objects, a "scan" object.
         #[arg(long)]
         json: bool,
     },
     /// Print every frame from the head to the end of the log, one per line.
     ///
     /// Frames of an unfinished tail (no commit frame) are shown and marked; recovery discards them.
-    #[command(after_help = EXIT_CODES)]
+    /// Reads without a lock and writes nothing (a live view of a log a program holds).
+    #[command(after_help = DUMP_JSON)]
     Dump {
         /// The log.
         log: PathBuf,
-        /// Print a JSON document: {"log", "superblock", "status", "frames": [...], "scan"}.
+        /// Print newline-delimited JSON: a "log" object, one "frame" object per frame, a "scan" object.
         #[arg(long)]
         json: bool,
     },
@@ -125,7 +156,48 @@ enum Command {
     /// Create, check and inspect RDS heaps (`rvmutl heap --help`).
     #[command(subcommand)]
     Heap(heap::HeapCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
+    ///
+    /// For example: `rvmutl completions bash > ~/.local/share/bash-completion/completions/rvmutl`,
+    /// or `rvmutl completions zsh > "${fpath[1]}/_rvmutl"`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
+
+/// The fields of `status --json`, shown by `status --help`.
+const STATUS_JSON: &str = concat!(
+    "\
+JSON (--json): one object per line, each with \"type\":
+  log   log, live (read without a lock: may be behind a program writing the log), superblock
+        {version, device_size, device_len, area_offset, area_len}, chosen_slot (null: both invalid)
+  slot  index, offset, valid, problem (null or why invalid), status (null, or seq, epoch, head,
+        synced_end, checkpoint_lsn, checkpoint_generation, committed, next_segment_id,
+        segments [{id, name, inode, birth_ns}])
+  scan  start, end, transactions, commits, frames, discarded_bytes, used_bytes, free_bytes,
+        log_end (clean | torn | damaged), stop {reason, lsn, description, blank}, next_valid
+        (first valid frame after the bad one, or null), damage (null, or lsn, reason, synced_to,
+        next_valid, valid_end, transactions_after); absent when both slots are invalid
+
+",
+    exit_codes!()
+);
+
+/// The fields of `dump --json`, shown by `dump --help`.
+const DUMP_JSON: &str = concat!(
+    "\
+JSON (--json): one object per line, each with \"type\":
+  log    log, live, superblock (as in `status`), chosen_slot, status (the chosen status, as in `status`)
+  frame  lsn, device_offset, len, committed (false: unfinished tail, discarded by recovery), kind,
+         and for kind \"range\": segment, segment_name, offset, data_len;
+         for kind \"commit\": ranges, first_tx, last_tx, bytes, synced
+  scan   as in `status`
+A log without a valid status slot gives the log object with chosen_slot null and both slot objects.
+
+",
+    exit_codes!()
+);
 
 /// Why a command failed.
 #[derive(Debug)]
@@ -159,16 +231,20 @@ type Outcome = Result<(), Failure>;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // Usage errors: the one error prefix, then clap's text.
+            eprint!("{}", usage_error(&e.render().to_string()));
+            return ExitCode::from(EXIT_USAGE);
+        }
         Err(e) => {
-            // Help and version go to stdout with success; the rest is a usage error.
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            // Help and version go to stdout with success.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
         }
     };
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let result = run(cli.command, &mut out).and_then(|()| out.flush().map_err(Failure::Output));
+    let result = run(cli.command, cli.quiet, &mut out).and_then(|()| out.flush().map_err(Failure::Output));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -176,6 +252,13 @@ fn main() -> ExitCode {
             ExitCode::from(report_failure(&failure))
         }
     }
+}
+
+/// A clap usage error with rvmutl's error prefix (`rvmutl: error: `)
+/// instead of clap's `error: `.
+fn usage_error(rendered: &str) -> String {
+    let text = rendered.strip_prefix("error: ").unwrap_or(rendered);
+    format!("rvmutl: error: {text}")
 }
 
 /// Prints a failure on stderr and returns the exit code.
@@ -209,7 +292,7 @@ fn exit_code(e: &Error) -> u8 {
         Error::Io { .. } | Error::Locked { .. } | Error::Poisoned { .. } => EXIT_IO,
         Error::Corrupted { .. } => EXIT_INVALID,
         Error::Log(LogError::BadSize { .. }) => EXIT_USAGE,
-        Error::Log(LogError::MissingSegment { .. }) => EXIT_IO,
+        Error::Log(LogError::MissingSegment { .. } | LogError::ViewUnstable { .. }) => EXIT_IO,
         Error::Log(LogError::NotALog { .. } | LogError::UnsupportedVersion { .. }) => EXIT_INVALID,
         Error::Log(_) => EXIT_INVALID,
         _ => EXIT_IO,
@@ -217,31 +300,44 @@ fn exit_code(e: &Error) -> u8 {
 }
 
 /// A suggestion for the usual causes of an error.
-fn hint(e: &Error) -> Option<&'static str> {
+fn hint(e: &Error) -> Option<String> {
     match e {
-        Error::Locked { .. } => Some("a program (or another rvmutl) has the log open; stop it first"),
-        Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path"),
+        Error::Locked { path } => Some(format!(
+            "{} is open in a program (or another rvmutl); stop it first to change it (inspection works while it \
+             runs: `rvmutl status`, `dump`, `heap check`, `heap stats` and `segment show` read without a lock)",
+            path.display()
+        )),
+        Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path".into()),
         Error::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists => {
-            Some("create-log never overwrites; choose another path or remove the file")
+            Some("create-log never overwrites; choose another path or remove the file".into())
         }
-        Error::Log(LogError::NotALog { .. }) => Some("create a log with `rvmutl create-log <path> --size <bytes>`"),
+        Error::Log(LogError::NotALog { .. }) => {
+            Some("create a log with `rvmutl create-log <path> --size <bytes>`".into())
+        }
         Error::Log(LogError::MissingSegment { .. }) => {
-            Some("the segments must be at the paths the log recorded; `rvmutl status` lists them")
+            Some("the segments must be at the paths the log recorded; `rvmutl status` lists them".into())
+        }
+        Error::Log(LogError::ViewUnstable { .. }) => {
+            Some("a program is truncating or checkpointing the log busily; run the command again".into())
         }
         _ => None,
     }
 }
 
-fn run(command: Command, out: &mut dyn Write) -> Outcome {
+fn run(command: Command, quiet: bool, out: &mut dyn Write) -> Outcome {
     match command {
         Command::CreateLog { path, size } => create_log(&path, size, out),
-        Command::Status { log, json } => status(&log, json, out),
-        Command::Dump { log, json } => dump(&log, json, out),
-        Command::Recover { log, salvage, accept_segment } => recover(&log, salvage, &accept_segment, out),
-        Command::Truncate { log } => truncate(&log, out),
-        Command::Checkpoint { log } => checkpoint(&log, out),
-        Command::Segment(command) => segment::run(command, out),
-        Command::Heap(cmd) => heap::run(cmd, out),
+        Command::Status { log, json } => status(&log, json, quiet, out),
+        Command::Dump { log, json } => dump(&log, json, quiet, out),
+        Command::Recover { log, salvage, accept_segment } => recover(&log, salvage, &accept_segment, quiet, out),
+        Command::Truncate { log } => truncate(&log, quiet, out),
+        Command::Checkpoint { log } => checkpoint(&log, quiet, out),
+        Command::Segment(command) => segment::run(command, quiet, out),
+        Command::Heap(cmd) => heap::run(cmd, quiet, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rvmutl", out);
+            Ok(())
+        }
     }
 }
 
@@ -336,6 +432,7 @@ fn status_json(s: &Status) -> Value {
 
 fn slot_json(slot: &SlotReport) -> Value {
     json!({
+        "type": "slot",
         "index": slot.index,
         "offset": slot.offset,
         "valid": slot.is_valid(),
@@ -356,12 +453,18 @@ fn defect_name(defect: FrameDefect) -> &'static str {
 
 fn scan_json(scan: &ScanReport, capacity: u64) -> Value {
     let stop = match scan.stop {
-        ScanStop::Limit => json!({ "reason": "end_of_area", "lsn": null, "description": scan.describe_stop() }),
-        ScanStop::Defect { lsn, defect } => {
-            json!({ "reason": defect_name(defect), "lsn": lsn, "description": scan.describe_stop() })
+        ScanStop::Limit => {
+            json!({ "reason": "end_of_area", "lsn": null, "description": scan.describe_stop(), "blank": false })
         }
+        ScanStop::Defect { lsn, defect } => json!({
+            "reason": defect_name(defect),
+            "lsn": lsn,
+            "description": scan.describe_stop(),
+            "blank": scan.stop_blank,
+        }),
     };
     json!({
+        "type": "scan",
         "start": scan.start,
         "end": scan.end,
         "transactions": scan.transactions,
@@ -370,7 +473,9 @@ fn scan_json(scan: &ScanReport, capacity: u64) -> Value {
         "discarded_bytes": scan.discarded,
         "used_bytes": scan.used(),
         "free_bytes": capacity - scan.used(),
+        "log_end": scan.log_end().name(),
         "stop": stop,
+        "next_valid": scan.next_valid,
         "damage": scan.damage.map(|d| json!({
             "lsn": d.lsn,
             "reason": defect_name(d.defect),
@@ -380,6 +485,12 @@ fn scan_json(scan: &ScanReport, capacity: u64) -> Value {
             "transactions_after": d.transactions_after,
         })),
     })
+}
+
+/// Writes one NDJSON record: the value on one line.
+pub(crate) fn ndjson(out: &mut dyn Write, v: &Value) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, v).map_err(io::Error::from)?;
+    writeln!(out)
 }
 
 /// Superblock facts shared by `status` and `dump`.
@@ -394,26 +505,102 @@ fn superblock_json(log: &LogInspector) -> Value {
     })
 }
 
-fn status(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
-    let log = LogInspector::open(&FileVfs, path)?;
+/// The first NDJSON record of `status` and `dump`.
+fn log_json(path: &Path, log: &LogInspector) -> Value {
+    json!({
+        "type": "log",
+        "log": path.to_string_lossy(),
+        "live": log.is_live(),
+        "superblock": superblock_json(log),
+        "chosen_slot": log.chosen_slot(),
+    })
+}
+
+/// The line that says the view was read without a lock.
+const LIVE_VIEW: &str =
+    "live view: read without a lock, writing nothing; if a program has the log open, this may be slightly behind it";
+
+/// How the log ends, in words (`status`, `dump`): a clean end, a torn
+/// tail, or damage, and whether valid frames follow a bad one.
+fn end_words(scan: &ScanReport) -> String {
+    let after = |at: u64| {
+        format!(
+            "; valid frames follow the bad one (from position {at}), but nothing shows they were synced: \
+             recovery discards them"
+        )
+    };
+    match (scan.log_end(), scan.stop) {
+        (LogEnd::Clean, ScanStop::Limit) => {
+            format!("cleanly at position {}: the record area is full up to there", scan.end)
+        }
+        (LogEnd::Clean, ScanStop::Defect { defect, .. }) => {
+            let what = if scan.stop_blank {
+                "a never-written header".to_string()
+            } else {
+                format!("a stale header ({})", defect.describe())
+            };
+            format!("cleanly at position {}: {what} follows the last complete transaction", scan.end)
+        }
+        (LogEnd::Torn, stop) => {
+            let mut words = format!("in a torn tail after position {}", scan.end);
+            if scan.discarded > 0 {
+                words.push_str(&format!(": {} bytes of an unfinished transaction", scan.discarded));
+            }
+            if let ScanStop::Defect { lsn, .. } = stop {
+                words.push_str(&format!(
+                    "{} the frame at position {lsn} is incomplete or bad ({})",
+                    if scan.discarded > 0 { ", then" } else { ":" },
+                    scan.describe_stop()
+                ));
+            }
+            if let Some(at) = scan.next_valid {
+                words.push_str(&after(at));
+            } else {
+                words.push_str("; recovery discards the tail, and nothing acknowledged is lost");
+            }
+            words
+        }
+        (_, stop) => {
+            let lsn = match stop {
+                ScanStop::Defect { lsn, .. } => lsn,
+                ScanStop::Limit => scan.end,
+            };
+            format!("DAMAGED at position {lsn} ({})", scan.describe_stop())
+        }
+    }
+}
+
+/// A scan estimate for the progress bar: the durable part of the log.
+fn scan_total(log: &LogInspector) -> u64 {
+    log.status().map(|s| s.synced_end.saturating_sub(s.head)).unwrap_or(0)
+}
+
+fn status(path: &Path, as_json: bool, quiet: bool, out: &mut dyn Write) -> Outcome {
+    let log = LogInspector::open_shared(&FileVfs, path)?;
     let sb = log.superblock();
     let chosen = log.chosen_slot();
     let scan = match chosen {
-        Some(_) => Some(log.walk(|_| {})?),
+        Some(_) => {
+            let progress = Progress::bytes(quiet, "scanning the log", scan_total(&log));
+            let start = log.status()?.head;
+            let total = scan_total(&log);
+            let scan = log.walk(|f| progress.set(f.lsn + u64::from(f.len) - start, total))?;
+            progress.finish();
+            Some(scan)
+        }
         None => None,
     };
     if as_json {
-        let doc = json!({
-            "log": path.to_string_lossy(),
-            "superblock": superblock_json(&log),
-            "slots": log.slots().iter().map(slot_json).collect::<Vec<_>>(),
-            "chosen_slot": chosen,
-            "scan": scan.as_ref().map(|s| scan_json(s, sb.area_len)),
-        });
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
-        writeln!(out)?;
+        ndjson(out, &log_json(path, &log))?;
+        for slot in log.slots() {
+            ndjson(out, &slot_json(slot))?;
+        }
+        if let Some(scan) = &scan {
+            ndjson(out, &scan_json(scan, sb.area_len))?;
+        }
     } else {
         writeln!(out, "log:            {}", path.display())?;
+        writeln!(out, "view:           {LIVE_VIEW}")?;
         writeln!(out, "format version: {VERSION}")?;
         writeln!(out, "device size:    {} bytes (file is {} bytes)", sb.device_size, log.device_len())?;
         writeln!(out, "record area:    {} bytes at offset {}", sb.area_len, sb.area_offset)?;
@@ -430,21 +617,19 @@ fn status(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
                 writeln!(out, "free:           {} bytes", sb.area_len - used)?;
                 writeln!(out, "transactions:   {} complete in the log ({} commits)", scan.transactions, scan.commits)?;
                 writeln!(out, "discarded:      {} bytes of unfinished tail", scan.discarded)?;
-                match (scan.stop, scan.damage) {
-                    (_, Some(d)) => writeln!(
+                match scan.damage {
+                    Some(d) => writeln!(
                         out,
                         "DAMAGED:        the frame at position {} is bad ({}) but the log was durable up to {}; \
-                         valid frames follow ({} complete transaction(s) after it). Recovery refuses this log; \
+                         valid frames follow{} ({} complete transaction(s) after it). Recovery refuses this log; \
                          `rvmutl recover --salvage` keeps only what precedes the damage",
                         d.lsn,
                         d.defect.describe(),
                         d.synced_to,
+                        d.next_valid.map(|p| format!(" from position {p}")).unwrap_or_default(),
                         d.transactions_after
                     )?,
-                    (ScanStop::Limit, None) => writeln!(out, "log ends:       {}", scan.describe_stop())?,
-                    (ScanStop::Defect { lsn, .. }, None) => {
-                        writeln!(out, "log ends:       at position {lsn} (next frame: {})", scan.describe_stop())?
-                    }
+                    None => writeln!(out, "log ends:       {}", end_words(scan))?,
                 }
             }
             _ => writeln!(out, "chosen slot:    none (both slots are invalid; recovery would refuse this log)")?,
@@ -475,6 +660,7 @@ fn frame_line(log: &LogInspector, f: &FrameReport, committed: bool) -> String {
 fn frame_json(log: &LogInspector, f: &FrameReport, committed: bool) -> Value {
     let sb = log.superblock();
     let mut v = json!({
+        "type": "frame",
         "lsn": f.lsn,
         "device_offset": sb.area_offset + f.lsn % sb.area_len,
         "len": f.len,
@@ -509,11 +695,16 @@ fn frame_json(log: &LogInspector, f: &FrameReport, committed: bool) -> Value {
 /// the scan ends). Stops emitting at the first output error.
 fn walk_frames(
     log: &LogInspector,
+    quiet: bool,
     mut emit: impl FnMut(&FrameReport, bool) -> io::Result<()>,
 ) -> Result<ScanReport, Failure> {
     let mut open_tx: Vec<FrameReport> = Vec::new();
     let mut failed: Option<io::Error> = None;
+    let start = log.status()?.head;
+    let total = scan_total(log);
+    let progress = Progress::bytes(quiet, "reading the log", total);
     let scan = log.walk(|f| {
+        progress.set(f.lsn + u64::from(f.len) - start, total);
         open_tx.push(*f);
         if f.kind() == FrameKind::Commit {
             for g in open_tx.drain(..) {
@@ -523,6 +714,7 @@ fn walk_frames(
             }
         }
     })?;
+    progress.finish();
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -532,35 +724,29 @@ fn walk_frames(
     Ok(scan)
 }
 
-fn dump(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
-    let log = LogInspector::open(&FileVfs, path)?;
+fn dump(path: &Path, as_json: bool, quiet: bool, out: &mut dyn Write) -> Outcome {
+    let log = LogInspector::open_shared(&FileVfs, path)?;
     let sb = log.superblock();
     let Some(chosen) = log.chosen_slot() else {
-        for slot in log.slots() {
-            writeln!(out, "# {}", slot_line(slot, None).replace('\n', "\n# "))?;
+        if as_json {
+            ndjson(out, &log_json(path, &log))?;
+            for slot in log.slots() {
+                ndjson(out, &slot_json(slot))?;
+            }
+        } else {
+            for slot in log.slots() {
+                writeln!(out, "# {}", slot_line(slot, None).replace('\n', "\n# "))?;
+            }
         }
         return Err(Failure::NoValidStatus);
     };
     let status = log.status()?.clone();
     if as_json {
-        let head = json!({
-            "log": path.to_string_lossy(),
-            "superblock": superblock_json(&log),
-            "chosen_slot": chosen,
-            "status": status_json(&status),
-        });
-        // The document is this object with "frames" and "scan" added; the
-        // frames stream out as they are read.
-        let head = serde_json::to_string(&head).map_err(io::Error::from)?;
-        let open = head.strip_suffix('}').unwrap_or(&head);
-        write!(out, "{open},\"frames\":[")?;
-        let mut first = true;
-        let scan = walk_frames(&log, |f, committed| {
-            let sep = if first { "\n" } else { ",\n" };
-            first = false;
-            write!(out, "{sep}{}", frame_json(&log, f, committed))
-        })?;
-        writeln!(out, "\n],\"scan\":{}}}", scan_json(&scan, sb.area_len))?;
+        let mut head = log_json(path, &log);
+        head["status"] = status_json(&status);
+        ndjson(out, &head)?;
+        let scan = walk_frames(&log, quiet, |f, committed| ndjson(out, &frame_json(&log, f, committed)))?;
+        ndjson(out, &scan_json(&scan, sb.area_len))?;
     } else {
         writeln!(
             out,
@@ -571,11 +757,18 @@ fn dump(path: &Path, as_json: bool, out: &mut dyn Write) -> Outcome {
             sb.area_len,
             sb.area_offset
         )?;
+        writeln!(out, "# {LIVE_VIEW}")?;
         writeln!(out, "# {:>10} {:>12} {:>8}  frame", "lsn", "offset", "len")?;
-        let scan = walk_frames(&log, |f, committed| writeln!(out, "{}", frame_line(&log, f, committed)))?;
-        let stop = match scan.stop {
-            ScanStop::Limit => scan.describe_stop().to_string(),
-            ScanStop::Defect { lsn, .. } => format!("next frame at {lsn}: {}", scan.describe_stop()),
+        let scan = walk_frames(&log, quiet, |f, committed| writeln!(out, "{}", frame_line(&log, f, committed)))?;
+        let stop = match scan.damage {
+            Some(d) => format!(
+                "DAMAGED: the frame at {} is bad ({}) but the log was durable up to {}; valid frames follow; \
+                 recovery refuses this log",
+                d.lsn,
+                d.defect.describe(),
+                d.synced_to
+            ),
+            None => format!("the log ends {}", end_words(&scan)),
         };
         writeln!(
             out,
@@ -617,13 +810,25 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
     Ok(())
 }
 
-fn recover(path: &Path, salvage: bool, accept: &[String], out: &mut dyn Write) -> Outcome {
+/// What a recovery of `path` has to replay, for the progress line (read
+/// without a lock; nothing if the log cannot be read that way).
+fn replay_estimate(path: &Path) -> String {
+    match LogInspector::open_shared(&FileVfs, path).ok().and_then(|l| l.status().ok().cloned()) {
+        Some(s) if s.synced_end > s.head => format!(" (about {} bytes of log to replay)", s.synced_end - s.head),
+        _ => String::new(),
+    }
+}
+
+fn recover(path: &Path, salvage: bool, accept: &[String], quiet: bool, out: &mut dyn Write) -> Outcome {
     let mut opts = Options { salvage, ..Options::default() };
     for a in accept {
         let (recorded, now) = a.split_once('=').unwrap_or((a.as_str(), a.as_str()));
         opts = opts.accept_segment(recorded, now);
     }
-    let report = rvm::recover_log(&FileVfs, path, &opts)?;
+    let progress = Progress::spinner(quiet, format!("recovering {}{}", path.display(), replay_estimate(path)));
+    let report = rvm::recover_log(&FileVfs, path, &opts);
+    progress.finish();
+    let report = report?;
     writeln!(out, "recovered {}:", path.display())?;
     recovery_lines(&report, out)?;
     if report.salvage.is_some() {
@@ -634,16 +839,21 @@ fn recover(path: &Path, salvage: bool, accept: &[String], out: &mut dyn Write) -
     Ok(())
 }
 
-fn truncate(path: &Path, out: &mut dyn Write) -> Outcome {
+fn truncate(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
     let opts = Options { truncate_threshold: None, ..Options::default() };
+    let progress = Progress::spinner(quiet, format!("opening {}{}", path.display(), replay_estimate(path)));
     let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+    progress.finish();
     let report = rvm.recovery_report();
     writeln!(out, "opened {} (recovery at open):", path.display())?;
     recovery_lines(&report, out)?;
     let before = rvm.query();
+    let progress =
+        Progress::spinner(quiet, format!("truncating {} ({} bytes of log)", path.display(), before.log_used));
     rvm.truncate()?;
     let after = rvm.query();
     rvm.close()?;
+    progress.finish();
     writeln!(
         out,
         "truncated: {} bytes applied; log empty at position {} ({} of {} bytes free); closed",
@@ -652,16 +862,20 @@ fn truncate(path: &Path, out: &mut dyn Write) -> Outcome {
     Ok(())
 }
 
-fn checkpoint(path: &Path, out: &mut dyn Write) -> Outcome {
+fn checkpoint(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
     let opts = Options { truncate_threshold: None, ..Options::default() };
+    let progress = Progress::spinner(quiet, format!("opening {}{}", path.display(), replay_estimate(path)));
     let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+    progress.finish();
     writeln!(out, "opened {} (recovery at open):", path.display())?;
     recovery_lines(&rvm.recovery_report(), out)?;
+    let progress = Progress::spinner(quiet, format!("checkpointing {}", path.display()));
     let report = rvm.checkpoint()?;
     let q = rvm.query();
     rvm.close()?;
+    progress.finish();
     let generation =
-        LogInspector::open(&FileVfs, path).ok().and_then(|l| l.status().ok().map(|s| s.checkpoint_generation));
+        LogInspector::open_shared(&FileVfs, path).ok().and_then(|l| l.status().ok().map(|s| s.checkpoint_generation));
     writeln!(
         out,
         "checkpoint at log position {}{}: {} page(s) written; log empty ({} of {} bytes free); closed",
@@ -705,5 +919,20 @@ mod tests {
         assert_eq!(exit_code(&bad), EXIT_INVALID);
         assert_eq!(exit_code(&LogError::NotALog { path: "x".into() }.into()), EXIT_INVALID);
         assert_eq!(exit_code(&LogError::BadSize { requested: 1, reason: "small" }.into()), EXIT_USAGE);
+        assert_eq!(exit_code(&LogError::ViewUnstable { path: "x".into(), attempts: 8 }.into()), EXIT_IO);
+    }
+
+    #[test]
+    fn usage_errors_get_the_one_prefix() {
+        assert_eq!(usage_error("error: unexpected argument\n"), "rvmutl: error: unexpected argument\n");
+        assert_eq!(usage_error("odd text\n"), "rvmutl: error: odd text\n");
+        let e = Cli::try_parse_from(["rvmutl", "frobnicate"]).unwrap_err();
+        assert!(usage_error(&e.render().to_string()).starts_with("rvmutl: error: unrecognized subcommand"));
+    }
+
+    #[test]
+    fn the_lock_hint_names_the_locked_file() {
+        let h = hint(&Error::Locked { path: "/data/app.heap".into() }).unwrap();
+        assert!(h.starts_with("/data/app.heap is open"), "{h}");
     }
 }

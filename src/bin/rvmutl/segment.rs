@@ -12,12 +12,14 @@
 //! `name:offset:length:base[:copy]`, optional `page_size = N` and
 //! `header_len = N` settings, `#` comments.
 
-use crate::{Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
+use crate::progress::Progress;
+use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::{ArgGroup, Args, Subcommand};
-use rvm::loader::format::{copy_mode_name, FORMAT_VERSION};
+use rvm::loader::format::{copy_mode_name, FORMAT_VERSION, MAX_HEADER_LEN};
 use rvm::loader::spec::parse_number;
-use rvm::loader::{create_segment, read_load_map, read_load_map_file, LoadMap, LoaderError};
-use rvm::{Options, Rvm};
+use rvm::loader::{create_segment, read_load_map_file, read_load_map_image, LoadMap, LoaderError};
+use rvm::log::inspect::segment_snapshot;
+use rvm::{FileVfs, Options, Rvm};
 use serde_json::json;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -37,12 +39,26 @@ pub(crate) enum SegmentCommand {
     Create(CreateArgs),
     /// Print a segment's load map: a table, its text form (--spec), or JSON (--json).
     ///
-    /// Without --log the segment file is read as it is (without locking it); with --log the log
-    /// is opened first (running recovery, as a program would), so a map changed through the log
-    /// and not yet truncated into the file shows as committed.
-    #[command(after_help = EXIT_CODES)]
+    /// Reads without a lock and writes nothing. Without --log the segment file is read as it is;
+    /// with --log the header is read as recovery would leave it: the log's complete transactions
+    /// are applied to a copy of it in memory, so a map changed through the log and not yet
+    /// truncated into the file shows as committed (a live view if a program has the files open).
+    #[command(after_help = SHOW_JSON)]
     Show(ShowArgs),
 }
+
+/// The fields of `segment show --json`.
+const SHOW_JSON: &str = concat!(
+    "\
+JSON (--json): one object per line, each with \"type\":
+  segment  segment, log (null without --log), live (true: read without a lock), device_len,
+           format_version, page_size, header_len, capacity (regions the header can hold), regions
+           (count)
+  region   name, offset, len, base, base_hex, copy (on-demand | on-map | no-copy)
+
+",
+    crate::exit_codes!()
+);
 
 /// Arguments of `segment create`.
 #[derive(Debug, Args)]
@@ -76,13 +92,14 @@ pub(crate) struct CreateArgs {
 pub(crate) struct ShowArgs {
     /// The segment file (or block device).
     segment: PathBuf,
-    /// Read the map through this log, after recovery (locks the log and the segment).
+    /// Show the map as recovery through this log would leave it (built in memory; nothing is
+    /// written, nothing locked).
     #[arg(long)]
     log: Option<PathBuf>,
     /// Print the map's text form, which `segment create --map` reads.
     #[arg(long, conflicts_with = "json")]
     spec: bool,
-    /// Print a JSON document.
+    /// Print newline-delimited JSON: a "segment" object, then one "region" object per region.
     #[arg(long)]
     json: bool,
 }
@@ -98,10 +115,10 @@ impl From<LoaderError> for Failure {
 }
 
 /// Runs a `segment` subcommand.
-pub(crate) fn run(command: SegmentCommand, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(command: SegmentCommand, quiet: bool, out: &mut dyn Write) -> Outcome {
     match command {
         SegmentCommand::Create(args) => create(args, out),
-        SegmentCommand::Show(args) => show(args, out),
+        SegmentCommand::Show(args) => show(args, quiet, out),
     }
 }
 
@@ -122,7 +139,12 @@ pub(crate) fn report(e: &LoaderError) -> u8 {
             (EXIT_INVALID, Some("create segments with a load map with `rvmutl segment create`"))
         }
         LoaderError::UnsupportedVersion { .. } | LoaderError::Corrupted { .. } => (EXIT_INVALID, None),
-        LoaderError::Core(e) => (crate::exit_code(e), crate::hint(e)),
+        LoaderError::Core(e) => {
+            if let Some(hint) = crate::hint(e) {
+                eprintln!("rvmutl: hint: {hint}");
+            }
+            return crate::exit_code(e);
+        }
         _ => (EXIT_IO, None),
     };
     if let Some(hint) = hint {
@@ -178,13 +200,18 @@ fn device_len(path: &Path) -> Result<u64, Failure> {
     f.seek(io::SeekFrom::End(0)).map_err(io)
 }
 
-fn show(args: ShowArgs, out: &mut dyn Write) -> Outcome {
+fn show(args: ShowArgs, quiet: bool, out: &mut dyn Write) -> Outcome {
     let map = match &args.log {
         Some(log) => {
-            let rvm = Rvm::open(log, Options { truncate_threshold: None, ..Options::default() })?;
-            let map = read_load_map(&rvm, &args.segment)?;
-            rvm.close()?;
-            map
+            // The header as recovery would leave it: its largest possible
+            // extent, with the log's records applied, in memory.
+            let progress = Progress::bytes(quiet, "reading the header and the log", 0);
+            let snap = segment_snapshot(&FileVfs, log, &args.segment, Some((0, MAX_HEADER_LEN)), &mut |d, t| {
+                progress.set(d, t)
+            });
+            progress.finish();
+            let snap = snap?;
+            read_load_map_image(&args.segment, &snap.bytes, snap.device_len)?
         }
         None => read_load_map_file(&args.segment)?,
     };
@@ -192,31 +219,35 @@ fn show(args: ShowArgs, out: &mut dyn Write) -> Outcome {
     if args.spec {
         write!(out, "{map}")?;
     } else if args.json {
-        let regions: Vec<_> = map
-            .regions()
-            .iter()
-            .map(|r| {
-                json!({
+        ndjson(
+            out,
+            &json!({
+                "type": "segment",
+                "segment": args.segment.to_string_lossy(),
+                "log": args.log.as_ref().map(|l| l.to_string_lossy()),
+                "live": true,
+                "device_len": dev,
+                "format_version": FORMAT_VERSION,
+                "page_size": map.page_size(),
+                "header_len": map.header_len(),
+                "capacity": map.capacity(),
+                "regions": map.regions().len(),
+            }),
+        )?;
+        for r in map.regions() {
+            ndjson(
+                out,
+                &json!({
+                    "type": "region",
                     "name": r.name,
                     "offset": r.offset,
                     "len": r.len,
                     "base": r.base,
                     "base_hex": format!("{:#x}", r.base),
                     "copy": copy_mode_name(r.copy),
-                })
-            })
-            .collect();
-        let doc = json!({
-            "segment": args.segment.to_string_lossy(),
-            "device_len": dev,
-            "format_version": FORMAT_VERSION,
-            "page_size": map.page_size(),
-            "header_len": map.header_len(),
-            "capacity": map.capacity(),
-            "regions": regions,
-        });
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
-        writeln!(out)?;
+                }),
+            )?;
+        }
     } else {
         writeln!(out, "segment {}: {dev} bytes ({dev:#x})", args.segment.display())?;
         write!(out, "{map:#}")?;
