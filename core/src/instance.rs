@@ -8,7 +8,7 @@ use crate::error::{Error, LogError, MapError, Result};
 use crate::log::format::{self, FrameWriter, Status};
 use crate::log::{self, LogDevice, Ring, ScanStop};
 use crate::mem::{self, Mapping};
-use crate::replay::{replay, Replayed};
+use crate::replay::{replay, replay_with_progress, Replayed};
 use crate::segment::{
     CopyMode, MapSpec, Placement, Region, RegionClaim, RegionInner, RegionTable, Segment, SegmentInner,
 };
@@ -75,7 +75,72 @@ pub struct Options {
     /// copy (same path twice) or moved to another path; see
     /// [`Options::accept_segment`].
     pub accepted_segments: Vec<(PathBuf, PathBuf)>,
+    /// Called as recovery at open goes (about every MiB of log, and at the
+    /// end of each phase), for a progress display; `None` (the default)
+    /// reports nothing.
+    pub recovery_progress: Option<ProgressHook>,
 }
+
+/// The phase recovery is in ([`RecoveryProgress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryPhase {
+    /// Checking every frame of the live log, writing nothing.
+    Verify,
+    /// Applying the complete transactions to the segments.
+    Replay,
+}
+
+/// How far recovery is: `done` of `total` log bytes in `phase` (`total`
+/// is an estimate while verifying: the part of the log known durable; it
+/// grows if the scan goes past it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryProgress {
+    /// The phase.
+    pub phase: RecoveryPhase,
+    /// Log bytes done in this phase.
+    pub done: u64,
+    /// Log bytes this phase covers (see above).
+    pub total: u64,
+}
+
+/// A callback for [`Options::recovery_progress`].
+///
+/// ```
+/// use rvm_core::{Options, ProgressHook};
+/// let opts = Options {
+///     recovery_progress: Some(ProgressHook::new(|p| eprintln!("{:?}: {} of {}", p.phase, p.done, p.total))),
+///     ..Options::default()
+/// };
+/// # let _ = opts;
+/// ```
+#[derive(Clone)]
+pub struct ProgressHook(Arc<dyn Fn(RecoveryProgress) + Send + Sync>);
+
+impl ProgressHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(RecoveryProgress) + Send + Sync + 'static) -> Self {
+        ProgressHook(Arc::new(f))
+    }
+
+    fn report(&self, phase: RecoveryPhase, done: u64, total: u64) {
+        (self.0)(RecoveryProgress { phase, done, total: total.max(done) });
+    }
+}
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
+impl PartialEq for ProgressHook {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Log bytes between two progress reports.
+const PROGRESS_STEP: u64 = 1 << 20;
 
 impl Options {
     /// Accepts the file at `now_at` as the segment the log recorded as
@@ -114,6 +179,7 @@ impl Default for Options {
             checkpoint_rate: Some(128 << 20),
             salvage: false,
             accepted_segments: Vec::new(),
+            recovery_progress: None,
         }
     }
 }
@@ -1485,6 +1551,9 @@ fn recover(
     // at every open.
     let touched = std::cell::RefCell::new(std::collections::BTreeMap::<u32, u64>::new());
     let in_tx = std::cell::RefCell::new(Vec::<(u32, u64)>::new());
+    let progress = opts.recovery_progress.as_ref();
+    let estimate = status.synced_end.saturating_sub(status.head);
+    let mut reported = 0u64;
     let verified = log::scan(
         ring,
         status.head,
@@ -1493,6 +1562,11 @@ fn recover(
         |f| {
             if let Frame::Range { segment, offset, data } = f.frame {
                 in_tx.borrow_mut().push((segment, offset.saturating_add(data.len() as u64)));
+            }
+            let done = f.lsn - status.head;
+            if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
+                reported = done;
+                p.report(RecoveryPhase::Verify, done, estimate);
             }
             Ok(())
         },
@@ -1568,7 +1642,17 @@ fn recover(
             )
         })
     };
-    let Replayed { end, log_bytes, segment_bytes } = replay(ring, status.head, verified.end, status.epoch, resolve)?;
+    if let Some(p) = progress {
+        p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
+    }
+    let total = verified.end - status.head;
+    let on_replay = |done: u64| {
+        if let Some(p) = progress {
+            p.report(RecoveryPhase::Replay, done, total);
+        }
+    };
+    let Replayed { end, log_bytes, segment_bytes } =
+        replay_with_progress(ring, status.head, verified.end, status.epoch, resolve, &on_replay)?;
     if end.end != verified.end {
         return Err(Error::corrupted(
             "log (records changed between the verifying scan and the replay)",

@@ -123,7 +123,23 @@ pub(crate) fn replay<R>(ring: &Ring, start: u64, limit: u64, epoch: u64, resolve
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    replay_in_chunks(ring, start, limit, epoch, resolve, CHUNK_BYTES)
+    replay_in_chunks(ring, start, limit, epoch, resolve, CHUNK_BYTES, &|_| {})
+}
+
+/// [`replay`], calling `progress` with the log bytes read so far (about
+/// every chunk, and at the end).
+pub(crate) fn replay_with_progress<R>(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    resolve: R,
+    progress: &dyn Fn(u64),
+) -> Result<Replayed>
+where
+    R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
+{
+    replay_in_chunks(ring, start, limit, epoch, resolve, CHUNK_BYTES, progress)
 }
 
 fn replay_in_chunks<R>(
@@ -133,6 +149,7 @@ fn replay_in_chunks<R>(
     epoch: u64,
     resolve: R,
     chunk_bytes: usize,
+    progress: &dyn Fn(u64),
 ) -> Result<Replayed>
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
@@ -183,6 +200,7 @@ where
                 if me.chunk.data.len() < chunk_bytes {
                     return Ok(());
                 }
+                progress(e - start);
                 // A full chunk (and no unfinished bytes after it): to the
                 // applying thread, started with the first one.
                 if me.pipe.is_none() {
