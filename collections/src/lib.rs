@@ -53,6 +53,7 @@
 //! collections come next.
 
 mod error;
+pub mod hash_map;
 pub mod persist;
 mod pheap;
 mod raw;
@@ -61,6 +62,7 @@ mod tx;
 mod vec;
 
 pub use error::{Error, Result};
+pub use hash_map::PHashMap;
 pub use persist::Persist;
 pub use persist::Plain;
 pub use pheap::{Config, PHeap, HEAP_FILE, LOG_FILE};

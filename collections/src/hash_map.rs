@@ -1,0 +1,937 @@
+//! [`PHashMap`]: a hash table in the heap, and its entry and iterator
+//! types (as `std::collections::hash_map`).
+//!
+//! # Format
+//!
+//! The map's value (what a root holds) is a 32-byte `#[repr(C)]` header of
+//! four native-endian words:
+//!
+//! | offset | field     | meaning                                          |
+//! |--------|-----------|--------------------------------------------------|
+//! | 0      | `ptr`     | address of the table block (0 iff `cap` is 0)    |
+//! | 8      | `len`     | entries                                          |
+//! | 16     | `cap`     | slots: 0 or a power of two, at least 8           |
+//! | 24     | `deleted` | tombstones (slots freed by a removal)            |
+//!
+//! The table block holds `cap` control bytes, then (aligned for `K`) `cap`
+//! keys, then (aligned for `V`) `cap` values: `[ctrl; cap] [K; cap] [V;
+//! cap]`, offsets as [`Layout::extend`] computes them. Keys and values
+//! live in arrays of their own, so no slot has padding. A control byte is
+//! `0x00..=0x7f` for a full slot (the top 7 bits of the key's hash),
+//! `0x80` for a tombstone and `0xff` for an empty slot; any other value
+//! (damage) reads as empty. Only full slots' keys and values are ever
+//! read.
+//!
+//! Open addressing with linear probing: key `k` lives in the first slot at
+//! or after `stable_hash(k) & (cap - 1)` (wrapping) that holds it, and a
+//! probe stops at an empty slot or after `cap` slots. Full slots and
+//! tombstones stay at most 7/8 of the slots: an insertion past that builds
+//! a new table (double the slots, or the same number if tombstones were
+//! most of the load) in a new block, in the same transaction.
+//!
+//! # Keys are compared by their bytes
+//!
+//! `K` needs neither `Eq` nor `Hash`: two keys are equal when their bytes
+//! are ([`Persist`] types have no padding, so every byte is meaningful),
+//! and the hash is [`stable_hash`] of those bytes: a fixed function that
+//! is part of the format, the same in every run and build (std's
+//! `DefaultHasher` is seeded at random per process, and `Hash` impls may
+//! change between releases). So `-0.0` and `0.0` are different keys, and
+//! two NaNs are the same key only if their bits are. The hash has no
+//! secret seed: keys chosen by an adversary can collide on purpose.
+
+use crate::error::{Error, Result};
+use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Block, Persist, Plain};
+use crate::tx::RootMut;
+use std::alloc::Layout;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+/// Control byte of an empty slot.
+const EMPTY: u8 = 0xff;
+/// Control byte of a tombstone (a removed entry).
+const DELETED: u8 = 0x80;
+/// Fewest slots of a table that has any.
+const MIN_CAP: usize = 8;
+
+/// Version of [`stable_hash`] and of the table format, mixed into the
+/// fingerprint: a map written with another hash function is refused as
+/// another type ([`Error::RootType`]) instead of failing its lookups.
+const FORMAT_VERSION: u64 = 1;
+
+/// `2^64 / φ`, odd.
+const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Digits of π.
+const SEED: u64 = 0x243f_6a88_85a3_08d3;
+
+/// The hash [`PHashMap`] files a key under: [`stable_hash_bytes`] of the
+/// key's bytes. Fixed, so a map written by one run is read by the next
+/// (the key's bytes are native-endian, as every value in the heap).
+///
+/// ```
+/// use rvm_collections::hash_map::stable_hash;
+/// assert_eq!(stable_hash(&42u64), stable_hash(&42u64));
+/// assert_ne!(stable_hash(&42u64), stable_hash(&43u64));
+/// ```
+pub fn stable_hash<K: Persist>(key: &K) -> u64 {
+    stable_hash_bytes(bytes_of(key))
+}
+
+/// A fixed 64-bit hash of `bytes`: the length, then each 8-byte
+/// little-endian word (the last one zero-filled), each mixed in as
+/// `h = rotl((h ^ w) * 0x9e3779b97f4a7c15, 29)` starting from
+/// `0x243f6a8885a308d3 ^ len * 0x9e3779b97f4a7c15`, and MurmurHash3's
+/// 64-bit finaliser at the end. Not keyed: no defence against chosen
+/// collisions.
+pub fn stable_hash_bytes(bytes: &[u8]) -> u64 {
+    let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(MUL).rotate_left(29);
+    let mut h = SEED ^ (bytes.len() as u64).wrapping_mul(MUL);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = mix(h, u64::from_le_bytes(b));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut b = [0u8; 8];
+        b[..rest.len()].copy_from_slice(rest);
+        h = mix(h, u64::from_le_bytes(b));
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The control byte of a full slot holding a key of hash `hash`.
+fn tag(hash: u64) -> u8 {
+    (hash >> 57) as u8
+}
+
+/// Whether control byte `c` marks a full slot.
+fn is_full(c: u8) -> bool {
+    c < 0x80
+}
+
+/// Entries a table of `cap` slots holds (with its tombstones) before it
+/// grows: 7/8 of the slots.
+fn max_load(cap: usize) -> usize {
+    cap - cap / 8
+}
+
+/// The fewest slots (a power of two, at least [`MIN_CAP`]) for `items`
+/// entries.
+fn slots_for(items: usize) -> Option<usize> {
+    let mut cap = MIN_CAP;
+    while max_load(cap) < items {
+        cap = cap.checked_mul(2)?;
+    }
+    Some(cap)
+}
+
+/// Where the parts of a table of `cap` slots lie in its block.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    layout: Layout,
+    /// Offset of the keys.
+    keys: usize,
+    /// Offset of the values.
+    vals: usize,
+}
+
+fn geometry<K, V>(cap: usize) -> Option<Geometry> {
+    let ctrl = Layout::array::<u8>(cap).ok()?;
+    let (layout, keys) = ctrl.extend(Layout::array::<K>(cap).ok()?).ok()?;
+    let (layout, vals) = layout.extend(Layout::array::<V>(cap).ok()?).ok()?;
+    Some(Geometry { layout, keys, vals })
+}
+
+fn damaged() -> Error {
+    Error::Damaged { name: "PHashMap".into() }
+}
+
+/// A hash map of [`Plain`] keys and values in the heap, like
+/// `HashMap<K, V>`, whose keys are compared and hashed by their bytes
+/// with a fixed hash function (see [the module](crate::hash_map)).
+///
+/// Kept under a root: read it through any guard (`&PHashMap` gives `len`,
+/// `get`, `contains_key`, `iter`, `keys`, `values`), change it through the
+/// [`RootMut`] guard of a write transaction (`insert`, `remove`,
+/// `get_mut`, `entry`, `get_or_insert_with`, `clear`, `reserve`,
+/// `extend`). Each change declares only the bytes it changes: the header
+/// (declared when the root is borrowed), and the control byte, key and
+/// value of the slot it touches; growing builds a new table block in the
+/// same transaction and frees the old one at commit.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHashMap, PHeap};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut m = tx.root_or_insert_with("balances", PHashMap::<u64, i64>::new)?;
+///     m.insert(7, 100)?;
+///     m.insert(9, 50)?;
+///     *m.get_or_insert_with(7, || 0)? -= 30;
+///     assert_eq!(m.remove(&9)?, Some(50));
+///     Ok::<_, Error>(())
+/// })?;
+/// let b = heap.read(|r| r.root::<PHashMap<u64, i64>>("balances").map(|m| m.and_then(|m| m.get(&7).copied())))?;
+/// assert_eq!(b, Some(70));
+/// # Ok::<(), Error>(())
+/// ```
+#[repr(C)]
+pub struct PHashMap<K, V> {
+    ptr: u64,
+    len: u64,
+    cap: u64,
+    deleted: u64,
+    _kv: PhantomData<(K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for PHashMap<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PHashMap")
+            .field("len", &self.len)
+            .field("slots", &self.cap)
+            .field("deleted", &self.deleted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHashMap, PHeap};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u32, u64>::new)?.extend([(1, 10), (2, 20)]))?;
+/// heap.read(|r| {
+///     let m = r.root::<PHashMap<u32, u64>>("m")?.unwrap();
+///     assert_eq!((m.len(), m.get(&1), m.contains_key(&3)), (2, Some(&10), false));
+///     let mut all: Vec<(u32, u64)> = m.iter().map(|(k, v)| (*k, *v)).collect();
+///     all.sort();
+///     assert_eq!(all, [(1, 10), (2, 20)]);
+///     assert_eq!(m.values().sum::<u64>(), 30);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<K: Plain, V: Plain> PHashMap<K, V> {
+    /// An empty map (owns no block): the value to make a root with.
+    pub fn new() -> Self {
+        PHashMap { ptr: 0, len: 0, cap: 0, deleted: 0, _kv: PhantomData }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether it holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Entries it holds before it grows (as `HashMap::capacity`; its
+    /// tombstones count against this until the next growth).
+    pub fn capacity(&self) -> usize {
+        match self.cap {
+            0 => 0,
+            cap => max_load(cap as usize),
+        }
+    }
+
+    /// Where the table's parts lie (`None` when it has no block).
+    fn table(&self) -> Option<(usize, usize, Geometry)> {
+        let cap = self.cap as usize;
+        if cap == 0 {
+            return None;
+        }
+        // `check` confirmed the geometry exists before any guard handed
+        // this value out, and only this map's methods change it.
+        Some((self.ptr as usize, cap, geometry::<K, V>(cap)?))
+    }
+
+    /// The control bytes.
+    fn ctrl(&self) -> &[u8] {
+        match self.table() {
+            // SAFETY: `check` confirmed, before any guard handed this value
+            // out, that `ptr` is a live block at least `layout.size()`
+            // bytes long, whose first `cap` bytes are the control bytes
+            // (any byte value is valid for `u8`); only this map's methods
+            // change the block, through a `RootMut`, which excludes this
+            // shared borrow.
+            Some((ptr, cap, _)) => unsafe { crate::raw::slice::<u8>(ptr, cap) },
+            None => &[],
+        }
+    }
+
+    /// The bytes of the key in slot `i` (`i < cap`).
+    fn key_bytes(&self, i: usize) -> &[u8] {
+        let Some((ptr, cap, g)) = self.table() else { return &[] };
+        debug_assert!(i < cap);
+        let size = std::mem::size_of::<K>();
+        // SAFETY: slot `i < cap` of the key array lies in the block (as in
+        // `ctrl`); callers ask only for full slots, whose key was written
+        // from a `K` (every byte initialised, by `Persist`).
+        unsafe { crate::raw::slice::<u8>(ptr + g.keys + i * size, size) }
+    }
+
+    /// The entry in full slot `i`.
+    fn entry_at(&self, i: usize) -> (&K, &V) {
+        let (ptr, cap, g) = self.table().expect("a full slot is in a table");
+        assert!(i < cap);
+        // SAFETY: slot `i < cap` lies in the block, aligned (the block is
+        // aligned for `K` and `V`, checked; the arrays start at offsets
+        // aligned for them); callers pass full slots, whose key and value
+        // were written from a `K` and a `V` by a transaction (trusted as
+        // every value in the heap is, see `Persist`). Shared for the
+        // borrow of `self` (as in `ctrl`).
+        unsafe { (&crate::raw::slice::<K>(ptr + g.keys, cap)[i], &crate::raw::slice::<V>(ptr + g.vals, cap)[i]) }
+    }
+
+    /// The slot holding the key whose bytes are `key` and hash `hash`.
+    fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
+        let ctrl = self.ctrl();
+        if ctrl.is_empty() {
+            return None;
+        }
+        let mask = ctrl.len() - 1;
+        let t = tag(hash);
+        let mut i = hash as usize & mask;
+        for _ in 0..ctrl.len() {
+            match ctrl[i] {
+                c if c == t && self.key_bytes(i) == key => return Some(i),
+                DELETED => {}
+                c if is_full(c) => {}
+                _ => return None,
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.get_key_value(key).map(|(_, v)| v)
+    }
+
+    /// The stored key equal to `key`, and its value.
+    pub fn get_key_value(&self, key: &K) -> Option<(&K, &V)> {
+        let k = bytes_of(key);
+        self.find(k, stable_hash_bytes(k)).map(|i| self.entry_at(i))
+    }
+
+    /// Whether `key` has a value.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Iterates over the entries, in slot order (which the keys' hashes
+    /// decide; the same in every run).
+    pub fn iter(&self) -> Iter<'_, K, V> {
+        Iter { map: self, ctrl: self.ctrl(), next: 0, left: self.len() }
+    }
+
+    /// Iterates over the keys.
+    pub fn keys(&self) -> Keys<'_, K, V> {
+        Keys(self.iter())
+    }
+
+    /// Iterates over the values.
+    pub fn values(&self) -> Values<'_, K, V> {
+        Values(self.iter())
+    }
+}
+
+impl<K: Plain, V: Plain> Default for PHashMap<K, V> {
+    fn default() -> Self {
+        PHashMap::new()
+    }
+}
+
+impl<'a, K: Plain, V: Plain> IntoIterator for &'a PHashMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = Iter<'a, K, V>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// The entries of a [`PHashMap`], from [`PHashMap::iter`].
+#[derive(Debug)]
+pub struct Iter<'a, K, V> {
+    map: &'a PHashMap<K, V>,
+    ctrl: &'a [u8],
+    next: usize,
+    /// Entries the header says are left (a hint only).
+    left: usize,
+}
+
+impl<'a, K: Plain, V: Plain> Iterator for Iter<'a, K, V> {
+    type Item = (&'a K, &'a V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.next < self.ctrl.len() {
+            let i = self.next;
+            self.next += 1;
+            if is_full(self.ctrl[i]) {
+                self.left = self.left.saturating_sub(1);
+                return Some(self.map.entry_at(i));
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let slots = self.ctrl.len() - self.next;
+        (self.left.min(slots), Some(slots))
+    }
+}
+
+impl<K: Plain, V: Plain> std::iter::FusedIterator for Iter<'_, K, V> {}
+
+/// The keys of a [`PHashMap`], from [`PHashMap::keys`].
+#[derive(Debug)]
+pub struct Keys<'a, K, V>(Iter<'a, K, V>);
+
+impl<'a, K: Plain, V: Plain> Iterator for Keys<'a, K, V> {
+    type Item = &'a K;
+    fn next(&mut self) -> Option<&'a K> {
+        self.0.next().map(|(k, _)| k)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+/// The values of a [`PHashMap`], from [`PHashMap::values`].
+#[derive(Debug)]
+pub struct Values<'a, K, V>(Iter<'a, K, V>);
+
+impl<'a, K: Plain, V: Plain> Iterator for Values<'a, K, V> {
+    type Item = &'a V;
+    fn next(&mut self) -> Option<&'a V> {
+        self.0.next().map(|(_, v)| v)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+// SAFETY: four native-endian words, `#[repr(C)]`, no padding (the
+// `PhantomData` is zero-sized); the table is a heap block (an address in
+// the heap, which loads at a fixed base); the fingerprint mixes in the key
+// and value types' and the hash function's version.
+unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
+    const FINGERPRINT: u64 = fingerprint_mix(
+        fingerprint_mix(
+            fingerprint_mix(fingerprint_mix(fingerprint_start(32, 8), K::FINGERPRINT), V::FINGERPRINT),
+            FORMAT_VERSION,
+        ),
+        71,
+    );
+
+    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
+        if self.cap > 0 {
+            visit(Block { addr: self.ptr as usize });
+        }
+    }
+
+    /// O(1): the header's numbers agree and the table is a live block,
+    /// large enough and aligned. The control bytes are not scanned (this
+    /// runs at every borrow of the root); whatever they hold, no read goes
+    /// outside the table, and only full slots' keys and values are read.
+    fn check(&self, heap: &rvm_heap::Heap) -> bool {
+        if self.len > self.cap || self.deleted > self.cap - self.len {
+            return false;
+        }
+        if self.cap == 0 {
+            return self.ptr == 0;
+        }
+        let Ok(cap) = usize::try_from(self.cap) else { return false };
+        if !cap.is_power_of_two() || cap < MIN_CAP {
+            return false;
+        }
+        let Some(g) = geometry::<K, V>(cap) else { return false };
+        let Some(ptr) = NonNull::new(self.ptr as usize as *mut u8) else { return false };
+        self.ptr.is_multiple_of(g.layout.align() as u64)
+            && heap.live_block_len(ptr).is_some_and(|len| len >= g.layout.size() as u64)
+    }
+}
+
+/// Changes, through the guard of a write transaction.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHashMap, PHeap};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut m = tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?;
+///     m.reserve(100)?; // one table for 100 entries, no growth below
+///     for i in 0..100 {
+///         assert_eq!(m.insert(i, i * i)?, None);
+///     }
+///     assert_eq!(m.insert(3, 0)?, Some(9));
+///     if let Some(v) = m.get_mut(&4)? {
+///         *v += 1;
+///     }
+///     assert_eq!(m.remove(&5)?, Some(25));
+///     assert_eq!((m.len(), m.get(&4)), (99, Some(&17)));
+///     m.clear()?;
+///     assert!(m.is_empty());
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
+    fn map(&self) -> &PHashMap<K, V> {
+        self
+    }
+
+    /// The table: block address, slots, geometry (an error when it has no
+    /// block or its geometry is impossible: only with a damaged header).
+    fn table_mut(&self) -> Result<(usize, usize, Geometry)> {
+        self.map().table().ok_or_else(damaged)
+    }
+
+    fn set_header(&mut self, ptr: usize, len: usize, cap: usize, deleted: usize) {
+        // The header was declared when the root was borrowed.
+        let m = self.value_mut();
+        (m.ptr, m.len, m.cap, m.deleted) = (ptr as u64, len as u64, cap as u64, deleted as u64);
+    }
+
+    /// Declares `[addr, addr + bytes.len())` of the table and stores
+    /// `bytes` there.
+    fn store(&self, addr: usize, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let p = NonNull::new(addr as *mut u8).ok_or_else(damaged)?;
+        // SAFETY: callers pass a range of this map's table block (or of a
+        // block this transaction just allocated for it), which only this
+        // guard reaches; the writer lock keeps other threads away, and no
+        // reference into the range is alive (the map's methods hold none
+        // across a store; `&mut self` excludes the caller's).
+        self.tx().with_htx(|htx| unsafe { Ok(htx.write(p, bytes)?) })
+    }
+
+    /// Value `i` of the table, to change in place (declared here).
+    fn value_mut_at(&mut self, i: usize) -> Result<&mut V> {
+        let (ptr, cap, g) = self.table_mut()?;
+        assert!(i < cap);
+        let size = std::mem::size_of::<V>();
+        let addr = ptr + g.vals + i * size;
+        if size > 0 {
+            self.tx().declare(NonNull::new(addr as *mut u8).ok_or_else(damaged)?, size)?;
+        }
+        // SAFETY: a full slot's value (callers pass full slots), inside
+        // the table block and aligned (as in `entry_at`), declared above;
+        // the reference borrows this guard mutably, so it is the only one.
+        Ok(unsafe { &mut crate::raw::slice_mut::<V>(ptr + g.vals, cap)[i] })
+    }
+
+    /// Builds a table of `new_cap` slots in a new block (written in full:
+    /// control bytes, keys and values), moves every entry into it, frees
+    /// the old block at commit.
+    fn rebuild(&mut self, new_cap: usize) -> Result<()> {
+        let g = geometry::<K, V>(new_cap).ok_or_else(|| {
+            Error::Heap(rvm_heap::HeapError::BadLayout {
+                size: new_cap.saturating_mul(1 + std::mem::size_of::<K>() + std::mem::size_of::<V>()),
+                align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
+            })
+        })?;
+        let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+        let mut ctrl = vec![EMPTY; new_cap];
+        let mut keys = vec![0u8; new_cap * ks];
+        let mut vals = vec![0u8; new_cap * vs];
+        let mask = new_cap - 1;
+        let mut len = 0;
+        let old = self.map();
+        for (k, v) in old.iter() {
+            let (kb, vb) = (bytes_of(k), bytes_of(v));
+            let hash = stable_hash_bytes(kb);
+            let mut i = hash as usize & mask;
+            let mut probes = 0;
+            while ctrl[i] != EMPTY {
+                probes += 1;
+                if probes == new_cap {
+                    // More full control bytes than the new table holds:
+                    // only a damaged table has them.
+                    return Err(damaged());
+                }
+                i = (i + 1) & mask;
+            }
+            ctrl[i] = tag(hash);
+            keys[i * ks..(i + 1) * ks].copy_from_slice(kb);
+            vals[i * vs..(i + 1) * vs].copy_from_slice(vb);
+            len += 1;
+        }
+        let old_ptr = old.ptr as usize;
+        let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
+        let at = new.as_ptr() as usize;
+        self.store(at, &ctrl)?;
+        self.store(at + g.keys, &keys)?;
+        self.store(at + g.vals, &vals)?;
+        if let Some(p) = NonNull::new(old_ptr as *mut u8) {
+            self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
+        }
+        self.set_header(at, len, new_cap, 0);
+        Ok(())
+    }
+
+    /// Makes room for `items` entries without tombstones in the way.
+    fn make_room(&mut self, items: usize) -> Result<()> {
+        let m = self.map();
+        let (cap, deleted) = (m.cap as usize, m.deleted as usize);
+        let used = items.checked_add(deleted).ok_or_else(damaged)?;
+        if cap > 0 && used <= max_load(cap) {
+            return Ok(());
+        }
+        let mut new_cap = slots_for(items).ok_or_else(damaged)?;
+        // Mostly tombstones: rebuild at the same size; else at least double.
+        if cap > 0 && items > max_load(cap) / 2 {
+            new_cap = new_cap.max(cap.saturating_mul(2));
+        }
+        new_cap = new_cap.max(cap);
+        self.rebuild(new_cap)
+    }
+
+    /// Inserts a key known to be absent; returns its slot.
+    fn insert_new(&mut self, hash: u64, key: &K, value: &V) -> Result<usize> {
+        let len = self.map().len();
+        self.make_room(len + 1)?;
+        let (ptr, cap, g) = self.table_mut()?;
+        let mask = cap - 1;
+        let ctrl = self.map().ctrl();
+        let mut i = hash as usize & mask;
+        let mut probes = 0;
+        while is_full(ctrl[i]) {
+            probes += 1;
+            if probes == cap {
+                return Err(damaged());
+            }
+            i = (i + 1) & mask;
+        }
+        let was_tombstone = ctrl[i] == DELETED;
+        self.store(ptr + i, &[tag(hash)])?;
+        self.store(ptr + g.keys + i * std::mem::size_of::<K>(), bytes_of(key))?;
+        self.store(ptr + g.vals + i * std::mem::size_of::<V>(), bytes_of(value))?;
+        let m = self.map();
+        let (len, deleted) = (m.len() + 1, (m.deleted as usize).saturating_sub(usize::from(was_tombstone)));
+        self.set_header(ptr, len, cap, deleted);
+        Ok(i)
+    }
+
+    /// Empties full slot `i`: an empty slot if the next one is empty (and
+    /// then the tombstones just before it become empty too), else a
+    /// tombstone.
+    fn erase(&mut self, i: usize) -> Result<()> {
+        let (ptr, cap, _) = self.table_mut()?;
+        let mask = cap - 1;
+        let m = self.map();
+        let (len, mut deleted) = (m.len().saturating_sub(1), m.deleted as usize);
+        let ctrl = m.ctrl();
+        if is_full(ctrl[(i + 1) & mask]) || ctrl[(i + 1) & mask] == DELETED {
+            self.store(ptr + i, &[DELETED])?;
+            deleted += 1;
+        } else {
+            // No probe passes slot `i` to reach a later one: it and the
+            // tombstones right before it end no probe that matters.
+            let mut start = i;
+            for _ in 0..cap - 1 {
+                let p = start.wrapping_sub(1) & mask;
+                if ctrl[p] != DELETED {
+                    break;
+                }
+                start = p;
+                deleted = deleted.saturating_sub(1);
+            }
+            let run = (i + cap - start) & mask;
+            if start <= i {
+                self.store(ptr + start, &vec![EMPTY; run + 1])?;
+            } else {
+                // Wraps past the end of the control bytes.
+                self.store(ptr + start, &vec![EMPTY; cap - start])?;
+                self.store(ptr, &vec![EMPTY; i + 1])?;
+            }
+        }
+        self.set_header(ptr, len, cap, deleted);
+        Ok(())
+    }
+
+    /// Inserts `value` under `key`; returns the value it replaces (the
+    /// stored key stays: it has the same bytes).
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        let k = bytes_of(&key);
+        let hash = stable_hash_bytes(k);
+        if let Some(i) = self.map().find(k, hash) {
+            let v = self.value_mut_at(i)?;
+            return Ok(Some(std::mem::replace(v, value)));
+        }
+        self.insert_new(hash, &key, &value)?;
+        Ok(None)
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
+        Ok(self.remove_entry(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes `key`; returns the stored key and its value.
+    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+        let k = bytes_of(key);
+        let Some(i) = self.map().find(k, stable_hash_bytes(k)) else { return Ok(None) };
+        self.remove_at(i).map(Some)
+    }
+
+    fn remove_at(&mut self, i: usize) -> Result<(K, V)> {
+        let (k, v) = self.map().entry_at(i);
+        // A bitwise copy: `Plain` values own nothing.
+        // SAFETY: both are valid values (full slot); the slot leaves the
+        // map just below and its bytes are never read as values again.
+        let kv = unsafe { (std::ptr::read(k), std::ptr::read(v)) };
+        self.erase(i)?;
+        Ok(kv)
+    }
+
+    /// The value of `key`, to change in place (only its bytes are
+    /// declared).
+    pub fn get_mut(&mut self, key: &K) -> Result<Option<&mut V>> {
+        let k = bytes_of(key);
+        match self.map().find(k, stable_hash_bytes(k)) {
+            Some(i) => self.value_mut_at(i).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The value of `key`, inserted as `make()` if it has none.
+    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> Result<&mut V> {
+        self.entry(key).or_insert_with(make)
+    }
+
+    /// The entry of `key`, to read, insert, change or remove in place
+    /// (as `HashMap::entry`).
+    ///
+    /// ```
+    /// use rvm_collections::hash_map::Entry;
+    /// use rvm_collections::{Config, Error, PHashMap, PHeap};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut words = tx.root_or_insert_with("counts", PHashMap::<[u8; 8], u64>::new)?;
+    ///     for w in [*b"apple   ", *b"pear    ", *b"apple   "] {
+    ///         *words.entry(w).or_insert(0)? += 1;
+    ///     }
+    ///     assert_eq!(words.get(b"apple   "), Some(&2));
+    ///     match words.entry(*b"pear    ") {
+    ///         Entry::Occupied(e) => assert_eq!(e.remove()?, 1),
+    ///         Entry::Vacant(_) => unreachable!(),
+    ///     }
+    ///     words.entry(*b"plum    ").and_modify(|n| *n += 1)?.or_default()?;
+    ///     assert_eq!(words.get(b"plum    "), Some(&0));
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn entry(&mut self, key: K) -> Entry<'_, 't, 'h, K, V> {
+        let k = bytes_of(&key);
+        let hash = stable_hash_bytes(k);
+        match self.map().find(k, hash) {
+            Some(index) => Entry::Occupied(OccupiedEntry { map: self, index }),
+            None => Entry::Vacant(VacantEntry { map: self, key, hash }),
+        }
+    }
+
+    /// Removes every entry; the table stays (its control bytes are
+    /// declared and set empty).
+    pub fn clear(&mut self) -> Result<()> {
+        let m = self.map();
+        if m.len == 0 && m.deleted == 0 {
+            return Ok(());
+        }
+        let (ptr, cap, _) = self.table_mut()?;
+        self.store(ptr, &vec![EMPTY; cap])?;
+        self.set_header(ptr, 0, cap, 0);
+        Ok(())
+    }
+
+    /// Makes room for at least `additional` more entries (a new table now,
+    /// so that inserting them grows nothing).
+    pub fn reserve(&mut self, additional: usize) -> Result<()> {
+        let len = self.map().len();
+        self.make_room(len.checked_add(additional).ok_or_else(damaged)?)
+    }
+
+    /// Inserts every entry of `items` (later ones replace earlier ones).
+    pub fn extend(&mut self, items: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+        let items = items.into_iter();
+        self.reserve(items.size_hint().0)?;
+        for (k, v) in items {
+            self.insert(k, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// An entry of a [`PHashMap`], from `entry` on its [`RootMut`] guard:
+/// occupied or vacant, as `std::collections::hash_map::Entry`.
+#[derive(Debug)]
+pub enum Entry<'a, 't, 'h, K: Plain, V: Plain> {
+    /// The key has a value.
+    Occupied(OccupiedEntry<'a, 't, 'h, K, V>),
+    /// The key has none.
+    Vacant(VacantEntry<'a, 't, 'h, K, V>),
+}
+
+/// An entry whose key has a value.
+#[derive(Debug)]
+pub struct OccupiedEntry<'a, 't, 'h, K: Plain, V: Plain> {
+    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+    index: usize,
+}
+
+/// An entry whose key has no value.
+#[derive(Debug)]
+pub struct VacantEntry<'a, 't, 'h, K: Plain, V: Plain> {
+    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+    key: K,
+    hash: u64,
+}
+
+impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
+    /// The entry's key.
+    pub fn key(&self) -> &K {
+        match self {
+            Entry::Occupied(e) => e.key(),
+            Entry::Vacant(e) => e.key(),
+        }
+    }
+
+    /// The value, inserted as `default` if there is none.
+    pub fn or_insert(self, default: V) -> Result<&'a mut V> {
+        self.or_insert_with(|| default)
+    }
+
+    /// The value, inserted as `make()` if there is none.
+    pub fn or_insert_with(self, make: impl FnOnce() -> V) -> Result<&'a mut V> {
+        match self {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(make()),
+        }
+    }
+
+    /// The value, inserted as `make(&key)` if there is none.
+    pub fn or_insert_with_key(self, make: impl FnOnce(&K) -> V) -> Result<&'a mut V> {
+        match self {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let v = make(&e.key);
+                e.insert(v)
+            }
+        }
+    }
+
+    /// The value, inserted as `V::default()` if there is none.
+    pub fn or_default(self) -> Result<&'a mut V>
+    where
+        V: Default,
+    {
+        self.or_insert_with(V::default)
+    }
+
+    /// Calls `f` on the value if there is one.
+    pub fn and_modify(self, f: impl FnOnce(&mut V)) -> Result<Self> {
+        match self {
+            Entry::Occupied(mut e) => {
+                f(e.get_mut()?);
+                Ok(Entry::Occupied(e))
+            }
+            vacant => Ok(vacant),
+        }
+    }
+}
+
+impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
+    /// The stored key.
+    pub fn key(&self) -> &K {
+        self.map.map().entry_at(self.index).0
+    }
+
+    /// The value.
+    pub fn get(&self) -> &V {
+        self.map.map().entry_at(self.index).1
+    }
+
+    /// The value, to change in place (its bytes are declared).
+    pub fn get_mut(&mut self) -> Result<&mut V> {
+        self.map.value_mut_at(self.index)
+    }
+
+    /// The value, to change in place, for as long as the entry's borrow.
+    pub fn into_mut(self) -> Result<&'a mut V> {
+        self.map.value_mut_at(self.index)
+    }
+
+    /// Replaces the value; returns the old one.
+    pub fn insert(&mut self, value: V) -> Result<V> {
+        Ok(std::mem::replace(self.get_mut()?, value))
+    }
+
+    /// Removes the entry; returns its value.
+    pub fn remove(self) -> Result<V> {
+        Ok(self.remove_entry()?.1)
+    }
+
+    /// Removes the entry; returns the stored key and the value.
+    pub fn remove_entry(self) -> Result<(K, V)> {
+        self.map.remove_at(self.index)
+    }
+}
+
+impl<'a, K: Plain, V: Plain> VacantEntry<'a, '_, '_, K, V> {
+    /// The key it would insert.
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+
+    /// The key, back.
+    pub fn into_key(self) -> K {
+        self.key
+    }
+
+    /// Inserts `value` under the key (growing the table in this
+    /// transaction if it is full); returns it, to change in place.
+    pub fn insert(self, value: V) -> Result<&'a mut V> {
+        let VacantEntry { map, key, hash } = self;
+        let i = map.insert_new(hash, &key, &value)?;
+        map.value_mut_at(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_for_keeps_the_load_at_most_seven_eighths() {
+        assert_eq!(slots_for(0), Some(8));
+        assert_eq!(slots_for(7), Some(8));
+        assert_eq!(slots_for(8), Some(16));
+        assert_eq!(slots_for(14), Some(16));
+        assert_eq!(slots_for(15), Some(32));
+        assert_eq!(slots_for(usize::MAX), None);
+    }
+
+    #[test]
+    fn geometry_has_no_overlap_and_aligns() {
+        let g = geometry::<u8, u128>(8).unwrap();
+        assert_eq!((g.keys, g.vals % std::mem::align_of::<u128>()), (8, 0));
+        assert!(g.vals >= 16 && g.layout.size() == g.vals + 128);
+        let g = geometry::<[u8; 0], [u8; 0]>(8).unwrap();
+        assert_eq!(g.layout.size(), 8);
+        assert!(geometry::<u64, u64>(usize::MAX / 4).is_none());
+    }
+}
