@@ -307,6 +307,7 @@ mod tests {
                 status.epoch,
                 |_| Ok((vfs.open(&name, crate::OpenMode::Existing).unwrap(), name.clone())),
                 chunk_bytes,
+                &|_| {},
             )
             .unwrap();
             (r.end.transactions, r.log_bytes, disk.live_image(seg).unwrap())
