@@ -111,7 +111,7 @@ impl PHeap {
     }
 
     /// [`PHeap::open_or_create`] on any [`Vfs`], such as the simulated disk
-    /// ([`rvm_core::testing::SimDisk`], feature `testing`): `dir` only
+    /// (`rvm_core::testing::SimDisk`, feature `testing`): `dir` only
     /// prefixes the two file names there, and crashes at any point can be
     /// tested on typed data.
     ///
@@ -150,7 +150,10 @@ impl PHeap {
             if !vfs.exists(&path).map_err(io("looking for the heap", &path))? {
                 create_heap(&rvm, vfs.as_ref(), dir, &config)?;
             }
-            PersistentHeap::open(&rvm, &path)?
+            let heap = PersistentHeap::open(&rvm, &path)?;
+            let (start, end) = (heap.static_region().addr(), heap.heap_region().addr() + heap.heap_region().len());
+            crate::raw::claim_range(start, end - start);
+            heap
         };
         Ok(PHeap { lock: RwLock::new(()), heap, rvm, dir: dir.to_path_buf() })
     }

@@ -38,21 +38,58 @@ const HEADROOM: usize = 256 << 20;
 /// right now (the bottom of a `PROT_NONE` reservation the kernel chose,
 /// released at once), aligned to `align`. Another thread may map it before
 /// the caller does: the caller's fixed mapping then fails and it may retry.
+///
+/// Ranges recorded with [`claim_range`] (heaps of this process, mapped or
+/// closed for a while) are never picked: the kernel would see them free
+/// while their heap is closed.
 pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<usize> {
     use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
     let span = len
         .checked_add(align)
         .and_then(|s| s.checked_add(HEADROOM))
         .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: a fresh anonymous PROT_NONE mapping chosen by the kernel
-    // (null hint) overlaps no existing mapping and is never accessed.
-    let p = unsafe {
-        mmap_anonymous(std::ptr::null_mut(), span, ProtFlags::empty(), MapFlags::PRIVATE | MapFlags::NORESERVE)
-    }?;
-    // SAFETY: unmaps exactly the mapping made above, which nothing uses.
-    unsafe { munmap(p, span) }?;
-    let addr = p as usize;
-    Ok(addr.div_ceil(align) * align)
+    // Picks that overlap a claimed range stay reserved (so the kernel
+    // offers another gap) until a good one is found.
+    let mut held = Vec::new();
+    let result = loop {
+        // SAFETY: a fresh anonymous PROT_NONE mapping chosen by the kernel
+        // (null hint) overlaps no existing mapping and is never accessed.
+        let p = match unsafe {
+            mmap_anonymous(std::ptr::null_mut(), span, ProtFlags::empty(), MapFlags::PRIVATE | MapFlags::NORESERVE)
+        } {
+            Ok(p) => p,
+            Err(e) => break Err(e.into()),
+        };
+        held.push(p);
+        let addr = (p as usize).div_ceil(align) * align;
+        if held.len() < 64 && overlaps_claimed(addr, len) {
+            continue;
+        }
+        break Ok(addr);
+    };
+    for p in held {
+        // SAFETY: unmaps exactly a mapping made above, which nothing uses.
+        let _ = unsafe { munmap(p, span) };
+    }
+    result
+}
+
+/// Address ranges of heaps this process made or opened: `[start, end)`.
+static CLAIMED: parking_lot::Mutex<Vec<(usize, usize)>> = parking_lot::Mutex::new(Vec::new());
+
+/// Records `[start, start + len)` as a heap's: [`free_address_range`]
+/// never picks it for another heap of this process.
+pub(crate) fn claim_range(start: usize, len: usize) {
+    let mut c = CLAIMED.lock();
+    let r = (start, start.saturating_add(len));
+    if !c.contains(&r) {
+        c.push(r);
+    }
+}
+
+fn overlaps_claimed(start: usize, len: usize) -> bool {
+    let end = start.saturating_add(len);
+    CLAIMED.lock().iter().any(|&(s, e)| start < e && s < end)
 }
 
 /// The `len` values of type `T` at `ptr` as a slice.

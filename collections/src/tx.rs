@@ -84,6 +84,9 @@ pub struct WriteTx<'h> {
     /// Roots made in this transaction (not visible in the heap before its
     /// commit), by name.
     created: RefCell<HashMap<String, Created>>,
+    /// Roots removed in this transaction (still in the heap until its
+    /// commit): they are gone for this transaction.
+    removed: RefCell<std::collections::HashSet<String>>,
 }
 
 impl<'h> WriteTx<'h> {
@@ -93,6 +96,7 @@ impl<'h> WriteTx<'h> {
             htx: RefCell::new(Some(htx)),
             borrows: RefCell::new(HashMap::new()),
             created: RefCell::new(HashMap::new()),
+            removed: RefCell::new(std::collections::HashSet::new()),
         }
     }
 
@@ -134,6 +138,9 @@ impl<'h> WriteTx<'h> {
                 });
             }
             return Ok(Some(ptr));
+        }
+        if self.removed.borrow().contains(name) {
+            return Ok(None);
         }
         typed_root::<T>(self.heap, name)
     }
@@ -233,6 +240,7 @@ impl<'h> WriteTx<'h> {
             Ok(())
         })?;
         self.created.borrow_mut().remove(name);
+        self.removed.borrow_mut().insert(name.to_owned());
         Ok(true)
     }
 }

@@ -387,11 +387,10 @@ fn keys_are_compared_by_their_bytes() {
 }
 
 /// Known bug of the typed layer (PVec too): a root's `check` asks
-/// `Heap::live_block_len`, which knows committed blocks only, so a
+/// `Heap::live_block_len` once knew committed blocks only, so a
 /// collection whose block was allocated earlier in the same transaction
 /// is refused as `Error::Damaged` when its root is borrowed again.
 #[test]
-#[ignore = "typed layer: Heap::live_block_len ignores blocks allocated by the open transaction"]
 fn a_map_reborrowed_after_growth_in_the_same_transaction() {
     let _serial = serial();
     let disk = SimDisk::new();

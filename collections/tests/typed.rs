@@ -258,3 +258,44 @@ fn strings_stay_utf8_across_changes_aborts_and_reopen() {
     heap.raw_heap().check().unwrap();
     assert_eq!(heap.raw_heap().stats().live_blocks, 0, "the string's buffer is freed with its root");
 }
+
+#[test]
+fn a_root_removed_and_made_again_in_one_transaction_is_the_new_one() {
+    use rvm_collections::PVec;
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| tx.root_or_insert_with("n", || 5u64).map(|_| ())).unwrap();
+    heap.write(|tx| {
+        assert!(tx.remove_root::<u64>("n")?);
+        assert!(tx.root::<u64>("n")?.is_none(), "a removed root is gone for the rest of the transaction");
+        assert!(tx.root_mut::<u64>("n")?.is_none());
+        *tx.root_or_insert_with("n", || 100u64)? += 1;
+        // A collection that grows, then is borrowed again in the same
+        // transaction: its new block is live for this transaction.
+        tx.root_or_insert_with("v", PVec::<u64>::new)?.extend(0..100)?;
+        assert_eq!(tx.root::<PVec<u64>>("v")?.unwrap().len(), 100);
+        tx.root_mut::<PVec<u64>>("v")?.unwrap().push(100)?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.close().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<u64>("n").unwrap().copied()), Some(101));
+    assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().map(|v| v.len())), Some(101));
+    heap.raw_heap().check().unwrap();
+    assert_eq!(heap.raw_heap().stats().live_blocks, 3);
+}
+
+#[test]
+fn a_closed_heaps_range_is_not_given_to_a_new_heap() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let h1 = PHeap::open_or_create(d1.path(), small()).unwrap();
+    let base = h1.base();
+    h1.close().unwrap();
+    // While the first heap is closed its range is free to the kernel, but
+    // not to another heap of this process.
+    let h2 = PHeap::open_or_create(d2.path(), small()).unwrap();
+    assert_ne!(h2.base(), base);
+    let h1 = PHeap::open_or_create(d1.path(), small()).unwrap();
+    assert_eq!(h1.base(), base);
+}

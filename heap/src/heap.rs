@@ -625,7 +625,8 @@ impl Heap {
     }
 
     /// The length of the user data of the live block whose data starts at
-    /// `ptr` (a committed, allocated block), or `None` if `ptr` is not the
+    /// `ptr` (a committed, allocated block, or one the calling thread's open
+    /// transaction on this heap allocated), or `None` if `ptr` is not the
     /// start of one: for typed layers that must not trust a pointer read
     /// from the heap (a root slot, a stored pointer) before viewing it as a
     /// value.
@@ -635,6 +636,15 @@ impl Heap {
             return None;
         }
         let off = data_off - HDR;
+        // A block the calling thread's open transaction on this heap
+        // allocated (and has not freed) is live for that transaction.
+        if let Some(intents) = OpenTx::get(self.id) {
+            if let Ok(mut intents) = intents.try_borrow_mut() {
+                if let Some(r) = intents.allocs.find(off) {
+                    return (!r.freed).then(|| r.size - HDR - u64::from(r.slack));
+                }
+            }
+        }
         // A valid allocated header marks a live block (see `free_in`).
         let _st = self.state.lock();
         let h = self.read_header(off).ok().filter(|h| h.allocated)?;
