@@ -29,7 +29,10 @@ mod tx;
 
 pub use checkpoint::CheckpointReport;
 pub use error::{Error, LogError, MapError, Result, TxError};
-pub use instance::{recover_log, CommitMode, Options, Query, Reclaim, RecoveryReport, RestoreMode, Rvm, Salvage};
+pub use instance::{
+    recover_log, CommitMode, Options, ProgressHook, Query, Reclaim, RecoveryPhase, RecoveryProgress, RecoveryReport,
+    RestoreMode, Rvm, Salvage,
+};
 pub use log::{create_log, create_log_with};
 pub use mem::page_size;
 pub use segment::{CopyMode, MapSpec, Placement, Region, RegionClaim, Segment};

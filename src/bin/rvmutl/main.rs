@@ -812,20 +812,14 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
 
 /// What a recovery of `path` has to replay, for the progress line (read
 /// without a lock; nothing if the log cannot be read that way).
-fn replay_estimate(path: &Path) -> String {
-    match LogInspector::open_shared(&FileVfs, path).ok().and_then(|l| l.status().ok().cloned()) {
-        Some(s) if s.synced_end > s.head => format!(" (about {} bytes of log to replay)", s.synced_end - s.head),
-        _ => String::new(),
-    }
-}
-
 fn recover(path: &Path, salvage: bool, accept: &[String], quiet: bool, out: &mut dyn Write) -> Outcome {
     let mut opts = Options { salvage, ..Options::default() };
     for a in accept {
         let (recorded, now) = a.split_once('=').unwrap_or((a.as_str(), a.as_str()));
         opts = opts.accept_segment(recorded, now);
     }
-    let progress = Progress::spinner(quiet, format!("recovering {}{}", path.display(), replay_estimate(path)));
+    let progress = Arc::new(Progress::bytes(quiet, format!("verifying {}", path.display()), 0));
+    opts.recovery_progress = Some(recovery_hook(&progress, path));
     let report = rvm::recover_log(&FileVfs, path, &opts);
     progress.finish();
     let report = report?;
@@ -839,11 +833,35 @@ fn recover(path: &Path, salvage: bool, accept: &[String], quiet: bool, out: &mut
     Ok(())
 }
 
-fn truncate(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
-    let opts = Options { truncate_threshold: None, ..Options::default() };
-    let progress = Progress::spinner(quiet, format!("opening {}{}", path.display(), replay_estimate(path)));
-    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
+/// Shows recovery's phases and bytes on `progress`.
+fn recovery_hook(progress: &Arc<Progress>, path: &Path) -> rvm::ProgressHook {
+    let (progress, path) = (progress.clone(), path.display().to_string());
+    rvm::ProgressHook::new(move |p| {
+        let phase = match p.phase {
+            rvm::RecoveryPhase::Verify => "verifying",
+            rvm::RecoveryPhase::Replay => "replaying",
+        };
+        progress.message(format!("{phase} {path}"));
+        progress.set(p.done, p.total);
+    })
+}
+
+/// Opens the log at `path` as an application would, showing recovery's
+/// progress.
+fn open_with_progress(path: &Path, quiet: bool) -> Result<Rvm, rvm::Error> {
+    let progress = Arc::new(Progress::bytes(quiet, format!("opening {}", path.display()), 0));
+    let opts = Options {
+        truncate_threshold: None,
+        recovery_progress: Some(recovery_hook(&progress, path)),
+        ..Options::default()
+    };
+    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts);
     progress.finish();
+    rvm
+}
+
+fn truncate(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
+    let rvm = open_with_progress(path, quiet)?;
     let report = rvm.recovery_report();
     writeln!(out, "opened {} (recovery at open):", path.display())?;
     recovery_lines(&report, out)?;
@@ -863,10 +881,7 @@ fn truncate(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
 }
 
 fn checkpoint(path: &Path, quiet: bool, out: &mut dyn Write) -> Outcome {
-    let opts = Options { truncate_threshold: None, ..Options::default() };
-    let progress = Progress::spinner(quiet, format!("opening {}{}", path.display(), replay_estimate(path)));
-    let rvm = Rvm::open_with(Arc::new(FileVfs), path, opts)?;
-    progress.finish();
+    let rvm = open_with_progress(path, quiet)?;
     writeln!(out, "opened {} (recovery at open):", path.display())?;
     recovery_lines(&rvm.recovery_report(), out)?;
     let progress = Progress::spinner(quiet, format!("checkpointing {}", path.display()));

@@ -52,6 +52,11 @@ impl Progress {
         Progress { bar }
     }
 
+    /// Changes the message.
+    pub(crate) fn message(&self, message: impl Into<String>) {
+        self.bar.set_message(message.into());
+    }
+
     /// Records `done` of `total` bytes.
     pub(crate) fn set(&self, done: u64, total: u64) {
         if self.bar.length() != Some(total.max(done)) {
