@@ -52,6 +52,7 @@
 //! floats, arrays, `#[derive(Persist)]` structs); persistent pointers and
 //! collections come next.
 
+pub mod btree_map;
 mod error;
 pub mod persist;
 mod pheap;
@@ -59,6 +60,7 @@ mod raw;
 mod tx;
 mod vec;
 
+pub use btree_map::PBTreeMap;
 pub use error::{Error, Result};
 pub use persist::Persist;
 pub use persist::Plain;
