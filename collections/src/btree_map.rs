@@ -547,10 +547,8 @@ unsafe impl<K: PKey, V: Plain> Persist for PBTreeMap<K, V> {
         while let Some((n, level)) = stack.pop() {
             let size = if level == 0 { Self::LEAF_SIZE } else { Self::INNER_SIZE };
             let Some(ptr) = NonNull::new(n as usize as *mut u8) else { return false };
-            if !n.is_multiple_of(Self::ALIGN as u64)
-                || !heap.live_block_len(ptr).is_some_and(|len| len >= size as u64)
-                || !seen.insert(n)
-            {
+            let live = heap.live_block_len(ptr).is_some_and(|len| len >= size as u64);
+            if !live || !n.is_multiple_of(Self::ALIGN as u64) || !seen.insert(n) {
                 return false;
             }
             // SAFETY: a live block of at least the node's size (≥ 16
