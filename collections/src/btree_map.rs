@@ -761,34 +761,38 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
             self.set_header(root, len - 1, height);
             return Ok((k, v));
         }
-        // The leaf empties: free it, and unlink it (and any parent left
-        // without children) from the tree.
-        self.free(leaf)?;
+        // The leaf empties: unlink it (and any parent left without
+        // children) from the tree, then free what was unlinked. Frees come
+        // last: if a store fails (an error the caller should answer by
+        // aborting), no node the map still reaches has been freed.
+        let mut unlinked = vec![leaf];
         loop {
             let Some((p, ci)) = path.pop() else {
                 // The root itself emptied: so did the map.
                 self.set_header(0, 0, 0);
-                return Ok((k, v));
+                break;
             };
             let pl = M::<K, V>::nlen(p);
             if pl == 0 {
-                self.free(p)?;
+                unlinked.push(p);
                 continue;
             }
             let ki = ci.saturating_sub(1);
             self.shift(p + M::<K, V>::KEYS, sk, ki + 1, ki, pl - ki - 1)?;
             self.shift(p + M::<K, V>::KIDS, 8, ci + 1, ci, pl - ci)?;
             self.set_len(p, pl - 1)?;
+            // A root left with one child gives way to it.
+            while height > 0 && M::<K, V>::nlen(root) == 0 {
+                unlinked.push(root);
+                root = M::<K, V>::kid(root, 0);
+                height -= 1;
+            }
+            self.set_header(root, len - 1, height);
             break;
         }
-        // A root left with one child gives way to it.
-        while height > 0 && M::<K, V>::nlen(root) == 0 {
-            let c = M::<K, V>::kid(root, 0);
-            self.free(root)?;
-            root = c;
-            height -= 1;
+        for n in unlinked {
+            self.free(n)?;
         }
-        self.set_header(root, len - 1, height);
         Ok((k, v))
     }
 
@@ -860,13 +864,20 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
     }
 
     /// Removes every entry and frees every node (at commit).
+    ///
+    /// Like every method here, on `Err` the change may be half made: let
+    /// the error end the transaction (the closure returns it, which
+    /// aborts). Committing anyway may leave wrong answers or leaked
+    /// nodes, never a freed node reachable from the map.
     pub fn clear(&mut self) -> Result<()> {
         let mut nodes = Vec::new();
         self.map().visit_blocks(&mut |b| nodes.push(b.addr));
+        // Unlinked first: a failing free leaves leaked nodes at worst,
+        // never a freed one the map still reaches.
+        self.set_header(0, 0, 0);
         for n in nodes {
             self.free(n)?;
         }
-        self.set_header(0, 0, 0);
         Ok(())
     }
 }
