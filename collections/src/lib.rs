@@ -52,6 +52,7 @@
 //! floats, arrays, `#[derive(Persist)]` structs); persistent pointers and
 //! collections come next.
 
+pub mod btree_map;
 mod error;
 pub mod hash_map;
 pub mod persist;
@@ -61,6 +62,7 @@ mod string;
 mod tx;
 mod vec;
 
+pub use btree_map::PBTreeMap;
 pub use error::{Error, Result};
 pub use hash_map::PHashMap;
 pub use persist::Persist;

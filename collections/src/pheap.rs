@@ -168,8 +168,31 @@ impl PHeap {
         self.heap.static_region().addr()
     }
 
-    /// The underlying heap (statistics, check, the raw API).
-    pub fn raw_heap(&self) -> &rvm_heap::Heap {
+    /// Statistics of the underlying heap.
+    pub fn stats(&self) -> rvm_heap::HeapStats {
+        self.heap.stats()
+    }
+
+    /// Checks the underlying heap ([`rvm_heap::Heap::check`]): every block,
+    /// the counters and the root slots.
+    pub fn check(&self) -> Result<rvm_heap::CheckReport> {
+        let _reader = self.lock.read();
+        Ok(self.heap.check()?)
+    }
+
+    /// The underlying heap, for its raw API.
+    ///
+    /// # Safety
+    ///
+    /// The raw API frees blocks and changes roots outside this type's
+    /// writer lock: while the returned reference is used to change the heap
+    /// (begin a transaction, free, set or create roots), no typed
+    /// transaction ([`PHeap::write`], [`PHeap::read`]) may run. Bytes it
+    /// writes into a typed root or a block one owns count as damage: the
+    /// typed layer refuses what its checks see (pointers, lengths,
+    /// capacities, see [`crate::Persist::check`]), but a value they cannot
+    /// check (an invalid `bool` or `char`) must not be written.
+    pub unsafe fn raw_heap(&self) -> &rvm_heap::Heap {
         &self.heap
     }
 

@@ -6,14 +6,24 @@ use rvm_core::CommitMode;
 use rvm_heap::{Heap, HeapTx};
 use std::alloc::Layout;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 /// Finds root `name` of heap `heap` and checks that it holds a `T`: the
 /// recorded size and fingerprint are `T`'s, and it points at a live,
 /// aligned block large enough.
-fn typed_root<T: Persist>(heap: &Heap, name: &str) -> Result<Option<NonNull<u8>>> {
+///
+/// `checked`: the roots (address, fingerprint) whose value already passed
+/// [`Persist::check`] in the open write transaction; only the typed
+/// layer's own methods have changed them since, so the check (which sees
+/// blocks allocated by this transaction as not yet live, and may walk a
+/// whole structure) is not repeated.
+fn typed_root<T: Persist>(
+    heap: &Heap,
+    name: &str,
+    checked: Option<&RefCell<HashSet<(usize, u64)>>>,
+) -> Result<Option<NonNull<u8>>> {
     let Some(root) = heap.root(name) else { return Ok(None) };
     let size = std::mem::size_of::<T>() as u64;
     if root.size != size || root.type_tag != T::FINGERPRINT {
@@ -29,11 +39,18 @@ fn typed_root<T: Persist>(heap: &Heap, name: &str) -> Result<Option<NonNull<u8>>
     if !live || !(root.ptr.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::RootNotLive { name: name.into(), size });
     }
+    let id = (root.ptr.as_ptr() as usize, T::FINGERPRINT);
+    if checked.is_some_and(|c| c.borrow().contains(&id)) {
+        return Ok(Some(root.ptr));
+    }
     // SAFETY: a live, aligned block of a `T`'s size recorded as a `T`;
     // callers hold the heap's reader or writer lock, so nothing changes it
     // while `check` reads it.
     if !unsafe { crate::raw::view::<T>(root.ptr) }.check(heap) {
         return Err(Error::Damaged { name: name.into() });
+    }
+    if let Some(c) = checked {
+        c.borrow_mut().insert(id);
     }
     Ok(Some(root.ptr))
 }
@@ -52,7 +69,7 @@ impl<'h> ReadTx<'h> {
     /// The root `name` as a `T`, if it exists; [`Error::RootType`] if it
     /// holds another type.
     pub fn root<T: Persist>(&self, name: &str) -> Result<Option<&T>> {
-        Ok(typed_root::<T>(self.heap, name)?.map(|ptr| {
+        Ok(typed_root::<T>(self.heap, name, None)?.map(|ptr| {
             // SAFETY: `typed_root` checked a live, aligned block of a
             // `T`'s size recorded as a `T`; the read lock keeps writers
             // out (no exclusive reference exists) and the heap mapped for
@@ -86,7 +103,9 @@ pub struct WriteTx<'h> {
     created: RefCell<HashMap<String, Created>>,
     /// Roots removed in this transaction (still in the heap until its
     /// commit): they are gone for this transaction.
-    removed: RefCell<std::collections::HashSet<String>>,
+    removed: RefCell<HashSet<String>>,
+    /// Roots whose value passed its check in this transaction.
+    checked: RefCell<HashSet<(usize, u64)>>,
 }
 
 impl<'h> WriteTx<'h> {
@@ -96,7 +115,8 @@ impl<'h> WriteTx<'h> {
             htx: RefCell::new(Some(htx)),
             borrows: RefCell::new(HashMap::new()),
             created: RefCell::new(HashMap::new()),
-            removed: RefCell::new(std::collections::HashSet::new()),
+            removed: RefCell::new(HashSet::new()),
+            checked: RefCell::new(HashSet::new()),
         }
     }
 
@@ -142,7 +162,7 @@ impl<'h> WriteTx<'h> {
         if self.removed.borrow().contains(name) {
             return Ok(None);
         }
-        typed_root::<T>(self.heap, name)
+        typed_root::<T>(self.heap, name, Some(&self.checked))
     }
 
     fn borrow(&self, name: &str, ptr: NonNull<u8>, exclusive: bool) -> Result<()> {

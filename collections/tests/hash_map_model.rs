@@ -201,8 +201,8 @@ fn read<K: TestKey>(heap: &PHeap) -> Option<(Model<K>, usize)> {
 /// block and the table (if any) are live.
 fn recovered<K: TestKey>(heap: &PHeap, states: &[Model<K>], lower: usize) -> usize {
     let (got, cap) = read::<K>(heap).map_or((Model::new(), usize::MAX), |(m, c)| (m, c));
-    heap.raw_heap().check().unwrap();
-    let live = heap.raw_heap().stats().live_blocks;
+    heap.check().unwrap();
+    let live = heap.stats().live_blocks;
     let expected = match cap {
         usize::MAX => 0,
         0 => 1,
@@ -305,7 +305,7 @@ fn growth_across_doublings_inside_an_aborted_transaction_gives_everything_back()
     let disk = SimDisk::new();
     let heap = open(&disk);
     heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?.extend((0..5).map(|i| (i, i)))).unwrap();
-    let before = (heap.raw_heap().stats(), read::<u64>(&heap).unwrap());
+    let before = (heap.stats(), read::<u64>(&heap).unwrap());
     assert_eq!(before.0.live_blocks, 2);
     // Err: 8 slots -> 16 -> ... -> 2048, every old table freed in the
     // transaction, the new ones allocated in it.
@@ -318,7 +318,7 @@ fn growth_across_doublings_inside_an_aborted_transaction_gives_everything_back()
         Err::<(), _>(Error::Config("refused".into()))
     });
     assert!(r.is_err());
-    let after = (heap.raw_heap().stats(), read::<u64>(&heap).unwrap());
+    let after = (heap.stats(), read::<u64>(&heap).unwrap());
     assert_eq!((after.0.live_blocks, after.0.free_bytes, &after.1), (2, before.0.free_bytes, &before.1));
     // Panic: the same.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -332,13 +332,13 @@ fn growth_across_doublings_inside_an_aborted_transaction_gives_everything_back()
         })
     }));
     assert!(r.is_err());
-    let after = (heap.raw_heap().stats(), read::<u64>(&heap).unwrap());
+    let after = (heap.stats(), read::<u64>(&heap).unwrap());
     assert_eq!((after.0.live_blocks, after.0.free_bytes, &after.1), (2, before.0.free_bytes, &before.1));
-    heap.raw_heap().check().unwrap();
+    heap.check().unwrap();
     // And growth that commits keeps one table.
     heap.write(|tx| tx.root_mut::<PHashMap<u64, u64>>("m")?.unwrap().extend((0..1000).map(|i| (i, i)))).unwrap();
-    assert_eq!(heap.raw_heap().stats().live_blocks, 2);
-    heap.raw_heap().check().unwrap();
+    assert_eq!(heap.stats().live_blocks, 2);
+    heap.check().unwrap();
 }
 
 #[test]
@@ -436,7 +436,7 @@ fn churn_reuses_tombstones_without_growing_without_bound() {
     heap.close().unwrap();
     let heap = open(&disk);
     assert_eq!(read::<u64>(&heap).unwrap().0, model);
-    assert_eq!(heap.raw_heap().stats().live_blocks, 2);
+    assert_eq!(heap.stats().live_blocks, 2);
 }
 
 /// Control bytes damaged behind the typed layer's back (by the raw API)
@@ -449,7 +449,8 @@ fn damaged_control_bytes_stay_inside_the_table() {
     let disk = SimDisk::new();
     let heap = open(&disk);
     heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?.extend((0..20).map(|i| (i, i)))).unwrap();
-    let root = heap.raw_heap().root("m").unwrap();
+    // SAFETY: inspection only; no typed transaction runs meanwhile.
+    let root = unsafe { heap.raw_heap() }.root("m").unwrap();
     // SAFETY: the root's block holds a `PHashMap` header, whose first word
     // is the table's address; no transaction is running.
     let (table, slots) = unsafe {
@@ -459,7 +460,10 @@ fn damaged_control_bytes_stay_inside_the_table() {
     assert_eq!(slots, 32);
     for fill in [|i: usize| (i * 37 % 256) as u8, |_| 0x05, |_| 0x80, |i| if i % 2 == 0 { 0x7f } else { 0x81 }] {
         let garbage: Vec<u8> = (0..slots).map(fill).collect();
-        let mut htx = heap.raw_heap().begin(RestoreMode::Restore).unwrap();
+        // SAFETY: no typed transaction runs while this one does; the bytes
+        // it writes are damage to integers and control bytes, which the
+        // map must survive.
+        let mut htx = unsafe { heap.raw_heap() }.begin(RestoreMode::Restore).unwrap();
         // SAFETY: the map's control bytes, in its live table block; no
         // reference into them exists (no typed transaction is running).
         unsafe { htx.write(std::ptr::NonNull::new(table as *mut u8).unwrap(), &garbage).unwrap() };

@@ -122,8 +122,8 @@ fn recovered(heap: &PHeap, states: &[Vec<u64>], lower: usize) -> usize {
         Some(v) => (v.to_vec(), v.capacity()),
         None => (Vec::new(), usize::MAX),
     });
-    heap.raw_heap().check().unwrap();
-    let live = heap.raw_heap().stats().live_blocks;
+    heap.check().unwrap();
+    let live = heap.stats().live_blocks;
     let expected = match cap {
         usize::MAX => 0,
         0 => 1,

@@ -100,7 +100,7 @@ fn err_and_panic_abort_every_change() {
     let dir = tempfile::tempdir().unwrap();
     let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
     heap.write(|tx| tx.root_or_insert_with("pair", || Pair { a: 1, b: 2 }).map(|_| ())).unwrap();
-    let live = heap.raw_heap().stats().live_blocks;
+    let live = heap.stats().live_blocks;
 
     let r = heap.write(|tx| {
         tx.root_mut::<Pair>("pair")?.unwrap().a = 99;
@@ -125,8 +125,8 @@ fn err_and_panic_abort_every_change() {
         assert!(r.root::<u64>("new").unwrap().is_none());
         assert!(r.root::<u64>("other").unwrap().is_none());
     });
-    assert_eq!(heap.raw_heap().stats().live_blocks, live, "aborted allocations are given back");
-    heap.raw_heap().check().unwrap();
+    assert_eq!(heap.stats().live_blocks, live, "aborted allocations are given back");
+    heap.check().unwrap();
     // And the heap goes on working (no lock or transaction left behind).
     heap.write(|tx| {
         tx.root_mut::<Pair>("pair")?.unwrap().a = 3;
@@ -142,13 +142,13 @@ fn err_and_panic_abort_every_change() {
 fn removed_roots_free_their_block() {
     let dir = tempfile::tempdir().unwrap();
     let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
-    let live = heap.raw_heap().stats().live_blocks;
+    let live = heap.stats().live_blocks;
     heap.write(|tx| tx.root_or_insert_with("gone", || [1u64; 32]).map(|_| ())).unwrap();
-    assert_eq!(heap.raw_heap().stats().live_blocks, live + 1);
+    assert_eq!(heap.stats().live_blocks, live + 1);
     assert!(heap.write(|tx| tx.remove_root::<[u64; 32]>("gone")).unwrap());
     assert!(!heap.write(|tx| tx.remove_root::<[u64; 32]>("gone")).unwrap());
-    assert_eq!(heap.raw_heap().stats().live_blocks, live);
-    heap.raw_heap().check().unwrap();
+    assert_eq!(heap.stats().live_blocks, live);
+    heap.check().unwrap();
 }
 
 #[test]
@@ -255,8 +255,8 @@ fn strings_stay_utf8_across_changes_aborts_and_reopen() {
     // A string is not a byte vector (another fingerprint).
     assert!(matches!(heap.read(|r| r.root::<rvm_collections::PVec<u8>>("s").map(|_| ())), Err(Error::RootType { .. })));
     assert!(heap.write(|tx| tx.remove_root::<PString>("s")).unwrap());
-    heap.raw_heap().check().unwrap();
-    assert_eq!(heap.raw_heap().stats().live_blocks, 0, "the string's buffer is freed with its root");
+    heap.check().unwrap();
+    assert_eq!(heap.stats().live_blocks, 0, "the string's buffer is freed with its root");
 }
 
 #[test]
@@ -282,8 +282,8 @@ fn a_root_removed_and_made_again_in_one_transaction_is_the_new_one() {
     let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
     assert_eq!(heap.read(|r| r.root::<u64>("n").unwrap().copied()), Some(101));
     assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().map(|v| v.len())), Some(101));
-    heap.raw_heap().check().unwrap();
-    assert_eq!(heap.raw_heap().stats().live_blocks, 3);
+    heap.check().unwrap();
+    assert_eq!(heap.stats().live_blocks, 3);
 }
 
 #[test]
