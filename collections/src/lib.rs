@@ -48,9 +48,12 @@
 //! # Ok::<(), rvm_collections::Error>(())
 //! ```
 //!
-//! This first part of the typed layer keeps plain-data roots (integers,
-//! floats, arrays, `#[derive(Persist)]` structs); persistent pointers and
-//! collections come next.
+//! Values that own no heap block ([`Plain`]: integers, floats, arrays,
+//! derived structs of them) are handed out as `&mut`; the collections
+//! ([`PVec`], [`PString`], [`PHashMap`], [`PBTreeMap`]) are kept as roots
+//! and change through their root's guard, each change declaring only the
+//! bytes it changes. Persistent pointers (`PBox`) and collections nested in
+//! other values come next.
 
 pub mod btree_map;
 mod error;
