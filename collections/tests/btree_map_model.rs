@@ -7,13 +7,14 @@
 //! the heap check passes, and exactly the root block and the tree's nodes
 //! are live.
 
+mod common;
+
+use common::{End, Step, Subject};
 use proptest::prelude::*;
 use rvm_collections::{Config, Error, PBTreeMap, PHeap, Persist, RootMut};
-use rvm_core::testing::{CrashMode, SimDisk};
+use rvm_core::testing::CrashMode;
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
 
 type Map = PBTreeMap<u64, u64>;
 type Model = BTreeMap<u64, u64>;
@@ -33,21 +34,6 @@ enum Op {
     Clear,
 }
 
-#[derive(Clone, Debug)]
-enum End {
-    Flush,
-    NoFlush,
-    Err,
-    Panic,
-}
-
-#[derive(Clone, Debug)]
-enum Step {
-    Tx(Vec<Op>, End),
-    Crash(CrashMode),
-    Reopen,
-}
-
 const KEYS: u64 = 1200;
 
 fn bound() -> impl Strategy<Value = Bound<u64>> {
@@ -65,19 +51,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..KEYS, 0u64..300).prop_map(|(a, n)| Op::RemoveRange(a, a + n)),
         2 => (bound(), bound()).prop_map(|(a, b)| Op::Range(a, b)),
         1 => Just(Op::Clear),
-    ]
-}
-
-fn step() -> impl Strategy<Value = Step> {
-    let end = prop_oneof![3 => Just(End::Flush), 4 => Just(End::NoFlush), 1 => Just(End::Err), 1 => Just(End::Panic)];
-    let crash = prop_oneof![
-        Just(CrashMode::LoseUnsynced),
-        (any::<u64>(), any::<bool>()).prop_map(|(seed, tear_last)| CrashMode::KeepRandomSubset { seed, tear_last }),
-    ];
-    prop_oneof![
-        8 => (prop::collection::vec(op(), 1..10), end).prop_map(|(ops, e)| Step::Tx(ops, e)),
-        2 => crash.prop_map(Step::Crash),
-        1 => Just(Step::Reopen),
     ]
 }
 
@@ -155,123 +128,47 @@ fn config() -> Config {
     Config { heap_len: 2 << 20, log_len: 2 << 20, ..Config::default() }
 }
 
-fn open(disk: &SimDisk) -> PHeap {
-    PHeap::open_or_create_with(Arc::new(disk.clone()), Path::new("db"), config()).unwrap()
-}
-
 fn nodes(m: &Map) -> usize {
     let mut n = 0;
     m.visit_blocks(&mut |_| n += 1);
     n
 }
 
-/// Checks the recovered heap: the map is one of `states[lower..]`
-/// (returns its index), the heap passes its check, and exactly the root
-/// block and the map's nodes are live.
-fn recovered(heap: &PHeap, states: &[Model], lower: usize) -> usize {
-    let (got, blocks) = heap.read(|r| match r.root::<Map>("m").unwrap() {
-        Some(m) => {
-            let model: Model = m.iter().map(|(k, v)| (*k, *v)).collect();
-            same(m, &model);
-            (model, 1 + nodes(m))
-        }
-        None => (Model::new(), 0),
-    });
-    heap.check().unwrap();
-    let live = heap.stats().live_blocks;
-    assert_eq!(live, blocks as u64, "blocks leaked or lost");
-    match states.iter().rposition(|s| *s == got) {
-        Some(k) if k >= lower => k,
-        _ => panic!("recovered {} entries: not a committed state at or after {lower}", got.len()),
-    }
-}
-
-/// Tests of this file run one at a time: a heap reopened at its fixed
-/// base needs that address range free, and another test's new heap could
-/// take it while this one is closed.
+/// Tests of this file that open real folders run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn run(steps: &[Step]) {
-    let _serial = serial();
-    let disk = SimDisk::new();
-    let mut heap = open(&disk);
-    let mut states = vec![Model::new()];
-    let mut durable = 0;
-    for s in steps {
-        match s {
-            Step::Tx(ops, end) => {
-                let mut model = states.last().unwrap().clone();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let body = |tx: &mut rvm_collections::WriteTx<'_>| {
-                        let mut m = tx.root_or_insert_with("m", Map::new)?;
-                        for op in ops {
-                            apply(op, &mut model, &mut m)?;
-                        }
-                        drop(m);
-                        // Borrowed again in the same transaction: the nodes
-                        // it allocated are not live blocks until commit.
-                        same(&tx.root::<Map>("m")?.unwrap(), &model);
-                        match end {
-                            End::Err => Err(Error::Config("refused".into())),
-                            End::Panic => panic!("abort by panic"),
-                            _ => Ok(()),
-                        }
-                    };
-                    match end {
-                        End::NoFlush => heap.write_no_flush(body),
-                        _ => heap.write(body),
-                    }
-                }));
-                match (end, r) {
-                    (End::Flush, Ok(Ok(()))) => {
-                        states.push(model);
-                        durable = states.len() - 1;
-                    }
-                    (End::NoFlush, Ok(Ok(()))) => states.push(model),
-                    (End::Err, Ok(Err(_))) | (End::Panic, Err(_)) => {
-                        let now = heap.read(|r| r.root::<Map>("m").unwrap().map(entries));
-                        let want: Vec<(u64, u64)> = states.last().unwrap().iter().map(|(k, v)| (*k, *v)).collect();
-                        assert_eq!(now.unwrap_or_default(), want, "an abort left changes");
-                    }
-                    (e, r) => panic!("{e:?} ended as {r:?}"),
-                }
-            }
-            Step::Crash(mode) => {
-                disk.crash(*mode);
-                drop(heap);
-                heap = open(&disk);
-                let k = recovered(&heap, &states, durable);
-                states = vec![states[k].clone()];
-                durable = 0;
-            }
-            Step::Reopen => {
-                heap.close().unwrap();
-                heap = open(&disk);
-                let n = states.len() - 1;
-                let k = recovered(&heap, &states, n);
-                states = vec![states[k].clone()];
-                durable = 0;
-            }
-        }
+struct Tree;
+
+impl Subject for Tree {
+    type Root = Map;
+    type Model = Model;
+    type Op = Op;
+    fn empty() -> Map {
+        PBTreeMap::new()
     }
-    disk.crash(CrashMode::LoseUnsynced);
-    drop(heap);
-    let heap = open(&disk);
-    recovered(&heap, &states, durable);
+    fn apply(op: &Op, model: &mut Model, root: &mut RootMut<'_, '_, Map>) -> Result<(), Error> {
+        apply(op, model, root)
+    }
+    fn read(root: &Map) -> Model {
+        let model: Model = root.iter().map(|(k, v)| (*k, *v)).collect();
+        same(root, &model);
+        model
+    }
+}
+
+fn run(steps: &[Step<Op>]) {
+    common::run::<Tree>(steps, &config());
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(ProptestConfig { cases: common::cases(32), ..ProptestConfig::default() })]
 
     #[test]
-    fn pbtreemap_matches_btreemap_across_commits_aborts_and_crashes(steps in prop::collection::vec(step(), 1..30)) {
+    fn pbtreemap_matches_btreemap_across_commits_aborts_and_crashes(steps in common::steps(op(), 10, 1..30)) {
         run(&steps);
     }
 }

@@ -5,10 +5,13 @@
 //! flushed transaction, the heap check passes, and no block leaks. Run
 //! with `u64` keys and with a `#[derive(Persist)]` struct key.
 
+mod common;
+
+use common::{Step, Subject};
 use proptest::prelude::*;
 use rvm_collections::hash_map::{stable_hash, stable_hash_bytes, Entry};
-use rvm_collections::{Config, Error, PHashMap, PHeap, Persist, Plain, RootMut, WriteTx};
-use rvm_core::testing::{CrashMode, SimDisk};
+use rvm_collections::{Config, Error, PHashMap, PHeap, Persist, Plain, RootMut};
+use rvm_core::testing::SimDisk;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -54,21 +57,6 @@ enum Op {
     Extend(u8),
 }
 
-#[derive(Clone, Debug)]
-enum End {
-    Flush,
-    NoFlush,
-    Err,
-    Panic,
-}
-
-#[derive(Clone, Debug)]
-enum Step {
-    Tx(Vec<Op>, End),
-    Crash(CrashMode),
-    Reopen,
-}
-
 /// Mostly a small key space (so that keys come back, collide and are
 /// removed), sometimes any key.
 fn key() -> impl Strategy<Value = u64> {
@@ -86,19 +74,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Clear),
         1 => (0usize..100).prop_map(Op::Reserve),
         2 => any::<u8>().prop_map(Op::Extend),
-    ]
-}
-
-fn step() -> impl Strategy<Value = Step> {
-    let end = prop_oneof![3 => Just(End::Flush), 4 => Just(End::NoFlush), 1 => Just(End::Err), 1 => Just(End::Panic)];
-    let crash = prop_oneof![
-        Just(CrashMode::LoseUnsynced),
-        (any::<u64>(), any::<bool>()).prop_map(|(seed, tear_last)| CrashMode::KeepRandomSubset { seed, tear_last }),
-    ];
-    prop_oneof![
-        8 => (prop::collection::vec(op(), 1..16), end).prop_map(|(ops, e)| Step::Tx(ops, e)),
-        2 => crash.prop_map(Step::Crash),
-        1 => Just(Step::Reopen),
     ]
 }
 
@@ -196,105 +171,37 @@ fn read<K: TestKey>(heap: &PHeap) -> Option<(Model<K>, usize)> {
     heap.read(|r| r.root::<PHashMap<K, u64>>("m").unwrap().map(|m| (contents(m), m.capacity())))
 }
 
-/// Checks the recovered heap: the map is one of `states[lower..]`
-/// (returns its index), the heap passes its check, and exactly the root
-/// block and the table (if any) are live.
-fn recovered<K: TestKey>(heap: &PHeap, states: &[Model<K>], lower: usize) -> usize {
-    let (got, cap) = read::<K>(heap).map_or((Model::new(), usize::MAX), |(m, c)| (m, c));
-    heap.check().unwrap();
-    let live = heap.stats().live_blocks;
-    let expected = match cap {
-        usize::MAX => 0,
-        0 => 1,
-        _ => 2,
-    };
-    assert_eq!(live, expected, "blocks leaked or lost (capacity {cap})");
-    match states.iter().rposition(|s| *s == got) {
-        Some(k) if k >= lower => k,
-        _ => panic!("recovered {got:?} is not a committed state at or after {lower}: {states:?}"),
+struct Map<K>(std::marker::PhantomData<K>);
+
+impl<K: TestKey> Subject for Map<K> {
+    type Root = PHashMap<K, u64>;
+    type Model = Model<K>;
+    type Op = Op;
+    fn empty() -> PHashMap<K, u64> {
+        PHashMap::new()
+    }
+    fn apply(op: &Op, model: &mut Model<K>, root: &mut RootMut<'_, '_, PHashMap<K, u64>>) -> Result<(), Error> {
+        apply(op, model, root)
+    }
+    fn read(root: &PHashMap<K, u64>) -> Model<K> {
+        contents(root)
     }
 }
 
-fn run<K: TestKey>(steps: &[Step]) {
-    let _serial = serial();
-    let disk = SimDisk::new();
-    let mut heap = open(&disk);
-    // Committed states since the last reopen, and the index of the last
-    // one known durable.
-    let mut states = vec![Model::<K>::new()];
-    let mut durable = 0;
-    for s in steps {
-        match s {
-            Step::Tx(ops, end) => {
-                let mut model = states.last().unwrap().clone();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let body = |tx: &mut WriteTx<'_>| {
-                        let mut m = tx.root_or_insert_with("m", PHashMap::<K, u64>::new)?;
-                        for op in ops {
-                            apply(op, &mut model, &mut m)?;
-                        }
-                        match end {
-                            End::Err => Err(Error::Config("refused".into())),
-                            End::Panic => panic!("abort by panic"),
-                            _ => Ok(()),
-                        }
-                    };
-                    match end {
-                        End::NoFlush => heap.write_no_flush(body),
-                        _ => heap.write(body),
-                    }
-                }));
-                match (end, r) {
-                    (End::Flush, Ok(Ok(()))) => {
-                        states.push(model);
-                        durable = states.len() - 1;
-                    }
-                    (End::NoFlush, Ok(Ok(()))) => states.push(model),
-                    (End::Err, Ok(Err(_))) | (End::Panic, Err(_)) => {
-                        let now = read::<K>(&heap).map(|(m, _)| m).unwrap_or_default();
-                        assert_eq!(now, *states.last().unwrap(), "an abort left changes");
-                    }
-                    (e, r) => panic!("{e:?} ended as {r:?}"),
-                }
-            }
-            Step::Crash(mode) => {
-                disk.crash(*mode);
-                drop(heap);
-                heap = open(&disk);
-                let k = recovered(&heap, &states, durable);
-                states = vec![states[k].clone()];
-                durable = 0;
-            }
-            Step::Reopen => {
-                heap.close().unwrap();
-                heap = open(&disk);
-                let n = states.len() - 1;
-                let k = recovered(&heap, &states, n);
-                states = vec![states[k].clone()];
-                durable = 0;
-            }
-        }
-    }
-    disk.crash(CrashMode::LoseUnsynced);
-    drop(heap);
-    let heap = open(&disk);
-    recovered(&heap, &states, durable);
-}
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32)
+fn run<K: TestKey>(steps: &[Step<Op>]) {
+    common::run::<Map<K>>(steps, &config());
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(32), ..ProptestConfig::default() })]
 
     #[test]
-    fn phashmap_matches_hashmap_across_commits_aborts_and_crashes(steps in prop::collection::vec(step(), 1..40)) {
+    fn phashmap_matches_hashmap_across_commits_aborts_and_crashes(steps in common::steps(op(), 16, 1..40)) {
         run::<u64>(&steps);
     }
 
     #[test]
-    fn phashmap_with_a_struct_key_matches_hashmap(steps in prop::collection::vec(step(), 1..30)) {
+    fn phashmap_with_a_struct_key_matches_hashmap(steps in common::steps(op(), 16, 1..30)) {
         run::<Account>(&steps);
     }
 }
