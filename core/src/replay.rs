@@ -123,7 +123,7 @@ pub(crate) fn replay<R>(ring: &Ring, start: u64, limit: u64, epoch: u64, resolve
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    replay_in_chunks(ring, start, limit, epoch, resolve, CHUNK_BYTES, &|_| {})
+    replay_with_progress(ring, start, limit, epoch, resolve, &|_| {})
 }
 
 /// [`replay`], calling `progress` with the log bytes read so far (about
