@@ -126,7 +126,7 @@ enum Command {
     Recover {
         /// The log.
         log: PathBuf,
-        /// Accept a damaged log: keep a copy of it (<log>.damaged-<epoch>), apply the complete transactions
+        /// Accept a damaged log: keep a copy of it (LOG.damaged-EPOCH), apply the complete transactions
         /// before the damage, drop the rest, and report what was dropped.
         #[arg(long)]
         salvage: bool,
