@@ -10,7 +10,9 @@
 //! `RVM_BENCH_QUICK=1` for a short run that only checks it works;
 //! `RVM_BENCH_ROUNDS=n` repetitions (default 5); `RVM_BENCH_DIR` chooses
 //! where the files go (default: the target dir, the same disk as the raw
-//! baseline's file, which lies next to the heaps).
+//! baseline's file, which lies next to the heaps);
+//! `RVM_BENCH_PROFILE=hash1000` runs only the batched hash-map inserts,
+//! for a profiler.
 
 #[path = "../../benches/common/mod.rs"]
 mod common;
