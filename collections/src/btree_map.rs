@@ -155,8 +155,9 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// empties is freed and unlinked from its parent, and a root left with one
 /// child is replaced by it.
 ///
-/// [`Persist::check`], which runs when a root is borrowed (once per write
-/// transaction, at every [`crate::ReadTx::root`]), walks the whole tree:
+/// [`Persist::check`], which runs when a root is first borrowed after the
+/// heap is opened (the heap remembers checked roots; see
+/// [`crate::PHeap::raw_heap`] for when it stops), walks the whole tree:
 /// each node must be a live block large enough and aligned, at its
 /// expected level, with `len <= 32`, reached once only (no cycle, no
 /// sharing), and the leaves' lengths must add up to `len`. That is

@@ -442,8 +442,9 @@ unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
 
     /// O(1): the header's numbers agree and the table is a live block,
     /// large enough and aligned. The control bytes are not scanned (this
-    /// runs at every borrow of the root); whatever they hold, no read goes
-    /// outside the table, and only full slots' keys and values are read.
+    /// runs at the root's first borrow after open); whatever they hold, no
+    /// read goes outside the table, and only full slots' keys and values
+    /// are read.
     fn check(&self, heap: &rvm_heap::Heap) -> bool {
         if self.len > self.cap || self.deleted > self.cap - self.len {
             return false;

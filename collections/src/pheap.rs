@@ -1,7 +1,7 @@
 //! [`PHeap`]: a log and a heap segment in one folder, opened in one call.
 
 use crate::error::{Error, Result};
-use crate::tx::{ReadTx, WriteTx};
+use crate::tx::{Checked, ReadTx, WriteTx};
 use parking_lot::RwLock;
 use rvm_core::{CommitMode, FileVfs, Options, RestoreMode, Rvm, Vfs};
 use rvm_heap::{HeapSpec, PersistentHeap};
@@ -78,6 +78,8 @@ impl Default for Config {
 #[derive(Debug)]
 pub struct PHeap {
     lock: RwLock<()>,
+    /// Roots whose value passed its check (the cache of `tx::Checked`).
+    checked: Checked,
     // Dropped before `rvm`: the heap unloads its segment first.
     heap: PersistentHeap,
     rvm: Rvm,
@@ -155,7 +157,7 @@ impl PHeap {
             crate::raw::claim_range(start, end - start);
             heap
         };
-        Ok(PHeap { lock: RwLock::new(()), heap, rvm, dir: dir.to_path_buf() })
+        Ok(PHeap { lock: RwLock::new(()), checked: Checked::default(), heap, rvm, dir: dir.to_path_buf() })
     }
 
     /// The folder the heap lives in.
@@ -191,8 +193,13 @@ impl PHeap {
     /// writes into a typed root or a block one owns count as damage: the
     /// typed layer refuses what its checks see (pointers, lengths,
     /// capacities, see [`crate::Persist::check`]), but a value they cannot
-    /// check (an invalid `bool` or `char`) must not be written.
+    /// check (an invalid `bool` or `char`) must not be written. So that
+    /// they see such bytes, calling this turns off for good the cache that
+    /// otherwise runs a root's check once per open heap (at its first
+    /// borrow, not at every transaction): every later borrow checks again.
     pub unsafe fn raw_heap(&self) -> &rvm_heap::Heap {
+        // From now on every borrow of a root checks its value again.
+        self.checked.disable();
         &self.heap
     }
 
@@ -225,7 +232,7 @@ impl PHeap {
     ) -> Result<R, E> {
         let _writer = self.lock.write();
         let htx = self.heap.begin(RestoreMode::Restore).map_err(|e| E::from(e.into()))?;
-        let mut tx = WriteTx::new(&self.heap, htx);
+        let mut tx = WriteTx::new(&self.heap, htx, &self.checked);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx))) {
             Ok(Ok(value)) => {
                 tx.commit(mode).map_err(E::from)?;
@@ -264,7 +271,7 @@ impl PHeap {
     /// ```
     pub fn read<R>(&self, f: impl FnOnce(&ReadTx<'_>) -> R) -> R {
         let _reader = self.lock.read();
-        f(&ReadTx::new(&self.heap))
+        f(&ReadTx::new(&self.heap, &self.checked))
     }
 
     /// Makes every earlier commit durable.

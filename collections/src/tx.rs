@@ -9,21 +9,49 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+
+/// The roots (block address, fingerprint) of one [`crate::PHeap`] whose
+/// value passed [`Persist::check`], in this transaction or an earlier one
+/// of the same open heap: only the typed layer's own methods have changed
+/// them since (an abort puts back the committed value, which is the one
+/// that was checked), so the check (which may walk a whole structure) is
+/// not repeated. Calling [`crate::PHeap::raw_heap`] turns the cache off
+/// for good: the raw API can change a root's bytes between transactions,
+/// and those bytes must then be checked again at every borrow.
+#[derive(Debug, Default)]
+pub(crate) struct Checked {
+    set: parking_lot::Mutex<HashSet<(usize, u64)>>,
+    off: AtomicBool,
+}
+
+impl Checked {
+    fn contains(&self, id: (usize, u64)) -> bool {
+        !self.off.load(AtomicOrdering::SeqCst) && self.set.lock().contains(&id)
+    }
+
+    fn insert(&self, id: (usize, u64)) {
+        if !self.off.load(AtomicOrdering::SeqCst) {
+            self.set.lock().insert(id);
+        }
+    }
+
+    fn remove(&self, id: (usize, u64)) {
+        self.set.lock().remove(&id);
+    }
+
+    /// Stops caching: every later borrow checks its root again.
+    pub(crate) fn disable(&self) {
+        self.off.store(true, AtomicOrdering::SeqCst);
+        self.set.lock().clear();
+    }
+}
 
 /// Finds root `name` of heap `heap` and checks that it holds a `T`: the
 /// recorded size and fingerprint are `T`'s, and it points at a live,
-/// aligned block large enough.
-///
-/// `checked`: the roots (address, fingerprint) whose value already passed
-/// [`Persist::check`] in the open write transaction; only the typed
-/// layer's own methods have changed them since, so the check (which sees
-/// blocks allocated by this transaction as not yet live, and may walk a
-/// whole structure) is not repeated.
-fn typed_root<T: Persist>(
-    heap: &Heap,
-    name: &str,
-    checked: Option<&RefCell<HashSet<(usize, u64)>>>,
-) -> Result<Option<NonNull<u8>>> {
+/// aligned block large enough; its value passes [`Persist::check`] unless
+/// `checked` says it did already.
+fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<Option<NonNull<u8>>> {
     let Some(root) = heap.root(name) else { return Ok(None) };
     let size = std::mem::size_of::<T>() as u64;
     if root.size != size || root.type_tag != T::FINGERPRINT {
@@ -40,7 +68,7 @@ fn typed_root<T: Persist>(
         return Err(Error::RootNotLive { name: name.into(), size });
     }
     let id = (root.ptr.as_ptr() as usize, T::FINGERPRINT);
-    if checked.is_some_and(|c| c.borrow().contains(&id)) {
+    if checked.contains(id) {
         return Ok(Some(root.ptr));
     }
     // SAFETY: a live, aligned block of a `T`'s size recorded as a `T`;
@@ -49,9 +77,7 @@ fn typed_root<T: Persist>(
     if !unsafe { crate::raw::view::<T>(root.ptr) }.check(heap) {
         return Err(Error::Damaged { name: name.into() });
     }
-    if let Some(c) = checked {
-        c.borrow_mut().insert(id);
-    }
+    checked.insert(id);
     Ok(Some(root.ptr))
 }
 
@@ -59,17 +85,18 @@ fn typed_root<T: Persist>(
 #[derive(Debug)]
 pub struct ReadTx<'h> {
     heap: &'h Heap,
+    checked: &'h Checked,
 }
 
 impl<'h> ReadTx<'h> {
-    pub(crate) fn new(heap: &'h Heap) -> Self {
-        ReadTx { heap }
+    pub(crate) fn new(heap: &'h Heap, checked: &'h Checked) -> Self {
+        ReadTx { heap, checked }
     }
 
     /// The root `name` as a `T`, if it exists; [`Error::RootType`] if it
     /// holds another type.
     pub fn root<T: Persist>(&self, name: &str) -> Result<Option<&T>> {
-        Ok(typed_root::<T>(self.heap, name, None)?.map(|ptr| {
+        Ok(typed_root::<T>(self.heap, name, self.checked)?.map(|ptr| {
             // SAFETY: `typed_root` checked a live, aligned block of a
             // `T`'s size recorded as a `T`; the read lock keeps writers
             // out (no exclusive reference exists) and the heap mapped for
@@ -104,19 +131,19 @@ pub struct WriteTx<'h> {
     /// Roots removed in this transaction (still in the heap until its
     /// commit): they are gone for this transaction.
     removed: RefCell<HashSet<String>>,
-    /// Roots whose value passed its check in this transaction.
-    checked: RefCell<HashSet<(usize, u64)>>,
+    /// Roots whose value passed its check (see [`Checked`]).
+    checked: &'h Checked,
 }
 
 impl<'h> WriteTx<'h> {
-    pub(crate) fn new(heap: &'h Heap, htx: HeapTx<'h>) -> Self {
+    pub(crate) fn new(heap: &'h Heap, htx: HeapTx<'h>, checked: &'h Checked) -> Self {
         WriteTx {
             heap,
             htx: RefCell::new(Some(htx)),
             borrows: RefCell::new(HashMap::new()),
             created: RefCell::new(HashMap::new()),
             removed: RefCell::new(HashSet::new()),
-            checked: RefCell::new(HashSet::new()),
+            checked,
         }
     }
 
@@ -162,7 +189,7 @@ impl<'h> WriteTx<'h> {
         if self.removed.borrow().contains(name) {
             return Ok(None);
         }
-        typed_root::<T>(self.heap, name, Some(&self.checked))
+        typed_root::<T>(self.heap, name, self.checked)
     }
 
     fn borrow(&self, name: &str, ptr: NonNull<u8>, exclusive: bool) -> Result<()> {
@@ -261,6 +288,8 @@ impl<'h> WriteTx<'h> {
         })?;
         self.created.borrow_mut().remove(name);
         self.removed.borrow_mut().insert(name.to_owned());
+        // Freed at commit: a later root at the same address is checked anew.
+        self.checked.remove((ptr.as_ptr() as usize, T::FINGERPRINT));
         Ok(true)
     }
 }

@@ -299,3 +299,31 @@ fn a_closed_heaps_range_is_not_given_to_a_new_heap() {
     let h1 = PHeap::open_or_create(d1.path(), small()).unwrap();
     assert_eq!(h1.base(), base);
 }
+
+/// A root's check runs once per open heap (later borrows find it in the
+/// checked set), but bytes the raw API writes after that are still seen:
+/// `raw_heap` turns the cache off.
+#[test]
+fn a_checked_root_damaged_through_the_raw_api_is_refused() {
+    use rvm_collections::PHashMap;
+    use rvm_core::{CommitMode, RestoreMode};
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?.insert(1, 10).map(|_| ())).unwrap();
+    // Checked (and remembered) by a write and a read.
+    heap.write(|tx| tx.root_mut::<PHashMap<u64, u64>>("m").map(|m| assert_eq!(m.unwrap().get(&1), Some(&10)))).unwrap();
+    assert_eq!(heap.read(|r| r.root::<PHashMap<u64, u64>>("m").map(|m| m.unwrap().len())).unwrap(), 1);
+    // SAFETY: no typed transaction runs while this one does; it writes a
+    // slot count that is not a power of two into the map's header (damage
+    // the check must see; no reference into the block exists).
+    unsafe {
+        let raw = heap.raw_heap();
+        let root = raw.root("m").unwrap();
+        let mut htx = raw.begin(RestoreMode::Restore).unwrap();
+        htx.write(root.ptr.add(16), &3u64.to_ne_bytes()).unwrap();
+        htx.commit(CommitMode::Flush).unwrap();
+    }
+    assert!(matches!(heap.read(|r| r.root::<PHashMap<u64, u64>>("m").map(|_| ())), Err(Error::Damaged { .. })));
+    let r = heap.write(|tx| tx.root_mut::<PHashMap<u64, u64>>("m").map(|_| ()));
+    assert!(matches!(r, Err(Error::Damaged { .. })));
+}
