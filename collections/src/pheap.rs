@@ -82,6 +82,8 @@ pub struct PHeap {
     checked: Checked,
     // Dropped before `rvm`: the heap unloads its segment first.
     heap: PersistentHeap,
+    // Dropped after `heap`: holds its range while it is closed.
+    _reserve: ReserveOnDrop,
     rvm: Rvm,
     dir: PathBuf,
 }
@@ -145,19 +147,35 @@ impl PHeap {
         }
         let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone())?;
         let path = dir.join(HEAP_FILE);
-        let heap = {
+        let (heap, reserve) = {
             // Heaps made in this process at once must not pick the same
             // free range (a pick is free until the heap maps it).
             let _one = CREATING.lock();
             if !vfs.exists(&path).map_err(io("looking for the heap", &path))? {
                 create_heap(&rvm, vfs.as_ref(), dir, &config)?;
             }
+            // A range this process held for the heap while it was closed
+            // is released just before the heap maps it again.
+            let map = rvm_loader::read_load_map(&rvm, &path)?;
+            if let (Some(lo), Some(hi)) = (
+                map.regions().iter().map(|r| r.base).min(),
+                map.regions().iter().map(|r| r.base.saturating_add(r.len)).max(),
+            ) {
+                crate::raw::release_claimed(lo as usize, (hi - lo) as usize);
+            }
             let heap = PersistentHeap::open(&rvm, &path)?;
             let (start, end) = (heap.static_region().addr(), heap.heap_region().addr() + heap.heap_region().len());
             crate::raw::claim_range(start, end - start);
-            heap
+            (heap, ReserveOnDrop { start, len: end - start })
         };
-        Ok(PHeap { lock: RwLock::new(()), checked: Checked::default(), heap, rvm, dir: dir.to_path_buf() })
+        Ok(PHeap {
+            lock: RwLock::new(()),
+            checked: Checked::default(),
+            heap,
+            _reserve: reserve,
+            rvm,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The folder the heap lives in.
@@ -281,10 +299,25 @@ impl PHeap {
 
     /// Closes the heap, reporting errors that dropping would swallow.
     pub fn close(self) -> Result<()> {
-        let PHeap { heap, rvm, .. } = self;
+        let PHeap { heap, rvm, _reserve, .. } = self;
         heap.close()?;
+        drop(_reserve);
         rvm.close()?;
         Ok(())
+    }
+}
+
+/// Reserves a closed heap's address range (see `raw::reserve_claimed`)
+/// once the heap has unmapped it.
+#[derive(Debug)]
+struct ReserveOnDrop {
+    start: usize,
+    len: usize,
+}
+
+impl Drop for ReserveOnDrop {
+    fn drop(&mut self) {
+        crate::raw::reserve_claimed(self.start, self.len);
     }
 }
 

@@ -74,22 +74,73 @@ pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<us
     result
 }
 
-/// Address ranges of heaps this process made or opened: `[start, end)`.
-static CLAIMED: parking_lot::Mutex<Vec<(usize, usize)>> = parking_lot::Mutex::new(Vec::new());
+/// A heap's address range in this process: `[start, end)`, and whether a
+/// `PROT_NONE` reservation holds it now (its heap is closed).
+struct Claimed {
+    start: usize,
+    end: usize,
+    reserved: bool,
+}
+
+/// Address ranges of heaps this process made or opened.
+static CLAIMED: parking_lot::Mutex<Vec<Claimed>> = parking_lot::Mutex::new(Vec::new());
 
 /// Records `[start, start + len)` as a heap's: [`free_address_range`]
 /// never picks it for another heap of this process.
 pub(crate) fn claim_range(start: usize, len: usize) {
     let mut c = CLAIMED.lock();
-    let r = (start, start.saturating_add(len));
-    if !c.contains(&r) {
-        c.push(r);
+    let end = start.saturating_add(len);
+    if !c.iter().any(|r| r.start == start && r.end == end) {
+        c.push(Claimed { start, end, reserved: false });
     }
 }
 
 fn overlaps_claimed(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
-    CLAIMED.lock().iter().any(|&(s, e)| start < e && s < end)
+    CLAIMED.lock().iter().any(|r| start < r.end && r.start < end)
+}
+
+/// Holds a closed heap's range with a `PROT_NONE` reservation, so that no
+/// other mapping of the process (an allocation, another heap) takes it
+/// before the heap is opened again. Best effort: nothing if the range is
+/// not a claimed one or cannot be reserved.
+pub(crate) fn reserve_claimed(start: usize, len: usize) {
+    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+    let end = start.saturating_add(len);
+    let mut c = CLAIMED.lock();
+    let Some(r) = c.iter_mut().find(|r| r.start == start && r.end == end && !r.reserved) else { return };
+    // SAFETY: a PROT_NONE anonymous mapping at a fixed address that must
+    // be free (FIXED_NOREPLACE: it fails rather than replace anything); it
+    // is never accessed, only unmapped by `release_claimed`.
+    let mapped = unsafe {
+        mmap_anonymous(
+            start as *mut std::ffi::c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+        )
+    };
+    match mapped {
+        Ok(p) if p as usize == start => r.reserved = true,
+        // An old kernel may treat the flag as a hint and map elsewhere.
+        Ok(p) => {
+            // SAFETY: unmaps the mapping just made, which nothing uses.
+            let _ = unsafe { rustix::mm::munmap(p, len) };
+        }
+        Err(_) => {}
+    }
+}
+
+/// Releases the reservations of claimed ranges overlapping
+/// `[start, start + len)` (a heap about to be mapped there).
+pub(crate) fn release_claimed(start: usize, len: usize) {
+    let end = start.saturating_add(len);
+    for r in CLAIMED.lock().iter_mut().filter(|r| r.reserved && start < r.end && r.start < end) {
+        // SAFETY: unmaps exactly a reservation made by `reserve_claimed`,
+        // which nothing uses.
+        let _ = unsafe { rustix::mm::munmap(r.start as *mut std::ffi::c_void, r.end - r.start) };
+        r.reserved = false;
+    }
 }
 
 /// The `len` values of type `T` at `ptr` as a slice.

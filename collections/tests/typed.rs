@@ -157,21 +157,32 @@ fn readers_never_see_half_a_write() {
     let heap = Arc::new(PHeap::open_or_create(dir.path(), small()).unwrap());
     heap.write(|tx| tx.root_or_insert_with("pair", || Pair { a: 0, b: 1000 }).map(|_| ())).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // Both readers read once before the writes begin, then keep reading
+    // until the writes are done (and at least once while they run: the
+    // writer yields between its transactions).
+    let started = Arc::new(std::sync::Barrier::new(3));
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let (heap, stop) = (heap.clone(), stop.clone());
+            let (heap, stop, started) = (heap.clone(), stop.clone(), started.clone());
             std::thread::spawn(move || {
                 let mut seen = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                loop {
+                    let stopping = stop.load(Ordering::Relaxed);
                     let p = heap.read(|r| r.root::<Pair>("pair").unwrap().copied().unwrap());
                     assert_eq!(p.a + p.b, 1000, "a reader saw half a transfer: {p:?}");
                     seen += 1;
+                    if seen == 1 {
+                        started.wait();
+                    } else if stopping {
+                        break seen;
+                    }
                 }
-                seen
             })
         })
         .collect();
+    started.wait();
     for i in 0..300u64 {
+        std::thread::yield_now();
         heap.write_no_flush(|tx| {
             let mut p = tx.root_mut::<Pair>("pair")?.unwrap();
             let amount = i % 7;
@@ -186,7 +197,7 @@ fn readers_never_see_half_a_write() {
     heap.flush().unwrap();
     stop.store(true, Ordering::Relaxed);
     for r in readers {
-        assert!(r.join().unwrap() > 0);
+        assert!(r.join().unwrap() > 1);
     }
     let p = heap.read(|r| r.root::<Pair>("pair").unwrap().copied().unwrap());
     assert_eq!(p.a + p.b, 1000);
