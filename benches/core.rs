@@ -13,7 +13,7 @@
 //! cargo target directory); it must be on a real disk, not tmpfs.
 
 mod common;
-use common::{median, quick, Rng};
+use common::{median, quick, si, Rng};
 use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm, Stats};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -109,24 +109,6 @@ fn thread_cpu() -> f64 {
 
 // ---------------------------------------------------------------------------
 // Figures.
-
-/// Three significant digits with a k/M/G suffix.
-fn si(x: f64) -> String {
-    let (v, suffix) = match x.abs() {
-        a if a >= 1e9 => (x / 1e9, "G"),
-        a if a >= 1e6 => (x / 1e6, "M"),
-        a if a >= 1e3 => (x / 1e3, "k"),
-        _ => (x, ""),
-    };
-    let digits = if v.abs() >= 100.0 {
-        0
-    } else if v.abs() >= 10.0 {
-        1
-    } else {
-        2
-    };
-    format!("{v:.digits$}{suffix}")
-}
 
 fn runs_list(v: &[f64], f: impl Fn(f64) -> String) -> String {
     v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(" ")

@@ -17,7 +17,7 @@
 #[path = "../../benches/common/mod.rs"]
 mod common;
 
-use common::{median, quick, Rng};
+use common::{median, quick, si, Rng};
 use rvm_collections::{Config, Error, PBTreeMap, PHashMap, PHeap};
 use rvm_core::{CommitMode, RestoreMode};
 use std::collections::{BTreeMap, HashMap};
@@ -281,23 +281,6 @@ fn open_ms(dir: &Path, btree: bool) -> (f64, f64) {
 
 // ---------------------------------------------------------------------------
 // Table.
-
-fn si(x: f64) -> String {
-    let (v, suffix) = match x.abs() {
-        a if a >= 1e9 => (x / 1e9, "G"),
-        a if a >= 1e6 => (x / 1e6, "M"),
-        a if a >= 1e3 => (x / 1e3, "k"),
-        _ => (x, ""),
-    };
-    let digits = if v.abs() >= 100.0 {
-        0
-    } else if v.abs() >= 10.0 {
-        1
-    } else {
-        2
-    };
-    format!("{v:.digits$}{suffix}")
-}
 
 struct Row {
     what: String,
