@@ -903,3 +903,43 @@ fn loaded_regions_are_claimed_until_unloaded() {
     rvm.unmap_claimed(claim).unwrap();
     assert!(rvm.regions().is_empty());
 }
+
+/// Many tiny no-flush commits (a byte each, so each one's frames are over
+/// a hundred times its data) never make a batch larger than the log, with
+/// or without coalescing and write-behind; nor does a large transaction
+/// arriving on top of a partly filled batch.
+#[test]
+fn batches_always_fit_in_the_log() {
+    for (coalesce, write_behind) in [(false, false), (false, true), (true, false), (true, true)] {
+        let disk = SimDisk::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        create_log_with(vfs.as_ref(), Path::new("log"), 256 << 10).unwrap();
+        let opts = Options { coalesce, write_behind, truncate_threshold: None, ..Options::default() };
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), opts).unwrap();
+        let seg = rvm.create_segment("seg", 1 << 20).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 1 << 20)).unwrap();
+        for i in 0..40_000usize {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: single-threaded; nothing else touches the region.
+            unsafe { tx.modify_bytes(region.addr() + (i * 8) % (1 << 19), &[i as u8]).unwrap() };
+            tx.commit(CommitMode::NoFlush)
+                .unwrap_or_else(|e| panic!("coalesce {coalesce}, write-behind {write_behind}: commit {i}: {e}"));
+        }
+        // A partly filled batch, then a transaction of most of the log.
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        let big = vec![7u8; 100 << 10];
+        // SAFETY: as above.
+        unsafe { tx.modify_bytes(region.addr() + (1 << 19), &big).unwrap() };
+        tx.commit(CommitMode::Flush).unwrap_or_else(|e| panic!("coalesce {coalesce}: the large commit: {e}"));
+        drop(region);
+        drop(seg);
+        rvm.close().unwrap();
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), Options::default()).unwrap();
+        let seg = rvm.open_segment("seg").unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 1 << 20)).unwrap();
+        let mut b = vec![0u8; 100 << 10];
+        // SAFETY: nothing stores into the region while the test reads it.
+        unsafe { region.read(1 << 19, &mut b) }.unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+    }
+}

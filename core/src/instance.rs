@@ -291,6 +291,10 @@ pub(crate) struct Batch {
     tx_ends: Vec<(usize, u64)>,
     /// Bytes after intra-transaction coalescing.
     bytes: u64,
+    /// Log bytes its transactions' frames take at most (before any
+    /// inter-transaction coalescing): bounds the batch so it always fits
+    /// in the log, however small its ranges.
+    frame_bytes: u64,
 }
 
 impl Batch {
@@ -348,6 +352,7 @@ impl CommitState {
             batch.data.clear();
             batch.tx_ends.clear();
             batch.bytes = 0;
+            batch.frame_bytes = 0;
             self.spare.push(batch);
         }
     }
@@ -1121,7 +1126,11 @@ impl Inner {
         if needed > self.ring.area_len {
             return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
         }
-        let mut spill = None;
+        // Batches to write on this thread, in order (write-behind off).
+        let mut spills: [Option<(u64, Batch)>; 2] = [None, None];
+        // Half the log: a batch's frames stay below it, or the batch is a
+        // single transaction (at most the whole log, checked above).
+        let frame_cap = self.ring.area_len / 2;
         let seq;
         {
             let mut st = self.state.lock();
@@ -1134,6 +1143,14 @@ impl Inner {
                 drop(st);
                 Counters::add(&self.counters.committed, 1);
                 return Ok(seq);
+            }
+            // With this transaction the batch might not fit in the log: it
+            // goes first. (A loop: waiting for room in the spool releases
+            // the lock, and other commits may fill the next batch.)
+            while !st.pending.is_empty() && st.pending.frame_bytes + needed > frame_cap {
+                if let Some(spill) = self.hand_over(&mut st) {
+                    spills[0] = Some(spill);
+                }
             }
             let b = &mut st.pending;
             for &(addr, len, region) in spans {
@@ -1151,30 +1168,38 @@ impl Inner {
             }
             b.tx_ends.push((b.pieces.len(), seq));
             b.bytes += bytes;
-            if b.data.len() >= self.pending_limit {
-                let (n, batch) = st.take_batch();
-                if self.opts.write_behind {
-                    self.spooled_bytes.fetch_add(batch.data.len() as u64, Ordering::AcqRel);
-                    st.spool.push_back((n, batch));
-                    self.spooled.notify_one();
-                    // Bounded memory: wait while the writer is behind.
-                    while st.spool.len() >= SPOOLED_BATCHES && !self.poisoned.load(Ordering::Acquire) {
-                        self.spool_room.wait(&mut st);
-                    }
-                } else {
-                    spill = Some((n, batch));
-                }
+            b.frame_bytes += needed;
+            if b.data.len() >= self.pending_limit || b.frame_bytes >= frame_cap {
+                spills[1] = self.hand_over(&mut st);
             }
         }
         Counters::add(&self.counters.committed, 1);
         Counters::add(&self.counters.bytes_declared, declared);
         Counters::add(&self.counters.bytes_saved_intra, declared - bytes);
-        if let Some((n, batch)) = spill {
+        for (n, batch) in spills.into_iter().flatten() {
             let r = self.write_batch(n, &batch);
             self.recycle_batch(batch);
             r?;
         }
         Ok(seq)
+    }
+
+    /// Takes the pending batch (a full one) and queues it for the
+    /// write-behind thread, or, with write-behind off, returns it for the
+    /// committing thread to write once it has released the commit lock.
+    fn hand_over(&self, st: &mut parking_lot::MutexGuard<'_, CommitState>) -> Option<(u64, Batch)> {
+        let (n, batch) = st.take_batch();
+        if !self.opts.write_behind {
+            return Some((n, batch));
+        }
+        self.spooled_bytes.fetch_add(batch.data.len() as u64, Ordering::AcqRel);
+        st.spool.push_back((n, batch));
+        self.spooled.notify_one();
+        // Bounded memory: wait while the writer is behind.
+        while st.spool.len() >= SPOOLED_BATCHES && !self.poisoned.load(Ordering::Acquire) {
+            self.spool_room.wait(st);
+        }
+        None
     }
 
     /// Log position after the last written batch.
