@@ -44,17 +44,15 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// The environment variable that turns `holder_process` on.
 const HOLDER_DIR: &str = "RVM_OPS_HOLDER_DIR";
 
-/// Not a test of its own: the program `live_inspection_leaves_the_holder_undisturbed`
-/// runs in a second process. It opens `app.log`, creates the heap `app.heap`,
+/// The program `live_inspection_leaves_the_holder_undisturbed` runs in a
+/// second process (this test binary again, filtered to that test, with
+/// `RVM_OPS_HOLDER_DIR` set). It opens `app.log`, creates the heap `app.heap`,
 /// and commits one allocation per transaction (flush commits, the count in
 /// root "count") until the file `stop` appears, truncating now and then so
 /// the log's head moves; `ready` appears after the first 20 commits. At the
 /// end it checks its heap, closes, and writes the number of commits to
 /// `done`. Any failed commit panics, failing the process.
-#[test]
-#[ignore = "helper process of live_inspection_leaves_the_holder_undisturbed"]
-fn holder_process() {
-    let dir = PathBuf::from(std::env::var(HOLDER_DIR).expect("run by live_inspection_leaves_the_holder_undisturbed"));
+fn holder_process(dir: PathBuf) {
     let rvm = Rvm::open(dir.join("app.log"), opts()).unwrap();
     let heap = PersistentHeap::create(&rvm, dir.join("app.heap"), &HeapSpec::new(base(0), 1 << 20)).unwrap();
     let mut count = 0u64;
@@ -97,12 +95,15 @@ fn wait_for(path: &Path, child: &mut std::process::Child) {
 
 #[test]
 fn live_inspection_leaves_the_holder_undisturbed() {
+    if let Some(dir) = std::env::var_os(HOLDER_DIR) {
+        return holder_process(PathBuf::from(dir));
+    }
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (log, heap) = (dir.path().join("app.log"), dir.path().join("app.heap"));
     expect_code(&rvmutl(&["create-log", s(&log), "--size", "1M"]), 0);
     let mut holder = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "holder_process", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "live_inspection_leaves_the_holder_undisturbed", "--nocapture", "--test-threads=1"])
         .env(HOLDER_DIR, dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

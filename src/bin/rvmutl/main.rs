@@ -308,9 +308,10 @@ fn hint(e: &Error) -> Option<String> {
             path.display()
         )),
         Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path".into()),
-        Error::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists => {
-            Some("create-log never overwrites; choose another path or remove the file".into())
-        }
+        Error::Io { path, source, .. } if source.kind() == io::ErrorKind::AlreadyExists => Some(format!(
+            "{} exists: rvmutl never overwrites a file it creates; choose another path or remove it",
+            path.display()
+        )),
         Error::Log(LogError::NotALog { .. }) => {
             Some("create a log with `rvmutl create-log <path> --size <bytes>`".into())
         }
