@@ -805,38 +805,36 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
     /// Removes `key`; returns the stored key and its value.
     pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
         type M<K, V> = PBTreeMap<K, V>;
-        let (root, height) = (self.map().root as usize, self.map().height);
-        if root == 0 {
-            return Ok(None);
-        }
-        let mut path = Vec::with_capacity(height as usize);
-        let mut n = root;
-        for _ in 0..height {
-            let ci = M::<K, V>::upper_bound(n, key);
-            path.push((n, ci));
-            n = M::<K, V>::kid(n, ci);
-        }
+        let Some((path, n)) = self.descend(|n| M::<K, V>::upper_bound(n, key)) else { return Ok(None) };
         match M::<K, V>::lower_bound(n, key) {
             (i, true) => self.remove_at(path, n, i).map(Some),
             _ => Ok(None),
         }
     }
 
-    /// Removes and returns the entry with the smallest (`last == false`)
-    /// or largest key.
-    fn pop_edge(&mut self, last: bool) -> Result<Option<(K, V)>> {
-        type M<K, V> = PBTreeMap<K, V>;
+    /// The path from the root to a leaf, taking child `choose(node)` at
+    /// each internal node: the (node, child index) pairs and the leaf;
+    /// `None` for an empty map.
+    fn descend(&self, mut choose: impl FnMut(usize) -> usize) -> Option<(Vec<(usize, usize)>, usize)> {
         let (root, height) = (self.map().root as usize, self.map().height);
         if root == 0 {
-            return Ok(None);
+            return None;
         }
         let mut path = Vec::with_capacity(height as usize);
         let mut n = root;
         for _ in 0..height {
-            let ci = if last { M::<K, V>::nlen(n) } else { 0 };
+            let ci = choose(n);
             path.push((n, ci));
-            n = M::<K, V>::kid(n, ci);
+            n = PBTreeMap::<K, V>::kid(n, ci);
         }
+        Some((path, n))
+    }
+
+    /// Removes and returns the entry with the smallest (`last == false`)
+    /// or largest key.
+    fn pop_edge(&mut self, last: bool) -> Result<Option<(K, V)>> {
+        type M<K, V> = PBTreeMap<K, V>;
+        let Some((path, n)) = self.descend(|n| if last { M::<K, V>::nlen(n) } else { 0 }) else { return Ok(None) };
         let l = M::<K, V>::nlen(n);
         if l == 0 {
             return Err(Error::Damaged { name: "PBTreeMap".into() });
