@@ -12,29 +12,30 @@
 //! on-disk formats and protocols.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod checkpoint;
 mod coalesce;
 mod combine;
 mod error;
 mod instance;
 pub mod log;
 mod mem;
+mod options;
 mod replay;
 mod segment;
 mod stats;
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod track;
 mod tx;
 
-pub use checkpoint::CheckpointReport;
 pub use error::{Error, LogError, MapError, Result, TxError};
-pub use instance::{
-    recover_log, CommitMode, Options, ProgressHook, Query, Reclaim, RecoveryPhase, RecoveryProgress, RecoveryReport,
-    RestoreMode, Rvm, Salvage,
-};
+pub use instance::{recover_log, CheckpointReport, Rvm};
 pub use log::{create_log, create_log_with};
 pub use mem::page_size;
+pub use options::{
+    CommitMode, Options, ProgressHook, Query, Reclaim, RecoveryPhase, RecoveryProgress, RecoveryReport, RestoreMode,
+    Salvage,
+};
 pub use segment::{CopyMode, MapSpec, Placement, Region, RegionClaim, Segment};
 pub use stats::Stats;
 pub use storage::{FileStorage, FileVfs, OpenMode, Storage, Vfs};

@@ -115,7 +115,7 @@ pub(crate) struct RegionInner {
     pub active_txs: AtomicUsize,
     pub copy: CopyMode,
     /// Dirty pages per generation, pages polluted by no-restore aborts.
-    pub track: crate::checkpoint::RegionTrack,
+    pub track: crate::track::RegionTrack,
     /// Held by a [`RegionClaim`]: plain [`crate::Rvm::unmap`] refuses it.
     pub claimed: std::sync::atomic::AtomicBool,
 }

@@ -1,8 +1,9 @@
 //! Transactions: declare ranges, store into them, commit or abort.
 
 use crate::error::{Result, TxError};
-use crate::instance::{CommitMode, Inner, RestoreMode, Rvm};
+use crate::instance::{Inner, Rvm};
 use crate::mem;
+use crate::options::{CommitMode, RestoreMode};
 use crate::segment::RegionInner;
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -23,7 +24,7 @@ struct Scratch {
     ranges: Vec<Declared>,
     undo: Vec<u8>,
     spans: Vec<(usize, usize, usize)>,
-    track: Option<Arc<crate::checkpoint::TxTrack>>,
+    track: Option<Arc<crate::track::TxTrack>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -74,11 +75,19 @@ pub struct Transaction<'a> {
     /// Commit's work list (reused buffer).
     spans: Vec<(usize, usize, usize)>,
     /// The declared ranges as a checkpoint freeze sees them.
-    track: Arc<crate::checkpoint::TxTrack>,
+    track: Arc<crate::track::TxTrack>,
     finished: bool,
     /// Transactions belong to the thread that began them (the nesting check
     /// is per thread), so they are neither `Send` nor `Sync`.
     _not_send: PhantomData<*const ()>,
+}
+
+impl Rvm {
+    /// Begins a transaction on this thread. A thread may have one open
+    /// transaction per instance (no nesting).
+    pub fn begin(&self, mode: RestoreMode) -> Result<Transaction<'_>> {
+        Transaction::begin(self, mode)
+    }
 }
 
 impl<'a> Transaction<'a> {

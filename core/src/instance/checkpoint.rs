@@ -23,159 +23,21 @@
 //!   is free.
 
 use crate::error::{Error, Result};
-use crate::instance::Inner;
+use super::Inner;
 use crate::log::{self, format};
 use crate::mem;
 use crate::segment::{CopyMode, RegionInner, SegmentInner};
 use crate::stats::Counters;
+use crate::track::{Padded, TxTrack};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A set of pages: one bit per page in atomic words, so commits can mark
-/// pages while the sweep clears others.
-#[derive(Debug)]
-pub(crate) struct PageBits {
-    words: Box<[AtomicU64]>,
-}
-
-impl PageBits {
-    pub fn new(pages: usize) -> PageBits {
-        PageBits { words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
-    }
-
-    /// Adds pages `first..=last`.
-    pub fn insert_range(&self, first: usize, last: usize) {
-        let mut p = first;
-        while p <= last {
-            let bit = p % 64;
-            let n = (64 - bit).min(last - p + 1);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
-            self.words[p / 64].fetch_or(mask, Ordering::AcqRel);
-            p += n;
-        }
-    }
-
-    pub fn contains(&self, p: usize) -> bool {
-        self.words.get(p / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (p % 64)) != 0)
-    }
-
-    pub fn remove(&self, p: usize) {
-        self.words[p / 64].fetch_and(!(1 << (p % 64)), Ordering::AcqRel);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|w| w.load(Ordering::Acquire) == 0)
-    }
-
-    /// Pages in the set.
-    pub fn count(&self) -> usize {
-        self.words.iter().map(|w| w.load(Ordering::Acquire).count_ones() as usize).sum()
-    }
-
-    /// The first page at or after `from` in the set.
-    pub fn next(&self, from: usize) -> Option<usize> {
-        let mut i = from / 64;
-        let mut w = self.words.get(i)?.load(Ordering::Acquire) & (u64::MAX << (from % 64));
-        loop {
-            if w != 0 {
-                return Some(i * 64 + w.trailing_zeros() as usize);
-            }
-            i += 1;
-            w = self.words.get(i)?.load(Ordering::Acquire);
-        }
-    }
-
-    /// Moves every page of `self` into `other`.
-    fn move_into(&self, other: &PageBits) {
-        for (a, b) in self.words.iter().zip(other.words.iter()) {
-            let w = a.swap(0, Ordering::AcqRel);
-            if w != 0 {
-                b.fetch_or(w, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Pages in the set, in order.
-    fn pages(&self) -> impl Iterator<Item = usize> + '_ {
-        self.intersection(self)
-    }
-
-    /// Pages in both `self` and `other`, in order.
-    fn intersection<'a>(&'a self, other: &'a PageBits) -> impl Iterator<Item = usize> + 'a {
-        self.words.iter().zip(other.words.iter()).enumerate().flat_map(|(i, (a, b))| {
-            let mut w = a.load(Ordering::Acquire) & b.load(Ordering::Acquire);
-            std::iter::from_fn(move || {
-                (w != 0).then(|| {
-                    let bit = w.trailing_zeros() as usize;
-                    w &= w - 1;
-                    i * 64 + bit
-                })
-            })
-        })
-    }
-}
 
 /// A barrier copy: the page's region (kept alive, and its `copied` bit
 /// cleared when the copy goes) and the page's bytes.
 type PageCopy = (Arc<RegionInner>, Box<[u8]>);
-
-/// A value on cache lines of its own, so that one thread's stores to it do
-/// not slow down other threads' loads of its neighbours (false sharing).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct Padded<T>(pub T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-/// A region's checkpoint bookkeeping.
-#[derive(Debug)]
-pub(crate) struct RegionTrack {
-    /// Pages changed by commits, one set per generation.
-    pub dirty: [PageBits; 2],
-    /// Pages whose memory may differ from the committed image outside any
-    /// open transaction (a no-restore abort left its stores there). The
-    /// sweep always rebuilds them from the segment and the log.
-    pub polluted: PageBits,
-    /// Pages with a barrier copy in the running checkpoint's pool: exactly
-    /// the pool's keys for this region (changed only with the copy lock
-    /// held), so a store into a page copied already skips the lock.
-    pub copied: PageBits,
-}
-
-impl RegionTrack {
-    pub fn new(len: usize) -> RegionTrack {
-        let pages = len.div_ceil(mem::page_size());
-        RegionTrack {
-            dirty: [PageBits::new(pages), PageBits::new(pages)],
-            polluted: PageBits::new(pages),
-            copied: PageBits::new(pages),
-        }
-    }
-
-    pub fn is_dirty(&self) -> bool {
-        !self.dirty[0].is_empty() || !self.dirty[1].is_empty()
-    }
-}
-
-/// The ranges an open transaction has declared, visible to a freeze.
-#[derive(Debug, Default)]
-pub(crate) struct TxTrack {
-    ranges: Mutex<Vec<(usize, usize)>>,
-}
-
-impl TxTrack {
-    pub fn record(&self, addr: usize, len: usize) {
-        self.ranges.lock().push((addr, len));
-    }
-}
 
 /// Page copies made by the write barrier, and which generation is swept.
 #[derive(Debug, Default)]

@@ -1,0 +1,546 @@
+//! An RVM instance: one log, its segments and regions. The instance's
+//! state (`Inner`) is one struct; its concerns live in the child modules:
+//!
+//! - [`pipeline`]: pending no-flush commits, ordered batch writes, the
+//!   write-behind thread, group commit;
+//! - [`truncate`]: log truncation by replay, and the synced-end status;
+//! - [`recovery`]: recovery at open;
+//! - [`checkpoint`]: the generation checkpoint;
+//! - [`background`]: the background truncator thread;
+//! - [`segments`]: opening, claiming and mapping segments.
+//!
+//! Module dependencies run one way: `tx` → `instance` → `segment` →
+//! `track`, and everything uses `options`, `log`, `replay`, `storage`.
+
+mod background;
+pub(crate) mod checkpoint;
+mod pipeline;
+mod recovery;
+mod segments;
+mod truncate;
+
+pub use checkpoint::CheckpointReport;
+pub use recovery::recover_log;
+
+use crate::error::{Error, MapError, Result};
+use crate::log::format::Status;
+use crate::log::{LogDevice, Ring};
+use crate::options::{Options, Query, RecoveryReport};
+use crate::segment::{MapSpec, Region, RegionClaim, RegionTable, Segment, SegmentInner};
+use crate::stats::{Counters, Stats};
+use crate::storage::{FileVfs, Vfs};
+use background::{background_loop, Background};
+use checkpoint::Checkpointer;
+use parking_lot::{Condvar, Mutex, RwLock};
+use pipeline::{CommitState, Writer};
+use recovery::recover;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub(crate) struct StatusState {
+    pub(crate) status: Status,
+    segments: HashMap<u32, Arc<SegmentInner>>,
+}
+
+pub(crate) struct Inner {
+    id: u64,
+    /// The log's identity (its superblock's), written in segments' owner marks.
+    log_id: u128,
+    vfs: Arc<dyn Vfs>,
+    pub(crate) ring: Ring,
+    opts: Options,
+    pub(crate) epoch: u64,
+    pending_limit: usize,
+    pub(crate) state: Mutex<CommitState>,
+    flushed: Condvar,
+    /// Wakes a flush leader waiting for more flushers.
+    gathered: Condvar,
+    /// How long the last log sync took, in nanoseconds.
+    last_sync_ns: AtomicU64,
+    /// Wakes the background log writer (a batch was spooled, or stop).
+    spooled: Condvar,
+    /// Wakes committers waiting for room in the spool.
+    spool_room: Condvar,
+    log_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Bytes of spooled batches not yet written (raised under the commit
+    /// lock as a batch is spooled, lowered as its write completes).
+    spooled_bytes: AtomicU64,
+    writer: Mutex<Writer>,
+    written_cv: Condvar,
+    synced: AtomicU64,
+    /// Log position after the last written batch: changed only under the
+    /// writer lock, read anywhere.
+    tail: AtomicU64,
+    pub(crate) head: AtomicU64,
+    pub(crate) status: Mutex<StatusState>,
+    pub(crate) truncation: Mutex<()>,
+    pub(crate) ckpt: Checkpointer,
+    pub(crate) regions: RwLock<RegionTable>,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) counters: Counters,
+    recovery: RecoveryReport,
+    background: Arc<Background>,
+    bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// An RVM instance: a log and the segments whose changes it records.
+///
+/// Cheap to clone (a shared handle); safe to use from many threads. The
+/// instance flushes pending no-flush commits when the last handle is
+/// dropped; [`Rvm::close`] does the same and reports errors.
+///
+/// ```
+/// use rvm_core::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let log = dir.path().join("log");
+/// create_log(&log, 1 << 20).unwrap();
+/// let rvm = Rvm::open(&log, Options::default()).unwrap();
+/// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+/// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+/// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+/// // SAFETY: the range is ours alone for the transaction's duration.
+/// unsafe { tx.modify_bytes(region.addr(), b"hello").unwrap() };
+/// tx.commit(CommitMode::Flush).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Rvm {
+    pub(crate) inner: Arc<Inner>,
+    _life: Arc<Lifetime>,
+}
+
+/// Shared by the user's handles only (never by the background thread), so
+/// dropping the last handle always runs the shutdown on the user's thread:
+/// stop and join the truncator, then flush. Files are unlocked when `drop`
+/// returns.
+struct Lifetime {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        // A background checkpoint still sweeping finishes at full speed.
+        let _hurry = inner.ckpt.hurry();
+        *inner.background.stop.lock() = true;
+        inner.background.wake.notify_all();
+        if let Some(h) = inner.bg_thread.lock().take() {
+            let _ = h.join();
+        }
+        if !inner.poisoned.load(Ordering::Acquire) {
+            let last = inner.state.lock().next_tx - 1;
+            if inner.flush_to(last).is_ok() {
+                // Record how far the log is durable, so that damage to any
+                // of its records is told from a torn end at the next open.
+                let _ = inner.record_synced_end(u64::MAX);
+            }
+        }
+        // The log writer empties the spool (a flush did already, unless the
+        // instance failed) and exits.
+        inner.state.lock().writer_stop = true;
+        inner.spooled.notify_all();
+        if let Some(h) = inner.log_writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Rvm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rvm").field("log", &self.inner.ring.path).field("epoch", &self.inner.epoch).finish()
+    }
+}
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+impl Rvm {
+    /// Opens the log at `log_path` (a file or block device made by
+    /// [`crate::create_log`]), runs recovery, and starts the background
+    /// truncator if the options ask for one.
+    pub fn open(log_path: impl AsRef<Path>, opts: Options) -> Result<Rvm> {
+        Rvm::open_with(Arc::new(FileVfs), log_path.as_ref(), opts)
+    }
+
+    /// [`Rvm::open`] on any [`Vfs`], such as the simulated disk.
+    pub fn open_with(vfs: Arc<dyn Vfs>, log_path: &Path, opts: Options) -> Result<Rvm> {
+        let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
+        let (status, recovery) = recover(vfs.as_ref(), &ring, &sb, status, &opts)?;
+        let head = status.head;
+        let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
+        let inner = Arc::new(Inner {
+            id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            vfs,
+            epoch: status.epoch,
+            pending_limit,
+            state: Mutex::new(CommitState::new()),
+            flushed: Condvar::new(),
+            gathered: Condvar::new(),
+            last_sync_ns: AtomicU64::new(0),
+            spooled: Condvar::new(),
+            spool_room: Condvar::new(),
+            log_writer: Mutex::new(None),
+            spooled_bytes: AtomicU64::new(0),
+            writer: Mutex::new(Writer::default()),
+            written_cv: Condvar::new(),
+            synced: AtomicU64::new(head),
+            tail: AtomicU64::new(head),
+            head: AtomicU64::new(head),
+            status: Mutex::new(StatusState { status, segments: HashMap::new() }),
+            truncation: Mutex::new(()),
+            ckpt: Checkpointer::new(opts.checkpoint_copy_limit, opts.checkpoint_rate),
+            regions: RwLock::new(RegionTable::default()),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            counters: Counters::default(),
+            recovery,
+            background: Arc::new(Background::default()),
+            bg_thread: Mutex::new(None),
+            log_id: sb.log_id,
+            ring,
+            opts,
+        });
+        if let Some(threshold) = inner.opts.truncate_threshold {
+            let weak = Arc::downgrade(&inner);
+            let bg = inner.background.clone();
+            let handle = std::thread::Builder::new()
+                .name("rvm-truncate".into())
+                .spawn(move || background_loop(weak, bg, threshold))
+                .map_err(|e| Error::io("starting the truncation thread", log_path, e))?;
+            *inner.bg_thread.lock() = Some(handle);
+        }
+        if inner.opts.write_behind {
+            let me = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name("rvm-log-writer".into())
+                .spawn(move || me.write_spooled())
+                .map_err(|e| Error::io("starting the log writer thread", log_path, e))?;
+            *inner.log_writer.lock() = Some(handle);
+        }
+        Ok(Rvm { _life: Arc::new(Lifetime { inner: inner.clone() }), inner })
+    }
+
+    /// What recovery did at open.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery.clone()
+    }
+
+    /// The log's path.
+    pub fn log_path(&self) -> &Path {
+        &self.inner.ring.path
+    }
+
+    /// Opens an existing segment (file or block device), locking it
+    /// exclusively. Opening a segment this instance has open already returns
+    /// the same segment.
+    ///
+    /// A segment's committed changes stay in the log that recorded them
+    /// until a checkpoint or truncation applies them (closing the instance
+    /// does not). Until then, open the segment through that same log: its
+    /// recovery applies them. Opened through another log, or read directly,
+    /// the segment shows the state before those commits.
+    pub fn open_segment(&self, path: impl AsRef<Path>) -> Result<Segment> {
+        self.inner.open_segment(path.as_ref(), None)
+    }
+
+    /// Creates a segment file of `len` bytes (mode 0600); an existing file
+    /// is an error.
+    pub fn create_segment(&self, path: impl AsRef<Path>, len: u64) -> Result<Segment> {
+        self.inner.open_segment(path.as_ref(), Some(len))
+    }
+
+    /// Closes a segment: applies every commit that changed it to it (a log
+    /// replay, if any is still in the log) and forgets it, so its device is
+    /// closed and unlocked once the last handle to it is gone (a clone of
+    /// `segment` held elsewhere keeps it open). Refused while a region of
+    /// it is mapped ([`MapError::SegmentInUse`]); mapping it afterwards
+    /// through another handle is [`MapError::SegmentClosed`]. Open it again
+    /// with [`Rvm::open_segment`].
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+    /// // SAFETY: this thread alone uses the region.
+    /// unsafe { tx.modify_bytes(region.addr(), b"kept").unwrap() };
+    /// tx.commit(CommitMode::NoFlush).unwrap();
+    /// rvm.unmap(region).unwrap();
+    /// rvm.close_segment(seg).unwrap();
+    /// // Applied and unlocked: the file holds the commit.
+    /// assert_eq!(&std::fs::read(dir.path().join("seg")).unwrap()[..4], b"kept");
+    /// ```
+    pub fn close_segment(&self, segment: Segment) -> Result<()> {
+        let seg = segment.0;
+        self.inner.check_own(&seg)?;
+        {
+            let mapped = seg.mapped.lock();
+            if !mapped.is_empty() {
+                return Err(MapError::SegmentInUse { segment: seg.name.clone(), regions: mapped.len() }.into());
+            }
+            seg.closed.store(true, Ordering::Release);
+        }
+        // No region maps it any more, so no commit can change it now; the
+        // replay applies every earlier one (the log must not keep records
+        // naming a segment the instance no longer has open).
+        if seg.last_tx.load(Ordering::Acquire) > 0 {
+            if let Err(e) = self.inner.replay_all() {
+                seg.closed.store(false, Ordering::Release);
+                return Err(e);
+            }
+        }
+        self.inner.status.lock().segments.remove(&seg.id);
+        // This log holds nothing for it now (best effort: a mark left
+        // behind is recognised as stale by the next log that opens it).
+        let _ = seg.dev.set_owner_mark(None);
+        Ok(())
+    }
+
+    /// Maps a page-aligned range of `segment` into memory. The region shows
+    /// the segment's committed image. Fails if the range is mapped already
+    /// (a range is mapped at most once), lies outside the segment, or (for a
+    /// fixed placement) the address range is in use, or if `segment` was
+    /// opened by another instance ([`MapError::ForeignSegment`]).
+    ///
+    /// # Other processes and the segment file
+    ///
+    /// The instance holds an exclusive (advisory) lock on the segment file.
+    /// A process that ignores it and **truncates** the file while an
+    /// on-demand ([`CopyMode::OnDemand`]) region is mapped makes the first
+    /// access to a page not yet read in raise `SIGBUS`; one that **writes**
+    /// the file changes the bytes of such pages under the program (copy
+    /// modes `OnMap` and `NoCopy` read nothing from the file after `map`).
+    /// `map` is nevertheless safe: it hands out no reference into the
+    /// memory; every access goes through `unsafe` code whose contract
+    /// ([`Region::read`], [`crate::Transaction::modify_bytes`], raw
+    /// pointers) includes that the file is not changed behind the lock, as
+    /// memmap2's `Mmap::map` states for the same hazard. A segment truncated
+    /// behind the log's back is reported at the next open as
+    /// [`LogError::SegmentTooShort`], never as log damage.
+    pub fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
+        self.inner.map(segment, spec)
+    }
+
+    /// Unmaps a region. Refused while a transaction with ranges in it is
+    /// uncommitted. The memory goes away when the last clone of the handle
+    /// is dropped.
+    ///
+    /// A region claimed by a loaded segment or a heap
+    /// ([`Region::claim`]) is refused ([`MapError::Claimed`]): only its
+    /// owner unmaps it, with [`Rvm::unmap_claimed`].
+    pub fn unmap(&self, region: Region) -> Result<()> {
+        self.unmap_region(region, false)
+    }
+
+    /// Unmaps a region its owner claimed ([`Region::claim`]), ending the
+    /// claim; otherwise as [`Rvm::unmap`].
+    pub fn unmap_claimed(&self, claim: RegionClaim) -> Result<()> {
+        self.unmap_region(claim.release(), true)
+    }
+
+    fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
+        let addr = region.addr();
+        loop {
+            {
+                let mut table = self.inner.regions.write();
+                match table.get(addr) {
+                    Some(r) if Arc::ptr_eq(r, &region.0) => {}
+                    _ => return Err(MapError::NotMapped { addr }.into()),
+                }
+                if !claimed && region.0.claimed.load(Ordering::Acquire) {
+                    return Err(MapError::Claimed { addr }.into());
+                }
+                let busy = region.0.active_txs.load(Ordering::Acquire);
+                if busy > 0 {
+                    return Err(MapError::Busy { addr, count: busy }.into());
+                }
+                if !self.inner.ckpt.is_active() {
+                    // The region's memory was the only copy a checkpoint could
+                    // sweep its dirty pages from: the next checkpoint replays
+                    // the log instead, so those commits reach the segment
+                    // before the log is reclaimed.
+                    if region.0.track.is_dirty() {
+                        self.inner.ckpt.retire_dirty_region();
+                    }
+                    table.remove(addr);
+                    return Ok(());
+                }
+            }
+            // A running checkpoint may hold the region's memory: let it
+            // finish, at full speed, so the segment range is free again.
+            let _hurry = self.inner.ckpt.hurry();
+            self.inner.checkpoint_finish()?;
+        }
+    }
+
+    /// The region containing `addr`, if any.
+    pub fn region_at(&self, addr: usize) -> Option<Region> {
+        self.inner.regions.read().find(addr, addr.saturating_add(1)).cloned().map(Region)
+    }
+
+    /// All mapped regions, by address.
+    pub fn regions(&self) -> Vec<Region> {
+        self.inner.regions.read().iter().cloned().map(Region).collect()
+    }
+
+    /// Makes every earlier commit durable (one `fdatasync`, shared with
+    /// concurrent flushes).
+    pub fn flush(&self) -> Result<()> {
+        let last = self.inner.state.lock().next_tx - 1;
+        self.inner.flush_to(last)
+    }
+
+    /// Runs a generation checkpoint: freezes (O(1): the commit lock is held
+    /// for a few microseconds whatever the heap size), writes every page
+    /// changed since the previous checkpoint once, as it stood at the
+    /// freeze, syncs the segments and frees the log before the freeze.
+    /// Transactions on other threads go on meanwhile. Every commit made
+    /// before the call is in the segments when it returns.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    /// for i in 0..100u64 {
+    ///     let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    ///     // SAFETY: this thread alone uses the region.
+    ///     unsafe { tx.modify_bytes(region.addr(), &i.to_le_bytes()).unwrap() };
+    ///     tx.commit(CommitMode::NoFlush).unwrap();
+    /// }
+    /// let report = rvm.checkpoint().unwrap();
+    /// assert_eq!(report.pages, 1); // a hot word: one page written, once
+    /// assert_eq!(rvm.query().log_used, 0);
+    /// ```
+    pub fn checkpoint(&self) -> Result<CheckpointReport> {
+        self.inner.checkpoint_full()
+    }
+
+    /// Starts a checkpoint (the freeze, and the pages that must be rebuilt
+    /// from the log), leaving the sweep to [`Rvm::checkpoint_step`] and
+    /// [`Rvm::checkpoint_finish`]: for driving a checkpoint step by step, as
+    /// deterministic tests do. Returns `false` if a checkpoint is running
+    /// already (a second freeze never starts while a sweep runs), or if a
+    /// log-replay truncation overtook this one.
+    pub fn checkpoint_start(&self) -> Result<bool> {
+        use checkpoint::Start;
+        // Overtaken: a replay did the work (a log-full writer, or an unmapped
+        // dirty region); freeze again, a few times at most.
+        for _ in 0..3 {
+            match self.inner.checkpoint_start()? {
+                Start::Started => return Ok(true),
+                Start::Running => return Ok(false),
+                Start::Overtaken => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes up to `max_pages` pages of the running checkpoint; returns how
+    /// many it wrote (0 once all are written, or if none is running).
+    pub fn checkpoint_step(&self, max_pages: usize) -> Result<usize> {
+        self.inner.checkpoint_step(max_pages)
+    }
+
+    /// Completes the running checkpoint: the remaining pages, the segment
+    /// syncs, the status that frees the log. `None` if none was running.
+    pub fn checkpoint_finish(&self) -> Result<Option<CheckpointReport>> {
+        self.inner.checkpoint_finish()
+    }
+
+    /// Stops the running checkpoint without freeing the log (pages already
+    /// written stay; they hold committed bytes the log still covers). The
+    /// next checkpoint writes the rest. Returns whether one was running.
+    pub fn checkpoint_abandon(&self) -> Result<bool> {
+        self.inner.checkpoint_abandon()
+    }
+
+    /// Flushes, then applies the whole log to the segments and empties it.
+    pub fn truncate(&self) -> Result<()> {
+        self.inner.replay_all()
+    }
+
+    /// Statistics since open.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Transactions in flight and log space.
+    pub fn query(&self) -> Query {
+        let inner = &self.inner;
+        let pending_bytes = {
+            let st = inner.state.lock();
+            st.pending.data.len() as u64 + inner.spooled_bytes.load(Ordering::Acquire)
+        };
+        let tail = inner.log_tail();
+        let head = inner.head.load(Ordering::Acquire);
+        let used = tail - head;
+        let in_flight = inner.in_flight.load(Ordering::Acquire);
+        Query {
+            in_flight,
+            log_capacity: inner.ring.area_len,
+            log_used: used,
+            log_free: inner.ring.area_len - used,
+            pending_bytes,
+            head,
+            tail,
+            durable: inner.synced.load(Ordering::Acquire),
+            quiescent: in_flight == 0 && pending_bytes == 0 && used == 0,
+            checkpointing: inner.ckpt.is_active(),
+        }
+    }
+
+    /// Flushes pending commits and stops the instance, reporting errors
+    /// that dropping would swallow.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    pub(crate) fn instance_id(&self) -> u64 {
+        self.inner.id
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("log", &self.ring.path).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    pub(crate) fn coalesces(&self) -> bool {
+        self.opts.coalesce
+    }
+
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            let cause = self.poison_cause.lock().clone().unwrap_or_default();
+            return Err(Error::Poisoned { cause });
+        }
+        Ok(())
+    }
+
+    /// Records a failure after which durability can no longer be promised.
+    pub(crate) fn poison<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            let mut cause = self.poison_cause.lock();
+            if cause.is_none() {
+                *cause = Some(e.to_string());
+            }
+            self.poisoned.store(true, Ordering::Release);
+            self.flushed.notify_all();
+            self.written_cv.notify_all();
+            self.spool_room.notify_all();
+        }
+        r
+    }
+}

@@ -1,0 +1,198 @@
+//! Recovery at open: verify the whole live log, check the segments it
+//! names, then replay it (see `docs/DESIGN.md` §3.4).
+
+use super::segments::OwnerMark;
+use crate::error::{Error, LogError, Result};
+use crate::log::format::{self, Status};
+use crate::log::{self, LogDevice, Ring, ScanStop};
+use crate::options::{Options, RecoveryPhase, RecoveryReport, Salvage, PROGRESS_STEP};
+use crate::replay::{replay_with_progress, Replayed};
+use crate::storage::{OpenMode, Vfs};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Recovery, in two passes so that a damaged log is refused before anything
+/// is written:
+///
+/// 1. verify: scan every frame from the head (CRCs, positions, epoch),
+///    noting the segments the complete transactions touch and how far; tell
+///    a torn or clean end from damage ([`log::find_damage`]);
+/// 2. open every touched segment and check it is the file the log recorded,
+///    long enough, and not claimed by another log;
+/// 3. replay the complete transactions, sync the segments, then write a
+///    status with the log empty and a new epoch.
+///
+/// Running it again after a crash at any point redoes the same idempotent
+/// writes.
+pub(super) fn recover(
+    vfs: &dyn Vfs,
+    ring: &Ring,
+    sb: &format::Superblock,
+    status: Status,
+    opts: &Options,
+) -> Result<(Status, RecoveryReport)> {
+    use crate::log::format::Frame;
+    // Ordered, so the first refused segment (and the error) is the same
+    // at every open.
+    let touched = std::cell::RefCell::new(std::collections::BTreeMap::<u32, u64>::new());
+    let in_tx = std::cell::RefCell::new(Vec::<(u32, u64)>::new());
+    let progress = opts.recovery_progress.as_ref();
+    let estimate = status.synced_end.saturating_sub(status.head);
+    let mut reported = 0u64;
+    let verified = log::scan(
+        ring,
+        status.head,
+        u64::MAX,
+        status.epoch,
+        |f| {
+            if let Frame::Range { segment, offset, data } = f.frame {
+                in_tx.borrow_mut().push((segment, offset.saturating_add(data.len() as u64)));
+            }
+            let done = f.lsn - status.head;
+            if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
+                reported = done;
+                p.report(RecoveryPhase::Verify, done, estimate);
+            }
+            Ok(())
+        },
+        |_, _| {
+            let mut touched = touched.borrow_mut();
+            for (id, end) in in_tx.borrow_mut().drain(..) {
+                let e = touched.entry(id).or_insert(0);
+                *e = (*e).max(end);
+            }
+            Ok(())
+        },
+    )?;
+    let mut salvage = None;
+    if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
+        if !opts.salvage {
+            return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
+        }
+        let copy = keep_damaged_copy(vfs, &ring.path, status.epoch)?;
+        salvage = Some(Salvage {
+            damaged_at: damage.lsn,
+            defect: damage.defect.describe(),
+            synced_to: damage.synced_to,
+            dropped_bytes: damage.valid_end.max(damage.lsn) - verified.end,
+            dropped_transactions: damage.transactions_after,
+            copy,
+        });
+    }
+    // Every segment is opened and checked before any is written.
+    let mut devices = HashMap::new();
+    for (&id, &needed) in touched.borrow().iter() {
+        let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
+            Error::corrupted(
+                format!("log frame (segment id {id} not in the dictionary)"),
+                ring.path.display().to_string(),
+            )
+        })?;
+        let (path, checked) = opts.segment_location(&entry.name);
+        let dev = vfs
+            .open(&path, OpenMode::Existing)
+            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        if checked {
+            let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
+            if let (Some(recorded), Some(found)) = (entry.device, found) {
+                if !recorded.same_file(&found) {
+                    return Err(LogError::SegmentReplaced { path, recorded, found }.into());
+                }
+            }
+            let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
+            if let Some(other) = mark.as_deref().and_then(OwnerMark::decode).filter(|m| m.log_id != sb.log_id) {
+                return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
+            }
+        }
+        let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;
+        if len < needed {
+            return Err(LogError::SegmentTooShort { path, needed, len }.into());
+        }
+        devices.insert(id, (dev, path));
+    }
+    // Before any segment write, a status says how far the log is durable:
+    // should the replay be cut short by a crash, later damage to the
+    // records it applied is still refused, never taken for the log's end.
+    let mut status = status;
+    if status.synced_end < verified.end {
+        status.seq += 1;
+        status.synced_end = verified.end;
+        log::write_status(ring, &status)?;
+    }
+    let resolve = |id| {
+        devices.get(&id).cloned().ok_or_else(|| {
+            Error::corrupted(
+                format!("log frame (segment id {id} changed between scans)"),
+                ring.path.display().to_string(),
+            )
+        })
+    };
+    if let Some(p) = progress {
+        p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
+    }
+    let total = verified.end - status.head;
+    let on_replay = |done: u64| {
+        if let Some(p) = progress {
+            p.report(RecoveryPhase::Replay, done, total);
+        }
+    };
+    let Replayed { end, log_bytes, segment_bytes } =
+        replay_with_progress(ring, status.head, verified.end, status.epoch, resolve, &on_replay)?;
+    if end.end != verified.end {
+        return Err(Error::corrupted(
+            "log (records changed between the verifying scan and the replay)",
+            format!("{} position {}", ring.path.display(), end.end),
+        ));
+    }
+    // The segments are closed (unlocked) when it returns, before the
+    // application opens them.
+    drop(devices);
+    let report = RecoveryReport {
+        transactions: end.transactions,
+        log_bytes,
+        discarded_bytes: verified.discarded,
+        segment_bytes_written: segment_bytes,
+        stopped_at: match verified.stop {
+            ScanStop::Limit => None,
+            ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
+        },
+        salvage,
+    };
+    let next = Status {
+        seq: status.seq + 1,
+        epoch: status.epoch + 1,
+        head: end.end,
+        synced_end: end.end,
+        committed: status.committed.saturating_add(end.transactions),
+        // The dictionary stays: ids are stable per name, so both slots
+        // usually agree on it.
+        ..status
+    };
+    log::write_status(ring, &next)?;
+    Ok((next, report))
+}
+
+/// Copies a damaged log to `<log>.damaged-<epoch>` (or `...-<epoch>.<n>`
+/// if that exists) before a salvage rewrites its status.
+fn keep_damaged_copy(vfs: &dyn Vfs, log: &Path, epoch: u64) -> Result<PathBuf> {
+    let base = format!("{}.damaged-{epoch}", log.display());
+    for n in 0..1000 {
+        let to = PathBuf::from(if n == 0 { base.clone() } else { format!("{base}.{n}") });
+        match vfs.copy(log, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("keeping a copy of the damaged log", to, e)),
+        }
+    }
+    Err(Error::io("keeping a copy of the damaged log", base, std::io::ErrorKind::AlreadyExists.into()))
+}
+
+/// Runs recovery on a log without keeping it open (what `rvmutl recover`
+/// does); returns the report.
+///
+/// `opts` supplies [`Options::salvage`] and [`Options::accepted_segments`];
+/// the other fields do not matter here.
+pub fn recover_log(vfs: &dyn Vfs, log_path: &Path, opts: &Options) -> Result<RecoveryReport> {
+    let LogDevice { ring, sb, status } = LogDevice::open(vfs, log_path)?;
+    Ok(recover(vfs, &ring, &sb, status, opts)?.1)
+}

@@ -1,0 +1,267 @@
+//! Segments of an instance: opening (with the dictionary entry and the
+//! owner mark made durable first), and mapping regions.
+
+use super::Inner;
+use crate::error::{Error, LogError, MapError, Result};
+use crate::log::{self, format};
+use crate::mem::{self, Mapping};
+use crate::segment::{CopyMode, MapSpec, Placement, Region, RegionInner, Segment, SegmentInner};
+use crate::storage::{OpenMode, Vfs};
+use crate::track::RegionTrack;
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+impl Inner {
+    pub(super) fn open_segment(&self, path: &Path, create: Option<u64>) -> Result<Segment> {
+        let name = self.vfs.canonical_name(path).map_err(|e| Error::io("resolving segment path", path, e))?;
+        let mut st = self.status.lock();
+        if let Some(seg) = st.segments.values().find(|s| s.name == name) {
+            if create.is_some() {
+                return Err(Error::io(
+                    "creating segment",
+                    path,
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ));
+            }
+            return Ok(Segment(seg.clone()));
+        }
+        let mode = if create.is_some() { OpenMode::CreateNew } else { OpenMode::Existing };
+        let dev = self.vfs.open(&name, mode).map_err(|e| Error::io("opening segment", &name, e))?;
+        let opened = (|| {
+            if let Some(len) = create {
+                dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
+                dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
+            }
+            let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
+            let device = dev.identity().map_err(|e| Error::io("identifying segment", &name, e))?;
+            self.claim_segment(dev.as_ref(), &name)?;
+            let known = st.status.segments.iter().find(|e| e.name == name).cloned();
+            let id = known.as_ref().map_or(st.status.next_segment_id, |e| e.id);
+            let same = |e: &format::SegmentEntry| match (e.device, device) {
+                (Some(a), Some(b)) => a.same_file(&b),
+                (a, b) => a == b,
+            };
+            if known.as_ref().is_none_or(|e| !same(e)) {
+                // The dictionary entry (new, or naming the file now under
+                // that name: the log holds no records for it, since
+                // recovery emptied it and this instance has not opened
+                // it) is durable before any record can name the id.
+                let mut next = st.status.clone();
+                next.seq += 1;
+                if known.is_none() {
+                    next.next_segment_id =
+                        id.checked_add(1).ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
+                }
+                next.segments.retain(|e| e.id != id);
+                next.segments.push(format::SegmentEntry { id, name: name.clone(), device });
+                next.synced_end = self.synced_end();
+                log::write_status(&self.ring, &next)?;
+                st.status = next;
+            }
+            Ok((id, len))
+        })();
+        let (id, len) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                if create.is_some() {
+                    // No record names the new file: remove it, so that a
+                    // retry can create it (best effort; the error stands).
+                    drop(dev);
+                    let _ = self.vfs.remove(&name);
+                }
+                return Err(e);
+            }
+        };
+        let seg = Arc::new(SegmentInner {
+            id,
+            instance: self.id,
+            name,
+            dev,
+            len,
+            mapped: Mutex::new(Vec::new()),
+            last_tx: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        st.segments.insert(id, seg.clone());
+        Ok(Segment(seg))
+    }
+
+    /// Marks the segment as this log's (its unapplied records live here),
+    /// refusing one whose mark names another log that may still hold
+    /// records for it. The mark is durable before the segment can be
+    /// changed through this log.
+    fn claim_segment(&self, dev: &dyn crate::storage::Storage, name: &Path) -> Result<()> {
+        let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", name, e))?;
+        let theirs = mark.as_deref().and_then(OwnerMark::decode);
+        if theirs.as_ref().is_some_and(|m| m.log_id == self.log_id && m.log == self.ring.path) {
+            return Ok(());
+        }
+        if let Some(other) = theirs.filter(|m| m.log_id != self.log_id) {
+            if other_log_holds(self.vfs.as_ref(), &other, name)? {
+                return Err(LogError::SegmentInOtherLog { path: name.to_path_buf(), other_log: other.log }.into());
+            }
+        }
+        let ours = OwnerMark { log_id: self.log_id, log: self.ring.path.clone() }.encode();
+        dev.set_owner_mark(Some(&ours)).map_err(|e| Error::io("writing the segment's owner mark", name, e))
+    }
+
+    /// Refuses a segment handle of another instance: its commits would go
+    /// to that instance's log.
+    pub(super) fn check_own(&self, seg: &SegmentInner) -> Result<()> {
+        if seg.instance != self.id {
+            return Err(MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
+        let ps = mem::page_size();
+        let seg = &segment.0;
+        self.check_own(seg)?;
+        if spec.len == 0 {
+            return Err(MapError::EmptyRegion.into());
+        }
+        if !spec.offset.is_multiple_of(ps as u64) {
+            return Err(MapError::NotPageAligned { what: "segment offset", value: spec.offset, page_size: ps }.into());
+        }
+        if !spec.len.is_multiple_of(ps) {
+            return Err(
+                MapError::NotPageAligned { what: "region length", value: spec.len as u64, page_size: ps }.into()
+            );
+        }
+        if let Placement::Fixed(a) = spec.placement {
+            if a % ps != 0 {
+                return Err(MapError::NotPageAligned { what: "address", value: a as u64, page_size: ps }.into());
+            }
+        }
+        let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len).ok_or_else(|| {
+            MapError::OutsideSegment {
+                segment: seg.name.clone(),
+                offset: spec.offset,
+                len: spec.len as u64,
+                segment_len: seg.len,
+            }
+        })?;
+        // Claim the segment range (a range is mapped at most once).
+        {
+            let mut mapped = seg.mapped.lock();
+            if seg.closed.load(Ordering::Acquire) {
+                return Err(MapError::SegmentClosed { segment: seg.name.clone() }.into());
+            }
+            if mapped.iter().any(|&(s, e)| spec.offset < e && s < end) {
+                return Err(MapError::AlreadyMapped {
+                    segment: seg.name.clone(),
+                    offset: spec.offset,
+                    len: spec.len as u64,
+                }
+                .into());
+            }
+            mapped.push((spec.offset, end));
+        }
+        let unclaim = || seg.mapped.lock().retain(|&(s, _)| s != spec.offset);
+        let result = self.map_claimed(seg, spec);
+        if result.is_err() {
+            unclaim();
+        }
+        result
+    }
+
+    fn map_claimed(&self, seg: &Arc<SegmentInner>, spec: MapSpec) -> Result<Region> {
+        // The segment must show its committed image: if committed changes to
+        // it are not yet applied (the range was mapped, changed and unmapped
+        // before), apply the log first.
+        if seg.last_tx.load(Ordering::Acquire) > 0 {
+            self.replay_all()?;
+        }
+        // Hold truncation off while the contents are read in.
+        let _t = self.truncation.lock();
+        let copy = match (spec.copy, seg.dev.raw_fd()) {
+            (CopyMode::OnDemand, Some(_)) => CopyMode::OnDemand,
+            (CopyMode::OnDemand, None) => CopyMode::OnMap,
+            (c, _) => c,
+        };
+        let mapping = match copy {
+            CopyMode::OnDemand => {
+                let fd = seg.dev.raw_fd().ok_or(MapError::System {
+                    addr: 0,
+                    len: spec.len,
+                    errno: "device has no file descriptor".into(),
+                })?;
+                Mapping::file_private(spec.placement, fd, spec.offset, spec.len)?
+            }
+            CopyMode::OnMap => {
+                let m = Mapping::anonymous_populated(spec.placement, spec.len)?;
+                m.fill(0, spec.len, |dst| {
+                    for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
+                        seg.dev.read_at(chunk, spec.offset + (i * (8 << 20)) as u64)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| Error::io("reading segment", &seg.name, e))?;
+                m
+            }
+            CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
+        };
+        let region = Arc::new(RegionInner {
+            mapping,
+            segment: seg.clone(),
+            offset: spec.offset,
+            active_txs: AtomicUsize::new(0),
+            copy,
+            track: RegionTrack::new(spec.len),
+            claimed: AtomicBool::new(false),
+        });
+        self.regions.write().insert(region.clone());
+        Ok(Region(region))
+    }
+}
+
+/// A segment's owner mark: the log that may hold unapplied records for it
+/// (its id and path). Stored as an extended attribute on segment files:
+/// log id u128 (16 bytes), then the log's canonical path.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct OwnerMark {
+    pub log_id: u128,
+    pub log: PathBuf,
+}
+
+impl OwnerMark {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = self.log_id.to_le_bytes().to_vec();
+        b.extend_from_slice(self.log.as_os_str().as_bytes());
+        b
+    }
+
+    pub(super) fn decode(b: &[u8]) -> Option<OwnerMark> {
+        use std::os::unix::ffi::OsStrExt;
+        let id: [u8; 16] = b.get(..16)?.try_into().ok()?;
+        Some(OwnerMark { log_id: u128::from_le_bytes(id), log: PathBuf::from(std::ffi::OsStr::from_bytes(&b[16..])) })
+    }
+}
+
+/// Whether the log a foreign owner mark names may still hold records for
+/// the segment `name`: true if that log is open elsewhere (locked) or its
+/// live records name the segment; false if it is gone, is another log now,
+/// or holds nothing for the segment (the mark is stale).
+fn other_log_holds(vfs: &dyn Vfs, mark: &OwnerMark, name: &Path) -> Result<bool> {
+    let log = match crate::log::inspect::LogInspector::open(vfs, &mark.log) {
+        Ok(log) => log,
+        Err(Error::Locked { .. }) => return Ok(true),
+        Err(_) => return Ok(false),
+    };
+    if log.superblock().log_id != mark.log_id {
+        return Ok(false);
+    }
+    let Ok(status) = log.status() else { return Ok(true) };
+    let Some(id) = status.segments.iter().find(|e| e.name == name).map(|e| e.id) else { return Ok(false) };
+    let mut names_it = false;
+    log.walk(|f| {
+        if let crate::log::inspect::FrameBody::Range { segment, .. } = f.body {
+            names_it |= segment == id;
+        }
+    })?;
+    Ok(names_it)
+}

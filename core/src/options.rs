@@ -1,0 +1,265 @@
+//! The instance's options and the reports it gives (pure data).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Tuning knobs of an instance; [`Options::default`] suits most uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Coalesce overlapping and adjacent ranges within a transaction and
+    /// across unflushed no-flush commits (default on). Off gives a faithful
+    /// log: one log transaction per commit, ranges exactly as declared.
+    pub coalesce: bool,
+    /// Bytes of unflushed no-flush commits kept in memory before they are
+    /// written to the log (without a sync). Default 4 MiB, and never more
+    /// than a quarter of the log.
+    pub pending_limit: usize,
+    /// Start background truncation when this fraction of the log is in use
+    /// (default `Some(0.5)`); `None` disables the background thread, so
+    /// space is reclaimed only by [`Rvm::truncate`] or by a writer that finds
+    /// the log full.
+    pub truncate_threshold: Option<f64>,
+    /// How the background thread frees log space when the threshold is
+    /// passed (default [`Reclaim::Checkpoint`]). A writer that finds the
+    /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
+    /// wait for a sweep.
+    pub reclaim: Reclaim,
+    /// Bytes per second a checkpoint's sweep writes (default
+    /// `Some(128 MiB)`), so that a large sweep leaves the disk and the CPU
+    /// to the application's commits; `None` sweeps at full speed. A sweep
+    /// goes faster when the log grows fast: it keeps ahead of the commits
+    /// made since its freeze, so as to end before they fill half of the log
+    /// space free at the freeze. The pace is dropped as soon as something
+    /// waits for the checkpoint to end: a writer that finds the log full, a
+    /// log-replay truncation, an unmap, closing the instance.
+    /// [`Rvm::checkpoint_step`] is never paced.
+    pub checkpoint_rate: Option<u64>,
+    /// Write full batches of no-flush commits to the log on a background
+    /// thread (default on), so the committing thread goes on at memory
+    /// speed. At most two full batches wait for that thread besides the one
+    /// it writes; a committer that finds more waits. Off, the committer that fills a
+    /// batch writes it itself: one thread does all I/O in program order,
+    /// which fault-injection tests rely on.
+    pub write_behind: bool,
+    /// Pages the checkpoint's write barrier may hold as copies at once
+    /// (default 16384, 64 MiB with 4 KiB pages). Past it, a writer that
+    /// touches a page still waiting to be swept sweeps pages itself first.
+    pub checkpoint_copy_limit: usize,
+    /// Open a damaged log anyway (default off). Recovery normally refuses a
+    /// log whose synced records are damaged ([`Error::Corrupted`]) and
+    /// writes nothing; with `salvage` it keeps a copy of the log beside it
+    /// (`<log>.damaged-<epoch>`), applies the complete transactions before
+    /// the damage, drops the rest, and reports what it dropped in
+    /// [`RecoveryReport::salvage`].
+    pub salvage: bool,
+    /// Segments accepted although their file is not the one the log
+    /// recorded: `(recorded name, path now)`. For a segment restored from a
+    /// copy (same path twice) or moved to another path; see
+    /// [`Options::accept_segment`].
+    pub accepted_segments: Vec<(PathBuf, PathBuf)>,
+    /// Called as recovery at open goes (about every MiB of log, and at the
+    /// end of each phase), for a progress display; `None` (the default)
+    /// reports nothing.
+    pub recovery_progress: Option<ProgressHook>,
+}
+
+/// The phase recovery is in ([`RecoveryProgress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryPhase {
+    /// Checking every frame of the live log, writing nothing.
+    Verify,
+    /// Applying the complete transactions to the segments.
+    Replay,
+}
+
+/// How far recovery is: `done` of `total` log bytes in `phase` (`total`
+/// is an estimate while verifying: the part of the log known durable; it
+/// grows if the scan goes past it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryProgress {
+    /// The phase.
+    pub phase: RecoveryPhase,
+    /// Log bytes done in this phase.
+    pub done: u64,
+    /// Log bytes this phase covers (see above).
+    pub total: u64,
+}
+
+/// A callback for [`Options::recovery_progress`].
+///
+/// ```
+/// use rvm_core::{Options, ProgressHook};
+/// let opts = Options {
+///     recovery_progress: Some(ProgressHook::new(|p| eprintln!("{:?}: {} of {}", p.phase, p.done, p.total))),
+///     ..Options::default()
+/// };
+/// # let _ = opts;
+/// ```
+#[derive(Clone)]
+pub struct ProgressHook(Arc<dyn Fn(RecoveryProgress) + Send + Sync>);
+
+impl ProgressHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(RecoveryProgress) + Send + Sync + 'static) -> Self {
+        ProgressHook(Arc::new(f))
+    }
+
+    pub(crate) fn report(&self, phase: RecoveryPhase, done: u64, total: u64) {
+        (self.0)(RecoveryProgress { phase, done, total: total.max(done) });
+    }
+}
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
+impl PartialEq for ProgressHook {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Log bytes between two progress reports.
+pub(crate) const PROGRESS_STEP: u64 = 1 << 20;
+
+impl Options {
+    /// Accepts the file at `now_at` as the segment the log recorded as
+    /// `recorded` (its identity is not checked): for a segment restored
+    /// from a copy (`now_at == recorded`) or moved. Its records are applied
+    /// to `now_at`.
+    ///
+    /// ```
+    /// let opts = rvm_core::Options::default().accept_segment("/data/app.seg", "/data/app.seg");
+    /// assert_eq!(opts.accepted_segments.len(), 1);
+    /// ```
+    pub fn accept_segment(mut self, recorded: impl Into<PathBuf>, now_at: impl Into<PathBuf>) -> Self {
+        self.accepted_segments.push((recorded.into(), now_at.into()));
+        self
+    }
+
+    /// The path a recorded segment name is opened at, and whether its
+    /// identity is checked.
+    pub(crate) fn segment_location(&self, recorded: &Path) -> (PathBuf, bool) {
+        match self.accepted_segments.iter().find(|(r, _)| r == recorded) {
+            Some((_, now)) => (now.clone(), false),
+            None => (recorded.to_path_buf(), true),
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            coalesce: true,
+            pending_limit: 4 << 20,
+            truncate_threshold: Some(0.5),
+            reclaim: Reclaim::Checkpoint,
+            checkpoint_copy_limit: 16384,
+            write_behind: true,
+            checkpoint_rate: Some(128 << 20),
+            salvage: false,
+            accepted_segments: Vec::new(),
+            recovery_progress: None,
+        }
+    }
+}
+
+/// How log space is reclaimed in the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Reclaim {
+    /// The generation checkpoint: each dirty page written once, from memory,
+    /// while transactions go on ([`Rvm::checkpoint`]).
+    #[default]
+    Checkpoint,
+    /// Log replay: the log's records are applied to the segments
+    /// ([`Rvm::truncate`]), RVM's classic truncation.
+    Replay,
+}
+
+/// Whether an abort restores memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Old values are saved at `set_range`; abort restores them exactly.
+    Restore,
+    /// No old values are kept; after an abort the declared ranges hold
+    /// whatever was stored in them (they are never committed).
+    NoRestore,
+}
+
+/// Whether a commit waits for durability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Returns when the transaction (and every earlier commit) is durable.
+    Flush,
+    /// Returns at memory speed; a later flush makes it durable.
+    NoFlush,
+}
+
+/// What a salvage ([`Options::salvage`]) dropped from a damaged log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Salvage {
+    /// Log position of the first damaged frame: transactions from there on
+    /// were dropped.
+    pub damaged_at: u64,
+    /// What was wrong with it.
+    pub defect: &'static str,
+    /// The log had been durable up to this position.
+    pub synced_to: u64,
+    /// Log bytes dropped: from the damage to the end of the valid frames
+    /// after it.
+    pub dropped_bytes: u64,
+    /// Complete transactions seen after the damage (dropped), besides the
+    /// one the damaged frame belonged to.
+    pub dropped_transactions: u64,
+    /// Where the damaged log was copied before anything was written.
+    pub copy: PathBuf,
+}
+
+/// What recovery did when the instance was opened.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    /// Complete transactions replayed onto segments.
+    pub transactions: u64,
+    /// Log bytes of those transactions.
+    pub log_bytes: u64,
+    /// Bytes of valid frames after the last complete transaction (an
+    /// unfinished tail), discarded.
+    pub discarded_bytes: u64,
+    /// Segment bytes written.
+    pub segment_bytes_written: u64,
+    /// Log position where the scan stopped on a damaged or stale frame, with
+    /// the reason (`None` if the scan reached the end of the ring).
+    pub stopped_at: Option<(u64, &'static str)>,
+    /// Set when a damaged log was salvaged ([`Options::salvage`]): what was
+    /// dropped.
+    pub salvage: Option<Salvage>,
+}
+
+/// A snapshot of the log and transaction state (see [`Rvm::query`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Query {
+    /// Transactions begun and not yet committed or aborted.
+    pub in_flight: usize,
+    /// Capacity of the log's record area.
+    pub log_capacity: u64,
+    /// Log bytes written and not yet truncated.
+    pub log_used: u64,
+    /// Log bytes free.
+    pub log_free: u64,
+    /// Bytes of committed no-flush transactions not yet written to the log.
+    pub pending_bytes: u64,
+    /// Oldest live log position.
+    pub head: u64,
+    /// Log position after the last written batch.
+    pub tail: u64,
+    /// Log position up to which the log is durable.
+    pub durable: u64,
+    /// True when nothing is pending, the log is empty and no transaction is
+    /// in flight: segments hold the whole committed state.
+    pub quiescent: bool,
+    /// A generation checkpoint is running (frozen or sweeping).
+    pub checkpointing: bool,
+}
