@@ -225,35 +225,35 @@ fn status_dump_recover_truncate() {
 }
 
 #[test]
-fn dump_marks_an_unfinished_tail() {
+fn dump_stops_at_a_damaged_last_record() {
     let _serial = serial();
     let fx = fixture();
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     let doc: Value = log_doc(&o);
     let last = &doc["frames"][6];
     assert_eq!(last["kind"], "commit");
-    // Damage the last commit frame: its transaction becomes a torn tail.
+    // Damage the last record (one range and the commit of the third
+    // transaction): the log ends before it.
     let mut img = std::fs::read(&fx.log).unwrap();
     let at = last["device_offset"].as_u64().unwrap() as usize;
-    img[at + 40] ^= 0x80;
+    img[at + 9] ^= 0x80;
     std::fs::write(&fx.log, &img).unwrap();
 
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
     let doc: Value = log_doc(&o);
     let frames = doc["frames"].as_array().unwrap();
-    assert_eq!(frames.len(), 6);
-    assert_eq!(frames[5]["committed"], false);
-    assert!(frames[..5].iter().all(|f| f["committed"] == true));
+    assert_eq!(frames.len(), 5);
+    assert!(frames.iter().all(|f| f["committed"] == true));
     assert_eq!(doc["scan"]["transactions"], 2);
-    assert_eq!(doc["scan"]["discarded_bytes"], frames[5]["len"]);
+    assert_eq!(doc["scan"]["discarded_bytes"], 0);
     assert_eq!(doc["scan"]["stop"]["reason"], "bad_checksum");
     assert_eq!(doc["scan"]["stop"]["lsn"], last["lsn"]);
 
     let o = rvmutl_on("dump", &fx.log, &[]);
     expect_code(&o, 0);
     let text = stdout(&o);
-    assert_eq!(text.lines().filter(|l| l.contains("unfinished tail")).count(), 1, "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("unfinished tail")).count(), 0, "{text}");
     assert!(text.contains("checksum mismatch"), "{text}");
 
     // The log was closed cleanly, so its status says the commit frame was
@@ -360,10 +360,9 @@ fn bad_files_give_clear_errors_and_exit_codes() {
     expect_code(&rvmutl_on("dump", &fx.log, &[]), 0);
 }
 
-/// The fixture's log with one bit flipped in the data of the second
-/// transaction's first range frame (mid-log damage: a later commit frame
-/// records that the log was durable past it). Returns the damaged frame's
-/// position and the damaged bytes.
+/// The fixture's log with one bit flipped in the second transaction's
+/// record (mid-log damage: a later commit records that the log was durable
+/// past it). Returns the damaged record's position and the damaged bytes.
 fn damage_second_transaction(fx: &Fixture) -> (u64, Vec<u8>) {
     let o = rvmutl_on("dump", &fx.log, &["--json"]);
     expect_code(&o, 0);
@@ -375,7 +374,7 @@ fn damage_second_transaction(fx: &Fixture) -> (u64, Vec<u8>) {
     let at = frame["device_offset"].as_u64().unwrap() as usize;
     assert_eq!(at as u64, AREA_OFFSET + lsn);
     let mut img = std::fs::read(&fx.log).unwrap();
-    img[at + 48] ^= 0x02;
+    img[at + 9] ^= 0x02;
     std::fs::write(&fx.log, &img).unwrap();
     (lsn, img)
 }
@@ -439,7 +438,7 @@ fn recover_salvage_keeps_the_prefix_and_a_copy() {
     let text = stdout(&o);
     let copy = PathBuf::from(format!("{}.damaged-{epoch}", fx.log.display()));
     assert!(text.contains("transactions replayed:  1"), "{text}");
-    assert!(text.contains(&format!("SALVAGED a damaged log: frame at position {lsn} was bad")), "{text}");
+    assert!(text.contains(&format!("SALVAGED a damaged log: record at position {lsn} was bad")), "{text}");
     assert!(text.contains(&format!("damaged log kept at:    {}", copy.display())), "{text}");
     assert!(text.contains(&format!("dropped:                {} log bytes", end - lsn)), "{text}");
     assert_eq!(std::fs::read(&copy).unwrap(), img, "the copy is the damaged log");

@@ -30,7 +30,7 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
-use rvm::log::format::{range_frames_len, AREA_OFFSET, COMMIT_FRAME, MIN_AREA};
+use rvm::log::format::{transaction_bytes_max, AREA_OFFSET, MIN_AREA};
 use rvm::testing::{CrashMode, SimDisk};
 use rvm::*;
 use std::path::Path;
@@ -362,7 +362,7 @@ fn log_needed(declared: &[(usize, usize)], coalesce: bool) -> u64 {
         }
         spans = merged;
     }
-    spans.iter().map(|&(_, l)| range_frames_len(l) as u64).sum::<u64>() + COMMIT_FRAME as u64
+    transaction_bytes_max(spans.len() as u64, spans.iter().map(|&(_, l)| l as u64).sum())
 }
 
 // ---------------------------------------------------------------------------

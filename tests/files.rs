@@ -150,19 +150,20 @@ fn recovery_reports_the_discarded_tail() {
         disk.crash(rvm::testing::CrashMode::LoseUnsynced);
         drop((r, seg, rvm));
     }
-    // Damage the last commit frame: nothing after it proves it was synced,
-    // so its transaction becomes a tail of two valid range frames that
-    // recovery must discard, and count (the documented limit, DESIGN.md 5).
+    // Damage the last transaction's record: nothing after it proves it was
+    // synced, so recovery takes it for a torn end and stops before it (the
+    // documented limit, DESIGN.md 5).
     let report = inspect::inspect(vfs.as_ref(), log).unwrap();
     let frames = &report.frames;
     assert_eq!(frames.len(), 9, "{frames:?}");
     let commit = frames[8];
     assert!(matches!(commit.body, FrameBody::Commit { ranges: 2, .. }), "{commit:?}");
-    let tail: u64 = frames[6..8].iter().map(|f| u64::from(f.len)).sum();
+    // One record holds the whole transaction: nothing of it stays valid.
+    let tail = 0u64;
     let sb = report.superblock;
     let at = (sb.area_offset + commit.lsn % sb.area_len) as usize;
     let mut img = disk.durable_image(log).unwrap();
-    img[at + 40] ^= 0x01;
+    img[at + 9] ^= 0x01;
     disk.set_durable_image(log, img);
 
     // The inspector sees the same end as recovery will.

@@ -9,7 +9,7 @@
 //! flips of each. `RVM_FUZZ_WRITE_SEEDS=1` rewrites the generated seeds
 //! into the folder.
 
-use rvm_core::log::format::{FrameKind, RANGE_FIXED};
+use rvm_core::log::format::{FrameKind, FLAG_COMMIT};
 use rvm_core::log::inspect::FrameBody;
 use rvm_core::testing::{
     fuzz_log_image, log_template, LogEdit, LogOutcome, LogTemplate, Refusal, Target, RESEAL, WRAPPED,
@@ -20,9 +20,15 @@ fn seed_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/log_scan")
 }
 
-/// Record-area offset (from the head) of byte `at` of frame `i`.
+/// Record-area offset (from the head) of byte `at` of the record holding
+/// item `i`.
 fn frame_at(t: &LogTemplate, i: usize, at: u64) -> u32 {
     (t.frames[i].lsn - t.head + at) as u32
+}
+
+/// The template's byte at record-area offset `off`.
+fn byte_at(t: &LogTemplate, off: u32) -> u8 {
+    t.log[t.device_offset(t.head + u64::from(off))]
 }
 
 /// The template's byte at record-area offset `off`, with `mask` flipped.
@@ -45,11 +51,11 @@ fn generated() -> Vec<(&'static str, Vec<u8>, LogOutcome)> {
     let t = log_template(false);
     let w = log_template(true);
     assert_eq!(t.frames.len(), 9);
-    let (range0, commit0, range2) = (0, 1, 3);
+    let (range0, commit0, range2) = (0, 1, 2);
     assert_eq!(t.frames[range0].kind(), FrameKind::Range);
     assert_eq!(t.frames[commit0].kind(), FrameKind::Commit);
     let last_commit = 8;
-    // The frame that runs across the end of the ring in the wrapped log.
+    // The record that runs across the end of the ring in the wrapped log.
     let straddling = (0..w.frames.len())
         .find(|&i| (w.frames[i].lsn + u64::from(w.frames[i].len)) % w.area_len < w.frames[i].lsn % w.area_len)
         .expect("a frame runs across the end of the ring");
@@ -69,52 +75,66 @@ fn generated() -> Vec<(&'static str, Vec<u8>, LogOutcome)> {
     };
     let next_epoch = (t.epoch + 1).to_le_bytes();
     let head2 = t.frames[2].lsn.to_le_bytes();
+    // Record 1 (at the head): CRC [0..4), length u24 [4..7), tag [7],
+    // flags [8], then its range: control [9], segment [10], offset delta
+    // [11], "alpha" [12..17), end of ranges [17], commit trailer.
+    let rec1_len = u32::from_le_bytes([byte_at(t, 4), byte_at(t, 5), byte_at(t, 6), 0]);
+    let tag = byte_at(t, 7);
+    // Record 3: 3000 bytes at 8192 (control in two bytes [9..11), segment
+    // [11], offset delta zigzag(8192) in three bytes [12..15)); 16380 is
+    // three bytes too.
+    let rec3 = 5;
     let enc = LogEdit::encode;
     vec![
         ("clean.bin", enc(0, &[]), ok(4)),
         ("clean_wrapped.bin", enc(WRAPPED, &[]), ok(4)),
         ("empty.bin", Vec::new(), ok(4)),
         // Data of the first range flipped: synced records follow it.
-        ("frame_data_flip.bin", enc(0, &[area(50, &flipped(t, 50, 4))]), damaged(0, 0)),
-        // The last commit frame flipped: the status says it was synced.
+        ("frame_data_flip.bin", enc(0, &[area(13, &flipped(t, 13, 4))]), damaged(0, 0)),
+        // The last record flipped: the status says it was synced.
         (
             "last_commit_flip.bin",
-            enc(0, &[area(frame_at(t, last_commit, 40), &flipped(t, frame_at(t, last_commit, 40), 1))]),
+            enc(0, &[area(frame_at(t, last_commit, 9), &flipped(t, frame_at(t, last_commit, 9), 1))]),
             damaged(3, 3),
         ),
         // The same after a crash: a torn end, not damage.
         (
             "wrapped_torn_tail.bin",
-            enc(WRAPPED, &[area(frame_at(w, last_commit, 40), &flipped(w, frame_at(w, last_commit, 40), 1))]),
+            enc(WRAPPED, &[area(frame_at(w, last_commit, 9), &flipped(w, frame_at(w, last_commit, 9), 1))]),
             ok(3),
         ),
-        // The frame across the end of the ring flipped: later commits say
+        // The record across the end of the ring flipped: later commits say
         // it was synced.
         (
             "wrapped_straddle_flip.bin",
-            enc(WRAPPED, &[area(frame_at(w, straddling, 60), &flipped(w, frame_at(w, straddling, 60), 0x80))]),
+            enc(WRAPPED, &[area(frame_at(w, straddling, 20), &flipped(w, frame_at(w, straddling, 20), 0x80))]),
             if before_straddle < 3 { damaged(before_straddle, before_straddle) } else { ok(3) },
         ),
         ("status_flip.bin", enc(0, &[LogEdit::new(Target::Slot0, 20, &[0x55])]), ok(4)),
         ("both_status_flip.bin", enc(0, &both_slots(12, &[0x55])), refused(None, Refusal::Corrupted)),
         // A crafted length, too short; then one longer by 8, resealed.
-        ("frame_len_short.bin", enc(0, &[area(4, &24u32.to_le_bytes())]), damaged(0, 0)),
-        ("frame_len_longer.bin", enc(RESEAL, &[area(4, &(t.frames[range0].len + 8).to_le_bytes())]), damaged(0, 0)),
-        // A range's data length beyond its frame, resealed.
-        ("range_len_crafted.bin", enc(RESEAL, &[area(40, &0x0010_0000u32.to_le_bytes())]), damaged(0, 0)),
-        // Frames from another epoch: one frame, or the status.
-        ("frame_epoch.bin", enc(RESEAL, &[area(16, &next_epoch)]), damaged(0, 0)),
+        ("frame_len_short.bin", enc(0, &[area(4, &[5, 0, 0])]), damaged(0, 0)),
+        ("frame_len_longer.bin", enc(RESEAL, &[area(4, &(rec1_len + 8).to_le_bytes()[..3])]), damaged(0, 0)),
+        // A range's data length beyond its record, resealed.
+        ("range_len_crafted.bin", enc(RESEAL, &[area(9, &[0xff, 0xff, 0x7f])]), damaged(0, 0)),
+        // Records from another epoch: one record's tag, or the status.
+        ("frame_epoch.bin", enc(RESEAL, &[area(7, &[(tag & 0xf0) | ((t.epoch + 1) & 15) as u8])]), damaged(0, 0)),
         ("status_epoch.bin", enc(RESEAL, &both_slots(16, &next_epoch)), damaged(0, 0)),
-        ("frame_position.bin", enc(RESEAL, &[area(frame_at(t, commit0, 8), &[0x48])]), damaged(0, 0)),
-        // A commit frame that counts another number of ranges.
-        ("commit_ranges.bin", enc(RESEAL, &[area(frame_at(t, commit0, 28), &[2])]), damaged(0, 0)),
-        // A range naming a segment the dictionary lacks, or past its end.
+        ("frame_position.bin", enc(RESEAL, &[area(frame_at(t, commit0, 7), &[tag ^ 0x10])]), damaged(0, 0)),
+        // The first record of a transaction that does not say so.
+        ("commit_ranges.bin", enc(RESEAL, &[area(frame_at(t, commit0, 8), &[FLAG_COMMIT])]), damaged(0, 0)),
+        // A range naming a segment the dictionary lacks (record 2: control in
+        // two bytes, then the segment), or past its end.
         (
             "unknown_segment.bin",
-            enc(RESEAL, &[area(frame_at(t, range2, 28), &[9])]),
+            enc(RESEAL, &[area(frame_at(t, range2, 11), &[9])]),
             refused(Some(4), Refusal::Corrupted),
         ),
-        ("range_past_segment.bin", enc(RESEAL, &[area(32, &16_380u64.to_le_bytes())]), refused(Some(4), Refusal::Log)),
+        (
+            "range_past_segment.bin",
+            enc(RESEAL, &[area(frame_at(t, rec3, 12), &[0xf8, 0xff, 0x01])]),
+            refused(Some(4), Refusal::Log),
+        ),
         ("segment_short.bin", enc(0, &[LogEdit::new(Target::SegmentLen, 8000, &[0])]), refused(Some(4), Refusal::Log)),
         // The dictionary names another file.
         ("dictionary_renamed.bin", enc(RESEAL, &both_slots(80 + 24 + 2, b"x")), refused(Some(4), Refusal::Log)),
@@ -125,13 +145,14 @@ fn generated() -> Vec<(&'static str, Vec<u8>, LogOutcome)> {
             enc(0, &[LogEdit::new(Target::Superblock, 20, &[0x7f])]),
             refused(None, Refusal::Corrupted),
         ),
+        // A version 2 log is refused by name.
         (
             "superblock_version.bin",
-            enc(RESEAL, &[LogEdit::new(Target::Superblock, 8, &[3])]),
+            enc(RESEAL, &[LogEdit::new(Target::Superblock, 8, &[2])]),
             refused(None, Refusal::Log),
         ),
         ("log_cut.bin", enc(0, &[LogEdit::new(Target::LogLen, 200_000, &[0])]), refused(None, Refusal::Corrupted)),
-        // Garbage over the frames past the first transaction, raw: a torn
+        // Garbage over the records past the first transaction, raw: a torn
         // tail that the synced status calls damage.
         (
             "raw_garbage.bin",
@@ -140,8 +161,8 @@ fn generated() -> Vec<(&'static str, Vec<u8>, LogOutcome)> {
         ),
         // Segment bytes do not matter to recovery.
         ("segment_bytes.bin", enc(0, &[LogEdit::new(Target::SegmentBytes, 12_000, &[1, 2, 3])]), ok(4)),
-        // A frame's data changed and resealed: replayed as it now reads.
-        ("resealed_data.bin", enc(RESEAL | WRAPPED, &[area(RANGE_FIXED as u32, b"ALPHA")]), ok(4)),
+        // A record's data changed and resealed: replayed as it now reads.
+        ("resealed_data.bin", enc(RESEAL | WRAPPED, &[area(12, b"ALPHA")]), ok(4)),
     ]
 }
 

@@ -263,22 +263,20 @@ fn mid_log_zeroed_sector_is_refused() {
 #[test]
 fn mid_log_frame_header_epoch_and_position_damage_is_refused() {
     let fx = Mid::build();
-    // The epoch field [16..24) of the third transaction's commit frame.
+    // The tag byte [7] of the third transaction's record: its low nibble
+    // is the epoch's (mod 16), its high nibble the ring lap's.
     let bad = fx.txs[2].commit;
     let mut img = fx.log.clone();
-    let at = Mid::off(bad) + 16;
-    let epoch = u64::from_le_bytes(img[at..at + 8].try_into().unwrap());
-    assert_eq!(epoch, fx.epoch, "the frame carries the status's epoch");
-    img[at..at + 8].copy_from_slice(&(epoch - 1).to_le_bytes());
+    let at = Mid::off(bad) + 7;
+    let tag = img[at];
+    assert_eq!(u64::from(tag & 15), fx.epoch % 16, "the record carries the status's epoch");
+    img[at] = (tag & 0xf0) | (tag.wrapping_sub(1) & 15);
     fx.refused_at(&img, bad);
 
-    // The position field [8..16) of the second transaction's range frame.
+    // The lap nibble of the second transaction's record.
     let bad = fx.txs[1].ranges[0];
     let mut img = fx.log.clone();
-    let at = Mid::off(bad) + 8;
-    let lsn = u64::from_le_bytes(img[at..at + 8].try_into().unwrap());
-    assert_eq!(lsn, bad);
-    img[at..at + 8].copy_from_slice(&(lsn + 8).to_le_bytes());
+    img[Mid::off(bad) + 7] ^= 0x10;
     fx.refused_at(&img, bad);
 }
 
@@ -357,7 +355,7 @@ fn damage_before_the_status_synced_end_is_refused_without_later_frames() {
     assert!(st.synced_end > txs[2], "the status records the synced end {} > {}", st.synced_end, txs[2]);
     let mut bad = img.clone();
     let off = (AREA_OFFSET + txs[2] % (LOG_SIZE - AREA_OFFSET)) as usize;
-    bad[off + 48] ^= 0xff;
+    bad[off + 9] ^= 0xff;
     fx.disk.set_durable_image(LOG, bad);
     let before = snapshot(&fx.disk);
     let (_, location) = corrupted(fx.open(opts()));

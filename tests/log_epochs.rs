@@ -39,10 +39,11 @@ fn intact_frames_after_a_lost_one_stay_dead() {
         let head = rvm.query().head as usize;
         commit(&rvm, &r, 0, b"AAAA", CommitMode::NoFlush);
         commit(&rvm, &r, 8, b"BBBB", CommitMode::Flush);
-        use rvm::log::format::{range_frames_len, COMMIT_FRAME};
-        a_len = range_frames_len(4) + COMMIT_FRAME;
-        b_len = rvm.query().tail as usize - head - a_len;
         disk.crash(CrashMode::LoseUnsynced);
+        // A's record: the first one from the head.
+        let (frames, _) = rvm::log::inspect::LogInspector::open_shared(vfs.as_ref(), log).unwrap().frames().unwrap();
+        a_len = frames.iter().find(|f| f.len > 0).unwrap().len as usize;
+        b_len = rvm.query().tail as usize - head - a_len;
         let mut img = disk.durable_image(log).unwrap();
         let start = area + head % (img.len() - area);
         img[start..start + a_len].fill(0);

@@ -19,6 +19,16 @@ pub struct Options {
     /// space is reclaimed only by [`Rvm::truncate`] or by a writer that finds
     /// the log full.
     pub truncate_threshold: Option<f64>,
+    /// The most log, in bytes, that may wait for recovery after a crash
+    /// (default `Some(8 MiB)`: recovery then replays it in about 20 ms on
+    /// a small machine, see docs/BENCHMARKS.md). The background thread
+    /// starts reclaiming (a checkpoint, by default) when half of it is in
+    /// use, and a writer that would take the log past it reclaims first,
+    /// as when the log is full. A transaction larger than the bound is
+    /// written alone. Enforced only where the background thread runs
+    /// ([`Options::truncate_threshold`] is `Some`); `None` bounds the
+    /// unapplied log by the log's size alone.
+    pub max_unapplied_log: Option<u64>,
     /// How the background thread frees log space when the threshold is
     /// passed (default [`Reclaim::Checkpoint`]). A writer that finds the
     /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
@@ -155,6 +165,7 @@ impl Default for Options {
             coalesce: true,
             pending_limit: 4 << 20,
             truncate_threshold: Some(0.5),
+            max_unapplied_log: Some(8 << 20),
             reclaim: Reclaim::Checkpoint,
             checkpoint_copy_limit: 16384,
             write_behind: true,

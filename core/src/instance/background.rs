@@ -1,5 +1,6 @@
 //! The background truncator: frees log space when the used fraction passes
-//! `Options::truncate_threshold`, by checkpoint or by replay.
+//! `Options::truncate_threshold`, or half of `Options::max_unapplied_log`
+//! is in use, by checkpoint or by replay.
 
 use super::Inner;
 use crate::options::Reclaim;
@@ -14,7 +15,7 @@ pub(super) struct Background {
     pub(super) wake: Condvar,
 }
 
-pub(super) fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold: f64) {
+pub(super) fn background_loop(weak: Weak<Inner>, bg: Arc<Background>) {
     loop {
         {
             let mut stop = bg.stop.lock();
@@ -32,7 +33,7 @@ pub(super) fn background_loop(weak: Weak<Inner>, bg: Arc<Background>, threshold:
         }
         let written = inner.log_tail();
         let used = written - inner.head.load(Ordering::Acquire);
-        if used as f64 > threshold * inner.ring.area_len as f64 {
+        if inner.reclaim_at().is_some_and(|at| used > at) {
             // Errors poison the instance; committers will report them.
             let _ = match inner.opts.reclaim {
                 Reclaim::Checkpoint => inner.checkpoint_full().map(|_| ()),

@@ -22,8 +22,8 @@
 //! - Finish: segments synced, then a status with head = L; the log before L
 //!   is free.
 
-use crate::error::{Error, Result};
 use super::Inner;
+use crate::error::{Error, Result};
 use crate::log::{self, format};
 use crate::mem;
 use crate::segment::{CopyMode, RegionInner, SegmentInner};

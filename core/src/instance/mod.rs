@@ -204,12 +204,12 @@ impl Rvm {
             ring,
             opts,
         });
-        if let Some(threshold) = inner.opts.truncate_threshold {
+        if inner.opts.truncate_threshold.is_some() {
             let weak = Arc::downgrade(&inner);
             let bg = inner.background.clone();
             let handle = std::thread::Builder::new()
                 .name("rvm-truncate".into())
-                .spawn(move || background_loop(weak, bg, threshold))
+                .spawn(move || background_loop(weak, bg))
                 .map_err(|e| Error::io("starting the truncation thread", log_path, e))?;
             *inner.bg_thread.lock() = Some(handle);
         }

@@ -112,8 +112,7 @@ impl Inner {
         declared: u64,
     ) -> Result<u64> {
         let bytes: u64 = spans.iter().map(|r| r.1 as u64).sum();
-        let needed =
-            spans.iter().map(|r| format::range_frames_len(r.1) as u64).sum::<u64>() + format::COMMIT_FRAME as u64;
+        let needed = format::transaction_bytes_max(spans.len() as u64, bytes);
         if needed > self.ring.area_len {
             return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
         }
@@ -279,32 +278,28 @@ impl Inner {
         // Only this function, under the writer lock, moves the tail.
         let written = self.tail.load(Ordering::Acquire);
         frames.clear();
-        let mut fw = FrameWriter::new(frames, written, self.epoch);
+        let mut fw = FrameWriter::new(frames, written, self.epoch, self.ring.area_len);
         let synced = self.synced_end();
         let mut logged = 0u64;
         if self.opts.coalesce {
-            let mut ranges = 0u32;
             coalescer
                 .run::<()>(&batch.pieces, &batch.data, |seg, off, bytes| {
-                    ranges += fw.range(seg, off, bytes);
+                    fw.range(seg, off, bytes);
                     logged += bytes.len() as u64;
                     Ok(())
                 })
                 .ok();
             let first = batch.tx_ends.first().map_or(0, |t| t.1);
             let last = batch.tx_ends.last().map_or(0, |t| t.1);
-            fw.commit(ranges, first, last, logged, synced);
+            fw.commit(first, last, synced);
         } else {
             let mut start = 0;
             for &(end, seq) in &batch.tx_ends {
-                let mut ranges = 0;
-                let mut bytes = 0;
                 for p in &batch.pieces[start..end] {
-                    ranges += fw.range(p.segment, p.offset, &batch.data[p.data_at..p.data_at + p.len]);
-                    bytes += p.len as u64;
+                    fw.range(p.segment, p.offset, &batch.data[p.data_at..p.data_at + p.len]);
+                    logged += p.len as u64;
                 }
-                fw.commit(ranges, seq, seq, bytes, synced);
-                logged += bytes;
+                fw.commit(seq, seq, synced);
                 start = end;
             }
         }
@@ -313,8 +308,11 @@ impl Inner {
         if len > cap {
             return Err(LogError::TransactionTooLarge { needed: len, capacity: cap }.into());
         }
+        // The log's room, or the unapplied-log bound (never less than this
+        // batch, which is then written alone).
+        let room = self.unapplied_bound().map_or(cap, |b| cap.min(b.max(len)));
         let mut waited = false;
-        while written + len - self.head.load(Ordering::Acquire) > cap {
+        while written + len - self.head.load(Ordering::Acquire) > room {
             // The log is full: make what is written durable and apply it.
             if !waited {
                 Counters::add(&self.counters.log_full_waits, 1);
@@ -326,7 +324,7 @@ impl Inner {
             // it ends: finishing it is cheaper than replaying that part.
             // Only if that is not room enough is the rest replayed.
             self.finish_checkpoint_for_room()?;
-            if written + len - self.head.load(Ordering::Acquire) > cap {
+            if written + len - self.head.load(Ordering::Acquire) > room {
                 self.truncate_to(written)?;
             }
             if self.head.load(Ordering::Acquire) == before {
@@ -347,13 +345,23 @@ impl Inner {
     }
 
     fn over_threshold(&self) -> bool {
-        match self.opts.truncate_threshold {
-            Some(t) => {
-                let head = self.head.load(Ordering::Acquire);
-                self.log_tail().saturating_sub(head) as f64 > t * self.ring.area_len as f64
-            }
-            None => false,
-        }
+        let used = self.log_tail().saturating_sub(self.head.load(Ordering::Acquire));
+        self.reclaim_at().is_some_and(|at| used > at)
+    }
+
+    /// Log bytes in use past which the background thread reclaims: the
+    /// threshold's fraction of the log, or half the unapplied-log bound if
+    /// that is less. `None` without a background thread.
+    pub(super) fn reclaim_at(&self) -> Option<u64> {
+        let t = self.opts.truncate_threshold?;
+        let at = (t * self.ring.area_len as f64) as u64;
+        Some(self.unapplied_bound().map_or(at, |b| at.min(b / 2)))
+    }
+
+    /// The most log that may wait for recovery ([`crate::Options::max_unapplied_log`]),
+    /// where the background thread enforces it.
+    fn unapplied_bound(&self) -> Option<u64> {
+        self.opts.truncate_threshold.and(self.opts.max_unapplied_log).map(|b| b.max(1))
     }
 
     /// Group commit: returns once commit `seq` (and all before it) is durable.

@@ -113,8 +113,10 @@ pub enum FrameBody {
         segment: u32,
         /// Byte offset in the segment.
         offset: u64,
-        /// Number of data bytes the frame carries.
+        /// Number of data bytes the range carries.
         data_len: u32,
+        /// Log position of its first data byte.
+        data_lsn: u64,
     },
     /// The end of a log transaction.
     Commit {
@@ -152,11 +154,12 @@ impl FrameReport {
         }
     }
 
-    fn from_frame(lsn: u64, len: u32, frame: &Frame<'_>) -> FrameReport {
-        let body = match *frame {
+    fn from_frame(f: &ScannedFrame<'_>) -> FrameReport {
+        let (lsn, len, data_lsn) = (f.lsn, f.len, f.data_lsn);
+        let body = match f.frame {
             Frame::Range { segment, offset, data } => {
-                // decode_frame bounds data by MAX_RANGE_DATA, which fits u32.
-                FrameBody::Range { segment, offset, data_len: u32::try_from(data.len()).unwrap_or(u32::MAX) }
+                // decode_record bounds data by RECORD_CAPACITY, which fits u32.
+                FrameBody::Range { segment, offset, data_len: u32::try_from(data.len()).unwrap_or(u32::MAX), data_lsn }
             }
             Frame::Commit { ranges, first_tx, last_tx, bytes, synced } => {
                 FrameBody::Commit { ranges, first_tx, last_tx, bytes, synced }
@@ -508,7 +511,7 @@ impl LogInspector {
     pub fn walk(&self, mut on_frame: impl FnMut(&FrameReport)) -> Result<ScanReport> {
         self.scan_frames(
             |f| {
-                on_frame(&FrameReport::from_frame(f.lsn, f.len, &f.frame));
+                on_frame(&FrameReport::from_frame(f));
                 Ok(())
             },
             || Ok(()),
@@ -603,7 +606,7 @@ impl LogInspector {
         let mut past = look_past_stop(&self.ring, start, &end, status.epoch, status.synced_end)?;
         let mut stop_blank = false;
         if let ScanStop::Defect { lsn, .. } = end.stop {
-            let mut header = [0u8; format::FRAME_HEADER];
+            let mut header = [0u8; format::RECORD_HEADER];
             self.ring.read(lsn, &mut header)?;
             stop_blank = header.iter().all(|&b| b == 0);
             // A live view may have read a frame the writer was writing (and
@@ -835,21 +838,23 @@ mod tests {
         let scan = report.scan.unwrap();
         assert_eq!((scan.transactions, scan.commits, scan.frames, scan.discarded), (3, 3, 6, 0));
         assert_eq!(scan.end, tail);
-        assert_eq!(report.frames[0].body, FrameBody::Range { segment: 1, offset: 0, data_len: 3 });
+        assert_eq!(
+            report.frames[0].body,
+            FrameBody::Range { segment: 1, offset: 0, data_len: 3, data_lsn: report.frames[0].lsn + 12 }
+        );
         assert_eq!(report.frames[3].kind(), FrameKind::Commit);
         assert!(report.frames.iter().all(|f| scan.is_committed(f.lsn)));
 
-        // Damage the last commit frame: its transaction becomes a discarded tail.
+        // Damage the last record: the log ends before it.
         let mut img = disk.durable_image(log).unwrap();
         let last = report.frames[5];
         let at = (report.superblock.area_offset + last.lsn % report.superblock.area_len) as usize;
-        img[at + 40] ^= 1;
+        img[at + 9] ^= 1;
         disk.set_durable_image(log, img);
         let inspector = LogInspector::open(vfs.as_ref(), log).unwrap();
         let (frames, scan) = inspector.frames().unwrap();
-        assert_eq!((scan.transactions, frames.len()), (2, 5));
-        assert_eq!(scan.discarded, u64::from(frames[4].len));
-        assert!(!scan.is_committed(frames[4].lsn));
+        assert_eq!((scan.transactions, frames.len()), (2, 4));
+        assert_eq!(scan.discarded, 0);
         assert_eq!(scan.stop, ScanStop::Defect { lsn: last.lsn, defect: FrameDefect::BadChecksum });
         assert_eq!(inspector.segment_name(1), Some(Path::new("seg")));
         // The inspector holds the lock.
@@ -953,10 +958,10 @@ mod tests {
         assert_eq!(end_of(&clean).log_end(), LogEnd::Clean);
         // Synced frames damaged mid-log: damage.
         let mut img = clean.clone();
-        img[at(frames[2].lsn) + 40] ^= 1;
+        img[at(frames[2].lsn) + 9] ^= 1;
         let scan = end_of(&img);
         assert_eq!(scan.log_end(), LogEnd::Damaged);
-        assert_eq!(scan.next_valid, Some(frames[3].lsn));
+        assert_eq!(scan.next_valid, Some(frames[4].lsn));
         // A partial frame at the end of a log whose status does not vouch for it: torn.
         let mut img = clean.clone();
         let status_at = format::BLOCK as usize;
@@ -967,10 +972,9 @@ mod tests {
             let enc = st.encode().unwrap();
             img[o..o + enc.len()].copy_from_slice(&enc);
         }
-        img[at(frames[5].lsn) + 40] ^= 1;
+        img[at(frames[5].lsn) + 9] ^= 1;
         let scan = end_of(&img);
         assert_eq!((scan.log_end(), scan.transactions, scan.next_valid), (LogEnd::Torn, 2, None));
-        assert!(scan.discarded > 0);
         // A non-blank header at the end (garbage past the last frame): torn.
         let mut img = clean.clone();
         let end = frames[5].lsn + u64::from(frames[5].len);
@@ -1022,7 +1026,7 @@ mod tests {
         disk.set_durable_image("seg", seg.clone());
         // Damage.
         let mut bad = img.clone();
-        bad[(format::AREA_OFFSET + frames[2].lsn) as usize + 40] ^= 1;
+        bad[(format::AREA_OFFSET + frames[2].lsn) as usize + 9] ^= 1;
         disk.set_durable_image("log", bad);
         assert!(matches!(snap(()), Err(Error::Corrupted { .. })));
         disk.set_durable_image("log", img);

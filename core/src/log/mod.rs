@@ -6,7 +6,7 @@ pub mod inspect;
 
 use crate::error::{Error, LogError, Result};
 use crate::storage::{OpenMode, Storage, Vfs};
-use format::{Frame, FrameDefect, FrameHeader, Status, Superblock, FRAME_HEADER, MAX_FRAME};
+use format::{Frame, FrameDefect, RangeRef, RecordHeader, RecordInfo, Status, Superblock, MAX_RECORD, RECORD_HEADER};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -205,23 +205,29 @@ pub struct ScanEnd {
     pub stop: ScanStop,
 }
 
-/// One frame as the scanner reports it (for dumps).
+/// One logical item (a range, or a transaction's commit) as the scanner
+/// reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedFrame<'a> {
-    /// Position of the frame.
+    /// Position of the record holding it.
     pub lsn: u64,
-    /// Total length of the frame.
+    /// The record's length with padding, on the record's last item; 0 on
+    /// its other items (so the lengths of all items add up to the log bytes).
     pub len: u32,
-    /// The decoded frame.
+    /// Log position of a range's first data byte (the record's position
+    /// for a commit).
+    pub data_lsn: u64,
+    /// The decoded item.
     pub frame: Frame<'a>,
 }
 
 /// Scans the log from `start` (at most up to `limit`) in `epoch`.
 ///
-/// `on_frame` sees every valid frame in order (including those of a tail
-/// that turns out incomplete); `on_commit` is called with the position range
-/// `[tx_start, tx_end)` of each complete transaction, after its frames.
-/// Reading stops at the first frame that fails a check.
+/// `on_frame` sees every range of every valid record in order (including
+/// those of a tail that turns out incomplete) and each transaction's
+/// commit; `on_commit` is called with the position range `[tx_start,
+/// tx_end)` of each complete transaction, after its items. Reading stops
+/// at the first record that fails a check.
 pub(crate) fn scan(
     ring: &Ring,
     start: u64,
@@ -230,14 +236,51 @@ pub(crate) fn scan(
     mut on_frame: impl FnMut(&ScannedFrame<'_>) -> Result<()>,
     mut on_commit: impl FnMut(u64, u64) -> Result<()>,
 ) -> Result<ScanEnd> {
-    const CHUNK: usize = 1 << 20;
+    scan_records(ring, start, limit, epoch, |lsn, rec, info, ranges, tx| {
+        let last = ranges.len().wrapping_sub(usize::from(info.commit.is_none()));
+        for (i, r) in ranges.iter().enumerate() {
+            let data = &rec[r.data_at as usize..(r.data_at + r.len) as usize];
+            let len = if i == last { info.len as u32 } else { 0 };
+            let frame = Frame::Range { segment: r.segment, offset: r.offset, data };
+            on_frame(&ScannedFrame { lsn, len, data_lsn: lsn + u64::from(r.data_at), frame })?;
+        }
+        if let Some((first_tx, last_tx, synced)) = info.commit {
+            let frame = Frame::Commit { ranges: tx.ranges, first_tx, last_tx, bytes: tx.bytes, synced };
+            on_frame(&ScannedFrame { lsn, len: info.len as u32, data_lsn: lsn, frame })?;
+            on_commit(tx.start, lsn + info.len as u64)?;
+        }
+        Ok(())
+    })
+}
+
+/// The transaction a scan is in.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TxSoFar {
+    /// Where it starts.
+    pub start: u64,
+    /// Ranges and data bytes in its records so far.
+    pub ranges: u32,
+    pub bytes: u64,
+}
+
+/// The record loop behind [`scan`]: `on_record(lsn, record bytes, info,
+/// ranges, tx)` for every valid record, with the transaction's totals
+/// including this record.
+pub(crate) fn scan_records(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    mut on_record: impl FnMut(u64, &[u8], &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
+) -> Result<ScanEnd> {
+    const CHUNK: usize = 4 << 20;
     let limit = limit.min(start.saturating_add(ring.area_len));
     let mut buf: Vec<u8> = Vec::new();
     let mut buf_lsn = start; // log position of buf[0]
     let mut pos = start;
-    let mut tx_start = start;
-    let mut ranges_in_tx = 0u32;
+    let mut tx = TxSoFar { start, ..TxSoFar::default() };
     let mut transactions = 0u64;
+    let mut ranges = Vec::new();
     // Ensures buf holds [pos, pos + need) if that lies below `limit`.
     let fill = |buf: &mut Vec<u8>, buf_lsn: &mut u64, pos: u64, need: usize| -> Result<bool> {
         if pos + need as u64 > limit {
@@ -258,44 +301,40 @@ pub(crate) fn scan(
         Ok(true)
     };
     let stop = loop {
-        if !fill(&mut buf, &mut buf_lsn, pos, FRAME_HEADER)? {
+        if !fill(&mut buf, &mut buf_lsn, pos, RECORD_HEADER)? {
             break ScanStop::Limit;
         }
         let at = (pos - buf_lsn) as usize;
-        let mut hb = [0u8; FRAME_HEADER];
-        hb.copy_from_slice(&buf[at..at + FRAME_HEADER]);
-        let header = FrameHeader::parse(&hb);
-        let len = match format::check_header(&header, pos, epoch) {
-            Ok(len) if len <= MAX_FRAME + 8 => len,
-            Ok(_) => break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength },
+        let mut hb = [0u8; RECORD_HEADER];
+        hb.copy_from_slice(&buf[at..at + RECORD_HEADER]);
+        let len = match format::check_header(&RecordHeader::parse(&hb), pos, epoch, ring.area_len) {
+            Ok(len) => len,
             Err(defect) => break ScanStop::Defect { lsn: pos, defect },
         };
         if !fill(&mut buf, &mut buf_lsn, pos, len)? {
             break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength };
         }
         let at = (pos - buf_lsn) as usize;
-        let frame = match format::decode_frame(&buf[at..at + len]) {
-            Ok(f) => f,
+        let rec = &buf[at..at + len];
+        let info = match format::decode_record(rec, pos, epoch, &mut ranges) {
+            Ok(info) => info,
             Err(defect) => break ScanStop::Defect { lsn: pos, defect },
         };
-        if let Frame::Commit { ranges, .. } = frame {
-            if ranges != ranges_in_tx {
-                break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadBody };
-            }
+        // The first record of a transaction says so, and only it: a record
+        // cannot be taken out of its transaction.
+        if (info.flags & format::FLAG_FIRST != 0) != (pos == tx.start) {
+            break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadBody };
         }
-        on_frame(&ScannedFrame { lsn: pos, len: len as u32, frame: frame.clone() })?;
-        pos += len as u64;
-        match frame {
-            Frame::Range { .. } => ranges_in_tx += 1,
-            Frame::Commit { .. } => {
-                on_commit(tx_start, pos)?;
-                transactions += 1;
-                ranges_in_tx = 0;
-                tx_start = pos;
-            }
+        tx.ranges = tx.ranges.saturating_add(ranges.len() as u32);
+        tx.bytes += info.data_bytes;
+        on_record(pos, rec, &info, &ranges, &tx)?;
+        pos += info.len as u64;
+        if info.commit.is_some() {
+            transactions += 1;
+            tx = TxSoFar { start: pos, ..TxSoFar::default() };
         }
     };
-    Ok(ScanEnd { end: tx_start, transactions, discarded: pos - tx_start, stop })
+    Ok(ScanEnd { end: tx.start, transactions, discarded: pos - tx.start, stop })
 }
 
 /// Synced records found past the frame where a scan stopped: the log is
@@ -371,22 +410,17 @@ pub(crate) fn look_past_stop(ring: &Ring, start: u64, end: &ScanEnd, epoch: u64,
     let (mut synced_to, mut valid_end, mut transactions_after) = (synced_end, lsn, 0);
     if let Some(first) = next_valid {
         let mut pos = first;
-        // Range frames seen before the first commit: fewer than it counts
-        // means that commit closes the damaged transaction (not counted).
-        let mut ranges_seen = Some(0u32);
-        while let Some((len, frame)) = read_valid_frame(ring, pos, limit, epoch)? {
-            match frame {
-                Frame::Commit { synced, ranges, .. } => {
-                    synced_to = synced_to.max(synced);
-                    if ranges_seen.take().is_none_or(|seen| seen == ranges) {
-                        transactions_after += 1;
-                    }
+        // A commit counts as a transaction after the damage only if its
+        // transaction's first record lies after it too.
+        let mut started = false;
+        while let Some((len, info)) = read_valid_frame(ring, pos, limit, epoch)? {
+            started |= info.flags & format::FLAG_FIRST != 0;
+            if let Some((_, _, synced)) = info.commit {
+                synced_to = synced_to.max(synced);
+                if started {
+                    transactions_after += 1;
                 }
-                Frame::Range { .. } => {
-                    if let Some(seen) = &mut ranges_seen {
-                        *seen += 1;
-                    }
-                }
+                started = false;
             }
             pos += len as u64;
         }
@@ -397,21 +431,22 @@ pub(crate) fn look_past_stop(ring: &Ring, start: u64, end: &ScanEnd, epoch: u64,
     Ok(PastStop { next_valid, damage })
 }
 
-/// The first position after `lsn` (8-aligned, within one maximal frame)
-/// where a valid frame of `epoch` starts.
+/// The first position after `lsn` (8-aligned, within one maximal record)
+/// where a valid record of `epoch` starts.
 fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Option<u64>> {
-    let window_end = limit.min(lsn.saturating_add((MAX_FRAME + 64) as u64));
-    let read_end = limit.min(window_end.saturating_add((MAX_FRAME + 8) as u64));
+    let window_end = limit.min(lsn.saturating_add((MAX_RECORD + 64) as u64));
+    let read_end = limit.min(window_end.saturating_add((MAX_RECORD + 8) as u64));
     let Some(len) = read_end.checked_sub(lsn).filter(|&n| n > 0) else { return Ok(None) };
     let mut buf = vec![0u8; len as usize];
     ring.read(lsn, &mut buf)?;
+    let mut ranges = Vec::new();
     let mut p = lsn + 8;
-    while p + FRAME_HEADER as u64 <= window_end {
+    while p + RECORD_HEADER as u64 <= window_end {
         let at = (p - lsn) as usize;
-        let mut hb = [0u8; FRAME_HEADER];
-        hb.copy_from_slice(&buf[at..at + FRAME_HEADER]);
-        if let Ok(n) = format::check_header(&FrameHeader::parse(&hb), p, epoch) {
-            if at + n <= buf.len() && format::decode_frame(&buf[at..at + n]).is_ok() {
+        let mut hb = [0u8; RECORD_HEADER];
+        hb.copy_from_slice(&buf[at..at + RECORD_HEADER]);
+        if let Ok(n) = format::check_header(&RecordHeader::parse(&hb), p, epoch, ring.area_len) {
+            if at + n <= buf.len() && format::decode_record(&buf[at..at + n], p, epoch, &mut ranges).is_ok() {
                 return Ok(Some(p));
             }
         }
@@ -420,30 +455,21 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
     Ok(None)
 }
 
-/// The valid frame of `epoch` at `pos`, if there is one below `limit`.
-pub(crate) fn read_valid_frame(
-    ring: &Ring,
-    pos: u64,
-    limit: u64,
-    epoch: u64,
-) -> Result<Option<(usize, Frame<'static>)>> {
-    if pos + FRAME_HEADER as u64 > limit {
+/// The valid record of `epoch` at `pos`, if there is one below `limit`:
+/// its length with padding and what it holds.
+pub(crate) fn read_valid_frame(ring: &Ring, pos: u64, limit: u64, epoch: u64) -> Result<Option<(usize, RecordInfo)>> {
+    if pos + RECORD_HEADER as u64 > limit {
         return Ok(None);
     }
-    let mut hb = [0u8; FRAME_HEADER];
+    let mut hb = [0u8; RECORD_HEADER];
     ring.read(pos, &mut hb)?;
-    let Ok(len) = format::check_header(&FrameHeader::parse(&hb), pos, epoch) else { return Ok(None) };
+    let Ok(len) = format::check_header(&RecordHeader::parse(&hb), pos, epoch, ring.area_len) else {
+        return Ok(None);
+    };
     if pos + len as u64 > limit {
         return Ok(None);
     }
     let mut buf = vec![0u8; len];
     ring.read(pos, &mut buf)?;
-    Ok(match format::decode_frame(&buf) {
-        // Only the commit's fields are needed; range data is not kept.
-        Ok(Frame::Commit { ranges, first_tx, last_tx, bytes, synced }) => {
-            Some((len, Frame::Commit { ranges, first_tx, last_tx, bytes, synced }))
-        }
-        Ok(Frame::Range { segment, offset, .. }) => Some((len, Frame::Range { segment, offset, data: &[] })),
-        Err(_) => None,
-    })
+    Ok(format::decode_record(&buf, pos, epoch, &mut Vec::new()).ok().map(|info| (len, info)))
 }

@@ -7,7 +7,7 @@
 //! One flag byte ([`RESEAL`], [`WRAPPED`]), then a list of edits applied to
 //! a valid log (and its one segment) made once per process by a real
 //! instance on a [`SimDisk`]: a 256 KiB log holding four committed,
-//! unapplied transactions (five range frames) for a 16 KiB segment named
+//! unapplied transactions (five ranges) for a 16 KiB segment named
 //! `seg`. Without [`WRAPPED`] the log is fresh (head 0) and was closed
 //! cleanly (its status records how far it is synced); with it the log was
 //! filled, truncated, and written again so that its records run across the
@@ -22,10 +22,10 @@
 //! them.
 //!
 //! With [`RESEAL`], every checksum the edits touched is recomputed after
-//! the edits: the superblock's, each status slot's, and each frame's along
-//! the chain of frame lengths from the head (so crafted lengths, epochs,
-//! positions, kinds and counts get past the checksums to the checks behind
-//! them).
+//! the edits: the superblock's, each status slot's, and each record's along
+//! the chain of record lengths from the head, seeded with the template's
+//! epoch (so crafted lengths, tags, flags, varints and trailers get past
+//! the checksums to the checks behind them).
 //!
 //! # What is checked
 //!
@@ -52,7 +52,7 @@
 //! - without damage, recovery with and without salvage agree.
 
 use crate::error::Error;
-use crate::log::format::{self, MAX_FRAME, RANGE_FIXED, STATUS_FIXED, STATUS_SLOT};
+use crate::log::format::{self, MAX_RECORD, RECORD_HEADER, RECORD_MIN, STATUS_FIXED, STATUS_SLOT};
 use crate::log::inspect::{inspect, FrameBody, FrameReport, LogInspector, ScanReport};
 use crate::log::ScanStop;
 use crate::testing::{CrashMode, SimDisk};
@@ -383,28 +383,30 @@ fn apply_edits(t: &LogTemplate, flags: u8, edits: &[LogEdit]) -> Images {
     Images { log, segment }
 }
 
-/// Recomputes the checksum of every frame along the chain of lengths from
-/// the template's head that overlaps a touched byte.
+/// Recomputes the checksum of every record along the chain of lengths
+/// from the template's head that overlaps a touched byte (seeded with the
+/// record's position and the template's epoch, as the writer does).
 fn reseal_frames(t: &LogTemplate, log: &mut [u8], touched: &[bool]) {
     let area_len = t.area_len as usize;
     let at = |lsn: u64| t.device_offset(lsn);
     let mut pos = t.head;
     let end = t.head + t.area_len;
-    while pos + format::FRAME_HEADER as u64 <= end {
-        let len_bytes: Vec<u8> = (4..8).map(|i| log[at(pos + i)]).collect();
-        let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
-        if len < format::FRAME_HEADER || !len.is_multiple_of(8) || len > MAX_FRAME + 8 || pos + len as u64 > end {
+    while pos + RECORD_HEADER as u64 <= end {
+        let len = u32::from_le_bytes([log[at(pos + 4)], log[at(pos + 5)], log[at(pos + 6)], 0]) as usize;
+        let padded = format::align8(len);
+        if !(RECORD_MIN..=MAX_RECORD).contains(&len) || pos + padded as u64 > end {
             break;
         }
         let first = (pos % t.area_len) as usize;
         if (0..len).any(|i| touched[(first + i) % area_len]) {
-            let body: Vec<u8> = (4..len as u64).map(|i| log[at(pos + i)]).collect();
-            let crc = crc32c::crc32c(&body).to_le_bytes();
+            let mut seeded: Vec<u8> = pos.to_le_bytes().into_iter().chain(t.epoch.to_le_bytes()).collect();
+            seeded.extend((4..len as u64).map(|i| log[at(pos + i)]));
+            let crc = crc32c::crc32c(&seeded).to_le_bytes();
             for (i, b) in crc.into_iter().enumerate() {
                 log[at(pos + i as u64)] = b;
             }
         }
-        pos += len as u64;
+        pos += padded as u64;
     }
 }
 
@@ -506,7 +508,7 @@ fn inspect_log(disk: &SimDisk, segment: &[u8]) -> Result<Option<Inspected>, Refu
     let mut unknown_segment = false;
     let log = disk.live_image(LOG).expect("the log");
     for f in frames.iter().filter(|f| scan.is_committed(f.lsn)) {
-        let FrameBody::Range { segment: id, offset, data_len } = f.body else { continue };
+        let FrameBody::Range { segment: id, offset, data_len, data_lsn } = f.body else { continue };
         match status.segments.iter().find(|e| e.id == id) {
             None => unknown_segment = true,
             Some(e) if e.name != Path::new(SEGMENT) => expected = None,
@@ -522,7 +524,7 @@ fn inspect_log(disk: &SimDisk, segment: &[u8]) -> Result<Option<Inspected>, Refu
             continue;
         }
         for i in 0..data_len as usize {
-            let lsn = f.lsn + (RANGE_FIXED + i) as u64;
+            let lsn = data_lsn + i as u64;
             seg[start + i] = log[(sb.area_offset + lsn % sb.area_len) as usize];
         }
     }

@@ -549,7 +549,7 @@ fn end_words(scan: &ScanReport) -> String {
             }
             if let ScanStop::Defect { lsn, .. } = stop {
                 words.push_str(&format!(
-                    "{} the frame at position {lsn} is incomplete or bad ({})",
+                    "{} the record at position {lsn} is incomplete or bad ({})",
                     if scan.discarded > 0 { ", then" } else { ":" },
                     scan.describe_stop()
                 ));
@@ -621,7 +621,7 @@ fn status(path: &Path, as_json: bool, quiet: bool, out: &mut dyn Write) -> Outco
                 match scan.damage {
                     Some(d) => writeln!(
                         out,
-                        "DAMAGED:        the frame at position {} is bad ({}) but the log was durable up to {}; \
+                        "DAMAGED:        the record at position {} is bad ({}) but the log was durable up to {}; \
                          valid frames follow{} ({} complete transaction(s) after it). Recovery refuses this log; \
                          `rvmutl recover --salvage` keeps only what precedes the damage",
                         d.lsn,
@@ -646,7 +646,7 @@ fn frame_line(log: &LogInspector, f: &FrameReport, committed: bool) -> String {
     let sb = log.superblock();
     let device_offset = sb.area_offset + f.lsn % sb.area_len;
     let body = match f.body {
-        FrameBody::Range { segment, offset, data_len } => {
+        FrameBody::Range { segment, offset, data_len, .. } => {
             let name = log.segment_name(segment).map_or_else(|| "?".to_string(), |p| p.display().to_string());
             format!("range   segment {segment} ({name}) offset {offset} len {data_len}")
         }
@@ -668,7 +668,7 @@ fn frame_json(log: &LogInspector, f: &FrameReport, committed: bool) -> Value {
         "committed": committed,
     });
     let extra = match f.body {
-        FrameBody::Range { segment, offset, data_len } => json!({
+        FrameBody::Range { segment, offset, data_len, .. } => json!({
             "kind": "range",
             "segment": segment,
             "segment_name": log.segment_name(segment).map(|p| p.to_string_lossy()),
@@ -795,7 +795,7 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
         None => writeln!(out, "  log ended at:           the end of the record area")?,
     }
     if let Some(s) = &r.salvage {
-        writeln!(out, "  SALVAGED a damaged log: frame at position {} was bad ({})", s.damaged_at, s.defect)?;
+        writeln!(out, "  SALVAGED a damaged log: record at position {} was bad ({})", s.damaged_at, s.defect)?;
         writeln!(
             out,
             "  dropped:                {} log bytes, {} complete transaction(s) after the damage, and the",
