@@ -13,7 +13,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod coalesce;
-mod combine;
 mod error;
 mod instance;
 pub mod log;

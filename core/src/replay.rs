@@ -2,15 +2,28 @@
 //! segments (recovery at open, and truncation by replay).
 //!
 //! The scan (reading, CRC checks, decoding) collects range records into
-//! chunks of about [`CHUNK_BYTES`] of data. Each chunk is coalesced (newest
-//! bytes win, so a byte changed many times is written once per chunk) and
-//! written through the write combiner. A log range of more than one chunk
-//! is replayed as a pipeline: a second thread applies chunk *n* while the
-//! scan reads chunk *n + 1*, in order. A range of one chunk (every small
-//! replay) is applied on the calling thread, in program order.
+//! chunks of about [`CHUNK_BYTES`] of data. The applier copies each range,
+//! in log order, into an in-memory image of the segment pages it touches
+//! ([`PageCache`]): a page is read from the segment once (with its
+//! neighbours in a block of [`BLOCK_PAGES`]), or not at all if a range
+//! covers it whole, takes every later range in place, and is written back
+//! once, in runs of neighbouring pages, at the end of the replay (or when
+//! the cache reaches [`CACHE_BYTES`]). So a byte changed many times is
+//! written once, and a page changed by many small ranges costs one read
+//! and one write, however long the log. A log range of more than one
+//! chunk is replayed as a pipeline: a second thread applies chunk *n*
+//! while the scan reads chunk *n + 1*, in order. A range of one chunk
+//! (every small replay) is applied on the calling thread, in program
+//! order.
+//!
+//! Why whole pages may be written: replay is the only writer of a segment
+//! while it runs (the caller holds the truncation lock, or is recovery),
+//! and a segment only ever holds committed bytes, so the bytes of a page
+//! that no range changed are committed bytes read back, and writing them
+//! again changes nothing even if the write is torn or lost. Only pages a
+//! range touched are written.
 
-use crate::coalesce::{Coalescer, Piece};
-use crate::combine::Combiner;
+use crate::coalesce::Piece;
 use crate::error::{Error, LogError, Result};
 use crate::log::{self, format, Ring, ScanEnd};
 use crate::storage::Storage;
@@ -22,6 +35,17 @@ use std::sync::Arc;
 
 /// Data bytes per chunk.
 pub(crate) const CHUNK_BYTES: usize = 16 << 20;
+/// Segment page size of the replay's cache (the page cache's unit).
+const PAGE: usize = 4096;
+/// Pages read at once when a range needs a page not in the cache.
+const BLOCK_PAGES: u64 = 16;
+/// Bytes of pages the cache holds before it writes them back and starts
+/// afresh.
+const CACHE_BYTES: usize = 256 << 20;
+/// Bytes written with one `write_at` at most.
+const MAX_WRITE: usize = 1 << 20;
+/// Pages per leaf of a segment's page table (16 MiB of segment).
+const LEAF: u64 = 4096;
 
 /// What a replay did.
 #[derive(Debug)]
@@ -48,61 +72,211 @@ impl Chunk {
     }
 }
 
-/// The segment side: opens devices as records name them, coalesces each
-/// chunk and writes its runs.
+/// One segment's pages in the cache: a two-level table from page number to
+/// slot + 1 (0: not cached).
+#[derive(Default)]
+struct PageTable {
+    leaves: Vec<Option<Box<[u32]>>>,
+}
+
+impl PageTable {
+    #[inline]
+    fn get(&self, page: u64) -> Option<usize> {
+        let leaf = self.leaves.get((page / LEAF) as usize)?.as_ref()?;
+        let slot = leaf[(page % LEAF) as usize];
+        (slot != 0).then(|| slot as usize - 1)
+    }
+
+    fn set(&mut self, page: u64, slot: usize) {
+        let top = (page / LEAF) as usize;
+        if self.leaves.len() <= top {
+            self.leaves.resize_with(top + 1, || None);
+        }
+        let leaf = self.leaves[top].get_or_insert_with(|| vec![0u32; LEAF as usize].into_boxed_slice());
+        leaf[(page % LEAF) as usize] = slot as u32 + 1;
+    }
+}
+
+/// Segment pages as replay leaves them; see the module docs.
+struct PageCache {
+    /// Page images, one slot after another.
+    arena: Vec<u8>,
+    /// Per slot: segment id, page number, changed by a range.
+    slots: Vec<(u32, u64, bool)>,
+    tables: HashMap<u32, PageTable>,
+    /// Slots kept at most.
+    limit: usize,
+    /// Scratch for block reads and write-back runs.
+    scratch: Vec<u8>,
+}
+
+/// A segment as the applier holds it.
+struct Device {
+    dev: Arc<dyn Storage>,
+    name: PathBuf,
+    len: u64,
+}
+
+impl PageCache {
+    fn new(limit_bytes: usize) -> PageCache {
+        PageCache {
+            arena: Vec::new(),
+            slots: Vec::new(),
+            tables: HashMap::new(),
+            limit: (limit_bytes / PAGE).max(BLOCK_PAGES as usize),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A new slot for page `page` of `seg` (contents to be filled in).
+    fn alloc(&mut self, seg: u32, page: u64) -> usize {
+        let slot = self.slots.len();
+        self.slots.push((seg, page, false));
+        self.arena.resize(self.arena.len() + PAGE, 0);
+        self.tables.entry(seg).or_default().set(page, slot);
+        slot
+    }
+
+    /// Reads the block holding `page` and caches its pages not cached yet.
+    fn load_block(&mut self, seg: u32, d: &Device, page: u64) -> Result<()> {
+        let first = page / BLOCK_PAGES * BLOCK_PAGES;
+        let start = first * PAGE as u64;
+        let end = ((first + BLOCK_PAGES) * PAGE as u64).min(d.len);
+        let n = (end - start) as usize;
+        self.scratch.clear();
+        self.scratch.resize(n.div_ceil(PAGE) * PAGE, 0);
+        d.dev.read_at(&mut self.scratch[..n], start).map_err(|e| Error::io("reading segment", &d.name, e))?;
+        for (i, p) in (first..).take(n.div_ceil(PAGE)).enumerate() {
+            if self.tables.get(&seg).and_then(|t| t.get(p)).is_none() {
+                let slot = self.alloc(seg, p);
+                let (arena, scratch) = (&mut self.arena, &self.scratch);
+                arena[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(&scratch[i * PAGE..(i + 1) * PAGE]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the new bytes `data` at `offset` of segment `seg` (already
+    /// checked to lie inside it).
+    fn apply(&mut self, seg: u32, d: &Device, offset: u64, data: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let page = at / PAGE as u64;
+            let in_page = (at % PAGE as u64) as usize;
+            let n = (PAGE - in_page).min(data.len() - done);
+            let slot = match self.tables.get(&seg).and_then(|t| t.get(page)) {
+                Some(slot) => slot,
+                None => {
+                    let whole = in_page == 0 && (n == PAGE || at + n as u64 == d.len);
+                    if whole {
+                        // Every byte of the page (up to the segment's end)
+                        // is the range's: nothing to read.
+                        self.alloc(seg, page)
+                    } else {
+                        self.load_block(seg, d, page)?;
+                        self.tables.get(&seg).and_then(|t| t.get(page)).ok_or_else(|| {
+                            Error::corrupted(format!("log replay (page {page} of segment id {seg})"), "replay")
+                        })?
+                    }
+                }
+            };
+            self.arena[slot * PAGE + in_page..slot * PAGE + in_page + n].copy_from_slice(&data[done..done + n]);
+            self.slots[slot].2 = true;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes every changed page back, in runs of neighbouring pages, and
+    /// empties the cache; returns the bytes written.
+    fn write_back(&mut self, devices: impl Fn(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>) -> Result<u64> {
+        let mut order: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].2).collect();
+        order.sort_unstable_by_key(|&s| (self.slots[s].0, self.slots[s].1));
+        let mut written = 0u64;
+        let mut i = 0;
+        while i < order.len() {
+            let (seg, first, _) = self.slots[order[i]];
+            let Some((dev, name, len)) = devices(seg) else {
+                return Err(Error::corrupted(format!("log replay (segment id {seg} unresolved)"), "replay"));
+            };
+            let mut j = i;
+            self.scratch.clear();
+            while j < order.len() {
+                let (s, p, _) = self.slots[order[j]];
+                if s != seg || p != first + (j - i) as u64 || self.scratch.len() >= MAX_WRITE {
+                    break;
+                }
+                let slot = order[j];
+                self.scratch.extend_from_slice(&self.arena[slot * PAGE..(slot + 1) * PAGE]);
+                j += 1;
+            }
+            let start = first * PAGE as u64;
+            let n = (self.scratch.len() as u64).min(len.saturating_sub(start)) as usize;
+            dev.write_at(&self.scratch[..n], start).map_err(|e| Error::io("writing segment", &name, e))?;
+            written += n as u64;
+            i = j;
+        }
+        self.arena.clear();
+        self.slots.clear();
+        self.tables.clear();
+        Ok(written)
+    }
+}
+
+/// The segment side: opens devices as records name them and applies each
+/// chunk's ranges to the page cache, in order.
 struct SegmentWriter<R> {
     resolve: R,
-    devices: HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>,
-    coalescer: Coalescer,
-    combiner: Combiner,
+    devices: HashMap<u32, Device>,
+    cache: PageCache,
     segment_bytes: u64,
 }
 
 impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> SegmentWriter<R> {
     fn apply(&mut self, chunk: &Chunk) -> Result<()> {
-        let SegmentWriter { resolve, devices, coalescer, combiner, segment_bytes } = self;
-        // Runs go to the segments through the write combiner (one
-        // read-modify-write per cluster of nearby runs).
-        let mut write_pending = |c: &mut Combiner, devices: &HashMap<u32, (Arc<dyn Storage>, PathBuf, u64)>| {
-            let Some(seg) = c.pending() else { return Ok(()) };
-            // Every run's segment was resolved before the run was pushed.
-            let (dev, name, _) = devices
-                .get(&seg)
-                .ok_or_else(|| Error::corrupted(format!("log replay (segment id {seg} unresolved)"), "replay"))?;
-            *segment_bytes += c.write_to(dev.as_ref()).map_err(|e| Error::io("writing segment", name, e))?;
-            Ok::<(), Error>(())
-        };
-        coalescer.run::<Error>(&chunk.pieces, &chunk.data, |seg, off, bytes| {
-            let (_, name, len) = match devices.entry(seg) {
+        for p in &chunk.pieces {
+            let d = match self.devices.entry(p.segment) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
-                    let (dev, name) = resolve(seg)?;
+                    let (dev, name) = (self.resolve)(p.segment)?;
                     let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-                    e.insert((dev, name, len))
+                    e.insert(Device { dev, name, len })
                 }
             };
-            if off.checked_add(bytes.len() as u64).is_none_or(|end| end > *len) {
+            let (off, len) = (p.offset, p.len as u64);
+            if off.checked_add(len).is_none_or(|end| end > d.len) {
                 // The log was checked before: the segment shrank since its
                 // records were written (truncated by someone else).
                 return Err(LogError::SegmentTooShort {
-                    path: name.clone(),
-                    needed: off.saturating_add(bytes.len() as u64),
-                    len: *len,
+                    path: d.name.clone(),
+                    needed: off.saturating_add(len),
+                    len: d.len,
                 }
                 .into());
             }
-            if !combiner.joins(seg, off, bytes.len()) {
-                write_pending(combiner, devices)?;
+            // The cache may pass its limit by one range's pages (a range
+            // is at most one record long).
+            if self.cache.slots.len() + BLOCK_PAGES as usize > self.cache.limit {
+                self.flush()?;
             }
-            combiner.push(seg, off, bytes);
-            Ok(())
-        })?;
-        write_pending(combiner, devices)
+            let d = &self.devices[&p.segment];
+            self.cache.apply(p.segment, d, off, &chunk.data[p.data_at..p.data_at + p.len])?;
+        }
+        Ok(())
+    }
+
+    /// Writes the cached pages back.
+    fn flush(&mut self) -> Result<()> {
+        let devices = &self.devices;
+        self.segment_bytes +=
+            self.cache.write_back(|id| devices.get(&id).map(|d| (d.dev.clone(), d.name.clone(), d.len)))?;
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {
-        for (dev, name, _) in self.devices.values() {
-            dev.sync().map_err(|e| Error::io("syncing segment", name, e))?;
+        for d in self.devices.values() {
+            d.dev.sync().map_err(|e| Error::io("syncing segment", &d.name, e))?;
         }
         Ok(())
     }
@@ -139,7 +313,7 @@ pub(crate) fn replay_with_progress<R>(
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    replay_in_chunks(ring, start, limit, epoch, resolve, CHUNK_BYTES, progress)
+    replay_in_chunks(ring, start, limit, epoch, resolve, (CHUNK_BYTES, CACHE_BYTES), progress)
 }
 
 fn replay_in_chunks<R>(
@@ -148,19 +322,14 @@ fn replay_in_chunks<R>(
     limit: u64,
     epoch: u64,
     resolve: R,
-    chunk_bytes: usize,
+    (chunk_bytes, cache_bytes): (usize, usize),
     progress: &dyn Fn(u64),
 ) -> Result<Replayed>
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    let writer = SegmentWriter {
-        resolve,
-        devices: HashMap::new(),
-        coalescer: Coalescer::default(),
-        combiner: Combiner::default(),
-        segment_bytes: 0,
-    };
+    let writer =
+        SegmentWriter { resolve, devices: HashMap::new(), cache: PageCache::new(cache_bytes), segment_bytes: 0 };
     std::thread::scope(|scope| {
         struct Scan<'s, R> {
             /// Complete transactions not yet applied.
@@ -251,6 +420,8 @@ where
             }
         };
         let end = scanned?;
+        let mut writer = writer;
+        writer.flush()?;
         writer.sync()?;
         Ok(Replayed { end, log_bytes, segment_bytes: writer.segment_bytes })
     })
@@ -262,60 +433,118 @@ mod tests {
     use crate::log::LogDevice;
     use crate::testing::SimDisk;
     use crate::{create_log_with, CommitMode, MapSpec, Options, RestoreMode, Rvm};
+    use proptest::prelude::*;
     use std::path::Path;
 
-    /// A pipelined replay (many chunks, a second thread) leaves the segment
-    /// exactly as one applied on the calling thread, and as committed.
-    #[test]
-    fn pipelined_replay_equals_inline_replay() {
+    /// One transaction: ranges (offset, length, fill byte) of a 16-page
+    /// segment whose length is not a multiple of the cache's page.
+    type Tx = Vec<(usize, usize, u8)>;
+
+    const SEG_LEN: usize = 16 * 4096 + 4096;
+
+    /// Commits `txs` (coalescing on or off, no truncation), then replays
+    /// the log with every (chunk, cache) size given, and returns the
+    /// reference image (the committed transactions applied in order) and
+    /// each replay's (transactions, log bytes, segment image).
+    /// A replay's transactions, log bytes and resulting segment image.
+    type Run = (u64, u64, Vec<u8>);
+
+    fn replays(txs: &[Tx], coalesce: bool, sizes: &[(usize, usize)]) -> (Vec<u8>, Vec<Run>) {
         let disk = SimDisk::new();
         let vfs: Arc<dyn crate::Vfs> = Arc::new(disk.clone());
         let (log, seg) = (Path::new("/replay.log"), Path::new("/replay.seg"));
-        create_log_with(vfs.as_ref(), log, 1 << 20).unwrap();
-        let len = 16 * crate::page_size();
-        let mut want = vec![0u8; len];
+        create_log_with(vfs.as_ref(), log, 4 << 20).unwrap();
+        let ps = crate::page_size();
+        let map_len = SEG_LEN / ps * ps;
+        let mut want = vec![0u8; SEG_LEN];
         {
-            let opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
+            let opts = Options { coalesce, truncate_threshold: None, write_behind: false, ..Options::default() };
             let rvm = Rvm::open_with(vfs.clone(), log, opts).unwrap();
-            let s = rvm.create_segment(seg, len as u64).unwrap();
-            let region = rvm.map(&s, MapSpec::new(0, len)).unwrap();
-            let mut x = 7u64;
-            for i in 0..600u64 {
-                let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
-                for _ in 0..1 + i % 3 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let n = 1 + (x >> 60) as usize * 9;
-                    let off = (x >> 20) as usize % (len - n);
-                    let bytes: Vec<u8> = (0..n).map(|k| (i as usize + k) as u8).collect();
+            let s = rvm.create_segment(seg, SEG_LEN as u64).unwrap();
+            let region = rvm.map(&s, MapSpec::new(0, map_len)).unwrap();
+            for tx in txs {
+                let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+                for &(off, n, fill) in tx {
+                    let off = off % map_len;
+                    let n = n.min(map_len - off);
+                    let bytes: Vec<u8> = (0..n).map(|k| fill.wrapping_add(k as u8)).collect();
                     // SAFETY: single-threaded; inside the region.
-                    unsafe { tx.modify_bytes(region.addr() + off, &bytes).unwrap() };
+                    unsafe { t.modify_bytes(region.addr() + off, &bytes).unwrap() };
                     want[off..off + n].copy_from_slice(&bytes);
                 }
-                tx.commit(CommitMode::NoFlush).unwrap();
+                t.commit(CommitMode::NoFlush).unwrap();
             }
         } // flushed, not truncated
         let (log_img, seg_img) = (disk.durable_image(log).unwrap(), disk.durable_image(seg).unwrap());
-        let run = |chunk_bytes: usize| {
-            disk.set_durable_image(log, log_img.clone());
-            disk.set_durable_image(seg, seg_img.clone());
-            let LogDevice { ring, status, .. } = LogDevice::open(vfs.as_ref(), log).unwrap();
-            let name = status.segments[0].name.clone();
-            let r = replay_in_chunks(
-                &ring,
-                status.head,
-                u64::MAX,
-                status.epoch,
-                |_| Ok((vfs.open(&name, crate::OpenMode::Existing).unwrap(), name.clone())),
-                chunk_bytes,
-                &|_| {},
-            )
-            .unwrap();
-            (r.end.transactions, r.log_bytes, disk.live_image(seg).unwrap())
-        };
-        let inline = run(usize::MAX);
-        let piped = run(256);
-        assert_eq!(inline.0, 600);
-        assert_eq!(inline.2, want, "inline replay");
-        assert_eq!(piped, inline, "pipelined replay");
+        let runs = sizes
+            .iter()
+            .map(|&sizes| {
+                disk.set_durable_image(log, log_img.clone());
+                disk.set_durable_image(seg, seg_img.clone());
+                let LogDevice { ring, status, .. } = LogDevice::open(vfs.as_ref(), log).unwrap();
+                let name = status.segments[0].name.clone();
+                let r = replay_in_chunks(
+                    &ring,
+                    status.head,
+                    u64::MAX,
+                    status.epoch,
+                    |_| Ok((vfs.open(&name, crate::OpenMode::Existing).unwrap(), name.clone())),
+                    sizes,
+                    &|_| {},
+                )
+                .unwrap();
+                (r.end.transactions, r.log_bytes, disk.live_image(seg).unwrap())
+            })
+            .collect();
+        (want, runs)
+    }
+
+    /// Replay in one chunk on the calling thread, pipelined in many chunks,
+    /// and with a cache so small that it writes back before every range:
+    /// each leaves the segment byte for byte as the committed transactions
+    /// applied in order (what a full replay must leave).
+    #[test]
+    fn pipelined_replay_equals_inline_replay() {
+        let mut x = 7u64;
+        let txs: Vec<Tx> = (0..600u64)
+            .map(|i| {
+                (0..1 + i % 3)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((x >> 20) as usize, 1 + (x >> 60) as usize * 9, i as u8)
+                    })
+                    .collect()
+            })
+            .collect();
+        let sizes = [(usize::MAX, usize::MAX), (256, CACHE_BYTES), (256, 0)];
+        let (want, runs) = replays(&txs, false, &sizes);
+        assert_eq!(runs[0].0, 600);
+        for (r, size) in runs.iter().zip(sizes) {
+            assert!(r.2 == want, "replay with sizes {size:?}");
+            assert_eq!((r.0, r.1), (runs[0].0, runs[0].1));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        /// Random logs (small and page-spanning ranges, hot and spread,
+        /// coalescing on and off): every replay equals the reference apply.
+        #[test]
+        fn replay_equals_the_committed_transactions_applied_in_order(
+            txs in prop::collection::vec(
+                prop::collection::vec(
+                    (prop_oneof![0usize..256, 0usize..SEG_LEN], prop_oneof![1usize..64, 1usize..9000], any::<u8>()),
+                    1..5,
+                ),
+                1..80,
+            ),
+            coalesce in any::<bool>(),
+        ) {
+            let sizes = [(usize::MAX, usize::MAX), (512, CACHE_BYTES), (512, 0)];
+            let (want, runs) = replays(&txs, coalesce, &sizes);
+            for (r, size) in runs.iter().zip(sizes) {
+                prop_assert!(r.2 == want, "replay with sizes {:?} (coalesce {})", size, coalesce);
+            }
+        }
     }
 }

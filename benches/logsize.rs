@@ -1,0 +1,279 @@
+//! Log size and replay speed of the log format: bytes of log per
+//! transaction (a TPC-A bank transfer, and the core benchmark's 1–4 ranges
+//! of 8–64 B), replay of a log of small ranges (MB of log per second, wall
+//! and CPU), and restart time with the default options.
+//!
+//! Uses only API that log format 2 had too, so the same file builds at an
+//! older commit and the two can be run back to back (see
+//! docs/BENCHMARKS.md). `cargo bench --bench logsize`;
+//! `RVM_BENCH_QUICK=1` for a short check; `RVM_BENCH_DIR` picks the
+//! directory (default: `rvm-bench/` in the target directory).
+
+mod common;
+
+use common::{quick, Rng};
+use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+
+fn bench_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("RVM_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("exe");
+        exe.parent().and_then(|p| p.parent()).map_or_else(|| PathBuf::from("."), |p| p.join("rvm-bench"))
+    });
+    let dir = base.join(format!("logsize-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    dir
+}
+
+fn cpu_seconds() -> f64 {
+    // Process CPU time (user + system) of every thread: replay may use two.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+struct Inst {
+    rvm: Rvm,
+    region: Region,
+    dir: PathBuf,
+}
+
+fn open(name: &str, log: usize, region_len: usize, opts: Options) -> Inst {
+    let dir = bench_dir(name);
+    create_log(dir.join("log"), log as u64).expect("log");
+    let rvm = Rvm::open(dir.join("log"), opts).expect("open");
+    let seg = rvm.create_segment(dir.join("seg"), region_len as u64).expect("segment");
+    let region = rvm.map(&seg, MapSpec::new(0, region_len)).expect("map");
+    Inst { rvm, region, dir }
+}
+
+/// One bank transfer: two 8-byte balances and a 32-byte history record.
+fn transfer(inst: &Inst, rng: &mut Rng, accounts: usize, history: &mut usize, mode: CommitMode) {
+    let base = inst.region.addr();
+    let hist_base = accounts * 8;
+    let hist_slots = (inst.region.len() - hist_base) / 32;
+    let (a, b) = (rng.below(accounts), rng.below(accounts));
+    let mut tx = inst.rvm.begin(RestoreMode::NoRestore).expect("begin");
+    let amount = 1 + rng.below(100) as u64;
+    // SAFETY: every address lies inside the region, which only this thread
+    // touches; each range is declared before it is stored into.
+    unsafe {
+        let pa = (base + a * 8) as *mut u64;
+        let pb = (base + b * 8) as *mut u64;
+        tx.set_range(pa as usize, 8).expect("set_range");
+        tx.set_range(pb as usize, 8).expect("set_range");
+        pa.write(pa.read().wrapping_sub(amount));
+        pb.write(pb.read().wrapping_add(amount));
+        let h = base + hist_base + (*history % hist_slots) * 32;
+        let rec = [a as u64, b as u64, amount, *history as u64];
+        tx.set_range(h, 32).expect("set_range");
+        std::ptr::copy_nonoverlapping(rec.as_ptr().cast::<u8>(), h as *mut u8, 32);
+    }
+    *history += 1;
+    tx.commit(mode).expect("commit");
+}
+
+/// The core benchmark's transaction: 1-4 ranges of 8-64 B, uniform.
+fn small_tx(inst: &Inst, rng: &mut Rng, mode: CommitMode) -> usize {
+    let base = inst.region.addr();
+    let len = inst.region.len();
+    let mut tx = inst.rvm.begin(RestoreMode::NoRestore).expect("begin");
+    let mut declared = 0;
+    for _ in 0..rng.range(1, 4) {
+        let l = rng.range(8, 64);
+        let off = rng.range(0, len - l);
+        // SAFETY: inside the region; only this thread writes it; declared first.
+        unsafe {
+            tx.set_range(base + off, l).expect("set_range");
+            std::ptr::write_bytes((base + off) as *mut u8, rng.next() as u8, l);
+        }
+        declared += l;
+    }
+    tx.commit(mode).expect("commit");
+    declared
+}
+
+fn quiet() -> Options {
+    Options { truncate_threshold: None, ..Options::default() }
+}
+
+/// Log bytes per transaction: (bank transfer, core-bench transaction),
+/// each with a flush per commit and with no-flush commits (coalesced).
+fn log_bytes_per_tx(n: usize) {
+    let accounts = 100_000;
+    println!("| workload | commit | payload B/tx | log B/tx | target (1.25 × payload + 24) | met |");
+    println!("|---|---|---:|---:|---:|---|");
+    for (mode, mode_name) in [(CommitMode::Flush, "flush"), (CommitMode::NoFlush, "no-flush")] {
+        let n = if mode == CommitMode::Flush { n / 10 } else { n };
+        let inst = open("bank", 256 * MIB, 1600 * 4096, quiet());
+        let mut rng = Rng::new(7);
+        let mut history = 0;
+        let before = inst.rvm.stats().log_bytes_written;
+        for _ in 0..n {
+            transfer(&inst, &mut rng, accounts, &mut history, mode);
+        }
+        inst.rvm.flush().expect("flush");
+        let per = (inst.rvm.stats().log_bytes_written - before) as f64 / n as f64;
+        let target = 1.25 * 48.0 + 24.0;
+        println!(
+            "| bank transfer (2 × 8 B + 32 B) | {mode_name} | 48 | {per:.1} | {target:.0} | {} |",
+            if per <= target { "yes" } else { "no" }
+        );
+        let dir = inst.dir.clone();
+        drop(inst);
+        let _ = std::fs::remove_dir_all(dir);
+
+        let inst = open("small", 256 * MIB, 64 * MIB, quiet());
+        let before = inst.rvm.stats().log_bytes_written;
+        let mut declared = 0;
+        for _ in 0..n {
+            declared += small_tx(&inst, &mut rng, mode);
+        }
+        inst.rvm.flush().expect("flush");
+        let per = (inst.rvm.stats().log_bytes_written - before) as f64 / n as f64;
+        let payload = declared as f64 / n as f64;
+        let target = 1.25 * payload + 24.0;
+        println!(
+            "| core bench tx (1-4 ranges of 8-64 B) | {mode_name} | {payload:.1} | {per:.1} | {target:.0} | {} |",
+            if per <= target { "yes" } else { "no" }
+        );
+        let dir = inst.dir.clone();
+        drop(inst);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Writes `target` bytes of log of small ranges (coalescing off, as the
+/// core benchmark's recovery workload), then times the `Rvm::open` that
+/// replays them: (MB of log per second wall, per CPU-second, seconds).
+fn replay_run(target: usize, seed: u64) -> (f64, f64, f64, u64) {
+    let opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
+    let inst = open("replay", target + 96 * MIB, 64 * MIB, opts.clone());
+    let mut rng = Rng::new(seed);
+    while (inst.rvm.stats().log_bytes_written as usize) < target {
+        for _ in 0..2048 {
+            small_tx(&inst, &mut rng, CommitMode::NoFlush);
+        }
+    }
+    inst.rvm.flush().expect("flush");
+    let dir = inst.dir.clone();
+    drop(inst);
+    if std::env::var_os("RVM_BENCH_KEEP").is_some() {
+        // For profiling the recovery alone (not a measured mode).
+        let keep = dir.with_extension("kept");
+        let _ = std::fs::remove_dir_all(&keep);
+        copy_dir(&dir, &keep);
+        eprintln!("kept a copy of the log and segment in {}", keep.display());
+    }
+    let cpu = cpu_seconds();
+    let t = Instant::now();
+    let rvm = Rvm::open(dir.join("log"), opts).expect("recover");
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds() - cpu).max(0.01);
+    let bytes = rvm.recovery_report().log_bytes;
+    drop(rvm);
+    let _ = std::fs::remove_dir_all(&dir);
+    (bytes as f64 / 1e6 / secs, bytes as f64 / 1e6 / cpu, secs, bytes)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("copy dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Restart under the default options: `n` core-bench transactions (a
+/// flush every 1,000), the instance closed (closing applies nothing: the
+/// log the background reclaim has not applied yet stays for recovery),
+/// then the reopen timed: (ms, log bytes replayed).
+fn restart_ms(n: usize, seed: u64) -> (f64, u64) {
+    let inst = open("restart", 256 * MIB, 64 * MIB, Options::default());
+    let mut rng = Rng::new(seed);
+    for i in 0..n {
+        small_tx(&inst, &mut rng, if i % 1000 == 999 { CommitMode::Flush } else { CommitMode::NoFlush });
+    }
+    let dir = inst.dir.clone();
+    drop(inst);
+    let t = Instant::now();
+    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("recover");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes = rvm.recovery_report().log_bytes;
+    drop(rvm);
+    let _ = std::fs::remove_dir_all(&dir);
+    (ms, bytes)
+}
+
+fn main() {
+    let q = quick();
+    let runs = if q { 1 } else { 5 };
+    println!("# log size and replay ({})\n", if q { "QUICK: figures not meaningful" } else { "full run" });
+    // RVM_BENCH_ONLY: the parts to run (1 log size, 2 replay, 3 restart).
+    let only = std::env::var("RVM_BENCH_ONLY").unwrap_or_default();
+    let want = |p: char| only.is_empty() || only.contains(p);
+    if want('1') {
+        println!("## Log bytes per transaction\n");
+        log_bytes_per_tx(if q { 20_000 } else { 200_000 });
+    }
+    if !want('2') {
+        return restart_part(q, runs, want('3'));
+    }
+    println!("\n## Replay of small ranges (1-4 ranges of 8-64 B per tx, coalescing off)\n");
+    let target = if q { 16 * MIB } else { 256 * MIB };
+    let (mut wall, mut cpu, mut secs) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let (w, c, s, bytes) = replay_run(target, 50 + r as u64);
+        eprintln!("replay run {r}: {:.0} MB of log, {s:.3} s, {w:.0} MB/s, {c:.0} MB/CPU-s", bytes as f64 / 1e6);
+        wall.push(w);
+        cpu.push(c);
+        secs.push(s);
+    }
+    println!("| measure | median | runs |");
+    println!("|---|---:|---|");
+    println!(
+        "| MB of log per second (wall) | {:.0} | {:?} |",
+        median(&mut wall.clone()),
+        wall.iter().map(|x| x.round()).collect::<Vec<_>>()
+    );
+    println!(
+        "| MB of log per CPU-second | {:.0} | {:?} |",
+        median(&mut cpu.clone()),
+        cpu.iter().map(|x| x.round()).collect::<Vec<_>>()
+    );
+    println!("| seconds | {:.3} | {:?} |", median(&mut secs.clone()), secs);
+    restart_part(q, runs, want('3'));
+}
+
+fn restart_part(q: bool, runs: usize, run: bool) {
+    if !run {
+        return;
+    }
+    println!("\n## Restart with the default options after 1,000,000 commits (a flush every 1,000)\n");
+    let mut ms = Vec::new();
+    let mut logs = Vec::new();
+    for r in 0..runs {
+        let (m, b) = restart_ms(if q { 100_000 } else { 1_000_000 }, 90 + r as u64);
+        ms.push(m);
+        logs.push(b);
+    }
+    println!("| measure | median | runs |");
+    println!("|---|---:|---|");
+    println!(
+        "| reopen (recovery) ms | {:.1} | {:?} |",
+        median(&mut ms.clone()),
+        ms.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
+    println!("| log bytes replayed | {} | {:?} |", logs[logs.len() / 2], logs);
+}
