@@ -25,10 +25,11 @@
 
 use crate::coalesce::Piece;
 use crate::error::{Error, LogError, Result};
-use crate::log::{self, format, Ring, ScanEnd};
+use crate::log::format::{RangeRef, RecordInfo};
+use crate::log::{self, Ring, ScanEnd, TxSoFar};
 use crate::storage::Storage;
 use std::cell::RefCell;
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -44,6 +45,9 @@ const BLOCK_PAGES: u64 = 16;
 const CACHE_BYTES: usize = 256 << 20;
 /// Bytes written with one `write_at` at most.
 const MAX_WRITE: usize = 1 << 20;
+/// How many ranges ahead the applier prefetches the page bytes a range
+/// goes to.
+const PREFETCH_AHEAD: usize = 8;
 /// Pages per leaf of a segment's page table (16 MiB of segment).
 const LEAF: u64 = 4096;
 
@@ -97,13 +101,15 @@ impl PageTable {
     }
 }
 
-/// Segment pages as replay leaves them; see the module docs.
+/// Segment pages as replay leaves them; see the module docs. Segments are
+/// named by their index in the applier's device list.
 struct PageCache {
     /// Page images, one slot after another.
     arena: Vec<u8>,
-    /// Per slot: segment id, page number, changed by a range.
+    /// Per slot: device index, page number, changed by a range.
     slots: Vec<(u32, u64, bool)>,
-    tables: HashMap<u32, PageTable>,
+    /// Page tables by device index.
+    tables: Vec<PageTable>,
     /// Slots kept at most.
     limit: usize,
     /// Scratch for block reads and write-back runs.
@@ -117,12 +123,35 @@ struct Device {
     len: u64,
 }
 
+/// `dst.copy_from_slice(src)` for the short ranges replay mostly sees,
+/// without a call to `memcpy` (fixed-size copies compile to a few moves;
+/// the two halves may overlap).
+#[inline]
+fn copy_small(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    match n {
+        8..=16 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        17..=32 => {
+            dst[..16].copy_from_slice(&src[..16]);
+            dst[n - 16..].copy_from_slice(&src[n - 16..]);
+        }
+        33..=64 => {
+            dst[..32].copy_from_slice(&src[..32]);
+            dst[n - 32..].copy_from_slice(&src[n - 32..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 impl PageCache {
     fn new(limit_bytes: usize) -> PageCache {
         PageCache {
             arena: Vec::new(),
             slots: Vec::new(),
-            tables: HashMap::new(),
+            tables: Vec::new(),
             limit: (limit_bytes / PAGE).max(BLOCK_PAGES as usize),
             scratch: Vec::new(),
         }
@@ -133,8 +162,21 @@ impl PageCache {
         let slot = self.slots.len();
         self.slots.push((seg, page, false));
         self.arena.resize(self.arena.len() + PAGE, 0);
-        self.tables.entry(seg).or_default().set(page, slot);
+        self.table(seg).set(page, slot);
         slot
+    }
+
+    fn table(&mut self, seg: u32) -> &mut PageTable {
+        let i = seg as usize;
+        if self.tables.len() <= i {
+            self.tables.resize_with(i + 1, PageTable::default);
+        }
+        &mut self.tables[i]
+    }
+
+    #[inline]
+    fn lookup(&self, seg: u32, page: u64) -> Option<usize> {
+        self.tables.get(seg as usize)?.get(page)
     }
 
     /// Reads the block holding `page` and caches its pages not cached yet.
@@ -147,10 +189,11 @@ impl PageCache {
         self.scratch.resize(n.div_ceil(PAGE) * PAGE, 0);
         d.dev.read_at(&mut self.scratch[..n], start).map_err(|e| Error::io("reading segment", &d.name, e))?;
         for (i, p) in (first..).take(n.div_ceil(PAGE)).enumerate() {
-            if self.tables.get(&seg).and_then(|t| t.get(p)).is_none() {
-                let slot = self.alloc(seg, p);
-                let (arena, scratch) = (&mut self.arena, &self.scratch);
-                arena[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(&scratch[i * PAGE..(i + 1) * PAGE]);
+            if self.lookup(seg, p).is_none() {
+                let slot = self.slots.len();
+                self.slots.push((seg, p, false));
+                self.arena.extend_from_slice(&self.scratch[i * PAGE..(i + 1) * PAGE]);
+                self.table(seg).set(p, slot);
             }
         }
         Ok(())
@@ -165,7 +208,7 @@ impl PageCache {
             let page = at / PAGE as u64;
             let in_page = (at % PAGE as u64) as usize;
             let n = (PAGE - in_page).min(data.len() - done);
-            let slot = match self.tables.get(&seg).and_then(|t| t.get(page)) {
+            let slot = match self.lookup(seg, page) {
                 Some(slot) => slot,
                 None => {
                     let whole = in_page == 0 && (n == PAGE || at + n as u64 == d.len);
@@ -175,13 +218,13 @@ impl PageCache {
                         self.alloc(seg, page)
                     } else {
                         self.load_block(seg, d, page)?;
-                        self.tables.get(&seg).and_then(|t| t.get(page)).ok_or_else(|| {
+                        self.lookup(seg, page).ok_or_else(|| {
                             Error::corrupted(format!("log replay (page {page} of segment id {seg})"), "replay")
                         })?
                     }
                 }
             };
-            self.arena[slot * PAGE + in_page..slot * PAGE + in_page + n].copy_from_slice(&data[done..done + n]);
+            copy_small(&mut self.arena[slot * PAGE + in_page..slot * PAGE + in_page + n], &data[done..done + n]);
             self.slots[slot].2 = true;
             done += n;
         }
@@ -190,16 +233,17 @@ impl PageCache {
 
     /// Writes every changed page back, in runs of neighbouring pages, and
     /// empties the cache; returns the bytes written.
-    fn write_back(&mut self, devices: impl Fn(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>) -> Result<u64> {
+    fn write_back(&mut self, devices: &[Device]) -> Result<u64> {
         let mut order: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].2).collect();
         order.sort_unstable_by_key(|&s| (self.slots[s].0, self.slots[s].1));
         let mut written = 0u64;
         let mut i = 0;
         while i < order.len() {
             let (seg, first, _) = self.slots[order[i]];
-            let Some((dev, name, len)) = devices(seg) else {
-                return Err(Error::corrupted(format!("log replay (segment id {seg} unresolved)"), "replay"));
+            let Some(Device { dev, name, len, .. }) = devices.get(seg as usize) else {
+                return Err(Error::corrupted(format!("log replay (segment {seg} unresolved)"), "replay"));
             };
+            let len = *len;
             let mut j = i;
             self.scratch.clear();
             while j < order.len() {
@@ -217,10 +261,15 @@ impl PageCache {
             written += n as u64;
             i = j;
         }
+        self.clear();
+        Ok(written)
+    }
+
+    /// Drops every page.
+    fn clear(&mut self) {
         self.arena.clear();
         self.slots.clear();
         self.tables.clear();
-        Ok(written)
     }
 }
 
@@ -228,22 +277,79 @@ impl PageCache {
 /// chunk's ranges to the page cache, in order.
 struct SegmentWriter<R> {
     resolve: R,
-    devices: HashMap<u32, Device>,
+    /// Open devices; the cache names them by index here.
+    devices: Vec<Device>,
+    /// Segment id to device index.
+    index: HashMap<u32, u32>,
     cache: PageCache,
     segment_bytes: u64,
+    /// Staging ([`stage`]): nothing may be written; a range that would
+    /// need a write-back, or any error, gives the staging up (`gave_up`)
+    /// and the caller replays again.
+    staging: bool,
+    gave_up: bool,
 }
 
 impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> SegmentWriter<R> {
+    fn new(resolve: R, cache_bytes: usize, staging: bool) -> Self {
+        SegmentWriter {
+            resolve,
+            devices: Vec::new(),
+            index: HashMap::new(),
+            cache: PageCache::new(cache_bytes),
+            segment_bytes: 0,
+            staging,
+            gave_up: false,
+        }
+    }
+
+    /// [`Self::apply_chunk`], or, when staging, giving up instead of
+    /// failing or writing.
     fn apply(&mut self, chunk: &Chunk) -> Result<()> {
-        for p in &chunk.pieces {
-            let d = match self.devices.entry(p.segment) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => {
-                    let (dev, name) = (self.resolve)(p.segment)?;
-                    let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
-                    e.insert(Device { dev, name, len })
+        if !self.staging {
+            return self.apply_chunk(chunk);
+        }
+        if !self.gave_up && self.apply_chunk(chunk).is_err() {
+            self.gave_up = true;
+            self.cache.clear();
+        }
+        Ok(())
+    }
+
+    fn device(&mut self, id: u32) -> Result<u32> {
+        if let Some(&i) = self.index.get(&id) {
+            return Ok(i);
+        }
+        let (dev, name) = (self.resolve)(id)?;
+        let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;
+        let i = self.devices.len() as u32;
+        self.devices.push(Device { dev, name, len });
+        self.index.insert(id, i);
+        Ok(i)
+    }
+
+    fn apply_chunk(&mut self, chunk: &Chunk) -> Result<()> {
+        // Records name one segment at a time, usually: look it up on change.
+        let mut last: Option<(u32, u32)> = None;
+        for (i, p) in chunk.pieces.iter().enumerate() {
+            // Ranges land on random pages: ask for a later range's cache
+            // line now, so that its copy does not wait for memory.
+            if let (Some(a), Some((id, dev))) = (chunk.pieces.get(i + PREFETCH_AHEAD), last) {
+                if a.segment == id {
+                    if let Some(slot) = self.cache.lookup(dev, a.offset / PAGE as u64) {
+                        crate::mem::prefetch(&self.cache.arena, slot * PAGE + (a.offset % PAGE as u64) as usize);
+                    }
+                }
+            }
+            let dev = match last {
+                Some((id, i)) if id == p.segment => i,
+                _ => {
+                    let i = self.device(p.segment)?;
+                    last = Some((p.segment, i));
+                    i
                 }
             };
+            let d = &self.devices[dev as usize];
             let (off, len) = (p.offset, p.len as u64);
             if off.checked_add(len).is_none_or(|end| end > d.len) {
                 // The log was checked before: the segment shrank since its
@@ -258,24 +364,25 @@ impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> SegmentWriter<R> {
             // The cache may pass its limit by one range's pages (a range
             // is at most one record long).
             if self.cache.slots.len() + BLOCK_PAGES as usize > self.cache.limit {
+                if self.staging {
+                    return Err(Error::corrupted("log replay (staged pages over the limit)", "replay"));
+                }
                 self.flush()?;
             }
-            let d = &self.devices[&p.segment];
-            self.cache.apply(p.segment, d, off, &chunk.data[p.data_at..p.data_at + p.len])?;
+            let d = &self.devices[dev as usize];
+            self.cache.apply(dev, d, off, &chunk.data[p.data_at..p.data_at + p.len])?;
         }
         Ok(())
     }
 
     /// Writes the cached pages back.
     fn flush(&mut self) -> Result<()> {
-        let devices = &self.devices;
-        self.segment_bytes +=
-            self.cache.write_back(|id| devices.get(&id).map(|d| (d.dev.clone(), d.name.clone(), d.len)))?;
+        self.segment_bytes += self.cache.write_back(&self.devices)?;
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
-        for d in self.devices.values() {
+        for d in &self.devices {
             d.dev.sync().map_err(|e| Error::io("syncing segment", &d.name, e))?;
         }
         Ok(())
@@ -328,8 +435,80 @@ fn replay_in_chunks<R>(
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    let writer =
-        SegmentWriter { resolve, devices: HashMap::new(), cache: PageCache::new(cache_bytes), segment_bytes: 0 };
+    let writer = SegmentWriter::new(resolve, cache_bytes, false);
+    let (end, log_bytes, mut writer) =
+        scan_and_apply(ring, start, limit, epoch, writer, chunk_bytes, progress, &mut |_, _, _, _| {})?;
+    writer.flush()?;
+    writer.sync()?;
+    Ok(Replayed { end, log_bytes, segment_bytes: writer.segment_bytes })
+}
+
+/// Transactions scanned and applied to the page image of their segments,
+/// nothing written yet ([`stage`]).
+pub(crate) struct Staged<R> {
+    writer: SegmentWriter<R>,
+    /// Where and why the scan stopped.
+    pub end: ScanEnd,
+    /// Log bytes of the complete transactions.
+    pub log_bytes: u64,
+}
+
+impl<R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)>> Staged<R> {
+    /// Whether every complete transaction is in the page image (else the
+    /// caller must replay again: the pages did not fit in memory, or
+    /// applying failed, for a reason a replay will report).
+    pub fn complete(&self) -> bool {
+        !self.writer.gave_up
+    }
+
+    /// Writes the page image to the segments and syncs them; returns the
+    /// segment bytes written.
+    pub fn write(mut self) -> Result<u64> {
+        self.writer.flush()?;
+        self.writer.sync()?;
+        Ok(self.writer.segment_bytes)
+    }
+}
+
+/// The verifying pass of recovery and the replay in one scan: scans
+/// `[start, limit)` as [`replay`] does, calling `on_record` for every valid
+/// record, and applies the complete transactions to an in-memory image of
+/// their segments' pages on a second thread, reading segments but writing
+/// nothing. Once the caller has checked what the scan found, [`Staged::write`]
+/// writes the image; if it is not [`Staged::complete`], the caller replays
+/// with [`replay`] instead.
+pub(crate) fn stage<R>(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    resolve: R,
+    on_record: &mut dyn FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar),
+) -> Result<Staged<R>>
+where
+    R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
+{
+    let writer = SegmentWriter::new(resolve, CACHE_BYTES, true);
+    let (end, log_bytes, writer) = scan_and_apply(ring, start, limit, epoch, writer, CHUNK_BYTES, &|_| {}, on_record)?;
+    Ok(Staged { writer, end, log_bytes })
+}
+
+/// The scan behind [`replay`] and [`stage`]: returns where it ended, the
+/// log bytes of the complete transactions, and the applier.
+#[allow(clippy::too_many_arguments)]
+fn scan_and_apply<R>(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    writer: SegmentWriter<R>,
+    chunk_bytes: usize,
+    progress: &dyn Fn(u64),
+    on_record: &mut dyn FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar),
+) -> Result<(ScanEnd, u64, SegmentWriter<R>)>
+where
+    R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
+{
     std::thread::scope(|scope| {
         struct Scan<'s, R> {
             /// Complete transactions not yet applied.
@@ -348,52 +527,55 @@ where
             pipe: None,
             log_bytes: 0,
         });
-        let scanned = log::scan(
-            ring,
-            start,
-            limit,
-            epoch,
-            |f| {
-                if let format::Frame::Range { segment, offset, data } = f.frame {
-                    let me = &mut *state.borrow_mut();
-                    let at = me.chunk.data.len();
-                    me.chunk.data.extend_from_slice(data);
-                    me.tx.push(Piece { segment, offset, len: data.len(), data_at: at });
-                }
-                Ok(())
-            },
-            |s, e| {
-                let me = &mut *state.borrow_mut();
-                me.log_bytes += e - s;
-                me.chunk.pieces.append(&mut me.tx);
-                if me.chunk.data.len() < chunk_bytes {
-                    return Ok(());
-                }
-                progress(e - start);
-                // A full chunk (and no unfinished bytes after it): to the
-                // applying thread, started with the first one.
-                if me.pipe.is_none() {
-                    let (to_worker, from_scan) = mpsc::sync_channel::<Chunk>(1);
-                    let (back, returned) = mpsc::channel::<Chunk>();
-                    let mut writer = me.writer.take().expect("the writer is here until the pipe starts");
-                    let worker = scope.spawn(move || {
-                        for mut chunk in from_scan {
-                            writer.apply(&chunk)?;
-                            chunk.clear();
-                            let _ = back.send(chunk);
-                        }
-                        Ok(writer)
-                    });
-                    me.pipe = Some(Pipe { to_worker, returned, worker });
-                }
-                let pipe = me.pipe.as_ref().expect("started above");
-                let spare = pipe.returned.try_recv().unwrap_or_default();
-                let full = std::mem::replace(&mut me.chunk, spare);
-                // A closed pipe means the applier failed: its error is
-                // reported when it is joined.
-                pipe.to_worker.send(full).map_err(|_| Error::corrupted("log replay (applier stopped)", "replay"))
-            },
-        );
+        let scanned = log::scan_records(ring, start, limit, epoch, |lsn, rec, info, ranges, tx| {
+            on_record(lsn, info, ranges, tx);
+            let me = &mut *state.borrow_mut();
+            if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
+                // One copy per record: its ranges' data with the range
+                // headers between them (skipped by the pieces).
+                let (from, to) = (first.data_at as usize, (last.data_at + last.len) as usize);
+                let base = me.chunk.data.len();
+                me.chunk.data.extend_from_slice(&rec[from..to]);
+                me.tx.extend(ranges.iter().map(|r| Piece {
+                    segment: r.segment,
+                    offset: r.offset,
+                    len: r.len as usize,
+                    data_at: base + r.data_at as usize - from,
+                }));
+            }
+            if info.commit.is_none() {
+                return Ok(());
+            }
+            let e = lsn + info.len as u64;
+            me.log_bytes += e - tx.start;
+            me.chunk.pieces.append(&mut me.tx);
+            if me.chunk.data.len() < chunk_bytes {
+                return Ok(());
+            }
+            progress(e - start);
+            // A full chunk (and no unfinished bytes after it): to the
+            // applying thread, started with the first one.
+            if me.pipe.is_none() {
+                let (to_worker, from_scan) = mpsc::sync_channel::<Chunk>(1);
+                let (back, returned) = mpsc::channel::<Chunk>();
+                let mut writer = me.writer.take().expect("the writer is here until the pipe starts");
+                let worker = scope.spawn(move || {
+                    for mut chunk in from_scan {
+                        writer.apply(&chunk)?;
+                        chunk.clear();
+                        let _ = back.send(chunk);
+                    }
+                    Ok(writer)
+                });
+                me.pipe = Some(Pipe { to_worker, returned, worker });
+            }
+            let pipe = me.pipe.as_ref().expect("started above");
+            let spare = pipe.returned.try_recv().unwrap_or_default();
+            let full = std::mem::replace(&mut me.chunk, spare);
+            // A closed pipe means the applier failed: its error is
+            // reported when it is joined.
+            pipe.to_worker.send(full).map_err(|_| Error::corrupted("log replay (applier stopped)", "replay"))
+        });
         let Scan { mut chunk, tx, writer, pipe, log_bytes } = state.into_inner();
         // The unfinished tail's bytes are after every piece: not applied.
         drop(tx);
@@ -420,10 +602,7 @@ where
             }
         };
         let end = scanned?;
-        let mut writer = writer;
-        writer.flush()?;
-        writer.sync()?;
-        Ok(Replayed { end, log_bytes, segment_bytes: writer.segment_bytes })
+        Ok((end, log_bytes, writer))
     })
 }
 

@@ -6,10 +6,11 @@ use crate::error::{Error, LogError, Result};
 use crate::log::format::{self, Status};
 use crate::log::{self, LogDevice, Ring, ScanStop};
 use crate::options::{Options, RecoveryPhase, RecoveryReport, Salvage, PROGRESS_STEP};
-use crate::replay::{replay_with_progress, Replayed};
-use crate::storage::{OpenMode, Vfs};
+use crate::replay::{self, replay_with_progress, Replayed};
+use crate::storage::{OpenMode, Storage, Vfs};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Recovery, in two passes so that a damaged log is refused before anything
 /// is written:
@@ -31,39 +32,60 @@ pub(super) fn recover(
     status: Status,
     opts: &Options,
 ) -> Result<(Status, RecoveryReport)> {
-    use crate::log::format::Frame;
     // Ordered, so the first refused segment (and the error) is the same
     // at every open.
-    let touched = std::cell::RefCell::new(std::collections::BTreeMap::<u32, u64>::new());
-    let in_tx = std::cell::RefCell::new(Vec::<(u32, u64)>::new());
+    let mut touched = std::collections::BTreeMap::<u32, u64>::new();
+    let mut in_tx = Vec::<(u32, u64)>::new();
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
-    let verified = log::scan(
-        ring,
-        status.head,
-        u64::MAX,
-        status.epoch,
-        |f| {
-            if let Frame::Range { segment, offset, data } = f.frame {
-                in_tx.borrow_mut().push((segment, offset.saturating_add(data.len() as u64)));
+    // Segments are opened once, by whichever needs them first: the staging
+    // applier (to read pages) or the checks below.
+    let opened = parking_lot::Mutex::new(HashMap::<u32, (Arc<dyn Storage>, PathBuf)>::new());
+    let dictionary = status.segments.clone();
+    let open_segment = |id: u32| -> Result<(Arc<dyn Storage>, PathBuf)> {
+        if let Some(d) = opened.lock().get(&id) {
+            return Ok(d.clone());
+        }
+        let entry = dictionary.iter().find(|e| e.id == id).ok_or_else(|| {
+            Error::corrupted(
+                format!("log record (segment id {id} not in the dictionary)"),
+                ring.path.display().to_string(),
+            )
+        })?;
+        let (path, _) = opts.segment_location(&entry.name);
+        let dev = vfs
+            .open(&path, OpenMode::Existing)
+            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        opened.lock().insert(id, (dev.clone(), path.clone()));
+        Ok((dev, path))
+    };
+    // One scan verifies every record and, on a second thread, applies the
+    // complete transactions to an in-memory image of their pages; nothing
+    // is written until the checks below pass.
+    let staged =
+        replay::stage(ring, status.head, u64::MAX, status.epoch, &open_segment, &mut |lsn, info, ranges, _| {
+            for r in ranges {
+                // Per run of ranges of one segment, the furthest end.
+                let end = r.offset.saturating_add(u64::from(r.len));
+                match in_tx.last_mut() {
+                    Some((s, e)) if *s == r.segment => *e = (*e).max(end),
+                    _ => in_tx.push((r.segment, end)),
+                }
             }
-            let done = f.lsn - status.head;
+            if info.commit.is_some() {
+                for (id, end) in in_tx.drain(..) {
+                    let e = touched.entry(id).or_insert(0);
+                    *e = (*e).max(end);
+                }
+            }
+            let done = lsn - status.head;
             if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
                 reported = done;
                 p.report(RecoveryPhase::Verify, done, estimate);
             }
-            Ok(())
-        },
-        |_, _| {
-            let mut touched = touched.borrow_mut();
-            for (id, end) in in_tx.borrow_mut().drain(..) {
-                let e = touched.entry(id).or_insert(0);
-                *e = (*e).max(end);
-            }
-            Ok(())
-        },
-    )?;
+        })?;
+    let verified = staged.end;
     let mut salvage = None;
     if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
         if !opts.salvage {
@@ -81,17 +103,15 @@ pub(super) fn recover(
     }
     // Every segment is opened and checked before any is written.
     let mut devices = HashMap::new();
-    for (&id, &needed) in touched.borrow().iter() {
+    for (&id, &needed) in touched.iter() {
         let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
             Error::corrupted(
-                format!("log frame (segment id {id} not in the dictionary)"),
+                format!("log record (segment id {id} not in the dictionary)"),
                 ring.path.display().to_string(),
             )
         })?;
-        let (path, checked) = opts.segment_location(&entry.name);
-        let dev = vfs
-            .open(&path, OpenMode::Existing)
-            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        let (_, checked) = opts.segment_location(&entry.name);
+        let (dev, path) = open_segment(id)?;
         if checked {
             let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
             if let (Some(recorded), Some(found)) = (entry.device, found) {
@@ -119,14 +139,6 @@ pub(super) fn recover(
         status.synced_end = verified.end;
         log::write_status(ring, &status)?;
     }
-    let resolve = |id| {
-        devices.get(&id).cloned().ok_or_else(|| {
-            Error::corrupted(
-                format!("log frame (segment id {id} changed between scans)"),
-                ring.path.display().to_string(),
-            )
-        })
-    };
     if let Some(p) = progress {
         p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
     }
@@ -136,14 +148,33 @@ pub(super) fn recover(
             p.report(RecoveryPhase::Replay, done, total);
         }
     };
-    let Replayed { end, log_bytes, segment_bytes } =
-        replay_with_progress(ring, status.head, verified.end, status.epoch, resolve, &on_replay)?;
-    if end.end != verified.end {
-        return Err(Error::corrupted(
-            "log (records changed between the verifying scan and the replay)",
-            format!("{} position {}", ring.path.display(), end.end),
-        ));
-    }
+    let (end, log_bytes, segment_bytes) = if staged.complete() {
+        let log_bytes = staged.log_bytes;
+        let segment_bytes = staged.write()?;
+        on_replay(total);
+        (verified, log_bytes, segment_bytes)
+    } else {
+        // The touched pages did not fit in memory: a second scan replays
+        // in bounded memory, writing as it goes.
+        drop(staged);
+        let resolve = |id| {
+            devices.get(&id).cloned().ok_or_else(|| {
+                Error::corrupted(
+                    format!("log record (segment id {id} changed between scans)"),
+                    ring.path.display().to_string(),
+                )
+            })
+        };
+        let Replayed { end, log_bytes, segment_bytes } =
+            replay_with_progress(ring, status.head, verified.end, status.epoch, resolve, &on_replay)?;
+        if end.end != verified.end {
+            return Err(Error::corrupted(
+                "log (records changed between the verifying scan and the replay)",
+                format!("{} position {}", ring.path.display(), end.end),
+            ));
+        }
+        (end, log_bytes, segment_bytes)
+    };
     // The segments are closed (unlocked) when it returns, before the
     // application opens them.
     drop(devices);

@@ -429,7 +429,7 @@ fn varint_len(v: u64) -> usize {
 
 /// Reads a varint at `*at`, advancing it; `None` past the end or for more
 /// than ten bytes or a value above `u64::MAX`.
-#[inline]
+#[inline(always)]
 fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
     let first = *b.get(*at)?;
     if first < 0x80 {
