@@ -257,7 +257,7 @@ impl PageCache {
             }
             let start = first * PAGE as u64;
             let n = (self.scratch.len() as u64).min(len.saturating_sub(start)) as usize;
-            dev.write_at(&self.scratch[..n], start).map_err(|e| Error::io("writing segment", &name, e))?;
+            dev.write_at(&self.scratch[..n], start).map_err(|e| Error::io("writing segment", name, e))?;
             written += n as u64;
             i = j;
         }
@@ -443,6 +443,10 @@ where
     Ok(Replayed { end, log_bytes, segment_bytes: writer.segment_bytes })
 }
 
+/// Called for every valid record a scan reads: its position, what it
+/// holds, its ranges, and its transaction so far.
+pub(crate) type OnRecord<'a> = dyn FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) + 'a;
+
 /// Transactions scanned and applied to the page image of their segments,
 /// nothing written yet ([`stage`]).
 pub(crate) struct Staged<R> {
@@ -483,7 +487,7 @@ pub(crate) fn stage<R>(
     limit: u64,
     epoch: u64,
     resolve: R,
-    on_record: &mut dyn FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar),
+    on_record: &mut OnRecord<'_>,
 ) -> Result<Staged<R>>
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
@@ -504,7 +508,7 @@ fn scan_and_apply<R>(
     writer: SegmentWriter<R>,
     chunk_bytes: usize,
     progress: &dyn Fn(u64),
-    on_record: &mut dyn FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar),
+    on_record: &mut OnRecord<'_>,
 ) -> Result<(ScanEnd, u64, SegmentWriter<R>)>
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
