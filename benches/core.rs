@@ -493,17 +493,32 @@ fn main() {
     // 1. No-flush commits.
     if want('1') {
         eprintln!("[1/5] no-flush commits");
-        let configs: [(&str, bool, RestoreMode); 3] = [
-            ("no-flush tx, 1-4 ranges of 8-64 B in 64 MiB, coalescing on, no-restore", true, RestoreMode::NoRestore),
-            ("same, coalescing off", false, RestoreMode::NoRestore),
-            ("same, coalescing on, restore mode", true, RestoreMode::Restore),
+        // The last one without the unapplied-log bound (the cost of the
+        // default `max_unapplied_log`, measured side by side).
+        let configs: [(&str, bool, RestoreMode, bool); 4] = [
+            (
+                "no-flush tx, 1-4 ranges of 8-64 B in 64 MiB, coalescing on, no-restore",
+                true,
+                RestoreMode::NoRestore,
+                true,
+            ),
+            ("same, coalescing off", false, RestoreMode::NoRestore, true),
+            ("same, coalescing on, restore mode", true, RestoreMode::Restore, true),
+            (
+                "same as the first, no unapplied-log bound (max_unapplied_log: None)",
+                true,
+                RestoreMode::NoRestore,
+                false,
+            ),
         ];
         let insts: Vec<Instance> = configs
             .iter()
             .enumerate()
-            .map(|(i, &(_, coalesce, _))| {
+            .map(|(i, &(_, coalesce, _, bounded))| {
                 let dir = fresh_dir(&root, &format!("noflush{i}"));
-                let inst = instance(&dir, 256 * MIB, 64 * MIB, Options { coalesce, ..Options::default() });
+                let bound = if bounded { Options::default().max_unapplied_log } else { None };
+                let opts = Options { coalesce, max_unapplied_log: bound, ..Options::default() };
+                let inst = instance(&dir, 256 * MIB, 64 * MIB, opts);
                 inst.touch_pages();
                 run_txs(
                     &inst,
@@ -545,6 +560,7 @@ fn main() {
             "tx/CPU-s",
             &nf_cpu[0],
         ));
+        rows.push(row("same, no unapplied-log bound, per CPU second", "tx/CPU-s", &nf_cpu[3]));
         let _ = writeln!(
             details,
             "No-flush commits, last run ({nf_txs} transactions): bytes logged / declared; log writes; \

@@ -195,6 +195,27 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Restart under the default options after `n` bank transfers (100,000
+/// accounts, a flush every 1,000), as [`restart_ms`].
+fn restart_bank_ms(n: usize, seed: u64) -> (f64, u64) {
+    let inst = open("restart-bank", 256 * MIB, 1600 * 4096, Options::default());
+    let mut rng = Rng::new(seed);
+    let mut history = 0;
+    for i in 0..n {
+        let mode = if i % 1000 == 999 { CommitMode::Flush } else { CommitMode::NoFlush };
+        transfer(&inst, &mut rng, 100_000, &mut history, mode);
+    }
+    let dir = inst.dir.clone();
+    drop(inst);
+    let t = Instant::now();
+    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("recover");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes = rvm.recovery_report().log_bytes;
+    drop(rvm);
+    let _ = std::fs::remove_dir_all(&dir);
+    (ms, bytes)
+}
+
 /// Restart under the default options: `n` core-bench transactions (a
 /// flush every 1,000), the instance closed (closing applies nothing: the
 /// log the background reclaim has not applied yet stays for recovery),
@@ -260,6 +281,21 @@ fn restart_part(q: bool, runs: usize, run: bool) {
     if !run {
         return;
     }
+    println!("\n## Restart with the default options after 200,000 bank transfers (a flush every 1,000)\n");
+    let (mut ms, mut logs) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let (m, b) = restart_bank_ms(if q { 20_000 } else { 200_000 }, 70 + r as u64);
+        ms.push(m);
+        logs.push(b);
+    }
+    println!("| measure | median | runs |");
+    println!("|---|---:|---|");
+    println!(
+        "| reopen (recovery) ms | {:.1} | {:?} |",
+        median(&mut ms.clone()),
+        ms.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
+    println!("| log bytes replayed | {} | {:?} |", logs[logs.len() / 2], logs);
     println!("\n## Restart with the default options after 1,000,000 commits (a flush every 1,000)\n");
     let mut ms = Vec::new();
     let mut logs = Vec::new();

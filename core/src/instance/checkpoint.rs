@@ -762,8 +762,13 @@ impl Inner {
         let Some(rate) = self.ckpt.rate else { return };
         let due = Duration::from_secs_f64(sweep.pages as f64 * mem::page_size() as f64 / rate as f64);
         let done = sweep.pages as f64 / sweep.to_sweep.max(1) as f64;
-        let free_at_freeze = self.ring.area_len.saturating_sub(sweep.lsn - self.head.load(Ordering::Acquire));
-        let budget = (free_at_freeze / 2).max(1) as f64;
+        let live_at_freeze = sweep.lsn - self.head.load(Ordering::Acquire);
+        let free_at_freeze = self.ring.area_len.saturating_sub(live_at_freeze);
+        // Writers reclaim themselves past the unapplied-log bound: end
+        // before commits fill half of the room left under it, too.
+        let room =
+            self.unapplied_bound().map_or(free_at_freeze, |b| free_at_freeze.min(b.saturating_sub(live_at_freeze)));
+        let budget = (room / 2).max(1) as f64;
         while self.ckpt.hurry.load(Ordering::Acquire) == 0 {
             let Some(early) = due.checked_sub(sweep.started.elapsed()).filter(|d| !d.is_zero()) else { return };
             let logged = self.log_tail().saturating_sub(sweep.lsn) as f64 / budget;

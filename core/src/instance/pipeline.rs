@@ -360,7 +360,7 @@ impl Inner {
 
     /// The most log that may wait for recovery ([`crate::Options::max_unapplied_log`]),
     /// where the background thread enforces it.
-    fn unapplied_bound(&self) -> Option<u64> {
+    pub(super) fn unapplied_bound(&self) -> Option<u64> {
         self.opts.truncate_threshold.and(self.opts.max_unapplied_log).map(|b| b.max(1))
     }
 
