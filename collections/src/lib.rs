@@ -55,23 +55,29 @@
 //! bytes it changes. Persistent pointers (`PBox`) and collections nested in
 //! other values come next.
 
+mod boxed;
 pub mod btree_map;
 mod error;
 pub mod hash_map;
+mod owned;
 pub mod persist;
 mod pheap;
 mod raw;
+pub mod shape;
 mod string;
 mod tx;
 mod vec;
 
+pub use boxed::PBox;
 pub use btree_map::PBTreeMap;
 pub use error::{Error, Result};
 pub use hash_map::PHashMap;
+pub use owned::{IntoPersist, Owned};
 pub use persist::Persist;
 pub use persist::Plain;
-pub use pheap::{Config, PHeap, HEAP_FILE, LOG_FILE};
+pub use pheap::{CheckReport, Config, PHeap, HEAP_FILE, LOG_FILE};
 pub use rvm_collections_derive::Persist;
+pub use shape::{reachability, Reachability};
 pub use string::PString;
-pub use tx::{ReadTx, RootMut, RootRef, WriteTx};
+pub use tx::{Mut, ReadTx, RootMut, RootRef, WriteTx};
 pub use vec::PVec;
