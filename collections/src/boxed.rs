@@ -130,7 +130,7 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, PBox<T>> {
     }
 
     /// Replaces the boxed value with `value`; returns the old one.
-    pub fn replace(&mut self, value: impl IntoPersist<T>) -> Result<Owned<'t, T>> {
+    pub fn replace(&mut self, value: impl IntoPersist<T>) -> Result<Owned<'h, T>> {
         let tx = self.tx();
         let at = self.addr_of_target();
         let value = tx.accept(value)?;
@@ -152,12 +152,12 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, Option<PBox<T>>> {
     }
 
     /// Puts `b` in; returns the box that was there.
-    pub fn replace(&mut self, b: impl IntoPersist<PBox<T>>) -> Result<Option<Owned<'t, PBox<T>>>> {
+    pub fn replace(&mut self, b: impl IntoPersist<PBox<T>>) -> Result<Option<Owned<'h, PBox<T>>>> {
         self.replace_with(Some(b))
     }
 
     /// Puts `b` (a box or none) in; returns the box that was there.
-    pub fn replace_with<B: IntoPersist<PBox<T>>>(&mut self, b: Option<B>) -> Result<Option<Owned<'t, PBox<T>>>> {
+    pub fn replace_with<B: IntoPersist<PBox<T>>>(&mut self, b: Option<B>) -> Result<Option<Owned<'h, PBox<T>>>> {
         let tx = self.tx();
         let new = match b {
             Some(b) => Some(tx.accept(b)?),
@@ -171,7 +171,7 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, Option<PBox<T>>> {
     }
 
     /// Takes the box out, leaving none.
-    pub fn take(&mut self) -> Result<Option<Owned<'t, PBox<T>>>> {
+    pub fn take(&mut self) -> Result<Option<Owned<'h, PBox<T>>>> {
         self.replace_with(None::<PBox<T>>)
     }
 }

@@ -767,7 +767,7 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
 
     /// Inserts `value` under `key`; returns the value it replaces as an
     /// [`Owned`] value (dropping it frees what it owns).
-    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'t, V>>> {
+    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'h, V>>> {
         match self.put(key, value)? {
             Some(old) => self.tx().adopt(old).map(Some),
             None => Ok(None),
@@ -843,7 +843,7 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
     }
 
     /// Removes `key`; returns its value as an [`Owned`] value.
-    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'t, V>>> {
+    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'h, V>>> {
         match self.take(key)? {
             Some((_, v)) => self.tx().adopt(v).map(Some),
             None => Ok(None),
@@ -882,7 +882,7 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
 
     /// Removes the entry with the smallest key; returns the key and the
     /// value as an [`Owned`] value.
-    pub fn pop_first_owned(&mut self) -> Result<Option<(K, Owned<'t, V>)>> {
+    pub fn pop_first_owned(&mut self) -> Result<Option<(K, Owned<'h, V>)>> {
         match self.pop_edge(false)? {
             Some((k, v)) => Ok(Some((k, self.tx().adopt(v)?))),
             None => Ok(None),
@@ -891,7 +891,7 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
 
     /// Removes the entry with the largest key; returns the key and the
     /// value as an [`Owned`] value.
-    pub fn pop_last_owned(&mut self) -> Result<Option<(K, Owned<'t, V>)>> {
+    pub fn pop_last_owned(&mut self) -> Result<Option<(K, Owned<'h, V>)>> {
         match self.pop_edge(true)? {
             Some((k, v)) => Ok(Some((k, self.tx().adopt(v)?))),
             None => Ok(None),

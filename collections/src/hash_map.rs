@@ -749,7 +749,7 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
 
     /// Inserts `value` under `key`; returns the value it replaces as an
     /// [`Owned`] value (dropping it frees what it owns).
-    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'t, V>>> {
+    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'h, V>>> {
         match self.put(key, value)? {
             Some(old) => self.tx().adopt(old).map(Some),
             None => Ok(None),
@@ -757,7 +757,7 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     }
 
     /// Removes `key`; returns its value as an [`Owned`] value.
-    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'t, V>>> {
+    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'h, V>>> {
         match self.take(key)? {
             Some((_, v)) => self.tx().adopt(v).map(Some),
             None => Ok(None),
@@ -993,14 +993,14 @@ impl<'a, 't, 'h, K: Plain, V: Persist> OccupiedEntry<'a, 't, 'h, K, V> {
     }
 
     /// Replaces the value; returns the old one as an [`Owned`] value.
-    pub fn insert_owned(&mut self, value: impl IntoPersist<V>) -> Result<Owned<'t, V>> {
+    pub fn insert_owned(&mut self, value: impl IntoPersist<V>) -> Result<Owned<'h, V>> {
         let value = self.map.tx().accept(value)?;
         let old = self.map.replace_at(self.index, value)?;
         self.map.tx().adopt(old)
     }
 
     /// Removes the entry; returns its value as an [`Owned`] value.
-    pub fn remove_owned(self) -> Result<Owned<'t, V>> {
+    pub fn remove_owned(self) -> Result<Owned<'h, V>> {
         let (_, v) = self.map.remove_at(self.index)?;
         self.map.tx().adopt(v)
     }

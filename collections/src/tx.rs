@@ -1,7 +1,7 @@
 //! Closure transactions: [`WriteTx`] and [`ReadTx`], and typed root access.
 
 use crate::error::{Error, Result};
-use crate::owned::{IntoPersist, Owned, Sink};
+use crate::owned::{Floating, IntoPersist, Owned};
 use crate::persist::{bytes_of, Persist, Plain};
 use crate::shape::{Stored, SHAPES_ROOT};
 use rvm_core::CommitMode;
@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 /// The roots (block address, fingerprint) of one [`crate::PHeap`] whose
@@ -73,6 +74,7 @@ impl Checked {
 /// aligned block large enough; its value passes [`Persist::check`] unless
 /// `checked` says it did already.
 fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<Option<NonNull<u8>>> {
+    reserved(name)?;
     let Some(root) = heap.root(name) else { return Ok(None) };
     let size = std::mem::size_of::<T>() as u64;
     if root.size != size || root.type_tag != T::FINGERPRINT {
@@ -185,13 +187,9 @@ pub struct WriteTx<'h> {
     removed: RefCell<HashSet<String>>,
     /// Roots whose value passed its check (see [`Checked`]).
     checked: &'h Checked,
-    /// Blocks owned by [`Owned`] values (outside the heap, not yet stored):
-    /// freed at commit if no one stores them (a value passed to
-    /// `mem::forget`).
-    floating: RefCell<HashSet<usize>>,
-    /// An error met where it could not be returned (freeing what a dropped
-    /// [`Owned`] owned): the commit fails with it.
-    deferred: RefCell<Option<Error>>,
+    /// The [`Owned`] values of the transaction: floating (freed at commit
+    /// unless stored) and dropped (freed at commit).
+    floating: Rc<Floating<'h>>,
     /// The shape table as this transaction changed it, and the
     /// fingerprints it added (see [`crate::shape`]).
     shapes: RefCell<Option<(Stored, Vec<u64>)>>,
@@ -206,20 +204,16 @@ impl<'h> WriteTx<'h> {
             created: RefCell::new(HashMap::new()),
             removed: RefCell::new(HashSet::new()),
             checked,
-            floating: RefCell::new(HashSet::new()),
-            deferred: RefCell::new(None),
+            floating: Rc::new(Floating::new(heap)),
             shapes: RefCell::new(None),
         }
     }
 
     pub(crate) fn commit(self, mode: CommitMode) -> Result<()> {
-        if let Some(e) = self.deferred.borrow_mut().take() {
-            return Err(e);
-        }
-        // Blocks of values that were never stored nor dropped: no one
-        // reaches them after the commit.
-        let floating: Vec<usize> = self.floating.borrow_mut().drain().collect();
-        self.free_blocks(&floating)?;
+        // Blocks of values dropped, and of values never stored nor dropped:
+        // no one reaches them after the commit.
+        let gone = self.floating.take_garbage()?;
+        self.free_blocks(&gone)?;
         let added = self.shapes.borrow_mut().take().map(|(_, added)| added);
         let htx = self.htx.borrow_mut().take();
         if let Some(htx) = htx {
@@ -276,29 +270,15 @@ impl<'h> WriteTx<'h> {
 
     /// Wraps `value`, which owns blocks of this transaction's heap (just
     /// allocated, or just moved out of the heap), as an [`Owned`] value.
-    pub(crate) fn adopt<T: Persist>(&self, value: T) -> Result<Owned<'_, T>> {
-        let blocks = if T::OWNS_BLOCKS {
-            let at = (&value as *const T) as usize;
-            let b = crate::shape::trace_value::<T>(self.heap, at)
-                .map_err(|_| Error::Damaged { name: std::any::type_name::<T>().into() })?;
-            self.floating.borrow_mut().extend(b.iter().copied());
-            b
-        } else {
-            Vec::new()
-        };
-        Ok(Owned::new(self, value, blocks))
+    pub(crate) fn adopt<T: Persist>(&self, value: T) -> Result<Owned<'h, T>> {
+        Ok(Owned::new(self.floating.clone(), value))
     }
 
     /// Takes the value out of `value` (a bare value or an [`Owned`] of
     /// this transaction) to store it in the heap: its blocks are no longer
     /// floating once the caller has written it.
     pub(crate) fn accept<T: Persist>(&self, value: impl IntoPersist<T>) -> Result<T> {
-        let (value, blocks) = value.into_value(self)?;
-        let mut f = self.floating.borrow_mut();
-        for b in blocks {
-            f.remove(&b);
-        }
-        Ok(value)
+        value.into_value(&self.floating)
     }
 
     /// A new [`crate::PBox`] holding `value`, in this transaction's heap.
@@ -320,7 +300,7 @@ impl<'h> WriteTx<'h> {
     /// assert_eq!(first, Some(7));
     /// # Ok::<(), Error>(())
     /// ```
-    pub fn new_box<T: Persist>(&self, value: impl IntoPersist<T>) -> Result<Owned<'_, crate::PBox<T>>> {
+    pub fn new_box<T: Persist>(&self, value: impl IntoPersist<T>) -> Result<Owned<'h, crate::PBox<T>>> {
         let value = self.accept(value)?;
         let ptr = self.with_htx(|htx| {
             let ptr = htx.malloc(Layout::new::<T>())?;
@@ -346,7 +326,7 @@ impl<'h> WriteTx<'h> {
 
     /// A new [`crate::PString`] holding `s`, in this transaction's heap.
     /// Store it before the commit, or it is freed.
-    pub fn new_string(&self, s: &str) -> Result<Owned<'_, crate::PString>> {
+    pub fn new_string(&self, s: &str) -> Result<Owned<'h, crate::PString>> {
         let ptr = if s.is_empty() {
             0
         } else {
@@ -366,9 +346,7 @@ impl<'h> WriteTx<'h> {
     /// Puts the blocks of `value` back among the floating ones (a value
     /// taken for storing whose store failed).
     pub(crate) fn float<T: Persist>(&self, value: &T) {
-        if let Ok(b) = crate::shape::trace_value::<T>(self.heap, (value as *const T) as usize) {
-            self.floating.borrow_mut().extend(b);
-        }
+        self.floating.register(value);
     }
 
     /// Adds `T`'s shape to the heap's shape table if it is not there yet
@@ -571,24 +549,6 @@ pub(crate) fn store_value<T: Persist>(tx: &WriteTx<'_>, addr: usize, value: T) -
 /// The type tag of the shape table's root.
 const SHAPES_TAG: u64 = 0x7276_6d73_6861_7065; // "rvmshape"
 
-impl Sink for WriteTx<'_> {
-    fn drop_blocks(&self, blocks: &[usize]) {
-        {
-            let mut f = self.floating.borrow_mut();
-            for b in blocks {
-                f.remove(b);
-            }
-        }
-        if let Err(e) = self.free_blocks(blocks) {
-            self.deferred.borrow_mut().get_or_insert(e);
-        }
-    }
-
-    fn id(&self) -> usize {
-        self as *const Self as *const u8 as usize
-    }
-}
-
 /// A root borrowed shared in a [`WriteTx`]; dereferences to the `T`.
 #[derive(Debug)]
 pub struct RootRef<'t, 'h, T: Persist> {
@@ -621,6 +581,20 @@ impl<T: Persist> Drop for RootRef<'_, '_, T> {
 /// guard has for its type, so that no owner is ever overwritten,
 /// duplicated or moved out of the heap. Stores through it are logged at
 /// commit and undone at abort.
+///
+/// No `&mut` to a value that owns blocks (`mem::swap` or `mem::replace`
+/// through it would duplicate or drop an owner, unlogged):
+///
+/// ```compile_fail
+/// # use rvm_collections::{Error, PHeap, PVec};
+/// # fn f(heap: &PHeap) {
+/// heap.write(|tx| {
+///     let mut v = tx.root_or_insert_with("v", PVec::<u64>::new)?;
+///     let r: &mut PVec<u64> = &mut v;
+///     Ok::<_, Error>(())
+/// });
+/// # }
+/// ```
 #[derive(Debug)]
 #[repr(C)] // the same layout for every `T`: see `Mut::as_inner`
 pub struct Mut<'t, 'h, T: Persist> {
@@ -656,8 +630,10 @@ impl<T: Plain> DerefMut for Mut<'_, '_, T> {
 }
 
 impl<'t, 'h, T: Persist> Mut<'t, 'h, T> {
-    /// The transaction the guard belongs to.
-    pub(crate) fn tx(&self) -> &'t WriteTx<'h> {
+    /// The transaction the guard belongs to (to make values to store:
+    /// [`WriteTx::new_box`], [`WriteTx::new_string`]). Borrowing the
+    /// guard's root again through it is refused while the guard lives.
+    pub fn tx(&self) -> &'t WriteTx<'h> {
         self.tx
     }
 

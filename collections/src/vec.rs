@@ -317,7 +317,7 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, PVec<T>> {
 
     /// Removes and returns the last element, as an [`Owned`] value (store
     /// it elsewhere, or drop it and what it owns is freed).
-    pub fn pop_owned(&mut self) -> Result<Option<Owned<'t, T>>> {
+    pub fn pop_owned(&mut self) -> Result<Option<Owned<'h, T>>> {
         let (ptr, len, cap) = self.header();
         if len == 0 {
             return Ok(None);
@@ -335,7 +335,7 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, PVec<T>> {
     /// # Panics
     ///
     /// If `index >= len` (as `Vec::remove`).
-    pub fn remove_owned(&mut self, index: usize) -> Result<Owned<'t, T>> {
+    pub fn remove_owned(&mut self, index: usize) -> Result<Owned<'h, T>> {
         let v = self.take_at(index)?;
         self.tx().adopt(v)
     }
