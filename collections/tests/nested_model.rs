@@ -105,7 +105,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// A string of `n` characters (some of them two bytes long) made from `seed`.
 fn text(seed: u64, n: u8) -> String {
     (0..u64::from(n))
-        .map(|i| if (seed + i) % 7 == 0 { 'é' } else { (b'a' + ((seed + i) % 26) as u8) as char })
+        .map(|i| if (seed + i).is_multiple_of(7) { 'é' } else { (b'a' + ((seed + i) % 26) as u8) as char })
         .collect()
 }
 
@@ -386,7 +386,7 @@ fn the_check_finds_blocks_no_root_reaches() {
     let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
     heap.write(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.extend(0..10)).unwrap();
     assert!(heap.check().unwrap().is_clean());
-    // SAFETY (of the test): no typed transaction runs meanwhile.
+    // SAFETY: no typed transaction runs meanwhile.
     let raw = unsafe { heap.raw_heap() };
     let mut htx = raw.begin(rvm_core::RestoreMode::Restore).unwrap();
     let lost = htx.malloc(std::alloc::Layout::from_size_align(100, 8).unwrap()).unwrap();
@@ -415,12 +415,12 @@ fn a_damaged_box_is_refused_not_followed() {
         Ok::<_, Error>(())
     })
     .unwrap();
-    // SAFETY (of the test): no typed transaction runs meanwhile.
+    // SAFETY: no typed transaction runs meanwhile.
     let raw = unsafe { heap.raw_heap() };
     let root = raw.root("b").unwrap();
     for bad in [root.ptr.as_ptr() as u64, root.ptr.as_ptr() as u64 + 4096, 8] {
         let mut htx = raw.begin(rvm_core::RestoreMode::Restore).unwrap();
-        // SAFETY (of the test): the root block is live; no reference to it.
+        // SAFETY: the root block is live; no reference to it.
         unsafe { htx.write(root.ptr, &bad.to_ne_bytes()).unwrap() };
         htx.commit(rvm_core::CommitMode::Flush).unwrap();
         let r = heap.read(|r| r.root::<Option<PBox<u64>>>("b").map(|_| ()));
@@ -437,11 +437,11 @@ fn a_damaged_shape_table_is_reported_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
     heap.write(|tx| tx.root_or_insert_with("s", PString::new)?.push_str("x")).unwrap();
-    // SAFETY (of the test): no typed transaction runs meanwhile.
+    // SAFETY: no typed transaction runs meanwhile.
     let raw = unsafe { heap.raw_heap() };
     let table = raw.root(rvm_collections::shape::SHAPES_ROOT).unwrap();
     let mut htx = raw.begin(rvm_core::RestoreMode::Restore).unwrap();
-    // SAFETY (of the test): the table's block is live; no reference to it.
+    // SAFETY: the table's block is live; no reference to it.
     unsafe { htx.write(table.ptr, b"garbage!").unwrap() };
     htx.commit(rvm_core::CommitMode::Flush).unwrap();
     assert!(matches!(heap.check(), Err(Error::Damaged { .. })));
