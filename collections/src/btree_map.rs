@@ -64,7 +64,7 @@ impl NodeLayout {
         Some(NodeLayout { vals, kids, leaf_size, inner_size, align: 8.max(ka).max(va) })
     }
 }
-/// Deepest tree [`Persist::check`] accepts (a cycle or a damaged level
+/// Deepest tree the root check ([`crate::shape`]) accepts (a cycle or a damaged level
 /// word cannot make a walk run forever; a real tree of `CAP = 32` slots
 /// never gets near it).
 pub(crate) const MAX_HEIGHT: u64 = 64;
@@ -192,7 +192,7 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// empties is freed and unlinked from its parent, and a root left with one
 /// child is replaced by it.
 ///
-/// [`Persist::check`], which runs when a root is first borrowed after the
+/// the root check ([`crate::shape`]), which runs when a root is first borrowed after the
 /// heap is opened (the heap remembers checked roots; see
 /// [`crate::PHeap::raw_heap`] for when it stops), walks the whole tree:
 /// each node must be a live block large enough and aligned, at its
@@ -227,7 +227,7 @@ const fn max(a: usize, b: usize) -> usize {
     }
 }
 
-/// A node's address (validated by [`Persist::check`], or made by the open
+/// A node's address (validated by the root check ([`crate::shape`]), or made by the open
 /// transaction).
 type Node = usize;
 

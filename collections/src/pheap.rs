@@ -252,7 +252,7 @@ impl PHeap {
     /// transaction ([`PHeap::write`], [`PHeap::read`]) may run. Bytes it
     /// writes into a typed root or a block one owns count as damage: the
     /// typed layer refuses what its checks see (pointers, lengths,
-    /// capacities, see [`crate::Persist::check`]), but a value they cannot
+    /// capacities, see [`crate::shape`]), but a value they cannot
     /// check (an invalid `bool` or `char`) must not be written. So that
     /// they see such bytes, calling this turns off for good the cache that
     /// otherwise runs a root's check once per open heap (at its first

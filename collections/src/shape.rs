@@ -4,7 +4,7 @@
 //! table of [`Def`]s: plain bytes, a struct with the offsets of its fields
 //! that hold pointers, an array, a [`crate::PBox`], a [`crate::PVec`], a
 //! [`crate::PHashMap`] or a [`crate::PBTreeMap`]. One tracer
-//! ([`trace`]) walks a value by its shape, without recursion (a list a
+//! (the tracer) walks a value by its shape, without recursion (a list a
 //! million boxes long is a loop, not a million stack frames), checking every
 //! pointer against the heap as it goes: each must be a live block, aligned
 //! and large enough, with lengths and capacities that agree, and owned

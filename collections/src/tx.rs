@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 /// The roots (block address, fingerprint) of one [`crate::PHeap`] whose
-/// value passed [`Persist::check`], in this transaction or an earlier one
+/// value passed the root check ([`crate::shape`]), in this transaction or an earlier one
 /// of the same open heap: only the typed layer's own methods have changed
 /// them since (an abort puts back the committed value, which is the one
 /// that was checked), so the check (which may walk a whole structure) is
@@ -71,7 +71,7 @@ impl Checked {
 
 /// Finds root `name` of heap `heap` and checks that it holds a `T`: the
 /// recorded size and fingerprint are `T`'s, and it points at a live,
-/// aligned block large enough; its value passes [`Persist::check`] unless
+/// aligned block large enough; its value passes the root check ([`crate::shape`]) unless
 /// `checked` says it did already.
 fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<Option<NonNull<u8>>> {
     reserved(name)?;
