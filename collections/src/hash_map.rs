@@ -13,14 +13,16 @@
 //! | 16     | `cap`     | slots: 0 or a power of two, at least 8           |
 //! | 24     | `deleted` | tombstones (slots freed by a removal)            |
 //!
-//! The table block holds `cap` control bytes, then (aligned for `K`) `cap`
-//! keys, then (aligned for `V`) `cap` values: `[ctrl; cap] [K; cap] [V;
-//! cap]`, offsets as [`Layout::extend`] computes them. Keys and values
-//! live in arrays of their own, so no slot has padding. A control byte is
-//! `0x00..=0x7f` for a full slot (the top 7 bits of the key's hash),
-//! `0x80` for a tombstone and `0xff` for an empty slot; any other value
-//! (damage) reads as empty. Only full slots' keys and values are ever
-//! read.
+//! The table block is `cap` slots of `stride` bytes, aligned for `K` and
+//! `V`. A slot holds its control byte at offset 0, the key at `key_off`
+//! (1 rounded up to `align_of K`) and the value at `val_off` (the key's
+//! end rounded up to `align_of V`); `stride` is the value's end rounded up
+//! to the larger alignment. So an insertion changes one run of bytes (the
+//! control byte, the key and the value, padding written as zeros): one
+//! logged range. A control byte is `0x00..=0x7f` for a full slot (the top
+//! 7 bits of the key's hash), `0x80` for a tombstone and `0xff` for an
+//! empty slot; any other value (damage) reads as empty. Only full slots'
+//! keys and values are ever read.
 //!
 //! Open addressing with linear probing: key `k` lives in the first slot at
 //! or after `stable_hash(k) & (cap - 1)` (wrapping) that holds it, and a
@@ -57,9 +59,11 @@ const DELETED: u8 = 0x80;
 const MIN_CAP: usize = 8;
 
 /// Version of [`stable_hash`] and of the table format, mixed into the
-/// fingerprint: a map written with another hash function is refused as
-/// another type ([`Error::RootType`]) instead of failing its lookups.
-const FORMAT_VERSION: u64 = 1;
+/// fingerprint: a map written with another hash function or table layout
+/// is refused as another type ([`Error::RootType`]) instead of failing its
+/// lookups. 2: one slot per entry (1 had arrays of control bytes, keys
+/// and values).
+const FORMAT_VERSION: u64 = 2;
 
 /// `2^64 / φ`, odd.
 const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -136,11 +140,16 @@ fn slots_for(items: usize) -> Option<usize> {
 /// Where the parts of a table of `cap` slots lie in its block.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geometry {
+    /// The whole block.
     pub(crate) layout: Layout,
-    /// Offset of the keys.
-    keys: usize,
-    /// Offset of the values.
-    pub(crate) vals: usize,
+    /// Bytes per slot.
+    pub(crate) stride: usize,
+    /// Offset of the key in a slot.
+    key_off: usize,
+    /// Offset of the value in a slot.
+    pub(crate) val_off: usize,
+    /// End of the value in a slot (what an insertion writes).
+    val_end: usize,
 }
 
 fn geometry<K, V>(cap: usize) -> Option<Geometry> {
@@ -150,14 +159,18 @@ fn geometry<K, V>(cap: usize) -> Option<Geometry> {
 
 /// [`geometry`] from the key's and value's sizes and alignments.
 fn geometry_of(cap: usize, ks: u64, ka: u64, vs: u64, va: u64) -> Option<Geometry> {
-    let array = |size: u64, align: u64| {
-        let size = usize::try_from(size).ok()?.checked_mul(cap)?;
-        Layout::from_size_align(size, usize::try_from(align).ok()?).ok()
-    };
-    let ctrl = Layout::array::<u8>(cap).ok()?;
-    let (layout, keys) = ctrl.extend(array(ks, ka)?).ok()?;
-    let (layout, vals) = layout.extend(array(vs, va)?).ok()?;
-    Some(Geometry { layout, keys, vals })
+    let (ks, ka, vs, va) =
+        (usize::try_from(ks).ok()?, usize::try_from(ka).ok()?, usize::try_from(vs).ok()?, usize::try_from(va).ok()?);
+    if !ka.is_power_of_two() || !va.is_power_of_two() {
+        return None;
+    }
+    let key_off = 1usize.checked_next_multiple_of(ka)?;
+    let val_off = key_off.checked_add(ks)?.checked_next_multiple_of(va)?;
+    let val_end = val_off.checked_add(vs)?;
+    let align = ka.max(va);
+    let stride = val_end.checked_next_multiple_of(align)?;
+    let layout = Layout::from_size_align(stride.checked_mul(cap)?, align).ok()?;
+    Some(Geometry { layout, stride, key_off, val_off, val_end })
 }
 
 /// A map's header, as read from the heap.
@@ -288,64 +301,62 @@ impl<K: Plain, V: Persist> PHashMap<K, V> {
         if cap == 0 {
             return None;
         }
-        // `check` confirmed the geometry exists before any guard handed
-        // this value out, and only this map's methods change it.
+        // The root check confirmed the geometry exists before any guard
+        // handed this value out, and only this map's methods change it.
         Some((self.ptr as usize, cap, geometry::<K, V>(cap)?))
     }
 
-    /// The control bytes.
-    fn ctrl(&self) -> &[u8] {
-        match self.table() {
-            // SAFETY: `check` confirmed, before any guard handed this value
-            // out, that `ptr` is a live block at least `layout.size()`
-            // bytes long, whose first `cap` bytes are the control bytes
-            // (any byte value is valid for `u8`); only this map's methods
-            // change the block, through a `RootMut`, which excludes this
-            // shared borrow.
-            Some((ptr, cap, _)) => unsafe { crate::raw::slice::<u8>(ptr, cap) },
-            None => &[],
-        }
+    /// Slots of the table (0 without one).
+    fn slots(&self) -> usize {
+        self.table().map_or(0, |(_, cap, _)| cap)
     }
 
-    /// The bytes of the key in slot `i` (`i < cap`).
-    fn key_bytes(&self, i: usize) -> &[u8] {
-        let Some((ptr, cap, g)) = self.table() else { return &[] };
-        debug_assert!(i < cap);
-        let size = std::mem::size_of::<K>();
-        // SAFETY: slot `i < cap` of the key array lies in the block (as in
-        // `ctrl`); callers ask only for full slots, whose key was written
-        // from a `K` (every byte initialised, by `Persist`).
-        unsafe { crate::raw::slice::<u8>(ptr + g.keys + i * size, size) }
+    /// The control byte of slot `i < slots()`.
+    fn ctrl_at(&self, i: usize) -> u8 {
+        let Some((ptr, cap, g)) = self.table() else { return EMPTY };
+        assert!(i < cap);
+        // SAFETY: the root check confirmed, before any guard handed this
+        // value out, that `ptr` is a live block of at least `cap` slots;
+        // byte 0 of slot `i < cap` is its control byte (any value is a
+        // valid `u8`); only this map's methods change the block, through
+        // an exclusive guard, which excludes this shared borrow.
+        unsafe { crate::raw::slice::<u8>(ptr + i * g.stride, 1)[0] }
     }
 
     /// The entry in full slot `i`.
     fn entry_at(&self, i: usize) -> (&K, &V) {
         let (ptr, cap, g) = self.table().expect("a full slot is in a table");
         assert!(i < cap);
-        // SAFETY: slot `i < cap` lies in the block, aligned (the block is
-        // aligned for `K` and `V`, checked; the arrays start at offsets
-        // aligned for them); callers pass full slots, whose key and value
-        // were written from a `K` and a `V` by a transaction (trusted as
-        // every value in the heap is, see `Persist`). Shared for the
-        // borrow of `self` (as in `ctrl`).
-        unsafe { (&crate::raw::slice::<K>(ptr + g.keys, cap)[i], &crate::raw::slice::<V>(ptr + g.vals, cap)[i]) }
+        let slot = ptr + i * g.stride;
+        // SAFETY: slot `i < cap` lies in the block, and its key and value
+        // are aligned (the block is aligned for `K` and `V`, checked; the
+        // stride and offsets are multiples of their alignments); callers
+        // pass full slots, whose key and value were written from a `K` and
+        // a `V` by a transaction (trusted as every value in the heap is,
+        // see `Persist`). Shared for the borrow of `self` (as in `ctrl_at`).
+        unsafe { (&*((slot + g.key_off) as *const K), &*((slot + g.val_off) as *const V)) }
     }
 
     /// The slot holding the key whose bytes are `key` and hash `hash`.
     fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
-        let ctrl = self.ctrl();
-        if ctrl.is_empty() {
-            return None;
-        }
-        let mask = ctrl.len() - 1;
+        let (ptr, cap, g) = self.table()?;
+        let mask = cap - 1;
         let t = tag(hash);
         let mut i = hash as usize & mask;
-        for _ in 0..ctrl.len() {
-            match ctrl[i] {
-                c if c == t && self.key_bytes(i) == key => return Some(i),
-                DELETED => {}
-                c if is_full(c) => {}
-                _ => return None,
+        for _ in 0..cap {
+            let slot = ptr + i * g.stride;
+            // SAFETY: slot `i < cap` lies in the table block (as in
+            // `ctrl_at`); its byte 0 is the control byte, and a full slot's
+            // key (at `key_off`) was written from a `K`.
+            let c = unsafe { *(slot as *const u8) };
+            if c == t {
+                // SAFETY: as above: the key bytes of a full slot.
+                let k = unsafe { crate::raw::slice::<u8>(slot + g.key_off, key.len()) };
+                if k == key {
+                    return Some(i);
+                }
+            } else if c != DELETED && !is_full(c) {
+                return None;
             }
             i = (i + 1) & mask;
         }
@@ -371,7 +382,7 @@ impl<K: Plain, V: Persist> PHashMap<K, V> {
     /// Iterates over the entries, in slot order (which the keys' hashes
     /// decide; the same in every run).
     pub fn iter(&self) -> Iter<'_, K, V> {
-        Iter { map: self, ctrl: self.ctrl(), next: 0, left: self.len() }
+        Iter { map: self, slots: self.slots(), next: 0, left: self.len() }
     }
 
     /// Iterates over the keys.
@@ -403,7 +414,7 @@ impl<'a, K: Plain, V: Persist> IntoIterator for &'a PHashMap<K, V> {
 #[derive(Debug)]
 pub struct Iter<'a, K, V> {
     map: &'a PHashMap<K, V>,
-    ctrl: &'a [u8],
+    slots: usize,
     next: usize,
     /// Entries the header says are left (a hint only).
     left: usize,
@@ -413,10 +424,10 @@ impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {
     type Item = (&'a K, &'a V);
 
     fn next(&mut self) -> Option<Self::Item> {
-        while self.next < self.ctrl.len() {
+        while self.next < self.slots {
             let i = self.next;
             self.next += 1;
-            if is_full(self.ctrl[i]) {
+            if is_full(self.map.ctrl_at(i)) {
                 self.left = self.left.saturating_sub(1);
                 return Some(self.map.entry_at(i));
             }
@@ -425,7 +436,7 @@ impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let slots = self.ctrl.len() - self.next;
+        let slots = self.slots - self.next;
         (self.left.min(slots), Some(slots))
     }
 }
@@ -570,7 +581,7 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     fn value_addr(&self, i: usize) -> Result<usize> {
         let (ptr, cap, g) = self.table_mut()?;
         assert!(i < cap);
-        Ok(ptr + g.vals + i * std::mem::size_of::<V>())
+        Ok(ptr + i * g.stride + g.val_off)
     }
 
     /// Value `i` of the table (a full slot), to change (declared here).
@@ -593,10 +604,13 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
             })
         })?;
-        let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
-        let mut ctrl = vec![EMPTY; new_cap];
-        let mut keys = vec![0u8; new_cap * ks];
-        let mut vals = vec![0u8; new_cap * vs];
+        // The new table's image: every control byte empty, then each
+        // entry moved into its slot (the values' bytes move, and what they
+        // own with them).
+        let mut image = vec![0u8; g.layout.size()];
+        for slot in image.chunks_exact_mut(g.stride) {
+            slot[0] = EMPTY;
+        }
         let mask = new_cap - 1;
         let mut len = 0;
         let old = self.map();
@@ -605,7 +619,7 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
             let hash = stable_hash_bytes(kb);
             let mut i = hash as usize & mask;
             let mut probes = 0;
-            while ctrl[i] != EMPTY {
+            while image[i * g.stride] != EMPTY {
                 probes += 1;
                 if probes == new_cap {
                     // More full control bytes than the new table holds:
@@ -614,17 +628,16 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 }
                 i = (i + 1) & mask;
             }
-            ctrl[i] = tag(hash);
-            keys[i * ks..(i + 1) * ks].copy_from_slice(kb);
-            vals[i * vs..(i + 1) * vs].copy_from_slice(vb);
+            let slot = &mut image[i * g.stride..(i + 1) * g.stride];
+            slot[0] = tag(hash);
+            slot[g.key_off..g.key_off + kb.len()].copy_from_slice(kb);
+            slot[g.val_off..g.val_end].copy_from_slice(vb);
             len += 1;
         }
         let old_ptr = old.ptr as usize;
         let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         let at = new.as_ptr() as usize;
-        self.store(at, &ctrl)?;
-        self.store(at + g.keys, &keys)?;
-        self.store(at + g.vals, &vals)?;
+        self.store(at, &image)?;
         if let Some(p) = NonNull::new(old_ptr as *mut u8) {
             self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
         }
@@ -659,10 +672,9 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
         }
         let (ptr, cap, g) = self.table_mut()?;
         let mask = cap - 1;
-        let ctrl = self.map().ctrl();
         let mut i = hash as usize & mask;
         let mut probes = 0;
-        while is_full(ctrl[i]) {
+        while is_full(self.map().ctrl_at(i)) {
             probes += 1;
             if probes == cap {
                 self.tx().float(&value);
@@ -670,15 +682,26 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
             }
             i = (i + 1) & mask;
         }
-        let was_tombstone = ctrl[i] == DELETED;
-        let kat = ptr + g.keys + i * std::mem::size_of::<K>();
-        let vat = ptr + g.vals + i * std::mem::size_of::<V>();
-        let written = self.store(ptr + i, &[tag(hash)]).and_then(|()| self.store(kat, bytes_of(key)));
-        if let Err(e) = written {
+        let was_tombstone = self.map().ctrl_at(i) == DELETED;
+        // The control byte, the key and the value, in one run (padding as
+        // zeros): one declared range.
+        let mut slot = [0u8; 64];
+        let mut big = Vec::new();
+        let buf: &mut [u8] = if g.val_end <= slot.len() {
+            &mut slot[..g.val_end]
+        } else {
+            big.resize(g.val_end, 0);
+            &mut big
+        };
+        buf[0] = tag(hash);
+        buf[g.key_off..g.key_off + std::mem::size_of::<K>()].copy_from_slice(bytes_of(key));
+        buf[g.val_off..].copy_from_slice(bytes_of(&value));
+        if let Err(e) = self.store(ptr + i * g.stride, buf) {
             self.tx().float(&value);
             return Err(e);
         }
-        crate::tx::store_value(self.tx(), vat, value)?;
+        // Moved into the heap.
+        std::mem::forget(value);
         let m = self.map();
         let (len, deleted) = (m.len() + 1, (m.deleted as usize).saturating_sub(usize::from(was_tombstone)));
         self.set_header(ptr, len, cap, deleted);
@@ -689,33 +712,26 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     /// then the tombstones just before it become empty too), else a
     /// tombstone.
     fn erase(&mut self, i: usize) -> Result<()> {
-        let (ptr, cap, _) = self.table_mut()?;
+        let (ptr, cap, g) = self.table_mut()?;
         let mask = cap - 1;
         let m = self.map();
         let (len, mut deleted) = (m.len().saturating_sub(1), m.deleted as usize);
-        let ctrl = m.ctrl();
-        if is_full(ctrl[(i + 1) & mask]) || ctrl[(i + 1) & mask] == DELETED {
-            self.store(ptr + i, &[DELETED])?;
+        let next = m.ctrl_at((i + 1) & mask);
+        if is_full(next) || next == DELETED {
+            self.store(ptr + i * g.stride, &[DELETED])?;
             deleted += 1;
         } else {
             // No probe passes slot `i` to reach a later one: it and the
             // tombstones right before it end no probe that matters.
-            let mut start = i;
+            self.store(ptr + i * g.stride, &[EMPTY])?;
+            let mut j = i;
             for _ in 0..cap - 1 {
-                let p = start.wrapping_sub(1) & mask;
-                if ctrl[p] != DELETED {
+                j = j.wrapping_sub(1) & mask;
+                if self.map().ctrl_at(j) != DELETED {
                     break;
                 }
-                start = p;
+                self.store(ptr + j * g.stride, &[EMPTY])?;
                 deleted = deleted.saturating_sub(1);
-            }
-            let run = (i + cap - start) & mask;
-            if start <= i {
-                self.store(ptr + start, &vec![EMPTY; run + 1])?;
-            } else {
-                // Wraps past the end of the control bytes.
-                self.store(ptr + start, &vec![EMPTY; cap - start])?;
-                self.store(ptr, &vec![EMPTY; i + 1])?;
             }
         }
         self.set_header(ptr, len, cap, deleted);
@@ -832,22 +848,24 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
         }
     }
 
-    /// Removes every entry, dropping the values (what they own is freed);
-    /// the table stays (its control bytes are declared and set empty).
+    /// Removes every entry, dropping the values (what they own is freed),
+    /// and frees the table (at commit): O(1) to log, whatever the size. The
+    /// next insertion makes a new one (`reserve` to make it at once).
     pub fn clear(&mut self) -> Result<()> {
         let m = self.map();
-        if m.len == 0 && m.deleted == 0 {
+        if m.cap == 0 {
             return Ok(());
         }
         let (ptr, cap, g) = self.table_mut()?;
         if V::OWNS_BLOCKS {
-            let full: Vec<usize> = (0..cap).filter(|&i| is_full(self.map().ctrl()[i])).collect();
+            let full: Vec<usize> = (0..cap).filter(|&i| is_full(self.map().ctrl_at(i))).collect();
             for i in full {
-                self.tx().drop_value::<V>(ptr + g.vals + i * std::mem::size_of::<V>())?;
+                self.tx().drop_value::<V>(ptr + i * g.stride + g.val_off)?;
             }
         }
-        self.store(ptr, &vec![EMPTY; cap])?;
-        self.set_header(ptr, 0, cap, 0);
+        let p = NonNull::new(ptr as *mut u8).ok_or_else(damaged)?;
+        self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
+        self.set_header(0, 0, 0, 0);
         Ok(())
     }
 
@@ -1061,8 +1079,12 @@ mod tests {
     #[test]
     fn geometry_has_no_overlap_and_aligns() {
         let g = geometry::<u8, u128>(8).unwrap();
-        assert_eq!((g.keys, g.vals % std::mem::align_of::<u128>()), (8, 0));
-        assert!(g.vals >= 16 && g.layout.size() == g.vals + 128);
+        assert_eq!((g.key_off, g.val_off, g.val_end, g.stride), (1, 16, 32, 32));
+        assert_eq!((g.layout.size(), g.layout.align()), (256, 16));
+        let g = geometry::<u64, u64>(8).unwrap();
+        assert_eq!((g.key_off, g.val_off, g.stride), (8, 16, 24));
+        let g = geometry::<u8, u8>(8).unwrap();
+        assert_eq!((g.key_off, g.val_off, g.stride), (1, 2, 3));
         let g = geometry::<[u8; 0], [u8; 0]>(8).unwrap();
         assert_eq!(g.layout.size(), 8);
         assert!(geometry::<u64, u64>(usize::MAX / 4).is_none());

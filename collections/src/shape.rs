@@ -358,13 +358,13 @@ impl<'a> Tracer<'a> {
                 let Some(g) = g else { return Ok(()) };
                 let addr = self.block(ptr, g.layout.size() as u64, g.layout.align() as u64, v)?;
                 if shapes.owns(*value) {
-                    let cap = cap as usize;
-                    // SAFETY: the control bytes are the first `cap` bytes of
-                    // the live block checked above.
-                    let ctrl = unsafe { crate::raw::slice::<u8>(addr, cap) };
-                    for (i, &c) in ctrl.iter().enumerate() {
+                    for i in 0..cap as usize {
+                        let slot = addr + i * g.stride;
+                        // SAFETY: byte 0 of slot `i < cap` (the control
+                        // byte), inside the live block checked above.
+                        let c = unsafe { crate::raw::slice::<u8>(slot, 1)[0] };
                         if crate::hash_map::is_full(c) {
-                            self.work.push((addr + g.vals + i * val.size as usize, *value, 1));
+                            self.work.push((slot + g.val_off, *value, 1));
                         }
                     }
                 }
