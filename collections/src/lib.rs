@@ -88,6 +88,52 @@
 //! [`PHeap::check`] (and `rvmutl heap check`) walks every root by its
 //! type's shape, stored in the heap, and reports any block no root
 //! reaches.
+//!
+//! # Crash-testing your own structures
+//!
+//! The simulated disk (`rvm_core::testing::SimDisk`, feature `testing`;
+//! `rvm::testing` in the facade crate) keeps a live and a durable image of
+//! every file, can fail the N-th storage operation, and at a crash keeps
+//! only what was synced plus any subset of the rest, the last sector torn.
+//! Run your transactions on it, cut the power anywhere, reopen, and check
+//! that you find a committed state that includes every flushed
+//! transaction:
+//!
+//! ```
+//! use rvm_collections::{Config, Error, PHeap, PVec};
+//! use rvm_core::testing::{CrashMode, SimDisk};
+//! use std::{path::Path, sync::Arc};
+//!
+//! let config = Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() };
+//! let open = |disk: &SimDisk| PHeap::open_or_create_with(Arc::new(disk.clone()), Path::new("db"), config.clone());
+//! for cut in (0..300).step_by(13) {
+//!     let disk = SimDisk::new();
+//!     let heap = open(&disk)?;
+//!     disk.fail_after(cut); // the power fails at storage operation `cut`
+//!     let mut flushed = 0;
+//!     for i in 0..20u64 {
+//!         if heap.write(|tx| tx.root_or_insert_with("log", PVec::<u64>::new)?.push(i)).is_err() {
+//!             break;
+//!         }
+//!         flushed = i + 1;
+//!     }
+//!     disk.crash(CrashMode::KeepRandomSubset { seed: cut, tear_last: true });
+//!     disk.clear_faults();
+//!     drop(heap);
+//!     let heap = open(&disk)?;
+//!     let found = heap.read(|r| r.root::<PVec<u64>>("log").map(|v| v.map_or(Vec::new(), |v| v.to_vec())))?;
+//!     // Every flushed push is there (the one that failed may be too), in order.
+//!     assert!(found.len() as u64 == flushed || found.len() as u64 == flushed + 1, "{found:?}");
+//!     assert!(found.iter().copied().eq(0..found.len() as u64));
+//!     assert!(heap.check()?.is_clean());
+//! }
+//! # Ok::<(), Error>(())
+//! ```
+//!
+//! `collections/tests/crash_harness.rs` in the repository is the same
+//! idea as a proptest (random operations on a derived structure that owns
+//! collections, random cut points, a model to compare with): copy it into
+//! your `tests/` and put your own types and operations in.
 
 mod boxed;
 pub mod btree_map;
