@@ -305,6 +305,25 @@ pub enum TxError {
          (a transaction leaked with mem::forget stays open for good)"
     )]
     Nested,
+    /// An ordinary transaction declared a range in a tracked region
+    /// ([`crate::Rvm::track`]): its pages change only in tracked
+    /// transactions ([`crate::Rvm::begin_tracked`]).
+    #[error("[{addr:#x}, +{len:#x}) is in a tracked region: change it in a tracked transaction (begin_tracked)")]
+    TrackedRegion {
+        /// Start address.
+        addr: usize,
+        /// Length.
+        len: usize,
+    },
+    /// A tracked transaction changed more pages than the twin pool holds
+    /// ([`crate::Options::tracked_pool_pages`]); it was rolled back.
+    #[error("a tracked transaction changed {needed} pages but the twin pool holds {pool_pages}; it was rolled back")]
+    TwinPoolExhausted {
+        /// The pool's size in pages.
+        pool_pages: usize,
+        /// Pages the transaction changed.
+        needed: usize,
+    },
 }
 
 impl Error {

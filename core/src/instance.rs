@@ -79,6 +79,13 @@ pub struct Options {
     /// end of each phase), for a progress display; `None` (the default)
     /// reports nothing.
     pub recovery_progress: Option<ProgressHook>,
+    /// Twin pages preallocated for tracked transactions (default 4096, 16
+    /// MiB with 4 KiB pages): the pages one tracked transaction may change.
+    /// A transaction that changes more fails at commit
+    /// ([`crate::TxError::TwinPoolExhausted`]) and is rolled back.
+    pub tracked_pool_pages: usize,
+    /// What tracked commits log (default [`crate::TrackedLogging::Diff`]).
+    pub tracked_logging: crate::TrackedLogging,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -180,6 +187,8 @@ impl Default for Options {
             salvage: false,
             accepted_segments: Vec::new(),
             recovery_progress: None,
+            tracked_pool_pages: 4096,
+            tracked_logging: crate::TrackedLogging::Diff,
         }
     }
 }
@@ -383,7 +392,7 @@ pub(crate) struct Inner {
     log_id: u128,
     vfs: Arc<dyn Vfs>,
     pub(crate) ring: Ring,
-    opts: Options,
+    pub(crate) opts: Options,
     pub(crate) epoch: u64,
     pending_limit: usize,
     pub(crate) state: Mutex<CommitState>,
@@ -418,6 +427,8 @@ pub(crate) struct Inner {
     recovery: RecoveryReport,
     background: Arc<Background>,
     bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tracked transactions' state (created with the first tracked region).
+    pub(crate) tracked: crate::tracked::SessionCell,
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -532,6 +543,7 @@ impl Rvm {
             recovery,
             background: Arc::new(Background::default()),
             bg_thread: Mutex::new(None),
+            tracked: Default::default(),
             log_id: sb.log_id,
             ring,
             opts,
@@ -679,6 +691,9 @@ impl Rvm {
 
     fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
         let addr = region.addr();
+        // A tracked region's pages may be twinned by the open tracked
+        // transaction (which counts no ranges in `active_txs`): wait for it.
+        let _tracked = crate::tracked::hold_writers(&self.inner, &region.0)?;
         loop {
             {
                 let mut table = self.inner.regions.write();
@@ -855,6 +870,10 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    pub(crate) fn opts(&self) -> &Options {
+        &self.opts
+    }
+
     pub(crate) fn coalesces(&self) -> bool {
         self.opts.coalesce
     }
@@ -1100,6 +1119,7 @@ impl Inner {
             CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
         };
         let region = Arc::new(RegionInner {
+            tracked: Default::default(),
             mapping,
             segment: seg.clone(),
             offset: spec.offset,

@@ -108,6 +108,9 @@ impl MapSpec {
 
 #[derive(Debug)]
 pub(crate) struct RegionInner {
+    /// Tracked mode ([`crate::Rvm::track`]); first, so the fault handler
+    /// forgets the range before the mapping goes.
+    pub tracked: crate::tracked::TrackedCell,
     pub mapping: Mapping,
     pub segment: Arc<SegmentInner>,
     pub offset: u64,

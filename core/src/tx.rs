@@ -75,6 +75,8 @@ pub struct Transaction<'a> {
     spans: Vec<(usize, usize, usize)>,
     /// The declared ranges as a checkpoint freeze sees them.
     track: Arc<crate::checkpoint::TxTrack>,
+    /// A tracked transaction's hold on the instance's tracked writer lock.
+    tracked: Option<crate::tracked::Writer<'a>>,
     finished: bool,
     /// Transactions belong to the thread that began them (the nesting check
     /// is per thread), so they are neither `Send` nor `Sync`.
@@ -83,6 +85,14 @@ pub struct Transaction<'a> {
 
 impl<'a> Transaction<'a> {
     pub(crate) fn begin(rvm: &'a Rvm, mode: RestoreMode) -> Result<Self> {
+        Self::begin_with(rvm, mode, false)
+    }
+
+    pub(crate) fn begin_tracked(rvm: &'a Rvm, mode: RestoreMode) -> Result<Self> {
+        Self::begin_with(rvm, mode, true)
+    }
+
+    fn begin_with(rvm: &'a Rvm, mode: RestoreMode, tracked: bool) -> Result<Self> {
         let instance = rvm.instance_id();
         rvm.inner.check_poison()?;
         OPEN.with(|open| {
@@ -93,6 +103,15 @@ impl<'a> Transaction<'a> {
             open.push(instance);
             Ok(())
         })?;
+        // Taken after the nesting check (this thread cannot hold it), before
+        // anything the transaction must give back.
+        let tracked = match tracked.then(|| crate::tracked::Writer::begin(&rvm.inner)).transpose() {
+            Ok(w) => w,
+            Err(e) => {
+                OPEN.with(|open| open.borrow_mut().retain(|&i| i != instance));
+                return Err(e);
+            }
+        };
         rvm.inner.in_flight.fetch_add(1, Ordering::AcqRel);
         crate::stats::Counters::add(&rvm.inner.counters.begun, 1);
         let scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -106,6 +125,7 @@ impl<'a> Transaction<'a> {
             undo: scratch.undo,
             spans: scratch.spans,
             held: Vec::new(),
+            tracked,
             finished: false,
             _not_send: PhantomData,
         })
@@ -138,6 +158,14 @@ impl<'a> Transaction<'a> {
             None => {
                 let table = self.rvm.regions.read();
                 let r = table.find(addr, end).ok_or(not_mapped)?;
+                if crate::tracked::is_tracked(r) {
+                    // A tracked transaction's stores there are found by
+                    // faults; an ordinary one may not store there at all.
+                    return match self.tracked {
+                        Some(_) => Ok(()),
+                        None => Err(TxError::TrackedRegion { addr, len }.into()),
+                    };
+                }
                 // Counted under the table lock, so `unmap` sees it.
                 r.active_txs.fetch_add(1, Ordering::AcqRel);
                 self.held.push(r.clone());
@@ -180,10 +208,28 @@ impl<'a> Transaction<'a> {
     /// (the log is too small for it, or an earlier I/O failure stopped the
     /// instance) the transaction is aborted and the error returned.
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
-        let declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
+        let mut declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
         let mut spans = std::mem::take(&mut self.spans);
         spans.clear();
         spans.extend(self.ranges.iter().map(|r| (r.addr, r.len, r.region)));
+        if let Some(w) = &self.tracked {
+            let found = spans.len();
+            let r = match w.exhausted() {
+                Some(e) => Err(e.into()),
+                None => w.collect(self.rvm, &mut self.held, &mut spans),
+            };
+            if let Err(e) = r {
+                self.spans = spans;
+                self.rollback();
+                return Err(e);
+            }
+            for &(addr, len, _) in &spans[found..] {
+                // Seen by a checkpoint freeze as this transaction's ranges:
+                // if it commits before the freeze, the sweep rebuilds them.
+                self.track.record(addr, len);
+                declared += len as u64;
+            }
+        }
         if self.rvm_coalesces() && spans.len() > 1 {
             merge_spans(&mut spans);
         }
@@ -196,6 +242,9 @@ impl<'a> Transaction<'a> {
                 return Err(e);
             }
         };
+        if let Some(w) = self.tracked.take() {
+            w.end(self.rvm, false);
+        }
         self.finish();
         let c = &self.rvm.counters;
         match mode {
@@ -222,6 +271,9 @@ impl<'a> Transaction<'a> {
     fn rollback(&mut self) {
         if self.finished {
             return;
+        }
+        if let Some(w) = self.tracked.take() {
+            w.end(self.rvm, true);
         }
         if self.mode == RestoreMode::Restore {
             // Newest first, so the first saved value of a byte wins.
