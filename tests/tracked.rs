@@ -95,11 +95,17 @@ enum Op {
     /// A tracked transaction: stores (offset, bytes), then commit (flush or
     /// not), abort, or abort by drop; `ckpt` starts a checkpoint and steps
     /// it after the stores, while the transaction is open.
-    Tx { stores: Vec<(usize, Vec<u8>)>, end: End, ckpt: Option<usize> },
+    Tx {
+        stores: Vec<(usize, Vec<u8>)>,
+        end: End,
+        ckpt: Option<usize>,
+    },
     Flush,
     Checkpoint,
     Truncate,
-    Crash { keep: Option<u64> },
+    Crash {
+        keep: Option<u64>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -193,10 +199,9 @@ fn run(ops: &[Op], opts: Options) {
                 drop(rvm);
                 (rvm, region) = sim.open();
                 let got = image(&region);
-                let k = images
-                    .iter()
-                    .rposition(|img| *img == got)
-                    .unwrap_or_else(|| panic!("the recovered region is no committed prefix ({} commits)", images.len()));
+                let k = images.iter().rposition(|img| *img == got).unwrap_or_else(|| {
+                    panic!("the recovered region is no committed prefix ({} commits)", images.len())
+                });
                 assert!(k >= durable, "recovery lost a durable commit: prefix {k}, durable {durable}");
                 images = vec![got];
                 durable = 0;

@@ -171,7 +171,9 @@ impl FaultHook for TrackedPages {
             return Resolution::Fatal("store into a tracked page outside a tracked transaction");
         }
         if owner != fault::thread_id() {
-            return Resolution::Fatal("store into a tracked page by a thread that does not hold its tracked transaction");
+            return Resolution::Fatal(
+                "store into a tracked page by a thread that does not hold its tracked transaction",
+            );
         }
         let page = addr & !(s.page_size - 1);
         let state = self.page_state(page);
@@ -427,8 +429,11 @@ impl Rvm {
             state: (0..r.mapping.len() / ps).map(|_| AtomicUsize::new(CLEAN)).collect(),
             session: inner.tracked.get().cloned().unwrap_or_else(|| unreachable!("created above")),
         });
-        let registration = fault::register(r.addr(), r.end(), pages.clone())
-            .map_err(|e| crate::MapError::System { addr: r.addr(), len: r.mapping.len(), errno: e.to_string() })?;
+        let registration = fault::register(r.addr(), r.end(), pages.clone()).map_err(|e| crate::MapError::System {
+            addr: r.addr(),
+            len: r.mapping.len(),
+            errno: e.to_string(),
+        })?;
         // SAFETY: the whole live mapping of the region; it becomes
         // read-only, which no Rust reference can notice (references into
         // mapped memory may not write it outside transactions).
