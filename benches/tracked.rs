@@ -129,7 +129,9 @@ fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize) -> 
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
     let block = tx.malloc(Layout::new::<Map>()).unwrap();
     // SAFETY: a fresh block of this transaction, sized for a Map.
-    unsafe { block.cast::<Map>().as_ptr().write(Map::with_capacity_and_hasher_in(16, FixedState::with_seed(1), alloc)) };
+    unsafe {
+        block.cast::<Map>().as_ptr().write(Map::with_capacity_and_hasher_in(16, FixedState::with_seed(1), alloc))
+    };
     tx.set_root("m", Some((block, std::mem::size_of::<Map>() as u64, 0))).unwrap();
     tx.commit(CommitMode::Flush).unwrap();
     let map = block.as_ptr().cast::<Map>();
@@ -201,7 +203,12 @@ fn main() {
     }
     println!("# tracked transactions (issue 11); {rounds} round(s), medians; all runs in brackets");
     println!("machine: {} CPUs; load {}", std::thread::available_parallelism().map_or(0, |n| n.get()), {
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     });
 
     // 1 + 2: small transactions.
@@ -267,6 +274,11 @@ fn main() {
         fmt_runs(&volatile),
         median(&volatile) / t
     );
-    println!("| PHashMap (typed layer, explicit) | {} [{}] | {:.2} |", si(median(&pmap)), fmt_runs(&pmap), median(&pmap) / t);
+    println!(
+        "| PHashMap (typed layer, explicit) | {} [{}] | {:.2} |",
+        si(median(&pmap)),
+        fmt_runs(&pmap),
+        median(&pmap) / t
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

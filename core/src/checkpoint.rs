@@ -177,6 +177,19 @@ impl TxTrack {
     }
 }
 
+impl Checkpointer {
+    /// Every range the open transactions have declared, sorted by start
+    /// (for the undeclared-store detector).
+    pub fn open_ranges(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for t in self.txs.lock().iter() {
+            v.extend(t.ranges.lock().iter().copied());
+        }
+        v.sort_unstable();
+        v
+    }
+}
+
 /// Page copies made by the write barrier, and which generation is swept.
 #[derive(Debug, Default)]
 struct Copies {
@@ -641,6 +654,10 @@ impl Inner {
             }
         };
         self.mark_durable(last_tx);
+        if let Err(e) = self.verify_sweep(old) {
+            self.drop_checkpoint()?;
+            return Err(e);
+        }
         let _t = self.truncation.lock();
         let mut guard = self.ckpt.sweep.lock();
         let Some(sweep) = guard.as_mut() else {
@@ -672,6 +689,25 @@ impl Inner {
     /// checkpoint, which syncs only what it writes itself, would free the
     /// log that covers it. (On an error path the instance is poisoned and
     /// the sync result does not matter.)
+    /// The undeclared-store check before a sweep reads memory: every page
+    /// of the old generation (see `crate::verify`). A finding also goes to
+    /// the next commit (a background checkpoint's error is not seen).
+    fn verify_sweep(&self, old: usize) -> Result<()> {
+        let Some(v) = &self.verify else { return Ok(()) };
+        let _exclusive = v.exclusive();
+        let open = self.ckpt.open_ranges();
+        let regions: Vec<Arc<RegionInner>> = self.regions.read().iter().cloned().collect();
+        for r in &regions {
+            if let Err(e) = crate::verify::check_pages(r, r.track.dirty[old].pages(), &open) {
+                if let crate::Error::Tx(t) = &e {
+                    v.set_pending(t.clone());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn drop_checkpoint(&self) -> Result<()> {
         let dropped = self.ckpt.sweep.lock().take();
         if dropped.is_some() {

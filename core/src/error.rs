@@ -324,6 +324,24 @@ pub enum TxError {
         /// Pages the transaction changed.
         needed: usize,
     },
+    /// The undeclared-store detector ([`crate::Options::verify_stores`])
+    /// found bytes changed outside every declared range: a store a
+    /// `set_range` should have announced (it would be lost in a crash, or
+    /// kept only if a checkpoint swept the page).
+    #[error(
+        "undeclared store: {len} byte(s) at {addr:#x} in the region at {region:#x} changed outside every declared \
+         range ({runs} such run(s) on that page); declare them with set_range before storing"
+    )]
+    UndeclaredStore {
+        /// Address of the first undeclared changed byte.
+        addr: usize,
+        /// Length of its run.
+        len: usize,
+        /// Start address of the region.
+        region: usize,
+        /// Undeclared runs on that page.
+        runs: usize,
+    },
 }
 
 impl Error {

@@ -86,6 +86,14 @@ pub struct Options {
     pub tracked_pool_pages: usize,
     /// What tracked commits log (default [`crate::TrackedLogging::Diff`]).
     pub tracked_logging: crate::TrackedLogging,
+    /// Check for stores that no `set_range` declared (default: on in debug
+    /// builds, off in release builds): at commit, every page the
+    /// transaction declared something in, and before a checkpoint's sweep,
+    /// every page it will write; an undeclared changed byte fails the
+    /// commit or checkpoint with [`crate::TxError::UndeclaredStore`]. Costs
+    /// a shadow copy of each page ever declared and a page compare per
+    /// declared page at commit.
+    pub verify_stores: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -189,6 +197,7 @@ impl Default for Options {
             recovery_progress: None,
             tracked_pool_pages: 4096,
             tracked_logging: crate::TrackedLogging::Diff,
+            verify_stores: cfg!(debug_assertions),
         }
     }
 }
@@ -429,6 +438,8 @@ pub(crate) struct Inner {
     bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Tracked transactions' state (created with the first tracked region).
     pub(crate) tracked: crate::tracked::SessionCell,
+    /// The undeclared-store detector, if on.
+    pub(crate) verify: Option<crate::verify::Verifier>,
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -544,6 +555,7 @@ impl Rvm {
             background: Arc::new(Background::default()),
             bg_thread: Mutex::new(None),
             tracked: Default::default(),
+            verify: opts.verify_stores.then(Default::default),
             log_id: sb.log_id,
             ring,
             opts,
@@ -1120,6 +1132,7 @@ impl Inner {
         };
         let region = Arc::new(RegionInner {
             tracked: Default::default(),
+            shadow: Default::default(),
             mapping,
             segment: seg.clone(),
             offset: spec.offset,

@@ -28,6 +28,7 @@ pub mod storage;
 pub mod testing;
 mod tracked;
 mod tx;
+mod verify;
 
 pub use checkpoint::CheckpointReport;
 pub use error::{Error, LogError, MapError, Result, TxError};

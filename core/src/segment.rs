@@ -112,6 +112,8 @@ pub(crate) struct RegionInner {
     /// forgets the range before the mapping goes.
     pub tracked: crate::tracked::TrackedCell,
     pub mapping: Mapping,
+    /// Shadow pages of the undeclared-store detector (`Options::verify_stores`).
+    pub shadow: crate::verify::Shadow,
     pub segment: Arc<SegmentInner>,
     pub offset: u64,
     /// Uncommitted transactions that declared ranges here.

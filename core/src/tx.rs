@@ -184,7 +184,10 @@ impl<'a> Transaction<'a> {
         // Recorded before the barrier looks at the generation: a freeze
         // either sees this range (and rebuilds its pages from the log) or
         // turned the barrier on before we look (and we copy the pages).
-        self.track.record(addr, len);
+        match &self.rvm.verify {
+            Some(v) => v.declare(&self.held[region], addr, len, || self.track.record(addr, len)),
+            None => self.track.record(addr, len),
+        }
         self.rvm.checkpoint_barrier(&self.held[region], addr, len);
         Ok(())
     }
@@ -208,6 +211,10 @@ impl<'a> Transaction<'a> {
     /// (the log is too small for it, or an earlier I/O failure stopped the
     /// instance) the transaction is aborted and the error returned.
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
+        if let Err(e) = self.verify_declared() {
+            self.rollback();
+            return Err(e);
+        }
         let mut declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
         let mut spans = std::mem::take(&mut self.spans);
         spans.clear();
@@ -245,6 +252,7 @@ impl<'a> Transaction<'a> {
         if let Some(w) = self.tracked.take() {
             w.end(self.rvm, false);
         }
+        self.sync_shadows();
         self.finish();
         let c = &self.rvm.counters;
         match mode {
@@ -262,6 +270,45 @@ impl<'a> Transaction<'a> {
     /// Aborts: in restore mode every declared range gets its old bytes back.
     pub fn abort(mut self) {
         self.rollback();
+    }
+
+    /// The undeclared-store check at commit (see `crate::verify`).
+    fn verify_declared(&self) -> Result<()> {
+        let Some(v) = &self.rvm.verify else { return Ok(()) };
+        let _exclusive = v.exclusive();
+        if let Some(e) = v.take_pending() {
+            return Err(e.into());
+        }
+        if self.ranges.is_empty() {
+            return Ok(());
+        }
+        let open = self.rvm.ckpt.open_ranges();
+        let ps = crate::mem::page_size();
+        for (i, region) in self.held.iter().enumerate() {
+            let mut pages: Vec<usize> = self
+                .ranges
+                .iter()
+                .filter(|r| r.region == i)
+                .flat_map(|r| {
+                    let off = r.addr - region.addr();
+                    off / ps..=(off + r.len - 1) / ps
+                })
+                .collect();
+            pages.sort_unstable();
+            pages.dedup();
+            crate::verify::check_pages(region, pages.into_iter(), &open)?;
+        }
+        Ok(())
+    }
+
+    /// The transaction's ranges are settled (committed or rolled back):
+    /// the detector's shadows take their bytes.
+    fn sync_shadows(&self) {
+        if let Some(v) = &self.rvm.verify {
+            for r in &self.ranges {
+                v.sync(&self.held[r.region], r.addr, r.len);
+            }
+        }
     }
 
     fn rvm_coalesces(&self) -> bool {
@@ -290,6 +337,7 @@ impl<'a> Transaction<'a> {
             }
         }
         crate::stats::Counters::add(&self.rvm.counters.aborted, 1);
+        self.sync_shadows();
         self.finish();
     }
 
