@@ -122,7 +122,10 @@ fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize) -> 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     create_log(dir.join("log"), 256 << 20).unwrap();
-    let rvm = Rvm::open(dir.join("log"), Options::default()).unwrap();
+    // Growing the table rewrites it whole in one transaction: the pool must
+    // hold it (2^21 buckets of 17 bytes at 1M keys).
+    let opts = Options { tracked_pool_pages: 32768, ..Options::default() };
+    let rvm = Rvm::open(dir.join("log"), opts).unwrap();
     let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::new(0x5e00_0000_0000, 256 << 20)).unwrap();
     heap.track().unwrap();
     let alloc = TrackedAlloc::new(&heap).unwrap();

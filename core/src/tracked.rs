@@ -446,6 +446,8 @@ impl Rvm {
             .into());
         }
         let _ = r.tracked.set(Tracked { pages, _registration: registration });
+        // The undeclared-store detector does not watch tracked regions.
+        r.shadow.lock().clear();
         Ok(())
     }
 
