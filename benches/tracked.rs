@@ -40,14 +40,21 @@ fn bench_root() -> PathBuf {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
     Explicit,
+    /// Explicit, with the undeclared-store detector on.
+    Verified,
     Diff,
     WholePage,
 }
 
 impl Method {
+    fn explicit(self) -> bool {
+        matches!(self, Method::Explicit | Method::Verified)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Method::Explicit => "explicit set_range",
+            Method::Verified => "explicit, verify_stores on",
             Method::Diff => "tracked, page diff",
             Method::WholePage => "tracked, whole pages",
         }
@@ -67,7 +74,13 @@ fn setup(root: &Path, name: &str, method: Method) -> Setup {
     std::fs::create_dir_all(&dir).unwrap();
     create_log(dir.join("log"), 256 << 20).unwrap();
     let logging = if method == Method::WholePage { TrackedLogging::WholePage } else { TrackedLogging::Diff };
-    let opts = Options { tracked_logging: logging, ..Options::default() };
+    let mut opts =
+        Options { tracked_logging: logging, verify_stores: method == Method::Verified, ..Options::default() };
+    if std::env::var_os("RVM_BENCH_NO_THREADS").is_some() {
+        // No background threads (an experiment: fewer CPUs to flush TLBs on).
+        opts.write_behind = false;
+        opts.truncate_threshold = None;
+    }
     let rvm = Rvm::open(dir.join("log"), opts).unwrap();
     let seg = rvm.create_segment(dir.join("seg"), REGION as u64).unwrap();
     let region = rvm.map(&seg, MapSpec::new(0, REGION)).unwrap();
@@ -79,7 +92,7 @@ fn setup(root: &Path, name: &str, method: Method) -> Setup {
     }
     tx.commit(CommitMode::Flush).unwrap();
     rvm.checkpoint().unwrap();
-    if method != Method::Explicit {
+    if !method.explicit() {
         rvm.track(&region).unwrap();
     }
     Setup { rvm, region, dir }
@@ -92,7 +105,7 @@ fn small_txs(s: &Setup, method: Method, n: usize, mode: CommitMode, seed: u64) -
     let t = Instant::now();
     for i in 0..n {
         let ranges = rng.range(1, 4);
-        let mut tx = if method == Method::Explicit {
+        let mut tx = if method.explicit() {
             s.rvm.begin(RestoreMode::NoRestore).unwrap()
         } else {
             s.rvm.begin_tracked(RestoreMode::Restore).unwrap()
@@ -100,7 +113,7 @@ fn small_txs(s: &Setup, method: Method, n: usize, mode: CommitMode, seed: u64) -
         for _ in 0..ranges {
             let len = rng.range(8, 64);
             let off = rng.below(REGION - len);
-            if method == Method::Explicit {
+            if method.explicit() {
                 // SAFETY: this thread's transaction owns the range.
                 unsafe { tx.set_range(base + off, len).unwrap() };
             }
@@ -215,19 +228,30 @@ fn main() {
     });
 
     // 1 + 2: small transactions.
-    let methods = [Method::Explicit, Method::Diff, Method::WholePage];
+    let methods = [Method::Explicit, Method::Diff, Method::WholePage, Method::Verified];
     let setups: Vec<Setup> = methods.iter().map(|&m| setup(&root, &format!("{m:?}"), m)).collect();
     let n_noflush = if q { 2_000 } else { 100_000 };
     let n_flush = if q { 50 } else { 1_000 };
-    let mut noflush = vec![Vec::new(); 3];
-    let mut flush = vec![Vec::new(); 3];
+    let mut noflush = vec![Vec::new(); methods.len()];
+    let mut flush = vec![Vec::new(); methods.len()];
     for round in 0..rounds {
         for (i, (&m, s)) in methods.iter().zip(&setups).enumerate() {
             noflush[i].push(small_txs(s, m, n_noflush, CommitMode::NoFlush, round as u64 * 7 + 1));
             s.rvm.flush().unwrap();
         }
+    }
+    // Flush rates swing with the shared disk: short runs, methods
+    // alternating, so each ratio compares neighbours in time.
+    let mut flush_ratio = vec![Vec::new(); methods.len()];
+    for round in 0..rounds * 4 {
+        let mut here = Vec::new();
         for (i, (&m, s)) in methods.iter().zip(&setups).enumerate() {
-            flush[i].push(small_txs(s, m, n_flush, CommitMode::Flush, round as u64 * 7 + 3));
+            let r = small_txs(s, m, n_flush / 4, CommitMode::Flush, round as u64 * 7 + 3);
+            flush[i].push(r);
+            here.push(r);
+        }
+        for i in 0..methods.len() {
+            flush_ratio[i].push(here[i] / here[0]);
         }
     }
     let fmt_runs = |v: &[f64]| v.iter().map(|&x| si(x)).collect::<Vec<_>>().join(" ");
@@ -235,17 +259,19 @@ fn main() {
     println!("| method | no-flush tx/s | flush tx/s | log bytes per tx (no-flush runs) |");
     println!("|---|---|---|---|");
     let explicit_flush = median(&flush[0]);
+    let explicit_noflush = median(&noflush[0]);
     for (i, (&m, s)) in methods.iter().zip(&setups).enumerate() {
         let st = s.rvm.stats();
         let per_tx = st.log_bytes_written as f64 / st.committed.max(1) as f64;
         println!(
-            "| {} | {} [{}] | {} [{}] ({:.2}x explicit) | {:.0} |",
+            "| {} | {} [{}] ({:.2}x explicit) | {} ({:.2}x explicit; median of paired ratios {:.2}) | {:.0} |",
             m.name(),
             si(median(&noflush[i])),
             fmt_runs(&noflush[i]),
+            median(&noflush[i]) / explicit_noflush,
             si(median(&flush[i])),
-            fmt_runs(&flush[i]),
             median(&flush[i]) / explicit_flush,
+            median(&flush_ratio[i]),
             per_tx
         );
     }

@@ -38,9 +38,19 @@ pub fn value_of(key: u64) -> u64 {
     key.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed
 }
 
-/// Opens (creating on first use) the log and the heap in `dir` with `opts`, tracks the
-/// heap and finds (or creates) the map; returns the map's address.
-pub fn open(dir: &Path, opts: Options) -> Result<(Rvm, PersistentHeap, *mut Map), Box<dyn std::error::Error>> {
+/// The open store: the instance, the tracked heap, and the map in it.
+pub struct Store {
+    /// The instance.
+    pub rvm: Rvm,
+    /// The tracked heap.
+    pub heap: PersistentHeap,
+    /// The map's block (the root "map"), valid while `heap` is loaded.
+    map: *mut Map,
+}
+
+/// Opens (creating on first use) the log and the heap in `dir` with `opts`,
+/// tracks the heap and finds (or creates) the map.
+pub fn open(dir: &Path, opts: Options) -> Result<Store, Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir)?;
     let log = dir.join("map.log");
     let seg = dir.join("map.heap");
@@ -71,43 +81,45 @@ pub fn open(dir: &Path, opts: Options) -> Result<(Rvm, PersistentHeap, *mut Map)
             block.as_ptr().cast::<Map>()
         }
     };
-    Ok((rvm, heap, map))
+    Ok(Store { rvm, heap, map })
 }
 
-/// Adds one round of entries in one flush-committed transaction; returns
-/// the number of completed rounds.
-pub fn add_round(heap: &PersistentHeap, map: *mut Map) -> Result<u64, Box<dyn std::error::Error>> {
-    let tx = heap.begin(RestoreMode::Restore)?;
-    // SAFETY: the root holds a Map; this thread holds the heap's (tracked)
-    // transaction, and no other reference to the map is alive.
-    let map = unsafe { &mut *map };
-    // The code a Rust user writes anyway:
-    let round = map.get(&ROUNDS_KEY).copied().unwrap_or(0) + 1;
-    for i in 0..PER_ROUND {
-        let key = (round - 1) * PER_ROUND + i;
-        map.insert(key, value_of(key));
-    }
-    map.insert(ROUNDS_KEY, round);
-    tx.commit(CommitMode::Flush)?;
-    Ok(round)
-}
-
-/// Checks the map: `rounds` whole rounds and nothing else. Returns `rounds`.
-pub fn check(map: *const Map) -> Result<u64, String> {
-    // SAFETY: no transaction is open; the map was changed only by
-    // committed transactions.
-    let map = unsafe { &*map };
-    let rounds = map.get(&ROUNDS_KEY).copied().unwrap_or(0);
-    let want = rounds * PER_ROUND + u64::from(rounds > 0);
-    if map.len() as u64 != want {
-        return Err(format!("{} entries for {rounds} rounds (want {want})", map.len()));
-    }
-    for key in 0..rounds * PER_ROUND {
-        if map.get(&key) != Some(&value_of(key)) {
-            return Err(format!("key {key} is missing or wrong"));
+impl Store {
+    /// Adds one round of entries in one flush-committed transaction; returns
+    /// the number of completed rounds.
+    pub fn add_round(&mut self) -> Result<u64, Box<dyn std::error::Error>> {
+        let tx = self.heap.begin(RestoreMode::Restore)?;
+        // SAFETY: the root holds a Map; this thread holds the heap's (tracked)
+        // transaction, and no other reference to the map is alive (`&mut self`).
+        let map = unsafe { &mut *self.map };
+        // The code a Rust user writes anyway:
+        let round = map.get(&ROUNDS_KEY).copied().unwrap_or(0) + 1;
+        for i in 0..PER_ROUND {
+            let key = (round - 1) * PER_ROUND + i;
+            map.insert(key, value_of(key));
         }
+        map.insert(ROUNDS_KEY, round);
+        tx.commit(CommitMode::Flush)?;
+        Ok(round)
     }
-    Ok(rounds)
+
+    /// Checks the map: `rounds` whole rounds and nothing else. Returns `rounds`.
+    pub fn check(&self) -> Result<u64, String> {
+        // SAFETY: the root holds a Map; no transaction is open (they live
+        // inside `add_round`, which takes `&mut self`).
+        let map = unsafe { &*self.map };
+        let rounds = map.get(&ROUNDS_KEY).copied().unwrap_or(0);
+        let want = rounds * PER_ROUND + u64::from(rounds > 0);
+        if map.len() as u64 != want {
+            return Err(format!("{} entries for {rounds} rounds (want {want})", map.len()));
+        }
+        for key in 0..rounds * PER_ROUND {
+            if map.get(&key) != Some(&value_of(key)) {
+                return Err(format!("key {key} is missing or wrong"));
+            }
+        }
+        Ok(rounds)
+    }
 }
 
 #[allow(dead_code)]
@@ -116,19 +128,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("rvm-tracked-map"));
-    let (rvm, heap, map) = open(&dir, Options::default())?;
-    let rounds = check(map)?;
+    let mut store = open(&dir, Options::default())?;
+    let rounds = store.check()?;
     println!("the map holds {rounds} round(s) of {PER_ROUND} entries, all present and correct");
     let start = std::time::Instant::now();
     for _ in 0..20 {
-        let round = add_round(&heap, map)?;
+        let round = store.add_round()?;
         println!("round {round} committed");
     }
     let secs = start.elapsed().as_secs_f64();
     println!("20 rounds in {secs:.2} s ({:.0} inserts/s, each round flushed)", 20.0 * PER_ROUND as f64 / secs);
-    check(map)?;
-    heap.check()?;
-    heap.close()?;
-    rvm.close()?;
+    store.check()?;
+    store.heap.check()?;
+    store.heap.close()?;
+    store.rvm.close()?;
     Ok(())
 }

@@ -22,10 +22,10 @@ const CHILD_ENV: &str = "RVM_TRACKED_MAP_CHILD";
 #[test]
 fn child_adds_rounds_until_killed() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
-    let (_rvm, heap, map) = tracked_map::open(Path::new(&dir), rvm::Options::default()).unwrap();
-    tracked_map::check(map).unwrap();
+    let mut store = tracked_map::open(Path::new(&dir), rvm::Options::default()).unwrap();
+    store.check().unwrap();
     loop {
-        let round = tracked_map::add_round(&heap, map).unwrap();
+        let round = store.add_round().unwrap();
         println!("{round}");
     }
 }
@@ -73,11 +73,11 @@ fn a_plain_hashbrown_map_survives_kill_9() {
         // No background thread: closing releases the files at once for the
         // next child.
         let opts = rvm::Options { truncate_threshold: None, ..rvm::Options::default() };
-        let (rvm, heap, map) = tracked_map::open(&dir, opts).unwrap();
-        let rounds = tracked_map::check(map).unwrap_or_else(|e| panic!("kill {kill}: {e}"));
+        let store = tracked_map::open(&dir, opts).unwrap();
+        let rounds = store.check().unwrap_or_else(|e| panic!("kill {kill}: {e}"));
         assert!(rounds >= reported, "kill {kill}: {rounds} rounds recovered, {reported} were reported committed");
-        heap.check().unwrap();
-        heap.close().unwrap();
-        rvm.close().unwrap();
+        store.heap.check().unwrap();
+        store.heap.close().unwrap();
+        store.rvm.close().unwrap();
     }
 }
