@@ -572,3 +572,18 @@ fn foreign_faults_still_kill_with_sigsegv() {
         }
     }
 }
+
+#[test]
+fn track_and_unmap_refuse_the_thread_holding_a_tracked_transaction() {
+    let sim = Sim::new(Options::default());
+    let (rvm, region) = sim.open();
+    let seg2 = rvm.create_segment("plain", 4096).unwrap();
+    let plain = rvm.map(&seg2, MapSpec::new(0, 4096)).unwrap();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    // Waiting for its own transaction would never end: refused instead.
+    assert!(matches!(rvm.track(&plain), Err(Error::Map(MapError::Busy { .. }))));
+    assert!(matches!(rvm.unmap(region.clone()), Err(Error::Map(MapError::Busy { .. }))));
+    tx.abort();
+    rvm.track(&plain).unwrap();
+    rvm.unmap(region).unwrap();
+}

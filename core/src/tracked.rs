@@ -402,7 +402,8 @@ impl Rvm {
     /// ([`TxError::TrackedRegion`]). Tracking a region twice does nothing.
     ///
     /// Fails with [`crate::MapError::Busy`] while a transaction has ranges
-    /// in the region.
+    /// in the region, or when the calling thread has a tracked transaction
+    /// open; waits for another thread's tracked transaction to end.
     ///
     /// Stores into the region outside a tracked transaction, or from a
     /// thread other than the transaction's, kill the process with
@@ -416,6 +417,11 @@ impl Rvm {
             return Ok(());
         }
         let session = session(inner)?;
+        if session.owner.load(Ordering::SeqCst) == fault::thread_id() {
+            // This thread's own tracked transaction is open: waiting for it
+            // would never end.
+            return Err(crate::MapError::Busy { addr: r.addr(), count: 1 }.into());
+        }
         // No tracked transaction may run while pages change mode.
         let _w = session.writer.lock();
         let busy = r.active_txs.load(Ordering::Acquire);
