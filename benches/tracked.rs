@@ -211,10 +211,13 @@ fn main() {
     let rounds = if q { 1 } else { 5 };
     let root = bench_root();
     if std::env::var_os("RVM_BENCH_PROFILE").is_some() {
-        // Only the tracked diff loop, for a profiler.
-        let s = setup(&root, "profile", Method::Diff);
-        let r = small_txs(&s, Method::Diff, 200_000, CommitMode::NoFlush, 1);
-        println!("tracked diff, no-flush: {} tx/s", si(r));
+        // Only one loop (tracked diff, or `verify`: explicit with the
+        // detector), for a profiler.
+        let m =
+            if std::env::var("RVM_BENCH_PROFILE").as_deref() == Ok("verify") { Method::Verified } else { Method::Diff };
+        let s = setup(&root, "profile", m);
+        let r = small_txs(&s, m, 200_000, CommitMode::NoFlush, 1);
+        println!("{}, no-flush: {} tx/s", m.name(), si(r));
         return;
     }
     println!("# tracked transactions (issue 11); {rounds} round(s), medians; all runs in brackets");

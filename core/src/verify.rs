@@ -116,30 +116,40 @@ pub(crate) fn check_pages(
     }
     let ps = mem::page_size();
     let shadow = region.shadow.lock();
-    let mut now = vec![0u8; ps];
     for p in pages {
         let Some(old) = shadow.get(&p) else { continue };
         let page_addr = region.addr() + p * ps;
-        // SAFETY: a page of a live region; bytes of open ranges may change
-        // meanwhile (racy copy), and are ignored below.
-        unsafe { mem::copy_from_racy(page_addr, &mut now) };
-        if now[..] == old[..] {
-            continue;
-        }
         let mut found: Option<(usize, usize)> = None;
         let mut runs = 0usize;
-        let mut i = 0;
-        while i < ps {
-            if now[i] == old[i] || declared(open, page_addr + i) {
-                i += 1;
+        // The end of the run being measured, if the last byte looked at
+        // was part of one.
+        let mut open_run: Option<usize> = None;
+        for w in 0..ps / 8 {
+            // SAFETY: a word of a live, page-aligned region; bytes of open
+            // ranges may be stored into meanwhile (a racy read, as the
+            // checkpoint's snapshots do); they are ignored below.
+            let now = unsafe { std::ptr::read_volatile((page_addr + w * 8) as *const u64) }.to_ne_bytes();
+            let was = &old[w * 8..w * 8 + 8];
+            if now[..] == was[..] {
+                open_run = None;
                 continue;
             }
-            let start = i;
-            while i < ps && now[i] != old[i] && !declared(open, page_addr + i) {
-                i += 1;
+            for b in 0..8 {
+                let at = page_addr + w * 8 + b;
+                if now[b] != was[b] && !declared(open, at) {
+                    match (open_run, &mut found) {
+                        (Some(_), Some((start, len))) if *start + *len == at => *len += 1,
+                        (Some(_), _) => {}
+                        (None, f) => {
+                            runs += 1;
+                            f.get_or_insert((at, 1));
+                        }
+                    }
+                    open_run = Some(at);
+                } else {
+                    open_run = None;
+                }
             }
-            runs += 1;
-            found.get_or_insert((page_addr + start, i - start));
         }
         if let Some((addr, len)) = found {
             return Err(TxError::UndeclaredStore { addr, len, region: region.addr(), runs }.into());
