@@ -1,53 +1,6 @@
 //! [`TrackedAlloc`]: an allocator handle for ordinary Rust collections kept
-//! in a tracked heap.
-//!
-//! With the heap region tracked ([`Heap::track`]), every heap transaction
-//! is a tracked one: stores into the heap need no `set_range`, the page
-//! faults find them. What is left is allocation: `TrackedAlloc` implements
-//! `allocator_api2`'s `Allocator` (and [`GlobalAlloc`]) by allocating and
-//! freeing inside the transaction the calling thread has open on the heap.
-//! So `allocator_api2::vec::Vec<T, TrackedAlloc>`,
-//! `allocator_api2::boxed::Box<T, TrackedAlloc>` and
-//! `hashbrown::HashMap<K, V, S, TrackedAlloc>` kept under a root change
-//! with their ordinary methods inside a transaction, and a commit makes
-//! the change durable as a whole, an abort (or a crash before the commit)
-//! undoes it as a whole.
-//!
-//! The handle holds only the heap's base address, so it can itself live in
-//! the heap (inside the collections) and stays valid across restarts,
-//! provided the heap is loaded at the same address (the loader does that).
-//!
-//! Outside a transaction on its heap, the handle refuses to allocate
-//! (`AllocError`, or null for `GlobalAlloc`): an allocation nobody logs
-//! would be lost in a crash. Freeing outside a transaction panics (the
-//! block would leak for good; dropping a persistent collection belongs in a
-//! transaction).
-//!
-//! # Which types are sound to keep in the heap
-//!
-//! A value survives a restart byte for byte, at the same address. It is
-//! sound to keep there if all its bytes mean the same thing in the next
-//! process:
-//!
-//! - plain data (integers, floats, `bool`, arrays and structs of them);
-//! - pointers into the same heap only: `Vec`, `Box`, `HashMap` (and other
-//!   collections generic over an allocator) whose allocator is
-//!   `TrackedAlloc`, of such types;
-//! - a hasher whose state is the same in every run: `BuildHasherDefault`
-//!   of a deterministic hasher, or `foldhash::fast::FixedState::with_seed`.
-//!   A randomly seeded one (`RandomState`, hashbrown's default) hashes
-//!   differently in the next process and loses every key.
-//!
-//! Not sound: anything pointing outside the heap — `std`'s `Box`, `Vec`,
-//! `String` (the global allocator's memory is gone after a restart),
-//! references and `&'static str` (binary addresses change with ASLR),
-//! function pointers and trait objects (vtables), `Rc`/`Arc`, file
-//! descriptors, thread handles. One trap: an empty `hashbrown` table that
-//! never allocated points at a static in the binary; create maps with a
-//! capacity (`with_capacity_and_hasher_in`) and do not `shrink_to_fit`
-//! an empty one. And the layout of a type must be the same in every build
-//! that opens the heap: pin the compiler and the collection crates'
-//! versions (or keep `#[repr(C)]` types of your own).
+//! in a tracked heap (its documentation says which types are sound to keep
+//! there).
 
 use crate::error::{HeapError, Result};
 use crate::heap::{Heap, Intents};
@@ -126,7 +79,55 @@ fn with_open<R>(base: usize, f: impl FnOnce(&Heap, &RefCell<Intents>) -> R) -> O
     Some(f(heap, &intents))
 }
 
-/// The allocator handle; see the [module docs](self).
+/// An allocator handle for ordinary Rust collections kept in a tracked heap.
+///
+/// With the heap region tracked ([`Heap::track`]), every heap transaction
+/// is a tracked one: stores into the heap need no `set_range`, the page
+/// faults find them. What is left is allocation: `TrackedAlloc` implements
+/// `allocator_api2`'s `Allocator` (and [`GlobalAlloc`]) by allocating and
+/// freeing inside the transaction the calling thread has open on the heap.
+/// So `allocator_api2::vec::Vec<T, TrackedAlloc>`,
+/// `allocator_api2::boxed::Box<T, TrackedAlloc>` and
+/// `hashbrown::HashMap<K, V, S, TrackedAlloc>` kept under a root change
+/// with their ordinary methods inside a transaction, and a commit makes
+/// the change durable as a whole, an abort (or a crash before the commit)
+/// undoes it as a whole.
+///
+/// The handle holds only the heap's base address, so it can itself live in
+/// the heap (inside the collections) and stays valid across restarts,
+/// provided the heap is loaded at the same address (the loader does that).
+///
+/// Outside a transaction on its heap, the handle refuses to allocate
+/// (`AllocError`, or null for `GlobalAlloc`): an allocation nobody logs
+/// would be lost in a crash. Freeing outside a transaction panics (the
+/// block would leak for good; dropping a persistent collection belongs in a
+/// transaction).
+///
+/// # Which types are sound to keep in the heap
+///
+/// A value survives a restart byte for byte, at the same address. It is
+/// sound to keep there if all its bytes mean the same thing in the next
+/// process:
+///
+/// - plain data (integers, floats, `bool`, arrays and structs of them);
+/// - pointers into the same heap only: `Vec`, `Box`, `HashMap` (and other
+///   collections generic over an allocator) whose allocator is
+///   `TrackedAlloc`, of such types;
+/// - a hasher whose state is the same in every run: `BuildHasherDefault`
+///   of a deterministic hasher, or `foldhash::fast::FixedState::with_seed`.
+///   A randomly seeded one (`RandomState`, hashbrown's default) hashes
+///   differently in the next process and loses every key.
+///
+/// Not sound: anything pointing outside the heap — `std`'s `Box`, `Vec`,
+/// `String` (the global allocator's memory is gone after a restart),
+/// references and `&'static str` (binary addresses change with ASLR),
+/// function pointers and trait objects (vtables), `Rc`/`Arc`, file
+/// descriptors, thread handles. One trap: an empty `hashbrown` table that
+/// never allocated points at a static in the binary; create maps with a
+/// capacity (`with_capacity_and_hasher_in`) and do not `shrink_to_fit`
+/// an empty one. And the layout of a type must be the same in every build
+/// that opens the heap: pin the compiler and the collection crates'
+/// versions (or keep `#[repr(C)]` types of your own).
 ///
 /// ```
 /// # use rvm_core::*;
