@@ -14,6 +14,7 @@
 
 mod coalesce;
 mod error;
+mod fault;
 mod instance;
 pub mod log;
 mod mem;
@@ -25,7 +26,9 @@ pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod track;
+mod tracked;
 mod tx;
+mod verify;
 
 pub use error::{Error, LogError, MapError, Result, TxError};
 pub use instance::{recover_log, CheckpointReport, Rvm};
@@ -38,4 +41,5 @@ pub use options::{
 pub use segment::{CopyMode, MapSpec, Placement, Region, RegionClaim, Segment};
 pub use stats::Stats;
 pub use storage::{FileStorage, FileVfs, OpenMode, Storage, Vfs};
+pub use tracked::TrackedLogging;
 pub use tx::Transaction;

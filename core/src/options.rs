@@ -71,6 +71,21 @@ pub struct Options {
     /// end of each phase), for a progress display; `None` (the default)
     /// reports nothing.
     pub recovery_progress: Option<ProgressHook>,
+    /// Twin pages preallocated for tracked transactions (default 4096, 16
+    /// MiB with 4 KiB pages): the pages one tracked transaction may change.
+    /// A transaction that changes more fails at commit
+    /// ([`crate::TxError::TwinPoolExhausted`]) and is rolled back.
+    pub tracked_pool_pages: usize,
+    /// What tracked commits log (default [`crate::TrackedLogging::Diff`]).
+    pub tracked_logging: crate::TrackedLogging,
+    /// Check for stores that no `set_range` declared (default: on in debug
+    /// builds, off in release builds): at commit, every page the
+    /// transaction declared something in, and before a checkpoint's sweep,
+    /// every page it will write; an undeclared changed byte fails the
+    /// commit or checkpoint with [`crate::TxError::UndeclaredStore`]. Costs
+    /// a shadow copy of each page ever declared and a page compare per
+    /// declared page at commit.
+    pub verify_stores: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -173,6 +188,9 @@ impl Default for Options {
             salvage: false,
             accepted_segments: Vec::new(),
             recovery_progress: None,
+            tracked_pool_pages: 4096,
+            tracked_logging: crate::TrackedLogging::Diff,
+            verify_stores: cfg!(debug_assertions),
         }
     }
 }

@@ -51,7 +51,7 @@ pub(crate) struct Inner {
     log_id: u128,
     vfs: Arc<dyn Vfs>,
     pub(crate) ring: Ring,
-    opts: Options,
+    pub(crate) opts: Options,
     pub(crate) epoch: u64,
     pending_limit: usize,
     pub(crate) state: Mutex<CommitState>,
@@ -86,6 +86,10 @@ pub(crate) struct Inner {
     recovery: RecoveryReport,
     background: Arc<Background>,
     bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tracked transactions' state (created with the first tracked region).
+    pub(crate) tracked: crate::tracked::SessionCell,
+    /// The undeclared-store detector, if on.
+    pub(crate) verify: Option<crate::verify::Verifier>,
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -200,6 +204,8 @@ impl Rvm {
             recovery,
             background: Arc::new(Background::default()),
             bg_thread: Mutex::new(None),
+            tracked: Default::default(),
+            verify: opts.verify_stores.then(Default::default),
             log_id: sb.log_id,
             ring,
             opts,
@@ -347,6 +353,9 @@ impl Rvm {
 
     fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
         let addr = region.addr();
+        // A tracked region's pages may be twinned by the open tracked
+        // transaction (which counts no ranges in `active_txs`): wait for it.
+        let _tracked = crate::tracked::hold_writers(&self.inner, &region.0)?;
         loop {
             {
                 let mut table = self.inner.regions.write();
@@ -517,6 +526,10 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    pub(crate) fn opts(&self) -> &Options {
+        &self.opts
+    }
+
     pub(crate) fn coalesces(&self) -> bool {
         self.opts.coalesce
     }

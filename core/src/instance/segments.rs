@@ -205,6 +205,8 @@ impl Inner {
             CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
         };
         let region = Arc::new(RegionInner {
+            tracked: Default::default(),
+            shadow: Default::default(),
             mapping,
             segment: seg.clone(),
             offset: spec.offset,

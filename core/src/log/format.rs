@@ -35,6 +35,11 @@ pub const MIN_SPLIT: usize = 64;
 /// Bytes a range's encoding adds to its data at most: control varint (4),
 /// segment id (5), offset delta (10).
 pub const RANGE_OVERHEAD_MAX: usize = 19;
+/// Bytes a range usually adds to its data inside a record: the control
+/// varint and an offset delta of one or two bytes (the segment id comes
+/// only when it changes). Logging a gap of unchanged bytes this long costs
+/// what a second range would.
+pub const RANGE_HEADER_TYPICAL: usize = 3;
 /// Bytes a record adds besides its ranges at most: header, end-of-ranges
 /// byte, commit trailer (three varints), padding.
 pub const RECORD_OVERHEAD_MAX: usize = RECORD_HEADER + 1 + 30 + 7;
