@@ -492,8 +492,23 @@ pub(crate) fn stage<R>(
 where
     R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
 {
-    let writer = SegmentWriter::new(resolve, CACHE_BYTES, true);
-    let (end, log_bytes, writer) = scan_and_apply(ring, start, limit, epoch, writer, CHUNK_BYTES, &|_| {}, on_record)?;
+    stage_in(ring, start, limit, epoch, resolve, (CHUNK_BYTES, CACHE_BYTES), on_record)
+}
+
+fn stage_in<R>(
+    ring: &Ring,
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    resolve: R,
+    (chunk_bytes, cache_bytes): (usize, usize),
+    on_record: &mut OnRecord<'_>,
+) -> Result<Staged<R>>
+where
+    R: FnMut(u32) -> Result<(Arc<dyn Storage>, PathBuf)> + Send,
+{
+    let writer = SegmentWriter::new(resolve, cache_bytes, true);
+    let (end, log_bytes, writer) = scan_and_apply(ring, start, limit, epoch, writer, chunk_bytes, &|_| {}, on_record)?;
     Ok(Staged { writer, end, log_bytes })
 }
 
@@ -705,6 +720,64 @@ mod tests {
         for (r, size) in runs.iter().zip(sizes) {
             assert!(r.2 == want, "replay with sizes {size:?}");
             assert_eq!((r.0, r.1), (runs[0].0, runs[0].1));
+        }
+    }
+
+    /// Staging writes nothing until asked, then leaves what a replay
+    /// leaves; with pages over its limit it gives up, still writing nothing.
+    #[test]
+    fn staging_writes_nothing_until_asked_and_gives_up_past_its_limit() {
+        let txs: Vec<Tx> = (0..200u64).map(|i| vec![((i as usize * 4099) % SEG_LEN, 40, i as u8)]).collect();
+        let (want, _) = replays(&txs, false, &[]);
+        for (cache, complete) in [(CACHE_BYTES, true), (0, false)] {
+            let disk = SimDisk::new();
+            let vfs: Arc<dyn crate::Vfs> = Arc::new(disk.clone());
+            let (log, seg) = (Path::new("/replay.log"), Path::new("/replay.seg"));
+            create_log_with(vfs.as_ref(), log, 4 << 20).unwrap();
+            {
+                let opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
+                let rvm = Rvm::open_with(vfs.clone(), log, opts).unwrap();
+                let s = rvm.create_segment(seg, SEG_LEN as u64).unwrap();
+                let ps = crate::page_size();
+                let region = rvm.map(&s, MapSpec::new(0, SEG_LEN / ps * ps)).unwrap();
+                for tx in &txs {
+                    let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+                    for &(off, n, fill) in tx {
+                        let off = off % region.len();
+                        let n = n.min(region.len() - off);
+                        let bytes: Vec<u8> = (0..n).map(|k| fill.wrapping_add(k as u8)).collect();
+                        // SAFETY: single-threaded; inside the region.
+                        unsafe { t.modify_bytes(region.addr() + off, &bytes).unwrap() };
+                    }
+                    t.commit(CommitMode::NoFlush).unwrap();
+                }
+            }
+            let before = disk.live_image(seg).unwrap();
+            let LogDevice { ring, status, .. } = LogDevice::open(vfs.as_ref(), log).unwrap();
+            let name = status.segments[0].name.clone();
+            let mut records = 0;
+            let staged = stage_in(
+                &ring,
+                status.head,
+                u64::MAX,
+                status.epoch,
+                |_| Ok((vfs.open(&name, crate::OpenMode::Existing).unwrap(), name.clone())),
+                (512, cache),
+                &mut |_, _, _, _| records += 1,
+            )
+            .unwrap();
+            assert_eq!((staged.end.transactions, records), (200, 200));
+            assert!(disk.live_image(seg).unwrap() == before, "staging wrote");
+            assert_eq!(staged.complete(), complete);
+            if complete {
+                staged.write().unwrap();
+                let img = disk.live_image(seg).unwrap();
+                assert!(img == disk.durable_image(seg).unwrap(), "the staged write was not synced");
+                assert!(img[..want.len()] == want[..], "the staged image differs from a replay");
+            } else {
+                drop(staged);
+                assert!(disk.live_image(seg).unwrap() == before, "a staging that gave up wrote");
+            }
         }
     }
 
