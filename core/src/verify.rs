@@ -115,6 +115,8 @@ pub(crate) fn check_pages(
         return Ok(());
     }
     let ps = mem::page_size();
+    let open = merged(open);
+    let open = &open[..];
     let shadow = region.shadow.lock();
     for p in pages {
         let Some(old) = shadow.get(&p) else { continue };
@@ -158,8 +160,38 @@ pub(crate) fn check_pages(
     Ok(())
 }
 
-/// Whether `addr` is inside one of `open` (sorted by start).
+/// `open` (sorted by start, possibly overlapping) as disjoint ranges,
+/// sorted: so at most one can hold an address.
+fn merged(open: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(open.len());
+    for &(a, l) in open {
+        match out.last_mut() {
+            Some((b, m)) if a <= *b + *m => *m = (*m).max(a + l - *b),
+            _ => out.push((a, l)),
+        }
+    }
+    out
+}
+
+/// Whether `addr` is inside one of `open` (disjoint, sorted by start):
+/// a binary search, so a check stays linear in the bytes changed however
+/// many ranges a transaction declared.
 fn declared(open: &[(usize, usize)], addr: usize) -> bool {
     let i = open.partition_point(|&(a, _)| a <= addr);
-    open[..i].iter().any(|&(a, l)| addr < a + l)
+    i > 0 && addr < open[i - 1].0 + open[i - 1].1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_finds_addresses_in_overlapping_ranges() {
+        let open = merged(&[(10, 5), (12, 10), (30, 2), (31, 1), (40, 0)]);
+        assert_eq!(open, [(10, 12), (30, 2), (40, 0)]);
+        for a in 0..50 {
+            let want = (10..22).contains(&a) || (30..32).contains(&a);
+            assert_eq!(declared(&open, a), want, "{a}");
+        }
+    }
 }
