@@ -70,7 +70,11 @@ impl SegmentInner {
 
 impl fmt::Debug for Segment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Segment").field("name", &self.0.name).field("id", &self.0.id).field("len", &self.0.len()).finish()
+        f.debug_struct("Segment")
+            .field("name", &self.0.name)
+            .field("id", &self.0.id)
+            .field("len", &self.0.len())
+            .finish()
     }
 }
 
@@ -353,7 +357,9 @@ pub(crate) fn grow_mapping(
                 Ok(())
             })?
             .map_err(|e| crate::Error::io("reading segment", &seg.name, e))?,
-        CopyMode::NoCopy => mapping.grow_anonymous(new_len, |_| Ok(()))?.map_err(|e| crate::Error::io("mapping", &seg.name, e))?,
+        CopyMode::NoCopy => {
+            mapping.grow_anonymous(new_len, |_| Ok(()))?.map_err(|e| crate::Error::io("mapping", &seg.name, e))?
+        }
     }
     Ok(())
 }
@@ -433,8 +439,12 @@ impl crate::Rvm {
         }
         let ps = crate::mem::page_size();
         if !new_len.is_multiple_of(ps) {
-            return Err(crate::MapError::NotPageAligned { what: "region length", value: new_len as u64, page_size: ps }
-                .into());
+            return Err(crate::MapError::NotPageAligned {
+                what: "region length",
+                value: new_len as u64,
+                page_size: ps,
+            }
+            .into());
         }
         if new_len <= r.mapping.len() {
             return Ok(());
@@ -463,8 +473,12 @@ impl crate::Rvm {
         }
         let mut mapped = seg.mapped.lock();
         if mapped.iter().any(|&(s, e)| s != r.offset && old_end < e && s < end) {
-            return Err(crate::MapError::AlreadyMapped { segment: seg.name.clone(), offset: old_end, len: end - old_end }
-                .into());
+            return Err(crate::MapError::AlreadyMapped {
+                segment: seg.name.clone(),
+                offset: old_end,
+                len: end - old_end,
+            }
+            .into());
         }
         {
             // Hold truncation off while the contents are read in.
