@@ -21,6 +21,10 @@
 //! declared in it, and this one's restore-mode abort would overwrite the
 //! other's data. The full argument is in `docs/DESIGN.md`, section 7.3.
 
+mod grow;
+
+pub use grow::{GrowthPolicy, DEFAULT_MAX_HEAP_LEN};
+
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
 use crate::layout::{
@@ -75,6 +79,8 @@ pub struct HeapStats {
     pub reserved_bytes: u64,
     /// Heap region size.
     pub heap_bytes: u64,
+    /// The size the heap may grow to ([`Heap::max_len`]).
+    pub max_heap_bytes: u64,
 }
 
 /// What a full heap check found.
@@ -169,6 +175,17 @@ pub struct Heap {
     /// already: nobody else can unmap them under the heap.
     _claims: [Option<rvm_core::RegionClaim>; 2],
     header: StaticHeader,
+    /// The heap region's committed length (`header.heap_len` at load; grows
+    /// with [`Heap::grow`], stored while the heap lock is held, after the
+    /// new space is mapped and committed).
+    len: std::sync::atomic::AtomicU64,
+    /// How the heap region grows in place, for a heap loaded through the
+    /// loader from a segment whose map lets it grow.
+    growth: Option<rvm_loader::RegionGrowth>,
+    /// The heap region's maximum length (0 without `growth`).
+    max: u64,
+    /// The growth policy; held while a growth runs (serializes growths).
+    policy: Mutex<GrowthPolicy>,
     state: Mutex<State>,
 }
 
@@ -279,6 +296,10 @@ impl Heap {
             static_region,
             heap_region,
             header,
+            len: std::sync::atomic::AtomicU64::new(header.heap_len),
+            growth: None,
+            max: 0,
+            policy: Mutex::new(GrowthPolicy::default()),
             state: Mutex::new(State {
                 avail: Avail::new(bin_limit(header.heap_len)),
                 committed_free: BTreeMap::new(),
@@ -396,7 +417,7 @@ impl Heap {
     fn read_header(&self, off: u64) -> std::result::Result<BlockHeader, &'static str> {
         let mut b = [0u8; HDR as usize];
         raw::read_metadata(&self.heap_region, off as usize, &mut b).ok_or("block header outside the heap")?;
-        BlockHeader::decode(&b, self.header.nonce, off, self.header.heap_len)
+        BlockHeader::decode(&b, self.header.nonce, off, self.heap_len())
     }
 
     /// Walks every block in address order, checking headers, tail guards
@@ -404,7 +425,8 @@ impl Heap {
     fn walk(&self, mut visit: impl FnMut(Walked)) -> Result<()> {
         let mut off = 0u64;
         let mut prev_free = false;
-        while off < self.header.heap_len {
+        let len = self.heap_len();
+        while off < len {
             let h = self
                 .read_header(off)
                 .map_err(|why| HeapError::corrupted(format!("heap block ({why})"), format!("heap offset {off:#x}")))?;
@@ -564,7 +586,8 @@ impl Heap {
             quick_per_class: quick,
             free_extents: st.avail.extent_count() as u64,
             reserved_bytes: st.reserved,
-            heap_bytes: self.header.heap_len,
+            heap_bytes: self.heap_len(),
+            max_heap_bytes: self.max_len(),
         }
     }
 
@@ -616,7 +639,7 @@ impl Heap {
             |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
         raw::read_metadata(&self.static_region, at, &mut b).ok_or_else(|| bad("outside the static region"))?;
-        RootSlot::decode(&b, self.header.nonce, i as u32, self.header.heap_len).map_err(bad)
+        RootSlot::decode(&b, self.header.nonce, i as u32, self.heap_len()).map_err(bad)
     }
 
     fn root_from_slot(&self, s: RootSlot) -> Option<Root> {
@@ -632,7 +655,7 @@ impl Heap {
     /// value.
     pub fn live_block_len(&self, ptr: NonNull<u8>) -> Option<u64> {
         let data_off = (ptr.as_ptr() as usize).checked_sub(self.base())? as u64;
-        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.header.heap_len {
+        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.heap_len() {
             return None;
         }
         let off = data_off - HDR;
@@ -1028,14 +1051,18 @@ impl<'h> HeapTx<'h> {
         let oom = |largest| HeapError::OutOfMemory { size, align, largest };
         let need = layout::block_size_for(size).ok_or_else(|| oom(0))?;
         let base_mod = (heap.base() % align) as u64;
-        let (off, block) = {
+        let (off, block) = loop {
             let mut st = heap.state.lock();
-            match st.avail.take(need, align as u64, base_mod) {
-                Some(x) => {
-                    st.reserved += x.1;
-                    x
-                }
-                None => return Err(oom(st.avail.largest())),
+            if let Some(x) = st.avail.take(need, align as u64, base_mod) {
+                st.reserved += x.1;
+                break x;
+            }
+            let largest = st.avail.largest();
+            let seen = heap.heap_len();
+            drop(st);
+            // No room: grow the heap (by its policy) and try again.
+            if !heap.grow_for(need.saturating_add(align as u64), seen)? {
+                return Err(oom(largest));
             }
         };
         // At most the 16-byte rounding, the tail guard and a leftover too
@@ -1070,7 +1097,7 @@ impl<'h> HeapTx<'h> {
                 let capacity = match allocs.find(off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
-                    None if off >= self.heap.header.heap_len || frees.iter().any(|f| f.off == off) => None,
+                    None if off >= self.heap.heap_len() || frees.iter().any(|f| f.off == off) => None,
                     None => {
                         let _st = self.heap.state.lock();
                         match self.heap.read_header(off) {
@@ -1183,7 +1210,7 @@ fn free_in(heap: &Heap, intents: &mut Intents, ptr: NonNull<u8>) -> Result<()> {
     let addr = ptr.as_ptr() as usize;
     let bad = || HeapError::InvalidPointer { addr };
     let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
-    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
+    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.heap_len() {
         return Err(bad());
     }
     let off = data_off - HDR;

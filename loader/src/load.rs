@@ -390,8 +390,12 @@ impl LoadedSegment {
     /// ([`RegionGrowth::grow`]), usable from any thread while the segment
     /// is loaded. `None` if the map has no such region.
     pub fn region_growth(&self, name: &str) -> Option<RegionGrowth> {
-        let index = self.lock_map().regions().iter().position(|r| r.name == name)?;
+        let (index, page_size) = {
+            let map = self.lock_map();
+            (map.regions().iter().position(|r| r.name == name)?, map.page_size())
+        };
         Some(RegionGrowth {
+            page_size,
             rvm: self.rvm.clone(),
             segment: self.segment.clone(),
             region: self.region(name)?.clone(),
@@ -566,9 +570,15 @@ pub struct RegionGrowth {
     header: Region,
     map: Arc<Mutex<LoadMap>>,
     index: usize,
+    page_size: u64,
 }
 
 impl RegionGrowth {
+    /// The load map's page size: lengths are multiples of it.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
     /// The region.
     pub fn region(&self) -> &Region {
         &self.region
