@@ -81,9 +81,9 @@ pub const MAX_HEADER_LEN: u64 = 4 << 20;
 /// The lowest base address a region may have (Linux's default
 /// `vm.mmap_min_addr`).
 pub const MIN_BASE: u64 = 0x1_0000;
-/// The largest maximum length of a region (16 TiB): a hostile header cannot
+/// The largest maximum length of a region (1 TiB): a hostile header cannot
 /// make a load reserve more address space than this per region.
-pub const MAX_REGION_LEN: u64 = 1 << 44;
+pub const MAX_REGION_LEN: u64 = 1 << 40;
 /// The end of the user half of the address space on every 64-bit Linux
 /// target (47 bits); no region may reach past it.
 pub const USER_ADDRESS_LIMIT: u64 = 1 << 47;

@@ -499,9 +499,15 @@ impl LoadedSegment {
         let len = to_usize(spec.len, "region length")?;
         let base = to_usize(spec.base, "base address")?;
         let reserve = to_usize(spec.span(), "maximum length")?;
-        self.rvm
-            .map(&self.segment, MapSpec::new(spec.offset, len).at(base).copy(spec.copy).reserve(reserve))
-            .map_err(fail)
+        let map = MapSpec::new(spec.offset, len).at(base).copy(spec.copy);
+        match self.rvm.map(&self.segment, map.reserve(reserve)) {
+            // Something occupies the room to grow: load the region at its
+            // size all the same (a growth then reports the range taken).
+            Err(rvm_core::Error::Map(MapError::AddressInUse { .. })) if reserve > len => {
+                self.rvm.map(&self.segment, map).map_err(fail)
+            }
+            r => r.map_err(fail),
+        }
     }
 
     /// Unloads the segment: unmaps every region and the header area.
