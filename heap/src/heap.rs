@@ -183,7 +183,7 @@ pub struct Heap {
     /// loader from a segment whose map lets it grow.
     growth: Option<rvm_loader::RegionGrowth>,
     /// The heap region's maximum length (0 without `growth`).
-    max: u64,
+    max: std::sync::atomic::AtomicU64,
     /// The growth policy; held while a growth runs (serializes growths).
     policy: Mutex<GrowthPolicy>,
     state: Mutex<State>,
@@ -298,7 +298,7 @@ impl Heap {
             header,
             len: std::sync::atomic::AtomicU64::new(header.heap_len),
             growth: None,
-            max: 0,
+            max: std::sync::atomic::AtomicU64::new(0),
             policy: Mutex::new(GrowthPolicy::default()),
             state: Mutex::new(State {
                 avail: Avail::new(bin_limit(header.heap_len)),

@@ -379,6 +379,10 @@ impl LoadMap {
         &self.regions
     }
 
+    pub(crate) fn regions_mut(&mut self) -> &mut [RegionSpec] {
+        &mut self.regions
+    }
+
     /// The region called `name`.
     pub fn get(&self, name: &str) -> Option<&RegionSpec> {
         self.regions.iter().find(|r| r.name == name)

@@ -596,6 +596,33 @@ impl RegionGrowth {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).regions().get(self.index).cloned()
     }
 
+    /// Changes the region's maximum length in the load map (a page
+    /// multiple, not below its length; the rules of the format with the
+    /// other regions apply), in one transaction committed with flush. The
+    /// address space reserved in this process stays as it was: the new
+    /// maximum is reserved from the next load on. The calling thread must
+    /// not have a transaction open on the instance.
+    pub fn set_max_len(&self, max_len: u64) -> Result<()> {
+        let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = current.clone();
+        let Some(r) = map.regions_mut().get_mut(self.index) else {
+            return Err(LoaderError::InvalidMap { region: None, reason: "the region is no longer in the map".into() });
+        };
+        if max_len < r.len {
+            return Err(LoaderError::InvalidMap {
+                region: Some(r.name.clone()),
+                reason: format!("maximum {max_len:#x} is below the length {:#x}", r.len),
+            });
+        }
+        r.max_len = max_len;
+        map.validate_for_device(self.segment.len())?;
+        let mut tx = self.rvm.begin(rvm_core::RestoreMode::Restore)?;
+        raw::store_header(&mut tx, &self.header, &map.encode())?;
+        tx.commit(rvm_core::CommitMode::Flush)?;
+        *current = map;
+        Ok(())
+    }
+
     /// Grows the region to `new_len` bytes (a multiple of the map's page
     /// size, at most its maximum length), together with whatever `more`
     /// writes into the same transaction (the state of the data structure

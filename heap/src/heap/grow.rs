@@ -94,7 +94,7 @@ impl Heap {
     /// region in its segment's load map (its size, for a heap that cannot
     /// grow).
     pub fn max_len(&self) -> u64 {
-        self.max.max(self.heap_len())
+        self.max.load(Ordering::Acquire).max(self.heap_len())
     }
 
     /// The growth policy (default [`GrowthPolicy::default`]).
@@ -108,9 +108,27 @@ impl Heap {
         *self.policy.lock() = policy;
     }
 
+    /// Changes the heap's maximum size (recorded in its segment's load map,
+    /// durable when this returns). It must not be below the heap's size,
+    /// and the address range up to it must not overlap another region of
+    /// the segment's map. In this process the heap keeps the address space
+    /// it reserved at load: a larger maximum is reserved from the next load
+    /// on (until then a growth past the old reservation reports
+    /// [`HeapError::AddressRangeTaken`]). The calling thread must not have a
+    /// transaction open on the instance.
+    pub fn set_max_len(&self, max_len: u64) -> Result<()> {
+        let growth = self.growth.as_ref().ok_or(HeapError::NotGrowable)?;
+        let _serial = self.policy.lock();
+        let max_len = max_len.checked_next_multiple_of(growth.page_size()).unwrap_or(u64::MAX);
+        let max_len = max_len.max(self.heap_len());
+        growth.set_max_len(max_len)?;
+        self.max.store(max_len, Ordering::Release);
+        Ok(())
+    }
+
     /// Lets the heap grow through `growth` (its heap region's handle).
     pub(crate) fn set_growth(&mut self, growth: RegionGrowth) {
-        self.max = growth.spec().map_or(0, |s| s.span());
+        self.max.store(growth.spec().map_or(0, |s| s.span()), Ordering::Release);
         self.growth = Some(growth);
     }
 
