@@ -103,10 +103,17 @@ fn map_err(placement: Placement, len: usize, e: rustix::io::Errno) -> MapError {
     }
 }
 
+/// Region mappings are private (copy-on-write) and `MAP_NORESERVE`: the
+/// kernel does not charge their whole length to the commit limit up front
+/// (a writable private mapping of a 64 GiB heap would otherwise be refused
+/// on a machine with less memory, though only the pages a program changes
+/// ever take memory).
 fn flags_for(placement: Placement) -> (*mut std::ffi::c_void, MapFlags) {
     match placement {
-        Placement::Fixed(a) => (a as *mut std::ffi::c_void, MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE),
-        Placement::Anywhere => (std::ptr::null_mut(), MapFlags::PRIVATE),
+        Placement::Fixed(a) => {
+            (a as *mut std::ffi::c_void, MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE)
+        }
+        Placement::Anywhere => (std::ptr::null_mut(), MapFlags::PRIVATE | MapFlags::NORESERVE),
     }
 }
 
@@ -199,7 +206,7 @@ impl Mapping {
         if n == 0 {
             return Ok(());
         }
-        let flags = MapFlags::PRIVATE | MapFlags::FIXED;
+        let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
         // SAFETY: `[at, at + n)` lies in this mapping's own reservation
         // (checked by `growth`): no other mapping lives there and nothing
         // refers to those pages (they were inaccessible), so MAP_FIXED
@@ -227,7 +234,7 @@ impl Mapping {
         if n == 0 {
             return Ok(Ok(()));
         }
-        let flags = MapFlags::PRIVATE | MapFlags::FIXED;
+        let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
         // SAFETY: as in `grow_file_private`: only our own reservation is
         // replaced.
         let got = unsafe { rustix::mm::mmap_anonymous(at as *mut _, n, ProtFlags::READ | ProtFlags::WRITE, flags) }
