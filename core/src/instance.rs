@@ -950,6 +950,7 @@ impl Inner {
             len: AtomicU64::new(len),
             mapped: Mutex::new(Vec::new()),
             mapped_end: AtomicU64::new(0),
+            resize: Mutex::new(()),
             last_tx: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });

@@ -23,12 +23,14 @@ pub(crate) struct SegmentInner {
     /// The device's length; grows with [`crate::Rvm::extend_segment`].
     pub len: AtomicU64,
     /// Segment ranges currently mapped, `[start, end)` (also held while a
-    /// segment or region grows, which serializes growths).
+    /// region grows, which serializes region growths).
     pub mapped: Mutex<Vec<(u64, u64)>>,
     /// The end of the furthest range ever mapped in this instance: the log
     /// can hold unapplied records only below it, so a region growing into
     /// the segment past it needs no replay first.
     pub mapped_end: AtomicU64,
+    /// Held while the device is extended (serializes extensions).
+    pub resize: Mutex<()>,
     /// Sequence number of the last committed transaction that touched it.
     pub last_tx: AtomicU64,
     /// Closed by [`crate::Rvm::close_segment`]: no region may map it
@@ -389,7 +391,7 @@ impl crate::Rvm {
         if seg.instance != self.inner.id {
             return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
         }
-        let _serial = seg.mapped.lock();
+        let _serial = seg.resize.lock();
         let old = seg.len();
         if new_len <= old {
             return Ok(());
@@ -471,6 +473,10 @@ impl crate::Rvm {
         if seg.mapped_end.load(Ordering::Acquire) > old_end && seg.last_tx.load(Ordering::Acquire) > 0 {
             self.inner.replay_all()?;
         }
+        // Truncation held off while the contents are read in; taken before
+        // the segment's range list, in the order a region dropped under a
+        // truncation takes them.
+        let _t = self.inner.truncation.lock();
         let mut mapped = seg.mapped.lock();
         if mapped.iter().any(|&(s, e)| s != r.offset && old_end < e && s < end) {
             return Err(crate::MapError::AlreadyMapped {
@@ -480,11 +486,7 @@ impl crate::Rvm {
             }
             .into());
         }
-        {
-            // Hold truncation off while the contents are read in.
-            let _t = self.inner.truncation.lock();
-            grow_mapping(seg, &r.mapping, r.copy, r.offset, new_len)?;
-        }
+        grow_mapping(seg, &r.mapping, r.copy, r.offset, new_len)?;
         for m in mapped.iter_mut().filter(|m| m.0 == r.offset) {
             m.1 = end;
         }
