@@ -95,10 +95,13 @@ fn child(dir: &Path) {
                     let flush = serial % 8 == 0;
                     tx.commit(if flush { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
                     if flush {
-                        let path = dir.join(format!("durable.{i}"));
-                        let f = std::fs::File::create(&path).unwrap();
+                        // Written aside and renamed: a kill leaves the old
+                        // bound or the new one, never an empty file.
+                        let tmp = dir.join(format!("durable.{i}.tmp"));
+                        let f = std::fs::File::create(&tmp).unwrap();
                         std::io::Write::write_all(&mut &f, &serial.to_le_bytes()).unwrap();
                         f.sync_all().unwrap();
+                        std::fs::rename(&tmp, dir.join(format!("durable.{i}"))).unwrap();
                     }
                     serial += 1;
                 }
