@@ -8,7 +8,7 @@
 //! blocks.
 //!
 //! `cargo bench -p rvm-heap --bench heap`; `RVM_BENCH_QUICK=1` for a short
-//! run; `RVM_BENCH_ONLY=pairs|frag|load|grow|sizes` for one part;
+//! run; `RVM_BENCH_ONLY=pairs|frag|load|grow|sizes|load10m` (comma-separated) for parts;
 //! `RVM_BENCH_DIR` chooses where the files go (default: the target dir).
 
 use rvm_core::{create_log, CommitMode, Options, RestoreMode, Rvm};
