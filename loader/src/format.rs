@@ -33,7 +33,7 @@
 //! | 76 | 4 | maximum length in pages, `u32`: 0, or more than the length in pages (see below) |
 //!
 //! The maximum length lets a region grow in place
-//! ([`crate::LoadedSegment::grow_region`]): loading reserves the address
+//! ([`crate::RegionGrowth::grow`]): loading reserves the address
 //! range `[base, base + max)` (no access, no memory or swap accounted), and
 //! no other region may use the segment range `[offset, offset + max)` or the
 //! address range `[base, base + max)`. 0 means the region does not grow (its
