@@ -315,16 +315,20 @@ impl Heap {
         let (mut live, mut live_bytes) = (0u64, 0u64);
         {
             let State { avail, committed_free, live_per_class, .. } = &mut *st;
+            // Free blocks come in address order and never adjacent (the
+            // walk checks it): both indexes are bulk-built from the list.
+            let mut free = Vec::new();
             heap.walk(|b| {
                 if b.header.allocated {
                     live += 1;
                     live_bytes += b.header.size;
                     live_per_class[class_of(b.header.size)] += 1;
                 } else {
-                    committed_free.insert(b.off, b.header.size);
-                    avail.merge(b.off, b.header.size);
+                    free.push((b.off, b.header.size));
                 }
             })?;
+            *committed_free = free.iter().copied().collect();
+            avail.fill_sorted(&free);
         }
         if live != counters.live_blocks || live_bytes != counters.live_bytes {
             return Err(HeapError::corrupted(
