@@ -41,8 +41,10 @@
 //! secret seed: keys chosen by an adversary can collide on purpose.
 
 use crate::error::{Error, Result};
-use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Block, Persist, Plain};
-use crate::tx::RootMut;
+use crate::owned::{IntoPersist, Owned};
+use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Persist, Plain};
+use crate::shape::{Kind, ShapeId, Shapes};
+use crate::tx::Mut;
 use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -111,7 +113,7 @@ fn tag(hash: u64) -> u8 {
 }
 
 /// Whether control byte `c` marks a full slot.
-fn is_full(c: u8) -> bool {
+pub(crate) fn is_full(c: u8) -> bool {
     c < 0x80
 }
 
@@ -133,34 +135,71 @@ fn slots_for(items: usize) -> Option<usize> {
 
 /// Where the parts of a table of `cap` slots lie in its block.
 #[derive(Clone, Copy, Debug)]
-struct Geometry {
-    layout: Layout,
+pub(crate) struct Geometry {
+    pub(crate) layout: Layout,
     /// Offset of the keys.
     keys: usize,
     /// Offset of the values.
-    vals: usize,
+    pub(crate) vals: usize,
 }
 
 fn geometry<K, V>(cap: usize) -> Option<Geometry> {
+    let (k, v) = (Layout::new::<K>(), Layout::new::<V>());
+    geometry_of(cap, k.size() as u64, k.align() as u64, v.size() as u64, v.align() as u64)
+}
+
+/// [`geometry`] from the key's and value's sizes and alignments.
+fn geometry_of(cap: usize, ks: u64, ka: u64, vs: u64, va: u64) -> Option<Geometry> {
+    let array = |size: u64, align: u64| {
+        let size = usize::try_from(size).ok()?.checked_mul(cap)?;
+        Layout::from_size_align(size, usize::try_from(align).ok()?).ok()
+    };
     let ctrl = Layout::array::<u8>(cap).ok()?;
-    let (layout, keys) = ctrl.extend(Layout::array::<K>(cap).ok()?).ok()?;
-    let (layout, vals) = layout.extend(Layout::array::<V>(cap).ok()?).ok()?;
+    let (layout, keys) = ctrl.extend(array(ks, ka)?).ok()?;
+    let (layout, vals) = layout.extend(array(vs, va)?).ok()?;
     Some(Geometry { layout, keys, vals })
+}
+
+/// A map's header, as read from the heap.
+pub(crate) struct Header {
+    pub(crate) ptr: u64,
+    pub(crate) len: u64,
+    pub(crate) cap: u64,
+    pub(crate) deleted: u64,
+}
+
+impl Header {
+    /// Whether the numbers agree (`None` if not): `Some(None)` for a map
+    /// without a table, else the table's geometry (its block is the
+    /// caller's to check: live, `layout.size()` bytes, aligned).
+    pub(crate) fn validate(&self, ks: u64, ka: u64, vs: u64, va: u64) -> Option<Option<Geometry>> {
+        if self.len > self.cap || self.deleted > self.cap - self.len {
+            return None;
+        }
+        if self.cap == 0 {
+            return (self.ptr == 0).then_some(None);
+        }
+        let cap = usize::try_from(self.cap).ok()?;
+        if !cap.is_power_of_two() || cap < MIN_CAP {
+            return None;
+        }
+        geometry_of(cap, ks, ka, vs, va).map(Some)
+    }
 }
 
 fn damaged() -> Error {
     Error::Damaged { name: "PHashMap".into() }
 }
 
-/// A hash map of [`Plain`] keys and values in the heap, like
-/// `HashMap<K, V>`, whose keys are compared and hashed by their bytes
-/// with a fixed hash function (see [the module](crate::hash_map)).
+/// A hash map in the heap, like `HashMap<K, V>`, of [`Plain`] keys and
+/// any [`Persist`] values, whose keys are compared and hashed by their
+/// bytes with a fixed hash function (see [the module](crate::hash_map)).
 ///
-/// Kept under a root: read it through any guard (`&PHashMap` gives `len`,
-/// `get`, `contains_key`, `iter`, `keys`, `values`), change it through the
-/// [`RootMut`] guard of a write transaction (`insert`, `remove`,
-/// `get_mut`, `entry`, `get_or_insert_with`, `clear`, `reserve`,
-/// `extend`). Each change declares only the bytes it changes: the header
+/// Read it through any guard (`&PHashMap` gives `len`, `get`,
+/// `contains_key`, `iter`, `keys`, `values`), change it through its
+/// [`Mut`] guard in a write transaction (`insert`, `remove`, `get_mut`,
+/// `entry`, `get_or_insert_with`, `clear`, `reserve`, `extend`; for values
+/// that own blocks, `insert_owned` and `remove_owned`). Each change declares only the bytes it changes: the header
 /// (declared when the root is borrowed), and the control byte, key and
 /// value of the slot it touches; growing builds a new table block in the
 /// same transaction and frees the old one at commit.
@@ -218,7 +257,7 @@ impl<K, V> std::fmt::Debug for PHashMap<K, V> {
 /// })?;
 /// # Ok::<(), Error>(())
 /// ```
-impl<K: Plain, V: Plain> PHashMap<K, V> {
+impl<K: Plain, V: Persist> PHashMap<K, V> {
     /// An empty map (owns no block): the value to make a root with.
     pub fn new() -> Self {
         PHashMap { ptr: 0, len: 0, cap: 0, deleted: 0, _kv: PhantomData }
@@ -346,13 +385,13 @@ impl<K: Plain, V: Plain> PHashMap<K, V> {
     }
 }
 
-impl<K: Plain, V: Plain> Default for PHashMap<K, V> {
+impl<K: Plain, V: Persist> Default for PHashMap<K, V> {
     fn default() -> Self {
         PHashMap::new()
     }
 }
 
-impl<'a, K: Plain, V: Plain> IntoIterator for &'a PHashMap<K, V> {
+impl<'a, K: Plain, V: Persist> IntoIterator for &'a PHashMap<K, V> {
     type Item = (&'a K, &'a V);
     type IntoIter = Iter<'a, K, V>;
     fn into_iter(self) -> Self::IntoIter {
@@ -370,7 +409,7 @@ pub struct Iter<'a, K, V> {
     left: usize,
 }
 
-impl<'a, K: Plain, V: Plain> Iterator for Iter<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {
     type Item = (&'a K, &'a V);
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -391,13 +430,13 @@ impl<'a, K: Plain, V: Plain> Iterator for Iter<'a, K, V> {
     }
 }
 
-impl<K: Plain, V: Plain> std::iter::FusedIterator for Iter<'_, K, V> {}
+impl<K: Plain, V: Persist> std::iter::FusedIterator for Iter<'_, K, V> {}
 
 /// The keys of a [`PHashMap`], from [`PHashMap::keys`].
 #[derive(Debug)]
 pub struct Keys<'a, K, V>(Iter<'a, K, V>);
 
-impl<'a, K: Plain, V: Plain> Iterator for Keys<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Keys<'a, K, V> {
     type Item = &'a K;
     fn next(&mut self) -> Option<&'a K> {
         self.0.next().map(|(k, _)| k)
@@ -411,7 +450,7 @@ impl<'a, K: Plain, V: Plain> Iterator for Keys<'a, K, V> {
 #[derive(Debug)]
 pub struct Values<'a, K, V>(Iter<'a, K, V>);
 
-impl<'a, K: Plain, V: Plain> Iterator for Values<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Values<'a, K, V> {
     type Item = &'a V;
     fn next(&mut self) -> Option<&'a V> {
         self.0.next().map(|(_, v)| v)
@@ -424,42 +463,30 @@ impl<'a, K: Plain, V: Plain> Iterator for Values<'a, K, V> {
 // SAFETY: four native-endian words, `#[repr(C)]`, no padding (the
 // `PhantomData` is zero-sized); the table is a heap block (an address in
 // the heap, which loads at a fixed base); the fingerprint mixes in the key
-// and value types' and the hash function's version.
-unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
+// and value types' layout ids and the hash function's version; `describe`
+// reports the table.
+unsafe impl<K: Plain, V: Persist> Persist for PHashMap<K, V> {
     const FINGERPRINT: u64 = fingerprint_mix(
         fingerprint_mix(
-            fingerprint_mix(fingerprint_mix(fingerprint_start(32, 8), K::FINGERPRINT), V::FINGERPRINT),
+            fingerprint_mix(fingerprint_mix(fingerprint_start(32, 8), K::LAYOUT_ID), V::LAYOUT_ID),
             FORMAT_VERSION,
         ),
         71,
     );
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_start(32, 8), 73);
+    const OWNS_BLOCKS: bool = true;
 
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        if self.cap > 0 {
-            visit(Block { addr: self.ptr as usize });
-        }
-    }
-
-    /// O(1): the header's numbers agree and the table is a live block,
-    /// large enough and aligned. The control bytes are not scanned (this
-    /// runs at the root's first borrow after open); whatever they hold, no
-    /// read goes outside the table, and only full slots' keys and values
-    /// are read.
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        if self.len > self.cap || self.deleted > self.cap - self.len {
-            return false;
-        }
-        if self.cap == 0 {
-            return self.ptr == 0;
-        }
-        let Ok(cap) = usize::try_from(self.cap) else { return false };
-        if !cap.is_power_of_two() || cap < MIN_CAP {
-            return false;
-        }
-        let Some(g) = geometry::<K, V>(cap) else { return false };
-        let Some(ptr) = NonNull::new(self.ptr as usize as *mut u8) else { return false };
-        self.ptr.is_multiple_of(g.layout.align() as u64)
-            && heap.live_block_len(ptr).is_some_and(|len| len >= g.layout.size() as u64)
+    /// The tracer checks the header's numbers and that the table is a live
+    /// block, large enough and aligned: O(1) for values that own nothing
+    /// (the control bytes are not scanned: whatever they hold, no read
+    /// goes outside the table, and only full slots' keys and values are
+    /// read); values that own blocks are traced, slot by slot.
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.define::<Self>(|s| Kind::HashMap {
+            key_size: std::mem::size_of::<K>() as u64,
+            key_align: std::mem::align_of::<K>() as u64,
+            value: V::describe(s),
+        })
     }
 }
 
@@ -476,7 +503,7 @@ unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
 ///         assert_eq!(m.insert(i, i * i)?, None);
 ///     }
 ///     assert_eq!(m.insert(3, 0)?, Some(9));
-///     if let Some(v) = m.get_mut(&4)? {
+///     if let Some(mut v) = m.get_mut(&4)? {
 ///         *v += 1;
 ///     }
 ///     assert_eq!(m.remove(&5)?, Some(25));
@@ -487,7 +514,27 @@ unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
 /// })?;
 /// # Ok::<(), Error>(())
 /// ```
-impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
+///
+/// Values that own blocks (strings, vectors, boxes) are stored with
+/// `insert_owned` and come back as [`Owned`] values:
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHashMap, PHeap, PString};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut names = tx.root_or_insert_with("names", PHashMap::<u32, PString>::new)?;
+///     names.insert_owned(1, tx.new_string("ada")?)?;
+///     names.get_or_insert_with(2, PString::new)?.push_str("grace")?;
+///     let old = names.insert_owned(1, tx.new_string("alan")?)?;
+///     assert_eq!(old.as_deref().map(|s| s.as_str()), Some("ada")); // freed when dropped
+///     Ok::<_, Error>(())
+/// })?;
+/// let two = heap.read(|r| r.root::<PHashMap<u32, PString>>("names").map(|m| m.unwrap().get(&2).map(|s| s.to_string())))?;
+/// assert_eq!(two.as_deref(), Some("grace"));
+/// # Ok::<(), Error>(())
+/// ```
+impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     fn map(&self) -> &PHashMap<K, V> {
         self
     }
@@ -499,7 +546,7 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
     }
 
     fn set_header(&mut self, ptr: usize, len: usize, cap: usize, deleted: usize) {
-        // The header was declared when the root was borrowed.
+        // The header was declared when the guard was made.
         let m = self.value_mut();
         (m.ptr, m.len, m.cap, m.deleted) = (ptr as u64, len as u64, cap as u64, deleted as u64);
     }
@@ -519,24 +566,26 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.tx().with_htx(|htx| unsafe { Ok(htx.write(p, bytes)?) })
     }
 
-    /// Value `i` of the table, to change in place (declared here).
-    fn value_mut_at(&mut self, i: usize) -> Result<&mut V> {
+    /// Address of value `i` of the table.
+    fn value_addr(&self, i: usize) -> Result<usize> {
         let (ptr, cap, g) = self.table_mut()?;
         assert!(i < cap);
-        let size = std::mem::size_of::<V>();
-        let addr = ptr + g.vals + i * size;
-        if size > 0 {
-            self.tx().declare(NonNull::new(addr as *mut u8).ok_or_else(damaged)?, size)?;
-        }
-        // SAFETY: a full slot's value (callers pass full slots), inside
-        // the table block and aligned (as in `entry_at`), declared above;
-        // the reference borrows this guard mutably, so it is the only one.
-        Ok(unsafe { &mut crate::raw::slice_mut::<V>(ptr + g.vals, cap)[i] })
+        Ok(ptr + g.vals + i * std::mem::size_of::<V>())
+    }
+
+    /// Value `i` of the table (a full slot), to change (declared here).
+    fn value_mut_at(&mut self, i: usize) -> Result<Mut<'_, 'h, V>> {
+        let at = self.value_addr(i)?;
+        // SAFETY: a full slot's value (callers pass full slots), inside the
+        // table block and aligned (as in `entry_at`), owned by this map and
+        // reachable only through this guard.
+        unsafe { self.child::<V>(at) }
     }
 
     /// Builds a table of `new_cap` slots in a new block (written in full:
-    /// control bytes, keys and values), moves every entry into it, frees
-    /// the old block at commit.
+    /// control bytes, keys and values), moves every entry into it (the
+    /// values' bytes move, and what they own with them), frees the old
+    /// block at commit.
     fn rebuild(&mut self, new_cap: usize) -> Result<()> {
         let g = geometry::<K, V>(new_cap).ok_or_else(|| {
             Error::Heap(rvm_heap::HeapError::BadLayout {
@@ -600,10 +649,14 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.rebuild(new_cap)
     }
 
-    /// Inserts a key known to be absent; returns its slot.
-    fn insert_new(&mut self, hash: u64, key: &K, value: &V) -> Result<usize> {
+    /// Inserts a key known to be absent, with `value` (taken for storing:
+    /// on failure its blocks float again); returns its slot.
+    fn insert_new(&mut self, hash: u64, key: &K, value: V) -> Result<usize> {
         let len = self.map().len();
-        self.make_room(len + 1)?;
+        if let Err(e) = self.make_room(len + 1) {
+            self.tx().float(&value);
+            return Err(e);
+        }
         let (ptr, cap, g) = self.table_mut()?;
         let mask = cap - 1;
         let ctrl = self.map().ctrl();
@@ -612,14 +665,20 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         while is_full(ctrl[i]) {
             probes += 1;
             if probes == cap {
+                self.tx().float(&value);
                 return Err(damaged());
             }
             i = (i + 1) & mask;
         }
         let was_tombstone = ctrl[i] == DELETED;
-        self.store(ptr + i, &[tag(hash)])?;
-        self.store(ptr + g.keys + i * std::mem::size_of::<K>(), bytes_of(key))?;
-        self.store(ptr + g.vals + i * std::mem::size_of::<V>(), bytes_of(value))?;
+        let kat = ptr + g.keys + i * std::mem::size_of::<K>();
+        let vat = ptr + g.vals + i * std::mem::size_of::<V>();
+        let written = self.store(ptr + i, &[tag(hash)]).and_then(|()| self.store(kat, bytes_of(key)));
+        if let Err(e) = written {
+            self.tx().float(&value);
+            return Err(e);
+        }
+        crate::tx::store_value(self.tx(), vat, value)?;
         let m = self.map();
         let (len, deleted) = (m.len() + 1, (m.deleted as usize).saturating_sub(usize::from(was_tombstone)));
         self.set_header(ptr, len, cap, deleted);
@@ -663,26 +722,50 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         Ok(())
     }
 
+    /// Puts `value` into full slot `i`; returns the value it replaces
+    /// (moved out, bitwise).
+    fn replace_at(&mut self, i: usize, value: V) -> Result<V> {
+        let at = self.value_addr(i)?;
+        // SAFETY: a full slot's valid value, moved out here; the slot is
+        // overwritten next (on failure the transaction must abort: the
+        // slot then still holds the old bytes or is restored).
+        let old = unsafe { crate::raw::take::<V>(at, 0) };
+        crate::tx::store_value(self.tx(), at, value)?;
+        Ok(old)
+    }
+
     /// Inserts `value` under `key`; returns the value it replaces (the
     /// stored key stays: it has the same bytes).
-    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+    fn put(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<V>> {
+        let value = self.tx().accept(value)?;
         let k = bytes_of(&key);
         let hash = stable_hash_bytes(k);
         if let Some(i) = self.map().find(k, hash) {
-            let v = self.value_mut_at(i)?;
-            return Ok(Some(std::mem::replace(v, value)));
+            return self.replace_at(i, value).map(Some);
         }
-        self.insert_new(hash, &key, &value)?;
+        self.insert_new(hash, &key, value)?;
         Ok(None)
     }
 
-    /// Removes `key`; returns its value.
-    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
-        Ok(self.remove_entry(key)?.map(|(_, v)| v))
+    /// Inserts `value` under `key`; returns the value it replaces as an
+    /// [`Owned`] value (dropping it frees what it owns).
+    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'h, V>>> {
+        match self.put(key, value)? {
+            Some(old) => self.tx().adopt(old).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// Removes `key`; returns the stored key and its value.
-    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+    /// Removes `key`; returns its value as an [`Owned`] value.
+    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'h, V>>> {
+        match self.take(key)? {
+            Some((_, v)) => self.tx().adopt(v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes `key`; moves its entry out.
+    fn take(&mut self, key: &K) -> Result<Option<(K, V)>> {
         let k = bytes_of(key);
         let Some(i) = self.map().find(k, stable_hash_bytes(k)) else { return Ok(None) };
         self.remove_at(i).map(Some)
@@ -690,17 +773,16 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
 
     fn remove_at(&mut self, i: usize) -> Result<(K, V)> {
         let (k, v) = self.map().entry_at(i);
-        // A bitwise copy: `Plain` values own nothing.
         // SAFETY: both are valid values (full slot); the slot leaves the
-        // map just below and its bytes are never read as values again.
+        // map just below and its bytes are never read as values again, so
+        // the copies are the only owners.
         let kv = unsafe { (std::ptr::read(k), std::ptr::read(v)) };
         self.erase(i)?;
         Ok(kv)
     }
 
-    /// The value of `key`, to change in place (only its bytes are
-    /// declared).
-    pub fn get_mut(&mut self, key: &K) -> Result<Option<&mut V>> {
+    /// The value of `key`, to change (only its bytes are declared).
+    pub fn get_mut(&mut self, key: &K) -> Result<Option<Mut<'_, 'h, V>>> {
         let k = bytes_of(key);
         match self.map().find(k, stable_hash_bytes(k)) {
             Some(i) => self.value_mut_at(i).map(Some),
@@ -709,7 +791,11 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
     }
 
     /// The value of `key`, inserted as `make()` if it has none.
-    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> Result<&mut V> {
+    pub fn get_or_insert_with<I: IntoPersist<V>>(
+        &mut self,
+        key: K,
+        make: impl FnOnce() -> I,
+    ) -> Result<Mut<'_, 'h, V>> {
         self.entry(key).or_insert_with(make)
     }
 
@@ -746,14 +832,20 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         }
     }
 
-    /// Removes every entry; the table stays (its control bytes are
-    /// declared and set empty).
+    /// Removes every entry, dropping the values (what they own is freed);
+    /// the table stays (its control bytes are declared and set empty).
     pub fn clear(&mut self) -> Result<()> {
         let m = self.map();
         if m.len == 0 && m.deleted == 0 {
             return Ok(());
         }
-        let (ptr, cap, _) = self.table_mut()?;
+        let (ptr, cap, g) = self.table_mut()?;
+        if V::OWNS_BLOCKS {
+            let full: Vec<usize> = (0..cap).filter(|&i| is_full(self.map().ctrl()[i])).collect();
+            for i in full {
+                self.tx().drop_value::<V>(ptr + g.vals + i * std::mem::size_of::<V>())?;
+            }
+        }
         self.store(ptr, &vec![EMPTY; cap])?;
         self.set_header(ptr, 0, cap, 0);
         Ok(())
@@ -766,21 +858,43 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.make_room(len.checked_add(additional).ok_or_else(damaged)?)
     }
 
-    /// Inserts every entry of `items` (later ones replace earlier ones).
-    pub fn extend(&mut self, items: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+    /// Inserts every entry of `items` (later ones replace earlier ones,
+    /// which are dropped).
+    pub fn extend<I: IntoPersist<V>>(&mut self, items: impl IntoIterator<Item = (K, I)>) -> Result<()> {
         let items = items.into_iter();
         self.reserve(items.size_hint().0)?;
         for (k, v) in items {
-            self.insert(k, v)?;
+            if let Some(old) = self.put(k, v)? {
+                self.tx().adopt(old)?;
+            }
         }
         Ok(())
     }
 }
 
-/// An entry of a [`PHashMap`], from `entry` on its [`RootMut`] guard:
+/// By value, for values that own nothing.
+impl<K: Plain, V: Plain> Mut<'_, '_, PHashMap<K, V>> {
+    /// Inserts `value` under `key`; returns the value it replaces (the
+    /// stored key stays: it has the same bytes).
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        self.put(key, value)
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
+        Ok(self.take(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes `key`; returns the stored key and its value.
+    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+        self.take(key)
+    }
+}
+
+/// An entry of a [`PHashMap`], from `entry` on its [`Mut`] guard:
 /// occupied or vacant, as `std::collections::hash_map::Entry`.
 #[derive(Debug)]
-pub enum Entry<'a, 't, 'h, K: Plain, V: Plain> {
+pub enum Entry<'a, 't, 'h, K: Plain, V: Persist> {
     /// The key has a value.
     Occupied(OccupiedEntry<'a, 't, 'h, K, V>),
     /// The key has none.
@@ -789,20 +903,20 @@ pub enum Entry<'a, 't, 'h, K: Plain, V: Plain> {
 
 /// An entry whose key has a value.
 #[derive(Debug)]
-pub struct OccupiedEntry<'a, 't, 'h, K: Plain, V: Plain> {
-    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+pub struct OccupiedEntry<'a, 't, 'h, K: Plain, V: Persist> {
+    map: &'a mut Mut<'t, 'h, PHashMap<K, V>>,
     index: usize,
 }
 
 /// An entry whose key has no value.
 #[derive(Debug)]
-pub struct VacantEntry<'a, 't, 'h, K: Plain, V: Plain> {
-    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+pub struct VacantEntry<'a, 't, 'h, K: Plain, V: Persist> {
+    map: &'a mut Mut<'t, 'h, PHashMap<K, V>>,
     key: K,
     hash: u64,
 }
 
-impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
+impl<'a, 'h, K: Plain, V: Persist> Entry<'a, '_, 'h, K, V> {
     /// The entry's key.
     pub fn key(&self) -> &K {
         match self {
@@ -812,12 +926,12 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `default` if there is none.
-    pub fn or_insert(self, default: V) -> Result<&'a mut V> {
+    pub fn or_insert(self, default: impl IntoPersist<V>) -> Result<Mut<'a, 'h, V>> {
         self.or_insert_with(|| default)
     }
 
     /// The value, inserted as `make()` if there is none.
-    pub fn or_insert_with(self, make: impl FnOnce() -> V) -> Result<&'a mut V> {
+    pub fn or_insert_with<I: IntoPersist<V>>(self, make: impl FnOnce() -> I) -> Result<Mut<'a, 'h, V>> {
         match self {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(make()),
@@ -825,7 +939,7 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `make(&key)` if there is none.
-    pub fn or_insert_with_key(self, make: impl FnOnce(&K) -> V) -> Result<&'a mut V> {
+    pub fn or_insert_with_key<I: IntoPersist<V>>(self, make: impl FnOnce(&K) -> I) -> Result<Mut<'a, 'h, V>> {
         match self {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
@@ -836,18 +950,20 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `V::default()` if there is none.
-    pub fn or_default(self) -> Result<&'a mut V>
+    pub fn or_default(self) -> Result<Mut<'a, 'h, V>>
     where
         V: Default,
     {
         self.or_insert_with(V::default)
     }
+}
 
+impl<K: Plain, V: Plain> Entry<'_, '_, '_, K, V> {
     /// Calls `f` on the value if there is one.
     pub fn and_modify(self, f: impl FnOnce(&mut V)) -> Result<Self> {
         match self {
             Entry::Occupied(mut e) => {
-                f(e.get_mut()?);
+                f(&mut *e.get_mut()?);
                 Ok(Entry::Occupied(e))
             }
             vacant => Ok(vacant),
@@ -855,7 +971,7 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 }
 
-impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
+impl<'a, 't, 'h, K: Plain, V: Persist> OccupiedEntry<'a, 't, 'h, K, V> {
     /// The stored key.
     pub fn key(&self) -> &K {
         self.map.map().entry_at(self.index).0
@@ -866,19 +982,34 @@ impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
         self.map.map().entry_at(self.index).1
     }
 
-    /// The value, to change in place (its bytes are declared).
-    pub fn get_mut(&mut self) -> Result<&mut V> {
+    /// The value, to change (its bytes are declared).
+    pub fn get_mut(&mut self) -> Result<Mut<'_, 'h, V>> {
         self.map.value_mut_at(self.index)
     }
 
-    /// The value, to change in place, for as long as the entry's borrow.
-    pub fn into_mut(self) -> Result<&'a mut V> {
+    /// The value, to change, for as long as the entry's borrow.
+    pub fn into_mut(self) -> Result<Mut<'a, 'h, V>> {
         self.map.value_mut_at(self.index)
     }
 
+    /// Replaces the value; returns the old one as an [`Owned`] value.
+    pub fn insert_owned(&mut self, value: impl IntoPersist<V>) -> Result<Owned<'h, V>> {
+        let value = self.map.tx().accept(value)?;
+        let old = self.map.replace_at(self.index, value)?;
+        self.map.tx().adopt(old)
+    }
+
+    /// Removes the entry; returns its value as an [`Owned`] value.
+    pub fn remove_owned(self) -> Result<Owned<'h, V>> {
+        let (_, v) = self.map.remove_at(self.index)?;
+        self.map.tx().adopt(v)
+    }
+}
+
+impl<K: Plain, V: Plain> OccupiedEntry<'_, '_, '_, K, V> {
     /// Replaces the value; returns the old one.
     pub fn insert(&mut self, value: V) -> Result<V> {
-        Ok(std::mem::replace(self.get_mut()?, value))
+        self.map.replace_at(self.index, value)
     }
 
     /// Removes the entry; returns its value.
@@ -892,7 +1023,7 @@ impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
     }
 }
 
-impl<'a, K: Plain, V: Plain> VacantEntry<'a, '_, '_, K, V> {
+impl<'a, 'h, K: Plain, V: Persist> VacantEntry<'a, '_, 'h, K, V> {
     /// The key it would insert.
     pub fn key(&self) -> &K {
         &self.key
@@ -904,10 +1035,11 @@ impl<'a, K: Plain, V: Plain> VacantEntry<'a, '_, '_, K, V> {
     }
 
     /// Inserts `value` under the key (growing the table in this
-    /// transaction if it is full); returns it, to change in place.
-    pub fn insert(self, value: V) -> Result<&'a mut V> {
+    /// transaction if it is full); returns it, to change.
+    pub fn insert(self, value: impl IntoPersist<V>) -> Result<Mut<'a, 'h, V>> {
         let VacantEntry { map, key, hash } = self;
-        let i = map.insert_new(hash, &key, &value)?;
+        let value = map.tx().accept(value)?;
+        let i = map.insert_new(hash, &key, value)?;
         map.value_mut_at(i)
     }
 }

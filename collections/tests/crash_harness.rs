@@ -62,7 +62,7 @@ fn apply(op: &Op, m: &mut Model, tx: &rvm_collections::WriteTx<'_>) -> Result<()
             m.stock.insert(item, (have + count, price));
         }
         Op::Sell { item } => {
-            if let Some(s) = stock.get_mut(&item)? {
+            if let Some(mut s) = stock.get_mut(&item)? {
                 if s.count > 0 {
                     s.count -= 1;
                     shop.orders += 1;

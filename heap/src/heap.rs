@@ -572,6 +572,25 @@ impl Heap {
         Ok(report)
     }
 
+    /// Every committed live block: its data address and usable length, in
+    /// address order (what [`Heap::live_block_len`] reports for each). For
+    /// reachability checks (the typed layer's `PHeap::check`); walks the
+    /// whole heap under the heap lock.
+    pub fn live_blocks(&self) -> Result<Vec<(NonNull<u8>, u64)>> {
+        let _st = self.state.lock();
+        let base = self.base();
+        let mut out = Vec::new();
+        self.walk(|b| {
+            if b.header.allocated {
+                let len = b.header.size.saturating_sub(u64::from(b.header.slack)).saturating_sub(HDR);
+                if let Some(p) = NonNull::new((base as u64 + b.off + HDR) as usize as *mut u8) {
+                    out.push((p, len));
+                }
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Statistics.
     pub fn stats(&self) -> HeapStats {
         let st = self.state.lock();
