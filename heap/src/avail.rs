@@ -106,6 +106,13 @@ impl Avail {
         extents.chain(bins).chain(cache)
     }
 
+    /// Changes how many bytes the size classes may hold (a heap that grew
+    /// keeps its classes at the same share of its size). Blocks already in
+    /// the classes stay there.
+    pub fn set_bin_limit(&mut self, bin_limit: u64) {
+        self.bin_limit = bin_limit;
+    }
+
     /// Fills an empty index with `extents`: sorted by address, none
     /// adjacent to or overlapping another (a heap's free blocks at load).
     /// Bulk-built, without a lookup per extent.

@@ -382,7 +382,10 @@ impl Heap {
         &self.rvm
     }
 
-    /// The heap region.
+    /// The heap region. Its length is the heap's ([`Heap::heap_len`]),
+    /// except after a growth that failed past mapping its new pages: the
+    /// region then shows more pages than the heap uses (the next growth
+    /// uses them).
     pub fn heap_region(&self) -> &Region {
         &self.heap_region
     }
@@ -847,7 +850,7 @@ fn read_counters(static_region: &Region, nonce: u64) -> Result<Counters> {
 /// The block size limit of the size classes: 1/16 of the heap, at least
 /// 64 KiB (blocks in the size classes are not merged, so they are bounded
 /// to keep fragmentation in check).
-fn bin_limit(heap_len: u64) -> u64 {
+pub(super) fn bin_limit(heap_len: u64) -> u64 {
     (heap_len / 16).max(64 << 10)
 }
 

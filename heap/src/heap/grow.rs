@@ -232,6 +232,7 @@ impl Heap {
                 }
                 self.len.store(new_len, Ordering::Release);
                 st.avail.merge(old, new_len - old);
+                st.avail.set_bin_limit(super::bin_limit(new_len));
                 Ok(new_len)
             }
         }
