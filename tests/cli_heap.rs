@@ -217,3 +217,50 @@ fn help_names_the_subcommands_and_exit_codes() {
     let o = rvmutl(&["--help"]);
     assert!(stdout(&o).contains("heap"), "{}", stdout(&o));
 }
+
+/// `heap grow` grows a heap in place and raises its maximum; `heap stats`
+/// and `segment show` show the size, the maximum and the reserved range;
+/// the library then opens it at the new size with its blocks where they
+/// were.
+#[test]
+fn grow_a_heap_and_show_its_maximum() {
+    let _serial = serial();
+    let f = fixture(base(4));
+    let rvm = Rvm::open(&f.log, opts()).unwrap();
+    let heap = PersistentHeap::open(&rvm, &f.seg).unwrap();
+    let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+    let p = tx.malloc(Layout::new::<u64>()).unwrap();
+    tx.set_root("kept", Some((p, 8, 1))).unwrap();
+    tx.commit(CommitMode::Flush).unwrap();
+    heap.close().unwrap();
+    rvm.close().unwrap();
+
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--size", "3M"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("1048576 -> 3145728 bytes (maximum 68719476736 bytes)"), "{}", stdout(&o));
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--size", "65G"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("its maximum is 68719476736"), "{}", stderr(&o));
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--max", "65G", "--size", "4M"]);
+    expect_code(&o, 0);
+    expect_code(&heap_cmd("grow", &f.log, &f.seg, &[]), 1);
+
+    let o = heap_cmd("stats", &f.log, &f.seg, &["--json"]);
+    expect_code(&o, 0);
+    let all = json(&o);
+    let stats = record(&all, "stats");
+    assert_eq!(stats["heap_bytes"], 4 << 20);
+    assert_eq!(stats["max_heap_bytes"], 65u64 << 30);
+    expect_code(&heap_cmd("check", &f.log, &f.seg, &[]), 0);
+    let o = rvmutl(&["segment", "show", f.seg.to_str().unwrap(), "--log", f.log.to_str().unwrap()]);
+    expect_code(&o, 0);
+    let reserved_to = format!("{:#x}", base(4) + 4096 + (65u64 << 30));
+    assert!(stdout(&o).contains(&reserved_to), "{}", stdout(&o));
+
+    let rvm = Rvm::open(&f.log, opts()).unwrap();
+    let heap = PersistentHeap::open(&rvm, &f.seg).unwrap();
+    assert_eq!((heap.heap_len(), heap.max_len()), (4 << 20, 65 << 30));
+    assert_eq!(heap.root("kept").unwrap().ptr, p);
+    heap.check().unwrap();
+    drop(f.dir);
+}

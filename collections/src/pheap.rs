@@ -42,6 +42,11 @@ impl CheckReport {
 pub struct Config {
     /// Bytes of heap (default 64 MiB).
     pub heap_len: u64,
+    /// Bytes the heap may grow to in place (default
+    /// [`rvm_heap::DEFAULT_MAX_HEAP_LEN`], 64 GiB; at most `heap_len`
+    /// means no growth). A picked base has the address range up to it
+    /// free, and loading reserves it (no memory or swap).
+    pub max_heap_len: u64,
     /// Bytes of log (default 64 MiB).
     pub log_len: u64,
     /// The heap's fixed base address; `None` (the default) picks a free
@@ -53,7 +58,13 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { heap_len: 64 << 20, log_len: 64 << 20, base: None, options: Options::default() }
+        Config {
+            heap_len: 64 << 20,
+            max_heap_len: rvm_heap::DEFAULT_MAX_HEAP_LEN,
+            log_len: 64 << 20,
+            base: None,
+            options: Options::default(),
+        }
     }
 }
 
@@ -177,12 +188,14 @@ impl PHeap {
             let map = rvm_loader::read_load_map(&rvm, &path)?;
             if let (Some(lo), Some(hi)) = (
                 map.regions().iter().map(|r| r.base).min(),
-                map.regions().iter().map(|r| r.base.saturating_add(r.len)).max(),
+                map.regions().iter().map(|r| r.base.saturating_add(r.span())).max(),
             ) {
                 crate::raw::release_claimed(lo as usize, (hi - lo) as usize);
             }
             let heap = PersistentHeap::open(&rvm, &path)?;
-            let (start, end) = (heap.static_region().addr(), heap.heap_region().addr() + heap.heap_region().len());
+            // The whole range the heap may grow into, reserved by its
+            // mapping while it is open.
+            let (start, end) = (heap.static_region().addr(), heap.heap_region().addr() + heap.heap_region().capacity());
             crate::raw::claim_range(start, end - start);
             (heap, ReserveOnDrop { start, len: end - start })
         };
@@ -373,8 +386,9 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("removing an unfinished heap", &creating)(e)),
     }
-    let probe = HeapSpec::new(0, config.heap_len);
-    let span = usize::try_from(probe.segment_len())
+    let probe = HeapSpec::new(0, config.heap_len).with_max_len(config.max_heap_len);
+    // The address space the heap spans at its maximum.
+    let span = usize::try_from(probe.heap_base().saturating_add(probe.max_len()))
         .map_err(|_| Error::Config(format!("heap_len {} does not fit this address space", config.heap_len)))?;
     let mut tries = 0;
     loop {
@@ -382,7 +396,7 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
             Some(b) => b,
             None => crate::raw::free_address_range(span, 1 << 21).map_err(io("picking a base address", dir))? as u64,
         };
-        let spec = HeapSpec::new(base, config.heap_len);
+        let spec = HeapSpec::new(base, config.heap_len).with_max_len(config.max_heap_len);
         match PersistentHeap::create(rvm, &creating, &spec) {
             Ok(heap) => {
                 heap.close()?;

@@ -213,6 +213,16 @@ pub enum MapError {
         /// Length.
         len: usize,
     },
+    /// A region cannot grow past the address space it reserved.
+    #[error("region at {addr:#x} cannot grow to {len:#x} bytes: it reserved {capacity:#x}")]
+    BeyondReservation {
+        /// The region's address.
+        addr: usize,
+        /// The length asked for.
+        len: usize,
+        /// Its length plus its reservation.
+        capacity: usize,
+    },
     /// The address range does not fit in the user address space.
     #[error("address range [{addr:#x}, +{len:#x}) is not a valid user address range")]
     BadAddress {

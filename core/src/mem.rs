@@ -18,10 +18,22 @@ pub fn page_size() -> usize {
 pub const USER_ADDRESS_LIMIT: usize = 1 << 47;
 
 /// An owned memory mapping; dropping it unmaps.
+///
+/// A mapping may own more address space than it maps: `[addr, addr + len)`
+/// is accessible, `[addr + len, addr + span)` is a reservation
+/// (`PROT_NONE`, no swap reserved) that [`Mapping::grow_file_private`] and
+/// [`Mapping::grow_anonymous`] map into later. Nothing else in the process
+/// can take the reserved range: the kernel never places another mapping
+/// over an existing one unless asked to with `MAP_FIXED`, and only this
+/// type maps there.
 #[derive(Debug)]
 pub struct Mapping {
     addr: NonNull<u8>,
-    len: usize,
+    /// Bytes accessible from `addr`; only grows, published with release
+    /// ordering after the pages are mapped.
+    len: std::sync::atomic::AtomicUsize,
+    /// Bytes of address space owned from `addr` (at least `len`).
+    span: usize,
 }
 
 // SAFETY: a Mapping is only an owned address range; access to its bytes is
@@ -67,7 +79,7 @@ fn check_placement(placement: Placement, len: usize) -> Result<(), MapError> {
 fn finish(placement: Placement, got: *mut std::ffi::c_void, len: usize) -> Result<Mapping, MapError> {
     let addr =
         NonNull::new(got.cast::<u8>()).ok_or(MapError::System { addr: 0, len, errno: "mmap returned null".into() })?;
-    let m = Mapping { addr, len };
+    let m = Mapping { addr, len: std::sync::atomic::AtomicUsize::new(len), span: len };
     if let Placement::Fixed(want) = placement {
         if m.addr() != want {
             // Kernels before 4.17 treat MAP_FIXED_NOREPLACE as a hint; the
@@ -91,10 +103,17 @@ fn map_err(placement: Placement, len: usize, e: rustix::io::Errno) -> MapError {
     }
 }
 
+/// Region mappings are private (copy-on-write) and `MAP_NORESERVE`: the
+/// kernel does not charge their whole length to the commit limit up front
+/// (a writable private mapping of a 64 GiB heap would otherwise be refused
+/// on a machine with less memory, though only the pages a program changes
+/// ever take memory).
 fn flags_for(placement: Placement) -> (*mut std::ffi::c_void, MapFlags) {
     match placement {
-        Placement::Fixed(a) => (a as *mut std::ffi::c_void, MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE),
-        Placement::Anywhere => (std::ptr::null_mut(), MapFlags::PRIVATE),
+        Placement::Fixed(a) => {
+            (a as *mut std::ffi::c_void, MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE)
+        }
+        Placement::Anywhere => (std::ptr::null_mut(), MapFlags::PRIVATE | MapFlags::NORESERVE),
     }
 }
 
@@ -144,6 +163,95 @@ impl Mapping {
         finish(placement, got, len)
     }
 
+    /// Reserves `span` bytes of address space (`PROT_NONE`,
+    /// `MAP_NORESERVE`: no access, no memory or swap accounted) at
+    /// `placement`, never over an existing mapping, and gives a mapping of
+    /// length 0 that owns it; the grow functions map into it.
+    pub fn reserve(placement: Placement, span: usize) -> Result<Mapping, MapError> {
+        check_placement(placement, span)?;
+        let (hint, flags) = flags_for(placement);
+        // SAFETY: as for `anonymous`: FIXED_NOREPLACE never replaces an
+        // existing mapping, and without a fixed address the kernel picks a
+        // free range. The reservation is inaccessible until grown into.
+        let got = unsafe { rustix::mm::mmap_anonymous(hint, span, ProtFlags::empty(), flags | MapFlags::NORESERVE) }
+            .map_err(|e| map_err(placement, span, e))?;
+        let m = finish(placement, got, span)?;
+        m.len.store(0, std::sync::atomic::Ordering::Release);
+        Ok(m)
+    }
+
+    /// Bytes of address space the mapping owns (its length plus its
+    /// reservation).
+    pub fn span(&self) -> usize {
+        self.span
+    }
+
+    /// The range a growth to `new_len` maps: `[addr + len, addr + new_len)`
+    /// as (address, length), checked against the reservation.
+    fn growth(&self, new_len: usize) -> Result<(usize, usize), MapError> {
+        let len = self.len();
+        if new_len < len || new_len > self.span {
+            return Err(MapError::BadAddress { addr: self.addr() + len, len: new_len.saturating_sub(len) });
+        }
+        Ok((self.addr() + len, new_len - len))
+    }
+
+    /// Maps `[len, new_len)` of the mapping privately from `fd`, the file
+    /// bytes at `offset` onwards, into the reservation, and makes it
+    /// accessible (lazily read, as [`Mapping::file_private`]).
+    ///
+    /// The caller serializes growths of one mapping (they publish `len`).
+    pub fn grow_file_private(&self, fd: BorrowedFd<'_>, offset: u64, new_len: usize) -> Result<(), MapError> {
+        let (at, n) = self.growth(new_len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
+        // SAFETY: `[at, at + n)` lies in this mapping's own reservation
+        // (checked by `growth`): no other mapping lives there and nothing
+        // refers to those pages (they were inaccessible), so MAP_FIXED
+        // replaces only our PROT_NONE pages. The caller checked that the
+        // file holds `[offset, offset + n)`.
+        let got = unsafe { rustix::mm::mmap(at as *mut _, n, ProtFlags::READ | ProtFlags::WRITE, flags, fd, offset) }
+            .map_err(|e| map_err(Placement::Fixed(at), n, e))?;
+        if got as usize != at {
+            return Err(MapError::AddressInUse { addr: at, len: n });
+        }
+        self.len.store(new_len, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Maps `[len, new_len)` of the mapping as zero-filled private memory
+    /// inside the reservation, calls `fill` on the new bytes, then makes
+    /// them part of the mapping. A failed `fill` leaves the length as it
+    /// was (the pages stay mapped but outside the length).
+    pub fn grow_anonymous(
+        &self,
+        new_len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<std::io::Result<()>, MapError> {
+        let (at, n) = self.growth(new_len)?;
+        if n == 0 {
+            return Ok(Ok(()));
+        }
+        let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
+        // SAFETY: as in `grow_file_private`: only our own reservation is
+        // replaced.
+        let got = unsafe { rustix::mm::mmap_anonymous(at as *mut _, n, ProtFlags::READ | ProtFlags::WRITE, flags) }
+            .map_err(|e| map_err(Placement::Fixed(at), n, e))?;
+        if got as usize != at {
+            return Err(MapError::AddressInUse { addr: at, len: n });
+        }
+        // SAFETY: the new pages were just mapped and are not published yet
+        // (the length is stored after `fill`), so nothing else refers to them.
+        let dst = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, n) };
+        if let Err(e) = fill(dst) {
+            return Ok(Err(e));
+        }
+        self.len.store(new_len, std::sync::atomic::Ordering::Release);
+        Ok(Ok(()))
+    }
+
     /// Start address.
     pub fn addr(&self) -> usize {
         self.addr.as_ptr() as usize
@@ -154,9 +262,9 @@ impl Mapping {
         self.addr
     }
 
-    /// Length in bytes.
+    /// Length in bytes (what is accessible; see [`Mapping::span`]).
     pub fn len(&self) -> usize {
-        self.len
+        self.len.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Fills `[off, off + src.len())` of the mapping from `src`, for
@@ -167,7 +275,7 @@ impl Mapping {
         src_len: usize,
         fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        assert!(off.checked_add(src_len).is_some_and(|e| e <= self.len), "fill out of bounds");
+        assert!(off.checked_add(src_len).is_some_and(|e| e <= self.len()), "fill out of bounds");
         // SAFETY: the range is inside this mapping (asserted), the mapping is
         // not yet published to any other thread (only region creation calls
         // this), so the exclusive slice cannot alias.
@@ -181,7 +289,7 @@ impl Drop for Mapping {
         // SAFETY: we own this mapping; nothing refers to it after drop (the
         // region table removes the region and checks no transaction holds
         // it before dropping the Mapping).
-        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
+        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.span) };
     }
 }
 

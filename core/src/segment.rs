@@ -20,9 +20,17 @@ pub(crate) struct SegmentInner {
     pub instance: u64,
     pub name: PathBuf,
     pub dev: Arc<dyn Storage>,
-    pub len: u64,
-    /// Segment ranges currently mapped, `[start, end)`.
+    /// The device's length; grows with [`crate::Rvm::extend_segment`].
+    pub len: AtomicU64,
+    /// Segment ranges currently mapped, `[start, end)` (also held while a
+    /// region grows, which serializes region growths).
     pub mapped: Mutex<Vec<(u64, u64)>>,
+    /// The end of the furthest range ever mapped in this instance: the log
+    /// can hold unapplied records only below it, so a region growing into
+    /// the segment past it needs no replay first.
+    pub mapped_end: AtomicU64,
+    /// Held while the device is extended (serializes extensions).
+    pub resize: Mutex<()>,
     /// Sequence number of the last committed transaction that touched it.
     pub last_tx: AtomicU64,
     /// Closed by [`crate::Rvm::close_segment`]: no region may map it
@@ -43,11 +51,11 @@ impl Segment {
     }
     /// Size of the segment device in bytes.
     pub fn len(&self) -> u64 {
-        self.0.len
+        self.0.len()
     }
     /// Whether the device is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.len == 0
+        self.0.len() == 0
     }
     /// The id log records use for this segment.
     pub fn id(&self) -> u32 {
@@ -55,9 +63,20 @@ impl Segment {
     }
 }
 
+impl SegmentInner {
+    /// The device's length.
+    pub fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+}
+
 impl fmt::Debug for Segment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Segment").field("name", &self.0.name).field("id", &self.0.id).field("len", &self.0.len).finish()
+        f.debug_struct("Segment")
+            .field("name", &self.0.name)
+            .field("id", &self.0.id)
+            .field("len", &self.0.len())
+            .finish()
     }
 }
 
@@ -87,12 +106,24 @@ pub struct MapSpec {
     pub placement: Placement,
     /// How the contents are brought in.
     pub copy: CopyMode,
+    /// Address space to reserve for the region, from its start (0, or at
+    /// most `len`: none): the region can grow into it in place with
+    /// [`crate::Rvm::grow_region`]. The range is reserved without access
+    /// and without memory or swap accounted; nothing else can be mapped
+    /// there while the region lives.
+    pub reserve: usize,
 }
 
 impl MapSpec {
     /// Maps `[offset, offset + len)` wherever the system chooses, copy-on-demand.
     pub fn new(offset: u64, len: usize) -> Self {
-        MapSpec { offset, len, placement: Placement::Anywhere, copy: CopyMode::OnDemand }
+        MapSpec { offset, len, placement: Placement::Anywhere, copy: CopyMode::OnDemand, reserve: 0 }
+    }
+    /// Reserves `reserve` bytes of address space from the region's start
+    /// (see [`MapSpec::reserve`](MapSpec#structfield.reserve)).
+    pub fn reserve(mut self, reserve: usize) -> Self {
+        self.reserve = reserve;
+        self
     }
     /// Places the region at `addr` exactly.
     pub fn at(mut self, addr: usize) -> Self {
@@ -166,9 +197,15 @@ impl Region {
     pub fn as_ptr(&self) -> NonNull<u8> {
         self.0.mapping.ptr()
     }
-    /// Length in bytes.
+    /// Length in bytes (grows with [`crate::Rvm::grow_region`]; never
+    /// shrinks).
     pub fn len(&self) -> usize {
         self.0.mapping.len()
+    }
+    /// The most bytes the region can grow to in place: its length plus the
+    /// address space reserved after it ([`MapSpec::reserve`]).
+    pub fn capacity(&self) -> usize {
+        self.0.mapping.span()
     }
     /// Always false: regions are never empty.
     pub fn is_empty(&self) -> bool {
@@ -293,5 +330,172 @@ impl RegionTable {
     }
     pub fn iter(&self) -> impl Iterator<Item = &Arc<RegionInner>> {
         self.by_addr.values()
+    }
+}
+
+/// Maps `[mapping.len(), new_len)` of a region at segment offset `offset`
+/// into the mapping's reservation, with the region's copy mode.
+pub(crate) fn grow_mapping(
+    seg: &SegmentInner,
+    mapping: &Mapping,
+    copy: CopyMode,
+    offset: u64,
+    new_len: usize,
+) -> crate::Result<()> {
+    let old = mapping.len();
+    if new_len <= old {
+        return Ok(());
+    }
+    let at = offset + old as u64;
+    match copy {
+        CopyMode::OnDemand => {
+            let fd = seg.dev.raw_fd().ok_or(crate::MapError::System {
+                addr: mapping.addr() + old,
+                len: new_len - old,
+                errno: "device has no file descriptor".into(),
+            })?;
+            mapping.grow_file_private(fd, at, new_len)?;
+        }
+        CopyMode::OnMap => mapping
+            .grow_anonymous(new_len, |dst| {
+                for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
+                    seg.dev.read_at(chunk, at + (i * (8 << 20)) as u64)?;
+                }
+                Ok(())
+            })?
+            .map_err(|e| crate::Error::io("reading segment", &seg.name, e))?,
+        CopyMode::NoCopy => {
+            mapping.grow_anonymous(new_len, |_| Ok(()))?.map_err(|e| crate::Error::io("mapping", &seg.name, e))?
+        }
+    }
+    Ok(())
+}
+
+impl crate::Rvm {
+    /// Extends the segment's device to `new_len` bytes (a no-op if it is
+    /// that long already; segments never shrink here): the new bytes read
+    /// as zeros, their disk blocks are allocated where the device supports
+    /// it ([`Storage::allocate`]: a full disk is reported now, as an I/O
+    /// error of kind [`std::io::ErrorKind::StorageFull`], not at a later
+    /// write), and the new length is synced before this returns. A crash
+    /// leaves the old or the new length; nothing in the segment refers to
+    /// the new bytes until the caller commits something that does.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// rvm.extend_segment(&seg, 3 * 4096).unwrap();
+    /// assert_eq!(seg.len(), 3 * 4096);
+    /// assert_eq!(std::fs::metadata(dir.path().join("seg")).unwrap().len(), 3 * 4096);
+    /// ```
+    pub fn extend_segment(&self, segment: &Segment, new_len: u64) -> crate::Result<()> {
+        let seg = &segment.0;
+        if seg.instance != self.inner.id {
+            return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        let _serial = seg.resize.lock();
+        let old = seg.len();
+        if new_len <= old {
+            return Ok(());
+        }
+        let fail = |op, e| crate::Error::io(op, &seg.name, e);
+        seg.dev.set_len(new_len).map_err(|e| fail("extending segment", e))?;
+        if let Err(e) = seg.dev.allocate(old, new_len - old) {
+            // Give the space back (best effort): the caller sees the old size.
+            let _ = seg.dev.set_len(old);
+            return Err(fail("allocating segment space", e));
+        }
+        seg.dev.sync().map_err(|e| fail("syncing segment", e))?;
+        seg.len.store(new_len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Grows a region in place to `new_len` bytes (a page multiple; a no-op
+    /// if it is that long already): the segment bytes that follow it are
+    /// mapped at the addresses that follow it, inside the address space it
+    /// reserved when it was mapped ([`MapSpec::reserve`]; past it:
+    /// [`crate::MapError::BeyondReservation`]). The segment must hold them
+    /// ([`crate::Rvm::extend_segment`] first), and no other region may map
+    /// them. Nothing moves: addresses in the region stay valid, and other
+    /// threads may read and run transactions in the region meanwhile.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096).reserve(1 << 20)).unwrap();
+    /// let start = region.addr();
+    /// rvm.extend_segment(&seg, 2 * 4096).unwrap();
+    /// rvm.grow_region(&region, 2 * 4096).unwrap();
+    /// assert_eq!((region.addr(), region.len(), region.capacity()), (start, 2 * 4096, 1 << 20));
+    /// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    /// // SAFETY: this thread alone uses the region.
+    /// unsafe { tx.modify_bytes(start + 4096, b"grown").unwrap() };
+    /// tx.commit(CommitMode::Flush).unwrap();
+    /// ```
+    pub fn grow_region(&self, region: &Region, new_len: usize) -> crate::Result<()> {
+        let r = &region.0;
+        let seg = &r.segment;
+        if seg.instance != self.inner.id {
+            return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        let ps = crate::mem::page_size();
+        if !new_len.is_multiple_of(ps) {
+            return Err(crate::MapError::NotPageAligned {
+                what: "region length",
+                value: new_len as u64,
+                page_size: ps,
+            }
+            .into());
+        }
+        if new_len <= r.mapping.len() {
+            return Ok(());
+        }
+        if new_len > r.mapping.span() {
+            return Err(crate::MapError::BeyondReservation {
+                addr: r.addr(),
+                len: new_len,
+                capacity: r.mapping.span(),
+            }
+            .into());
+        }
+        let end = r.offset.checked_add(new_len as u64).filter(|&e| e <= seg.len()).ok_or_else(|| {
+            crate::MapError::OutsideSegment {
+                segment: seg.name.clone(),
+                offset: r.offset,
+                len: new_len as u64,
+                segment_len: seg.len(),
+            }
+        })?;
+        let old_end = r.offset + r.mapping.len() as u64;
+        // Unapplied log records for the new range exist only if it was
+        // mapped before in this instance: the segment must show them first.
+        if seg.mapped_end.load(Ordering::Acquire) > old_end && seg.last_tx.load(Ordering::Acquire) > 0 {
+            self.inner.replay_all()?;
+        }
+        // Truncation held off while the contents are read in; taken before
+        // the segment's range list, in the order a region dropped under a
+        // truncation takes them.
+        let _t = self.inner.truncation.lock();
+        let mut mapped = seg.mapped.lock();
+        if mapped.iter().any(|&(s, e)| s != r.offset && old_end < e && s < end) {
+            return Err(crate::MapError::AlreadyMapped {
+                segment: seg.name.clone(),
+                offset: old_end,
+                len: end - old_end,
+            }
+            .into());
+        }
+        grow_mapping(seg, &r.mapping, r.copy, r.offset, new_len)?;
+        for m in mapped.iter_mut().filter(|m| m.0 == r.offset) {
+            m.1 = end;
+        }
+        seg.mapped_end.fetch_max(end, Ordering::AcqRel);
+        Ok(())
     }
 }

@@ -2,9 +2,14 @@
 //! `linked_list_allocator`, fragmentation under a random workload, and load
 //! time of a heap with many live blocks. Prints a table of medians.
 //!
+//! Growth: growing a heap from 1 GiB to 2 GiB and the first allocations
+//! after it; malloc+free pairs on heaps of 64 MiB to 64 GiB (sparse files);
+//! load time and volatile-index memory of heaps with 1 and 10 million live
+//! blocks.
+//!
 //! `cargo bench -p rvm-heap --bench heap`; `RVM_BENCH_QUICK=1` for a short
-//! run; `RVM_BENCH_ONLY=pairs|frag|load` for one part; `RVM_BENCH_DIR`
-//! chooses where the files go (default: the target dir).
+//! run; `RVM_BENCH_ONLY=pairs|frag|load|grow|sizes|load10m` (comma-separated) for parts;
+//! `RVM_BENCH_DIR` chooses where the files go (default: the target dir).
 
 use rvm_core::{create_log, CommitMode, Options, RestoreMode, Rvm};
 use rvm_heap::{HeapSpec, PersistentHeap};
@@ -36,7 +41,7 @@ fn quick() -> bool {
 }
 
 fn wanted(part: &str) -> bool {
-    std::env::var("RVM_BENCH_ONLY").map_or(part != "rvm-pairs", |only| only == part)
+    std::env::var("RVM_BENCH_ONLY").map_or(part != "rvm-pairs", |only| only.split(',').any(|o| o == part))
 }
 
 /// This run's directory (removed at the end): under `RVM_BENCH_DIR`, else
@@ -61,13 +66,131 @@ struct Setup {
 
 /// A fresh log and heap (created through the loader at `base`).
 fn setup(name: &str, heap_bytes: usize, base: u64) -> Setup {
+    setup_spec(name, &HeapSpec::new(base, heap_bytes as u64))
+}
+
+/// A fresh log and heap made to `spec`.
+fn setup_spec(name: &str, spec: &HeapSpec) -> Setup {
     let dir = bench_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     create_log(dir.join("log"), 512 << 20).expect("log");
     let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
-    let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::new(base, heap_bytes as u64)).expect("create");
+    let heap = PersistentHeap::create(&rvm, dir.join("heap"), spec).expect("create");
     Setup { dir, heap, rvm }
+}
+
+/// The system allocator, counting the bytes live on the Rust heap, so the
+/// memory an open heap's volatile indexes hold can be measured exactly
+/// (the heap's own pages are file mappings, not counted).
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Bytes live on the Rust heap now.
+fn live_bytes() -> usize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Growing a 1 GiB heap to 2 GiB: (ms for the growth, µs for the first
+/// small allocation after it (malloc + no-flush commit), µs for the first
+/// allocation that needs the new space (1.5 GiB)).
+fn grow_once(run: usize) -> (f64, f64, f64) {
+    let spec = HeapSpec::new(0x7000_0000_0000, 1 << 30).with_max_len(4 << 30);
+    let s = setup_spec(&format!("grow{run}"), &spec);
+    let alloc = |size: usize| {
+        let t = Instant::now();
+        let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
+        tx.malloc(Layout::from_size_align(size, 16).expect("layout")).expect("malloc");
+        tx.commit(CommitMode::NoFlush).expect("commit");
+        t.elapsed().as_secs_f64() * 1e6
+    };
+    alloc(64);
+    let t = Instant::now();
+    assert_eq!(s.heap.grow(2 << 30).expect("grow"), 2 << 30);
+    let grow_ms = t.elapsed().as_secs_f64() * 1e3;
+    let small = alloc(64);
+    let large = alloc(3 << 29);
+    s.heap.check().expect("check");
+    let Setup { dir, heap, rvm } = s;
+    heap.close().expect("close");
+    drop(rvm);
+    let _ = std::fs::remove_dir_all(dir);
+    (grow_ms, small, large)
+}
+
+/// Load time and Rust-heap memory held by the open heap, of a heap holding
+/// `blocks` live blocks (every other one freed when `holes`, which makes
+/// half as many free extents: the volatile index's worst case).
+fn load_stats(blocks: usize, holes: bool, runs: usize) -> (f64, f64) {
+    let heap_bytes = (blocks * 64 + (1 << 20)).next_multiple_of(4096);
+    let s = setup("load", heap_bytes, 0x6f00_0000_0000);
+    let mut n = 0;
+    let mut every_other = Vec::new();
+    while n < blocks {
+        let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
+        for _ in 0..1000.min(blocks - n) {
+            let p = tx.malloc(Layout::from_size_align(16, 8).expect("layout")).expect("malloc");
+            if holes && n % 2 == 0 {
+                every_other.push(p);
+            }
+            n += 1;
+        }
+        tx.commit(CommitMode::NoFlush).expect("commit");
+    }
+    for chunk in every_other.chunks(1000) {
+        let mut tx = s.heap.begin(RestoreMode::NoRestore).expect("begin");
+        for &p in chunk {
+            tx.free(p).expect("free");
+        }
+        tx.commit(CommitMode::NoFlush).expect("commit");
+    }
+    let live = blocks - every_other.len();
+    s.rvm.truncate().expect("truncate");
+    let Setup { dir, heap, rvm } = s;
+    heap.close().expect("close");
+    drop(rvm);
+    let (mut loads, mut mem) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
+        let before = live_bytes();
+        let t = Instant::now();
+        let heap = PersistentHeap::open(&rvm, dir.join("heap")).expect("load");
+        loads.push(t.elapsed().as_secs_f64());
+        mem.push(live_bytes().saturating_sub(before) as f64);
+        assert_eq!(heap.stats().live_blocks, live as u64);
+        heap.close().expect("close");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    (median(&mut loads), median(&mut mem))
 }
 
 /// This thread's time on a CPU so far, in seconds (from
@@ -366,6 +489,79 @@ fn main() {
             median(&mut loads) * 1e3,
             loads[0] * 1e3
         );
+    }
+    if wanted("grow") {
+        let (mut ms, mut small, mut large) = (vec![], vec![], vec![]);
+        for run in 0..runs {
+            let (g, a, b) = grow_once(run);
+            ms.push(g);
+            small.push(a);
+            large.push(b);
+        }
+        println!(
+            "\ngrowing a heap in place from 1 GiB to 2 GiB (max 4 GiB; file extended and allocated, flush commit)"
+        );
+        println!("| step | median | min | max |");
+        println!("|---|---:|---:|---:|");
+        for (name, unit, v) in [
+            ("Heap::grow(2 GiB)", "ms", &mut ms),
+            ("first small allocation after it (malloc + no-flush commit)", "µs", &mut small),
+            ("first allocation of the new space (1.5 GiB block)", "µs", &mut large),
+        ] {
+            let (lo, hi) = (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
+            println!("| {name} | {:.2} {unit} | {lo:.2} {unit} | {hi:.2} {unit} |", median(v));
+        }
+    }
+
+    if wanted("sizes") {
+        let sizes: [(u64, &str, u64); 4] = [
+            (64 << 20, "64 MiB", 0x6d00_0000_0000),
+            (1 << 30, "1 GiB", 0x6d40_0000_0000),
+            (16 << 30, "16 GiB", 0x6d80_0000_0000),
+            (64 << 30, "64 GiB", 0x6e00_0000_0000),
+        ];
+        let mut results: Vec<Vec<Rate>> = vec![Vec::new(); sizes.len()];
+        // Interleaved, so that noise from other work on the machine falls
+        // on every size alike.
+        for r in 0..runs {
+            for (i, &(bytes, _, base)) in sizes.iter().enumerate() {
+                let s = setup(&format!("size{i}"), bytes as usize, base);
+                results[i].push(rvm_pairs(&s, 100, total, 0x5151 + r as u64));
+                let Setup { dir, heap, rvm } = s;
+                heap.close().expect("close");
+                drop(rvm);
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        let rates: Vec<Rate> = results.iter().map(|v| medians(v)).collect();
+        let lo = rates.iter().map(|r| r.0).fold(f64::MAX, f64::min);
+        println!(
+            "\nmalloc+free pairs by heap size (100 pairs per no-flush tx, sizes 16-256 B, 1000 live; sparse files)"
+        );
+        println!("| heap | pairs/s (wall) | pairs per CPU-second | / slowest (wall) |");
+        println!("|---|---:|---:|---:|");
+        for (&(_, name, _), r) in sizes.iter().zip(&rates) {
+            println!("| {name} | {:.0} | {:.0} | {:.2} |", r.0, r.1, r.0 / lo);
+        }
+    }
+
+    if wanted("load10m") {
+        let big = if quick() { 2_000_000 } else { 10_000_000 };
+        println!("\nload (PersistentHeap::open) and the memory the open heap holds (Rust heap bytes) by live blocks");
+        println!("| live blocks | free extents | load ms | ms per million live blocks | bytes held | bytes per free extent |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for (blocks, holes) in [(1_000_000, false), (big, false), (1_000_000, true)] {
+            let (t, mem) = load_stats(blocks, holes, runs.min(3));
+            let live = if holes { blocks / 2 } else { blocks };
+            let extents = if holes { blocks / 2 } else { 1 };
+            let m = live as f64 / 1e6;
+            println!(
+                "| {live} | {extents} | {:.1} | {:.1} | {mem:.0} | {:.0} |",
+                t * 1e3,
+                t * 1e3 / m,
+                mem / extents as f64
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(bench_dir());
 }

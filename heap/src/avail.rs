@@ -106,6 +106,25 @@ impl Avail {
         extents.chain(bins).chain(cache)
     }
 
+    /// Changes how many bytes the size classes may hold (a heap that grew
+    /// keeps its classes at the same share of its size). Blocks already in
+    /// the classes stay there.
+    pub fn set_bin_limit(&mut self, bin_limit: u64) {
+        self.bin_limit = bin_limit;
+    }
+
+    /// Fills an empty index with `extents`: sorted by address, none
+    /// adjacent to or overlapping another (a heap's free blocks at load).
+    /// Bulk-built, without a lookup per extent.
+    pub fn fill_sorted(&mut self, extents: &[(u64, u64)]) {
+        debug_assert!(self.by_addr.is_empty() && extents.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+        self.by_addr = extents.iter().copied().collect();
+        let mut by_size: Vec<(u64, u64)> = extents.iter().map(|&(at, size)| (size, at)).collect();
+        by_size.sort_unstable();
+        self.by_size = by_size.into_iter().collect();
+        self.extent_bytes = extents.iter().map(|e| e.1).sum();
+    }
+
     fn insert_extent(&mut self, at: u64, size: u64) {
         self.by_addr.insert(at, size);
         self.by_size.insert((size, at));

@@ -112,6 +112,49 @@ pub enum HeapError {
         /// Why.
         reason: String,
     },
+    /// A growth would take the heap past its maximum size (the one its
+    /// segment's load map records, [`crate::Heap::max_len`]). The heap is
+    /// unchanged.
+    #[error("the heap cannot grow to {requested} bytes: its maximum is {max} bytes")]
+    GrowthLimit {
+        /// The size asked for.
+        requested: u64,
+        /// The heap's maximum size.
+        max: u64,
+    },
+    /// The disk has no room for the heap's growth (the segment file could not
+    /// be extended and its space allocated). The heap is unchanged and usable
+    /// at its old size.
+    #[error("no disk space to grow the heap to {requested} bytes: {source}")]
+    DiskFull {
+        /// The size asked for.
+        requested: u64,
+        /// The system's report.
+        #[source]
+        source: rvm_core::Error,
+    },
+    /// The address range the heap would grow into is taken by another
+    /// mapping (it was not free when the heap was loaded, so it could not be
+    /// reserved). The heap is unchanged and usable at its old size; it can
+    /// grow after a reload with the range free.
+    #[error("the heap cannot grow to {requested} bytes: the address range [{addr:#x}, +{len:#x}) after it is taken by another mapping")]
+    AddressRangeTaken {
+        /// The size asked for.
+        requested: u64,
+        /// Start of the range the growth needs.
+        addr: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// The heap cannot grow: it was not loaded from a segment whose load
+    /// map lets its heap region grow (a heap on regions the caller mapped,
+    /// or one created without a maximum size).
+    #[error("this heap cannot grow (it is not loaded from a segment with a maximum heap size)")]
+    NotGrowable,
+    /// A tracked heap ([`crate::Heap::track`]) does not grow (yet): its
+    /// allocations fail with out-of-memory when it is full.
+    #[error("a tracked heap cannot grow (this release grows only heaps changed with declared ranges)")]
+    TrackedGrowth,
     /// An error from the loader (creating or loading the heap's segment).
     #[error(transparent)]
     Loader(#[from] rvm_loader::LoaderError),

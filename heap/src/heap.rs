@@ -21,6 +21,10 @@
 //! declared in it, and this one's restore-mode abort would overwrite the
 //! other's data. The full argument is in `docs/DESIGN.md`, section 7.3.
 
+mod grow;
+
+pub use grow::{GrowthPolicy, DEFAULT_MAX_HEAP_LEN};
+
 use crate::avail::Avail;
 use crate::error::{HeapError, Result};
 use crate::layout::{
@@ -75,6 +79,8 @@ pub struct HeapStats {
     pub reserved_bytes: u64,
     /// Heap region size.
     pub heap_bytes: u64,
+    /// The size the heap may grow to ([`Heap::max_len`]).
+    pub max_heap_bytes: u64,
 }
 
 /// What a full heap check found.
@@ -172,6 +178,17 @@ pub struct Heap {
     /// already: nobody else can unmap them under the heap.
     _claims: [Option<rvm_core::RegionClaim>; 2],
     header: StaticHeader,
+    /// The heap region's committed length (`header.heap_len` at load; grows
+    /// with [`Heap::grow`], stored while the heap lock is held, after the
+    /// new space is mapped and committed).
+    len: std::sync::atomic::AtomicU64,
+    /// How the heap region grows in place, for a heap loaded through the
+    /// loader from a segment whose map lets it grow.
+    growth: Option<rvm_loader::RegionGrowth>,
+    /// The heap region's maximum length (0 without `growth`).
+    max: std::sync::atomic::AtomicU64,
+    /// The growth policy; held while a growth runs (serializes growths).
+    policy: Mutex<GrowthPolicy>,
     state: Mutex<State>,
 }
 
@@ -284,6 +301,10 @@ impl Heap {
             static_region,
             heap_region,
             header,
+            len: std::sync::atomic::AtomicU64::new(header.heap_len),
+            growth: None,
+            max: std::sync::atomic::AtomicU64::new(0),
+            policy: Mutex::new(GrowthPolicy::default()),
             state: Mutex::new(State {
                 avail: Avail::new(bin_limit(header.heap_len)),
                 committed_free: BTreeMap::new(),
@@ -299,16 +320,20 @@ impl Heap {
         let (mut live, mut live_bytes) = (0u64, 0u64);
         {
             let State { avail, committed_free, live_per_class, .. } = &mut *st;
+            // Free blocks come in address order and never adjacent (the
+            // walk checks it): both indexes are bulk-built from the list.
+            let mut free = Vec::new();
             heap.walk(|b| {
                 if b.header.allocated {
                     live += 1;
                     live_bytes += b.header.size;
                     live_per_class[class_of(b.header.size)] += 1;
                 } else {
-                    committed_free.insert(b.off, b.header.size);
-                    avail.merge(b.off, b.header.size);
+                    free.push((b.off, b.header.size));
                 }
             })?;
+            *committed_free = free.iter().copied().collect();
+            avail.fill_sorted(&free);
         }
         if live != counters.live_blocks || live_bytes != counters.live_bytes {
             return Err(HeapError::corrupted(
@@ -362,7 +387,10 @@ impl Heap {
         &self.rvm
     }
 
-    /// The heap region.
+    /// The heap region. Its length is the heap's ([`Heap::heap_len`]),
+    /// except after a growth that failed past mapping its new pages: the
+    /// region then shows more pages than the heap uses (the next growth
+    /// uses them).
     pub fn heap_region(&self) -> &Region {
         &self.heap_region
     }
@@ -414,7 +442,7 @@ impl Heap {
     fn read_header(&self, off: u64) -> std::result::Result<BlockHeader, &'static str> {
         let mut b = [0u8; HDR as usize];
         raw::read_metadata(&self.heap_region, off as usize, &mut b).ok_or("block header outside the heap")?;
-        BlockHeader::decode(&b, self.header.nonce, off, self.header.heap_len)
+        BlockHeader::decode(&b, self.header.nonce, off, self.heap_len())
     }
 
     /// Walks every block in address order, checking headers, tail guards
@@ -422,7 +450,8 @@ impl Heap {
     fn walk(&self, mut visit: impl FnMut(Walked)) -> Result<()> {
         let mut off = 0u64;
         let mut prev_free = false;
-        while off < self.header.heap_len {
+        let len = self.heap_len();
+        while off < len {
             let h = self
                 .read_header(off)
                 .map_err(|why| HeapError::corrupted(format!("heap block ({why})"), format!("heap offset {off:#x}")))?;
@@ -601,7 +630,8 @@ impl Heap {
             quick_per_class: quick,
             free_extents: st.avail.extent_count() as u64,
             reserved_bytes: st.reserved,
-            heap_bytes: self.header.heap_len,
+            heap_bytes: self.heap_len(),
+            max_heap_bytes: self.max_len(),
         }
     }
 
@@ -657,7 +687,7 @@ impl Heap {
             |what: &str| HeapError::corrupted(format!("root slot {i} ({what})"), format!("static region offset {at}"));
         let mut b = [0u8; ROOT_SLOT];
         raw::read_metadata(&self.static_region, at, &mut b).ok_or_else(|| bad("outside the static region"))?;
-        RootSlot::decode(&b, self.header.nonce, i as u32, self.header.heap_len).map_err(bad)
+        RootSlot::decode(&b, self.header.nonce, i as u32, self.heap_len()).map_err(bad)
     }
 
     fn root_from_slot(&self, s: RootSlot) -> Option<Root> {
@@ -673,7 +703,7 @@ impl Heap {
     /// value.
     pub fn live_block_len(&self, ptr: NonNull<u8>) -> Option<u64> {
         let data_off = (ptr.as_ptr() as usize).checked_sub(self.base())? as u64;
-        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.header.heap_len {
+        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.heap_len() {
             return None;
         }
         let off = data_off - HDR;
@@ -842,7 +872,7 @@ fn read_counters(static_region: &Region, nonce: u64) -> Result<Counters> {
 /// The block size limit of the size classes: 1/16 of the heap, at least
 /// 64 KiB (blocks in the size classes are not merged, so they are bounded
 /// to keep fragmentation in check).
-fn bin_limit(heap_len: u64) -> u64 {
+pub(super) fn bin_limit(heap_len: u64) -> u64 {
     (heap_len / 16).max(64 << 10)
 }
 
@@ -1091,7 +1121,7 @@ impl<'h> HeapTx<'h> {
                 let capacity = match allocs.find(off) {
                     Some(r) if !r.freed => Some(r.size - HDR - r.slack as u64),
                     Some(_) => None,
-                    None if off >= self.heap.header.heap_len || frees.iter().any(|f| f.off == off) => None,
+                    None if off >= self.heap.heap_len() || frees.iter().any(|f| f.off == off) => None,
                     None => {
                         let _st = self.heap.state.lock();
                         match self.heap.read_header(off) {
@@ -1209,14 +1239,18 @@ pub(crate) fn malloc_in(heap: &Heap, intents: &RefCell<Intents>, layout: Layout)
     let oom = |largest| HeapError::OutOfMemory { size, align, largest };
     let need = layout::block_size_for(size).ok_or_else(|| oom(0))?;
     let base_mod = (heap.base() % align) as u64;
-    let (off, block) = {
+    let (off, block) = loop {
         let mut st = heap.state.lock();
-        match st.avail.take(need, align as u64, base_mod) {
-            Some(x) => {
-                st.reserved += x.1;
-                x
-            }
-            None => return Err(oom(st.avail.largest())),
+        if let Some(x) = st.avail.take(need, align as u64, base_mod) {
+            st.reserved += x.1;
+            break x;
+        }
+        let largest = st.avail.largest();
+        let seen = heap.heap_len();
+        drop(st);
+        // No room: grow the heap (by its policy) and try again.
+        if !heap.grow_for(need.saturating_add(align as u64), seen)? {
+            return Err(oom(largest));
         }
     };
     // At most the 16-byte rounding, the tail guard and a leftover too
@@ -1236,7 +1270,7 @@ fn free_in(heap: &Heap, intents: &mut Intents, ptr: NonNull<u8>) -> Result<()> {
     let addr = ptr.as_ptr() as usize;
     let bad = || HeapError::InvalidPointer { addr };
     let Some(data_off) = addr.checked_sub(heap.base()).map(|o| o as u64) else { return Err(bad()) };
-    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.header.heap_len {
+    if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= heap.heap_len() {
         return Err(bad());
     }
     let off = data_off - HDR;

@@ -25,7 +25,8 @@
 //! | 124 | 4 | CRC32C of the nonce and bytes 64..124 |
 //! | 128 | 64 × slots | root slots |
 //!
-//! Bytes 0..64 never change after the heap is formatted. The counters at
+//! Bytes 0..64 change only when the heap grows (the heap region length and
+//! the checksum, in the growth's transaction). The counters at
 //! 64..128 are rewritten (with their checksum) by every commit that
 //! allocates, frees or changes a root, in the same transaction as the block
 //! headers and root slots, so they always agree with them (the load and the

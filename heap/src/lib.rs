@@ -17,6 +17,10 @@
 //! - Roots: [`Heap::root_or_create`], [`Heap::root_or_init`],
 //!   [`HeapTx::set_root`], [`Heap::roots`].
 //! - [`Heap::check`], [`Heap::stats`], [`Heap::preallocate`].
+//! - Growth in place: [`HeapSpec::with_max_len`] / [`HeapSpec::growable`]
+//!   give a heap a maximum size (its address space reserved at load);
+//!   [`Heap::grow`] grows it, and an allocation that finds no room grows it
+//!   by its [`GrowthPolicy`]. Crash-safe; no pointer moves.
 //! - [`HeapAllocator`]: a `GlobalAlloc`-style handle.
 //!
 //! ```
@@ -62,6 +66,9 @@ mod tracked_alloc;
 pub use bytemuck;
 pub use error::{HeapError, Result};
 pub use global::HeapAllocator;
-pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ROOT_SLOTS};
+pub use heap::{
+    CheckReport, GrowthPolicy, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN, DEFAULT_ROOT_SLOTS,
+    MAX_ROOT_SLOTS,
+};
 pub use persistent::{HeapSpec, PersistentHeap, HEAP_REGION, STATIC_REGION};
 pub use tracked_alloc::TrackedAlloc;

@@ -32,6 +32,7 @@ pub struct HeapSpec {
     static_len: u64,
     heap_base: Option<u64>,
     copy: CopyMode,
+    max_len: u64,
 }
 
 impl HeapSpec {
@@ -46,7 +47,34 @@ impl HeapSpec {
             static_len: page,
             heap_base: None,
             copy: CopyMode::OnDemand,
+            max_len: 0,
         }
+    }
+
+    /// [`HeapSpec::new`] for a heap that can grow in place up to
+    /// [`crate::DEFAULT_MAX_HEAP_LEN`] (64 GiB): loading it reserves that
+    /// much address space from the heap region's base (no memory or swap),
+    /// so the base must have it free.
+    pub fn growable(base: u64, heap_len: u64) -> HeapSpec {
+        HeapSpec::new(base, heap_len).with_max_len(crate::DEFAULT_MAX_HEAP_LEN)
+    }
+
+    /// Lets the heap grow in place up to `max_len` bytes (rounded up to
+    /// whole pages; a value below the heap's length means no growth, the
+    /// default of [`HeapSpec::new`], which suits heaps packed at fixed bases
+    /// close together). The maximum is recorded in the segment's load map;
+    /// at load the address range `[heap base, heap base + max_len)` is
+    /// reserved (`PROT_NONE`, `MAP_NORESERVE`, never over an existing
+    /// mapping: if something is there already, the heap loads at its size
+    /// and a growth reports [`HeapError::AddressRangeTaken`]).
+    pub fn with_max_len(mut self, max_len: u64) -> HeapSpec {
+        self.max_len = max_len.next_multiple_of(rvm_core::page_size() as u64);
+        self
+    }
+
+    /// The most the heap may grow to (its length if it does not grow).
+    pub fn max_len(&self) -> u64 {
+        self.max_len.max(self.heap_len)
     }
 
     /// Sets the static region's length (rounded up to whole pages; default
@@ -90,7 +118,9 @@ impl HeapSpec {
         let map = LoadMap::new();
         let first = map.header_len();
         map.region(RegionSpec::new(STATIC_REGION, first, self.static_len, self.base)).region(
-            RegionSpec::new(HEAP_REGION, first + self.static_len, self.heap_len, self.heap_base()).copy(self.copy),
+            RegionSpec::new(HEAP_REGION, first + self.static_len, self.heap_len, self.heap_base())
+                .copy(self.copy)
+                .max_len(self.max_len),
         )
     }
 
@@ -151,7 +181,10 @@ impl PersistentHeap {
         create_segment(rvm, path.as_ref(), map.min_device_len(), &map)?;
         let segment = load_segment(rvm, path.as_ref())?;
         let (s, h) = regions(&segment)?;
-        let heap = Heap::format(rvm, s, h)?;
+        let mut heap = Heap::format(rvm, s, h)?;
+        if let Some(growth) = segment.region_growth(HEAP_REGION) {
+            heap.set_growth(growth);
+        }
         Ok(PersistentHeap { heap, segment })
     }
 
@@ -166,7 +199,10 @@ impl PersistentHeap {
     /// Loads the heap of a segment loaded already.
     pub fn from_segment(segment: LoadedSegment) -> Result<PersistentHeap> {
         let (s, h) = regions(&segment)?;
-        let heap = Heap::load(segment.rvm(), s, h)?;
+        let mut heap = Heap::load(segment.rvm(), s, h)?;
+        if let Some(growth) = segment.region_growth(HEAP_REGION) {
+            heap.set_growth(growth);
+        }
         Ok(PersistentHeap { heap, segment })
     }
 

@@ -30,7 +30,15 @@
 //! | 56 | 8 | length, `u64` |
 //! | 64 | 8 | base address, `u64` |
 //! | 72 | 4 | flags, `u32`: bits 0-1 the copy mode (0 on demand, 1 on map, 2 no copy); other bits 0 |
-//! | 76 | 4 | reserved, must be 0 |
+//! | 76 | 4 | maximum length in pages, `u32`: 0, or more than the length in pages (see below) |
+//!
+//! The maximum length lets a region grow in place
+//! ([`crate::RegionGrowth::grow`]): loading reserves the address
+//! range `[base, base + max)` (no access, no memory or swap accounted), and
+//! no other region may use the segment range `[offset, offset + max)` or the
+//! address range `[base, base + max)`. 0 means the region does not grow (its
+//! maximum is its length). Older readers refuse a non-zero value (the field
+//! was reserved), so a map with a growable region is never misread.
 //!
 //! Bytes from the end of the table to `header_len` are not part of the
 //! encoding (they are zero at creation and hold later entries).
@@ -43,7 +51,10 @@
 //! name, a non-zero length, and offset, length and base that are multiples of
 //! the page size; no region overlaps the header area or another region in
 //! the segment; no two regions overlap in memory; every region lies in the
-//! user half of the address space (`[MIN_BASE, USER_ADDRESS_LIMIT)`). On a
+//! user half of the address space (`[MIN_BASE, USER_ADDRESS_LIMIT)`). For
+//! the overlap and address rules a region spans its maximum length, which is
+//! a page multiple, at least its length, at most [`MAX_REGION_LEN`] and at
+//! most `u32::MAX` pages. On a
 //! device, every region and the header area also lie inside the device.
 
 use crate::error::{LoaderError, Result};
@@ -70,6 +81,9 @@ pub const MAX_HEADER_LEN: u64 = 4 << 20;
 /// The lowest base address a region may have (Linux's default
 /// `vm.mmap_min_addr`).
 pub const MIN_BASE: u64 = 0x1_0000;
+/// The largest maximum length of a region (1 TiB): a hostile header cannot
+/// make a load reserve more address space than this per region.
+pub const MAX_REGION_LEN: u64 = 1 << 40;
 /// The end of the user half of the address space on every 64-bit Linux
 /// target (47 bits); no region may reach past it.
 pub const USER_ADDRESS_LIMIT: u64 = 1 << 47;
@@ -88,7 +102,7 @@ const E_OFFSET: usize = 48;
 const E_LEN: usize = 56;
 const E_BASE: usize = 64;
 const E_FLAGS: usize = 72;
-const E_RESERVED: usize = 76;
+const E_MAX_PAGES: usize = 76;
 const COPY_MASK: u32 = 0b11;
 
 /// One region of a load map: `len` bytes of the segment from `offset`,
@@ -106,12 +120,29 @@ pub struct RegionSpec {
     pub base: u64,
     /// How the region's contents come into memory when it is loaded.
     pub copy: CopyMode,
+    /// The length the region may grow to in place (page multiple, at least
+    /// `len`; equal to `len` for a region that does not grow). Loading
+    /// reserves the address space up to it.
+    pub max_len: u64,
 }
 
 impl RegionSpec {
     /// A region mapped copy-on-demand.
     pub fn new(name: impl Into<String>, offset: u64, len: u64, base: u64) -> Self {
-        RegionSpec { name: name.into(), offset, len, base, copy: CopyMode::OnDemand }
+        RegionSpec { name: name.into(), offset, len, base, copy: CopyMode::OnDemand, max_len: len }
+    }
+
+    /// Lets the region grow in place up to `max_len` bytes (see
+    /// [`RegionSpec::max_len`](RegionSpec#structfield.max_len)); a value
+    /// below the length means the length.
+    pub fn max_len(mut self, max_len: u64) -> Self {
+        self.max_len = max_len.max(self.len);
+        self
+    }
+
+    /// The maximum length, never below the length.
+    pub fn span(&self) -> u64 {
+        self.max_len.max(self.len)
     }
 
     /// Chooses the copy mode.
@@ -348,6 +379,10 @@ impl LoadMap {
         &self.regions
     }
 
+    pub(crate) fn regions_mut(&mut self) -> &mut [RegionSpec] {
+        &mut self.regions
+    }
+
     /// The region called `name`.
     pub fn get(&self, name: &str) -> Option<&RegionSpec> {
         self.regions.iter().find(|r| r.name == name)
@@ -470,18 +505,36 @@ impl LoadMap {
                     ));
                 }
             }
-            let in_user_half = r.base >= MIN_BASE && r.base.checked_add(r.len).is_some_and(|e| e <= USER_ADDRESS_LIMIT);
+            let max = r.span();
+            if max > r.len && (!max.is_multiple_of(ps) || max > MAX_REGION_LEN || max / ps > u64::from(u32::MAX)) {
+                return Err(Problem::region(
+                    i,
+                    E_MAX_PAGES,
+                    format!(
+                        "maximum length {max:#x} is not a page multiple of at most {MAX_REGION_LEN:#x} bytes and {:#x} pages",
+                        u32::MAX
+                    ),
+                ));
+            }
+            if r.offset.checked_add(max).is_none() {
+                return Err(Problem::region(
+                    i,
+                    E_MAX_PAGES,
+                    format!("segment range {:#x} + maximum {max:#x} overflows", r.offset),
+                ));
+            }
+            let in_user_half = r.base >= MIN_BASE && r.base.checked_add(max).is_some_and(|e| e <= USER_ADDRESS_LIMIT);
             if !in_user_half {
                 return Err(Problem::region(
                     i,
                     E_BASE,
                     format!(
                         "address range {:#x} + {:#x} is outside the user half of the address space [{MIN_BASE:#x}, {USER_ADDRESS_LIMIT:#x})",
-                        r.base, r.len
+                        r.base, max
                     ),
                 ));
             }
-            if usize::try_from(r.len).is_err() || usize::try_from(r.base).is_err() {
+            if usize::try_from(max).is_err() || usize::try_from(r.base).is_err() {
                 return Err(Problem::region(i, E_LEN, "the region does not fit this system's address space"));
             }
         }
@@ -501,7 +554,7 @@ impl LoadMap {
             for w in order.windows(2) {
                 let (a, b) = (w[0], w[1]);
                 // Ends do not overflow: checked above for both keys.
-                if start(b) < start(a) + self.regions[a].len {
+                if start(b) < start(a) + self.regions[a].span() {
                     let later = a.max(b);
                     return Err(Problem::region(
                         later,
@@ -546,6 +599,10 @@ impl LoadMap {
             e[E_LEN..E_LEN + 8].copy_from_slice(&r.len.to_le_bytes());
             e[E_BASE..E_BASE + 8].copy_from_slice(&r.base.to_le_bytes());
             e[E_FLAGS..E_FLAGS + 4].copy_from_slice(&copy_code(r.copy).to_le_bytes());
+            if r.max_len > r.len {
+                let pages = u32::try_from(r.max_len / self.page_size.max(1)).unwrap_or(u32::MAX);
+                e[E_MAX_PAGES..E_MAX_PAGES + 4].copy_from_slice(&pages.to_le_bytes());
+            }
         }
         let crc = crc_of(&b);
         b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
@@ -610,15 +667,28 @@ impl LoadMap {
                 }
                 f => return Err(corrupted(at + E_FLAGS, format!("region `{name}`: unknown flags {f:#x}"))),
             };
-            if u32_at(e, E_RESERVED) != 0 {
-                return Err(corrupted(at + E_RESERVED, format!("region `{name}`: reserved bytes are not zero")));
-            }
+            let len = u64_at(e, E_LEN);
+            let max_pages = u64::from(u32_at(e, E_MAX_PAGES));
+            let page_size = u64::from(u32_at(b, OFF_PAGE_SIZE));
+            let max_len = match max_pages.checked_mul(page_size) {
+                Some(0) => len,
+                // A maximum not above the length would not encode back to
+                // the same bytes.
+                Some(m) if m > len => m,
+                _ => {
+                    return Err(corrupted(
+                        at + E_MAX_PAGES,
+                        format!("region `{name}`: maximum of {max_pages} pages is not above its length {len:#x}"),
+                    ))
+                }
+            };
             regions.push(RegionSpec {
                 name: name.to_owned(),
                 offset: u64_at(e, E_OFFSET),
-                len: u64_at(e, E_LEN),
+                len,
                 base: u64_at(e, E_BASE),
                 copy,
+                max_len,
             });
         }
         let map =
@@ -632,6 +702,16 @@ impl LoadMap {
     pub(crate) fn with_added(&self, spec: RegionSpec) -> LoadMap {
         let mut m = self.clone();
         m.regions.push(spec);
+        m
+    }
+
+    /// The map with region `i` at length `len` (used when a region grows).
+    pub(crate) fn with_len(&self, i: usize, len: u64) -> LoadMap {
+        let mut m = self.clone();
+        if let Some(r) = m.regions.get_mut(i) {
+            r.len = len;
+            r.max_len = r.max_len.max(len);
+        }
         m
     }
 }

@@ -12,7 +12,8 @@
 //!   maps every region at its base, all or nothing, giving a
 //!   [`LoadedSegment`] whose regions are looked up by name.
 //! - [`LoadedSegment::add_region`] grows the map later, through a
-//!   transaction.
+//!   transaction; [`LoadedSegment::region_growth`] grows a region in place
+//!   (up to the maximum length its entry records, reserved at load).
 //! - [`LoadMap::from_spec`] / `Display` read and print the text form
 //!   (`name:offset:length:base[:copy]` lines) that `rvmutl` uses;
 //!   [`read_load_map`] and [`read_load_map_file`] print a segment's map.
@@ -63,5 +64,7 @@ pub mod testing;
 
 pub use error::{LoaderError, Result};
 pub use format::{encoded_len_from_prefix, LoadMap, RegionSpec};
-pub use load::{create_segment, load_segment, read_load_map, read_load_map_file, read_load_map_image, LoadedSegment};
+pub use load::{
+    create_segment, load_segment, read_load_map, read_load_map_file, read_load_map_image, LoadedSegment, RegionGrowth,
+};
 pub use rvm_core::CopyMode;

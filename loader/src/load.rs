@@ -6,7 +6,7 @@ use crate::raw::{self, HeaderArea};
 use rvm_core::{CopyMode, MapError, MapSpec, Region, RegionClaim, Rvm, Segment};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Held by every loader call that maps a segment's header. A header is
 /// mapped briefly to read the load map, and for good at the end of a load;
@@ -201,20 +201,22 @@ pub fn load_segment(rvm: &Rvm, path: impl AsRef<Path>) -> Result<LoadedSegment> 
     let mut loaded = LoadedSegment {
         rvm: rvm.clone(),
         segment,
-        map: LoadMap::new(),
+        map: Arc::new(Mutex::new(LoadMap::new())),
         header: None,
         regions: Vec::with_capacity(map.regions().len()),
+        names: Vec::with_capacity(map.regions().len()),
         by_name: HashMap::with_capacity(map.regions().len()),
     };
     for spec in map.regions() {
         // On error, dropping `loaded` unmaps what was mapped.
         let region = loaded.map_region(spec)?.claim()?;
         loaded.by_name.insert(spec.name.clone(), loaded.regions.len());
+        loaded.names.push(spec.name.clone());
         loaded.regions.push(region);
     }
     // The header last, so the kernel places it clear of the regions.
     loaded.header = Some(map_header(rvm, &loaded.segment, map.header_len(), CopyMode::OnDemand)?);
-    loaded.map = map;
+    *loaded.map.lock().unwrap_or_else(|e| e.into_inner()) = map;
     Ok(loaded)
 }
 
@@ -347,11 +349,15 @@ fn read_map_with(path: &Path, dev: u64, mut read: impl FnMut(&mut [u8], u64) -> 
 pub struct LoadedSegment {
     rvm: Rvm,
     segment: Segment,
-    map: LoadMap,
+    /// The map as committed; shared with [`RegionGrowth`] handles. Its lock
+    /// is held while the header is rewritten (that serializes the writers).
+    map: Arc<Mutex<LoadMap>>,
     header: Option<HeaderArea>,
     /// In load-map order.
     /// The regions, claimed: only this value unmaps them.
     regions: Vec<RegionClaim>,
+    /// The regions' names, in load-map order.
+    names: Vec<String>,
     by_name: HashMap<String, usize>,
 }
 
@@ -365,13 +371,38 @@ impl LoadedSegment {
 
     /// Every region with its name, in load-map order.
     pub fn regions(&self) -> impl Iterator<Item = (&str, &Region)> + '_ {
-        self.map.regions().iter().map(|s| s.name.as_str()).zip(self.regions.iter().map(RegionClaim::region))
+        self.names.iter().map(String::as_str).zip(self.regions.iter().map(RegionClaim::region))
     }
 
     /// The load map the segment was loaded with (including regions added
-    /// since).
-    pub fn load_map(&self) -> &LoadMap {
-        &self.map
+    /// and grown since).
+    pub fn load_map(&self) -> LoadMap {
+        self.lock_map().clone()
+    }
+
+    fn lock_map(&self) -> MutexGuard<'_, LoadMap> {
+        // Nothing it guards is left half-changed by a panic: the map is
+        // replaced whole after its commit.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that grows region `name` in place
+    /// ([`RegionGrowth::grow`]), usable from any thread while the segment
+    /// is loaded. `None` if the map has no such region.
+    pub fn region_growth(&self, name: &str) -> Option<RegionGrowth> {
+        let (index, page_size) = {
+            let map = self.lock_map();
+            (map.regions().iter().position(|r| r.name == name)?, map.page_size())
+        };
+        Some(RegionGrowth {
+            page_size,
+            rvm: self.rvm.clone(),
+            segment: self.segment.clone(),
+            region: self.region(name)?.clone(),
+            header: self.header.as_ref()?.region().clone(),
+            map: self.map.clone(),
+            index,
+        })
     }
 
     /// The segment.
@@ -436,15 +467,18 @@ impl LoadedSegment {
     }
 
     fn add_region_with(&mut self, header: &mut HeaderArea, spec: RegionSpec) -> Result<usize> {
-        let map = self.map.with_added(spec.clone());
+        let shared = self.map.clone();
+        let mut current = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let map = current.with_added(spec.clone());
         map.validate_for_device(self.segment.len())?;
         let region = self.map_region(&spec)?.claim()?;
         if let Err(e) = raw::commit_header(&self.rvm, header, &map.encode()) {
             let _ = self.rvm.unmap_claimed(region);
             return Err(e);
         }
-        self.map = map;
-        self.by_name.insert(spec.name, self.regions.len());
+        *current = map;
+        self.by_name.insert(spec.name.clone(), self.regions.len());
+        self.names.push(spec.name);
         self.regions.push(region);
         Ok(self.regions.len() - 1)
     }
@@ -464,7 +498,16 @@ impl LoadedSegment {
         };
         let len = to_usize(spec.len, "region length")?;
         let base = to_usize(spec.base, "base address")?;
-        self.rvm.map(&self.segment, MapSpec::new(spec.offset, len).at(base).copy(spec.copy)).map_err(fail)
+        let reserve = to_usize(spec.span(), "maximum length")?;
+        let map = MapSpec::new(spec.offset, len).at(base).copy(spec.copy);
+        match self.rvm.map(&self.segment, map.reserve(reserve)) {
+            // Something occupies the room to grow: load the region at its
+            // size all the same (a growth then reports the range taken).
+            Err(rvm_core::Error::Map(MapError::AddressInUse { .. })) if reserve > len => {
+                self.rvm.map(&self.segment, map).map_err(fail)
+            }
+            r => r.map_err(fail),
+        }
     }
 
     /// Unloads the segment: unmaps every region and the header area.
@@ -506,6 +549,7 @@ impl LoadedSegment {
             results.push(self.rvm.unmap_claimed(r));
         }
         self.by_name.clear();
+        self.names.clear();
         if let Some(h) = self.header.take() {
             results.push(self.rvm.unmap_claimed(h.0));
         }
@@ -518,5 +562,120 @@ impl Drop for LoadedSegment {
         // Errors (a region with an uncommitted transaction) leave that region
         // to the instance, which unmaps it when it is dropped.
         let _ = self.release();
+    }
+}
+
+/// Grows one region of a loaded segment in place (from
+/// [`LoadedSegment::region_growth`]): cheap to clone, `Send` and `Sync`.
+#[derive(Clone, Debug)]
+pub struct RegionGrowth {
+    rvm: Rvm,
+    segment: Segment,
+    region: Region,
+    /// The header area (a clone of the loaded segment's claimed one).
+    header: Region,
+    map: Arc<Mutex<LoadMap>>,
+    index: usize,
+    page_size: u64,
+}
+
+impl RegionGrowth {
+    /// The load map's page size: lengths are multiples of it.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// The region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The region's entry in the load map as committed (its length is the
+    /// committed length, its maximum how far it may grow).
+    pub fn spec(&self) -> Option<RegionSpec> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).regions().get(self.index).cloned()
+    }
+
+    /// Changes the region's maximum length in the load map (a page
+    /// multiple, not below its length; the rules of the format with the
+    /// other regions apply), in one transaction committed with flush. The
+    /// address space reserved in this process stays as it was: the new
+    /// maximum is reserved from the next load on. The calling thread must
+    /// not have a transaction open on the instance.
+    pub fn set_max_len(&self, max_len: u64) -> Result<()> {
+        let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = current.clone();
+        let Some(r) = map.regions_mut().get_mut(self.index) else {
+            return Err(LoaderError::InvalidMap { region: None, reason: "the region is no longer in the map".into() });
+        };
+        if max_len < r.len {
+            return Err(LoaderError::InvalidMap {
+                region: Some(r.name.clone()),
+                reason: format!("maximum {max_len:#x} is below the length {:#x}", r.len),
+            });
+        }
+        r.max_len = max_len;
+        map.validate_for_device(self.segment.len())?;
+        let mut tx = self.rvm.begin(rvm_core::RestoreMode::Restore)?;
+        raw::store_header(&mut tx, &self.header, &map.encode())?;
+        tx.commit(rvm_core::CommitMode::Flush)?;
+        *current = map;
+        Ok(())
+    }
+
+    /// Grows the region to `new_len` bytes (a multiple of the map's page
+    /// size, at most its maximum length), together with whatever `more`
+    /// writes into the same transaction (the state of the data structure
+    /// that lives in the region, such as a heap's free space):
+    ///
+    /// 1. the segment file is extended to hold the new length, its space
+    ///    allocated and its length synced
+    ///    ([`rvm_core::Rvm::extend_segment`]);
+    /// 2. the region's new pages are mapped in place, inside the address
+    ///    space reserved at load ([`rvm_core::Rvm::grow_region`]);
+    /// 3. one restore-mode transaction writes the new load map into the
+    ///    header, runs `more`, and commits with flush.
+    ///
+    /// A crash before step 3's commit is durable leaves the old map (and
+    /// whatever `more` changed, old too): the segment file is longer than
+    /// the map needs, which is allowed. After it, the new map and `more`'s
+    /// changes, together. If `more` fails, the transaction aborts and the
+    /// map is unchanged (the file and the mapping stay larger: both are
+    /// invisible to the next load, and the next growth reuses them).
+    ///
+    /// Growths of one segment are serialized; `more` runs with the map's
+    /// lock held. Returns `Ok(false)` (and runs nothing) if the region is
+    /// that long already. The calling thread must not have a transaction
+    /// open on the instance.
+    pub fn grow<E: From<LoaderError>>(
+        &self,
+        new_len: u64,
+        more: impl FnOnce(&mut rvm_core::Transaction<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<bool, E> {
+        let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(spec) = current.regions().get(self.index).cloned() else {
+            return Err(
+                LoaderError::InvalidMap { region: None, reason: "the region is no longer in the map".into() }.into()
+            );
+        };
+        if new_len <= spec.len {
+            return Ok(false);
+        }
+        let bad = |reason: String| LoaderError::InvalidMap { region: Some(spec.name.clone()), reason };
+        if new_len > spec.span() {
+            return Err(bad(format!("cannot grow to {new_len:#x} bytes: its maximum is {:#x}", spec.span())).into());
+        }
+        let map = current.with_len(self.index, new_len);
+        let seg_end = spec.offset + new_len;
+        map.validate_for_device(seg_end.max(self.segment.len())).map_err(|e| E::from(e))?;
+        self.rvm.extend_segment(&self.segment, seg_end).map_err(|e| E::from(e.into()))?;
+        let len = to_usize(new_len, "region length").map_err(E::from)?;
+        self.rvm.grow_region(&self.region, len).map_err(|e| E::from(e.into()))?;
+        let mut tx = self.rvm.begin(rvm_core::RestoreMode::Restore).map_err(|e| E::from(e.into()))?;
+        raw::store_header(&mut tx, &self.header, &map.encode()).map_err(E::from)?;
+        more(&mut tx)?;
+        tx.commit(rvm_core::CommitMode::Flush).map_err(|e| E::from(e.into()))?;
+        *current = map;
+        Ok(true)
     }
 }

@@ -55,6 +55,25 @@ pub(crate) fn commit_header(rvm: &Rvm, header: &mut HeaderArea, bytes: &[u8]) ->
     Ok(())
 }
 
+/// Declares the start of the header area in `tx` and stores `bytes`
+/// there (a growing region's new load map, written under the map's lock,
+/// which every header writer holds: see [`crate::RegionGrowth::grow`]).
+pub(crate) fn store_header(tx: &mut rvm_core::Transaction<'_>, header: &Region, bytes: &[u8]) -> Result<()> {
+    if bytes.len() > header.len() {
+        return Err(LoaderError::InvalidMap {
+            region: None,
+            reason: format!("the load map needs {} bytes; the header area has {}", bytes.len(), header.len()),
+        });
+    }
+    // SAFETY: `[addr, addr + bytes.len())` lies inside the header mapping
+    // (checked above), kept alive by the `Region` handle. Only this crate
+    // stores into the header area, always holding the load map's lock (the
+    // caller holds it), so no other thread writes it during the
+    // transaction; no Rust reference points into it.
+    unsafe { tx.modify_bytes(header.addr(), bytes)? };
+    Ok(())
+}
+
 /// Whether `[addr, addr + len)` is free in this process's address space
 /// right now: a `PROT_NONE` reservation with `MAP_FIXED_NOREPLACE` succeeds
 /// there (and is removed at once).

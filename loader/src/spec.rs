@@ -10,14 +10,15 @@
 //! # grown to hold the region table)
 //! page_size = 4096
 //! header_len = 16K
-//! # regions: name:offset:length:base[:copy]
+//! # regions: name:offset:length:base[:copy[:max]]
 //! heap:16K:1G:0x5a00_0000_0000
 //! index:0x40004000:64M:0x5a00_4000_0000:on-map
 //! ```
 //!
 //! Numbers are decimal or `0x` hexadecimal, may contain `_`, and may end in
 //! a binary unit: `K`, `M`, `G`, `T` (or `KiB`, `MiB`, `GiB`, `TiB`). The copy
-//! mode is `on-demand` (default), `on-map` or `no-copy`.
+//! mode is `on-demand` (default), `on-map` or `no-copy`; `max` is the length
+//! the region may grow to in place (default: its length).
 //!
 //! `Display` for [`LoadMap`] prints this form (parsing it gives the same map);
 //! the alternate form (`{:#}`) prints a table for people.
@@ -69,8 +70,8 @@ pub fn parse_copy_mode(s: &str) -> Option<CopyMode> {
 
 fn parse_region(s: &str, line: usize) -> Result<RegionSpec> {
     let parts: Vec<&str> = s.split(':').collect();
-    if !(4..=5).contains(&parts.len()) {
-        return Err(spec_err(line, format!("{s:?}: expected name:offset:length:base[:copy]")));
+    if !(4..=6).contains(&parts.len()) {
+        return Err(spec_err(line, format!("{s:?}: expected name:offset:length:base[:copy[:max]]")));
     }
     let num = |i: usize, what: &str| parse_number(parts[i]).map_err(|e| spec_err(line, format!("{what}: {e}")));
     let copy = match parts.get(4) {
@@ -79,12 +80,15 @@ fn parse_region(s: &str, line: usize) -> Result<RegionSpec> {
         })?,
         None => CopyMode::OnDemand,
     };
+    let len = num(2, "length")?;
+    let max_len = if parts.len() == 6 { num(5, "maximum length")?.max(len) } else { len };
     Ok(RegionSpec {
         name: parts[0].trim().to_owned(),
         offset: num(1, "offset")?,
-        len: num(2, "length")?,
+        len,
         base: num(3, "base")?,
         copy,
+        max_len,
     })
 }
 
@@ -188,9 +192,14 @@ impl FromStr for RegionSpec {
 }
 
 impl fmt::Display for RegionSpec {
-    /// `name:offset:length:base:copy`, numbers in hex.
+    /// `name:offset:length:base:copy[:max]`, numbers in hex (the maximum
+    /// only for a region that can grow).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{:#x}:{:#x}:{:#x}:{}", self.name, self.offset, self.len, self.base, copy_mode_name(self.copy))
+        write!(f, "{}:{:#x}:{:#x}:{:#x}:{}", self.name, self.offset, self.len, self.base, copy_mode_name(self.copy))?;
+        if self.max_len > self.len {
+            write!(f, ":{:#x}", self.max_len)?;
+        }
+        Ok(())
     }
 }
 
@@ -207,7 +216,7 @@ impl fmt::Display for LoadMap {
                 self.header_len(),
                 self.capacity()
             )?;
-            let rows: Vec<[String; 5]> = self
+            let rows: Vec<[String; 6]> = self
                 .regions()
                 .iter()
                 .map(|r| {
@@ -217,10 +226,11 @@ impl fmt::Display for LoadMap {
                         format!("{:#x}", r.len),
                         format!("[{:#x}, {:#x})", r.base, r.base.saturating_add(r.len)),
                         copy_mode_name(r.copy).to_owned(),
+                        if r.max_len > r.len { format!("{:#x}", r.base.saturating_add(r.max_len)) } else { "-".into() },
                     ]
                 })
                 .collect();
-            let head = ["name", "segment range", "length", "address range", "copy"].map(String::from);
+            let head = ["name", "segment range", "length", "address range", "copy", "reserved to"].map(String::from);
             let mut width = head.clone().map(|h| h.len());
             for row in &rows {
                 for (w, c) in width.iter_mut().zip(row) {
@@ -236,7 +246,7 @@ impl fmt::Display for LoadMap {
         writeln!(f, "# rvm load map (format {FORMAT_VERSION}): {n} region(s), room for {}", self.capacity())?;
         writeln!(f, "page_size = {:#x}", self.page_size())?;
         writeln!(f, "header_len = {:#x}", self.header_len())?;
-        writeln!(f, "# name:offset:length:base:copy")?;
+        writeln!(f, "# name:offset:length:base:copy[:max]")?;
         for r in self.regions() {
             writeln!(f, "{r}")?;
         }

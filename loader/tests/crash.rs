@@ -63,7 +63,7 @@ fn fault_every_op_until_success(what: &str, mut attempt: impl FnMut(u64, CrashMo
 /// is missing, blank or shorter than its map (creation did not complete).
 fn loaded_map(rvm: &Rvm) -> Option<LoadMap> {
     match load_segment(rvm, SEG) {
-        Ok(seg) => Some(seg.load_map().clone()),
+        Ok(seg) => Some(seg.load_map()),
         Err(LoaderError::NotALoadMap { found, .. }) if found == [0; 8] => None,
         Err(LoaderError::Core(Error::Io { source, .. })) if source.kind() == std::io::ErrorKind::NotFound => None,
         Err(LoaderError::Corrupted { what, .. }) if what.contains("bytes long") => None,
@@ -117,7 +117,7 @@ fn add_region_is_all_or_nothing_under_crashes() {
         disk.fail_after(n);
         let result = seg.add_region(added.clone()).map(|_| ());
         if result.is_err() {
-            assert_eq!(seg.load_map(), &old, "a failed add_region changed the loaded map");
+            assert_eq!(seg.load_map(), old, "a failed add_region changed the loaded map");
             assert!(seg.region("more").is_none());
         }
         drop(seg);

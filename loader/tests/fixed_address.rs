@@ -122,7 +122,7 @@ fn follow(dir: &Path, base: usize) {
     let (log, seg_path) = paths(dir);
     let rvm = Rvm::open(&log, opts()).unwrap();
     let seg = load_segment(&rvm, &seg_path).unwrap();
-    assert_eq!(seg.load_map(), &load_map(base));
+    assert_eq!(seg.load_map(), load_map(base));
     let roots = seg.region("roots").unwrap();
     let nodes = seg.region("nodes").unwrap();
     assert_eq!(roots.addr(), base);

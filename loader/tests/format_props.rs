@@ -54,7 +54,7 @@ fn valid_map() -> impl Strategy<Value = LoadMap> {
                 }
                 let base = (MIN_BASE.div_ceil(ps) * ps) + slot * slot_len;
                 let len = pages * ps;
-                map.push(RegionSpec { name, offset: offset + gap * ps, len, base, copy });
+                map.push(RegionSpec { name, offset: offset + gap * ps, len, base, copy, max_len: len });
                 offset += gap * ps + len;
             }
             let grown = map.header_len();

@@ -89,7 +89,7 @@ fn several_segments_with_several_regions_load_at_once() {
         let path = env.path(&format!("seg{s}"));
         create_segment(&rvm, &path, map.min_device_len(), &map).unwrap();
         let seg = load_segment(&rvm, &path).unwrap();
-        assert_eq!(seg.load_map(), &map);
+        assert_eq!(seg.load_map(), map);
         assert_eq!(seg.regions().count(), map.regions().len());
         loaded.push(seg);
     }
@@ -106,7 +106,8 @@ fn several_segments_with_several_regions_load_at_once() {
         }
         assert!(seg.region("missing").is_none());
         let names: Vec<&str> = seg.regions().map(|(n, _)| n).collect();
-        let expect: Vec<&str> = seg.load_map().regions().iter().map(|r| r.name.as_str()).collect();
+        let map = seg.load_map();
+        let expect: Vec<&str> = map.regions().iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, expect);
     }
     drop(loaded);
@@ -483,7 +484,7 @@ fn regions_added_later_persist_and_conflicts_change_nothing() {
     let full = read_load_map(&rvm, &path).unwrap();
     assert_eq!(full.regions().len(), full.capacity());
     let seg = load_segment(&rvm, &path).unwrap();
-    assert_eq!(seg.load_map(), &full);
+    assert_eq!(seg.load_map(), full);
     assert_eq!(read(seg.region("added").unwrap(), 0, 10), b"added data");
     assert!(seg.region("blocked").is_none());
 }

@@ -46,7 +46,7 @@ pub(crate) struct StatusState {
 }
 
 pub(crate) struct Inner {
-    id: u64,
+    pub(crate) id: u64,
     /// The log's identity (its superblock's), written in segments' owner marks.
     log_id: u128,
     vfs: Arc<dyn Vfs>,

@@ -79,8 +79,10 @@ impl Inner {
             instance: self.id,
             name,
             dev,
-            len,
+            len: AtomicU64::new(len),
             mapped: Mutex::new(Vec::new()),
+            mapped_end: AtomicU64::new(0),
+            resize: Mutex::new(()),
             last_tx: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -136,12 +138,12 @@ impl Inner {
                 return Err(MapError::NotPageAligned { what: "address", value: a as u64, page_size: ps }.into());
             }
         }
-        let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len).ok_or_else(|| {
+        let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len()).ok_or_else(|| {
             MapError::OutsideSegment {
                 segment: seg.name.clone(),
                 offset: spec.offset,
                 len: spec.len as u64,
-                segment_len: seg.len,
+                segment_len: seg.len(),
             }
         })?;
         // Claim the segment range (a range is mapped at most once).
@@ -159,6 +161,7 @@ impl Inner {
                 .into());
             }
             mapped.push((spec.offset, end));
+            seg.mapped_end.fetch_max(end, Ordering::AcqRel);
         }
         let unclaim = || seg.mapped.lock().retain(|&(s, _)| s != spec.offset);
         let result = self.map_claimed(seg, spec);
@@ -182,28 +185,36 @@ impl Inner {
             (CopyMode::OnDemand, None) => CopyMode::OnMap,
             (c, _) => c,
         };
-        let mapping = match copy {
-            CopyMode::OnDemand => {
-                let fd = seg.dev.raw_fd().ok_or(MapError::System {
-                    addr: 0,
-                    len: spec.len,
-                    errno: "device has no file descriptor".into(),
-                })?;
-                Mapping::file_private(spec.placement, fd, spec.offset, spec.len)?
+        let mapping = if spec.reserve > spec.len {
+            // Reserve the whole span, then map the region's start into it.
+            let m = Mapping::reserve(spec.placement, spec.reserve.next_multiple_of(mem::page_size()))?;
+            crate::segment::grow_mapping(seg, &m, copy, spec.offset, spec.len)?;
+            m
+        } else {
+            match copy {
+                CopyMode::OnDemand => {
+                    let fd = seg.dev.raw_fd().ok_or(MapError::System {
+                        addr: 0,
+                        len: spec.len,
+                        errno: "device has no file descriptor".into(),
+                    })?;
+                    Mapping::file_private(spec.placement, fd, spec.offset, spec.len)?
+                }
+                CopyMode::OnMap => {
+                    let m = Mapping::anonymous_populated(spec.placement, spec.len)?;
+                    m.fill(0, spec.len, |dst| {
+                        for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
+                            seg.dev.read_at(chunk, spec.offset + (i * (8 << 20)) as u64)?;
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| Error::io("reading segment", &seg.name, e))?;
+                    m
+                }
+                CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
             }
-            CopyMode::OnMap => {
-                let m = Mapping::anonymous_populated(spec.placement, spec.len)?;
-                m.fill(0, spec.len, |dst| {
-                    for (i, chunk) in dst.chunks_mut(8 << 20).enumerate() {
-                        seg.dev.read_at(chunk, spec.offset + (i * (8 << 20)) as u64)?;
-                    }
-                    Ok(())
-                })
-                .map_err(|e| Error::io("reading segment", &seg.name, e))?;
-                m
-            }
-            CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
         };
+        let track = RegionTrack::new(mapping.span());
         let region = Arc::new(RegionInner {
             tracked: Default::default(),
             shadow: Default::default(),
@@ -212,7 +223,7 @@ impl Inner {
             offset: spec.offset,
             active_txs: AtomicUsize::new(0),
             copy,
-            track: RegionTrack::new(spec.len),
+            track,
             claimed: AtomicBool::new(false),
         });
         self.regions.write().insert(region.clone());

@@ -190,6 +190,17 @@ impl Storage for FileStorage {
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device || len == 0 {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(()),
+            // A file system without fallocate: the space is found at write.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
     fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.file.as_fd())
     }

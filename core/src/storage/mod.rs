@@ -35,6 +35,16 @@ pub trait Storage: Send + Sync + Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes every earlier write durable (`fdatasync` for files).
     fn sync(&self) -> io::Result<()>;
+
+    /// Allocates the device's blocks for `[offset, offset + len)` (inside
+    /// its length), so that writing them later cannot fail for want of
+    /// space: a full disk is an error of kind
+    /// [`io::ErrorKind::StorageFull`] now. The default does nothing (for
+    /// devices that have their space already).
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// The file descriptor behind the device, if there is one: it lets a
     /// region be mapped copy-on-demand (a private file mapping). Devices
     /// without one are mapped by copying at map time.

@@ -32,6 +32,8 @@ use std::sync::Arc;
 pub const HEAP: u64 = 4 << 20;
 /// Log size.
 pub const LOG: u64 = 4 << 20;
+/// The maximum size of the crash model's heap (it grows from [`HEAP`]).
+pub const MAX_HEAP: u64 = 3 * HEAP;
 
 /// A fresh fixed base for one test's heap (distinct per call, since the
 /// tests of one binary run in parallel in one address space).
@@ -156,6 +158,13 @@ impl Disk {
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         let opts = Options { truncate_threshold: background.then_some(0.5), ..Options::default() };
         Disk { disk, vfs, spec: HeapSpec::new(fresh_base(), heap), opts }
+    }
+
+    /// [`Disk::new`] for a heap that can grow to `max` bytes.
+    pub fn growable(heap: u64, max: u64, background: bool) -> Disk {
+        let mut d = Disk::new(heap, background);
+        d.spec = d.spec.with_max_len(max);
+        d
     }
 
     /// The heap's spec.
@@ -317,6 +326,20 @@ pub enum Step {
         /// Blocks.
         count: u8,
     },
+    /// `heap.grow(heap_len + pages * 4 KiB)`; with `fail`, the `n`-th
+    /// storage operation of the growth and every later one fail (the power
+    /// goes at that point of the growth protocol), then the disk crashes
+    /// and the heap is reloaded: it must come back at its old size or the
+    /// new one, never between, with the heap check passing and every
+    /// durable commit there.
+    Grow {
+        /// Pages to grow by (a growth past the maximum must fail with
+        /// `GrowthLimit` and change nothing).
+        pages: u16,
+        /// The storage operation (counted from the growth's start) the
+        /// power fails at, and how the crash treats unsynced writes.
+        fail: Option<(u16, Crash)>,
+    },
     /// Media damage to synced heap metadata: the log is truncated (all
     /// commits reach the segment and are durable) and the instance closed,
     /// then one bit of the heap's metadata in the segment flips (or the
@@ -383,6 +406,13 @@ pub struct Tally {
     pub checkpoints: u64,
     /// Media damage refused at load with a corruption error.
     pub damage_refused: u64,
+    /// Growths that completed (explicit, or by an allocation).
+    pub growths: u64,
+    /// Crashes inside a growth that came back at the old size, and at the
+    /// new size.
+    pub growth_crashes_old: u64,
+    /// See `growth_crashes_old`.
+    pub growth_crashes_new: u64,
     /// Media damage that changed bytes and still loaded (it must have
     /// changed nothing that counts).
     pub damage_loaded: u64,
@@ -398,6 +428,9 @@ pub struct Engine {
     serial: u64,
     /// A checkpoint sweep is running.
     sweeping: bool,
+    /// The sizes the heap may come back with after a crash (old and new
+    /// size of a growth a crash interrupted; else both the current size).
+    lens: (u64, u64),
     /// What happened so far.
     pub tally: Tally,
 }
@@ -405,7 +438,7 @@ pub struct Engine {
 impl Engine {
     /// A freshly formatted heap at a fresh base.
     pub fn new() -> Result<Engine, String> {
-        let disk = Disk::new(HEAP, false);
+        let disk = Disk::growable(HEAP, MAX_HEAP, false);
         let (rvm, heap) = disk.open(true)?;
         let e = Engine {
             disk,
@@ -414,6 +447,7 @@ impl Engine {
             hist: vec![Snap::default()],
             serial: 0,
             sweeping: false,
+            lens: (HEAP, HEAP),
             tally: Tally::default(),
         };
         e.check_current()?;
@@ -478,8 +512,66 @@ impl Engine {
                 self.heap().preallocate(*size, *count as usize);
             }
             Step::Damage { sel, bit, zero } => self.damage(*sel, *bit, *zero)?,
+            Step::Grow { pages, fail } => self.grow(*pages, *fail)?,
         }
         self.check_current()
+    }
+
+    /// Storage operations `f` issues on the disk.
+    pub fn op_count_of(&mut self, f: impl FnOnce(&mut Engine)) -> u64 {
+        let before = self.disk.disk.op_count();
+        f(self);
+        self.disk.disk.op_count() - before
+    }
+
+    /// The heap's size.
+    pub fn heap_len(&self) -> u64 {
+        self.heap().heap_len()
+    }
+
+    /// A growth that returned Ok committed with flush: it and every commit
+    /// before it are durable.
+    fn grew(&mut self, len: u64) {
+        self.mark_durable();
+        self.lens = (len, len);
+        self.tally.growths += 1;
+    }
+
+    /// [`Step::Grow`].
+    fn grow(&mut self, pages: u16, fail: Option<(u16, Crash)>) -> Result<(), String> {
+        let old = self.heap().heap_len();
+        let target = old + (u64::from(pages) + 1) * 4096;
+        if let Some((n, _)) = fail {
+            self.disk.disk.fail_after(u64::from(n));
+        }
+        let r = self.heap().grow(target);
+        self.disk.disk.clear_faults();
+        match (r, fail) {
+            (Ok(len), _) => {
+                ensure!(len == target, "grow({target}) gave {len}");
+                ensure!(self.heap().heap_len() == len, "heap_len {} after growing to {len}", self.heap().heap_len());
+                self.grew(len);
+            }
+            (Err(HeapError::GrowthLimit { max, .. }), _) if target > MAX_HEAP => {
+                ensure!(max == MAX_HEAP, "GrowthLimit names {max} as the maximum");
+                ensure!(self.heap().heap_len() == old, "a refused growth changed the size");
+            }
+            (Err(e), None) => return Err(format!("grow to {target}: {e}")),
+            (Err(_), Some(_)) => {
+                // The power failed inside the growth: old or new size.
+                self.lens = (old, target);
+            }
+        }
+        if let Some((_, c)) = fail {
+            self.reload(Some(c))?;
+            let len = self.heap().heap_len();
+            if len == old && target > old {
+                self.tally.growth_crashes_old += 1;
+            } else {
+                self.tally.growth_crashes_new += 1;
+            }
+        }
+        Ok(())
     }
 
     /// [`Step::Damage`].
@@ -561,7 +653,7 @@ impl Engine {
         let mut own: BTreeMap<usize, MBlock> = BTreeMap::new();
         let commits = matches!(end, End::Commit(_));
         let mode = if restore { RestoreMode::Restore } else { RestoreMode::NoRestore };
-        let region = (heap.heap_region().addr(), heap.heap_region().len());
+        let mut grown = None;
         let mut tx = heap.begin(mode).ctx("begin")?;
         for (i, op) in ops.iter().enumerate() {
             let at = |e: String| format!("op {i} ({op:?}): {e}");
@@ -569,7 +661,15 @@ impl Engine {
                 Op::Malloc { size, align_log2 } => {
                     let align = 1usize << align_log2.min(12);
                     let layout = Layout::from_size_align(size, align).expect("valid layout");
-                    match tx.malloc(layout) {
+                    let before = heap.heap_len();
+                    let got = tx.malloc(layout);
+                    if heap.heap_len() != before {
+                        // The allocation grew the heap: a flush commit.
+                        ensure!(heap.heap_len() > before, "the heap shrank");
+                        grown = Some(heap.heap_len());
+                    }
+                    let region = (heap.heap_region().addr(), heap.heap_len() as usize);
+                    match got {
                         Ok(p) => {
                             let addr = p.as_ptr() as usize;
                             ensure!(
@@ -689,6 +789,14 @@ impl Engine {
                 }
             }
         }
+        if let Some(len) = grown {
+            // Every commit before the growth's is durable (the transaction
+            // itself is not committed yet).
+            let n = self.hist.len();
+            self.hist.drain(..n - 1);
+            self.lens = (len, len);
+            self.tally.growths += 1;
+        }
         match end {
             End::Commit(m) => {
                 tx.commit(m).ctx("commit")?;
@@ -740,6 +848,19 @@ impl Engine {
         }
         let (rvm, heap) = self.disk.open(false)?;
         heap.check().ctx("heap check after reload")?;
+        let len = heap.heap_len();
+        ensure!(
+            len == self.lens.0 || len == self.lens.1,
+            "the heap came back with {len} bytes; only {} or {} are allowed",
+            self.lens.0,
+            self.lens.1
+        );
+        ensure!(
+            heap.heap_region().len() as u64 == len,
+            "the loader mapped {} bytes of a {len}-byte heap",
+            heap.heap_region().len()
+        );
+        self.lens = (len, len);
         let n = self.hist.len();
         let lowest = if crash.is_some() { 0 } else { n - 1 };
         let mut why = Vec::new();

@@ -1,7 +1,8 @@
 //! `rvmutl heap`: create, check and inspect RDS heaps.
 //!
 //! ```text
-//! rvmutl heap create <segment> --log <log> --size 64M --base 0x5b00_0000_0000 [--static-len N]
+//! rvmutl heap create <segment> --log <log> --size 64M --base 0x5b00_0000_0000 [--static-len N] [--max 64G]
+//! rvmutl heap grow <segment> --log <log> [--size 2G] [--max 128G]
 //! rvmutl heap check <segment> --log <log> [--json]
 //! rvmutl heap stats <segment> --log <log> [--json]
 //! ```
@@ -24,7 +25,7 @@ use crate::progress::Progress;
 use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
 use rvm::collections::Reachability;
-use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS};
+use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN};
 use rvm::loader::spec::parse_number;
 use rvm::loader::LoaderError;
 use rvm::log::inspect::{segment_snapshot, ScanReport};
@@ -63,6 +64,31 @@ pub(crate) enum HeapCommand {
         /// less 2 slots of header).
         #[arg(long, value_parser = parse_number)]
         static_len: Option<u64>,
+        /// The size the heap may grow to in place (default 64G; --max 0 makes a heap that does not
+        /// grow). Loading the heap reserves the address range from the heap's start up to it
+        /// (no memory or swap is used), so it must be free in the programs that load the heap.
+        #[arg(long, value_parser = parse_number)]
+        max: Option<u64>,
+    },
+    /// Grow a heap in place, or change its maximum size.
+    ///
+    /// Opens the log as an application would (recovery runs), grows the heap to --size bytes
+    /// (its new total size; the segment file, its load map, the heap region and the heap's free
+    /// space grow together, durably, in one flush-committed transaction: a crash leaves the old
+    /// size or the new one) and/or records --max as its new maximum size. No block moves.
+    #[command(after_help = EXIT_CODES, group(clap::ArgGroup::new("change").required(true).multiple(true).args(["size", "max"])))]
+    Grow {
+        /// The heap's segment.
+        segment: PathBuf,
+        /// The log that records the segment.
+        #[arg(long)]
+        log: PathBuf,
+        /// The heap's new size in bytes (rounded up to whole pages).
+        #[arg(long, value_parser = parse_number)]
+        size: Option<u64>,
+        /// The heap's new maximum size (set before growing).
+        #[arg(long, value_parser = parse_number)]
+        max: Option<u64>,
     },
     /// Run the full heap check on the heap as recovery would leave it, writing nothing.
     ///
@@ -124,7 +150,7 @@ JSON (--json): one object per line, each with \"type\":
 const HEAP_STATS_JSON: &str = concat!(
     "\
 JSON (--json): one object per line, each with \"type\":
-  stats  segment, log, live, log_transactions, heap_bytes, allocations, frees, live_blocks,
+  stats  segment, log, live, log_transactions, heap_bytes, max_heap_bytes, allocations, frees, live_blocks,
          bytes_in_use, free_bytes, largest_free, free_extents, root_slots, roots (count)
   class  block_bytes (size class, e.g. \"33-64\"), live_blocks
   root   name, addr, size, type_tag
@@ -136,9 +162,10 @@ JSON (--json): one object per line, each with \"type\":
 /// Runs a `heap` subcommand.
 pub(crate) fn run(cmd: HeapCommand, quiet: bool, out: &mut dyn Write) -> Outcome {
     match cmd {
-        HeapCommand::Create { log, segment, size, base, static_len } => {
-            create(&log, &segment, size, base, static_len, out)
+        HeapCommand::Create { log, segment, size, base, static_len, max } => {
+            create(&log, &segment, size, base, static_len, max, out)
         }
+        HeapCommand::Grow { log, segment, size, max } => grow(&log, &segment, size, max, out),
         HeapCommand::Check { log, segment, json } => check(&log, &segment, json, quiet, out),
         HeapCommand::Stats { log, segment, json } => stats(&log, &segment, json, quiet, out),
     }
@@ -171,8 +198,9 @@ pub(crate) fn report(e: &HeapError) -> u8 {
         }
         HeapError::Loader(_) => (
             EXIT_USAGE,
-            Some("--base must be page-aligned, and the heap must lie in the user half of the address space"),
+            Some("--base must be page-aligned, and the heap (up to its maximum size) must lie in the user half of the address space without overlapping its static region"),
         ),
+        HeapError::GrowthLimit { .. } => (EXIT_USAGE, Some("raise the maximum with --max")),
         _ => (EXIT_IO, None),
     };
     if let Some(h) = hint_text {
@@ -185,9 +213,17 @@ fn open_log(log: &Path) -> Result<Rvm, Failure> {
     Ok(Rvm::open(log, Options { truncate_threshold: None, ..Options::default() })?)
 }
 
-fn create(log: &Path, segment: &Path, size: u64, base: u64, static_len: Option<u64>, out: &mut dyn Write) -> Outcome {
+fn create(
+    log: &Path,
+    segment: &Path,
+    size: u64,
+    base: u64,
+    static_len: Option<u64>,
+    max: Option<u64>,
+    out: &mut dyn Write,
+) -> Outcome {
     let rvm = open_log(log)?;
-    let mut spec = HeapSpec::new(base, size);
+    let mut spec = HeapSpec::new(base, size).with_max_len(max.unwrap_or(DEFAULT_MAX_HEAP_LEN));
     if let Some(len) = static_len {
         spec = spec.with_static_len(len);
     }
@@ -197,11 +233,32 @@ fn create(log: &Path, segment: &Path, size: u64, base: u64, static_len: Option<u
     rvm.close()?;
     writeln!(
         out,
-        "created heap {}: {bytes} bytes at {:#x} (static region at {base:#x}, {slots} root slots); segment {} bytes",
+        "created heap {}: {bytes} bytes at {:#x}, growing to at most {} bytes (static region at {base:#x}, {slots} \
+         root slots); segment {} bytes",
         segment.display(),
         spec.heap_base(),
+        spec.max_len(),
         spec.segment_len()
     )?;
+    Ok(())
+}
+
+fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &mut dyn Write) -> Outcome {
+    let rvm = open_log(log)?;
+    let heap = PersistentHeap::open(&rvm, segment)?;
+    let old = heap.heap_len();
+    if let Some(max) = max {
+        heap.set_max_len(max)?;
+    }
+    let result = match size {
+        Some(size) => heap.grow(size).map(|_| ()),
+        None => Ok(()),
+    };
+    let (new, max) = (heap.heap_len(), heap.max_len());
+    heap.close()?;
+    rvm.close()?;
+    result?;
+    writeln!(out, "heap {}: {old} -> {new} bytes (maximum {max} bytes)", segment.display())?;
     Ok(())
 }
 
@@ -502,6 +559,7 @@ fn stats(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Writ
     if json {
         let doc = json!({
             "heap_bytes": s.heap_bytes,
+            "max_heap_bytes": s.max_heap_bytes,
             "allocations": s.allocations,
             "frees": s.frees,
             "live_blocks": s.live_blocks,
@@ -522,7 +580,7 @@ fn stats(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Writ
         return Ok(());
     }
     let pct = |part: u64| if s.heap_bytes == 0 { 0.0 } else { part as f64 * 100.0 / s.heap_bytes as f64 };
-    writeln!(out, "heap {}: {} bytes", segment.display(), s.heap_bytes)?;
+    writeln!(out, "heap {}: {} bytes (maximum {} bytes)", segment.display(), s.heap_bytes, s.max_heap_bytes)?;
     writeln!(out, "{}", view_line(log, &view))?;
     writeln!(out, "  allocations:  {} (lifetime)", s.allocations)?;
     writeln!(out, "  frees:        {} (lifetime)", s.frees)?;

@@ -245,6 +245,8 @@ fn show(args: ShowArgs, quiet: bool, out: &mut dyn Write) -> Outcome {
                     "base": r.base,
                     "base_hex": format!("{:#x}", r.base),
                     "copy": copy_mode_name(r.copy),
+                    "max_len": r.span(),
+                    "reserved_end_hex": format!("{:#x}", r.base.saturating_add(r.span())),
                 }),
             )?;
         }
