@@ -34,7 +34,9 @@ pub struct Options {
     /// loaded 2-core machine. The price is paid by workloads that dirty
     /// many pages: small commits spread over 64 MiB ran at about half the
     /// rate, since writers then reclaim inline (docs/BENCHMARKS.md, "Log
-    /// format 3"). `None` restores the unbounded behaviour.
+    /// format 3"). So the default is `None` (the unapplied log is bounded
+    /// by the log's size alone): set it (8 MiB was measured) where restart
+    /// time matters more than peak commit rate.
     pub max_unapplied_log: Option<u64>,
     /// How the background thread frees log space when the threshold is
     /// passed (default [`Reclaim::Checkpoint`]). A writer that finds the
@@ -187,7 +189,7 @@ impl Default for Options {
             coalesce: true,
             pending_limit: 4 << 20,
             truncate_threshold: Some(0.5),
-            max_unapplied_log: Some(8 << 20),
+            max_unapplied_log: None,
             reclaim: Reclaim::Checkpoint,
             checkpoint_copy_limit: 16384,
             write_behind: true,
