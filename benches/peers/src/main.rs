@@ -159,6 +159,7 @@ fn main() -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("--crash-child") => crash_child(&args[2..]),
         Some("--reopen-child") => reopen_child(&args[2..]),
+        Some("--sync-probe") => sync_probe(&args[2..]),
         Some(other) => bail!("unknown argument {other:?} (the bench takes none; see RVM_BENCH_QUICK)"),
         None => run(),
     }
@@ -210,16 +211,70 @@ fn check(bank: &dyn Bank, system: System, transfers: u64, when: &str) -> Result<
 }
 
 /// Runs `step` (which returns the operations it did) until `slice` has
-/// passed, at least twice; returns operations per second.
+/// passed, at least once; returns the operations and the seconds taken.
 fn run_for(slice: Duration, mut step: impl FnMut() -> Result<u64>) -> Result<(u64, f64)> {
     let start = Instant::now();
-    let (mut ops, mut calls) = (0u64, 0);
-    while calls < 2 || start.elapsed() < slice {
+    let mut ops = step()?;
+    while start.elapsed() < slice {
         ops += step()?;
-        calls += 1;
     }
-    Ok((ops, ops as f64 / start.elapsed().as_secs_f64()))
+    Ok((ops, start.elapsed().as_secs_f64()))
 }
+
+/// Runs workload `w` on `bank` for `slice`; returns the operations done
+/// and the seconds taken.
+fn run_slice(w: Workload, bank: &dyn Bank, slice: Duration, seed: u64) -> Result<(u64, f64)> {
+    match w {
+        Workload::Durable1 | Workload::Group1000 => {
+            let per_commit = if w == Workload::Durable1 { 1 } else { 1000 };
+            let mut teller = Teller::new(seed, 0);
+            let mut batch = Vec::new();
+            run_for(slice, || {
+                teller.fill(per_commit, &mut batch);
+                bank.transfer(0, &batch, true)?;
+                Ok(per_commit as u64)
+            })
+        }
+        Workload::Durable4Threads => {
+            let start = Instant::now();
+            let done: Result<Vec<u64>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..4)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let mut teller = Teller::new(seed, t);
+                            let mut batch = Vec::new();
+                            run_for(slice, || {
+                                teller.fill(1, &mut batch);
+                                bank.transfer(t, &batch, true)?;
+                                Ok(1)
+                            })
+                            .map(|(ops, _)| ops)
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|h| h.join().expect("a worker panicked")).collect()
+            });
+            Ok((done?.iter().sum(), start.elapsed().as_secs_f64()))
+        }
+        Workload::RandomReads => {
+            let mut teller = Teller::new(seed, 0);
+            let mut sink = 0u64;
+            let r = run_for(slice, || {
+                for _ in 0..100 {
+                    sink = sink.wrapping_add(bank.balance(teller.account())?);
+                }
+                Ok(100)
+            })?;
+            std::hint::black_box(sink);
+            Ok(r)
+        }
+    }
+}
+
+/// Slices per system and workload in a round: the systems take turns,
+/// so that a drift of the disk's sync latency (up to 10x within seconds
+/// here) falls on all of them alike.
+const SLICES: u32 = 10;
 
 fn throughput_round(plan: &Plan, dir: &Path, order: &[System], seed: u64, results: &mut Results) -> Result<()> {
     let mut banks = Vec::new();
@@ -228,68 +283,33 @@ fn throughput_round(plan: &Plan, dir: &Path, order: &[System], seed: u64, result
         banks.push((s, bank, 0u64));
     }
     for w in WORKLOADS {
-        for (s, bank, transfers) in &mut banks {
-            let bank: &dyn Bank = bank.as_ref();
-            let log_before = bank.log_bytes();
-            let (ops, rate) = match w {
-                Workload::Durable1 | Workload::Group1000 => {
-                    let per_commit = if w == Workload::Durable1 { 1 } else { 1000 };
-                    let mut teller = Teller::new(seed, 0);
-                    let mut batch = Vec::new();
-                    run_for(plan.slice, || {
-                        teller.fill(per_commit, &mut batch);
-                        bank.transfer(0, &batch, true)?;
-                        Ok(per_commit as u64)
-                    })?
+        // Per system: operations, seconds, log bytes.
+        let mut sums = vec![(0u64, 0f64, 0u64); banks.len()];
+        for k in 0..SLICES {
+            for ((s, bank, transfers), sum) in banks.iter_mut().zip(&mut sums) {
+                let log_before = bank.log_bytes();
+                let (ops, secs) = run_slice(w, bank.as_ref(), plan.slice / SLICES, seed * 100 + u64::from(k))
+                    .with_context(|| format!("{} on {}", w.short(), s.label()))?;
+                if w != Workload::RandomReads {
+                    *transfers += ops;
                 }
-                Workload::Durable4Threads => {
-                    let start = Instant::now();
-                    let done: Result<Vec<u64>> = std::thread::scope(|scope| {
-                        let workers: Vec<_> = (0..4)
-                            .map(|t| {
-                                scope.spawn(move || {
-                                    let mut teller = Teller::new(seed, t);
-                                    let mut batch = Vec::new();
-                                    run_for(plan.slice, || {
-                                        teller.fill(1, &mut batch);
-                                        bank.transfer(t, &batch, true)?;
-                                        Ok(1)
-                                    })
-                                    .map(|(ops, _)| ops)
-                                })
-                            })
-                            .collect();
-                        workers.into_iter().map(|h| h.join().expect("a worker panicked")).collect()
-                    });
-                    let ops: u64 = done?.iter().sum();
-                    (ops, ops as f64 / start.elapsed().as_secs_f64())
+                sum.0 += ops;
+                sum.1 += secs;
+                if let (Some(before), Some(after)) = (log_before, bank.log_bytes()) {
+                    sum.2 += after - before;
                 }
-                Workload::RandomReads => {
-                    let mut teller = Teller::new(seed, 0);
-                    let mut sink = 0u64;
-                    let r = run_for(plan.slice, || {
-                        for _ in 0..100 {
-                            sink = sink.wrapping_add(bank.balance(teller.account())?);
-                        }
-                        Ok(100)
-                    })?;
-                    std::hint::black_box(sink);
-                    r
-                }
-            };
-            if w != Workload::RandomReads {
-                *transfers += ops;
             }
-            check(bank, *s, *transfers, &format!("after {}", w.short()))?;
+        }
+        for ((s, bank, transfers), (ops, secs, log)) in banks.iter().zip(sums) {
+            check(bank.as_ref(), *s, *transfers, &format!("after {}", w.short()))?;
+            let rate = ops as f64 / secs;
             results.rate(w, *s, rate);
             let mut line =
                 format!("  {:<44} {:<13} {:>12}", w.label(), s.label(), format!("{} {}", common::si(rate), w.unit()));
-            if let (Some(before), Some(after)) = (log_before, bank.log_bytes()) {
-                if w != Workload::RandomReads {
-                    let per = (after - before) as f64 / ops as f64;
-                    results.logged(w.short(), *s, per);
-                    line += &format!("   log {per:.0} B/transfer");
-                }
+            if bank.log_bytes().is_some() && w != Workload::RandomReads {
+                let per = log as f64 / ops as f64;
+                results.logged(w.short(), *s, per);
+                line += &format!("   log {per:.0} B/transfer");
             }
             println!("{line}");
         }
@@ -389,6 +409,24 @@ fn reopen_child(args: &[String]) -> Result<()> {
     check(bank.as_ref(), system, n, "after the crash")?;
     println!("reopened {} {}", first.as_secs_f64() * 1e3, full.as_secs_f64() * 1e3);
     Ok(())
+}
+
+/// `--sync-probe <system> <folder> <n>`: a new bank, then `n` transfers in
+/// durable commits of one, after a `getpid` call that marks where they
+/// start; run under `strace -f -e trace=getpid,fsync,fdatasync,msync` to
+/// count the syncs per durable commit (docs/BENCHMARKS.md, "Peers").
+fn sync_probe(args: &[String]) -> Result<()> {
+    let (system, dir, n) = child_args(args)?;
+    remove_dir(&dir)?;
+    let bank = system.create(&dir)?;
+    let mut teller = Teller::new(3, 0);
+    std::hint::black_box(std::process::id());
+    for _ in 0..n {
+        bank.transfer(0, &[teller.next()], true)?;
+    }
+    check(bank.as_ref(), system, n, "after the probe")?;
+    drop(bank);
+    remove_dir(&dir)
 }
 
 /// CPU, cores, memory, kernel, file system of `dir`, load: for the table.
@@ -503,9 +541,14 @@ fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String 
     t
 }
 
+/// A ratio to rvm (region): two decimals, or two significant digits
+/// below 0.1.
 fn ratio(x: f64) -> String {
     if (x - 1.0).abs() < 0.005 {
         "1.00".into()
+    } else if x < 0.1 && x > 0.0 {
+        let decimals = (1.0 - x.log10().floor()) as usize;
+        format!("{x:.decimals$}x")
     } else {
         format!("{x:.2}x")
     }

@@ -19,13 +19,15 @@ fn color(s: System) -> RGBColor {
     COLORS[SYSTEMS.iter().position(|x| *x == s).unwrap_or(0)]
 }
 
-/// Log-scale bounds that hold every value, in whole powers of ten.
+/// Log-scale bounds that hold every value, in whole powers of ten, the
+/// lower one below the smallest value (so its bar shows).
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.filter(|v| *v > 0.0).fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
     if lo > hi {
         return (0.1, 10.0);
     }
-    (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)))
+    let bottom = (lo / 2.0).log10().floor();
+    (10f64.powf(bottom), 10f64.powf(hi.log10().ceil().max(bottom + 1.0)))
 }
 
 pub fn draw(path: &Path, r: &Results) -> Result<()> {
