@@ -96,6 +96,11 @@ pub trait Bank: Send + Sync {
     fn log_bytes(&self) -> Option<u64> {
         None
     }
+    /// What the system's recovery did when this bank was opened, where it
+    /// tells (this library).
+    fn recovery_note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The systems compared.

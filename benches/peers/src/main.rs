@@ -351,6 +351,9 @@ fn crash_round(plan: &Plan, dir: &Path, order: &[System], results: &mut Results)
         let words: Vec<&str> = text.split_whitespace().collect();
         ensure!(words.first() == Some(&"reopened"), "unexpected reopen output {text:?}");
         let first: f64 = words[1].parse()?;
+        if let Some(recovery) = text.lines().nth(1) {
+            note += &format!("; {recovery}");
+        }
         let full: f64 = words[2].parse()?;
         results.reopened(s, first, full);
         println!(
@@ -408,6 +411,9 @@ fn reopen_child(args: &[String]) -> Result<()> {
     ensure!(sum == TOTAL, "{}: the balances sum to {sum}, not {TOTAL}, after the crash", system.label());
     check(bank.as_ref(), system, n, "after the crash")?;
     println!("reopened {} {}", first.as_secs_f64() * 1e3, full.as_secs_f64() * 1e3);
+    if let Some(note) = bank.recovery_note() {
+        println!("{note}");
+    }
     Ok(())
 }
 

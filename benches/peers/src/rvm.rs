@@ -26,8 +26,10 @@ use crate::bank::{Bank, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD
 use anyhow::{anyhow, Context, Result};
 use parking_lot::{Mutex, MutexGuard};
 use rvm_collections::{Config, PHeap, PVec};
-use rvm_core::{CommitMode, MapSpec, Options, Region, RestoreMode, Rvm};
+use rvm_core::{CommitMode, MapSpec, Options, ProgressHook, RecoveryPhase, Region, RestoreMode, Rvm};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Bytes of log for either bank.
 const LOG_LEN: u64 = 256 << 20;
@@ -53,6 +55,8 @@ pub struct FlatBank {
     region: Region,
     rvm: Rvm,
     stripes: Vec<Mutex<()>>,
+    /// What recovery did at open (see `Bank::recovery_note`).
+    note: Option<String>,
 }
 
 impl FlatBank {
@@ -61,7 +65,7 @@ impl FlatBank {
         let rvm = Rvm::open(dir.join("rvm.log"), Options::default())?;
         let segment = rvm.create_segment(dir.join("bank.seg"), REGION_LEN as u64)?;
         let region = rvm.map(&segment, MapSpec::new(0, REGION_LEN))?;
-        let bank = FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() };
+        let bank = FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), note: None };
         let mut tx = bank.rvm.begin(RestoreMode::NoRestore)?;
         let accounts = bank.region.addr() + ACCOUNTS_AT;
         // SAFETY: the balances lie in the region; nothing else uses the
@@ -79,10 +83,33 @@ impl FlatBank {
     }
 
     pub fn open(dir: &Path) -> Result<FlatBank> {
-        let rvm = Rvm::open(dir.join("rvm.log"), Options::default())?;
+        let start = Instant::now();
+        // When recovery's phases last reported (their ends), for the note.
+        let phases = Arc::new(Mutex::new([None::<Duration>; 2]));
+        let seen = phases.clone();
+        let hook = ProgressHook::new(move |p| {
+            seen.lock()[usize::from(p.phase == RecoveryPhase::Replay)] = Some(start.elapsed());
+        });
+        let rvm = Rvm::open(dir.join("rvm.log"), Options { recovery_progress: Some(hook), ..Options::default() })?;
+        let opened = start.elapsed();
         let segment = rvm.open_segment(dir.join("bank.seg"))?;
         let region = rvm.map(&segment, MapSpec::new(0, REGION_LEN))?;
-        Ok(FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() })
+        let mapped = start.elapsed();
+        let r = rvm.recovery_report();
+        let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e3));
+        let [verified, replayed] = *phases.lock();
+        let note = format!(
+            "recovery: {} log transactions, {:.1} MB of log, {:.1} MB written to the segment; verify ended at {} ms, replay at {} ms, \
+             Rvm::open returned at {} ms, region mapped at {} ms",
+            r.transactions,
+            r.log_bytes as f64 / 1e6,
+            r.segment_bytes_written as f64 / 1e6,
+            ms(verified),
+            ms(replayed),
+            ms(Some(opened)),
+            ms(Some(mapped)),
+        );
+        Ok(FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), note: Some(note) })
     }
 
     fn account_addr(&self, account: u32) -> usize {
@@ -159,6 +186,10 @@ impl Bank for FlatBank {
 
     fn log_bytes(&self) -> Option<u64> {
         Some(self.rvm.stats().log_bytes_written)
+    }
+
+    fn recovery_note(&self) -> Option<String> {
+        self.note.clone()
     }
 }
 
@@ -248,5 +279,15 @@ impl Bank for HeapBank {
 
     fn log_bytes(&self) -> Option<u64> {
         Some(self.heap.rvm().stats().log_bytes_written)
+    }
+
+    fn recovery_note(&self) -> Option<String> {
+        let r = self.heap.rvm().recovery_report();
+        Some(format!(
+            "recovery: {} log transactions, {:.1} MB of log, {:.1} MB written to the segments",
+            r.transactions,
+            r.log_bytes as f64 / 1e6,
+            r.segment_bytes_written as f64 / 1e6
+        ))
     }
 }
