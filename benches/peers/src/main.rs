@@ -563,8 +563,10 @@ fn ratio(x: f64) -> String {
 fn ms(x: f64) -> String {
     if x >= 10.0 {
         format!("{x:.0} ms")
-    } else {
+    } else if x >= 1.0 {
         format!("{x:.1} ms")
+    } else {
+        format!("{x:.2} ms")
     }
 }
 

@@ -96,19 +96,22 @@ impl FlatBank {
         let region = rvm.map(&segment, MapSpec::new(0, REGION_LEN))?;
         let mapped = start.elapsed();
         let r = rvm.recovery_report();
-        let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e3));
+        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+        // The last progress report of each phase (replay reports only
+        // every MiB of log it applies, so a small replay may report none).
         let [verified, replayed] = *phases.lock();
-        let note = format!(
-            "recovery: {} log transactions, {:.1} MB of log, {:.1} MB written to the segment; verify ended at {} ms, replay at {} ms, \
-             Rvm::open returned at {} ms, region mapped at {} ms",
+        let mut note = format!(
+            "recovery: {} log transactions, {:.1} MB of log, {:.1} MB written to the segment",
             r.transactions,
             r.log_bytes as f64 / 1e6,
             r.segment_bytes_written as f64 / 1e6,
-            ms(verified),
-            ms(replayed),
-            ms(Some(opened)),
-            ms(Some(mapped)),
         );
+        for (what, at) in [("verify's last report", verified), ("replay's last report", replayed)] {
+            if let Some(at) = at {
+                note += &format!(", {what} at {}", ms(at));
+            }
+        }
+        note += &format!(", Rvm::open returned at {}, region mapped at {}", ms(opened), ms(mapped));
         Ok(FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), note: Some(note) })
     }
 
