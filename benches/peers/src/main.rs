@@ -271,6 +271,14 @@ fn run_slice(w: Workload, bank: &dyn Bank, slice: Duration, seed: u64) -> Result
     }
 }
 
+/// Lets the writeback of the banks just made end before anything is
+/// timed (else its I/O falls on the first system's syncs): `sync`, then a
+/// short pause.
+fn settle() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 /// Slices per system and workload in a round: the systems take turns,
 /// so that a drift of the disk's sync latency (up to 10x within seconds
 /// here) falls on all of them alike.
@@ -282,6 +290,7 @@ fn throughput_round(plan: &Plan, dir: &Path, order: &[System], seed: u64, result
         let bank = s.create(&dir.join(s.key())).with_context(|| format!("creating the {} bank", s.label()))?;
         banks.push((s, bank, 0u64));
     }
+    settle();
     for w in WORKLOADS {
         // Per system: operations, seconds, log bytes.
         let mut sums = vec![(0u64, 0f64, 0u64); banks.len()];
@@ -320,6 +329,7 @@ fn throughput_round(plan: &Plan, dir: &Path, order: &[System], seed: u64, result
 fn crash_round(plan: &Plan, dir: &Path, order: &[System], results: &mut Results) -> Result<()> {
     let exe = std::env::current_exe()?;
     for &s in order {
+        settle();
         let bank_dir = dir.join(format!("crash-{}", s.key()));
         let n = plan.crash_transfers;
         // The writer: makes the bank, commits the transfers, says so, and
