@@ -437,9 +437,11 @@ fn sync_probe(args: &[String]) -> Result<()> {
     let bank = system.create(&dir)?;
     let mut teller = Teller::new(3, 0);
     std::hint::black_box(std::process::id());
+    let start = Instant::now();
     for _ in 0..n {
         bank.transfer(0, &[teller.next()], true)?;
     }
+    println!("{n} durable commits in {:.3} s", start.elapsed().as_secs_f64());
     check(bank.as_ref(), system, n, "after the probe")?;
     drop(bank);
     remove_dir(&dir)
