@@ -97,8 +97,9 @@ impl FlatBank {
         let mapped = start.elapsed();
         let r = rvm.recovery_report();
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
-        // The last progress report of each phase (replay reports only
-        // every MiB of log it applies, so a small replay may report none).
+        // The last progress report of each phase (today's replay reports
+        // each full 16 MiB chunk and nothing at its end, so a smaller
+        // replay reports nothing).
         let [verified, replayed] = *phases.lock();
         let mut note = format!(
             "recovery: {} log transactions, {:.1} MB of log, {:.1} MB written to the segment",
