@@ -126,16 +126,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut accounts = tx.root_mut::<PVec<Account>>("accounts")?.ok_or(Error::Config("no accounts".into()))?;
             let mut branches = tx.root_mut::<PVec<i64>>("branches")?.ok_or(Error::Config("no branches".into()))?;
             let (fb, tb) = (accounts.as_slice()[from].branch as usize, accounts.as_slice()[to].branch as usize);
-            if let Some(a) = accounts.get_mut(from)? {
+            if let Some(mut a) = accounts.get_mut(from)? {
                 a.balance -= amount;
             }
-            if let Some(a) = accounts.get_mut(to)? {
+            if let Some(mut a) = accounts.get_mut(to)? {
                 a.balance += amount;
             }
-            if let Some(b) = branches.get_mut(fb)? {
+            if let Some(mut b) = branches.get_mut(fb)? {
                 *b -= amount;
             }
-            if let Some(b) = branches.get_mut(tb)? {
+            if let Some(mut b) = branches.get_mut(tb)? {
                 *b += amount;
             }
             let mut bank = tx.root_mut::<Bank>("bank")?.ok_or(Error::Config("no bank".into()))?;

@@ -19,8 +19,10 @@
 //! and any alignment gap are never read (nor logged).
 
 use crate::error::{Error, Result};
-use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Block, Persist, Plain};
-use crate::tx::RootMut;
+use crate::owned::{IntoPersist, Owned};
+use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Persist, Plain};
+use crate::shape::{Kind, ShapeId, Shapes};
+use crate::tx::Mut;
 use std::alloc::Layout;
 use std::cmp::Ordering;
 use std::marker::PhantomData;
@@ -28,11 +30,44 @@ use std::ops::{Bound, RangeBounds};
 use std::ptr::NonNull;
 
 /// Slots per node.
-const CAP: usize = 32;
-/// Deepest tree [`Persist::check`] accepts (a cycle or a damaged level
+pub(crate) const CAP: usize = 32;
+
+/// Where the parts of a node lie, from the key's and value's sizes and
+/// alignments (the same numbers as `PBTreeMap`'s constants; used by the
+/// tracer, which knows the types only by their shapes).
+pub(crate) struct NodeLayout {
+    pub(crate) vals: usize,
+    pub(crate) kids: usize,
+    pub(crate) leaf_size: usize,
+    pub(crate) inner_size: usize,
+    pub(crate) align: usize,
+}
+
+impl NodeLayout {
+    pub(crate) fn new(ks: u64, ka: u64, vs: u64, va: u64) -> Option<NodeLayout> {
+        let (ks, ka, vs, va) = (
+            usize::try_from(ks).ok()?,
+            usize::try_from(ka).ok()?,
+            usize::try_from(vs).ok()?,
+            usize::try_from(va).ok()?,
+        );
+        if ka == 0 || va == 0 {
+            return None;
+        }
+        let up = |x: usize, a: usize| x.checked_next_multiple_of(a);
+        let keys = up(16, ka)?;
+        let keys_end = keys.checked_add(CAP.checked_mul(ks)?)?;
+        let vals = up(keys_end, va)?;
+        let kids = up(keys_end, 8)?;
+        let leaf_size = vals.checked_add(CAP.checked_mul(vs)?)?;
+        let inner_size = kids.checked_add((CAP + 1) * 8)?;
+        Some(NodeLayout { vals, kids, leaf_size, inner_size, align: 8.max(ka).max(va) })
+    }
+}
+/// Deepest tree the root check ([`crate::shape`]) accepts (a cycle or a damaged level
 /// word cannot make a walk run forever; a real tree of `CAP = 32` slots
 /// never gets near it).
-const MAX_HEIGHT: u64 = 64;
+pub(crate) const MAX_HEIGHT: u64 = 64;
 
 /// The order of a [`PBTreeMap`]'s keys.
 ///
@@ -108,8 +143,8 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
     }
 }
 
-/// An ordered map of [`Plain`] keys and values in the heap, like
-/// `std::collections::BTreeMap`.
+/// An ordered map in the heap, like `std::collections::BTreeMap`, of
+/// [`PKey`] keys and any [`Persist`] values.
 ///
 /// A B+-tree of fixed-size node blocks (32 keys each; layout in the
 /// [module docs](self)): an insert or a removal declares (logs) only the
@@ -119,8 +154,10 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 ///
 /// Read it through any guard (`&PBTreeMap` gives `len`, `get`,
 /// `first_key_value`, `last_key_value`, `iter`, `range`), change it through
-/// the [`RootMut`] guard of a write transaction (`insert`, `remove`,
-/// `get_mut`, `pop_first`, `pop_last`, `clear`).
+/// its [`Mut`] guard in a write transaction (`insert`, `remove`,
+/// `get_mut`, `get_or_insert_with`, `pop_first`, `pop_last`, `clear`; for
+/// values that own blocks, `insert_owned`, `remove_owned`,
+/// `pop_first_owned`, `pop_last_owned`).
 ///
 /// ```
 /// use rvm_collections::{Config, Error, PBTreeMap, PHeap};
@@ -155,7 +192,7 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// empties is freed and unlinked from its parent, and a root left with one
 /// child is replaced by it.
 ///
-/// [`Persist::check`], which runs when a root is first borrowed after the
+/// the root check ([`crate::shape`]), which runs when a root is first borrowed after the
 /// heap is opened (the heap remembers checked roots; see
 /// [`crate::PHeap::raw_heap`] for when it stops), walks the whole tree:
 /// each node must be a live block large enough and aligned, at its
@@ -190,11 +227,11 @@ const fn max(a: usize, b: usize) -> usize {
     }
 }
 
-/// A node's address (validated by [`Persist::check`], or made by the open
+/// A node's address (validated by the root check ([`crate::shape`]), or made by the open
 /// transaction).
 type Node = usize;
 
-impl<K: PKey, V: Plain> PBTreeMap<K, V> {
+impl<K: PKey, V: Persist> PBTreeMap<K, V> {
     const SK: usize = std::mem::size_of::<K>();
     const SV: usize = std::mem::size_of::<V>();
     const ALIGN: usize = max(8, max(std::mem::align_of::<K>(), std::mem::align_of::<V>()));
@@ -431,13 +468,13 @@ impl<K: PKey, V: Plain> PBTreeMap<K, V> {
     }
 }
 
-impl<K: PKey, V: Plain> Default for PBTreeMap<K, V> {
+impl<K: PKey, V: Persist> Default for PBTreeMap<K, V> {
     fn default() -> Self {
         PBTreeMap::new()
     }
 }
 
-impl<'a, K: PKey, V: Plain> IntoIterator for &'a PBTreeMap<K, V> {
+impl<'a, K: PKey, V: Persist> IntoIterator for &'a PBTreeMap<K, V> {
     type Item = (&'a K, &'a V);
     type IntoIter = Iter<'a, K, V>;
     fn into_iter(self) -> Self::IntoIter {
@@ -465,7 +502,7 @@ impl<K, V> std::fmt::Debug for Iter<'_, K, V> {
     }
 }
 
-impl<'a, K: PKey, V: Plain> Iterator for Iter<'a, K, V> {
+impl<'a, K: PKey, V: Persist> Iterator for Iter<'a, K, V> {
     type Item = (&'a K, &'a V);
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -509,74 +546,50 @@ impl<'a, K: PKey, V: Plain> Iterator for Iter<'a, K, V> {
 
 // SAFETY: three words, `#[repr(C)]`, no padding; `root` is a heap block
 // (an address in the heap, which loads at a fixed base) and so is every
-// node below it; the fingerprint mixes in the key and value types' and
-// the node capacity, which fix the node layout.
-unsafe impl<K: PKey, V: Plain> Persist for PBTreeMap<K, V> {
+// node below it; the fingerprint mixes in the key and value types' layout
+// ids and the node capacity, which fix the node layout; `describe`
+// reports the tree.
+unsafe impl<K: PKey, V: Persist> Persist for PBTreeMap<K, V> {
     const FINGERPRINT: u64 = fingerprint_mix(
         fingerprint_mix(
-            fingerprint_mix(fingerprint_mix(fingerprint_start(24, 8), K::FINGERPRINT), V::FINGERPRINT),
+            fingerprint_mix(fingerprint_mix(fingerprint_start(24, 8), K::LAYOUT_ID), V::LAYOUT_ID),
             CAP as u64,
         ),
         71,
     );
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_start(24, 8), 74);
+    const OWNS_BLOCKS: bool = true;
 
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.define::<Self>(|s| Kind::BTreeMap {
+            key_size: std::mem::size_of::<K>() as u64,
+            key_align: std::mem::align_of::<K>() as u64,
+            value: V::describe(s),
+        })
+    }
+}
+
+impl<K: PKey, V: Persist> PBTreeMap<K, V> {
+    /// Every node, in no particular order.
+    fn nodes(&self) -> Vec<Node> {
+        let mut out = Vec::new();
         if self.root == 0 {
-            return;
+            return out;
         }
         let mut stack = vec![(self.root as usize, self.height)];
         while let Some((n, level)) = stack.pop() {
-            visit(Block { addr: n });
+            out.push(n);
             if level > 0 {
                 for i in 0..=Self::nlen(n) {
                     stack.push((Self::kid(n, i), level - 1));
                 }
             }
         }
-    }
-
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        if self.root == 0 {
-            return self.len == 0 && self.height == 0;
-        }
-        if self.height >= MAX_HEIGHT {
-            return false;
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut stack = vec![(self.root, self.height)];
-        let mut total: u64 = 0;
-        while let Some((n, level)) = stack.pop() {
-            let size = if level == 0 { Self::LEAF_SIZE } else { Self::INNER_SIZE };
-            let Some(ptr) = NonNull::new(n as usize as *mut u8) else { return false };
-            let live = heap.live_block_len(ptr).is_some_and(|len| len >= size as u64);
-            if !live || !n.is_multiple_of(Self::ALIGN as u64) || !seen.insert(n) {
-                return false;
-            }
-            // SAFETY: a live block of at least the node's size (≥ 16
-            // bytes), 8-aligned: its first two words are readable.
-            let (len, lvl) = unsafe { (*(n as usize as *const u64), *((n as usize + 8) as *const u64)) };
-            if lvl != level || len > CAP as u64 {
-                return false;
-            }
-            if level == 0 {
-                if len == 0 {
-                    return false;
-                }
-                total = total.saturating_add(len);
-            } else {
-                for i in 0..=len as usize {
-                    // SAFETY: child slot `i <= len <= CAP` of an internal
-                    // node block checked above to hold `INNER_SIZE` bytes.
-                    let c = unsafe { *(Self::kid_ptr(n as usize, i) as *const u64) };
-                    stack.push((c, level - 1));
-                }
-            }
-        }
-        total == self.len
+        out
     }
 }
 
-impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
+impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
     fn map(&self) -> &PBTreeMap<K, V> {
         self
     }
@@ -649,51 +662,48 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
         self.tx().with_htx(|htx| Ok(htx.free(p)?))
     }
 
-    /// Inserts `key` with `value`; returns the value it replaces (the
-    /// stored key stays, as in `std`).
-    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+    /// Inserts `key` with the bytes of `value`; returns the value it
+    /// replaces (the stored key stays, as in `std`). On `Ok`, `value`'s
+    /// bytes are in the map (the caller forgets it).
+    fn insert_raw(&mut self, key: &K, value: &V) -> Result<Option<V>> {
         type M<K, V> = PBTreeMap<K, V>;
         let (sk, sv) = (M::<K, V>::SK, M::<K, V>::SV);
         let (root, len, height) = (self.map().root as usize, self.map().len, self.map().height);
         if root == 0 {
-            let leaf = self.alloc_node(0, 1, bytes_of(&key), bytes_of(&value))?;
+            let leaf = self.alloc_node(0, 1, bytes_of(key), bytes_of(value))?;
             self.set_header(leaf, 1, 0);
-            std::mem::forget((key, value));
             return Ok(None);
         }
         let mut path = Vec::with_capacity(height as usize);
         let mut n = root;
         for _ in 0..height {
-            let ci = M::<K, V>::upper_bound(n, &key);
+            let ci = M::<K, V>::upper_bound(n, key);
             path.push((n, ci));
             n = M::<K, V>::kid(n, ci);
         }
-        let (i, eq) = M::<K, V>::lower_bound(n, &key);
+        let (i, eq) = M::<K, V>::lower_bound(n, key);
         if eq {
             // SAFETY: slot `i` holds a valid value; it is overwritten next
             // (the old one moves out, as in `PVec::set`).
             let old = unsafe { std::ptr::read(M::<K, V>::val_ptr(n, i) as *const V) };
-            self.store(M::<K, V>::val_ptr(n, i), bytes_of(&value))?;
-            std::mem::forget(value);
+            self.store(M::<K, V>::val_ptr(n, i), bytes_of(value))?;
             return Ok(Some(old));
         }
         let l = M::<K, V>::nlen(n);
         if l < CAP {
             self.shift(n + M::<K, V>::KEYS, sk, i, i + 1, l - i)?;
             self.shift(n + M::<K, V>::VALS, sv, i, i + 1, l - i)?;
-            self.store(M::<K, V>::key_ptr(n, i), bytes_of(&key))?;
-            self.store(M::<K, V>::val_ptr(n, i), bytes_of(&value))?;
+            self.store(M::<K, V>::key_ptr(n, i), bytes_of(key))?;
+            self.store(M::<K, V>::val_ptr(n, i), bytes_of(value))?;
             self.set_len(n, l + 1)?;
-            std::mem::forget((key, value));
             self.set_header(root, len + 1, height);
             return Ok(None);
         }
         // Split the full leaf: CAP + 1 entries, the first `m` stay.
         let keys = M::<K, V>::bytes(n + M::<K, V>::KEYS, CAP * sk);
         let vals = M::<K, V>::bytes(n + M::<K, V>::VALS, CAP * sv);
-        let kb = [&keys[..i * sk], bytes_of(&key), &keys[i * sk..]].concat();
-        let vb = [&vals[..i * sv], bytes_of(&value), &vals[i * sv..]].concat();
-        std::mem::forget((key, value));
+        let kb = [&keys[..i * sk], bytes_of(key), &keys[i * sk..]].concat();
+        let vb = [&vals[..i * sv], bytes_of(value), &vals[i * sv..]].concat();
         let m = CAP.div_ceil(2);
         let right = self.alloc_node(0, CAP + 1 - m, &kb[m * sk..], &vb[m * sv..])?;
         let s = i.min(m);
@@ -737,6 +747,31 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
         let new_root = self.alloc_node(height + 1, 1, &sep, &kids)?;
         self.set_header(new_root, len + 1, height + 1);
         Ok(None)
+    }
+
+    /// Inserts `value` (taken for storing) under `key`.
+    fn put(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<V>> {
+        let value = self.tx().accept(value)?;
+        match self.insert_raw(&key, &value) {
+            Ok(old) => {
+                // Moved into the heap.
+                std::mem::forget(value);
+                Ok(old)
+            }
+            Err(e) => {
+                self.tx().float(&value);
+                Err(e)
+            }
+        }
+    }
+
+    /// Inserts `value` under `key`; returns the value it replaces as an
+    /// [`Owned`] value (dropping it frees what it owns).
+    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'h, V>>> {
+        match self.put(key, value)? {
+            Some(old) => self.tx().adopt(old).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Removes slot `i` of `leaf` (reached by `path`, the internal nodes
@@ -797,18 +832,21 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
         Ok((k, v))
     }
 
-    /// Removes `key`; returns its value.
-    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
-        Ok(self.remove_entry(key)?.map(|(_, v)| v))
-    }
-
-    /// Removes `key`; returns the stored key and its value.
-    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+    /// Removes `key`; moves its entry out.
+    fn take(&mut self, key: &K) -> Result<Option<(K, V)>> {
         type M<K, V> = PBTreeMap<K, V>;
         let Some((path, n)) = self.descend(|n| M::<K, V>::upper_bound(n, key)) else { return Ok(None) };
         match M::<K, V>::lower_bound(n, key) {
             (i, true) => self.remove_at(path, n, i).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    /// Removes `key`; returns its value as an [`Owned`] value.
+    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'h, V>>> {
+        match self.take(key)? {
+            Some((_, v)) => self.tx().adopt(v).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -842,24 +880,46 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
         self.remove_at(path, n, if last { l - 1 } else { 0 }).map(Some)
     }
 
-    /// Removes and returns the entry with the smallest key.
-    pub fn pop_first(&mut self) -> Result<Option<(K, V)>> {
-        self.pop_edge(false)
+    /// Removes the entry with the smallest key; returns the key and the
+    /// value as an [`Owned`] value.
+    pub fn pop_first_owned(&mut self) -> Result<Option<(K, Owned<'h, V>)>> {
+        match self.pop_edge(false)? {
+            Some((k, v)) => Ok(Some((k, self.tx().adopt(v)?))),
+            None => Ok(None),
+        }
     }
 
-    /// Removes and returns the entry with the largest key.
-    pub fn pop_last(&mut self) -> Result<Option<(K, V)>> {
-        self.pop_edge(true)
+    /// Removes the entry with the largest key; returns the key and the
+    /// value as an [`Owned`] value.
+    pub fn pop_last_owned(&mut self) -> Result<Option<(K, Owned<'h, V>)>> {
+        match self.pop_edge(true)? {
+            Some((k, v)) => Ok(Some((k, self.tx().adopt(v)?))),
+            None => Ok(None),
+        }
     }
 
-    /// The value of `key`, to change in place (its bytes are declared).
-    pub fn get_mut(&mut self, key: &K) -> Result<Option<&mut V>> {
+    /// The value of `key`, to change (its bytes are declared).
+    pub fn get_mut(&mut self, key: &K) -> Result<Option<Mut<'_, 'h, V>>> {
         let Some((n, i, true)) = self.map().find(key) else { return Ok(None) };
         let at = PBTreeMap::<K, V>::val_ptr(n, i);
-        self.declare(at, PBTreeMap::<K, V>::SV)?;
-        // SAFETY: the slot holds a valid value, declared above; the
-        // reference borrows this guard mutably, so it is the only one.
-        Ok(Some(unsafe { &mut *(at as *mut V) }))
+        // SAFETY: slot `i < len` of a leaf of this map holds a valid value
+        // this map owns, reachable only through this guard.
+        unsafe { self.child::<V>(at) }.map(Some)
+    }
+
+    /// The value of `key`, inserted as `make()` if it has none.
+    pub fn get_or_insert_with<I: IntoPersist<V>>(
+        &mut self,
+        key: K,
+        make: impl FnOnce() -> I,
+    ) -> Result<Mut<'_, 'h, V>> {
+        if self.map().get(&key).is_none() {
+            self.put(*PBTreeMap::<K, V>::copy_key(&key), make())?;
+        }
+        match self.get_mut(&key)? {
+            Some(v) => Ok(v),
+            None => Err(Error::Damaged { name: "PBTreeMap".into() }),
+        }
     }
 
     /// Removes every entry and frees every node (at commit).
@@ -869,8 +929,13 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
     /// aborts). Committing anyway may leave wrong answers or leaked
     /// nodes, never a freed node reachable from the map.
     pub fn clear(&mut self) -> Result<()> {
-        let mut nodes = Vec::new();
-        self.map().visit_blocks(&mut |b| nodes.push(b.addr));
+        if V::OWNS_BLOCKS {
+            let values: Vec<usize> = self.map().iter().map(|(_, v)| v as *const V as usize).collect();
+            for at in values {
+                self.tx().drop_value::<V>(at)?;
+            }
+        }
+        let nodes = self.map().nodes();
         // Unlinked first: a failing free leaves leaked nodes at worst,
         // never a freed one the map still reaches.
         self.set_header(0, 0, 0);
@@ -878,5 +943,34 @@ impl<K: PKey, V: Plain> RootMut<'_, '_, PBTreeMap<K, V>> {
             self.free(n)?;
         }
         Ok(())
+    }
+}
+
+/// By value, for values that own nothing.
+impl<K: PKey, V: Plain> Mut<'_, '_, PBTreeMap<K, V>> {
+    /// Inserts `key` with `value`; returns the value it replaces (the
+    /// stored key stays, as in `std`).
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        self.put(key, value)
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
+        Ok(self.take(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes `key`; returns the stored key and its value.
+    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+        self.take(key)
+    }
+
+    /// Removes and returns the entry with the smallest key.
+    pub fn pop_first(&mut self) -> Result<Option<(K, V)>> {
+        self.pop_edge(false)
+    }
+
+    /// Removes and returns the entry with the largest key.
+    pub fn pop_last(&mut self) -> Result<Option<(K, V)>> {
+        self.pop_edge(true)
     }
 }

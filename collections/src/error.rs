@@ -57,6 +57,18 @@ pub enum Error {
         /// The root.
         name: String,
     },
+    /// Root names starting with `rvm:` are kept for the typed layer's own
+    /// roots (the shape table, [`crate::shape::SHAPES_ROOT`]).
+    #[error("root name {name:?} is reserved (names starting with \"rvm:\" are the library's)")]
+    ReservedName {
+        /// The name asked for.
+        name: String,
+    },
+    /// An [`crate::Owned`] value of another heap (or transaction) was given
+    /// to store: its blocks belong to that heap. It is dropped (freed in
+    /// its own transaction).
+    #[error("a value owned by another heap's transaction cannot be stored in this one")]
+    ForeignValue,
     /// A file or folder operation of [`crate::PHeap::open_or_create`] failed.
     #[error("I/O error while {op} {}: {source}", path.display())]
     Io {

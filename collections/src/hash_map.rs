@@ -13,14 +13,16 @@
 //! | 16     | `cap`     | slots: 0 or a power of two, at least 8           |
 //! | 24     | `deleted` | tombstones (slots freed by a removal)            |
 //!
-//! The table block holds `cap` control bytes, then (aligned for `K`) `cap`
-//! keys, then (aligned for `V`) `cap` values: `[ctrl; cap] [K; cap] [V;
-//! cap]`, offsets as [`Layout::extend`] computes them. Keys and values
-//! live in arrays of their own, so no slot has padding. A control byte is
-//! `0x00..=0x7f` for a full slot (the top 7 bits of the key's hash),
-//! `0x80` for a tombstone and `0xff` for an empty slot; any other value
-//! (damage) reads as empty. Only full slots' keys and values are ever
-//! read.
+//! The table block is `cap` slots of `stride` bytes, aligned for `K` and
+//! `V`. A slot holds its control byte at offset 0, the key at `key_off`
+//! (1 rounded up to `align_of K`) and the value at `val_off` (the key's
+//! end rounded up to `align_of V`); `stride` is the value's end rounded up
+//! to the larger alignment. So an insertion changes one run of bytes (the
+//! control byte, the key and the value, padding written as zeros): one
+//! logged range. A control byte is `0x00..=0x7f` for a full slot (the top
+//! 7 bits of the key's hash), `0x80` for a tombstone and `0xff` for an
+//! empty slot; any other value (damage) reads as empty. Only full slots'
+//! keys and values are ever read.
 //!
 //! Open addressing with linear probing: key `k` lives in the first slot at
 //! or after `stable_hash(k) & (cap - 1)` (wrapping) that holds it, and a
@@ -41,8 +43,10 @@
 //! secret seed: keys chosen by an adversary can collide on purpose.
 
 use crate::error::{Error, Result};
-use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Block, Persist, Plain};
-use crate::tx::RootMut;
+use crate::owned::{IntoPersist, Owned};
+use crate::persist::{bytes_of, fingerprint_mix, fingerprint_start, Persist, Plain};
+use crate::shape::{Kind, ShapeId, Shapes};
+use crate::tx::Mut;
 use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -55,9 +59,11 @@ const DELETED: u8 = 0x80;
 const MIN_CAP: usize = 8;
 
 /// Version of [`stable_hash`] and of the table format, mixed into the
-/// fingerprint: a map written with another hash function is refused as
-/// another type ([`Error::RootType`]) instead of failing its lookups.
-const FORMAT_VERSION: u64 = 1;
+/// fingerprint: a map written with another hash function or table layout
+/// is refused as another type ([`Error::RootType`]) instead of failing its
+/// lookups. 2: one slot per entry (1 had arrays of control bytes, keys
+/// and values).
+const FORMAT_VERSION: u64 = 2;
 
 /// `2^64 / φ`, odd.
 const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -111,7 +117,7 @@ fn tag(hash: u64) -> u8 {
 }
 
 /// Whether control byte `c` marks a full slot.
-fn is_full(c: u8) -> bool {
+pub(crate) fn is_full(c: u8) -> bool {
     c < 0x80
 }
 
@@ -133,34 +139,80 @@ fn slots_for(items: usize) -> Option<usize> {
 
 /// Where the parts of a table of `cap` slots lie in its block.
 #[derive(Clone, Copy, Debug)]
-struct Geometry {
-    layout: Layout,
-    /// Offset of the keys.
-    keys: usize,
-    /// Offset of the values.
-    vals: usize,
+pub(crate) struct Geometry {
+    /// The whole block.
+    pub(crate) layout: Layout,
+    /// Bytes per slot.
+    pub(crate) stride: usize,
+    /// Offset of the key in a slot.
+    key_off: usize,
+    /// Offset of the value in a slot.
+    pub(crate) val_off: usize,
+    /// End of the value in a slot (what an insertion writes).
+    val_end: usize,
 }
 
 fn geometry<K, V>(cap: usize) -> Option<Geometry> {
-    let ctrl = Layout::array::<u8>(cap).ok()?;
-    let (layout, keys) = ctrl.extend(Layout::array::<K>(cap).ok()?).ok()?;
-    let (layout, vals) = layout.extend(Layout::array::<V>(cap).ok()?).ok()?;
-    Some(Geometry { layout, keys, vals })
+    let (k, v) = (Layout::new::<K>(), Layout::new::<V>());
+    geometry_of(cap, k.size() as u64, k.align() as u64, v.size() as u64, v.align() as u64)
+}
+
+/// [`geometry`] from the key's and value's sizes and alignments.
+fn geometry_of(cap: usize, ks: u64, ka: u64, vs: u64, va: u64) -> Option<Geometry> {
+    let (ks, ka, vs, va) =
+        (usize::try_from(ks).ok()?, usize::try_from(ka).ok()?, usize::try_from(vs).ok()?, usize::try_from(va).ok()?);
+    if !ka.is_power_of_two() || !va.is_power_of_two() {
+        return None;
+    }
+    let key_off = 1usize.checked_next_multiple_of(ka)?;
+    let val_off = key_off.checked_add(ks)?.checked_next_multiple_of(va)?;
+    let val_end = val_off.checked_add(vs)?;
+    let align = ka.max(va);
+    let stride = val_end.checked_next_multiple_of(align)?;
+    let layout = Layout::from_size_align(stride.checked_mul(cap)?, align).ok()?;
+    Some(Geometry { layout, stride, key_off, val_off, val_end })
+}
+
+/// A map's header, as read from the heap.
+pub(crate) struct Header {
+    pub(crate) ptr: u64,
+    pub(crate) len: u64,
+    pub(crate) cap: u64,
+    pub(crate) deleted: u64,
+}
+
+impl Header {
+    /// Whether the numbers agree (`None` if not): `Some(None)` for a map
+    /// without a table, else the table's geometry (its block is the
+    /// caller's to check: live, `layout.size()` bytes, aligned).
+    pub(crate) fn validate(&self, ks: u64, ka: u64, vs: u64, va: u64) -> Option<Option<Geometry>> {
+        if self.len > self.cap || self.deleted > self.cap - self.len {
+            return None;
+        }
+        if self.cap == 0 {
+            return (self.ptr == 0).then_some(None);
+        }
+        let cap = usize::try_from(self.cap).ok()?;
+        if !cap.is_power_of_two() || cap < MIN_CAP {
+            return None;
+        }
+        geometry_of(cap, ks, ka, vs, va).map(Some)
+    }
 }
 
 fn damaged() -> Error {
     Error::Damaged { name: "PHashMap".into() }
 }
 
-/// A hash map of [`Plain`] keys and values in the heap, like
-/// `HashMap<K, V>`, whose keys are compared and hashed by their bytes
-/// with a fixed hash function (see [the module](crate::hash_map)).
+/// A hash map in the heap, like `HashMap<K, V>`, of [`Plain`] keys and
+/// any [`Persist`] values, whose keys are compared and hashed by their
+/// bytes with a fixed hash function (see [the module](crate::hash_map)).
 ///
-/// Kept under a root: read it through any guard (`&PHashMap` gives `len`,
-/// `get`, `contains_key`, `iter`, `keys`, `values`), change it through the
-/// [`RootMut`] guard of a write transaction (`insert`, `remove`,
-/// `get_mut`, `entry`, `get_or_insert_with`, `clear`, `reserve`,
-/// `extend`). Each change declares only the bytes it changes: the header
+/// Read it through any guard (`&PHashMap` gives `len`, `get`,
+/// `contains_key`, `iter`, `keys`, `values`), change it through its
+/// [`Mut`] guard in a write transaction (`insert`, `remove`, `get_mut`,
+/// `entry`, `get_or_insert_with`, `clear`, `reserve`, `extend`; for values
+/// that own blocks, `insert_owned` and `remove_owned`). Each change declares only the bytes it changes: the header
 /// (declared when the root is borrowed), and the control byte, key and
 /// value of the slot it touches; growing builds a new table block in the
 /// same transaction and frees the old one at commit.
@@ -218,7 +270,7 @@ impl<K, V> std::fmt::Debug for PHashMap<K, V> {
 /// })?;
 /// # Ok::<(), Error>(())
 /// ```
-impl<K: Plain, V: Plain> PHashMap<K, V> {
+impl<K: Plain, V: Persist> PHashMap<K, V> {
     /// An empty map (owns no block): the value to make a root with.
     pub fn new() -> Self {
         PHashMap { ptr: 0, len: 0, cap: 0, deleted: 0, _kv: PhantomData }
@@ -249,64 +301,62 @@ impl<K: Plain, V: Plain> PHashMap<K, V> {
         if cap == 0 {
             return None;
         }
-        // `check` confirmed the geometry exists before any guard handed
-        // this value out, and only this map's methods change it.
+        // The root check confirmed the geometry exists before any guard
+        // handed this value out, and only this map's methods change it.
         Some((self.ptr as usize, cap, geometry::<K, V>(cap)?))
     }
 
-    /// The control bytes.
-    fn ctrl(&self) -> &[u8] {
-        match self.table() {
-            // SAFETY: `check` confirmed, before any guard handed this value
-            // out, that `ptr` is a live block at least `layout.size()`
-            // bytes long, whose first `cap` bytes are the control bytes
-            // (any byte value is valid for `u8`); only this map's methods
-            // change the block, through a `RootMut`, which excludes this
-            // shared borrow.
-            Some((ptr, cap, _)) => unsafe { crate::raw::slice::<u8>(ptr, cap) },
-            None => &[],
-        }
+    /// Slots of the table (0 without one).
+    fn slots(&self) -> usize {
+        self.table().map_or(0, |(_, cap, _)| cap)
     }
 
-    /// The bytes of the key in slot `i` (`i < cap`).
-    fn key_bytes(&self, i: usize) -> &[u8] {
-        let Some((ptr, cap, g)) = self.table() else { return &[] };
-        debug_assert!(i < cap);
-        let size = std::mem::size_of::<K>();
-        // SAFETY: slot `i < cap` of the key array lies in the block (as in
-        // `ctrl`); callers ask only for full slots, whose key was written
-        // from a `K` (every byte initialised, by `Persist`).
-        unsafe { crate::raw::slice::<u8>(ptr + g.keys + i * size, size) }
+    /// The control byte of slot `i < slots()`.
+    fn ctrl_at(&self, i: usize) -> u8 {
+        let Some((ptr, cap, g)) = self.table() else { return EMPTY };
+        assert!(i < cap);
+        // SAFETY: the root check confirmed, before any guard handed this
+        // value out, that `ptr` is a live block of at least `cap` slots;
+        // byte 0 of slot `i < cap` is its control byte (any value is a
+        // valid `u8`); only this map's methods change the block, through
+        // an exclusive guard, which excludes this shared borrow.
+        unsafe { crate::raw::slice::<u8>(ptr + i * g.stride, 1)[0] }
     }
 
     /// The entry in full slot `i`.
     fn entry_at(&self, i: usize) -> (&K, &V) {
         let (ptr, cap, g) = self.table().expect("a full slot is in a table");
         assert!(i < cap);
-        // SAFETY: slot `i < cap` lies in the block, aligned (the block is
-        // aligned for `K` and `V`, checked; the arrays start at offsets
-        // aligned for them); callers pass full slots, whose key and value
-        // were written from a `K` and a `V` by a transaction (trusted as
-        // every value in the heap is, see `Persist`). Shared for the
-        // borrow of `self` (as in `ctrl`).
-        unsafe { (&crate::raw::slice::<K>(ptr + g.keys, cap)[i], &crate::raw::slice::<V>(ptr + g.vals, cap)[i]) }
+        let slot = ptr + i * g.stride;
+        // SAFETY: slot `i < cap` lies in the block, and its key and value
+        // are aligned (the block is aligned for `K` and `V`, checked; the
+        // stride and offsets are multiples of their alignments); callers
+        // pass full slots, whose key and value were written from a `K` and
+        // a `V` by a transaction (trusted as every value in the heap is,
+        // see `Persist`). Shared for the borrow of `self` (as in `ctrl_at`).
+        unsafe { (&*((slot + g.key_off) as *const K), &*((slot + g.val_off) as *const V)) }
     }
 
     /// The slot holding the key whose bytes are `key` and hash `hash`.
     fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
-        let ctrl = self.ctrl();
-        if ctrl.is_empty() {
-            return None;
-        }
-        let mask = ctrl.len() - 1;
+        let (ptr, cap, g) = self.table()?;
+        let mask = cap - 1;
         let t = tag(hash);
         let mut i = hash as usize & mask;
-        for _ in 0..ctrl.len() {
-            match ctrl[i] {
-                c if c == t && self.key_bytes(i) == key => return Some(i),
-                DELETED => {}
-                c if is_full(c) => {}
-                _ => return None,
+        for _ in 0..cap {
+            let slot = ptr + i * g.stride;
+            // SAFETY: slot `i < cap` lies in the table block (as in
+            // `ctrl_at`); its byte 0 is the control byte, and a full slot's
+            // key (at `key_off`) was written from a `K`.
+            let c = unsafe { *(slot as *const u8) };
+            if c == t {
+                // SAFETY: as above: the key bytes of a full slot.
+                let k = unsafe { crate::raw::slice::<u8>(slot + g.key_off, key.len()) };
+                if k == key {
+                    return Some(i);
+                }
+            } else if c != DELETED && !is_full(c) {
+                return None;
             }
             i = (i + 1) & mask;
         }
@@ -332,7 +382,7 @@ impl<K: Plain, V: Plain> PHashMap<K, V> {
     /// Iterates over the entries, in slot order (which the keys' hashes
     /// decide; the same in every run).
     pub fn iter(&self) -> Iter<'_, K, V> {
-        Iter { map: self, ctrl: self.ctrl(), next: 0, left: self.len() }
+        Iter { map: self, slots: self.slots(), next: 0, left: self.len() }
     }
 
     /// Iterates over the keys.
@@ -346,13 +396,13 @@ impl<K: Plain, V: Plain> PHashMap<K, V> {
     }
 }
 
-impl<K: Plain, V: Plain> Default for PHashMap<K, V> {
+impl<K: Plain, V: Persist> Default for PHashMap<K, V> {
     fn default() -> Self {
         PHashMap::new()
     }
 }
 
-impl<'a, K: Plain, V: Plain> IntoIterator for &'a PHashMap<K, V> {
+impl<'a, K: Plain, V: Persist> IntoIterator for &'a PHashMap<K, V> {
     type Item = (&'a K, &'a V);
     type IntoIter = Iter<'a, K, V>;
     fn into_iter(self) -> Self::IntoIter {
@@ -364,20 +414,20 @@ impl<'a, K: Plain, V: Plain> IntoIterator for &'a PHashMap<K, V> {
 #[derive(Debug)]
 pub struct Iter<'a, K, V> {
     map: &'a PHashMap<K, V>,
-    ctrl: &'a [u8],
+    slots: usize,
     next: usize,
     /// Entries the header says are left (a hint only).
     left: usize,
 }
 
-impl<'a, K: Plain, V: Plain> Iterator for Iter<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {
     type Item = (&'a K, &'a V);
 
     fn next(&mut self) -> Option<Self::Item> {
-        while self.next < self.ctrl.len() {
+        while self.next < self.slots {
             let i = self.next;
             self.next += 1;
-            if is_full(self.ctrl[i]) {
+            if is_full(self.map.ctrl_at(i)) {
                 self.left = self.left.saturating_sub(1);
                 return Some(self.map.entry_at(i));
             }
@@ -386,18 +436,18 @@ impl<'a, K: Plain, V: Plain> Iterator for Iter<'a, K, V> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let slots = self.ctrl.len() - self.next;
+        let slots = self.slots - self.next;
         (self.left.min(slots), Some(slots))
     }
 }
 
-impl<K: Plain, V: Plain> std::iter::FusedIterator for Iter<'_, K, V> {}
+impl<K: Plain, V: Persist> std::iter::FusedIterator for Iter<'_, K, V> {}
 
 /// The keys of a [`PHashMap`], from [`PHashMap::keys`].
 #[derive(Debug)]
 pub struct Keys<'a, K, V>(Iter<'a, K, V>);
 
-impl<'a, K: Plain, V: Plain> Iterator for Keys<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Keys<'a, K, V> {
     type Item = &'a K;
     fn next(&mut self) -> Option<&'a K> {
         self.0.next().map(|(k, _)| k)
@@ -411,7 +461,7 @@ impl<'a, K: Plain, V: Plain> Iterator for Keys<'a, K, V> {
 #[derive(Debug)]
 pub struct Values<'a, K, V>(Iter<'a, K, V>);
 
-impl<'a, K: Plain, V: Plain> Iterator for Values<'a, K, V> {
+impl<'a, K: Plain, V: Persist> Iterator for Values<'a, K, V> {
     type Item = &'a V;
     fn next(&mut self) -> Option<&'a V> {
         self.0.next().map(|(_, v)| v)
@@ -424,42 +474,30 @@ impl<'a, K: Plain, V: Plain> Iterator for Values<'a, K, V> {
 // SAFETY: four native-endian words, `#[repr(C)]`, no padding (the
 // `PhantomData` is zero-sized); the table is a heap block (an address in
 // the heap, which loads at a fixed base); the fingerprint mixes in the key
-// and value types' and the hash function's version.
-unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
+// and value types' layout ids and the hash function's version; `describe`
+// reports the table.
+unsafe impl<K: Plain, V: Persist> Persist for PHashMap<K, V> {
     const FINGERPRINT: u64 = fingerprint_mix(
         fingerprint_mix(
-            fingerprint_mix(fingerprint_mix(fingerprint_start(32, 8), K::FINGERPRINT), V::FINGERPRINT),
+            fingerprint_mix(fingerprint_mix(fingerprint_start(32, 8), K::LAYOUT_ID), V::LAYOUT_ID),
             FORMAT_VERSION,
         ),
         71,
     );
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_start(32, 8), 73);
+    const OWNS_BLOCKS: bool = true;
 
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        if self.cap > 0 {
-            visit(Block { addr: self.ptr as usize });
-        }
-    }
-
-    /// O(1): the header's numbers agree and the table is a live block,
-    /// large enough and aligned. The control bytes are not scanned (this
-    /// runs at the root's first borrow after open); whatever they hold, no
-    /// read goes outside the table, and only full slots' keys and values
-    /// are read.
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        if self.len > self.cap || self.deleted > self.cap - self.len {
-            return false;
-        }
-        if self.cap == 0 {
-            return self.ptr == 0;
-        }
-        let Ok(cap) = usize::try_from(self.cap) else { return false };
-        if !cap.is_power_of_two() || cap < MIN_CAP {
-            return false;
-        }
-        let Some(g) = geometry::<K, V>(cap) else { return false };
-        let Some(ptr) = NonNull::new(self.ptr as usize as *mut u8) else { return false };
-        self.ptr.is_multiple_of(g.layout.align() as u64)
-            && heap.live_block_len(ptr).is_some_and(|len| len >= g.layout.size() as u64)
+    /// The tracer checks the header's numbers and that the table is a live
+    /// block, large enough and aligned: O(1) for values that own nothing
+    /// (the control bytes are not scanned: whatever they hold, no read
+    /// goes outside the table, and only full slots' keys and values are
+    /// read); values that own blocks are traced, slot by slot.
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.define::<Self>(|s| Kind::HashMap {
+            key_size: std::mem::size_of::<K>() as u64,
+            key_align: std::mem::align_of::<K>() as u64,
+            value: V::describe(s),
+        })
     }
 }
 
@@ -476,7 +514,7 @@ unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
 ///         assert_eq!(m.insert(i, i * i)?, None);
 ///     }
 ///     assert_eq!(m.insert(3, 0)?, Some(9));
-///     if let Some(v) = m.get_mut(&4)? {
+///     if let Some(mut v) = m.get_mut(&4)? {
 ///         *v += 1;
 ///     }
 ///     assert_eq!(m.remove(&5)?, Some(25));
@@ -487,7 +525,27 @@ unsafe impl<K: Plain, V: Plain> Persist for PHashMap<K, V> {
 /// })?;
 /// # Ok::<(), Error>(())
 /// ```
-impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
+///
+/// Values that own blocks (strings, vectors, boxes) are stored with
+/// `insert_owned` and come back as [`Owned`] values:
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHashMap, PHeap, PString};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let mut names = tx.root_or_insert_with("names", PHashMap::<u32, PString>::new)?;
+///     names.insert_owned(1, tx.new_string("ada")?)?;
+///     names.get_or_insert_with(2, PString::new)?.push_str("grace")?;
+///     let old = names.insert_owned(1, tx.new_string("alan")?)?;
+///     assert_eq!(old.as_deref().map(|s| s.as_str()), Some("ada")); // freed when dropped
+///     Ok::<_, Error>(())
+/// })?;
+/// let two = heap.read(|r| r.root::<PHashMap<u32, PString>>("names").map(|m| m.unwrap().get(&2).map(|s| s.to_string())))?;
+/// assert_eq!(two.as_deref(), Some("grace"));
+/// # Ok::<(), Error>(())
+/// ```
+impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     fn map(&self) -> &PHashMap<K, V> {
         self
     }
@@ -499,7 +557,7 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
     }
 
     fn set_header(&mut self, ptr: usize, len: usize, cap: usize, deleted: usize) {
-        // The header was declared when the root was borrowed.
+        // The header was declared when the guard was made.
         let m = self.value_mut();
         (m.ptr, m.len, m.cap, m.deleted) = (ptr as u64, len as u64, cap as u64, deleted as u64);
     }
@@ -519,24 +577,26 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.tx().with_htx(|htx| unsafe { Ok(htx.write(p, bytes)?) })
     }
 
-    /// Value `i` of the table, to change in place (declared here).
-    fn value_mut_at(&mut self, i: usize) -> Result<&mut V> {
+    /// Address of value `i` of the table.
+    fn value_addr(&self, i: usize) -> Result<usize> {
         let (ptr, cap, g) = self.table_mut()?;
         assert!(i < cap);
-        let size = std::mem::size_of::<V>();
-        let addr = ptr + g.vals + i * size;
-        if size > 0 {
-            self.tx().declare(NonNull::new(addr as *mut u8).ok_or_else(damaged)?, size)?;
-        }
-        // SAFETY: a full slot's value (callers pass full slots), inside
-        // the table block and aligned (as in `entry_at`), declared above;
-        // the reference borrows this guard mutably, so it is the only one.
-        Ok(unsafe { &mut crate::raw::slice_mut::<V>(ptr + g.vals, cap)[i] })
+        Ok(ptr + i * g.stride + g.val_off)
+    }
+
+    /// Value `i` of the table (a full slot), to change (declared here).
+    fn value_mut_at(&mut self, i: usize) -> Result<Mut<'_, 'h, V>> {
+        let at = self.value_addr(i)?;
+        // SAFETY: a full slot's value (callers pass full slots), inside the
+        // table block and aligned (as in `entry_at`), owned by this map and
+        // reachable only through this guard.
+        unsafe { self.child::<V>(at) }
     }
 
     /// Builds a table of `new_cap` slots in a new block (written in full:
-    /// control bytes, keys and values), moves every entry into it, frees
-    /// the old block at commit.
+    /// control bytes, keys and values), moves every entry into it (the
+    /// values' bytes move, and what they own with them), frees the old
+    /// block at commit.
     fn rebuild(&mut self, new_cap: usize) -> Result<()> {
         let g = geometry::<K, V>(new_cap).ok_or_else(|| {
             Error::Heap(rvm_heap::HeapError::BadLayout {
@@ -544,10 +604,13 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
                 align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
             })
         })?;
-        let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
-        let mut ctrl = vec![EMPTY; new_cap];
-        let mut keys = vec![0u8; new_cap * ks];
-        let mut vals = vec![0u8; new_cap * vs];
+        // The new table's image: every control byte empty, then each
+        // entry moved into its slot (the values' bytes move, and what they
+        // own with them).
+        let mut image = vec![0u8; g.layout.size()];
+        for slot in image.chunks_exact_mut(g.stride) {
+            slot[0] = EMPTY;
+        }
         let mask = new_cap - 1;
         let mut len = 0;
         let old = self.map();
@@ -556,7 +619,7 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
             let hash = stable_hash_bytes(kb);
             let mut i = hash as usize & mask;
             let mut probes = 0;
-            while ctrl[i] != EMPTY {
+            while image[i * g.stride] != EMPTY {
                 probes += 1;
                 if probes == new_cap {
                     // More full control bytes than the new table holds:
@@ -565,17 +628,16 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
                 }
                 i = (i + 1) & mask;
             }
-            ctrl[i] = tag(hash);
-            keys[i * ks..(i + 1) * ks].copy_from_slice(kb);
-            vals[i * vs..(i + 1) * vs].copy_from_slice(vb);
+            let slot = &mut image[i * g.stride..(i + 1) * g.stride];
+            slot[0] = tag(hash);
+            slot[g.key_off..g.key_off + kb.len()].copy_from_slice(kb);
+            slot[g.val_off..g.val_end].copy_from_slice(vb);
             len += 1;
         }
         let old_ptr = old.ptr as usize;
         let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         let at = new.as_ptr() as usize;
-        self.store(at, &ctrl)?;
-        self.store(at + g.keys, &keys)?;
-        self.store(at + g.vals, &vals)?;
+        self.store(at, &image)?;
         if let Some(p) = NonNull::new(old_ptr as *mut u8) {
             self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
         }
@@ -600,26 +662,46 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.rebuild(new_cap)
     }
 
-    /// Inserts a key known to be absent; returns its slot.
-    fn insert_new(&mut self, hash: u64, key: &K, value: &V) -> Result<usize> {
+    /// Inserts a key known to be absent, with `value` (taken for storing:
+    /// on failure its blocks float again); returns its slot.
+    fn insert_new(&mut self, hash: u64, key: &K, value: V) -> Result<usize> {
         let len = self.map().len();
-        self.make_room(len + 1)?;
+        if let Err(e) = self.make_room(len + 1) {
+            self.tx().float(&value);
+            return Err(e);
+        }
         let (ptr, cap, g) = self.table_mut()?;
         let mask = cap - 1;
-        let ctrl = self.map().ctrl();
         let mut i = hash as usize & mask;
         let mut probes = 0;
-        while is_full(ctrl[i]) {
+        while is_full(self.map().ctrl_at(i)) {
             probes += 1;
             if probes == cap {
+                self.tx().float(&value);
                 return Err(damaged());
             }
             i = (i + 1) & mask;
         }
-        let was_tombstone = ctrl[i] == DELETED;
-        self.store(ptr + i, &[tag(hash)])?;
-        self.store(ptr + g.keys + i * std::mem::size_of::<K>(), bytes_of(key))?;
-        self.store(ptr + g.vals + i * std::mem::size_of::<V>(), bytes_of(value))?;
+        let was_tombstone = self.map().ctrl_at(i) == DELETED;
+        // The control byte, the key and the value, in one run (padding as
+        // zeros): one declared range.
+        let mut slot = [0u8; 64];
+        let mut big = Vec::new();
+        let buf: &mut [u8] = if g.val_end <= slot.len() {
+            &mut slot[..g.val_end]
+        } else {
+            big.resize(g.val_end, 0);
+            &mut big
+        };
+        buf[0] = tag(hash);
+        buf[g.key_off..g.key_off + std::mem::size_of::<K>()].copy_from_slice(bytes_of(key));
+        buf[g.val_off..].copy_from_slice(bytes_of(&value));
+        if let Err(e) = self.store(ptr + i * g.stride, buf) {
+            self.tx().float(&value);
+            return Err(e);
+        }
+        // Moved into the heap.
+        std::mem::forget(value);
         let m = self.map();
         let (len, deleted) = (m.len() + 1, (m.deleted as usize).saturating_sub(usize::from(was_tombstone)));
         self.set_header(ptr, len, cap, deleted);
@@ -630,59 +712,76 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
     /// then the tombstones just before it become empty too), else a
     /// tombstone.
     fn erase(&mut self, i: usize) -> Result<()> {
-        let (ptr, cap, _) = self.table_mut()?;
+        let (ptr, cap, g) = self.table_mut()?;
         let mask = cap - 1;
         let m = self.map();
         let (len, mut deleted) = (m.len().saturating_sub(1), m.deleted as usize);
-        let ctrl = m.ctrl();
-        if is_full(ctrl[(i + 1) & mask]) || ctrl[(i + 1) & mask] == DELETED {
-            self.store(ptr + i, &[DELETED])?;
+        let next = m.ctrl_at((i + 1) & mask);
+        if is_full(next) || next == DELETED {
+            self.store(ptr + i * g.stride, &[DELETED])?;
             deleted += 1;
         } else {
             // No probe passes slot `i` to reach a later one: it and the
             // tombstones right before it end no probe that matters.
-            let mut start = i;
+            self.store(ptr + i * g.stride, &[EMPTY])?;
+            let mut j = i;
             for _ in 0..cap - 1 {
-                let p = start.wrapping_sub(1) & mask;
-                if ctrl[p] != DELETED {
+                j = j.wrapping_sub(1) & mask;
+                if self.map().ctrl_at(j) != DELETED {
                     break;
                 }
-                start = p;
+                self.store(ptr + j * g.stride, &[EMPTY])?;
                 deleted = deleted.saturating_sub(1);
-            }
-            let run = (i + cap - start) & mask;
-            if start <= i {
-                self.store(ptr + start, &vec![EMPTY; run + 1])?;
-            } else {
-                // Wraps past the end of the control bytes.
-                self.store(ptr + start, &vec![EMPTY; cap - start])?;
-                self.store(ptr, &vec![EMPTY; i + 1])?;
             }
         }
         self.set_header(ptr, len, cap, deleted);
         Ok(())
     }
 
+    /// Puts `value` into full slot `i`; returns the value it replaces
+    /// (moved out, bitwise).
+    fn replace_at(&mut self, i: usize, value: V) -> Result<V> {
+        let at = self.value_addr(i)?;
+        // SAFETY: a full slot's valid value, moved out here; the slot is
+        // overwritten next (on failure the transaction must abort: the
+        // slot then still holds the old bytes or is restored).
+        let old = unsafe { crate::raw::take::<V>(at, 0) };
+        crate::tx::store_value(self.tx(), at, value)?;
+        Ok(old)
+    }
+
     /// Inserts `value` under `key`; returns the value it replaces (the
     /// stored key stays: it has the same bytes).
-    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+    fn put(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<V>> {
+        let value = self.tx().accept(value)?;
         let k = bytes_of(&key);
         let hash = stable_hash_bytes(k);
         if let Some(i) = self.map().find(k, hash) {
-            let v = self.value_mut_at(i)?;
-            return Ok(Some(std::mem::replace(v, value)));
+            return self.replace_at(i, value).map(Some);
         }
-        self.insert_new(hash, &key, &value)?;
+        self.insert_new(hash, &key, value)?;
         Ok(None)
     }
 
-    /// Removes `key`; returns its value.
-    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
-        Ok(self.remove_entry(key)?.map(|(_, v)| v))
+    /// Inserts `value` under `key`; returns the value it replaces as an
+    /// [`Owned`] value (dropping it frees what it owns).
+    pub fn insert_owned(&mut self, key: K, value: impl IntoPersist<V>) -> Result<Option<Owned<'h, V>>> {
+        match self.put(key, value)? {
+            Some(old) => self.tx().adopt(old).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// Removes `key`; returns the stored key and its value.
-    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+    /// Removes `key`; returns its value as an [`Owned`] value.
+    pub fn remove_owned(&mut self, key: &K) -> Result<Option<Owned<'h, V>>> {
+        match self.take(key)? {
+            Some((_, v)) => self.tx().adopt(v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes `key`; moves its entry out.
+    fn take(&mut self, key: &K) -> Result<Option<(K, V)>> {
         let k = bytes_of(key);
         let Some(i) = self.map().find(k, stable_hash_bytes(k)) else { return Ok(None) };
         self.remove_at(i).map(Some)
@@ -690,17 +789,16 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
 
     fn remove_at(&mut self, i: usize) -> Result<(K, V)> {
         let (k, v) = self.map().entry_at(i);
-        // A bitwise copy: `Plain` values own nothing.
         // SAFETY: both are valid values (full slot); the slot leaves the
-        // map just below and its bytes are never read as values again.
+        // map just below and its bytes are never read as values again, so
+        // the copies are the only owners.
         let kv = unsafe { (std::ptr::read(k), std::ptr::read(v)) };
         self.erase(i)?;
         Ok(kv)
     }
 
-    /// The value of `key`, to change in place (only its bytes are
-    /// declared).
-    pub fn get_mut(&mut self, key: &K) -> Result<Option<&mut V>> {
+    /// The value of `key`, to change (only its bytes are declared).
+    pub fn get_mut(&mut self, key: &K) -> Result<Option<Mut<'_, 'h, V>>> {
         let k = bytes_of(key);
         match self.map().find(k, stable_hash_bytes(k)) {
             Some(i) => self.value_mut_at(i).map(Some),
@@ -709,7 +807,11 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
     }
 
     /// The value of `key`, inserted as `make()` if it has none.
-    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> Result<&mut V> {
+    pub fn get_or_insert_with<I: IntoPersist<V>>(
+        &mut self,
+        key: K,
+        make: impl FnOnce() -> I,
+    ) -> Result<Mut<'_, 'h, V>> {
         self.entry(key).or_insert_with(make)
     }
 
@@ -746,16 +848,24 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         }
     }
 
-    /// Removes every entry; the table stays (its control bytes are
-    /// declared and set empty).
+    /// Removes every entry, dropping the values (what they own is freed),
+    /// and frees the table (at commit): O(1) to log, whatever the size. The
+    /// next insertion makes a new one (`reserve` to make it at once).
     pub fn clear(&mut self) -> Result<()> {
         let m = self.map();
-        if m.len == 0 && m.deleted == 0 {
+        if m.cap == 0 {
             return Ok(());
         }
-        let (ptr, cap, _) = self.table_mut()?;
-        self.store(ptr, &vec![EMPTY; cap])?;
-        self.set_header(ptr, 0, cap, 0);
+        let (ptr, cap, g) = self.table_mut()?;
+        if V::OWNS_BLOCKS {
+            let full: Vec<usize> = (0..cap).filter(|&i| is_full(self.map().ctrl_at(i))).collect();
+            for i in full {
+                self.tx().drop_value::<V>(ptr + i * g.stride + g.val_off)?;
+            }
+        }
+        let p = NonNull::new(ptr as *mut u8).ok_or_else(damaged)?;
+        self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
+        self.set_header(0, 0, 0, 0);
         Ok(())
     }
 
@@ -766,21 +876,43 @@ impl<'t, 'h, K: Plain, V: Plain> RootMut<'t, 'h, PHashMap<K, V>> {
         self.make_room(len.checked_add(additional).ok_or_else(damaged)?)
     }
 
-    /// Inserts every entry of `items` (later ones replace earlier ones).
-    pub fn extend(&mut self, items: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+    /// Inserts every entry of `items` (later ones replace earlier ones,
+    /// which are dropped).
+    pub fn extend<I: IntoPersist<V>>(&mut self, items: impl IntoIterator<Item = (K, I)>) -> Result<()> {
         let items = items.into_iter();
         self.reserve(items.size_hint().0)?;
         for (k, v) in items {
-            self.insert(k, v)?;
+            if let Some(old) = self.put(k, v)? {
+                self.tx().adopt(old)?;
+            }
         }
         Ok(())
     }
 }
 
-/// An entry of a [`PHashMap`], from `entry` on its [`RootMut`] guard:
+/// By value, for values that own nothing.
+impl<K: Plain, V: Plain> Mut<'_, '_, PHashMap<K, V>> {
+    /// Inserts `value` under `key`; returns the value it replaces (the
+    /// stored key stays: it has the same bytes).
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        self.put(key, value)
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &K) -> Result<Option<V>> {
+        Ok(self.take(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes `key`; returns the stored key and its value.
+    pub fn remove_entry(&mut self, key: &K) -> Result<Option<(K, V)>> {
+        self.take(key)
+    }
+}
+
+/// An entry of a [`PHashMap`], from `entry` on its [`Mut`] guard:
 /// occupied or vacant, as `std::collections::hash_map::Entry`.
 #[derive(Debug)]
-pub enum Entry<'a, 't, 'h, K: Plain, V: Plain> {
+pub enum Entry<'a, 't, 'h, K: Plain, V: Persist> {
     /// The key has a value.
     Occupied(OccupiedEntry<'a, 't, 'h, K, V>),
     /// The key has none.
@@ -789,20 +921,20 @@ pub enum Entry<'a, 't, 'h, K: Plain, V: Plain> {
 
 /// An entry whose key has a value.
 #[derive(Debug)]
-pub struct OccupiedEntry<'a, 't, 'h, K: Plain, V: Plain> {
-    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+pub struct OccupiedEntry<'a, 't, 'h, K: Plain, V: Persist> {
+    map: &'a mut Mut<'t, 'h, PHashMap<K, V>>,
     index: usize,
 }
 
 /// An entry whose key has no value.
 #[derive(Debug)]
-pub struct VacantEntry<'a, 't, 'h, K: Plain, V: Plain> {
-    map: &'a mut RootMut<'t, 'h, PHashMap<K, V>>,
+pub struct VacantEntry<'a, 't, 'h, K: Plain, V: Persist> {
+    map: &'a mut Mut<'t, 'h, PHashMap<K, V>>,
     key: K,
     hash: u64,
 }
 
-impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
+impl<'a, 'h, K: Plain, V: Persist> Entry<'a, '_, 'h, K, V> {
     /// The entry's key.
     pub fn key(&self) -> &K {
         match self {
@@ -812,12 +944,12 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `default` if there is none.
-    pub fn or_insert(self, default: V) -> Result<&'a mut V> {
+    pub fn or_insert(self, default: impl IntoPersist<V>) -> Result<Mut<'a, 'h, V>> {
         self.or_insert_with(|| default)
     }
 
     /// The value, inserted as `make()` if there is none.
-    pub fn or_insert_with(self, make: impl FnOnce() -> V) -> Result<&'a mut V> {
+    pub fn or_insert_with<I: IntoPersist<V>>(self, make: impl FnOnce() -> I) -> Result<Mut<'a, 'h, V>> {
         match self {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(make()),
@@ -825,7 +957,7 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `make(&key)` if there is none.
-    pub fn or_insert_with_key(self, make: impl FnOnce(&K) -> V) -> Result<&'a mut V> {
+    pub fn or_insert_with_key<I: IntoPersist<V>>(self, make: impl FnOnce(&K) -> I) -> Result<Mut<'a, 'h, V>> {
         match self {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
@@ -836,18 +968,20 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 
     /// The value, inserted as `V::default()` if there is none.
-    pub fn or_default(self) -> Result<&'a mut V>
+    pub fn or_default(self) -> Result<Mut<'a, 'h, V>>
     where
         V: Default,
     {
         self.or_insert_with(V::default)
     }
+}
 
+impl<K: Plain, V: Plain> Entry<'_, '_, '_, K, V> {
     /// Calls `f` on the value if there is one.
     pub fn and_modify(self, f: impl FnOnce(&mut V)) -> Result<Self> {
         match self {
             Entry::Occupied(mut e) => {
-                f(e.get_mut()?);
+                f(&mut *e.get_mut()?);
                 Ok(Entry::Occupied(e))
             }
             vacant => Ok(vacant),
@@ -855,7 +989,7 @@ impl<'a, K: Plain, V: Plain> Entry<'a, '_, '_, K, V> {
     }
 }
 
-impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
+impl<'a, 't, 'h, K: Plain, V: Persist> OccupiedEntry<'a, 't, 'h, K, V> {
     /// The stored key.
     pub fn key(&self) -> &K {
         self.map.map().entry_at(self.index).0
@@ -866,19 +1000,34 @@ impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
         self.map.map().entry_at(self.index).1
     }
 
-    /// The value, to change in place (its bytes are declared).
-    pub fn get_mut(&mut self) -> Result<&mut V> {
+    /// The value, to change (its bytes are declared).
+    pub fn get_mut(&mut self) -> Result<Mut<'_, 'h, V>> {
         self.map.value_mut_at(self.index)
     }
 
-    /// The value, to change in place, for as long as the entry's borrow.
-    pub fn into_mut(self) -> Result<&'a mut V> {
+    /// The value, to change, for as long as the entry's borrow.
+    pub fn into_mut(self) -> Result<Mut<'a, 'h, V>> {
         self.map.value_mut_at(self.index)
     }
 
+    /// Replaces the value; returns the old one as an [`Owned`] value.
+    pub fn insert_owned(&mut self, value: impl IntoPersist<V>) -> Result<Owned<'h, V>> {
+        let value = self.map.tx().accept(value)?;
+        let old = self.map.replace_at(self.index, value)?;
+        self.map.tx().adopt(old)
+    }
+
+    /// Removes the entry; returns its value as an [`Owned`] value.
+    pub fn remove_owned(self) -> Result<Owned<'h, V>> {
+        let (_, v) = self.map.remove_at(self.index)?;
+        self.map.tx().adopt(v)
+    }
+}
+
+impl<K: Plain, V: Plain> OccupiedEntry<'_, '_, '_, K, V> {
     /// Replaces the value; returns the old one.
     pub fn insert(&mut self, value: V) -> Result<V> {
-        Ok(std::mem::replace(self.get_mut()?, value))
+        self.map.replace_at(self.index, value)
     }
 
     /// Removes the entry; returns its value.
@@ -892,7 +1041,7 @@ impl<'a, K: Plain, V: Plain> OccupiedEntry<'a, '_, '_, K, V> {
     }
 }
 
-impl<'a, K: Plain, V: Plain> VacantEntry<'a, '_, '_, K, V> {
+impl<'a, 'h, K: Plain, V: Persist> VacantEntry<'a, '_, 'h, K, V> {
     /// The key it would insert.
     pub fn key(&self) -> &K {
         &self.key
@@ -904,10 +1053,11 @@ impl<'a, K: Plain, V: Plain> VacantEntry<'a, '_, '_, K, V> {
     }
 
     /// Inserts `value` under the key (growing the table in this
-    /// transaction if it is full); returns it, to change in place.
-    pub fn insert(self, value: V) -> Result<&'a mut V> {
+    /// transaction if it is full); returns it, to change.
+    pub fn insert(self, value: impl IntoPersist<V>) -> Result<Mut<'a, 'h, V>> {
         let VacantEntry { map, key, hash } = self;
-        let i = map.insert_new(hash, &key, &value)?;
+        let value = map.tx().accept(value)?;
+        let i = map.insert_new(hash, &key, value)?;
         map.value_mut_at(i)
     }
 }
@@ -929,8 +1079,12 @@ mod tests {
     #[test]
     fn geometry_has_no_overlap_and_aligns() {
         let g = geometry::<u8, u128>(8).unwrap();
-        assert_eq!((g.keys, g.vals % std::mem::align_of::<u128>()), (8, 0));
-        assert!(g.vals >= 16 && g.layout.size() == g.vals + 128);
+        assert_eq!((g.key_off, g.val_off, g.val_end, g.stride), (1, 16, 32, 32));
+        assert_eq!((g.layout.size(), g.layout.align()), (256, 16));
+        let g = geometry::<u64, u64>(8).unwrap();
+        assert_eq!((g.key_off, g.val_off, g.stride), (8, 16, 24));
+        let g = geometry::<u8, u8>(8).unwrap();
+        assert_eq!((g.key_off, g.val_off, g.stride), (1, 2, 3));
         let g = geometry::<[u8; 0], [u8; 0]>(8).unwrap();
         assert_eq!(g.layout.size(), 8);
         assert!(geometry::<u64, u64>(usize::MAX / 4).is_none());

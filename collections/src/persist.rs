@@ -1,5 +1,6 @@
 //! The [`Persist`] trait: which types may live in the heap.
 
+pub use crate::shape::{ShapeId, Shapes};
 pub use rvm_heap::Heap;
 
 /// A type whose values may live in the recoverable heap and be read back,
@@ -101,31 +102,44 @@ pub use rvm_heap::Heap;
 ///    meaning the same thing: no pointer, reference or handle into
 ///    volatile memory, no interior mutability, a layout that does not
 ///    change between compilations (`#[repr(C)]`, primitives, arrays);
-/// 3. [`Persist::FINGERPRINT`] changes whenever the layout does.
+/// 3. [`Persist::FINGERPRINT`] changes whenever the layout does, and
+///    [`Persist::LAYOUT_ID`] whenever the layout of the value's own bytes
+///    does;
+/// 4. [`Persist::describe`] tells the truth: every heap pointer the value
+///    holds is reported, at its offset, as the kind of pointer or
+///    collection it is (the tracer reads those bytes as such), and
+///    [`Persist::OWNS_BLOCKS`] is `true` whenever it reports one.
 ///
-/// Bytes are trusted once written by a committed transaction: damage to
-/// the heap's data bytes themselves (not its checksummed metadata) is not
-/// detected, and a damaged `bool` or `char` would be an invalid value.
+/// The derive keeps all four. Bytes are trusted once written by a
+/// committed transaction: damage to the heap's data bytes themselves (not
+/// its checksummed metadata) is not detected, and a damaged `bool`, `char`
+/// or zeroed `PBox` would be an invalid value. Pointers, lengths and
+/// capacities are checked before use, so damage there is an error.
 pub unsafe trait Persist: Sized + 'static {
     /// A hash of the type's layout (size, alignment, and each field's
-    /// offset and fingerprint): a root stores it, and opening the root as
-    /// another type is an error, never a reinterpretation.
+    /// offset and fingerprint; a pointer or collection mixes in its
+    /// target's [`Persist::LAYOUT_ID`]): a root stores it, and opening the
+    /// root as another type is an error, never a reinterpretation.
     const FINGERPRINT: u64;
 
-    /// Calls `visit` for every heap block the value owns (none for plain
-    /// data; pointer types report theirs).
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        let _ = visit;
-    }
+    /// A hash of the value's own bytes' layout that stops at pointers: a
+    /// pointer or collection contributes a constant of its kind, not its
+    /// target. What a pointer's [`Persist::FINGERPRINT`] mixes in for its
+    /// target, so that a type may point at itself (`Option<PBox<Node>>`
+    /// inside `Node`) without a cycle. Equal to the fingerprint for types
+    /// that hold no pointer.
+    const LAYOUT_ID: u64 = Self::FINGERPRINT;
 
-    /// Whether the pointers the value holds are sound in `heap`: each one
-    /// at a live block, large enough and aligned, with lengths and
-    /// capacities that agree. Checked before a value read from the heap is
-    /// handed out (a root slot or a stored pointer is never trusted alone).
-    /// Plain data has nothing to check.
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        let _ = heap;
-        true
+    /// Whether a value may own heap blocks (a pointer or a collection in
+    /// it). `false` for every [`Plain`] type.
+    const OWNS_BLOCKS: bool = false;
+
+    /// Describes the type for the tracer that checks values read from the
+    /// heap, frees what a dropped value owns and finds unreachable blocks
+    /// (see [`crate::shape`]): where its pointers are and what they point
+    /// at. The default, for types without pointers, is plain bytes.
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.plain::<Self>()
     }
 }
 
@@ -139,16 +153,10 @@ pub unsafe trait Persist: Sized + 'static {
 ///
 /// # Safety
 ///
-/// The type and every field owns no heap block ([`Persist::visit_blocks`]
-/// visits nothing).
+/// The type and every field owns no heap block
+/// ([`Persist::OWNS_BLOCKS`] is `false` and [`Persist::describe`] reports
+/// plain bytes).
 pub unsafe trait Plain: Persist {}
-
-/// A heap block a value owns, as [`Persist::visit_blocks`] reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Block {
-    /// Address of the block's data.
-    pub addr: usize,
-}
 
 /// Starts a layout fingerprint (FNV-1a over 64-bit words).
 pub const fn fingerprint_start(size: usize, align: usize) -> u64 {
@@ -193,15 +201,14 @@ primitive! {
 // values has no padding and the same layout everywhere.
 unsafe impl<T: Persist, const N: usize> Persist for [T; N] {
     const FINGERPRINT: u64 = fingerprint_mix(fingerprint_mix(T::FINGERPRINT, N as u64), 51);
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_mix(T::LAYOUT_ID, N as u64), 51);
+    const OWNS_BLOCKS: bool = T::OWNS_BLOCKS && N > 0;
 
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        for v in self {
-            v.visit_blocks(visit);
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        if !Self::OWNS_BLOCKS {
+            return shapes.plain::<Self>();
         }
-    }
-
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        self.iter().all(|v| v.check(heap))
+        shapes.define::<Self>(|s| crate::shape::Kind::Array { len: N as u64, elem: T::describe(s) })
     }
 }
 

@@ -18,6 +18,24 @@ const CREATING_FILE: &str = "heap.seg.creating";
 /// Held while a heap is made and mapped (see `open_or_create_with`).
 static CREATING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
+/// What [`PHeap::check`] found.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CheckReport {
+    /// The allocator's check.
+    pub heap: rvm_heap::CheckReport,
+    /// The walk from the roots.
+    pub reachability: crate::Reachability,
+}
+
+impl CheckReport {
+    /// Whether every root was walked and found sound and every live block
+    /// is reached from one.
+    pub fn is_clean(&self) -> bool {
+        self.reachability.complete() && self.reachability.unreachable.is_empty()
+    }
+}
+
 /// How [`PHeap::open_or_create`] makes a new heap (an existing one keeps
 /// what it was made with).
 #[derive(Clone, Debug)]
@@ -193,11 +211,35 @@ impl PHeap {
         self.heap.stats()
     }
 
-    /// Checks the underlying heap ([`rvm_heap::Heap::check`]): every block,
-    /// the counters and the root slots.
-    pub fn check(&self) -> Result<rvm_heap::CheckReport> {
+    /// Checks the heap: the allocator's structures
+    /// ([`rvm_heap::Heap::check`]: every block, the counters, the root
+    /// slots), then every root by its type's stored shape (each pointer a
+    /// live block of the right size, owned once; see [`crate::shape`]),
+    /// and lists the live blocks no root reaches. The typed API cannot
+    /// leave such blocks (a value that owns blocks is always stored,
+    /// dropped or freed at commit); the raw API can. `rvmutl heap check`
+    /// runs the same walk.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHeap, PString, PVec};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut names = tx.root_or_insert_with("names", PVec::<PString>::new)?;
+    ///     names.push(tx.new_string("ada")?)?;
+    ///     let _dropped = tx.new_string("freed at once")?;
+    ///     std::mem::forget(tx.new_string("freed at commit")?);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// let report = heap.check()?;
+    /// assert!(report.is_clean(), "{report:?}");
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn check(&self) -> Result<CheckReport> {
         let _reader = self.lock.read();
-        Ok(self.heap.check()?)
+        let heap = self.heap.check()?;
+        let reachability = crate::shape::reachability(&self.heap)?;
+        Ok(CheckReport { heap, reachability })
     }
 
     /// The underlying heap, for its raw API.
@@ -210,7 +252,7 @@ impl PHeap {
     /// transaction ([`PHeap::write`], [`PHeap::read`]) may run. Bytes it
     /// writes into a typed root or a block one owns count as damage: the
     /// typed layer refuses what its checks see (pointers, lengths,
-    /// capacities, see [`crate::Persist::check`]), but a value they cannot
+    /// capacities, see [`crate::shape`]), but a value they cannot
     /// check (an invalid `bool` or `char`) must not be written. So that
     /// they see such bytes, calling this turns off for good the cache that
     /// otherwise runs a root's check once per open heap (at its first

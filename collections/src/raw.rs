@@ -197,3 +197,14 @@ pub(crate) unsafe fn take<T>(ptr: usize, i: usize) -> T {
     // SAFETY: per the contract.
     unsafe { std::ptr::read((ptr as *const T).add(i)) }
 }
+
+/// Word `i` (native-endian `u64`) of the value at `addr`, read unaligned.
+///
+/// # Safety
+///
+/// `[addr + 8 i, addr + 8 i + 8)` lies in a live heap block (or a mapped
+/// part of the heap) that no one writes meanwhile.
+pub(crate) unsafe fn read_word(addr: usize, i: usize) -> u64 {
+    // SAFETY: per the contract.
+    unsafe { std::ptr::read_unaligned((addr + 8 * i) as *const u64) }
+}

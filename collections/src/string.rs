@@ -1,8 +1,9 @@
 //! [`PString`]: a UTF-8 string in the heap.
 
 use crate::error::Result;
-use crate::persist::{fingerprint_mix, Block, Persist};
-use crate::tx::RootMut;
+use crate::persist::{fingerprint_mix, fingerprint_start, Persist};
+use crate::shape::{Kind, ShapeId, Shapes};
+use crate::tx::Mut;
 use crate::vec::PVec;
 
 /// A growable UTF-8 string in the heap, like `String`: a [`PVec<u8>`]
@@ -34,6 +35,11 @@ impl PString {
         PString(PVec::new())
     }
 
+    /// A string of the `len` UTF-8 bytes in the block at `ptr`.
+    pub(crate) fn from_raw_parts(ptr: usize, len: usize) -> Self {
+        PString(PVec::from_raw_parts(ptr, len))
+    }
+
     /// The string.
     pub fn as_str(&self) -> &str {
         // `check` confirmed UTF-8 when the value was borrowed, and only
@@ -61,21 +67,37 @@ impl std::ops::Deref for PString {
 }
 
 // SAFETY: `#[repr(transparent)]` over a `PVec<u8>` (which is `Persist`);
-// its own fingerprint.
+// its own fingerprint; `describe` reports the buffer, as UTF-8.
 unsafe impl Persist for PString {
     const FINGERPRINT: u64 = fingerprint_mix(<PVec<u8> as Persist>::FINGERPRINT, 71);
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_start(24, 8), 72);
+    const OWNS_BLOCKS: bool = true;
 
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        self.0.visit_blocks(visit);
-    }
-
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        self.0.check(heap) && std::str::from_utf8(self.0.as_slice()).is_ok()
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.define::<Self>(|s| Kind::Vec { elem: u8::describe(s), utf8: true })
     }
 }
 
-impl<'t, 'h> RootMut<'t, 'h, PString> {
-    fn bytes(&mut self) -> &mut RootMut<'t, 'h, PVec<u8>> {
+impl std::fmt::Display for PString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for PString {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for PString {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<'t, 'h> Mut<'t, 'h, PString> {
+    fn bytes(&mut self) -> &mut Mut<'t, 'h, PVec<u8>> {
         // SAFETY: `PString` is `#[repr(transparent)]` over `PVec<u8>`; every
         // change below keeps the bytes UTF-8.
         unsafe { self.as_inner::<PVec<u8>>() }

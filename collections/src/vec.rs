@@ -1,21 +1,29 @@
 //! [`PVec`]: a growable array in the heap.
 
 use crate::error::Result;
-use crate::persist::{fingerprint_mix, fingerprint_start, Block, Persist, Plain};
-use crate::tx::RootMut;
+use crate::owned::{IntoPersist, Owned};
+use crate::persist::{fingerprint_mix, fingerprint_start, Persist, Plain};
+use crate::shape::{Kind, ShapeId, Shapes};
+use crate::tx::Mut;
 use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-/// A growable array of [`Plain`] values in the heap, like `Vec<T>`.
+/// A growable array in the heap, like `Vec<T>`, of any [`Persist`]
+/// elements: plain data, or values that own blocks themselves (strings,
+/// boxes, other collections).
 ///
-/// Kept under a root: read it through any guard (`&PVec<T>` gives `len`,
-/// `get`, `iter`, slices), change it through the [`RootMut`] guard of a
-/// write transaction (`push`, `pop`, `insert`, `remove`, `get_mut`,
-/// `extend`, `truncate`, `reserve`, ...). Each change declares only the
-/// bytes it changes: the three-word header and the elements it writes or
-/// moves; growing copies the elements into a new block, in the same
-/// transaction, and frees the old one at commit.
+/// Read it through any guard (`&PVec<T>` gives `len`, `get`, `iter`,
+/// slices, indexing), change it through its [`Mut`] guard in a write
+/// transaction (`push`, `insert`, `get_mut`, `extend`, `truncate`,
+/// `reserve`, `swap`, `pop_owned`, `remove_owned`; and for [`Plain`]
+/// elements `pop`, `remove`, `set`, `as_mut_slice`, which hand values out
+/// by value or by `&mut`). Each change declares only the bytes it changes:
+/// the three-word header and the elements it writes or moves; growing
+/// copies the elements into a new block, in the same transaction, and
+/// frees the old one at commit. Elements that leave the vector
+/// (`truncate`, `clear`) are dropped: what they own is freed in the same
+/// transaction.
 ///
 /// ```
 /// use rvm_collections::{Config, Error, PHeap, PVec};
@@ -47,7 +55,7 @@ impl<T> std::fmt::Debug for PVec<T> {
     }
 }
 
-impl<T: Plain> PVec<T> {
+impl<T: Persist> PVec<T> {
     /// An empty vector (owns no block): the value to make a root with.
     pub fn new() -> Self {
         const { assert!(std::mem::size_of::<T>() > 0, "PVec of a zero-sized type") };
@@ -107,13 +115,13 @@ impl<T: Plain> PVec<T> {
     }
 }
 
-impl<T: Plain> Default for PVec<T> {
+impl<T: Persist> Default for PVec<T> {
     fn default() -> Self {
         PVec::new()
     }
 }
 
-impl<'a, T: Plain> IntoIterator for &'a PVec<T> {
+impl<'a, T: Persist> IntoIterator for &'a PVec<T> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
     fn into_iter(self) -> Self::IntoIter {
@@ -121,41 +129,43 @@ impl<'a, T: Plain> IntoIterator for &'a PVec<T> {
     }
 }
 
-// SAFETY: three little-endian words, `#[repr(C)]`, no padding; the buffer
-// is a heap block (an address in the heap, which loads at a fixed base);
-// the fingerprint mixes in the element type's.
-unsafe impl<T: Plain> Persist for PVec<T> {
-    const FINGERPRINT: u64 = fingerprint_mix(fingerprint_mix(fingerprint_start(24, 8), T::FINGERPRINT), 61);
-
-    fn visit_blocks(&self, visit: &mut dyn FnMut(Block)) {
-        if self.cap > 0 {
-            visit(Block { addr: self.ptr as usize });
-        }
-    }
-
-    fn check(&self, heap: &rvm_heap::Heap) -> bool {
-        let size = std::mem::size_of::<T>() as u64;
-        if self.len > self.cap {
-            return false;
-        }
-        if self.cap == 0 {
-            return self.ptr == 0;
-        }
-        let Some(bytes) = self.cap.checked_mul(size) else { return false };
-        let Some(ptr) = NonNull::new(self.ptr as usize as *mut u8) else { return false };
-        self.ptr.is_multiple_of(std::mem::align_of::<T>() as u64)
-            && heap.live_block_len(ptr).is_some_and(|len| len >= bytes)
+impl<T: Persist> std::ops::Index<usize> for PVec<T> {
+    type Output = T;
+    fn index(&self, index: usize) -> &T {
+        &self.as_slice()[index]
     }
 }
 
-impl<T: Plain> RootMut<'_, '_, PVec<T>> {
+// SAFETY: three native-endian words, `#[repr(C)]`, no padding; the
+// buffer is a heap block (an address in the heap, which loads at a fixed
+// base) holding `len` elements; the fingerprint mixes in the element
+// type's layout id; `describe` reports the buffer.
+unsafe impl<T: Persist> Persist for PVec<T> {
+    const FINGERPRINT: u64 = fingerprint_mix(fingerprint_mix(fingerprint_start(24, 8), T::LAYOUT_ID), 61);
+    const LAYOUT_ID: u64 = fingerprint_mix(fingerprint_start(24, 8), 62);
+    const OWNS_BLOCKS: bool = true;
+
+    fn describe(shapes: &mut Shapes) -> ShapeId {
+        shapes.define::<Self>(|s| Kind::Vec { elem: T::describe(s), utf8: false })
+    }
+}
+
+impl<T: Persist> PVec<T> {
+    /// A vector of `len` elements in the block at `ptr` (0 if `len` is 0)
+    /// with exactly `len` slots.
+    pub(crate) fn from_raw_parts(ptr: usize, len: usize) -> Self {
+        PVec { ptr: ptr as u64, len: len as u64, cap: len as u64, _t: PhantomData }
+    }
+}
+
+impl<'t, 'h, T: Persist> Mut<'t, 'h, PVec<T>> {
     fn header(&self) -> (usize, usize, usize) {
         let v: &PVec<T> = self;
         (v.ptr as usize, v.len as usize, v.cap as usize)
     }
 
     fn set_header(&mut self, ptr: usize, len: usize, cap: usize) {
-        // The header was declared when the root was borrowed.
+        // The header was declared when the guard was made.
         let v = self.value_mut();
         (v.ptr, v.len, v.cap) = (ptr as u64, len as u64, cap as u64);
     }
@@ -169,8 +179,14 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
         }
     }
 
+    /// Address of slot `index` of the buffer.
+    fn slot(&self, index: usize) -> usize {
+        self.header().0 + index * std::mem::size_of::<T>()
+    }
+
     /// Makes room for at least `min_cap` elements: a new block, the
-    /// elements copied into it (declared), the old block freed at commit.
+    /// elements' bytes copied into it (they move: what they own moves with
+    /// them), the old block freed at commit.
     fn grow_to(&mut self, min_cap: usize) -> Result<()> {
         let (ptr, len, cap) = self.header();
         if min_cap <= cap {
@@ -183,10 +199,9 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
                 align: std::mem::align_of::<T>(),
             })
         })?;
-        let old: &[T] = self.as_slice();
-        // SAFETY: `old` is this vector's live buffer, a slice of valid
-        // values (any bytes of a `Plain` value may be copied).
-        let old_bytes = unsafe { std::slice::from_raw_parts(old.as_ptr().cast::<u8>(), std::mem::size_of_val(old)) };
+        // SAFETY: the first `len` slots of this vector's live buffer: the
+        // bytes of valid values (every byte initialised, by `Persist`).
+        let old_bytes = unsafe { crate::raw::slice::<u8>(ptr, len * std::mem::size_of::<T>()) };
         let new = self.tx().with_htx(|htx| {
             let new = htx.malloc(layout)?;
             if !old_bytes.is_empty() {
@@ -203,43 +218,21 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
         Ok(())
     }
 
-    /// Writes `value` into slot `index` (declared by the caller).
-    fn put(&mut self, index: usize, value: T) -> Result<()> {
-        let (ptr, _, _) = self.header();
-        let at = ptr + index * std::mem::size_of::<T>();
-        let p = NonNull::new(at as *mut u8).ok_or(crate::Error::Damaged { name: "PVec".into() })?;
-        // SAFETY: slot `index` lies in this vector's buffer (callers keep
-        // `index < cap`); the writer lock and this guard exclude every
-        // other reference to it.
-        self.tx().with_htx(|htx| unsafe { Ok(htx.write(p, crate::persist::bytes_of(&value))?) })?;
-        // Moved into the heap.
-        std::mem::forget(value);
-        Ok(())
-    }
-
     /// Appends `value` (growing the buffer in this transaction if full).
-    pub fn push(&mut self, value: T) -> Result<()> {
+    pub fn push(&mut self, value: impl IntoPersist<T>) -> Result<()> {
+        let tx = self.tx();
+        let value = tx.accept(value)?;
         let (_, len, cap) = self.header();
         if len == cap {
-            self.grow_to(len + 1)?;
+            if let Err(e) = self.grow_to(len + 1) {
+                tx.float(&value);
+                return Err(e);
+            }
         }
-        self.put(len, value)?;
+        crate::tx::store_value(tx, self.slot(len), value)?;
         let (ptr, _, cap) = self.header();
         self.set_header(ptr, len + 1, cap);
         Ok(())
-    }
-
-    /// Removes and returns the last element.
-    pub fn pop(&mut self) -> Result<Option<T>> {
-        let (ptr, len, cap) = self.header();
-        if len == 0 {
-            return Ok(None);
-        }
-        // SAFETY: slot `len - 1` holds a valid value; it leaves the vector
-        // (the length shrinks below it) and is never read again.
-        let v = unsafe { crate::raw::take::<T>(ptr, len - 1) };
-        self.set_header(ptr, len - 1, cap);
-        Ok(Some(v))
     }
 
     /// Inserts `value` at `index`, shifting the later elements up.
@@ -248,29 +241,107 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
     ///
     /// If `index > len` (as `Vec::insert`; inside a write transaction the
     /// panic aborts it).
-    pub fn insert(&mut self, index: usize, value: T) -> Result<()> {
-        let (_, len, cap) = self.header();
+    pub fn insert(&mut self, index: usize, value: impl IntoPersist<T>) -> Result<()> {
+        let (_, len, _) = self.header();
         assert!(index <= len, "insertion index (is {index}) should be <= len (is {len})");
-        if len == cap {
-            self.grow_to(len + 1)?;
+        let tx = self.tx();
+        let value = tx.accept(value)?;
+        let room = (|| {
+            let (_, len, cap) = self.header();
+            if len == cap {
+                self.grow_to(len + 1)?;
+            }
+            let (ptr, _, _) = self.header();
+            self.declare(ptr, index, len + 1)
+        })();
+        if let Err(e) = room {
+            tx.float(&value);
+            return Err(e);
         }
         let (ptr, _, cap) = self.header();
-        self.declare(ptr, index, len + 1)?;
         // SAFETY: `[index, len]` lies in the buffer (len < cap), declared
         // just above; no reference into it exists.
         unsafe { crate::raw::shift::<T>(ptr, index, index + 1, len - index) };
-        self.put(index, value)?;
+        crate::tx::store_value(tx, self.slot(index), value)?;
         self.set_header(ptr, len + 1, cap);
         Ok(())
     }
 
-    /// Removes and returns the element at `index`, shifting the later ones
-    /// down.
+    /// The element at `index`, to change (its bytes are declared): `&mut`
+    /// through the guard for [`Plain`] elements, the element's own methods
+    /// otherwise.
+    pub fn get_mut(&mut self, index: usize) -> Result<Option<Mut<'_, 'h, T>>> {
+        let (_, len, _) = self.header();
+        if index >= len {
+            return Ok(None);
+        }
+        let at = self.slot(index);
+        // SAFETY: slot `index < len` holds a valid element this vector
+        // owns, reachable only through this guard (borrowed mutably).
+        unsafe { self.child::<T>(at) }.map(Some)
+    }
+
+    /// The first element, to change.
+    pub fn first_mut(&mut self) -> Result<Option<Mut<'_, 'h, T>>> {
+        self.get_mut(0)
+    }
+
+    /// The last element, to change.
+    pub fn last_mut(&mut self) -> Result<Option<Mut<'_, 'h, T>>> {
+        let (_, len, _) = self.header();
+        match len {
+            0 => Ok(None),
+            _ => self.get_mut(len - 1),
+        }
+    }
+
+    /// Swaps elements `a` and `b`.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of bounds.
+    pub fn swap(&mut self, a: usize, b: usize) -> Result<()> {
+        let (ptr, len, _) = self.header();
+        assert!(a < len && b < len, "swap indices ({a}, {b}) should be < len (is {len})");
+        if a == b {
+            return Ok(());
+        }
+        self.declare(ptr, a, a + 1)?;
+        self.declare(ptr, b, b + 1)?;
+        let size = std::mem::size_of::<T>();
+        // SAFETY: two distinct slots below `len` of the live buffer, both
+        // declared just above; no reference into them is alive.
+        unsafe { std::ptr::swap_nonoverlapping((ptr + a * size) as *mut T, (ptr + b * size) as *mut T, 1) };
+        Ok(())
+    }
+
+    /// Removes and returns the last element, as an [`Owned`] value (store
+    /// it elsewhere, or drop it and what it owns is freed).
+    pub fn pop_owned(&mut self) -> Result<Option<Owned<'h, T>>> {
+        let (ptr, len, cap) = self.header();
+        if len == 0 {
+            return Ok(None);
+        }
+        // SAFETY: slot `len - 1` holds a valid value; it leaves the vector
+        // (the length shrinks below it) and is never read again.
+        let v = unsafe { crate::raw::take::<T>(ptr, len - 1) };
+        self.set_header(ptr, len - 1, cap);
+        self.tx().adopt(v).map(Some)
+    }
+
+    /// Removes the element at `index`, shifting the later ones down, and
+    /// returns it as an [`Owned`] value.
     ///
     /// # Panics
     ///
     /// If `index >= len` (as `Vec::remove`).
-    pub fn remove(&mut self, index: usize) -> Result<T> {
+    pub fn remove_owned(&mut self, index: usize) -> Result<Owned<'h, T>> {
+        let v = self.take_at(index)?;
+        self.tx().adopt(v)
+    }
+
+    /// Moves element `index` out (the later ones shift down).
+    fn take_at(&mut self, index: usize) -> Result<T> {
         let (ptr, len, cap) = self.header();
         assert!(index < len, "removal index (is {index}) should be < len (is {len})");
         self.declare(ptr, index, len - 1)?;
@@ -286,51 +357,23 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
         Ok(v)
     }
 
-    /// Replaces the element at `index`, returning the old one.
-    ///
-    /// # Panics
-    ///
-    /// If `index >= len`.
-    pub fn set(&mut self, index: usize, value: T) -> Result<T> {
-        let (ptr, len, _) = self.header();
-        assert!(index < len, "index (is {index}) should be < len (is {len})");
-        // SAFETY: slot `index` holds a valid value; it is overwritten next.
-        let old = unsafe { crate::raw::take::<T>(ptr, index) };
-        self.put(index, value)?;
-        Ok(old)
-    }
-
-    /// The element at `index`, to change in place (its bytes are declared).
-    pub fn get_mut(&mut self, index: usize) -> Result<Option<&mut T>> {
-        let (ptr, len, _) = self.header();
-        if index >= len {
-            return Ok(None);
-        }
-        self.declare(ptr, index, index + 1)?;
-        // SAFETY: the slot holds a valid value, declared above; the
-        // returned reference borrows this guard mutably, so it is the only
-        // one.
-        Ok(Some(unsafe { &mut crate::raw::slice_mut::<T>(ptr, len)[index] }))
-    }
-
-    /// All elements, to change in place (all of them are declared).
-    pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
-        let (ptr, len, _) = self.header();
-        self.declare(ptr, 0, len)?;
-        // SAFETY: as in `get_mut`, for every element.
-        Ok(unsafe { crate::raw::slice_mut::<T>(ptr, len) })
-    }
-
-    /// Shortens it to `len` elements (nothing if it is shorter).
+    /// Shortens it to `len` elements (nothing if it is shorter); the
+    /// elements cut off are dropped (what they own is freed).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         let (ptr, old, cap) = self.header();
-        if len < old {
-            self.set_header(ptr, len, cap);
+        if len >= old {
+            return Ok(());
         }
+        if T::OWNS_BLOCKS {
+            for i in len..old {
+                self.tx().drop_value::<T>(self.slot(i))?;
+            }
+        }
+        self.set_header(ptr, len, cap);
         Ok(())
     }
 
-    /// Removes every element (the buffer stays).
+    /// Removes every element, dropping them (the buffer stays).
     pub fn clear(&mut self) -> Result<()> {
         self.truncate(0)
     }
@@ -342,13 +385,56 @@ impl<T: Plain> RootMut<'_, '_, PVec<T>> {
     }
 
     /// Appends every element of `items`.
-    pub fn extend(&mut self, items: impl IntoIterator<Item = T>) -> Result<()> {
+    pub fn extend<V: IntoPersist<T>>(&mut self, items: impl IntoIterator<Item = V>) -> Result<()> {
         let items = items.into_iter();
         self.reserve(items.size_hint().0)?;
         for v in items {
             self.push(v)?;
         }
         Ok(())
+    }
+}
+
+/// By value and by `&mut`, for elements that own nothing.
+impl<T: Plain> Mut<'_, '_, PVec<T>> {
+    /// Removes and returns the last element.
+    pub fn pop(&mut self) -> Result<Option<T>> {
+        Ok(self.pop_owned()?.map(Owned::into_inner))
+    }
+
+    /// Removes and returns the element at `index`, shifting the later ones
+    /// down.
+    ///
+    /// # Panics
+    ///
+    /// If `index >= len` (as `Vec::remove`).
+    pub fn remove(&mut self, index: usize) -> Result<T> {
+        self.take_at(index)
+    }
+
+    /// Replaces the element at `index`, returning the old one.
+    ///
+    /// # Panics
+    ///
+    /// If `index >= len`.
+    pub fn set(&mut self, index: usize, value: T) -> Result<T> {
+        let (ptr, len, _) = self.header();
+        assert!(index < len, "index (is {index}) should be < len (is {len})");
+        // SAFETY: slot `index` holds a valid value; a `Plain` copy owns
+        // nothing, and the slot is overwritten next.
+        let old = unsafe { crate::raw::take::<T>(ptr, index) };
+        crate::tx::store_value(self.tx(), self.slot(index), value)?;
+        Ok(old)
+    }
+
+    /// All elements, to change in place (all of them are declared).
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
+        let (ptr, len, _) = self.header();
+        self.declare(ptr, 0, len)?;
+        // SAFETY: every slot below `len` holds a valid value, declared
+        // above; the slice borrows this guard mutably, so it is the only
+        // reference.
+        Ok(unsafe { crate::raw::slice_mut::<T>(ptr, len) })
     }
 
     /// Appends clones of `items`.

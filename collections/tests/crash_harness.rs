@@ -16,13 +16,14 @@
 //! ```
 
 use proptest::prelude::*;
-use rvm_collections::{Config, Error, PBTreeMap, PHeap, Persist};
+use rvm_collections::{Config, Error, PBTreeMap, PHeap, PVec, Persist};
 use rvm_core::testing::{CrashMode, SimDisk};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Your data: a derived plain struct and a map, kept under two roots.
+/// Your data: a derived plain struct, and a map of structs that own a
+/// vector each, kept under two roots.
 #[derive(Persist, Clone, Copy, Debug, PartialEq)]
 #[repr(C)]
 struct Shop {
@@ -30,11 +31,13 @@ struct Shop {
     revenue: u64,
 }
 
-#[derive(Persist, Clone, Copy, Debug, PartialEq)]
+#[derive(Persist)]
 #[repr(C)]
 struct Stock {
     count: u64,
     price: u64,
+    /// The order numbers of its sales.
+    sales: PVec<u64>,
 }
 
 /// Your operations.
@@ -48,7 +51,8 @@ enum Op {
 #[derive(Clone, Debug, PartialEq, Default)]
 struct Model {
     shop: (u64, u64),
-    stock: BTreeMap<u64, (u64, u64)>,
+    /// Count, price, sales.
+    stock: BTreeMap<u64, (u64, u64, Vec<u64>)>,
 }
 
 /// One operation, on the model and in the transaction alike.
@@ -57,18 +61,23 @@ fn apply(op: &Op, m: &mut Model, tx: &rvm_collections::WriteTx<'_>) -> Result<()
     let mut stock = tx.root_or_insert_with("stock", PBTreeMap::<u64, Stock>::new)?;
     match *op {
         Op::Restock { item, count, price } => {
-            let have = stock.get(&item).map_or(0, |s| s.count);
-            stock.insert(item, Stock { count: have + count, price })?;
-            m.stock.insert(item, (have + count, price));
+            let mut s = stock.get_or_insert_with(item, || Stock { count: 0, price, sales: PVec::new() })?;
+            *s.field_mut(|s| &s.count) += count;
+            *s.field_mut(|s| &s.price) = price;
+            let e = m.stock.entry(item).or_default();
+            (e.0, e.1) = (e.0 + count, price);
         }
         Op::Sell { item } => {
-            if let Some(s) = stock.get_mut(&item)? {
+            if let Some(mut s) = stock.get_mut(&item)? {
                 if s.count > 0 {
-                    s.count -= 1;
-                    shop.orders += 1;
+                    let order = shop.orders + 1;
+                    *s.field_mut(|s| &s.count) -= 1;
+                    s.field_mut(|s| &s.sales).push(order)?;
+                    shop.orders = order;
                     shop.revenue += s.price;
                     let e = m.stock.get_mut(&item).expect("the model has it too");
                     e.0 -= 1;
+                    e.2.push(order);
                     m.shop = (m.shop.0 + 1, m.shop.1 + e.1);
                 }
             }
@@ -84,7 +93,7 @@ fn read(heap: &PHeap) -> Model {
         let stock = r
             .root::<PBTreeMap<u64, Stock>>("stock")
             .unwrap()
-            .map(|m| m.iter().map(|(k, v)| (*k, (v.count, v.price))).collect())
+            .map(|m| m.iter().map(|(k, v)| (*k, (v.count, v.price, v.sales.to_vec()))).collect())
             .unwrap_or_default();
         Model { shop, stock }
     })
@@ -161,6 +170,8 @@ proptest! {
             k.is_some_and(|k| k >= durable),
             "after the crash: {found:?}\nnot a committed state at or after #{durable} of {states:?}"
         );
-        heap.check().unwrap();
+        // The heap is sound and every block is reached from a root.
+        let report = heap.check().unwrap();
+        prop_assert!(report.is_clean(), "{:?}", report.reachability);
     }
 }

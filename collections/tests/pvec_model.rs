@@ -53,7 +53,7 @@ fn apply(op: &Op, model: &mut Vec<u64>, v: &mut RootMut<'_, '_, PVec<u64>>) -> R
         Op::Remove(i) if i < model.len() => assert_eq!(v.remove(i)?, model.remove(i)),
         Op::Set(i, x) if i < model.len() => assert_eq!(v.set(i, x)?, std::mem::replace(&mut model[i], x)),
         Op::GetMut(i, x) => match (v.get_mut(i)?, model.get_mut(i)) {
-            (Some(a), Some(b)) => {
+            (Some(mut a), Some(b)) => {
                 *a = x;
                 *b = x;
             }

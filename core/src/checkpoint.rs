@@ -177,6 +177,19 @@ impl TxTrack {
     }
 }
 
+impl Checkpointer {
+    /// Every range the open transactions have declared, sorted by start
+    /// (for the undeclared-store detector).
+    pub fn open_ranges(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for t in self.txs.lock().iter() {
+            v.extend(t.ranges.lock().iter().copied());
+        }
+        v.sort_unstable();
+        v
+    }
+}
+
 /// Page copies made by the write barrier, and which generation is swept.
 #[derive(Debug, Default)]
 struct Copies {
@@ -500,6 +513,60 @@ impl Inner {
     /// Syncs every segment the sweep may have written (its own writes, and
     /// pages writers wrote when the copy pool was full), once no writer is
     /// still writing one.
+    /// A tracked transaction's end (see `crate::tracked`): under the copy
+    /// lock, so a sweep never reads a twin being released. With
+    /// `committed`, a page the sweep still has to write whose committed
+    /// bytes changed after the freeze (it is in both generations' sets:
+    /// tracked pages take no other commits while a tracked transaction
+    /// holds them) keeps its twin, the page as of the freeze, as the write
+    /// barrier's copy.
+    pub(crate) fn tracked_release(&self, pages: &[(Arc<RegionInner>, usize)], committed: bool) {
+        let mut copies = self.ckpt.copies.lock();
+        let active = self.ckpt.is_active();
+        let old = self.ckpt.old.load(Ordering::Acquire);
+        for (r, p) in pages {
+            let Some(t) = r.tracked.get() else { continue };
+            let p = *p;
+            if committed
+                && active
+                && r.track.dirty[old].contains(p)
+                && r.track.dirty[old ^ 1].contains(p)
+                && !copies.has(r, p)
+            {
+                if let Some(twin) = t.pages.twin_of(p) {
+                    let mut page = copies.buffer();
+                    // SAFETY: the twin is a page of the session's pool, not
+                    // released before `clear` below (we hold the copy lock).
+                    unsafe { mem::copy_from(twin, &mut page) };
+                    copies.put(r, p, page);
+                    Counters::add(&self.counters.checkpoint_copies, 1);
+                }
+            }
+            t.pages.clear(p);
+        }
+    }
+
+    /// The sweep's image of page `p` of a tracked region, as of the freeze:
+    /// the twin if the open tracked transaction has one (its memory holds
+    /// stores not committed at the freeze), else the page (read-only, so
+    /// no store lands during the copy: a store first twins the page, which
+    /// the check after the copy sees).
+    fn tracked_snapshot(&self, copies: &mut Copies, r: &RegionInner, p: usize) -> Box<[u8]> {
+        let ps = mem::page_size();
+        let mut page = copies.buffer();
+        // SAFETY: a page of a live region (the sweep holds it); other
+        // threads' stores are possible only after the page is twinned,
+        // and then the copy is replaced below.
+        unsafe { mem::copy_from_racy(r.addr() + p * ps, &mut page) };
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(twin) = r.tracked.get().and_then(|t| t.pages.twin_of(p)) {
+            // SAFETY: the twin stays the transaction's until it is released
+            // under the copy lock, which the caller holds.
+            unsafe { mem::copy_from(twin, &mut page) };
+        }
+        page
+    }
+
     fn sync_swept(&self, sweep: &Sweep) -> Result<()> {
         while self.ckpt.writer_writes.load(Ordering::Acquire) > 0 {
             std::thread::yield_now();
@@ -587,6 +654,10 @@ impl Inner {
             }
         };
         self.mark_durable(last_tx);
+        if let Err(e) = self.verify_sweep(old) {
+            self.drop_checkpoint()?;
+            return Err(e);
+        }
         let _t = self.truncation.lock();
         let mut guard = self.ckpt.sweep.lock();
         let Some(sweep) = guard.as_mut() else {
@@ -618,6 +689,25 @@ impl Inner {
     /// checkpoint, which syncs only what it writes itself, would free the
     /// log that covers it. (On an error path the instance is poisoned and
     /// the sync result does not matter.)
+    /// The undeclared-store check before a sweep reads memory: every page
+    /// of the old generation (see `crate::verify`). A finding also goes to
+    /// the next commit (a background checkpoint's error is not seen).
+    fn verify_sweep(&self, old: usize) -> Result<()> {
+        let Some(v) = &self.verify else { return Ok(()) };
+        let _exclusive = v.exclusive();
+        let open = self.ckpt.open_ranges();
+        let regions: Vec<Arc<RegionInner>> = self.regions.read().iter().cloned().collect();
+        for r in &regions {
+            if let Err(e) = crate::verify::check_pages(r, r.track.dirty[old].pages(), &open) {
+                if let crate::Error::Tx(t) = &e {
+                    v.set_pending(t.clone());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn drop_checkpoint(&self) -> Result<()> {
         let dropped = self.ckpt.sweep.lock().take();
         if dropped.is_some() {
@@ -843,6 +933,13 @@ impl Inner {
                     // A writer wrote it out itself meanwhile.
                     p += 1;
                     continue;
+                }
+                if crate::tracked::is_tracked(&r) && !copies.has(&r, p) {
+                    // Never written straight from memory: tracked stores
+                    // are not announced, so `writing` could not hold them
+                    // off.
+                    let page = self.tracked_snapshot(&mut copies, &r, p);
+                    copies.put(&r, p, page);
                 }
                 if let Some(page) = copies.take(&r, p) {
                     set.remove(p);

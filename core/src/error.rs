@@ -305,6 +305,43 @@ pub enum TxError {
          (a transaction leaked with mem::forget stays open for good)"
     )]
     Nested,
+    /// An ordinary transaction declared a range in a tracked region
+    /// ([`crate::Rvm::track`]): its pages change only in tracked
+    /// transactions ([`crate::Rvm::begin_tracked`]).
+    #[error("[{addr:#x}, +{len:#x}) is in a tracked region: change it in a tracked transaction (begin_tracked)")]
+    TrackedRegion {
+        /// Start address.
+        addr: usize,
+        /// Length.
+        len: usize,
+    },
+    /// A tracked transaction changed more pages than the twin pool holds
+    /// ([`crate::Options::tracked_pool_pages`]); it was rolled back.
+    #[error("a tracked transaction changed {needed} pages but the twin pool holds {pool_pages}; it was rolled back")]
+    TwinPoolExhausted {
+        /// The pool's size in pages.
+        pool_pages: usize,
+        /// Pages the transaction changed.
+        needed: usize,
+    },
+    /// The undeclared-store detector ([`crate::Options::verify_stores`])
+    /// found bytes changed outside every declared range: a store a
+    /// `set_range` should have announced (it would be lost in a crash, or
+    /// kept only if a checkpoint swept the page).
+    #[error(
+        "undeclared store: {len} byte(s) at {addr:#x} in the region at {region:#x} changed outside every declared \
+         range ({runs} such run(s) on that page); declare them with set_range before storing"
+    )]
+    UndeclaredStore {
+        /// Address of the first undeclared changed byte.
+        addr: usize,
+        /// Length of its run.
+        len: usize,
+        /// Start address of the region.
+        region: usize,
+        /// Undeclared runs on that page.
+        runs: usize,
+    },
 }
 
 impl Error {

@@ -79,6 +79,21 @@ pub struct Options {
     /// end of each phase), for a progress display; `None` (the default)
     /// reports nothing.
     pub recovery_progress: Option<ProgressHook>,
+    /// Twin pages preallocated for tracked transactions (default 4096, 16
+    /// MiB with 4 KiB pages): the pages one tracked transaction may change.
+    /// A transaction that changes more fails at commit
+    /// ([`crate::TxError::TwinPoolExhausted`]) and is rolled back.
+    pub tracked_pool_pages: usize,
+    /// What tracked commits log (default [`crate::TrackedLogging::Diff`]).
+    pub tracked_logging: crate::TrackedLogging,
+    /// Check for stores that no `set_range` declared (default: on in debug
+    /// builds, off in release builds): at commit, every page the
+    /// transaction declared something in, and before a checkpoint's sweep,
+    /// every page it will write; an undeclared changed byte fails the
+    /// commit or checkpoint with [`crate::TxError::UndeclaredStore`]. Costs
+    /// a shadow copy of each page ever declared and a page compare per
+    /// declared page at commit.
+    pub verify_stores: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -180,6 +195,9 @@ impl Default for Options {
             salvage: false,
             accepted_segments: Vec::new(),
             recovery_progress: None,
+            tracked_pool_pages: 4096,
+            tracked_logging: crate::TrackedLogging::Diff,
+            verify_stores: cfg!(debug_assertions),
         }
     }
 }
@@ -383,7 +401,7 @@ pub(crate) struct Inner {
     log_id: u128,
     vfs: Arc<dyn Vfs>,
     pub(crate) ring: Ring,
-    opts: Options,
+    pub(crate) opts: Options,
     pub(crate) epoch: u64,
     pending_limit: usize,
     pub(crate) state: Mutex<CommitState>,
@@ -418,6 +436,10 @@ pub(crate) struct Inner {
     recovery: RecoveryReport,
     background: Arc<Background>,
     bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tracked transactions' state (created with the first tracked region).
+    pub(crate) tracked: crate::tracked::SessionCell,
+    /// The undeclared-store detector, if on.
+    pub(crate) verify: Option<crate::verify::Verifier>,
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -532,6 +554,8 @@ impl Rvm {
             recovery,
             background: Arc::new(Background::default()),
             bg_thread: Mutex::new(None),
+            tracked: Default::default(),
+            verify: opts.verify_stores.then(Default::default),
             log_id: sb.log_id,
             ring,
             opts,
@@ -679,6 +703,9 @@ impl Rvm {
 
     fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
         let addr = region.addr();
+        // A tracked region's pages may be twinned by the open tracked
+        // transaction (which counts no ranges in `active_txs`): wait for it.
+        let _tracked = crate::tracked::hold_writers(&self.inner, &region.0)?;
         loop {
             {
                 let mut table = self.inner.regions.write();
@@ -855,6 +882,10 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    pub(crate) fn opts(&self) -> &Options {
+        &self.opts
+    }
+
     pub(crate) fn coalesces(&self) -> bool {
         self.opts.coalesce
     }
@@ -1100,6 +1131,8 @@ impl Inner {
             CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
         };
         let region = Arc::new(RegionInner {
+            tracked: Default::default(),
+            shadow: Default::default(),
             mapping,
             segment: seg.clone(),
             offset: spec.offset,

@@ -16,6 +16,7 @@ mod checkpoint;
 mod coalesce;
 mod combine;
 mod error;
+mod fault;
 mod instance;
 pub mod log;
 mod mem;
@@ -25,7 +26,9 @@ mod stats;
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod tracked;
 mod tx;
+mod verify;
 
 pub use checkpoint::CheckpointReport;
 pub use error::{Error, LogError, MapError, Result, TxError};
@@ -38,4 +41,5 @@ pub use mem::page_size;
 pub use segment::{CopyMode, MapSpec, Placement, Region, RegionClaim, Segment};
 pub use stats::Stats;
 pub use storage::{FileStorage, FileVfs, OpenMode, Storage, Vfs};
+pub use tracked::TrackedLogging;
 pub use tx::Transaction;

@@ -108,7 +108,12 @@ impl MapSpec {
 
 #[derive(Debug)]
 pub(crate) struct RegionInner {
+    /// Tracked mode ([`crate::Rvm::track`]); first, so the fault handler
+    /// forgets the range before the mapping goes.
+    pub tracked: crate::tracked::TrackedCell,
     pub mapping: Mapping,
+    /// Shadow pages of the undeclared-store detector (`Options::verify_stores`).
+    pub shadow: crate::verify::Shadow,
     pub segment: Arc<SegmentInner>,
     pub offset: u64,
     /// Uncommitted transactions that declared ranges here.

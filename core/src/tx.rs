@@ -75,6 +75,8 @@ pub struct Transaction<'a> {
     spans: Vec<(usize, usize, usize)>,
     /// The declared ranges as a checkpoint freeze sees them.
     track: Arc<crate::checkpoint::TxTrack>,
+    /// A tracked transaction's hold on the instance's tracked writer lock.
+    tracked: Option<crate::tracked::Writer<'a>>,
     finished: bool,
     /// Transactions belong to the thread that began them (the nesting check
     /// is per thread), so they are neither `Send` nor `Sync`.
@@ -83,6 +85,14 @@ pub struct Transaction<'a> {
 
 impl<'a> Transaction<'a> {
     pub(crate) fn begin(rvm: &'a Rvm, mode: RestoreMode) -> Result<Self> {
+        Self::begin_with(rvm, mode, false)
+    }
+
+    pub(crate) fn begin_tracked(rvm: &'a Rvm, mode: RestoreMode) -> Result<Self> {
+        Self::begin_with(rvm, mode, true)
+    }
+
+    fn begin_with(rvm: &'a Rvm, mode: RestoreMode, tracked: bool) -> Result<Self> {
         let instance = rvm.instance_id();
         rvm.inner.check_poison()?;
         OPEN.with(|open| {
@@ -93,6 +103,15 @@ impl<'a> Transaction<'a> {
             open.push(instance);
             Ok(())
         })?;
+        // Taken after the nesting check (this thread cannot hold it), before
+        // anything the transaction must give back.
+        let tracked = match tracked.then(|| crate::tracked::Writer::begin(&rvm.inner)).transpose() {
+            Ok(w) => w,
+            Err(e) => {
+                OPEN.with(|open| open.borrow_mut().retain(|&i| i != instance));
+                return Err(e);
+            }
+        };
         rvm.inner.in_flight.fetch_add(1, Ordering::AcqRel);
         crate::stats::Counters::add(&rvm.inner.counters.begun, 1);
         let scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -106,6 +125,7 @@ impl<'a> Transaction<'a> {
             undo: scratch.undo,
             spans: scratch.spans,
             held: Vec::new(),
+            tracked,
             finished: false,
             _not_send: PhantomData,
         })
@@ -138,6 +158,14 @@ impl<'a> Transaction<'a> {
             None => {
                 let table = self.rvm.regions.read();
                 let r = table.find(addr, end).ok_or(not_mapped)?;
+                if crate::tracked::is_tracked(r) {
+                    // A tracked transaction's stores there are found by
+                    // faults; an ordinary one may not store there at all.
+                    return match self.tracked {
+                        Some(_) => Ok(()),
+                        None => Err(TxError::TrackedRegion { addr, len }.into()),
+                    };
+                }
                 // Counted under the table lock, so `unmap` sees it.
                 r.active_txs.fetch_add(1, Ordering::AcqRel);
                 self.held.push(r.clone());
@@ -156,7 +184,10 @@ impl<'a> Transaction<'a> {
         // Recorded before the barrier looks at the generation: a freeze
         // either sees this range (and rebuilds its pages from the log) or
         // turned the barrier on before we look (and we copy the pages).
-        self.track.record(addr, len);
+        match &self.rvm.verify {
+            Some(v) => v.declare(&self.held[region], addr, len, || self.track.record(addr, len)),
+            None => self.track.record(addr, len),
+        }
         self.rvm.checkpoint_barrier(&self.held[region], addr, len);
         Ok(())
     }
@@ -180,10 +211,32 @@ impl<'a> Transaction<'a> {
     /// (the log is too small for it, or an earlier I/O failure stopped the
     /// instance) the transaction is aborted and the error returned.
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
-        let declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
+        if let Err(e) = self.verify_declared() {
+            self.rollback();
+            return Err(e);
+        }
+        let mut declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
         let mut spans = std::mem::take(&mut self.spans);
         spans.clear();
         spans.extend(self.ranges.iter().map(|r| (r.addr, r.len, r.region)));
+        if let Some(w) = &self.tracked {
+            let found = spans.len();
+            let r = match w.exhausted() {
+                Some(e) => Err(e.into()),
+                None => w.collect(self.rvm, &mut self.held, &mut spans),
+            };
+            if let Err(e) = r {
+                self.spans = spans;
+                self.rollback();
+                return Err(e);
+            }
+            for &(addr, len, _) in &spans[found..] {
+                // Seen by a checkpoint freeze as this transaction's ranges:
+                // if it commits before the freeze, the sweep rebuilds them.
+                self.track.record(addr, len);
+                declared += len as u64;
+            }
+        }
         if self.rvm_coalesces() && spans.len() > 1 {
             merge_spans(&mut spans);
         }
@@ -196,6 +249,10 @@ impl<'a> Transaction<'a> {
                 return Err(e);
             }
         };
+        if let Some(w) = self.tracked.take() {
+            w.end(self.rvm, false);
+        }
+        self.sync_shadows();
         self.finish();
         let c = &self.rvm.counters;
         match mode {
@@ -215,6 +272,45 @@ impl<'a> Transaction<'a> {
         self.rollback();
     }
 
+    /// The undeclared-store check at commit (see `crate::verify`).
+    fn verify_declared(&self) -> Result<()> {
+        let Some(v) = &self.rvm.verify else { return Ok(()) };
+        let _exclusive = v.exclusive();
+        if let Some(e) = v.take_pending() {
+            return Err(e.into());
+        }
+        if self.ranges.is_empty() {
+            return Ok(());
+        }
+        let open = self.rvm.ckpt.open_ranges();
+        let ps = crate::mem::page_size();
+        for (i, region) in self.held.iter().enumerate() {
+            let mut pages: Vec<usize> = self
+                .ranges
+                .iter()
+                .filter(|r| r.region == i)
+                .flat_map(|r| {
+                    let off = r.addr - region.addr();
+                    off / ps..=(off + r.len - 1) / ps
+                })
+                .collect();
+            pages.sort_unstable();
+            pages.dedup();
+            crate::verify::check_pages(region, pages.into_iter(), &open)?;
+        }
+        Ok(())
+    }
+
+    /// The transaction's ranges are settled (committed or rolled back):
+    /// the detector's shadows take their bytes.
+    fn sync_shadows(&self) {
+        if let Some(v) = &self.rvm.verify {
+            for r in &self.ranges {
+                v.sync(&self.held[r.region], r.addr, r.len);
+            }
+        }
+    }
+
     fn rvm_coalesces(&self) -> bool {
         self.rvm.coalesces()
     }
@@ -222,6 +318,9 @@ impl<'a> Transaction<'a> {
     fn rollback(&mut self) {
         if self.finished {
             return;
+        }
+        if let Some(w) = self.tracked.take() {
+            w.end(self.rvm, true);
         }
         if self.mode == RestoreMode::Restore {
             // Newest first, so the first saved value of a byte wins.
@@ -238,6 +337,7 @@ impl<'a> Transaction<'a> {
             }
         }
         crate::stats::Counters::add(&self.rvm.counters.aborted, 1);
+        self.sync_shadows();
         self.finish();
     }
 

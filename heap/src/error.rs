@@ -4,6 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HeapError {
+    /// [`crate::TrackedAlloc`] needs a tracked heap ([`crate::Heap::track`]).
+    #[error("the heap region is not tracked (Heap::track): TrackedAlloc cannot find its stores")]
+    NotTracked,
     /// No free block can hold the request.
     #[error("out of memory: no free block for {size} bytes aligned to {align} (largest free block {largest} bytes)")]
     OutOfMemory {

@@ -159,6 +159,9 @@ struct State {
 /// loader in one call.
 #[derive(Debug)]
 pub struct Heap {
+    /// The heap's entry among live heaps ([`crate::TrackedAlloc`]); first,
+    /// so it goes before the rest of the heap.
+    _live: crate::tracked_alloc::LiveHeap,
     /// Identifies the heap in the per-thread registry of open heap
     /// transactions (never reused within a process).
     id: u64,
@@ -272,8 +275,10 @@ impl Heap {
             ));
         }
         let counters = read_counters(&static_region, header.nonce)?;
+        let id = NEXT_HEAP_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let heap = Heap {
-            id: NEXT_HEAP_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            _live: crate::tracked_alloc::LiveHeap::new(id),
+            id,
             rvm: rvm.clone(),
             _claims: [static_region.claim().ok(), heap_region.claim().ok()],
             static_region,
@@ -372,7 +377,20 @@ impl Heap {
         self.header.root_slots as usize
     }
 
-    fn base(&self) -> usize {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Puts the heap region in tracked mode ([`rvm_core::Rvm::track`]):
+    /// from then on every heap transaction is a tracked one, whose stores
+    /// into the heap need no `set_range`, and [`crate::TrackedAlloc`]
+    /// allocates in it. Fails while a transaction is open on the heap.
+    pub fn track(&self) -> Result<()> {
+        self.rvm.track(&self.heap_region)?;
+        Ok(())
+    }
+
+    pub(crate) fn base(&self) -> usize {
         self.heap_region.addr()
     }
 
@@ -546,6 +564,25 @@ impl Heap {
         Ok(report)
     }
 
+    /// Every committed live block: its data address and usable length, in
+    /// address order (what [`Heap::live_block_len`] reports for each). For
+    /// reachability checks (the typed layer's `PHeap::check`); walks the
+    /// whole heap under the heap lock.
+    pub fn live_blocks(&self) -> Result<Vec<(NonNull<u8>, u64)>> {
+        let _st = self.state.lock();
+        let base = self.base();
+        let mut out = Vec::new();
+        self.walk(|b| {
+            if b.header.allocated {
+                let len = b.header.size.saturating_sub(u64::from(b.header.slack)).saturating_sub(HDR);
+                if let Some(p) = NonNull::new((base as u64 + b.off + HDR) as usize as *mut u8) {
+                    out.push((p, len));
+                }
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Statistics.
     pub fn stats(&self) -> HeapStats {
         let st = self.state.lock();
@@ -582,7 +619,8 @@ impl Heap {
     /// Begins a heap transaction (wrapping a core transaction; the calling
     /// thread must not have one open on this instance).
     pub fn begin(&self, mode: RestoreMode) -> Result<HeapTx<'_>> {
-        let tx = self.rvm.begin(mode)?;
+        let tracked = self.heap_region.is_tracked();
+        let tx = if tracked { self.rvm.begin_tracked(mode)? } else { self.rvm.begin(mode)? };
         let intents = Rc::new(RefCell::new(Intents { allocs: Spare::take(), frees: Vec::new() }));
         // The core let this thread begin, so any heap transaction the
         // registry still lists for this heap on this thread was forgotten
@@ -591,6 +629,9 @@ impl Heap {
         if let Some(stale) = OpenTx::replace(self.id, &intents) {
             let mut st = self.state.lock();
             release(&mut st, &mut stale.borrow_mut());
+        }
+        if tracked {
+            crate::tracked_alloc::register(self, &intents);
         }
         Ok(HeapTx { heap: self, tx: Some(tx), intents, roots: Vec::new() })
     }
@@ -920,7 +961,7 @@ pub struct HeapTx<'h> {
 
 /// What a heap transaction does at commit to the allocation state.
 #[derive(Debug, Default)]
-struct Intents {
+pub(crate) struct Intents {
     /// Blocks reserved by the transaction, by offset.
     allocs: Reservations,
     /// Committed blocks to free at commit.
@@ -1023,27 +1064,7 @@ impl<'h> HeapTx<'h> {
     /// if the transaction aborts. Its contents are undefined until written
     /// (declare them in this transaction to make them durable).
     pub fn malloc(&mut self, layout: Layout) -> Result<NonNull<u8>> {
-        let heap = self.heap;
-        let (size, align) = (layout.size(), layout.align());
-        let oom = |largest| HeapError::OutOfMemory { size, align, largest };
-        let need = layout::block_size_for(size).ok_or_else(|| oom(0))?;
-        let base_mod = (heap.base() % align) as u64;
-        let (off, block) = {
-            let mut st = heap.state.lock();
-            match st.avail.take(need, align as u64, base_mod) {
-                Some(x) => {
-                    st.reserved += x.1;
-                    x
-                }
-                None => return Err(oom(st.avail.largest())),
-            }
-        };
-        // At most the 16-byte rounding, the tail guard and a leftover too
-        // small to stand alone (< MIN_BLOCK): always fits in u32.
-        let slack = (block - HDR - size as u64) as u32;
-        self.intents.borrow_mut().allocs.push(off, Reserved { size: block, slack, freed: false });
-        // Header and tail guard are written at commit.
-        NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
+        malloc_in(self.heap, &self.intents, layout)
     }
 
     /// Frees a block: at commit, or (if this transaction allocated it) as
@@ -1179,6 +1200,38 @@ impl Drop for HeapTx<'_> {
 }
 
 /// [`HeapTx::free`] on a transaction's intents.
+/// [`HeapTx::malloc`] on a transaction's intents (also
+/// [`crate::TrackedAlloc`]'s way in).
+pub(crate) fn malloc_in(heap: &Heap, intents: &RefCell<Intents>, layout: Layout) -> Result<NonNull<u8>> {
+    // Never borrowed elsewhere while user code runs.
+    let mut intents = intents.borrow_mut();
+    let (size, align) = (layout.size(), layout.align());
+    let oom = |largest| HeapError::OutOfMemory { size, align, largest };
+    let need = layout::block_size_for(size).ok_or_else(|| oom(0))?;
+    let base_mod = (heap.base() % align) as u64;
+    let (off, block) = {
+        let mut st = heap.state.lock();
+        match st.avail.take(need, align as u64, base_mod) {
+            Some(x) => {
+                st.reserved += x.1;
+                x
+            }
+            None => return Err(oom(st.avail.largest())),
+        }
+    };
+    // At most the 16-byte rounding, the tail guard and a leftover too
+    // small to stand alone (< MIN_BLOCK): always fits in u32.
+    let slack = (block - HDR - size as u64) as u32;
+    intents.allocs.push(off, Reserved { size: block, slack, freed: false });
+    // Header and tail guard are written at commit.
+    NonNull::new((heap.base() + (off + HDR) as usize) as *mut u8).ok_or_else(|| oom(0))
+}
+
+/// [`free_in`] on a transaction's intents.
+pub(crate) fn free_in_cell(heap: &Heap, intents: &RefCell<Intents>, ptr: NonNull<u8>) -> Result<()> {
+    free_in(heap, &mut intents.borrow_mut(), ptr)
+}
+
 fn free_in(heap: &Heap, intents: &mut Intents, ptr: NonNull<u8>) -> Result<()> {
     let addr = ptr.as_ptr() as usize;
     let bad = || HeapError::InvalidPointer { addr };

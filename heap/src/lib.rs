@@ -53,6 +53,7 @@ mod persistent;
 mod raw;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tracked_alloc;
 
 /// The `bytemuck` crate, for the [`bytemuck::NoUninit`] bound of
 /// [`Heap::root_or_init`] (derive it with
@@ -63,3 +64,4 @@ pub use error::{HeapError, Result};
 pub use global::HeapAllocator;
 pub use heap::{CheckReport, Heap, HeapStats, HeapTx, Root, CLASS_BOUNDS, DEFAULT_ROOT_SLOTS, MAX_ROOT_SLOTS};
 pub use persistent::{HeapSpec, PersistentHeap, HEAP_REGION, STATIC_REGION};
+pub use tracked_alloc::TrackedAlloc;

@@ -3,13 +3,18 @@
 //! The derive accepts a struct with named or tuple fields that is
 //! `#[repr(C)]` (or `#[repr(transparent)]`), so its layout is the same for
 //! every compiler that reads the heap later. It emits:
-//! - a bound `F: Persist` for every field type (a field that points into
-//!   volatile memory, a reference, a `Box`, a `Vec`, fails to compile);
+//! - a use of `<F as Persist>` for every field type `F` (a field that
+//!   points into volatile memory, a reference, a `Box`, a `Vec`, fails to
+//!   compile), and a bound `T: Persist` for every type parameter;
 //! - a compile-time check that the fields' sizes add up to the struct's
 //!   size (no padding: no uninitialised byte ever reaches the log);
 //! - the layout fingerprint: a hash of the size, the alignment, and each
 //!   field's offset and fingerprint;
-//! - `visit_blocks`, visiting every field (for drop and reachability).
+//! - `LAYOUT_ID` (the same hash over the fields' layout ids, which stop
+//!   at pointers), `OWNS_BLOCKS` and `describe` (the fields that hold
+//!   pointers, by offset, for the tracer);
+//! - `Plain` when every field is `Plain` (behind a higher-ranked bound, so
+//!   a struct holding a collection is simply not `Plain`).
 
 use proc_macro::TokenStream;
 use quote::quote;
@@ -75,13 +80,24 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let mut where_clause = where_clause.cloned().unwrap_or_else(|| syn::parse_quote!(where));
     let mut plain_where = where_clause.clone();
+    // Bounds on the type parameters, not on the field types: a type that
+    // points at itself (`next: Option<PBox<Node>>`) would make a bound on
+    // its field type a cycle. The fields are still required to be
+    // `Persist`: the constants below use their `Persist` items.
+    for p in input.generics.type_params() {
+        let id = &p.ident;
+        where_clause.predicates.push(syn::parse_quote!(#id: ::rvm_collections::Persist));
+    }
     for ty in &types {
-        where_clause.predicates.push(syn::parse_quote!(#ty: ::rvm_collections::Persist));
-        plain_where.predicates.push(syn::parse_quote!(#ty: ::rvm_collections::persist::Plain));
+        // Behind a higher-ranked bound, a field type that is not `Plain`
+        // makes the impl not apply instead of failing to compile: a
+        // struct holding a collection is `Persist` but not `Plain`.
+        plain_where.predicates.push(syn::parse_quote!(for<'__rvm_plain> #ty: ::rvm_collections::persist::Plain));
     }
     let krate = quote!(::rvm_collections);
     Ok(quote! {
-        // SAFETY: every field is `Persist` (the bounds above), the layout is
+        // SAFETY: every field is `Persist` (the constants use each field's
+        // `Persist` items, which fails to compile otherwise), the layout is
         // #[repr(C)] or #[repr(transparent)], and the `FINGERPRINT` below
         // fails to compile if the fields do not fill the struct (padding).
         unsafe impl #impl_generics #krate::Persist for #name #ty_generics #where_clause {
@@ -102,12 +118,36 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 h
             };
 
-            fn visit_blocks(&self, visit: &mut dyn FnMut(#krate::persist::Block)) {
-                #( #krate::Persist::visit_blocks(&self.#members, visit); )*
-            }
+            const LAYOUT_ID: u64 = {
+                let mut h = #krate::persist::fingerprint_start(
+                    ::core::mem::size_of::<Self>(),
+                    ::core::mem::align_of::<Self>(),
+                );
+                #(
+                    h = #krate::persist::fingerprint_mix(h, ::core::mem::offset_of!(Self, #members) as u64);
+                    h = #krate::persist::fingerprint_mix(h, <#types as #krate::Persist>::LAYOUT_ID);
+                )*
+                h
+            };
 
-            fn check(&self, heap: &#krate::persist::Heap) -> bool {
-                true #( && #krate::Persist::check(&self.#members, heap) )*
+            const OWNS_BLOCKS: bool = false #( || <#types as #krate::Persist>::OWNS_BLOCKS )*;
+
+            fn describe(shapes: &mut #krate::shape::Shapes) -> #krate::shape::ShapeId {
+                if !<Self as #krate::Persist>::OWNS_BLOCKS {
+                    return shapes.plain::<Self>();
+                }
+                shapes.define::<Self>(|shapes| {
+                    let mut fields = ::std::vec::Vec::new();
+                    #(
+                        if <#types as #krate::Persist>::OWNS_BLOCKS {
+                            fields.push((
+                                ::core::mem::offset_of!(Self, #members) as u64,
+                                <#types as #krate::Persist>::describe(shapes),
+                            ));
+                        }
+                    )*
+                    #krate::shape::Kind::Struct(fields)
+                })
             }
         }
 

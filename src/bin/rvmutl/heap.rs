@@ -13,12 +13,17 @@
 //! (`rvm::log::inspect::segment_snapshot`), and load the heap from that
 //! image on in-memory devices (`rvm::storage::MemVfs`) at its fixed
 //! addresses, so they work on a heap a program has open (a live view).
-//! Exit codes as for the rest of `rvmutl`; a heap that fails its check, or a
-//! segment that is not a heap, is 3.
+//! `check` also walks a heap made by the typed layer (`rvm::collections`)
+//! from its roots, by the type shapes stored in it (root `rvm:shapes`):
+//! each pointer must lead to a live block of the right size, owned once;
+//! live blocks no root reaches are reported as leaks (warnings).
+//! Exit codes as for the rest of `rvmutl`; a heap that fails its check (a
+//! damaged typed value included), or a segment that is not a heap, is 3.
 
 use crate::progress::Progress;
 use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
+use rvm::collections::Reachability;
 use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS};
 use rvm::loader::spec::parse_number;
 use rvm::loader::LoaderError;
@@ -104,9 +109,12 @@ JSON (--json): one object per line, each with \"type\":
   check    segment, log, live (true: read without a lock), log_transactions (complete transactions
            of the log applied in memory), log_end (clean | torn | damaged), ok, and when ok: blocks,
            allocated_blocks, free_blocks, allocated_bytes, free_bytes, largest_free, allocations,
-           frees, roots, dangling_roots (count)
-  finding  severity (error | warning), kind (corrupted | not_a_heap | dangling_root), message,
-           root (for dangling_root)
+           frees, roots, dangling_roots (count); typed_roots (walked by their stored shapes; null
+           if the shape table is damaged), untyped_roots, reachable_blocks, unreachable_blocks,
+           unreachable_bytes (heaps made by rvm::collections); ok is false for a damaged typed root
+  finding  severity (error | warning), kind (corrupted | not_a_heap | dangling_root |
+           damaged_root | damaged_shapes | untyped_root | unreachable_block), message,
+           root (for *_root), addr and len (for unreachable_block)
 
 ",
     crate::exit_codes!()
@@ -269,12 +277,15 @@ fn view_line(log: &Path, view: &View) -> String {
 }
 
 fn check(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Write) -> Outcome {
-    let result = with_heap(log, segment, quiet, |h| Ok((h.check()?, h.stats())));
+    let result = with_heap(log, segment, quiet, |h| {
+        let (report, stats) = (h.check()?, h.stats());
+        Ok((report, stats, reachability(h.heap())))
+    });
     let failed = |out: &mut dyn Write, kind: &str, message: String| -> std::io::Result<()> {
         ndjson(out, &merge(view_json("check", log, segment, None), json!({ "ok": false })))?;
         ndjson(out, &json!({ "type": "finding", "severity": "error", "kind": kind, "message": message }))
     };
-    let ((report, stats), view) = match result {
+    let ((report, stats, reach), view) = match result {
         Ok(r) => r,
         Err(Failure::Heap(e)) if json && (e.is_corruption() || matches!(e, HeapError::BadRegions { .. })) => {
             let kind = if e.is_corruption() { "corrupted" } else { "not_a_heap" };
@@ -290,9 +301,11 @@ fn check(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Writ
         }
         Err(e) => return Err(e),
     };
+    let damage = reach.damage();
     if json {
-        let doc = merge(view_json("check", log, segment, Some(&view)), json!({ "ok": true }));
-        ndjson(out, &merge(doc, report_json(&report, &stats)))?;
+        let doc = merge(view_json("check", log, segment, Some(&view)), json!({ "ok": damage.is_none() }));
+        let doc = merge(merge(doc, report_json(&report, &stats)), reach.json());
+        ndjson(out, &doc)?;
         for name in &report.dangling_roots {
             ndjson(
                 out,
@@ -305,9 +318,13 @@ fn check(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Writ
                 }),
             )?;
         }
-        return Ok(());
+        for f in reach.findings() {
+            ndjson(out, &f)?;
+        }
+        return damage.map_or(Ok(()), |e| Err(Failure::Heap(e)));
     }
-    writeln!(out, "heap {}: OK", segment.display())?;
+    let verdict = if damage.is_some() { "DAMAGED" } else { "OK" };
+    writeln!(out, "heap {}: {verdict}", segment.display())?;
     writeln!(out, "{}", view_line(log, &view))?;
     writeln!(out, "  blocks:       {} ({} allocated, {} free)", report.blocks, report.allocated, report.free)?;
     writeln!(out, "  allocated:    {} bytes", report.allocated_bytes)?;
@@ -317,7 +334,140 @@ fn check(log: &Path, segment: &Path, json: bool, quiet: bool, out: &mut dyn Writ
     for name in &report.dangling_roots {
         writeln!(out, "  warning: root {name:?} names a block that is not allocated")?;
     }
-    Ok(())
+    reach.human(out)?;
+    damage.map_or(Ok(()), |e| Err(Failure::Heap(e)))
+}
+
+/// The walk from the typed roots (`rvm::collections::reachability`): what
+/// it found, or why it could not run.
+enum Reach {
+    /// The heap has no typed roots' shapes (not made by the typed layer):
+    /// nothing to walk.
+    NoShapes,
+    /// The shape table is damaged.
+    BadShapes(String),
+    Walked(Reachability),
+}
+
+/// Most unreachable blocks listed one by one (human output).
+const LIST_UNREACHABLE: usize = 10;
+
+fn reachability(heap: &rvm::heap::Heap) -> Reach {
+    if heap.root(rvm::collections::shape::SHAPES_ROOT).is_none() {
+        return Reach::NoShapes;
+    }
+    match rvm::collections::reachability(heap) {
+        Ok(r) => Reach::Walked(r),
+        Err(e) => Reach::BadShapes(e.to_string()),
+    }
+}
+
+impl Reach {
+    /// The damage it found, as the error `check` fails with.
+    fn damage(&self) -> Option<HeapError> {
+        let what = match self {
+            Reach::NoShapes => return None,
+            Reach::BadShapes(e) => format!("the typed layer's shape table ({e})"),
+            Reach::Walked(r) => {
+                let (name, why) = r.damaged_roots.first()?;
+                format!("typed root {name:?} ({why})")
+            }
+        };
+        Some(HeapError::Corrupted { what, location: "heap data".into() })
+    }
+
+    fn json(&self) -> Value {
+        match self {
+            Reach::NoShapes => json!({ "typed_roots": 0 }),
+            Reach::BadShapes(_) => json!({ "typed_roots": null }),
+            Reach::Walked(r) => json!({
+                "typed_roots": r.typed_roots,
+                "untyped_roots": r.untyped_roots.len(),
+                "reachable_blocks": r.reachable_blocks,
+                "unreachable_blocks": r.unreachable.len(),
+                "unreachable_bytes": r.unreachable.iter().map(|&(_, len)| len).sum::<u64>(),
+            }),
+        }
+    }
+
+    fn findings(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        match self {
+            Reach::NoShapes => {}
+            Reach::BadShapes(e) => out.push(json!({
+                "type": "finding", "severity": "error", "kind": "damaged_shapes",
+                "message": format!("the typed layer's shape table is damaged ({e}): typed roots cannot be walked"),
+            })),
+            Reach::Walked(r) => {
+                for (name, why) in &r.damaged_roots {
+                    out.push(json!({
+                        "type": "finding", "severity": "error", "kind": "damaged_root", "root": name,
+                        "message": format!("typed root {name:?} holds a damaged value: {why}"),
+                    }));
+                }
+                for name in &r.untyped_roots {
+                    out.push(json!({
+                        "type": "finding", "severity": "warning", "kind": "untyped_root", "root": name,
+                        "message": format!("root {name:?} has no stored type (made by the raw API): what it points at cannot be walked"),
+                    }));
+                }
+                for &(addr, len) in &r.unreachable {
+                    out.push(json!({
+                        "type": "finding", "severity": "warning", "kind": "unreachable_block",
+                        "addr": format!("{addr:#x}"), "len": len,
+                        "message": if r.complete() {
+                            format!("block {addr:#x} ({len} bytes) is reached by no root: leaked")
+                        } else {
+                            format!("block {addr:#x} ({len} bytes) is reached by no typed root (an untyped root may own it)")
+                        },
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    fn human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        match self {
+            Reach::NoShapes => {
+                writeln!(out, "  reachability: no typed roots (not made by rvm::collections): not walked")
+            }
+            Reach::BadShapes(e) => {
+                writeln!(out, "  error: the typed layer's shape table is damaged ({e}): typed roots cannot be walked")
+            }
+            Reach::Walked(r) => {
+                let bytes: u64 = r.unreachable.iter().map(|&(_, len)| len).sum();
+                writeln!(
+                    out,
+                    "  reachability: {} typed root(s) walked, {} live block(s) reached, {} unreachable ({bytes} bytes)",
+                    r.typed_roots,
+                    r.reachable_blocks,
+                    r.unreachable.len()
+                )?;
+                for (name, why) in &r.damaged_roots {
+                    writeln!(out, "  error: typed root {name:?} holds a damaged value: {why}")?;
+                }
+                for name in &r.untyped_roots {
+                    writeln!(
+                        out,
+                        "  warning: root {name:?} has no stored type (made by the raw API): what it points at cannot be walked"
+                    )?;
+                }
+                let leaked = if r.complete() { "leaked" } else { "reached by no typed root" };
+                for &(addr, len) in r.unreachable.iter().take(LIST_UNREACHABLE) {
+                    writeln!(out, "  warning: block {addr:#x} ({len} bytes) is {leaked}")?;
+                }
+                if r.unreachable.len() > LIST_UNREACHABLE {
+                    writeln!(
+                        out,
+                        "  warning: ... and {} more such block(s) (--json lists all)",
+                        r.unreachable.len() - LIST_UNREACHABLE
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn report_json(r: &CheckReport, s: &HeapStats) -> Value {

@@ -1,0 +1,589 @@
+//! Tracked transactions: stores found by page faults, no `set_range`.
+//!
+//! - A crash model on the simulated disk: random stores anywhere in the
+//!   tracked pages, commits of both modes, aborts, checkpoints started and
+//!   stepped while a tracked transaction is open, flushes, crashes (losing
+//!   unsynced writes, or keeping a random subset with a torn last sector).
+//!   After every crash the recovered region equals the image after some
+//!   committed prefix that contains every durable commit, byte for byte.
+//! - Child processes (this test binary re-executed with `RVM_TRACKED_CHILD`
+//!   naming a scenario) show that faults which are not a tracked
+//!   transaction's still end the process with `SIGSEGV`: a null
+//!   dereference, a store into a read-only page no region owns, a store
+//!   into a tracked page outside a transaction, and one from a thread that
+//!   does not hold the transaction (reported on standard error), also in a
+//!   forked child.
+//! - The twin pool running out (a typed error, everything rolled back),
+//!   threads (serialized writers, readers that never fault), every copy
+//!   mode, and what a commit logs (the changed runs, or whole pages).
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
+use rvm::testing::{CrashMode, SimDisk};
+use rvm::*;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+const CHILD_ENV: &str = "RVM_TRACKED_CHILD";
+const PAGES: usize = 8;
+
+fn config(cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(cases);
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/proptest-regressions/tracked.txt"
+        )))),
+        ..ProptestConfig::default()
+    }
+}
+
+fn ps() -> usize {
+    page_size()
+}
+
+/// Reads the whole region.
+fn image(region: &Region) -> Vec<u8> {
+    let mut v = vec![0u8; region.len()];
+    // SAFETY: no transaction of this test stores while it reads.
+    unsafe { region.read(0, &mut v) }.unwrap();
+    v
+}
+
+/// Stores `bytes` at `off` of a tracked region with plain writes.
+fn store(region: &Region, off: usize, bytes: &[u8]) {
+    assert!(off + bytes.len() <= region.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        // SAFETY: inside the region; the calling thread holds the tracked
+        // transaction, and no reference into the region is alive.
+        unsafe { std::ptr::write_volatile((region.addr() + off + i) as *mut u8, b) };
+    }
+}
+
+struct Sim {
+    disk: SimDisk,
+    vfs: Arc<dyn Vfs>,
+    opts: Options,
+}
+
+impl Sim {
+    fn new(opts: Options) -> Sim {
+        let disk = SimDisk::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        create_log_with(vfs.as_ref(), Path::new("log"), 1 << 20).unwrap();
+        let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), opts.clone()).unwrap();
+        rvm.create_segment("seg", (PAGES * ps()) as u64).unwrap();
+        rvm.close().unwrap();
+        Sim { disk, vfs, opts }
+    }
+
+    fn open(&self) -> (Rvm, Region) {
+        let rvm = Rvm::open_with(self.vfs.clone(), Path::new("log"), self.opts.clone()).unwrap();
+        let seg = rvm.open_segment("seg").unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, PAGES * ps())).unwrap();
+        rvm.track(&region).unwrap();
+        assert!(region.is_tracked());
+        (rvm, region)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A tracked transaction: stores (offset, bytes), then commit (flush or
+    /// not), abort, or abort by drop; `ckpt` starts a checkpoint and steps
+    /// it after the stores, while the transaction is open.
+    Tx {
+        stores: Vec<(usize, Vec<u8>)>,
+        end: End,
+        ckpt: Option<usize>,
+    },
+    Flush,
+    Checkpoint,
+    Truncate,
+    Crash {
+        keep: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Flush,
+    NoFlush,
+    Abort,
+    Drop,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let span = PAGES * 4096;
+    let stores = prop::collection::vec(
+        (0..span, prop::collection::vec(any::<u8>(), 1..96)).prop_map(move |(off, b)| {
+            let off = off.min(span - b.len());
+            (off, b)
+        }),
+        0..6,
+    );
+    let end = prop_oneof![Just(End::Flush), Just(End::NoFlush), Just(End::Abort), Just(End::Drop)];
+    prop_oneof![
+        6 => (stores, end, prop::option::weighted(0.3, 0..4usize)).prop_map(|(stores, end, ckpt)| Op::Tx { stores, end, ckpt }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Checkpoint),
+        1 => Just(Op::Truncate),
+        1 => prop::option::of(any::<u64>()).prop_map(|keep| Op::Crash { keep }),
+    ]
+}
+
+/// Runs `ops` and checks every recovery against the committed prefixes.
+fn run(ops: &[Op], opts: Options) {
+    assert_eq!(ps(), 4096, "the model assumes 4 KiB pages");
+    let sim = Sim::new(opts);
+    let (mut rvm, mut region) = sim.open();
+    // Images after each commit since the last recovery; `durable` indexes
+    // the last one known durable.
+    let mut images = vec![image(&region)];
+    let mut durable = 0;
+    for op in ops {
+        match op {
+            Op::Tx { stores, end, ckpt } => {
+                let before = image(&region);
+                let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+                for (off, bytes) in stores {
+                    store(&region, *off, bytes);
+                }
+                if let Some(steps) = ckpt {
+                    rvm.checkpoint_start().unwrap();
+                    rvm.checkpoint_step(*steps).unwrap();
+                }
+                let after = image(&region);
+                match end {
+                    End::Flush | End::NoFlush => {
+                        let flush = matches!(end, End::Flush);
+                        tx.commit(if flush { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
+                        assert_eq!(image(&region), after);
+                        images.push(after);
+                        if flush {
+                            durable = images.len() - 1;
+                        }
+                    }
+                    End::Abort => {
+                        tx.abort();
+                        assert_eq!(image(&region), before, "abort restores the tracked pages");
+                    }
+                    End::Drop => {
+                        drop(tx);
+                        assert_eq!(image(&region), before, "drop restores the tracked pages");
+                    }
+                }
+            }
+            Op::Flush => {
+                rvm.flush().unwrap();
+                durable = images.len() - 1;
+            }
+            Op::Checkpoint => {
+                rvm.checkpoint().unwrap();
+                durable = images.len() - 1;
+            }
+            Op::Truncate => {
+                rvm.truncate().unwrap();
+                durable = images.len() - 1;
+            }
+            Op::Crash { keep } => {
+                let mode = match keep {
+                    None => CrashMode::LoseUnsynced,
+                    Some(seed) => CrashMode::KeepRandomSubset { seed: *seed, tear_last: seed % 2 == 0 },
+                };
+                sim.disk.crash(mode);
+                drop(region);
+                drop(rvm);
+                (rvm, region) = sim.open();
+                let got = image(&region);
+                let k = images.iter().rposition(|img| *img == got).unwrap_or_else(|| {
+                    panic!("the recovered region is no committed prefix ({} commits)", images.len())
+                });
+                assert!(k >= durable, "recovery lost a durable commit: prefix {k}, durable {durable}");
+                images = vec![got];
+                durable = 0;
+            }
+        }
+    }
+    // A final crash must also recover a committed prefix.
+    sim.disk.crash(CrashMode::LoseUnsynced);
+    drop(region);
+    drop(rvm);
+    let (_rvm, region) = sim.open();
+    let got = image(&region);
+    let k = images.iter().rposition(|img| *img == got).expect("a committed prefix");
+    assert!(k >= durable);
+}
+
+fn model_opts(logging: TrackedLogging) -> Options {
+    Options { truncate_threshold: None, tracked_logging: logging, ..Options::default() }
+}
+
+proptest! {
+    #![proptest_config(config(32))]
+
+    #[test]
+    fn crash_model_diff(ops in prop::collection::vec(op(), 1..24)) {
+        run(&ops, model_opts(TrackedLogging::Diff));
+    }
+
+    #[test]
+    fn crash_model_whole_pages(ops in prop::collection::vec(op(), 1..24)) {
+        run(&ops, model_opts(TrackedLogging::WholePage));
+    }
+}
+
+#[test]
+fn commit_logs_changed_runs_only() {
+    let sim = Sim::new(model_opts(TrackedLogging::Diff));
+    let (rvm, region) = sim.open();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 100, &[1, 2, 3]);
+    store(&region, 3000, &[4; 10]);
+    store(&region, ps() + 7, &[5]);
+    tx.commit(CommitMode::Flush).unwrap();
+    // Three runs: 3 + 10 + 1 bytes.
+    assert_eq!(rvm.stats().bytes_declared, 14);
+
+    let sim = Sim::new(model_opts(TrackedLogging::WholePage));
+    let (rvm, region) = sim.open();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 100, &[1, 2, 3]);
+    store(&region, ps() + 7, &[5]);
+    tx.commit(CommitMode::Flush).unwrap();
+    assert_eq!(rvm.stats().bytes_declared, 2 * ps() as u64);
+}
+
+#[test]
+fn ordinary_set_range_into_a_tracked_region_is_refused() {
+    let sim = Sim::new(Options::default());
+    let (rvm, region) = sim.open();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: refused before any store.
+    let err = unsafe { tx.set_range(region.addr(), 8) }.unwrap_err();
+    assert!(matches!(err, Error::Tx(TxError::TrackedRegion { .. })), "{err}");
+    tx.abort();
+    // Inside a tracked transaction it is accepted (and not needed).
+    let mut tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    // SAFETY: this thread holds the tracked transaction.
+    unsafe { tx.modify_bytes(region.addr() + 8, b"declared").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    assert_eq!(&image(&region)[8..16], b"declared");
+}
+
+#[test]
+fn untracked_regions_keep_set_range_in_a_tracked_transaction() {
+    let sim = Sim::new(Options::default());
+    let (rvm, region) = sim.open();
+    let seg2 = rvm.create_segment("plain", 4096).unwrap();
+    let plain = rvm.map(&seg2, MapSpec::new(0, 4096)).unwrap();
+    let mut tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 5, b"tracked");
+    // SAFETY: the range is this transaction's.
+    unsafe { tx.modify_bytes(plain.addr(), b"explicit").unwrap() };
+    tx.abort();
+    assert_eq!(&image(&region)[5..12], &[0; 7]);
+    assert_eq!(&image(&plain)[..8], &[0; 8]);
+    let mut tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 5, b"tracked");
+    // SAFETY: as above.
+    unsafe { tx.modify_bytes(plain.addr(), b"explicit").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    sim.disk.crash(CrashMode::LoseUnsynced);
+    drop((region, plain, seg2));
+    drop(rvm);
+    let (rvm, region) = sim.open();
+    let plain = rvm.map(&rvm.open_segment("plain").unwrap(), MapSpec::new(0, 4096)).unwrap();
+    assert_eq!(&image(&region)[5..12], b"tracked");
+    assert_eq!(&image(&plain)[..8], b"explicit");
+}
+
+#[test]
+fn an_empty_twin_pool_fails_the_transaction_cleanly() {
+    let opts = Options { tracked_pool_pages: 2, ..Options::default() };
+    let sim = Sim::new(opts);
+    let (rvm, region) = sim.open();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 0, b"kept");
+    tx.commit(CommitMode::Flush).unwrap();
+    let before = image(&region);
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    for p in 0..5 {
+        store(&region, p * ps() + 100, b"too many pages");
+    }
+    let err = tx.commit(CommitMode::Flush).unwrap_err();
+    assert!(matches!(err, Error::Tx(TxError::TwinPoolExhausted { pool_pages: 2, needed: 5 })), "{err}");
+    assert_eq!(image(&region), before, "every page is rolled back");
+    // The instance goes on: a transaction within the pool commits.
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, ps(), b"next");
+    tx.commit(CommitMode::Flush).unwrap();
+    sim.disk.crash(CrashMode::LoseUnsynced);
+    drop(region);
+    drop(rvm);
+    let (_rvm, region) = sim.open();
+    let img = image(&region);
+    assert_eq!(&img[..4], b"kept");
+    assert_eq!(&img[ps()..ps() + 4], b"next");
+    assert_eq!(&img[100..114], &[0; 14]);
+}
+
+#[test]
+fn every_copy_mode_with_files() {
+    for copy in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        create_log(&log, 1 << 20).unwrap();
+        let opts = Options { truncate_threshold: None, ..Options::default() };
+        {
+            let rvm = Rvm::open(&log, opts.clone()).unwrap();
+            let seg = rvm.create_segment(dir.path().join("seg"), (4 * ps()) as u64).unwrap();
+            let region = rvm.map(&seg, MapSpec::new(0, 4 * ps()).copy(copy)).unwrap();
+            rvm.track(&region).unwrap();
+            for round in 0..3u8 {
+                let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+                store(&region, round as usize * ps() + 10, &[round + 1; 20]);
+                tx.commit(CommitMode::Flush).unwrap();
+                if round == 1 {
+                    rvm.checkpoint().unwrap();
+                }
+            }
+            drop((region, seg));
+            rvm.close().unwrap();
+        }
+        let rvm = Rvm::open(&log, opts).unwrap();
+        let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 4 * ps())).unwrap();
+        let img = image(&region);
+        for round in 0..3usize {
+            assert_eq!(&img[round * ps() + 10..round * ps() + 30], &[round as u8 + 1; 20], "{copy:?}");
+        }
+    }
+}
+
+#[test]
+fn threads_take_turns_and_readers_never_fault() {
+    let sim = Sim::new(Options { truncate_threshold: None, ..Options::default() });
+    let (rvm, region) = sim.open();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::scope(|s| {
+        // A reader: reads a tracked page all the time while writers commit
+        // (a page they never write, so the reads race with nothing).
+        let reader = {
+            let stop = stop.clone();
+            let addr = region.addr() + (PAGES - 1) * ps();
+            s.spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: inside the region; no thread writes this page.
+                    let v = unsafe { std::ptr::read_volatile(addr as *const u64) };
+                    std::hint::black_box(v);
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let rvm = rvm.clone();
+                let region = region.clone();
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+                        // Counter of this thread, and a shared counter on
+                        // page 0: writers are serialized, so no increment
+                        // is lost.
+                        let mine = (region.addr() + (t + 1) * ps()) as *mut u64;
+                        let shared = (region.addr() + 8) as *mut u64;
+                        // SAFETY: this thread holds the tracked transaction.
+                        unsafe {
+                            *mine += 1;
+                            *shared += 1;
+                        }
+                        tx.commit(CommitMode::NoFlush).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    rvm.flush().unwrap();
+    let img = image(&region);
+    let word = |at: usize| u64::from_ne_bytes(img[at..at + 8].try_into().unwrap());
+    assert_eq!(word(8), 800);
+    for t in 0..4 {
+        assert_eq!(word((t + 1) * ps()), 200);
+    }
+}
+
+#[test]
+fn checkpoint_threads_with_tracked_writers() {
+    // A checkpoint thread sweeps while tracked writers commit; the
+    // recovered image after a crash is the last flushed one.
+    let sim = Sim::new(Options { truncate_threshold: None, checkpoint_rate: None, ..Options::default() });
+    let (rvm, region) = sim.open();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                rvm.checkpoint().unwrap();
+            }
+        });
+        for i in 0..300u64 {
+            let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+            for p in 0..PAGES {
+                let at = region.addr() + p * ps() + ((i as usize * 8) % ps());
+                // SAFETY: this thread holds the tracked transaction.
+                unsafe { *(at as *mut u64) = i + 1 };
+            }
+            tx.commit(CommitMode::NoFlush).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    rvm.flush().unwrap();
+    let want = image(&region);
+    sim.disk.crash(CrashMode::LoseUnsynced);
+    drop(region);
+    drop(rvm);
+    let (_rvm, region) = sim.open();
+    assert_eq!(image(&region), want);
+}
+
+// ---------------------------------------------------------------------------
+// Child processes: faults that are not ours still kill
+// ---------------------------------------------------------------------------
+
+/// Runs the scenario `name` in a child; returns its status and stderr.
+fn in_child(name: &str) -> (std::process::ExitStatus, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["child_scenarios", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .env_remove("RUST_TEST_THREADS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("running the child");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A tracked region on a file-backed instance in `dir`.
+fn tracked_on_files(dir: &Path) -> (Rvm, Region) {
+    let log = dir.join("log");
+    create_log(&log, 1 << 20).unwrap();
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    let seg = rvm.create_segment(dir.join("seg"), (4 * ps()) as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 4 * ps())).unwrap();
+    rvm.track(&region).unwrap();
+    (rvm, region)
+}
+
+/// The child side: one scenario, chosen by `RVM_TRACKED_CHILD`; each is
+/// expected to die by `SIGSEGV` (the parent checks).
+#[test]
+fn child_scenarios() {
+    let Ok(name) = std::env::var(CHILD_ENV) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (rvm, region) = tracked_on_files(dir.path());
+    match name.as_str() {
+        "null" => {
+            let p = std::hint::black_box(std::ptr::null_mut::<u64>());
+            // SAFETY: not safe at all: the point is to fault.
+            unsafe { std::ptr::write_volatile(p, 1) };
+        }
+        "foreign_read_only" => {
+            // SAFETY: a fresh read-only anonymous page no region owns.
+            let p = unsafe {
+                rustix::mm::mmap_anonymous(
+                    std::ptr::null_mut(),
+                    ps(),
+                    rustix::mm::ProtFlags::READ,
+                    rustix::mm::MapFlags::PRIVATE,
+                )
+            }
+            .unwrap();
+            // SAFETY: the store faults (the page is read-only).
+            unsafe { std::ptr::write_volatile(p.cast::<u8>(), 1) };
+        }
+        "outside_tx" => store(&region, 0, b"x"),
+        "other_thread" => {
+            let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+            store(&region, 0, b"mine");
+            let addr = region.addr() + ps();
+            std::thread::spawn(move || {
+                // SAFETY: the store faults: this thread has no transaction.
+                unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
+            })
+            .join()
+            .ok();
+            tx.commit(CommitMode::Flush).unwrap();
+        }
+        "fork" => {
+            let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+            store(&region, 0, b"parent");
+            // SAFETY: the child only stores into memory and exits; it makes
+            // no allocation or lock (fork in a threaded process).
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // The child is not the transaction's thread: its store into
+                // another tracked page is reported and kills it.
+                // SAFETY: the store faults.
+                unsafe { std::ptr::write_volatile((region.addr() + 2 * ps()) as *mut u8, 1) };
+                // SAFETY: not reached; exit without running destructors.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV, "fork child: {status}");
+            // The parent's transaction goes on and commits.
+            store(&region, ps(), b"after fork");
+            tx.commit(CommitMode::Flush).unwrap();
+            let img = image(&region);
+            assert_eq!(&img[..6], b"parent");
+            assert_eq!(&img[2 * ps()..2 * ps() + 1], &[0]);
+            // Report success by the expected death.
+            // SAFETY: the point is to fault.
+            unsafe { std::ptr::write_volatile(std::hint::black_box(std::ptr::null_mut::<u8>()), 1) };
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+    // Reaching here means the fault did not kill us.
+    std::process::exit(3);
+}
+
+#[test]
+fn foreign_faults_still_kill_with_sigsegv() {
+    for name in ["null", "foreign_read_only", "outside_tx", "other_thread", "fork"] {
+        let (status, err) = in_child(name);
+        assert_eq!(status.signal(), Some(libc::SIGSEGV), "{name}: {status}\n{err}");
+        match name {
+            "outside_tx" => assert!(err.contains("outside a tracked transaction"), "{err}"),
+            "other_thread" => assert!(err.contains("does not hold its tracked transaction"), "{err}"),
+            "fork" => assert!(err.contains("does not hold its tracked transaction"), "{err}"),
+            _ => assert!(!err.contains("rvm:"), "{name}: a foreign fault is not ours to report\n{err}"),
+        }
+    }
+}
+
+#[test]
+fn track_and_unmap_refuse_the_thread_holding_a_tracked_transaction() {
+    let sim = Sim::new(Options::default());
+    let (rvm, region) = sim.open();
+    let seg2 = rvm.create_segment("plain", 4096).unwrap();
+    let plain = rvm.map(&seg2, MapSpec::new(0, 4096)).unwrap();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    // Waiting for its own transaction would never end: refused instead.
+    assert!(matches!(rvm.track(&plain), Err(Error::Map(MapError::Busy { .. }))));
+    assert!(matches!(rvm.unmap(region.clone()), Err(Error::Map(MapError::Busy { .. }))));
+    tx.abort();
+    rvm.track(&plain).unwrap();
+    rvm.unmap(region).unwrap();
+}

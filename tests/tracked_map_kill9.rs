@@ -1,0 +1,83 @@
+//! The `tracked_map` example (`examples/tracked_map.rs`) under `kill -9`: a
+//! child (this test binary re-executed with `RVM_TRACKED_MAP_CHILD` naming
+//! the data folder) adds rounds of 1,000 entries to a plain
+//! `hashbrown::HashMap` in a tracked heap, printing each round once it is
+//! flush-committed; the parent SIGKILLs it at a random moment, reopens the
+//! heap and checks that the map holds whole rounds only, at least every
+//! round the child reported. Three kills per run (more with
+//! `RVM_KILL9_ROUNDS`).
+
+#[allow(dead_code)]
+#[path = "../examples/tracked_map.rs"]
+mod tracked_map;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "RVM_TRACKED_MAP_CHILD";
+
+#[test]
+fn child_adds_rounds_until_killed() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
+    let mut store = tracked_map::open(Path::new(&dir), rvm::Options::default()).unwrap();
+    store.check().unwrap();
+    loop {
+        let round = store.add_round().unwrap();
+        println!("{round}");
+    }
+}
+
+#[test]
+fn a_plain_hashbrown_map_survives_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let kills: u32 = std::env::var("RVM_KILL9_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut reported = 0;
+    for kill in 0..kills {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["child_adds_rounds_until_killed", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &dir)
+            .env_remove("RUST_TEST_THREADS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Let it commit a few rounds, then kill it at a random moment.
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let extra = Duration::from_millis((seed >> 33) % 40);
+        // Kept open until the child is dead: a closed pipe would end it.
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let start = Instant::now();
+        let mut seen = 0;
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Ok(round) = line.trim().parse::<u64>() {
+                reported = reported.max(round);
+                seen += 1;
+            }
+            if seen >= 3 || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+        }
+        std::thread::sleep(extra);
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "kill {kill}: the child ended by itself: {status}");
+        assert!(seen > 0, "kill {kill}: the child committed nothing");
+        drop(lines);
+        // No background thread: closing releases the files at once for the
+        // next child.
+        let opts = rvm::Options { truncate_threshold: None, ..rvm::Options::default() };
+        let store = tracked_map::open(&dir, opts).unwrap();
+        let rounds = store.check().unwrap_or_else(|e| panic!("kill {kill}: {e}"));
+        assert!(rounds >= reported, "kill {kill}: {rounds} rounds recovered, {reported} were reported committed");
+        store.heap.check().unwrap();
+        store.heap.close().unwrap();
+        store.rvm.close().unwrap();
+    }
+}
