@@ -139,7 +139,7 @@ fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize) -> 
     // hold it (2^21 buckets of 17 bytes at 1M keys).
     let opts = Options { tracked_pool_pages: 32768, ..Options::default() };
     let rvm = Rvm::open(dir.join("log"), opts).unwrap();
-    let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::new(0x5e00_0000_0000, 256 << 20)).unwrap();
+    let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::fixed(0x5e00_0000_0000, 256 << 20)).unwrap();
     heap.track().unwrap();
     let alloc = TrackedAlloc::new(&heap).unwrap();
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();

@@ -30,7 +30,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         create_log(&log, 4 << 20)?;
         println!("created log {}", log.display());
     }
-    let rvm = Rvm::open(&log, Options::default())?;
+    let rvm = match Rvm::open(&log, Options::default()) {
+        Ok(rvm) => rvm,
+        Err(e @ rvm::Error::Log(rvm::LogError::UnsupportedVersion { .. })) => {
+            // A folder from an older release: its log format is refused by
+            // name, never misread.
+            eprintln!("quickstart: {e}");
+            eprintln!(
+                "quickstart: hint: {} was written by an older release; remove {} (or pass another folder) to start afresh",
+                log.display(),
+                dir.display()
+            );
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let report = rvm.recovery_report();
     println!(
         "recovery replayed {} transaction(s), discarded {} byte(s) of unfinished tail",

@@ -61,7 +61,7 @@ pub fn open(dir: &Path, opts: Options) -> Result<Store, Box<dyn std::error::Erro
     let heap = if seg.exists() {
         PersistentHeap::open(&rvm, &seg)?
     } else {
-        PersistentHeap::create(&rvm, &seg, &HeapSpec::new(BASE, 64 << 20))?
+        PersistentHeap::create(&rvm, &seg, &HeapSpec::fixed(BASE, 64 << 20))?
     };
     heap.track()?;
     let map = match heap.root("map") {

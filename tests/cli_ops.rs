@@ -54,7 +54,7 @@ const HOLDER_DIR: &str = "RVM_OPS_HOLDER_DIR";
 /// `done`. Any failed commit panics, failing the process.
 fn holder_process(dir: PathBuf) {
     let rvm = Rvm::open(dir.join("app.log"), opts()).unwrap();
-    let heap = PersistentHeap::create(&rvm, dir.join("app.heap"), &HeapSpec::new(base(0), 1 << 20)).unwrap();
+    let heap = PersistentHeap::create(&rvm, dir.join("app.heap"), &HeapSpec::fixed(base(0), 1 << 20)).unwrap();
     let mut count = 0u64;
     let started = Instant::now();
     while !dir.join("stop").exists() {

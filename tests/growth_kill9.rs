@@ -121,7 +121,7 @@ fn kill_9_while_threads_grow_a_heap() {
     create_log(dir.path().join("log"), 8 << 20).unwrap();
     {
         let rvm = Rvm::open(dir.path().join("log"), opts()).unwrap();
-        let spec = HeapSpec::new(BASE, INITIAL).with_max_len(MAX);
+        let spec = HeapSpec::fixed(BASE, INITIAL).with_max_len(MAX);
         let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &spec).unwrap();
         for i in 0..THREADS {
             heap.root_or_create(&format!("t{i}"), DIR_BYTES, 8, 0xd1, |_| {}).unwrap();

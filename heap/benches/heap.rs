@@ -66,7 +66,7 @@ struct Setup {
 
 /// A fresh log and heap (created through the loader at `base`).
 fn setup(name: &str, heap_bytes: usize, base: u64) -> Setup {
-    setup_spec(name, &HeapSpec::new(base, heap_bytes as u64))
+    setup_spec(name, &HeapSpec::fixed(base, heap_bytes as u64))
 }
 
 /// A fresh log and heap made to `spec`.
@@ -124,7 +124,7 @@ fn live_bytes() -> usize {
 /// small allocation after it (malloc + no-flush commit), µs for the first
 /// allocation that needs the new space (1.5 GiB)).
 fn grow_once(run: usize) -> (f64, f64, f64) {
-    let spec = HeapSpec::new(0x7000_0000_0000, 1 << 30).with_max_len(4 << 30);
+    let spec = HeapSpec::fixed(0x7000_0000_0000, 1 << 30).with_max_len(4 << 30);
     let s = setup_spec(&format!("grow{run}"), &spec);
     let alloc = |size: usize| {
         let t = Instant::now();

@@ -24,6 +24,8 @@ pub const HEAP_REGION: &str = "heap";
 /// ```
 /// let spec = rvm_heap::HeapSpec::new(0x5b00_0000_0000, 64 << 20);
 /// assert_eq!(spec.heap_base(), 0x5b00_0000_0000 + 4096);
+/// assert_eq!(spec.max_len(), rvm_heap::DEFAULT_MAX_HEAP_LEN); // grows by default
+/// assert_eq!(rvm_heap::HeapSpec::fixed(0x5b00_0000_0000, 64 << 20).max_len(), 64 << 20);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeapSpec {
@@ -38,8 +40,35 @@ pub struct HeapSpec {
 impl HeapSpec {
     /// A heap of `heap_len` bytes (rounded up to whole pages) whose static
     /// region is mapped at `base` (page-aligned) and whose heap region
-    /// follows it directly.
+    /// follows it directly. It grows in place when it fills, up to
+    /// [`crate::DEFAULT_MAX_HEAP_LEN`] (64 GiB; see
+    /// [`HeapSpec::with_max_len`]): loading it reserves that much address
+    /// space from the heap region's base (no memory or swap), so nothing
+    /// else should be placed there. [`HeapSpec::fixed`] makes a heap that
+    /// never grows (for heaps packed at fixed bases close together).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use rvm_core::{create_log, CommitMode, Options, RestoreMode, Rvm};
+    /// use rvm_heap::{HeapSpec, PersistentHeap};
+    /// use std::alloc::Layout;
+    /// create_log(dir.path().join("log"), 8 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &HeapSpec::new(0x5b60_0000_0000, 64 << 10)).unwrap();
+    /// let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+    /// tx.malloc(Layout::from_size_align(1 << 20, 8).unwrap()).unwrap(); // more than the heap holds: it grows
+    /// tx.commit(CommitMode::Flush).unwrap();
+    /// assert!(heap.stats().heap_bytes > 1 << 20);
+    /// heap.check().unwrap();
+    /// ```
     pub fn new(base: u64, heap_len: u64) -> HeapSpec {
+        HeapSpec::fixed(base, heap_len).with_max_len(crate::DEFAULT_MAX_HEAP_LEN)
+    }
+
+    /// [`HeapSpec::new`] for a heap that never grows: no address space is
+    /// reserved beyond it, and an allocation that finds no room fails with
+    /// [`HeapError::OutOfMemory`].
+    pub fn fixed(base: u64, heap_len: u64) -> HeapSpec {
         let page = rvm_core::page_size() as u64;
         HeapSpec {
             base,
@@ -51,18 +80,15 @@ impl HeapSpec {
         }
     }
 
-    /// [`HeapSpec::new`] for a heap that can grow in place up to
-    /// [`crate::DEFAULT_MAX_HEAP_LEN`] (64 GiB): loading it reserves that
-    /// much address space from the heap region's base (no memory or swap),
-    /// so the base must have it free.
+    /// The same as [`HeapSpec::new`] (kept for code written when `new`
+    /// made heaps that never grow).
     pub fn growable(base: u64, heap_len: u64) -> HeapSpec {
-        HeapSpec::new(base, heap_len).with_max_len(crate::DEFAULT_MAX_HEAP_LEN)
+        HeapSpec::new(base, heap_len)
     }
 
     /// Lets the heap grow in place up to `max_len` bytes (rounded up to
-    /// whole pages; a value below the heap's length means no growth, the
-    /// default of [`HeapSpec::new`], which suits heaps packed at fixed bases
-    /// close together). The maximum is recorded in the segment's load map;
+    /// whole pages; a value below the heap's length means no growth, as
+    /// [`HeapSpec::fixed`] makes). The maximum is recorded in the segment's load map;
     /// at load the address range `[heap base, heap base + max_len)` is
     /// reserved (`PROT_NONE`, `MAP_NORESERVE`, never over an existing
     /// mapping: if something is there already, the heap loads at its size

@@ -49,7 +49,7 @@ static TEMPLATE: OnceLock<Template> = OnceLock::new();
 fn template() -> &'static Template {
     TEMPLATE.get_or_init(|| {
         assert_eq!(rvm_core::page_size(), STATIC_LEN, "the fuzz images assume 4 KiB pages");
-        let spec = HeapSpec::new(rvm_loader::testing::address_range().at(0), HEAP_LEN as u64);
+        let spec = HeapSpec::fixed(rvm_loader::testing::address_range().at(0), HEAP_LEN as u64);
         let disk = SimDisk::new();
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         create_log_with(vfs.as_ref(), Path::new("log"), LOG_LEN).expect("create the template log");

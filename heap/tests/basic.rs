@@ -322,7 +322,7 @@ fn a_corrupted_heap_is_refused_at_load() {
     let log = dir.path().join("log");
     let path = dir.path().join("heap");
     create_log(&log, 1 << 20).unwrap();
-    let spec = HeapSpec::new(fresh_base(), 1 << 20);
+    let spec = HeapSpec::fixed(fresh_base(), 1 << 20);
     let (block_at, counters_at) = {
         let rvm = Rvm::open(&log, Options::default()).unwrap();
         let heap = PersistentHeap::create(&rvm, &path, &spec).unwrap();

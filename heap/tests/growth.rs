@@ -28,7 +28,7 @@ fn explicit_growth_keeps_pointers_and_readers_run_through_it() {
     let dir = tempfile::tempdir().unwrap();
     create_log(dir.path().join("log"), 4 << 20).unwrap();
     let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    let spec = HeapSpec::new(base(), 64 << 10).with_max_len(512 << 20);
+    let spec = HeapSpec::fixed(base(), 64 << 10).with_max_len(512 << 20);
     let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &spec).unwrap();
     assert_eq!(heap.max_len(), 512 << 20);
     assert_eq!(heap.stats().max_heap_bytes, 512 << 20);
@@ -81,7 +81,7 @@ fn the_growth_policy_decides() {
     let dir = tempfile::tempdir().unwrap();
     create_log(dir.path().join("log"), 4 << 20).unwrap();
     let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    let spec = HeapSpec::new(base(), 64 << 10).with_max_len(64 << 20);
+    let spec = HeapSpec::fixed(base(), 64 << 10).with_max_len(64 << 20);
     let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &spec).unwrap();
     heap.set_growth_policy(GrowthPolicy::Manual);
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
@@ -109,7 +109,7 @@ fn an_address_range_taken_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
     create_log(dir.path().join("log"), 4 << 20).unwrap();
     let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    let spec = HeapSpec::new(base(), 64 << 10).with_max_len(256 << 20);
+    let spec = HeapSpec::fixed(base(), 64 << 10).with_max_len(256 << 20);
     PersistentHeap::create(&rvm, dir.path().join("heap"), &spec).unwrap().close().unwrap();
     let other = rvm.create_segment(dir.path().join("other"), 4096).unwrap();
     let at = spec.heap_base() as usize + (1 << 20);
@@ -133,7 +133,7 @@ fn a_full_disk_is_a_typed_error() {
     let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
     create_log_with(vfs.as_ref(), Path::new("log"), 256 << 10).unwrap();
     let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), Options::default()).unwrap();
-    let spec = HeapSpec::new(base(), 64 << 10).with_max_len(64 << 20);
+    let spec = HeapSpec::fixed(base(), 64 << 10).with_max_len(64 << 20);
     let heap = PersistentHeap::create(&rvm, "heap", &spec).unwrap();
     store(&heap, 1000, 4);
     match heap.grow(2 << 20) {
@@ -160,7 +160,7 @@ fn a_heap_without_a_maximum_does_not_grow() {
     let dir = tempfile::tempdir().unwrap();
     create_log(dir.path().join("log"), 4 << 20).unwrap();
     let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &HeapSpec::new(base(), 64 << 10)).unwrap();
+    let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &HeapSpec::fixed(base(), 64 << 10)).unwrap();
     assert_eq!(heap.max_len(), 64 << 10);
     assert!(matches!(heap.grow(1 << 20), Err(HeapError::GrowthLimit { .. })));
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();

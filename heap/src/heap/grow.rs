@@ -152,7 +152,7 @@ impl Heap {
     /// use rvm_heap::{HeapSpec, PersistentHeap};
     /// create_log(dir.path().join("log"), 1 << 20).unwrap();
     /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    /// let spec = HeapSpec::new(0x5b48_0000_0000, 1 << 20).with_max_len(1 << 30);
+    /// let spec = HeapSpec::fixed(0x5b48_0000_0000, 1 << 20).with_max_len(1 << 30);
     /// let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &spec).unwrap();
     /// assert_eq!(heap.grow(4 << 20).unwrap(), 4 << 20);
     /// assert_eq!(heap.stats().heap_bytes, 4 << 20);

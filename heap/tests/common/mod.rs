@@ -157,7 +157,7 @@ impl Disk {
         let disk = SimDisk::new();
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         let opts = Options { truncate_threshold: background.then_some(0.5), ..Options::default() };
-        Disk { disk, vfs, spec: HeapSpec::new(fresh_base(), heap), opts }
+        Disk { disk, vfs, spec: HeapSpec::fixed(fresh_base(), heap), opts }
     }
 
     /// [`Disk::new`] for a heap that can grow to `max` bytes.
