@@ -302,25 +302,7 @@ impl<'h> WriteTx<'h> {
     /// ```
     pub fn new_box<T: Persist>(&self, value: impl IntoPersist<T>) -> Result<Owned<'h, crate::PBox<T>>> {
         let value = self.accept(value)?;
-        let ptr = self.with_htx(|htx| {
-            let ptr = htx.malloc(Layout::new::<T>())?;
-            if std::mem::size_of::<T>() > 0 {
-                // SAFETY: a block this transaction just allocated: nothing
-                // else references or writes it.
-                unsafe { htx.write(ptr, bytes_of(&value))? };
-            }
-            Ok(ptr)
-        });
-        let ptr = match ptr {
-            Ok(p) => p,
-            Err(e) => {
-                // The value's blocks float again: freed at commit (if any).
-                self.float(&value);
-                return Err(e);
-            }
-        };
-        // Moved into the heap.
-        std::mem::forget(value);
+        let ptr = self.place(value, |_, _| Ok(()))?;
         self.adopt(crate::PBox::from_block(ptr))
     }
 
@@ -341,6 +323,37 @@ impl<'h> WriteTx<'h> {
             })?
         };
         self.adopt(crate::PString::from_raw_parts(ptr, s.len()))
+    }
+
+    /// Moves `value` into a block of its own, allocated here, and runs
+    /// `then` on the block in the same heap call; on failure the value's
+    /// blocks float again (freed at commit, unless the transaction aborts).
+    fn place<T: Persist>(
+        &self,
+        value: T,
+        then: impl FnOnce(&mut HeapTx<'h>, NonNull<u8>) -> Result<()>,
+    ) -> Result<NonNull<u8>> {
+        let placed = self.with_htx(|htx| {
+            let ptr = htx.malloc(Layout::new::<T>())?;
+            if std::mem::size_of::<T>() > 0 {
+                // SAFETY: a block this transaction just allocated: nothing
+                // else references or writes it.
+                unsafe { htx.write(ptr, bytes_of(&value))? };
+            }
+            then(htx, ptr)?;
+            Ok(ptr)
+        });
+        match placed {
+            Ok(ptr) => {
+                // Moved into the heap.
+                std::mem::forget(value);
+                Ok(ptr)
+            }
+            Err(e) => {
+                self.float(&value);
+                Err(e)
+            }
+        }
     }
 
     /// Puts the blocks of `value` back among the floating ones (a value
@@ -472,23 +485,7 @@ impl<'h> WriteTx<'h> {
         }
         let value = self.accept(init())?;
         let size = std::mem::size_of::<T>();
-        let ptr = self.with_htx(|htx| {
-            let ptr = htx.malloc(Layout::new::<T>())?;
-            // SAFETY: a block this transaction just allocated: nothing else
-            // references or writes it.
-            unsafe { htx.write(ptr, bytes_of(&value))? };
-            htx.set_root(name, Some((ptr, size as u64, T::FINGERPRINT)))?;
-            Ok(ptr)
-        });
-        let ptr = match ptr {
-            Ok(p) => p,
-            Err(e) => {
-                self.float(&value);
-                return Err(e);
-            }
-        };
-        // Moved into the heap.
-        std::mem::forget(value);
+        let ptr = self.place(value, |htx, ptr| Ok(htx.set_root(name, Some((ptr, size as u64, T::FINGERPRINT)))?))?;
         self.created.borrow_mut().insert(name.to_owned(), (ptr, size as u64, T::FINGERPRINT));
         self.record_shape::<T>()?;
         self.borrow(name, ptr, true)?;
