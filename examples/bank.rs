@@ -88,7 +88,7 @@ impl Rng {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args_os().skip(1);
     let dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-bank"));
     let per_run: u64 = args.next().and_then(|a| a.to_str()?.parse().ok()).unwrap_or(2_000);
@@ -165,4 +165,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     heap.close()?;
     Ok(())
+}
+
+fn main() {
+    // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
+    if let Err(e) = run() {
+        eprintln!("bank: error: {e}");
+        std::process::exit(1);
+    }
 }

@@ -76,7 +76,7 @@ unsafe fn read<T: Copy>(addr: u64) -> T {
     unsafe { (addr as *const T).read() }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dir =
         std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-heap-list"));
     std::fs::create_dir_all(&dir)?;
@@ -171,4 +171,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     heap.close()?;
     rvm.close()?;
     Ok(())
+}
+
+fn main() {
+    // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
+    if let Err(e) = run() {
+        eprintln!("heap_list: error: {e}");
+        std::process::exit(1);
+    }
 }

@@ -153,6 +153,8 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             let _ = writeln!(err, "kv: not found");
             1
         }
+        // A reader that stops early (`kv scan .. | head`) is not an error.
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {
             let _ = writeln!(err, "kv: {} ({})", e, dir.display());
             3

@@ -47,7 +47,7 @@ struct Node {
 
 const NODE_LEN: usize = std::mem::size_of::<Node>();
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
@@ -133,4 +133,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(seg);
     rvm.close()?;
     Ok(())
+}
+
+fn main() {
+    // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
+    if let Err(e) = run() {
+        eprintln!("persistent_list: error: {e}");
+        std::process::exit(1);
+    }
 }

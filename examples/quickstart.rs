@@ -20,7 +20,7 @@ const RUNS: usize = 0; // u64: completed runs
 const UPDATES: usize = 8; // u64: committed updates, all runs together
 const LAST: usize = 16; // [u8; 48]: text of the last update
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dir =
         std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
     std::fs::create_dir_all(&dir)?;
@@ -101,4 +101,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("run it again (or kill it mid-run and run it again): the counts carry on from here");
     rvm.close()?;
     Ok(())
+}
+
+fn main() {
+    // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
+    if let Err(e) = run() {
+        eprintln!("quickstart: error: {e}");
+        std::process::exit(1);
+    }
 }

@@ -123,7 +123,7 @@ impl Store {
 }
 
 #[allow(dead_code)]
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args_os()
         .nth(1)
         .map(std::path::PathBuf::from)
@@ -143,4 +143,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.heap.close()?;
     store.rvm.close()?;
     Ok(())
+}
+
+fn main() {
+    // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
+    if let Err(e) = run() {
+        eprintln!("tracked_map: error: {e}");
+        std::process::exit(1);
+    }
 }

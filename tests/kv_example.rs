@@ -65,3 +65,36 @@ fn usage_errors_and_limits() {
     let scan = kv(&dir, &["scan", ".."]).1;
     assert_eq!(scan.lines().map(|l| l.split('\t').next().unwrap().len()).collect::<Vec<_>>(), [0, 2, kv::MAX_KEY]);
 }
+
+/// A writer whose reader went away after `room` bytes (`kv scan .. | head -1`).
+struct ClosedPipe {
+    room: usize,
+}
+
+impl std::io::Write for ClosedPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.room == 0 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let n = buf.len().min(self.room);
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error_and_the_store_stays_usable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    for i in 0..50 {
+        assert_eq!(kv(&dir, &["put", &format!("k{i:02}"), "v"]).0, 0);
+    }
+    let args: Vec<String> = ["--dir", dir.to_str().unwrap(), "scan", ".."].iter().map(|s| s.to_string()).collect();
+    let (mut out, mut err) = (ClosedPipe { room: 10 }, Vec::new());
+    assert_eq!(kv::run(&args, &mut out, &mut err), 0);
+    assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(kv(&dir, &["scan", ".."]).1.lines().count(), 50);
+}
