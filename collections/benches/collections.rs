@@ -12,7 +12,9 @@
 //! where the files go (default: the target dir, the same disk as the raw
 //! baseline's file, which lies next to the heaps);
 //! `RVM_BENCH_PROFILE=hash1000` runs only the batched hash-map inserts,
-//! for a profiler.
+//! for a profiler; `RVM_BENCH_PROFILE=threads` only the durable inserts
+//! from 1 and 4 threads (group commit against a flush under the writer
+//! lock, emulated by a lock around each `write`).
 
 #[path = "../../benches/common/mod.rs"]
 mod common;
@@ -259,6 +261,57 @@ fn flush_inserts(heap: &PHeap, btree: bool, rng: &mut Rng, dur: Duration) -> f64
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `threads` threads each make `per_thread` durable single inserts into
+/// one `PHashMap`; with `one_at_a_time`, a lock around each `write` keeps
+/// the next writer out until the previous one's sync is done (what
+/// `write` did before it released the writer lock before the sync).
+/// Inserts/s.
+fn threaded_flush_inserts(heap: &PHeap, threads: u64, per_thread: u64, one_at_a_time: bool, first: u64) -> f64 {
+    let turn = parking_lot::Mutex::new(());
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let turn = &turn;
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    let _turn = one_at_a_time.then(|| turn.lock());
+                    heap.write(|tx| {
+                        tx.root_mut::<HMap>("m")?.expect("root").insert(t << 32 | (first + i), i)?;
+                        Ok::<_, Error>(())
+                    })
+                    .expect("durable insert");
+                }
+            });
+        }
+    });
+    (threads * per_thread) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `RVM_BENCH_PROFILE=threads`: durable inserts from 4 threads with group
+/// commit, from 4 threads one sync at a time, and from 1 thread, in turn.
+fn durable_threads(rounds: usize, per_thread: u64) {
+    let root = bench_root();
+    let heap = fresh(&root, "threads", 256, 512);
+    heap.write(|tx| tx.root_or_insert_with("m", HMap::new).map(|_| ())).expect("root");
+    let (mut group, mut serial, mut single) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // Fresh keys in every run: each insert adds an entry.
+        let first = r as u64 * 12 * per_thread;
+        serial.push(threaded_flush_inserts(&heap, 4, per_thread, true, first));
+        group.push(threaded_flush_inserts(&heap, 4, per_thread, false, first + 4 * per_thread));
+        single.push(threaded_flush_inserts(&heap, 1, 4 * per_thread, false, first + 8 * per_thread));
+    }
+    let ratios: Vec<f64> = group.iter().zip(&serial).map(|(g, s)| g / s).collect();
+    println!("| durable single inserts, `PHashMap` | inserts/s (median of {rounds}) |");
+    println!("|---|---:|");
+    println!("| 4 threads, group commit (`write`) | {} |", si(median(&group)));
+    println!("| 4 threads, one sync at a time (lock around `write`) | {} |", si(median(&serial)));
+    println!("| 1 thread | {} |", si(median(&single)));
+    println!("| group / one at a time, median of paired rounds | {:.2}x |", median(&ratios));
+    close_and_remove(heap);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// Opens the heap in `dir` and borrows root `name` once (its check);
 /// returns (open ms, first borrow ms).
 fn open_ms(dir: &Path, btree: bool) -> (f64, f64) {
@@ -320,6 +373,10 @@ fn main() {
         return;
     }
     let q = quick();
+    if std::env::var("RVM_BENCH_PROFILE").is_ok_and(|v| v == "threads") {
+        durable_threads(if q { 1 } else { env_usize("RVM_BENCH_ROUNDS", 5) }, if q { 20 } else { 500 });
+        return;
+    }
     let rounds = if q { 1 } else { env_usize("RVM_BENCH_ROUNDS", 5) };
     let n_hash1 = if q { 2_000 } else { env_usize("RVM_BENCH_HASH1_N", 200_000) };
     let n_big = if q { 20_000 } else { 1_000_000 };

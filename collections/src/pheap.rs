@@ -287,6 +287,14 @@ impl PHeap {
     ///
     /// References into the heap that `f` gets live only as long as the
     /// transaction: they cannot leave the closure.
+    ///
+    /// Writes from several threads share syncs (group commit): a write
+    /// releases the writer lock once it has committed in memory and then
+    /// waits for the disk, so the next writer runs meanwhile and one sync
+    /// serves every writer waiting. Readers and later writers may thus see
+    /// a write before it is durable; the log is in commit order, so
+    /// nothing written after it is durable without it, and a crash before
+    /// its sync loses it only together with every later write.
     pub fn write<R, E: From<Error>>(&self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>) -> Result<R, E> {
         self.write_with(CommitMode::Flush, f)
     }
@@ -303,12 +311,20 @@ impl PHeap {
         mode: CommitMode,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let _writer = self.lock.write();
+        let writer = self.lock.write();
         let htx = self.heap.begin(RestoreMode::Restore).map_err(|e| E::from(e.into()))?;
         let mut tx = WriteTx::new(&self.heap, htx, &self.checked);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx))) {
             Ok(Ok(value)) => {
-                tx.commit(mode).map_err(E::from)?;
+                tx.commit(CommitMode::NoFlush).map_err(E::from)?;
+                // Group commit: the next writer runs while this one waits
+                // for the disk, and one sync serves every writer waiting
+                // (the log is written in commit order, so a later write is
+                // never durable without this one).
+                drop(writer);
+                if mode == CommitMode::Flush {
+                    self.rvm.flush().map_err(|e| E::from(e.into()))?;
+                }
                 Ok(value)
             }
             // Dropping the transaction aborts it: restore-mode undo puts
