@@ -740,6 +740,29 @@ fn records_in_a(d: &Dir) -> (PathBuf, PathBuf, PathBuf) {
     (a, b, seg)
 }
 
+/// The mark names the log by its canonical path, however the program
+/// named it, so a process with another working directory finds it.
+#[test]
+fn owner_marks_name_the_log_by_its_canonical_path() {
+    let d = Dir::new();
+    if !xattrs_supported(&d) {
+        return;
+    }
+    let a = d.log("a.log");
+    std::fs::create_dir(d.path("sub")).unwrap();
+    let roundabout = d.path("sub").join("..").join(".").join("a.log");
+    let rvm = Rvm::open(&roundabout, opts()).unwrap();
+    let seg = d.path("seg");
+    let s = rvm.create_segment(&seg, ps() as u64).unwrap();
+    assert_eq!(mark_log(&seg), Some(a.canonicalize().unwrap()));
+    drop((s, rvm));
+    // Reopened by its plain name, the log finds its own mark.
+    let rvm = Rvm::open(&a, opts()).unwrap();
+    let s = rvm.open_segment(&seg).unwrap();
+    assert_eq!(mark_log(&seg), Some(a.canonicalize().unwrap()));
+    drop((s, rvm));
+}
+
 #[test]
 fn segment_with_records_in_another_log_is_refused_until_closed_there() {
     let d = Dir::new();

@@ -97,7 +97,10 @@ impl Inner {
     fn claim_segment(&self, dev: &dyn crate::storage::Storage, name: &Path) -> Result<()> {
         let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", name, e))?;
         let theirs = mark.as_deref().and_then(OwnerMark::decode);
-        if theirs.as_ref().is_some_and(|m| m.log_id == self.log_id && m.log == self.ring.path) {
+        // The canonical path, so that a process with another working
+        // directory finds this log from the mark.
+        let log = self.vfs.canonical_name(&self.ring.path).unwrap_or_else(|_| self.ring.path.clone());
+        if theirs.as_ref().is_some_and(|m| m.log_id == self.log_id && m.log == log) {
             return Ok(());
         }
         if let Some(other) = theirs.filter(|m| m.log_id != self.log_id) {
@@ -105,7 +108,7 @@ impl Inner {
                 return Err(LogError::SegmentInOtherLog { path: name.to_path_buf(), other_log: other.log }.into());
             }
         }
-        let ours = OwnerMark { log_id: self.log_id, log: self.ring.path.clone() }.encode();
+        let ours = OwnerMark { log_id: self.log_id, log }.encode();
         dev.set_owner_mark(Some(&ours)).map_err(|e| Error::io("writing the segment's owner mark", name, e))
     }
 
