@@ -369,10 +369,17 @@ impl PHeap {
     }
 
     /// Closes the heap, reporting errors that dropping would swallow.
+    ///
+    /// A close first applies the whole log to the heap file and empties
+    /// the log (`Rvm::truncate`), so that afterwards the heap file alone
+    /// holds every commit: the folder may be moved, copied or backed up
+    /// as it stands. (Dropping a `PHeap` without `close` leaves the log as
+    /// it is; the next open recovers from it, in the same folder.)
     pub fn close(self) -> Result<()> {
         let PHeap { heap, rvm, _reserve, .. } = self;
         heap.close()?;
         drop(_reserve);
+        rvm.truncate()?;
         rvm.close()?;
         Ok(())
     }

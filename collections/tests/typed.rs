@@ -388,3 +388,33 @@ fn concurrent_durable_writers_lose_nothing_acknowledged_in_a_crash() {
         heap.check().unwrap();
     }
 }
+
+/// After `close` the heap file holds every commit: the folder can be
+/// moved, and the heap file alone copied into a fresh folder, and both
+/// open with everything in them.
+#[test]
+fn a_closed_folder_can_be_moved_and_its_heap_file_copied_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let heap = PHeap::open_or_create(&a, small()).unwrap();
+    for i in 0..50u64 {
+        heap.write_no_flush(|tx| {
+            let mut p = tx.root_or_insert_with("pair", || Pair { a: 0, b: 0 })?;
+            p.a += i;
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    heap.close().unwrap();
+    std::fs::rename(&a, &b).unwrap();
+    let heap = PHeap::open_or_create(&b, small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<Pair>("pair").unwrap().copied()), Some(Pair { a: 1225, b: 0 }));
+    heap.write(|tx| tx.root_mut::<Pair>("pair").map(|p| p.unwrap().b = 7)).unwrap();
+    heap.close().unwrap();
+    std::fs::create_dir(&c).unwrap();
+    std::fs::copy(b.join("heap.seg"), c.join("heap.seg")).unwrap();
+    let heap = PHeap::open_or_create(&c, small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<Pair>("pair").unwrap().copied()), Some(Pair { a: 1225, b: 7 }));
+    heap.check().unwrap();
+    heap.close().unwrap();
+}
