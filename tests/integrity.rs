@@ -823,24 +823,48 @@ fn stale_owner_marks_are_taken_over() {
     assert_eq!(read(&r, 0, 6), b"from A");
     drop((r, s, rvm_b));
 
-    // A deleted with its records: nobody can apply them; B takes over.
+    // A deleted with its records: nobody can apply them. The segment is
+    // refused (it lacks A's commits) until accepted as it stands.
     let d = Dir::new();
     let (a, b, seg) = records_in_a(&d);
     std::fs::remove_file(&a).unwrap();
     let rvm_b = Rvm::open(&b, opts()).unwrap();
+    log_gone(rvm_b.open_segment(&seg), &a);
+    let a_canonical = d.path("").canonicalize().unwrap().join("a.log");
+    assert_eq!(mark_log(&seg), Some(a_canonical), "a refused open changed the mark");
+    drop(rvm_b);
+    let rvm_b = Rvm::open(&b, opts().accept_segment(&seg, &seg)).unwrap();
     let s = rvm_b.open_segment(&seg).unwrap();
     assert_eq!(mark_log(&seg), Some(b.canonicalize().unwrap()));
     let r = rvm_b.map(&s, MapSpec::new(0, ps())).unwrap();
     assert_eq!(read(&r, 0, 6), &[0; 6]);
 
-    // Another log now at A's path (a new log id): stale as well.
+    // Another log now at A's path (a new log id): A is gone as well.
     let d = Dir::new();
     let (a, b, seg) = records_in_a(&d);
     std::fs::remove_file(&a).unwrap();
     create_log(&a, 1 << 20).unwrap();
     let rvm_b = Rvm::open(&b, opts()).unwrap();
+    log_gone(rvm_b.open_segment(&seg), &a);
+    drop(rvm_b);
+    // The new log at A's own path: refused the same way (not "open it
+    // through that log": it is this one).
+    let rvm_a = Rvm::open(&a, opts()).unwrap();
+    log_gone(rvm_a.open_segment(&seg), &a);
+    drop(rvm_a);
+    let rvm_b = Rvm::open(&b, opts().accept_segment(&seg, &seg)).unwrap();
     rvm_b.open_segment(&seg).unwrap();
     assert_eq!(mark_log(&seg), Some(b.canonicalize().unwrap()));
+}
+
+fn log_gone(r: Result<Segment>, log: &Path) {
+    match r {
+        Err(Error::Log(LogError::SegmentLogGone { owner_log, .. })) => {
+            let dir = log.parent().unwrap().canonicalize().unwrap();
+            assert_eq!(owner_log, dir.join(log.file_name().unwrap()));
+        }
+        other => panic!("expected SegmentLogGone, got {other:?}"),
+    }
 }
 
 // 7. Segment truncated behind the log's back

@@ -370,16 +370,20 @@ impl PHeap {
 
     /// Closes the heap, reporting errors that dropping would swallow.
     ///
-    /// A close first applies the whole log to the heap file and empties
-    /// the log (`Rvm::truncate`), so that afterwards the heap file alone
-    /// holds every commit: the folder may be moved, copied or backed up
-    /// as it stands. (Dropping a `PHeap` without `close` leaves the log as
+    /// A close first applies the whole log to the heap file and detaches
+    /// the file from the log (`Rvm::close_segment`), so that afterwards
+    /// the heap file alone holds every commit: the folder may be moved,
+    /// copied or backed up as it stands, and a lost log loses nothing. (Dropping a `PHeap` without `close` leaves the log as
     /// it is; the next open recovers from it, in the same folder.)
     pub fn close(self) -> Result<()> {
-        let PHeap { heap, rvm, _reserve, .. } = self;
+        let PHeap { heap, rvm, _reserve, dir, .. } = self;
         heap.close()?;
         drop(_reserve);
-        rvm.truncate()?;
+        // Closing the segment in the log applies every record for it,
+        // drops it from the log's dictionary and clears its owner mark:
+        // the heap file stands alone.
+        let seg = rvm.open_segment(dir.join(HEAP_FILE))?;
+        rvm.close_segment(seg)?;
         rvm.close()?;
         Ok(())
     }

@@ -143,6 +143,27 @@ pub enum LogError {
         /// The log that holds records for it.
         other_log: PathBuf,
     },
+    /// The segment's owner mark names a log that is gone (deleted, or
+    /// replaced by another log at its path) and that may have held
+    /// commits not yet applied to the segment: no log can recover them
+    /// now, so the segment is refused rather than shown without them. If
+    /// that log was emptied before it went (closed with
+    /// [`crate::Rvm::close_segment`], or truncated), or to go on without
+    /// its commits, accept the segment:
+    /// `Options::accept_segment(path, path)`.
+    #[error(
+        "segment {} was last used through the log {}, which is gone (deleted or replaced): commits it had not yet \
+         applied to the segment are lost with it; to use the segment as it stands, accept it \
+         (Options::accept_segment with its path twice)",
+        path.display(),
+        owner_log.display()
+    )]
+    SegmentLogGone {
+        /// The segment.
+        path: PathBuf,
+        /// The log its owner mark names.
+        owner_log: PathBuf,
+    },
     /// The log file lost its last name while open (deleted or renamed over):
     /// commits written to it could never be recovered, so the commit fails
     /// and the instance stops.

@@ -104,12 +104,31 @@ impl Inner {
             return Ok(());
         }
         if let Some(other) = theirs.filter(|m| m.log_id != self.log_id) {
-            if other_log_holds(self.vfs.as_ref(), &other, name)? {
-                return Err(LogError::SegmentInOtherLog { path: name.to_path_buf(), other_log: other.log }.into());
+            // An earlier log at this log's own path (we hold its lock now)
+            // was replaced by this one.
+            let other_log =
+                if other.log == log { OtherLog::Gone } else { other_log_holds(self.vfs.as_ref(), &other, name)? };
+            match other_log {
+                OtherLog::MayHold => {
+                    return Err(LogError::SegmentInOtherLog { path: name.to_path_buf(), other_log: other.log }.into())
+                }
+                OtherLog::Gone if !self.accepted(name) => {
+                    return Err(LogError::SegmentLogGone { path: name.to_path_buf(), owner_log: other.log }.into())
+                }
+                OtherLog::Gone | OtherLog::HoldsNothing => {}
             }
         }
         let ours = OwnerMark { log_id: self.log_id, log }.encode();
         dev.set_owner_mark(Some(&ours)).map_err(|e| Error::io("writing the segment's owner mark", name, e))
+    }
+
+    /// Whether `Options::accept_segment` names the segment `name` (a
+    /// canonical name) as where an accepted segment is now.
+    fn accepted(&self, name: &Path) -> bool {
+        self.opts
+            .accepted_segments
+            .iter()
+            .any(|(_, now)| now == name || self.vfs.canonical_name(now).is_ok_and(|c| c == name))
     }
 
     /// Refuses a segment handle of another instance: its commits would go
@@ -258,26 +277,36 @@ impl OwnerMark {
     }
 }
 
-/// Whether the log a foreign owner mark names may still hold records for
-/// the segment `name`: true if that log is open elsewhere (locked) or its
-/// live records name the segment; false if it is gone, is another log now,
-/// or holds nothing for the segment (the mark is stale).
-fn other_log_holds(vfs: &dyn Vfs, mark: &OwnerMark, name: &Path) -> Result<bool> {
+/// What the log a foreign owner mark names means for the segment `name`.
+enum OtherLog {
+    /// It is open elsewhere (locked), its status cannot be read, or its
+    /// live records name the segment.
+    MayHold,
+    /// It is there and holds nothing for the segment: the mark is stale.
+    HoldsNothing,
+    /// It is gone (no file, not a log, or another log now at its path):
+    /// whatever it held for the segment is lost with it.
+    Gone,
+}
+
+fn other_log_holds(vfs: &dyn Vfs, mark: &OwnerMark, name: &Path) -> Result<OtherLog> {
     let log = match crate::log::inspect::LogInspector::open(vfs, &mark.log) {
         Ok(log) => log,
-        Err(Error::Locked { .. }) => return Ok(true),
-        Err(_) => return Ok(false),
+        Err(Error::Locked { .. }) => return Ok(OtherLog::MayHold),
+        Err(_) => return Ok(OtherLog::Gone),
     };
     if log.superblock().log_id != mark.log_id {
-        return Ok(false);
+        return Ok(OtherLog::Gone);
     }
-    let Ok(status) = log.status() else { return Ok(true) };
-    let Some(id) = status.segments.iter().find(|e| e.name == name).map(|e| e.id) else { return Ok(false) };
+    let Ok(status) = log.status() else { return Ok(OtherLog::MayHold) };
+    let Some(id) = status.segments.iter().find(|e| e.name == name).map(|e| e.id) else {
+        return Ok(OtherLog::HoldsNothing);
+    };
     let mut names_it = false;
     log.walk(|f| {
         if let crate::log::inspect::FrameBody::Range { segment, .. } = f.body {
             names_it |= segment == id;
         }
     })?;
-    Ok(names_it)
+    Ok(if names_it { OtherLog::MayHold } else { OtherLog::HoldsNothing })
 }
