@@ -76,7 +76,23 @@ pub fn create_log_with(vfs: &dyn Vfs, path: &Path, size: u64) -> Result<()> {
         requested: size,
         reason: "a log needs at least 196 KiB (superblock, two status slots, 64 KiB of records)",
     })?;
+    if i64::try_from(size).is_err() {
+        return Err(LogError::BadSize { requested: size, reason: "a file holds at most 2^63 - 1 bytes" }.into());
+    }
     let dev = vfs.open(path, OpenMode::CreateNew).map_err(|e| Error::io("creating the log", path, e))?;
+    let made = write_new_log(dev.as_ref(), path, size, &sb);
+    if made.is_err() {
+        // Not a log yet (the superblock goes last): remove it, so that the
+        // path is free for another try.
+        drop(dev);
+        let _ = vfs.remove(path);
+    }
+    made
+}
+
+/// Writes a new log's statuses, first area block and superblock, each
+/// step synced.
+fn write_new_log(dev: &dyn Storage, path: &Path, size: u64, sb: &Superblock) -> Result<()> {
     let io = |op, r: std::io::Result<()>| r.map_err(|e| Error::io(op, path, e));
     io("sizing the log", dev.set_len(size))?;
     // A fresh status in both slots.
@@ -478,6 +494,25 @@ pub(crate) fn read_valid_frame(ring: &Ring, pos: u64, limit: u64, epoch: u64) ->
 mod tests {
     use super::*;
     use crate::testing::SimDisk;
+
+    /// A size no file can have is a usage error, and a creation that
+    /// fails part way (here the disk refuses the length) leaves no file
+    /// behind, so the same path can be tried again.
+    #[test]
+    fn a_failed_creation_leaves_no_file() {
+        let disk = SimDisk::with_max_file_len(1 << 20);
+        let path = Path::new("log");
+        for size in [u64::MAX, 1 << 63] {
+            let e = crate::create_log_with(&disk, path, size).unwrap_err();
+            assert!(matches!(e, Error::Log(LogError::BadSize { .. })), "{e:?}");
+        }
+        assert!(disk.file_names().is_empty());
+        let e = crate::create_log_with(&disk, path, 2 << 20).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(disk.file_names().is_empty(), "{:?}", disk.file_names());
+        crate::create_log_with(&disk, path, 1 << 20).unwrap();
+        crate::Rvm::open_with(Arc::new(disk.clone()), path, crate::Options::default()).unwrap();
+    }
 
     /// A log of an older format (here version 2, whose records this build
     /// cannot read) is refused with a typed error naming both versions,
