@@ -29,13 +29,17 @@ fn bench_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn cpu_seconds() -> f64 {
-    // Process CPU time (user + system) of every thread: replay may use two.
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+/// Process CPU seconds (user, system), all threads, from `getrusage`.
+fn cpu_split() -> (f64, f64) {
+    // SAFETY: `getrusage` fills the zeroed struct it is given; RUSAGE_SELF
+    // is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(ru.ru_utime), t(ru.ru_stime))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -156,19 +160,44 @@ fn log_bytes_per_tx(n: usize) {
 
 /// Writes `target` bytes of log of small ranges (coalescing off, as the
 /// core benchmark's recovery workload), then times the `Rvm::open` that
-/// replays them: (MB of log per second wall, per CPU-second, seconds).
+/// replays them: (MB of log per second wall, per CPU-second, seconds, log
+/// bytes). With `RVM_BENCH_REPLAY_LOG=<dir>`, the log and segment are
+/// written once into `<dir>` (if it holds none yet) and every run replays
+/// a fresh copy of them: two builds run back to back replay the same bytes.
 fn replay_run(target: usize, seed: u64) -> (f64, f64, f64, u64) {
-    let opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
-    let inst = open("replay", target + 96 * MIB, 64 * MIB, opts.clone());
-    let mut rng = Rng::new(seed);
-    while (inst.rvm.stats().log_bytes_written as usize) < target {
-        for _ in 0..2048 {
-            small_tx(&inst, &mut rng, CommitMode::NoFlush);
+    let mut opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
+    let shared = std::env::var_os("RVM_BENCH_REPLAY_LOG").map(PathBuf::from);
+    let dir = match &shared {
+        Some(src) => {
+            if !src.join("log").exists() {
+                let inst = open("replay-src", target + 96 * MIB, 64 * MIB, opts.clone());
+                write_small_log(&inst, target, seed);
+                let made = inst.dir.clone();
+                drop(inst);
+                let _ = std::fs::remove_dir_all(src);
+                copy_dir(&made, src);
+                // The log names its segment by the path it was made at.
+                std::fs::write(src.join("recorded"), made.join("seg").to_string_lossy().as_bytes()).expect("note");
+                let _ = std::fs::remove_dir_all(made);
+            }
+            let dir = bench_dir("replay");
+            copy_dir(src, &dir);
+            let recorded = std::fs::read_to_string(src.join("recorded")).expect("recorded segment path");
+            // A copy is another file: accepted in place of the recorded one.
+            opts.accepted_segments = vec![(PathBuf::from(recorded), dir.join("seg"))];
+            // The copy is in the page cache, as a just-written log would be;
+            // written back first, so that the replay's syncs write only its own.
+            let _ = std::process::Command::new("sync").status();
+            dir
         }
-    }
-    inst.rvm.flush().expect("flush");
-    let dir = inst.dir.clone();
-    drop(inst);
+        None => {
+            let inst = open("replay", target + 96 * MIB, 64 * MIB, opts.clone());
+            write_small_log(&inst, target, seed);
+            let dir = inst.dir.clone();
+            drop(inst);
+            dir
+        }
+    };
     if std::env::var_os("RVM_BENCH_KEEP").is_some() {
         // For profiling the recovery alone (not a measured mode).
         let keep = dir.with_extension("kept");
@@ -176,15 +205,29 @@ fn replay_run(target: usize, seed: u64) -> (f64, f64, f64, u64) {
         copy_dir(&dir, &keep);
         eprintln!("kept a copy of the log and segment in {}", keep.display());
     }
-    let cpu = cpu_seconds();
+    let (user, sys) = cpu_split();
     let t = Instant::now();
     let rvm = Rvm::open(dir.join("log"), opts).expect("recover");
     let secs = t.elapsed().as_secs_f64();
-    let cpu = (cpu_seconds() - cpu).max(0.01);
+    let (user2, sys2) = cpu_split();
+    let cpu = (user2 - user + sys2 - sys).max(1e-3);
     let bytes = rvm.recovery_report().log_bytes;
+    eprintln!("  replay CPU: user {:.3} s, system {:.3} s", user2 - user, sys2 - sys);
     drop(rvm);
     let _ = std::fs::remove_dir_all(&dir);
     (bytes as f64 / 1e6 / secs, bytes as f64 / 1e6 / cpu, secs, bytes)
+}
+
+/// Commits core-bench transactions (no flush) until `target` bytes of log
+/// are written, then flushes.
+fn write_small_log(inst: &Inst, target: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    while (inst.rvm.stats().log_bytes_written as usize) < target {
+        for _ in 0..2048 {
+            small_tx(inst, &mut rng, CommitMode::NoFlush);
+        }
+    }
+    inst.rvm.flush().expect("flush");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

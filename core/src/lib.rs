@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod coalesce;
+mod crc;
 mod error;
 mod fault;
 mod instance;

@@ -291,33 +291,39 @@ pub(crate) fn scan_records(
 ) -> Result<ScanEnd> {
     const CHUNK: usize = 4 << 20;
     let limit = limit.min(start.saturating_add(ring.area_len));
+    // buf[..valid] holds the log from buf_lsn; buf keeps its length (no
+    // zeroing on every refill).
     let mut buf: Vec<u8> = Vec::new();
+    let mut valid = 0usize;
     let mut buf_lsn = start; // log position of buf[0]
     let mut pos = start;
     let mut tx = TxSoFar { start, ..TxSoFar::default() };
     let mut transactions = 0u64;
     let mut ranges = Vec::new();
     // Ensures buf holds [pos, pos + need) if that lies below `limit`.
-    let fill = |buf: &mut Vec<u8>, buf_lsn: &mut u64, pos: u64, need: usize| -> Result<bool> {
+    let fill = |buf: &mut Vec<u8>, valid: &mut usize, buf_lsn: &mut u64, pos: u64, need: usize| -> Result<bool> {
         if pos + need as u64 > limit {
             return Ok(false);
         }
         let have_from = (pos - *buf_lsn) as usize;
-        if have_from + need <= buf.len() {
+        if have_from + need <= *valid {
             return Ok(true);
         }
         let want = need.max(CHUNK).min((limit - pos) as usize);
-        buf.drain(..have_from.min(buf.len()));
+        let keep = valid.saturating_sub(have_from);
+        buf.copy_within(have_from.min(*valid)..*valid, 0);
         *buf_lsn = pos;
-        let old = buf.len();
-        if old < want {
+        if buf.len() < want {
             buf.resize(want, 0);
-            ring.read(pos + old as u64, &mut buf[old..])?;
         }
+        if keep < want {
+            ring.read(pos + keep as u64, &mut buf[keep..want])?;
+        }
+        *valid = want.max(keep);
         Ok(true)
     };
     let stop = loop {
-        if !fill(&mut buf, &mut buf_lsn, pos, RECORD_HEADER)? {
+        if !fill(&mut buf, &mut valid, &mut buf_lsn, pos, RECORD_HEADER)? {
             break ScanStop::Limit;
         }
         let at = (pos - buf_lsn) as usize;
@@ -327,7 +333,7 @@ pub(crate) fn scan_records(
             Ok(len) => len,
             Err(defect) => break ScanStop::Defect { lsn: pos, defect },
         };
-        if !fill(&mut buf, &mut buf_lsn, pos, len)? {
+        if !fill(&mut buf, &mut valid, &mut buf_lsn, pos, len)? {
             break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength };
         }
         let at = (pos - buf_lsn) as usize;
