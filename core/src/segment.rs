@@ -141,7 +141,7 @@ impl MapSpec {
 pub(crate) struct RegionInner {
     /// Tracked mode ([`crate::Rvm::track`]); first, so the fault handler
     /// forgets the range before the mapping goes.
-    pub tracked: crate::tracked::TrackedCell,
+    pub tracked: std::sync::OnceLock<crate::tracked::Tracked>,
     pub mapping: Mapping,
     /// Shadow pages of the undeclared-store detector (`Options::verify_stores`).
     pub shadow: crate::verify::Shadow,
