@@ -217,8 +217,16 @@ fn main() {
     let rounds = if q { 1 } else { 5 };
     let root = bench_root();
     if std::env::var_os("RVM_BENCH_PROFILE").is_some() {
-        // Only one loop (tracked diff, or `verify`: explicit with the
-        // detector), for a profiler.
+        // Only one loop (tracked diff, `wp`: write-protect, `verify`:
+        // explicit with the detector, `map-wp`: the write-protect map), for
+        // a profiler.
+        if std::env::var("RVM_BENCH_PROFILE").as_deref() == Ok("map-wp") {
+            let mut rng = Rng::new(42);
+            let keys: Vec<u64> = (0..1_000_000).map(|_| rng.next()).collect();
+            let r = tracked_map_inserts(&root, "profile-map", &keys, 1000, TrackingMethod::WriteProtect);
+            println!("hashbrown, write-protect: {} inserts/s", si(r));
+            return;
+        }
         let m = match std::env::var("RVM_BENCH_PROFILE").as_deref() {
             Ok("verify") => Method::Verified,
             Ok("wp") => Method::WriteProtect,

@@ -866,3 +866,18 @@ fn wp_and_fault_regions_share_one_transaction() {
     assert_eq!(&image(&a)[10..12], b"wp");
     assert_eq!(&image(&b)[20..25], b"fault");
 }
+
+#[test]
+fn a_tracked_region_does_not_grow() {
+    for tracking in methods() {
+        let dir = tempfile::tempdir().unwrap();
+        create_log(dir.path().join("log"), 1 << 20).unwrap();
+        let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+        let seg = rvm.create_segment(dir.path().join("seg"), (2 * ps()) as u64).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, ps()).reserve(4 * ps())).unwrap();
+        rvm.track_with(&region, tracking).unwrap();
+        let err = rvm.grow_region(&region, 2 * ps()).unwrap_err();
+        assert!(matches!(err, Error::Map(MapError::TrackedGrowth { .. })), "{tracking:?}: {err}");
+        assert_eq!(region.len(), ps());
+    }
+}

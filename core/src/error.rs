@@ -291,6 +291,13 @@ pub enum MapError {
         /// The system's answer.
         reason: String,
     },
+    /// A tracked region ([`crate::Rvm::track`]) cannot grow: tracking
+    /// covers the length it had when tracked.
+    #[error("the region at {addr:#x} is tracked and cannot grow")]
+    TrackedGrowth {
+        /// Region address.
+        addr: usize,
+    },
     /// The system refused the mapping.
     #[error("mmap failed for [{addr:#x}, +{len:#x}): {errno}")]
     System {

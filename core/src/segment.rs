@@ -456,6 +456,11 @@ impl crate::Rvm {
         if new_len <= r.mapping.len() {
             return Ok(());
         }
+        if r.tracked.get().is_some() {
+            // Its tracking (read-only pages and a fault hook, or kernel
+            // write-protect and shadows) covers the length it had.
+            return Err(crate::MapError::TrackedGrowth { addr: r.addr() }.into());
+        }
         if new_len > r.mapping.span() {
             return Err(crate::MapError::BeyondReservation {
                 addr: r.addr(),

@@ -350,28 +350,54 @@ impl TrackedPages {
     }
 
     /// The transaction is over for page `p` (under the copy lock): the
-    /// twin is released, or with `committed` the shadow takes the page's
-    /// committed bytes.
-    pub(crate) fn settle(&self, p: usize, committed: bool) {
+    /// twin is released, or with a commit the shadow takes the page's
+    /// committed bytes (`runs`: the changed runs logged for it, absolute
+    /// addresses, which with the shadow's old bytes make the new image).
+    fn settle(&self, p: usize, committed: bool, runs: &[(usize, usize)]) {
         match &self.shadow {
             None => self.state[p].store(CLEAN, Ordering::SeqCst),
             Some(sh) => {
                 if committed {
-                    let ps = self.session.page_size;
-                    // SAFETY: the page is the region's (live while the
-                    // transaction holds it) and the shadow page is ours
-                    // (copy lock held); the owner's stores are over.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            (self.base + p * ps) as *const u8,
-                            (sh.pages.addr() + p * ps) as *mut u8,
-                            ps,
-                        )
-                    };
+                    for &(addr, len) in runs {
+                        // SAFETY: the run lies inside page `p` of the region
+                        // (live while the transaction holds it); the shadow
+                        // page is ours (copy lock held); the owner's stores
+                        // are over.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                addr as *const u8,
+                                (sh.pages.addr() + (addr - self.base)) as *mut u8,
+                                len,
+                            )
+                        };
+                    }
                     sh.valid.insert_range(p, p);
                 }
             }
         }
+    }
+}
+
+/// A tracked transaction's end, handed to the checkpoint's release
+/// (`Inner::tracked_release`), which calls [`Ended::settle`] for each page
+/// under its copy lock.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    /// The pages the transaction changed (twinned, or written).
+    pub pages: Vec<usize>,
+    /// Whether it committed.
+    pub committed: bool,
+    /// The changed runs of write-protect pages, in address order.
+    runs: Vec<(usize, usize)>,
+}
+
+impl Ended {
+    /// Ends the transaction's hold on page `p` of `pages` (copy lock held).
+    pub(crate) fn settle(&self, pages: &TrackedPages, p: usize) {
+        let page = pages.base + p * pages.session.page_size;
+        let from = self.runs.partition_point(|&(a, _)| a < page);
+        let to = self.runs.partition_point(|&(a, _)| a < page + pages.session.page_size);
+        pages.settle(p, self.committed, &self.runs[from..to]);
     }
 }
 
@@ -540,6 +566,8 @@ pub(crate) struct Writer<'a> {
     /// `scanned`).
     written: Vec<usize>,
     scanned: bool,
+    /// The changed runs of `written`, in order (found at commit).
+    wp_runs: Vec<(usize, usize)>,
 }
 
 impl Drop for Writer<'_> {
@@ -556,13 +584,28 @@ fn merge_gap() -> usize {
 
 /// The runs of `page` that differ from `twin`, as (offset, len), with runs
 /// at most `gap` bytes apart merged.
+///
+/// Equal stretches are skipped 64 bytes, then 8 bytes at a time, and a
+/// run of differing bytes grows 8 bytes at a time while no byte of the word
+/// is equal; single bytes only at a run's two ends.
 pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usize, usize)>) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
     let n = page.len().min(twin.len());
+    let (page, twin) = (&page[..n], &twin[..n]);
+    let word = |i: usize| {
+        let a = u64::from_ne_bytes(page[i..i + 8].try_into().unwrap_or([0; 8]));
+        let b = u64::from_ne_bytes(twin[i..i + 8].try_into().unwrap_or([0; 8]));
+        a ^ b
+    };
     let mut i = 0;
     let mut cur: Option<(usize, usize)> = None;
     while i < n {
-        // Word-wise skip of equal bytes.
-        if i + 8 <= n && page[i..i + 8] == twin[i..i + 8] {
+        if i + 64 <= n && (0..8).fold(0, |acc, k| acc | word(i + 8 * k)) == 0 {
+            i += 64;
+            continue;
+        }
+        if i + 8 <= n && word(i) == 0 {
             i += 8;
             continue;
         }
@@ -571,8 +614,21 @@ pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usi
             continue;
         }
         let start = i;
-        while i < n && page[i] != twin[i] {
-            i += 1;
+        loop {
+            // A word with no equal byte (no zero byte in the XOR) is
+            // inside the run whole.
+            if i + 8 <= n {
+                let x = word(i);
+                if x.wrapping_sub(ONES) & !x & HIGHS == 0 {
+                    i += 8;
+                    continue;
+                }
+            }
+            if i < n && page[i] != twin[i] {
+                i += 1;
+                continue;
+            }
+            break;
         }
         cur = match cur {
             Some((s, e)) if start - e <= gap => Some((s, i)),
@@ -597,7 +653,7 @@ impl<'a> Writer<'a> {
         let guard = session.writer.lock();
         session.used.store(0, Ordering::SeqCst);
         session.owner.store(fault::thread_id(), Ordering::SeqCst);
-        let mut w = Writer { session, _guard: guard, written: Vec::new(), scanned: false };
+        let mut w = Writer { session, _guard: guard, written: Vec::new(), scanned: false, wp_runs: Vec::new() };
         w.check_between()?;
         Ok(w)
     }
@@ -717,6 +773,7 @@ impl<'a> Writer<'a> {
         if needed > s.pool_pages {
             return Err(TxError::TwinPoolExhausted { pool_pages: s.pool_pages, needed }.into());
         }
+        let first = spans.len();
         for &page in &self.written {
             let Some(t) = Session::region_of(&wp, page) else { continue };
             let Some(sh) = &t.shadow else { continue };
@@ -725,14 +782,16 @@ impl<'a> Writer<'a> {
                 .map_err(|e| Error::io("reading a tracked page's committed image", "segment", e))?;
             diff(page, before, spans);
         }
+        self.wp_runs.clear();
+        self.wp_runs.extend_from_slice(&spans[first..]);
         Ok(())
     }
 
     /// Ends the transaction's hold on its pages: with `restore`, the twins
     /// (or shadows) go back first (abort); the pages are protected again,
-    /// then `release(pages, committed)` runs (the checkpoint's part: see
+    /// then `release` runs (the checkpoint's part: see
     /// `Inner::tracked_release`), then the twins are free.
-    pub(crate) fn end(mut self, restore: bool, release: impl FnOnce(&[usize], bool)) {
+    pub(crate) fn end(mut self, restore: bool, release: impl FnOnce(&Ended)) {
         let s = self.session;
         let ps = s.page_size;
         let regions = s.regions.lock().clone();
@@ -772,7 +831,8 @@ impl<'a> Writer<'a> {
             }
             pages.extend_from_slice(&self.written);
         }
-        release(&pages, !restore);
+        let runs = if restore { Vec::new() } else { std::mem::take(&mut self.wp_runs) };
+        release(&Ended { pages, committed: !restore, runs });
     }
 }
 
@@ -801,6 +861,58 @@ mod tests {
         assert_eq!(super::runs_of(&pages, ps, 1), vec![(0, 2 * ps), (3 * ps, ps), (40 * ps, ps)]);
         assert_eq!(super::runs_of(&pages, ps, 16), vec![(0, 4 * ps), (40 * ps, ps)]);
         assert!(super::runs_of(&[], ps, 16).is_empty());
+    }
+
+    /// The runs, byte by byte (the reference for the fast version).
+    fn slow_runs(page: &[u8], twin: &[u8], gap: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < page.len() {
+            if page[i] == twin[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < page.len() && page[i] != twin[i] {
+                i += 1;
+            }
+            match out.last_mut() {
+                Some((s, l)) if start - (*s + *l) <= gap => *l = i - *s,
+                _ => out.push((start, i - start)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fast_runs_equal_byte_runs() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..2000 {
+            let len = [4096, 4096, 100, 7, 64, 0][case % 6];
+            let twin: Vec<u8> = (0..len).map(|_| (next() % 3) as u8).collect();
+            let mut page = twin.clone();
+            for _ in 0..next() % 12 {
+                if len == 0 {
+                    break;
+                }
+                let at = (next() as usize) % len;
+                let run = 1 + (next() as usize) % [1, 9, 70, 600][case % 4];
+                for b in page.iter_mut().skip(at).take(run) {
+                    // Sometimes equal again (a store of the same value).
+                    *b = if next() % 5 == 0 { *b } else { b.wrapping_add(1 + (next() % 250) as u8) };
+                }
+            }
+            let gap = [0, 8, 16][case % 3];
+            let mut fast = Vec::new();
+            diff_runs(&page, &twin, gap, &mut fast);
+            assert_eq!(fast, slow_runs(&page, &twin, gap), "case {case}");
+        }
     }
 
     #[test]

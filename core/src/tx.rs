@@ -259,7 +259,7 @@ impl<'a> Transaction<'a> {
         };
         if let Some(w) = self.tracked.take() {
             let rvm = self.rvm;
-            w.end(false, |pages, committed| rvm.tracked_release(pages, committed));
+            w.end(false, |ended| rvm.tracked_release(ended));
         }
         self.sync_shadows();
         self.finish();
@@ -352,7 +352,7 @@ impl<'a> Transaction<'a> {
         }
         if let Some(w) = self.tracked.take() {
             let rvm = self.rvm;
-            w.end(true, |pages, committed| rvm.tracked_release(pages, committed));
+            w.end(true, |ended| rvm.tracked_release(ended));
         }
         if self.mode == RestoreMode::Restore {
             // Newest first, so the first saved value of a byte wins.

@@ -382,11 +382,13 @@ impl Inner {
     /// tracked pages take no other commits while a tracked transaction
     /// holds them) keeps its image from before the transaction (twin or
     /// shadow), the page as of the freeze, as the write barrier's copy.
-    pub(crate) fn tracked_release(&self, pages: &[usize], committed: bool) {
+    pub(crate) fn tracked_release(&self, ended: &crate::tracked::Ended) {
         let ps = mem::page_size();
+        let committed = ended.committed;
         let held: Vec<(Arc<RegionInner>, usize)> = {
             let regions = self.regions.read();
-            pages
+            ended
+                .pages
                 .iter()
                 .filter_map(|&page| regions.find(page, page + ps).map(|r| (r.clone(), (page - r.addr()) / ps)))
                 .collect()
@@ -411,7 +413,7 @@ impl Inner {
                     copies.recycle(page);
                 }
             }
-            t.pages.settle(p, committed);
+            ended.settle(&t.pages, p);
         }
     }
 
