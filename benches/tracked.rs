@@ -1,6 +1,8 @@
 //! Tracked transactions against explicit `set_range` (issue 11), Rhino's
 //! three methods side by side in one process: explicit declaration,
-//! tracked page diffing, tracked whole-page logging.
+//! tracked page diffing, tracked whole-page logging; tracking by faults
+//! (the default) and by kernel write-protect (`TrackingMethod::WriteProtect`)
+//! as rows of the same tables.
 //!
 //! 1. Small transactions, no-flush: 1–4 ranges of 8–64 B at random offsets
 //!    of a 64 MiB region, each method in turn, several rounds; tx/s
@@ -19,7 +21,7 @@ mod common;
 use common::{median, quick, si, Rng};
 use foldhash::fast::FixedState;
 use rvm::heap::{HeapSpec, PersistentHeap, TrackedAlloc};
-use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm, TrackedLogging};
+use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm, TrackedLogging, TrackingMethod};
 use std::alloc::Layout;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,6 +46,8 @@ enum Method {
     Verified,
     Diff,
     WholePage,
+    /// Page diff, write-protect tracking (userfaultfd + PAGEMAP_SCAN).
+    WriteProtect,
 }
 
 impl Method {
@@ -57,6 +61,7 @@ impl Method {
             Method::Verified => "explicit, verify_stores on",
             Method::Diff => "tracked, page diff",
             Method::WholePage => "tracked, whole pages",
+            Method::WriteProtect => "tracked, page diff, write-protect",
         }
     }
 }
@@ -93,7 +98,8 @@ fn setup(root: &Path, name: &str, method: Method) -> Setup {
     tx.commit(CommitMode::Flush).unwrap();
     rvm.checkpoint().unwrap();
     if !method.explicit() {
-        rvm.track(&region).unwrap();
+        let how = if method == Method::WriteProtect { TrackingMethod::WriteProtect } else { TrackingMethod::Fault };
+        rvm.track_with(&region, how).unwrap();
     }
     Setup { rvm, region, dir }
 }
@@ -130,7 +136,7 @@ type Map = hashbrown::HashMap<u64, u64, FixedState, TrackedAlloc>;
 
 /// Inserts `keys` into a hashbrown map in a tracked heap, `per_tx` per
 /// no-flush transaction; inserts/s.
-fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize) -> f64 {
+fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize, how: TrackingMethod) -> f64 {
     let dir = root.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -140,7 +146,7 @@ fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize) -> 
     let opts = Options { tracked_pool_pages: 32768, ..Options::default() };
     let rvm = Rvm::open(dir.join("log"), opts).unwrap();
     let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::fixed(0x5e00_0000_0000, 256 << 20)).unwrap();
-    heap.track().unwrap();
+    heap.track_with(how).unwrap();
     let alloc = TrackedAlloc::new(&heap).unwrap();
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
     let block = tx.malloc(Layout::new::<Map>()).unwrap();
@@ -211,10 +217,21 @@ fn main() {
     let rounds = if q { 1 } else { 5 };
     let root = bench_root();
     if std::env::var_os("RVM_BENCH_PROFILE").is_some() {
-        // Only one loop (tracked diff, or `verify`: explicit with the
-        // detector), for a profiler.
-        let m =
-            if std::env::var("RVM_BENCH_PROFILE").as_deref() == Ok("verify") { Method::Verified } else { Method::Diff };
+        // Only one loop (tracked diff, `wp`: write-protect, `verify`:
+        // explicit with the detector, `map-wp`: the write-protect map), for
+        // a profiler.
+        if std::env::var("RVM_BENCH_PROFILE").as_deref() == Ok("map-wp") {
+            let mut rng = Rng::new(42);
+            let keys: Vec<u64> = (0..1_000_000).map(|_| rng.next()).collect();
+            let r = tracked_map_inserts(&root, "profile-map", &keys, 1000, TrackingMethod::WriteProtect);
+            println!("hashbrown, write-protect: {} inserts/s", si(r));
+            return;
+        }
+        let m = match std::env::var("RVM_BENCH_PROFILE").as_deref() {
+            Ok("verify") => Method::Verified,
+            Ok("wp") => Method::WriteProtect,
+            _ => Method::Diff,
+        };
         let s = setup(&root, "profile", m);
         let r = small_txs(&s, m, 200_000, CommitMode::NoFlush, 1);
         println!("{}, no-flush: {} tx/s", m.name(), si(r));
@@ -231,7 +248,7 @@ fn main() {
     });
 
     // 1 + 2: small transactions.
-    let methods = [Method::Explicit, Method::Diff, Method::WholePage, Method::Verified];
+    let methods = [Method::Explicit, Method::Diff, Method::WholePage, Method::Verified, Method::WriteProtect];
     let setups: Vec<Setup> = methods.iter().map(|&m| setup(&root, &format!("{m:?}"), m)).collect();
     let n_noflush = if q { 2_000 } else { 100_000 };
     let n_flush = if q { 50 } else { 1_000 };
@@ -289,9 +306,10 @@ fn main() {
     let n = if q { 20_000 } else { 1_000_000 };
     let mut rng = Rng::new(42);
     let keys: Vec<u64> = (0..n).map(|_| rng.next()).collect();
-    let (mut tracked, mut volatile, mut pmap) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tracked, mut wp, mut volatile, mut pmap) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds.min(3) {
-        tracked.push(tracked_map_inserts(&root, &format!("map{round}"), &keys, 1000));
+        tracked.push(tracked_map_inserts(&root, &format!("map{round}"), &keys, 1000, TrackingMethod::Fault));
+        wp.push(tracked_map_inserts(&root, &format!("wmap{round}"), &keys, 1000, TrackingMethod::WriteProtect));
         volatile.push(volatile_map_inserts(&keys));
         pmap.push(phashmap_inserts(&root, &format!("pmap{round}"), &keys, 1000));
     }
@@ -299,7 +317,13 @@ fn main() {
     println!("| map | inserts/s | ratio to tracked hashbrown |");
     println!("|---|---|---|");
     let t = median(&tracked);
-    println!("| hashbrown in a tracked heap (TrackedAlloc) | {} [{}] | 1.00 |", si(t), fmt_runs(&tracked));
+    println!("| hashbrown in a tracked heap (TrackedAlloc), fault | {} [{}] | 1.00 |", si(t), fmt_runs(&tracked));
+    println!(
+        "| hashbrown in a tracked heap (TrackedAlloc), write-protect | {} [{}] | {:.2} |",
+        si(median(&wp)),
+        fmt_runs(&wp),
+        median(&wp) / t
+    );
     println!(
         "| hashbrown, volatile memory | {} [{}] | {:.2} |",
         si(median(&volatile)),

@@ -16,6 +16,12 @@
 //! - The twin pool running out (a typed error, everything rolled back),
 //!   threads (serialized writers, readers that never fault), every copy
 //!   mode, and what a commit logs (the changed runs, or whole pages).
+//! - The write-protect method (`TrackingMethod::WriteProtect`) through the
+//!   same crash model, pool, copy-mode, thread and checkpoint tests, plus
+//!   its own rules: stores outside a transaction are undone and reported
+//!   at the next begin, another thread's store during one is attributed
+//!   to it, tracking does not cross `fork`, pages changed before tracking
+//!   keep their committed image, and both methods in one transaction.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
@@ -234,6 +240,48 @@ proptest! {
     fn crash_model_whole_pages(ops in prop::collection::vec(op(), 1..24)) {
         run(&ops, model_opts(TrackedLogging::WholePage));
     }
+
+    #[test]
+    fn crash_model_write_protect(ops in prop::collection::vec(op(), 1..24)) {
+        if wp_available() {
+            run(&ops, Options { tracking: TrackingMethod::WriteProtect, ..model_opts(TrackedLogging::Diff) });
+        }
+    }
+}
+
+/// Whether write-protect tracking works here; where it does not, checks
+/// that asking for it is a typed error and that the region stays
+/// untracked.
+fn wp_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        create_log(dir.path().join("log"), 1 << 20).unwrap();
+        let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+        let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+        match rvm.track_with(&region, TrackingMethod::WriteProtect) {
+            Ok(()) => {
+                assert_eq!(region.tracking(), Some(TrackingMethod::WriteProtect));
+                true
+            }
+            Err(Error::Map(MapError::TrackingUnavailable { reason })) => {
+                assert!(!region.is_tracked());
+                eprintln!("write-protect tracking unavailable here: {reason}");
+                false
+            }
+            Err(e) => panic!("track_with(WriteProtect): {e}"),
+        }
+    })
+}
+
+/// The methods to run a test with: both where write-protect works.
+fn methods() -> Vec<TrackingMethod> {
+    let mut m = vec![TrackingMethod::Fault];
+    if wp_available() {
+        m.push(TrackingMethod::WriteProtect);
+    }
+    m
 }
 
 #[test]
@@ -255,6 +303,17 @@ fn commit_logs_changed_runs_only() {
     store(&region, ps() + 7, &[5]);
     tx.commit(CommitMode::Flush).unwrap();
     assert_eq!(rvm.stats().bytes_declared, 2 * ps() as u64);
+
+    if wp_available() {
+        let sim = Sim::new(Options { tracking: TrackingMethod::WriteProtect, ..model_opts(TrackedLogging::Diff) });
+        let (rvm, region) = sim.open();
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        store(&region, 100, &[1, 2, 3]);
+        store(&region, 3000, &[4; 10]);
+        store(&region, ps() + 7, &[5]);
+        tx.commit(CommitMode::Flush).unwrap();
+        assert_eq!(rvm.stats().bytes_declared, 14);
+    }
 }
 
 #[test]
@@ -303,7 +362,13 @@ fn untracked_regions_keep_set_range_in_a_tracked_transaction() {
 
 #[test]
 fn an_empty_twin_pool_fails_the_transaction_cleanly() {
-    let opts = Options { tracked_pool_pages: 2, ..Options::default() };
+    for tracking in methods() {
+        empty_pool(tracking);
+    }
+}
+
+fn empty_pool(tracking: TrackingMethod) {
+    let opts = Options { tracked_pool_pages: 2, tracking, ..Options::default() };
     let sim = Sim::new(opts);
     let (rvm, region) = sim.open();
     let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
@@ -333,7 +398,10 @@ fn an_empty_twin_pool_fails_the_transaction_cleanly() {
 
 #[test]
 fn every_copy_mode_with_files() {
-    for copy in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy] {
+    for (copy, tracking) in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy]
+        .into_iter()
+        .flat_map(|c| methods().into_iter().map(move |m| (c, m)))
+    {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         create_log(&log, 1 << 20).unwrap();
@@ -342,7 +410,7 @@ fn every_copy_mode_with_files() {
             let rvm = Rvm::open(&log, opts.clone()).unwrap();
             let seg = rvm.create_segment(dir.path().join("seg"), (4 * ps()) as u64).unwrap();
             let region = rvm.map(&seg, MapSpec::new(0, 4 * ps()).copy(copy)).unwrap();
-            rvm.track(&region).unwrap();
+            rvm.track_with(&region, tracking).unwrap();
             for round in 0..3u8 {
                 let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
                 store(&region, round as usize * ps() + 10, &[round + 1; 20]);
@@ -359,14 +427,20 @@ fn every_copy_mode_with_files() {
         let region = rvm.map(&seg, MapSpec::new(0, 4 * ps())).unwrap();
         let img = image(&region);
         for round in 0..3usize {
-            assert_eq!(&img[round * ps() + 10..round * ps() + 30], &[round as u8 + 1; 20], "{copy:?}");
+            assert_eq!(&img[round * ps() + 10..round * ps() + 30], &[round as u8 + 1; 20], "{copy:?} {tracking:?}");
         }
     }
 }
 
 #[test]
 fn threads_take_turns_and_readers_never_fault() {
-    let sim = Sim::new(Options { truncate_threshold: None, ..Options::default() });
+    for tracking in methods() {
+        threads_take_turns(tracking);
+    }
+}
+
+fn threads_take_turns(tracking: TrackingMethod) {
+    let sim = Sim::new(Options { truncate_threshold: None, tracking, ..Options::default() });
     let (rvm, region) = sim.open();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     std::thread::scope(|s| {
@@ -425,9 +499,15 @@ fn threads_take_turns_and_readers_never_fault() {
 
 #[test]
 fn checkpoint_threads_with_tracked_writers() {
+    for tracking in methods() {
+        checkpoint_threads(tracking);
+    }
+}
+
+fn checkpoint_threads(tracking: TrackingMethod) {
     // A checkpoint thread sweeps while tracked writers commit; the
     // recovered image after a crash is the last flushed one.
-    let sim = Sim::new(Options { truncate_threshold: None, checkpoint_rate: None, ..Options::default() });
+    let sim = Sim::new(Options { truncate_threshold: None, checkpoint_rate: None, tracking, ..Options::default() });
     let (rvm, region) = sim.open();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -586,4 +666,218 @@ fn track_and_unmap_refuse_the_thread_holding_a_tracked_transaction() {
     tx.abort();
     rvm.track(&plain).unwrap();
     rvm.unmap(region).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The write-protect method's own rules
+// ---------------------------------------------------------------------------
+
+/// A write-protect-tracked region of `pages` pages on files in `dir`
+/// (`copy` mode), after `before` was committed into it by an ordinary
+/// transaction (so those pages were changed before tracking).
+fn wp_on_files(dir: &Path, copy: CopyMode, before: &[u8]) -> (Rvm, Region) {
+    let log = dir.join("log");
+    if !log.exists() {
+        create_log(&log, 1 << 20).unwrap();
+    }
+    let rvm = Rvm::open(&log, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+    let seg = match rvm.open_segment(dir.join("seg")) {
+        Ok(seg) => seg,
+        Err(_) => rvm.create_segment(dir.join("seg"), (4 * ps()) as u64).unwrap(),
+    };
+    let region = rvm.map(&seg, MapSpec::new(0, 4 * ps()).copy(copy)).unwrap();
+    if !before.is_empty() {
+        let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: inside the region; this thread alone uses it.
+        unsafe { tx.modify_bytes(region.addr() + 100, before) }.unwrap();
+        tx.commit(CommitMode::Flush).unwrap();
+    }
+    rvm.track_with(&region, TrackingMethod::WriteProtect).unwrap();
+    (rvm, region)
+}
+
+#[test]
+fn wp_stores_outside_a_transaction_are_undone_and_reported() {
+    if !wp_available() {
+        return;
+    }
+    for copy in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy] {
+        let dir = tempfile::tempdir().unwrap();
+        let (rvm, region) = wp_on_files(dir.path(), copy, b"declared");
+        let committed = image(&region);
+        // Stores with no transaction open: on a page changed before
+        // tracking and on one never changed. The kernel lets them through.
+        store(&region, 104, b"STRAY");
+        store(&region, 3 * ps() + 7, b"STRAY");
+        let err = rvm.begin_tracked(RestoreMode::Restore).unwrap_err();
+        assert!(
+            matches!(err, Error::Tx(TxError::StoresOutsideTransaction { pages: 2, addr }) if addr == region.addr()),
+            "{copy:?}: {err}"
+        );
+        assert_eq!(image(&region), committed, "{copy:?}: the stray stores are undone");
+        // The next transaction begins, and logs only its own stores.
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        store(&region, 2 * ps(), b"mine");
+        tx.commit(CommitMode::Flush).unwrap();
+        let want = image(&region);
+        drop(region);
+        rvm.close().unwrap();
+        // Read back copied from the segment (no-copy mapping shows zeros).
+        let (_rvm, region) = wp_on_files(dir.path(), CopyMode::OnDemand, b"");
+        assert!(image(&region) == want, "{copy:?}: the recovered image differs");
+        assert_eq!(&want[100..108], b"declared");
+        assert_eq!(&want[2 * ps()..2 * ps() + 4], b"mine");
+    }
+}
+
+#[test]
+fn wp_pages_changed_before_tracking_keep_their_committed_image() {
+    if !wp_available() {
+        return;
+    }
+    for copy in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy] {
+        let dir = tempfile::tempdir().unwrap();
+        let (rvm, region) = wp_on_files(dir.path(), copy, b"before tracking");
+        let committed = image(&region);
+        // Abort puts back the image committed before tracking (the shadow
+        // taken at `track_with`), not the segment's older bytes.
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        store(&region, 100, b"BEFORE");
+        store(&region, ps() + 1, b"new page");
+        tx.abort();
+        assert_eq!(image(&region), committed, "{copy:?}");
+        // Commit logs the changed bytes only, against that image.
+        let declared = rvm.stats().bytes_declared;
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        store(&region, 107, b"T");
+        tx.commit(CommitMode::Flush).unwrap();
+        assert_eq!(rvm.stats().bytes_declared - declared, 1, "{copy:?}: one byte changed");
+        assert_eq!(&image(&region)[100..115], b"before Tracking");
+    }
+}
+
+#[test]
+fn wp_other_threads_between_transactions_are_reported_and_during_one_attributed() {
+    if !wp_available() {
+        return;
+    }
+    let sim = Sim::new(Options { tracking: TrackingMethod::WriteProtect, ..Options::default() });
+    let (rvm, region) = sim.open();
+    let addr = region.addr();
+    // Another thread stores while no transaction is open: found at the
+    // next begin, undone, not logged.
+    std::thread::spawn(move || {
+        // SAFETY: inside the region; the point is a store outside any
+        // transaction (the write-protect method lets it through).
+        unsafe { std::ptr::write_volatile((addr + 5 * 4096) as *mut u8, 0xee) };
+    })
+    .join()
+    .unwrap();
+    let err = rvm.begin_tracked(RestoreMode::Restore).unwrap_err();
+    assert!(matches!(err, Error::Tx(TxError::StoresOutsideTransaction { pages: 1, .. })), "{err}");
+    assert_eq!(image(&region)[5 * ps()], 0);
+    // During a transaction, the kernel cannot tell threads apart: the other
+    // thread's store is committed with the transaction (the documented
+    // trade-off; the fault method kills such a thread instead).
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 0, b"owner");
+    std::thread::spawn(move || {
+        // SAFETY: inside the region; the owner does not touch this byte.
+        unsafe { std::ptr::write_volatile((addr + 6 * 4096) as *mut u8, 0xdd) };
+    })
+    .join()
+    .unwrap();
+    tx.commit(CommitMode::Flush).unwrap();
+    sim.disk.crash(CrashMode::LoseUnsynced);
+    drop(region);
+    drop(rvm);
+    let (_rvm, region) = sim.open();
+    let img = image(&region);
+    assert_eq!(&img[..5], b"owner");
+    assert_eq!(img[5 * ps()], 0);
+    assert_eq!(img[6 * ps()], 0xdd);
+}
+
+#[test]
+fn wp_tracking_does_not_cross_fork() {
+    if !wp_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (rvm, region) = wp_on_files(dir.path(), CopyMode::OnDemand, b"");
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 0, b"parent");
+    tx.commit(CommitMode::Flush).unwrap();
+    // SAFETY: the child stores into its own copy of the region and calls
+    // begin_tracked, which takes no lock another thread could hold at the
+    // fork (the session's locks are this test's), then exits without
+    // running destructors.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        store(&region, ps(), b"child");
+        let code = match rvm.begin_tracked(RestoreMode::Restore) {
+            Err(Error::Tx(TxError::TrackingFailed { .. })) => 0,
+            Err(_) => 1,
+            Ok(_) => 2,
+        };
+        // SAFETY: leaving the forked child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status}");
+    // The child's store stayed in its copy: the parent sees nothing stray.
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&region, 2 * ps(), b"after fork");
+    tx.commit(CommitMode::Flush).unwrap();
+    let img = image(&region);
+    assert_eq!(&img[..6], b"parent");
+    assert_eq!(&img[ps()..ps() + 5], &[0; 5]);
+    assert_eq!(&img[2 * ps()..2 * ps() + 10], b"after fork");
+}
+
+#[test]
+fn wp_and_fault_regions_share_one_transaction() {
+    if !wp_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (rvm, wp) = wp_on_files(dir.path(), CopyMode::OnDemand, b"");
+    let seg = rvm.create_segment(dir.path().join("seg2"), (2 * ps()) as u64).unwrap();
+    let fault = rvm.map(&seg, MapSpec::new(0, 2 * ps())).unwrap();
+    rvm.track_with(&fault, TrackingMethod::Fault).unwrap();
+    assert_eq!(fault.tracking(), Some(TrackingMethod::Fault));
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&wp, 10, b"wp");
+    store(&fault, 20, b"fault");
+    tx.abort();
+    assert_eq!(&image(&wp)[10..12], &[0, 0]);
+    assert_eq!(&image(&fault)[20..25], &[0; 5]);
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(&wp, 10, b"wp");
+    store(&fault, 20, b"fault");
+    tx.commit(CommitMode::Flush).unwrap();
+    drop((wp, fault, seg));
+    rvm.close().unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let a = rvm.map(&rvm.open_segment(dir.path().join("seg")).unwrap(), MapSpec::new(0, 4 * ps())).unwrap();
+    let b = rvm.map(&rvm.open_segment(dir.path().join("seg2")).unwrap(), MapSpec::new(0, 2 * ps())).unwrap();
+    assert_eq!(&image(&a)[10..12], b"wp");
+    assert_eq!(&image(&b)[20..25], b"fault");
+}
+
+#[test]
+fn a_tracked_region_does_not_grow() {
+    for tracking in methods() {
+        let dir = tempfile::tempdir().unwrap();
+        create_log(dir.path().join("log"), 1 << 20).unwrap();
+        let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+        let seg = rvm.create_segment(dir.path().join("seg"), (2 * ps()) as u64).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, ps()).reserve(4 * ps())).unwrap();
+        rvm.track_with(&region, tracking).unwrap();
+        let err = rvm.grow_region(&region, 2 * ps()).unwrap_err();
+        assert!(matches!(err, Error::Map(MapError::TrackedGrowth { .. })), "{tracking:?}: {err}");
+        assert_eq!(region.len(), ps());
+    }
 }

@@ -5,7 +5,7 @@
 //! flush-committed; the parent SIGKILLs it at a random moment, reopens the
 //! heap and checks that the map holds whole rounds only, at least every
 //! round the child reported. Three kills per run (more with
-//! `RVM_KILL9_ROUNDS`).
+//! `RVM_KILL9_ROUNDS`), with each tracking method.
 
 #[allow(dead_code)]
 #[path = "../examples/tracked_map.rs"]
@@ -18,11 +18,32 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHILD_ENV: &str = "RVM_TRACKED_MAP_CHILD";
+/// `1` in the child: track with the write-protect method.
+const WP_ENV: &str = "RVM_TRACKED_MAP_WP";
+
+/// Whether the kernel offers write-protect tracking here.
+fn wp_available() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = rvm::Rvm::open(dir.path().join("log"), rvm::Options::default()).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    let region = rvm.map(&seg, rvm::MapSpec::new(0, 4096)).unwrap();
+    match rvm.track_with(&region, rvm::TrackingMethod::WriteProtect) {
+        Ok(()) => true,
+        Err(rvm::Error::Map(rvm::MapError::TrackingUnavailable { .. })) => false,
+        Err(e) => panic!("{e}"),
+    }
+}
 
 #[test]
 fn child_adds_rounds_until_killed() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
-    let mut store = tracked_map::open(Path::new(&dir), rvm::Options::default()).unwrap();
+    let tracking = if std::env::var(WP_ENV).as_deref() == Ok("1") {
+        rvm::TrackingMethod::WriteProtect
+    } else {
+        rvm::TrackingMethod::Fault
+    };
+    let mut store = tracked_map::open(Path::new(&dir), rvm::Options { tracking, ..rvm::Options::default() }).unwrap();
     store.check().unwrap();
     loop {
         let round = store.add_round().unwrap();
@@ -32,6 +53,17 @@ fn child_adds_rounds_until_killed() {
 
 #[test]
 fn a_plain_hashbrown_map_survives_kill_9() {
+    kill_9(false);
+}
+
+#[test]
+fn a_plain_hashbrown_map_survives_kill_9_write_protect() {
+    if wp_available() {
+        kill_9(true);
+    }
+}
+
+fn kill_9(wp: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let kills: u32 = std::env::var("RVM_KILL9_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
@@ -41,6 +73,7 @@ fn a_plain_hashbrown_map_survives_kill_9() {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["child_adds_rounds_until_killed", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &dir)
+            .env(WP_ENV, if wp { "1" } else { "0" })
             .env_remove("RUST_TEST_THREADS")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -304,6 +304,21 @@ pub enum MapError {
         /// The address.
         addr: usize,
     },
+    /// [`crate::TrackingMethod::WriteProtect`] is not available here (a
+    /// kernel older than 6.7, `userfaultfd` not permitted, another
+    /// platform): track with [`crate::TrackingMethod::Fault`] instead.
+    #[error("{reason}")]
+    TrackingUnavailable {
+        /// The system's answer.
+        reason: String,
+    },
+    /// A tracked region ([`crate::Rvm::track`]) cannot grow: tracking
+    /// covers the length it had when tracked.
+    #[error("the region at {addr:#x} is tracked and cannot grow")]
+    TrackedGrowth {
+        /// Region address.
+        addr: usize,
+    },
     /// The system refused the mapping.
     #[error("mmap failed for [{addr:#x}, +{len:#x}): {errno}")]
     System {
@@ -345,6 +360,29 @@ pub enum TxError {
         addr: usize,
         /// Length.
         len: usize,
+    },
+    /// Stores into a write-protect-tracked region
+    /// ([`crate::TrackingMethod::WriteProtect`]) were made outside any
+    /// tracked transaction (found at the next `begin_tracked`). They were
+    /// undone (the pages hold their committed image again) and are not
+    /// logged; the transaction did not begin.
+    #[error(
+        "{pages} page(s) of write-protect-tracked regions (first at {addr:#x}) were stored into outside a tracked \
+         transaction; the stores were undone"
+    )]
+    StoresOutsideTransaction {
+        /// The first such page.
+        addr: usize,
+        /// How many pages.
+        pages: usize,
+    },
+    /// The kernel's write-protect tracking failed for this process (for
+    /// example in a child forked from the process that tracks the region:
+    /// tracking does not cross `fork`).
+    #[error("write-protect tracking failed: {what}")]
+    TrackingFailed {
+        /// What failed.
+        what: String,
     },
     /// A tracked transaction changed more pages than the twin pool holds
     /// ([`crate::Options::tracked_pool_pages`]); it was rolled back.

@@ -30,6 +30,7 @@ mod track;
 mod tracked;
 mod tx;
 mod verify;
+mod wp;
 
 pub use error::{Error, LogError, MapError, Result, TxError};
 pub use instance::{recover_log, CheckpointReport, Rvm};
@@ -42,5 +43,5 @@ pub use options::{
 pub use segment::{CopyMode, MapSpec, Placement, Region, RegionClaim, Segment};
 pub use stats::Stats;
 pub use storage::{FileStorage, FileVfs, OpenMode, Storage, Vfs};
-pub use tracked::TrackedLogging;
+pub use tracked::{TrackedLogging, TrackingMethod};
 pub use tx::Transaction;

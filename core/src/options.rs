@@ -91,6 +91,10 @@ pub struct Options {
     pub tracked_pool_pages: usize,
     /// What tracked commits log (default [`crate::TrackedLogging::Diff`]).
     pub tracked_logging: crate::TrackedLogging,
+    /// How [`crate::Rvm::track`] finds tracked stores (default
+    /// [`crate::TrackingMethod::Fault`]; [`crate::Rvm::track_with`] chooses
+    /// per region).
+    pub tracking: crate::TrackingMethod,
     /// Check for stores that no `set_range` declared (default: on in debug
     /// builds, off in release builds): at commit, every page the
     /// transaction declared something in, and before a checkpoint's sweep,
@@ -203,6 +207,7 @@ impl Default for Options {
             recovery_progress: None,
             tracked_pool_pages: 4096,
             tracked_logging: crate::TrackedLogging::Diff,
+            tracking: crate::TrackingMethod::Fault,
             verify_stores: cfg!(debug_assertions),
         }
     }

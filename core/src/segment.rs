@@ -141,7 +141,7 @@ impl MapSpec {
 pub(crate) struct RegionInner {
     /// Tracked mode ([`crate::Rvm::track`]); first, so the fault handler
     /// forgets the range before the mapping goes.
-    pub tracked: crate::tracked::TrackedCell,
+    pub tracked: std::sync::OnceLock<crate::tracked::Tracked>,
     pub mapping: Mapping,
     /// Shadow pages of the undeclared-store detector (`Options::verify_stores`).
     pub shadow: crate::verify::Shadow,
@@ -455,6 +455,11 @@ impl crate::Rvm {
         }
         if new_len <= r.mapping.len() {
             return Ok(());
+        }
+        if r.tracked.get().is_some() {
+            // Its tracking (read-only pages and a fault hook, or kernel
+            // write-protect and shadows) covers the length it had.
+            return Err(crate::MapError::TrackedGrowth { addr: r.addr() }.into());
         }
         if new_len > r.mapping.span() {
             return Err(crate::MapError::BeyondReservation {

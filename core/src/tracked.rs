@@ -1,33 +1,51 @@
 //! Tracked transactions: the MMU finds the stores, no `set_range`.
 //!
-//! A tracked region's pages are read-only outside tracked write
-//! transactions. In one, the first store to a page faults; the fault hook
-//! ([`TrackedPages`], run by [`crate::fault`]'s handler) copies the page to
-//! a twin from the instance's preallocated pool, notes the page in the
-//! transaction's dirty list and makes the page writable. Commit compares
-//! each dirty page with its twin and logs exactly the changed runs (runs a
-//! few bytes apart are merged when one record costs less than two), or the
-//! whole page with [`TrackedLogging::WholePage`]; then the pages are made
-//! read-only again. Abort copies the twins back.
+//! Two ways to find a transaction's stores, chosen per region
+//! ([`TrackingMethod`]):
 //!
+//! - **Fault** (the default, strict): a tracked region's pages are
+//!   read-only outside tracked write transactions. In one, the first store
+//!   to a page faults; the fault hook ([`TrackedPages`], run by
+//!   [`crate::fault`]'s handler) copies the page to a twin from the
+//!   session's preallocated pool, notes the page in the transaction's dirty
+//!   list and makes the page writable. A store into a read-only tracked
+//!   page from any other thread, or outside a tracked transaction, is
+//!   reported on standard error and kills the process with `SIGSEGV`
+//!   instead of being attributed to the transaction.
+//! - **WriteProtect** (opt-in, faster for transactions that change many
+//!   pages): the kernel write-protects the pages ([`crate::wp`]) and
+//!   resolves the first store to each by itself, remembering it as written.
+//!   Commit lists the written pages with one `PAGEMAP_SCAN` (which protects
+//!   them again) and diffs them against a *shadow* of the committed image
+//!   (made lazily: a page without one has the segment's bytes, or zeros).
+//!   The kernel does not say which thread stored: a store by another
+//!   thread during a transaction is attributed to it (the strict method
+//!   kills such a thread), and stores made outside any transaction are
+//!   found at the next begin, undone from the shadow and reported as
+//!   [`TxError::StoresOutsideTransaction`].
+//!
+//! Commit compares each changed page with its twin (or shadow) and logs
+//! exactly the changed runs (runs a few bytes apart are merged when one
+//! record costs less than two), or the whole page with
+//! [`TrackedLogging::WholePage`]. Abort copies the twins (or shadows) back.
 //! One tracked transaction per instance at a time (the writer lock), owned
-//! by one thread: a store into a read-only tracked page from any other
-//! thread, or outside a tracked transaction, is reported on standard error
-//! and kills the process with `SIGSEGV` instead of being attributed to the
-//! transaction. Readers never fault: the pages are always readable.
+//! by one thread. Readers never fault: the pages are always readable.
 //!
-//! The checkpoint (see `docs/DESIGN.md`): a twin is the page's committed
-//! image from the first store of the transaction until its end (no other
-//! transaction can commit to the page meanwhile), so the sweep reads a
-//! twinned page's twin instead of its memory, and a transaction that
-//! commits a page the sweep still has to write leaves its twin behind as
-//! the write barrier's copy.
+//! The checkpoint (see `docs/DESIGN.md`): a twin or shadow is the page's
+//! committed image until the transaction's end (no other transaction can
+//! commit to the page meanwhile), so the sweep reads it instead of the
+//! page's memory, and a transaction that commits a page the sweep still
+//! has to write leaves that image behind as the write barrier's copy.
+//!
+//! This module knows nothing of the instance or the region table: the
+//! instance hands it addresses, the session, and a [`Source`] per region
+//! (module arrows run one way, `instance` → `segment` → `tracked`).
 
-use crate::error::{Result, TxError};
+use crate::error::{Error, MapError, Result, TxError};
 use crate::fault::{self, Access, FaultHook, Resolution};
-use crate::instance::{Inner, Rvm};
 use crate::mem::{self, Mapping, Placement};
-use crate::segment::{Region, RegionInner};
+use crate::track::PageBits;
+use crate::wp::{Uffd, Unavailable};
 use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -44,6 +62,26 @@ pub enum TrackedLogging {
     WholePage,
 }
 
+/// How a tracked region's stores are found (see `docs/DESIGN.md` §3.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TrackingMethod {
+    /// Read-only pages and a `SIGSEGV` per first store to a page (twin,
+    /// `mprotect`). Strict: a store by a thread without the transaction,
+    /// or outside one, kills the process. Costs ≈ 10 µs per changed page.
+    #[default]
+    Fault,
+    /// `userfaultfd` asynchronous write-protect and `PAGEMAP_SCAN` (Linux
+    /// 6.7+): no signal, no `mprotect`. ≈ 1 µs per changed page, plus one
+    /// scan of the region's page table at each begin and commit (≈ 0.4 µs
+    /// per MiB of region). Weaker: a store by another thread during the
+    /// transaction is attributed to it; stores outside transactions are
+    /// found at the next begin ([`TxError::StoresOutsideTransaction`]).
+    /// Keeps a shadow copy of every page committed since the region was
+    /// mapped (memory). [`MapError::TrackingUnavailable`] where the kernel
+    /// refuses it.
+    WriteProtect,
+}
+
 /// Page state: not twinned (read-only, equal to its committed image).
 const CLEAN: usize = 0;
 /// Page state: the fault hook is copying the page to its twin.
@@ -51,8 +89,8 @@ const TWINNING: usize = 1;
 // Any other value: the twin's address (the page is writable).
 
 /// An instance's tracked-transaction state: the writer lock, the owner
-/// thread, the twin pool and the dirty list. Created with the first
-/// tracked region.
+/// thread, the twin pool, the dirty list and the tracked regions. Created
+/// with the first tracked region.
 #[derive(Debug)]
 pub(crate) struct Session {
     /// Held by the open tracked transaction.
@@ -75,10 +113,15 @@ pub(crate) struct Session {
     /// Twins handed out (entries of `dirty` in use).
     used: AtomicUsize,
     logging: TrackedLogging,
+    /// The write-protect machinery, opened with the first region that
+    /// uses it.
+    uffd: OnceLock<std::result::Result<Uffd, Unavailable>>,
+    /// The tracked regions (changed with the writer lock held).
+    regions: Mutex<Vec<Arc<TrackedPages>>>,
 }
 
 impl Session {
-    fn new(pool_pages: usize, logging: TrackedLogging) -> Result<Session> {
+    pub(crate) fn new(pool_pages: usize, logging: TrackedLogging) -> Result<Session> {
         let ps = mem::page_size();
         let pool_pages = pool_pages.max(1);
         let overflow_pages = pool_pages.max(256);
@@ -97,7 +140,23 @@ impl Session {
             )?,
             used: AtomicUsize::new(0),
             logging,
+            uffd: OnceLock::new(),
+            regions: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether the calling thread holds the open tracked transaction.
+    pub(crate) fn held_by_me(&self) -> bool {
+        self.owner.load(Ordering::SeqCst) == fault::thread_id()
+    }
+
+    /// Holds tracked transactions off (for `track` and `unmap`).
+    pub(crate) fn lock_writers(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock()
+    }
+
+    fn uffd(&self) -> std::result::Result<&Uffd, &Unavailable> {
+        self.uffd.get_or_init(Uffd::open).as_ref()
     }
 
     fn twin_addr(&self, n: usize) -> usize {
@@ -120,6 +179,47 @@ impl Session {
         // long as the session.
         (0..n).map(move |i| unsafe { *self.dirty_slot(i) })
     }
+
+    /// The tracked region holding `page`.
+    fn region_of(regions: &[Arc<TrackedPages>], page: usize) -> Option<&Arc<TrackedPages>> {
+        regions.iter().find(|t| page >= t.base && page < t.base + t.len)
+    }
+}
+
+/// Reads `buf.len()` bytes of the segment at an offset in the region.
+pub(crate) type ReadPage = Box<dyn Fn(usize, &mut [u8]) -> std::io::Result<()> + Send + Sync>;
+
+/// Where the committed image of a write-protect-tracked page without a
+/// shadow comes from: the page was not changed since the region was mapped
+/// (or it has a shadow), so it is the segment's bytes (a private file
+/// mapping) or zeros (anonymous memory never touched).
+pub(crate) enum Source {
+    /// Zeros.
+    Zero,
+    /// `read(offset in region, buffer)` from the segment.
+    Read(ReadPage),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Zero => "Source::Zero",
+            Source::Read(_) => "Source::Read",
+        })
+    }
+}
+
+/// A write-protect-tracked region's committed image.
+#[derive(Debug)]
+struct Shadow {
+    uffd_base: usize,
+    /// One page per region page (address space; a page takes memory once
+    /// it holds a shadow).
+    pages: Mapping,
+    /// Pages whose shadow is valid (set with release ordering after the
+    /// copy).
+    valid: PageBits,
+    source: Source,
 }
 
 /// A tracked region's page states, and its fault hook.
@@ -127,9 +227,12 @@ impl Session {
 pub(crate) struct TrackedPages {
     base: usize,
     len: usize,
-    /// Per page: [`CLEAN`], [`TWINNING`], or the twin's address.
+    /// Per page (fault method): [`CLEAN`], [`TWINNING`], or the twin's
+    /// address.
     state: Box<[AtomicUsize]>,
     session: Arc<Session>,
+    /// The write-protect method's shadow; `None` for the fault method.
+    shadow: Option<Shadow>,
 }
 
 impl TrackedPages {
@@ -140,9 +243,10 @@ impl TrackedPages {
     /// The twin of page `p` (index in the region) if the open transaction
     /// has one, waiting while the fault hook fills it. Callers hold the
     /// checkpoint's copy lock, under which twins are released.
-    pub(crate) fn twin_of(&self, p: usize) -> Option<usize> {
+    fn twin_of(&self, p: usize) -> Option<usize> {
+        let state = self.state.get(p)?;
         loop {
-            match self.state[p].load(Ordering::SeqCst) {
+            match state.load(Ordering::SeqCst) {
                 CLEAN => return None,
                 TWINNING => std::hint::spin_loop(),
                 twin => return Some(twin),
@@ -150,9 +254,150 @@ impl TrackedPages {
         }
     }
 
-    /// Forgets page `p`'s twin (under the checkpoint's copy lock).
-    pub(crate) fn clear(&self, p: usize) {
-        self.state[p].store(CLEAN, Ordering::SeqCst);
+    /// The method the region uses.
+    pub(crate) fn method(&self) -> TrackingMethod {
+        if self.shadow.is_some() {
+            TrackingMethod::WriteProtect
+        } else {
+            TrackingMethod::Fault
+        }
+    }
+
+    /// Page `p`'s committed image into `buf` from its shadow or source
+    /// (write-protect method).
+    fn shadow_image(&self, sh: &Shadow, p: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        let ps = self.session.page_size;
+        if sh.valid.contains(p) {
+            // SAFETY: page `p` of the shadow mapping (p < pages); shadow
+            // pages change only under the copy lock or, before they are
+            // valid, on the owner thread.
+            unsafe { mem::copy_from(sh.pages.addr() + p * ps, buf) };
+            Ok(())
+        } else {
+            match &sh.source {
+                Source::Zero => {
+                    buf.fill(0);
+                    Ok(())
+                }
+                Source::Read(read) => read(p * ps, buf),
+            }
+        }
+    }
+
+    /// Makes page `p`'s shadow valid (owner thread, the page's image not
+    /// changing meanwhile: no commit can reach it but ours).
+    fn materialize(&self, sh: &Shadow, p: usize) -> std::io::Result<usize> {
+        let ps = self.session.page_size;
+        let at = sh.pages.addr() + p * ps;
+        if !sh.valid.contains(p) {
+            match &sh.source {
+                // The anonymous shadow page reads as zeros already.
+                Source::Zero => {}
+                Source::Read(read) => {
+                    // SAFETY: page `p` of the shadow mapping; not valid yet,
+                    // so no reader looks at it (readers of an invalid
+                    // shadow go to the source, which holds these bytes).
+                    let buf = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, ps) };
+                    read(p * ps, buf)?;
+                }
+            }
+            sh.valid.insert_range(p, p);
+        }
+        Ok(at)
+    }
+
+    /// The sweep's image of page `p` as of the freeze: the twin if the
+    /// open transaction has one (its memory holds stores not committed at
+    /// the freeze), else the page (read-only under the fault method, so no
+    /// store lands during the copy: a store first twins the page, which the
+    /// check after the copy sees); under the write-protect method always
+    /// the shadow or the source, never memory. The caller holds the copy
+    /// lock.
+    pub(crate) fn snapshot(&self, p: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        if let Some(sh) = &self.shadow {
+            return self.shadow_image(sh, p, buf);
+        }
+        // SAFETY: a page of a live region (the sweep holds it); other
+        // threads' stores are possible only after the page is twinned,
+        // and then the copy is replaced below.
+        unsafe { mem::copy_from_racy(self.base + p * self.session.page_size, buf) };
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(twin) = self.twin_of(p) {
+            // SAFETY: the twin stays the transaction's until it is released
+            // under the copy lock, which the caller holds.
+            unsafe { mem::copy_from(twin, buf) };
+        }
+        Ok(())
+    }
+
+    /// The committed image before the open transaction of a page it
+    /// changed (its twin or shadow), for the write barrier; false if there
+    /// is none. The caller holds the copy lock.
+    pub(crate) fn before_image(&self, p: usize, buf: &mut [u8]) -> bool {
+        match &self.shadow {
+            Some(sh) => self.shadow_image(sh, p, buf).is_ok(),
+            None => match self.twin_of(p) {
+                Some(twin) => {
+                    // SAFETY: the twin is a page of the session's pool, not
+                    // released before `settle` (the caller holds the copy
+                    // lock).
+                    unsafe { mem::copy_from(twin, buf) };
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// The transaction is over for page `p` (under the copy lock): the
+    /// twin is released, or with a commit the shadow takes the page's
+    /// committed bytes (`runs`: the changed runs logged for it, absolute
+    /// addresses, which with the shadow's old bytes make the new image).
+    fn settle(&self, p: usize, committed: bool, runs: &[(usize, usize)]) {
+        match &self.shadow {
+            None => self.state[p].store(CLEAN, Ordering::SeqCst),
+            Some(sh) => {
+                if committed {
+                    for &(addr, len) in runs {
+                        // SAFETY: the run lies inside page `p` of the region
+                        // (live while the transaction holds it); the shadow
+                        // page is ours (copy lock held); the owner's stores
+                        // are over.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                addr as *const u8,
+                                (sh.pages.addr() + (addr - self.base)) as *mut u8,
+                                len,
+                            )
+                        };
+                    }
+                    sh.valid.insert_range(p, p);
+                }
+            }
+        }
+    }
+}
+
+/// A tracked transaction's end, handed to the checkpoint's release
+/// (`Inner::tracked_release`), which calls [`Ended::settle`] for each page
+/// under its copy lock.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    /// The pages the transaction changed (twinned, or written).
+    pub pages: Vec<usize>,
+    /// Whether it committed.
+    pub committed: bool,
+    /// The changed runs of write-protect pages, in address order.
+    runs: Vec<(usize, usize)>,
+}
+
+impl Ended {
+    /// Ends the transaction's hold on page `p` of `pages` (copy lock held).
+    pub(crate) fn settle(&self, pages: &TrackedPages, p: usize) {
+        let page = pages.base + p * pages.session.page_size;
+        let from = self.runs.partition_point(|&(a, _)| a < page);
+        let to = self.runs.partition_point(|&(a, _)| a < page + pages.session.page_size);
+        pages.settle(p, self.committed, &self.runs[from..to]);
     }
 }
 
@@ -214,11 +459,102 @@ impl FaultHook for TrackedPages {
     }
 }
 
-/// A tracked region's registration (dropped with the region).
+/// A tracked region's registration (dropped with the region, before its
+/// mapping).
 #[derive(Debug)]
 pub(crate) struct Tracked {
     pub pages: Arc<TrackedPages>,
-    _registration: fault::Registration,
+    _registration: Option<fault::Registration>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let s = &self.pages.session;
+        s.regions.lock().retain(|t| !Arc::ptr_eq(t, &self.pages));
+        if let Some(sh) = &self.pages.shadow {
+            if let Some(Ok(u)) = s.uffd.get() {
+                u.unregister(sh.uffd_base, self.pages.len);
+            }
+        }
+    }
+}
+
+fn system(addr: usize, len: usize, e: impl std::fmt::Display) -> MapError {
+    MapError::System { addr, len, errno: e.to_string() }
+}
+
+/// Puts `[base, base + len)` (a live region with no transaction in it)
+/// in tracked mode with `method`; `source` gives the committed image of
+/// pages the write-protect method finds without a shadow. The caller holds
+/// the session's writer lock.
+pub(crate) fn track_range(
+    session: &Arc<Session>,
+    base: usize,
+    len: usize,
+    method: TrackingMethod,
+    source: Source,
+) -> Result<Tracked> {
+    let ps = mem::page_size();
+    let tracked = match method {
+        TrackingMethod::Fault => {
+            let pages = Arc::new(TrackedPages {
+                base,
+                len,
+                state: (0..len / ps).map(|_| AtomicUsize::new(CLEAN)).collect(),
+                session: session.clone(),
+                shadow: None,
+            });
+            let registration = fault::register(base, base + len, pages.clone()).map_err(|e| system(base, len, e))?;
+            // SAFETY: the whole live mapping of the region; it becomes
+            // read-only, which no Rust reference can notice (references into
+            // mapped memory may not write it outside transactions).
+            if !unsafe { fault::protect(base, len, false) } {
+                return Err(system(base, len, std::io::Error::last_os_error()).into());
+            }
+            Tracked { pages, _registration: Some(registration) }
+        }
+        TrackingMethod::WriteProtect => {
+            let uffd = session.uffd().map_err(|e| MapError::TrackingUnavailable { reason: e.0.clone() })?;
+            let shadow = Shadow {
+                uffd_base: base,
+                pages: Mapping::anonymous(Placement::Anywhere, len)?,
+                valid: PageBits::new(len / ps),
+                source,
+            };
+            // Pages with private memory may differ from the source (stores
+            // committed before tracking, or a no-restore abort's): their
+            // shadow is taken now, from memory (no transaction is open in
+            // the region, so memory is the image the fault method's twin
+            // would take).
+            let mut private = Vec::new();
+            crate::wp::private_pages(base, len, &mut private)
+                .map_err(|e| MapError::TrackingUnavailable { reason: e.to_string() })?;
+            for page in private {
+                let p = (page - base) / ps;
+                // SAFETY: a page of the live region, read while no
+                // transaction can store into it (the writer lock is held and
+                // the region has no active transaction); the shadow page is
+                // not shared yet.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(page as *const u8, (shadow.pages.addr() + p * ps) as *mut u8, ps)
+                };
+                shadow.valid.insert_range(p, p);
+            }
+            // SAFETY: the region's live private mapping; it stays
+            // registered until `Tracked` drops, before the mapping goes.
+            unsafe { uffd.register(base, len) }.map_err(|e| MapError::TrackingUnavailable { reason: e.to_string() })?;
+            let pages = Arc::new(TrackedPages {
+                base,
+                len,
+                state: Box::new([]),
+                session: session.clone(),
+                shadow: Some(shadow),
+            });
+            Tracked { pages, _registration: None }
+        }
+    };
+    session.regions.lock().push(tracked.pages.clone());
+    Ok(tracked)
 }
 
 /// An open tracked transaction's hold on the instance's session.
@@ -226,6 +562,19 @@ pub(crate) struct Tracked {
 pub(crate) struct Writer<'a> {
     session: &'a Session,
     _guard: MutexGuard<'a, ()>,
+    /// Pages of write-protect regions the transaction wrote (after
+    /// `scanned`).
+    written: Vec<usize>,
+    scanned: bool,
+    /// The changed runs of `written`, in order (found at commit).
+    wp_runs: Vec<(usize, usize)>,
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        self.session.used.store(0, Ordering::SeqCst);
+        self.session.owner.store(0, Ordering::SeqCst);
+    }
 }
 
 /// Bytes of unchanged data worth logging to save a second range record.
@@ -235,13 +584,28 @@ fn merge_gap() -> usize {
 
 /// The runs of `page` that differ from `twin`, as (offset, len), with runs
 /// at most `gap` bytes apart merged.
+///
+/// Equal stretches are skipped 64 bytes, then 8 bytes at a time, and a
+/// run of differing bytes grows 8 bytes at a time while no byte of the word
+/// is equal; single bytes only at a run's two ends.
 pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usize, usize)>) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
     let n = page.len().min(twin.len());
+    let (page, twin) = (&page[..n], &twin[..n]);
+    let word = |i: usize| {
+        let a = u64::from_ne_bytes(page[i..i + 8].try_into().unwrap_or([0; 8]));
+        let b = u64::from_ne_bytes(twin[i..i + 8].try_into().unwrap_or([0; 8]));
+        a ^ b
+    };
     let mut i = 0;
     let mut cur: Option<(usize, usize)> = None;
     while i < n {
-        // Word-wise skip of equal bytes.
-        if i + 8 <= n && page[i..i + 8] == twin[i..i + 8] {
+        if i + 64 <= n && (0..8).fold(0, |acc, k| acc | word(i + 8 * k)) == 0 {
+            i += 64;
+            continue;
+        }
+        if i + 8 <= n && word(i) == 0 {
             i += 8;
             continue;
         }
@@ -250,8 +614,21 @@ pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usi
             continue;
         }
         let start = i;
-        while i < n && page[i] != twin[i] {
-            i += 1;
+        loop {
+            // A word with no equal byte (no zero byte in the XOR) is
+            // inside the run whole.
+            if i + 8 <= n {
+                let x = word(i);
+                if x.wrapping_sub(ONES) & !x & HIGHS == 0 {
+                    i += 8;
+                    continue;
+                }
+            }
+            if i < n && page[i] != twin[i] {
+                i += 1;
+                continue;
+            }
+            break;
         }
         cur = match cur {
             Some((s, e)) if start - e <= gap => Some((s, i)),
@@ -269,12 +646,82 @@ pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usi
 
 impl<'a> Writer<'a> {
     /// Takes the instance's tracked writer lock for the calling thread.
-    pub(crate) fn begin(rvm: &'a Inner) -> Result<Writer<'a>> {
-        let session = session(rvm)?;
+    /// Under the write-protect method, pages written since the last tracked
+    /// transaction (stores outside any transaction) are put back to their
+    /// committed image and reported.
+    pub(crate) fn begin(session: &'a Session) -> Result<Writer<'a>> {
         let guard = session.writer.lock();
         session.used.store(0, Ordering::SeqCst);
         session.owner.store(fault::thread_id(), Ordering::SeqCst);
-        Ok(Writer { session, _guard: guard })
+        let mut w = Writer { session, _guard: guard, written: Vec::new(), scanned: false, wp_runs: Vec::new() };
+        w.check_between()?;
+        Ok(w)
+    }
+
+    fn wp_regions(&self) -> Vec<Arc<TrackedPages>> {
+        self.session.regions.lock().iter().filter(|t| t.shadow.is_some()).cloned().collect()
+    }
+
+    fn uffd(&self) -> Result<&'a Uffd> {
+        self.session.uffd().map_err(|e| TxError::TrackingFailed { what: e.0.clone() }.into())
+    }
+
+    fn check_between(&mut self) -> Result<()> {
+        let regions = self.wp_regions();
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let uffd = self.uffd()?;
+        let mut stray = Vec::new();
+        for t in &regions {
+            uffd.written(t.base, t.len, false, &mut stray)
+                .map_err(|e| TxError::TrackingFailed { what: e.to_string() })?;
+        }
+        if stray.is_empty() {
+            return Ok(());
+        }
+        let first = stray[0];
+        let pages = stray.len();
+        self.restore_wp(&regions, &stray)?;
+        Err(TxError::StoresOutsideTransaction { addr: first, pages }.into())
+    }
+
+    /// Puts written write-protect pages back to their committed images and
+    /// protects them again.
+    fn restore_wp(&self, regions: &[Arc<TrackedPages>], pages: &[usize]) -> Result<()> {
+        let uffd = self.uffd()?;
+        let ps = self.session.page_size;
+        let mut buf = vec![0u8; ps];
+        for &page in pages {
+            let Some(t) = Session::region_of(regions, page) else { continue };
+            let Some(sh) = &t.shadow else { continue };
+            t.shadow_image(sh, (page - t.base) / ps, &mut buf)
+                .map_err(|e| Error::io("reading a tracked page's committed image", "segment", e))?;
+            // SAFETY: a page of a live tracked region (the writer lock holds
+            // unmap off); this thread holds the tracked transaction.
+            unsafe { mem::copy_to(page, &buf) };
+        }
+        for (start, len) in runs_of(pages, ps, 1) {
+            // SAFETY: pages of registered regions.
+            unsafe { uffd.protect(start, len) }.map_err(|e| TxError::TrackingFailed { what: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Lists (and protects again) the pages the transaction wrote in
+    /// write-protect regions, once.
+    fn scan(&mut self, regions: &[Arc<TrackedPages>]) -> Result<()> {
+        if self.scanned || regions.is_empty() {
+            self.scanned = true;
+            return Ok(());
+        }
+        let uffd = self.uffd()?;
+        for t in regions {
+            uffd.written(t.base, t.len, true, &mut self.written)
+                .map_err(|e| TxError::TrackingFailed { what: e.to_string() })?;
+        }
+        self.scanned = true;
+        Ok(())
     }
 
     /// Whether the transaction needed more twins than the pool holds.
@@ -284,219 +731,189 @@ impl<'a> Writer<'a> {
             .then_some(TxError::TwinPoolExhausted { pool_pages: self.session.pool_pages, needed: used })
     }
 
-    /// Appends the changed runs of every dirty page to `spans` (as
-    /// `(addr, len, index in held)`), holding the regions in `held`.
-    pub(crate) fn collect(
-        &self,
-        rvm: &Inner,
-        held: &mut Vec<Arc<RegionInner>>,
-        spans: &mut Vec<(usize, usize, usize)>,
-    ) -> Result<()> {
+    /// Appends the changed runs of every page the transaction wrote to
+    /// `spans` as `(addr, len)`.
+    pub(crate) fn collect(&mut self, spans: &mut Vec<(usize, usize)>) -> Result<()> {
+        if let Some(e) = self.exhausted() {
+            return Err(e.into());
+        }
         let s = self.session;
         let ps = s.page_size;
         let gap = merge_gap();
         let mut runs = Vec::new();
-        for page in s.dirty_pages() {
-            let i = match held.iter().position(|r| r.contains(page, page + ps)) {
-                Some(i) => i,
-                None => {
-                    let table = rvm.regions.read();
-                    let r = table.find(page, page + ps).ok_or(TxError::RangeNotMapped { addr: page, len: ps })?;
-                    r.active_txs.fetch_add(1, Ordering::AcqRel);
-                    held.push(r.clone());
-                    held.len() - 1
-                }
-            };
-            let Some(pages) = held[i].tracked.get().map(|t| &t.pages) else { continue };
-            let Some(twin) = pages.twin_of((page - pages.base) / ps) else { continue };
-            // SAFETY: the page is in a held region and writable only by this
-            // thread (the owner); the twin is this transaction's.
+        let regions = s.regions.lock().clone();
+        let mut diff = |page: usize, before: usize, spans: &mut Vec<(usize, usize)>| {
+            // SAFETY: the page is in a live tracked region and written only
+            // by this thread (the owner); `before` is its twin or shadow,
+            // this transaction's.
             let (now, before) = unsafe {
-                (std::slice::from_raw_parts(page as *const u8, ps), std::slice::from_raw_parts(twin as *const u8, ps))
+                (std::slice::from_raw_parts(page as *const u8, ps), std::slice::from_raw_parts(before as *const u8, ps))
             };
             match s.logging {
                 TrackedLogging::WholePage => {
                     if now != before {
-                        spans.push((page, ps, i));
+                        spans.push((page, ps));
                     }
                 }
                 TrackedLogging::Diff => {
                     runs.clear();
                     diff_runs(now, before, gap, &mut runs);
-                    spans.extend(runs.iter().map(|&(off, len)| (page + off, len, i)));
+                    spans.extend(runs.iter().map(|&(off, len)| (page + off, len)));
                 }
             }
+        };
+        for page in s.dirty_pages() {
+            let Some(t) = Session::region_of(&regions, page) else { continue };
+            let Some(twin) = t.twin_of((page - t.base) / ps) else { continue };
+            diff(page, twin, spans);
         }
+        let wp: Vec<_> = regions.iter().filter(|t| t.shadow.is_some()).cloned().collect();
+        self.scan(&wp)?;
+        let needed = self.written.len() + s.used.load(Ordering::Acquire);
+        if needed > s.pool_pages {
+            return Err(TxError::TwinPoolExhausted { pool_pages: s.pool_pages, needed }.into());
+        }
+        let first = spans.len();
+        for &page in &self.written {
+            let Some(t) = Session::region_of(&wp, page) else { continue };
+            let Some(sh) = &t.shadow else { continue };
+            let before = t
+                .materialize(sh, (page - t.base) / ps)
+                .map_err(|e| Error::io("reading a tracked page's committed image", "segment", e))?;
+            diff(page, before, spans);
+        }
+        self.wp_runs.clear();
+        self.wp_runs.extend_from_slice(&spans[first..]);
         Ok(())
     }
 
     /// Ends the transaction's hold on its pages: with `restore`, the twins
-    /// go back first (abort); the pages are made read-only and their twins
-    /// released (see [`Inner::tracked_release`] for the checkpoint's part).
-    pub(crate) fn end(self, rvm: &Inner, restore: bool) {
+    /// (or shadows) go back first (abort); the pages are protected again,
+    /// then `release` runs (the checkpoint's part: see
+    /// `Inner::tracked_release`), then the twins are free.
+    pub(crate) fn end(mut self, restore: bool, release: impl FnOnce(&Ended)) {
         let s = self.session;
         let ps = s.page_size;
-        let pages: Vec<usize> = s.dirty_pages().collect();
-        let regions = rvm.regions.read();
-        let mut done: Vec<(Arc<RegionInner>, usize)> = Vec::with_capacity(pages.len());
+        let regions = s.regions.lock().clone();
+        let mut pages: Vec<usize> = s.dirty_pages().collect();
         for &page in &pages {
-            let Some(r) = regions.find(page, page + ps) else { continue };
-            let Some(t) = r.tracked.get() else { continue };
-            let p = (page - r.addr()) / ps;
-            if let Some(twin) = t.pages.twin_of(p) {
-                if restore {
+            let Some(t) = Session::region_of(&regions, page) else { continue };
+            if restore {
+                if let Some(twin) = t.twin_of((page - t.base) / ps) {
                     // SAFETY: the page is writable and this thread's alone
                     // (the owner's); the twin holds its old bytes.
                     unsafe { std::ptr::copy_nonoverlapping(twin as *const u8, page as *mut u8, ps) };
                 }
             }
-            // SAFETY: a page of a live tracked region; no Rust reference
-            // holds it mutably (the transaction's stores are over).
-            unsafe { fault::protect(page, ps, false) };
-            done.push((r.clone(), p));
         }
-        drop(regions);
-        rvm.tracked_release(&done, !restore);
-        s.used.store(0, Ordering::SeqCst);
-        s.owner.store(0, Ordering::SeqCst);
-    }
-}
-
-/// The instance's session, created on first use.
-fn session(rvm: &Inner) -> Result<&Session> {
-    if let Some(s) = rvm.tracked.get() {
-        return Ok(s);
-    }
-    let made = Session::new(rvm.opts().tracked_pool_pages, rvm.opts().tracked_logging)?;
-    // A racing creator may win; its session is as good as ours.
-    let _ = rvm.tracked.set(Arc::new(made));
-    Ok(rvm.tracked.get().unwrap_or_else(|| unreachable!("set above")))
-}
-
-/// The session slot in [`Inner`].
-pub(crate) type SessionCell = OnceLock<Arc<Session>>;
-
-/// A region's tracked state slot in [`RegionInner`].
-pub(crate) type TrackedCell = OnceLock<Tracked>;
-
-/// Holds tracked transactions off while `region` (if tracked) is unmapped;
-/// refused on the thread that has one open.
-pub(crate) fn hold_writers<'a>(rvm: &'a Inner, region: &RegionInner) -> Result<Option<MutexGuard<'a, ()>>> {
-    let Some(s) = rvm.tracked.get().filter(|_| is_tracked(region)) else { return Ok(None) };
-    if s.owner.load(Ordering::SeqCst) == fault::thread_id() {
-        return Err(crate::MapError::Busy { addr: region.addr(), count: 1 }.into());
-    }
-    Ok(Some(s.writer.lock()))
-}
-
-/// Whether `region` is tracked.
-pub(crate) fn is_tracked(region: &RegionInner) -> bool {
-    region.tracked.get().is_some()
-}
-
-impl Rvm {
-    /// Puts `region` in tracked mode for good: its pages become read-only
-    /// outside tracked transactions ([`Rvm::begin_tracked`]), which find
-    /// their stores by page faults and need no `set_range`. An ordinary
-    /// transaction's `set_range` into it is refused
-    /// ([`TxError::TrackedRegion`]). Tracking a region twice does nothing.
-    ///
-    /// Fails with [`crate::MapError::Busy`] while a transaction has ranges
-    /// in the region, or when the calling thread has a tracked transaction
-    /// open; waits for another thread's tracked transaction to end.
-    ///
-    /// Stores into the region outside a tracked transaction, or from a
-    /// thread other than the transaction's, kill the process with
-    /// `SIGSEGV` (after a message on standard error). Stores by the kernel
-    /// (`read(2)` into the region) fail with `EFAULT` instead of being
-    /// tracked: read into a buffer and copy.
-    pub fn track(&self, region: &Region) -> Result<()> {
-        let inner = &self.inner;
-        let r = &region.0;
-        if r.tracked.get().is_some() {
-            return Ok(());
-        }
-        let session = session(inner)?;
-        if session.owner.load(Ordering::SeqCst) == fault::thread_id() {
-            // This thread's own tracked transaction is open: waiting for it
-            // would never end.
-            return Err(crate::MapError::Busy { addr: r.addr(), count: 1 }.into());
-        }
-        // No tracked transaction may run while pages change mode.
-        let _w = session.writer.lock();
-        let busy = r.active_txs.load(Ordering::Acquire);
-        if busy > 0 {
-            return Err(crate::MapError::Busy { addr: r.addr(), count: busy }.into());
-        }
-        let ps = mem::page_size();
-        let pages = Arc::new(TrackedPages {
-            base: r.addr(),
-            len: r.mapping.len(),
-            state: (0..r.mapping.len() / ps).map(|_| AtomicUsize::new(CLEAN)).collect(),
-            session: inner.tracked.get().cloned().unwrap_or_else(|| unreachable!("created above")),
-        });
-        let registration = fault::register(r.addr(), r.end(), pages.clone()).map_err(|e| crate::MapError::System {
-            addr: r.addr(),
-            len: r.mapping.len(),
-            errno: e.to_string(),
-        })?;
-        // SAFETY: the whole live mapping of the region; it becomes
-        // read-only, which no Rust reference can notice (references into
-        // mapped memory may not write it outside transactions).
-        if !unsafe { fault::protect(r.addr(), r.mapping.len(), false) } {
-            return Err(crate::MapError::System {
-                addr: r.addr(),
-                len: r.mapping.len(),
-                errno: std::io::Error::last_os_error().to_string(),
+        let mut sorted = pages.clone();
+        sorted.sort_unstable();
+        // Protected again in runs: pages up to 16 apart share one
+        // `mprotect` (one VMA merge instead of several), never across a
+        // region's end (the pages between are read-only already).
+        for t in &regions {
+            let mine: Vec<usize> = sorted.iter().copied().filter(|&p| p >= t.base && p < t.base + t.len).collect();
+            for (start, len) in runs_of(&mine, ps, 16) {
+                // SAFETY: pages of a live tracked region; no Rust reference
+                // holds them mutably (the transaction's stores are over).
+                unsafe { fault::protect(start, len, false) };
             }
-            .into());
         }
-        let _ = r.tracked.set(Tracked { pages, _registration: registration });
-        // The undeclared-store detector does not watch tracked regions.
-        r.shadow.lock().clear();
-        Ok(())
-    }
-
-    /// Begins a tracked transaction on this thread: stores into tracked
-    /// regions need no `set_range` (the first store to each page is
-    /// caught by a page fault), and `set_range` still works for untracked
-    /// regions. Tracked transactions of an instance run one at a time: this
-    /// waits for the open one to end. Abort always restores tracked pages
-    /// (their twins hold the old bytes); `mode` governs declared ranges of
-    /// untracked regions.
-    ///
-    /// ```
-    /// # use rvm_core::*;
-    /// # let dir = tempfile::tempdir().unwrap();
-    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
-    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    /// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
-    /// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
-    /// rvm.track(&region).unwrap();
-    /// let counter = region.addr() as *mut u64;
-    /// let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
-    /// // SAFETY: the tracked transaction serializes writers; nothing else
-    /// // holds a reference to the counter.
-    /// unsafe { *counter += 1 };
-    /// tx.commit(CommitMode::Flush).unwrap();
-    /// // SAFETY: as above.
-    /// assert_eq!(unsafe { *counter }, 1);
-    /// ```
-    pub fn begin_tracked(&self, mode: crate::RestoreMode) -> Result<crate::Transaction<'_>> {
-        crate::tx::Transaction::begin_tracked(self, mode)
+        let wp: Vec<_> = regions.iter().filter(|t| t.shadow.is_some()).cloned().collect();
+        if !wp.is_empty() {
+            // An abort that did not reach commit's scan scans now; a failed
+            // scan (a forked child) finds nothing to put back.
+            let _ = self.scan(&wp);
+            if restore {
+                let written = std::mem::take(&mut self.written);
+                let _ = self.restore_wp(&wp, &written);
+                self.written = written;
+            }
+            pages.extend_from_slice(&self.written);
+        }
+        let runs = if restore { Vec::new() } else { std::mem::take(&mut self.wp_runs) };
+        release(&Ended { pages, committed: !restore, runs });
     }
 }
 
-impl Region {
-    /// Whether the region is tracked ([`Rvm::track`]).
-    pub fn is_tracked(&self) -> bool {
-        is_tracked(&self.0)
+/// `pages` (sorted addresses) as `(start, len)` runs, pages at most `gap`
+/// pages apart joined.
+fn runs_of(pages: &[usize], ps: usize, gap: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((start, len)) if p >= *start + *len && p - (*start + *len) <= (gap - 1) * ps => *len = p + ps - *start,
+            Some((start, len)) if p < *start + *len => {}
+            _ => out.push((p, ps)),
+        }
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::diff_runs;
+
+    #[test]
+    fn page_runs_join_near_pages() {
+        let ps = 4096;
+        let pages = [0, ps, 3 * ps, 40 * ps, 40 * ps];
+        assert_eq!(super::runs_of(&pages, ps, 1), vec![(0, 2 * ps), (3 * ps, ps), (40 * ps, ps)]);
+        assert_eq!(super::runs_of(&pages, ps, 16), vec![(0, 4 * ps), (40 * ps, ps)]);
+        assert!(super::runs_of(&[], ps, 16).is_empty());
+    }
+
+    /// The runs, byte by byte (the reference for the fast version).
+    fn slow_runs(page: &[u8], twin: &[u8], gap: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < page.len() {
+            if page[i] == twin[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < page.len() && page[i] != twin[i] {
+                i += 1;
+            }
+            match out.last_mut() {
+                Some((s, l)) if start - (*s + *l) <= gap => *l = i - *s,
+                _ => out.push((start, i - start)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fast_runs_equal_byte_runs() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..2000 {
+            let len = [4096, 4096, 100, 7, 64, 0][case % 6];
+            let twin: Vec<u8> = (0..len).map(|_| (next() % 3) as u8).collect();
+            let mut page = twin.clone();
+            for _ in 0..next() % 12 {
+                if len == 0 {
+                    break;
+                }
+                let at = (next() as usize) % len;
+                let run = 1 + (next() as usize) % [1, 9, 70, 600][case % 4];
+                for b in page.iter_mut().skip(at).take(run) {
+                    // Sometimes equal again (a store of the same value).
+                    *b = if next() % 5 == 0 { *b } else { b.wrapping_add(1 + (next() % 250) as u8) };
+                }
+            }
+            let gap = [0, 8, 16][case % 3];
+            let mut fast = Vec::new();
+            diff_runs(&page, &twin, gap, &mut fast);
+            assert_eq!(fast, slow_runs(&page, &twin, gap), "case {case}");
+        }
+    }
 
     #[test]
     fn runs_merge_across_small_gaps_only() {

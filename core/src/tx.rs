@@ -114,7 +114,10 @@ impl<'a> Transaction<'a> {
         })?;
         // Taken after the nesting check (this thread cannot hold it), before
         // anything the transaction must give back.
-        let tracked = match tracked.then(|| crate::tracked::Writer::begin(&rvm.inner)).transpose() {
+        let tracked = match tracked
+            .then(|| rvm.inner.tracked_session().and_then(|s| crate::tracked::Writer::begin(s)))
+            .transpose()
+        {
             Ok(w) => w,
             Err(e) => {
                 OPEN.with(|open| open.borrow_mut().retain(|&i| i != instance));
@@ -167,7 +170,7 @@ impl<'a> Transaction<'a> {
             None => {
                 let table = self.rvm.regions.read();
                 let r = table.find(addr, end).ok_or(not_mapped)?;
-                if crate::tracked::is_tracked(r) {
+                if r.tracked.get().is_some() {
                     // A tracked transaction's stores there are found by
                     // faults; an ordinary one may not store there at all.
                     return match self.tracked {
@@ -228,13 +231,9 @@ impl<'a> Transaction<'a> {
         let mut spans = std::mem::take(&mut self.spans);
         spans.clear();
         spans.extend(self.ranges.iter().map(|r| (r.addr, r.len, r.region)));
-        if let Some(w) = &self.tracked {
+        if self.tracked.is_some() {
             let found = spans.len();
-            let r = match w.exhausted() {
-                Some(e) => Err(e.into()),
-                None => w.collect(self.rvm, &mut self.held, &mut spans),
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.collect_tracked(&mut spans) {
                 self.spans = spans;
                 self.rollback();
                 return Err(e);
@@ -259,7 +258,8 @@ impl<'a> Transaction<'a> {
             }
         };
         if let Some(w) = self.tracked.take() {
-            w.end(self.rvm, false);
+            let rvm = self.rvm;
+            w.end(false, |ended| rvm.tracked_release(ended));
         }
         self.sync_shadows();
         self.finish();
@@ -274,6 +274,28 @@ impl<'a> Transaction<'a> {
                 self.rvm.flush_to(seq)
             }
         }
+    }
+
+    /// Appends the tracked transaction's changed runs to `spans`, holding
+    /// their regions.
+    fn collect_tracked(&mut self, spans: &mut Vec<(usize, usize, usize)>) -> Result<()> {
+        let Some(w) = &mut self.tracked else { return Ok(()) };
+        let mut found = Vec::new();
+        w.collect(&mut found)?;
+        for (addr, len) in found {
+            let i = match self.held.iter().position(|r| r.contains(addr, addr + len)) {
+                Some(i) => i,
+                None => {
+                    let table = self.rvm.regions.read();
+                    let r = table.find(addr, addr + len).ok_or(TxError::RangeNotMapped { addr, len })?;
+                    r.active_txs.fetch_add(1, Ordering::AcqRel);
+                    self.held.push(r.clone());
+                    self.held.len() - 1
+                }
+            };
+            spans.push((addr, len, i));
+        }
+        Ok(())
     }
 
     /// Aborts: in restore mode every declared range gets its old bytes back.
@@ -329,7 +351,8 @@ impl<'a> Transaction<'a> {
             return;
         }
         if let Some(w) = self.tracked.take() {
-            w.end(self.rvm, true);
+            let rvm = self.rvm;
+            w.end(true, |ended| rvm.tracked_release(ended));
         }
         if self.mode == RestoreMode::Restore {
             // Newest first, so the first saved value of a byte wins.

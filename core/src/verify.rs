@@ -109,7 +109,7 @@ pub(crate) fn check_pages(
     pages: impl Iterator<Item = usize>,
     open: &[(usize, usize)],
 ) -> Result<()> {
-    if crate::tracked::is_tracked(region) {
+    if region.tracked.get().is_some() {
         // Shadows from before `track` are stale: tracked stores are found
         // by faults instead.
         return Ok(());

@@ -418,6 +418,14 @@ impl Heap {
         Ok(())
     }
 
+    /// [`Heap::track`] with a chosen [`rvm_core::TrackingMethod`]
+    /// ([`rvm_core::Rvm::track_with`]; `track` takes the instance's
+    /// [`rvm_core::Options::tracking`]).
+    pub fn track_with(&self, method: rvm_core::TrackingMethod) -> Result<()> {
+        self.rvm.track_with(&self.heap_region, method)?;
+        Ok(())
+    }
+
     pub(crate) fn base(&self) -> usize {
         self.heap_region.addr()
     }

@@ -376,17 +376,27 @@ impl Inner {
     /// pages writers wrote when the copy pool was full), once no writer is
     /// still writing one.
     /// A tracked transaction's end (see `crate::tracked`): under the copy
-    /// lock, so a sweep never reads a twin being released. With
+    /// lock, so a sweep never reads a twin or shadow while it changes. With
     /// `committed`, a page the sweep still has to write whose committed
     /// bytes changed after the freeze (it is in both generations' sets:
     /// tracked pages take no other commits while a tracked transaction
-    /// holds them) keeps its twin, the page as of the freeze, as the write
-    /// barrier's copy.
-    pub(crate) fn tracked_release(&self, pages: &[(Arc<RegionInner>, usize)], committed: bool) {
+    /// holds them) keeps its image from before the transaction (twin or
+    /// shadow), the page as of the freeze, as the write barrier's copy.
+    pub(crate) fn tracked_release(&self, ended: &crate::tracked::Ended) {
+        let ps = mem::page_size();
+        let committed = ended.committed;
+        let held: Vec<(Arc<RegionInner>, usize)> = {
+            let regions = self.regions.read();
+            ended
+                .pages
+                .iter()
+                .filter_map(|&page| regions.find(page, page + ps).map(|r| (r.clone(), (page - r.addr()) / ps)))
+                .collect()
+        };
         let mut copies = self.ckpt.copies.lock();
         let active = self.ckpt.is_active();
         let old = self.ckpt.old.load(Ordering::Acquire);
-        for (r, p) in pages {
+        for (r, p) in &held {
             let Some(t) = r.tracked.get() else { continue };
             let p = *p;
             if committed
@@ -395,38 +405,28 @@ impl Inner {
                 && r.track.dirty[old ^ 1].contains(p)
                 && !copies.has(r, p)
             {
-                if let Some(twin) = t.pages.twin_of(p) {
-                    let mut page = copies.buffer();
-                    // SAFETY: the twin is a page of the session's pool, not
-                    // released before `clear` below (we hold the copy lock).
-                    unsafe { mem::copy_from(twin, &mut page) };
+                let mut page = copies.buffer();
+                if t.pages.before_image(p, &mut page) {
                     copies.put(r, p, page);
                     Counters::add(&self.counters.checkpoint_copies, 1);
+                } else {
+                    copies.recycle(page);
                 }
             }
-            t.pages.clear(p);
+            ended.settle(&t.pages, p);
         }
     }
 
-    /// The sweep's image of page `p` of a tracked region, as of the freeze:
-    /// the twin if the open tracked transaction has one (its memory holds
-    /// stores not committed at the freeze), else the page (read-only, so
-    /// no store lands during the copy: a store first twins the page, which
-    /// the check after the copy sees).
-    fn tracked_snapshot(&self, copies: &mut Copies, r: &RegionInner, p: usize) -> Box<[u8]> {
-        let ps = mem::page_size();
+    /// The sweep's image of page `p` of a tracked region, as of the freeze
+    /// (see `TrackedPages::snapshot`).
+    fn tracked_snapshot(&self, copies: &mut Copies, r: &RegionInner, p: usize) -> Result<Box<[u8]>> {
         let mut page = copies.buffer();
-        // SAFETY: a page of a live region (the sweep holds it); other
-        // threads' stores are possible only after the page is twinned,
-        // and then the copy is replaced below.
-        unsafe { mem::copy_from_racy(r.addr() + p * ps, &mut page) };
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if let Some(twin) = r.tracked.get().and_then(|t| t.pages.twin_of(p)) {
-            // SAFETY: the twin stays the transaction's until it is released
-            // under the copy lock, which the caller holds.
-            unsafe { mem::copy_from(twin, &mut page) };
+        if let Some(t) = r.tracked.get() {
+            t.pages
+                .snapshot(p, &mut page)
+                .map_err(|e| Error::io("reading a tracked page's committed image", &r.segment.name, e))?;
         }
-        page
+        Ok(page)
     }
 
     fn sync_swept(&self, sweep: &Sweep) -> Result<()> {
@@ -796,11 +796,11 @@ impl Inner {
                     p += 1;
                     continue;
                 }
-                if crate::tracked::is_tracked(&r) && !copies.has(&r, p) {
+                if r.tracked.get().is_some() && !copies.has(&r, p) {
                     // Never written straight from memory: tracked stores
                     // are not announced, so `writing` could not hold them
                     // off.
-                    let page = self.tracked_snapshot(&mut copies, &r, p);
+                    let page = self.tracked_snapshot(&mut copies, &r, p)?;
                     copies.put(&r, p, page);
                 }
                 if let Some(page) = copies.take(&r, p) {

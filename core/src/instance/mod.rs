@@ -17,6 +17,7 @@ pub(crate) mod checkpoint;
 mod pipeline;
 mod recovery;
 mod segments;
+mod tracking;
 mod truncate;
 
 pub use checkpoint::CheckpointReport;
@@ -87,7 +88,7 @@ pub(crate) struct Inner {
     background: Arc<Background>,
     bg_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Tracked transactions' state (created with the first tracked region).
-    pub(crate) tracked: crate::tracked::SessionCell,
+    pub(crate) tracked: tracking::SessionCell,
     /// The undeclared-store detector, if on.
     pub(crate) verify: Option<crate::verify::Verifier>,
 }
@@ -355,7 +356,7 @@ impl Rvm {
         let addr = region.addr();
         // A tracked region's pages may be twinned by the open tracked
         // transaction (which counts no ranges in `active_txs`): wait for it.
-        let _tracked = crate::tracked::hold_writers(&self.inner, &region.0)?;
+        let _tracked = tracking::hold_writers(&self.inner, &region.0)?;
         loop {
             {
                 let mut table = self.inner.regions.write();
