@@ -249,6 +249,21 @@ proptest! {
     }
 }
 
+/// Forking (a child of `fork`, or of `Command::spawn` between its fork and
+/// exec) duplicates every descriptor of this process, and with them the
+/// `flock` of files other tests have open: a test that closes a log and
+/// opens it again could then meet a spurious `Error::Locked`. Tests that
+/// fork hold this exclusively; tests on real files share it.
+static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn forking() -> std::sync::RwLockWriteGuard<'static, ()> {
+    FORKS.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn on_files() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORKS.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Whether write-protect tracking works here; where it does not, checks
 /// that asking for it is a typed error and that the region stays
 /// untracked.
@@ -398,6 +413,7 @@ fn empty_pool(tracking: TrackingMethod) {
 
 #[test]
 fn every_copy_mode_with_files() {
+    let _guard = on_files();
     for (copy, tracking) in [CopyMode::OnDemand, CopyMode::OnMap, CopyMode::NoCopy]
         .into_iter()
         .flat_map(|c| methods().into_iter().map(move |m| (c, m)))
@@ -641,6 +657,7 @@ fn child_scenarios() {
 
 #[test]
 fn foreign_faults_still_kill_with_sigsegv() {
+    let _guard = forking();
     for name in ["null", "foreign_read_only", "outside_tx", "other_thread", "fork"] {
         let (status, err) = in_child(name);
         assert_eq!(status.signal(), Some(libc::SIGSEGV), "{name}: {status}\n{err}");
@@ -698,6 +715,7 @@ fn wp_on_files(dir: &Path, copy: CopyMode, before: &[u8]) -> (Rvm, Region) {
 
 #[test]
 fn wp_stores_outside_a_transaction_are_undone_and_reported() {
+    let _guard = on_files();
     if !wp_available() {
         return;
     }
@@ -732,6 +750,7 @@ fn wp_stores_outside_a_transaction_are_undone_and_reported() {
 
 #[test]
 fn wp_pages_changed_before_tracking_keep_their_committed_image() {
+    let _guard = on_files();
     if !wp_available() {
         return;
     }
@@ -758,6 +777,7 @@ fn wp_pages_changed_before_tracking_keep_their_committed_image() {
 
 #[test]
 fn wp_other_threads_between_transactions_are_reported_and_during_one_attributed() {
+    let _guard = on_files();
     if !wp_available() {
         return;
     }
@@ -800,6 +820,7 @@ fn wp_other_threads_between_transactions_are_reported_and_during_one_attributed(
 
 #[test]
 fn wp_tracking_does_not_cross_fork() {
+    let _guard = forking();
     if !wp_available() {
         return;
     }
@@ -839,6 +860,7 @@ fn wp_tracking_does_not_cross_fork() {
 
 #[test]
 fn wp_and_fault_regions_share_one_transaction() {
+    let _guard = on_files();
     if !wp_available() {
         return;
     }
@@ -869,6 +891,7 @@ fn wp_and_fault_regions_share_one_transaction() {
 
 #[test]
 fn a_tracked_region_does_not_grow() {
+    let _guard = on_files();
     for tracking in methods() {
         let dir = tempfile::tempdir().unwrap();
         create_log(dir.path().join("log"), 1 << 20).unwrap();
