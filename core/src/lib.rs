@@ -16,6 +16,7 @@ mod coalesce;
 mod error;
 mod fault;
 mod instance;
+mod lazy;
 pub mod log;
 mod mem;
 mod options;
