@@ -159,32 +159,38 @@ impl Inner {
         let r = self.instant_apply(i, &shared, &devices);
         let r = self.poison(r);
         drop(devices);
-        let regions = {
-            let mut st = i.state.lock();
-            // The segments recovery opened are closed (and unlocked) here,
-            // under the lock `device` takes, unless the application opened
-            // them (then its handle keeps them).
-            st.devices.clear();
-            st.phase = if r.is_ok() { Phase::Done } else { Phase::Failed };
-            if r.is_err() {
-                shared.failed.store(true, Ordering::Release);
-                shared.writable.store(true, Ordering::Release);
-            }
-            i.changed.notify_all();
-            if r.is_ok() {
-                st.shared = None;
-            }
-            std::mem::take(&mut st.regions)
-        };
         if r.is_ok() {
             // Every page is up to date: regions get their normal protection
-            // back and their hooks go.
-            for region in regions.iter().filter_map(Weak::upgrade) {
-                if let Some(p) = region.lazy.lock().take() {
-                    p.release();
+            // back and their hooks go, before the apply counts as done (a
+            // checkpoint may then hand region memory to `pwrite`). A region
+            // a `map` registers meanwhile is taken in the next round; one
+            // registered after the phase changes releases itself.
+            loop {
+                let regions = std::mem::take(&mut i.state.lock().regions);
+                if regions.is_empty() {
+                    break;
+                }
+                for region in regions.iter().filter_map(Weak::upgrade) {
+                    if let Some(p) = region.lazy.lock().take() {
+                        p.release();
+                    }
                 }
             }
         }
+        let mut st = i.state.lock();
+        // The segments recovery opened are closed (and unlocked) here, under
+        // the lock `device` takes, unless the application opened them (then
+        // its handle keeps them).
+        st.devices.clear();
+        if r.is_ok() {
+            st.phase = Phase::Done;
+            st.shared = None;
+        } else {
+            st.phase = Phase::Failed;
+            shared.failed.store(true, Ordering::Release);
+            shared.writable.store(true, Ordering::Release);
+        }
+        i.changed.notify_all();
     }
 
     /// Steps 4 to 6 of §3.4, with step 5 page by page.
