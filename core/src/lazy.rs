@@ -27,7 +27,7 @@ use crate::storage::Storage;
 use std::cell::UnsafeCell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A page waits for its pieces.
@@ -562,7 +562,35 @@ pub(crate) struct LazyRegion {
     /// Segment offset of `base`.
     offset: u64,
     seg: usize,
-    shared: Arc<Shared>,
+    /// The index (a leaked `Arc<Shared>`); null once the region is
+    /// released (every page up to date and accessible).
+    shared: AtomicPtr<Shared>,
+    /// Handlers using `shared` right now.
+    users: AtomicUsize,
+}
+
+impl LazyRegion {
+    /// Every page is accessible now: faults still arriving were raised
+    /// before (their handler ran late) and only need a retry. Frees the
+    /// index reference once no handler uses it.
+    fn detach(&self) {
+        let p = self.shared.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        while self.users.load(Ordering::SeqCst) > 0 {
+            std::hint::spin_loop();
+        }
+        if !p.is_null() {
+            // SAFETY: `p` came from Arc::into_raw in `protect_region` and was
+            // taken out by the swap above (nobody else frees it); no handler
+            // uses it (users is zero, later ones see null).
+            drop(unsafe { Arc::from_raw(p) });
+        }
+    }
+}
+
+impl Drop for LazyRegion {
+    fn drop(&mut self) {
+        self.detach();
+    }
 }
 
 impl FaultHook for LazyRegion {
@@ -570,46 +598,70 @@ impl FaultHook for LazyRegion {
         if addr < self.base || addr >= self.base + self.len {
             return Resolution::NotOurs;
         }
-        // The handler's system calls must not change what the interrupted
-        // code sees in errno.
-        let saved = errno();
-        let ps = self.shared.page;
-        let page_addr = addr & !(ps - 1);
-        let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
-        let r = match self.shared.apply_page_raw(self.seg, page) {
-            Ok(false) => Resolution::NotOurs,
-            Err(msg) => Resolution::Fatal(msg),
-            // SAFETY: the page lies inside the region's mapping (checked
-            // above), which this hook's registration outlives; the region's
-            // normal protection is read and write.
-            Ok(true) => match unsafe { fault::protect(page_addr, ps, true) } {
-                true => Resolution::Handled,
-                false => Resolution::Fatal("instant recovery could not make a page accessible"),
-            },
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let shared = self.shared.load(Ordering::SeqCst);
+        let r = if shared.is_null() {
+            // Released: the page is accessible; the fault predates that.
+            Resolution::Handled
+        } else {
+            // SAFETY: not freed while `users` counts us in (see `detach`).
+            let shared = unsafe { &*shared };
+            // The handler's system calls must not change what the
+            // interrupted code sees in errno.
+            let saved = errno();
+            let ps = shared.page;
+            let page_addr = addr & !(ps - 1);
+            let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
+            let r = match shared.apply_page_raw(self.seg, page) {
+                Ok(false) => Resolution::NotOurs,
+                Err(msg) => Resolution::Fatal(msg),
+                // SAFETY: the page lies inside the region's mapping (checked
+                // above), which this hook's registration outlives; the
+                // region's normal protection is read and write.
+                Ok(true) => match unsafe { fault::protect(page_addr, ps, true) } {
+                    true => Resolution::Handled,
+                    false => Resolution::Fatal("instant recovery could not make a page accessible"),
+                },
+            };
+            set_errno(saved);
+            r
         };
-        set_errno(saved);
+        self.users.fetch_sub(1, Ordering::SeqCst);
         r
     }
 }
 
-/// A region's pending pages made inaccessible and its fault hook: dropping
-/// it (after [`Protected::release`]) unregisters the hook.
+/// A region's pending pages made inaccessible and its fault hook. The hook
+/// stays registered after [`Protected::release`] (a fault raised before the
+/// release may reach the handler after it, and must find a hook that lets
+/// it retry); dropping this unregisters it (with the region, or before the
+/// region is tracked).
 #[derive(Debug)]
 pub(crate) struct Protected {
     base: usize,
     len: usize,
+    hook: Arc<LazyRegion>,
     registration: Option<fault::Registration>,
 }
 
+impl std::fmt::Debug for LazyRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyRegion").field("base", &self.base).field("len", &self.len).finish()
+    }
+}
+
 impl Protected {
-    /// Makes the whole region accessible again (every page must be `DONE`),
-    /// then unregisters the hook.
-    pub fn release(mut self) -> bool {
+    /// Makes the whole region accessible again (every page must be `DONE`)
+    /// and lets the hook go of the index. Idempotent.
+    pub fn release(&self) -> bool {
+        if self.hook.shared.load(Ordering::SeqCst).is_null() {
+            return true;
+        }
         // SAFETY: `[base, base + len)` is the region's mapping, alive while
         // the region is (the caller holds it); its normal protection is
         // read and write, and every page holds its final bytes.
         let ok = unsafe { fault::protect(self.base, self.len, true) };
-        self.registration.take();
+        self.hook.detach();
         ok
     }
 }
@@ -627,9 +679,16 @@ pub(crate) fn protect_region(
     offset: u64,
     runs: &[(u64, u64)],
 ) -> Result<Protected, String> {
-    let hook = Arc::new(LazyRegion { base, len, offset, seg: s, shared: shared.clone() });
-    let registration = fault::register(base, base + len, hook).map_err(|e| e.to_string())?;
-    let mut p = Protected { base, len, registration: Some(registration) };
+    let hook = Arc::new(LazyRegion {
+        base,
+        len,
+        offset,
+        seg: s,
+        shared: AtomicPtr::new(Arc::into_raw(shared.clone()).cast_mut()),
+        users: AtomicUsize::new(0),
+    });
+    let registration = fault::register(base, base + len, hook.clone()).map_err(|e| e.to_string())?;
+    let mut p = Protected { base, len, hook, registration: Some(registration) };
     let ps = shared.page as u64;
     for &(first, n) in runs {
         let at = base + (first * ps - offset) as usize;

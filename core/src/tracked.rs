@@ -419,6 +419,7 @@ impl Rvm {
         // Instant recovery: the region's pages up to date and accessible
         // (its fault hook gone) before tracking protects them.
         inner.settle_segment(&r.segment)?;
+        r.lazy.lock().take();
         let session = session(inner)?;
         if session.owner.load(Ordering::SeqCst) == fault::thread_id() {
             // This thread's own tracked transaction is open: waiting for it

@@ -171,7 +171,7 @@ impl Inner {
                     break;
                 }
                 for region in regions.iter().filter_map(Weak::upgrade) {
-                    if let Some(p) = region.lazy.lock().take() {
+                    if let Some(p) = region.lazy.lock().as_ref() {
                         p.release();
                     }
                 }
@@ -272,7 +272,7 @@ impl Inner {
         }
         let regions: Vec<_> = i.state.lock().regions.iter().filter_map(Weak::upgrade).collect();
         for r in regions.iter().filter(|r| std::ptr::eq(Arc::as_ptr(&r.segment), seg)) {
-            if let Some(p) = r.lazy.lock().take() {
+            if let Some(p) = r.lazy.lock().as_ref() {
                 p.release();
             }
         }
@@ -328,7 +328,7 @@ impl Inner {
             }
             drop(st);
             // The apply ended meanwhile (every page is up to date).
-            if let Some(p) = region.lazy.lock().take() {
+            if let Some(p) = region.lazy.lock().as_ref() {
                 p.release();
             }
         }
