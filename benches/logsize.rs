@@ -335,8 +335,13 @@ fn instant_part(q: bool, runs: usize) {
     println!("\n## Instant open by unapplied log size (small ranges, coalescing off)\n");
     println!("| unapplied log | open ms (instant) | to the first read ms | open ms (full recovery) | pages deferred |");
     println!("|---:|---:|---:|---:|---:|");
-    let sizes: &[usize] = if q { &[16] } else { &[16, 256, 1024] };
-    for &mib in sizes {
+    // RVM_BENCH_SIZES: the unapplied log sizes in MiB (comma-separated).
+    let sizes: Vec<usize> = match std::env::var("RVM_BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) if q => vec![16],
+        Err(_) => vec![16, 256, 1024],
+    };
+    for &mib in &sizes {
         let (mut open_i, mut first_i, mut open_f) = (Vec::new(), Vec::new(), Vec::new());
         let mut pages = 0;
         let mut bytes = 0;

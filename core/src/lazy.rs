@@ -143,60 +143,54 @@ type Leaves = Vec<Option<Box<[Entry]>>>;
 /// Builds the index during recovery's scan.
 pub(crate) struct Builder {
     page: u64,
-    /// Per segment: its id, its page table's leaves, its pages.
-    segs: Vec<(u32, Leaves, u64)>,
+    /// Per segment: its id, its page table's leaves.
+    segs: Vec<(u32, Leaves)>,
+    /// The segment of the last range (an index into `segs`).
+    last_seg: usize,
     pieces: Vec<Piece>,
     data: Vec<u8>,
-    /// The open transaction's ranges: (segment, offset, length, data at).
-    tx: Vec<(u32, u64, u32, u64)>,
-    /// Bytes of `data` that belong to complete transactions.
-    committed: usize,
+    /// Pieces (and bytes of `data`) of complete transactions: the pieces
+    /// of an unfinished tail come after them in every chain, and are cut
+    /// off at [`Builder::finish`].
+    committed: (usize, usize),
     /// Set if the index cannot hold the log (more than 2^32 pieces).
     pub overflow: bool,
 }
 
 impl Builder {
-    /// An empty index for pages of `page` bytes.
-    pub fn new(page: usize) -> Builder {
+    /// An empty index for pages of `page` bytes, for about `log_bytes` of
+    /// log (a capacity hint).
+    pub fn new(page: usize, log_bytes: u64) -> Builder {
+        let hint = log_bytes.min(1 << 30) as usize;
         Builder {
             page: page as u64,
             segs: Vec::new(),
-            pieces: Vec::new(),
-            data: Vec::new(),
-            tx: Vec::new(),
-            committed: 0,
+            last_seg: usize::MAX,
+            pieces: Vec::with_capacity(hint / 24),
+            data: Vec::with_capacity(hint),
+            committed: (0, 0),
             overflow: false,
         }
     }
 
-    /// A range of the transaction being read.
+    /// A range of the transaction being read: its pieces join the pages'
+    /// chains at once (see `committed`).
     pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8]) {
-        let at = self.data.len() as u64;
+        let data = self.data.len() as u64;
         self.data.extend_from_slice(bytes);
-        self.tx.push((segment, offset, bytes.len() as u32, at));
-    }
-
-    /// The transaction being read is complete: its ranges join the index.
-    pub fn commit(&mut self) {
-        let tx = std::mem::take(&mut self.tx);
-        for &(segment, offset, len, at) in &tx {
-            self.add(segment, offset, len, at);
-        }
-        self.tx = tx;
-        self.tx.clear();
-        self.committed = self.data.len();
-    }
-
-    fn add(&mut self, segment: u32, offset: u64, len: u32, data: u64) {
-        let s = match self.segs.iter().position(|s| s.0 == segment) {
-            Some(s) => s,
-            None => {
-                self.segs.push((segment, Vec::new(), 0));
-                self.segs.len() - 1
-            }
+        let s = match self.segs.get(self.last_seg) {
+            Some((id, _)) if *id == segment => self.last_seg,
+            _ => match self.segs.iter().position(|s| s.0 == segment) {
+                Some(s) => s,
+                None => {
+                    self.segs.push((segment, Vec::new()));
+                    self.segs.len() - 1
+                }
+            },
         };
+        self.last_seg = s;
         let mut off = offset;
-        let end = offset + u64::from(len);
+        let end = offset + bytes.len() as u64;
         while off < end {
             let page = off / self.page;
             let at = off % self.page;
@@ -207,7 +201,7 @@ impl Builder {
                 return;
             }
             self.pieces.push(Piece { data: data + (off - offset), at: at as u32, len: n as u32, next: NONE });
-            let (_, leaves, pages) = &mut self.segs[s];
+            let leaves = &mut self.segs[s].1;
             let top = (page / LEAF) as usize;
             if leaves.len() <= top {
                 leaves.resize_with(top + 1, || None);
@@ -216,13 +210,17 @@ impl Builder {
             let e = &mut leaf[(page % LEAF) as usize];
             if e.head == NONE {
                 e.head = i as u32;
-                *pages += 1;
             } else {
                 self.pieces[e.tail as usize].next = i as u32;
             }
             e.tail = i as u32;
             off += n;
         }
+    }
+
+    /// The transaction being read is complete.
+    pub fn commit(&mut self) {
+        self.committed = (self.pieces.len(), self.data.len());
     }
 
     /// Freezes the index; `device(id)` gives each segment's device, path
@@ -233,11 +231,26 @@ impl Builder {
         mut self,
         mut device: impl FnMut(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>,
     ) -> Option<(Shared, Vec<(PathBuf, Arc<dyn Storage>)>)> {
-        self.data.truncate(self.committed);
-        self.data.shrink_to_fit();
+        // Cut off an unfinished tail: its pieces are the last of their
+        // chains.
+        let (pieces, bytes) = self.committed;
+        self.data.truncate(bytes);
+        self.pieces.truncate(pieces);
+        for p in &mut self.pieces {
+            if p.next as usize >= pieces {
+                p.next = NONE;
+            }
+        }
         let mut segs = Vec::new();
         let mut devices = Vec::new();
-        for (id, leaves, pages) in self.segs {
+        for (id, mut leaves) in self.segs {
+            let mut pages = 0;
+            for e in leaves.iter_mut().flatten().flat_map(|l| l.iter_mut()) {
+                if e.head != NONE && e.head as usize >= pieces {
+                    e.head = NONE;
+                }
+                pages += u64::from(e.head != NONE);
+            }
             let (dev, path, len) = device(id)?;
             let fd = dev.raw_fd().map(|fd| fd.as_raw_fd());
             let dev_addr = Arc::as_ptr(&dev) as *const () as usize;

@@ -285,7 +285,7 @@ fn recover_instant(
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
-    let mut index = crate::lazy::Builder::new(crate::mem::page_size());
+    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate);
     let mut log_bytes = 0u64;
     let verified = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
         touched.record(info, ranges);
@@ -319,10 +319,10 @@ fn recover_instant(
     };
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
     if index.overflow {
-        return Err(Error::corrupted(
-            "log (too many ranges for instant recovery's index; open without Options::instant_recovery)",
-            ring.path.display().to_string(),
-        ));
+        // More pieces than the index can number: recover the usual way.
+        drop((index, devices));
+        let opts = Options { instant_recovery: false, ..opts.clone() };
+        return recover(vfs, ring, sb, status, &opts);
     }
     if let Some(p) = progress {
         p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
