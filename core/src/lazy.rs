@@ -148,7 +148,11 @@ pub(crate) struct Builder {
     /// The segment of the last range (an index into `segs`).
     last_seg: usize,
     pieces: Vec<Piece>,
+    /// The ranges' bytes, copied (when the log cannot be mapped).
     data: Vec<u8>,
+    /// The log's record area mapped read-only: pieces then name their
+    /// bytes by log position, and nothing is copied.
+    log: Option<(crate::mem::Mapping, u64)>,
     /// Pieces (and bytes of `data`) of complete transactions: the pieces
     /// of an unfinished tail come after them in every chain, and are cut
     /// off at [`Builder::finish`].
@@ -160,14 +164,24 @@ pub(crate) struct Builder {
 impl Builder {
     /// An empty index for pages of `page` bytes, for about `log_bytes` of
     /// log (a capacity hint).
-    pub fn new(page: usize, log_bytes: u64) -> Builder {
+    /// `log`: the ring's device, record area offset and length; mapped if
+    /// it has a descriptor.
+    pub fn new(page: usize, log_bytes: u64, log: (&dyn Storage, u64, u64)) -> Builder {
         let hint = log_bytes.min(1 << 30) as usize;
+        let (dev, area_offset, area_len) = log;
+        let mapped = dev.raw_fd().zip(usize::try_from(area_len).ok()).and_then(|(fd, len)| {
+            (area_offset % page as u64 == 0)
+                .then(|| crate::mem::Mapping::file_shared_readonly(fd, area_offset, len).ok())
+                .flatten()
+                .map(|m| (m, area_len))
+        });
         Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
             pieces: Vec::with_capacity(hint / 24),
-            data: Vec::with_capacity(hint),
+            data: if mapped.is_some() { Vec::new() } else { Vec::with_capacity(hint) },
+            log: mapped,
             committed: (0, 0),
             overflow: false,
         }
@@ -175,9 +189,15 @@ impl Builder {
 
     /// A range of the transaction being read: its pieces join the pages'
     /// chains at once (see `committed`).
-    pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8]) {
-        let data = self.data.len() as u64;
-        self.data.extend_from_slice(bytes);
+    /// `lsn`: the log position of its first byte.
+    pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8], lsn: u64) {
+        let data = if self.log.is_some() {
+            lsn
+        } else {
+            let at = self.data.len() as u64;
+            self.data.extend_from_slice(bytes);
+            at
+        };
         let s = match self.segs.get(self.last_seg) {
             Some((id, _)) if *id == segment => self.last_seg,
             _ => match self.segs.iter().position(|s| s.0 == segment) {
@@ -262,6 +282,7 @@ impl Builder {
             segs,
             pieces: self.pieces,
             data: self.data,
+            log: self.log,
             scratch: Scratch::new(self.page as usize),
             writable: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -346,6 +367,8 @@ pub(crate) struct Shared {
     pub segs: Vec<SegIndex>,
     pieces: Vec<Piece>,
     data: Vec<u8>,
+    /// The record area mapped, and its length (see [`Builder`]).
+    log: Option<(crate::mem::Mapping, u64)>,
     scratch: Scratch,
     /// Segment writes are allowed (the status recording the synced end is
     /// durable: §3.4 step 4).
@@ -382,8 +405,24 @@ impl Shared {
         let mut i = e.head;
         while i != NONE {
             let p = self.pieces[i as usize];
-            let (at, len, data) = (p.at as usize, p.len as usize, p.data as usize);
-            buf[at..at + len].copy_from_slice(&self.data[data..data + len]);
+            let (at, len) = (p.at as usize, p.len as usize);
+            let dst = &mut buf[at..at + len];
+            match &self.log {
+                None => dst.copy_from_slice(&self.data[p.data as usize..p.data as usize + len]),
+                Some((map, area_len)) => {
+                    // A range may wrap around the end of the ring.
+                    let from = (p.data % area_len) as usize;
+                    let first = len.min(*area_len as usize - from);
+                    // SAFETY: both parts lie inside the mapping of the
+                    // record area; nothing writes the log before instant
+                    // recovery ends (no log write precedes its status), and
+                    // the log is locked, so no one truncates it.
+                    unsafe {
+                        crate::mem::copy_from(map.addr() + from, &mut dst[..first]);
+                        crate::mem::copy_from(map.addr(), &mut dst[first..]);
+                    }
+                }
+            }
             i = p.next;
         }
     }

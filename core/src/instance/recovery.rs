@@ -285,12 +285,17 @@ fn recover_instant(
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
-    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate);
+    let mut index = crate::lazy::Builder::new(
+        crate::mem::page_size(),
+        estimate,
+        (ring.dev.as_ref(), ring.area_offset, ring.area_len),
+    );
     let mut log_bytes = 0u64;
     let verified = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
         touched.record(info, ranges);
         for r in ranges {
-            index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize]);
+            let data_at = u64::from(r.data_at);
+            index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
         }
         if info.commit.is_some() {
             index.commit();
