@@ -52,12 +52,13 @@ const RUN_PAGES: usize = 256;
 /// The part of a logged range that falls in one page.
 #[derive(Clone, Copy, Debug)]
 struct Piece {
-    /// Where its bytes are in [`Index::data`].
+    /// Where its bytes are: a log position (the log mapped), or an offset
+    /// in the copied bytes.
     data: u64,
-    /// Offset in the page.
-    at: u32,
-    /// Bytes.
-    len: u32,
+    /// Offset in the page (pages are at most 64 KiB).
+    at: u16,
+    /// Bytes, minus one.
+    len_m1: u16,
     /// The page's next piece in log order.
     next: u32,
 }
@@ -157,7 +158,8 @@ pub(crate) struct Builder {
     /// of an unfinished tail come after them in every chain, and are cut
     /// off at [`Builder::finish`].
     committed: (usize, usize),
-    /// Set if the index cannot hold the log (more than 2^32 pieces).
+    /// Set if the index cannot hold the log (more than 2^32 pieces, or
+    /// pages over 64 KiB): recovery then runs the usual way.
     pub overflow: bool,
 }
 
@@ -179,11 +181,12 @@ impl Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
-            pieces: Vec::with_capacity(hint / 24),
+            pieces: Vec::with_capacity(hint / 16),
             data: if mapped.is_some() { Vec::new() } else { Vec::with_capacity(hint) },
             log: mapped,
             committed: (0, 0),
-            overflow: false,
+            // Pieces hold page offsets in 16 bits.
+            overflow: page > 1 << 16,
         }
     }
 
@@ -191,6 +194,9 @@ impl Builder {
     /// chains at once (see `committed`).
     /// `lsn`: the log position of its first byte.
     pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8], lsn: u64) {
+        if self.overflow {
+            return;
+        }
         let data = if self.log.is_some() {
             lsn
         } else {
@@ -220,7 +226,7 @@ impl Builder {
                 self.overflow = true;
                 return;
             }
-            self.pieces.push(Piece { data: data + (off - offset), at: at as u32, len: n as u32, next: NONE });
+            self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
             let leaves = &mut self.segs[s].1;
             let top = (page / LEAF) as usize;
             if leaves.len() <= top {
@@ -405,7 +411,7 @@ impl Shared {
         let mut i = e.head;
         while i != NONE {
             let p = self.pieces[i as usize];
-            let (at, len) = (p.at as usize, p.len as usize);
+            let (at, len) = (usize::from(p.at), usize::from(p.len_m1) + 1);
             let dst = &mut buf[at..at + len];
             match &self.log {
                 None => dst.copy_from_slice(&self.data[p.data as usize..p.data as usize + len]),

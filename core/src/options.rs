@@ -105,8 +105,9 @@ pub struct Options {
     /// apply is durable nothing is written to the log: a full batch of
     /// no-flush commits, a flush, a truncation or a checkpoint waits for it
     /// ([`Rvm::wait_for_recovery`]). A crash meanwhile recovers again from
-    /// the same log. Costs memory for the logged bytes until the apply ends
-    /// (docs/DESIGN.md §3.9).
+    /// the same log. The open still verifies the whole log (its time grows
+    /// with the log); the index of pending pages costs about 16 bytes per
+    /// logged range until the apply ends (docs/DESIGN.md §3.9).
     ///
     /// Pages are brought in by a `SIGSEGV` handler: the kernel does not
     /// fault for its own accesses, so a system call given a pointer into a
