@@ -280,16 +280,182 @@ fn restart_ms(n: usize, seed: u64) -> (f64, u64) {
     (ms, bytes)
 }
 
+/// A bank after `n` transfers (100,000 accounts, a flush every 1,000) as a
+/// crash leaves it: the files copied while the instance is open (the log
+/// durable, its status not updated since the segment was opened) to a
+/// backup folder. Returns the bank's folder and the backup's.
+fn crashed_bank(n: usize, seed: u64) -> (PathBuf, PathBuf) {
+    let inst = open("instant-bank", 256 * MIB, 1600 * 4096, Options::default());
+    let mut rng = Rng::new(seed);
+    let mut history = 0;
+    for i in 0..n {
+        let mode = if i % 1000 == 999 || i + 1 == n { CommitMode::Flush } else { CommitMode::NoFlush };
+        transfer(&inst, &mut rng, 100_000, &mut history, mode);
+    }
+    let backup = inst.dir.with_extension("crashed");
+    let _ = std::fs::remove_dir_all(&backup);
+    copy_dir(&inst.dir, &backup);
+    let dir = inst.dir.clone();
+    drop(inst);
+    (dir, backup)
+}
+
+/// Puts the crash image back in place (same files: same identity, owner
+/// mark kept) and reopens it: (ms to open + map + read one balance, ms to
+/// read all balances, ms until recovery is durable, pages deferred).
+fn reopen_bank(dir: &std::path::Path, backup: &std::path::Path, instant: bool) -> (f64, f64, f64, u64) {
+    for f in ["log", "seg"] {
+        std::fs::copy(backup.join(f), dir.join(f)).expect("restore");
+    }
+    let opts = Options { instant_recovery: instant, ..Options::default() };
+    let t = Instant::now();
+    let rvm = Rvm::open(dir.join("log"), opts).expect("reopen");
+    let t_open = t.elapsed().as_secs_f64() * 1e3;
+    let s = rvm.open_segment(dir.join("seg")).expect("segment");
+    let region = rvm.map(&s, MapSpec::new(0, 1600 * 4096)).expect("map");
+    let t_map = t.elapsed().as_secs_f64() * 1e3;
+    let mut b = [0u8; 8];
+    // SAFETY: no transaction runs in the region.
+    unsafe { region.read(8 * 4242, &mut b) };
+    let first = t.elapsed().as_secs_f64() * 1e3;
+    let mut sum = 0u64;
+    for a in 0..100_000 {
+        // SAFETY: as above.
+        unsafe { region.read(a * 8, &mut b) };
+        sum = sum.wrapping_add(u64::from_le_bytes(b));
+    }
+    std::hint::black_box(sum);
+    let all = t.elapsed().as_secs_f64() * 1e3;
+    rvm.wait_for_recovery().expect("recovery");
+    let durable = t.elapsed().as_secs_f64() * 1e3;
+    eprintln!("  open {t_open:.2} ms, + segment and map {t_map:.2} ms, + first read {first:.2} ms");
+    let pages = rvm.recovery_report().deferred_pages;
+    drop(region);
+    drop(rvm);
+    (first, all, durable, pages)
+}
+
+/// Instant restart next to full recovery, on the same crashed bank.
+fn instant_part(q: bool, runs: usize) {
+    println!("\n## Reopen after 200,000 bank transfers and a crash: instant recovery vs full recovery\n");
+    let n = if q { 20_000 } else { 200_000 };
+    let mut rows: Vec<[Vec<f64>; 3]> = vec![Default::default(), Default::default()];
+    let mut pages = 0;
+    for r in 0..runs {
+        let (dir, backup) = crashed_bank(n, 170 + r as u64);
+        // Alternate which goes first (the page cache is warm for both).
+        let order = if r % 2 == 0 { [true, false] } else { [false, true] };
+        for instant in order {
+            let (f, all, d, p) = reopen_bank(&dir, &backup, instant);
+            let row = &mut rows[usize::from(!instant)];
+            row[0].push(f);
+            row[1].push(all);
+            row[2].push(d);
+            if instant {
+                pages = p;
+            }
+            eprintln!("run {r} instant {instant}: first read {f:.2} ms, all read {all:.2} ms, durable {d:.2} ms");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&backup);
+    }
+    println!("| reopen | to the first read, ms | to all balances read, ms | until durable, ms |");
+    println!("|---|---:|---:|---:|");
+    for (i, name) in ["instant (`instant_recovery: true`)", "full recovery (default)"].iter().enumerate() {
+        let m: Vec<f64> = rows[i].iter().map(|v| median(&mut v.clone())).collect();
+        let fmt = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");
+        println!(
+            "| {name} | **{:.2}** ({}) | **{:.2}** ({}) | {:.1} ({}) |",
+            m[0],
+            fmt(&rows[i][0]),
+            m[1],
+            fmt(&rows[i][1]),
+            m[2],
+            fmt(&rows[i][2])
+        );
+    }
+    println!("\n(pages deferred by the instant open: {pages})");
+    println!("\n## Instant open by unapplied log size (small ranges, coalescing off)\n");
+    println!("| unapplied log | open ms (instant) | to the first read ms | open ms (full recovery) | pages deferred |");
+    println!("|---:|---:|---:|---:|---:|");
+    // RVM_BENCH_SIZES: the unapplied log sizes in MiB (comma-separated).
+    let sizes: Vec<usize> = match std::env::var("RVM_BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) if q => vec![16],
+        Err(_) => vec![16, 256, 1024],
+    };
+    for &mib in &sizes {
+        let (mut open_i, mut first_i, mut open_f) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pages = 0;
+        let mut bytes = 0;
+        for r in 0..runs.min(3) {
+            let opts = Options { coalesce: false, truncate_threshold: None, ..Options::default() };
+            let inst = open("instant-size", mib * MIB + 160 * MIB, 64 * MIB, opts.clone());
+            let mut rng = Rng::new(300 + r as u64);
+            while (inst.rvm.stats().log_bytes_written as usize) < mib * MIB {
+                for _ in 0..2048 {
+                    small_tx(&inst, &mut rng, CommitMode::NoFlush);
+                }
+            }
+            inst.rvm.flush().expect("flush");
+            let dir = inst.dir.clone();
+            drop(inst);
+            let copy = dir.with_extension("copy");
+            copy_dir(&dir, &copy);
+            for instant in [true, false] {
+                // The same files each time (identity and owner mark kept).
+                for f in ["log", "seg"] {
+                    std::fs::copy(copy.join(f), dir.join(f)).expect("restore");
+                }
+                let d = dir.clone();
+                let o = Options { instant_recovery: instant, ..opts.clone() };
+                let t = Instant::now();
+                let rvm = Rvm::open(d.join("log"), o).expect("reopen");
+                let opened = t.elapsed().as_secs_f64() * 1e3;
+                if instant {
+                    let s = rvm.open_segment(d.join("seg")).expect("segment");
+                    let region = rvm.map(&s, MapSpec::new(0, 64 * MIB)).expect("map");
+                    let mut b = [0u8; 8];
+                    // SAFETY: no transaction runs in the region.
+                    unsafe { region.read(12345 * 8, &mut b) };
+                    first_i.push(t.elapsed().as_secs_f64() * 1e3);
+                    open_i.push(opened);
+                    pages = rvm.recovery_report().deferred_pages;
+                    bytes = rvm.recovery_report().log_bytes;
+                    rvm.wait_for_recovery().expect("recovery");
+                    drop(region);
+                } else {
+                    open_f.push(opened);
+                }
+                drop(rvm);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&copy);
+        }
+        println!(
+            "| {mib} MiB ({:.0} MB of transactions) | **{:.1}** | {:.1} | {:.1} | {pages} |",
+            bytes as f64 / 1e6,
+            median(&mut open_i),
+            median(&mut first_i),
+            median(&mut open_f)
+        );
+    }
+}
+
 fn main() {
     let q = quick();
     let runs = if q { 1 } else { 5 };
     println!("# log size and replay ({})\n", if q { "QUICK: figures not meaningful" } else { "full run" });
-    // RVM_BENCH_ONLY: the parts to run (1 log size, 2 replay, 3 restart).
+    // RVM_BENCH_ONLY: the parts to run (1 log size, 2 replay, 3 restart,
+    // 4 instant restart).
     let only = std::env::var("RVM_BENCH_ONLY").unwrap_or_default();
     let want = |p: char| only.is_empty() || only.contains(p);
     if want('1') {
         println!("## Log bytes per transaction\n");
         log_bytes_per_tx(if q { 20_000 } else { 200_000 });
+    }
+    if want('4') && !only.is_empty() && !only.contains('2') && !only.contains('3') {
+        return instant_part(q, runs);
     }
     if !want('2') {
         return restart_part(q, runs, want('3'));
@@ -318,6 +484,9 @@ fn main() {
     );
     println!("| seconds | {:.3} | {:?} |", median(&mut secs.clone()), secs);
     restart_part(q, runs, want('3'));
+    if want('4') {
+        instant_part(q, runs);
+    }
 }
 
 fn restart_part(q: bool, runs: usize, run: bool) {

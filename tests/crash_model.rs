@@ -90,6 +90,14 @@ impl Cfg {
         }
     }
 
+    /// With instant recovery (`Options::instant_recovery`): every reopen
+    /// leaves the apply to a background thread (on the simulated disk a
+    /// map waits for it; the world then waits for it to be durable).
+    fn instant(mut self) -> Cfg {
+        self.opts.instant_recovery = true;
+        self
+    }
+
     /// The smallest log: writers may truncate (and so settle a running
     /// checkpoint) whenever they commit.
     fn tiny_log(&self) -> bool {
@@ -457,6 +465,7 @@ impl World {
             .unwrap_or_else(|e| panic!("step {}: reopen failed: {e}", self.step));
         let seg = rvm.open_segment(SEG).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, self.cfg.seg_len())).unwrap();
+        rvm.wait_for_recovery().unwrap_or_else(|e| panic!("step {}: instant recovery failed: {e}", self.step));
         Inst { region, seg, rvm }
     }
 
@@ -526,6 +535,7 @@ impl World {
             Ok(rvm) => {
                 let seg = rvm.open_segment(SEG).unwrap();
                 let region = rvm.map(&seg, MapSpec::new(0, self.cfg.seg_len())).unwrap();
+                rvm.wait_for_recovery().unwrap_or_else(|e| panic!("step {}: instant recovery failed: {e}", self.step));
                 (Inst { region, seg, rvm }, detectable)
             }
             Err(e) => {
@@ -1044,6 +1054,18 @@ proptest! {
     fn crash_model_tiny_log_faithful(ops in prop::collection::vec(op_strategy(8 * page_size(), 8192), 1..240)) {
         run(&Cfg::tiny(false), &ops);
     }
+
+    /// Every reopen (after a crash, media damage or a clean close) by
+    /// instant recovery.
+    #[test]
+    fn crash_model_instant_recovery(ops in prop::collection::vec(op_strategy(8 * page_size(), 3000), 1..160)) {
+        run(&Cfg::roomy(true).instant(), &ops);
+    }
+
+    #[test]
+    fn crash_model_tiny_log_instant_recovery(ops in prop::collection::vec(op_strategy(8 * page_size(), 8192), 1..240)) {
+        run(&Cfg::tiny(false).instant(), &ops);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1085,6 +1107,7 @@ fn every_op_once_in_both_modes() {
         ];
         run(&Cfg::roomy(coalesce), &ops);
         run(&Cfg::tiny(coalesce), &ops);
+        run(&Cfg::roomy(coalesce).instant(), &ops);
     }
 }
 

@@ -17,6 +17,7 @@ mod crc;
 mod error;
 mod fault;
 mod instance;
+mod lazy;
 pub mod log;
 mod mem;
 mod options;

@@ -163,6 +163,29 @@ impl Mapping {
         finish(placement, got, len)
     }
 
+    /// A read-only shared mapping of `len` bytes of `fd` at `offset`
+    /// (`offset` page-aligned), anywhere: the file's page cache, read
+    /// through memory (instant recovery reads logged bytes this way).
+    pub fn file_shared_readonly(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Mapping, MapError> {
+        check_placement(Placement::Anywhere, len)?;
+        // SAFETY: a new mapping at an address the kernel picks replaces
+        // nothing; it is read-only, so nothing is written through it. The
+        // caller keeps the file at least `offset + len` long (it holds its
+        // lock) so reads cannot raise SIGBUS.
+        let got = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                fd,
+                offset,
+            )
+        }
+        .map_err(|e| map_err(Placement::Anywhere, len, e))?;
+        finish(Placement::Anywhere, got, len)
+    }
+
     /// Reserves `span` bytes of address space (`PROT_NONE`,
     /// `MAP_NORESERVE`: no access, no memory or swap accounted) at
     /// `placement`, never over an existing mapping, and gives a mapping of

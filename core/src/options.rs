@@ -103,6 +103,29 @@ pub struct Options {
     /// a shadow copy of each page ever declared and a page compare per
     /// declared page at commit.
     pub verify_stores: bool,
+    /// Instant restart (default off): [`Rvm::open`] returns once the log is
+    /// verified and the segments checked (steps 1-3 of recovery), without
+    /// applying the log; a background thread applies it and writes the new
+    /// status, and a page of a copy-on-demand region that still waits for
+    /// its records is brought up to date the first time it is touched (a
+    /// page fault). Regions copied at map time, tracked regions and region
+    /// growth wait for their segment's pages instead. Until the background
+    /// apply is durable nothing is written to the log: a full batch of
+    /// no-flush commits, a flush, a truncation or a checkpoint waits for it
+    /// ([`Rvm::wait_for_recovery`]). A crash meanwhile recovers again from
+    /// the same log. The open still verifies the whole log (its time grows
+    /// with the log); the index of pending pages costs about 16 bytes per
+    /// logged range until the apply ends (docs/DESIGN.md §3.9).
+    ///
+    /// Pages are brought in by a `SIGSEGV` handler: the kernel does not
+    /// fault for its own accesses, so a system call given a pointer into a
+    /// page that is still pending (`read(2)` into a region, `write(2)` from
+    /// one) fails with `EFAULT`; touch the memory first or wait for
+    /// recovery.
+    ///
+    /// [`Rvm::open`]: crate::Rvm::open
+    /// [`Rvm::wait_for_recovery`]: crate::Rvm::wait_for_recovery
+    pub instant_recovery: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -209,6 +232,7 @@ impl Default for Options {
             tracked_logging: crate::TrackedLogging::Diff,
             tracking: crate::TrackingMethod::Fault,
             verify_stores: cfg!(debug_assertions),
+            instant_recovery: false,
         }
     }
 }
@@ -282,6 +306,10 @@ pub struct RecoveryReport {
     /// Set when a damaged log was salvaged ([`Options::salvage`]): what was
     /// dropped.
     pub salvage: Option<Salvage>,
+    /// Segment pages left to instant recovery's background thread
+    /// ([`Options::instant_recovery`]; 0 otherwise): `open` wrote none of
+    /// them.
+    pub deferred_pages: u64,
 }
 
 /// A snapshot of the log and transaction state (see [`Rvm::query`]).
@@ -309,4 +337,7 @@ pub struct Query {
     pub quiescent: bool,
     /// A generation checkpoint is running (frozen or sweeping).
     pub checkpointing: bool,
+    /// Instant recovery's background apply is still running
+    /// ([`Options::instant_recovery`]).
+    pub recovering: bool,
 }

@@ -139,6 +139,9 @@ impl MapSpec {
 
 #[derive(Debug)]
 pub(crate) struct RegionInner {
+    /// Pending pages of instant recovery made inaccessible, and their fault
+    /// hook (`crate::lazy`); first, so the hook goes before the mapping.
+    pub lazy: Mutex<Option<crate::lazy::Protected>>,
     /// Tracked mode ([`crate::Rvm::track`]); first, so the fault handler
     /// forgets the range before the mapping goes.
     pub tracked: std::sync::OnceLock<crate::tracked::Tracked>,
@@ -478,6 +481,9 @@ impl crate::Rvm {
             }
         })?;
         let old_end = r.offset + r.mapping.len() as u64;
+        // Instant recovery: the new range shows the segment's pages up to
+        // date (and the region's own get their normal protection back).
+        self.inner.settle_segment(seg)?;
         // Unapplied log records for the new range exist only if it was
         // mapped before in this instance: the segment must show them first.
         if seg.mapped_end.load(Ordering::Acquire) > old_end && seg.last_tx.load(Ordering::Acquire) > 0 {

@@ -466,6 +466,7 @@ impl Inner {
 
     /// Freezes and sets up a checkpoint.
     pub(crate) fn checkpoint_start(&self) -> Result<Start> {
+        self.wait_recovered()?;
         let _one = self.ckpt.starting.lock();
         self.check_poison()?;
         if self.ckpt.sweep.lock().is_some() {

@@ -14,6 +14,7 @@
 
 mod background;
 pub(crate) mod checkpoint;
+mod instant;
 mod pipeline;
 mod recovery;
 mod segments;
@@ -91,6 +92,8 @@ pub(crate) struct Inner {
     pub(crate) tracked: tracking::SessionCell,
     /// The undeclared-store detector, if on.
     pub(crate) verify: Option<crate::verify::Verifier>,
+    /// Instant recovery's background apply (`Options::instant_recovery`).
+    instant: Option<instant::Instant>,
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -129,6 +132,8 @@ struct Lifetime {
 impl Drop for Lifetime {
     fn drop(&mut self) {
         let inner = &self.inner;
+        // Instant recovery's background apply finishes first.
+        inner.join_instant();
         // A background checkpoint still sweeping finishes at full speed.
         let _hurry = inner.ckpt.hurry();
         *inner.background.stop.lock() = true;
@@ -173,13 +178,21 @@ impl Rvm {
     /// [`Rvm::open`] on any [`Vfs`], such as the simulated disk.
     pub fn open_with(vfs: Arc<dyn Vfs>, log_path: &Path, opts: Options) -> Result<Rvm> {
         let LogDevice { ring, sb, status } = LogDevice::open(vfs.as_ref(), log_path)?;
-        let (status, recovery) = recover(vfs.as_ref(), &ring, &sb, status, &opts)?;
-        let head = status.head;
+        let (status, recovery, deferred) = recover(vfs.as_ref(), &ring, &sb, status, &opts)?;
+        // With instant recovery the instance starts where recovery will
+        // leave the log (head at the end of the last complete transaction,
+        // the next epoch); the durable status says so only once the
+        // background apply is done, and nothing is written to the log
+        // before.
+        let (head, epoch) = match &deferred {
+            Some(d) => (d.end, status.epoch + 1),
+            None => (status.head, status.epoch),
+        };
         let pending_limit = opts.pending_limit.clamp(4096, (sb.area_len / 4) as usize);
         let inner = Arc::new(Inner {
             id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             vfs,
-            epoch: status.epoch,
+            epoch,
             pending_limit,
             state: Mutex::new(CommitState::new()),
             flushed: Condvar::new(),
@@ -207,10 +220,12 @@ impl Rvm {
             bg_thread: Mutex::new(None),
             tracked: Default::default(),
             verify: opts.verify_stores.then(Default::default),
+            instant: deferred.map(instant::Instant::new),
             log_id: sb.log_id,
             ring,
             opts,
         });
+        inner.start_instant(log_path)?;
         if inner.opts.truncate_threshold.is_some() {
             let weak = Arc::downgrade(&inner);
             let bg = inner.background.clone();
@@ -234,6 +249,15 @@ impl Rvm {
     /// What recovery did at open.
     pub fn recovery_report(&self) -> RecoveryReport {
         self.inner.recovery.clone()
+    }
+
+    /// Waits until recovery is complete and durable: with
+    /// [`Options::instant_recovery`], until the background thread has
+    /// applied every page the log changes, synced the segments and written
+    /// the status with the new epoch (at once otherwise). An error if that
+    /// failed (the instance is poisoned then; reopen it to recover again).
+    pub fn wait_for_recovery(&self) -> Result<()> {
+        self.inner.wait_recovered()
     }
 
     /// The log's path.
@@ -287,6 +311,8 @@ impl Rvm {
     pub fn close_segment(&self, segment: Segment) -> Result<()> {
         let seg = segment.0;
         self.inner.check_own(&seg)?;
+        // The log may hold records for it that only recovery applies.
+        self.inner.wait_recovered()?;
         {
             let mapped = seg.mapped.lock();
             if !mapped.is_empty() {
@@ -506,6 +532,7 @@ impl Rvm {
             durable: inner.synced.load(Ordering::Acquire),
             quiescent: in_flight == 0 && pending_bytes == 0 && used == 0,
             checkpointing: inner.ckpt.is_active(),
+            recovering: inner.recovering(),
         }
     }
 

@@ -247,6 +247,9 @@ impl Inner {
 
     /// [`Inner::write_batch`]; `spooled` if the batch came from the spool.
     fn write_batch_from(&self, n: u64, batch: &Batch, spooled: bool) -> Result<u64> {
+        // Nothing goes to the log before instant recovery's status with the
+        // new epoch is durable (a failure poisons the instance: seen below).
+        let _ = self.wait_recovered();
         let mut w = self.writer.lock();
         while w.next_batch != n {
             self.written_cv.wait(&mut w);

@@ -1,10 +1,12 @@
 //! Recovery at open: verify the whole live log, check the segments it
 //! names, then replay it (see `docs/DESIGN.md` §3.4).
 
+use super::instant::Deferred;
 use super::segments::OwnerMark;
 use crate::error::{Error, LogError, Result};
 use crate::log::format::{self, Status};
-use crate::log::{self, LogDevice, Ring, ScanStop};
+use crate::log::format::{RangeRef, RecordInfo};
+use crate::log::{self, LogDevice, Ring, ScanEnd, ScanStop};
 use crate::options::{Options, RecoveryPhase, RecoveryReport, Salvage, PROGRESS_STEP};
 use crate::replay::{self, replay_with_progress, Replayed};
 use crate::storage::{OpenMode, Storage, Vfs};
@@ -31,11 +33,11 @@ pub(super) fn recover(
     sb: &format::Superblock,
     status: Status,
     opts: &Options,
-) -> Result<(Status, RecoveryReport)> {
-    // Ordered, so the first refused segment (and the error) is the same
-    // at every open.
-    let mut touched = std::collections::BTreeMap::<u32, u64>::new();
-    let mut in_tx = Vec::<(u32, u64)>::new();
+) -> Result<(Status, RecoveryReport, Option<Deferred>)> {
+    if opts.instant_recovery {
+        return recover_instant(vfs, ring, sb, status, opts);
+    }
+    let mut touched = Touched::default();
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
@@ -65,20 +67,7 @@ pub(super) fn recover(
     // is written until the checks below pass.
     let staged =
         replay::stage(ring, status.head, u64::MAX, status.epoch, &open_segment, &mut |lsn, info, ranges, _| {
-            for r in ranges {
-                // Per run of ranges of one segment, the furthest end.
-                let end = r.offset.saturating_add(u64::from(r.len));
-                match in_tx.last_mut() {
-                    Some((s, e)) if *s == r.segment => *e = (*e).max(end),
-                    _ => in_tx.push((r.segment, end)),
-                }
-            }
-            if info.commit.is_some() {
-                for (id, end) in in_tx.drain(..) {
-                    let e = touched.entry(id).or_insert(0);
-                    *e = (*e).max(end);
-                }
-            }
+            touched.record(info, ranges);
             let done = lsn - status.head;
             if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
                 reported = done;
@@ -86,50 +75,7 @@ pub(super) fn recover(
             }
         })?;
     let verified = staged.end;
-    let mut salvage = None;
-    if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
-        if !opts.salvage {
-            return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
-        }
-        let copy = keep_damaged_copy(vfs, &ring.path, status.epoch)?;
-        salvage = Some(Salvage {
-            damaged_at: damage.lsn,
-            defect: damage.defect.describe(),
-            synced_to: damage.synced_to,
-            dropped_bytes: damage.valid_end.max(damage.lsn) - verified.end,
-            dropped_transactions: damage.transactions_after,
-            copy,
-        });
-    }
-    // Every segment is opened and checked before any is written.
-    let mut devices = HashMap::new();
-    for (&id, &needed) in touched.iter() {
-        let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
-            Error::corrupted(
-                format!("log record (segment id {id} not in the dictionary)"),
-                ring.path.display().to_string(),
-            )
-        })?;
-        let (_, checked) = opts.segment_location(&entry.name);
-        let (dev, path) = open_segment(id)?;
-        if checked {
-            let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
-            if let (Some(recorded), Some(found)) = (entry.device, found) {
-                if !recorded.same_file(&found) {
-                    return Err(LogError::SegmentReplaced { path, recorded, found }.into());
-                }
-            }
-            let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
-            if let Some(other) = mark.as_deref().and_then(OwnerMark::decode).filter(|m| m.log_id != sb.log_id) {
-                return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
-            }
-        }
-        let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;
-        if len < needed {
-            return Err(LogError::SegmentTooShort { path, needed, len }.into());
-        }
-        devices.insert(id, (dev, path));
-    }
+    let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
     // Before any segment write, a status says how far the log is durable:
     // should the replay be cut short by a crash, later damage to the
     // records it applied is still refused, never taken for the log's end.
@@ -188,6 +134,7 @@ pub(super) fn recover(
             ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
         },
         salvage,
+        deferred_pages: 0,
     };
     let next = Status {
         seq: status.seq + 1,
@@ -200,7 +147,7 @@ pub(super) fn recover(
         ..status
     };
     log::write_status(ring, &next)?;
-    Ok((next, report))
+    Ok((next, report, None))
 }
 
 /// Copies a damaged log to `<log>.damaged-<epoch>` (or `...-<epoch>.<n>`
@@ -225,5 +172,189 @@ fn keep_damaged_copy(vfs: &dyn Vfs, log: &Path, epoch: u64) -> Result<PathBuf> {
 /// the other fields do not matter here.
 pub fn recover_log(vfs: &dyn Vfs, log_path: &Path, opts: &Options) -> Result<RecoveryReport> {
     let LogDevice { ring, sb, status } = LogDevice::open(vfs, log_path)?;
-    Ok(recover(vfs, &ring, &sb, status, opts)?.1)
+    let opts = Options { instant_recovery: false, ..opts.clone() };
+    Ok(recover(vfs, &ring, &sb, status, &opts)?.1)
+}
+
+/// The segments complete transactions touch, and how far.
+#[derive(Default)]
+struct Touched {
+    /// Ordered, so the first refused segment (and the error) is the same
+    /// at every open.
+    touched: std::collections::BTreeMap<u32, u64>,
+    in_tx: Vec<(u32, u64)>,
+}
+
+impl Touched {
+    fn record(&mut self, info: &RecordInfo, ranges: &[RangeRef]) {
+        for r in ranges {
+            // Per run of ranges of one segment, the furthest end.
+            let end = r.offset.saturating_add(u64::from(r.len));
+            match self.in_tx.last_mut() {
+                Some((s, e)) if *s == r.segment => *e = (*e).max(end),
+                _ => self.in_tx.push((r.segment, end)),
+            }
+        }
+        if info.commit.is_some() {
+            for (id, end) in self.in_tx.drain(..) {
+                let e = self.touched.entry(id).or_insert(0);
+                *e = (*e).max(end);
+            }
+        }
+    }
+}
+
+/// Segments opened by recovery: id → (device, path).
+type Devices = HashMap<u32, (Arc<dyn Storage>, PathBuf)>;
+
+/// Recovery's checks after the verifying scan, writing nothing: tells
+/// damage from a torn end (refusing it, or salvaging with
+/// [`Options::salvage`]), then opens every touched segment and checks it
+/// is the file the log recorded, long enough, and not another log's.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    vfs: &dyn Vfs,
+    ring: &Ring,
+    sb: &format::Superblock,
+    status: &Status,
+    opts: &Options,
+    verified: &ScanEnd,
+    touched: &std::collections::BTreeMap<u32, u64>,
+    open_segment: &dyn Fn(u32) -> Result<(Arc<dyn Storage>, PathBuf)>,
+) -> Result<(Devices, Option<Salvage>)> {
+    let verified = *verified;
+    let mut salvage = None;
+    if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
+        if !opts.salvage {
+            return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
+        }
+        let copy = keep_damaged_copy(vfs, &ring.path, status.epoch)?;
+        salvage = Some(Salvage {
+            damaged_at: damage.lsn,
+            defect: damage.defect.describe(),
+            synced_to: damage.synced_to,
+            dropped_bytes: damage.valid_end.max(damage.lsn) - verified.end,
+            dropped_transactions: damage.transactions_after,
+            copy,
+        });
+    }
+    // Every segment is opened and checked before any is written.
+    let mut devices = HashMap::new();
+    for (&id, &needed) in touched.iter() {
+        let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
+            Error::corrupted(
+                format!("log record (segment id {id} not in the dictionary)"),
+                ring.path.display().to_string(),
+            )
+        })?;
+        let (_, checked) = opts.segment_location(&entry.name);
+        let (dev, path) = open_segment(id)?;
+        if checked {
+            let found = dev.identity().map_err(|e| Error::io("identifying segment", &path, e))?;
+            if let (Some(recorded), Some(found)) = (entry.device, found) {
+                if !recorded.same_file(&found) {
+                    return Err(LogError::SegmentReplaced { path, recorded, found }.into());
+                }
+            }
+            let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
+            if let Some(other) = mark.as_deref().and_then(OwnerMark::decode).filter(|m| m.log_id != sb.log_id) {
+                return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
+            }
+        }
+        let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;
+        if len < needed {
+            return Err(LogError::SegmentTooShort { path, needed, len }.into());
+        }
+        devices.insert(id, (dev, path));
+    }
+    Ok((devices, salvage))
+}
+
+/// Instant recovery (`Options::instant_recovery`): steps 1-3 of §3.4 as
+/// always (the verifying scan, damage, segment checks), building the index
+/// of the pages each complete transaction changes instead of staging them;
+/// steps 4-6 are left to the instance's background thread.
+fn recover_instant(
+    vfs: &dyn Vfs,
+    ring: &Ring,
+    sb: &format::Superblock,
+    status: Status,
+    opts: &Options,
+) -> Result<(Status, RecoveryReport, Option<Deferred>)> {
+    let mut touched = Touched::default();
+    let progress = opts.recovery_progress.as_ref();
+    let estimate = status.synced_end.saturating_sub(status.head);
+    let mut reported = 0u64;
+    let mut index = crate::lazy::Builder::new(
+        crate::mem::page_size(),
+        estimate,
+        (ring.dev.as_ref(), ring.area_offset, ring.area_len),
+    );
+    let mut log_bytes = 0u64;
+    let verified = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+        touched.record(info, ranges);
+        for r in ranges {
+            let data_at = u64::from(r.data_at);
+            index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
+        }
+        if info.commit.is_some() {
+            index.commit();
+            log_bytes += lsn + info.len as u64 - tx.start;
+        }
+        let done = lsn - status.head;
+        if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
+            reported = done;
+            p.report(RecoveryPhase::Verify, done, estimate);
+        }
+        Ok(())
+    })?;
+    let dictionary = status.segments.clone();
+    let open_segment = |id: u32| -> Result<(Arc<dyn Storage>, PathBuf)> {
+        let entry = dictionary.iter().find(|e| e.id == id).ok_or_else(|| {
+            Error::corrupted(
+                format!("log record (segment id {id} not in the dictionary)"),
+                ring.path.display().to_string(),
+            )
+        })?;
+        let (path, _) = opts.segment_location(&entry.name);
+        let dev = vfs
+            .open(&path, OpenMode::Existing)
+            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        Ok((dev, path))
+    };
+    let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
+    if index.overflow {
+        // More pieces than the index can number: recover the usual way.
+        drop((index, devices));
+        let opts = Options { instant_recovery: false, ..opts.clone() };
+        return recover(vfs, ring, sb, status, &opts);
+    }
+    if let Some(p) = progress {
+        p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
+    }
+    let (shared, devices) = index
+        .finish(|id| {
+            let (dev, path) = devices.get(&id)?.clone();
+            let len = dev.len().ok()?;
+            // The name `open_segment` will look it up by.
+            let path = vfs.canonical_name(&path).unwrap_or(path);
+            Some((dev, path, len))
+        })
+        .ok_or_else(|| {
+            Error::corrupted("log (a segment changed between the scan and the checks)", ring.path.display().to_string())
+        })?;
+    let report = RecoveryReport {
+        transactions: verified.transactions,
+        log_bytes,
+        discarded_bytes: verified.discarded,
+        segment_bytes_written: 0,
+        stopped_at: match verified.stop {
+            ScanStop::Limit => None,
+            ScanStop::Defect { lsn, defect } => Some((lsn, defect.describe())),
+        },
+        salvage,
+        deferred_pages: shared.pages(),
+    };
+    let deferred = Deferred { shared, devices, end: verified.end, transactions: verified.transactions };
+    Ok((status, report, Some(deferred)))
 }

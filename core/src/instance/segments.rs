@@ -28,7 +28,12 @@ impl Inner {
             return Ok(Segment(seg.clone()));
         }
         let mode = if create.is_some() { OpenMode::CreateNew } else { OpenMode::Existing };
-        let dev = self.vfs.open(&name, mode).map_err(|e| Error::io("opening segment", &name, e))?;
+        // Instant recovery may still hold the segment open (and locked).
+        let held = self.instant.as_ref().filter(|_| create.is_none()).and_then(|i| i.device(&name));
+        let dev = match held {
+            Some(dev) => dev,
+            None => self.vfs.open(&name, mode).map_err(|e| Error::io("opening segment", &name, e))?,
+        };
         let opened = (|| {
             if let Some(len) = create {
                 dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
@@ -207,6 +212,11 @@ impl Inner {
             (CopyMode::OnDemand, None) => CopyMode::OnMap,
             (c, _) => c,
         };
+        // Instant recovery: a region copied at map time needs its pages up
+        // to date first (an on-demand one gets them on first touch, below).
+        if copy != CopyMode::OnDemand {
+            self.settle_segment(seg)?;
+        }
         let mapping = if spec.reserve > spec.len {
             // Reserve the whole span, then map the region's start into it.
             let m = Mapping::reserve(spec.placement, spec.reserve.next_multiple_of(mem::page_size()))?;
@@ -236,8 +246,14 @@ impl Inner {
                 CopyMode::NoCopy => Mapping::anonymous(spec.placement, spec.len)?,
             }
         };
+        let lazy = match copy {
+            CopyMode::OnDemand => self.instant_protect(seg, mapping.addr(), spec.len, spec.offset)?,
+            _ => None,
+        };
+        let has_lazy = lazy.is_some();
         let track = RegionTrack::new(mapping.span());
         let region = Arc::new(RegionInner {
+            lazy: Mutex::new(lazy),
             tracked: Default::default(),
             shadow: Default::default(),
             mapping,
@@ -249,6 +265,9 @@ impl Inner {
             claimed: AtomicBool::new(false),
         });
         self.regions.write().insert(region.clone());
+        if has_lazy {
+            self.instant_register(&region);
+        }
         Ok(Region(region))
     }
 }

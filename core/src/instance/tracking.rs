@@ -72,6 +72,10 @@ impl Rvm {
         if r.tracked.get().is_some() {
             return Ok(());
         }
+        // Instant recovery: the region's pages up to date and accessible
+        // (its fault hook gone) before tracking protects them.
+        inner.settle_segment(&r.segment)?;
+        r.lazy.lock().take();
         let session = inner.tracked_session()?;
         if session.held_by_me() {
             // This thread's own tracked transaction is open: waiting for it

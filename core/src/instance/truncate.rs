@@ -17,6 +17,7 @@ impl Inner {
     /// for a torn end that recovery would silently stop at (with the
     /// segment already holding part of what follows).
     pub(crate) fn record_synced_end(&self, upto: u64) -> Result<()> {
+        self.wait_recovered()?;
         let synced = self.synced_end();
         let mut st = self.status.lock();
         if st.status.synced_end >= upto.min(synced) {
@@ -52,6 +53,7 @@ impl Inner {
     pub(super) fn truncate_to(&self, cut: u64) -> Result<()> {
         // A running checkpoint ends first (below): at full speed.
         let _hurry = self.ckpt.hurry();
+        self.wait_recovered()?;
         let _t = self.truncation.lock();
         self.check_poison()?;
         // A checkpoint in progress is finished first (its page images are

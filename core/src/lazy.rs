@@ -1,0 +1,766 @@
+//! Instant restart (`Options::instant_recovery`): the index of segment
+//! pages that recovery left to bring up to date, and the page apply that
+//! both the background thread and the page-fault hook run (see
+//! `docs/DESIGN.md` §3.9).
+//!
+//! The index is built once, by recovery's verifying scan, and is frozen
+//! afterwards: per segment, a two-level table from page number to the chain
+//! of the page's pieces (a piece is the part of a logged range that falls
+//! in the page) in log order, and one atomic state per page
+//! (`PENDING → APPLYING → DONE`, or `FAILED`). The ranges' bytes are copied
+//! into one buffer during the scan, so applying a page needs no log I/O.
+//!
+//! Bringing a page up to date ([`Shared::apply_page_raw`]) is the same
+//! idempotent redo a replay does, page by page: read the segment page,
+//! apply its pieces in log order, write the page back to the segment (its
+//! page cache), mark it `DONE`. The fault hook ([`LazyRegion`]) does that
+//! inside the `SIGSEGV` handler for a `PROT_NONE` page of an on-demand
+//! region, then makes the page accessible: the private mapping then shows
+//! the page cache's page, which holds the final bytes already, so no thread
+//! ever sees a page half applied. Everything that path touches is
+//! preallocated (the index, a pool of scratch pages); it takes no lock,
+//! allocates nothing and calls only `pread`, `pwrite`, `mprotect`,
+//! `sched_yield` and `nanosleep`.
+
+use crate::fault::{self, Access, FaultHook, Resolution};
+use crate::storage::Storage;
+use std::cell::UnsafeCell;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A page waits for its pieces.
+pub(crate) const PENDING: u8 = 0;
+/// A thread is applying the page.
+pub(crate) const APPLYING: u8 = 1;
+/// The segment holds the page's final bytes.
+pub(crate) const DONE: u8 = 2;
+/// Applying the page failed: it can never be shown.
+pub(crate) const FAILED: u8 = 3;
+
+/// No piece (end of a chain).
+const NONE: u32 = u32::MAX;
+/// Pages per leaf of a segment's page table.
+const LEAF: u64 = 4096;
+/// Scratch pages the fault hook may use at once (a faulting thread that
+/// finds none free yields until one is).
+const SCRATCH_PAGES: usize = 64;
+/// Pages the background apply reads and writes with one call at most.
+const RUN_PAGES: usize = 256;
+
+/// The part of a logged range that falls in one page.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    /// Where its bytes are: a log position (the log mapped), or an offset
+    /// in the copied bytes.
+    data: u64,
+    /// Offset in the page (pages are at most 64 KiB).
+    at: u16,
+    /// Bytes, minus one.
+    len_m1: u16,
+    /// The page's next piece in log order.
+    next: u32,
+}
+
+/// A pending page: its chain of pieces and its state.
+#[derive(Debug)]
+struct Entry {
+    head: u32,
+    tail: u32,
+    state: AtomicU8,
+}
+
+impl Entry {
+    fn empty() -> Entry {
+        Entry { head: NONE, tail: NONE, state: AtomicU8::new(PENDING) }
+    }
+}
+
+/// One segment's pending pages.
+#[derive(Debug)]
+pub(crate) struct SegIndex {
+    /// The address of the device recovery opened (the instance's
+    /// `open_segment` reuses that device: this tells it apart).
+    dev_addr: usize,
+    /// Its length at open.
+    pub len: u64,
+    /// The raw descriptor, if the device has one (the fault path's I/O;
+    /// valid while a region of the segment is mapped: the region holds the
+    /// device).
+    fd: Option<RawFd>,
+    leaves: Leaves,
+    /// Pages with pieces.
+    pub pages: u64,
+}
+
+impl SegIndex {
+    fn entry(&self, page: u64) -> Option<&Entry> {
+        let leaf = self.leaves.get((page / LEAF) as usize)?.as_ref()?;
+        let e = &leaf[(page % LEAF) as usize];
+        (e.head != NONE).then_some(e)
+    }
+
+    /// Pending pages (not yet `DONE`) in `[first, end)`, as runs of
+    /// neighbouring pages `(first page, pages)`.
+    pub fn pending_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut page = first;
+        while page < end {
+            let top = (page / LEAF) as usize;
+            let Some(Some(leaf)) = self.leaves.get(top) else {
+                if top >= self.leaves.len() {
+                    break;
+                }
+                page = (top as u64 + 1) * LEAF;
+                continue;
+            };
+            let leaf_end = ((top as u64 + 1) * LEAF).min(end);
+            while page < leaf_end {
+                let e = &leaf[(page % LEAF) as usize];
+                if e.head != NONE && e.state.load(Ordering::Acquire) != DONE {
+                    match runs.last_mut() {
+                        Some((s, n)) if *s + *n == page => *n += 1,
+                        _ => runs.push((page, 1)),
+                    }
+                }
+                page += 1;
+            }
+        }
+        runs
+    }
+
+    /// Every page with pieces, in page order.
+    fn pages_in_order(&self) -> impl Iterator<Item = (u64, &Entry)> + '_ {
+        self.leaves.iter().enumerate().filter_map(|(top, l)| l.as_ref().map(|l| (top, l))).flat_map(|(top, leaf)| {
+            leaf.iter().enumerate().filter(|(_, e)| e.head != NONE).map(move |(i, e)| (top as u64 * LEAF + i as u64, e))
+        })
+    }
+}
+
+/// A segment's page table: leaves of [`LEAF`] entries, made on first use.
+type Leaves = Vec<Option<Box<[Entry]>>>;
+
+/// Builds the index during recovery's scan.
+pub(crate) struct Builder {
+    page: u64,
+    /// Per segment: its id, its page table's leaves.
+    segs: Vec<(u32, Leaves)>,
+    /// The segment of the last range (an index into `segs`).
+    last_seg: usize,
+    pieces: Vec<Piece>,
+    /// The ranges' bytes, copied (when the log cannot be mapped).
+    data: Vec<u8>,
+    /// The log's record area mapped read-only: pieces then name their
+    /// bytes by log position, and nothing is copied.
+    log: Option<(crate::mem::Mapping, u64)>,
+    /// Pieces (and bytes of `data`) of complete transactions: the pieces
+    /// of an unfinished tail come after them in every chain, and are cut
+    /// off at [`Builder::finish`].
+    committed: (usize, usize),
+    /// Set if the index cannot hold the log (more than 2^32 pieces, or
+    /// pages over 64 KiB): recovery then runs the usual way.
+    pub overflow: bool,
+}
+
+impl Builder {
+    /// An empty index for pages of `page` bytes, for about `log_bytes` of
+    /// log (a capacity hint).
+    /// `log`: the ring's device, record area offset and length; mapped if
+    /// it has a descriptor.
+    pub fn new(page: usize, log_bytes: u64, log: (&dyn Storage, u64, u64)) -> Builder {
+        let hint = log_bytes.min(1 << 30) as usize;
+        let (dev, area_offset, area_len) = log;
+        let mapped = dev.raw_fd().zip(usize::try_from(area_len).ok()).and_then(|(fd, len)| {
+            (area_offset % page as u64 == 0)
+                .then(|| crate::mem::Mapping::file_shared_readonly(fd, area_offset, len).ok())
+                .flatten()
+                .map(|m| (m, area_len))
+        });
+        Builder {
+            page: page as u64,
+            segs: Vec::new(),
+            last_seg: usize::MAX,
+            pieces: Vec::with_capacity(hint / 16),
+            data: if mapped.is_some() { Vec::new() } else { Vec::with_capacity(hint) },
+            log: mapped,
+            committed: (0, 0),
+            // Pieces hold page offsets in 16 bits.
+            overflow: page > 1 << 16,
+        }
+    }
+
+    /// A range of the transaction being read: its pieces join the pages'
+    /// chains at once (see `committed`).
+    /// `lsn`: the log position of its first byte.
+    pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8], lsn: u64) {
+        if self.overflow {
+            return;
+        }
+        let data = if self.log.is_some() {
+            lsn
+        } else {
+            let at = self.data.len() as u64;
+            self.data.extend_from_slice(bytes);
+            at
+        };
+        let s = match self.segs.get(self.last_seg) {
+            Some((id, _)) if *id == segment => self.last_seg,
+            _ => match self.segs.iter().position(|s| s.0 == segment) {
+                Some(s) => s,
+                None => {
+                    self.segs.push((segment, Vec::new()));
+                    self.segs.len() - 1
+                }
+            },
+        };
+        self.last_seg = s;
+        let mut off = offset;
+        let end = offset + bytes.len() as u64;
+        while off < end {
+            let page = off / self.page;
+            let at = off % self.page;
+            let n = (self.page - at).min(end - off);
+            let i = self.pieces.len();
+            if i >= NONE as usize {
+                self.overflow = true;
+                return;
+            }
+            self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
+            let leaves = &mut self.segs[s].1;
+            let top = (page / LEAF) as usize;
+            if leaves.len() <= top {
+                leaves.resize_with(top + 1, || None);
+            }
+            let leaf = leaves[top].get_or_insert_with(|| (0..LEAF).map(|_| Entry::empty()).collect());
+            let e = &mut leaf[(page % LEAF) as usize];
+            if e.head == NONE {
+                e.head = i as u32;
+            } else {
+                self.pieces[e.tail as usize].next = i as u32;
+            }
+            e.tail = i as u32;
+            off += n;
+        }
+    }
+
+    /// The transaction being read is complete.
+    pub fn commit(&mut self) {
+        self.committed = (self.pieces.len(), self.data.len());
+    }
+
+    /// Freezes the index; `device(id)` gives each segment's device, path
+    /// and length. Also returns the devices, in the order of
+    /// [`Shared::segs`].
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        mut self,
+        mut device: impl FnMut(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>,
+    ) -> Option<(Shared, Vec<(PathBuf, Arc<dyn Storage>)>)> {
+        // Cut off an unfinished tail: its pieces are the last of their
+        // chains.
+        let (pieces, bytes) = self.committed;
+        self.data.truncate(bytes);
+        self.pieces.truncate(pieces);
+        for p in &mut self.pieces {
+            if p.next as usize >= pieces {
+                p.next = NONE;
+            }
+        }
+        let mut segs = Vec::new();
+        let mut devices = Vec::new();
+        for (id, mut leaves) in self.segs {
+            let mut pages = 0;
+            for e in leaves.iter_mut().flatten().flat_map(|l| l.iter_mut()) {
+                if e.head != NONE && e.head as usize >= pieces {
+                    e.head = NONE;
+                }
+                pages += u64::from(e.head != NONE);
+            }
+            let (dev, path, len) = device(id)?;
+            let fd = dev.raw_fd().map(|fd| fd.as_raw_fd());
+            let dev_addr = Arc::as_ptr(&dev) as *const () as usize;
+            devices.push((path, dev));
+            segs.push(SegIndex { dev_addr, len, fd, leaves, pages });
+        }
+        let shared = Shared {
+            page: self.page as usize,
+            segs,
+            pieces: self.pieces,
+            data: self.data,
+            log: self.log,
+            scratch: Scratch::new(self.page as usize),
+            writable: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        };
+        Some((shared, devices))
+    }
+}
+
+/// Page buffers the fault hook takes without a lock.
+struct Scratch {
+    page: usize,
+    mem: Box<[UnsafeCell<u8>]>,
+    busy: Box<[AtomicBool]>,
+}
+
+// SAFETY: a scratch page is handed to one thread at a time (its `busy`
+// flag, taken with a compare-exchange and released after use), so the
+// UnsafeCell bytes are never accessed by two threads at once.
+unsafe impl Sync for Scratch {}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch").field("pages", &self.busy.len()).finish()
+    }
+}
+
+impl Scratch {
+    fn new(page: usize) -> Scratch {
+        Scratch {
+            page,
+            mem: (0..page * SCRATCH_PAGES).map(|_| UnsafeCell::new(0)).collect(),
+            busy: (0..SCRATCH_PAGES).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Takes a free page (yielding until one is), runs `f` on it, frees it.
+    fn with<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut spins = 0u32;
+        let slot = loop {
+            if let Some(i) = self
+                .busy
+                .iter()
+                .position(|b| b.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
+            {
+                break i;
+            }
+            pause(&mut spins);
+        };
+        // SAFETY: slot `slot` is ours until `busy[slot]` is cleared below
+        // (no other thread touches its bytes meanwhile), and the range lies
+        // inside `mem`. UnsafeCell<u8> has the layout of u8.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(UnsafeCell::raw_get(self.mem.as_ptr().add(slot * self.page)), self.page)
+        };
+        let r = f(buf);
+        self.busy[slot].store(false, Ordering::Release);
+        r
+    }
+}
+
+/// Waits a little, async-signal-safely: `sched_yield` at first, then
+/// sleeps of 50 µs.
+fn pause(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < 64 {
+        // SAFETY: sched_yield takes no arguments and is async-signal-safe.
+        unsafe { libc::sched_yield() };
+    } else {
+        let ts = libc::timespec { tv_sec: 0, tv_nsec: 50_000 };
+        // SAFETY: nanosleep is async-signal-safe; `ts` is a valid timespec
+        // and a null remainder is allowed.
+        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    }
+}
+
+/// The frozen index and what applying pages needs, shared by recovery's
+/// background thread, map and the fault hooks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    page: usize,
+    /// Segments with pending pages.
+    pub segs: Vec<SegIndex>,
+    pieces: Vec<Piece>,
+    data: Vec<u8>,
+    /// The record area mapped, and its length (see [`Builder`]).
+    log: Option<(crate::mem::Mapping, u64)>,
+    scratch: Scratch,
+    /// Segment writes are allowed (the status recording the synced end is
+    /// durable: §3.4 step 4).
+    pub writable: AtomicBool,
+    /// Applying failed: pages not yet `DONE` can never be shown.
+    pub failed: AtomicBool,
+}
+
+/// Why a page could not be brought up to date.
+const FAILED_MSG: &str = "instant recovery failed: a segment page could not be brought up to date";
+
+impl Shared {
+    /// The page size of the index.
+    pub fn page(&self) -> usize {
+        self.page
+    }
+
+    /// Pages with pieces, over all segments.
+    pub fn pages(&self) -> u64 {
+        self.segs.iter().map(|s| s.pages).sum()
+    }
+
+    /// The index of the segment open as `dev` (the instance reuses the
+    /// device recovery opened; it may know the segment under another id,
+    /// if it moved: `Options::accept_segment`).
+    pub fn seg_of(&self, dev: &Arc<dyn Storage>) -> Option<usize> {
+        let addr = Arc::as_ptr(dev) as *const () as usize;
+        self.segs.iter().position(|s| s.dev_addr == addr)
+    }
+
+    /// Applies the page's pieces, in log order, to `buf` (the page as the
+    /// segment holds it).
+    fn apply_pieces(&self, e: &Entry, buf: &mut [u8]) {
+        let mut i = e.head;
+        while i != NONE {
+            let p = self.pieces[i as usize];
+            let (at, len) = (usize::from(p.at), usize::from(p.len_m1) + 1);
+            let dst = &mut buf[at..at + len];
+            match &self.log {
+                None => dst.copy_from_slice(&self.data[p.data as usize..p.data as usize + len]),
+                Some((map, area_len)) => {
+                    // A range may wrap around the end of the ring.
+                    let from = (p.data % area_len) as usize;
+                    let first = len.min(*area_len as usize - from);
+                    // SAFETY: both parts lie inside the mapping of the
+                    // record area; nothing writes the log before instant
+                    // recovery ends (no log write precedes its status), and
+                    // the log is locked, so no one truncates it.
+                    unsafe {
+                        crate::mem::copy_from(map.addr() + from, &mut dst[..first]);
+                        crate::mem::copy_from(map.addr(), &mut dst[first..]);
+                    }
+                }
+            }
+            i = p.next;
+        }
+    }
+
+    /// Bytes of page `page` of segment `s` inside the segment.
+    fn page_len(&self, s: &SegIndex, page: u64) -> usize {
+        let off = page * self.page as u64;
+        (s.len.saturating_sub(off)).min(self.page as u64) as usize
+    }
+
+    /// Brings page `page` of segment `s` up to date, async-signal-safely
+    /// (the fault path): waits for segment writes to be allowed and for a
+    /// thread already applying it. `Ok(true)` once it is `DONE`, `Ok(false)`
+    /// if the index does not hold the page, `Err` if it can never be shown.
+    fn apply_page_raw(&self, s: usize, page: u64) -> Result<bool, &'static str> {
+        let seg = &self.segs[s];
+        let Some(e) = seg.entry(page) else { return Ok(false) };
+        let mut spins = 0u32;
+        loop {
+            match e.state.load(Ordering::Acquire) {
+                DONE => return Ok(true),
+                FAILED => return Err(FAILED_MSG),
+                APPLYING => {}
+                _ if self.failed.load(Ordering::Acquire) => return Err(FAILED_MSG),
+                _ if !self.writable.load(Ordering::Acquire) => {}
+                _ => {
+                    if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                        let Some(fd) = seg.fd else {
+                            e.state.store(FAILED, Ordering::Release);
+                            return Err(FAILED_MSG);
+                        };
+                        let off = page * self.page as u64;
+                        let len = self.page_len(seg, page);
+                        let ok = self.scratch.with(|buf| {
+                            let buf = &mut buf[..len];
+                            if !pread_full(fd, buf, off) {
+                                return false;
+                            }
+                            self.apply_pieces(e, buf);
+                            pwrite_full(fd, buf, off)
+                        });
+                        if !ok {
+                            e.state.store(FAILED, Ordering::Release);
+                            self.failed.store(true, Ordering::Release);
+                            return Err(FAILED_MSG);
+                        }
+                        e.state.store(DONE, Ordering::Release);
+                        return Ok(true);
+                    }
+                    continue;
+                }
+            }
+            pause(&mut spins);
+        }
+    }
+
+    /// Applies every pending page of segment `s` through its device (the
+    /// background thread, and map's fallback): claims runs of neighbouring
+    /// pending pages, reads each run from `dev` (the segment's device) with one call, applies the pages'
+    /// pieces, writes the run back with one call, marks its pages `DONE`;
+    /// then waits for pages other threads are applying. Returns the
+    /// segment bytes written. `stop` is polled between runs.
+    pub fn apply_segment(&self, s: usize, dev: &dyn Storage, stop: &dyn Fn() -> bool) -> std::io::Result<u64> {
+        let seg = &self.segs[s];
+        let ps = self.page as u64;
+        let mut written = 0u64;
+        let mut buf = Vec::new();
+        let mut run: Vec<&Entry> = Vec::with_capacity(RUN_PAGES);
+        let mut it = seg.pages_in_order().peekable();
+        while let Some((first, e)) = it.next() {
+            if stop() {
+                break;
+            }
+            if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            run.clear();
+            run.push(e);
+            while run.len() < RUN_PAGES {
+                match it.peek() {
+                    Some(&(p, n))
+                        if p == first + run.len() as u64
+                            && n.state
+                                .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
+                                .is_ok() =>
+                    {
+                        run.push(n);
+                        it.next();
+                    }
+                    _ => break,
+                }
+            }
+            let off = first * ps;
+            let last = first + run.len() as u64 - 1;
+            let len = (run.len() - 1) * self.page + self.page_len(seg, last);
+            buf.resize(len, 0);
+            let r = dev.read_at(&mut buf, off).and_then(|()| {
+                for (k, e) in run.iter().enumerate() {
+                    let from = k * self.page;
+                    let to = (from + self.page).min(len);
+                    self.apply_pieces(e, &mut buf[from..to]);
+                }
+                dev.write_at(&buf, off)
+            });
+            let state = if r.is_ok() { DONE } else { FAILED };
+            if r.is_err() {
+                self.failed.store(true, Ordering::Release);
+            }
+            for e in &run {
+                e.state.store(state, Ordering::Release);
+            }
+            r?;
+            written += len as u64;
+        }
+        // Pages a faulting thread claimed: wait until they are written.
+        for (_, e) in seg.pages_in_order() {
+            let mut spins = 0u32;
+            loop {
+                match e.state.load(Ordering::Acquire) {
+                    APPLYING => pause(&mut spins),
+                    FAILED => return Err(std::io::Error::other(FAILED_MSG)),
+                    _ => break,
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// Whether every page of segment `s` is `DONE`.
+    pub fn segment_done(&self, s: usize) -> bool {
+        self.segs[s].pages_in_order().all(|(_, e)| e.state.load(Ordering::Acquire) == DONE)
+    }
+}
+
+/// Reads all of `buf` at `off` (async-signal-safe).
+fn pread_full(fd: RawFd, buf: &mut [u8], off: u64) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: pread(2) is async-signal-safe; the pointer and length
+        // describe the unread rest of `buf`, which we own.
+        let n = unsafe {
+            libc::pread(fd, buf[done..].as_mut_ptr().cast(), buf.len() - done, (off + done as u64) as libc::off_t)
+        };
+        if n > 0 {
+            done += n as usize;
+        } else if n < 0 && errno() == libc::EINTR {
+            continue;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// Writes all of `buf` at `off` (async-signal-safe).
+fn pwrite_full(fd: RawFd, buf: &[u8], off: u64) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: pwrite(2) is async-signal-safe; the pointer and length
+        // describe the unwritten rest of `buf`.
+        let n = unsafe {
+            libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (off + done as u64) as libc::off_t)
+        };
+        if n > 0 {
+            done += n as usize;
+        } else if n < 0 && errno() == libc::EINTR {
+            continue;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+fn errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(v: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// The fault hook of an on-demand region with pending pages.
+pub(crate) struct LazyRegion {
+    base: usize,
+    len: usize,
+    /// Segment offset of `base`.
+    offset: u64,
+    seg: usize,
+    /// The index (a leaked `Arc<Shared>`); null once the region is
+    /// released (every page up to date and accessible).
+    shared: AtomicPtr<Shared>,
+    /// Handlers using `shared` right now.
+    users: AtomicUsize,
+}
+
+impl LazyRegion {
+    /// Every page is accessible now: faults still arriving were raised
+    /// before (their handler ran late) and only need a retry. Frees the
+    /// index reference once no handler uses it.
+    fn detach(&self) {
+        let p = self.shared.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        while self.users.load(Ordering::SeqCst) > 0 {
+            std::hint::spin_loop();
+        }
+        if !p.is_null() {
+            // SAFETY: `p` came from Arc::into_raw in `protect_region` and was
+            // taken out by the swap above (nobody else frees it); no handler
+            // uses it (users is zero, later ones see null).
+            drop(unsafe { Arc::from_raw(p) });
+        }
+    }
+}
+
+impl Drop for LazyRegion {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+impl FaultHook for LazyRegion {
+    fn on_fault(&self, addr: usize, _access: Access) -> Resolution {
+        if addr < self.base || addr >= self.base + self.len {
+            return Resolution::NotOurs;
+        }
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let shared = self.shared.load(Ordering::SeqCst);
+        let r = if shared.is_null() {
+            // Released: the page is accessible; the fault predates that.
+            Resolution::Handled
+        } else {
+            // SAFETY: not freed while `users` counts us in (see `detach`).
+            let shared = unsafe { &*shared };
+            // The handler's system calls must not change what the
+            // interrupted code sees in errno.
+            let saved = errno();
+            let ps = shared.page;
+            let page_addr = addr & !(ps - 1);
+            let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
+            let r = match shared.apply_page_raw(self.seg, page) {
+                Ok(false) => Resolution::NotOurs,
+                Err(msg) => Resolution::Fatal(msg),
+                // SAFETY: the page lies inside the region's mapping (checked
+                // above), which this hook's registration outlives; the
+                // region's normal protection is read and write.
+                Ok(true) => match unsafe { fault::protect(page_addr, ps, true) } {
+                    true => Resolution::Handled,
+                    false => Resolution::Fatal("instant recovery could not make a page accessible"),
+                },
+            };
+            set_errno(saved);
+            r
+        };
+        self.users.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+/// A region's pending pages made inaccessible and its fault hook. The hook
+/// stays registered after [`Protected::release`] (a fault raised before the
+/// release may reach the handler after it, and must find a hook that lets
+/// it retry); dropping this unregisters it (with the region, or before the
+/// region is tracked).
+#[derive(Debug)]
+pub(crate) struct Protected {
+    base: usize,
+    len: usize,
+    hook: Arc<LazyRegion>,
+    registration: Option<fault::Registration>,
+}
+
+impl std::fmt::Debug for LazyRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyRegion").field("base", &self.base).field("len", &self.len).finish()
+    }
+}
+
+impl Protected {
+    /// Makes the whole region accessible again (every page must be `DONE`)
+    /// and lets the hook go of the index. Idempotent.
+    pub fn release(&self) -> bool {
+        if self.hook.shared.load(Ordering::SeqCst).is_null() {
+            return true;
+        }
+        // SAFETY: `[base, base + len)` is the region's mapping, alive while
+        // the region is (the caller holds it); its normal protection is
+        // read and write, and every page holds its final bytes.
+        let ok = unsafe { fault::protect(self.base, self.len, true) };
+        self.hook.detach();
+        ok
+    }
+}
+
+/// Registers the fault hook for the on-demand region `[base, base + len)`
+/// (segment offset `offset`) of segment `s`, then makes its pending pages
+/// inaccessible (`runs`: page runs from [`SegIndex::pending_runs`]).
+/// On failure, the region is left accessible and unregistered; the caller
+/// must then bring the segment up to date before publishing the region.
+pub(crate) fn protect_region(
+    shared: &Arc<Shared>,
+    s: usize,
+    base: usize,
+    len: usize,
+    offset: u64,
+    runs: &[(u64, u64)],
+) -> Result<Protected, String> {
+    let hook = Arc::new(LazyRegion {
+        base,
+        len,
+        offset,
+        seg: s,
+        shared: AtomicPtr::new(Arc::into_raw(shared.clone()).cast_mut()),
+        users: AtomicUsize::new(0),
+    });
+    let registration = fault::register(base, base + len, hook.clone()).map_err(|e| e.to_string())?;
+    let mut p = Protected { base, len, hook, registration: Some(registration) };
+    let ps = shared.page as u64;
+    for &(first, n) in runs {
+        let at = base + (first * ps - offset) as usize;
+        // SAFETY: the run lies inside the region's mapping (the caller
+        // takes the runs from the region's own page range); the mapping is
+        // not published yet, so no reference into it exists.
+        let rc = unsafe { libc::mprotect(at as *mut libc::c_void, (n * ps) as usize, libc::PROT_NONE) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error().to_string();
+            // SAFETY: as above; back to the normal protection.
+            unsafe { fault::protect(base, len, true) };
+            p.registration.take();
+            return Err(e);
+        }
+    }
+    Ok(p)
+}

@@ -1,0 +1,398 @@
+//! Instant restart (`Options::instant_recovery`, docs/DESIGN.md §3.9).
+//!
+//! * Every page of a region read right after an instant open equals the
+//!   committed state and a fully recovered copy of the same files (random
+//!   logs, real files: pages come in through the fault hook).
+//! * Threads touching the same pending pages at once never see a page half
+//!   applied or stale.
+//! * On the simulated disk: an I/O failure or crash at a random point of
+//!   the open or of the background apply, then a reopen, gives the same
+//!   state; commits made right after an instant open (flush and no-flush)
+//!   survive a crash; damage in the log is refused at open with nothing
+//!   written.
+//! * A child process killed with `SIGKILL` while its background apply runs
+//!   leaves files that recover to the same state.
+
+use proptest::prelude::*;
+use rvm::testing::{CrashMode, SimDisk};
+use rvm::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn instant() -> Options {
+    Options { instant_recovery: true, truncate_threshold: None, ..Options::default() }
+}
+
+fn full() -> Options {
+    Options { instant_recovery: false, truncate_threshold: None, ..Options::default() }
+}
+
+/// One transaction: (offset, length, seed) ranges.
+type Tx = Vec<(usize, usize, u8)>;
+
+fn bytes_of(len: usize, seed: u8, k: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_mul(31).wrapping_add((i + k) as u8)).collect()
+}
+
+/// Commits `txs` into `region` (no-flush, a flush every `flush_every`, and
+/// at the end), updating `model`.
+fn commit_all(rvm: &Rvm, region: &Region, txs: &[Tx], model: &mut [u8], flush_every: usize) {
+    let len = region.len();
+    for (k, tx) in txs.iter().enumerate() {
+        let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+        for &(off, n, seed) in tx {
+            let off = off % len;
+            let n = n.clamp(1, len - off);
+            let b = bytes_of(n, seed, k);
+            // SAFETY: this thread alone uses the region.
+            unsafe { t.modify_bytes(region.addr() + off, &b).unwrap() };
+            model[off..off + n].copy_from_slice(&b);
+        }
+        let mode =
+            if (k + 1) % flush_every == 0 || k + 1 == txs.len() { CommitMode::Flush } else { CommitMode::NoFlush };
+        t.commit(mode).unwrap();
+    }
+}
+
+fn read_all(region: &Region) -> Vec<u8> {
+    let mut v = vec![0u8; region.len()];
+    // SAFETY: no transaction runs in the region.
+    unsafe { region.read(0, &mut v) };
+    v
+}
+
+/// Makes a log and a segment in `dir` holding `txs`, not applied (the
+/// instance is closed cleanly; closing applies nothing). Returns the model.
+fn make_files(dir: &Path, pages: usize, txs: &[Tx]) -> Vec<u8> {
+    let len = pages * page_size();
+    create_log(dir.join("log"), 4 << 20).unwrap();
+    let rvm = Rvm::open(dir.join("log"), full()).unwrap();
+    let seg = rvm.create_segment(dir.join("seg"), len as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+    let mut model = vec![0u8; len];
+    commit_all(&rvm, &region, txs, &mut model, 7);
+    drop(region);
+    rvm.close().unwrap();
+    model
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["log", "seg"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+fn tx_strategy(len: usize) -> impl Strategy<Value = Tx> {
+    prop::collection::vec((0..len, prop_oneof![1usize..64, 1usize..3 * 4096], any::<u8>()), 1..5)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    /// Every page read right after an instant open (each brought in by the
+    /// fault hook) equals the committed state and a fully recovered copy;
+    /// after the background apply the segment file holds it too.
+    #[test]
+    fn instant_open_shows_what_full_recovery_shows(
+        txs in prop::collection::vec(tx_strategy(16 * 4096), 1..60),
+        backwards in any::<bool>(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        let pages = 16 * 4096 / page_size();
+        let model = make_files(&a, pages, &txs);
+        copy_dir(&a, &b);
+        let len = model.len();
+
+        let rvm = Rvm::open(a.join("log"), instant()).unwrap();
+        prop_assert!(rvm.recovery_report().deferred_pages > 0);
+        prop_assert_eq!(rvm.recovery_report().segment_bytes_written, 0);
+        let seg = rvm.open_segment(a.join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+        // Page by page, in either order, each read as soon as possible.
+        let ps = page_size();
+        let mut got = vec![0u8; len];
+        let order: Vec<usize> = if backwards { (0..pages).rev().collect() } else { (0..pages).collect() };
+        for p in order {
+            // SAFETY: no transaction runs in the region.
+            unsafe { region.read(p * ps, &mut got[p * ps..(p + 1) * ps]) };
+        }
+        prop_assert!(got == model, "instant open differs from the committed state");
+
+        let opts = full().accept_segment(a.join("seg").canonicalize().unwrap(), b.join("seg"));
+        let copy = Rvm::open(b.join("log"), opts).unwrap();
+        let cseg = copy.open_segment(b.join("seg")).unwrap();
+        let cregion = copy.map(&cseg, MapSpec::new(0, len)).unwrap();
+        prop_assert!(read_all(&cregion) == got, "instant open differs from a fully recovered copy");
+
+        rvm.wait_for_recovery().unwrap();
+        prop_assert!(!rvm.query().recovering);
+        prop_assert!(std::fs::read(a.join("seg")).unwrap() == model, "the segment file after the apply");
+        drop(region);
+        rvm.close().unwrap();
+        // The new status: a reopen finds nothing to replay.
+        let again = Rvm::open(a.join("log"), full()).unwrap();
+        prop_assert_eq!(again.recovery_report().transactions, 0);
+    }
+}
+
+/// A log whose every transaction writes one whole page with one value in
+/// every word (its number): a reader sees a page half applied, or stale,
+/// if its words differ or are not the page's last value.
+fn page_log(dir: &Path, pages: usize, rounds: usize) -> Vec<u64> {
+    let ps = page_size();
+    create_log(dir.join("log"), 16 << 20).unwrap();
+    let rvm = Rvm::open(dir.join("log"), Options { coalesce: false, ..full() }).unwrap();
+    let seg = rvm.create_segment(dir.join("seg"), (pages * ps) as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+    let mut last = vec![0u64; pages];
+    let mut x = 12345u64;
+    for n in 1..=(pages * rounds) as u64 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let p = (x >> 33) as usize % pages;
+        let words: Vec<u8> = std::iter::repeat_n(n.to_le_bytes(), ps / 8).flatten().collect();
+        let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: this thread alone uses the region.
+        unsafe { t.modify_bytes(region.addr() + p * ps, &words).unwrap() };
+        t.commit(CommitMode::NoFlush).unwrap();
+        last[p] = n;
+    }
+    drop(region);
+    rvm.close().unwrap();
+    last
+}
+
+/// Four threads read the same pending pages at once, in different orders,
+/// right after an instant open: every page they see is whole and final.
+#[test]
+fn concurrent_readers_never_see_a_partial_page() {
+    let pages = 256;
+    let tmp = tempfile::tempdir().unwrap();
+    let last = Arc::new(page_log(tmp.path(), pages, 6));
+    for round in 0..4 {
+        // Each round: the files as the log left them (the apply of the
+        // previous round is undone by restoring the copies).
+        let dir = tmp.path().join(format!("r{round}"));
+        copy_dir(tmp.path(), &dir);
+        let opts = instant().accept_segment(tmp.path().join("seg").canonicalize().unwrap(), dir.join("seg"));
+        let rvm = Rvm::open(dir.join("log"), opts).unwrap();
+        let seg = rvm.open_segment(dir.join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, pages * page_size())).unwrap();
+        let threads: Vec<_> = (0..4usize)
+            .map(|t| {
+                let (region, last) = (region.clone(), last.clone());
+                std::thread::spawn(move || {
+                    let ps = page_size();
+                    let mut buf = vec![0u8; ps];
+                    for i in 0..pages {
+                        let p = match t {
+                            0 => i,
+                            1 => pages - 1 - i,
+                            2 => (i * 37 + round) % pages,
+                            _ => (i * 101 + 7) % pages,
+                        };
+                        // SAFETY: nobody writes the region.
+                        unsafe { region.read(p * ps, &mut buf) };
+                        let want = last[p].to_le_bytes();
+                        for (w, word) in buf.chunks(8).enumerate() {
+                            assert_eq!(word, &want[..], "thread {t}: page {p} word {w} is not the page's last value");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        rvm.wait_for_recovery().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The simulated disk
+// ---------------------------------------------------------------------------
+
+const LOG: &str = "/log";
+const SEG: &str = "/seg";
+const SEG_LEN: usize = 16 * 4096;
+
+/// A simulated disk with a log of flush-committed `txs`, unapplied
+/// (crashed after the last flush). Returns the disk and the model.
+fn sim_files(txs: &[Tx]) -> (SimDisk, Arc<dyn Vfs>, Vec<u8>) {
+    let disk = SimDisk::new();
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    create_log_with(vfs.as_ref(), Path::new(LOG), 1 << 20).unwrap();
+    let mut model = vec![0u8; SEG_LEN];
+    {
+        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), Options { write_behind: false, ..full() }).unwrap();
+        let seg = rvm.create_segment(SEG, SEG_LEN as u64).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, SEG_LEN)).unwrap();
+        commit_all(&rvm, &region, txs, &mut model, 5);
+        disk.crash(CrashMode::LoseUnsynced);
+    }
+    (disk, vfs, model)
+}
+
+fn sim_state(vfs: &Arc<dyn Vfs>, opts: Options) -> (Rvm, Vec<u8>) {
+    let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), opts).unwrap();
+    let seg = rvm.open_segment(SEG).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, SEG_LEN)).unwrap();
+    let got = read_all(&region);
+    drop(region);
+    (rvm, got)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// An I/O failure at a random storage operation of an instant open or
+    /// of its background apply, then a crash (keeping a random subset of
+    /// the unsynced writes, the last one torn), then a reopen: the same
+    /// state as recovery without a crash, and the files recover again to it.
+    #[test]
+    fn crash_during_instant_recovery_recovers_the_same_state(
+        txs in prop::collection::vec(tx_strategy(SEG_LEN), 1..40),
+        fail_at in 0u64..200,
+        seed in any::<u64>(),
+        reopen_instant in any::<bool>(),
+    ) {
+        let (disk, vfs, model) = sim_files(&txs);
+        disk.fail_after(fail_at);
+        match Rvm::open_with(vfs.clone(), Path::new(LOG), instant()) {
+            Ok(rvm) => {
+                // The apply runs (or fails) on its own; a map waits for it.
+                if let Ok(seg) = rvm.open_segment(SEG) {
+                    if let Ok(region) = rvm.map(&seg, MapSpec::new(0, SEG_LEN)) {
+                        prop_assert!(read_all(&region) == model, "a map after an instant open");
+                    }
+                }
+                let _ = rvm.wait_for_recovery();
+                disk.crash(CrashMode::KeepRandomSubset { seed, tear_last: true });
+                drop(rvm);
+            }
+            Err(_) => disk.crash(CrashMode::KeepRandomSubset { seed, tear_last: true }),
+        }
+        disk.clear_faults();
+        let opts = if reopen_instant { instant() } else { full() };
+        let (rvm, got) = sim_state(&vfs, opts);
+        prop_assert!(got == model, "the state after a crash during instant recovery");
+        rvm.wait_for_recovery().unwrap();
+        drop(rvm);
+        disk.crash(CrashMode::LoseUnsynced);
+        let (_, again) = sim_state(&vfs, full());
+        prop_assert!(again == model, "the state after recovering once more");
+    }
+
+    /// Commits made right after an instant open, flush and no-flush, while
+    /// the apply may still run: a crash keeps every flushed one.
+    #[test]
+    fn commits_after_an_instant_open_survive_a_crash(
+        txs in prop::collection::vec(tx_strategy(SEG_LEN), 1..30),
+        more in prop::collection::vec(tx_strategy(SEG_LEN), 1..20),
+        write_behind in any::<bool>(),
+    ) {
+        let (disk, vfs, mut model) = sim_files(&txs);
+        let rvm = Rvm::open_with(vfs.clone(), Path::new(LOG), Options { write_behind, ..instant() }).unwrap();
+        let seg = rvm.open_segment(SEG).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, SEG_LEN)).unwrap();
+        prop_assert!(read_all(&region) == model);
+        commit_all(&rvm, &region, &more, &mut model, 3);
+        disk.crash(CrashMode::LoseUnsynced);
+        drop(region);
+        drop(rvm);
+        let (_, got) = sim_state(&vfs, instant());
+        prop_assert!(got == model, "flushed commits after an instant open were lost");
+    }
+}
+
+/// Damage in the synced records is refused at an instant open, and nothing
+/// is written to the log or the segment.
+#[test]
+fn damage_is_refused_with_nothing_written() {
+    let txs: Vec<Tx> = (0..40).map(|i| vec![(i * 1000, 100, i as u8)]).collect();
+    let (disk, vfs, _) = sim_files(&txs);
+    let log = disk.durable_image(LOG).unwrap();
+    let seg = disk.durable_image(SEG).unwrap();
+    let area = rvm::log::format::AREA_OFFSET as usize;
+    let mut bad = log.clone();
+    bad[area + 600] ^= 0x10;
+    disk.set_durable_image(LOG, bad.clone());
+    let e = Rvm::open_with(vfs.clone(), Path::new(LOG), instant()).unwrap_err();
+    assert!(matches!(e, Error::Corrupted { .. }), "{e:?}");
+    assert!(disk.durable_image(LOG).unwrap() == bad && disk.live_image(LOG).unwrap() == bad);
+    assert!(disk.durable_image(SEG).unwrap() == seg && disk.live_image(SEG).unwrap() == seg);
+}
+
+// ---------------------------------------------------------------------------
+// kill -9 during the background apply
+// ---------------------------------------------------------------------------
+
+const CHILD_ENV: &str = "RVM_INSTANT_CHILD";
+
+/// The child: opens the files with instant recovery, reads one page, says
+/// so, and waits to be killed (its background apply running meanwhile).
+fn child(dir: &Path) -> ! {
+    let rvm = Rvm::open(dir.join("log"), instant()).unwrap();
+    let seg = rvm.open_segment(dir.join("seg")).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, seg.len() as usize)).unwrap();
+    let mut b = [0u8; 8];
+    // SAFETY: no transaction runs.
+    unsafe { region.read(0, &mut b) };
+    println!("ready");
+    std::io::Write::flush(&mut std::io::stdout()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    std::process::exit(0)
+}
+
+/// A child killed with `SIGKILL` right after its instant open (its
+/// background apply part done): the files recover to the same state, with
+/// instant recovery and without.
+#[test]
+fn kill9_during_the_background_apply() {
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        child(Path::new(&dir));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pages = 2048;
+    let last = page_log(tmp.path(), pages, 3);
+    for round in 0..4 {
+        let dir: PathBuf = tmp.path().join(format!("r{round}"));
+        copy_dir(tmp.path(), &dir);
+        // The copy's dictionary names the original segment: move it there
+        // for the child (the names must match for the open).
+        std::fs::copy(dir.join("seg"), tmp.path().join("seg")).unwrap();
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "kill9_during_the_background_apply", "--nocapture"])
+            .env(CHILD_ENV, tmp.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("ready") {
+            line.clear();
+            if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_micros(round as u64 * 700));
+        c.kill().unwrap();
+        c.wait().unwrap();
+        let rvm = Rvm::open(tmp.path().join("log"), if round % 2 == 0 { instant() } else { full() }).unwrap();
+        let seg = rvm.open_segment(tmp.path().join("seg")).unwrap();
+        let ps = page_size();
+        let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+        let got = read_all(&region);
+        for p in 0..pages {
+            let want = last[p].to_le_bytes();
+            assert!(got[p * ps..(p + 1) * ps].chunks(8).all(|w| w == want), "round {round}: page {p}");
+        }
+        rvm.wait_for_recovery().unwrap();
+        drop(region);
+        drop(seg);
+        rvm.close().unwrap();
+        // Back to the unapplied files for the next round.
+        std::fs::copy(dir.join("log"), tmp.path().join("log")).unwrap();
+        std::fs::copy(dir.join("seg"), tmp.path().join("seg")).unwrap();
+    }
+}
