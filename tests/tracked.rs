@@ -1071,3 +1071,56 @@ fn wp_regions_tracked_in_any_address_order() {
     wp_regions_at(&[lo, hi, mid]);
     wp_regions_at(&[lo, mid, hi]);
 }
+
+/// `track_with` racing an ordinary transaction's `set_range` into the
+/// region: either the transaction holds the region (tracking is refused
+/// with `Busy`) or tracking won (`set_range` is refused), never both (its
+/// stores would kill the process under the fault method, or be undone as
+/// stray stores under the write-protect method).
+#[test]
+fn tracking_races_ordinary_transactions_cleanly() {
+    for tracking in methods() {
+        let sim = Sim::new(Options { truncate_threshold: None, ..Options::default() });
+        let rvm = Rvm::open_with(sim.vfs.clone(), Path::new("log"), sim.opts.clone()).unwrap();
+        let seg = rvm.open_segment("seg").unwrap();
+        for round in 0..100u8 {
+            let region = rvm.map(&seg, MapSpec::new(0, ps())).unwrap();
+            let addr = region.addr();
+            let committed = std::thread::scope(|s| {
+                let writer = s.spawn(|| {
+                    let mut last = None;
+                    loop {
+                        let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+                        // SAFETY: inside the region; this thread alone
+                        // stores into it while it is untracked.
+                        match unsafe { tx.modify_bytes(addr, &[round; 8]) } {
+                            Ok(()) => {
+                                tx.commit(CommitMode::NoFlush).unwrap();
+                                last = Some(round);
+                            }
+                            Err(Error::Tx(TxError::TrackedRegion { .. })) => return last,
+                            Err(e) => panic!("set_range: {e}"),
+                        }
+                    }
+                });
+                loop {
+                    match rvm.track_with(&region, tracking) {
+                        Ok(()) => break,
+                        Err(Error::Map(MapError::Busy { .. })) => std::thread::yield_now(),
+                        Err(e) => panic!("track_with: {e}"),
+                    }
+                }
+                writer.join().unwrap()
+            });
+            // Every ordinary store came before tracking: none is stray.
+            let tx = rvm
+                .begin_tracked(RestoreMode::Restore)
+                .unwrap_or_else(|e| panic!("{tracking:?} round {round}: begin_tracked: {e}"));
+            tx.commit(CommitMode::NoFlush).unwrap();
+            if committed.is_some() {
+                assert_eq!(&image(&region)[..8], &[round; 8]);
+            }
+            rvm.unmap(region).unwrap();
+        }
+    }
+}
