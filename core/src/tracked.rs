@@ -73,12 +73,20 @@ pub enum TrackingMethod {
     /// `userfaultfd` asynchronous write-protect and `PAGEMAP_SCAN` (Linux
     /// 6.7+): no signal, no `mprotect`. ≈ 1 µs per changed page, plus one
     /// scan of the region's page table at each begin and commit (≈ 0.4 µs
-    /// per MiB of region). Weaker: a store by another thread during the
-    /// transaction is attributed to it; stores outside transactions are
-    /// found at the next begin ([`TxError::StoresOutsideTransaction`]).
-    /// Keeps a shadow copy of every page committed since the region was
-    /// mapped (memory). [`MapError::TrackingUnavailable`] where the kernel
-    /// refuses it.
+    /// per MiB of region, whatever the transaction changed: ≈ 0.8 ms per
+    /// begin and commit on a 1 GiB region). Weaker: a store by another
+    /// thread during the transaction is attributed to it; stores outside
+    /// transactions are found at the next begin
+    /// ([`TxError::StoresOutsideTransaction`]).
+    ///
+    /// Memory: a shadow copy of every page committed since the region was
+    /// mapped, and page tables for the whole region from the moment it is
+    /// tracked (never-touched pages are protected through their page-table
+    /// entries): ≈ 2 MiB per GiB of region. Suits regions of up to a few
+    /// hundred MiB, or transactions changing many pages; for small
+    /// transactions in a large region, [`TrackingMethod::Fault`] costs per
+    /// changed page only. [`MapError::TrackingUnavailable`] where the
+    /// kernel refuses it.
     WriteProtect,
 }
 
