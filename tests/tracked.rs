@@ -73,26 +73,86 @@ struct Sim {
     disk: SimDisk,
     vfs: Arc<dyn Vfs>,
     opts: Options,
+    /// The order in which `open_all` tracks its regions, as ranks by
+    /// address (one region: `[0]`).
+    order: Vec<usize>,
+}
+
+fn seg_name(i: usize) -> String {
+    if i == 0 {
+        "seg".into()
+    } else {
+        format!("seg{i}")
+    }
 }
 
 impl Sim {
     fn new(opts: Options) -> Sim {
+        Sim::with_regions(opts, vec![0])
+    }
+
+    /// `order.len()` segments of `PAGES` pages, one region each.
+    fn with_regions(opts: Options, order: Vec<usize>) -> Sim {
         let disk = SimDisk::new();
         let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
         create_log_with(vfs.as_ref(), Path::new("log"), 1 << 20).unwrap();
         let rvm = Rvm::open_with(vfs.clone(), Path::new("log"), opts.clone()).unwrap();
-        rvm.create_segment("seg", (PAGES * ps()) as u64).unwrap();
+        for i in 0..order.len() {
+            rvm.create_segment(seg_name(i), (PAGES * ps()) as u64).unwrap();
+        }
         rvm.close().unwrap();
-        Sim { disk, vfs, opts }
+        Sim { disk, vfs, opts, order }
     }
 
     fn open(&self) -> (Rvm, Region) {
+        let (rvm, mut regions) = self.open_all();
+        assert_eq!(regions.len(), 1);
+        (rvm, regions.remove(0))
+    }
+
+    /// Opens the instance and maps every segment; returns the regions in
+    /// segment order, tracked in `order` (ranks by address: the kernel
+    /// picks the addresses, so they may come in another order after each
+    /// reopening).
+    fn open_all(&self) -> (Rvm, Vec<Region>) {
         let rvm = Rvm::open_with(self.vfs.clone(), Path::new("log"), self.opts.clone()).unwrap();
-        let seg = rvm.open_segment("seg").unwrap();
-        let region = rvm.map(&seg, MapSpec::new(0, PAGES * ps())).unwrap();
-        rvm.track(&region).unwrap();
-        assert!(region.is_tracked());
-        (rvm, region)
+        let regions: Vec<Region> = (0..self.order.len())
+            .map(|i| {
+                let seg = rvm.open_segment(seg_name(i)).unwrap();
+                rvm.map(&seg, MapSpec::new(0, PAGES * ps())).unwrap()
+            })
+            .collect();
+        let mut by_addr: Vec<usize> = (0..regions.len()).collect();
+        by_addr.sort_by_key(|&i| regions[i].addr());
+        for &rank in &self.order {
+            let r = &regions[by_addr[rank]];
+            rvm.track(r).unwrap();
+            assert!(r.is_tracked());
+        }
+        (rvm, regions)
+    }
+}
+
+/// The regions' images, one after the other.
+fn concat_images(regions: &[Region]) -> Vec<u8> {
+    regions.iter().flat_map(image).collect()
+}
+
+/// Stores `bytes` at `off` of the regions' concatenation (split at their
+/// ends).
+fn store_all(regions: &[Region], mut off: usize, mut bytes: &[u8]) {
+    for r in regions {
+        if bytes.is_empty() {
+            return;
+        }
+        if off >= r.len() {
+            off -= r.len();
+            continue;
+        }
+        let n = bytes.len().min(r.len() - off);
+        store(r, off, &bytes[..n]);
+        bytes = &bytes[n..];
+        off = 0;
     }
 }
 
@@ -123,7 +183,11 @@ enum End {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let span = PAGES * 4096;
+    op_in(PAGES * 4096)
+}
+
+/// Ops storing into `span` bytes.
+fn op_in(span: usize) -> impl Strategy<Value = Op> {
     let stores = prop::collection::vec(
         (0..span, prop::collection::vec(any::<u8>(), 1..96)).prop_map(move |(off, b)| {
             let off = off.min(span - b.len());
@@ -143,31 +207,37 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Runs `ops` and checks every recovery against the committed prefixes.
 fn run(ops: &[Op], opts: Options) {
+    run_regions(ops, opts, vec![0]);
+}
+
+/// As [`run`], over `order.len()` regions tracked in `order` (ranks by
+/// address); the ops' offsets run over the regions one after the other.
+fn run_regions(ops: &[Op], opts: Options, order: Vec<usize>) {
     assert_eq!(ps(), 4096, "the model assumes 4 KiB pages");
-    let sim = Sim::new(opts);
-    let (mut rvm, mut region) = sim.open();
+    let sim = Sim::with_regions(opts, order);
+    let (mut rvm, mut region) = sim.open_all();
     // Images after each commit since the last recovery; `durable` indexes
     // the last one known durable.
-    let mut images = vec![image(&region)];
+    let mut images = vec![concat_images(&region)];
     let mut durable = 0;
     for op in ops {
         match op {
             Op::Tx { stores, end, ckpt } => {
-                let before = image(&region);
+                let before = concat_images(&region);
                 let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
                 for (off, bytes) in stores {
-                    store(&region, *off, bytes);
+                    store_all(&region, *off, bytes);
                 }
                 if let Some(steps) = ckpt {
                     rvm.checkpoint_start().unwrap();
                     rvm.checkpoint_step(*steps).unwrap();
                 }
-                let after = image(&region);
+                let after = concat_images(&region);
                 match end {
                     End::Flush | End::NoFlush => {
                         let flush = matches!(end, End::Flush);
                         tx.commit(if flush { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
-                        assert_eq!(image(&region), after);
+                        assert_eq!(concat_images(&region), after);
                         images.push(after);
                         if flush {
                             durable = images.len() - 1;
@@ -175,11 +245,11 @@ fn run(ops: &[Op], opts: Options) {
                     }
                     End::Abort => {
                         tx.abort();
-                        assert_eq!(image(&region), before, "abort restores the tracked pages");
+                        assert_eq!(concat_images(&region), before, "abort restores the tracked pages");
                     }
                     End::Drop => {
                         drop(tx);
-                        assert_eq!(image(&region), before, "drop restores the tracked pages");
+                        assert_eq!(concat_images(&region), before, "drop restores the tracked pages");
                     }
                 }
             }
@@ -203,8 +273,8 @@ fn run(ops: &[Op], opts: Options) {
                 sim.disk.crash(mode);
                 drop(region);
                 drop(rvm);
-                (rvm, region) = sim.open();
-                let got = image(&region);
+                (rvm, region) = sim.open_all();
+                let got = concat_images(&region);
                 let k = images.iter().rposition(|img| *img == got).unwrap_or_else(|| {
                     panic!("the recovered region is no committed prefix ({} commits)", images.len())
                 });
@@ -218,8 +288,8 @@ fn run(ops: &[Op], opts: Options) {
     sim.disk.crash(CrashMode::LoseUnsynced);
     drop(region);
     drop(rvm);
-    let (_rvm, region) = sim.open();
-    let got = image(&region);
+    let (_rvm, region) = sim.open_all();
+    let got = concat_images(&region);
     let k = images.iter().rposition(|img| *img == got).expect("a committed prefix");
     assert!(k >= durable);
 }
@@ -245,6 +315,28 @@ proptest! {
     fn crash_model_write_protect(ops in prop::collection::vec(op(), 1..24)) {
         if wp_available() {
             run(&ops, Options { tracking: TrackingMethod::WriteProtect, ..model_opts(TrackedLogging::Diff) });
+        }
+    }
+
+    /// Three write-protect regions tracked in any order of their addresses
+    /// (the written pages of several regions must come out sorted).
+    /// The same over three fault-method regions.
+    #[test]
+    fn crash_model_fault_regions(
+        ops in prop::collection::vec(op_in(3 * PAGES * 4096), 1..24),
+        order in Just(vec![0usize, 1, 2]).prop_shuffle(),
+    ) {
+        run_regions(&ops, model_opts(TrackedLogging::Diff), order);
+    }
+
+    #[test]
+    fn crash_model_write_protect_regions(
+        ops in prop::collection::vec(op_in(3 * PAGES * 4096), 1..24),
+        order in Just(vec![0usize, 1, 2]).prop_shuffle(),
+    ) {
+        if wp_available() {
+            let opts = Options { tracking: TrackingMethod::WriteProtect, ..model_opts(TrackedLogging::Diff) };
+            run_regions(&ops, opts, order);
         }
     }
 }
@@ -902,5 +994,146 @@ fn a_tracked_region_does_not_grow() {
         let err = rvm.grow_region(&region, 2 * ps()).unwrap_err();
         assert!(matches!(err, Error::Map(MapError::TrackedGrowth { .. })), "{tracking:?}: {err}");
         assert_eq!(region.len(), ps());
+    }
+}
+
+/// Write-protect regions on files, one segment each, mapped at `addrs`
+/// (free addresses far apart) and tracked in that order; flush commits
+/// into every region, an abort, a checkpoint, close and reopen.
+fn wp_regions_at(addrs: &[usize]) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    create_log(&log, 1 << 22).unwrap();
+    let pages = 4;
+    let rvm = Rvm::open(&log, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+    let regions: Vec<Region> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| {
+            let seg = rvm.create_segment(dir.path().join(format!("seg{i}")), (pages * ps()) as u64).unwrap();
+            let region = rvm.map(&seg, MapSpec::new(0, pages * ps()).at(at)).unwrap();
+            assert_eq!(region.addr(), at);
+            rvm.track_with(&region, TrackingMethod::WriteProtect).unwrap();
+            region
+        })
+        .collect();
+    let what = |addrs: &[usize]| format!("regions tracked at {addrs:x?}");
+    // Flush commits storing into every region, on pages of both ends.
+    for round in 0..3u8 {
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap_or_else(|e| panic!("{}: begin: {e}", what(addrs)));
+        for (i, r) in regions.iter().enumerate() {
+            store(r, 10 + round as usize, &[b'A' + i as u8; 5]);
+            store(r, (pages - 1) * ps() + 100 * round as usize, format!("region {i} round {round}").as_bytes());
+        }
+        tx.commit(CommitMode::Flush).unwrap();
+    }
+    let committed: Vec<Vec<u8>> = regions.iter().map(image).collect();
+    // An abort after those commits puts back exactly the committed images
+    // (pages with a shadow, pages read from the segment).
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    for r in &regions {
+        store(r, 11, b"aborted");
+        store(r, ps() + 3, b"aborted too");
+        store(r, (pages - 1) * ps(), b"x");
+    }
+    tx.abort();
+    for (i, r) in regions.iter().enumerate() {
+        assert!(image(r) == committed[i], "{}: region {i} after abort", what(addrs));
+    }
+    // The next begin finds no stray stores (the abort protected every page
+    // again), and a commit after the abort logs against the right shadows.
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap_or_else(|e| panic!("{}: begin: {e}", what(addrs)));
+    for (i, r) in regions.iter().enumerate() {
+        store(r, 2 * ps() + i, b"last");
+    }
+    tx.commit(CommitMode::Flush).unwrap();
+    let want: Vec<Vec<u8>> = regions.iter().map(image).collect();
+    // The checkpoint writes every page from its shadow; the log is freed.
+    rvm.checkpoint().unwrap();
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    tx.commit(CommitMode::Flush).unwrap();
+    drop(regions);
+    rvm.close().unwrap();
+    // The segments hold every byte before any replay.
+    for (i, want) in want.iter().enumerate() {
+        let on_disk = std::fs::read(dir.path().join(format!("seg{i}"))).unwrap();
+        assert!(on_disk[..want.len()] == want[..], "{}: segment {i} after the checkpoint", what(addrs));
+    }
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    for (i, want) in want.iter().enumerate() {
+        let seg = rvm.open_segment(dir.path().join(format!("seg{i}"))).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, pages * ps())).unwrap();
+        assert!(image(&r) == *want, "{}: region {i} after reopening", what(addrs));
+    }
+}
+
+#[test]
+fn wp_regions_tracked_in_any_address_order() {
+    let _guard = on_files();
+    if !wp_available() {
+        return;
+    }
+    // Far from the kernel's choices (and from other tests'), a TiB apart:
+    // a run taken from the wrong region's list would land far outside.
+    let base: usize = 0x5e00_0000_0000;
+    let tib = 1usize << 40;
+    let (lo, mid, hi) = (base, base + tib, base + 2 * tib);
+    wp_regions_at(&[hi, lo]);
+    wp_regions_at(&[hi, mid, lo]);
+    wp_regions_at(&[mid, hi, lo]);
+    wp_regions_at(&[lo, hi, mid]);
+    wp_regions_at(&[lo, mid, hi]);
+}
+
+/// `track_with` racing an ordinary transaction's `set_range` into the
+/// region: either the transaction holds the region (tracking is refused
+/// with `Busy`) or tracking won (`set_range` is refused), never both (its
+/// stores would kill the process under the fault method, or be undone as
+/// stray stores under the write-protect method).
+#[test]
+fn tracking_races_ordinary_transactions_cleanly() {
+    for tracking in methods() {
+        let sim = Sim::new(Options { truncate_threshold: None, ..Options::default() });
+        let rvm = Rvm::open_with(sim.vfs.clone(), Path::new("log"), sim.opts.clone()).unwrap();
+        let seg = rvm.open_segment("seg").unwrap();
+        for round in 0..100u8 {
+            let region = rvm.map(&seg, MapSpec::new(0, ps())).unwrap();
+            let addr = region.addr();
+            let committed = std::thread::scope(|s| {
+                let writer = s.spawn(|| {
+                    let mut last = None;
+                    loop {
+                        let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+                        // SAFETY: inside the region; this thread alone
+                        // stores into it while it is untracked.
+                        match unsafe { tx.modify_bytes(addr, &[round; 8]) } {
+                            Ok(()) => {
+                                tx.commit(CommitMode::NoFlush).unwrap();
+                                last = Some(round);
+                            }
+                            Err(Error::Tx(TxError::TrackedRegion { .. })) => return last,
+                            Err(e) => panic!("set_range: {e}"),
+                        }
+                    }
+                });
+                loop {
+                    match rvm.track_with(&region, tracking) {
+                        Ok(()) => break,
+                        Err(Error::Map(MapError::Busy { .. })) => std::thread::yield_now(),
+                        Err(e) => panic!("track_with: {e}"),
+                    }
+                }
+                writer.join().unwrap()
+            });
+            // Every ordinary store came before tracking: none is stray.
+            let tx = rvm
+                .begin_tracked(RestoreMode::Restore)
+                .unwrap_or_else(|e| panic!("{tracking:?} round {round}: begin_tracked: {e}"));
+            tx.commit(CommitMode::NoFlush).unwrap();
+            if committed.is_some() {
+                assert_eq!(&image(&region)[..8], &[round; 8]);
+            }
+            rvm.unmap(region).unwrap();
+        }
     }
 }

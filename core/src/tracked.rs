@@ -73,12 +73,20 @@ pub enum TrackingMethod {
     /// `userfaultfd` asynchronous write-protect and `PAGEMAP_SCAN` (Linux
     /// 6.7+): no signal, no `mprotect`. ≈ 1 µs per changed page, plus one
     /// scan of the region's page table at each begin and commit (≈ 0.4 µs
-    /// per MiB of region). Weaker: a store by another thread during the
-    /// transaction is attributed to it; stores outside transactions are
-    /// found at the next begin ([`TxError::StoresOutsideTransaction`]).
-    /// Keeps a shadow copy of every page committed since the region was
-    /// mapped (memory). [`MapError::TrackingUnavailable`] where the kernel
-    /// refuses it.
+    /// per MiB of region, whatever the transaction changed: ≈ 0.8 ms per
+    /// begin and commit on a 1 GiB region). Weaker: a store by another
+    /// thread during the transaction is attributed to it; stores outside
+    /// transactions are found at the next begin
+    /// ([`TxError::StoresOutsideTransaction`]).
+    ///
+    /// Memory: a shadow copy of every page committed since the region was
+    /// mapped, and page tables for the whole region from the moment it is
+    /// tracked (never-touched pages are protected through their page-table
+    /// entries): ≈ 2 MiB per GiB of region. Suits regions of up to a few
+    /// hundred MiB, or transactions changing many pages; for small
+    /// transactions in a large region, [`TrackingMethod::Fault`] costs per
+    /// changed page only. [`MapError::TrackingUnavailable`] where the
+    /// kernel refuses it.
     WriteProtect,
 }
 
@@ -118,6 +126,10 @@ pub(crate) struct Session {
     uffd: OnceLock<std::result::Result<Uffd, Unavailable>>,
     /// The tracked regions (changed with the writer lock held).
     regions: Mutex<Vec<Arc<TrackedPages>>>,
+    /// Why write-protect tracking can no longer tell which pages hold
+    /// uncommitted stores (a protecting scan or an unprotect failed part
+    /// way): every later tracked transaction is refused.
+    broken: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -142,6 +154,7 @@ impl Session {
             logging,
             uffd: OnceLock::new(),
             regions: Mutex::new(Vec::new()),
+            broken: Mutex::new(None),
         })
     }
 
@@ -178,6 +191,12 @@ impl Session {
         // this (the owner) thread before it returned; the mapping lives as
         // long as the session.
         (0..n).map(move |i| unsafe { *self.dirty_slot(i) })
+    }
+
+    /// Refuses every later tracked transaction: write-protect tracking
+    /// lost track of pages that may hold uncommitted stores.
+    fn poison(&self, why: String) {
+        self.broken.lock().get_or_insert(why);
     }
 
     /// The tracked region holding `page`.
@@ -352,24 +371,29 @@ impl TrackedPages {
     /// The transaction is over for page `p` (under the copy lock): the
     /// twin is released, or with a commit the shadow takes the page's
     /// committed bytes (`runs`: the changed runs logged for it, absolute
-    /// addresses, which with the shadow's old bytes make the new image).
-    fn settle(&self, p: usize, committed: bool, runs: &[(usize, usize)]) {
+    /// addresses and where their bytes are in `staged`, the very bytes the
+    /// log holds; with the shadow's old bytes they make the new image).
+    fn settle(&self, p: usize, committed: bool, runs: &[(usize, usize, usize)], staged: &[u8]) {
         match &self.shadow {
             None => self.state[p].store(CLEAN, Ordering::SeqCst),
             Some(sh) => {
                 if committed {
-                    for &(addr, len) in runs {
-                        // SAFETY: the run lies inside page `p` of the region
-                        // (live while the transaction holds it); the shadow
-                        // page is ours (copy lock held); the owner's stores
-                        // are over.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                addr as *const u8,
-                                (sh.pages.addr() + (addr - self.base)) as *mut u8,
-                                len,
-                            )
-                        };
+                    let ps = self.session.page_size;
+                    let page = self.base + p * ps;
+                    for &(addr, len, at) in runs {
+                        // Runs come from one page's diff: never across its
+                        // bounds (checked, so a wrong run cannot write
+                        // another page's shadow, or outside the mapping).
+                        if addr < page || addr + len > page + ps {
+                            debug_assert!(false, "run {addr:#x}+{len} outside page {page:#x}");
+                            continue;
+                        }
+                        let Some(bytes) = staged.get(at..at + len) else { continue };
+                        // SAFETY: `[addr, addr + len)` lies inside page `p`
+                        // (checked above), so the destination lies inside
+                        // page `p` of the shadow mapping; the shadow page is
+                        // ours (copy lock held).
+                        unsafe { mem::copy_to(sh.pages.addr() + (addr - self.base), bytes) };
                     }
                     sh.valid.insert_range(p, p);
                 }
@@ -387,17 +411,23 @@ pub(crate) struct Ended {
     pub pages: Vec<usize>,
     /// Whether it committed.
     pub committed: bool,
-    /// The changed runs of write-protect pages, in address order.
-    runs: Vec<(usize, usize)>,
+    /// The logged runs of write-protect pages as `(addr, len, at in
+    /// staged)`, sorted by address (one page's runs are adjacent).
+    runs: Vec<(usize, usize, usize)>,
+    /// The logged bytes of `runs`.
+    staged: Vec<u8>,
 }
 
 impl Ended {
     /// Ends the transaction's hold on page `p` of `pages` (copy lock held).
     pub(crate) fn settle(&self, pages: &TrackedPages, p: usize) {
-        let page = pages.base + p * pages.session.page_size;
-        let from = self.runs.partition_point(|&(a, _)| a < page);
-        let to = self.runs.partition_point(|&(a, _)| a < page + pages.session.page_size);
-        pages.settle(p, self.committed, &self.runs[from..to]);
+        let ps = pages.session.page_size;
+        let page = pages.base + p * ps;
+        // The runs starting inside [page, page + ps): a binary search, valid
+        // because `runs` is sorted (checked when it was built).
+        let from = self.runs.partition_point(|&(a, _, _)| a < page);
+        let to = from + self.runs[from..].partition_point(|&(a, _, _)| a < page + ps);
+        pages.settle(p, self.committed, &self.runs[from..to], &self.staged);
     }
 }
 
@@ -563,11 +593,18 @@ pub(crate) struct Writer<'a> {
     session: &'a Session,
     _guard: MutexGuard<'a, ()>,
     /// Pages of write-protect regions the transaction wrote (after
-    /// `scanned`).
+    /// `scanned`), sorted by address, each once.
     written: Vec<usize>,
     scanned: bool,
-    /// The changed runs of `written`, in order (found at commit).
-    wp_runs: Vec<(usize, usize)>,
+    /// The changed runs of `written` as `(addr, len, at)`, sorted by
+    /// address (found at commit); their bytes are `staged[at..at + len]`.
+    wp_runs: Vec<(usize, usize, usize)>,
+    /// The bytes of `wp_runs` as the diff read them: what the commit logs
+    /// and what the shadows take at the end, so a shadow always equals
+    /// the logged image (a store by another thread after the diff is not
+    /// in it; the scan protected the page again before the diff, so such
+    /// a store leaves the page written, and the next begin undoes it).
+    staged: Vec<u8>,
 }
 
 impl Drop for Writer<'_> {
@@ -644,6 +681,20 @@ pub(crate) fn diff_runs(page: &[u8], twin: &[u8], gap: usize, out: &mut Vec<(usi
     }
 }
 
+/// The runs of `now` that differ from `before` under `logging`, as
+/// `(offset, len)` in `out` (cleared first).
+fn page_runs(logging: TrackedLogging, now: &[u8], before: &[u8], gap: usize, out: &mut Vec<(usize, usize)>) {
+    out.clear();
+    match logging {
+        TrackedLogging::WholePage => {
+            if now != before {
+                out.push((0, now.len()));
+            }
+        }
+        TrackedLogging::Diff => diff_runs(now, before, gap, out),
+    }
+}
+
 impl<'a> Writer<'a> {
     /// Takes the instance's tracked writer lock for the calling thread.
     /// Under the write-protect method, pages written since the last tracked
@@ -651,9 +702,19 @@ impl<'a> Writer<'a> {
     /// committed image and reported.
     pub(crate) fn begin(session: &'a Session) -> Result<Writer<'a>> {
         let guard = session.writer.lock();
+        if let Some(why) = session.broken.lock().clone() {
+            return Err(TxError::TrackingFailed { what: why }.into());
+        }
         session.used.store(0, Ordering::SeqCst);
         session.owner.store(fault::thread_id(), Ordering::SeqCst);
-        let mut w = Writer { session, _guard: guard, written: Vec::new(), scanned: false, wp_runs: Vec::new() };
+        let mut w = Writer {
+            session,
+            _guard: guard,
+            written: Vec::new(),
+            scanned: false,
+            wp_runs: Vec::new(),
+            staged: Vec::new(),
+        };
         w.check_between()?;
         Ok(w)
     }
@@ -680,6 +741,8 @@ impl<'a> Writer<'a> {
         if stray.is_empty() {
             return Ok(());
         }
+        stray.sort_unstable();
+        stray.dedup();
         let first = stray[0];
         let pages = stray.len();
         self.restore_wp(&regions, &stray)?;
@@ -687,39 +750,82 @@ impl<'a> Writer<'a> {
     }
 
     /// Puts written write-protect pages back to their committed images and
-    /// protects them again.
+    /// protects those again. A page whose image cannot be read is left
+    /// written (the next begin finds it and tries again) and the first such
+    /// error returned; if it cannot be left written, tracking is poisoned.
     fn restore_wp(&self, regions: &[Arc<TrackedPages>], pages: &[usize]) -> Result<()> {
         let uffd = self.uffd()?;
         let ps = self.session.page_size;
+        let mut pages = pages.to_vec();
+        pages.sort_unstable();
+        pages.dedup();
         let mut buf = vec![0u8; ps];
-        for &page in pages {
+        let mut restored = Vec::with_capacity(pages.len());
+        let mut failed = None;
+        for page in pages {
             let Some(t) = Session::region_of(regions, page) else { continue };
             let Some(sh) = &t.shadow else { continue };
-            t.shadow_image(sh, (page - t.base) / ps, &mut buf)
-                .map_err(|e| Error::io("reading a tracked page's committed image", "segment", e))?;
-            // SAFETY: a page of a live tracked region (the writer lock holds
-            // unmap off); this thread holds the tracked transaction.
-            unsafe { mem::copy_to(page, &buf) };
+            match t.shadow_image(sh, (page - t.base) / ps, &mut buf) {
+                Ok(()) => {
+                    // SAFETY: a page of a live tracked region (the writer
+                    // lock holds unmap off); this thread holds the tracked
+                    // transaction. The store leaves the page written (if a
+                    // commit's scan had protected it) until protected below.
+                    unsafe { mem::copy_to(page, &buf) };
+                    restored.push(page);
+                }
+                Err(e) => {
+                    // Not restored: it must stay written so the next begin
+                    // finds it (a commit's scan may have protected it).
+                    // SAFETY: a page of a registered region.
+                    if let Err(u) = unsafe { uffd.unprotect(page, ps) } {
+                        self.session.poison(format!(
+                            "a page at {page:#x} keeps an aborted transaction's stores and could not be marked \
+                             written ({u}); reopen the instance"
+                        ));
+                    }
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        for (start, len) in runs_of(pages, ps, 1) {
-            // SAFETY: pages of registered regions.
+        for (start, len) in runs_of(&restored, ps, 1) {
+            // SAFETY: pages of registered regions. On failure the pages
+            // stay written: the next begin puts the same bytes back.
             unsafe { uffd.protect(start, len) }.map_err(|e| TxError::TrackingFailed { what: e.to_string() })?;
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(Error::io("reading a tracked page's committed image", "segment", e)),
+            None => Ok(()),
+        }
     }
 
-    /// Lists (and protects again) the pages the transaction wrote in
-    /// write-protect regions, once.
-    fn scan(&mut self, regions: &[Arc<TrackedPages>]) -> Result<()> {
+    /// Lists the pages the transaction wrote in write-protect regions, once,
+    /// sorted by address; with `reprotect` (commit) the same scan protects
+    /// them again. A protecting scan that fails part way may have protected
+    /// pages it did not report (they would keep the transaction's stores
+    /// unseen): tracking is poisoned.
+    fn scan(&mut self, regions: &[Arc<TrackedPages>], reprotect: bool) -> Result<()> {
         if self.scanned || regions.is_empty() {
             self.scanned = true;
             return Ok(());
         }
         let uffd = self.uffd()?;
         for t in regions {
-            uffd.written(t.base, t.len, true, &mut self.written)
-                .map_err(|e| TxError::TrackingFailed { what: e.to_string() })?;
+            if let Err(e) = uffd.written(t.base, t.len, reprotect, &mut self.written) {
+                if reprotect && uffd.owned_here() {
+                    self.session.poison(format!(
+                        "a protecting PAGEMAP_SCAN failed part way ({e}): pages may hold stores no scan will \
+                         report; reopen the instance"
+                    ));
+                }
+                return Err(TxError::TrackingFailed { what: e.to_string() }.into());
+            }
         }
+        // Each region's pages come in address order, the regions in the
+        // order they were tracked: sorted here, for `runs_of`, the sorted
+        // `wp_runs` and `Ended::settle`'s binary search.
+        self.written.sort_unstable();
+        self.written.dedup();
         self.scanned = true;
         Ok(())
     }
@@ -732,8 +838,11 @@ impl<'a> Writer<'a> {
     }
 
     /// Appends the changed runs of every page the transaction wrote to
-    /// `spans` as `(addr, len)`.
-    pub(crate) fn collect(&mut self, spans: &mut Vec<(usize, usize)>) -> Result<()> {
+    /// `spans` as `(addr, len, from)`: the bytes to log for `[addr, addr +
+    /// len)` are at `from` (the page itself under the fault method, the
+    /// transaction's staged copy under the write-protect method, valid
+    /// until [`Writer::end`]).
+    pub(crate) fn collect(&mut self, spans: &mut Vec<(usize, usize, usize)>) -> Result<()> {
         if let Some(e) = self.exhausted() {
             return Err(e.into());
         }
@@ -742,48 +851,45 @@ impl<'a> Writer<'a> {
         let gap = merge_gap();
         let mut runs = Vec::new();
         let regions = s.regions.lock().clone();
-        let mut diff = |page: usize, before: usize, spans: &mut Vec<(usize, usize)>| {
-            // SAFETY: the page is in a live tracked region and written only
-            // by this thread (the owner); `before` is its twin or shadow,
-            // this transaction's.
-            let (now, before) = unsafe {
-                (std::slice::from_raw_parts(page as *const u8, ps), std::slice::from_raw_parts(before as *const u8, ps))
-            };
-            match s.logging {
-                TrackedLogging::WholePage => {
-                    if now != before {
-                        spans.push((page, ps));
-                    }
-                }
-                TrackedLogging::Diff => {
-                    runs.clear();
-                    diff_runs(now, before, gap, &mut runs);
-                    spans.extend(runs.iter().map(|&(off, len)| (page + off, len)));
-                }
-            }
-        };
         for page in s.dirty_pages() {
             let Some(t) = Session::region_of(&regions, page) else { continue };
             let Some(twin) = t.twin_of((page - t.base) / ps) else { continue };
-            diff(page, twin, spans);
+            // SAFETY: the page is in a live tracked region and written only
+            // by this thread (the owner); the twin is this transaction's.
+            let (now, before) = unsafe {
+                (std::slice::from_raw_parts(page as *const u8, ps), std::slice::from_raw_parts(twin as *const u8, ps))
+            };
+            page_runs(s.logging, now, before, gap, &mut runs);
+            spans.extend(runs.iter().map(|&(off, len)| (page + off, len, page + off)));
         }
         let wp: Vec<_> = regions.iter().filter(|t| t.shadow.is_some()).cloned().collect();
-        self.scan(&wp)?;
+        self.scan(&wp, true)?;
         let needed = self.written.len() + s.used.load(Ordering::Acquire);
         if needed > s.pool_pages {
             return Err(TxError::TwinPoolExhausted { pool_pages: s.pool_pages, needed }.into());
         }
-        let first = spans.len();
+        self.wp_runs.clear();
+        self.staged.clear();
         for &page in &self.written {
             let Some(t) = Session::region_of(&wp, page) else { continue };
             let Some(sh) = &t.shadow else { continue };
             let before = t
                 .materialize(sh, (page - t.base) / ps)
                 .map_err(|e| Error::io("reading a tracked page's committed image", "segment", e))?;
-            diff(page, before, spans);
+            // SAFETY: the page is in a live tracked region; `before` is its
+            // shadow, changed only by this transaction's end.
+            let (now, before) = unsafe {
+                (std::slice::from_raw_parts(page as *const u8, ps), std::slice::from_raw_parts(before as *const u8, ps))
+            };
+            page_runs(s.logging, now, before, gap, &mut runs);
+            for &(off, len) in &runs {
+                self.wp_runs.push((page + off, len, self.staged.len()));
+                self.staged.extend_from_slice(&now[off..off + len]);
+            }
         }
-        self.wp_runs.clear();
-        self.wp_runs.extend_from_slice(&spans[first..]);
+        debug_assert!(self.wp_runs.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0), "wp runs out of order");
+        let base = self.staged.as_ptr() as usize;
+        spans.extend(self.wp_runs.iter().map(|&(addr, len, at)| (addr, len, base + at)));
         Ok(())
     }
 
@@ -821,18 +927,25 @@ impl<'a> Writer<'a> {
         }
         let wp: Vec<_> = regions.iter().filter(|t| t.shadow.is_some()).cloned().collect();
         if !wp.is_empty() {
-            // An abort that did not reach commit's scan scans now; a failed
-            // scan (a forked child) finds nothing to put back.
-            let _ = self.scan(&wp);
             if restore {
+                // An abort that did not reach commit's scan scans now,
+                // leaving the pages written: `restore_wp` protects only the
+                // pages it put back, so a page it cannot restore (or all of
+                // them, if this scan fails; in a forked child it finds
+                // nothing) is found by the next begin, which tries again.
+                let _ = self.scan(&wp, false);
                 let written = std::mem::take(&mut self.written);
                 let _ = self.restore_wp(&wp, &written);
                 self.written = written;
             }
             pages.extend_from_slice(&self.written);
         }
-        let runs = if restore { Vec::new() } else { std::mem::take(&mut self.wp_runs) };
-        release(&Ended { pages, committed: !restore, runs });
+        let (runs, staged) = if restore {
+            (Vec::new(), Vec::new())
+        } else {
+            (std::mem::take(&mut self.wp_runs), std::mem::take(&mut self.staged))
+        };
+        release(&Ended { pages, committed: !restore, runs, staged });
     }
 }
 
@@ -852,7 +965,138 @@ fn runs_of(pages: &[usize], ps: usize, gap: usize) -> Vec<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::diff_runs;
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A write-protect-tracked anonymous region of four pages whose
+    /// committed image is read from a source that fails while `fail` is
+    /// set; `None` where the kernel lacks write-protect tracking.
+    fn wp_region(session: &Arc<Session>, fail: &Arc<AtomicBool>) -> Option<(Tracked, Mapping)> {
+        if session.uffd().is_err() {
+            return None;
+        }
+        let ps = mem::page_size();
+        let region = Mapping::anonymous(Placement::Anywhere, 4 * ps).unwrap();
+        let fail = fail.clone();
+        let source = Source::Read(Box::new(move |_, buf| {
+            if fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected read failure"))
+            } else {
+                buf.fill(0);
+                Ok(())
+            }
+        }));
+        let tracked = track_range(session, region.addr(), 4 * ps, TrackingMethod::WriteProtect, source).unwrap();
+        Some((tracked, region))
+    }
+
+    fn poke(addr: usize, bytes: &[u8]) {
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: inside a live test region; no reference into it.
+            unsafe { std::ptr::write_volatile((addr + i) as *mut u8, b) };
+        }
+    }
+
+    fn peek(addr: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        // SAFETY: inside a live test region; no store meanwhile.
+        unsafe { mem::copy_from(addr, &mut v) };
+        v
+    }
+
+    fn strays(r: Result<Writer<'_>>) -> usize {
+        match r {
+            Err(Error::Tx(TxError::StoresOutsideTransaction { pages, .. })) => pages,
+            Err(e) => panic!("begin: {e}"),
+            Ok(_) => 0,
+        }
+    }
+
+    #[test]
+    fn an_abort_that_cannot_read_the_committed_image_leaves_the_pages_written() {
+        let ps = mem::page_size();
+        let session = Arc::new(Session::new(16, TrackedLogging::Diff).unwrap());
+        let fail = Arc::new(AtomicBool::new(false));
+        let Some((tracked, region)) = wp_region(&session, &fail) else { return };
+        let base = region.addr();
+        // Aborted with no commit's scan first, then after one (which
+        // protected the pages again before the commit failed).
+        for after_scan in [false, true] {
+            let mut w = Writer::begin(&session).unwrap();
+            poke(base + 5, b"aborted");
+            poke(base + 2 * ps + 7, b"aborted");
+            fail.store(true, Ordering::SeqCst);
+            if after_scan {
+                // The diff cannot read the committed image: commit fails.
+                assert!(w.collect(&mut Vec::new()).is_err());
+            }
+            w.end(true, |_| {});
+            // The image could not be read: the stores stay, and so does
+            // the pages' written mark.
+            assert_eq!(peek(base + 5, 7), b"aborted");
+            fail.store(false, Ordering::SeqCst);
+            assert_eq!(strays(Writer::begin(&session)), 2, "after_scan {after_scan}");
+            assert_eq!(peek(base, 4 * ps), vec![0; 4 * ps], "the next begin restored them");
+            assert_eq!(strays(Writer::begin(&session)), 0);
+        }
+        drop(tracked);
+    }
+
+    #[test]
+    fn the_shadow_takes_the_logged_bytes_not_later_stores() {
+        let ps = mem::page_size();
+        let session = Arc::new(Session::new(16, TrackedLogging::Diff).unwrap());
+        let fail = Arc::new(AtomicBool::new(false));
+        let Some((tracked, region)) = wp_region(&session, &fail) else { return };
+        let page = region.addr() + ps;
+        let mut w = Writer::begin(&session).unwrap();
+        poke(page + 8, b"logged");
+        let mut spans = Vec::new();
+        w.collect(&mut spans).unwrap();
+        assert_eq!(spans.len(), 1);
+        let (addr, len, from) = spans[0];
+        assert_eq!((addr, len), (page + 8, 6));
+        // A store after the diff (another thread's, say) into the run.
+        poke(page + 9, b"X");
+        assert_eq!(peek(from, len), b"logged", "the commit logs the diffed bytes");
+        let pages = &tracked.pages;
+        w.end(false, |ended| {
+            for &p in &ended.pages {
+                ended.settle(pages, (p - pages.base) / ps);
+            }
+        });
+        let mut img = vec![0; ps];
+        pages.shadow_image(pages.shadow.as_ref().unwrap(), 1, &mut img).unwrap();
+        assert_eq!(&img[8..14], b"logged", "the shadow equals the log");
+        // The later store left the page written: undone at the next begin.
+        assert_eq!(strays(Writer::begin(&session)), 1);
+        assert_eq!(peek(page + 8, 6), b"logged");
+        drop(tracked);
+    }
+
+    #[test]
+    fn a_protecting_scan_that_fails_part_way_poisons_tracking() {
+        let session = Arc::new(Session::new(16, TrackedLogging::Diff).unwrap());
+        let fail = Arc::new(AtomicBool::new(false));
+        let Some((a, ra)) = wp_region(&session, &fail) else { return };
+        let (b, rb) = wp_region(&session, &fail).unwrap();
+        let mut w = Writer::begin(&session).unwrap();
+        poke(ra.addr(), b"a");
+        poke(rb.addr(), b"b");
+        // The first region's scan protects its page again, the second's
+        // fails: pages may now hide stores.
+        crate::wp::testing::fail_scans_after(Some(1));
+        let err = w.collect(&mut Vec::new()).unwrap_err();
+        crate::wp::testing::fail_scans_after(None);
+        assert!(matches!(err, Error::Tx(TxError::TrackingFailed { .. })), "{err}");
+        w.end(true, |_| {});
+        // The abort still put back what it found.
+        assert_eq!(peek(ra.addr(), 1), [0]);
+        assert_eq!(peek(rb.addr(), 1), [0]);
+        let err = Writer::begin(&session).map(|_| ()).unwrap_err();
+        assert!(matches!(&err, Error::Tx(TxError::TrackingFailed { what }) if what.contains("reopen")), "{err}");
+        drop((a, b));
+    }
 
     #[test]
     fn page_runs_join_near_pages() {

@@ -23,7 +23,7 @@ thread_local! {
 struct Scratch {
     ranges: Vec<Declared>,
     undo: Vec<u8>,
-    spans: Vec<(usize, usize, usize)>,
+    spans: Vec<Span>,
     track: Option<Arc<crate::track::TxTrack>>,
 }
 
@@ -73,7 +73,7 @@ pub struct Transaction<'a> {
     undo: Vec<u8>,
     held: Vec<Arc<RegionInner>>,
     /// Commit's work list (reused buffer).
-    spans: Vec<(usize, usize, usize)>,
+    spans: Vec<Span>,
     /// The declared ranges as a checkpoint freeze sees them.
     track: Arc<crate::track::TxTrack>,
     /// A tracked transaction's hold on the instance's tracked writer lock.
@@ -230,7 +230,7 @@ impl<'a> Transaction<'a> {
         let mut declared: u64 = self.ranges.iter().map(|r| r.len as u64).sum();
         let mut spans = std::mem::take(&mut self.spans);
         spans.clear();
-        spans.extend(self.ranges.iter().map(|r| (r.addr, r.len, r.region)));
+        spans.extend(self.ranges.iter().map(|r| Span { addr: r.addr, len: r.len, region: r.region, from: r.addr }));
         if self.tracked.is_some() {
             let found = spans.len();
             if let Err(e) = self.collect_tracked(&mut spans) {
@@ -238,11 +238,11 @@ impl<'a> Transaction<'a> {
                 self.rollback();
                 return Err(e);
             }
-            for &(addr, len, _) in &spans[found..] {
+            for span in &spans[found..] {
                 // Seen by a checkpoint freeze as this transaction's ranges:
                 // if it commits before the freeze, the sweep rebuilds them.
-                self.track.record(addr, len);
-                declared += len as u64;
+                self.track.record(span.addr, span.len);
+                declared += span.len as u64;
             }
         }
         if self.rvm_coalesces() && spans.len() > 1 {
@@ -278,11 +278,11 @@ impl<'a> Transaction<'a> {
 
     /// Appends the tracked transaction's changed runs to `spans`, holding
     /// their regions.
-    fn collect_tracked(&mut self, spans: &mut Vec<(usize, usize, usize)>) -> Result<()> {
+    fn collect_tracked(&mut self, spans: &mut Vec<Span>) -> Result<()> {
         let Some(w) = &mut self.tracked else { return Ok(()) };
         let mut found = Vec::new();
         w.collect(&mut found)?;
-        for (addr, len) in found {
+        for (addr, len, from) in found {
             let i = match self.held.iter().position(|r| r.contains(addr, addr + len)) {
                 Some(i) => i,
                 None => {
@@ -293,7 +293,7 @@ impl<'a> Transaction<'a> {
                     self.held.len() - 1
                 }
             };
-            spans.push((addr, len, i));
+            spans.push(Span { addr, len, region: i, from });
         }
         Ok(())
     }
@@ -404,21 +404,36 @@ impl Drop for Transaction<'_> {
     }
 }
 
+/// A piece a commit logs: the `len` bytes at `from` for `[addr, addr +
+/// len)` of `held[region]`. `from` is `addr` itself, or the tracked
+/// transaction's staged copy of those bytes (the write-protect method logs
+/// what its diff read, which its shadows also take).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub addr: usize,
+    pub len: usize,
+    pub region: usize,
+    pub from: usize,
+}
+
 /// Intra-transaction coalescing: sorts spans and merges those of one
-/// region that overlap or touch.
-fn merge_spans(spans: &mut Vec<(usize, usize, usize)>) {
-    spans.sort_unstable_by_key(|s| (s.2, s.0));
+/// region that overlap or touch and read from one stretch of memory.
+fn merge_spans(spans: &mut Vec<Span>) {
+    spans.sort_unstable_by_key(|s| (s.region, s.addr));
     let mut out = 0;
     for i in 0..spans.len() {
-        let (addr, len, region) = spans[i];
+        let s = spans[i];
         if out > 0 {
             let last = &mut spans[out - 1];
-            if last.2 == region && addr <= last.0 + last.1 {
-                last.1 = last.1.max(addr + len - last.0);
+            if last.region == s.region
+                && s.addr <= last.addr + last.len
+                && s.from.wrapping_sub(s.addr) == last.from.wrapping_sub(last.addr)
+            {
+                last.len = last.len.max(s.addr + s.len - last.addr);
                 continue;
             }
         }
-        spans[out] = (addr, len, region);
+        spans[out] = s;
         out += 1;
     }
     spans.truncate(out);
@@ -426,16 +441,28 @@ fn merge_spans(spans: &mut Vec<(usize, usize, usize)>) {
 
 #[cfg(test)]
 mod tests {
-    use super::merge_spans;
+    use super::{merge_spans, Span};
 
     #[test]
     fn spans_merge_when_they_touch() {
-        let merged = |mut v: Vec<(usize, usize, usize)>| {
+        let merged = |v: Vec<(usize, usize, usize)>| {
+            let mut v: Vec<Span> =
+                v.into_iter().map(|(addr, len, region)| Span { addr, len, region, from: addr }).collect();
             merge_spans(&mut v);
-            v
+            v.into_iter().map(|s| (s.addr, s.len, s.region)).collect::<Vec<_>>()
         };
         assert_eq!(merged(vec![(10, 5, 0), (15, 5, 0), (30, 1, 0), (12, 1, 0)]), vec![(10, 10, 0), (30, 1, 0)]);
         assert_eq!(merged(vec![(10, 5, 0), (15, 5, 1)]), vec![(10, 5, 0), (15, 5, 1)]);
         assert_eq!(merged(vec![(10, 5, 0), (0, 30, 0), (40, 1, 0)]), vec![(0, 30, 0), (40, 1, 0)]);
+    }
+
+    #[test]
+    fn spans_from_different_sources_stay_apart() {
+        let s = |addr, len, from| Span { addr, len, region: 0, from };
+        // Staged copies laid out back to back merge like the memory they
+        // stand for; a span read from elsewhere does not join them.
+        let mut v = vec![s(100, 4, 5000), s(104, 4, 5004), s(108, 2, 108)];
+        merge_spans(&mut v);
+        assert_eq!(v, vec![s(100, 8, 5000), s(108, 2, 108)]);
     }
 }

@@ -170,8 +170,13 @@ impl Uffd {
         Ok(Uffd { fd, pagemap, pid: std::process::id() })
     }
 
+    /// Whether the calling process opened this one (not a forked child).
+    pub(crate) fn owned_here(&self) -> bool {
+        std::process::id() == self.pid
+    }
+
     fn check_process(&self) -> io::Result<()> {
-        if std::process::id() == self.pid {
+        if self.owned_here() {
             Ok(())
         } else {
             Err(io::Error::other("write-protect tracking belongs to the parent process: a forked child cannot use it"))
@@ -223,11 +228,27 @@ impl Uffd {
     ///
     /// The range must lie inside a registered range.
     pub(crate) unsafe fn protect(&self, addr: usize, len: usize) -> io::Result<()> {
+        // SAFETY: per the contract.
+        unsafe { self.set_protection(addr, len, UFFDIO_WRITEPROTECT_MODE_WP) }
+    }
+
+    /// Lifts the write protection of `[addr, addr + len)`: its present
+    /// pages count as written (the next scan lists them) without a store.
+    ///
+    /// # Safety
+    ///
+    /// The range must lie inside a registered range.
+    pub(crate) unsafe fn unprotect(&self, addr: usize, len: usize) -> io::Result<()> {
+        // SAFETY: per the contract.
+        unsafe { self.set_protection(addr, len, 0) }
+    }
+
+    /// # Safety
+    ///
+    /// As for [`Uffd::protect`].
+    unsafe fn set_protection(&self, addr: usize, len: usize, mode: u64) -> io::Result<()> {
         self.check_process()?;
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start: addr as u64, len: len as u64 },
-            mode: UFFDIO_WRITEPROTECT_MODE_WP,
-        };
+        let mut wp = UffdioWriteprotect { range: UffdioRange { start: addr as u64, len: len as u64 }, mode };
         // SAFETY: UFFDIO_WRITEPROTECT reads a uffdio_writeprotect; it only
         // changes page protections inside the registered range.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) } != 0 {
@@ -242,6 +263,10 @@ impl Uffd {
     /// registered in asynchronous mode, e.g. in a forked child.
     pub(crate) fn written(&self, addr: usize, len: usize, reprotect: bool, out: &mut Vec<usize>) -> io::Result<()> {
         self.check_process()?;
+        #[cfg(test)]
+        if testing::scan_fails() {
+            return Err(io::Error::other("injected PAGEMAP_SCAN failure"));
+        }
         let flags = PM_SCAN_CHECK_WPASYNC | if reprotect { PM_SCAN_WP_MATCHING } else { 0 };
         scan(self.pagemap.as_raw_fd(), addr, len, flags, (0, PAGE_IS_WRITTEN, 0), PAGE_IS_WRITTEN, out)
     }
@@ -324,6 +349,12 @@ impl Uffd {
     pub(crate) unsafe fn protect(&self, _addr: usize, _len: usize) -> io::Result<()> {
         Err(io::Error::other("unsupported"))
     }
+    pub(crate) unsafe fn unprotect(&self, _addr: usize, _len: usize) -> io::Result<()> {
+        Err(io::Error::other("unsupported"))
+    }
+    pub(crate) fn owned_here(&self) -> bool {
+        true
+    }
     pub(crate) fn written(&self, _a: usize, _l: usize, _r: bool, _o: &mut Vec<usize>) -> io::Result<()> {
         Err(io::Error::other("unsupported"))
     }
@@ -332,4 +363,31 @@ impl Uffd {
 #[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))))]
 pub(crate) fn private_pages(_addr: usize, _len: usize, _out: &mut Vec<usize>) -> io::Result<()> {
     Err(io::Error::other("unsupported"))
+}
+
+/// Failure injection for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::Cell;
+
+    thread_local! {
+        static SCANS_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// On this thread, `Uffd::written` succeeds `n` more times, then
+    /// fails (`None`: never).
+    pub(crate) fn fail_scans_after(n: Option<usize>) {
+        SCANS_LEFT.with(|c| c.set(n));
+    }
+
+    pub(super) fn scan_fails() -> bool {
+        SCANS_LEFT.with(|c| match c.get() {
+            Some(0) => true,
+            Some(n) => {
+                c.set(Some(n - 1));
+                false
+            }
+            None => false,
+        })
+    }
 }

@@ -108,10 +108,10 @@ impl Inner {
     pub(crate) fn commit_pieces(
         &self,
         held: &[Arc<RegionInner>],
-        spans: &[(usize, usize, usize)],
+        spans: &[crate::tx::Span],
         declared: u64,
     ) -> Result<u64> {
-        let bytes: u64 = spans.iter().map(|r| r.1 as u64).sum();
+        let bytes: u64 = spans.iter().map(|r| r.len as u64).sum();
         let needed = format::transaction_bytes_max(spans.len() as u64, bytes);
         if needed > self.ring.area_len {
             return Err(LogError::TransactionTooLarge { needed, capacity: self.ring.area_len }.into());
@@ -143,15 +143,17 @@ impl Inner {
                 }
             }
             let b = &mut st.pending;
-            for &(addr, len, region) in spans {
+            for &crate::tx::Span { addr, len, region, from } in spans {
                 let region = &held[region];
                 let seg = &region.segment;
                 let offset = region.segment_offset(addr);
                 let at = b.data.len();
-                // SAFETY: the transaction declared [addr, addr + len) inside a
-                // region it holds (so the mapping is alive), and by the
-                // `set_range` contract no one else writes it until commit.
-                unsafe { mem::append_from(addr, len, &mut b.data) };
+                // SAFETY: `from` is either [addr, addr + len) itself, declared
+                // inside a region the transaction holds (so the mapping is
+                // alive; by the `set_range` contract no one else writes it
+                // until commit), or the open tracked transaction's staged
+                // copy of it (alive and unchanged until the transaction ends).
+                unsafe { mem::append_from(from, len, &mut b.data) };
                 b.pieces.push(Piece { segment: seg.id, offset, len, data_at: at });
                 seg.last_tx.fetch_max(seq, Ordering::AcqRel);
                 self.mark_dirty(region, addr, len);

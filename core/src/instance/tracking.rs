@@ -84,6 +84,11 @@ impl Rvm {
         }
         // No tracked transaction may run while pages change mode.
         let _w = session.lock_writers();
+        // Nor may an ordinary transaction start using the region: its
+        // `set_range` checks `tracked` and counts itself in `active_txs`
+        // under the table's read lock, so under the write lock, held until
+        // `tracked` is set, either we see its count or it sees `tracked`.
+        let _table = inner.regions.write();
         if r.tracked.get().is_some() {
             return Ok(());
         }
