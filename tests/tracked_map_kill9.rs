@@ -63,7 +63,18 @@ fn a_plain_hashbrown_map_survives_kill_9_write_protect() {
     }
 }
 
+/// Serializes the parents of this file's tests: both map the example's
+/// heap at its one fixed base address (two at once: `AddressInUse`), and a
+/// child spawned by one test briefly holds duplicates of every descriptor
+/// of the test process (between fork and exec), and with them the `flock`
+/// of the log the other test has open.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn kill_9(wp: bool) {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let kills: u32 = std::env::var("RVM_KILL9_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
