@@ -563,15 +563,13 @@ impl Shared {
     }
 }
 
-/// Reads all of `buf` at `off` (async-signal-safe).
-fn pread_full(fd: RawFd, buf: &mut [u8], off: u64) -> bool {
+/// Repeats `op(done)`, a `pread` or `pwrite` of the rest from byte `done`,
+/// until `len` bytes are done; false on an error or end of file
+/// (async-signal-safe: no allocation, `EINTR` retried).
+fn all_of(len: usize, mut op: impl FnMut(usize) -> isize) -> bool {
     let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: pread(2) is async-signal-safe; the pointer and length
-        // describe the unread rest of `buf`, which we own.
-        let n = unsafe {
-            libc::pread(fd, buf[done..].as_mut_ptr().cast(), buf.len() - done, (off + done as u64) as libc::off_t)
-        };
+    while done < len {
+        let n = op(done);
         if n > 0 {
             done += n as usize;
         } else if n < 0 && errno() == libc::EINTR {
@@ -583,24 +581,23 @@ fn pread_full(fd: RawFd, buf: &mut [u8], off: u64) -> bool {
     true
 }
 
+/// Reads all of `buf` at `off` (async-signal-safe).
+fn pread_full(fd: RawFd, buf: &mut [u8], off: u64) -> bool {
+    let len = buf.len();
+    all_of(len, |done| {
+        // SAFETY: pread(2) is async-signal-safe; the pointer and length
+        // describe the unread rest of `buf`, which we own.
+        unsafe { libc::pread(fd, buf[done..].as_mut_ptr().cast(), len - done, (off + done as u64) as libc::off_t) }
+    })
+}
+
 /// Writes all of `buf` at `off` (async-signal-safe).
 fn pwrite_full(fd: RawFd, buf: &[u8], off: u64) -> bool {
-    let mut done = 0;
-    while done < buf.len() {
+    all_of(buf.len(), |done| {
         // SAFETY: pwrite(2) is async-signal-safe; the pointer and length
         // describe the unwritten rest of `buf`.
-        let n = unsafe {
-            libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (off + done as u64) as libc::off_t)
-        };
-        if n > 0 {
-            done += n as usize;
-        } else if n < 0 && errno() == libc::EINTR {
-            continue;
-        } else {
-            return false;
-        }
-    }
-    true
+        unsafe { libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (off + done as u64) as libc::off_t) }
+    })
 }
 
 fn errno() -> i32 {

@@ -49,16 +49,7 @@ pub(super) fn recover(
         if let Some(d) = opened.lock().get(&id) {
             return Ok(d.clone());
         }
-        let entry = dictionary.iter().find(|e| e.id == id).ok_or_else(|| {
-            Error::corrupted(
-                format!("log record (segment id {id} not in the dictionary)"),
-                ring.path.display().to_string(),
-            )
-        })?;
-        let (path, _) = opts.segment_location(&entry.name);
-        let dev = vfs
-            .open(&path, OpenMode::Existing)
-            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+        let (dev, path) = open_recorded(vfs, ring, opts, &dictionary, id)?;
         opened.lock().insert(id, (dev.clone(), path.clone()));
         Ok((dev, path))
     };
@@ -309,19 +300,7 @@ fn recover_instant(
         Ok(())
     })?;
     let dictionary = status.segments.clone();
-    let open_segment = |id: u32| -> Result<(Arc<dyn Storage>, PathBuf)> {
-        let entry = dictionary.iter().find(|e| e.id == id).ok_or_else(|| {
-            Error::corrupted(
-                format!("log record (segment id {id} not in the dictionary)"),
-                ring.path.display().to_string(),
-            )
-        })?;
-        let (path, _) = opts.segment_location(&entry.name);
-        let dev = vfs
-            .open(&path, OpenMode::Existing)
-            .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
-        Ok((dev, path))
-    };
+    let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
     if index.overflow {
         // More pieces than the index can number: recover the usual way.
@@ -357,4 +336,24 @@ fn recover_instant(
     };
     let deferred = Deferred { shared, devices, end: verified.end, transactions: verified.transactions };
     Ok((status, report, Some(deferred)))
+}
+
+/// Opens the segment a log record names by `id`, at the path its
+/// dictionary entry records (or where `Options::accept_segment` says it
+/// is now).
+fn open_recorded(
+    vfs: &dyn Vfs,
+    ring: &Ring,
+    opts: &Options,
+    dictionary: &[format::SegmentEntry],
+    id: u32,
+) -> Result<(Arc<dyn Storage>, PathBuf)> {
+    let entry = dictionary.iter().find(|e| e.id == id).ok_or_else(|| {
+        Error::corrupted(format!("log record (segment id {id} not in the dictionary)"), ring.path.display().to_string())
+    })?;
+    let (path, _) = opts.segment_location(&entry.name);
+    let dev = vfs
+        .open(&path, OpenMode::Existing)
+        .map_err(|e| LogError::MissingSegment { path: path.clone(), reason: e.to_string() })?;
+    Ok((dev, path))
 }
