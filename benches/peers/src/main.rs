@@ -7,7 +7,8 @@
 //! `docs/BENCHMARKS.md` (between its `peers-table` markers).
 //! `RVM_BENCH_QUICK=1`: a smoke run of a few seconds that writes nothing
 //! into docs/ (its plot goes to the bench folder).
-//! `RVM_PEERS_ROUNDS=N`: rounds (default 5). `RVM_PEERS_DIR`: where the
+//! `RVM_PEERS_INSTANT=1`: the rvm systems reopen with instant recovery
+//! (`Options::instant_recovery`). `RVM_PEERS_ROUNDS=N`: rounds (default 5). `RVM_PEERS_DIR`: where the
 //! databases live (default `target/rvm-peers` in the repository).
 
 #[path = "../../common/mod.rs"]
@@ -477,8 +478,10 @@ fn machine(dir: &Path) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let versions = peer_versions();
+    let rvm_recovery = if rvm::instant() { "rvm with instant recovery" } else { "rvm with full recovery at open" };
     format!(
-        "{date}; {cpu}, {cores} cores, {mem_gib:.1} GiB, Linux {kernel}, {fs}; load average {load} at the start; {versions}"
+        "{date}; {cpu}, {cores} cores, {mem_gib:.1} GiB, Linux {kernel}, {fs}; load average {load} at the start; \
+         {rvm_recovery}; {versions}"
     )
 }
 

@@ -90,7 +90,10 @@ impl FlatBank {
         let hook = ProgressHook::new(move |p| {
             seen.lock()[usize::from(p.phase == RecoveryPhase::Replay)] = Some(start.elapsed());
         });
-        let rvm = Rvm::open(dir.join("rvm.log"), Options { recovery_progress: Some(hook), ..Options::default() })?;
+        let rvm = Rvm::open(
+            dir.join("rvm.log"),
+            Options { recovery_progress: Some(hook), instant_recovery: instant(), ..Options::default() },
+        )?;
         let opened = start.elapsed();
         let segment = rvm.open_segment(dir.join("bank.seg"))?;
         let region = rvm.map(&segment, MapSpec::new(0, REGION_LEN))?;
@@ -204,6 +207,12 @@ pub struct HeapBank {
 
 type History = PVec<[u8; RECORD_LEN]>;
 
+/// `RVM_PEERS_INSTANT=1`: reopens use instant recovery
+/// (`Options::instant_recovery`).
+pub fn instant() -> bool {
+    std::env::var("RVM_PEERS_INSTANT").is_ok_and(|v| v == "1")
+}
+
 fn heap_config() -> Config {
     Config { heap_len: 64 << 20, log_len: LOG_LEN, ..Config::default() }
 }
@@ -230,7 +239,9 @@ impl HeapBank {
     }
 
     pub fn open(dir: &Path) -> Result<HeapBank> {
-        Ok(HeapBank { heap: PHeap::open_or_create(dir, heap_config())? })
+        let mut config = heap_config();
+        config.options.instant_recovery = instant();
+        Ok(HeapBank { heap: PHeap::open_or_create(dir, config)? })
     }
 }
 
