@@ -238,6 +238,20 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Closes `inst` (closing applies nothing), times the reopen under the
+/// default options and removes the files: (ms, log bytes replayed).
+fn timed_reopen(inst: Inst) -> (f64, u64) {
+    let dir = inst.dir.clone();
+    drop(inst);
+    let t = Instant::now();
+    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("recover");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes = rvm.recovery_report().log_bytes;
+    drop(rvm);
+    let _ = std::fs::remove_dir_all(&dir);
+    (ms, bytes)
+}
+
 /// Restart under the default options after `n` bank transfers (100,000
 /// accounts, a flush every 1,000), as [`restart_ms`].
 fn restart_bank_ms(n: usize, seed: u64) -> (f64, u64) {
@@ -248,15 +262,7 @@ fn restart_bank_ms(n: usize, seed: u64) -> (f64, u64) {
         let mode = if i % 1000 == 999 { CommitMode::Flush } else { CommitMode::NoFlush };
         transfer(&inst, &mut rng, 100_000, &mut history, mode);
     }
-    let dir = inst.dir.clone();
-    drop(inst);
-    let t = Instant::now();
-    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("recover");
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    let bytes = rvm.recovery_report().log_bytes;
-    drop(rvm);
-    let _ = std::fs::remove_dir_all(&dir);
-    (ms, bytes)
+    timed_reopen(inst)
 }
 
 /// Restart under the default options: `n` core-bench transactions (a
@@ -269,15 +275,7 @@ fn restart_ms(n: usize, seed: u64) -> (f64, u64) {
     for i in 0..n {
         small_tx(&inst, &mut rng, if i % 1000 == 999 { CommitMode::Flush } else { CommitMode::NoFlush });
     }
-    let dir = inst.dir.clone();
-    drop(inst);
-    let t = Instant::now();
-    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("recover");
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    let bytes = rvm.recovery_report().log_bytes;
-    drop(rvm);
-    let _ = std::fs::remove_dir_all(&dir);
-    (ms, bytes)
+    timed_reopen(inst)
 }
 
 /// A bank after `n` transfers (100,000 accounts, a flush every 1,000) as a
