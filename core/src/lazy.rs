@@ -23,6 +23,7 @@
 //! `sched_yield` and `nanosleep`.
 
 use crate::fault::{self, Access, FaultHook, Resolution};
+use crate::pagemap::PageMap;
 use crate::storage::Storage;
 use std::cell::UnsafeCell;
 use std::os::fd::{AsRawFd, RawFd};
@@ -41,8 +42,6 @@ pub(crate) const FAILED: u8 = 3;
 
 /// No piece (end of a chain).
 const NONE: u32 = u32::MAX;
-/// Pages per leaf of a segment's page table.
-const LEAF: u64 = 4096;
 /// Scratch pages the fault hook may use at once (a faulting thread that
 /// finds none free yields until one is).
 const SCRATCH_PAGES: usize = 64;
@@ -96,35 +95,22 @@ pub(crate) struct SegIndex {
 
 impl SegIndex {
     fn entry(&self, page: u64) -> Option<&Entry> {
-        let leaf = self.leaves.get((page / LEAF) as usize)?.as_ref()?;
-        let e = &leaf[(page % LEAF) as usize];
-        (e.head != NONE).then_some(e)
+        self.leaves.get(page).filter(|e| e.head != NONE)
     }
 
     /// Pending pages (not yet `DONE`) in `[first, end)`, as runs of
     /// neighbouring pages `(first page, pages)`.
     pub fn pending_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut page = first;
-        while page < end {
-            let top = (page / LEAF) as usize;
-            let Some(Some(leaf)) = self.leaves.get(top) else {
-                if top >= self.leaves.len() {
-                    break;
-                }
-                page = (top as u64 + 1) * LEAF;
-                continue;
-            };
-            let leaf_end = ((top as u64 + 1) * LEAF).min(end);
-            while page < leaf_end {
-                let e = &leaf[(page % LEAF) as usize];
-                if e.head != NONE && e.state.load(Ordering::Acquire) != DONE {
-                    match runs.last_mut() {
-                        Some((s, n)) if *s + *n == page => *n += 1,
-                        _ => runs.push((page, 1)),
-                    }
-                }
-                page += 1;
+        for (page, _) in self
+            .pages_in_order()
+            .skip_while(|&(p, _)| p < first)
+            .take_while(|&(p, _)| p < end)
+            .filter(|(_, e)| e.state.load(Ordering::Acquire) != DONE)
+        {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == page => *n += 1,
+                _ => runs.push((page, 1)),
             }
         }
         runs
@@ -132,14 +118,12 @@ impl SegIndex {
 
     /// Every page with pieces, in page order.
     fn pages_in_order(&self) -> impl Iterator<Item = (u64, &Entry)> + '_ {
-        self.leaves.iter().enumerate().filter_map(|(top, l)| l.as_ref().map(|l| (top, l))).flat_map(|(top, leaf)| {
-            leaf.iter().enumerate().filter(|(_, e)| e.head != NONE).map(move |(i, e)| (top as u64 * LEAF + i as u64, e))
-        })
+        self.leaves.iter().filter(|(_, e)| e.head != NONE)
     }
 }
 
-/// A segment's page table: leaves of [`LEAF`] entries, made on first use.
-type Leaves = Vec<Option<Box<[Entry]>>>;
+/// A segment's page table.
+type Leaves = PageMap<Entry>;
 
 /// Builds the index during recovery's scan.
 pub(crate) struct Builder {
@@ -209,7 +193,7 @@ impl Builder {
             _ => match self.segs.iter().position(|s| s.0 == segment) {
                 Some(s) => s,
                 None => {
-                    self.segs.push((segment, Vec::new()));
+                    self.segs.push((segment, PageMap::default()));
                     self.segs.len() - 1
                 }
             },
@@ -227,13 +211,7 @@ impl Builder {
                 return;
             }
             self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
-            let leaves = &mut self.segs[s].1;
-            let top = (page / LEAF) as usize;
-            if leaves.len() <= top {
-                leaves.resize_with(top + 1, || None);
-            }
-            let leaf = leaves[top].get_or_insert_with(|| (0..LEAF).map(|_| Entry::empty()).collect());
-            let e = &mut leaf[(page % LEAF) as usize];
+            let e = self.segs[s].1.get_or_insert_with(page, Entry::empty);
             if e.head == NONE {
                 e.head = i as u32;
             } else {
@@ -271,7 +249,7 @@ impl Builder {
         let mut devices = Vec::new();
         for (id, mut leaves) in self.segs {
             let mut pages = 0;
-            for e in leaves.iter_mut().flatten().flat_map(|l| l.iter_mut()) {
+            for e in leaves.values_mut() {
                 if e.head != NONE && e.head as usize >= pieces {
                     e.head = NONE;
                 }

@@ -21,6 +21,7 @@ mod lazy;
 pub mod log;
 mod mem;
 mod options;
+mod pagemap;
 mod replay;
 mod segment;
 mod stats;

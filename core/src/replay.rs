@@ -27,6 +27,7 @@ use crate::coalesce::Piece;
 use crate::error::{Error, LogError, Result};
 use crate::log::format::{RangeRef, RecordInfo};
 use crate::log::{self, Ring, ScanEnd, TxSoFar};
+use crate::pagemap::PageMap;
 use crate::storage::Storage;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -52,8 +53,6 @@ const MAX_WRITE: usize = 1 << 20;
 const PREFETCH_AHEAD: usize = 8;
 /// Batches of fewer puts than this are applied in log order, unsorted.
 const SORT_MIN: usize = 4096;
-/// Pages per leaf of a segment's page table (16 MiB of segment).
-const LEAF: u64 = 4096;
 
 /// A replay's sizes (tests make them small, to reach every path).
 #[derive(Clone, Copy, Debug)]
@@ -108,28 +107,20 @@ impl Chunk {
     }
 }
 
-/// One segment's pages in the cache: a two-level table from page number to
-/// slot + 1 (0: not cached).
+/// One segment's pages in the cache: page number to slot + 1 (0: not
+/// cached).
 #[derive(Default)]
-struct PageTable {
-    leaves: Vec<Option<Box<[u32]>>>,
-}
+struct PageTable(PageMap<u32>);
 
 impl PageTable {
     #[inline]
     fn get(&self, page: u64) -> Option<usize> {
-        let leaf = self.leaves.get((page / LEAF) as usize)?.as_ref()?;
-        let slot = leaf[(page % LEAF) as usize];
+        let slot = *self.0.get(page)?;
         (slot != 0).then(|| slot as usize - 1)
     }
 
     fn set(&mut self, page: u64, slot: usize) {
-        let top = (page / LEAF) as usize;
-        if self.leaves.len() <= top {
-            self.leaves.resize_with(top + 1, || None);
-        }
-        let leaf = self.leaves[top].get_or_insert_with(|| vec![0u32; LEAF as usize].into_boxed_slice());
-        leaf[(page % LEAF) as usize] = slot as u32 + 1;
+        *self.0.get_or_insert_with(page, || 0) = slot as u32 + 1;
     }
 }
 
