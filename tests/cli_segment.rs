@@ -76,6 +76,10 @@ fn create_from_arguments_then_show_in_every_form() {
     let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--region", &heap, "--region", &roots]);
     expect_code(&o, 0);
     assert!(stdout(&o).contains("created segment") && stdout(&o).contains("2 region(s)"), "{}", stdout(&o));
+    // Applied and the log emptied: the segment is tied to no log records.
+    let status = rvmutl(&["status", "--json", s(&fx.log)]);
+    let scan = record(&ndjson(&status), "scan").clone();
+    assert_eq!((scan["used_bytes"].as_u64(), scan["transactions"].as_u64()), (Some(0), Some(0)), "{scan}");
     let ps = rvm::page_size() as u64;
     let expect = LoadMap::new()
         .region(RegionSpec::new("heap", 16 << 10, 1 << 20, range.start() as u64))

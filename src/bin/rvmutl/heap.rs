@@ -229,6 +229,9 @@ fn create(
     }
     let heap = PersistentHeap::create(&rvm, segment, &spec)?;
     let (slots, bytes) = (heap.root_slots(), heap.stats().heap_bytes);
+    // Applied and the log emptied: the new segment holds everything and is
+    // tied to no log records (it can be moved or copied at once).
+    rvm.truncate()?;
     heap.close()?;
     rvm.close()?;
     writeln!(
@@ -255,9 +258,12 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
         None => Ok(()),
     };
     let (new, max) = (heap.heap_len(), heap.max_len());
+    // As `create`: the log emptied, the segment self-contained.
+    let truncated = rvm.truncate();
     heap.close()?;
     rvm.close()?;
     result?;
+    truncated?;
     writeln!(out, "heap {}: {old} -> {new} bytes (maximum {max} bytes)", segment.display())?;
     Ok(())
 }

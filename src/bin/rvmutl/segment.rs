@@ -182,6 +182,9 @@ fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
     let size = args.size.unwrap_or_else(|| map.min_device_len());
     let rvm = Rvm::open(&args.log, Options { truncate_threshold: None, ..Options::default() })?;
     create_segment(&rvm, &args.segment, size, &map)?;
+    // Applied and the log emptied: the new segment holds its load map and
+    // is tied to no log records.
+    rvm.truncate()?;
     rvm.close()?;
     writeln!(
         out,
