@@ -171,6 +171,13 @@ impl Rvm {
     /// Opens the log at `log_path` (a file or block device made by
     /// [`crate::create_log`]), runs recovery, and starts the background
     /// truncator if the options ask for one.
+    ///
+    /// The log and every segment are locked exclusively (`flock`) while
+    /// open: a second open, in this process or another, fails with
+    /// [`crate::Error::Locked`]. The lock belongs to the open file, so a
+    /// child made with `fork` holds it too until the child exits or calls
+    /// `exec` (descriptors are close-on-exec): a program that forks workers
+    /// without `exec` cannot reopen the log until they are gone.
     pub fn open(log_path: impl AsRef<Path>, opts: Options) -> Result<Rvm> {
         Rvm::open_with(Arc::new(FileVfs), log_path.as_ref(), opts)
     }
