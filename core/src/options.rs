@@ -16,7 +16,7 @@ pub struct Options {
     pub pending_limit: usize,
     /// Start background truncation when this fraction of the log is in use
     /// (default `Some(0.5)`); `None` disables the background thread, so
-    /// space is reclaimed only by [`Rvm::truncate`] or by a writer that finds
+    /// space is reclaimed only by [`Rvm::truncate`](crate::Rvm::truncate) or by a writer that finds
     /// the log full.
     pub truncate_threshold: Option<f64>,
     /// The most log, in bytes, that may wait for recovery after a crash
@@ -44,7 +44,7 @@ pub struct Options {
     pub max_unapplied_log: Option<u64>,
     /// How the background thread frees log space when the threshold is
     /// passed (default [`Reclaim::Checkpoint`]). A writer that finds the
-    /// log full always replays it ([`Rvm::truncate`]'s way), since it cannot
+    /// log full always replays it ([`Rvm::truncate`](crate::Rvm::truncate)'s way), since it cannot
     /// wait for a sweep.
     pub reclaim: Reclaim,
     /// Bytes per second a checkpoint's sweep writes (default
@@ -55,7 +55,7 @@ pub struct Options {
     /// space free at the freeze. The pace is dropped as soon as something
     /// waits for the checkpoint to end: a writer that finds the log full, a
     /// log-replay truncation, an unmap, closing the instance.
-    /// [`Rvm::checkpoint_step`] is never paced.
+    /// [`Rvm::checkpoint_step`](crate::Rvm::checkpoint_step) is never paced.
     pub checkpoint_rate: Option<u64>,
     /// Write full batches of no-flush commits to the log on a background
     /// thread (default on), so the committing thread goes on at memory
@@ -69,7 +69,7 @@ pub struct Options {
     /// touches a page still waiting to be swept sweeps pages itself first.
     pub checkpoint_copy_limit: usize,
     /// Open a damaged log anyway (default off). Recovery normally refuses a
-    /// log whose synced records are damaged ([`Error::Corrupted`]) and
+    /// log whose synced records are damaged ([`Error::Corrupted`](crate::Error::Corrupted)) and
     /// writes nothing; with `salvage` it keeps a copy of the log beside it
     /// (`<log>.damaged-<epoch>`), applies the complete transactions before
     /// the damage, drops the rest, and reports what it dropped in
@@ -243,11 +243,11 @@ impl Default for Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Reclaim {
     /// The generation checkpoint: each dirty page written once, from memory,
-    /// while transactions go on ([`Rvm::checkpoint`]).
+    /// while transactions go on ([`Rvm::checkpoint`](crate::Rvm::checkpoint)).
     #[default]
     Checkpoint,
     /// Log replay: the log's records are applied to the segments
-    /// ([`Rvm::truncate`]), RVM's classic truncation.
+    /// ([`Rvm::truncate`](crate::Rvm::truncate)), RVM's classic truncation.
     Replay,
 }
 
@@ -314,7 +314,7 @@ pub struct RecoveryReport {
     pub deferred_pages: u64,
 }
 
-/// A snapshot of the log and transaction state (see [`Rvm::query`]).
+/// A snapshot of the log and transaction state (see [`Rvm::query`](crate::Rvm::query)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Query {

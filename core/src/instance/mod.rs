@@ -353,7 +353,7 @@ impl Rvm {
     ///
     /// The instance holds an exclusive (advisory) lock on the segment file.
     /// A process that ignores it and **truncates** the file while an
-    /// on-demand ([`CopyMode::OnDemand`]) region is mapped makes the first
+    /// on-demand ([`CopyMode::OnDemand`](crate::CopyMode::OnDemand)) region is mapped makes the first
     /// access to a page not yet read in raise `SIGBUS`; one that **writes**
     /// the file changes the bytes of such pages under the program (copy
     /// modes `OnMap` and `NoCopy` read nothing from the file after `map`).
@@ -363,7 +363,7 @@ impl Rvm {
     /// pointers) includes that the file is not changed behind the lock, as
     /// memmap2's `Mmap::map` states for the same hazard. A segment truncated
     /// behind the log's back is reported at the next open as
-    /// [`LogError::SegmentTooShort`], never as log damage.
+    /// [`LogError::SegmentTooShort`](crate::LogError::SegmentTooShort), never as log damage.
     pub fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
         self.inner.map(segment, spec)
     }
