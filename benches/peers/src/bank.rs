@@ -113,9 +113,16 @@ pub enum System {
     Sqlite,
     Lmdb,
     Redb,
+    /// PMDK's libpmemobj (only when built with it: see `build.rs`).
+    Pmem,
 }
 
-pub const SYSTEMS: [System; 5] = [System::Flat, System::Heap, System::Sqlite, System::Lmdb, System::Redb];
+/// The systems this build runs.
+#[cfg(pmemobj)]
+pub const SYSTEMS: &[System] = &[System::Flat, System::Heap, System::Sqlite, System::Lmdb, System::Redb, System::Pmem];
+/// The systems this build runs (libpmemobj was not found at build time).
+#[cfg(not(pmemobj))]
+pub const SYSTEMS: &[System] = &[System::Flat, System::Heap, System::Sqlite, System::Lmdb, System::Redb];
 
 impl System {
     /// Short name (command line, file names).
@@ -126,6 +133,7 @@ impl System {
             System::Sqlite => "sqlite",
             System::Lmdb => "lmdb",
             System::Redb => "redb",
+            System::Pmem => "pmemobj",
         }
     }
 
@@ -137,11 +145,12 @@ impl System {
             System::Sqlite => "SQLite (WAL)",
             System::Lmdb => "LMDB",
             System::Redb => "redb",
+            System::Pmem => "PMDK (libpmemobj)",
         }
     }
 
     pub fn from_key(key: &str) -> Option<System> {
-        SYSTEMS.into_iter().find(|s| s.key() == key)
+        SYSTEMS.iter().copied().find(|s| s.key() == key)
     }
 
     /// Makes a new bank in the empty folder `dir`: every account at
@@ -155,6 +164,7 @@ impl System {
             System::Sqlite => Box::new(crate::sqlite::SqliteBank::open(dir, true)?),
             System::Lmdb => Box::new(crate::lmdb::LmdbBank::open(dir, true)?),
             System::Redb => Box::new(crate::redb_bank::RedbBank::open(dir, true)?),
+            System::Pmem => pmem(dir, true)?,
         })
     }
 
@@ -166,6 +176,17 @@ impl System {
             System::Sqlite => Box::new(crate::sqlite::SqliteBank::open(dir, false)?),
             System::Lmdb => Box::new(crate::lmdb::LmdbBank::open(dir, false)?),
             System::Redb => Box::new(crate::redb_bank::RedbBank::open(dir, false)?),
+            System::Pmem => pmem(dir, false)?,
         })
     }
+}
+
+#[cfg(pmemobj)]
+fn pmem(dir: &Path, create: bool) -> Result<Box<dyn Bank>> {
+    Ok(Box::new(crate::pmemobj::PmemBank::open(dir, create)?))
+}
+
+#[cfg(not(pmemobj))]
+fn pmem(_dir: &Path, _create: bool) -> Result<Box<dyn Bank>> {
+    anyhow::bail!("built without libpmemobj (apt-get install libpmemobj-dev)")
 }

@@ -1,5 +1,6 @@
 //! The peers benchmark: this library (as one mapped region and as the
-//! typed heap) against SQLite, LMDB and redb on a TPC-A-style bank, five
+//! typed heap) against SQLite, LMDB, redb and PMDK's libpmemobj (when
+//! installed: see build.rs) on a TPC-A-style bank, five
 //! workloads, medians of several rounds. See docs/BENCHMARKS.md ("Peers").
 //!
 //! `cargo run --release --manifest-path benches/peers/Cargo.toml` runs it,
@@ -17,6 +18,8 @@ mod common;
 mod bank;
 mod lmdb;
 mod plot;
+#[cfg(pmemobj)]
+mod pmemobj;
 mod redb_bank;
 mod rvm;
 mod sqlite;
@@ -335,10 +338,14 @@ fn crash_round(plan: &Plan, dir: &Path, order: &[System], results: &mut Results)
         let n = plan.crash_transfers;
         // The writer: makes the bank, commits the transfers, says so, and
         // waits to be killed.
-        let mut child = Command::new(&exe)
-            .args(["--crash-child", s.key(), &bank_dir.to_string_lossy(), &n.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let mut child = Command::new(&exe);
+        child.args(["--crash-child", s.key(), &bank_dir.to_string_lossy(), &n.to_string()]).stdout(Stdio::piped());
+        if s == System::Pmem {
+            // libpmemobj has no non-durable commit: this makes its commits
+            // cache flushes instead of `msync`s (see src/pmemobj.rs).
+            child.env("PMEM_IS_PMEM_FORCE", "1");
+        }
+        let mut child = child.spawn()?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("no pipe")?).read_line(&mut line)?;
         // `Child::kill` sends SIGKILL.
@@ -492,14 +499,21 @@ fn peer_versions() -> String {
         let tag = format!("name = \"{name}\"\nversion = \"");
         lock.find(&tag).and_then(|i| lock[i + tag.len()..].split('"').next()).unwrap_or("?").to_string()
     };
-    format!(
+    let mut v = format!(
         "SQLite {} (rusqlite {}, bundled), LMDB {} (heed {}), redb {}",
         rusqlite::version(),
         version("rusqlite"),
         version("lmdb-master-sys"),
         version("heed"),
         version("redb")
-    )
+    );
+    if SYSTEMS.contains(&System::Pmem) {
+        let pmdk = Command::new("pkg-config").args(["--modversion", "libpmemobj"]).output();
+        let pmdk =
+            pmdk.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        v += &format!(", PMDK libpmemobj {}", pmdk.as_deref().unwrap_or("?"));
+    }
+    v
 }
 
 fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String {
@@ -511,7 +525,7 @@ fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String 
         plan.rounds
     );
     t += "| workload |";
-    for s in SYSTEMS {
+    for &s in SYSTEMS {
         t += &format!(" {} |", s.label());
     }
     t += "\n|---|";
@@ -522,7 +536,7 @@ fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String 
     for w in WORKLOADS {
         t += &format!("| {} |", w.label());
         let base = r.median_rate(w, System::Flat);
-        for s in SYSTEMS {
+        for &s in SYSTEMS {
             match (r.median_rate(w, s), base) {
                 (Some(v), Some(b)) => t += &format!(" {} ({}) |", ratio(v / b), common::si(v)),
                 _ => t += " - |",
@@ -536,7 +550,7 @@ fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String 
         t += &format!("| {what}, {} unapplied transfers, ms |", common::si(plan.crash_transfers as f64));
         let pick = |s| r.median_reopen(s).map(|(a, b)| if i == 0 { a } else { b });
         let base = pick(System::Flat);
-        for s in SYSTEMS {
+        for &s in SYSTEMS {
             match (pick(s), base) {
                 (Some(v), Some(b)) => t += &format!(" **{}** ({}) |", ms(v), ratio(v / b)),
                 _ => t += " - |",
@@ -551,7 +565,7 @@ fn table(plan: &Plan, r: &Results, machine: &str, load_after: String) -> String 
     };
     for what in whats {
         t += &format!("| log bytes per transfer, {what} |");
-        for s in SYSTEMS {
+        for &s in SYSTEMS {
             match r.log_bytes.iter().find(|x| x.0 == what && x.1 == s) {
                 Some(x) => t += &format!(" {:.0} |", common::median(&x.2)),
                 None => t += " |",

@@ -7,12 +7,13 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(114, 178, 224),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
 ];
 
 fn color(s: System) -> RGBColor {
@@ -71,7 +72,7 @@ pub fn draw(path: &Path, r: &Results) -> Result<()> {
         .draw()
         .map_err(|e| err(&e))?;
     let width = 0.8 / SYSTEMS.len() as f64;
-    for s in SYSTEMS {
+    for &s in SYSTEMS {
         let bars: Vec<_> = ratios
             .iter()
             .filter(|x| x.2 == s)
