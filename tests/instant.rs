@@ -657,6 +657,13 @@ fn unmap_and_map_again_before_the_status_is_durable() {
     let gate = Gate::shut();
     let rvm = gated_open(crashed, &gate);
     let seg = rvm.open_segment(crashed.join("seg")).unwrap();
+    // A small region first: a fault installs pending neighbours too, never
+    // past the region's end.
+    let small = rvm.map(&seg, MapSpec::new(10 * ps as u64, 3 * ps)).unwrap();
+    for p in 0..3 {
+        assert!(page_is(&small, p, last[10 + p]), "small region: page {p}");
+    }
+    rvm.unmap(small).unwrap();
     let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
     for p in (0..pages).step_by(2) {
         assert!(page_is(&region, p, last[p]), "first mapping: page {p}");

@@ -51,6 +51,11 @@ const NONE: u32 = u32::MAX;
 const SCRATCH_PAGES: usize = 64;
 /// Pages the background apply reads and writes with one call at most.
 const RUN_PAGES: usize = 256;
+/// Neighbouring pending pages a fault before segment writes are allowed
+/// installs at once at most (one `mmap`, `pread` and `mremap` for all: a
+/// program reading a region in order faults once per this many pages, and
+/// the mapping splits once).
+const INSTALL_PAGES: u64 = 16;
 
 /// The part of a logged range that falls in one page.
 #[derive(Clone, Copy, Debug)]
@@ -454,7 +459,10 @@ impl Shared {
     /// Waits only for a thread already applying the page (or, if no private
     /// page can be had, for segment writes to be allowed). `Err` if the
     /// page can never be shown.
-    fn fault_page(&self, s: usize, page: u64, map: u32, addr: usize) -> Result<Brought, &'static str> {
+    /// `end`: the first segment page past the mapping (a fault may install
+    /// up to [`INSTALL_PAGES`] pending pages from `page` on, each still
+    /// `PROT_NONE` in the mapping).
+    fn fault_page(&self, s: usize, page: u64, end: u64, map: u32, addr: usize) -> Result<Brought, &'static str> {
         let seg = &self.segs[s];
         let Some(e) = seg.entry(page) else { return Ok(Brought::NotIndexed) };
         let mut spins = 0u32;
@@ -504,21 +512,65 @@ impl Shared {
                         e.state.store(DONE, Ordering::Release);
                         return Ok(Brought::Done);
                     }
-                    // SAFETY: `[addr, addr + page)` is a page of the
-                    // region's private mapping (the caller checked), alive
-                    // while its hook runs; it is PROT_NONE (the page is not
-                    // DONE and not installed in this mapping), so nothing
-                    // refers to its bytes. Its normal protection is read
-                    // and write.
-                    match unsafe { fault::replace_page(addr, self.page, fill) } {
-                        fault::Replaced::Yes => {
-                            e.installed.store(map, Ordering::Release);
-                            e.state.store(PENDING, Ordering::Release);
-                            return Ok(Brought::Installed);
+                    // Before step 4: claim the pending neighbours that
+                    // follow too (each not installed in this mapping, so
+                    // still PROT_NONE in it, as every page not DONE at map
+                    // time was made).
+                    let mut n = 1u64;
+                    while n < INSTALL_PAGES && page + n < end {
+                        match seg.entry(page + n) {
+                            Some(next)
+                                if next.installed.load(Ordering::Acquire) != map
+                                    && next
+                                        .state
+                                        .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
+                                        .is_ok() =>
+                            {
+                                n += 1
+                            }
+                            _ => break,
                         }
-                        fault::Replaced::FillFailed => return self.fail(e),
+                    }
+                    // The claimed pages, in order (each has an entry).
+                    let claimed = (page..page + n).filter_map(|p| seg.entry(p));
+                    let ps = self.page;
+                    let bytes = (n as usize - 1) * ps + self.page_len(seg, page + n - 1);
+                    let fill = |buf: &mut [u8]| {
+                        if !pread_full(fd, &mut buf[..bytes], off) {
+                            return false;
+                        }
+                        for (k, e) in claimed.clone().enumerate() {
+                            let from = k * ps;
+                            self.apply_pieces(e, &mut buf[from..(from + ps).min(bytes)]);
+                        }
+                        true
+                    };
+                    // SAFETY: `[addr, addr + n pages)` are pages of the
+                    // region's private mapping (the caller checked the
+                    // first, `end` bounds the rest), alive while its hook
+                    // runs; they are PROT_NONE (not DONE, not installed in
+                    // this mapping, claimed by us), so nothing refers to
+                    // their bytes. Their normal protection is read and
+                    // write.
+                    let r = unsafe { fault::replace_page(addr, n as usize * ps, fill) };
+                    let (installed, state) = match r {
+                        fault::Replaced::Yes => (map, PENDING),
+                        fault::Replaced::FillFailed => (0, FAILED),
+                        fault::Replaced::NoResources => (0, PENDING),
+                    };
+                    for e in claimed.clone() {
+                        if installed != 0 {
+                            e.installed.store(installed, Ordering::Release);
+                        }
+                        e.state.store(state, Ordering::Release);
+                    }
+                    match r {
+                        fault::Replaced::Yes => return Ok(Brought::Installed),
+                        fault::Replaced::FillFailed => {
+                            self.failed.store(true, Ordering::Release);
+                            return Err(FAILED_MSG);
+                        }
                         fault::Replaced::NoResources => {
-                            e.state.store(PENDING, Ordering::Release);
                             no_copy = true;
                             continue;
                         }
@@ -736,7 +788,8 @@ impl FaultHook for LazyRegion {
             let ps = shared.page;
             let page_addr = addr & !(ps - 1);
             let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
-            let r = match shared.fault_page(self.seg, page, self.id, page_addr) {
+            let end = (self.offset + self.len as u64) / ps as u64;
+            let r = match shared.fault_page(self.seg, page, end, self.id, page_addr) {
                 Ok(Brought::NotIndexed) => Resolution::NotOurs,
                 Err(msg) => Resolution::Fatal(msg),
                 // The mapping holds the page's private copy already.
