@@ -443,8 +443,19 @@ impl Gate {
         self.opened.notify_all();
     }
 
-    fn held(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    /// Whether the status write reached the gate (waiting for it up to
+    /// 10 s: the background thread may not have run yet). The reads before
+    /// this call then came before the status was durable, and the status
+    /// was needed.
+    fn reached(&self) -> bool {
+        let t = std::time::Instant::now();
+        while self.held.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
     }
 }
 
@@ -594,7 +605,7 @@ fn faults_before_the_status_is_durable() {
     }
     // Every page was read before the status write could end.
     assert!(rvm.query().recovering);
-    assert!(gate.held() >= 1, "the status write did not reach the gate");
+    assert!(gate.reached(), "the status write did not reach the gate");
     assert!(std::fs::read(crashed.join("seg")).unwrap() == seg_before, "a segment write before step 4");
 
     // A transaction changes page 3 (a private copy) before the status is
@@ -607,11 +618,7 @@ fn faults_before_the_status_is_durable() {
     t.commit(CommitMode::Flush).unwrap();
     rvm.wait_for_recovery().unwrap();
     assert!(!rvm.query().recovering);
-    let mut want = vec![0u8; pages * ps];
-    for (p, v) in last.iter().enumerate() {
-        want[p * ps..(p + 1) * ps]
-            .copy_from_slice(&std::iter::repeat_n(v.to_le_bytes(), ps / 8).flatten().collect::<Vec<_>>());
-    }
+    let want = page_image(&last);
     // The segment file: every logged page as full recovery writes it (the
     // new commit is in the log only).
     let file = std::fs::read(crashed.join("seg")).unwrap();
@@ -673,7 +680,7 @@ fn unmap_and_map_again_before_the_status_is_durable() {
     for p in (0..pages).rev() {
         assert!(page_is(&region, p, last[p]), "second mapping: page {p}");
     }
-    assert!(rvm.query().recovering && gate.held() >= 1, "the status was written before the reads");
+    assert!(gate.reached() && rvm.query().recovering, "the status was written before the reads");
     let opts = full().accept_segment(tmp.path().join("seg").canonicalize().unwrap(), copy.join("seg"));
     let fully = Rvm::open(copy.join("log"), opts).unwrap();
     let cseg = fully.open_segment(copy.join("seg")).unwrap();
@@ -683,4 +690,64 @@ fn unmap_and_map_again_before_the_status_is_durable() {
     rvm.wait_for_recovery().unwrap();
     assert!(std::fs::read(crashed.join("seg")).unwrap() == read_all(&cregion), "the segment file after the apply");
     assert!(read_all(&region) == read_all(&cregion));
+}
+
+/// The pages of a [`page_log`]: every word of page `p` is `last[p]`.
+fn page_image(last: &[u64]) -> Vec<u8> {
+    last.iter().flat_map(|v| std::iter::repeat_n(v.to_le_bytes(), page_size() / 8).flatten()).collect()
+}
+
+/// `Rvm::track` of a region whose pages came in before the status was
+/// durable (private copies): it waits for the apply; a tracked transaction
+/// then changes such a page, and a crash recovers the commit.
+#[test]
+fn track_after_faults_before_the_status_is_durable() {
+    for method in [TrackingMethod::Fault, TrackingMethod::WriteProtect] {
+        let pages = 32;
+        let ps = page_size();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let last = crashed_page_log(dir, pages, 2);
+        let gate = Gate::shut();
+        let rvm = gated_open(dir, &gate);
+        let seg = rvm.open_segment(dir.join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+        for p in 0..pages {
+            assert!(page_is(&region, p, last[p]), "{method:?}: page {p}");
+        }
+        assert!(gate.reached() && rvm.query().recovering, "the status was written before the reads");
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                gate.open();
+            })
+        };
+        let tracked = rvm.track_with(&region, method);
+        opener.join().unwrap();
+        match tracked {
+            Err(e) if method == TrackingMethod::WriteProtect && e.to_string().contains("not available") => {
+                eprintln!("skipped: {e}");
+                continue;
+            }
+            r => r.unwrap(),
+        }
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        // SAFETY: the tracked transaction serializes writers; this thread
+        // alone uses the region.
+        unsafe { std::ptr::write_bytes((region.addr() + 5 * ps) as *mut u8, 0xcd, ps) };
+        tx.commit(CommitMode::Flush).unwrap();
+        rvm.wait_for_recovery().unwrap();
+        let mut model = page_image(&last);
+        model[5 * ps..6 * ps].fill(0xcd);
+        assert!(read_all(&region) == model, "{method:?}: the region after the commit");
+        // A crash now.
+        let after = dir.join("after");
+        copy_dir(dir, &after);
+        let opts = full().accept_segment(dir.join("seg").canonicalize().unwrap(), after.join("seg"));
+        let again = Rvm::open(after.join("log"), opts).unwrap();
+        let s = again.open_segment(after.join("seg")).unwrap();
+        let r = again.map(&s, MapSpec::new(0, pages * ps)).unwrap();
+        assert!(read_all(&r) == model, "{method:?}: recovered after the crash");
+    }
 }
