@@ -712,8 +712,8 @@ fn track_after_faults_before_the_status_is_durable() {
         let rvm = gated_open(dir, &gate);
         let seg = rvm.open_segment(dir.join("seg")).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
-        for p in 0..pages {
-            assert!(page_is(&region, p, last[p]), "{method:?}: page {p}");
+        for (p, &v) in last.iter().enumerate() {
+            assert!(page_is(&region, p, v), "{method:?}: page {p}");
         }
         assert!(gate.reached() && rvm.query().recovering, "the status was written before the reads");
         let opener = {
