@@ -518,18 +518,22 @@ impl Shared {
                     // time was made).
                     let mut n = 1u64;
                     while n < INSTALL_PAGES && page + n < end {
-                        match seg.entry(page + n) {
-                            Some(next)
-                                if next.installed.load(Ordering::Acquire) != map
-                                    && next
-                                        .state
-                                        .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
-                                        .is_ok() =>
-                            {
-                                n += 1
-                            }
-                            _ => break,
+                        let Some(next) = seg.entry(page + n) else { break };
+                        if next.installed.load(Ordering::Acquire) == map
+                            || next
+                                .state
+                                .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
+                                .is_err()
+                        {
+                            break;
                         }
+                        // Checked again under the claim: another thread may
+                        // have installed it between the load and the claim.
+                        if next.installed.load(Ordering::Acquire) == map {
+                            next.state.store(PENDING, Ordering::Release);
+                            break;
+                        }
+                        n += 1;
                     }
                     // The claimed pages, in order (each has an entry).
                     let claimed = (page..page + n).filter_map(|p| seg.entry(p));
