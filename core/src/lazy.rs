@@ -598,7 +598,8 @@ impl Shared {
     /// pending pages, reads each run from `dev` (the segment's device) with one call, applies the pages'
     /// pieces, writes the run back with one call, marks its pages `DONE`;
     /// then waits for pages other threads are applying, and takes again the
-    /// ones they left pending. Returns the segment bytes written. `stop` is polled between runs.
+    /// ones they left pending. Returns the segment bytes written. `stop` is
+    /// polled between runs.
     pub fn apply_segment(&self, s: usize, dev: &dyn Storage, stop: &dyn Fn() -> bool) -> std::io::Result<u64> {
         let seg = &self.segs[s];
         let ps = self.page as u64;
