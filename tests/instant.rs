@@ -141,6 +141,14 @@ proptest! {
 /// every word (its number): a reader sees a page half applied, or stale,
 /// if its words differ or are not the page's last value.
 fn page_log(dir: &Path, pages: usize, rounds: usize) -> Vec<u64> {
+    page_log_with(dir, pages, rounds, None)
+}
+
+/// [`page_log`]; with `crash`, the files are also copied there while the
+/// instance is open, after a last flush commit (what a crash of the process
+/// leaves: the status does not record how far the log is synced, so an
+/// instant open must write it, §3.4 step 4, before any segment write).
+fn page_log_with(dir: &Path, pages: usize, rounds: usize, crash: Option<&Path>) -> Vec<u64> {
     let ps = page_size();
     create_log(dir.join("log"), 16 << 20).unwrap();
     let rvm = Rvm::open(dir.join("log"), Options { coalesce: false, ..full() }).unwrap();
@@ -157,6 +165,10 @@ fn page_log(dir: &Path, pages: usize, rounds: usize) -> Vec<u64> {
         unsafe { t.modify_bytes(region.addr() + p * ps, &words).unwrap() };
         t.commit(CommitMode::NoFlush).unwrap();
         last[p] = n;
+    }
+    if let Some(to) = crash {
+        rvm.flush().unwrap();
+        copy_dir(dir, to);
     }
     drop(region);
     rvm.close().unwrap();
@@ -394,5 +406,348 @@ fn kill9_during_the_background_apply() {
         // Back to the unapplied files for the next round.
         std::fs::copy(dir.join("log"), tmp.path().join("log")).unwrap();
         std::fs::copy(dir.join("seg"), tmp.path().join("seg")).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Faults before the status is durable (§3.4 step 4 held back)
+// ---------------------------------------------------------------------------
+
+/// Holds syncs of the log back while shut: instant recovery's status write
+/// (§3.4 step 4) then waits, and so does every segment write.
+#[derive(Debug, Default)]
+struct Gate {
+    shut: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Syncs that found the gate shut.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    fn shut() -> Arc<Gate> {
+        Arc::new(Gate { shut: std::sync::Mutex::new(true), ..Gate::default() })
+    }
+
+    fn pass(&self) {
+        let shut = self.shut.lock().unwrap();
+        if *shut {
+            self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Bounded, so that a bug shows as a failed assertion, not a hang.
+        let (_shut, _) =
+            self.opened.wait_timeout_while(shut, std::time::Duration::from_secs(60), |shut| *shut).unwrap();
+    }
+
+    fn open(&self) {
+        *self.shut.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    /// Whether the status write reached the gate (waiting for it up to
+    /// 10 s: the background thread may not have run yet). The reads before
+    /// this call then came before the status was durable, and the status
+    /// was needed.
+    fn reached(&self) -> bool {
+        let t = std::time::Instant::now();
+        while self.held.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+/// Real files, with the log's syncs behind a [`Gate`].
+#[derive(Debug)]
+struct GatedVfs(Arc<Gate>);
+
+/// A real file; `sync` passes the gate first if it has one.
+#[derive(Debug)]
+struct Gated {
+    file: Arc<dyn Storage>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl Storage for Gated {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if let Some(g) = &self.gate {
+            g.pass();
+        }
+        self.file.sync()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.file.allocate(offset, len)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file.raw_fd()
+    }
+    fn identity(&self) -> std::io::Result<Option<rvm::log::format::DeviceId>> {
+        self.file.identity()
+    }
+    fn is_unlinked(&self) -> std::io::Result<bool> {
+        self.file.is_unlinked()
+    }
+    fn owner_mark(&self) -> std::io::Result<Option<Vec<u8>>> {
+        self.file.owner_mark()
+    }
+    fn set_owner_mark(&self, mark: Option<&[u8]>) -> std::io::Result<()> {
+        self.file.set_owner_mark(mark)
+    }
+}
+
+impl Vfs for GatedVfs {
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn Storage>> {
+        let file = FileVfs.open(path, mode)?;
+        let gate = (path.file_name() == Some("log".as_ref())).then(|| self.0.clone());
+        Ok(Arc::new(Gated { file, gate }))
+    }
+    fn open_read_only(&self, path: &Path) -> std::io::Result<Arc<dyn Storage>> {
+        FileVfs.open_read_only(path)
+    }
+    fn canonical_name(&self, path: &Path) -> std::io::Result<PathBuf> {
+        FileVfs.canonical_name(path)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        FileVfs.remove(path)
+    }
+    fn copy(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        FileVfs.copy(from, to)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        FileVfs.rename(from, to)
+    }
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        FileVfs.exists(path)
+    }
+}
+
+/// The files of a crashed [`page_log_with`] in `dir`, in place (the same
+/// files, so the segment is the one the log recorded: opening it writes no
+/// status). Returns the pages' last values.
+fn crashed_page_log(dir: &Path, pages: usize, rounds: usize) -> Vec<u64> {
+    let crashed = dir.join("crashed");
+    let last = page_log_with(dir, pages, rounds, Some(&crashed));
+    for f in ["log", "seg"] {
+        std::fs::copy(crashed.join(f), dir.join(f)).unwrap();
+    }
+    last
+}
+
+/// An instant open of the files in `dir` with the log's syncs behind
+/// `gate`.
+fn gated_open(dir: &Path, gate: &Arc<Gate>) -> Rvm {
+    Rvm::open_with(Arc::new(GatedVfs(gate.clone())), &dir.join("log"), instant()).unwrap()
+}
+
+/// Whether page `p` of `region` holds `value` in every word.
+fn page_is(region: &Region, p: usize, value: u64) -> bool {
+    let ps = page_size();
+    let mut buf = vec![0u8; ps];
+    // SAFETY: no transaction writes the page meanwhile.
+    unsafe { region.read(p * ps, &mut buf) };
+    buf.chunks(8).all(|w| w == value.to_le_bytes())
+}
+
+/// Reads right after an instant open, while the status that allows
+/// segment writes is held back: four threads fault the same pages at once
+/// and see every page whole and final; the segment file is not written
+/// meanwhile. A transaction then changes a page brought in that way and
+/// commits: the background apply does not undo the change in memory, the
+/// segment file ends up as full recovery leaves it, and a crash then
+/// recovers the commit.
+#[test]
+fn faults_before_the_status_is_durable() {
+    let pages = 128;
+    let ps = page_size();
+    let tmp = tempfile::tempdir().unwrap();
+    let crashed = tmp.path();
+    let last = crashed_page_log(crashed, pages, 4);
+    let last = Arc::new(last);
+    let seg_before = std::fs::read(crashed.join("seg")).unwrap();
+    let gate = Gate::shut();
+    let rvm = gated_open(crashed, &gate);
+    assert!(rvm.recovery_report().deferred_pages > 0);
+    let seg = rvm.open_segment(crashed.join("seg")).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+    let threads: Vec<_> = (0..4usize)
+        .map(|t| {
+            let (region, last) = (region.clone(), last.clone());
+            std::thread::spawn(move || {
+                for i in 0..pages {
+                    // Threads 0 and 1 take the pages in the same order: they
+                    // fault the same page at the same time.
+                    let p = match t {
+                        0 | 1 => i,
+                        2 => pages - 1 - i,
+                        _ => (i * 37 + 5) % pages,
+                    };
+                    assert!(page_is(&region, p, last[p]), "thread {t}: page {p} is not whole and final");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Every page was read before the status write could end.
+    assert!(rvm.query().recovering);
+    assert!(gate.reached(), "the status write did not reach the gate");
+    assert!(std::fs::read(crashed.join("seg")).unwrap() == seg_before, "a segment write before step 4");
+
+    // A transaction changes page 3 (a private copy) before the status is
+    // durable; its commit waits for it.
+    let new = vec![0xabu8; ps];
+    let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+    // SAFETY: this thread alone writes the region.
+    unsafe { t.modify_bytes(region.addr() + 3 * ps, &new).unwrap() };
+    gate.open();
+    t.commit(CommitMode::Flush).unwrap();
+    rvm.wait_for_recovery().unwrap();
+    assert!(!rvm.query().recovering);
+    let want = page_image(&last);
+    // The segment file: every logged page as full recovery writes it (the
+    // new commit is in the log only).
+    let file = std::fs::read(crashed.join("seg")).unwrap();
+    assert!(file == want, "the segment file after the background apply");
+    let mut model = want.clone();
+    model[3 * ps..4 * ps].copy_from_slice(&new);
+    assert!(read_all(&region) == model, "the region after the background apply");
+
+    // A crash now: both kinds of recovery give the model.
+    let after = tmp.path().join("after");
+    copy_dir(crashed, &after);
+    for opts in [full(), instant()] {
+        let dir = tmp.path().join("again");
+        copy_dir(&after, &dir);
+        let opts = opts.accept_segment(tmp.path().join("seg").canonicalize().unwrap(), dir.join("seg"));
+        let again = Rvm::open(dir.join("log"), opts).unwrap();
+        let s = again.open_segment(dir.join("seg")).unwrap();
+        let r = again.map(&s, MapSpec::new(0, pages * ps)).unwrap();
+        assert!(read_all(&r) == model, "recovered after the crash");
+        again.wait_for_recovery().unwrap();
+        drop(r);
+        drop(s);
+        again.close().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    drop(region);
+    drop(seg);
+    rvm.close().unwrap();
+}
+
+/// A region unmapped and mapped again while the status is held back: the
+/// pages brought into the first mapping are brought into the second one
+/// too, and every page equals what full recovery of a copy shows.
+#[test]
+fn unmap_and_map_again_before_the_status_is_durable() {
+    let pages = 64;
+    let ps = page_size();
+    let tmp = tempfile::tempdir().unwrap();
+    let crashed = tmp.path();
+    let last = crashed_page_log(crashed, pages, 3);
+    let copy = tmp.path().join("copy");
+    copy_dir(crashed, &copy);
+    let gate = Gate::shut();
+    let rvm = gated_open(crashed, &gate);
+    let seg = rvm.open_segment(crashed.join("seg")).unwrap();
+    // A small region first: a fault installs pending neighbours too, never
+    // past the region's end.
+    let small = rvm.map(&seg, MapSpec::new(10 * ps as u64, 3 * ps)).unwrap();
+    for p in 0..3 {
+        assert!(page_is(&small, p, last[10 + p]), "small region: page {p}");
+    }
+    rvm.unmap(small).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+    for p in (0..pages).step_by(2) {
+        assert!(page_is(&region, p, last[p]), "first mapping: page {p}");
+    }
+    rvm.unmap(region).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+    for p in (0..pages).rev() {
+        assert!(page_is(&region, p, last[p]), "second mapping: page {p}");
+    }
+    assert!(gate.reached() && rvm.query().recovering, "the status was written before the reads");
+    let opts = full().accept_segment(tmp.path().join("seg").canonicalize().unwrap(), copy.join("seg"));
+    let fully = Rvm::open(copy.join("log"), opts).unwrap();
+    let cseg = fully.open_segment(copy.join("seg")).unwrap();
+    let cregion = fully.map(&cseg, MapSpec::new(0, pages * ps)).unwrap();
+    assert!(read_all(&cregion) == read_all(&region), "differs from full recovery");
+    gate.open();
+    rvm.wait_for_recovery().unwrap();
+    assert!(std::fs::read(crashed.join("seg")).unwrap() == read_all(&cregion), "the segment file after the apply");
+    assert!(read_all(&region) == read_all(&cregion));
+}
+
+/// The pages of a [`page_log`]: every word of page `p` is `last[p]`.
+fn page_image(last: &[u64]) -> Vec<u8> {
+    last.iter().flat_map(|v| std::iter::repeat_n(v.to_le_bytes(), page_size() / 8).flatten()).collect()
+}
+
+/// `Rvm::track` of a region whose pages came in before the status was
+/// durable (private copies): it waits for the apply; a tracked transaction
+/// then changes such a page, and a crash recovers the commit.
+#[test]
+fn track_after_faults_before_the_status_is_durable() {
+    for method in [TrackingMethod::Fault, TrackingMethod::WriteProtect] {
+        let pages = 32;
+        let ps = page_size();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let last = crashed_page_log(dir, pages, 2);
+        let gate = Gate::shut();
+        let rvm = gated_open(dir, &gate);
+        let seg = rvm.open_segment(dir.join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, pages * ps)).unwrap();
+        for (p, &v) in last.iter().enumerate() {
+            assert!(page_is(&region, p, v), "{method:?}: page {p}");
+        }
+        assert!(gate.reached() && rvm.query().recovering, "the status was written before the reads");
+        let opener = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                gate.open();
+            })
+        };
+        let tracked = rvm.track_with(&region, method);
+        opener.join().unwrap();
+        match tracked {
+            Err(e) if method == TrackingMethod::WriteProtect && e.to_string().contains("not available") => {
+                eprintln!("skipped: {e}");
+                continue;
+            }
+            r => r.unwrap(),
+        }
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        // SAFETY: the tracked transaction serializes writers; this thread
+        // alone uses the region.
+        unsafe { std::ptr::write_bytes((region.addr() + 5 * ps) as *mut u8, 0xcd, ps) };
+        tx.commit(CommitMode::Flush).unwrap();
+        rvm.wait_for_recovery().unwrap();
+        let mut model = page_image(&last);
+        model[5 * ps..6 * ps].fill(0xcd);
+        assert!(read_all(&region) == model, "{method:?}: the region after the commit");
+        // A crash now.
+        let after = dir.join("after");
+        copy_dir(dir, &after);
+        let opts = full().accept_segment(dir.join("seg").canonicalize().unwrap(), after.join("seg"));
+        let again = Rvm::open(after.join("log"), opts).unwrap();
+        let s = again.open_segment(after.join("seg")).unwrap();
+        let r = again.map(&s, MapSpec::new(0, pages * ps)).unwrap();
+        assert!(read_all(&r) == model, "{method:?}: recovered after the crash");
     }
 }

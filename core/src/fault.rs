@@ -321,3 +321,55 @@ pub(crate) unsafe fn protect(addr: usize, len: usize, write: bool) -> bool {
     // SAFETY: per the contract.
     unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) == 0 }
 }
+
+/// What [`replace_page`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replaced {
+    /// The filled page is in place.
+    Yes,
+    /// `fill` refused: nothing changed.
+    FillFailed,
+    /// No fresh page could be made or moved (no memory, or the process's
+    /// mapping limit): nothing changed.
+    NoResources,
+}
+
+/// Replaces the page at `addr` (`len` bytes, page-aligned) of a mapping
+/// with fresh private anonymous memory, read and write, that `fill` fills
+/// first. The filled page is moved over the old one with one `mremap`
+/// (`MREMAP_FIXED`), under the kernel's lock of the address space: another
+/// thread sees the old page or the filled one, never a partly filled one.
+/// Async-signal-safe (`mmap`, `mremap`, `munmap`; `fill` must be too).
+///
+/// # Safety
+///
+/// The range must be a page of a mapping the caller owns, with no Rust
+/// reference into it (an inaccessible page); its contents are discarded.
+pub(crate) unsafe fn replace_page(addr: usize, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> Replaced {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a new anonymous mapping wherever the kernel puts it replaces
+    // nothing; mmap(2) is a plain system call (async-signal-safe).
+    let fresh = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    if fresh == libc::MAP_FAILED {
+        return Replaced::NoResources;
+    }
+    // SAFETY: `fresh` is `len` bytes of memory just mapped read and write,
+    // known to this thread alone.
+    let buf = unsafe { std::slice::from_raw_parts_mut(fresh.cast::<u8>(), len) };
+    if !fill(buf) {
+        // SAFETY: our own mapping, no longer referred to.
+        unsafe { libc::munmap(fresh, len) };
+        return Replaced::FillFailed;
+    }
+    let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves our fresh page onto `addr`, replacing only the caller's
+    // page there (the contract); the kernel checks the mapping limit before
+    // it unmaps anything.
+    let got = unsafe { libc::mremap(fresh, len, len, flags, addr as *mut libc::c_void) };
+    if got == libc::MAP_FAILED {
+        // SAFETY: on failure the fresh page is still ours, at `fresh`.
+        unsafe { libc::munmap(fresh, len) };
+        return Replaced::NoResources;
+    }
+    Replaced::Yes
+}

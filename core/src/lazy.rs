@@ -10,17 +10,21 @@
 //! (`PENDING → APPLYING → DONE`, or `FAILED`). The ranges' bytes are copied
 //! into one buffer during the scan, so applying a page needs no log I/O.
 //!
-//! Bringing a page up to date ([`Shared::apply_page_raw`]) is the same
-//! idempotent redo a replay does, page by page: read the segment page,
-//! apply its pieces in log order, write the page back to the segment (its
-//! page cache), mark it `DONE`. The fault hook ([`LazyRegion`]) does that
-//! inside the `SIGSEGV` handler for a `PROT_NONE` page of an on-demand
-//! region, then makes the page accessible: the private mapping then shows
-//! the page cache's page, which holds the final bytes already, so no thread
-//! ever sees a page half applied. Everything that path touches is
-//! preallocated (the index, a pool of scratch pages); it takes no lock,
-//! allocates nothing and calls only `pread`, `pwrite`, `mprotect`,
-//! `sched_yield` and `nanosleep`.
+//! Bringing a page up to date is the same idempotent redo a replay does,
+//! page by page: read the segment page, apply its pieces in log order. The
+//! background thread ([`Shared::apply_segment`]) writes runs of pages back
+//! to the segment and marks them `DONE`. The fault hook ([`LazyRegion`])
+//! runs inside the `SIGSEGV` handler for a `PROT_NONE` page of an
+//! on-demand region ([`Shared::fault_page`]): once segment writes are
+//! allowed (§3.4 step 4 durable) it writes the page back to the segment
+//! (its page cache), marks it `DONE` and makes the mapping's page
+//! accessible, which then shows the final bytes; before that, it builds the
+//! page in fresh private memory and moves it over the inaccessible page in
+//! one `mremap`, writing nothing to the segment. Either way no thread ever
+//! sees a page half applied. Everything that path touches is preallocated
+//! (the index, a pool of scratch pages); it takes no lock, allocates no
+//! heap memory and calls only `pread`, `pwrite`, `mmap`, `mremap`,
+//! `munmap`, `mprotect`, `sched_yield` and `nanosleep`.
 
 use crate::fault::{self, Access, FaultHook, Resolution};
 use crate::pagemap::PageMap;
@@ -28,7 +32,7 @@ use crate::storage::Storage;
 use std::cell::UnsafeCell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A page waits for its pieces.
@@ -47,6 +51,11 @@ const NONE: u32 = u32::MAX;
 const SCRATCH_PAGES: usize = 64;
 /// Pages the background apply reads and writes with one call at most.
 const RUN_PAGES: usize = 256;
+/// Neighbouring pending pages a fault before segment writes are allowed
+/// installs at once at most (one `mmap`, `pread` and `mremap` for all: a
+/// program reading a region in order faults once per this many pages, and
+/// the mapping splits once).
+const INSTALL_PAGES: u64 = 16;
 
 /// The part of a logged range that falls in one page.
 #[derive(Clone, Copy, Debug)]
@@ -68,11 +77,17 @@ struct Entry {
     head: u32,
     tail: u32,
     state: AtomicU8,
+    /// The on-demand mapping ([`LazyRegion::id`]) whose page was replaced
+    /// by a private up-to-date copy before segment writes were allowed
+    /// (0: none). Written under `APPLYING` (the page's lock); a fault in
+    /// that mapping then only retries: the copy is the program's page now
+    /// and may hold its stores.
+    installed: AtomicU32,
 }
 
 impl Entry {
     fn empty() -> Entry {
-        Entry { head: NONE, tail: NONE, state: AtomicU8::new(PENDING) }
+        Entry { head: NONE, tail: NONE, state: AtomicU8::new(PENDING), installed: AtomicU32::new(0) }
     }
 }
 
@@ -361,6 +376,17 @@ pub(crate) struct Shared {
     pub failed: AtomicBool,
 }
 
+/// What the fault path did with a page ([`Shared::fault_page`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Brought {
+    /// The index does not hold the page (it was never pending).
+    NotIndexed,
+    /// The segment (its page cache) holds the page's final bytes.
+    Done,
+    /// The faulting mapping holds a private up-to-date copy of the page.
+    Installed,
+}
+
 /// Why a page could not be brought up to date.
 const FAILED_MSG: &str = "instant recovery failed: a segment page could not be brought up to date";
 
@@ -417,122 +443,241 @@ impl Shared {
         (s.len.saturating_sub(off)).min(self.page as u64) as usize
     }
 
-    /// Brings page `page` of segment `s` up to date, async-signal-safely
-    /// (the fault path): waits for segment writes to be allowed and for a
-    /// thread already applying it. `Ok(true)` once it is `DONE`, `Ok(false)`
-    /// if the index does not hold the page, `Err` if it can never be shown.
-    fn apply_page_raw(&self, s: usize, page: u64) -> Result<bool, &'static str> {
+    /// Brings page `page` of segment `s` up to date for a fault at
+    /// `addr` (the page's address) in the on-demand mapping `map` (its
+    /// [`LazyRegion::id`]), async-signal-safely (the fault path).
+    ///
+    /// After segment writes are allowed (§3.4 step 4 durable): reads the
+    /// segment page, applies its pieces, writes it back to the segment (its
+    /// page cache) and marks it `DONE` ([`Brought::Done`]: the caller makes
+    /// the mapping's page accessible, and it shows the page cache's page).
+    /// Before: builds the up-to-date page in fresh private memory and moves
+    /// it over the mapping's inaccessible page in one step
+    /// ([`fault::replace_page`]), writing nothing to the segment; the page
+    /// stays pending for the segment (the background apply writes it after
+    /// step 4) and is marked installed in `map` ([`Brought::Installed`]).
+    /// Waits only for a thread already applying the page (or, if no private
+    /// page can be had, for segment writes to be allowed). `Err` if the
+    /// page can never be shown.
+    /// `end`: the first segment page past the mapping (a fault may install
+    /// up to [`INSTALL_PAGES`] pending pages from `page` on, each still
+    /// `PROT_NONE` in the mapping).
+    fn fault_page(&self, s: usize, page: u64, end: u64, map: u32, addr: usize) -> Result<Brought, &'static str> {
         let seg = &self.segs[s];
-        let Some(e) = seg.entry(page) else { return Ok(false) };
+        let Some(e) = seg.entry(page) else { return Ok(Brought::NotIndexed) };
         let mut spins = 0u32;
+        // No private page could be made (no memory, or no more mappings):
+        // wait for segment writes to be allowed instead.
+        let mut no_copy = false;
         loop {
+            // Set only by this mapping's own handlers, and this mapping
+            // lives while its hook runs: once seen, it stays.
+            if e.installed.load(Ordering::Acquire) == map {
+                return Ok(Brought::Installed);
+            }
             match e.state.load(Ordering::Acquire) {
-                DONE => return Ok(true),
+                DONE => return Ok(Brought::Done),
                 FAILED => return Err(FAILED_MSG),
                 APPLYING => {}
                 _ if self.failed.load(Ordering::Acquire) => return Err(FAILED_MSG),
-                _ if !self.writable.load(Ordering::Acquire) => {}
+                _ if no_copy && !self.writable.load(Ordering::Acquire) => {}
                 _ => {
-                    if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                        let Some(fd) = seg.fd else {
-                            e.state.store(FAILED, Ordering::Release);
-                            return Err(FAILED_MSG);
-                        };
-                        let off = page * self.page as u64;
-                        let len = self.page_len(seg, page);
-                        let ok = self.scratch.with(|buf| {
-                            let buf = &mut buf[..len];
-                            if !pread_full(fd, buf, off) {
-                                return false;
-                            }
-                            self.apply_pieces(e, buf);
-                            pwrite_full(fd, buf, off)
-                        });
+                    if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                        continue;
+                    }
+                    // The page is ours until its state is stored again.
+                    if e.installed.load(Ordering::Acquire) == map {
+                        e.state.store(PENDING, Ordering::Release);
+                        return Ok(Brought::Installed);
+                    }
+                    let Some(fd) = seg.fd else {
+                        e.state.store(FAILED, Ordering::Release);
+                        return Err(FAILED_MSG);
+                    };
+                    let off = page * self.page as u64;
+                    let len = self.page_len(seg, page);
+                    let fill = |buf: &mut [u8]| {
+                        let buf = &mut buf[..len];
+                        if !pread_full(fd, buf, off) {
+                            return false;
+                        }
+                        self.apply_pieces(e, buf);
+                        true
+                    };
+                    if self.writable.load(Ordering::Acquire) {
+                        let ok = self.scratch.with(|buf| fill(buf) && pwrite_full(fd, &buf[..len], off));
                         if !ok {
-                            e.state.store(FAILED, Ordering::Release);
+                            return self.fail(e);
+                        }
+                        e.state.store(DONE, Ordering::Release);
+                        return Ok(Brought::Done);
+                    }
+                    // Before step 4: claim the pending neighbours that
+                    // follow too (each not installed in this mapping, so
+                    // still PROT_NONE in it, as every page not DONE at map
+                    // time was made).
+                    let mut n = 1u64;
+                    while n < INSTALL_PAGES && page + n < end {
+                        let Some(next) = seg.entry(page + n) else { break };
+                        if next.installed.load(Ordering::Acquire) == map
+                            || next
+                                .state
+                                .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
+                                .is_err()
+                        {
+                            break;
+                        }
+                        // Checked again under the claim: another thread may
+                        // have installed it between the load and the claim.
+                        if next.installed.load(Ordering::Acquire) == map {
+                            next.state.store(PENDING, Ordering::Release);
+                            break;
+                        }
+                        n += 1;
+                    }
+                    // The claimed pages, in order (each has an entry).
+                    let claimed = (page..page + n).filter_map(|p| seg.entry(p));
+                    let ps = self.page;
+                    let bytes = (n as usize - 1) * ps + self.page_len(seg, page + n - 1);
+                    let fill = |buf: &mut [u8]| {
+                        if !pread_full(fd, &mut buf[..bytes], off) {
+                            return false;
+                        }
+                        for (k, e) in claimed.clone().enumerate() {
+                            let from = k * ps;
+                            self.apply_pieces(e, &mut buf[from..(from + ps).min(bytes)]);
+                        }
+                        true
+                    };
+                    // SAFETY: `[addr, addr + n pages)` are pages of the
+                    // region's private mapping (the caller checked the
+                    // first, `end` bounds the rest), alive while its hook
+                    // runs; they are PROT_NONE (not DONE, not installed in
+                    // this mapping, claimed by us), so nothing refers to
+                    // their bytes. Their normal protection is read and
+                    // write.
+                    let r = unsafe { fault::replace_page(addr, n as usize * ps, fill) };
+                    let (installed, state) = match r {
+                        fault::Replaced::Yes => (map, PENDING),
+                        fault::Replaced::FillFailed => (0, FAILED),
+                        fault::Replaced::NoResources => (0, PENDING),
+                    };
+                    for e in claimed.clone() {
+                        if installed != 0 {
+                            e.installed.store(installed, Ordering::Release);
+                        }
+                        e.state.store(state, Ordering::Release);
+                    }
+                    match r {
+                        fault::Replaced::Yes => return Ok(Brought::Installed),
+                        fault::Replaced::FillFailed => {
                             self.failed.store(true, Ordering::Release);
                             return Err(FAILED_MSG);
                         }
-                        e.state.store(DONE, Ordering::Release);
-                        return Ok(true);
+                        fault::Replaced::NoResources => {
+                            no_copy = true;
+                            continue;
+                        }
                     }
-                    continue;
                 }
             }
             pause(&mut spins);
         }
     }
 
+    /// The page held by this thread (`APPLYING`) could not be read or
+    /// written: it, and every page not yet `DONE`, can never be shown.
+    fn fail(&self, e: &Entry) -> Result<Brought, &'static str> {
+        e.state.store(FAILED, Ordering::Release);
+        self.failed.store(true, Ordering::Release);
+        Err(FAILED_MSG)
+    }
+
     /// Applies every pending page of segment `s` through its device (the
     /// background thread, and map's fallback): claims runs of neighbouring
     /// pending pages, reads each run from `dev` (the segment's device) with one call, applies the pages'
     /// pieces, writes the run back with one call, marks its pages `DONE`;
-    /// then waits for pages other threads are applying. Returns the
-    /// segment bytes written. `stop` is polled between runs.
+    /// then waits for pages other threads are applying, and takes again the
+    /// ones they left pending. Returns the segment bytes written. `stop` is
+    /// polled between runs.
     pub fn apply_segment(&self, s: usize, dev: &dyn Storage, stop: &dyn Fn() -> bool) -> std::io::Result<u64> {
         let seg = &self.segs[s];
         let ps = self.page as u64;
         let mut written = 0u64;
         let mut buf = Vec::new();
         let mut run: Vec<&Entry> = Vec::with_capacity(RUN_PAGES);
-        let mut it = seg.pages_in_order().peekable();
-        while let Some((first, e)) = it.next() {
-            if stop() {
-                break;
-            }
-            if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                continue;
-            }
-            run.clear();
-            run.push(e);
-            while run.len() < RUN_PAGES {
-                match it.peek() {
-                    Some(&(p, n))
-                        if p == first + run.len() as u64
-                            && n.state
-                                .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
-                                .is_ok() =>
-                    {
-                        run.push(n);
-                        it.next();
+        // Pages a faulting thread claimed before segment writes were
+        // allowed are left pending (installed in its mapping only): passes
+        // repeat until none is (a fault claims such a page only before it
+        // sees `writable`, so few passes follow the first).
+        loop {
+            let mut it = seg.pages_in_order().peekable();
+            while let Some((first, e)) = it.next() {
+                if stop() {
+                    break;
+                }
+                if e.state.compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    continue;
+                }
+                run.clear();
+                run.push(e);
+                while run.len() < RUN_PAGES {
+                    match it.peek() {
+                        Some(&(p, n))
+                            if p == first + run.len() as u64
+                                && n.state
+                                    .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
+                                    .is_ok() =>
+                        {
+                            run.push(n);
+                            it.next();
+                        }
+                        _ => break,
                     }
-                    _ => break,
+                }
+                let off = first * ps;
+                let last = first + run.len() as u64 - 1;
+                let len = (run.len() - 1) * self.page + self.page_len(seg, last);
+                buf.resize(len, 0);
+                let r = dev.read_at(&mut buf, off).and_then(|()| {
+                    for (k, e) in run.iter().enumerate() {
+                        let from = k * self.page;
+                        let to = (from + self.page).min(len);
+                        self.apply_pieces(e, &mut buf[from..to]);
+                    }
+                    dev.write_at(&buf, off)
+                });
+                let state = if r.is_ok() { DONE } else { FAILED };
+                if r.is_err() {
+                    self.failed.store(true, Ordering::Release);
+                }
+                for e in &run {
+                    e.state.store(state, Ordering::Release);
+                }
+                r?;
+                written += len as u64;
+            }
+            // Pages a faulting thread claimed: wait until it is done with
+            // them.
+            let mut again = false;
+            for (_, e) in seg.pages_in_order() {
+                let mut spins = 0u32;
+                loop {
+                    match e.state.load(Ordering::Acquire) {
+                        APPLYING => pause(&mut spins),
+                        FAILED => return Err(std::io::Error::other(FAILED_MSG)),
+                        PENDING => {
+                            again = true;
+                            break;
+                        }
+                        _ => break,
+                    }
                 }
             }
-            let off = first * ps;
-            let last = first + run.len() as u64 - 1;
-            let len = (run.len() - 1) * self.page + self.page_len(seg, last);
-            buf.resize(len, 0);
-            let r = dev.read_at(&mut buf, off).and_then(|()| {
-                for (k, e) in run.iter().enumerate() {
-                    let from = k * self.page;
-                    let to = (from + self.page).min(len);
-                    self.apply_pieces(e, &mut buf[from..to]);
-                }
-                dev.write_at(&buf, off)
-            });
-            let state = if r.is_ok() { DONE } else { FAILED };
-            if r.is_err() {
-                self.failed.store(true, Ordering::Release);
+            if !again || stop() {
+                return Ok(written);
             }
-            for e in &run {
-                e.state.store(state, Ordering::Release);
-            }
-            r?;
-            written += len as u64;
         }
-        // Pages a faulting thread claimed: wait until they are written.
-        for (_, e) in seg.pages_in_order() {
-            let mut spins = 0u32;
-            loop {
-                match e.state.load(Ordering::Acquire) {
-                    APPLYING => pause(&mut spins),
-                    FAILED => return Err(std::io::Error::other(FAILED_MSG)),
-                    _ => break,
-                }
-            }
-        }
-        Ok(written)
     }
 
     /// Whether every page of segment `s` is `DONE`.
@@ -595,6 +740,9 @@ pub(crate) struct LazyRegion {
     /// Segment offset of `base`.
     offset: u64,
     seg: usize,
+    /// This mapping, among every on-demand mapping of the process (never
+    /// 0): pages installed in it are marked with it ([`Entry::installed`]).
+    id: u32,
     /// The index (a leaked `Arc<Shared>`); null once the region is
     /// released (every page up to date and accessible).
     shared: AtomicPtr<Shared>,
@@ -645,13 +793,16 @@ impl FaultHook for LazyRegion {
             let ps = shared.page;
             let page_addr = addr & !(ps - 1);
             let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
-            let r = match shared.apply_page_raw(self.seg, page) {
-                Ok(false) => Resolution::NotOurs,
+            let end = (self.offset + self.len as u64) / ps as u64;
+            let r = match shared.fault_page(self.seg, page, end, self.id, page_addr) {
+                Ok(Brought::NotIndexed) => Resolution::NotOurs,
                 Err(msg) => Resolution::Fatal(msg),
+                // The mapping holds the page's private copy already.
+                Ok(Brought::Installed) => Resolution::Handled,
                 // SAFETY: the page lies inside the region's mapping (checked
                 // above), which this hook's registration outlives; the
                 // region's normal protection is read and write.
-                Ok(true) => match unsafe { fault::protect(page_addr, ps, true) } {
+                Ok(Brought::Done) => match unsafe { fault::protect(page_addr, ps, true) } {
                     true => Resolution::Handled,
                     false => Resolution::Fatal("instant recovery could not make a page accessible"),
                 },
@@ -712,11 +863,20 @@ pub(crate) fn protect_region(
     offset: u64,
     runs: &[(u64, u64)],
 ) -> Result<Protected, String> {
+    // Ids are never reused in practice (2^32 mappings) and never 0.
+    static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+    let id = loop {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        if id != 0 {
+            break id;
+        }
+    };
     let hook = Arc::new(LazyRegion {
         base,
         len,
         offset,
         seg: s,
+        id,
         shared: AtomicPtr::new(Arc::into_raw(shared.clone()).cast_mut()),
         users: AtomicUsize::new(0),
     });

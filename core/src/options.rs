@@ -110,8 +110,11 @@ pub struct Options {
     /// applying the log; a background thread applies it and writes the new
     /// status, and a page of a copy-on-demand region that still waits for
     /// its records is brought up to date the first time it is touched (a
-    /// page fault). Regions copied at map time, tracked regions and region
-    /// growth wait for their segment's pages instead. Until the background
+    /// page fault; before the status allowing segment writes is durable,
+    /// the page is built in private memory and the segment is left
+    /// alone, so the first touch waits for no log sync). Regions copied at
+    /// map time, tracked regions and region growth wait for their
+    /// segment's pages instead. Until the background
     /// apply is durable nothing is written to the log: a full batch of
     /// no-flush commits, a flush, a truncation or a checkpoint waits for it
     /// ([`Rvm::wait_for_recovery`]). A crash meanwhile recovers again from

@@ -116,6 +116,42 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether instant recovery's status recording the synced end (§3.4
+    /// step 4) is durable, or not needed (true without instant recovery,
+    /// and once the apply ended, even in failure).
+    pub(crate) fn status_durable(&self) -> bool {
+        match &self.instant {
+            None => true,
+            Some(i) => i.running().is_none_or(|s| s.writable.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Blocks until [`Inner::status_durable`]; an error if instant recovery
+    /// failed.
+    pub(crate) fn wait_status_durable(&self) -> Result<()> {
+        let Some(i) = &self.instant else { return Ok(()) };
+        let Some(shared) = i.running() else { return self.check_failed(i) };
+        let mut st = i.state.lock();
+        while !shared.writable.load(Ordering::Acquire) && st.phase == Phase::Running {
+            i.changed.wait(&mut st);
+        }
+        drop(st);
+        if shared.failed.load(Ordering::Acquire) {
+            self.check_poison()?;
+            return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+        }
+        Ok(())
+    }
+
+    /// An error if instant recovery failed.
+    fn check_failed(&self, i: &Instant) -> Result<()> {
+        if i.state.lock().phase == Phase::Failed {
+            self.check_poison()?;
+            return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+        }
+        Ok(())
+    }
+
     /// Whether instant recovery's background apply is still running.
     pub(crate) fn recovering(&self) -> bool {
         self.instant.as_ref().is_some_and(|i| i.state.lock().phase == Phase::Running)
@@ -201,16 +237,23 @@ impl Inner {
         devices: &[(std::path::PathBuf, Arc<dyn Storage>)],
     ) -> Result<()> {
         // Step 4: before any segment write, a status records how far the
-        // log is durable.
-        {
-            let mut st = self.status.lock();
-            if st.status.synced_end < i.end {
+        // log is durable. Written without the status lock, so that opening
+        // a recorded segment does not wait for it: no other status write
+        // can happen meanwhile (log truncations and checkpoints wait for
+        // the apply, a dictionary entry for this status:
+        // `open_segment`).
+        let next = {
+            let st = self.status.lock();
+            (st.status.synced_end < i.end).then(|| {
                 let mut next = st.status.clone();
                 next.seq += 1;
                 next.synced_end = i.end;
-                log::write_status(&self.ring, &next)?;
-                st.status = next;
-            }
+                next
+            })
+        };
+        if let Some(next) = next {
+            log::write_status(&self.ring, &next)?;
+            self.status.lock().status = next;
         }
         {
             let _st = i.state.lock();
@@ -256,16 +299,7 @@ impl Inner {
         let Some(shared) = i.running() else { return self.check_poison() };
         let Some(s) = shared.seg_of(&seg.dev) else { return Ok(()) };
         if !shared.segment_done(s) {
-            {
-                let mut st = i.state.lock();
-                while !shared.writable.load(Ordering::Acquire) && st.phase == Phase::Running {
-                    i.changed.wait(&mut st);
-                }
-            }
-            if shared.failed.load(Ordering::Acquire) {
-                self.check_poison()?;
-                return Err(Error::Poisoned { cause: "instant recovery failed".into() });
-            }
+            self.wait_status_durable()?;
             let applied = shared.apply_segment(s, seg.dev.as_ref(), &|| false);
             let written = self.poison(applied.map_err(|e| Error::io("instant recovery: applying", &seg.name, e)))?;
             Counters::add(&self.counters.segment_bytes_written, written);

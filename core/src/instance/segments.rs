@@ -15,6 +15,25 @@ use std::sync::Arc;
 
 impl Inner {
     pub(super) fn open_segment(&self, path: &Path, create: Option<u64>) -> Result<Segment> {
+        if create.is_some() {
+            // A new dictionary entry: written after instant recovery's
+            // status (see below).
+            self.wait_status_durable()?;
+        }
+        loop {
+            if let Some(seg) = self.open_segment_once(path, create)? {
+                return Ok(seg);
+            }
+            self.wait_status_durable()?;
+        }
+    }
+
+    /// [`Inner::open_segment`]; `None` if the segment needs a dictionary
+    /// entry written while instant recovery's status (§3.4 step 4), which
+    /// is written without the status lock so that opening a recorded
+    /// segment need not wait for it, is not yet durable: the caller waits
+    /// for it and tries again.
+    fn open_segment_once(&self, path: &Path, create: Option<u64>) -> Result<Option<Segment>> {
         let name = self.vfs.canonical_name(path).map_err(|e| Error::io("resolving segment path", path, e))?;
         let mut st = self.status.lock();
         if let Some(seg) = st.segments.values().find(|s| s.name == name) {
@@ -25,7 +44,7 @@ impl Inner {
                     std::io::Error::from(std::io::ErrorKind::AlreadyExists),
                 ));
             }
-            return Ok(Segment(seg.clone()));
+            return Ok(Some(Segment(seg.clone())));
         }
         let mode = if create.is_some() { OpenMode::CreateNew } else { OpenMode::Existing };
         // Instant recovery may still hold the segment open (and locked).
@@ -49,6 +68,9 @@ impl Inner {
                 (a, b) => a == b,
             };
             if known.as_ref().is_none_or(|e| !same(e)) {
+                if !self.status_durable() {
+                    return Ok(None);
+                }
                 // The dictionary entry (new, or naming the file now under
                 // that name: the log holds no records for it, since
                 // recovery emptied it and this instance has not opened
@@ -65,10 +87,11 @@ impl Inner {
                 log::write_status(&self.ring, &next)?;
                 st.status = next;
             }
-            Ok((id, len))
+            Ok(Some((id, len)))
         })();
         let (id, len) = match opened {
-            Ok(v) => v,
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 if create.is_some() {
                     // No record names the new file: remove it, so that a
@@ -92,7 +115,7 @@ impl Inner {
             closed: AtomicBool::new(false),
         });
         st.segments.insert(id, seg.clone());
-        Ok(Segment(seg))
+        Ok(Some(Segment(seg)))
     }
 
     /// Marks the segment as this log's (its unapplied records live here),
