@@ -120,6 +120,10 @@ impl Storage for ReadOnlyFile {
     }
 }
 
+/// How long an open waits for a file's lock before it reports the file
+/// in use (see [`FileStorage::open`]).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A file or block device, locked exclusively (`flock`) while open.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -131,7 +135,9 @@ pub struct FileStorage {
 impl FileStorage {
     /// Opens (and with `mode`, creates with permissions 0600) the file at
     /// `path` and locks it exclusively. Lock conflicts, with another process
-    /// or another handle of this one, are [`io::ErrorKind::WouldBlock`].
+    /// or another handle of this one, are [`io::ErrorKind::WouldBlock`],
+    /// after a wait of up to 250 ms for a lock held only for a moment (a
+    /// child process between `fork` and `exec` holds its parent's locks).
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).mode(0o600);
@@ -145,15 +151,30 @@ impl FileStorage {
             }
         }
         let file = opts.open(path)?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{} is locked by another user", path.display()),
-                ))
+        // A lock held for a moment is waited out: a child process between
+        // `fork` and `exec` holds a copy of every descriptor of its parent,
+        // and with it the lock of a file the parent had open then (closed
+        // at its `exec`: descriptors are close-on-exec). A lock still held
+        // after about a quarter of a second is a real user.
+        let mut wait = std::time::Duration::from_millis(1);
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK && waited < LOCK_PATIENCE => {
+                    std::thread::sleep(wait);
+                    waited += wait;
+                    wait = (wait * 2).min(std::time::Duration::from_millis(32));
+                }
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("{} is locked by another user", path.display()),
+                    ))
+                }
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
         let block_device = is_block_device(&file);
         Ok(FileStorage { file, path: path.to_path_buf(), block_device })
@@ -307,6 +328,29 @@ impl Vfs for FileVfs {
 mod tests {
     use super::*;
     use rustix::fs::{FileType, Mode, OFlags, CWD};
+
+    #[test]
+    fn a_lock_held_for_a_moment_is_waited_out_and_a_held_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        // As a child between fork and exec would: another open file
+        // description holds the lock for 40 ms.
+        let holder = FileStorage::open(&path, OpenMode::CreateNew).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(40));
+            drop(holder);
+        });
+        let t = std::time::Instant::now();
+        let second = FileStorage::open(&path, OpenMode::Existing).unwrap();
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30), "took the lock while it was held");
+        release.join().unwrap();
+        // Held for good: refused once the patience is spent.
+        let t = std::time::Instant::now();
+        let err = FileStorage::open(&path, OpenMode::Existing).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(t.elapsed() >= LOCK_PATIENCE, "gave up early");
+        drop(second);
+    }
 
     #[test]
     fn open_read_only_takes_files_and_refuses_the_rest_at_once() {
