@@ -135,9 +135,10 @@ pub(crate) struct Builder {
     pieces: Vec<Piece>,
     /// The ranges' bytes, copied (when the log cannot be mapped).
     data: Vec<u8>,
-    /// The log's record area mapped read-only: pieces then name their
-    /// bytes by log position, and nothing is copied.
-    log: Option<(crate::mem::Mapping, u64)>,
+    /// Whether the log's record area is mapped (recovery's scan reads it
+    /// through the same mapping, handed over at [`Builder::finish`]):
+    /// pieces then name their bytes by log position, and nothing is copied.
+    mapped: bool,
     /// Pieces (and bytes of `data`) of complete transactions: the pieces
     /// of an unfinished tail come after them in every chain, and are cut
     /// off at [`Builder::finish`].
@@ -149,25 +150,17 @@ pub(crate) struct Builder {
 
 impl Builder {
     /// An empty index for pages of `page` bytes, for about `log_bytes` of
-    /// log (a capacity hint).
-    /// `log`: the ring's device, record area offset and length; mapped if
-    /// it has a descriptor.
-    pub fn new(page: usize, log_bytes: u64, log: (&dyn Storage, u64, u64)) -> Builder {
+    /// log (a capacity hint). `mapped`: the log's record area will be
+    /// handed to [`Builder::finish`] mapped, so ranges' bytes need no copy.
+    pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
         let hint = log_bytes.min(1 << 30) as usize;
-        let (dev, area_offset, area_len) = log;
-        let mapped = dev.raw_fd().zip(usize::try_from(area_len).ok()).and_then(|(fd, len)| {
-            (area_offset % page as u64 == 0)
-                .then(|| crate::mem::Mapping::file_shared_readonly(fd, area_offset, len).ok())
-                .flatten()
-                .map(|m| (m, area_len))
-        });
         Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
             pieces: Vec::with_capacity(hint / 16),
-            data: if mapped.is_some() { Vec::new() } else { Vec::with_capacity(hint) },
-            log: mapped,
+            data: if mapped { Vec::new() } else { Vec::with_capacity(hint) },
+            mapped,
             committed: (0, 0),
             // Pieces hold page offsets in 16 bits.
             overflow: page > 1 << 16,
@@ -181,7 +174,7 @@ impl Builder {
         if self.overflow {
             return;
         }
-        let data = if self.log.is_some() {
+        let data = if self.mapped {
             lsn
         } else {
             let at = self.data.len() as u64;
@@ -227,14 +220,20 @@ impl Builder {
         self.committed = (self.pieces.len(), self.data.len());
     }
 
-    /// Freezes the index; `device(id)` gives each segment's device, path
-    /// and length. Also returns the devices, in the order of
-    /// [`Shared::segs`].
+    /// Freezes the index; `log` is the record area mapped and its length
+    /// (given if and only if the builder was made `mapped`), `device(id)`
+    /// gives each segment's device, path and length. Also returns the
+    /// devices, in the order of [`Shared::segs`].
     #[allow(clippy::type_complexity)]
     pub fn finish(
         mut self,
+        log: Option<(crate::mem::Mapping, u64)>,
         mut device: impl FnMut(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>,
     ) -> Option<(Shared, Vec<(PathBuf, Arc<dyn Storage>)>)> {
+        if self.mapped != log.is_some() {
+            // Pieces would name their bytes the wrong way.
+            return None;
+        }
         // Cut off an unfinished tail: its pieces are the last of their
         // chains.
         let (pieces, bytes) = self.committed;
@@ -266,7 +265,7 @@ impl Builder {
             segs,
             pieces: self.pieces,
             data: self.data,
-            log: self.log,
+            log,
             scratch: Scratch::new(self.page as usize),
             writable: AtomicBool::new(false),
             failed: AtomicBool::new(false),

@@ -276,29 +276,32 @@ fn recover_instant(
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
-    let mut index = crate::lazy::Builder::new(
-        crate::mem::page_size(),
-        estimate,
-        (ring.dev.as_ref(), ring.area_offset, ring.area_len),
-    );
+    // One read-only mapping of the record area serves the scan (no copy
+    // into a buffer) and then the index (pieces name their bytes by log
+    // position); without a descriptor the scan reads with `pread` and the
+    // index copies the ranges' bytes.
+    let view = ring.view();
+    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate, view.is_some());
     let mut log_bytes = 0u64;
-    let verified = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
-        touched.record(info, ranges);
-        for r in ranges {
-            let data_at = u64::from(r.data_at);
-            index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
-        }
-        if info.commit.is_some() {
-            index.commit();
-            log_bytes += lsn + info.len as u64 - tx.start;
-        }
-        let done = lsn - status.head;
-        if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
-            reported = done;
-            p.report(RecoveryPhase::Verify, done, estimate);
-        }
-        Ok(())
-    })?;
+    let area = view.as_ref().map(crate::mem::FileView::bytes);
+    let verified =
+        log::scan_records_in(ring, area, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+            touched.record(info, ranges);
+            for r in ranges {
+                let data_at = u64::from(r.data_at);
+                index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
+            }
+            if info.commit.is_some() {
+                index.commit();
+                log_bytes += lsn + info.len as u64 - tx.start;
+            }
+            let done = lsn - status.head;
+            if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
+                reported = done;
+                p.report(RecoveryPhase::Verify, done, estimate);
+            }
+            Ok(())
+        })?;
     let dictionary = status.segments.clone();
     let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
@@ -312,7 +315,7 @@ fn recover_instant(
         p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
     }
     let (shared, devices) = index
-        .finish(|id| {
+        .finish(view.map(|v| (v.into_mapping(), ring.area_len)), |id| {
             let (dev, path) = devices.get(&id)?.clone();
             let len = dev.len().ok()?;
             // The name `open_segment` will look it up by.
