@@ -163,7 +163,7 @@ impl Builder {
             mapped,
             committed: (0, 0),
             // Pieces hold page offsets in 16 bits.
-            overflow: page > 1 << 16,
+            overflow: page > 1 << 16 || !page.is_power_of_two(),
         }
     }
 
@@ -181,6 +181,22 @@ impl Builder {
             self.data.extend_from_slice(bytes);
             at
         };
+        self.add(segment, offset, bytes.len() as u64, data);
+    }
+
+    /// [`Builder::range`] of a builder made `mapped`, which needs only the
+    /// range's length and the log position of its first byte.
+    pub fn range_mapped(&mut self, segment: u32, offset: u64, len: u32, lsn: u64) {
+        debug_assert!(self.mapped);
+        if !self.overflow {
+            self.add(segment, offset, u64::from(len), lsn);
+        }
+    }
+
+    /// Links the pieces of `[offset, offset + len)` of `segment`, whose
+    /// bytes are at `data`, to their pages' chains.
+    #[inline]
+    fn add(&mut self, segment: u32, offset: u64, len: u64, data: u64) {
         let s = match self.segs.get(self.last_seg) {
             Some((id, _)) if *id == segment => self.last_seg,
             _ => match self.segs.iter().position(|s| s.0 == segment) {
@@ -192,11 +208,15 @@ impl Builder {
             },
         };
         self.last_seg = s;
+        // Pages are a power of two (checked in `new`): shifts, not
+        // divisions, on this path.
+        let (shift, mask) = (self.page.trailing_zeros(), self.page - 1);
+        let leaves = &mut self.segs[s].1;
         let mut off = offset;
-        let end = offset + bytes.len() as u64;
+        let end = offset + len;
         while off < end {
-            let page = off / self.page;
-            let at = off % self.page;
+            let page = off >> shift;
+            let at = off & mask;
             let n = (self.page - at).min(end - off);
             let i = self.pieces.len();
             if i >= NONE as usize {
@@ -204,7 +224,7 @@ impl Builder {
                 return;
             }
             self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
-            let e = self.segs[s].1.get_or_insert_with(page, Entry::empty);
+            let e = leaves.get_or_insert_with(page, Entry::empty);
             if e.head == NONE {
                 e.head = i as u32;
             } else {

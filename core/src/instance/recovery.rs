@@ -283,25 +283,46 @@ fn recover_instant(
     let view = ring.view();
     let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate, view.is_some());
     let mut log_bytes = 0u64;
-    let area = view.as_ref().map(crate::mem::FileView::bytes);
-    let verified =
-        log::scan_records_in(ring, area, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
-            touched.record(info, ranges);
-            for r in ranges {
-                let data_at = u64::from(r.data_at);
-                index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
+    // What every verified record adds, in log order: the index's pieces
+    // (`rec`, the record's bytes, only when the log is not mapped), the
+    // touched segments, the progress.
+    let mut on_record = |lsn: u64, rec: Option<&[u8]>, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar| {
+        touched.record(info, ranges);
+        for r in ranges {
+            let data_lsn = lsn + u64::from(r.data_at);
+            match rec {
+                Some(rec) => {
+                    index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], data_lsn)
+                }
+                None => index.range_mapped(r.segment, r.offset, r.len, data_lsn),
             }
-            if info.commit.is_some() {
-                index.commit();
-                log_bytes += lsn + info.len as u64 - tx.start;
-            }
-            let done = lsn - status.head;
-            if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
-                reported = done;
-                p.report(RecoveryPhase::Verify, done, estimate);
-            }
-            Ok(())
-        })?;
+        }
+        if info.commit.is_some() {
+            index.commit();
+            log_bytes += lsn + info.len as u64 - tx.start;
+        }
+        let done = lsn - status.head;
+        if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
+            reported = done;
+            p.report(RecoveryPhase::Verify, done, estimate);
+        }
+        Ok(())
+    };
+    // A mapped log is scanned on two threads (verifying on one, indexing
+    // on the other); the result is the same as on one.
+    let verified = match &view {
+        Some(view) => log::scan_records_split(
+            ring,
+            view.bytes(),
+            status.head,
+            u64::MAX,
+            status.epoch,
+            |lsn, info, ranges, tx| on_record(lsn, None, info, ranges, tx),
+        )?,
+        None => log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+            on_record(lsn, Some(rec), info, ranges, tx)
+        })?,
+    };
     let dictionary = status.segments.clone();
     let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;

@@ -314,13 +314,179 @@ pub(crate) fn scan_records_in(
     on_record: impl FnMut(u64, &[u8], &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
 ) -> Result<ScanEnd> {
     let limit = limit.min(start.saturating_add(ring.area_len));
-    match area.filter(|a| a.len() as u64 == ring.area_len) {
+    let mut cur = Cursor::new(start);
+    let stop = match area.filter(|a| a.len() as u64 == ring.area_len) {
         Some(area) => {
-            record_loop(&mut Mapped { area, limit, wrapped: Vec::new() }, start, epoch, ring.area_len, on_record)
+            let mut src = Mapped { area, limit, wrapped: Vec::new() };
+            record_loop(&mut src, &mut cur, u64::MAX, epoch, ring.area_len, on_record)?
         }
         None => {
             let mut src = Buffered { ring, limit, buf: Vec::new(), valid: 0, buf_lsn: start };
-            record_loop(&mut src, start, epoch, ring.area_len, on_record)
+            record_loop(&mut src, &mut cur, u64::MAX, epoch, ring.area_len, on_record)?
+        }
+    };
+    Ok(cur.end(stop.unwrap_or(ScanStop::Limit)))
+}
+
+/// Log bytes a two-thread scan reads on the calling thread before it
+/// starts the second one (a short log is not worth a thread).
+const SPLIT_AFTER: u64 = 256 << 10;
+/// Records (or ranges) a two-thread scan hands over at once: a few hundred
+/// KiB of batch, few hand-overs.
+const BATCH: usize = 4096;
+
+/// Records verified by the scanning thread of [`scan_records_split`], for
+/// the calling thread: `(lsn, info, end of its ranges in ranges, tx)`.
+#[derive(Default)]
+struct Batch {
+    recs: Vec<(u64, RecordInfo, usize, TxSoFar)>,
+    ranges: Vec<RangeRef>,
+}
+
+/// [`scan_records_in`] of a mapped record area (`area`, as [`Ring::view`]
+/// gives it) on two threads where the machine has two cores: a second
+/// thread walks, checks and decodes the records (CRC included) into
+/// batches, and the calling thread runs `on_record(lsn, info, ranges, tx)`
+/// on them, in the same order and with the same arguments as the
+/// one-thread scan (which it is, for the first [`SPLIT_AFTER`] bytes, for
+/// a log that ends before, and on one core). `on_record` does not see the
+/// records' bytes: its caller reads them from the mapping.
+pub(crate) fn scan_records_split(
+    ring: &Ring,
+    area: &[u8],
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    on_record: impl FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
+) -> Result<ScanEnd> {
+    let two_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    let split_after = if two_cores { SPLIT_AFTER } else { u64::MAX };
+    split_scan(ring, area, start, limit, epoch, (split_after, BATCH), on_record)
+}
+
+/// [`scan_records_split`], going on on a second thread after
+/// `split_after` bytes, in batches of `batch` records or ranges.
+fn split_scan(
+    ring: &Ring,
+    area: &[u8],
+    start: u64,
+    limit: u64,
+    epoch: u64,
+    (split_after, batch_len): (u64, usize),
+    mut on_record: impl FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
+) -> Result<ScanEnd> {
+    let area_len = ring.area_len;
+    if area.len() as u64 != area_len {
+        // Not the record area: read the log instead.
+        return scan_records_in(ring, None, start, limit, epoch, |lsn, _, info, ranges, tx| {
+            on_record(lsn, info, ranges, tx)
+        });
+    }
+    let limit = limit.min(start.saturating_add(area_len));
+    let mut cur = Cursor::new(start);
+    let mut src = Mapped { area, limit, wrapped: Vec::new() };
+    let pause = start.saturating_add(split_after);
+    let first = record_loop(&mut src, &mut cur, pause, epoch, area_len, |lsn, _, info, ranges, tx| {
+        on_record(lsn, info, ranges, tx)
+    })?;
+    if let Some(stop) = first {
+        return Ok(cur.end(stop));
+    }
+    std::thread::scope(|scope| {
+        // Two full batches queued at most; emptied ones come back.
+        let (to_caller, full) = std::sync::mpsc::sync_channel::<Batch>(2);
+        let (to_scanner, spare) = std::sync::mpsc::channel::<Batch>();
+        let scanner = scope.spawn(move || -> Result<ScanEnd> {
+            let mut batch = Batch::default();
+            let stop = record_loop(&mut src, &mut cur, u64::MAX, epoch, area_len, |lsn, _, info, ranges, tx| {
+                batch.ranges.extend_from_slice(ranges);
+                batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
+                if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
+                    let next = spare.try_recv().unwrap_or_default();
+                    // Refused only once the caller has stopped reading
+                    // (its `on_record` failed): its error is the result.
+                    send_spinning(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
+                        Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
+                    })?;
+                }
+                Ok(())
+            });
+            if !batch.recs.is_empty() {
+                let _ = to_caller.send(batch);
+            }
+            Ok(cur.end(stop?.unwrap_or(ScanStop::Limit)))
+        });
+        let mut failed = None;
+        while let Some(mut batch) = recv_spinning(&full) {
+            let mut from = 0;
+            for (lsn, info, to, tx) in &batch.recs {
+                if let Err(e) = on_record(*lsn, info, &batch.ranges[from..*to], tx) {
+                    failed = Some(e);
+                    break;
+                }
+                from = *to;
+            }
+            if failed.is_some() {
+                break;
+            }
+            batch.recs.clear();
+            batch.ranges.clear();
+            let _ = to_scanner.send(batch);
+        }
+        // A scanner waiting to hand over a batch returns now.
+        drop(full);
+        let scanned = match scanner.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match failed {
+            Some(e) => Err(e),
+            None => scanned,
+        }
+    })
+}
+
+/// How long a thread of a two-thread scan polls for the other before it
+/// sleeps: a batch takes well under this to make or use, and waking a
+/// sleeping thread can take as long as making one (notably on virtual
+/// machines), so the threads would otherwise take turns.
+const SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The next message, polling for up to [`SPIN`] before sleeping; `None`
+/// once the sender is gone.
+fn recv_spinning<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+    let since = std::time::Instant::now();
+    loop {
+        for _ in 0..64 {
+            match rx.try_recv() {
+                Ok(m) => return Some(m),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+                Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+        if since.elapsed() > SPIN {
+            return rx.recv().ok();
+        }
+    }
+}
+
+/// Sends `m`, polling for room for up to [`SPIN`] before sleeping; `Err`
+/// once the receiver is gone.
+fn send_spinning<T>(tx: &std::sync::mpsc::SyncSender<T>, mut m: T) -> std::result::Result<(), ()> {
+    let since = std::time::Instant::now();
+    loop {
+        for _ in 0..64 {
+            match tx.try_send(m) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(()),
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    m = back;
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        if since.elapsed() > SPIN {
+            return tx.send(m).map_err(|_| ());
         }
     }
 }
@@ -395,19 +561,41 @@ impl Source for Mapped<'_> {
     }
 }
 
-/// The loop of [`scan_records_in`] over either source.
+/// Where a scan is (so that it can go on on another thread).
+struct Cursor {
+    pos: u64,
+    tx: TxSoFar,
+    transactions: u64,
+    ranges: Vec<RangeRef>,
+}
+
+impl Cursor {
+    fn new(start: u64) -> Cursor {
+        Cursor { pos: start, tx: TxSoFar { start, ..TxSoFar::default() }, transactions: 0, ranges: Vec::new() }
+    }
+
+    fn end(&self, stop: ScanStop) -> ScanEnd {
+        ScanEnd { end: self.tx.start, transactions: self.transactions, discarded: self.pos - self.tx.start, stop }
+    }
+}
+
+/// The loop of [`scan_records_in`] over either source, from `cur`: how it
+/// stopped, or `None` if it paused at the first record at or after
+/// `pause_at`.
 fn record_loop(
     src: &mut impl Source,
-    start: u64,
+    cur: &mut Cursor,
+    pause_at: u64,
     epoch: u64,
     area_len: u64,
     mut on_record: impl FnMut(u64, &[u8], &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
-) -> Result<ScanEnd> {
-    let mut pos = start;
-    let mut tx = TxSoFar { start, ..TxSoFar::default() };
-    let mut transactions = 0u64;
-    let mut ranges = Vec::new();
+) -> Result<Option<ScanStop>> {
+    let Cursor { pos: at, tx, transactions, ranges } = cur;
     let stop = loop {
+        let pos = *at;
+        if pos >= pause_at {
+            return Ok(None);
+        }
         let Some(h) = src.get(pos, RECORD_HEADER)? else { break ScanStop::Limit };
         let mut hb = [0u8; RECORD_HEADER];
         hb.copy_from_slice(h);
@@ -418,7 +606,7 @@ fn record_loop(
         let Some(rec) = src.get(pos, len)? else {
             break ScanStop::Defect { lsn: pos, defect: FrameDefect::BadLength };
         };
-        let info = match format::decode_record(rec, pos, epoch, &mut ranges) {
+        let info = match format::decode_record(rec, pos, epoch, ranges) {
             Ok(info) => info,
             Err(defect) => break ScanStop::Defect { lsn: pos, defect },
         };
@@ -429,14 +617,14 @@ fn record_loop(
         }
         tx.ranges = tx.ranges.saturating_add(ranges.len() as u32);
         tx.bytes += info.data_bytes;
-        on_record(pos, rec, &info, &ranges, &tx)?;
-        pos += info.len as u64;
+        on_record(pos, rec, &info, ranges, tx)?;
+        *at = pos + info.len as u64;
         if info.commit.is_some() {
-            transactions += 1;
-            tx = TxSoFar { start: pos, ..TxSoFar::default() };
+            *transactions += 1;
+            *tx = TxSoFar { start: *at, ..TxSoFar::default() };
         }
     };
-    Ok(ScanEnd { end: tx.start, transactions, discarded: pos - tx.start, stop })
+    Ok(Some(stop))
 }
 
 /// Synced records found past the frame where a scan stopped: the log is
@@ -640,8 +828,8 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-        /// The scan of a mapped log and the scan through `pread` see the
-        /// same records and stop at the same place, for random logs in real
+        /// The scan of a mapped log (on one thread or two) and the scan
+        /// through `pread` see the same records and stop at the same place, for random logs in real
         /// files: anywhere in the ring (records wrapping around its end),
         /// over leftovers of older laps, with unfinished tails, flipped
         /// bytes and limits.
@@ -657,6 +845,7 @@ mod tests {
             big in proptest::option::of(2_000usize..20_000),
             flips in proptest::collection::vec((0usize..70_000, 1u8..=255), 0..3),
             limit_cut in proptest::option::of(0u64..70_000),
+            split in (0u64..20_000, 1usize..20),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("log");
@@ -696,6 +885,17 @@ mod tests {
                 let buffered = scan_with(ring, None, start, limit, epoch);
                 let mapped = scan_with(ring, Some(view.bytes()), start, limit, epoch);
                 proptest::prop_assert_eq!(&mapped, &buffered);
+                // On two threads, from anywhere, in any batches: the same
+                // calls (but for the bytes) and the same end.
+                let mut seen = Vec::new();
+                let end = split_scan(ring, view.bytes(), start, limit, epoch, split, |lsn, info, ranges, tx| {
+                    seen.push((lsn, *info, ranges.to_vec(), tx.start, tx.ranges, tx.bytes));
+                    Ok(())
+                })
+                .unwrap();
+                let want: Vec<_> =
+                    buffered.0.iter().map(|(l, _, i, r, s, n, b)| (*l, *i, r.clone(), *s, *n, *b)).collect();
+                proptest::prop_assert_eq!((seen, end), (want, buffered.1));
             }
             if whole {
                 // Intact: every transaction is found (noise after the end
@@ -703,6 +903,38 @@ mod tests {
                 proptest::prop_assert_eq!(scan_with(ring, Some(view.bytes()), start, u64::MAX, epoch).1.transactions, n);
             }
         }
+    }
+
+    /// A failure of the caller's `on_record` on a two-thread scan is the
+    /// scan's result, and the scanning thread stops.
+    #[test]
+    fn a_failing_reader_stops_a_two_thread_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
+        let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        let ring = &dev.ring;
+        let mut out = Vec::new();
+        let mut w = format::FrameWriter::new(&mut out, 0, 5, ring.area_len);
+        for n in 1..200 {
+            w.range(1, n * 8, &[n as u8; 8]);
+            w.commit(n, n, 0);
+        }
+        ring.write(0, &out).unwrap();
+        let view = ring.view().unwrap();
+        let mut calls = 0;
+        let e = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3), |_, _, _, _| {
+            calls += 1;
+            if calls == 50 {
+                return Err(Error::corrupted("test", "here"));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("test"), "{e}");
+        assert_eq!(calls, 50);
+        let all = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3), |_, _, _, _| Ok(())).unwrap();
+        assert_eq!(all.transactions, 199);
     }
 
     /// A view is made only of bytes the file holds.
