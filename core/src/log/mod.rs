@@ -318,11 +318,11 @@ pub(crate) fn scan_records_in(
     let stop = match area.filter(|a| a.len() as u64 == ring.area_len) {
         Some(area) => {
             let mut src = Mapped { area, limit, wrapped: Vec::new() };
-            record_loop(&mut src, &mut cur, u64::MAX, epoch, ring.area_len, on_record)?
+            record_loop(&mut src, &mut cur, |_| false, epoch, ring.area_len, on_record)?
         }
         None => {
             let mut src = Buffered { ring, limit, buf: Vec::new(), valid: 0, buf_lsn: start };
-            record_loop(&mut src, &mut cur, u64::MAX, epoch, ring.area_len, on_record)?
+            record_loop(&mut src, &mut cur, |_| false, epoch, ring.area_len, on_record)?
         }
     };
     Ok(cur.end(stop.unwrap_or(ScanStop::Limit)))
@@ -333,7 +333,7 @@ pub(crate) fn scan_records_in(
 const SPLIT_AFTER: u64 = 256 << 10;
 /// Records (or ranges) a two-thread scan hands over at once: a few hundred
 /// KiB of batch, few hand-overs.
-const BATCH: usize = 4096;
+const BATCH: usize = 16384;
 
 /// Records verified by the scanning thread of [`scan_records_split`], for
 /// the calling thread: `(lsn, info, end of its ranges in ranges, tx)`.
@@ -349,8 +349,11 @@ struct Batch {
 /// batches, and the calling thread runs `on_record(lsn, info, ranges, tx)`
 /// on them, in the same order and with the same arguments as the
 /// one-thread scan (which it is, for the first [`SPLIT_AFTER`] bytes, for
-/// a log that ends before, and on one core). `on_record` does not see the
-/// records' bytes: its caller reads them from the mapping.
+/// a log that ends before, and on one core). If a batch is late (the
+/// other thread is not getting a core: a busy machine), the second thread
+/// is stopped at a record boundary and the calling thread goes on alone
+/// from there. `on_record` does not see the records' bytes: its caller
+/// reads them from the mapping.
 pub(crate) fn scan_records_split(
     ring: &Ring,
     area: &[u8],
@@ -361,20 +364,22 @@ pub(crate) fn scan_records_split(
 ) -> Result<ScanEnd> {
     let two_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
     let split_after = if two_cores { SPLIT_AFTER } else { u64::MAX };
-    split_scan(ring, area, start, limit, epoch, (split_after, BATCH), on_record)
+    split_scan(ring, area, start, limit, epoch, (split_after, BATCH, usize::MAX), on_record)
 }
 
 /// [`scan_records_split`], going on on a second thread after
-/// `split_after` bytes, in batches of `batch` records or ranges.
+/// `split_after` bytes, in batches of `batch` records or ranges, and
+/// alone again after `give_up` batches (or a late one).
 fn split_scan(
     ring: &Ring,
     area: &[u8],
     start: u64,
     limit: u64,
     epoch: u64,
-    (split_after, batch_len): (u64, usize),
+    (split_after, batch_len, give_up): (u64, usize, usize),
     mut on_record: impl FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
 ) -> Result<ScanEnd> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let area_len = ring.area_len;
     if area.len() as u64 != area_len {
         // Not the record area: read the log instead.
@@ -384,28 +389,36 @@ fn split_scan(
     }
     let limit = limit.min(start.saturating_add(area_len));
     let mut cur = Cursor::new(start);
-    let mut src = Mapped { area, limit, wrapped: Vec::new() };
-    let pause = start.saturating_add(split_after);
-    let first = record_loop(&mut src, &mut cur, pause, epoch, area_len, |lsn, _, info, ranges, tx| {
-        on_record(lsn, info, ranges, tx)
-    })?;
+    let pause_at = start.saturating_add(split_after);
+    let first = record_loop(
+        &mut Mapped { area, limit, wrapped: Vec::new() },
+        &mut cur,
+        |pos| pos >= pause_at,
+        epoch,
+        area_len,
+        |lsn, _, info, ranges, tx| on_record(lsn, info, ranges, tx),
+    )?;
     if let Some(stop) = first {
         return Ok(cur.end(stop));
     }
-    std::thread::scope(|scope| {
+    let pause = AtomicBool::new(false);
+    let (stop, mut cur) = std::thread::scope(|scope| -> Result<(Option<ScanStop>, Cursor)> {
         // Two full batches queued at most; emptied ones come back.
         let (to_caller, full) = std::sync::mpsc::sync_channel::<Batch>(2);
         let (to_scanner, spare) = std::sync::mpsc::channel::<Batch>();
-        let scanner = scope.spawn(move || -> Result<ScanEnd> {
+        let pause = &pause;
+        let scanner = scope.spawn(move || -> Result<(Option<ScanStop>, Cursor)> {
             let mut batch = Batch::default();
-            let stop = record_loop(&mut src, &mut cur, u64::MAX, epoch, area_len, |lsn, _, info, ranges, tx| {
+            let mut src = Mapped { area, limit, wrapped: Vec::new() };
+            let paused = |_| pause.load(Ordering::Relaxed);
+            let stop = record_loop(&mut src, &mut cur, paused, epoch, area_len, |lsn, _, info, ranges, tx| {
                 batch.ranges.extend_from_slice(ranges);
                 batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
                 if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
                     let next = spare.try_recv().unwrap_or_default();
                     // Refused only once the caller has stopped reading
                     // (its `on_record` failed): its error is the result.
-                    send_spinning(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
+                    send_polling(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
                         Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
                     })?;
                 }
@@ -414,10 +427,27 @@ fn split_scan(
             if !batch.recs.is_empty() {
                 let _ = to_caller.send(batch);
             }
-            Ok(cur.end(stop?.unwrap_or(ScanStop::Limit)))
+            Ok((stop?, cur))
         });
         let mut failed = None;
-        while let Some(mut batch) = recv_spinning(&full) {
+        let mut taken = 0usize;
+        loop {
+            let polled =
+                if pause.load(Ordering::Relaxed) { Polled::from(full.recv().ok()) } else { recv_polling(&full) };
+            let mut batch = match polled {
+                Polled::Got(batch) => batch,
+                Polled::Gone => break,
+                Polled::Late => {
+                    // Go on alone: the scanner stops at its next record
+                    // and hands over what it has.
+                    pause.store(true, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            taken += 1;
+            if taken >= give_up {
+                pause.store(true, Ordering::Relaxed);
+            }
             let mut from = 0;
             for (lsn, info, to, tx) in &batch.recs {
                 if let Err(e) = on_record(*lsn, info, &batch.ranges[from..*to], tx) {
@@ -443,51 +473,99 @@ fn split_scan(
             Some(e) => Err(e),
             None => scanned,
         }
-    })
+    })?;
+    let stop = match stop {
+        Some(stop) => stop,
+        // Paused: the rest on this thread.
+        None => record_loop(
+            &mut Mapped { area, limit, wrapped: Vec::new() },
+            &mut cur,
+            |_| false,
+            epoch,
+            area_len,
+            |lsn, _, info, ranges, tx| on_record(lsn, info, ranges, tx),
+        )?
+        .unwrap_or(ScanStop::Limit),
+    };
+    Ok(cur.end(stop))
 }
 
 /// How long a thread of a two-thread scan polls for the other before it
-/// sleeps: a batch takes well under this to make or use, and waking a
-/// sleeping thread can take as long as making one (notably on virtual
-/// machines), so the threads would otherwise take turns.
-const SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+/// sleeps (the scanning thread) or goes on alone (the calling thread): a
+/// batch takes well under this to make or use, and waking a sleeping
+/// thread can take as long as making one (notably on virtual machines),
+/// so with sleeps the threads would take turns. Polls after the first few
+/// yield the processor: on a busy machine the other thread may be
+/// waiting for this very core.
+const POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// Polls made without yielding first.
+const SPINS: usize = 128;
 
-/// The next message, polling for up to [`SPIN`] before sleeping; `None`
-/// once the sender is gone.
-fn recv_spinning<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+/// Polls `ready` (spinning [`SPINS`] times, then yielding between polls
+/// for up to [`POLL`]); `None` if it never was.
+fn poll<R>(mut ready: impl FnMut() -> Option<R>) -> Option<R> {
+    for _ in 0..SPINS {
+        if let Some(r) = ready() {
+            return Some(r);
+        }
+        std::hint::spin_loop();
+    }
     let since = std::time::Instant::now();
-    loop {
-        for _ in 0..64 {
-            match rx.try_recv() {
-                Ok(m) => return Some(m),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
-                Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-            }
+    while since.elapsed() < POLL {
+        if let Some(r) = ready() {
+            return Some(r);
         }
-        if since.elapsed() > SPIN {
-            return rx.recv().ok();
-        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// What polling a channel gave.
+enum Polled<T> {
+    Got(T),
+    /// The sender is gone.
+    Gone,
+    /// Nothing within [`POLL`].
+    Late,
+}
+
+impl<T> From<Option<T>> for Polled<T> {
+    fn from(m: Option<T>) -> Self {
+        m.map_or(Polled::Gone, Polled::Got)
     }
 }
 
-/// Sends `m`, polling for room for up to [`SPIN`] before sleeping; `Err`
-/// once the receiver is gone.
-fn send_spinning<T>(tx: &std::sync::mpsc::SyncSender<T>, mut m: T) -> std::result::Result<(), ()> {
-    let since = std::time::Instant::now();
-    loop {
-        for _ in 0..64 {
-            match tx.try_send(m) {
-                Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(()),
-                Err(std::sync::mpsc::TrySendError::Full(back)) => {
-                    m = back;
-                    std::hint::spin_loop();
-                }
+/// The next message, polling for up to [`POLL`].
+fn recv_polling<T>(rx: &std::sync::mpsc::Receiver<T>) -> Polled<T> {
+    use std::sync::mpsc::TryRecvError;
+    let polled = poll(|| match rx.try_recv() {
+        Ok(m) => Some(Polled::Got(m)),
+        Err(TryRecvError::Disconnected) => Some(Polled::Gone),
+        Err(TryRecvError::Empty) => None,
+    });
+    polled.unwrap_or(Polled::Late)
+}
+
+/// Sends `m`, polling for room before sleeping; `Err` once the receiver
+/// is gone.
+fn send_polling<T>(tx: &std::sync::mpsc::SyncSender<T>, m: T) -> std::result::Result<(), ()> {
+    use std::sync::mpsc::TrySendError;
+    let mut slot = Some(m);
+    let polled = poll(|| {
+        let m = slot.take()?;
+        match tx.try_send(m) {
+            Ok(()) => Some(Ok(())),
+            Err(TrySendError::Disconnected(_)) => Some(Err(())),
+            Err(TrySendError::Full(back)) => {
+                slot = Some(back);
+                None
             }
         }
-        if since.elapsed() > SPIN {
-            return tx.send(m).map_err(|_| ());
-        }
+    });
+    match (polled, slot) {
+        (Some(r), _) => r,
+        (None, Some(m)) => tx.send(m).map_err(|_| ()),
+        (None, None) => Err(()),
     }
 }
 
@@ -580,12 +658,12 @@ impl Cursor {
 }
 
 /// The loop of [`scan_records_in`] over either source, from `cur`: how it
-/// stopped, or `None` if it paused at the first record at or after
-/// `pause_at`.
+/// stopped, or `None` if it paused (at the first record whose position
+/// `pause` accepts).
 fn record_loop(
     src: &mut impl Source,
     cur: &mut Cursor,
-    pause_at: u64,
+    pause: impl Fn(u64) -> bool,
     epoch: u64,
     area_len: u64,
     mut on_record: impl FnMut(u64, &[u8], &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
@@ -593,7 +671,7 @@ fn record_loop(
     let Cursor { pos: at, tx, transactions, ranges } = cur;
     let stop = loop {
         let pos = *at;
-        if pos >= pause_at {
+        if pause(pos) {
             return Ok(None);
         }
         let Some(h) = src.get(pos, RECORD_HEADER)? else { break ScanStop::Limit };
@@ -845,7 +923,7 @@ mod tests {
             big in proptest::option::of(2_000usize..20_000),
             flips in proptest::collection::vec((0usize..70_000, 1u8..=255), 0..3),
             limit_cut in proptest::option::of(0u64..70_000),
-            split in (0u64..20_000, 1usize..20),
+            split in (0u64..20_000, 1usize..20, 1usize..12),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("log");
@@ -885,10 +963,11 @@ mod tests {
                 let buffered = scan_with(ring, None, start, limit, epoch);
                 let mapped = scan_with(ring, Some(view.bytes()), start, limit, epoch);
                 proptest::prop_assert_eq!(&mapped, &buffered);
-                // On two threads, from anywhere, in any batches: the same
-                // calls (but for the bytes) and the same end.
+                // On two threads, from anywhere, in any batches, going on
+                // alone after some: the same calls (but for the bytes) and
+                // the same end.
                 let mut seen = Vec::new();
-                let end = split_scan(ring, view.bytes(), start, limit, epoch, split, |lsn, info, ranges, tx| {
+                let end = split_scan(ring, view.bytes(), start, limit, epoch, (split.0, split.1, split.2), |lsn, info, ranges, tx| {
                     seen.push((lsn, *info, ranges.to_vec(), tx.start, tx.ranges, tx.bytes));
                     Ok(())
                 })
@@ -922,19 +1001,23 @@ mod tests {
         }
         ring.write(0, &out).unwrap();
         let view = ring.view().unwrap();
-        let mut calls = 0;
-        let e = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3), |_, _, _, _| {
-            calls += 1;
-            if calls == 50 {
-                return Err(Error::corrupted("test", "here"));
-            }
-            Ok(())
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("test"), "{e}");
-        assert_eq!(calls, 50);
-        let all = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3), |_, _, _, _| Ok(())).unwrap();
-        assert_eq!(all.transactions, 199);
+        // The failure on the second thread's batches, or after the calling
+        // thread went on alone (after 2 batches).
+        for give_up in [usize::MAX, 2] {
+            let mut calls = 0;
+            let e = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3, give_up), |_, _, _, _| {
+                calls += 1;
+                if calls == 50 {
+                    return Err(Error::corrupted("test", "here"));
+                }
+                Ok(())
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("test"), "{e}");
+            assert_eq!(calls, 50);
+            let all = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3, give_up), |_, _, _, _| Ok(())).unwrap();
+            assert_eq!(all.transactions, 199);
+        }
     }
 
     /// A view is made only of bytes the file holds.
