@@ -341,6 +341,9 @@ const BATCH: usize = 16384;
 struct Batch {
     recs: Vec<(u64, RecordInfo, usize, TxSoFar)>,
     ranges: Vec<RangeRef>,
+    /// Where the scan is after the batch's last record: position, the
+    /// transaction it is in, complete transactions so far.
+    end: (u64, TxSoFar, u64),
 }
 
 /// [`scan_records_in`] of a mapped record area (`area`, as [`Ring::view`]
@@ -350,9 +353,9 @@ struct Batch {
 /// on them, in the same order and with the same arguments as the
 /// one-thread scan (which it is, for the first [`SPLIT_AFTER`] bytes, for
 /// a log that ends before, and on one core). If a batch is late (the
-/// other thread is not getting a core: a busy machine), the second thread
-/// is stopped at a record boundary and the calling thread goes on alone
-/// from there. `on_record` does not see the records' bytes: its caller
+/// other thread is not getting a core: a busy machine), the calling thread
+/// goes on alone from the end of the last batch it took (scanning again
+/// whatever the second thread made after it), and the second thread stops. `on_record` does not see the records' bytes: its caller
 /// reads them from the mapping.
 pub(crate) fn scan_records_split(
     ring: &Ring,
@@ -402,52 +405,63 @@ fn split_scan(
         return Ok(cur.end(stop));
     }
     let pause = AtomicBool::new(false);
-    let (stop, mut cur) = std::thread::scope(|scope| -> Result<(Option<ScanStop>, Cursor)> {
+    let mut resume = (cur.pos, cur.tx, cur.transactions);
+    std::thread::scope(|scope| -> Result<ScanEnd> {
         // Two full batches queued at most; emptied ones come back.
         let (to_caller, full) = std::sync::mpsc::sync_channel::<Batch>(2);
         let (to_scanner, spare) = std::sync::mpsc::channel::<Batch>();
         let pause = &pause;
-        let scanner = scope.spawn(move || -> Result<(Option<ScanStop>, Cursor)> {
+        // Where it stopped (`None`: paused).
+        let scanner = scope.spawn(move || -> Result<Option<ScanEnd>> {
             let mut batch = Batch::default();
             let mut src = Mapped { area, limit, wrapped: Vec::new() };
+            let mut transactions = cur.transactions;
             let paused = |_| pause.load(Ordering::Relaxed);
             let stop = record_loop(&mut src, &mut cur, paused, epoch, area_len, |lsn, _, info, ranges, tx| {
                 batch.ranges.extend_from_slice(ranges);
                 batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
+                let next = lsn + info.len as u64;
+                batch.end = if info.commit.is_some() {
+                    transactions += 1;
+                    (next, TxSoFar { start: next, ..TxSoFar::default() }, transactions)
+                } else {
+                    (next, *tx, transactions)
+                };
                 if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
                     let next = spare.try_recv().unwrap_or_default();
-                    // Refused only once the caller has stopped reading
-                    // (its `on_record` failed): its error is the result.
+                    // Refused only once the caller has stopped reading.
                     send_polling(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
                         Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
                     })?;
                 }
                 Ok(())
             });
-            if !batch.recs.is_empty() {
-                let _ = to_caller.send(batch);
+            match stop? {
+                Some(stop) => {
+                    if !batch.recs.is_empty() {
+                        let _ = to_caller.send(batch);
+                    }
+                    Ok(Some(cur.end(stop)))
+                }
+                None => Ok(None),
             }
-            Ok((stop?, cur))
         });
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<Option<ScanEnd>>>| match h.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         let mut failed = None;
+        let mut alone = false;
         let mut taken = 0usize;
         loop {
-            let polled =
-                if pause.load(Ordering::Relaxed) { Polled::from(full.recv().ok()) } else { recv_polling(&full) };
-            let mut batch = match polled {
+            let mut batch = match recv_polling(&full) {
                 Polled::Got(batch) => batch,
                 Polled::Gone => break,
                 Polled::Late => {
-                    // Go on alone: the scanner stops at its next record
-                    // and hands over what it has.
-                    pause.store(true, Ordering::Relaxed);
-                    continue;
+                    alone = true;
+                    break;
                 }
             };
-            taken += 1;
-            if taken >= give_up {
-                pause.store(true, Ordering::Relaxed);
-            }
             let mut from = 0;
             for (lsn, info, to, tx) in &batch.recs {
                 if let Err(e) = on_record(*lsn, info, &batch.ranges[from..*to], tx) {
@@ -459,35 +473,53 @@ fn split_scan(
             if failed.is_some() {
                 break;
             }
+            resume = batch.end;
             batch.recs.clear();
             batch.ranges.clear();
             let _ = to_scanner.send(batch);
+            taken += 1;
+            if taken >= give_up {
+                alone = true;
+                break;
+            }
         }
-        // A scanner waiting to hand over a batch returns now.
+        if alone {
+            // The scanner stops at its next record (or hand-over); what it
+            // made and this thread did not take is scanned again below.
+            pause.store(true, Ordering::Relaxed);
+        }
         drop(full);
-        let scanned = match scanner.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        match failed {
-            Some(e) => Err(e),
-            None => scanned,
+        if let Some(e) = failed {
+            let _ = join(scanner);
+            return Err(e);
         }
-    })?;
-    let stop = match stop {
-        Some(stop) => stop,
-        // Paused: the rest on this thread.
-        None => record_loop(
+        let scanner = if alone {
+            Some(scanner)
+        } else {
+            match join(scanner)? {
+                Some(end) => return Ok(end),
+                // Paused though not asked to: go on alone all the same.
+                None => None,
+            }
+        };
+        // Alone, from the end of the last batch taken, without waiting for
+        // the scanner (it may not get a core soon).
+        let (pos, tx, transactions) = resume;
+        let mut cur = Cursor { pos, tx, transactions, ranges: Vec::new() };
+        let stop = record_loop(
             &mut Mapped { area, limit, wrapped: Vec::new() },
             &mut cur,
             |_| false,
             epoch,
             area_len,
             |lsn, _, info, ranges, tx| on_record(lsn, info, ranges, tx),
-        )?
-        .unwrap_or(ScanStop::Limit),
-    };
-    Ok(cur.end(stop))
+        )?;
+        if let Some(scanner) = scanner {
+            // Its result is superseded; a panic is not.
+            let _ = join(scanner);
+        }
+        Ok(cur.end(stop.unwrap_or(ScanStop::Limit)))
+    })
 }
 
 /// How long a thread of a two-thread scan polls for the other before it
@@ -527,12 +559,6 @@ enum Polled<T> {
     Gone,
     /// Nothing within [`POLL`].
     Late,
-}
-
-impl<T> From<Option<T>> for Polled<T> {
-    fn from(m: Option<T>) -> Self {
-        m.map_or(Polled::Gone, Polled::Got)
-    }
 }
 
 /// The next message, polling for up to [`POLL`].
