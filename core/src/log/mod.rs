@@ -393,6 +393,7 @@ fn split_scan(
     let limit = limit.min(start.saturating_add(area_len));
     let mut cur = Cursor::new(start);
     let pause_at = start.saturating_add(split_after);
+    let began = std::time::Instant::now();
     let first = record_loop(
         &mut Mapped { area, limit, wrapped: Vec::new() },
         &mut cur,
@@ -404,6 +405,12 @@ fn split_scan(
     if let Some(stop) = first {
         return Ok(cur.end(stop));
     }
+    // The rate of one thread, from the first part: two threads that do
+    // not beat it are sharing one core (a busy machine), and the calling
+    // thread goes on alone.
+    let split_at = cur.pos;
+    let one_thread = (split_at - start) as f64 / began.elapsed().as_secs_f64().max(1e-9);
+    let split_began = std::time::Instant::now();
     let pause = AtomicBool::new(false);
     let mut resume = (cur.pos, cur.tx, cur.transactions);
     std::thread::scope(|scope| -> Result<ScanEnd> {
@@ -478,7 +485,8 @@ fn split_scan(
             batch.ranges.clear();
             let _ = to_scanner.send(batch);
             taken += 1;
-            if taken >= give_up {
+            let two_threads = (resume.0 - split_at) as f64 / split_began.elapsed().as_secs_f64().max(1e-9);
+            if taken >= give_up || (taken >= 2 && two_threads < one_thread * 0.9) {
                 alone = true;
                 break;
             }
@@ -522,13 +530,11 @@ fn split_scan(
     })
 }
 
-/// How long a thread of a two-thread scan polls for the other before it
-/// sleeps (the scanning thread) or goes on alone (the calling thread): a
-/// batch takes well under this to make or use, and waking a sleeping
-/// thread can take as long as making one (notably on virtual machines),
-/// so with sleeps the threads would take turns. Polls after the first few
-/// yield the processor: on a busy machine the other thread may be
-/// waiting for this very core.
+/// How long the scanning thread of a two-thread scan polls for room
+/// before it sleeps: waking a sleeping thread can take as long as making a
+/// batch (notably on virtual machines), so with sleeps alone the threads
+/// would take turns. Polls after the first few yield the processor: on a
+/// busy machine the other thread may be waiting for this very core.
 const POLL: std::time::Duration = std::time::Duration::from_millis(1);
 /// Polls made without yielding first.
 const SPINS: usize = 128;
@@ -557,19 +563,32 @@ enum Polled<T> {
     Got(T),
     /// The sender is gone.
     Gone,
-    /// Nothing within [`POLL`].
+    /// Nothing within [`LATE`].
     Late,
 }
 
-/// The next message, polling for up to [`POLL`].
+/// How long the calling thread of a two-thread scan waits for a batch
+/// before it goes on alone: several batches' worth of work for a thread
+/// that has a core (making one takes tens of microseconds).
+const LATE: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// The next message, spinning for up to [`LATE`] (never yielding: a
+/// yield on a busy machine gives the core away for a whole time slice).
 fn recv_polling<T>(rx: &std::sync::mpsc::Receiver<T>) -> Polled<T> {
     use std::sync::mpsc::TryRecvError;
-    let polled = poll(|| match rx.try_recv() {
-        Ok(m) => Some(Polled::Got(m)),
-        Err(TryRecvError::Disconnected) => Some(Polled::Gone),
-        Err(TryRecvError::Empty) => None,
-    });
-    polled.unwrap_or(Polled::Late)
+    let since = std::time::Instant::now();
+    loop {
+        for _ in 0..SPINS {
+            match rx.try_recv() {
+                Ok(m) => return Polled::Got(m),
+                Err(TryRecvError::Disconnected) => return Polled::Gone,
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+        if since.elapsed() > LATE {
+            return Polled::Late;
+        }
+    }
 }
 
 /// Sends `m`, polling for room before sleeping; `Err` once the receiver
