@@ -76,6 +76,18 @@ fn make_files(dir: &Path, pages: usize, txs: &[Tx]) -> Vec<u8> {
     model
 }
 
+/// The tests on real files run one at a time: a child process that
+/// `kill9_during_the_background_apply` spawns holds copies of the
+/// descriptors (and, if forked, mappings) the other tests have open at
+/// that moment until it execs,
+/// and with them their logs' `flock`s, so an open in that window fails
+/// with `LogError::Locked` (seen about once in ten runs of this binary).
+static REAL_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn real_files() -> std::sync::MutexGuard<'static, ()> {
+    REAL_FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["log", "seg"] {
@@ -97,6 +109,7 @@ proptest! {
         txs in prop::collection::vec(tx_strategy(16 * 4096), 1..60),
         backwards in any::<bool>(),
     ) {
+        let _serial = real_files();
         let tmp = tempfile::tempdir().unwrap();
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         std::fs::create_dir_all(&a).unwrap();
@@ -180,6 +193,7 @@ fn page_log_with(dir: &Path, pages: usize, rounds: usize, crash: Option<&Path>) 
 #[test]
 fn concurrent_readers_never_see_a_partial_page() {
     let pages = 256;
+    let _serial = real_files();
     let tmp = tempfile::tempdir().unwrap();
     let last = Arc::new(page_log(tmp.path(), pages, 6));
     for round in 0..4 {
@@ -364,6 +378,7 @@ fn kill9_during_the_background_apply() {
     if let Some(dir) = std::env::var_os(CHILD_ENV) {
         child(Path::new(&dir));
     }
+    let _serial = real_files();
     let tmp = tempfile::tempdir().unwrap();
     let pages = 2048;
     let last = page_log(tmp.path(), pages, 3);

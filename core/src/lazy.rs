@@ -150,9 +150,10 @@ pub(crate) struct Builder {
     pieces: Vec<Piece>,
     /// The ranges' bytes, copied (when the log cannot be mapped).
     data: Vec<u8>,
-    /// The log's record area mapped read-only: pieces then name their
-    /// bytes by log position, and nothing is copied.
-    log: Option<(crate::mem::Mapping, u64)>,
+    /// Whether the log's record area is mapped (recovery's scan reads it
+    /// through the same mapping, handed over at [`Builder::finish`]):
+    /// pieces then name their bytes by log position, and nothing is copied.
+    mapped: bool,
     /// Pieces (and bytes of `data`) of complete transactions: the pieces
     /// of an unfinished tail come after them in every chain, and are cut
     /// off at [`Builder::finish`].
@@ -164,28 +165,20 @@ pub(crate) struct Builder {
 
 impl Builder {
     /// An empty index for pages of `page` bytes, for about `log_bytes` of
-    /// log (a capacity hint).
-    /// `log`: the ring's device, record area offset and length; mapped if
-    /// it has a descriptor.
-    pub fn new(page: usize, log_bytes: u64, log: (&dyn Storage, u64, u64)) -> Builder {
+    /// log (a capacity hint). `mapped`: the log's record area will be
+    /// handed to [`Builder::finish`] mapped, so ranges' bytes need no copy.
+    pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
         let hint = log_bytes.min(1 << 30) as usize;
-        let (dev, area_offset, area_len) = log;
-        let mapped = dev.raw_fd().zip(usize::try_from(area_len).ok()).and_then(|(fd, len)| {
-            (area_offset % page as u64 == 0)
-                .then(|| crate::mem::Mapping::file_shared_readonly(fd, area_offset, len).ok())
-                .flatten()
-                .map(|m| (m, area_len))
-        });
         Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
             pieces: Vec::with_capacity(hint / 16),
-            data: if mapped.is_some() { Vec::new() } else { Vec::with_capacity(hint) },
-            log: mapped,
+            data: if mapped { Vec::new() } else { Vec::with_capacity(hint) },
+            mapped,
             committed: (0, 0),
             // Pieces hold page offsets in 16 bits.
-            overflow: page > 1 << 16,
+            overflow: page > 1 << 16 || !page.is_power_of_two(),
         }
     }
 
@@ -196,13 +189,29 @@ impl Builder {
         if self.overflow {
             return;
         }
-        let data = if self.log.is_some() {
+        let data = if self.mapped {
             lsn
         } else {
             let at = self.data.len() as u64;
             self.data.extend_from_slice(bytes);
             at
         };
+        self.add(segment, offset, bytes.len() as u64, data);
+    }
+
+    /// [`Builder::range`] of a builder made `mapped`, which needs only the
+    /// range's length and the log position of its first byte.
+    pub fn range_mapped(&mut self, segment: u32, offset: u64, len: u32, lsn: u64) {
+        debug_assert!(self.mapped);
+        if !self.overflow {
+            self.add(segment, offset, u64::from(len), lsn);
+        }
+    }
+
+    /// Links the pieces of `[offset, offset + len)` of `segment`, whose
+    /// bytes are at `data`, to their pages' chains.
+    #[inline]
+    fn add(&mut self, segment: u32, offset: u64, len: u64, data: u64) {
         let s = match self.segs.get(self.last_seg) {
             Some((id, _)) if *id == segment => self.last_seg,
             _ => match self.segs.iter().position(|s| s.0 == segment) {
@@ -214,11 +223,15 @@ impl Builder {
             },
         };
         self.last_seg = s;
+        // Pages are a power of two (checked in `new`): shifts, not
+        // divisions, on this path.
+        let (shift, mask) = (self.page.trailing_zeros(), self.page - 1);
+        let leaves = &mut self.segs[s].1;
         let mut off = offset;
-        let end = offset + bytes.len() as u64;
+        let end = offset + len;
         while off < end {
-            let page = off / self.page;
-            let at = off % self.page;
+            let page = off >> shift;
+            let at = off & mask;
             let n = (self.page - at).min(end - off);
             let i = self.pieces.len();
             if i >= NONE as usize {
@@ -226,7 +239,7 @@ impl Builder {
                 return;
             }
             self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
-            let e = self.segs[s].1.get_or_insert_with(page, Entry::empty);
+            let e = leaves.get_or_insert_with(page, Entry::empty);
             if e.head == NONE {
                 e.head = i as u32;
             } else {
@@ -242,14 +255,20 @@ impl Builder {
         self.committed = (self.pieces.len(), self.data.len());
     }
 
-    /// Freezes the index; `device(id)` gives each segment's device, path
-    /// and length. Also returns the devices, in the order of
-    /// [`Shared::segs`].
+    /// Freezes the index; `log` is the record area mapped and its length
+    /// (given if and only if the builder was made `mapped`), `device(id)`
+    /// gives each segment's device, path and length. Also returns the
+    /// devices, in the order of [`Shared::segs`].
     #[allow(clippy::type_complexity)]
     pub fn finish(
         mut self,
+        log: Option<(crate::mem::Mapping, u64)>,
         mut device: impl FnMut(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>,
     ) -> Option<(Shared, Vec<(PathBuf, Arc<dyn Storage>)>)> {
+        if self.mapped != log.is_some() {
+            // Pieces would name their bytes the wrong way.
+            return None;
+        }
         // Cut off an unfinished tail: its pieces are the last of their
         // chains.
         let (pieces, bytes) = self.committed;
@@ -281,7 +300,7 @@ impl Builder {
             segs,
             pieces: self.pieces,
             data: self.data,
-            log: self.log,
+            log,
             scratch: Scratch::new(self.page as usize),
             writable: AtomicBool::new(false),
             failed: AtomicBool::new(false),

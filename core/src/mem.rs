@@ -307,6 +307,53 @@ impl Mapping {
     }
 }
 
+/// A read-only shared mapping of part of a file, read as a byte slice
+/// (recovery's scan reads the log's record area this way, without copying
+/// it into a buffer).
+///
+/// It is made only after checking that the file holds the whole range, and
+/// is meant for files this process holds locked (the log): touching a page
+/// past the end of a file raises `SIGBUS`, so a cooperating writer must not
+/// shorten it meanwhile, and the bytes it shows are those of the page cache,
+/// which nothing writes while the view is read (the log is not written
+/// before recovery ends).
+#[derive(Debug)]
+pub struct FileView {
+    map: Mapping,
+}
+
+impl FileView {
+    /// Maps `len` (> 0) bytes of `fd` at `offset` (page-aligned) read-only,
+    /// if the file holds them all (else `None`, as for any mapping failure:
+    /// the caller reads the file instead).
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Option<FileView> {
+        // The end of the file (of a block device too, whose `st_size` is
+        // 0); nothing reads or writes the log at its file position.
+        let size = rustix::fs::seek(fd, rustix::fs::SeekFrom::End(0)).ok()?;
+        let end = offset.checked_add(len as u64)?;
+        if len == 0 || !offset.is_multiple_of(page_size() as u64) || size < end {
+            return None;
+        }
+        Mapping::file_shared_readonly(fd, offset, len).ok().map(|map| FileView { map })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is readable for `len` bytes from `addr` while
+        // `self` lives (it is unmapped only on drop), all of them inside
+        // the file (checked in `new`, and the file is locked against
+        // shortening); u8 has no invalid values, and nothing in this
+        // process writes the file's range while the view is read (see the
+        // type's documentation).
+        unsafe { std::slice::from_raw_parts(self.map.addr.as_ptr(), self.map.len()) }
+    }
+
+    /// The mapping itself (for readers that copy from it by address).
+    pub fn into_mapping(self) -> Mapping {
+        self.map
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we own this mapping; nothing refers to it after drop (the

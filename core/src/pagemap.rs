@@ -29,12 +29,13 @@ impl<T> PageMap<T> {
 
     /// The entry of `page`, making its leaf (every entry `empty()`) first
     /// if needed.
+    #[inline]
     pub fn get_or_insert_with(&mut self, page: u64, empty: impl Fn() -> T) -> &mut T {
         let top = (page / LEAF) as usize;
         if self.leaves.len() <= top {
             self.leaves.resize_with(top + 1, || None);
         }
-        let leaf = self.leaves[top].get_or_insert_with(|| (0..LEAF).map(|_| empty()).collect());
+        let leaf = self.leaves[top].get_or_insert_with(|| new_leaf(empty));
         &mut leaf[(page % LEAF) as usize]
     }
 
@@ -51,4 +52,11 @@ impl<T> PageMap<T> {
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
         self.leaves.iter_mut().flatten().flat_map(|l| l.iter_mut())
     }
+}
+
+/// A leaf of `empty()` entries, out of the lookup's way.
+#[cold]
+#[inline(never)]
+fn new_leaf<T>(empty: impl Fn() -> T) -> Box<[T]> {
+    (0..LEAF).map(|_| empty()).collect()
 }

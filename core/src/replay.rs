@@ -658,7 +658,12 @@ where
             pipe: None,
             log_bytes: 0,
         });
-        let scanned = log::scan_records(ring, start, limit, epoch, |lsn, rec, info, ranges, tx| {
+        // The record area mapped where the log has a descriptor: the scan
+        // then reads records in place instead of copying the log into a
+        // buffer first.
+        let view = ring.view();
+        let area = view.as_ref().map(crate::mem::FileView::bytes);
+        let scanned = log::scan_records_in(ring, area, start, limit, epoch, |lsn, rec, info, ranges, tx| {
             on_record(lsn, info, ranges, tx);
             let me = &mut *state.borrow_mut();
             if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {

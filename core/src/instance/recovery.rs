@@ -276,17 +276,26 @@ fn recover_instant(
     let progress = opts.recovery_progress.as_ref();
     let estimate = status.synced_end.saturating_sub(status.head);
     let mut reported = 0u64;
-    let mut index = crate::lazy::Builder::new(
-        crate::mem::page_size(),
-        estimate,
-        (ring.dev.as_ref(), ring.area_offset, ring.area_len),
-    );
+    // One read-only mapping of the record area serves the scan (no copy
+    // into a buffer) and then the index (pieces name their bytes by log
+    // position); without a descriptor the scan reads with `pread` and the
+    // index copies the ranges' bytes.
+    let view = ring.view();
+    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate, view.is_some());
     let mut log_bytes = 0u64;
-    let verified = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+    // What every verified record adds, in log order: the index's pieces
+    // (`rec`, the record's bytes, only when the log is not mapped), the
+    // touched segments, the progress.
+    let mut on_record = |lsn: u64, rec: Option<&[u8]>, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar| {
         touched.record(info, ranges);
         for r in ranges {
-            let data_at = u64::from(r.data_at);
-            index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], lsn + data_at);
+            let data_lsn = lsn + u64::from(r.data_at);
+            match rec {
+                Some(rec) => {
+                    index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], data_lsn)
+                }
+                None => index.range_mapped(r.segment, r.offset, r.len, data_lsn),
+            }
         }
         if info.commit.is_some() {
             index.commit();
@@ -298,7 +307,22 @@ fn recover_instant(
             p.report(RecoveryPhase::Verify, done, estimate);
         }
         Ok(())
-    })?;
+    };
+    // A mapped log is scanned on two threads (verifying on one, indexing
+    // on the other); the result is the same as on one.
+    let verified = match &view {
+        Some(view) => log::scan_records_split(
+            ring,
+            view.bytes(),
+            status.head,
+            u64::MAX,
+            status.epoch,
+            |lsn, info, ranges, tx| on_record(lsn, None, info, ranges, tx),
+        )?,
+        None => log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+            on_record(lsn, Some(rec), info, ranges, tx)
+        })?,
+    };
     let dictionary = status.segments.clone();
     let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
@@ -312,7 +336,7 @@ fn recover_instant(
         p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
     }
     let (shared, devices) = index
-        .finish(|id| {
+        .finish(view.map(|v| (v.into_mapping(), ring.area_len)), |id| {
             let (dev, path) = devices.get(&id)?.clone();
             let len = dev.len().ok()?;
             // The name `open_segment` will look it up by.
