@@ -2,6 +2,7 @@
 //! the interface each system implements.
 
 use anyhow::Result;
+use parking_lot::{Mutex, MutexGuard};
 use std::path::Path;
 
 /// Accounts in the bank.
@@ -189,4 +190,37 @@ fn pmem(dir: &Path, create: bool) -> Result<Box<dyn Bank>> {
 #[cfg(not(pmemobj))]
 fn pmem(_dir: &Path, _create: bool) -> Result<Box<dyn Bank>> {
     anyhow::bail!("built without libpmemobj (apt-get install libpmemobj-dev)")
+}
+
+/// Lock stripes over the accounts, for the banks that leave isolation to
+/// the application (this library's region, libpmemobj): a transfer holds
+/// the stripes of its accounts, taken in stripe order, until its commit
+/// returns.
+pub struct Stripes(Vec<Mutex<()>>);
+
+impl Stripes {
+    const N: usize = 4096;
+
+    pub fn new() -> Stripes {
+        Stripes((0..Self::N).map(|_| Mutex::new(())).collect())
+    }
+
+    /// The stripes of every account in `batch`.
+    pub fn batch(&self, batch: &[Transfer]) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> =
+            batch.iter().flat_map(|t| [t.from as usize % Self::N, t.to as usize % Self::N]).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.into_iter().map(|s| self.0[s].lock()).collect()
+    }
+
+    /// The stripe of one account.
+    pub fn one(&self, account: u32) -> MutexGuard<'_, ()> {
+        self.0[account as usize % Self::N].lock()
+    }
+
+    /// Every stripe (no transfer in flight while they are held).
+    pub fn all(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.0.iter().map(|s| s.lock()).collect()
+    }
 }

@@ -17,9 +17,8 @@
 //! Recovery (`pmemobj_open`) rolls back at most one unfinished transaction
 //! per lane: it does not depend on how much was committed before.
 
-use crate::bank::{Bank, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD_LEN};
+use crate::bank::{Bank, Stripes, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD_LEN};
 use anyhow::{anyhow, bail, Result};
-use parking_lot::{Mutex, MutexGuard};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -66,7 +65,6 @@ const RINGS_AT: usize = (ACCOUNTS_AT + ACCOUNTS as usize * 8).next_multiple_of(4
 const ROOT_LEN: usize = RINGS_AT + MAX_THREADS * RING_RECORDS * RECORD_LEN;
 /// The pool: the root object and room for the lanes' undo logs.
 const POOL_LEN: usize = ROOT_LEN + (64 << 20);
-const STRIPES: usize = 4096;
 
 fn last_error(what: &str) -> anyhow::Error {
     // SAFETY: pmemobj_errormsg returns a thread-local NUL-terminated string.
@@ -77,7 +75,7 @@ fn last_error(what: &str) -> anyhow::Error {
 pub struct PmemBank {
     pop: *mut PmemObjPool,
     root: *mut u8,
-    stripes: Vec<Mutex<()>>,
+    stripes: Stripes,
     /// Opened with `PMEM_IS_PMEM_FORCE=1`: a durable commit also syncs the
     /// pool file.
     forced: Option<std::fs::File>,
@@ -117,7 +115,7 @@ impl PmemBank {
             true => Some(std::fs::File::open(&path)?),
             false => None,
         };
-        let bank = PmemBank { pop, root, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), forced };
+        let bank = PmemBank { pop, root, stripes: Stripes::new(), forced };
         if create {
             bank.in_tx(|| {
                 let accounts = bank.account_ptr(0);
@@ -146,14 +144,6 @@ impl PmemBank {
     fn slot_ptr(&self, thread: usize, n: u64) -> *mut u8 {
         // SAFETY: inside the thread's ring of the root object.
         unsafe { self.root.add(RINGS_AT + (thread * RING_RECORDS + (n as usize % RING_RECORDS)) * RECORD_LEN) }
-    }
-
-    fn lock(&self, batch: &[Transfer]) -> Vec<MutexGuard<'_, ()>> {
-        let mut stripes: Vec<usize> =
-            batch.iter().flat_map(|t| [t.from as usize % STRIPES, t.to as usize % STRIPES]).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        stripes.into_iter().map(|s| self.stripes[s].lock()).collect()
     }
 
     /// Runs `body` in one libpmemobj transaction: committed if it returns
@@ -205,7 +195,7 @@ impl Bank for PmemBank {
         if thread >= MAX_THREADS {
             return Err(anyhow!("thread {thread} has no history ring"));
         }
-        let _locks = self.lock(batch);
+        let _locks = self.stripes.batch(batch);
         self.in_tx(|| {
             let count = self.count_ptr(thread);
             add_range(count.cast(), 8)?;
@@ -238,19 +228,19 @@ impl Bank for PmemBank {
     }
 
     fn balance(&self, account: u32) -> Result<u64> {
-        let _lock = self.stripes[account as usize % STRIPES].lock();
+        let _lock = self.stripes.one(account);
         // SAFETY: in the root object; the stripe lock keeps writers off.
         Ok(unsafe { self.account_ptr(account).read() })
     }
 
     fn sum(&self) -> Result<u64> {
-        let _all: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
+        let _all = self.stripes.all();
         // SAFETY: the balances lie in the root object; every stripe is held.
         Ok((0..ACCOUNTS).map(|a| unsafe { self.account_ptr(a).read() }).fold(0u64, u64::wrapping_add))
     }
 
     fn history_len(&self) -> Result<u64> {
-        let _all: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
+        let _all = self.stripes.all();
         // SAFETY: in the root object; no transfer is in flight.
         Ok((0..MAX_THREADS).map(|t| unsafe { self.count_ptr(t).read() }).sum())
     }

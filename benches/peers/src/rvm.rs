@@ -22,9 +22,9 @@
 //! log write; concurrent flushers share one, group commit); non-durable =
 //! `CommitMode::NoFlush`.
 
-use crate::bank::{Bank, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD_LEN};
+use crate::bank::{Bank, Stripes, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD_LEN};
 use anyhow::{anyhow, Context, Result};
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use rvm_collections::{Config, PHeap, PVec};
 use rvm_core::{CommitMode, MapSpec, Options, ProgressHook, RecoveryPhase, Region, RestoreMode, Rvm};
 use std::path::Path;
@@ -38,8 +38,6 @@ const RING_RECORDS: usize = 1 << 18;
 const ACCOUNTS_AT: usize = 4096;
 const RINGS_AT: usize = (ACCOUNTS_AT + ACCOUNTS as usize * 8).next_multiple_of(4096);
 const REGION_LEN: usize = RINGS_AT + MAX_THREADS * RING_RECORDS * RECORD_LEN;
-/// Lock stripes over the accounts.
-const STRIPES: usize = 4096;
 
 fn commit_mode(durable: bool) -> CommitMode {
     if durable {
@@ -54,7 +52,7 @@ pub struct FlatBank {
     // Dropped before the instance.
     region: Region,
     rvm: Rvm,
-    stripes: Vec<Mutex<()>>,
+    stripes: Stripes,
     /// What recovery did at open (see `Bank::recovery_note`).
     note: Option<String>,
 }
@@ -65,7 +63,7 @@ impl FlatBank {
         let rvm = Rvm::open(dir.join("rvm.log"), Options::default())?;
         let segment = rvm.create_segment(dir.join("bank.seg"), REGION_LEN as u64)?;
         let region = rvm.map(&segment, MapSpec::new(0, REGION_LEN))?;
-        let bank = FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), note: None };
+        let bank = FlatBank { region, rvm, stripes: Stripes::new(), note: None };
         let mut tx = bank.rvm.begin(RestoreMode::NoRestore)?;
         let accounts = bank.region.addr() + ACCOUNTS_AT;
         // SAFETY: the balances lie in the region; nothing else uses the
@@ -116,7 +114,7 @@ impl FlatBank {
             }
         }
         note += &format!(", Rvm::open returned at {}, region mapped at {}", ms(opened), ms(mapped));
-        Ok(FlatBank { region, rvm, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), note: Some(note) })
+        Ok(FlatBank { region, rvm, stripes: Stripes::new(), note: Some(note) })
     }
 
     fn account_addr(&self, account: u32) -> usize {
@@ -130,15 +128,6 @@ impl FlatBank {
     fn slot_addr(&self, thread: usize, n: u64) -> usize {
         self.region.addr() + RINGS_AT + (thread * RING_RECORDS + (n as usize % RING_RECORDS)) * RECORD_LEN
     }
-
-    /// Locks the stripes of every account in `batch` (in stripe order).
-    fn lock(&self, batch: &[Transfer]) -> Vec<MutexGuard<'_, ()>> {
-        let mut stripes: Vec<usize> =
-            batch.iter().flat_map(|t| [t.from as usize % STRIPES, t.to as usize % STRIPES]).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        stripes.into_iter().map(|s| self.stripes[s].lock()).collect()
-    }
 }
 
 impl Bank for FlatBank {
@@ -146,7 +135,7 @@ impl Bank for FlatBank {
         if thread >= MAX_THREADS {
             return Err(anyhow!("thread {thread} has no history ring"));
         }
-        let _locks = self.lock(batch);
+        let _locks = self.stripes.batch(batch);
         let mut tx = self.rvm.begin(RestoreMode::NoRestore)?;
         // SAFETY: every address lies in the mapped region; the stripe
         // locks held until after the commit keep other threads off these
@@ -172,20 +161,20 @@ impl Bank for FlatBank {
     }
 
     fn balance(&self, account: u32) -> Result<u64> {
-        let _lock = self.stripes[account as usize % STRIPES].lock();
+        let _lock = self.stripes.one(account);
         // SAFETY: in the region; the stripe lock keeps writers off.
         Ok(unsafe { (self.account_addr(account) as *const u64).read() })
     }
 
     fn sum(&self) -> Result<u64> {
-        let _all: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
+        let _all = self.stripes.all();
         let accounts = (self.region.addr() + ACCOUNTS_AT) as *const u64;
         // SAFETY: the balances lie in the region; every stripe is held.
         Ok((0..ACCOUNTS as usize).map(|a| unsafe { accounts.add(a).read() }).fold(0u64, u64::wrapping_add))
     }
 
     fn history_len(&self) -> Result<u64> {
-        let _all: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
+        let _all = self.stripes.all();
         // SAFETY: the counts lie in the region; with every stripe held no
         // transfer is in flight.
         Ok((0..MAX_THREADS).map(|t| unsafe { (self.count_addr(t) as *const u64).read() }).sum())
