@@ -14,6 +14,12 @@
 //!   leaves files that recover to the same state.
 
 use proptest::prelude::*;
+
+/// Cases per property: `default` unless `PROPTEST_CASES` asks for more or
+/// fewer (README, deeper runs).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
 use rvm::testing::{CrashMode, SimDisk};
 use rvm::*;
 use std::path::{Path, PathBuf};
@@ -100,7 +106,7 @@ fn tx_strategy(len: usize) -> impl Strategy<Value = Tx> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(12), ..ProptestConfig::default() })]
     /// Every page read right after an instant open (each brought in by the
     /// fault hook) equals the committed state and a fully recovered copy;
     /// after the background apply the segment file holds it too.
@@ -270,7 +276,7 @@ fn sim_state(vfs: &Arc<dyn Vfs>, opts: Options) -> (Rvm, Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
     /// An I/O failure at a random storage operation of an instant open or
     /// of its background apply, then a crash (keeping a random subset of
     /// the unsynced writes, the last one torn), then a reopen: the same

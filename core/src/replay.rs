@@ -761,6 +761,11 @@ mod tests {
     use crate::testing::SimDisk;
     use crate::{create_log_with, CommitMode, MapSpec, Options, RestoreMode, Rvm};
     use proptest::prelude::*;
+
+    /// Cases per property: `default` unless `PROPTEST_CASES` says otherwise.
+    fn cases(default: u32) -> u32 {
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    }
     use std::path::Path;
 
     /// One transaction: ranges (offset, length, fill byte) of a 16-page
@@ -915,7 +920,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: cases(24), ..ProptestConfig::default() })]
         /// Random logs (small and page-spanning ranges, hot and spread,
         /// coalescing on and off): every replay equals the reference apply.
         #[test]
@@ -979,7 +984,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: cases(24), ..ProptestConfig::default() })]
         /// Random logs over three segments (small, page-crossing and
         /// overlapping ranges, coalescing on and off), the log torn or
         /// damaged at a random place or not at all: the replay — sorted by
