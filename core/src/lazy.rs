@@ -262,7 +262,7 @@ impl Builder {
     #[allow(clippy::type_complexity)]
     pub fn finish(
         mut self,
-        log: Option<(crate::mem::Mapping, u64)>,
+        log: Option<(crate::mem::FileView, u64)>,
         mut device: impl FnMut(u32) -> Option<(Arc<dyn Storage>, PathBuf, u64)>,
     ) -> Option<(Shared, Vec<(PathBuf, Arc<dyn Storage>)>)> {
         if self.mapped != log.is_some() {
@@ -386,7 +386,7 @@ pub(crate) struct Shared {
     pieces: Vec<Piece>,
     data: Vec<u8>,
     /// The record area mapped, and its length (see [`Builder`]).
-    log: Option<(crate::mem::Mapping, u64)>,
+    log: Option<(crate::mem::FileView, u64)>,
     scratch: Scratch,
     /// Segment writes are allowed (the status recording the synced end is
     /// durable: §3.4 step 4).
@@ -438,18 +438,13 @@ impl Shared {
             let dst = &mut buf[at..at + len];
             match &self.log {
                 None => dst.copy_from_slice(&self.data[p.data as usize..p.data as usize + len]),
-                Some((map, area_len)) => {
+                Some((view, area_len)) => {
                     // A range may wrap around the end of the ring.
+                    let area = view.bytes();
                     let from = (p.data % area_len) as usize;
                     let first = len.min(*area_len as usize - from);
-                    // SAFETY: both parts lie inside the mapping of the
-                    // record area; nothing writes the log before instant
-                    // recovery ends (no log write precedes its status), and
-                    // the log is locked, so no one truncates it.
-                    unsafe {
-                        crate::mem::copy_from(map.addr() + from, &mut dst[..first]);
-                        crate::mem::copy_from(map.addr(), &mut dst[first..]);
-                    }
+                    dst[..first].copy_from_slice(&area[from..from + first]);
+                    dst[first..].copy_from_slice(&area[..len - first]);
                 }
             }
             i = p.next;

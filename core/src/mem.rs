@@ -163,29 +163,6 @@ impl Mapping {
         finish(placement, got, len)
     }
 
-    /// A read-only shared mapping of `len` bytes of `fd` at `offset`
-    /// (`offset` page-aligned), anywhere: the file's page cache, read
-    /// through memory (instant recovery reads logged bytes this way).
-    pub fn file_shared_readonly(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Mapping, MapError> {
-        check_placement(Placement::Anywhere, len)?;
-        // SAFETY: a new mapping at an address the kernel picks replaces
-        // nothing; it is read-only, so nothing is written through it. The
-        // caller keeps the file at least `offset + len` long (it holds its
-        // lock) so reads cannot raise SIGBUS.
-        let got = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED | MapFlags::NORESERVE,
-                fd,
-                offset,
-            )
-        }
-        .map_err(|e| map_err(Placement::Anywhere, len, e))?;
-        finish(Placement::Anywhere, got, len)
-    }
-
     /// Reserves `span` bytes of address space (`PROT_NONE`,
     /// `MAP_NORESERVE`: no access, no memory or swap accounted) at
     /// `placement`, never over an existing mapping, and gives a mapping of
@@ -319,7 +296,7 @@ impl Mapping {
 /// before recovery ends).
 #[derive(Debug)]
 pub struct FileView {
-    map: Mapping,
+    map: memmap2::Mmap,
 }
 
 impl FileView {
@@ -334,23 +311,18 @@ impl FileView {
         if len == 0 || !offset.is_multiple_of(page_size() as u64) || size < end {
             return None;
         }
-        Mapping::file_shared_readonly(fd, offset, len).ok().map(|map| FileView { map })
+        // SAFETY: the file holds the whole range (checked above) and is one
+        // this process holds locked (the log), so no cooperating writer
+        // shortens it while the view lives (no SIGBUS), and nothing writes
+        // the range meanwhile (the log is not written before recovery
+        // ends): the bytes behind the slice do not change under it.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(&fd) }.ok()?;
+        Some(FileView { map })
     }
 
     /// The mapped bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is readable for `len` bytes from `addr` while
-        // `self` lives (it is unmapped only on drop), all of them inside
-        // the file (checked in `new`, and the file is locked against
-        // shortening); u8 has no invalid values, and nothing in this
-        // process writes the file's range while the view is read (see the
-        // type's documentation).
-        unsafe { std::slice::from_raw_parts(self.map.addr.as_ptr(), self.map.len()) }
-    }
-
-    /// The mapping itself (for readers that copy from it by address).
-    pub fn into_mapping(self) -> Mapping {
-        self.map
+        &self.map
     }
 }
 

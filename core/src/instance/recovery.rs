@@ -336,7 +336,7 @@ fn recover_instant(
         p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
     }
     let (shared, devices) = index
-        .finish(view.map(|v| (v.into_mapping(), ring.area_len)), |id| {
+        .finish(view.map(|v| (v, ring.area_len)), |id| {
             let (dev, path) = devices.get(&id)?.clone();
             let len = dev.len().ok()?;
             // The name `open_segment` will look it up by.
