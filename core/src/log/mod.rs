@@ -419,40 +419,45 @@ fn split_scan(
         let (to_scanner, spare) = std::sync::mpsc::channel::<Batch>();
         let pause = &pause;
         // Where it stopped (`None`: paused).
-        let scanner = scope.spawn(move || -> Result<Option<ScanEnd>> {
-            let mut batch = Batch::default();
-            let mut src = Mapped { area, limit, wrapped: Vec::new() };
-            let mut transactions = cur.transactions;
-            let paused = |_| pause.load(Ordering::Relaxed);
-            let stop = record_loop(&mut src, &mut cur, paused, epoch, area_len, |lsn, _, info, ranges, tx| {
-                batch.ranges.extend_from_slice(ranges);
-                batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
-                let next = lsn + info.len as u64;
-                batch.end = if info.commit.is_some() {
-                    transactions += 1;
-                    (next, TxSoFar { start: next, ..TxSoFar::default() }, transactions)
-                } else {
-                    (next, *tx, transactions)
-                };
-                if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
-                    let next = spare.try_recv().unwrap_or_default();
-                    // Refused only once the caller has stopped reading.
-                    send_polling(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
-                        Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
-                    })?;
-                }
-                Ok(())
-            });
-            match stop? {
-                Some(stop) => {
-                    if !batch.recs.is_empty() {
-                        let _ = to_caller.send(batch);
+        // No thread to be had (a process or cgroup limit): this thread
+        // goes on alone (the channel's sender is gone with the closure).
+        let scanner = std::thread::Builder::new()
+            .name("rvm-scan".into())
+            .spawn_scoped(scope, move || -> Result<Option<ScanEnd>> {
+                let mut batch = Batch::default();
+                let mut src = Mapped { area, limit, wrapped: Vec::new() };
+                let mut transactions = cur.transactions;
+                let paused = |_| pause.load(Ordering::Relaxed);
+                let stop = record_loop(&mut src, &mut cur, paused, epoch, area_len, |lsn, _, info, ranges, tx| {
+                    batch.ranges.extend_from_slice(ranges);
+                    batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
+                    let next = lsn + info.len as u64;
+                    batch.end = if info.commit.is_some() {
+                        transactions += 1;
+                        (next, TxSoFar { start: next, ..TxSoFar::default() }, transactions)
+                    } else {
+                        (next, *tx, transactions)
+                    };
+                    if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
+                        let next = spare.try_recv().unwrap_or_default();
+                        // Refused only once the caller has stopped reading.
+                        send_polling(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
+                            Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
+                        })?;
                     }
-                    Ok(Some(cur.end(stop)))
+                    Ok(())
+                });
+                match stop? {
+                    Some(stop) => {
+                        if !batch.recs.is_empty() {
+                            let _ = to_caller.send(batch);
+                        }
+                        Ok(Some(cur.end(stop)))
+                    }
+                    None => Ok(None),
                 }
-                None => Ok(None),
-            }
-        });
+            })
+            .ok();
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<Option<ScanEnd>>>| match h.join() {
             Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
@@ -498,17 +503,19 @@ fn split_scan(
         }
         drop(full);
         if let Some(e) = failed {
-            let _ = join(scanner);
+            if let Some(scanner) = scanner {
+                let _ = join(scanner);
+            }
             return Err(e);
         }
-        let scanner = if alone {
-            Some(scanner)
-        } else {
-            match join(scanner)? {
+        let scanner = match scanner {
+            None => None,
+            Some(scanner) if alone => Some(scanner),
+            Some(scanner) => match join(scanner)? {
                 Some(end) => return Ok(end),
                 // Paused though not asked to: go on alone all the same.
                 None => None,
-            }
+            },
         };
         // Alone, from the end of the last batch taken, without waiting for
         // the scanner (it may not get a core soon).

@@ -336,13 +336,14 @@ mod tests {
         // As a child between fork and exec would: another open file
         // description holds the lock for 40 ms.
         let holder = FileStorage::open(&path, OpenMode::CreateNew).unwrap();
+        // Timed from before the holder's 40 ms start: at least 40 ms pass.
+        let t = std::time::Instant::now();
         let release = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(40));
             drop(holder);
         });
-        let t = std::time::Instant::now();
         let second = FileStorage::open(&path, OpenMode::Existing).unwrap();
-        assert!(t.elapsed() >= std::time::Duration::from_millis(30), "took the lock while it was held");
+        assert!(t.elapsed() >= std::time::Duration::from_millis(40), "took the lock while it was held");
         release.join().unwrap();
         // Held for good: refused once the patience is spent.
         let t = std::time::Instant::now();
