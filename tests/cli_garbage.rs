@@ -6,8 +6,12 @@
 //! `truncate`, `checkpoint`) must refuse with 3 and change no byte of
 //! either file (nothing is written before the user salvages).
 //!
-//! 10 damaged copies by default; `RVM_DEEP_TESTS=1` runs 150.
+//! Every third copy has one bit flipped in a synced record, which must be
+//! reported as damage. 10 damaged copies by default; `RVM_DEEP_TESTS=1`
+//! runs 150.
 
+use proptest::prelude::Rng as _;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 use rvm::heap::{HeapSpec, PersistentHeap};
 use rvm::{CommitMode, Options, RestoreMode, Rvm};
 use std::alloc::Layout;
@@ -41,18 +45,16 @@ fn pristine(dir: &Path) -> (PathBuf, PathBuf) {
     (log, heap)
 }
 
-struct Rng(u64);
+/// A seeded random source (the same damage in every run).
+struct Rng(TestRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+    fn new() -> Rng {
+        Rng(TestRng::deterministic_rng(RngAlgorithm::ChaCha))
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.next_u64() % n.max(1)
     }
 }
 
@@ -77,8 +79,14 @@ fn damaged_files_through_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let (log, heap) = pristine(dir.path());
     let (log_bytes, heap_bytes) = (std::fs::read(&log).unwrap(), std::fs::read(&heap).unwrap());
+    // Where the log's records lie in the file (a new log: they do not wrap).
+    let status = ndjson(&rvmutl(&["status", "--json", s(&log)]));
+    let area_offset = record(&status, "log")["superblock"]["area_offset"].as_u64().unwrap();
+    let scan = record(&status, "scan");
+    let (first, end) = (scan["start"].as_u64().unwrap(), scan["end"].as_u64().unwrap());
+    assert!(end > first, "the pristine log holds no records: {scan}");
     let rounds = if std::env::var_os("RVM_DEEP_TESTS").is_some() { 150 } else { 10 };
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng::new();
     let mut refused = 0;
     for round in 0..rounds {
         let work = dir.path().join(format!("round-{round}"));
@@ -86,10 +94,19 @@ fn damaged_files_through_every_command() {
         let (wlog, wheap) = (work.join("app.log"), work.join("app.heap"));
         std::fs::write(&wlog, &log_bytes).unwrap();
         std::fs::write(&wheap, &heap_bytes).unwrap();
-        damage(if rng.below(3) == 0 { &wheap } else { &wlog }, &mut rng);
+        if round % 3 == 0 {
+            // One bit of a synced record: damage the log must refuse.
+            let at = (area_offset + first + rng.below(end - first)) as usize;
+            let mut bytes = log_bytes.clone();
+            bytes[at] ^= 1 << rng.below(8);
+            std::fs::write(&wlog, bytes).unwrap();
+        } else {
+            damage(if rng.below(3) == 0 { &wheap } else { &wlog }, &mut rng);
+        }
         let status = rvmutl(&["status", "--json", s(&wlog)]);
         let damaged = status.status.code() == Some(3)
             || (status.status.code() == Some(0) && !record(&ndjson(&status), "scan")["damage"].is_null());
+        assert!(damaged || round % 3 != 0, "round {round}: a flipped bit in a synced record went unseen");
         let inspect: [&[&str]; 6] = [
             &["status", s(&wlog)],
             &["dump", s(&wlog)],
@@ -119,8 +136,8 @@ fn damaged_files_through_every_command() {
         }
         std::fs::remove_dir_all(&work).unwrap();
     }
-    // The damage hits the log's records or status in some rounds at least
-    // (else the refusal half above checked nothing).
+    // Every third round damages a synced record (else the refusal half
+    // above would check nothing).
     eprintln!("refusals checked: {refused} in {rounds} rounds");
     assert!(refused > 0, "no round damaged the log");
 }
