@@ -457,6 +457,32 @@ impl Shared {
         (s.len.saturating_sub(off)).min(self.page as u64) as usize
     }
 
+    /// Bytes of the run of `n` pages of `s` from `first` inside the segment.
+    fn run_len(&self, s: &SegIndex, first: u64, n: usize) -> usize {
+        (n - 1) * self.page + self.page_len(s, first + n as u64 - 1)
+    }
+
+    /// Applies the pieces of a run of neighbouring pages (`entries`, in
+    /// page order) to `buf`, the run as the segment holds it.
+    fn apply_run<'a>(&self, entries: impl Iterator<Item = &'a Entry>, buf: &mut [u8]) {
+        for (k, e) in entries.enumerate() {
+            let from = k * self.page;
+            let to = (from + self.page).min(buf.len());
+            self.apply_pieces(e, &mut buf[from..to]);
+        }
+    }
+
+    /// Reads the run at segment offset `off` into `buf` with `pread`
+    /// (async-signal-safe: the fault path) and applies its pages' pieces;
+    /// false if the read failed.
+    fn read_run<'a>(&self, fd: RawFd, off: u64, buf: &mut [u8], entries: impl Iterator<Item = &'a Entry>) -> bool {
+        if !pread_full(fd, buf, off) {
+            return false;
+        }
+        self.apply_run(entries, buf);
+        true
+    }
+
     /// Brings page `page` of segment `s` up to date for a fault at
     /// `addr` (the page's address) in the on-demand mapping `map` (its
     /// [`LazyRegion::id`]), async-signal-safely (the fault path).
@@ -509,17 +535,12 @@ impl Shared {
                         return Err(FAILED_MSG);
                     };
                     let off = page * self.page as u64;
-                    let len = self.page_len(seg, page);
-                    let fill = |buf: &mut [u8]| {
-                        let buf = &mut buf[..len];
-                        if !pread_full(fd, buf, off) {
-                            return false;
-                        }
-                        self.apply_pieces(e, buf);
-                        true
-                    };
                     if self.writable.load(Ordering::Acquire) {
-                        let ok = self.scratch.with(|buf| fill(buf) && pwrite_full(fd, &buf[..len], off));
+                        let len = self.page_len(seg, page);
+                        let ok = self.scratch.with(|buf| {
+                            self.read_run(fd, off, &mut buf[..len], std::iter::once(e))
+                                && pwrite_full(fd, &buf[..len], off)
+                        });
                         if !ok {
                             return self.fail(e);
                         }
@@ -551,18 +572,8 @@ impl Shared {
                     }
                     // The claimed pages, in order (each has an entry).
                     let claimed = (page..page + n).filter_map(|p| seg.entry(p));
-                    let ps = self.page;
-                    let bytes = (n as usize - 1) * ps + self.page_len(seg, page + n - 1);
-                    let fill = |buf: &mut [u8]| {
-                        if !pread_full(fd, &mut buf[..bytes], off) {
-                            return false;
-                        }
-                        for (k, e) in claimed.clone().enumerate() {
-                            let from = k * ps;
-                            self.apply_pieces(e, &mut buf[from..(from + ps).min(bytes)]);
-                        }
-                        true
-                    };
+                    let bytes = self.run_len(seg, page, n as usize);
+                    let fill = |buf: &mut [u8]| self.read_run(fd, off, &mut buf[..bytes], claimed.clone());
                     // SAFETY: `[addr, addr + n pages)` are pages of the
                     // region's private mapping (the caller checked the
                     // first, `end` bounds the rest), alive while its hook
@@ -570,7 +581,7 @@ impl Shared {
                     // this mapping, claimed by us), so nothing refers to
                     // their bytes. Their normal protection is read and
                     // write.
-                    let r = unsafe { fault::replace_page(addr, n as usize * ps, fill) };
+                    let r = unsafe { fault::replace_page(addr, n as usize * self.page, fill) };
                     let (installed, state) = match r {
                         fault::Replaced::Yes => (map, PENDING),
                         fault::Replaced::FillFailed => (0, FAILED),
@@ -650,15 +661,10 @@ impl Shared {
                     }
                 }
                 let off = first * ps;
-                let last = first + run.len() as u64 - 1;
-                let len = (run.len() - 1) * self.page + self.page_len(seg, last);
+                let len = self.run_len(seg, first, run.len());
                 buf.resize(len, 0);
                 let r = dev.read_at(&mut buf, off).and_then(|()| {
-                    for (k, e) in run.iter().enumerate() {
-                        let from = k * self.page;
-                        let to = (from + self.page).min(len);
-                        self.apply_pieces(e, &mut buf[from..to]);
-                    }
+                    self.apply_run(run.iter().copied(), &mut buf);
                     dev.write_at(&buf, off)
                 });
                 let state = if r.is_ok() { DONE } else { FAILED };
