@@ -110,8 +110,7 @@ impl Inner {
         let failed = st.phase == Phase::Failed;
         drop(st);
         if failed {
-            self.check_poison()?;
-            return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+            return self.recovery_failed();
         }
         Ok(())
     }
@@ -137,8 +136,7 @@ impl Inner {
         }
         drop(st);
         if shared.failed.load(Ordering::Acquire) {
-            self.check_poison()?;
-            return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+            return self.recovery_failed();
         }
         Ok(())
     }
@@ -146,10 +144,16 @@ impl Inner {
     /// An error if instant recovery failed.
     fn check_failed(&self, i: &Instant) -> Result<()> {
         if i.state.lock().phase == Phase::Failed {
-            self.check_poison()?;
-            return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+            return self.recovery_failed();
         }
         Ok(())
+    }
+
+    /// The error of a failed instant recovery: the instance's poison (its
+    /// cause), else a plain one.
+    fn recovery_failed<T>(&self) -> Result<T> {
+        self.check_poison()?;
+        Err(Error::Poisoned { cause: "instant recovery failed".into() })
     }
 
     /// Whether instant recovery's background apply is still running.
@@ -328,8 +332,7 @@ impl Inner {
             let st = i.state.lock();
             if st.phase == Phase::Failed {
                 drop(st);
-                self.check_poison()?;
-                return Err(Error::Poisoned { cause: "instant recovery failed".into() });
+                return self.recovery_failed();
             }
             let Some(shared) = st.shared.clone().filter(|_| st.phase == Phase::Running) else { return Ok(None) };
             let Some(s) = shared.seg_of(&seg.dev) else { return Ok(None) };
