@@ -18,7 +18,7 @@
 //! per lane: it does not depend on how much was committed before.
 
 use crate::bank::{Bank, Stripes, Transfer, ACCOUNTS, INITIAL_BALANCE, MAX_THREADS, RECORD_LEN};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -167,7 +167,7 @@ impl PmemBank {
             let end = pmemobj_tx_end();
             r?;
             if end != 0 {
-                bail!("libpmemobj transaction failed: {}", CStr::from_ptr(pmemobj_errormsg()).to_string_lossy());
+                return Err(last_error("libpmemobj transaction failed"));
             }
         }
         Ok(())
