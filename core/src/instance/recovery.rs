@@ -39,8 +39,7 @@ pub(super) fn recover(
     }
     let mut touched = Touched::default();
     let progress = opts.recovery_progress.as_ref();
-    let estimate = status.synced_end.saturating_sub(status.head);
-    let mut reported = 0u64;
+    let mut verifying = Verifying::new(opts, &status);
     // Segments are opened once, by whichever needs them first: the staging
     // applier (to read pages) or the checks below.
     let opened = parking_lot::Mutex::new(HashMap::<u32, (Arc<dyn Storage>, PathBuf)>::new());
@@ -59,11 +58,7 @@ pub(super) fn recover(
     let staged =
         replay::stage(ring, status.head, u64::MAX, status.epoch, &open_segment, &mut |lsn, info, ranges, _| {
             touched.record(info, ranges);
-            let done = lsn - status.head;
-            if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
-                reported = done;
-                p.report(RecoveryPhase::Verify, done, estimate);
-            }
+            verifying.at(lsn);
         })?;
     let verified = staged.end;
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
@@ -76,9 +71,7 @@ pub(super) fn recover(
         status.synced_end = verified.end;
         log::write_status(ring, &status)?;
     }
-    if let Some(p) = progress {
-        p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
-    }
+    verifying.end(verified.end);
     let total = verified.end - status.head;
     let on_replay = |done: u64| {
         if let Some(p) = progress {
@@ -139,6 +132,38 @@ pub(super) fn recover(
     };
     log::write_status(ring, &next)?;
     Ok((next, report, None))
+}
+
+/// The verifying scan's progress reports ([`Options::recovery_progress`]).
+struct Verifying<'a> {
+    progress: Option<&'a crate::options::ProgressHook>,
+    head: u64,
+    /// The log bytes the scan expects to read (from the status).
+    estimate: u64,
+    reported: u64,
+}
+
+impl<'a> Verifying<'a> {
+    fn new(opts: &'a Options, status: &Status) -> Verifying<'a> {
+        let estimate = status.synced_end.saturating_sub(status.head);
+        Verifying { progress: opts.recovery_progress.as_ref(), head: status.head, estimate, reported: 0 }
+    }
+
+    /// The scan is at `lsn`: a report every [`PROGRESS_STEP`] bytes.
+    fn at(&mut self, lsn: u64) {
+        let done = lsn - self.head;
+        if let Some(p) = self.progress.filter(|_| done >= self.reported + PROGRESS_STEP) {
+            self.reported = done;
+            p.report(RecoveryPhase::Verify, done, self.estimate);
+        }
+    }
+
+    /// The scan verified the log up to `end`.
+    fn end(&self, end: u64) {
+        if let Some(p) = self.progress {
+            p.report(RecoveryPhase::Verify, end - self.head, end - self.head);
+        }
+    }
 }
 
 /// Copies a damaged log to `<log>.damaged-<epoch>` (or `...-<epoch>.<n>`
@@ -273,15 +298,13 @@ fn recover_instant(
     opts: &Options,
 ) -> Result<(Status, RecoveryReport, Option<Deferred>)> {
     let mut touched = Touched::default();
-    let progress = opts.recovery_progress.as_ref();
-    let estimate = status.synced_end.saturating_sub(status.head);
-    let mut reported = 0u64;
+    let mut verifying = Verifying::new(opts, &status);
     // One read-only mapping of the record area serves the scan (no copy
     // into a buffer) and then the index (pieces name their bytes by log
     // position); without a descriptor the scan reads with `pread` and the
     // index copies the ranges' bytes.
     let view = ring.view();
-    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), estimate, view.is_some());
+    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), verifying.estimate, view.is_some());
     let mut log_bytes = 0u64;
     // What every verified record adds, in log order: the index's pieces
     // (`rec`, the record's bytes, only when the log is not mapped), the
@@ -301,11 +324,7 @@ fn recover_instant(
             index.commit();
             log_bytes += lsn + info.len as u64 - tx.start;
         }
-        let done = lsn - status.head;
-        if let Some(p) = progress.filter(|_| done >= reported + PROGRESS_STEP) {
-            reported = done;
-            p.report(RecoveryPhase::Verify, done, estimate);
-        }
+        verifying.at(lsn);
         Ok(())
     };
     // A mapped log is scanned on two threads (verifying on one, indexing
@@ -332,9 +351,7 @@ fn recover_instant(
         let opts = Options { instant_recovery: false, ..opts.clone() };
         return recover(vfs, ring, sb, status, &opts);
     }
-    if let Some(p) = progress {
-        p.report(RecoveryPhase::Verify, verified.end - status.head, verified.end - status.head);
-    }
+    verifying.end(verified.end);
     let (shared, devices) = index
         .finish(view.map(|v| (v, ring.area_len)), |id| {
             let (dev, path) = devices.get(&id)?.clone();
