@@ -75,7 +75,6 @@ struct Piece {
 #[derive(Debug)]
 struct Entry {
     head: u32,
-    tail: u32,
     state: AtomicU8,
     /// The on-demand mapping ([`LazyRegion::id`]) whose page was replaced
     /// by a private up-to-date copy before segment writes were allowed
@@ -87,7 +86,7 @@ struct Entry {
 
 impl Entry {
     fn empty() -> Entry {
-        Entry { head: NONE, tail: NONE, state: AtomicU8::new(PENDING), installed: AtomicU32::new(0) }
+        Entry { head: NONE, state: AtomicU8::new(PENDING), installed: AtomicU32::new(0) }
     }
 }
 
@@ -140,45 +139,100 @@ impl SegIndex {
 /// A segment's page table.
 type Leaves = PageMap<Entry>;
 
-/// Builds the index during recovery's scan.
+/// Pieces a builder takes from the index's arena at once.
+const RUN: usize = 4096;
+
+// SAFETY: a Piece is integers only: all-zero bytes are a valid Piece, and
+// it needs no drop.
+unsafe impl crate::mem::Zeroable for Piece {}
+
+/// The index's pieces: one arena, named by slot (builders of the parts of
+/// one index, on two threads, fill runs of it: [`Builder::part`]).
+type Arena = crate::mem::HugeArena<Piece>;
+
+/// A page's chain of pieces in a builder: its first and last piece.
+#[derive(Clone, Copy, Debug)]
+struct Chain {
+    head: u32,
+    tail: u32,
+}
+
+impl Chain {
+    const EMPTY: Chain = Chain { head: NONE, tail: NONE };
+}
+
+/// Builds the index during recovery's scan, for the whole log or for a
+/// part of it ([`Builder::part`], joined in log order with
+/// [`Builder::append`]).
 pub(crate) struct Builder {
     page: u64,
-    /// Per segment: its id, its page table's leaves.
-    segs: Vec<(u32, Leaves)>,
+    /// Per segment: its id, its pages' chains.
+    segs: Vec<(u32, PageMap<Chain>)>,
     /// The segment of the last range (an index into `segs`).
     last_seg: usize,
-    pieces: Vec<Piece>,
+    /// Where the pieces are (shared by the builders of one index).
+    arena: Arc<Arena>,
+    /// The runs of the arena this builder took, in order (first slots).
+    runs: Vec<usize>,
+    /// Pieces in the last run.
+    filled: usize,
     /// The ranges' bytes, copied (when the log cannot be mapped).
     data: Vec<u8>,
     /// Whether the log's record area is mapped (recovery's scan reads it
     /// through the same mapping, handed over at [`Builder::finish`]):
     /// pieces then name their bytes by log position, and nothing is copied.
     mapped: bool,
-    /// Pieces (and bytes of `data`) of complete transactions: the pieces
-    /// of an unfinished tail come after them in every chain, and are cut
-    /// off at [`Builder::finish`].
-    committed: (usize, usize),
-    /// Set if the index cannot hold the log (more than 2^32 pieces, or
-    /// pages over 64 KiB): recovery then runs the usual way.
+    /// What complete transactions made: the first `.0` runs, the last of
+    /// them holding `.1` pieces, and `.2` bytes of `data`. The pieces of an
+    /// unfinished tail come after them in every chain, and are cut off at
+    /// [`Builder::finish`].
+    committed: (usize, usize, usize),
+    /// The unfinished tail was cut off ([`Builder::cut_unfinished`]).
+    cut: bool,
+    /// Set if the index cannot hold the log (more than 2^32 pieces, no
+    /// memory, or pages over 64 KiB): recovery then runs the usual way.
     pub overflow: bool,
 }
 
 impl Builder {
-    /// An empty index for pages of `page` bytes, for about `log_bytes` of
-    /// log (a capacity hint). `mapped`: the log's record area will be
-    /// handed to [`Builder::finish`] mapped, so ranges' bytes need no copy.
+    /// An empty index for pages of `page` bytes, for a log of at most
+    /// `log_bytes` bytes (which bounds the pieces: a piece needs at least
+    /// a byte of its range's data and two of its encoding, or a page of
+    /// data). `mapped`: the log's record area will be handed to
+    /// [`Builder::finish`] mapped, so ranges' bytes need no copy.
     pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
-        let hint = log_bytes.min(1 << 30) as usize;
+        let cap = usize::try_from(log_bytes).unwrap_or(usize::MAX).min(NONE as usize - 1);
+        let arena = Arena::new(cap);
         Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
-            pieces: Vec::with_capacity(hint / 16),
-            data: if mapped { Vec::new() } else { Vec::with_capacity(hint) },
+            overflow: arena.is_none() || page > 1 << 16 || !page.is_power_of_two(),
+            arena: Arc::new(arena.unwrap_or_else(|| Arena::new(0).expect("an empty arena maps nothing"))),
+            runs: Vec::new(),
+            filled: RUN,
+            data: Vec::new(),
             mapped,
-            committed: (0, 0),
-            // Pieces hold page offsets in 16 bits.
-            overflow: page > 1 << 16 || !page.is_power_of_two(),
+            committed: (0, 0, 0),
+            cut: false,
+        }
+    }
+
+    /// An empty builder for a part of the same index (another part of the
+    /// log, scanned on another thread: see `log::parallel`).
+    pub fn part(&self) -> Builder {
+        Builder {
+            page: self.page,
+            segs: Vec::new(),
+            last_seg: usize::MAX,
+            arena: self.arena.clone(),
+            runs: Vec::new(),
+            filled: RUN,
+            data: Vec::new(),
+            mapped: self.mapped,
+            committed: (0, 0, 0),
+            cut: false,
+            overflow: self.overflow,
         }
     }
 
@@ -208,6 +262,33 @@ impl Builder {
         }
     }
 
+    /// Piece `id`, which this builder wrote.
+    #[inline]
+    fn piece_mut(&mut self, id: u32) -> &mut Piece {
+        // SAFETY: `id` names a slot of one of this builder's runs (the
+        // arena handed it to this builder alone, or to a part appended to
+        // it, whose runs are now this builder's); `&mut self` is the only
+        // way to it, so no other reference to the slot lives.
+        unsafe { self.arena.slot(id as usize) }
+    }
+
+    /// A fresh run of the arena; false if there is none.
+    #[cold]
+    #[inline(never)]
+    fn new_run(&mut self) -> bool {
+        match self.arena.claim(RUN) {
+            Some(at) => {
+                self.runs.push(at);
+                self.filled = 0;
+                true
+            }
+            None => {
+                self.overflow = true;
+                false
+            }
+        }
+    }
+
     /// Links the pieces of `[offset, offset + len)` of `segment`, whose
     /// bytes are at `data`, to their pages' chains.
     #[inline]
@@ -226,39 +307,133 @@ impl Builder {
         // Pages are a power of two (checked in `new`): shifts, not
         // divisions, on this path.
         let (shift, mask) = (self.page.trailing_zeros(), self.page - 1);
-        let leaves = &mut self.segs[s].1;
         let mut off = offset;
         let end = offset + len;
         while off < end {
             let page = off >> shift;
             let at = off & mask;
             let n = (self.page - at).min(end - off);
-            let i = self.pieces.len();
-            if i >= NONE as usize {
-                self.overflow = true;
+            if self.filled == RUN && !self.new_run() {
                 return;
             }
-            self.pieces.push(Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE });
-            let e = leaves.get_or_insert_with(page, Entry::empty);
-            if e.head == NONE {
-                e.head = i as u32;
+            let id = (self.runs[self.runs.len() - 1] + self.filled) as u32;
+            self.filled += 1;
+            *self.piece_mut(id) =
+                Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE };
+            let chain = self.segs[s].1.get_or_insert_with(page, || Chain::EMPTY);
+            let tail = std::mem::replace(&mut chain.tail, id);
+            if chain.head == NONE {
+                chain.head = id;
             } else {
-                self.pieces[e.tail as usize].next = i as u32;
+                self.piece_mut(tail).next = id;
             }
-            e.tail = i as u32;
             off += n;
         }
     }
 
     /// The transaction being read is complete.
     pub fn commit(&mut self) {
-        self.committed = (self.pieces.len(), self.data.len());
+        self.committed = (self.runs.len(), self.filled, self.data.len());
+    }
+
+    /// Cuts off the pieces of an unfinished tail (see `committed`): they
+    /// are the last of their chains. Nothing may be appended afterwards
+    /// (the chains' tails are not kept right).
+    pub fn cut_unfinished(&mut self) {
+        self.cut = true;
+        let (runs, filled, bytes) = self.committed;
+        if runs == self.runs.len() && (runs == 0 || filled == self.filled) {
+            return;
+        }
+        // Pieces past the cut: the later part of run `runs - 1`, the runs
+        // after it.
+        let mut dropped: Vec<usize> = self.runs.drain(runs..).collect();
+        dropped.sort_unstable();
+        let last = self.runs.last().map(|&r| (r, filled));
+        self.filled = filled;
+        self.data.truncate(bytes);
+        let kept = |id: u32| {
+            let i = id as usize;
+            let in_dropped = dropped.partition_point(|&r| r <= i).checked_sub(1).is_some_and(|k| i < dropped[k] + RUN);
+            id != NONE && !in_dropped && last.is_none_or(|(r, f)| !(r..r + RUN).contains(&i) || i < r + f)
+        };
+        let mut slots = Vec::new();
+        for (k, &r) in self.runs.iter().enumerate() {
+            let n = if k + 1 == self.runs.len() { filled } else { RUN };
+            slots.extend((r..r + n).map(|i| i as u32));
+        }
+        for id in slots {
+            let p = self.piece_mut(id);
+            if p.next != NONE && !kept(p.next) {
+                p.next = NONE;
+            }
+        }
+        for (_, chains) in &mut self.segs {
+            for chain in chains.values_mut() {
+                if chain.head != NONE && !kept(chain.head) {
+                    *chain = Chain::EMPTY;
+                }
+            }
+        }
+    }
+
+    /// Joins `later`, a part of the same index made from the records that
+    /// follow this builder's (all of whose transactions are complete):
+    /// its pieces come after this builder's in every chain.
+    pub fn append(&mut self, mut later: Builder) {
+        debug_assert!(Arc::ptr_eq(&self.arena, &later.arena) && self.mapped == later.mapped && !self.cut);
+        self.overflow |= later.overflow;
+        if self.overflow {
+            return;
+        }
+        // Copied bytes are named by their offset in `data`.
+        let shift = self.data.len() as u64;
+        if !self.mapped && shift > 0 {
+            let runs = later.runs.clone();
+            for (k, &r) in runs.iter().enumerate() {
+                let n = if k + 1 == runs.len() { later.filled } else { RUN };
+                for i in r..r + n {
+                    later.piece_mut(i as u32).data += shift;
+                }
+            }
+        }
+        self.data.append(&mut later.data);
+        let (runs, filled, bytes) = later.committed;
+        self.committed = if runs == 0 {
+            (self.runs.len(), self.filled, shift as usize + bytes)
+        } else {
+            (self.runs.len() + runs, filled, shift as usize + bytes)
+        };
+        if !later.runs.is_empty() {
+            self.filled = later.filled;
+        }
+        self.runs.append(&mut later.runs);
+        for (id, chains) in later.segs {
+            let s = match self.segs.iter().position(|s| s.0 == id) {
+                Some(s) => s,
+                None => {
+                    self.segs.push((id, PageMap::default()));
+                    self.segs.len() - 1
+                }
+            };
+            for (page, c) in chains.iter().filter(|(_, c)| c.head != NONE) {
+                let mine = self.segs[s].1.get_or_insert_with(page, || Chain::EMPTY);
+                let tail = std::mem::replace(&mut mine.tail, c.tail);
+                if mine.head == NONE {
+                    mine.head = c.head;
+                } else {
+                    self.piece_mut(tail).next = c.head;
+                }
+            }
+        }
+        self.last_seg = usize::MAX;
     }
 
     /// Freezes the index; `log` is the record area mapped and its length
     /// (given if and only if the builder was made `mapped`), `device(id)`
     /// gives each segment's device, path and length. Also returns the
-    /// devices, in the order of [`Shared::segs`].
+    /// devices, in the order of [`Shared::segs`]. `None` also if a part of
+    /// the index is still held elsewhere.
     #[allow(clippy::type_complexity)]
     pub fn finish(
         mut self,
@@ -269,25 +444,15 @@ impl Builder {
             // Pieces would name their bytes the wrong way.
             return None;
         }
-        // Cut off an unfinished tail: its pieces are the last of their
-        // chains.
-        let (pieces, bytes) = self.committed;
-        self.data.truncate(bytes);
-        self.pieces.truncate(pieces);
-        for p in &mut self.pieces {
-            if p.next as usize >= pieces {
-                p.next = NONE;
-            }
-        }
+        self.cut_unfinished();
         let mut segs = Vec::new();
         let mut devices = Vec::new();
-        for (id, mut leaves) in self.segs {
+        for (id, chains) in std::mem::take(&mut self.segs) {
+            let mut leaves = Leaves::default();
             let mut pages = 0;
-            for e in leaves.values_mut() {
-                if e.head != NONE && e.head as usize >= pieces {
-                    e.head = NONE;
-                }
-                pages += u64::from(e.head != NONE);
+            for (page, c) in chains.iter().filter(|(_, c)| c.head != NONE) {
+                leaves.get_or_insert_with(page, Entry::empty).head = c.head;
+                pages += 1;
             }
             let (dev, path, len) = device(id)?;
             let fd = dev.raw_fd().map(|fd| fd.as_raw_fd());
@@ -298,7 +463,7 @@ impl Builder {
         let shared = Shared {
             page: self.page as usize,
             segs,
-            pieces: self.pieces,
+            pieces: Arc::into_inner(self.arena)?.freeze(),
             data: self.data,
             log,
             scratch: Scratch::new(self.page as usize),
@@ -383,7 +548,8 @@ pub(crate) struct Shared {
     page: usize,
     /// Segments with pending pages.
     pub segs: Vec<SegIndex>,
-    pieces: Vec<Piece>,
+    /// The pieces, named by slot.
+    pieces: crate::mem::Frozen<Piece>,
     data: Vec<u8>,
     /// The record area mapped, and its length (see [`Builder`]).
     log: Option<(crate::mem::FileView, u64)>,
@@ -918,4 +1084,117 @@ pub(crate) fn protect_region(
         }
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// Per (segment, page), its pieces in chain order: (data, offset in
+    /// page, length - 1).
+    type Chains = BTreeMap<(u32, u64), Vec<(u64, u16, u16)>>;
+
+    /// Every page's pieces in chain order.
+    fn chains(b: &mut Builder) -> Chains {
+        let mut out = BTreeMap::new();
+        let heads: Vec<_> = b
+            .segs
+            .iter()
+            .flat_map(|(id, chains)| chains.iter().filter(|(_, c)| c.head != NONE).map(move |(p, c)| (*id, p, c.head)))
+            .collect();
+        for (id, page, head) in heads {
+            let mut v = Vec::new();
+            let mut at = head;
+            while at != NONE {
+                let p = *b.piece_mut(at);
+                v.push((p.data, p.at, p.len_m1));
+                at = p.next;
+            }
+            out.insert((id, page), v);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64)
+        ))]
+        /// An index built by parts (cut at any transaction boundaries, the
+        /// last part's unfinished transaction cut off, the parts joined in
+        /// order) is the index one builder makes of the whole log, copied
+        /// bytes or mapped.
+        #[test]
+        fn parts_joined_equal_one_builder(
+            txs in prop::collection::vec(prop::collection::vec((1u32..3, 0u64..60_000, 1u32..9_000), 1..4), 1..40),
+            last_committed in any::<bool>(),
+            cuts in prop::collection::vec(0usize..40, 0..6),
+            mapped in any::<bool>(),
+        ) {
+            let page = 4096;
+            let add = |b: &mut Builder, tx: &[(u32, u64, u32)], lsn: &mut u64| {
+                for &(seg, off, len) in tx {
+                    if mapped {
+                        b.range_mapped(seg, off, len, *lsn);
+                    } else {
+                        let bytes: Vec<u8> = (0..len).map(|i| (*lsn + u64::from(i)) as u8).collect();
+                        b.range(seg, off, &bytes, *lsn);
+                    }
+                    *lsn += u64::from(len) + 3;
+                }
+            };
+            let commit = |b: &mut Builder, i: usize| {
+                if i + 1 < txs.len() || last_committed {
+                    b.commit();
+                }
+            };
+            let mut whole = Builder::new(page, 1 << 24, mapped);
+            let mut lsn = 0;
+            for (i, tx) in txs.iter().enumerate() {
+                add(&mut whole, tx, &mut lsn);
+                commit(&mut whole, i);
+            }
+            whole.cut_unfinished();
+            let mut root = Builder::new(page, 1 << 24, mapped);
+            let mut part = root.part();
+            let mut parts = Vec::new();
+            let mut lsn = 0;
+            for (i, tx) in txs.iter().enumerate() {
+                if cuts.contains(&i) {
+                    parts.push(std::mem::replace(&mut part, root.part()));
+                }
+                add(&mut part, tx, &mut lsn);
+                commit(&mut part, i);
+            }
+            part.cut_unfinished();
+            parts.push(part);
+            for p in parts {
+                root.append(p);
+            }
+            prop_assert!(!whole.overflow && !root.overflow);
+            let (a, b) = (chains(&mut whole), chains(&mut root));
+            prop_assert_eq!(&a, &b);
+            if !mapped {
+                // The copied bytes each piece names are the same too.
+                for (v, w) in a.values().zip(b.values()) {
+                    for (x, y) in v.iter().zip(w) {
+                        let n = usize::from(x.2) + 1;
+                        prop_assert_eq!(&whole.data[x.0 as usize..][..n], &root.data[y.0 as usize..][..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An index whose pieces would not fit the arena says so (recovery
+    /// then runs the usual way) instead of failing.
+    #[test]
+    fn a_full_arena_overflows_the_index() {
+        let mut b = Builder::new(4096, RUN as u64, true);
+        for i in 0..=RUN as u64 {
+            b.range_mapped(1, i * 8192, 8, i);
+        }
+        assert!(b.overflow);
+    }
 }

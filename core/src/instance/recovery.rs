@@ -192,6 +192,28 @@ pub fn recover_log(vfs: &dyn Vfs, log_path: &Path, opts: &Options) -> Result<Rec
     Ok(recover(vfs, &ring, &sb, status, &opts)?.1)
 }
 
+/// What instant recovery's scan makes of a part of the log: its pages'
+/// index, the segments it touches, its complete transactions' log bytes.
+struct IndexPart {
+    index: crate::lazy::Builder,
+    touched: Touched,
+    log_bytes: u64,
+}
+
+impl IndexPart {
+    fn record(&mut self, lsn: u64, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar) -> Result<()> {
+        self.touched.record(info, ranges);
+        for r in ranges {
+            self.index.range_mapped(r.segment, r.offset, r.len, lsn + u64::from(r.data_at));
+        }
+        if info.commit.is_some() {
+            self.index.commit();
+            self.log_bytes += lsn + info.len as u64 - tx.start;
+        }
+        Ok(())
+    }
+}
+
 /// The segments complete transactions touch, and how far.
 #[derive(Default)]
 struct Touched {
@@ -216,6 +238,14 @@ impl Touched {
                 let e = self.touched.entry(id).or_insert(0);
                 *e = (*e).max(end);
             }
+        }
+    }
+
+    /// Adds what a later part of the log touched.
+    fn merge(&mut self, later: Touched) {
+        for (id, end) in later.touched {
+            let e = self.touched.entry(id).or_insert(0);
+            *e = (*e).max(end);
         }
     }
 }
@@ -304,42 +334,48 @@ fn recover_instant(
     // position); without a descriptor the scan reads with `pread` and the
     // index copies the ranges' bytes.
     let view = ring.view();
-    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), verifying.estimate, view.is_some());
+    let mut index = crate::lazy::Builder::new(crate::mem::page_size(), ring.area_len, view.is_some());
     let mut log_bytes = 0u64;
-    // What every verified record adds, in log order: the index's pieces
-    // (`rec`, the record's bytes, only when the log is not mapped), the
-    // touched segments, the progress.
-    let mut on_record = |lsn: u64, rec: Option<&[u8]>, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar| {
-        touched.record(info, ranges);
-        for r in ranges {
-            let data_lsn = lsn + u64::from(r.data_at);
-            match rec {
-                Some(rec) => {
-                    index.range(r.segment, r.offset, &rec[r.data_at as usize..(r.data_at + r.len) as usize], data_lsn)
-                }
-                None => index.range_mapped(r.segment, r.offset, r.len, data_lsn),
-            }
-        }
-        if info.commit.is_some() {
-            index.commit();
-            log_bytes += lsn + info.len as u64 - tx.start;
-        }
-        verifying.at(lsn);
-        Ok(())
-    };
-    // A mapped log is scanned on two threads (verifying on one, indexing
-    // on the other); the result is the same as on one.
     let verified = match &view {
-        Some(view) => log::scan_records_split(
-            ring,
-            view.bytes(),
-            status.head,
-            u64::MAX,
-            status.epoch,
-            |lsn, info, ranges, tx| on_record(lsn, None, info, ranges, tx),
-        )?,
+        // A mapped log is scanned on two threads, by parts (see
+        // `log::parallel`), joined in log order: the same index as one
+        // thread makes.
+        Some(view) => {
+            let new_part = || IndexPart { index: index.part(), touched: Touched::default(), log_bytes: 0 };
+            let (verified, parts) = log::parallel::scan_parts(
+                ring,
+                view.bytes(),
+                status.head,
+                u64::MAX,
+                status.epoch,
+                log::parallel::Plan::default_for_machine(),
+                &new_part,
+                &IndexPart::record,
+                &mut |pos| verifying.at(pos),
+            )?;
+            let last = parts.len().saturating_sub(1);
+            for (i, mut part) in parts.into_iter().enumerate() {
+                if i == last {
+                    part.index.cut_unfinished();
+                }
+                index.append(part.index);
+                touched.merge(part.touched);
+                log_bytes += part.log_bytes;
+            }
+            verified
+        }
         None => log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
-            on_record(lsn, Some(rec), info, ranges, tx)
+            touched.record(info, ranges);
+            for r in ranges {
+                let bytes = &rec[r.data_at as usize..(r.data_at + r.len) as usize];
+                index.range(r.segment, r.offset, bytes, lsn + u64::from(r.data_at));
+            }
+            if info.commit.is_some() {
+                index.commit();
+                log_bytes += lsn + info.len as u64 - tx.start;
+            }
+            verifying.at(lsn);
+            Ok(())
         })?,
     };
     let dictionary = status.segments.clone();

@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod inspect;
+pub(crate) mod parallel;
 
 use crate::error::{Error, LogError, Result};
 use crate::storage::{OpenMode, Storage, Vfs};
@@ -318,307 +319,14 @@ pub(crate) fn scan_records_in(
     let stop = match area.filter(|a| a.len() as u64 == ring.area_len) {
         Some(area) => {
             let mut src = Mapped { area, limit, wrapped: Vec::new() };
-            record_loop(&mut src, &mut cur, |_| false, epoch, ring.area_len, on_record)?
+            record_loop(&mut src, &mut cur, |_, _| false, epoch, ring.area_len, on_record)?
         }
         None => {
             let mut src = Buffered { ring, limit, buf: Vec::new(), valid: 0, buf_lsn: start };
-            record_loop(&mut src, &mut cur, |_| false, epoch, ring.area_len, on_record)?
+            record_loop(&mut src, &mut cur, |_, _| false, epoch, ring.area_len, on_record)?
         }
     };
     Ok(cur.end(stop.unwrap_or(ScanStop::Limit)))
-}
-
-/// Log bytes a two-thread scan reads on the calling thread before it
-/// starts the second one (a short log is not worth a thread).
-const SPLIT_AFTER: u64 = 256 << 10;
-/// Records (or ranges) a two-thread scan hands over at once: a few hundred
-/// KiB of batch, few hand-overs.
-const BATCH: usize = 16384;
-
-/// Records verified by the scanning thread of [`scan_records_split`], for
-/// the calling thread: `(lsn, info, end of its ranges in ranges, tx)`.
-#[derive(Default)]
-struct Batch {
-    recs: Vec<(u64, RecordInfo, usize, TxSoFar)>,
-    ranges: Vec<RangeRef>,
-    /// Where the scan is after the batch's last record: position, the
-    /// transaction it is in, complete transactions so far.
-    end: (u64, TxSoFar, u64),
-}
-
-/// [`scan_records_in`] of a mapped record area (`area`, as [`Ring::view`]
-/// gives it) on two threads where the machine has two cores: a second
-/// thread walks, checks and decodes the records (CRC included) into
-/// batches, and the calling thread runs `on_record(lsn, info, ranges, tx)`
-/// on them, in the same order and with the same arguments as the
-/// one-thread scan (which it is, for the first [`SPLIT_AFTER`] bytes, for
-/// a log that ends before, and on one core). If a batch is late (the
-/// other thread is not getting a core: a busy machine), the calling thread
-/// goes on alone from the end of the last batch it took (scanning again
-/// whatever the second thread made after it), and the second thread stops. `on_record` does not see the records' bytes: its caller
-/// reads them from the mapping.
-pub(crate) fn scan_records_split(
-    ring: &Ring,
-    area: &[u8],
-    start: u64,
-    limit: u64,
-    epoch: u64,
-    on_record: impl FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
-) -> Result<ScanEnd> {
-    let two_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    let split_after = if two_cores { SPLIT_AFTER } else { u64::MAX };
-    split_scan(ring, area, start, limit, epoch, (split_after, BATCH, usize::MAX), on_record)
-}
-
-/// [`scan_records_split`], going on on a second thread after
-/// `split_after` bytes, in batches of `batch` records or ranges, and
-/// alone again after `give_up` batches (or a late one).
-fn split_scan(
-    ring: &Ring,
-    area: &[u8],
-    start: u64,
-    limit: u64,
-    epoch: u64,
-    (split_after, batch_len, give_up): (u64, usize, usize),
-    mut on_record: impl FnMut(u64, &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
-) -> Result<ScanEnd> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let area_len = ring.area_len;
-    if area.len() as u64 != area_len {
-        // Not the record area: read the log instead.
-        return scan_records_in(ring, None, start, limit, epoch, |lsn, _, info, ranges, tx| {
-            on_record(lsn, info, ranges, tx)
-        });
-    }
-    let limit = limit.min(start.saturating_add(area_len));
-    let mut cur = Cursor::new(start);
-    let pause_at = start.saturating_add(split_after);
-    let began = std::time::Instant::now();
-    let first = record_loop(
-        &mut Mapped { area, limit, wrapped: Vec::new() },
-        &mut cur,
-        |pos| pos >= pause_at,
-        epoch,
-        area_len,
-        |lsn, _, info, ranges, tx| on_record(lsn, info, ranges, tx),
-    )?;
-    if let Some(stop) = first {
-        return Ok(cur.end(stop));
-    }
-    // The rate of one thread, from the first part: two threads that do
-    // not beat it are sharing one core (a busy machine), and the calling
-    // thread goes on alone.
-    let split_at = cur.pos;
-    let one_thread = (split_at - start) as f64 / began.elapsed().as_secs_f64().max(1e-9);
-    let split_began = std::time::Instant::now();
-    let pause = AtomicBool::new(false);
-    let mut resume = (cur.pos, cur.tx, cur.transactions);
-    std::thread::scope(|scope| -> Result<ScanEnd> {
-        // Two full batches queued at most; emptied ones come back.
-        let (to_caller, full) = std::sync::mpsc::sync_channel::<Batch>(2);
-        let (to_scanner, spare) = std::sync::mpsc::channel::<Batch>();
-        let pause = &pause;
-        // Where it stopped (`None`: paused).
-        // No thread to be had (a process or cgroup limit): this thread
-        // goes on alone (the channel's sender is gone with the closure).
-        let scanner = std::thread::Builder::new()
-            .name("rvm-scan".into())
-            .spawn_scoped(scope, move || -> Result<Option<ScanEnd>> {
-                let mut batch = Batch::default();
-                let mut src = Mapped { area, limit, wrapped: Vec::new() };
-                let mut transactions = cur.transactions;
-                let paused = |_| pause.load(Ordering::Relaxed);
-                let stop = record_loop(&mut src, &mut cur, paused, epoch, area_len, |lsn, _, info, ranges, tx| {
-                    batch.ranges.extend_from_slice(ranges);
-                    batch.recs.push((lsn, *info, batch.ranges.len(), *tx));
-                    let next = lsn + info.len as u64;
-                    batch.end = if info.commit.is_some() {
-                        transactions += 1;
-                        (next, TxSoFar { start: next, ..TxSoFar::default() }, transactions)
-                    } else {
-                        (next, *tx, transactions)
-                    };
-                    if batch.recs.len() >= batch_len || batch.ranges.len() >= batch_len {
-                        let next = spare.try_recv().unwrap_or_default();
-                        // Refused only once the caller has stopped reading.
-                        send_polling(&to_caller, std::mem::replace(&mut batch, next)).map_err(|_| {
-                            Error::corrupted("log scan (stopped by its reader)", ring.path.display().to_string())
-                        })?;
-                    }
-                    Ok(())
-                });
-                match stop? {
-                    Some(stop) => {
-                        if !batch.recs.is_empty() {
-                            let _ = to_caller.send(batch);
-                        }
-                        Ok(Some(cur.end(stop)))
-                    }
-                    None => Ok(None),
-                }
-            })
-            .ok();
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<Option<ScanEnd>>>| match h.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        let mut failed = None;
-        let mut alone = false;
-        let mut taken = 0usize;
-        loop {
-            let mut batch = match recv_polling(&full) {
-                Polled::Got(batch) => batch,
-                Polled::Gone => break,
-                Polled::Late => {
-                    alone = true;
-                    break;
-                }
-            };
-            let mut from = 0;
-            for (lsn, info, to, tx) in &batch.recs {
-                if let Err(e) = on_record(*lsn, info, &batch.ranges[from..*to], tx) {
-                    failed = Some(e);
-                    break;
-                }
-                from = *to;
-            }
-            if failed.is_some() {
-                break;
-            }
-            resume = batch.end;
-            batch.recs.clear();
-            batch.ranges.clear();
-            let _ = to_scanner.send(batch);
-            taken += 1;
-            let two_threads = (resume.0 - split_at) as f64 / split_began.elapsed().as_secs_f64().max(1e-9);
-            if taken >= give_up || (taken >= 2 && two_threads < one_thread * 0.9) {
-                alone = true;
-                break;
-            }
-        }
-        if alone {
-            // The scanner stops at its next record (or hand-over); what it
-            // made and this thread did not take is scanned again below.
-            pause.store(true, Ordering::Relaxed);
-        }
-        drop(full);
-        if let Some(e) = failed {
-            if let Some(scanner) = scanner {
-                let _ = join(scanner);
-            }
-            return Err(e);
-        }
-        let scanner = match scanner {
-            None => None,
-            Some(scanner) if alone => Some(scanner),
-            Some(scanner) => match join(scanner)? {
-                Some(end) => return Ok(end),
-                // Paused though not asked to: go on alone all the same.
-                None => None,
-            },
-        };
-        // Alone, from the end of the last batch taken, without waiting for
-        // the scanner (it may not get a core soon).
-        let (pos, tx, transactions) = resume;
-        let mut cur = Cursor { pos, tx, transactions, ranges: Vec::new() };
-        let stop = record_loop(
-            &mut Mapped { area, limit, wrapped: Vec::new() },
-            &mut cur,
-            |_| false,
-            epoch,
-            area_len,
-            |lsn, _, info, ranges, tx| on_record(lsn, info, ranges, tx),
-        )?;
-        if let Some(scanner) = scanner {
-            // Its result is superseded; a panic is not.
-            let _ = join(scanner);
-        }
-        Ok(cur.end(stop.unwrap_or(ScanStop::Limit)))
-    })
-}
-
-/// How long the scanning thread of a two-thread scan polls for room
-/// before it sleeps: waking a sleeping thread can take as long as making a
-/// batch (notably on virtual machines), so with sleeps alone the threads
-/// would take turns. Polls after the first few yield the processor: on a
-/// busy machine the other thread may be waiting for this very core.
-const POLL: std::time::Duration = std::time::Duration::from_millis(1);
-/// Polls made without yielding first.
-const SPINS: usize = 128;
-
-/// Polls `ready` (spinning [`SPINS`] times, then yielding between polls
-/// for up to [`POLL`]); `None` if it never was.
-fn poll<R>(mut ready: impl FnMut() -> Option<R>) -> Option<R> {
-    for _ in 0..SPINS {
-        if let Some(r) = ready() {
-            return Some(r);
-        }
-        std::hint::spin_loop();
-    }
-    let since = std::time::Instant::now();
-    while since.elapsed() < POLL {
-        if let Some(r) = ready() {
-            return Some(r);
-        }
-        std::thread::yield_now();
-    }
-    None
-}
-
-/// What polling a channel gave.
-enum Polled<T> {
-    Got(T),
-    /// The sender is gone.
-    Gone,
-    /// Nothing within [`LATE`].
-    Late,
-}
-
-/// How long the calling thread of a two-thread scan waits for a batch
-/// before it goes on alone: several batches' worth of work for a thread
-/// that has a core (making one takes tens of microseconds).
-const LATE: std::time::Duration = std::time::Duration::from_micros(300);
-
-/// The next message, spinning for up to [`LATE`] (never yielding: a
-/// yield on a busy machine gives the core away for a whole time slice).
-fn recv_polling<T>(rx: &std::sync::mpsc::Receiver<T>) -> Polled<T> {
-    use std::sync::mpsc::TryRecvError;
-    let since = std::time::Instant::now();
-    loop {
-        for _ in 0..SPINS {
-            match rx.try_recv() {
-                Ok(m) => return Polled::Got(m),
-                Err(TryRecvError::Disconnected) => return Polled::Gone,
-                Err(TryRecvError::Empty) => std::hint::spin_loop(),
-            }
-        }
-        if since.elapsed() > LATE {
-            return Polled::Late;
-        }
-    }
-}
-
-/// Sends `m`, polling for room before sleeping; `Err` once the receiver
-/// is gone.
-fn send_polling<T>(tx: &std::sync::mpsc::SyncSender<T>, m: T) -> std::result::Result<(), ()> {
-    use std::sync::mpsc::TrySendError;
-    let mut slot = Some(m);
-    let polled = poll(|| {
-        let m = slot.take()?;
-        match tx.try_send(m) {
-            Ok(()) => Some(Ok(())),
-            Err(TrySendError::Disconnected(_)) => Some(Err(())),
-            Err(TrySendError::Full(back)) => {
-                slot = Some(back);
-                None
-            }
-        }
-    });
-    match (polled, slot) {
-        (Some(r), _) => r,
-        (None, Some(m)) => tx.send(m).map_err(|_| ()),
-        (None, None) => Err(()),
-    }
 }
 
 /// Where a scan reads the log: `get(pos, need)` gives the bytes
@@ -711,11 +419,11 @@ impl Cursor {
 
 /// The loop of [`scan_records_in`] over either source, from `cur`: how it
 /// stopped, or `None` if it paused (at the first record whose position
-/// `pause` accepts).
+/// `pause(position, whether a transaction starts there)` accepts).
 fn record_loop(
     src: &mut impl Source,
     cur: &mut Cursor,
-    pause: impl Fn(u64) -> bool,
+    mut pause: impl FnMut(u64, bool) -> bool,
     epoch: u64,
     area_len: u64,
     mut on_record: impl FnMut(u64, &[u8], &RecordInfo, &[RangeRef], &TxSoFar) -> Result<()>,
@@ -723,7 +431,7 @@ fn record_loop(
     let Cursor { pos: at, tx, transactions, ranges } = cur;
     let stop = loop {
         let pos = *at;
-        if pause(pos) {
+        if pause(pos, pos == tx.start) {
             return Ok(None);
         }
         let Some(h) = src.get(pos, RECORD_HEADER)? else { break ScanStop::Limit };
@@ -1015,18 +723,26 @@ mod tests {
                 let buffered = scan_with(ring, None, start, limit, epoch);
                 let mapped = scan_with(ring, Some(view.bytes()), start, limit, epoch);
                 proptest::prop_assert_eq!(&mapped, &buffered);
-                // On two threads, from anywhere, in any batches, going on
-                // alone after some: the same calls (but for the bytes) and
-                // the same end.
-                let mut seen = Vec::new();
-                let end = split_scan(ring, view.bytes(), start, limit, epoch, (split.0, split.1, split.2), |lsn, info, ranges, tx| {
-                    seen.push((lsn, *info, ranges.to_vec(), tx.start, tx.ranges, tx.bytes));
-                    Ok(())
-                })
-                .unwrap();
+                // By parts on two threads, cut anywhere, the second thread
+                // waited for or not: the same calls (but for the bytes) in
+                // order, and the same end.
                 let want: Vec<_> =
                     buffered.0.iter().map(|(l, _, i, r, s, n, b)| (*l, *i, r.clone(), *s, *n, *b)).collect();
-                proptest::prop_assert_eq!((seen, end), (want, buffered.1));
+                for (two_threads, stall) in [(true, std::time::Duration::ZERO), (true, std::time::Duration::MAX), (false, std::time::Duration::ZERO)] {
+                    let plan = parallel::Plan {
+                        chunks: parallel::Chunks { first: split.0.max(1), grow_every: split.1, max: 1 << 14 },
+                        two_threads,
+                        spawn_after: split.0 / 2,
+                        stall,
+                    };
+                    let (end, parts) = parallel::scan_parts(ring, view.bytes(), start, limit, epoch, plan, &Vec::new, &|seen: &mut Vec<_>, lsn, info: &RecordInfo, ranges: &[RangeRef], tx: &TxSoFar| {
+                        seen.push((lsn, *info, ranges.to_vec(), tx.start, tx.ranges, tx.bytes));
+                        Ok(())
+                    }, &mut |_| {})
+                    .unwrap();
+                    let seen: Vec<_> = parts.into_iter().flatten().collect();
+                    proptest::prop_assert_eq!((&seen, end), (&want, buffered.1));
+                }
             }
             if whole {
                 // Intact: every transaction is found (noise after the end
@@ -1036,10 +752,11 @@ mod tests {
         }
     }
 
-    /// A failure of the caller's `on_record` on a two-thread scan is the
-    /// scan's result, and the scanning thread stops.
+    /// A failure of the caller's `on_record` is the result of a scan by
+    /// parts, whichever thread met it first, and no record after it is
+    /// taken into a part.
     #[test]
-    fn a_failing_reader_stops_a_two_thread_scan() {
+    fn a_failing_reader_stops_a_scan_by_parts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
@@ -1047,28 +764,50 @@ mod tests {
         let ring = &dev.ring;
         let mut out = Vec::new();
         let mut w = format::FrameWriter::new(&mut out, 0, 5, ring.area_len);
-        for n in 1..200 {
+        for n in 1..400 {
             w.range(1, n * 8, &[n as u8; 8]);
             w.commit(n, n, 0);
         }
         ring.write(0, &out).unwrap();
         let view = ring.view().unwrap();
-        // The failure on the second thread's batches, or after the calling
-        // thread went on alone (after 2 batches).
-        for give_up in [usize::MAX, 2] {
-            let mut calls = 0;
-            let e = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3, give_up), |_, _, _, _| {
-                calls += 1;
-                if calls == 50 {
+        let mut at = Vec::new();
+        scan_records(ring, 0, u64::MAX, 5, |lsn, _, _, _, _| {
+            at.push(lsn);
+            Ok(())
+        })
+        .unwrap();
+        let bad = at[250];
+        for stall in [std::time::Duration::ZERO, std::time::Duration::MAX] {
+            let plan = parallel::Plan {
+                chunks: parallel::Chunks { first: 512, grow_every: 2, max: 2048 },
+                two_threads: true,
+                spawn_after: 256,
+                stall,
+            };
+            let record = |seen: &mut Vec<u64>, lsn, _: &RecordInfo, _: &[RangeRef], _: &TxSoFar| {
+                if lsn == bad {
                     return Err(Error::corrupted("test", "here"));
                 }
+                seen.push(lsn);
                 Ok(())
-            })
-            .unwrap_err();
+            };
+            let e = parallel::scan_parts(ring, view.bytes(), 0, u64::MAX, 5, plan, &Vec::new, &record, &mut |_| {})
+                .unwrap_err();
             assert!(e.to_string().contains("test"), "{e}");
-            assert_eq!(calls, 50);
-            let all = split_scan(ring, view.bytes(), 0, u64::MAX, 5, (64, 3, give_up), |_, _, _, _| Ok(())).unwrap();
-            assert_eq!(all.transactions, 199);
+            let (end, parts) = parallel::scan_parts(
+                ring,
+                view.bytes(),
+                0,
+                u64::MAX,
+                5,
+                plan,
+                &Vec::new,
+                &|_: &mut Vec<u64>, _, _: &RecordInfo, _: &[RangeRef], _: &TxSoFar| Ok(()),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(end.transactions, 399);
+            assert!(parts.len() > 3, "{} parts", parts.len());
         }
     }
 
