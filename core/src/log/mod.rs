@@ -565,22 +565,48 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
     let window_end = limit.min(lsn.saturating_add((MAX_RECORD + 64) as u64));
     let read_end = limit.min(window_end.saturating_add((MAX_RECORD + 8) as u64));
     let Some(len) = read_end.checked_sub(lsn).filter(|&n| n > 0) else { return Ok(None) };
-    let mut buf = vec![0u8; len as usize];
-    ring.read(lsn, &mut buf)?;
+    // Read in place where the log maps (no 2 MiB copy at every open whose
+    // scan stopped, which is nearly every open).
+    let view = ring.view();
+    let mut buffered = Vec::new();
+    let mut src: Box<dyn Source + '_> = match &view {
+        Some(view) => Box::new(Mapped { area: view.bytes(), limit: read_end, wrapped: Vec::new() }),
+        None => {
+            buffered.resize(len as usize, 0);
+            ring.read(lsn, &mut buffered)?;
+            Box::new(Window { bytes: &buffered, from: lsn })
+        }
+    };
     let mut ranges = Vec::new();
     let mut p = lsn + 8;
     while p + RECORD_HEADER as u64 <= window_end {
-        let at = (p - lsn) as usize;
-        let mut hb = [0u8; RECORD_HEADER];
-        hb.copy_from_slice(&buf[at..at + RECORD_HEADER]);
-        if let Ok(n) = format::check_header(&RecordHeader::parse(&hb), p, epoch, ring.area_len) {
-            if at + n <= buf.len() && format::decode_record(&buf[at..at + n], p, epoch, &mut ranges).is_ok() {
-                return Ok(Some(p));
+        if let Some(h) = src.get(p, RECORD_HEADER)? {
+            let mut hb = [0u8; RECORD_HEADER];
+            hb.copy_from_slice(h);
+            if let Ok(n) = format::check_header(&RecordHeader::parse(&hb), p, epoch, ring.area_len) {
+                if let Some(rec) = src.get(p, n)? {
+                    if format::decode_record(rec, p, epoch, &mut ranges).is_ok() {
+                        return Ok(Some(p));
+                    }
+                }
             }
         }
         p += 8;
     }
     Ok(None)
+}
+
+/// Bytes of the log from position `from`, read beforehand.
+struct Window<'a> {
+    bytes: &'a [u8],
+    from: u64,
+}
+
+impl Source for Window<'_> {
+    fn get(&mut self, pos: u64, need: usize) -> Result<Option<&[u8]>> {
+        let at = (pos - self.from) as usize;
+        Ok(self.bytes.get(at..at + need))
+    }
 }
 
 /// The valid record of `epoch` at `pos`, if there is one below `limit`:
