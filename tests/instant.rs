@@ -114,6 +114,7 @@ proptest! {
     fn instant_open_shows_what_full_recovery_shows(
         txs in prop::collection::vec(tx_strategy(16 * 4096), 1..60),
         backwards in any::<bool>(),
+        parallel_scan in any::<bool>(),
     ) {
         let _serial = real_files();
         let tmp = tempfile::tempdir().unwrap();
@@ -124,7 +125,7 @@ proptest! {
         copy_dir(&a, &b);
         let len = model.len();
 
-        let rvm = Rvm::open(a.join("log"), instant()).unwrap();
+        let rvm = Rvm::open(a.join("log"), Options { parallel_scan, ..instant() }).unwrap();
         prop_assert!(rvm.recovery_report().deferred_pages > 0);
         prop_assert_eq!(rvm.recovery_report().segment_bytes_written, 0);
         let seg = rvm.open_segment(a.join("seg")).unwrap();

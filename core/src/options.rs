@@ -131,6 +131,16 @@ pub struct Options {
     /// [`Rvm::open`]: crate::Rvm::open
     /// [`Rvm::wait_for_recovery`]: crate::Rvm::wait_for_recovery
     pub instant_recovery: bool,
+    /// Instant recovery's verifying scan on two threads (default off):
+    /// both scan chunks of the log into parts of the index, joined in log
+    /// order only where each starts exactly where the ones before end, so
+    /// the result is the one-thread scan's (docs/DESIGN.md §3.9). Off by
+    /// default because on the 2-vCPU virtual machine it was measured on
+    /// the two threads used 1.5-2x the CPU of one for no shorter open
+    /// (the scan is bound by memory there); it may pay where memory
+    /// bandwidth is ample and a core is idle. Ignored without instant
+    /// recovery, on one core, or when the log cannot be mapped.
+    pub parallel_scan: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -238,6 +248,7 @@ impl Default for Options {
             tracking: crate::TrackingMethod::Fault,
             verify_stores: cfg!(debug_assertions),
             instant_recovery: false,
+            parallel_scan: false,
         }
     }
 }

@@ -337,7 +337,7 @@ fn recover_instant(
     let mut index = crate::lazy::Builder::new(crate::mem::page_size(), ring.area_len, view.is_some());
     let mut log_bytes = 0u64;
     let verified = match &view {
-        // A mapped log is scanned on two threads, by parts (see
+        // A mapped log may be scanned on two threads, by parts (see
         // `log::parallel`), joined in log order: the same index as one
         // thread makes.
         Some(view) => {
@@ -348,7 +348,7 @@ fn recover_instant(
                 status.head,
                 u64::MAX,
                 status.epoch,
-                log::parallel::Plan::default_for_machine(),
+                log::parallel::Plan::for_machine(opts.parallel_scan),
                 &new_part,
                 &IndexPart::record,
                 &mut |pos| verifying.at(pos),

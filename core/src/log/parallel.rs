@@ -85,12 +85,12 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Instant recovery's plan: two threads where there are two cores.
-    pub fn default_for_machine() -> Plan {
+    /// Instant recovery's plan: two threads if `two_threads` and the
+    /// machine has two cores ([`crate::Options::parallel_scan`]).
+    pub fn for_machine(two_threads: bool) -> Plan {
         Plan {
             chunks: Chunks::DEFAULT,
-            two_threads: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
-                && std::env::var_os("ONE").is_none(),
+            two_threads: two_threads && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             spawn_after: 64 << 10,
             stall: Duration::from_micros(300),
         }
