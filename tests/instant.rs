@@ -778,20 +778,26 @@ fn track_after_faults_before_the_status_is_durable() {
 /// whole log verified (done = total), never going back.
 #[test]
 fn both_recoveries_report_the_verifying_scan() {
-    for opts in [full(), instant()] {
-        let dir = tempfile::tempdir().unwrap();
-        let txs: Vec<Tx> = (0..200).map(|i| vec![(i * 97 % 30_000, 40, i as u8)]).collect();
-        make_files(dir.path(), 8, &txs);
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let hook = rvm::ProgressHook::new(move |p| log.lock().unwrap().push((p.phase, p.done, p.total)));
-        let rvm = Rvm::open(dir.path().join("log"), Options { recovery_progress: Some(hook), ..opts }).unwrap();
-        rvm.wait_for_recovery().unwrap();
-        let seen = seen.lock().unwrap().clone();
-        let verify: Vec<_> = seen.iter().filter(|s| s.0 == rvm::RecoveryPhase::Verify).collect();
-        let last = verify.last().expect("no verify report");
-        assert!(last.1 > 0 && last.1 == last.2, "{verify:?}");
-        assert!(verify.windows(2).all(|w| w[0].1 <= w[1].1), "{verify:?}");
-        drop(rvm);
+    let _serial = real_files();
+    // A small log, and one of about 2 MB live (a report along the way).
+    let small: Vec<Tx> = (0..200).map(|i| vec![(i * 97 % 30_000, 40, i as u8)]).collect();
+    let big: Vec<Tx> = (0..300).map(|i| vec![(i * 4096 % 49_152, 16_384, i as u8)]).collect();
+    for (txs, pages, reports) in [(small, 8, 1), (big, 16, 2)] {
+        for opts in [full(), instant(), Options { parallel_scan: true, ..instant() }] {
+            let dir = tempfile::tempdir().unwrap();
+            make_files(dir.path(), pages, &txs);
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let log = seen.clone();
+            let hook = rvm::ProgressHook::new(move |p| log.lock().unwrap().push((p.phase, p.done, p.total)));
+            let rvm = Rvm::open(dir.path().join("log"), Options { recovery_progress: Some(hook), ..opts }).unwrap();
+            rvm.wait_for_recovery().unwrap();
+            let seen = seen.lock().unwrap().clone();
+            let verify: Vec<_> = seen.iter().filter(|s| s.0 == rvm::RecoveryPhase::Verify).collect();
+            let last = verify.last().expect("no verify report");
+            assert!(last.1 > 0 && last.1 == last.2, "{verify:?}");
+            assert!(verify.windows(2).all(|w| w[0].1 <= w[1].1), "{verify:?}");
+            assert!(verify.len() >= reports, "{verify:?}");
+            drop(rvm);
+        }
     }
 }

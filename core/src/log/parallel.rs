@@ -173,8 +173,15 @@ where
     let mut cur = Cursor::new(start);
     let mut part = new_part();
     if !plan.two_threads {
-        // One part, one thread.
-        let stop = shared.scan_from(&mut cur, Until::End, &mut part, on_record, |_| false)?;
+        // One part, one thread (progress told every MiB).
+        let mut told = start;
+        let stop = shared.scan_from(&mut cur, Until::End, &mut part, on_record, |pos| {
+            if pos >= told + (1 << 20) {
+                told = pos;
+                progress(pos);
+            }
+            false
+        })?;
         progress(cur.pos);
         return Ok((cur.end(stop.unwrap_or(ScanStop::Limit)), vec![part]));
     }
