@@ -198,10 +198,14 @@ impl Builder {
     /// An empty index for pages of `page` bytes, for a log of at most
     /// `log_bytes` bytes (which bounds the pieces: a piece needs at least
     /// a byte of its range's data and two of its encoding, or a page of
-    /// data). `mapped`: the log's record area will be handed to
+    /// data), in at most a quarter of the machine's memory. `mapped`: the log's record area will be handed to
     /// [`Builder::finish`] mapped, so ranges' bytes need no copy.
     pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
-        let cap = usize::try_from(log_bytes).unwrap_or(usize::MAX).min(NONE as usize - 1);
+        // At most a quarter of the machine's memory: a longer log's index
+        // overflows, and recovery runs the usual way (in bounded memory).
+        let memory_cap =
+            crate::mem::physical_memory().map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
+        let cap = usize::try_from(log_bytes.min(memory_cap)).unwrap_or(usize::MAX).min(NONE as usize - 1);
         let arena = Arena::new(cap);
         Builder {
             page: page as u64,

@@ -13,6 +13,13 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// The machine's physical memory in bytes (`None` if unknown).
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf reads a system value and has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    u64::try_from(pages).ok().filter(|&p| p > 0).map(|p| p * page_size() as u64)
+}
+
 /// Highest user address this crate will map at (the lower half of a 48-bit
 /// address space, which every 64-bit Linux target provides).
 pub const USER_ADDRESS_LIMIT: usize = 1 << 47;

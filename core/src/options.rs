@@ -120,7 +120,9 @@ pub struct Options {
     /// ([`Rvm::wait_for_recovery`]). A crash meanwhile recovers again from
     /// the same log. The open still verifies the whole log (its time grows
     /// with the log); the index of pending pages costs about 16 bytes per
-    /// logged range until the apply ends (docs/DESIGN.md §3.9).
+    /// logged range until the apply ends, and a log whose index would take
+    /// more than a quarter of the machine's memory is recovered the usual
+    /// way instead (docs/DESIGN.md §3.9).
     ///
     /// Pages are brought in by a `SIGSEGV` handler: the kernel does not
     /// fault for its own accesses, so a system call given a pointer into a
