@@ -583,7 +583,24 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
         if let Some(h) = src.get(p, RECORD_HEADER)? {
             let mut hb = [0u8; RECORD_HEADER];
             hb.copy_from_slice(h);
-            if let Ok(n) = format::check_header(&RecordHeader::parse(&hb), p, epoch, ring.area_len) {
+            let header = RecordHeader::parse(&hb);
+            if header.len == 0 {
+                // Zeros (log space never written this far, as after a
+                // clean end) hold no header: skip them at memory speed to
+                // the first position whose length field is not zero.
+                let span = (window_end - p).min(1 << 16) as usize;
+                if let Some(b) = src.get(p + 4, span)? {
+                    p = match b.iter().position(|&x| x != 0) {
+                        None => p + (span as u64 & !7),
+                        // Positions stay `lsn` plus a multiple of 8.
+                        Some(i) => {
+                            (p + 4 + i as u64 - 6).saturating_sub(lsn).next_multiple_of(8).max(p + 8 - lsn) + lsn
+                        }
+                    };
+                    continue;
+                }
+            }
+            if let Ok(n) = format::check_header(&header, p, epoch, ring.area_len) {
                 if let Some(rec) = src.get(p, n)? {
                     if format::decode_record(rec, p, epoch, &mut ranges).is_ok() {
                         return Ok(Some(p));
@@ -834,6 +851,57 @@ mod tests {
             .unwrap();
             assert_eq!(end.transactions, 399);
             assert!(parts.len() > 3, "{} parts", parts.len());
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// The probe past a stopped scan finds the first valid record a
+        /// plain walk over every 8-byte position finds, past zeros (which
+        /// it skips in runs), noise and records, mapped or read.
+        #[test]
+        fn the_probe_past_a_stop_finds_what_a_plain_walk_finds(
+            gap in 0usize..70_000,
+            noise in proptest::collection::vec((0usize..80_000, 1u8..=255), 0..20),
+            record_at in proptest::option::of(0usize..60_000),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log");
+            crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
+            let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+            let ring = &dev.ring;
+            let (epoch, lsn) = (5u64, 4096u64);
+            let mut img = vec![0u8; 200_000.min(ring.area_len as usize - 4096)];
+            for &(at, x) in &noise {
+                if let Some(b) = img.get_mut(at) {
+                    *b = x;
+                }
+            }
+            if let Some(at) = record_at {
+                let pos = lsn + 8 + (gap + at) as u64 / 8 * 8;
+                let mut out = Vec::new();
+                let mut w = format::FrameWriter::new(&mut out, pos, epoch, ring.area_len);
+                w.range(1, 64, &[7; 40]);
+                w.commit(1, 1, pos);
+                let from = (pos - lsn) as usize;
+                if from + out.len() <= img.len() {
+                    img[from..from + out.len()].copy_from_slice(&out);
+                }
+            }
+            ring.write(lsn, &img).unwrap();
+            let limit = lsn + ring.area_len;
+            // The plain walk.
+            let window_end = limit.min(lsn + (MAX_RECORD + 64) as u64);
+            let mut want = None;
+            let mut p = lsn + 8;
+            while p + RECORD_HEADER as u64 <= window_end {
+                if let Ok(Some(_)) = read_valid_frame(ring, p, limit.min(window_end + (MAX_RECORD + 8) as u64), epoch) {
+                    want = Some(p);
+                    break;
+                }
+                p += 8;
+            }
+            proptest::prop_assert_eq!(probe_valid_frame(ring, lsn, limit, epoch).unwrap(), want);
         }
     }
 
