@@ -440,8 +440,8 @@ pub unsafe fn copy_to(addr: usize, src: &[u8]) {
 pub(crate) unsafe trait Zeroable: Copy {}
 
 /// Slots of plain values in one anonymous mapping that asks for
-/// transparent huge pages (`MADV_HUGEPAGE`), handed out in runs to the
-/// threads that fill them. Instant recovery's page index keeps its pieces
+/// transparent huge pages (`MADV_HUGEPAGE`) past its first 2 MiB, handed
+/// out in runs to the threads that fill them. Instant recovery's page index keeps its pieces
 /// here: building an index of tens of MB at open takes one page fault per
 /// 2 MiB instead of 512 (page faults cost about 2 µs each on a virtual
 /// machine), and the two threads of the scan fill runs of one mapping, so
@@ -467,10 +467,20 @@ impl<T: Zeroable> HugeArena<T> {
         const HUGE: usize = 2 << 20;
         let bytes = cap.checked_mul(std::mem::size_of::<T>())?.checked_next_multiple_of(HUGE)?;
         let map = Mapping::anonymous(Placement::Anywhere, bytes).ok()?;
-        // SAFETY: the range is exactly this mapping, which we own; the
-        // advice changes only how the kernel backs it, never its contents
-        // (a refusal leaves small pages, which is fine).
-        let _ = unsafe { rustix::mm::madvise(map.ptr().as_ptr().cast(), bytes, rustix::mm::Advice::LinuxHugepage) };
+        // The first 2 MiB stay in small pages: a small index (a short log:
+        // most opens) then never pays for zeroing a whole huge page.
+        if bytes > HUGE {
+            // SAFETY: the range lies inside this mapping, which we own;
+            // the advice changes only how the kernel backs it, never its
+            // contents (a refusal leaves small pages, which is fine).
+            let _ = unsafe {
+                rustix::mm::madvise(
+                    map.ptr().as_ptr().add(HUGE).cast(),
+                    bytes - HUGE,
+                    rustix::mm::Advice::LinuxHugepage,
+                )
+            };
+        }
         Some(HugeArena { map: Some(map), cap, handed: 0.into(), _values: std::marker::PhantomData })
     }
 

@@ -590,7 +590,7 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
                 // the first position whose length field is not zero.
                 let span = (window_end - p).min(1 << 16) as usize;
                 if let Some(b) = src.get(p + 4, span)? {
-                    p = match b.iter().position(|&x| x != 0) {
+                    p = match first_nonzero(b) {
                         None => p + (span as u64 & !7),
                         // Positions stay `lsn` plus a multiple of 8.
                         Some(i) => {
@@ -611,6 +611,20 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
         p += 8;
     }
     Ok(None)
+}
+
+/// The index of the first byte of `b` that is not zero: 64 bytes per
+/// step (a vectorized OR), then byte by byte in the step that has one.
+fn first_nonzero(b: &[u8]) -> Option<usize> {
+    let mut chunks = b.chunks_exact(64);
+    let mut at = 0;
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return c.iter().position(|&x| x != 0).map(|i| at + i);
+        }
+        at += 64;
+    }
+    chunks.remainder().iter().position(|&x| x != 0).map(|i| at + i)
 }
 
 /// Bytes of the log from position `from`, read beforehand.
