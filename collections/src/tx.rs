@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::owned::{Floating, IntoPersist, Owned};
 use crate::persist::{bytes_of, Persist, Plain};
-use crate::shape::{Stored, SHAPES_ROOT};
+use crate::shape::{walk_roots, Outcome, Stored, Tracer, TypeShape, SHAPES_ROOT};
 use rvm_core::CommitMode;
 use rvm_heap::{Heap, HeapTx};
 use std::alloc::Layout;
@@ -29,6 +29,10 @@ pub(crate) struct Checked {
     /// Fingerprints of the types whose shapes the heap's shape table holds
     /// (committed); `None` until the table is first read.
     shapes: parking_lot::Mutex<Option<HashSet<u64>>>,
+    /// What the walk over every root found, by root block address: made
+    /// at the first check after the heap opened (see [`Checked::alone`]);
+    /// an entry leaves once its root is checked.
+    walk: parking_lot::Mutex<Option<HashMap<usize, Outcome>>>,
 }
 
 impl Checked {
@@ -51,6 +55,57 @@ impl Checked {
         self.off.store(true, AtomicOrdering::SeqCst);
         self.set.lock().clear();
         *self.shapes.lock() = None;
+        *self.walk.lock() = None;
+    }
+
+    /// Whether the root at `addr`, whose value (traced alone by its type's
+    /// shape `shape`) owns exactly the sorted `blocks`, shares none of
+    /// them with another root, nor its block.
+    ///
+    /// Each root's check alone cannot see two roots that own one block
+    /// (their pointers damaged to one buffer): using one would then free
+    /// or overwrite what the other reads. So the first check after the
+    /// heap opens walks every root by the shapes stored in the heap
+    /// ([`walk_roots`]), and a root is sound if that walk found it owning
+    /// the same blocks, alone. The walk stays true for roots not yet
+    /// checked: until its check, no typed method changes a root's value,
+    /// and the blocks it owns are live (owned by no other sound root), so
+    /// no other root frees or allocates them. A root the walk could not
+    /// follow (no stored shape, or a shape that disagrees with its type's)
+    /// is judged by a new walk of the heap as it is now, which follows it
+    /// by its type's shape.
+    fn alone(&self, heap: &Heap, addr: usize, blocks: &[usize], shape: &TypeShape) -> bool {
+        if !self.off.load(AtomicOrdering::SeqCst) {
+            let mut walk = self.walk.lock();
+            let walk = walk.get_or_insert_with(|| {
+                let stored = crate::shape::load_stored(heap).ok().flatten();
+                walk_roots(heap, stored.as_ref(), None).into_iter().map(|(r, o)| (r.ptr.as_ptr() as usize, o)).collect()
+            });
+            match walk.get(&addr) {
+                Some(Outcome::Owns(b)) if b == blocks => {
+                    walk.remove(&addr);
+                    return true;
+                }
+                Some(Outcome::Damaged(_)) => return false,
+                _ => {}
+            }
+        }
+        let stored = crate::shape::load_stored(heap).ok().flatten();
+        walk_roots(heap, stored.as_ref(), Some((addr, &shape.shapes, shape.root)))
+            .into_iter()
+            .find(|(r, _)| r.ptr.as_ptr() as usize == addr)
+            .is_some_and(|(_, o)| matches!(o, Outcome::Owns(b) if b == blocks))
+    }
+
+    /// Records roots made by a committed transaction as checked: the typed
+    /// layer made their values, from values it owned alone.
+    fn created(&self, roots: impl IntoIterator<Item = (usize, u64)>) {
+        for id in roots {
+            self.insert(id);
+            if let Some(w) = self.walk.lock().as_mut() {
+                w.remove(&id.0);
+            }
+        }
     }
 
     /// Whether the shape table holds `fingerprint` (`None`: not read yet).
@@ -90,14 +145,24 @@ fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<
     if !live || !(root.ptr.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::RootNotLive { name: name.into(), size });
     }
-    let id = (root.ptr.as_ptr() as usize, T::FINGERPRINT);
+    let addr = root.ptr.as_ptr() as usize;
+    let id = (addr, T::FINGERPRINT);
     if checked.contains(id) {
         return Ok(Some(root.ptr));
     }
     // A live, aligned block of a `T`'s size recorded as a `T`; callers
     // hold the heap's reader or writer lock, so nothing changes it while
-    // the tracer reads it.
-    if crate::shape::trace_value::<T>(heap, root.ptr.as_ptr() as usize).is_err() {
+    // the tracer reads it. Its value may point at no root's block, and
+    // may share no block with another root.
+    let shape = crate::shape::shape_of::<T>();
+    let mut t = Tracer::new(heap);
+    t.exclude(heap.roots().iter().map(|r| r.ptr.as_ptr() as usize));
+    if t.trace(&shape.shapes, shape.root, addr).is_err() {
+        return Err(Error::Damaged { name: name.into() });
+    }
+    let mut blocks = t.blocks;
+    blocks.sort_unstable();
+    if !checked.alone(heap, addr, &blocks, &shape) {
         return Err(Error::Damaged { name: name.into() });
     }
     checked.insert(id);
@@ -222,6 +287,9 @@ impl<'h> WriteTx<'h> {
         if let Some(added) = added {
             self.checked.shapes_committed(added);
         }
+        let made = self.created.borrow();
+        self.checked
+            .created(made.iter().filter(|(n, _)| n.as_str() != SHAPES_ROOT).map(|(_, c)| (c.0.as_ptr() as usize, c.2)));
         Ok(())
     }
 
