@@ -489,7 +489,16 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
     let probe = HeapSpec::new(0, config.heap_len).with_max_len(config.max_heap_len);
     // The address space the heap spans at its maximum.
     let span = usize::try_from(probe.heap_base().saturating_add(probe.max_len()))
-        .map_err(|_| Error::Config(format!("heap_len {} does not fit this address space", config.heap_len)))?;
+        .ok()
+        .filter(|_| probe.max_len() <= rvm_loader::format::MAX_REGION_LEN)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "a heap of {} bytes growing to {} bytes does not fit the address space (at most {} bytes)",
+                config.heap_len,
+                config.max_heap_len,
+                rvm_loader::format::MAX_REGION_LEN
+            ))
+        })?;
     let mut tries = 0;
     loop {
         let base = match config.base {

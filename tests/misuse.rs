@@ -1,0 +1,96 @@
+//! Out-of-range values through safe calls of the core, the heap, the
+//! typed layer and `rvmutl`: each is a typed error (or exit code 1 with a
+//! message), never a panic (an arithmetic overflow in a debug build, a
+//! silent wrap in a release build), and a refused call leaves nothing
+//! behind that breaks the next one.
+
+use rvm::heap::{HeapSpec, PersistentHeap};
+use rvm::{MapSpec, Options, Rvm};
+use std::process::Command;
+
+/// A reservation of `usize::MAX` bytes overflowed its page round-up
+/// inside `map` (a panic), after the segment range had been claimed: the
+/// range then stayed claimed, and every later map of it was refused as
+/// `AlreadyMapped`. Now refused up front; the range maps afterwards.
+#[test]
+fn a_reservation_beyond_the_address_space_is_refused_and_the_range_still_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    for reserve in [usize::MAX, usize::MAX - 4095, isize::MAX as usize + 1] {
+        let r = rvm.map(&seg, MapSpec::new(0, 4096).reserve(reserve));
+        assert!(matches!(r, Err(rvm::Error::Map(rvm::MapError::BadAddress { .. }))), "{reserve:#x}: {r:?}");
+    }
+    let region = rvm.map(&seg, MapSpec::new(0, 4096).reserve(1 << 20)).unwrap();
+    assert_eq!(region.len(), 4096);
+    rvm.unmap(region).unwrap();
+}
+
+/// `HeapSpec` lengths whose page round-up overflows (`u64::MAX` as the
+/// heap length, the maximum or the static region's length) panicked in
+/// the builder (and wrapped to 0 in release builds). Now the heap's
+/// creation refuses them with the loader's reason.
+#[test]
+fn heap_spec_lengths_beyond_the_address_space_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let base = 0x5b00_0000_0000;
+    let specs = [
+        HeapSpec::new(base, u64::MAX),
+        HeapSpec::new(base, 64 << 10).with_max_len(u64::MAX),
+        HeapSpec::new(base, 64 << 10).with_static_len(u64::MAX),
+        HeapSpec::fixed(base, u64::MAX - 1),
+    ];
+    for (i, spec) in specs.iter().enumerate() {
+        let r = PersistentHeap::create(&rvm, dir.path().join(format!("heap{i}")), spec);
+        assert!(matches!(r, Err(rvm::heap::HeapError::Loader(_))), "spec {i}: {r:?}");
+    }
+    // Nothing was left mapped or recorded that stops a sound heap.
+    let heap = PersistentHeap::create(&rvm, dir.path().join("good"), &HeapSpec::new(base, 64 << 10)).unwrap();
+    heap.check().unwrap();
+}
+
+/// `Config::max_heap_len = u64::MAX` ("no limit") panicked in the heap's
+/// spec; now a configuration error naming the limit.
+#[test]
+fn a_typed_heap_larger_than_the_address_space_is_a_config_error() {
+    use rvm::collections::{Config, Error, PHeap};
+    for config in [
+        Config { heap_len: 1 << 20, log_len: 1 << 20, max_heap_len: u64::MAX, ..Config::default() },
+        Config { heap_len: u64::MAX - 4095, log_len: 1 << 20, ..Config::default() },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = PHeap::open_or_create(dir.path(), config.clone());
+        assert!(matches!(r, Err(Error::Config(ref m)) if m.contains("address space")), "{config:?}: {r:?}");
+        assert!(!dir.path().join(rvm::collections::HEAP_FILE).exists());
+    }
+}
+
+/// `rvmutl heap create` with sizes whose page round-up overflows: exit 1
+/// with the reason, no panic, no segment file.
+#[test]
+fn rvmutl_heap_create_with_huge_sizes_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_rvmutl")).arg("create-log").arg(&log).args(["--size", "1M"]).output().unwrap();
+    assert!(out.status.success());
+    let max = u64::MAX.to_string();
+    for (i, extra) in
+        [["--size", max.as_str()], ["--static-len", max.as_str()], ["--max", max.as_str()]].iter().enumerate()
+    {
+        let seg = dir.path().join(format!("heap{i}"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvmutl"));
+        cmd.args(["heap", "create"]).arg(&seg).arg("--log").arg(&log).args(["--base", "0x5b00_0000_0000"]);
+        if extra[0] != "--size" {
+            cmd.args(["--size", "64K"]);
+        }
+        let out = cmd.args(extra).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && stderr.contains("rvmutl: error:"), "{extra:?}: {stderr}");
+        assert!(!seg.exists(), "{extra:?}: a segment was left behind");
+    }
+}
