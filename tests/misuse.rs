@@ -94,3 +94,65 @@ fn rvmutl_heap_create_with_huge_sizes_is_a_usage_error() {
         assert!(!seg.exists(), "{extra:?}: a segment was left behind");
     }
 }
+
+/// `rvmutl heap check` and `heap stats` read the heap segment into memory
+/// (a view that writes nothing). A heap larger than the machine's memory
+/// (here a 1 TiB sparse heap, which `heap create` allows) made the
+/// allocation fail and the process abort (SIGABRT, exit 134), or, with
+/// overcommit, read on towards the OOM killer. Now exit 2 with the sizes.
+#[test]
+fn rvmutl_heap_check_of_a_heap_larger_than_memory_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, seg) = (dir.path().join("log"), dir.path().join("heap"));
+    let rvmutl = || Command::new(env!("CARGO_BIN_EXE_rvmutl"));
+    assert!(rvmutl().arg("create-log").arg(&log).args(["--size", "1M"]).output().unwrap().status.success());
+    let out = rvmutl()
+        .args(["heap", "create"])
+        .arg(&seg)
+        .arg("--log")
+        .arg(&log)
+        .args(["--size", "1T", "--base", "0x5b00_0000_0000"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        // A file system without sparse files of 1 TiB: nothing to check.
+        eprintln!("skipped: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    // SAFETY: `sysconf` reads a system constant.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) } as u64;
+    if pages.saturating_mul(4096) >= 1 << 40 {
+        eprintln!("skipped: this machine has 1 TiB of memory or more");
+        return;
+    }
+    for cmd in ["check", "stats"] {
+        let out = rvmutl().args(["heap", cmd]).arg(&seg).arg("--log").arg(&log).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "heap {cmd}: {stderr}");
+        assert!(stderr.contains("do not fit in memory"), "heap {cmd}: {stderr}");
+    }
+}
+
+/// `rvmutl segment create --map FILE` read the whole input into memory:
+/// `--map /dev/zero` (or an endless pipe on `--map -`) ate memory until
+/// the allocation failed. Now refused past 4 MiB, exit 2.
+#[test]
+fn rvmutl_segment_create_refuses_an_endless_map_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let rvmutl = || Command::new(env!("CARGO_BIN_EXE_rvmutl"));
+    assert!(rvmutl().arg("create-log").arg(&log).args(["--size", "1M"]).output().unwrap().status.success());
+    let seg = dir.path().join("seg");
+    let out = rvmutl()
+        .args(["segment", "create"])
+        .arg(&seg)
+        .arg("--log")
+        .arg(&log)
+        .args(["--map", "/dev/zero"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a load map"), "{stderr}");
+    assert!(!seg.exists());
+}

@@ -13,6 +13,13 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// Bytes of physical memory of the machine, if the system tells.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: `sysconf` reads a system constant; it has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    u64::try_from(pages).ok().and_then(|p| p.checked_mul(page_size() as u64))
+}
+
 /// Highest user address this crate will map at (the lower half of a 48-bit
 /// address space, which every 64-bit Linux target provides).
 pub const USER_ADDRESS_LIMIT: usize = 1 << 47;
