@@ -796,18 +796,23 @@ pub(crate) fn walk_roots(
         };
         out.push((root, outcome));
     }
-    // A block two sound roots reach: both are refused.
-    let mut owner: HashMap<usize, usize> = HashMap::new();
+    // A block two sound roots reach: both are refused (each root's own
+    // trace saw every block once, so only roots can collide).
+    let owning: Vec<usize> =
+        (0..out.len()).filter(|&i| matches!(&out[i].1, Outcome::Owns(b) if !b.is_empty())).collect();
     let mut shared: HashSet<usize> = HashSet::new();
-    for (i, (_, o)) in out.iter().enumerate() {
-        if let Outcome::Owns(blocks) = o {
-            for &b in blocks {
-                if let Some(&j) = owner.get(&b) {
-                    shared.insert(i);
-                    shared.insert(j);
-                } else {
-                    owner.insert(b, i);
-                }
+    if owning.len() > 1 {
+        let mut all: Vec<(usize, usize)> = Vec::new();
+        for &i in &owning {
+            if let Outcome::Owns(blocks) = &out[i].1 {
+                all.extend(blocks.iter().map(|&b| (b, i)));
+            }
+        }
+        all.sort_unstable();
+        for w in all.windows(2) {
+            if w[0].0 == w[1].0 {
+                shared.insert(w[0].1);
+                shared.insert(w[1].1);
             }
         }
     }

@@ -58,43 +58,66 @@ impl Checked {
         *self.walk.lock() = None;
     }
 
-    /// Whether the root at `addr`, whose value (traced alone by its type's
-    /// shape `shape`) owns exactly the sorted `blocks`, shares none of
-    /// them with another root, nor its block.
+    /// Whether the root at `addr`, whose type has the shape `shape`, is
+    /// sound: its value traces by that shape (every pointer a live block
+    /// of the right size, owned once, no root's block among them), and it
+    /// shares no block with another root.
     ///
-    /// Each root's check alone cannot see two roots that own one block
+    /// Each root's trace alone cannot see two roots that own one block
     /// (their pointers damaged to one buffer): using one would then free
     /// or overwrite what the other reads. So the first check after the
-    /// heap opens walks every root by the shapes stored in the heap
-    /// ([`walk_roots`]), and a root is sound if that walk found it owning
-    /// the same blocks, alone. The walk stays true for roots not yet
-    /// checked: until its check, no typed method changes a root's value,
-    /// and the blocks it owns are live (owned by no other sound root), so
-    /// no other root frees or allocates them. A root the walk could not
-    /// follow (no stored shape, or a shape that disagrees with its type's)
-    /// is judged by a new walk of the heap as it is now, which follows it
-    /// by its type's shape.
-    fn alone(&self, heap: &Heap, addr: usize, blocks: &[usize], shape: &TypeShape) -> bool {
-        if !self.off.load(AtomicOrdering::SeqCst) {
-            let mut walk = self.walk.lock();
-            let walk = walk.get_or_insert_with(|| {
-                let stored = crate::shape::load_stored(heap).ok().flatten();
-                walk_roots(heap, stored.as_ref(), None).into_iter().map(|(r, o)| (r.ptr.as_ptr() as usize, o)).collect()
-            });
-            match walk.get(&addr) {
-                Some(Outcome::Owns(b)) if b == blocks => {
+    /// heap opens walks every root ([`walk_roots`]): this one by its
+    /// type's shape, the others by the shapes stored in the heap; the
+    /// others' results are kept. A later root is sound if that walk found
+    /// it owning the blocks its own type's trace finds, alone. The walk
+    /// stays true for roots not yet checked: until its check, no typed
+    /// method changes a root's value, and the blocks it owns are live and
+    /// owned by no other sound root, so no other root frees or reallocates
+    /// them. A root the walk could not follow (no stored shape, or a
+    /// shape that disagrees with its type's) is judged by a new walk of
+    /// the heap as it is now; so is every root while the cache is off.
+    fn sound(&self, heap: &Heap, addr: usize, shape: &TypeShape) -> bool {
+        let given = Some((addr, &shape.shapes, shape.root));
+        let fresh_walk = || {
+            let stored = crate::shape::load_stored(heap).ok().flatten();
+            walk_roots(heap, stored.as_ref(), given)
+                .into_iter()
+                .map(|(r, o)| (r.ptr.as_ptr() as usize, o))
+                .collect::<HashMap<usize, Outcome>>()
+        };
+        let owns = |walk: &HashMap<usize, Outcome>| matches!(walk.get(&addr), Some(Outcome::Owns(_)));
+        if self.off.load(AtomicOrdering::SeqCst) {
+            return owns(&fresh_walk());
+        }
+        let mut cached = self.walk.lock();
+        let Some(walk) = cached.as_mut() else {
+            // The first check since the heap opened: this root by its
+            // type's shape, the others kept for their own checks.
+            let mut walk = fresh_walk();
+            let ok = owns(&walk);
+            walk.remove(&addr);
+            *cached = Some(walk);
+            return ok;
+        };
+        match walk.get(&addr) {
+            Some(Outcome::Damaged(_)) => return false,
+            Some(Outcome::Owns(blocks)) => {
+                let mut t = Tracer::new(heap);
+                t.exclude(heap.roots().iter().map(|r| r.ptr.as_ptr() as usize));
+                if t.trace(&shape.shapes, shape.root, addr).is_err() {
+                    return false;
+                }
+                let mut mine = t.blocks;
+                mine.sort_unstable();
+                if mine == *blocks {
                     walk.remove(&addr);
                     return true;
                 }
-                Some(Outcome::Damaged(_)) => return false,
-                _ => {}
             }
+            _ => {}
         }
-        let stored = crate::shape::load_stored(heap).ok().flatten();
-        walk_roots(heap, stored.as_ref(), Some((addr, &shape.shapes, shape.root)))
-            .into_iter()
-            .find(|(r, _)| r.ptr.as_ptr() as usize == addr)
-            .is_some_and(|(_, o)| matches!(o, Outcome::Owns(b) if b == blocks))
+        drop(cached);
+        owns(&fresh_walk())
     }
 
     /// Records roots made by a committed transaction as checked: the typed
@@ -154,15 +177,7 @@ fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<
     // hold the heap's reader or writer lock, so nothing changes it while
     // the tracer reads it. Its value may point at no root's block, and
     // may share no block with another root.
-    let shape = crate::shape::shape_of::<T>();
-    let mut t = Tracer::new(heap);
-    t.exclude(heap.roots().iter().map(|r| r.ptr.as_ptr() as usize));
-    if t.trace(&shape.shapes, shape.root, addr).is_err() {
-        return Err(Error::Damaged { name: name.into() });
-    }
-    let mut blocks = t.blocks;
-    blocks.sort_unstable();
-    if !checked.alone(heap, addr, &blocks, &shape) {
+    if !checked.sound(heap, addr, &crate::shape::shape_of::<T>()) {
         return Err(Error::Damaged { name: name.into() });
     }
     checked.insert(id);
