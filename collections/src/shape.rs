@@ -244,11 +244,28 @@ pub(crate) struct Tracer<'a> {
     work: Vec<(usize, ShapeId, u64)>,
     /// Whether to check that string bytes are UTF-8.
     check_utf8: bool,
+    /// Whether only committed blocks count as live (not those the calling
+    /// thread's open transaction allocated): for values no transaction
+    /// has changed yet.
+    committed_only: bool,
 }
 
 impl<'a> Tracer<'a> {
     pub(crate) fn new(heap: &'a rvm_heap::Heap) -> Self {
-        Tracer { heap, blocks: Vec::new(), seen: HashSet::new(), work: Vec::new(), check_utf8: true }
+        Tracer {
+            heap,
+            blocks: Vec::new(),
+            seen: HashSet::new(),
+            work: Vec::new(),
+            check_utf8: true,
+            committed_only: false,
+        }
+    }
+
+    /// Counts only committed blocks as live (see `committed_only`).
+    pub(crate) fn committed_only(mut self) -> Self {
+        self.committed_only = true;
+        self
     }
 
     /// Marks `addrs` as reached already (blocks a value must not point at:
@@ -283,7 +300,8 @@ impl<'a> Tracer<'a> {
         if align == 0 || !p.is_multiple_of(align) {
             return Err(bad("misaligned pointer", at));
         }
-        if self.heap.live_block_len(ptr).is_none_or(|l| l < len) {
+        let live = if self.committed_only { self.heap.committed_block_len(ptr) } else { self.heap.live_block_len(ptr) };
+        if live.is_none_or(|l| l < len) {
             return Err(bad("pointer to no live block of the size needed", at));
         }
         if !self.seen.insert(addr) {
@@ -740,7 +758,10 @@ pub(crate) type Given<'s> = (usize, &'s Shapes, ShapeId);
 
 /// Walks every root of `heap` (the typed layer's own shape table aside):
 /// each by its type's stored shape (`stored`), or by `given` for the root
-/// at its address. A root is sound when its value traces alone (every
+/// at its address. Roots for which `trusted(address, type tag)` holds
+/// (checked already: the open transaction may have changed them) may
+/// reach blocks the calling thread's open transaction allocated; the
+/// others only committed blocks (see `Tracer::committed_only`). A root is sound when its value traces alone (every
 /// pointer a live block of the right size, owned once) without reaching a
 /// root's block, and shares no block with another sound root and no
 /// block with another root. Two roots that share a block (their values
@@ -752,6 +773,7 @@ pub(crate) fn walk_roots(
     heap: &rvm_heap::Heap,
     stored: Option<&Stored>,
     given: Option<Given<'_>>,
+    trusted: &dyn Fn(usize, u64) -> bool,
 ) -> Vec<(rvm_heap::Root, Outcome)> {
     let roots = heap.roots();
     let root_blocks: Vec<usize> = roots.iter().map(|r| r.ptr.as_ptr() as usize).collect();
@@ -780,7 +802,13 @@ pub(crate) fn walk_roots(
                     if !live || def.size != root.size || !(addr as u64).is_multiple_of(def.align) {
                         Outcome::Damaged("root block does not fit its type".into())
                     } else {
+                        // A root whose value the open transaction may have
+                        // changed (`trusted`: checked already) may reach its
+                        // new blocks; any other only committed ones.
                         let mut t = Tracer::new(heap);
+                        if !trusted(addr, root.type_tag) {
+                            t = t.committed_only();
+                        }
                         t.exclude(root_blocks.iter().copied());
                         match t.trace(shapes, id, addr) {
                             Ok(()) => {
@@ -829,7 +857,7 @@ pub fn reachability(heap: &rvm_heap::Heap) -> Result<Reachability, crate::Error>
     let stored = load_stored(heap)?;
     let mut out = Reachability::default();
     let mut reached: HashSet<usize> = heap.roots().iter().map(|r| r.ptr.as_ptr() as usize).collect();
-    for (root, outcome) in walk_roots(heap, stored.as_ref(), None) {
+    for (root, outcome) in walk_roots(heap, stored.as_ref(), None, &|_, _| false) {
         match outcome {
             Outcome::Untyped => out.untyped_roots.push(root.name),
             Outcome::Damaged(why) => out.damaged_roots.push((root.name, why)),

@@ -48,6 +48,10 @@ impl Checked {
 
     fn remove(&self, id: (usize, u64)) {
         self.set.lock().remove(&id);
+        // What the walk found for it then no longer tells anything.
+        if let Some(w) = self.walk.lock().as_mut() {
+            w.remove(&id.0);
+        }
     }
 
     /// Stops caching: every later borrow checks its root again.
@@ -80,7 +84,15 @@ impl Checked {
         let given = Some((addr, &shape.shapes, shape.root));
         let fresh_walk = || {
             let stored = crate::shape::load_stored(heap).ok().flatten();
-            walk_roots(heap, stored.as_ref(), given)
+            // With the cache on, a root not yet checked must reach only
+            // committed blocks (a block the open transaction just made may
+            // still be stored elsewhere or freed, and the result is kept);
+            // with it off, nothing is kept and every root counts the open
+            // transaction's blocks (the raw API's changes are the caller's
+            // duty).
+            let off = self.off.load(AtomicOrdering::SeqCst);
+            let trusted = |addr: usize, tag: u64| off || self.contains((addr, tag));
+            walk_roots(heap, stored.as_ref(), given, &trusted)
                 .into_iter()
                 .map(|(r, o)| (r.ptr.as_ptr() as usize, o))
                 .collect::<HashMap<usize, Outcome>>()
@@ -102,7 +114,7 @@ impl Checked {
         match walk.get(&addr) {
             Some(Outcome::Damaged(_)) => return false,
             Some(Outcome::Owns(blocks)) => {
-                let mut t = Tracer::new(heap);
+                let mut t = Tracer::new(heap).committed_only();
                 t.exclude(heap.roots().iter().map(|r| r.ptr.as_ptr() as usize));
                 if t.trace(&shape.shapes, shape.root, addr).is_err() {
                     return false;

@@ -364,3 +364,46 @@ fn damaged_value_words_never_crash_the_safe_api() {
         try_damaged(bytes, &what);
     }
 }
+
+/// A root whose box was damaged to point at a block that is free in the
+/// file. A write transaction allocates that block for a new value, then
+/// borrows the damaged root for the first time: the block is live for the
+/// transaction, so the root's check alone passed, and once the new value
+/// was stored in another root the two shared it. A root not yet checked
+/// must reach committed blocks only: refused.
+#[test]
+fn a_root_pointing_at_a_block_the_transaction_just_made_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| {
+        tx.root_or_insert_with("a", PVec::<PBox<u64>>::new)?.reserve(4)?;
+        let b = tx.new_box(1u64)?;
+        tx.root_or_insert_with("c", || None::<PBox<u64>>)?.replace(b)?;
+        let t = tx.new_box(2u64)?;
+        tx.root_or_insert_with("tmp", || None::<PBox<u64>>)?.replace(t)?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // SAFETY: inspection only: no transaction runs meanwhile.
+    let raw = unsafe { heap.raw_heap() };
+    // SAFETY: the roots hold one word each, their box's address.
+    let (c_box, freed) =
+        unsafe { (raw.root("c").unwrap().ptr.cast::<u64>().read(), raw.root("tmp").unwrap().ptr.cast::<u64>().read()) };
+    heap.write(|tx| tx.root_mut::<Option<PBox<u64>>>("tmp")?.unwrap().take().map(drop)).unwrap();
+    heap.close().unwrap();
+    // The box of "c" now points at the free block the dropped box left.
+    patch(dir.path(), &c_box.to_ne_bytes(), &freed.to_ne_bytes());
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let r = heap.write(|tx| {
+        let b = tx.new_box(3u64)?;
+        assert_eq!(&**b as *const u64 as u64, freed, "the new box takes the freed block");
+        tx.root_mut::<PVec<PBox<u64>>>("a")?.unwrap().push(b)?;
+        let c = tx.root::<Option<PBox<u64>>>("c")?.unwrap();
+        Ok::<_, Error>(c.as_deref().copied())
+    });
+    assert!(matches!(r, Err(Error::Damaged { .. })), "{r:?}");
+    // Also in a transaction of its own, after the block was stored.
+    heap.write(|tx| tx.root_mut::<PVec<PBox<u64>>>("a")?.unwrap().push(tx.new_box(3u64)?)).unwrap();
+    let r = heap.read(|r| r.root::<Option<PBox<u64>>>("c").map(|c| c.map(|c| c.as_deref().copied())));
+    assert!(matches!(r, Err(Error::Damaged { .. })), "{r:?}");
+}
