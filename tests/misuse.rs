@@ -156,3 +156,15 @@ fn rvmutl_segment_create_refuses_an_endless_map_file() {
     assert!(stderr.contains("not a load map"), "{stderr}");
     assert!(!seg.exists());
 }
+
+/// A segment length past what a file holds: the error said only "out of
+/// range integral type conversion attempted"; now it names the limit.
+#[test]
+fn a_segment_longer_than_a_file_holds_is_refused_with_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let r = rvm.create_segment(dir.path().join("seg"), u64::MAX);
+    let message = r.map(|_| ()).unwrap_err().to_string();
+    assert!(message.contains("more than a file holds"), "{message}");
+}

@@ -206,6 +206,14 @@ impl Storage for FileStorage {
                 format!("block device {} cannot grow", self.path.display()),
             ));
         }
+        if i64::try_from(len).is_err() {
+            // `File::set_len` says only "out of range integral type
+            // conversion attempted".
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("length {len} is more than a file holds (2^63 - 1 bytes)"),
+            ));
+        }
         self.file.set_len(len)
     }
     fn sync(&self) -> io::Result<()> {
