@@ -196,6 +196,7 @@ fn exercise(heap: &PHeap) {
         if let Ok(Some(t)) = r.root::<Tree>("t") {
             let _ = wsum(t.iter().map(|(k, v)| k.wrapping_add(wsum(v.iter().copied()))));
             let _ = (t.range(10..40).count(), t.get(&9).map(|v| v.len()), t.first_key_value().map(|(k, _)| *k));
+            let _ = (t.range(50..).count(), t.range(..=20).count(), t.last_key_value().map(|(k, _)| *k));
         }
         if let Ok(Some(rec)) = r.root::<Rec>("r") {
             let mut at = Some(rec);
@@ -229,6 +230,12 @@ fn exercise(heap: &PHeap) {
     });
     let _ = heap.write(|tx| {
         let mut h = tx.root_mut::<PHashMap<u64, PString>>("h")?.ok_or(Error::Config("gone".into()))?;
+        for k in [3u64, 500] {
+            h.get_or_insert_with(k, PString::new)?.push_str("+")?;
+            if let Some(mut v) = h.get_mut(&(k + 1))? {
+                v.push('!')?;
+            }
+        }
         for k in 0..60u64 {
             if k % 2 == 0 {
                 drop(h.remove_owned(&k)?);
@@ -248,6 +255,11 @@ fn exercise(heap: &PHeap) {
             }
         }
         drop(t.pop_first_owned()?);
+        drop(t.pop_last_owned()?);
+        t.get_or_insert_with(7, PVec::new)?.push(1)?;
+        if let Some(mut v) = t.get_mut(&9)? {
+            v.extend([1, 2, 3])?;
+        }
         Ok::<_, Error>(())
     });
     let _ = heap.write(|tx| {
