@@ -168,3 +168,27 @@ fn a_segment_longer_than_a_file_holds_is_refused_with_the_limit() {
     let message = r.map(|_| ()).unwrap_err().to_string();
     assert!(message.contains("more than a file holds"), "{message}");
 }
+
+/// `rvmutl completions SHELL > /dev/full` panicked (the completion
+/// generator panics when its writer fails) and `--help > /dev/full`
+/// exited 0 with nothing written; both now exit 2 with the reason.
+#[test]
+fn rvmutl_output_to_a_full_disk_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: no /dev/full");
+        return;
+    };
+    for args in
+        [&["completions", "bash"][..], &["completions", "zsh"], &["--help"], &["status", "--help"], &["--version"]]
+    {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).stdout(full.try_clone().unwrap()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("writing the output") && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // Help on a pipe is plain text, as before.
+    let out = Command::new(env!("CARGO_BIN_EXE_rvmutl")).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(!out.stdout.contains(&0x1b), "no terminal styling in piped help");
+}

@@ -237,9 +237,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
-            // Help and version go to stdout with success.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            // Help and version go to stdout with success, unless they
+            // cannot be written (a full disk; a closed pipe is fine).
+            let text = e.render();
+            let written = if io::IsTerminal::is_terminal(&io::stdout()) {
+                write!(io::stdout(), "{}", text.ansi())
+            } else {
+                write!(io::stdout(), "{text}")
+            }
+            .and_then(|()| io::stdout().flush());
+            return match written {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => ExitCode::from(report_failure(&Failure::Output(e))),
+                _ => ExitCode::SUCCESS,
+            };
         }
     };
     let stdout = io::stdout();
@@ -336,8 +346,11 @@ fn run(command: Command, quiet: bool, out: &mut dyn Write) -> Outcome {
         Command::Segment(command) => segment::run(command, quiet, out),
         Command::Heap(cmd) => heap::run(cmd, quiet, out),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "rvmutl", out);
-            Ok(())
+            // Made in memory first: the generator panics when its writer
+            // fails (a full disk, a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rvmutl", &mut script);
+            out.write_all(&script).map_err(Failure::Output)
         }
     }
 }
