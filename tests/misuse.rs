@@ -171,7 +171,9 @@ fn a_segment_longer_than_a_file_holds_is_refused_with_the_limit() {
 
 /// `rvmutl completions SHELL > /dev/full` panicked (the completion
 /// generator panics when its writer fails) and `--help > /dev/full`
-/// exited 0 with nothing written; both now exit 2 with the reason.
+/// exited 0 with nothing written; both now exit 2 with the reason. With
+/// standard error unwritable every error exited 101 (`eprintln!`
+/// panics); now with its own code.
 #[test]
 fn rvmutl_output_to_a_full_disk_is_an_error_not_a_panic() {
     let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
@@ -186,6 +188,13 @@ fn rvmutl_output_to_a_full_disk_is_an_error_not_a_panic() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains("writing the output") && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // Standard error unwritable: the exit code still tells what happened
+    // (eprintln! panicked, exit 101).
+    for (args, code) in [(&["status", "/nonexistent/log"][..], 2), (&["status", "--bogus"], 1)] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_rvmutl")).args(args).stderr(full.try_clone().unwrap()).output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
     }
     // Help on a pipe is plain text, as before.
     let out = Command::new(env!("CARGO_BIN_EXE_rvmutl")).arg("--help").output().unwrap();

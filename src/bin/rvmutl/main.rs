@@ -24,6 +24,23 @@
 //! recovered state they build it in memory. `--json` prints
 //! newline-delimited JSON: one object per line, each with a `"type"`.
 
+/// `eprintln!` that ignores a failed write: an unwritable standard error
+/// (`2>/dev/full`) must not turn the exit code into a panic's 101.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that ignores a failed write (see `say!`).
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod heap;
 mod progress;
 mod segment;
@@ -233,7 +250,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             // Usage errors: the one error prefix, then clap's text.
-            eprint!("{}", usage_error(&e.render().to_string()));
+            say_raw!("{}", usage_error(&e.render().to_string()));
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -277,19 +294,19 @@ fn report_failure(failure: &Failure) -> u8 {
         // The reader went away (`rvmutl dump log | head`): nothing to say.
         Failure::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
         Failure::Output(e) => {
-            eprintln!("rvmutl: error: writing the output: {e}");
+            say!("rvmutl: error: writing the output: {e}");
             EXIT_IO
         }
         Failure::Heap(e) => heap::report(e),
         Failure::NoValidStatus => {
-            eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
+            say!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
         }
         Failure::Loader(e) => segment::report(e),
         Failure::Rvm(e) => {
-            eprintln!("rvmutl: error: {e}");
+            say!("rvmutl: error: {e}");
             if let Some(hint) = hint(e) {
-                eprintln!("rvmutl: hint: {hint}");
+                say!("rvmutl: hint: {hint}");
             }
             exit_code(e)
         }

@@ -126,7 +126,7 @@ pub(crate) fn run(command: SegmentCommand, quiet: bool, out: &mut dyn Write) -> 
 /// map given on the command line that is malformed or breaks a rule, 3 for
 /// a segment without a valid load map, 2 otherwise.
 pub(crate) fn report(e: &LoaderError) -> u8 {
-    eprintln!("rvmutl: error: {e}");
+    say!("rvmutl: error: {e}");
     let (code, hint) = match e {
         LoaderError::Spec { .. } | LoaderError::InvalidMap { .. } | LoaderError::PageSize { .. } => {
             (EXIT_USAGE, Some("see `rvmutl segment create --help` for the load map's form and rules"))
@@ -141,14 +141,14 @@ pub(crate) fn report(e: &LoaderError) -> u8 {
         LoaderError::UnsupportedVersion { .. } | LoaderError::Corrupted { .. } => (EXIT_INVALID, None),
         LoaderError::Core(e) => {
             if let Some(hint) = crate::hint(e) {
-                eprintln!("rvmutl: hint: {hint}");
+                say!("rvmutl: hint: {hint}");
             }
             return crate::exit_code(e);
         }
         _ => (EXIT_IO, None),
     };
     if let Some(hint) = hint {
-        eprintln!("rvmutl: hint: {hint}");
+        say!("rvmutl: hint: {hint}");
     }
     code
 }
