@@ -442,3 +442,76 @@ fn a_root_pointing_at_a_block_the_transaction_just_made_is_refused() {
     let r = heap.read(|r| r.root::<Option<PBox<u64>>>("c").map(|c| c.map(|c| c.as_deref().copied())));
     assert!(matches!(r, Err(Error::Damaged { .. })), "{r:?}");
 }
+
+/// The heap file's load map rewritten (a valid checksum: forged, not
+/// flipped) to place the heap where it must not go: over memory this
+/// process uses, over its own static region, past the end of the file,
+/// with an extra region. Each open is refused with the loader's error, and
+/// the process's memory there is untouched (a fixed mapping must never
+/// replace what is mapped).
+#[test]
+fn a_forged_load_map_is_refused_and_clobbers_nothing() {
+    use rvm_loader::{LoadMap, RegionSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.extend(0..10)).unwrap();
+    heap.close().unwrap();
+    let path = dir.path().join(rvm_collections::HEAP_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let map = LoadMap::decode(&good).unwrap();
+    let (stat, heap_r) = (map.regions()[0].clone(), map.regions()[1].clone());
+    // Memory this process uses: a buffer of its own, four pages aligned.
+    let mut mine = vec![0x5au8; 64 << 10];
+    let inside = (mine.as_ptr() as u64).next_multiple_of(16 << 10);
+    let rebuilt = |regions: Vec<RegionSpec>| {
+        let mut m = LoadMap::with_page_size(map.page_size()).with_header_len(map.header_len());
+        for r in regions {
+            m.push(r);
+        }
+        m
+    };
+    let with = |r: &RegionSpec, offset: u64, len: u64, base: u64| {
+        RegionSpec::new(r.name.clone(), offset, len, base).copy(r.copy).max_len(r.max_len)
+    };
+    let forged = [
+        (
+            "static region over this process's memory",
+            rebuilt(vec![with(&stat, stat.offset, stat.len, inside), heap_r.clone()]),
+        ),
+        (
+            "heap region over this process's memory",
+            rebuilt(vec![stat.clone(), RegionSpec::new(heap_r.name.clone(), heap_r.offset, heap_r.len, inside)]),
+        ),
+        (
+            "heap over the static region",
+            rebuilt(vec![stat.clone(), with(&heap_r, heap_r.offset, heap_r.len, stat.base)]),
+        ),
+        (
+            "heap past the end of the file",
+            rebuilt(vec![stat.clone(), with(&heap_r, heap_r.offset, heap_r.len << 4, heap_r.base)]),
+        ),
+        (
+            "an extra region over the heap's bytes",
+            rebuilt(vec![
+                stat.clone(),
+                heap_r.clone(),
+                RegionSpec::new("extra", heap_r.offset, 4096, 0x5e00_0000_0000),
+            ]),
+        ),
+        ("no heap region", rebuilt(vec![stat.clone()])),
+    ];
+    for (what, m) in forged {
+        let mut bytes = good.clone();
+        let header = m.encode();
+        bytes[..header.len()].copy_from_slice(&header);
+        std::fs::write(&path, &bytes).unwrap();
+        let r = PHeap::open_or_create(dir.path(), small());
+        assert!(r.is_err(), "{what}: opened");
+        assert!(mine.iter().all(|&b| b == 0x5a), "{what}: this process's memory was overwritten");
+    }
+    mine[0] = 0;
+    // The real map still opens, with everything.
+    std::fs::write(&path, &good).unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().to_vec()), (0..10).collect::<Vec<_>>());
+}
