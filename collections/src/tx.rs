@@ -30,7 +30,7 @@ pub(crate) struct Checked {
     /// (committed); `None` until the table is first read.
     shapes: parking_lot::Mutex<Option<HashSet<u64>>>,
     /// What the walk over every root found, by root block address: made
-    /// at the first check after the heap opened (see [`Checked::alone`]);
+    /// at the first check after the heap opened (see [`Checked::sound`]);
     /// an entry leaves once its root is checked.
     walk: parking_lot::Mutex<Option<HashMap<usize, Outcome>>>,
 }
