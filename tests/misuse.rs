@@ -201,3 +201,22 @@ fn rvmutl_output_to_a_full_disk_is_an_error_not_a_panic() {
     assert!(out.status.success());
     assert!(!out.stdout.contains(&0x1b), "no terminal styling in piped help");
 }
+
+/// `Options::tracked_pool_pages = usize::MAX` overflowed computing the
+/// twin pool's size when a region was first tracked (a panic); now
+/// `MapError::BadAddress`, and the region stays usable untracked.
+#[test]
+fn a_tracked_pool_beyond_the_address_space_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let opts = Options { tracked_pool_pages: usize::MAX, ..Options::default() };
+    let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    let r = rvm.track(&region);
+    assert!(matches!(r, Err(rvm::Error::Map(rvm::MapError::BadAddress { .. }))), "{r:?}");
+    let mut tx = rvm.begin(rvm::RestoreMode::Restore).unwrap();
+    // SAFETY: the region is this test's alone; 8 bytes inside it.
+    unsafe { tx.modify_bytes(region.addr(), &7u64.to_le_bytes()).unwrap() };
+    tx.commit(rvm::CommitMode::Flush).unwrap();
+}
