@@ -220,3 +220,32 @@ fn a_tracked_pool_beyond_the_address_space_is_refused() {
     unsafe { tx.modify_bytes(region.addr(), &7u64.to_le_bytes()).unwrap() };
     tx.commit(rvm::CommitMode::Flush).unwrap();
 }
+
+/// A region handle kept after its instance is dropped keeps its mapping,
+/// and with it the segment file and its lock: reopening the log is
+/// refused while it lives (typed, naming this process's handles as a
+/// possible holder), and succeeds once it is dropped.
+#[test]
+fn a_region_kept_after_its_instance_holds_the_segment_until_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    let mut tx = rvm.begin(rvm::RestoreMode::Restore).unwrap();
+    // SAFETY: the region is this test's alone; 8 bytes inside it.
+    unsafe { tx.modify_bytes(region.addr(), &7u64.to_le_bytes()).unwrap() };
+    tx.commit(rvm::CommitMode::Flush).unwrap();
+    drop(rvm);
+    let r = Rvm::open(dir.path().join("log"), Options::default());
+    let message = r.map(|_| ()).unwrap_err().to_string();
+    assert!(message.contains("a handle of this process"), "{message}");
+    drop((region, seg));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    let mut first = [0u8; 8];
+    // SAFETY: nothing stores into the region meanwhile.
+    unsafe { region.read(0, &mut first) }.unwrap();
+    assert_eq!(u64::from_le_bytes(first), 7);
+}

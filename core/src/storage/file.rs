@@ -169,7 +169,11 @@ impl FileStorage {
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
                     return Err(io::Error::new(
                         io::ErrorKind::WouldBlock,
-                        format!("{} is locked by another user", path.display()),
+                        format!(
+                            "{} is locked by another user (another process, or a handle of this process still \
+                             holding it: a region or segment handle kept after its instance was dropped)",
+                            path.display()
+                        ),
                     ))
                 }
                 Err(e) if e == rustix::io::Errno::INTR => {}
