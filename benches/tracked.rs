@@ -147,7 +147,9 @@ fn tracked_map_inserts(root: &Path, name: &str, keys: &[u64], per_tx: usize, how
     let rvm = Rvm::open(dir.join("log"), opts).unwrap();
     let heap = PersistentHeap::create(&rvm, dir.join("heap"), &HeapSpec::fixed(0x5e00_0000_0000, 256 << 20)).unwrap();
     heap.track_with(how).unwrap();
-    let alloc = TrackedAlloc::new(&heap).unwrap();
+    // SAFETY: the map lives in the heap (its rooted block) and changes
+    // only inside transactions on the heap.
+    let alloc = unsafe { TrackedAlloc::new(&heap) }.unwrap();
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
     let block = tx.malloc(Layout::new::<Map>()).unwrap();
     // SAFETY: a fresh block of this transaction, sized for a Map.

@@ -67,7 +67,9 @@ pub fn open(dir: &Path, opts: Options) -> Result<Store, Box<dyn std::error::Erro
     let map = match heap.root("map") {
         Some(root) => root.ptr.as_ptr().cast::<Map>(),
         None => {
-            let alloc = TrackedAlloc::new(&heap)?;
+            // SAFETY: the map lives in the heap under the root "map" and
+            // changes only inside transactions on the heap.
+            let alloc = unsafe { TrackedAlloc::new(&heap) }?;
             let mut tx = heap.begin(RestoreMode::Restore)?;
             let block = tx.malloc(Layout::new::<Map>())?;
             // With a capacity: an empty map that never allocated would

@@ -80,6 +80,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A write transaction ([`crate::PHeap::write`]) or a check
+    /// ([`crate::PHeap::check`]) was started inside a closure transaction
+    /// of the same heap on the same thread (a write inside a write or a
+    /// read, a check inside a write): it would wait for the outer one,
+    /// which waits for it. Change the heap through the outer transaction's
+    /// [`crate::WriteTx`] instead.
+    #[error("a transaction of this heap is already running on this thread (a write inside a write or a read, or a check inside a write, would wait for itself)")]
+    NestedTransaction,
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

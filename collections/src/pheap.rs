@@ -18,6 +18,44 @@ const CREATING_FILE: &str = "heap.seg.creating";
 /// Held while a heap is made and mapped (see `open_or_create_with`).
 static CREATING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
+thread_local! {
+    /// The heaps (by address) whose closure transaction this thread is
+    /// running, innermost last, and whether it is a write.
+    static INSIDE: std::cell::RefCell<Vec<(usize, bool)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread as inside a closure transaction of a heap until
+/// dropped.
+struct Inside(usize);
+
+impl Inside {
+    fn enter(heap: usize, write: bool) -> Inside {
+        INSIDE.with(|i| i.borrow_mut().push((heap, write)));
+        Inside(heap)
+    }
+
+    /// Whether this thread runs a closure transaction of `heap`: `None`
+    /// if not, else whether one of them writes.
+    fn of(heap: usize) -> Option<bool> {
+        INSIDE.with(|i| {
+            let i = i.borrow();
+            let mut mine = i.iter().filter(|(h, _)| *h == heap).peekable();
+            mine.peek().is_some().then(|| mine.any(|&(_, write)| write))
+        })
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with(|i| {
+            let mut i = i.borrow_mut();
+            if let Some(at) = i.iter().rposition(|(h, _)| *h == self.0) {
+                i.remove(at);
+            }
+        });
+    }
+}
+
 /// What [`PHeap::check`] found.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -249,7 +287,12 @@ impl PHeap {
     /// # Ok::<(), Error>(())
     /// ```
     pub fn check(&self) -> Result<CheckReport> {
-        let _reader = self.lock.read();
+        let nested = Inside::of(self.id());
+        if nested == Some(true) {
+            return Err(Error::NestedTransaction);
+        }
+        // Inside a read of this thread: taken again even if a writer waits.
+        let _reader = if nested.is_some() { self.lock.read_recursive() } else { self.lock.read() };
         let heap = self.heap.check()?;
         let reachability = crate::shape::reachability(&self.heap)?;
         Ok(CheckReport { heap, reachability })
@@ -311,7 +354,13 @@ impl PHeap {
         mode: CommitMode,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
+        // Inside a write or read of this heap on this thread, the lock
+        // below would wait for this thread forever.
+        if Inside::of(self.id()).is_some() {
+            return Err(E::from(Error::NestedTransaction));
+        }
         let writer = self.lock.write();
+        let inside = Inside::enter(self.id(), true);
         let htx = self.heap.begin(RestoreMode::Restore).map_err(|e| E::from(e.into()))?;
         let mut tx = WriteTx::new(&self.heap, htx, &self.checked);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx))) {
@@ -321,6 +370,7 @@ impl PHeap {
                 // for the disk, and one sync serves every writer waiting
                 // (the log is written in commit order, so a later write is
                 // never durable without this one).
+                drop(inside);
                 drop(writer);
                 if mode == CommitMode::Flush {
                     self.rvm.flush().map_err(|e| E::from(e.into()))?;
@@ -358,9 +408,32 @@ impl PHeap {
     /// let escaped = heap.write(|tx| Ok::<_, Error>(tx.root_mut::<u64>("n")?));
     /// # }
     /// ```
+    ///
+    /// A read inside a read of the same heap on the same thread is fine.
+    ///
+    /// # Panics
+    ///
+    /// Inside a write transaction of the same heap on the same thread
+    /// (read through the [`WriteTx`] there: [`WriteTx::root`]): the read
+    /// would wait for the write, which waits for it. (`write` and `check`
+    /// return [`Error::NestedTransaction`] in that case.)
     pub fn read<R>(&self, f: impl FnOnce(&ReadTx<'_>) -> R) -> R {
-        let _reader = self.lock.read();
+        let nested = Inside::of(self.id());
+        assert!(
+            nested != Some(true),
+            "PHeap::read inside a write transaction of the same heap on the same thread would wait for itself: \
+             read through the WriteTx instead"
+        );
+        // A nested read takes the lock again even if a writer waits (which
+        // waits for the outer read).
+        let _reader = if nested.is_some() { self.lock.read_recursive() } else { self.lock.read() };
+        let _inside = Inside::enter(self.id(), false);
         f(&ReadTx::new(&self.heap, &self.checked))
+    }
+
+    /// This heap's identity for [`Inside`].
+    fn id(&self) -> usize {
+        self as *const PHeap as usize
     }
 
     /// Makes every earlier commit durable.
@@ -416,7 +489,16 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
     let probe = HeapSpec::new(0, config.heap_len).with_max_len(config.max_heap_len);
     // The address space the heap spans at its maximum.
     let span = usize::try_from(probe.heap_base().saturating_add(probe.max_len()))
-        .map_err(|_| Error::Config(format!("heap_len {} does not fit this address space", config.heap_len)))?;
+        .ok()
+        .filter(|_| probe.max_len() <= rvm_loader::format::MAX_REGION_LEN)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "a heap of {} bytes growing to {} bytes does not fit the address space (at most {} bytes)",
+                config.heap_len,
+                config.max_heap_len,
+                rvm_loader::format::MAX_REGION_LEN
+            ))
+        })?;
     let mut tries = 0;
     loop {
         let base = match config.base {

@@ -244,11 +244,28 @@ pub(crate) struct Tracer<'a> {
     work: Vec<(usize, ShapeId, u64)>,
     /// Whether to check that string bytes are UTF-8.
     check_utf8: bool,
+    /// Whether only committed blocks count as live (not those the calling
+    /// thread's open transaction allocated): for values no transaction
+    /// has changed yet.
+    committed_only: bool,
 }
 
 impl<'a> Tracer<'a> {
     pub(crate) fn new(heap: &'a rvm_heap::Heap) -> Self {
-        Tracer { heap, blocks: Vec::new(), seen: HashSet::new(), work: Vec::new(), check_utf8: true }
+        Tracer {
+            heap,
+            blocks: Vec::new(),
+            seen: HashSet::new(),
+            work: Vec::new(),
+            check_utf8: true,
+            committed_only: false,
+        }
+    }
+
+    /// Counts only committed blocks as live (see `committed_only`).
+    pub(crate) fn committed_only(mut self) -> Self {
+        self.committed_only = true;
+        self
     }
 
     /// Marks `addrs` as reached already (blocks a value must not point at:
@@ -283,7 +300,8 @@ impl<'a> Tracer<'a> {
         if align == 0 || !p.is_multiple_of(align) {
             return Err(bad("misaligned pointer", at));
         }
-        if self.heap.live_block_len(ptr).is_none_or(|l| l < len) {
+        let live = if self.committed_only { self.heap.committed_block_len(ptr) } else { self.heap.live_block_len(ptr) };
+        if live.is_none_or(|l| l < len) {
             return Err(bad("pointer to no live block of the size needed", at));
         }
         if !self.seen.insert(addr) {
@@ -722,38 +740,131 @@ impl Reachability {
     }
 }
 
+/// What the ownership walk ([`walk_roots`]) found for one root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// No shape is known for its type: what it points at is unknown.
+    Untyped,
+    /// Refused, with the reason.
+    Damaged(String),
+    /// Sound: the blocks its value owns (its own block not included),
+    /// sorted, none of them owned by another root nor a root's block.
+    Owns(Vec<usize>),
+}
+
+/// A shape to walk one root by instead of the stored one: the root's
+/// block address, the table, the def in it.
+pub(crate) type Given<'s> = (usize, &'s Shapes, ShapeId);
+
+/// Walks every root of `heap` (the typed layer's own shape table aside):
+/// each by its type's stored shape (`stored`), or by `given` for the root
+/// at its address. Roots for which `trusted(address, type tag)` holds
+/// (checked already: the open transaction may have changed them) may
+/// reach blocks the calling thread's open transaction allocated; the
+/// others only committed blocks (see `Tracer::committed_only`). A root is sound when its value traces alone (every
+/// pointer a live block of the right size, owned once) without reaching a
+/// root's block, and shares no block with another sound root and no
+/// block with another root. Two roots that share a block (their values
+/// point at one buffer, or their slots at one block: damage each root's
+/// check alone cannot see) are both refused: using one would free or
+/// overwrite what the other still reads. Reads the heap as it is: the
+/// caller keeps writers out.
+pub(crate) fn walk_roots(
+    heap: &rvm_heap::Heap,
+    stored: Option<&Stored>,
+    given: Option<Given<'_>>,
+    trusted: &dyn Fn(usize, u64) -> bool,
+) -> Vec<(rvm_heap::Root, Outcome)> {
+    let roots = heap.roots();
+    let root_blocks: Vec<usize> = roots.iter().map(|r| r.ptr.as_ptr() as usize).collect();
+    let mut slots_per_block: HashMap<usize, usize> = HashMap::new();
+    for &b in &root_blocks {
+        *slots_per_block.entry(b).or_default() += 1;
+    }
+    let mut out: Vec<(rvm_heap::Root, Outcome)> = Vec::with_capacity(roots.len());
+    for root in roots {
+        let addr = root.ptr.as_ptr() as usize;
+        if root.name == SHAPES_ROOT {
+            continue;
+        }
+        let outcome = if slots_per_block[&addr] > 1 {
+            Outcome::Damaged("a root block that another root names too".into())
+        } else {
+            let shape = match given {
+                Some((at, shapes, id)) if at == addr => Some((shapes, id)),
+                _ => stored.and_then(|s| s.roots.get(&root.type_tag).map(|&id| (&s.shapes, id))),
+            };
+            match shape {
+                None => Outcome::Untyped,
+                Some((shapes, id)) => {
+                    let def = shapes.def(id);
+                    let live = heap.live_block_len(root.ptr).is_some_and(|l| l >= def.size);
+                    if !live || def.size != root.size || !(addr as u64).is_multiple_of(def.align) {
+                        Outcome::Damaged("root block does not fit its type".into())
+                    } else {
+                        // A root whose value the open transaction may have
+                        // changed (`trusted`: checked already) may reach its
+                        // new blocks; any other only committed ones.
+                        let mut t = Tracer::new(heap);
+                        if !trusted(addr, root.type_tag) {
+                            t = t.committed_only();
+                        }
+                        t.exclude(root_blocks.iter().copied());
+                        match t.trace(shapes, id, addr) {
+                            Ok(()) => {
+                                let mut blocks = t.blocks;
+                                blocks.sort_unstable();
+                                Outcome::Owns(blocks)
+                            }
+                            Err(e) => Outcome::Damaged(e.to_string()),
+                        }
+                    }
+                }
+            }
+        };
+        out.push((root, outcome));
+    }
+    // A block two sound roots reach: both are refused (each root's own
+    // trace saw every block once, so only roots can collide).
+    let owning: Vec<usize> =
+        (0..out.len()).filter(|&i| matches!(&out[i].1, Outcome::Owns(b) if !b.is_empty())).collect();
+    let mut shared: HashSet<usize> = HashSet::new();
+    if owning.len() > 1 {
+        let mut all: Vec<(usize, usize)> = Vec::new();
+        for &i in &owning {
+            if let Outcome::Owns(blocks) = &out[i].1 {
+                all.extend(blocks.iter().map(|&b| (b, i)));
+            }
+        }
+        all.sort_unstable();
+        for w in all.windows(2) {
+            if w[0].0 == w[1].0 {
+                shared.insert(w[0].1);
+                shared.insert(w[1].1);
+            }
+        }
+    }
+    for i in shared {
+        out[i].1 = Outcome::Damaged("a block that another root owns too".into());
+    }
+    out
+}
+
 /// Walks every root of `heap` by the shapes stored in it and lists the
 /// live blocks none reaches. Reads the heap as it is: the caller keeps
 /// writers out.
 pub fn reachability(heap: &rvm_heap::Heap) -> Result<Reachability, crate::Error> {
     let stored = load_stored(heap)?;
     let mut out = Reachability::default();
-    let mut reached: HashSet<usize> = HashSet::new();
-    for root in heap.roots() {
-        let addr = root.ptr.as_ptr() as usize;
-        reached.insert(addr);
-        if root.name == SHAPES_ROOT {
-            continue;
-        }
-        let Some(&id) = stored.as_ref().and_then(|s| s.roots.get(&root.type_tag)) else {
-            out.untyped_roots.push(root.name.clone());
-            continue;
-        };
-        let shapes = &stored.as_ref().expect("found a root in it").shapes;
-        let def = shapes.def(id);
-        let live = heap.live_block_len(root.ptr).is_some_and(|l| l >= def.size);
-        if !live || def.size != root.size || !(addr as u64).is_multiple_of(def.align) {
-            out.damaged_roots.push((root.name.clone(), "root block does not fit its type".into()));
-            continue;
-        }
-        let mut t = Tracer::new(heap);
-        t.exclude([addr]);
-        match t.trace(shapes, id, addr) {
-            Ok(()) => {
+    let mut reached: HashSet<usize> = heap.roots().iter().map(|r| r.ptr.as_ptr() as usize).collect();
+    for (root, outcome) in walk_roots(heap, stored.as_ref(), None, &|_, _| false) {
+        match outcome {
+            Outcome::Untyped => out.untyped_roots.push(root.name),
+            Outcome::Damaged(why) => out.damaged_roots.push((root.name, why)),
+            Outcome::Owns(blocks) => {
                 out.typed_roots += 1;
-                reached.extend(t.blocks);
+                reached.extend(blocks);
             }
-            Err(e) => out.damaged_roots.push((root.name.clone(), e.to_string())),
         }
     }
     for (ptr, len) in heap.live_blocks()? {

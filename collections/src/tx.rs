@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::owned::{Floating, IntoPersist, Owned};
 use crate::persist::{bytes_of, Persist, Plain};
-use crate::shape::{Stored, SHAPES_ROOT};
+use crate::shape::{walk_roots, Outcome, Stored, Tracer, TypeShape, SHAPES_ROOT};
 use rvm_core::CommitMode;
 use rvm_heap::{Heap, HeapTx};
 use std::alloc::Layout;
@@ -29,6 +29,10 @@ pub(crate) struct Checked {
     /// Fingerprints of the types whose shapes the heap's shape table holds
     /// (committed); `None` until the table is first read.
     shapes: parking_lot::Mutex<Option<HashSet<u64>>>,
+    /// What the walk over every root found, by root block address: made
+    /// at the first check after the heap opened (see [`Checked::sound`]);
+    /// an entry leaves once its root is checked.
+    walk: parking_lot::Mutex<Option<HashMap<usize, Outcome>>>,
 }
 
 impl Checked {
@@ -44,6 +48,10 @@ impl Checked {
 
     fn remove(&self, id: (usize, u64)) {
         self.set.lock().remove(&id);
+        // What the walk found for it then no longer tells anything.
+        if let Some(w) = self.walk.lock().as_mut() {
+            w.remove(&id.0);
+        }
     }
 
     /// Stops caching: every later borrow checks its root again.
@@ -51,6 +59,88 @@ impl Checked {
         self.off.store(true, AtomicOrdering::SeqCst);
         self.set.lock().clear();
         *self.shapes.lock() = None;
+        *self.walk.lock() = None;
+    }
+
+    /// Whether the root at `addr`, whose type has the shape `shape`, is
+    /// sound: its value traces by that shape (every pointer a live block
+    /// of the right size, owned once, no root's block among them), and it
+    /// shares no block with another root.
+    ///
+    /// Each root's trace alone cannot see two roots that own one block
+    /// (their pointers damaged to one buffer): using one would then free
+    /// or overwrite what the other reads. So the first check after the
+    /// heap opens walks every root ([`walk_roots`]): this one by its
+    /// type's shape, the others by the shapes stored in the heap; the
+    /// others' results are kept. A later root is sound if that walk found
+    /// it owning the blocks its own type's trace finds, alone. The walk
+    /// stays true for roots not yet checked: until its check, no typed
+    /// method changes a root's value, and the blocks it owns are live and
+    /// owned by no other sound root, so no other root frees or reallocates
+    /// them. A root the walk could not follow (no stored shape, or a
+    /// shape that disagrees with its type's) is judged by a new walk of
+    /// the heap as it is now; so is every root while the cache is off.
+    fn sound(&self, heap: &Heap, addr: usize, shape: &TypeShape) -> bool {
+        let given = Some((addr, &shape.shapes, shape.root));
+        let fresh_walk = || {
+            let stored = crate::shape::load_stored(heap).ok().flatten();
+            // With the cache on, a root not yet checked must reach only
+            // committed blocks (a block the open transaction just made may
+            // still be stored elsewhere or freed, and the result is kept);
+            // with it off, nothing is kept and every root counts the open
+            // transaction's blocks (the raw API's changes are the caller's
+            // duty).
+            let off = self.off.load(AtomicOrdering::SeqCst);
+            let trusted = |addr: usize, tag: u64| off || self.contains((addr, tag));
+            walk_roots(heap, stored.as_ref(), given, &trusted)
+                .into_iter()
+                .map(|(r, o)| (r.ptr.as_ptr() as usize, o))
+                .collect::<HashMap<usize, Outcome>>()
+        };
+        let owns = |walk: &HashMap<usize, Outcome>| matches!(walk.get(&addr), Some(Outcome::Owns(_)));
+        if self.off.load(AtomicOrdering::SeqCst) {
+            return owns(&fresh_walk());
+        }
+        let mut cached = self.walk.lock();
+        let Some(walk) = cached.as_mut() else {
+            // The first check since the heap opened: this root by its
+            // type's shape, the others kept for their own checks.
+            let mut walk = fresh_walk();
+            let ok = owns(&walk);
+            walk.remove(&addr);
+            *cached = Some(walk);
+            return ok;
+        };
+        match walk.get(&addr) {
+            Some(Outcome::Damaged(_)) => return false,
+            Some(Outcome::Owns(blocks)) => {
+                let mut t = Tracer::new(heap).committed_only();
+                t.exclude(heap.roots().iter().map(|r| r.ptr.as_ptr() as usize));
+                if t.trace(&shape.shapes, shape.root, addr).is_err() {
+                    return false;
+                }
+                let mut mine = t.blocks;
+                mine.sort_unstable();
+                if mine == *blocks {
+                    walk.remove(&addr);
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        drop(cached);
+        owns(&fresh_walk())
+    }
+
+    /// Records roots made by a committed transaction as checked: the typed
+    /// layer made their values, from values it owned alone.
+    fn created(&self, roots: impl IntoIterator<Item = (usize, u64)>) {
+        for id in roots {
+            self.insert(id);
+            if let Some(w) = self.walk.lock().as_mut() {
+                w.remove(&id.0);
+            }
+        }
     }
 
     /// Whether the shape table holds `fingerprint` (`None`: not read yet).
@@ -90,14 +180,16 @@ fn typed_root<T: Persist>(heap: &Heap, name: &str, checked: &Checked) -> Result<
     if !live || !(root.ptr.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::RootNotLive { name: name.into(), size });
     }
-    let id = (root.ptr.as_ptr() as usize, T::FINGERPRINT);
+    let addr = root.ptr.as_ptr() as usize;
+    let id = (addr, T::FINGERPRINT);
     if checked.contains(id) {
         return Ok(Some(root.ptr));
     }
     // A live, aligned block of a `T`'s size recorded as a `T`; callers
     // hold the heap's reader or writer lock, so nothing changes it while
-    // the tracer reads it.
-    if crate::shape::trace_value::<T>(heap, root.ptr.as_ptr() as usize).is_err() {
+    // the tracer reads it. Its value may point at no root's block, and
+    // may share no block with another root.
+    if !checked.sound(heap, addr, &crate::shape::shape_of::<T>()) {
         return Err(Error::Damaged { name: name.into() });
     }
     checked.insert(id);
@@ -222,6 +314,9 @@ impl<'h> WriteTx<'h> {
         if let Some(added) = added {
             self.checked.shapes_committed(added);
         }
+        let made = self.created.borrow();
+        self.checked
+            .created(made.iter().filter(|(n, _)| n.as_str() != SHAPES_ROOT).map(|(_, c)| (c.0.as_ptr() as usize, c.2)));
         Ok(())
     }
 

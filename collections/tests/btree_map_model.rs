@@ -325,14 +325,20 @@ fn forge(heap: &PHeap, name: &str, header: [u64; 3]) {
     unsafe { heap.raw_heap() }.root_or_create(name, 24, 8, Map::FINGERPRINT, |b| b.copy_from_slice(&bytes)).unwrap();
 }
 
-/// A raw block of `size` bytes holding `words` (then zeros).
-fn raw_block(heap: &PHeap, name: &str, size: usize, words: &[u64]) -> u64 {
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    // SAFETY: no typed transaction runs meanwhile; a new raw root.
-    let r = unsafe { heap.raw_heap() }
-        .root_or_create(&format!("block {name}"), size, 8, 1, |b| b[..bytes.len()].copy_from_slice(&bytes))
-        .unwrap();
-    r.ptr.as_ptr() as u64
+/// A raw block of `size` bytes holding `words` (then zeros): allocated
+/// by the raw API, owned by no root (a typed root may not point at a
+/// root's block).
+fn raw_block(heap: &PHeap, size: usize, words: &[u64]) -> u64 {
+    use rvm_core::{CommitMode, RestoreMode};
+    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    bytes.resize(size, 0);
+    // SAFETY: no typed transaction runs meanwhile; a new raw block.
+    let mut htx = unsafe { heap.raw_heap() }.begin(RestoreMode::Restore).unwrap();
+    let p = htx.malloc(std::alloc::Layout::from_size_align(size, 8).unwrap()).unwrap();
+    // SAFETY: a block this transaction just allocated.
+    unsafe { htx.write(p, &bytes).unwrap() };
+    htx.commit(CommitMode::Flush).unwrap();
+    p.as_ptr() as u64
 }
 
 #[test]
@@ -350,18 +356,20 @@ fn wrong_type_and_damage_are_refused() {
     let mut leaf = vec![1, 0, 5];
     leaf.resize(2 + 32, 0);
     leaf.push(6);
-    let a = raw_block(&heap, "leaf", 528, &leaf);
-    let small_block = raw_block(&heap, "small", 64, &[1, 0, 5]);
-    let empty_leaf = raw_block(&heap, "empty", 528, &[0, 0]);
+    let a = raw_block(&heap, 528, &leaf);
+    // The sound map's own copy: a leaf that two roots own is damage.
+    let good = raw_block(&heap, 528, &leaf);
+    let small_block = raw_block(&heap, 64, &[1, 0, 5]);
+    let empty_leaf = raw_block(&heap, 528, &[0, 0]);
     let mut shared = vec![1, 1, 9];
     shared.resize(2 + 32, 0);
     shared.extend([a, a]);
-    let b = raw_block(&heap, "shared", 536, &shared);
+    let b = raw_block(&heap, 536, &shared);
     let mut cyc = vec![0, 1];
     cyc.resize(2 + 32, 0);
     cyc.push(b);
-    let c = raw_block(&heap, "cyc", 536, &cyc);
-    forge(&heap, "good", [a, 1, 0]);
+    let c = raw_block(&heap, 536, &cyc);
+    forge(&heap, "good", [good, 1, 0]);
     forge(&heap, "too small", [small_block, 1, 0]);
     forge(&heap, "not live", [a + 16, 1, 0]);
     forge(&heap, "empty leaf", [empty_leaf, 0, 0]);

@@ -13,11 +13,11 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
-/// The machine's physical memory in bytes (`None` if unknown).
+/// Bytes of physical memory of the machine, if the system tells.
 pub fn physical_memory() -> Option<u64> {
-    // SAFETY: sysconf reads a system value and has no preconditions.
+    // SAFETY: `sysconf` reads a system constant; it has no preconditions.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    u64::try_from(pages).ok().filter(|&p| p > 0).map(|p| p * page_size() as u64)
+    u64::try_from(pages).ok().filter(|&p| p > 0).and_then(|p| p.checked_mul(page_size() as u64))
 }
 
 /// Highest user address this crate will map at (the lower half of a 48-bit

@@ -137,19 +137,24 @@ impl Session {
         let ps = mem::page_size();
         let pool_pages = pool_pages.max(1);
         let overflow_pages = pool_pages.max(256);
-        let entries = pool_pages + overflow_pages;
+        // A pool no address space holds (`Options::tracked_pool_pages` far
+        // too large) is refused, not an overflow.
+        let too_big = || MapError::BadAddress { addr: 0, len: pool_pages.saturating_mul(ps).saturating_mul(2) };
+        let pool_len = pool_pages.checked_mul(ps).filter(|&l| l <= isize::MAX as usize).ok_or_else(too_big)?;
+        let entries = pool_pages.checked_add(overflow_pages).ok_or_else(too_big)?;
+        let dirty_len = entries
+            .checked_mul(std::mem::size_of::<usize>())
+            .and_then(|l| l.checked_next_multiple_of(ps))
+            .ok_or_else(too_big)?;
         Ok(Session {
             writer: Mutex::new(()),
             owner: AtomicI64::new(0),
             page_size: ps,
-            pool: Mapping::anonymous_populated(Placement::Anywhere, pool_pages * ps)?,
+            pool: Mapping::anonymous_populated(Placement::Anywhere, pool_len)?,
             pool_pages,
-            overflow: Mapping::anonymous(Placement::Anywhere, overflow_pages * ps)?,
+            overflow: Mapping::anonymous(Placement::Anywhere, pool_len.max(overflow_pages * ps))?,
             overflow_pages,
-            dirty: Mapping::anonymous_populated(
-                Placement::Anywhere,
-                (entries * std::mem::size_of::<usize>()).next_multiple_of(ps),
-            )?,
+            dirty: Mapping::anonymous_populated(Placement::Anywhere, dirty_len)?,
             used: AtomicUsize::new(0),
             logging,
             uffd: OnceLock::new(),

@@ -730,6 +730,22 @@ impl Heap {
         h.size.checked_sub(u64::from(h.slack))?.checked_sub(HDR)
     }
 
+    /// [`Heap::live_block_len`] as committed: blocks the calling thread's
+    /// open transaction allocated do not count (their headers are written
+    /// at its commit), blocks it freed still do (freed at its commit). For
+    /// typed layers that check a value no transaction has changed yet: its
+    /// pointers must lead to committed blocks, not to blocks the open
+    /// transaction just made, which it may still free or store elsewhere.
+    pub fn committed_block_len(&self, ptr: NonNull<u8>) -> Option<u64> {
+        let data_off = (ptr.as_ptr() as usize).checked_sub(self.base())? as u64;
+        if data_off < HDR || !data_off.is_multiple_of(HDR) || data_off >= self.heap_len() {
+            return None;
+        }
+        let _st = self.state.lock();
+        let h = self.read_header(data_off - HDR).ok().filter(|h| h.allocated)?;
+        h.size.checked_sub(u64::from(h.slack))?.checked_sub(HDR)
+    }
+
     /// The root called `name`.
     pub fn root(&self, name: &str) -> Option<Root> {
         let st = self.state.lock();

@@ -37,6 +37,14 @@ pub struct HeapSpec {
     max_len: u64,
 }
 
+/// `len` rounded up to whole pages; the largest page multiple if that
+/// overflows (a length no address space holds, refused when the heap is
+/// made, as any length beyond the user address space is).
+fn whole_pages(len: u64) -> u64 {
+    let page = rvm_core::page_size() as u64;
+    len.checked_next_multiple_of(page).unwrap_or(u64::MAX / page * page)
+}
+
 impl HeapSpec {
     /// A heap of `heap_len` bytes (rounded up to whole pages) whose static
     /// region is mapped at `base` (page-aligned) and whose heap region
@@ -72,7 +80,7 @@ impl HeapSpec {
         let page = rvm_core::page_size() as u64;
         HeapSpec {
             base,
-            heap_len: heap_len.next_multiple_of(page),
+            heap_len: whole_pages(heap_len),
             static_len: page,
             heap_base: None,
             copy: CopyMode::OnDemand,
@@ -94,7 +102,7 @@ impl HeapSpec {
     /// mapping: if something is there already, the heap loads at its size
     /// and a growth reports [`HeapError::AddressRangeTaken`]).
     pub fn with_max_len(mut self, max_len: u64) -> HeapSpec {
-        self.max_len = max_len.next_multiple_of(rvm_core::page_size() as u64);
+        self.max_len = whole_pages(max_len);
         self
     }
 
@@ -106,7 +114,7 @@ impl HeapSpec {
     /// Sets the static region's length (rounded up to whole pages; default
     /// one page, which holds 62 roots; each 64 bytes more hold one more).
     pub fn with_static_len(mut self, len: u64) -> HeapSpec {
-        self.static_len = len.max(1).next_multiple_of(rvm_core::page_size() as u64);
+        self.static_len = whole_pages(len.max(1));
         self
     }
 
@@ -144,7 +152,7 @@ impl HeapSpec {
         let map = LoadMap::new();
         let first = map.header_len();
         map.region(RegionSpec::new(STATIC_REGION, first, self.static_len, self.base)).region(
-            RegionSpec::new(HEAP_REGION, first + self.static_len, self.heap_len, self.heap_base())
+            RegionSpec::new(HEAP_REGION, first.saturating_add(self.static_len), self.heap_len, self.heap_base())
                 .copy(self.copy)
                 .max_len(self.max_len),
         )

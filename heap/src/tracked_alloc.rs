@@ -140,7 +140,10 @@ fn with_open<R>(base: usize, f: impl FnOnce(&Heap, &RefCell<Intents>) -> R) -> O
 /// # let h = rvm.map(&seg, MapSpec::new(4096, (1 << 20) - 4096)).unwrap();
 /// let heap = Heap::format(&rvm, s, h).unwrap();
 /// heap.track().unwrap();
-/// let alloc = TrackedAlloc::new(&heap).unwrap();
+/// // SAFETY: what this handle allocates is stored in the heap or dropped
+/// // inside the transaction that allocated it, and changed only inside
+/// // transactions on the heap (see `TrackedAlloc::new`).
+/// let alloc = unsafe { TrackedAlloc::new(&heap) }.unwrap();
 /// let tx = heap.begin(RestoreMode::Restore).unwrap();
 /// let mut v = allocator_api2::vec::Vec::new_in(alloc);
 /// v.extend_from_slice(&[1u64, 2, 3]);
@@ -160,7 +163,30 @@ pub struct TrackedAlloc {
 impl TrackedAlloc {
     /// A handle on `heap`, whose heap region must be tracked
     /// ([`Heap::track`]); otherwise [`HeapError::NotTracked`].
-    pub fn new(heap: &Heap) -> Result<TrackedAlloc> {
+    ///
+    /// # Safety
+    ///
+    /// A block the handle allocates belongs to the transaction that
+    /// allocated it until that transaction commits: an abort (or a drop of
+    /// the transaction) frees it again, whatever still points at it. So
+    /// every value holding memory from this handle (and from its copies)
+    /// must, before its transaction ends, be stored in the heap (reached
+    /// from a root, whose bytes an abort puts back) or dropped; a value
+    /// kept outside the heap across an abort would own a free block that
+    /// the next allocation hands to another value (two owners of one
+    /// block: aliasing, a double free). And its memory is changed only
+    /// inside a transaction on the heap: outside one the tracked pages are
+    /// read-only, and a store kills the process (`SIGSEGV`).
+    ///
+    /// Safe code alone could otherwise break both (found by the acceptance
+    /// tests), so the duty is the caller's:
+    ///
+    /// ```compile_fail,E0133
+    /// # fn f(heap: &rvm_heap::Heap) {
+    /// let alloc = rvm_heap::TrackedAlloc::new(heap); // needs `unsafe`
+    /// # }
+    /// ```
+    pub unsafe fn new(heap: &Heap) -> Result<TrackedAlloc> {
         if !heap.heap_region().is_tracked() {
             return Err(HeapError::NotTracked);
         }

@@ -48,7 +48,10 @@ fn roots_ptr(heap: &Heap) -> Option<*mut Roots> {
 /// Creates the rooted block (in one flush transaction).
 fn create_roots(heap: &Heap) {
     heap.track().unwrap();
-    let alloc = TrackedAlloc::new(heap).unwrap();
+    // SAFETY: what the handle allocates lives in the rooted block or is
+    // dropped inside the transaction that allocated it, and changes only
+    // inside transactions on the heap.
+    let alloc = unsafe { TrackedAlloc::new(heap) }.unwrap();
     let mut tx = heap.begin(RestoreMode::Restore).unwrap();
     let p = tx.malloc(Layout::new::<Roots>()).unwrap();
     let roots = Roots {
@@ -231,9 +234,13 @@ fn the_handle_refuses_outside_a_transaction_and_on_untracked_heaps() {
     let disk = Disk::new(1 << 20, false);
     let (_rvm, heap) = disk.open(true).unwrap();
     let h = heap.heap();
-    assert!(matches!(TrackedAlloc::new(h), Err(rvm_heap::HeapError::NotTracked)));
+    // SAFETY: refused (the heap is not tracked): no handle is made.
+    let refused = unsafe { TrackedAlloc::new(h) };
+    assert!(matches!(refused, Err(rvm_heap::HeapError::NotTracked)));
     h.track().unwrap();
-    let alloc = TrackedAlloc::new(h).unwrap();
+    // SAFETY: the handle's one allocation below is forgotten before its
+    // transaction aborts, and nothing else it allocates outlives one.
+    let alloc = unsafe { TrackedAlloc::new(h) }.unwrap();
     assert!(AVec::<u64, _>::new_in(alloc).try_reserve(8).is_err());
     // SAFETY: a valid layout; the null result is not used.
     assert!(unsafe { std::alloc::GlobalAlloc::alloc(&alloc, Layout::new::<u64>()) }.is_null());

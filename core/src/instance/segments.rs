@@ -188,6 +188,16 @@ impl Inner {
                 return Err(MapError::NotPageAligned { what: "address", value: a as u64, page_size: ps }.into());
             }
         }
+        // A reservation no address space holds (its page round-up would
+        // overflow) is refused here, before the segment range is claimed.
+        if spec.reserve > spec.len && spec.reserve.checked_next_multiple_of(ps).is_none_or(|r| r > isize::MAX as usize)
+        {
+            let addr = match spec.placement {
+                Placement::Fixed(a) => a,
+                _ => 0,
+            };
+            return Err(MapError::BadAddress { addr, len: spec.reserve }.into());
+        }
         let end = spec.offset.checked_add(spec.len as u64).filter(|&e| e <= seg.len()).ok_or_else(|| {
             MapError::OutsideSegment {
                 segment: seg.name.clone(),

@@ -669,6 +669,28 @@ pub struct SegmentSnapshot {
     pub attempts: u32,
 }
 
+/// A zeroed buffer of `len` bytes for an in-memory view, or an
+/// out-of-memory error naming the size: refused when it exceeds the
+/// machine's physical memory (a large heap file would otherwise abort the
+/// process when the allocation fails, or push it into the OOM killer), or
+/// when the allocation fails.
+fn in_memory(len: u64) -> std::io::Result<Vec<u8>> {
+    let too_big = |limit: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("{len} bytes do not fit in memory ({limit}); an in-memory view cannot hold them"),
+        )
+    };
+    if let Some(mem) = crate::mem::physical_memory().filter(|&m| len > m) {
+        return Err(too_big(format!("the machine has {mem} bytes")));
+    }
+    let n = usize::try_from(len).map_err(|_| too_big("more than the address space".into()))?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(n).map_err(|_| too_big("the allocation failed".into()))?;
+    bytes.resize(n, 0);
+    Ok(bytes)
+}
+
 /// Reads the window `[offset, offset + len)` of `segment` (`None`: the
 /// whole segment) as recovery through `log` would leave it, **writing
 /// nothing** and taking no lock: the segment's bytes, with the range frames
@@ -737,14 +759,7 @@ pub fn segment_snapshot(
         let len = len.min(device_len - offset);
         let log_estimate = status.synced_end.saturating_sub(status.head);
         let mut total = len.saturating_add(log_estimate);
-        let mut bytes = vec![
-            0u8;
-            usize::try_from(len).map_err(|_| Error::io(
-                "reading the segment",
-                segment,
-                std::io::Error::from(std::io::ErrorKind::OutOfMemory)
-            ))?
-        ];
+        let mut bytes = in_memory(len).map_err(|e| Error::io("reading the segment", segment, e))?;
         const CHUNK: usize = 8 << 20;
         let mut done = 0usize;
         while done < bytes.len() {

@@ -169,7 +169,11 @@ impl FileStorage {
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
                     return Err(io::Error::new(
                         io::ErrorKind::WouldBlock,
-                        format!("{} is locked by another user", path.display()),
+                        format!(
+                            "{} is locked by another user (another process, or a handle of this process still \
+                             holding it: a region or segment handle kept after its instance was dropped)",
+                            path.display()
+                        ),
                     ))
                 }
                 Err(e) if e == rustix::io::Errno::INTR => {}
@@ -204,6 +208,14 @@ impl Storage for FileStorage {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("block device {} cannot grow", self.path.display()),
+            ));
+        }
+        if i64::try_from(len).is_err() {
+            // `File::set_len` says only "out of range integral type
+            // conversion attempted".
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("length {len} is more than a file holds (2^63 - 1 bytes)"),
             ));
         }
         self.file.set_len(len)

@@ -188,7 +188,7 @@ impl From<HeapError> for Failure {
 /// that fails its check or a segment that is not a heap, 1 for a --base or
 /// --size the load map cannot take, 2 otherwise.
 pub(crate) fn report(e: &HeapError) -> u8 {
-    eprintln!("rvmutl: error: {e}");
+    say!("rvmutl: error: {e}");
     let (code, hint_text) = match e {
         _ if e.is_corruption() => {
             (EXIT_INVALID, Some("the heap failed its check; it was not used, and nothing was changed"))
@@ -204,7 +204,7 @@ pub(crate) fn report(e: &HeapError) -> u8 {
         _ => (EXIT_IO, None),
     };
     if let Some(h) = hint_text {
-        eprintln!("rvmutl: hint: {h}");
+        say!("rvmutl: hint: {h}");
     }
     code
 }

@@ -24,6 +24,23 @@
 //! recovered state they build it in memory. `--json` prints
 //! newline-delimited JSON: one object per line, each with a `"type"`.
 
+/// `eprintln!` that ignores a failed write: an unwritable standard error
+/// (`2>/dev/full`) must not turn the exit code into a panic's 101.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that ignores a failed write (see `say!`).
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod heap;
 mod progress;
 mod segment;
@@ -233,13 +250,23 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             // Usage errors: the one error prefix, then clap's text.
-            eprint!("{}", usage_error(&e.render().to_string()));
+            say_raw!("{}", usage_error(&e.render().to_string()));
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
-            // Help and version go to stdout with success.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            // Help and version go to stdout with success, unless they
+            // cannot be written (a full disk; a closed pipe is fine).
+            let text = e.render();
+            let written = if io::IsTerminal::is_terminal(&io::stdout()) {
+                write!(io::stdout(), "{}", text.ansi())
+            } else {
+                write!(io::stdout(), "{text}")
+            }
+            .and_then(|()| io::stdout().flush());
+            return match written {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => ExitCode::from(report_failure(&Failure::Output(e))),
+                _ => ExitCode::SUCCESS,
+            };
         }
     };
     let stdout = io::stdout();
@@ -267,19 +294,19 @@ fn report_failure(failure: &Failure) -> u8 {
         // The reader went away (`rvmutl dump log | head`): nothing to say.
         Failure::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
         Failure::Output(e) => {
-            eprintln!("rvmutl: error: writing the output: {e}");
+            say!("rvmutl: error: writing the output: {e}");
             EXIT_IO
         }
         Failure::Heap(e) => heap::report(e),
         Failure::NoValidStatus => {
-            eprintln!("rvmutl: error: corrupted log: both status slots are invalid");
+            say!("rvmutl: error: corrupted log: both status slots are invalid");
             EXIT_INVALID
         }
         Failure::Loader(e) => segment::report(e),
         Failure::Rvm(e) => {
-            eprintln!("rvmutl: error: {e}");
+            say!("rvmutl: error: {e}");
             if let Some(hint) = hint(e) {
-                eprintln!("rvmutl: hint: {hint}");
+                say!("rvmutl: hint: {hint}");
             }
             exit_code(e)
         }
@@ -336,8 +363,11 @@ fn run(command: Command, quiet: bool, out: &mut dyn Write) -> Outcome {
         Command::Segment(command) => segment::run(command, quiet, out),
         Command::Heap(cmd) => heap::run(cmd, quiet, out),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "rvmutl", out);
-            Ok(())
+            // Made in memory first: the generator panics when its writer
+            // fails (a full disk, a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rvmutl", &mut script);
+            out.write_all(&script).map_err(Failure::Output)
         }
     }
 }

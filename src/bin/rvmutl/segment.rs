@@ -126,7 +126,7 @@ pub(crate) fn run(command: SegmentCommand, quiet: bool, out: &mut dyn Write) -> 
 /// map given on the command line that is malformed or breaks a rule, 3 for
 /// a segment without a valid load map, 2 otherwise.
 pub(crate) fn report(e: &LoaderError) -> u8 {
-    eprintln!("rvmutl: error: {e}");
+    say!("rvmutl: error: {e}");
     let (code, hint) = match e {
         LoaderError::Spec { .. } | LoaderError::InvalidMap { .. } | LoaderError::PageSize { .. } => {
             (EXIT_USAGE, Some("see `rvmutl segment create --help` for the load map's form and rules"))
@@ -141,25 +141,37 @@ pub(crate) fn report(e: &LoaderError) -> u8 {
         LoaderError::UnsupportedVersion { .. } | LoaderError::Corrupted { .. } => (EXIT_INVALID, None),
         LoaderError::Core(e) => {
             if let Some(hint) = crate::hint(e) {
-                eprintln!("rvmutl: hint: {hint}");
+                say!("rvmutl: hint: {hint}");
             }
             return crate::exit_code(e);
         }
         _ => (EXIT_IO, None),
     };
     if let Some(hint) = hint {
-        eprintln!("rvmutl: hint: {hint}");
+        say!("rvmutl: hint: {hint}");
     }
     code
 }
 
+/// The most text a load map file may hold: 1,024 regions with long lines
+/// and comments fit many times over. A longer input (`/dev/zero`, a
+/// wrong file) is refused instead of read into memory without end.
+const MAX_MAP_TEXT: u64 = 4 << 20;
+
 fn read_map_text(path: &Path) -> Result<String, Failure> {
     let mut text = String::new();
-    let result = if path == Path::new("-") {
-        io::stdin().read_to_string(&mut text).map(|_| ())
+    let source: io::Result<Box<dyn Read>> = if path == Path::new("-") {
+        Ok(Box::new(io::stdin()))
     } else {
-        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text)).map(|_| ())
+        std::fs::File::open(path).map(|f| Box::new(f) as Box<dyn Read>)
     };
+    let result = source.and_then(|r| r.take(MAX_MAP_TEXT + 1).read_to_string(&mut text)).and_then(|n| {
+        if n as u64 > MAX_MAP_TEXT {
+            Err(io::Error::new(io::ErrorKind::InvalidData, format!("longer than {MAX_MAP_TEXT} bytes: not a load map")))
+        } else {
+            Ok(())
+        }
+    });
     result
         .map_err(|source| Failure::Loader(LoaderError::Io { op: "reading the load map", path: path.into(), source }))?;
     Ok(text)
