@@ -142,9 +142,10 @@ type Leaves = PageMap<Entry>;
 /// Pieces a builder takes from the index's arena at once.
 const RUN: usize = 4096;
 
-// SAFETY: a Piece is integers only: all-zero bytes are a valid Piece, and
-// it needs no drop.
-unsafe impl crate::mem::Zeroable for Piece {}
+// SAFETY: a Piece is integers only (no padding: 8 + 2 + 2 + 4 bytes):
+// every bit pattern is a valid Piece, and it needs no drop.
+unsafe impl crate::mem::AnyBits for Piece {}
+const _: () = assert!(std::mem::size_of::<Piece>() == 16);
 
 /// The index's pieces: one arena, named by slot (builders of the parts of
 /// one index, on two threads, fill runs of it: [`Builder::part`]).

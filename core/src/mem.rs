@@ -430,14 +430,40 @@ pub unsafe fn copy_to(addr: usize, src: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) }
 }
 
-/// Types for which all-zero bytes are a valid value (an anonymous
-/// mapping's untouched memory reads as zeros).
+/// Types for which every bit pattern is a valid value (an arena's slots
+/// not yet written hold zeros, or what an earlier arena of the same
+/// mapping left).
 ///
 /// # Safety
 ///
-/// Every bit pattern of all zeros must be a valid value of the type, and
+/// Every bit pattern of the type's size must be a valid value of it, and
 /// the type must need no drop.
-pub(crate) unsafe trait Zeroable: Copy {}
+pub(crate) unsafe trait AnyBits: Copy {}
+
+/// The mapping of the last arena dropped, its pages handed back to the
+/// kernel lazily (`MADV_FREE`): the next arena of at most its size reuses
+/// it, and a program that opens instances one after another (or a test
+/// suite) does not fault in and zero its index memory again each time.
+static SPARE: parking_lot::Mutex<Option<Mapping>> = parking_lot::Mutex::new(None);
+
+/// Gives an arena's mapping back: its first `used` bytes are freed lazily
+/// (the kernel takes the pages only if it needs memory; a later write
+/// takes them back) and the mapping is kept for the next arena, if none is
+/// kept already.
+fn recycle(map: Mapping, used: usize) {
+    let used = used.min(map.len()).next_multiple_of(page_size()).min(map.len());
+    if used > 0 {
+        // SAFETY: the range lies inside this mapping, which we own and no
+        // one reads any more; MADV_FREE only lets the kernel drop the
+        // pages (reading them later gives zeros or the old bytes, both
+        // valid slots: AnyBits).
+        let _ = unsafe { rustix::mm::madvise(map.ptr().as_ptr().cast(), used, rustix::mm::Advice::LinuxFree) };
+    }
+    let mut spare = SPARE.lock();
+    if spare.as_ref().is_none_or(|s| s.len() < map.len()) {
+        *spare = Some(map);
+    }
+}
 
 /// Slots of plain values in one anonymous mapping that asks for
 /// transparent huge pages (`MADV_HUGEPAGE`) past its first 2 MiB, handed
@@ -447,7 +473,7 @@ pub(crate) unsafe trait Zeroable: Copy {}
 /// machine), and the two threads of the scan fill runs of one mapping, so
 /// their parts join with no copy. Where huge pages are off or scarce the
 /// kernel uses small pages, as for any memory.
-pub(crate) struct HugeArena<T: Zeroable> {
+pub(crate) struct HugeArena<T: AnyBits> {
     /// `None` for an arena of no slots.
     map: Option<Mapping>,
     cap: usize,
@@ -456,7 +482,7 @@ pub(crate) struct HugeArena<T: Zeroable> {
     _values: std::marker::PhantomData<T>,
 }
 
-impl<T: Zeroable> HugeArena<T> {
+impl<T: AnyBits> HugeArena<T> {
     /// An arena of `cap` slots (address space only: memory is taken as
     /// slots are written); `None` if it cannot be mapped.
     pub fn new(cap: usize) -> Option<HugeArena<T>> {
@@ -466,6 +492,13 @@ impl<T: Zeroable> HugeArena<T> {
         }
         const HUGE: usize = 2 << 20;
         let bytes = cap.checked_mul(std::mem::size_of::<T>())?.checked_next_multiple_of(HUGE)?;
+        {
+            let mut spare = SPARE.lock();
+            if spare.as_ref().is_some_and(|m| m.len() >= bytes) {
+                let map = spare.take();
+                return Some(HugeArena { map, cap, handed: 0.into(), _values: std::marker::PhantomData });
+            }
+        }
         let map = Mapping::anonymous(Placement::Anywhere, bytes).ok()?;
         // The first 2 MiB stay in small pages: a small index (a short log:
         // most opens) then never pays for zeroing a whole huge page.
@@ -511,64 +544,81 @@ impl<T: Zeroable> HugeArena<T> {
         debug_assert!(i < self.cap);
         let map = self.map.as_ref().expect("a claimed slot lies in the mapping");
         // SAFETY: `i < cap` (it was handed out), so the slot lies inside
-        // the mapping, page-aligned and so aligned for T; its bytes are
-        // zeros or a T written through this method (a valid T: Zeroable);
+        // the mapping, page-aligned and so aligned for T; its bytes are a
+        // valid T whatever they are (AnyBits);
         // the caller guarantees no other reference to it lives.
         unsafe { &mut *map.ptr().as_ptr().cast::<T>().add(i) }
     }
 
     /// The arena, read-only: every slot handed out (written or zeros).
-    pub fn freeze(self) -> Frozen<T> {
-        let len = self.handed.into_inner().min(self.cap);
-        Frozen { map: self.map, len, _values: std::marker::PhantomData }
+    pub fn freeze(mut self) -> Frozen<T> {
+        let len = (*self.handed.get_mut()).min(self.cap);
+        Frozen { map: self.map.take(), len, _values: std::marker::PhantomData }
+    }
+}
+
+impl<T: AnyBits> Drop for HugeArena<T> {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.take() {
+            let used = (*self.handed.get_mut()).min(self.cap) * std::mem::size_of::<T>();
+            recycle(map, used);
+        }
     }
 }
 
 // SAFETY: the arena owns its slots (plain values, no drop); threads write
 // only the slots handed to them (`slot`'s contract), so sharing it is
 // like sharing disjoint `&mut [T]`s.
-unsafe impl<T: Zeroable + Send> Send for HugeArena<T> {}
+unsafe impl<T: AnyBits + Send> Send for HugeArena<T> {}
 // SAFETY: as above.
-unsafe impl<T: Zeroable + Send> Sync for HugeArena<T> {}
+unsafe impl<T: AnyBits + Send> Sync for HugeArena<T> {}
 
-impl<T: Zeroable> std::fmt::Debug for HugeArena<T> {
+impl<T: AnyBits> std::fmt::Debug for HugeArena<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HugeArena").field("cap", &self.cap).finish()
     }
 }
 
 /// A [`HugeArena`] after filling: its handed-out slots as a slice.
-pub(crate) struct Frozen<T: Zeroable> {
+pub(crate) struct Frozen<T: AnyBits> {
     map: Option<Mapping>,
     len: usize,
     _values: std::marker::PhantomData<T>,
 }
 
-impl<T: Zeroable> std::ops::Deref for Frozen<T> {
+impl<T: AnyBits> std::ops::Deref for Frozen<T> {
     type Target = [T];
     #[inline]
     fn deref(&self) -> &[T] {
         match &self.map {
             None => &[],
             // SAFETY: the first `len` slots lie inside the mapping
-            // (`len <= cap`), aligned; each holds zeros or a written T,
-            // both valid (Zeroable); nothing writes them any more (the
-            // arena was consumed by `freeze`).
+            // (`len <= cap`), aligned; whatever bytes a slot holds are a
+            // valid T (AnyBits); nothing writes them any more (the arena
+            // was consumed by `freeze`).
             Some(map) => unsafe { std::slice::from_raw_parts(map.ptr().as_ptr().cast::<T>(), self.len) },
         }
     }
 }
 
-impl<T: Zeroable> std::fmt::Debug for Frozen<T> {
+impl<T: AnyBits> Drop for Frozen<T> {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.take() {
+            recycle(map, self.len * std::mem::size_of::<T>());
+        }
+    }
+}
+
+impl<T: AnyBits> std::fmt::Debug for Frozen<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Frozen").field("len", &self.len).finish()
     }
 }
 
 // SAFETY: read-only plain values owned by the Frozen.
-unsafe impl<T: Zeroable + Send> Send for Frozen<T> {}
+unsafe impl<T: AnyBits + Send> Send for Frozen<T> {}
 // SAFETY: as above.
-unsafe impl<T: Zeroable + Sync> Sync for Frozen<T> {}
+unsafe impl<T: AnyBits + Sync> Sync for Frozen<T> {}
 
 #[cfg(test)]
 mod tests {
