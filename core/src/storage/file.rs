@@ -130,14 +130,39 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     block_device: bool,
+    /// Its entry in [`HELD`].
+    held: (u64, u64),
+}
+
+/// The files (device, inode) this process holds locked through a
+/// [`FileStorage`]: opening one again is refused at once, without the
+/// wait meant for a lock a child process holds for a moment.
+static HELD: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64)>> =
+    parking_lot::Mutex::new(std::collections::BTreeSet::new());
+
+/// The (device, inode) of an open file.
+fn held_id(file: &File) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(file)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Before the descriptor is closed (the lock released): an open of
+        // this file by another thread then waits for the close instead of
+        // being refused.
+        HELD.lock().remove(&self.held);
+    }
 }
 
 impl FileStorage {
     /// Opens (and with `mode`, creates with permissions 0600) the file at
     /// `path` and locks it exclusively. Lock conflicts, with another process
-    /// or another handle of this one, are [`io::ErrorKind::WouldBlock`],
-    /// after a wait of up to 250 ms for a lock held only for a moment (a
-    /// child process between `fork` and `exec` holds its parent's locks).
+    /// or another handle of this one, are [`io::ErrorKind::WouldBlock`]: at
+    /// once if a handle of this process holds the file (under any name),
+    /// else after a wait of up to 250 ms for a lock held only for a moment
+    /// (a child process between `fork` and `exec` holds its parent's
+    /// locks).
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).mode(0o600);
@@ -151,6 +176,19 @@ impl FileStorage {
             }
         }
         let file = opts.open(path)?;
+        let id = held_id(&file)?;
+        // Held by a handle of this process: no wait (it is not a child's
+        // passing copy), and a clear message.
+        if HELD.lock().contains(&id) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is held by a handle of this process (an instance using it, or a region or segment \
+                     handle kept after its instance was dropped)",
+                    path.display()
+                ),
+            ));
+        }
         // A lock held for a moment is waited out: a child process between
         // `fork` and `exec` holds a copy of every descriptor of its parent,
         // and with it the lock of a file the parent had open then (closed
@@ -181,7 +219,8 @@ impl FileStorage {
             }
         }
         let block_device = is_block_device(&file);
-        Ok(FileStorage { file, path: path.to_path_buf(), block_device })
+        HELD.lock().insert(id);
+        Ok(FileStorage { file, path: path.to_path_buf(), block_device, held: id })
     }
 
     /// The path this device was opened with.
@@ -346,8 +385,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         // As a child between fork and exec would: another open file
-        // description holds the lock for 40 ms.
-        let holder = FileStorage::open(&path, OpenMode::CreateNew).unwrap();
+        // description, not a handle of this process's, holds the lock for
+        // 40 ms.
+        let holder = std::fs::File::create_new(&path).unwrap();
+        rustix::fs::flock(&holder, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
         // Timed from before the holder's 40 ms start: at least 40 ms pass.
         let t = std::time::Instant::now();
         let release = std::thread::spawn(move || {
@@ -357,12 +398,28 @@ mod tests {
         let second = FileStorage::open(&path, OpenMode::Existing).unwrap();
         assert!(t.elapsed() >= std::time::Duration::from_millis(40), "took the lock while it was held");
         release.join().unwrap();
-        // Held for good: refused once the patience is spent.
+        // Held by this process: refused at once.
+        let t = std::time::Instant::now();
+        let err = FileStorage::open(&path, OpenMode::Existing).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(err.to_string().contains("a handle of this process"), "{err}");
+        assert!(t.elapsed() < LOCK_PATIENCE, "waited for its own handle");
+        // Through another name of the same file too.
+        let link = dir.path().join("link");
+        std::fs::hard_link(&path, &link).unwrap();
+        assert!(FileStorage::open(&link, OpenMode::Existing).is_err());
+        drop(second);
+        // Held for good by another open file description: refused once the
+        // patience is spent.
+        let holder = std::fs::File::open(&path).unwrap();
+        rustix::fs::flock(&holder, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
         let t = std::time::Instant::now();
         let err = FileStorage::open(&path, OpenMode::Existing).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         assert!(t.elapsed() >= LOCK_PATIENCE, "gave up early");
-        drop(second);
+        // Released: opens again.
+        drop(holder);
+        FileStorage::open(&link, OpenMode::Existing).unwrap();
     }
 
     #[test]
