@@ -94,6 +94,12 @@ fn usage_errors_exit_1() {
     expect_code(&o, 1);
     assert!(stderr(&o).contains("invalid"), "{}", stderr(&o));
     assert!(!p.exists());
+    // An empty path on either side of --accept-segment.
+    for bad in ["=", "seg=", "=seg", ""] {
+        let o = rvmutl_on("recover", &p, &["--accept-segment", bad]);
+        expect_code(&o, 1);
+        assert!(stderr(&o).contains("neither path empty"), "{}", stderr(&o));
+    }
 }
 
 #[test]

@@ -149,8 +149,8 @@ enum Command {
         salvage: bool,
         /// Accept the file at NOW as the segment the log recorded as RECORDED (restored from a copy or moved);
         /// its identity is not checked. Repeat for several segments.
-        #[arg(long, value_name = "RECORDED=NOW")]
-        accept_segment: Vec<String>,
+        #[arg(long, value_name = "RECORDED=NOW", value_parser = parse_accept)]
+        accept_segment: Vec<(PathBuf, PathBuf)>,
     },
     /// Open the log as an application would (running recovery), truncate it, and close it.
     #[command(after_help = EXIT_CODES)]
@@ -841,12 +841,21 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
     Ok(())
 }
 
+/// `--accept-segment RECORDED=NOW` (or `PATH`, accepted where it is):
+/// neither path may be empty.
+fn parse_accept(arg: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (recorded, now) = arg.split_once('=').unwrap_or((arg, arg));
+    if recorded.is_empty() || now.is_empty() {
+        return Err(format!("`{arg}`: expected RECORDED=NOW (or PATH), with neither path empty"));
+    }
+    Ok((PathBuf::from(recorded), PathBuf::from(now)))
+}
+
 /// What a recovery of `path` has to replay, for the progress line (read
 /// without a lock; nothing if the log cannot be read that way).
-fn recover(path: &Path, salvage: bool, accept: &[String], quiet: bool, out: &mut dyn Write) -> Outcome {
+fn recover(path: &Path, salvage: bool, accept: &[(PathBuf, PathBuf)], quiet: bool, out: &mut dyn Write) -> Outcome {
     let mut opts = Options { salvage, ..Options::default() };
-    for a in accept {
-        let (recorded, now) = a.split_once('=').unwrap_or((a.as_str(), a.as_str()));
+    for (recorded, now) in accept {
         opts = opts.accept_segment(recorded, now);
     }
     let progress = Arc::new(Progress::bytes(quiet, format!("verifying {}", path.display()), 0));
