@@ -1,27 +1,26 @@
 //! The verifying scan of a mapped log on two threads, by parts (instant
-//! recovery's scan, `docs/DESIGN.md` §3.9).
+//! recovery's scan with `Options::parallel_scan`, `docs/DESIGN.md` §3.9).
 //!
 //! The log is cut into chunks at fixed nominal positions. The calling
-//! thread scans from the head as the one-thread scan does, but makes a new
-//! *part* (the caller's accumulator, `S`) at the first transaction start
-//! at or past each chunk's nominal start. A second thread works ahead: it
-//! claims a chunk the calling thread has not reached, finds the chunk's
-//! first transaction start by probing every 8-byte position for a valid
-//! record (its CRC is seeded with its position and epoch, so a record is
-//! valid only where it was written) and scans from there into a part of
-//! its own, to the first transaction start past the chunk.
+//! thread scans chunk 0 from the head (starting the second thread on the
+//! way); then both threads claim the next chunk in turn. A chunk's *part*
+//! (the caller's accumulator, `S`) starts at the chunk's first transaction
+//! start, found by probing every 8-byte position for a valid record (its
+//! CRC is seeded with its position and epoch, so a record is valid only
+//! where it was written), and ends at the first transaction start past the
+//! chunk, or where the log ends.
 //!
-//! When the calling thread reaches a chunk, it takes the second thread's
-//! part only if that part starts exactly where the calling thread is (a
-//! transaction start it reached by following the records from the head):
-//! from the same position, a scan sees the same records, so the parts in
-//! order are what one thread would have made. Anything else (a part that
-//! started at bytes that merely passed for a record, one not finished, one
-//! that failed) is never used: the calling thread scans that chunk itself.
-//! It waits for a part in progress only while the other thread moves on
-//! (on a busy machine it may not get a core), so the scan is never slower
-//! than one thread by more than that wait, and a second thread that never
-//! starts (no core, no thread to be had) costs nothing.
+//! Last, the calling thread joins the parts in log order from the head,
+//! taking a chunk's part only if it starts exactly where the joined parts
+//! end (a transaction start reached by following the records from the
+//! head): from the same position, a scan sees the same records, so the
+//! joined parts are what one thread would have made. Anything else (a part
+//! that started at bytes that merely passed for a record, one that failed
+//! or was given up) is never used: the calling thread scans that chunk
+//! itself. It waits for a part still being made only while the other
+//! thread moves on (on a busy machine it may get no core), and a second
+//! thread that never starts (no core, no thread to be had) costs nothing:
+//! the calling thread claims every chunk.
 
 use super::{record_loop, Cursor, Mapped, Ring, ScanEnd, ScanStop, Source, TxSoFar};
 use crate::error::Result;
@@ -50,23 +49,45 @@ impl Chunks {
         self.first.max(8).saturating_mul(1u64 << doublings.min(40)).min(self.max.max(8))
     }
 
-    /// Nominal start of chunk `j`, from `start`.
+    /// The growing chunks, a level at a time: `(first chunk, chunks,
+    /// length)` per level, the last level (length `max`) without end.
+    fn levels(&self) -> impl Iterator<Item = (usize, usize, u64)> + '_ {
+        let g = self.grow_every.max(1);
+        (0..).scan(false, move |done, level: usize| {
+            if *done {
+                return None;
+            }
+            let len = self.len(level * g);
+            *done = len >= self.max.max(8) || level >= 62;
+            Some((level * g, if *done { usize::MAX } else { g }, len))
+        })
+    }
+
+    /// Nominal start of chunk `j`, from `start` (a few steps whatever `j`:
+    /// a level at a time).
     fn start(&self, start: u64, j: usize) -> u64 {
-        (0..j).fold(start, |at, k| at.saturating_add(self.len(k)))
+        let mut at = start;
+        for (first, n, len) in self.levels() {
+            let k = (j - first).min(n);
+            at = at.saturating_add((k as u64).saturating_mul(len));
+            if j - first <= n {
+                break;
+            }
+        }
+        at
     }
 
     /// The chunk holding position `pos` (at or past `start`).
     fn of(&self, start: u64, pos: u64) -> usize {
-        let mut j = 0;
         let mut at = start;
-        loop {
-            let next = at.saturating_add(self.len(j));
-            if pos < next || next == at {
-                return j;
+        for (first, n, len) in self.levels() {
+            let span = (n as u64).saturating_mul(len);
+            if pos.saturating_sub(at) < span || n == usize::MAX {
+                return first + (pos.saturating_sub(at) / len) as usize;
             }
-            at = next;
-            j += 1;
+            at = at.saturating_add(span);
         }
+        unreachable!("the last level has no end")
     }
 }
 
@@ -475,4 +496,33 @@ enum Probe {
     },
     /// The scan no longer wants the chunk.
     Gone,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunk starts and the chunk of a position, by levels, agree with
+    /// adding the lengths one by one, also for logs far longer than any
+    /// loop over chunks could walk.
+    #[test]
+    fn chunk_starts_and_positions_agree_with_the_lengths() {
+        for chunks in [
+            Chunks::DEFAULT,
+            Chunks { first: 64, grow_every: 3, max: 4096 },
+            Chunks { first: 8, grow_every: 1, max: 8 },
+        ] {
+            let start = 4096;
+            let mut at = start;
+            for j in 0..200 {
+                assert_eq!(chunks.start(start, j), at, "{chunks:?} chunk {j}");
+                assert_eq!(chunks.of(start, at), j);
+                assert_eq!(chunks.of(start, at + chunks.len(j) - 1), j);
+                at += chunks.len(j);
+            }
+            // A position past 2^50 bytes is found in a few steps.
+            let far = chunks.of(start, 1 << 50);
+            assert!(chunks.start(start, far) <= 1 << 50 && (1 << 50) < chunks.start(start, far + 1));
+        }
+    }
 }
