@@ -139,6 +139,21 @@ impl SegIndex {
 /// A segment's page table.
 type Leaves = PageMap<Entry>;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: the next index built on this thread overflows (as one of
+    /// more than 2^32 pieces, or past the memory cap, would).
+    pub(crate) static OVERFLOW_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a test asked the next index to overflow.
+fn forced_overflow() -> bool {
+    #[cfg(test)]
+    return OVERFLOW_NEXT.with(|c| c.replace(false));
+    #[cfg(not(test))]
+    false
+}
+
 /// Pieces a builder takes from the index's arena at once.
 const RUN: usize = 4096;
 
@@ -212,7 +227,7 @@ impl Builder {
             page: page as u64,
             segs: Vec::new(),
             last_seg: usize::MAX,
-            overflow: arena.is_none() || page > 1 << 16 || !page.is_power_of_two(),
+            overflow: arena.is_none() || page > 1 << 16 || !page.is_power_of_two() || forced_overflow(),
             arena: Arc::new(arena.unwrap_or_else(|| Arena::new(0).expect("an empty arena maps nothing"))),
             runs: Vec::new(),
             filled: RUN,
