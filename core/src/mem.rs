@@ -550,7 +550,8 @@ impl<T: AnyBits> HugeArena<T> {
         unsafe { &mut *map.ptr().as_ptr().cast::<T>().add(i) }
     }
 
-    /// The arena, read-only: every slot handed out (written or zeros).
+    /// The arena, read-only: every slot handed out (written, or zeros, or
+    /// what an earlier arena of a recycled mapping left: any bit pattern).
     pub fn freeze(mut self) -> Frozen<T> {
         let len = (*self.handed.get_mut()).min(self.cap);
         Frozen { map: self.map.take(), len, _values: std::marker::PhantomData }
