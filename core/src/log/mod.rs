@@ -868,6 +868,50 @@ mod tests {
         }
     }
 
+    /// A panic on the calling thread of a scan by parts stops the second
+    /// thread too (the thread scope waits for it before the panic goes
+    /// on): it does not scan the rest of the log first.
+    #[test]
+    fn a_panic_on_the_calling_thread_stops_the_second_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
+        let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        let ring = &dev.ring;
+        let mut out = Vec::new();
+        let mut w = format::FrameWriter::new(&mut out, 0, 5, ring.area_len);
+        for n in 1..400 {
+            w.range(1, n * 8, &[n as u8; 8]);
+            w.commit(n, n, 0);
+        }
+        ring.write(0, &out).unwrap();
+        let view = ring.view().unwrap();
+        let plan = parallel::Plan {
+            chunks: parallel::Chunks { first: 512, grow_every: 2, max: 2048 },
+            two_threads: true,
+            spawn_after: 256,
+            stall: std::time::Duration::MAX,
+        };
+        let on_helper = std::sync::atomic::AtomicUsize::new(0);
+        let record = |_: &mut (), lsn: u64, _: &RecordInfo, _: &[RangeRef], _: &TxSoFar| {
+            if std::thread::current().name() == Some("rvm-scan") {
+                on_helper.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Slow enough that the panic (its hook, the unwinding) is
+                // over long before the rest of the log could be scanned.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            } else if lsn >= 256 {
+                panic!("the reader failed");
+            }
+            Ok(())
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            parallel::scan_parts(ring, view.bytes(), 0, u64::MAX, 5, plan, &|| (), &record, &mut |_| {})
+        }));
+        assert!(r.is_err());
+        let n = on_helper.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n < 200, "the second thread went on for {n} of 399 records");
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// The probe past a stopped scan finds the first valid record a

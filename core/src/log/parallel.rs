@@ -207,6 +207,11 @@ where
         return Ok((cur.end(stop.unwrap_or(ScanStop::Limit)), vec![part]));
     }
     std::thread::scope(|scope| {
+        // When the scan is over, no part is wanted any more: also when it
+        // unwinds (the scope waits for the second thread before a panic
+        // goes on, and that thread would otherwise scan the rest of the
+        // log first).
+        let _over = Over(&end_chunk);
         let result = (|| -> Result<(ScanEnd, Vec<S>)> {
             // Chunk 0, starting the second thread on the way.
             let spawn_at = start.saturating_add(plan.spawn_after);
@@ -258,10 +263,18 @@ where
                 }
             }
         })();
-        // The scan is over: no part is wanted any more.
-        end_chunk.store(0, Ordering::Relaxed);
         result
     })
+}
+
+/// Ends a scan by parts when dropped: the second thread claims no more
+/// chunks and gives up the one it is in.
+struct Over<'a>(&'a AtomicUsize);
+
+impl Drop for Over<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
 }
 
 /// What both threads of [`scan_parts`] read.
