@@ -898,7 +898,7 @@ mod tests {
                 on_helper.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Slow enough that the panic (its hook, the unwinding) is
                 // over long before the rest of the log could be scanned.
-                std::thread::sleep(std::time::Duration::from_millis(2));
+                std::thread::sleep(std::time::Duration::from_millis(5));
             } else if lsn >= 256 {
                 panic!("the reader failed");
             }
