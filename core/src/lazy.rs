@@ -214,13 +214,13 @@ impl Builder {
     /// An empty index for pages of `page` bytes, for a log of at most
     /// `log_bytes` bytes (which bounds the pieces: a piece needs at least
     /// a byte of its range's data and two of its encoding, or a page of
-    /// data), in at most a quarter of the machine's memory. `mapped`: the log's record area will be handed to
+    /// data), in at most a quarter of the memory the process may use (the
+    /// machine's, or its control group's limit). `mapped`: the log's record area will be handed to
     /// [`Builder::finish`] mapped, so ranges' bytes need no copy.
     pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
         // At most a quarter of the machine's memory: a longer log's index
         // overflows, and recovery runs the usual way (in bounded memory).
-        let memory_cap =
-            crate::mem::physical_memory().map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
+        let memory_cap = crate::mem::memory_limit().map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
         let cap = usize::try_from(log_bytes.min(memory_cap)).unwrap_or(usize::MAX).min(NONE as usize - 1);
         let arena = Arena::new(cap);
         Builder {
@@ -403,6 +403,8 @@ impl Builder {
     pub fn append(&mut self, mut later: Builder) {
         debug_assert!(Arc::ptr_eq(&self.arena, &later.arena) && self.mapped == later.mapped && !self.cut);
         self.overflow |= later.overflow;
+        // A cut part's tails are stale: it must be the last one joined.
+        self.cut |= later.cut;
         if self.overflow {
             return;
         }
@@ -413,7 +415,10 @@ impl Builder {
             for (k, &r) in runs.iter().enumerate() {
                 let n = if k + 1 == runs.len() { later.filled } else { RUN };
                 for i in r..r + n {
-                    later.piece_mut(i as u32).data += shift;
+                    // A run in the middle may end in slots never written
+                    // (any bytes: no chain reaches them).
+                    let p = later.piece_mut(i as u32);
+                    p.data = p.data.wrapping_add(shift);
                 }
             }
         }

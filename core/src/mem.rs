@@ -13,6 +13,21 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// The memory this process may use: the machine's physical memory, or
+/// less if its control group (as a container sees it at `/sys/fs/cgroup`,
+/// version 2 or 1) is limited to less.
+pub fn memory_limit() -> Option<u64> {
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+        .min();
+    match (physical_memory(), cgroup) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
+    }
+}
+
 /// Bytes of physical memory of the machine, if the system tells.
 pub fn physical_memory() -> Option<u64> {
     // SAFETY: `sysconf` reads a system constant; it has no preconditions.
@@ -623,6 +638,13 @@ unsafe impl<T: AnyBits + Sync> Sync for Frozen<T> {}
 
 #[cfg(test)]
 mod tests {
+    /// The memory limit is known here, and at most the machine's memory.
+    #[test]
+    fn the_memory_limit_is_at_most_the_machines() {
+        let (limit, machine) = (memory_limit().unwrap(), physical_memory().unwrap());
+        assert!(limit > 0 && limit <= machine, "{limit} {machine}");
+    }
+
     use super::*;
 
     #[test]

@@ -121,7 +121,7 @@ pub struct Options {
     /// the same log. The open still verifies the whole log (its time grows
     /// with the log); the index of pending pages costs about 16 bytes per
     /// logged range until the apply ends, and a log whose index would take
-    /// more than a quarter of the machine's memory is recovered the usual
+    /// more than a quarter of the memory the process may use is recovered the usual
     /// way instead (docs/DESIGN.md §3.9).
     ///
     /// Pages are brought in by a `SIGSEGV` handler: the kernel does not
