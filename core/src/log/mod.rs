@@ -809,23 +809,30 @@ mod tests {
         }
     }
 
+    /// A log file in `dir` of 399 transactions of one 8-byte range each,
+    /// from position 0, epoch 5.
+    fn log_of_399_transactions(dir: &Path) -> LogDevice {
+        let path = dir.join("log");
+        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
+        let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        let mut out = Vec::new();
+        let mut w = format::FrameWriter::new(&mut out, 0, 5, dev.ring.area_len);
+        for n in 1..400 {
+            w.range(1, n * 8, &[n as u8; 8]);
+            w.commit(n, n, 0);
+        }
+        dev.ring.write(0, &out).unwrap();
+        dev
+    }
+
     /// A failure of the caller's `on_record` is the result of a scan by
     /// parts, whichever thread met it first, and no record after it is
     /// taken into a part.
     #[test]
     fn a_failing_reader_stops_a_scan_by_parts() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
-        let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        let dev = log_of_399_transactions(dir.path());
         let ring = &dev.ring;
-        let mut out = Vec::new();
-        let mut w = format::FrameWriter::new(&mut out, 0, 5, ring.area_len);
-        for n in 1..400 {
-            w.range(1, n * 8, &[n as u8; 8]);
-            w.commit(n, n, 0);
-        }
-        ring.write(0, &out).unwrap();
         let view = ring.view().unwrap();
         let mut at = Vec::new();
         scan_records(ring, 0, u64::MAX, 5, |lsn, _, _, _, _| {
@@ -874,17 +881,8 @@ mod tests {
     #[test]
     fn a_panic_on_the_calling_thread_stops_the_second_one() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
-        let dev = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        let dev = log_of_399_transactions(dir.path());
         let ring = &dev.ring;
-        let mut out = Vec::new();
-        let mut w = format::FrameWriter::new(&mut out, 0, 5, ring.area_len);
-        for n in 1..400 {
-            w.range(1, n * 8, &[n as u8; 8]);
-            w.commit(n, n, 0);
-        }
-        ring.write(0, &out).unwrap();
         let view = ring.view().unwrap();
         let plan = parallel::Plan {
             chunks: parallel::Chunks { first: 512, grow_every: 2, max: 2048 },
