@@ -681,8 +681,8 @@ fn in_memory(len: u64) -> std::io::Result<Vec<u8>> {
             format!("{len} bytes do not fit in memory ({limit}); an in-memory view cannot hold them"),
         )
     };
-    if let Some(mem) = crate::mem::physical_memory().filter(|&m| len > m) {
-        return Err(too_big(format!("the machine has {mem} bytes")));
+    if let Some(mem) = crate::mem::memory_limit().filter(|&m| len > m) {
+        return Err(too_big(format!("this process may use {mem} bytes")));
     }
     let n = usize::try_from(len).map_err(|_| too_big("more than the address space".into()))?;
     let mut bytes = Vec::new();

@@ -140,9 +140,14 @@ pub struct FileStorage {
 static HELD: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64)>> =
     parking_lot::Mutex::new(std::collections::BTreeSet::new());
 
-/// The (device, inode) of an open file.
+/// The (device, inode) of an open file; for a block device, the device
+/// it names.
 fn held_id(file: &File) -> io::Result<(u64, u64)> {
     let st = rustix::fs::fstat(file)?;
+    // A block device is the device it names, whatever node names it.
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice {
+        return Ok((u64::MAX, st.st_rdev));
+    }
     Ok((st.st_dev, st.st_ino))
 }
 
