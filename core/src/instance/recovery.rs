@@ -201,16 +201,31 @@ struct IndexPart {
 }
 
 impl IndexPart {
+    /// A verified record of a mapped log (pieces name their bytes by log
+    /// position).
     fn record(&mut self, lsn: u64, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar) -> Result<()> {
+        self.record_with(lsn, None, info, ranges, tx);
+        Ok(())
+    }
+
+    /// A verified record; `rec`, its bytes, when the log is not mapped
+    /// (the index copies the ranges' bytes).
+    fn record_with(&mut self, lsn: u64, rec: Option<&[u8]>, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar) {
         self.touched.record(info, ranges);
         for r in ranges {
-            self.index.range_mapped(r.segment, r.offset, r.len, lsn + u64::from(r.data_at));
+            let data_lsn = lsn + u64::from(r.data_at);
+            match rec {
+                Some(rec) => {
+                    let bytes = &rec[r.data_at as usize..(r.data_at + r.len) as usize];
+                    self.index.range(r.segment, r.offset, bytes, data_lsn);
+                }
+                None => self.index.range_mapped(r.segment, r.offset, r.len, data_lsn),
+            }
         }
         if info.commit.is_some() {
             self.index.commit();
             self.log_bytes += lsn + info.len as u64 - tx.start;
         }
-        Ok(())
     }
 }
 
@@ -336,48 +351,41 @@ fn recover_instant(
     let view = ring.view();
     let mut index = crate::lazy::Builder::new(crate::mem::page_size(), ring.area_len, view.is_some());
     let mut log_bytes = 0u64;
-    let verified = match &view {
+    let new_part = || IndexPart { index: index.part(), touched: Touched::default(), log_bytes: 0 };
+    let (verified, parts) = match &view {
         // A mapped log may be scanned on two threads, by parts (see
         // `log::parallel`), joined in log order: the same index as one
         // thread makes.
-        Some(view) => {
-            let new_part = || IndexPart { index: index.part(), touched: Touched::default(), log_bytes: 0 };
-            let (verified, parts) = log::parallel::scan_parts(
-                ring,
-                view.bytes(),
-                status.head,
-                u64::MAX,
-                status.epoch,
-                log::parallel::Plan::for_machine(opts.parallel_scan),
-                &new_part,
-                &IndexPart::record,
-                &mut |pos| verifying.at(pos),
-            )?;
-            let last = parts.len().saturating_sub(1);
-            for (i, mut part) in parts.into_iter().enumerate() {
-                if i == last {
-                    part.index.cut_unfinished();
-                }
-                index.append(part.index);
-                touched.merge(part.touched);
-                log_bytes += part.log_bytes;
-            }
-            verified
+        Some(view) => log::parallel::scan_parts(
+            ring,
+            view.bytes(),
+            status.head,
+            u64::MAX,
+            status.epoch,
+            log::parallel::Plan::for_machine(opts.parallel_scan),
+            &new_part,
+            &IndexPart::record,
+            &mut |pos| verifying.at(pos),
+        )?,
+        None => {
+            let mut part = new_part();
+            let end = log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
+                part.record_with(lsn, Some(rec), info, ranges, tx);
+                verifying.at(lsn);
+                Ok(())
+            })?;
+            (end, vec![part])
         }
-        None => log::scan_records(ring, status.head, u64::MAX, status.epoch, |lsn, rec, info, ranges, tx| {
-            touched.record(info, ranges);
-            for r in ranges {
-                let bytes = &rec[r.data_at as usize..(r.data_at + r.len) as usize];
-                index.range(r.segment, r.offset, bytes, lsn + u64::from(r.data_at));
-            }
-            if info.commit.is_some() {
-                index.commit();
-                log_bytes += lsn + info.len as u64 - tx.start;
-            }
-            verifying.at(lsn);
-            Ok(())
-        })?,
     };
+    let last = parts.len().saturating_sub(1);
+    for (i, mut part) in parts.into_iter().enumerate() {
+        if i == last {
+            part.index.cut_unfinished();
+        }
+        index.append(part.index);
+        touched.merge(part.touched);
+        log_bytes += part.log_bytes;
+    }
     let dictionary = status.segments.clone();
     let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
     let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
