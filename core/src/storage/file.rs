@@ -140,15 +140,14 @@ pub struct FileStorage {
 static HELD: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64)>> =
     parking_lot::Mutex::new(std::collections::BTreeSet::new());
 
-/// The (device, inode) of an open file; for a block device, the device
-/// it names.
-fn held_id(file: &File) -> io::Result<(u64, u64)> {
+/// The (device, inode) of an open file, or for a block device the device
+/// it names (whatever node names it); and whether it is a block device.
+fn held_id(file: &File) -> io::Result<((u64, u64), bool)> {
     let st = rustix::fs::fstat(file)?;
-    // A block device is the device it names, whatever node names it.
     if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice {
-        return Ok((u64::MAX, st.st_rdev));
+        return Ok(((u64::MAX, st.st_rdev), true));
     }
-    Ok((st.st_dev, st.st_ino))
+    Ok(((st.st_dev, st.st_ino), false))
 }
 
 impl Drop for FileStorage {
@@ -181,7 +180,7 @@ impl FileStorage {
             }
         }
         let file = opts.open(path)?;
-        let id = held_id(&file)?;
+        let (id, block_device) = held_id(&file)?;
         // Held by a handle of this process: no wait (it is not a child's
         // passing copy), and a clear message.
         if HELD.lock().contains(&id) {
@@ -212,18 +211,13 @@ impl FileStorage {
                 Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
                     return Err(io::Error::new(
                         io::ErrorKind::WouldBlock,
-                        format!(
-                            "{} is locked by another user (another process, or a handle of this process still \
-                             holding it: a region or segment handle kept after its instance was dropped)",
-                            path.display()
-                        ),
+                        format!("{} is locked by another process", path.display()),
                     ))
                 }
                 Err(e) if e == rustix::io::Errno::INTR => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        let block_device = is_block_device(&file);
         HELD.lock().insert(id);
         Ok(FileStorage { file, path: path.to_path_buf(), block_device, held: id })
     }
