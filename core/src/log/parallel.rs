@@ -22,9 +22,9 @@
 //! thread that never starts (no core, no thread to be had) costs nothing:
 //! the calling thread claims every chunk.
 
-use super::{record_loop, Cursor, Mapped, Ring, ScanEnd, ScanStop, Source, TxSoFar};
+use super::{record_loop, Cursor, Mapped, Ring, ScanEnd, ScanStop, TxSoFar};
 use crate::error::Result;
-use crate::log::format::{self, RangeRef, RecordHeader, RecordInfo, RECORD_HEADER};
+use crate::log::format::{self, RangeRef, RecordInfo};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -459,22 +459,7 @@ impl<S> Shared<'_, S> {
             if gone(p) {
                 return Probe::Gone;
             }
-            let valid = (|| {
-                let h = src.get(p, RECORD_HEADER).ok()??;
-                let mut hb = [0u8; RECORD_HEADER];
-                hb.copy_from_slice(h);
-                let h = RecordHeader::parse(&hb);
-                let len = format::check_header(&h, p, self.epoch, area_len).ok()?;
-                // Bytes that pass the header's checks by chance (1 in 256)
-                // mostly fail this one before a CRC over up to a MiB.
-                if h.flags & !(format::FLAG_COMMIT | format::FLAG_FIRST) != 0 {
-                    return None;
-                }
-                let rec = src.get(p, len).ok()??;
-                let info = format::decode_record(rec, p, self.epoch, &mut ranges).ok()?;
-                Some(info)
-            })();
-            match valid {
+            match super::record_at(&mut src, p, self.epoch, area_len, &mut ranges).ok().flatten() {
                 Some(info) if info.flags & format::FLAG_FIRST != 0 => return Probe::Found(p),
                 Some(info) => {
                     any_record = true;
