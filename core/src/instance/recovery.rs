@@ -212,16 +212,7 @@ impl IndexPart {
     /// (the index copies the ranges' bytes).
     fn record_with(&mut self, lsn: u64, rec: Option<&[u8]>, info: &RecordInfo, ranges: &[RangeRef], tx: &log::TxSoFar) {
         self.touched.record(info, ranges);
-        for r in ranges {
-            let data_lsn = lsn + u64::from(r.data_at);
-            match rec {
-                Some(rec) => {
-                    let bytes = &rec[r.data_at as usize..(r.data_at + r.len) as usize];
-                    self.index.range(r.segment, r.offset, bytes, data_lsn);
-                }
-                None => self.index.range_mapped(r.segment, r.offset, r.len, data_lsn),
-            }
-        }
+        self.index.record(lsn, rec, ranges);
         if info.commit.is_some() {
             self.index.commit();
             self.log_bytes += lsn + info.len as u64 - tx.start;
