@@ -925,6 +925,23 @@ mod tests {
                 assert_eq!(got.map(|g| g.0), Some(v));
             }
         }
+        // Any bytes, from any position: the same as the plain reading.
+        for k in 0..50_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut b: Vec<u8> = (0..16).map(|i| (x.rotate_left(i * 7) >> (k % 3)) as u8).collect();
+            // Mostly continuation bits, so that every length comes up.
+            for (i, byte) in b.iter_mut().enumerate() {
+                if (k >> (i % 8)) % 5 != 0 {
+                    *byte |= 0x80;
+                }
+            }
+            let (from, to) = ((k % 5) as usize, 5 + (k % 12) as usize);
+            let mut at = from;
+            let got = get_varint(&b[..to], &mut at).map(|v| (v, at - from));
+            assert_eq!(got, slow(&b[from..to]), "{:02x?}", &b[from..to]);
+        }
         for d in [0i64, 1, -1, i64::MAX, i64::MIN] {
             assert_eq!(unzigzag(zigzag(d)), d);
         }
