@@ -433,14 +433,20 @@ fn varint_len(v: u64) -> usize {
 /// than ten bytes or a value above `u64::MAX`.
 #[inline(always)]
 fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-    let first = *b.get(*at)?;
+    varint_with(|i| b.get(i).copied(), at)
+}
+
+/// [`get_varint`] of bytes `byte(i)` gives (`None` past the end).
+#[inline(always)]
+fn varint_with(byte: impl Fn(usize) -> Option<u8>, at: &mut usize) -> Option<u64> {
+    let first = byte(*at)?;
     if first < 0x80 {
         *at += 1;
         return Some(u64::from(first));
     }
     let mut v = 0u64;
     for i in 0..10 {
-        let byte = *b.get(*at + i)?;
+        let byte = byte(*at + i)?;
         let bits = u64::from(byte & 0x7f);
         if i == 9 && byte > 1 {
             return None;
@@ -460,6 +466,41 @@ fn zigzag(d: i64) -> u64 {
 
 fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Reads `count` range items of one segment that follow one another in a
+/// record, the first at `byte(0)` (`byte(i)`: the item bytes from there on,
+/// `None` past them), calling `f(offset, data_at, len)` for each range
+/// (`data_at` counted like `byte`'s positions). The first range's offset is
+/// given (`first`: a reader that knows it need not read the ranges before
+/// it; the offsets of the next ones are relative to it, so it may be given
+/// in any frame, such as an offset in a page). False at the first item that
+/// does not read, or when `f` says so: the bytes are not the ones the
+/// verifying scan read.
+pub(crate) fn read_items(
+    byte: impl Fn(usize) -> Option<u8>,
+    first: u64,
+    count: usize,
+    mut f: impl FnMut(u64, usize, u32) -> bool,
+) -> bool {
+    let (mut at, mut offset) = (0usize, first);
+    for k in 0..count {
+        let Some(ctl) = varint_with(&byte, &mut at).and_then(|c| c.checked_sub(1)) else { return false };
+        if ctl & 1 == 1 && varint_with(&byte, &mut at).is_none() {
+            return false;
+        }
+        let Some(delta) = varint_with(&byte, &mut at) else { return false };
+        let Ok(len) = u32::try_from(ctl >> 1) else { return false };
+        if k > 0 {
+            offset = offset.wrapping_add(unzigzag(delta) as u64);
+        }
+        if !f(offset, at, len) {
+            return false;
+        }
+        at += len as usize;
+        offset = offset.wrapping_add(u64::from(len));
+    }
+    true
 }
 
 /// Appends records to a byte buffer, assigning consecutive log positions.
@@ -601,6 +642,8 @@ pub struct RangeRef {
     pub offset: u64,
     /// Where the data starts in the record.
     pub data_at: u32,
+    /// Where its item (the varints before the data) starts in the record.
+    pub item_at: u32,
     /// Data bytes.
     pub len: u32,
 }
@@ -715,6 +758,7 @@ pub fn decode_record(f: &[u8], lsn: u64, epoch: u64, ranges: &mut Vec<RangeRef>)
     let mut at = RECORD_HEADER;
     let (mut segment, mut prev_end, mut data_bytes) = (None, 0u64, 0u64);
     loop {
+        let item_at = at as u32;
         let ctl = get_varint(f, &mut at).ok_or(bad)?;
         if ctl == 0 {
             break;
@@ -731,7 +775,7 @@ pub fn decode_record(f: &[u8], lsn: u64, epoch: u64, ranges: &mut Vec<RangeRef>)
             return Err(bad);
         }
         let end = offset.checked_add(n).ok_or(bad)?;
-        ranges.push(RangeRef { segment, offset, data_at: at as u32, len: n as u32 });
+        ranges.push(RangeRef { segment, offset, data_at: at as u32, item_at, len: n as u32 });
         at += n as usize;
         prev_end = end;
         data_bytes += n;
