@@ -57,6 +57,11 @@ const RUN_PAGES: usize = 256;
 /// program reading a region in order faults once per this many pages, and
 /// the mapping splits once).
 const INSTALL_PAGES: u64 = 16;
+/// Logged ranges such a fault applies at most beyond its own page's: a
+/// neighbour that would pass this is left to a later fault, so the first
+/// read after an instant open of a log full of small ranges does not wait
+/// for sixteen pages of them.
+const INSTALL_RANGES: usize = 4096;
 
 /// The part of a logged range that falls in one page, or (a group, when
 /// `data` has [`GROUP`]) ranges that follow one another in one record and
@@ -105,6 +110,16 @@ impl Bytes<'_> {
         }
     }
 
+    /// The bytes from `pos` to the end of the ring (or of the copied
+    /// bytes), without wrapping.
+    #[inline]
+    fn from(&self, pos: u64) -> &[u8] {
+        match self {
+            Bytes::Ring(area) => &area[(pos % area.len().max(1) as u64) as usize..],
+            Bytes::Copied(data) => usize::try_from(pos).ok().and_then(|p| data.get(p..)).unwrap_or(&[]),
+        }
+    }
+
     /// Copies the bytes at `pos` into `dst`; false if they are not there.
     #[inline]
     fn copy(&self, pos: u64, dst: &mut [u8]) -> bool {
@@ -149,11 +164,37 @@ fn apply_chain(head: u32, piece: impl Fn(u32) -> Piece, bytes: Bytes<'_>, buf: &
             }
         } else {
             let start = p.data & !GROUP;
-            let item = |k: usize| bytes.byte(start.wrapping_add(k as u64));
-            crate::log::format::read_items(item, at as u64, usize::from(p.len_m1) + 1, |off, data_at, len| {
+            let count = usize::from(p.len_m1) + 1;
+            let into_page = |off: u64, len: u32, buf: &mut [u8], src: &dyn Fn(&mut [u8]) -> bool| {
                 let dst = usize::try_from(off).ok().and_then(|o| buf.get_mut(o..o.checked_add(len as usize)?));
-                dst.is_some_and(|dst| bytes.copy(start.wrapping_add(data_at as u64), dst))
-            })
+                dst.is_some_and(src)
+            };
+            // Read in place up to the end of the bytes (the usual case: no
+            // division per byte); a group that wraps around the ring's end
+            // is read again through the wrapping reader.
+            let flat = bytes.from(start);
+            crate::log::format::read_items(
+                |k| flat.get(k).copied(),
+                at as u64,
+                count,
+                |off, data_at, len| {
+                    into_page(off, len, buf, &|dst| match flat.get(data_at..data_at + dst.len()) {
+                        Some(src) => {
+                            dst.copy_from_slice(src);
+                            true
+                        }
+                        None => false,
+                    })
+                },
+            ) || matches!(bytes, Bytes::Ring(_))
+                && crate::log::format::read_items(
+                    |k| bytes.byte(start.wrapping_add(k as u64)),
+                    at as u64,
+                    count,
+                    |off, data_at, len| {
+                        into_page(off, len, buf, &|dst| bytes.copy(start.wrapping_add(data_at as u64), dst))
+                    },
+                )
         };
         if !ok {
             return false;
@@ -829,6 +870,16 @@ impl Shared {
         apply_chain(e.head, |i| self.pieces[i as usize], bytes, buf)
     }
 
+    /// The logged ranges (or parts of ranges) the page's pieces apply.
+    fn ranges_of(&self, e: &Entry) -> usize {
+        let (mut i, mut n) = (e.head, 0);
+        while let Some(p) = self.pieces.get(i as usize) {
+            n += if p.data & GROUP == 0 { 1 } else { usize::from(p.len_m1) + 1 };
+            i = p.next;
+        }
+        n
+    }
+
     /// Bytes of page `page` of segment `s` inside the segment.
     fn page_len(&self, s: &SegIndex, page: u64) -> usize {
         let off = page * self.page as u64;
@@ -927,9 +978,12 @@ impl Shared {
                     // still PROT_NONE in it, as every page not DONE at map
                     // time was made).
                     let mut n = 1u64;
+                    let mut ranges = 0;
                     while n < INSTALL_PAGES && page + n < end {
                         let Some(next) = seg.entry(page + n) else { break };
-                        if next.installed.load(Ordering::Acquire) == map
+                        ranges += self.ranges_of(next);
+                        if ranges > INSTALL_RANGES
+                            || next.installed.load(Ordering::Acquire) == map
                             || next
                                 .state
                                 .compare_exchange(PENDING, APPLYING, Ordering::AcqRel, Ordering::Acquire)
@@ -1453,6 +1507,42 @@ mod tests {
         assert!(!apply_chain(chain, piece, Bytes::Copied(&log[..ranges[3].data_at as usize]), &mut vec![0u8; 4096]));
         // The page's end (a segment's last page is shorter).
         assert!(!apply_chain(chain, piece, Bytes::Ring(&log), &mut [0u8; 150]));
+    }
+
+    /// A group whose items wrap around the end of the ring reads as one
+    /// that does not, at every point of the wrap.
+    #[test]
+    fn a_group_across_the_ring_end_reads_the_same() {
+        let area_len = 4096u64;
+        for cut in 1..120u64 {
+            let lsn = area_len * 3 - cut;
+            let mut out = Vec::new();
+            let mut w = crate::log::format::FrameWriter::new(&mut out, lsn, 1, area_len);
+            for k in 0..6u64 {
+                w.range(1, 8192 + 40 + k * 24, &[k as u8 + 1; 12]);
+            }
+            w.commit(0, 0, 0);
+            let mut ranges = Vec::new();
+            crate::log::format::decode_record(&out, lsn, 1, &mut ranges).expect("a record");
+            let mut area = vec![0u8; area_len as usize];
+            for (i, &b) in out.iter().enumerate() {
+                area[((lsn + i as u64) % area_len) as usize] = b;
+            }
+            let mut b = Builder::new(4096, 1 << 20, true);
+            b.record(lsn, None, &ranges);
+            b.commit();
+            assert_eq!(b.filled, 1, "one group");
+            let head = b.segs[0].1.get(2).expect("page 2").head;
+            let arena = b.arena.clone();
+            // SAFETY: (a test) the builder is done; no reference to a slot
+            // lives.
+            let piece = |i: u32| unsafe { *arena.ptr(i as usize) };
+            let mut page = vec![0u8; 4096];
+            assert!(apply_chain(head, piece, Bytes::Ring(&area), &mut page), "cut {cut}");
+            for k in 0..6usize {
+                assert_eq!(&page[40 + k * 24..][..12], &[k as u8 + 1; 12], "cut {cut}");
+            }
+        }
     }
 
     /// An index whose pieces would not fit the arena says so (recovery
