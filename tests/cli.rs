@@ -102,6 +102,57 @@ fn usage_errors_exit_1() {
     }
 }
 
+/// A log in `dir` with transactions for a one-page segment at `seg`, not
+/// applied; returns the log's path and the bytes the segment must hold.
+fn unapplied(dir: &Path, seg: &Path) -> (PathBuf, Vec<u8>) {
+    let log = dir.join("test.log");
+    rvm::create_log(&log, 1 << 20).unwrap();
+    let rvm = Rvm::open(&log, opts()).unwrap();
+    let ps = rvm::page_size();
+    let s = rvm.create_segment(seg, ps as u64).unwrap();
+    let r = rvm.map(&s, MapSpec::new(0, ps)).unwrap();
+    commit(&rvm, &r, &[(100, b"hello"), (300, b"world")]);
+    let mut want = vec![0u8; ps];
+    want[100..105].copy_from_slice(b"hello");
+    want[300..305].copy_from_slice(b"world");
+    drop(r);
+    rvm.close().unwrap();
+    (log, want)
+}
+
+#[test]
+fn accept_segment_takes_restored_and_moved_segments_with_equals_in_their_paths() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let here = dir.path().join("a=b");
+    std::fs::create_dir_all(&here).unwrap();
+    let seg = here.join("s=1.seg");
+    let (log, want) = unapplied(&here, &seg);
+    // Restored from a copy: the same path, another file.
+    let copy = here.join("copy");
+    std::fs::copy(&seg, &copy).unwrap();
+    std::fs::rename(&copy, &seg).unwrap();
+    let o = rvmutl_on("recover", &log, &[]);
+    assert_ne!(o.status.code(), Some(0), "a restored segment taken without --accept-segment");
+    let o = rvmutl_on("recover", &log, &["--accept-segment", seg.to_str().unwrap()]);
+    expect_code(&o, 0);
+    assert_eq!(std::fs::read(&seg).unwrap(), want);
+
+    // Moved: RECORDED=NOW, both holding `=`.
+    let dir = tempfile::tempdir().unwrap();
+    let (from, to) = (dir.path().join("x=y"), dir.path().join("m=n"));
+    std::fs::create_dir_all(&from).unwrap();
+    std::fs::create_dir_all(&to).unwrap();
+    let seg = from.join("seg");
+    let (log, want) = unapplied(&from, &seg);
+    let moved = to.join("k=v.seg");
+    std::fs::rename(&seg, &moved).unwrap();
+    let arg = format!("{}={}", seg.display(), moved.display());
+    let o = rvmutl_on("recover", &log, &["--accept-segment", &arg]);
+    expect_code(&o, 0);
+    assert_eq!(std::fs::read(&moved).unwrap(), want);
+}
+
 #[test]
 fn create_log_accepts_suffixes_and_never_overwrites() {
     let _serial = serial();

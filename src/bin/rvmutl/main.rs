@@ -148,7 +148,8 @@ enum Command {
         #[arg(long)]
         salvage: bool,
         /// Accept the file at NOW as the segment the log recorded as RECORDED (restored from a copy or moved);
-        /// its identity is not checked. Repeat for several segments.
+        /// its identity is not checked. Repeat for several segments. A path holding `=` is read whole if it
+        /// names a file, else cut where the part after `=` names one.
         #[arg(long, value_name = "RECORDED=NOW", value_parser = parse_accept)]
         accept_segment: Vec<(PathBuf, PathBuf)>,
     },
@@ -843,8 +844,18 @@ fn recovery_lines(r: &rvm::RecoveryReport, out: &mut dyn Write) -> io::Result<()
 
 /// `--accept-segment RECORDED=NOW` (or `PATH`, accepted where it is):
 /// neither path may be empty.
+/// A path may hold `=`: an argument naming an existing file is taken
+/// whole (the `PATH` form); otherwise it is cut at the first `=` after
+/// which an existing file is named, or else at the first `=`.
 fn parse_accept(arg: &str) -> Result<(PathBuf, PathBuf), String> {
-    let (recorded, now) = arg.split_once('=').unwrap_or((arg, arg));
+    let cuts: Vec<usize> = arg.match_indices('=').map(|(i, _)| i).collect();
+    let (recorded, now) = match cuts.first() {
+        Some(&first) if !Path::new(arg).exists() => {
+            let at = cuts.iter().copied().find(|&i| Path::new(&arg[i + 1..]).exists()).unwrap_or(first);
+            (&arg[..at], &arg[at + 1..])
+        }
+        _ => (arg, arg),
+    };
     if recorded.is_empty() || now.is_empty() {
         return Err(format!("`{arg}`: expected RECORDED=NOW (or PATH), with neither path empty"));
     }
