@@ -4,7 +4,9 @@
 //! The pieces, each usable on its own:
 //!
 //! - [`install`]: installs the handler once per process (`SA_SIGINFO`,
-//!   `SA_ONSTACK`), remembering the action that was there before. A fault
+//!   `SA_ONSTACK`), remembering the action that was there before, and maps
+//!   the stacks hooks run on (a thread's alternate signal stack is too
+//!   small for their work: [`on_hook_stack`]). A fault
 //!   that no registered range claims, or that its hook refuses, goes to that
 //!   earlier action: a function is called (with the arguments its flags ask
 //!   for); the default or "ignore" resets `SIGSEGV` to the default action and
@@ -55,7 +57,8 @@ pub(crate) enum Resolution {
 /// The owner of a registered range.
 pub(crate) trait FaultHook: Send + Sync {
     /// Resolves a fault at `addr` inside the hook's range. Runs in the
-    /// signal handler, on the faulting thread: async-signal-safe code only
+    /// signal handler, on the faulting thread (on a hook stack of 256 KiB,
+    /// not the small alternate signal stack): async-signal-safe code only
     /// (no lock, no allocation, no panic).
     fn on_fault(&self, addr: usize, access: Access) -> Resolution;
 }
@@ -107,12 +110,117 @@ pub(crate) enum FaultError {
     },
 }
 
+/// Stacks the hooks run on, at most this many at once (a fault finding
+/// none free yields until one is).
+const HOOK_STACKS: usize = 16;
+/// Bytes of each hook stack (address space; pages are taken as used).
+const HOOK_STACK_BYTES: usize = 256 << 10;
+/// An inaccessible gap below each hook stack, so that an overflow faults
+/// instead of running into the next one.
+const HOOK_STACK_GUARD: usize = 64 << 10;
+
+/// Where the hook stacks are (0 until [`install`] made them).
+static HOOK_STACK_BASE: AtomicUsize = AtomicUsize::new(0);
+/// Which hook stacks a handler is using.
+static HOOK_STACK_BUSY: [AtomicBool; HOOK_STACKS] = [const { AtomicBool::new(false) }; HOOK_STACKS];
+
+/// Maps the hook stacks: one anonymous mapping, each stack above a guard
+/// gap left inaccessible.
+///
+/// Why: the handler is installed `SA_ONSTACK` (so that a stack overflow
+/// still reaches Rust's handler, which reports it), and a thread's
+/// alternate signal stack is small (Rust gives its threads 8 KiB, of which
+/// the kernel's signal frame takes about 3 KiB with AVX-512 state). A hook
+/// does real work (instant recovery builds pages: reads, applies logged
+/// ranges, maps): run on that stack it overflowed it in unoptimized
+/// builds. So the handler runs each hook on one of these stacks instead.
+fn map_hook_stacks() -> Result<usize, FaultError> {
+    let each = HOOK_STACK_GUARD + HOOK_STACK_BYTES;
+    // SAFETY: a fresh anonymous private mapping at an address the kernel
+    // picks; it overlaps nothing of ours.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            HOOK_STACKS * each,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(FaultError::Install(format!("mapping the hooks' stacks: {}", std::io::Error::last_os_error())));
+    }
+    for k in 0..HOOK_STACKS {
+        // SAFETY: the range lies inside the mapping just made, which
+        // nothing else uses yet.
+        let rc = unsafe {
+            libc::mprotect(
+                base.cast::<u8>().add(k * each + HOOK_STACK_GUARD).cast(),
+                HOOK_STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the mapping made above, used by no one.
+            unsafe { libc::munmap(base, HOOK_STACKS * each) };
+            return Err(FaultError::Install(format!("mapping the hooks' stacks: {e}")));
+        }
+    }
+    Ok(base as usize)
+}
+
+/// Runs `f` (a hook) on a free hook stack, waiting for one if all are in
+/// use; a panic in `f` becomes a fatal fault (the stack switch must not be
+/// unwound through, and a panic in a signal handler has nowhere to go).
+fn on_hook_stack(f: impl FnOnce() -> Resolution) -> Resolution {
+    let call = move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .unwrap_or(Resolution::Fatal("a page-fault hook panicked"))
+    };
+    let base = HOOK_STACK_BASE.load(Ordering::Acquire);
+    if base == 0 {
+        return call();
+    }
+    let k = loop {
+        if let Some(k) = HOOK_STACK_BUSY
+            .iter()
+            .position(|b| b.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
+        {
+            break k;
+        }
+        // SAFETY: sched_yield(2) is async-signal-safe and takes nothing.
+        unsafe { libc::sched_yield() };
+    };
+    let stack = base + k * (HOOK_STACK_GUARD + HOOK_STACK_BYTES) + HOOK_STACK_GUARD;
+    let r = psm::psm_stack_manipulation! {
+        yes {
+            // SAFETY: `[stack, stack + HOOK_STACK_BYTES)` is readable and
+            // writable memory of ours, page-aligned (so aligned for any
+            // target's stack), its size a multiple of the page size, used by
+            // this handler alone (its busy flag); `call` does not unwind
+            // (it catches panics).
+            unsafe { psm::on_stack(stack as *mut u8, HOOK_STACK_BYTES, call) }
+        }
+        no {
+            {
+                let _ = stack;
+                call()
+            }
+        }
+    };
+    HOOK_STACK_BUSY[k].store(false, Ordering::Release);
+    r
+}
+
 /// Installs the handler (once per process; later calls return the first
 /// call's result).
 pub(crate) fn install() -> Result<(), FaultError> {
     static INSTALLED: OnceLock<Result<(), FaultError>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
+            HOOK_STACK_BASE.store(map_hook_stacks()?, Ordering::Release);
             // SAFETY: a zeroed sigaction is a valid value (no handler, empty
             // mask); every field we rely on is then set explicitly.
             let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -202,7 +310,8 @@ fn dispatch(addr: usize, access: Access) -> Resolution {
         } else {
             // SAFETY: the hook is live: `users` counts us in, and
             // unregistering waits for it to drop to zero before freeing.
-            unsafe { (*hook).on_fault(addr, access) }
+            let hook = unsafe { &*hook };
+            on_hook_stack(|| hook.on_fault(addr, access))
         };
         s.users.fetch_sub(1, Ordering::SeqCst);
         if r != Resolution::NotOurs {
@@ -372,4 +481,72 @@ pub(crate) unsafe fn replace_page(addr: usize, len: usize, fill: impl FnOnce(&mu
         return Replaced::NoResources;
     }
     Replaced::Yes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hook that needs far more stack than an alternate signal stack
+    /// holds, then makes its page accessible.
+    struct Deep {
+        page: usize,
+        len: usize,
+    }
+
+    impl FaultHook for Deep {
+        fn on_fault(&self, addr: usize, _access: Access) -> Resolution {
+            let mut buf = [0u8; 64 << 10];
+            std::hint::black_box(&mut buf);
+            buf[addr % buf.len()] = 1;
+            std::hint::black_box(&buf);
+            // SAFETY: the page this test mapped and registered.
+            if unsafe { protect(self.page, self.len, true) } {
+                Resolution::Handled
+            } else {
+                Resolution::Fatal("mprotect failed")
+            }
+        }
+    }
+
+    /// A hook runs on a hook stack, not on the faulting thread's small
+    /// alternate signal stack (where the handler is entered): a hook using
+    /// 64 KiB of stack on a thread whose alternate stack is 16 KiB brings
+    /// its page in. (On the alternate stack this overflowed: instant
+    /// recovery's page builder did, in a debug build.)
+    #[test]
+    fn a_hook_needing_more_stack_than_the_alternate_stack_runs() {
+        std::thread::spawn(|| {
+            let len = crate::mem::page_size();
+            // A small alternate stack for this thread, as Rust gives its
+            // threads one of 8 KiB.
+            let mut alt = vec![0u8; 16 << 10];
+            // SAFETY: a zeroed stack_t is valid; then filled in.
+            let mut ss: libc::stack_t = unsafe { std::mem::zeroed() };
+            ss.ss_sp = alt.as_mut_ptr().cast();
+            ss.ss_size = alt.len();
+            // SAFETY: `alt` outlives the thread's use of it (it is dropped
+            // after the alternate stack is disabled below).
+            assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+            // SAFETY: a fresh anonymous mapping, inaccessible.
+            let page = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            };
+            assert_ne!(page, libc::MAP_FAILED);
+            let page = page as usize;
+            let reg = register(page, page + len, Arc::new(Deep { page, len })).unwrap();
+            // SAFETY: the page is mapped; the hook makes it readable.
+            let v = unsafe { std::ptr::read_volatile((page + 8) as *const u8) };
+            assert_eq!(v, 0);
+            drop(reg);
+            // SAFETY: the mapping made above; nothing refers to it now.
+            unsafe { libc::munmap(page as *mut libc::c_void, len) };
+            ss.ss_flags = libc::SS_DISABLE;
+            // SAFETY: disables this thread's alternate stack.
+            assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+            drop(alt);
+        })
+        .join()
+        .unwrap();
+    }
 }
