@@ -276,3 +276,20 @@ fn grow_a_heap_and_show_its_maximum() {
     heap.check().unwrap();
     drop(f.dir);
 }
+
+/// A heap whose formatting needs more log than the log has (a 1 GiB static
+/// region holds the most root slots, a 4 MiB transaction, on a 2 MiB log)
+/// exited 3, which the help reserves for damaged files, with no hint; it is
+/// a usage error, and the hint says what to do.
+#[test]
+fn a_heap_too_big_for_the_log_is_a_usage_error() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let seg = dir.path().join("app.heap");
+    expect_code(&rvmutl(&["create-log", log.to_str().unwrap(), "--size", "2M"]), 0);
+    let base = format!("{:#x}", base(6));
+    let o = heap_cmd("create", &log, &seg, &["--size", "1M", "--base", &base, "--static-len", "1G"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("larger log"), "{}", stderr(&o));
+}
