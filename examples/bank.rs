@@ -79,7 +79,7 @@ fn audit(heap: &PHeap) -> Result<Audit, Box<dyn std::error::Error>> {
         if total != i128::from(OPENING_BALANCE) * ACCOUNTS as i128 {
             return Err(format!("money appeared or vanished: total {total}").into());
         }
-        let mut per_branch = vec![0i128; BRANCHES];
+        let mut per_branch = [0i128; BRANCHES];
         for a in accounts.iter() {
             per_branch[(a.branch % BRANCHES as u64) as usize] += i128::from(a.balance);
         }
