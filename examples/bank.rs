@@ -59,21 +59,37 @@ fn audit(heap: &PHeap) -> Result<Audit, Box<dyn std::error::Error>> {
         let accounts = r.root::<PVec<Account>>("accounts")?.ok_or("no accounts")?;
         let branches = r.root::<PVec<i64>>("branches")?.ok_or("no branches")?;
         let history = r.root::<PVec<Transfer>>("history")?.ok_or("no history")?;
-        let total: i64 = accounts.iter().map(|a| a.balance).sum();
-        if total != OPENING_BALANCE * ACCOUNTS as i64 {
+        // Damaged data is reported, never a panic: the shapes are checked
+        // before indexing, balances are far from overflowing, and sums are
+        // in i128.
+        if accounts.len() != ACCOUNTS || branches.len() != BRANCHES {
+            return Err(format!(
+                "{} accounts and {} branches, not {ACCOUNTS} and {BRANCHES}",
+                accounts.len(),
+                branches.len()
+            )
+            .into());
+        }
+        if accounts.iter().any(|a| a.branch >= BRANCHES as u64 || a.balance.unsigned_abs() > (i64::MAX / 4) as u64)
+            || branches.iter().any(|b| b.unsigned_abs() > (i64::MAX / 4) as u64)
+        {
+            return Err("an account or branch holds impossible values".into());
+        }
+        let total: i128 = accounts.iter().map(|a| i128::from(a.balance)).sum();
+        if total != i128::from(OPENING_BALANCE) * ACCOUNTS as i128 {
             return Err(format!("money appeared or vanished: total {total}").into());
         }
-        let mut per_branch = vec![0i64; BRANCHES];
+        let mut per_branch = [0i128; BRANCHES];
         for a in accounts.iter() {
-            per_branch[a.branch as usize % BRANCHES] += a.balance;
+            per_branch[(a.branch % BRANCHES as u64) as usize] += i128::from(a.balance);
         }
-        if per_branch != branches.as_slice() {
+        if !per_branch.iter().copied().eq(branches.iter().map(|&b| i128::from(b))) {
             return Err("a branch total disagrees with its accounts".into());
         }
         if history.len() as u64 != bank.transfers || history.iter().enumerate().any(|(i, t)| t.seq != i as u64) {
             return Err("the history does not hold one record per transfer".into());
         }
-        Ok(Audit { transfers: bank.transfers, history: history.len() as u64, total })
+        Ok(Audit { transfers: bank.transfers, history: history.len() as u64, total: total as i64 })
     })
 }
 

@@ -83,3 +83,38 @@ fn every_reported_transfer_survives_kill_9() {
         );
     }
 }
+
+/// A damaged heap segment makes the bank exit with an error (code 1) that
+/// says what is wrong, never a panic: pages of the heap overwritten with
+/// `0x7f` bytes gave balances whose sum overflowed `i64` (a panic in the
+/// audit) before the audit checked shapes and ranges first.
+#[test]
+fn a_damaged_bank_is_an_error_not_a_panic() {
+    use std::os::unix::fs::FileExt;
+    let bin = bank_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Command::new(&bin).arg(dir.path()).arg("10").output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let seg = dir.path().join("heap.seg");
+    let clean = std::fs::read(&seg).unwrap();
+    let mut refused = 0;
+    for page in 2..12u64 {
+        let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        file.write_all_at(&[0x7f; 4096], page * 4096).unwrap();
+        drop(file);
+        let out = Command::new(&bin).arg(dir.path()).arg("0").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => {}
+            Some(1) => {
+                assert!(err.starts_with("bank: error: "), "page {page}: {err}");
+                refused += 1;
+            }
+            other => panic!("page {page}: exit {other:?} (a panic or a signal):\n{err}"),
+        }
+        // Put the page back in place (the file keeps its identity).
+        let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        file.write_all_at(&clean[(page * 4096) as usize..][..4096], page * 4096).unwrap();
+    }
+    assert!(refused > 0, "no damaged page was noticed");
+}

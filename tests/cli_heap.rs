@@ -276,3 +276,40 @@ fn grow_a_heap_and_show_its_maximum() {
     heap.check().unwrap();
     drop(f.dir);
 }
+
+/// `heap grow --size S --max M` with S past M failed (exit 1) but had
+/// already lowered the maximum to M; now it changes nothing.
+#[test]
+fn a_grow_past_the_new_maximum_changes_nothing() {
+    let _serial = serial();
+    let f = fixture(base(5));
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--size", "3M", "--max", "2M"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("cannot grow to 3145728 bytes: its maximum is 2097152"), "{}", stderr(&o));
+    let o = heap_cmd("stats", &f.log, &f.seg, &["--json"]);
+    expect_code(&o, 0);
+    let stats = record(&json(&o), "stats").clone();
+    assert_eq!((stats["heap_bytes"].as_u64(), stats["max_heap_bytes"].as_u64()), (Some(1 << 20), Some(64 << 30)));
+    // Within the new maximum both happen.
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--size", "2M", "--max", "2M"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("1048576 -> 2097152 bytes (maximum 2097152 bytes)"), "{}", stdout(&o));
+    assert_log_empty(&f.log);
+}
+
+/// A heap whose formatting needs more log than the log has (a 1 GiB static
+/// region holds the most root slots, a 4 MiB transaction, on a 2 MiB log)
+/// exited 3, which the help reserves for damaged files, with no hint; it is
+/// a usage error, and the hint says what to do.
+#[test]
+fn a_heap_too_big_for_the_log_is_a_usage_error() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let seg = dir.path().join("app.heap");
+    expect_code(&rvmutl(&["create-log", log.to_str().unwrap(), "--size", "2M"]), 0);
+    let base = format!("{:#x}", base(6));
+    let o = heap_cmd("create", &log, &seg, &["--size", "1M", "--base", &base, "--static-len", "1G"]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("larger log"), "{}", stderr(&o));
+}

@@ -320,3 +320,25 @@ fn a_fifo_is_refused_without_blocking() {
         assert!(stderr(&o).starts_with("rvmutl: error: "), "{args:?}:\n{}", stderr(&o));
     }
 }
+
+/// A load map file that is not text (binary bytes, or text with a byte
+/// that is not UTF-8) exited 2, "I/O error", as if the disk had failed; it
+/// is a bad map, exit 1, naming the line, and nothing is created. So is a
+/// file longer than any load map.
+#[test]
+fn a_map_file_that_is_not_text_is_a_usage_error() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let seg = fx.path("x.seg");
+    let not_utf8 = fx.path("bad.map");
+    std::fs::write(&not_utf8, b"a:8K:4K:0x5a0000000000\nb\xff:12K:4K:0x5b0000000000\n").unwrap();
+    let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--map", s(&not_utf8)]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("line 2") && stderr(&o).contains("not UTF-8"), "{}", stderr(&o));
+    let long = fx.path("long.map");
+    std::fs::write(&long, "# padding\n".repeat(500_000)).unwrap();
+    let o = rvmutl(&["segment", "create", s(&seg), "--log", s(&fx.log), "--map", s(&long)]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("not a load map"), "{}", stderr(&o));
+    assert!(!seg.exists());
+}

@@ -112,6 +112,14 @@ pub enum HeapError {
         /// Why.
         reason: String,
     },
+    /// A heap value of this process already uses one of the regions (or
+    /// the static and heap regions are one region): two heaps on the same
+    /// memory would hand out the same blocks. Drop the other heap first.
+    #[error("a heap already uses the region at {addr:#x} in this process (drop that heap first)")]
+    RegionInUse {
+        /// The region's address.
+        addr: usize,
+    },
     /// A growth would take the heap past its maximum size (the one its
     /// segment's load map records, [`crate::Heap::max_len`]). The heap is
     /// unchanged.

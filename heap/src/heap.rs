@@ -177,6 +177,8 @@ pub struct Heap {
     /// Claims on the regions, where nobody (such as the loader) held one
     /// already: nobody else can unmap them under the heap.
     _claims: [Option<rvm_core::RegionClaim>; 2],
+    /// This heap's hold on its regions (no other heap value may use them).
+    _held: HeldRegions,
     header: StaticHeader,
     /// The heap region's committed length (`header.heap_len` at load; grows
     /// with [`Heap::grow`], stored while the heap lock is held, after the
@@ -194,6 +196,37 @@ pub struct Heap {
 
 static NEXT_HEAP_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// The addresses of the regions that live heaps of this process use. A
+/// region's address names it while a heap holds it: the heap keeps a handle
+/// to the region, so it stays mapped and nothing else can be mapped there.
+static HELD_REGIONS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A heap's hold on its two regions: while it lives, [`Heap::format`] and
+/// [`Heap::load`] refuse them to any other heap ([`HeapError::RegionInUse`]).
+#[derive(Debug)]
+struct HeldRegions([usize; 2]);
+
+impl HeldRegions {
+    fn take(static_region: &Region, heap_region: &Region) -> Result<HeldRegions> {
+        let pair = [static_region.addr(), heap_region.addr()];
+        if pair[0] == pair[1] {
+            return Err(HeapError::RegionInUse { addr: pair[0] });
+        }
+        let mut held = HELD_REGIONS.lock();
+        if let Some(&addr) = pair.iter().find(|a| held.contains(a)) {
+            return Err(HeapError::RegionInUse { addr });
+        }
+        held.extend_from_slice(&pair);
+        Ok(HeldRegions(pair))
+    }
+}
+
+impl Drop for HeldRegions {
+    fn drop(&mut self) {
+        HELD_REGIONS.lock().retain(|a| !self.0.contains(a));
+    }
+}
+
 fn class_of(size: u64) -> usize {
     CLASS_BOUNDS.iter().position(|&b| size <= b).unwrap_or(CLASS_BOUNDS.len() - 1)
 }
@@ -209,7 +242,12 @@ impl Heap {
     /// writes the header, zero counters, empty roots (as many slots as the
     /// static region holds, up to [`MAX_ROOT_SLOTS`]), and one free block
     /// covering the heap region. Whatever the regions held is lost.
+    ///
+    /// Regions a live heap of this process uses (or one region given as
+    /// both) are refused with [`HeapError::RegionInUse`], before anything
+    /// is written.
     pub fn format(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
+        let held = HeldRegions::take(&static_region, &heap_region)?;
         let slots = (static_region.len().saturating_sub(STATIC_FIXED) / ROOT_SLOT).min(MAX_ROOT_SLOTS as usize);
         if slots == 0 {
             return Err(HeapError::BadRegions {
@@ -249,7 +287,7 @@ impl Heap {
         let first = BlockHeader { size: len, allocated: false, slack: 0 };
         raw::store(&mut tx, heap_region.addr(), &first.encode(nonce, 0))?;
         tx.commit(CommitMode::Flush)?;
-        Heap::load(rvm, static_region, heap_region)
+        Heap::load_held(rvm, static_region, heap_region, held)
     }
 
     /// Loads a heap from its regions: checks the header, walks every block
@@ -257,7 +295,16 @@ impl Heap {
     /// persistent counters against the blocks and the root slots, and
     /// rebuilds the volatile indexes. A heap that fails is reported as
     /// [`HeapError::Corrupted`], never used.
+    ///
+    /// One heap value per pair of regions: regions a live heap of this
+    /// process uses are refused with [`HeapError::RegionInUse`] (two heap
+    /// values on the same memory would hand out the same blocks).
     pub fn load(rvm: &Rvm, static_region: Region, heap_region: Region) -> Result<Heap> {
+        let held = HeldRegions::take(&static_region, &heap_region)?;
+        Heap::load_held(rvm, static_region, heap_region, held)
+    }
+
+    fn load_held(rvm: &Rvm, static_region: Region, heap_region: Region, held: HeldRegions) -> Result<Heap> {
         let mut fixed = [0u8; HEADER_LEN];
         raw::read_metadata(&static_region, 0, &mut fixed)
             .ok_or_else(|| HeapError::BadRegions { reason: "static region too small".into() })?;
@@ -298,6 +345,7 @@ impl Heap {
             id,
             rvm: rvm.clone(),
             _claims: [static_region.claim().ok(), heap_region.claim().ok()],
+            _held: held,
             static_region,
             heap_region,
             header,

@@ -516,7 +516,10 @@ impl LoadedSegment {
     /// one of the regions is uncommitted ([`LoaderError::Busy`]). After
     /// success the value is empty ([`LoadedSegment::is_loaded`] is false,
     /// [`LoadedSegment::region`] finds nothing) and the segment can be
-    /// loaded again; it stays open (and locked) in the instance.
+    /// loaded again; it stays open (and locked) in the instance. A
+    /// [`Region`] handle cloned from a region keeps that memory mapped
+    /// until it is dropped: meanwhile a new load of the segment fails with
+    /// [`LoaderError::AlreadyLoaded`].
     pub fn unload(&mut self) -> Result<()> {
         for (name, r) in self.regions() {
             let count = r.active_transactions();

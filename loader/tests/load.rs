@@ -157,6 +157,36 @@ fn loading_a_loaded_segment_again_is_a_clear_error() {
     assert_eq!(read(seg.region("r0").unwrap(), 0, 5), b"first");
 }
 
+/// A `Region` handle cloned before an unload keeps its memory mapped (it
+/// stays readable: no dangling handle), so a reload meanwhile is
+/// `AlreadyLoaded`; once the handle is dropped the segment loads again, at
+/// the same addresses, as many times as asked.
+#[test]
+fn a_region_handle_kept_across_an_unload_holds_its_mapping_until_dropped() {
+    let env = Env::new();
+    let rvm = env.open();
+    let range = address_range();
+    let map = map_of(1, 1, range.at(0));
+    let path = env.path("seg");
+    create_segment(&rvm, &path, map.min_device_len(), &map).unwrap();
+    let mut seg = load_segment(&rvm, &path).unwrap();
+    write(&rvm, seg.region("r0").unwrap(), 0, b"kept");
+    let handle = seg.region("r0").unwrap().clone();
+    seg.unload().unwrap();
+    assert_eq!(read(&handle, 0, 4), b"kept");
+    let e = load_segment(&rvm, &path).unwrap_err();
+    assert!(matches!(e, LoaderError::AlreadyLoaded { .. }), "{e:?}");
+    drop(handle);
+    drop(seg);
+    for _ in 0..20 {
+        let seg = load_segment(&rvm, &path).unwrap();
+        let r = seg.region("r0").unwrap();
+        assert_eq!(r.addr() as u64, range.at(0));
+        assert_eq!(read(r, 0, 4), b"kept");
+    }
+    nothing_mapped(&rvm, &map, &path);
+}
+
 #[test]
 fn an_address_conflict_maps_nothing_and_leaves_the_occupant_alone() {
     let env = Env::new();

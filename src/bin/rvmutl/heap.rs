@@ -250,6 +250,18 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
     let rvm = open_log(log)?;
     let heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
+    // A size past the new maximum is refused before the maximum changes:
+    // a failed command changes nothing.
+    if let (Some(size), Some(max)) = (size, max) {
+        let page = heap.segment().load_map().page_size();
+        let round = |n: u64| n.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        let max = round(max).max(old);
+        if round(size) > max {
+            heap.close()?;
+            rvm.close()?;
+            return Err(HeapError::GrowthLimit { requested: round(size), max }.into());
+        }
+    }
     if let Some(max) = max {
         heap.set_max_len(max)?;
     }

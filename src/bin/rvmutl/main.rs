@@ -319,8 +319,11 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Io { .. } | Error::Locked { .. } | Error::Poisoned { .. } => EXIT_IO,
         Error::Corrupted { .. } => EXIT_INVALID,
-        Error::Log(LogError::BadSize { .. }) => EXIT_USAGE,
-        Error::Log(LogError::MissingSegment { .. } | LogError::ViewUnstable { .. }) => EXIT_IO,
+        // A request too big for the log is the arguments' doing, not damage.
+        Error::Log(LogError::BadSize { .. } | LogError::TransactionTooLarge { .. }) => EXIT_USAGE,
+        Error::Log(LogError::MissingSegment { .. } | LogError::ViewUnstable { .. } | LogError::LogUnlinked { .. }) => {
+            EXIT_IO
+        }
         Error::Log(LogError::NotALog { .. } | LogError::UnsupportedVersion { .. }) => EXIT_INVALID,
         Error::Log(_) => EXIT_INVALID,
         _ => EXIT_IO,
@@ -346,6 +349,12 @@ fn hint(e: &Error) -> Option<String> {
         Error::Log(LogError::MissingSegment { .. }) => {
             Some("the segments must be at the paths the log recorded; `rvmutl status` lists them".into())
         }
+        Error::Log(LogError::TransactionTooLarge { .. }) => Some(
+            "the log is too small for what was asked: use a larger log (`rvmutl create-log --size`) or ask for \
+             less (a smaller --static-len or load map); a segment file this command created is left blank: remove \
+             it before trying again"
+                .into(),
+        ),
         Error::Log(LogError::ViewUnstable { .. }) => {
             Some("a program is truncating or checkpointing the log busily; run the command again".into())
         }
@@ -986,6 +995,17 @@ mod tests {
         assert_eq!(exit_code(&LogError::NotALog { path: "x".into() }.into()), EXIT_INVALID);
         assert_eq!(exit_code(&LogError::BadSize { requested: 1, reason: "small" }.into()), EXIT_USAGE);
         assert_eq!(exit_code(&LogError::ViewUnstable { path: "x".into(), attempts: 8 }.into()), EXIT_IO);
+        assert_eq!(exit_code(&LogError::LogUnlinked { path: "x".into() }.into()), EXIT_IO);
+    }
+
+    /// A transaction too big for the log (`heap create --static-len 1G` on
+    /// a 4 MiB log) exited 3, "corrupted log", with no hint; it is a usage
+    /// error (1), with a hint to use a larger log.
+    #[test]
+    fn a_transaction_too_large_for_the_log_is_a_usage_error() {
+        let e: Error = LogError::TransactionTooLarge { needed: 4 << 20, capacity: 1 << 20 }.into();
+        assert_eq!(exit_code(&e), EXIT_USAGE);
+        assert!(hint(&e).unwrap().contains("larger log"));
     }
 
     #[test]

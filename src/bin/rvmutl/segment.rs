@@ -159,22 +159,30 @@ pub(crate) fn report(e: &LoaderError) -> u8 {
 const MAX_MAP_TEXT: u64 = 4 << 20;
 
 fn read_map_text(path: &Path) -> Result<String, Failure> {
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let source: io::Result<Box<dyn Read>> = if path == Path::new("-") {
         Ok(Box::new(io::stdin()))
     } else {
         std::fs::File::open(path).map(|f| Box::new(f) as Box<dyn Read>)
     };
-    let result = source.and_then(|r| r.take(MAX_MAP_TEXT + 1).read_to_string(&mut text)).and_then(|n| {
-        if n as u64 > MAX_MAP_TEXT {
-            Err(io::Error::new(io::ErrorKind::InvalidData, format!("longer than {MAX_MAP_TEXT} bytes: not a load map")))
-        } else {
-            Ok(())
-        }
-    });
-    result
+    source
+        .and_then(|r| r.take(MAX_MAP_TEXT + 1).read_to_end(&mut bytes))
         .map_err(|source| Failure::Loader(LoaderError::Io { op: "reading the load map", path: path.into(), source }))?;
-    Ok(text)
+    // Content that is not a load map's text is a usage error (exit 1), as
+    // any other bad map, not an I/O error: the line says where.
+    let line_at = |at: usize| bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    if bytes.len() as u64 > MAX_MAP_TEXT {
+        let line = line_at(MAX_MAP_TEXT as usize);
+        return Err(
+            LoaderError::Spec { line, reason: format!("longer than {MAX_MAP_TEXT} bytes: not a load map") }.into()
+        );
+    }
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        let at = e.valid_up_to();
+        let line = line_at(at);
+        return Err(LoaderError::Spec { line, reason: format!("byte {at} is not UTF-8 text: not a load map") }.into());
+    }
+    String::from_utf8(bytes).map_err(|e| LoaderError::Spec { line: 1, reason: e.to_string() }.into())
 }
 
 fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
