@@ -914,8 +914,10 @@ mod tests {
             if std::thread::current().name() == Some("rvm-scan") {
                 on_helper.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Slow enough that the panic (its hook, the unwinding) is
-                // over long before the rest of the log could be scanned.
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                // over long before the rest of the log could be scanned,
+                // even when the hook prints a backtrace under a sanitizer
+                // (RUST_BACKTRACE=1 and ThreadSanitizer: about 2 s).
+                std::thread::sleep(std::time::Duration::from_millis(20));
             } else if lsn >= 256 {
                 panic!("the reader failed");
             }
