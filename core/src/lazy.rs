@@ -1382,6 +1382,24 @@ mod tests {
         Some(out)
     }
 
+    /// The group pieces in a builder's chains.
+    fn groups(b: &Builder) -> usize {
+        let mut n = 0;
+        for (_, chains) in &b.segs {
+            for (_, c) in chains.iter() {
+                let mut i = c.head;
+                while i != NONE {
+                    // SAFETY: (a test) the builder is done; no reference
+                    // to a slot lives.
+                    let p = unsafe { *b.arena.ptr(i as usize) };
+                    n += usize::from(p.data & GROUP != 0);
+                    i = p.next;
+                }
+            }
+        }
+        n
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(
             std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64)
@@ -1402,8 +1420,13 @@ mod tests {
             last_committed in any::<bool>(),
             cuts in prop::collection::vec(0usize..40, 0..6),
             mapped in any::<bool>(),
+            page in prop_oneof![Just(4096usize), Just(16384), Just(65536)],
+            dense in prop_oneof![Just(0usize), 0usize..400],
+            run_of in 1usize..8,
         ) {
-            let page = 4096;
+            // Offsets scale with the page, so that every page size has
+            // ranges across pages and many ranges in one page.
+            let scale = page as u64 / 4096;
             // The log: each transaction's ranges (sorted by segment and
             // offset, as a coalesced batch has them, or not), then its
             // commit, as records.
@@ -1411,7 +1434,13 @@ mod tests {
             let mut w = crate::log::format::FrameWriter::new(&mut log, 0, 1, 1 << 40);
             let mut tx_ends = Vec::new();
             for (i, tx) in txs.iter().enumerate() {
-                let mut tx = tx.clone();
+                let mut tx: Vec<(u32, u64, u32)> = tx.iter().map(|&(seg, off, len)| (seg, off * scale, len)).collect();
+                // Many short ranges close together (runs of `run_of` in
+                // one segment, then the other; some empty): many groups,
+                // and more pieces than an arena run holds.
+                tx.extend((0..dense).map(|j| {
+                    (1 + (j / run_of % 2) as u32, (i as u64 * 7919 + j as u64 * 13) % 60_000 * scale, (j % 5) as u32)
+                }));
                 if sorted {
                     tx.sort_by_key(|&(seg, off, _)| (seg, off));
                 }
@@ -1467,6 +1496,9 @@ mod tests {
                 root.append(p);
             }
             prop_assert!(!whole.overflow && !root.overflow);
+            // Runs of short ranges of one segment in one page, the first
+            // transaction's kept: groups.
+            prop_assert!(dense < 50 || run_of < 3 || !committed(0) || groups(&root) > 0);
             let a = pages(&mut whole, &log);
             prop_assert!(a.is_some());
             prop_assert_eq!(a, pages(&mut root, &log));
