@@ -1423,6 +1423,10 @@ mod tests {
             page in prop_oneof![Just(4096usize), Just(16384), Just(65536)],
             dense in prop_oneof![Just(0usize), 0usize..400],
             run_of in 1usize..8,
+            filler in prop_oneof![
+                3 => Just(0usize),
+                1 => crate::log::format::RECORD_CAPACITY - 4000..crate::log::format::RECORD_CAPACITY - 16,
+            ],
         ) {
             // Offsets scale with the page, so that every page size has
             // ranges across pages and many ranges in one page.
@@ -1443,6 +1447,12 @@ mod tests {
                 }));
                 if sorted {
                     tx.sort_by_key(|&(seg, off, _)| (seg, off));
+                }
+                if i == 0 && filler > 0 {
+                    // A range that leaves the first record a few bytes:
+                    // the ranges after it go on in the next record, one
+                    // of them split across the two.
+                    w.range(3, 0, &vec![0x5A; filler]);
                 }
                 for (k, &(seg, off, len)) in tx.iter().enumerate() {
                     let data: Vec<u8> = (0..len).map(|j| (i * 31 + k * 7 + j as usize) as u8).collect();
