@@ -1515,6 +1515,74 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+        /// Applying a chain runs in the fault handler, where a panic is
+        /// fatal: any pieces over any bytes (the log changed under
+        /// recovery), mapped or copied, into a page of any length, return
+        /// true or false and never panic (debug builds check overflow too).
+        #[test]
+        fn apply_chain_never_panics_on_any_bytes(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+            continuation in any::<bool>(),
+            pieces in prop::collection::vec(
+                (prop_oneof![any::<u64>(), 0u64..400, (0u64..400).prop_map(|d| d | GROUP)], any::<u16>(), prop_oneof![any::<u16>(), 0u16..8]),
+                1..6,
+            ),
+            page_len in prop_oneof![Just(4096usize), 0usize..4097],
+            mapped in any::<bool>(),
+        ) {
+            let mut bytes = bytes;
+            if continuation {
+                // Long varints, all the way to ten bytes and past.
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    if i % 11 != 10 {
+                        *b |= 0x80;
+                    }
+                }
+            }
+            let n = pieces.len() as u32;
+            let pieces: Vec<Piece> = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, &(data, at, len_m1))| {
+                    let next = if i as u32 + 1 == n { NONE } else { i as u32 + 1 };
+                    Piece { data, at: at % 4096, len_m1, next }
+                })
+                .collect();
+            let src = if mapped { Bytes::Ring(&bytes) } else { Bytes::Copied(&bytes) };
+            let mut page = vec![0u8; page_len];
+            let ok = apply_chain(0, |i| pieces[i as usize], src, &mut page);
+            if pieces.iter().all(|p| p.data & GROUP == 0) {
+                // Plain pieces apply exactly when each lies in the page
+                // and its bytes are there, each over the ones before it.
+                let mut want = vec![0u8; page_len];
+                let fits = pieces.iter().all(|p| {
+                    let (at, len) = (usize::from(p.at), usize::from(p.len_m1) + 1);
+                    let Some(dst) = want.get_mut(at..at + len) else { return false };
+                    let from = match src {
+                        Bytes::Ring(_) if len > bytes.len() => return false,
+                        Bytes::Ring(_) => (p.data % bytes.len() as u64) as usize,
+                        Bytes::Copied(_) => match usize::try_from(p.data) {
+                            Ok(d) if d.checked_add(len).is_some_and(|e| e <= bytes.len()) => d,
+                            _ => return false,
+                        },
+                    };
+                    for (k, b) in dst.iter_mut().enumerate() {
+                        *b = bytes[(from + k) % bytes.len()];
+                    }
+                    true
+                });
+                prop_assert_eq!(ok, fits);
+                if ok {
+                    prop_assert_eq!(page, want);
+                }
+            }
+        }
+    }
+
     /// Group pieces whose items no longer read (the log changed after the
     /// scan) make the page fail instead of showing wrong bytes.
     #[test]
