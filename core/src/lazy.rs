@@ -152,49 +152,27 @@ impl Bytes<'_> {
 /// whose pieces name bytes in `bytes`. False if a piece does not fit the
 /// page or a group's items do not read: the log is not what the scan
 /// verified (changed under recovery), and the page must not be shown.
+///
+/// This runs in the fault handler, on the thread's alternate signal stack
+/// (8 KiB from the standard library, about 3 KiB of it the kernel's signal
+/// frame): the group paths are functions of their own, so that only one
+/// reader's frame is on the stack at a time, and no iterator adapters or
+/// nested closures deepen it (an unoptimized build overflowed that stack).
 fn apply_chain(head: u32, piece: impl Fn(u32) -> Piece, bytes: Bytes<'_>, buf: &mut [u8]) -> bool {
     let mut i = head;
     while i != NONE {
         let p = piece(i);
-        let at = usize::from(p.at);
         let ok = if p.data & GROUP == 0 {
+            let at = usize::from(p.at);
             match buf.get_mut(at..at + usize::from(p.len_m1) + 1) {
                 Some(dst) => bytes.copy(p.data, dst),
                 None => false,
             }
         } else {
-            let start = p.data & !GROUP;
-            let count = usize::from(p.len_m1) + 1;
-            let into_page = |off: u64, len: u32, buf: &mut [u8], src: &dyn Fn(&mut [u8]) -> bool| {
-                let dst = usize::try_from(off).ok().and_then(|o| buf.get_mut(o..o.checked_add(len as usize)?));
-                dst.is_some_and(src)
-            };
             // Read in place up to the end of the bytes (the usual case: no
             // division per byte); a group that wraps around the ring's end
             // is read again through the wrapping reader.
-            let flat = bytes.from(start);
-            crate::log::format::read_items(
-                |k| flat.get(k).copied(),
-                at as u64,
-                count,
-                |off, data_at, len| {
-                    into_page(off, len, buf, &|dst| match flat.get(data_at..data_at + dst.len()) {
-                        Some(src) => {
-                            dst.copy_from_slice(src);
-                            true
-                        }
-                        None => false,
-                    })
-                },
-            ) || matches!(bytes, Bytes::Ring(_))
-                && crate::log::format::read_items(
-                    |k| bytes.byte(start.wrapping_add(k as u64)),
-                    at as u64,
-                    count,
-                    |off, data_at, len| {
-                        into_page(off, len, buf, &|dst| bytes.copy(start.wrapping_add(data_at as u64), dst))
-                    },
-                )
+            group_in_place(p, bytes, buf) || matches!(bytes, Bytes::Ring(_)) && group_wrapping(p, bytes, buf)
         };
         if !ok {
             return false;
@@ -202,6 +180,49 @@ fn apply_chain(head: u32, piece: impl Fn(u32) -> Piece, bytes: Bytes<'_>, buf: &
         i = p.next;
     }
     true
+}
+
+/// The part of `buf` a group's range of `len` bytes at `off` covers, if it
+/// lies in it.
+#[inline]
+fn page_part(buf: &mut [u8], off: u64, len: u32) -> Option<&mut [u8]> {
+    let Ok(from) = usize::try_from(off) else { return None };
+    let Some(to) = from.checked_add(len as usize) else { return None };
+    buf.get_mut(from..to)
+}
+
+/// Group `p`'s ranges, read from the bytes from its position to their end
+/// (no wrapping); false as [`apply_chain`], or if the group wraps.
+#[inline(never)]
+fn group_in_place(p: Piece, bytes: Bytes<'_>, buf: &mut [u8]) -> bool {
+    let flat = bytes.from(p.data & !GROUP);
+    crate::log::format::read_items(
+        |k| flat.get(k).copied(),
+        u64::from(p.at),
+        usize::from(p.len_m1) + 1,
+        |off, data_at, len| {
+            let Some(dst) = page_part(buf, off, len) else { return false };
+            let Some(src) = flat.get(data_at..data_at + dst.len()) else { return false };
+            dst.copy_from_slice(src);
+            true
+        },
+    )
+}
+
+/// Group `p`'s ranges, read through the wrapping reader; false as
+/// [`apply_chain`].
+#[inline(never)]
+fn group_wrapping(p: Piece, bytes: Bytes<'_>, buf: &mut [u8]) -> bool {
+    let start = p.data & !GROUP;
+    crate::log::format::read_items(
+        |k| bytes.byte(start.wrapping_add(k as u64)),
+        u64::from(p.at),
+        usize::from(p.len_m1) + 1,
+        |off, data_at, len| {
+            let Some(dst) = page_part(buf, off, len) else { return false };
+            bytes.copy(start.wrapping_add(data_at as u64), dst)
+        },
+    )
 }
 
 /// A pending page: its chain of pieces and its state.
@@ -895,11 +916,17 @@ impl Shared {
     /// page order) to `buf`, the run as the segment holds it; false as
     /// [`Shared::apply_pieces`].
     fn apply_run<'a>(&self, entries: impl Iterator<Item = &'a Entry>, buf: &mut [u8]) -> bool {
-        entries.enumerate().all(|(k, e)| {
+        // A plain loop: on the fault path, in the signal handler's small
+        // stack, `all`'s chain of adapters cost about 700 bytes of an
+        // unoptimized build's stack (see `apply_chain`).
+        for (k, e) in entries.enumerate() {
             let from = k * self.page;
             let to = (from + self.page).min(buf.len());
-            self.apply_pieces(e, &mut buf[from..to])
-        })
+            if !self.apply_pieces(e, &mut buf[from..to]) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Reads the run at segment offset `off` into `buf` with `pread`
