@@ -186,8 +186,8 @@ fn apply_chain(head: u32, piece: impl Fn(u32) -> Piece, bytes: Bytes<'_>, buf: &
 /// lies in it.
 #[inline]
 fn page_part(buf: &mut [u8], off: u64, len: u32) -> Option<&mut [u8]> {
-    let Ok(from) = usize::try_from(off) else { return None };
-    let Some(to) = from.checked_add(len as usize) else { return None };
+    let from = usize::try_from(off).ok()?;
+    let to = from.checked_add(len as usize)?;
     buf.get_mut(from..to)
 }
 
