@@ -157,6 +157,119 @@ proptest! {
     }
 }
 
+/// Transactions of many short ranges close together in a few pages
+/// (`len` bytes): each writes `per_tx` ranges of 1..8 bytes, `gap` bytes
+/// apart from a random start, some overlapping. Coalesced into batches of
+/// no-flush commits (ranges sorted) or each its own record, a page's ranges
+/// follow one another in a record: the index makes them groups.
+fn dense_txs(seed: u64, n: usize, per_tx: usize, gap: usize, len: usize) -> Vec<Tx> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as usize
+    };
+    (0..n)
+        .map(|_| {
+            let start = next() % len;
+            (0..per_tx).map(|j| ((start + j * gap) % len, 1 + next() % 8, next() as u8)).collect()
+        })
+        .collect()
+}
+
+/// [`make_files`] with a flush every `flush_every` commits, coalesced or
+/// not.
+fn make_files_with(dir: &Path, pages: usize, txs: &[Tx], flush_every: usize, coalesce: bool) -> Vec<u8> {
+    let len = pages * page_size();
+    create_log(dir.join("log"), 8 << 20).unwrap();
+    let rvm = Rvm::open(dir.join("log"), Options { coalesce, ..full() }).unwrap();
+    let seg = rvm.create_segment(dir.join("seg"), len as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+    let mut model = vec![0u8; len];
+    commit_all(&rvm, &region, txs, &mut model, flush_every);
+    drop(region);
+    rvm.close().unwrap();
+    model
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(8), ..ProptestConfig::default() })]
+    /// A log of many short ranges in a few pages (an index of many group
+    /// pieces, some of hundreds of ranges): an instant open shows what full
+    /// recovery shows, through faults (pages read in a random order, each
+    /// fault installing neighbours) or through the background apply alone,
+    /// and the segment file holds it after the apply.
+    #[test]
+    fn many_groups_read_as_full_recovery(
+        seed in any::<u64>(),
+        pages in 1usize..6,
+        n in 20usize..400,
+        per_tx in 1usize..48,
+        gap in 2usize..40,
+        flush_every in prop_oneof![Just(1usize), 1usize..400],
+        coalesce in any::<bool>(),
+        parallel_scan in any::<bool>(),
+        read_first in any::<bool>(),
+    ) {
+        let _serial = real_files();
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        let len = pages * page_size();
+        let txs = dense_txs(seed, n, per_tx, gap, len);
+        let model = make_files_with(&a, pages, &txs, flush_every, coalesce);
+        copy_dir(&a, &b);
+
+        let rvm = Rvm::open(a.join("log"), Options { parallel_scan, ..instant() }).unwrap();
+        prop_assert!(rvm.recovery_report().deferred_pages > 0);
+        let seg = rvm.open_segment(a.join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
+        let ps = page_size();
+        let mut got = vec![0u8; len];
+        if read_first {
+            let mut order: Vec<usize> = (0..pages).collect();
+            order.rotate_left(seed as usize % pages);
+            for p in order {
+                // SAFETY: no transaction runs in the region.
+                unsafe { region.read(p * ps, &mut got[p * ps..(p + 1) * ps]) };
+            }
+        } else {
+            rvm.wait_for_recovery().unwrap();
+            got = read_all(&region);
+        }
+        prop_assert!(got == model, "instant open differs from the committed state");
+
+        let opts = full().accept_segment(a.join("seg").canonicalize().unwrap(), b.join("seg"));
+        let copy = Rvm::open(b.join("log"), opts).unwrap();
+        let cseg = copy.open_segment(b.join("seg")).unwrap();
+        let cregion = copy.map(&cseg, MapSpec::new(0, len)).unwrap();
+        prop_assert!(read_all(&cregion) == got, "instant open differs from a fully recovered copy");
+
+        rvm.wait_for_recovery().unwrap();
+        prop_assert!(std::fs::read(a.join("seg")).unwrap() == model, "the segment file after the apply");
+        drop(region);
+        rvm.close().unwrap();
+    }
+
+    /// The same logs on the simulated disk (no descriptor: the index copies
+    /// the ranges' and groups' bytes, and the background apply brings every
+    /// page up to date).
+    #[test]
+    fn many_groups_copied_read_as_the_model(
+        seed in any::<u64>(),
+        n in 20usize..300,
+        per_tx in 1usize..48,
+        gap in 2usize..40,
+    ) {
+        let txs = dense_txs(seed, n, per_tx, gap, SEG_LEN);
+        let (_disk, vfs, model) = sim_files(&txs);
+        let (rvm, got) = sim_state(&vfs, instant());
+        prop_assert!(rvm.recovery_report().transactions > 0);
+        prop_assert!(got == model, "an instant open of copied groups");
+    }
+}
+
 /// A log whose every transaction writes one whole page with one value in
 /// every word (its number): a reader sees a page half applied, or stale,
 /// if its words differ or are not the page's last value.
