@@ -891,11 +891,16 @@ impl Shared {
         apply_chain(e.head, |i| self.pieces[i as usize], bytes, buf)
     }
 
-    /// The logged ranges (or parts of ranges) the page's pieces apply.
-    fn ranges_of(&self, e: &Entry) -> usize {
+    /// The logged ranges (or parts of ranges) the page's pieces apply,
+    /// counted up to just past `limit` (a long chain is not walked to its
+    /// end only to be found over it).
+    fn ranges_of(&self, e: &Entry, limit: usize) -> usize {
         let (mut i, mut n) = (e.head, 0);
         while let Some(p) = self.pieces.get(i as usize) {
             n += if p.data & GROUP == 0 { 1 } else { usize::from(p.len_m1) + 1 };
+            if n > limit {
+                break;
+            }
             i = p.next;
         }
         n
@@ -1008,7 +1013,7 @@ impl Shared {
                     let mut ranges = 0;
                     while n < INSTALL_PAGES && page + n < end {
                         let Some(next) = seg.entry(page + n) else { break };
-                        ranges += self.ranges_of(next);
+                        ranges += self.ranges_of(next, INSTALL_RANGES - ranges);
                         if ranges > INSTALL_RANGES
                             || next.installed.load(Ordering::Acquire) == map
                             || next
