@@ -60,6 +60,33 @@ fn commit_all(rvm: &Rvm, region: &Region, txs: &[Tx], model: &mut [u8], flush_ev
     }
 }
 
+/// The region read page by page in `order` (each page brought in by the
+/// fault hook as it is touched).
+fn read_pages(region: &Region, order: Vec<usize>) -> Vec<u8> {
+    let ps = page_size();
+    let mut got = vec![0u8; region.len()];
+    for p in order {
+        // SAFETY: no transaction runs in the region.
+        unsafe { region.read(p * ps, &mut got[p * ps..(p + 1) * ps]) };
+    }
+    got
+}
+
+/// What an instant open of the files in `a` showed (`got`) is the
+/// committed state (`model`) and what full recovery of their copy in `b`
+/// shows; after the background apply the segment file holds it too.
+fn same_as_full_recovery(rvm: &Rvm, a: &Path, b: &Path, got: &[u8], model: &[u8]) -> Result<(), TestCaseError> {
+    prop_assert!(got == model, "instant open differs from the committed state");
+    let opts = full().accept_segment(a.join("seg").canonicalize().unwrap(), b.join("seg"));
+    let copy = Rvm::open(b.join("log"), opts).unwrap();
+    let cseg = copy.open_segment(b.join("seg")).unwrap();
+    let cregion = copy.map(&cseg, MapSpec::new(0, model.len())).unwrap();
+    prop_assert!(read_all(&cregion) == got, "instant open differs from a fully recovered copy");
+    rvm.wait_for_recovery().unwrap();
+    prop_assert!(std::fs::read(a.join("seg")).unwrap() == model, "the segment file after the apply");
+    Ok(())
+}
+
 fn read_all(region: &Region) -> Vec<u8> {
     let mut v = vec![0u8; region.len()];
     // SAFETY: no transaction runs in the region.
@@ -131,24 +158,10 @@ proptest! {
         let seg = rvm.open_segment(a.join("seg")).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
         // Page by page, in either order, each read as soon as possible.
-        let ps = page_size();
-        let mut got = vec![0u8; len];
         let order: Vec<usize> = if backwards { (0..pages).rev().collect() } else { (0..pages).collect() };
-        for p in order {
-            // SAFETY: no transaction runs in the region.
-            unsafe { region.read(p * ps, &mut got[p * ps..(p + 1) * ps]) };
-        }
-        prop_assert!(got == model, "instant open differs from the committed state");
-
-        let opts = full().accept_segment(a.join("seg").canonicalize().unwrap(), b.join("seg"));
-        let copy = Rvm::open(b.join("log"), opts).unwrap();
-        let cseg = copy.open_segment(b.join("seg")).unwrap();
-        let cregion = copy.map(&cseg, MapSpec::new(0, len)).unwrap();
-        prop_assert!(read_all(&cregion) == got, "instant open differs from a fully recovered copy");
-
-        rvm.wait_for_recovery().unwrap();
+        let got = read_pages(&region, order);
+        same_as_full_recovery(&rvm, &a, &b, &got, &model)?;
         prop_assert!(!rvm.query().recovering);
-        prop_assert!(std::fs::read(a.join("seg")).unwrap() == model, "the segment file after the apply");
         drop(region);
         rvm.close().unwrap();
         // The new status: a reopen finds nothing to replay.
@@ -225,29 +238,15 @@ proptest! {
         prop_assert!(rvm.recovery_report().deferred_pages > 0);
         let seg = rvm.open_segment(a.join("seg")).unwrap();
         let region = rvm.map(&seg, MapSpec::new(0, len)).unwrap();
-        let ps = page_size();
-        let mut got = vec![0u8; len];
-        if read_first {
+        let got = if read_first {
             let mut order: Vec<usize> = (0..pages).collect();
             order.rotate_left(seed as usize % pages);
-            for p in order {
-                // SAFETY: no transaction runs in the region.
-                unsafe { region.read(p * ps, &mut got[p * ps..(p + 1) * ps]) };
-            }
+            read_pages(&region, order)
         } else {
             rvm.wait_for_recovery().unwrap();
-            got = read_all(&region);
-        }
-        prop_assert!(got == model, "instant open differs from the committed state");
-
-        let opts = full().accept_segment(a.join("seg").canonicalize().unwrap(), b.join("seg"));
-        let copy = Rvm::open(b.join("log"), opts).unwrap();
-        let cseg = copy.open_segment(b.join("seg")).unwrap();
-        let cregion = copy.map(&cseg, MapSpec::new(0, len)).unwrap();
-        prop_assert!(read_all(&cregion) == got, "instant open differs from a fully recovered copy");
-
-        rvm.wait_for_recovery().unwrap();
-        prop_assert!(std::fs::read(a.join("seg")).unwrap() == model, "the segment file after the apply");
+            read_all(&region)
+        };
+        same_as_full_recovery(&rvm, &a, &b, &got, &model)?;
         drop(region);
         rvm.close().unwrap();
     }
