@@ -295,6 +295,12 @@ fn a_grow_past_the_new_maximum_changes_nothing() {
     expect_code(&o, 0);
     assert!(stdout(&o).contains("1048576 -> 2097152 bytes (maximum 2097152 bytes)"), "{}", stdout(&o));
     assert_log_empty(&f.log);
+    // Asking for less than there is changes nothing, and says so.
+    let o = heap_cmd("grow", &f.log, &f.seg, &["--size", "1M", "--max", "1M"]);
+    expect_code(&o, 0);
+    let text = stdout(&o);
+    assert!(text.contains("2097152 -> 2097152 bytes (maximum 2097152 bytes)"), "{text}");
+    assert!(text.contains("not grown") && text.contains("below the heap's size"), "{text}");
 }
 
 /// A heap whose formatting needs more log than the log has (a 1 GiB static

@@ -61,10 +61,13 @@ pub enum HeapError {
         supported: u32,
     },
     /// A root name is empty, too long, or holds a NUL byte.
-    #[error("root name {name:?} is invalid (1 to {max} bytes, no NUL)")]
+    #[error("root name {name:?} ({len} bytes) is invalid (1 to {max} bytes, no NUL)")]
     BadRootName {
-        /// The name.
+        /// The name, or its first 64 bytes and "…" if it is longer (a
+        /// message stays short whatever the caller passed).
         name: String,
+        /// The name's length in bytes.
+        len: usize,
         /// Maximum length.
         max: usize,
     },

@@ -950,7 +950,12 @@ pub(super) fn bin_limit(heap_len: u64) -> u64 {
 
 fn check_root_name(name: &str) -> Result<String> {
     if name.is_empty() || name.len() > ROOT_NAME_MAX || name.contains('\0') {
-        return Err(HeapError::BadRootName { name: name.into(), max: ROOT_NAME_MAX });
+        const SHOWN: usize = 64;
+        let shown = match name.char_indices().map(|(i, _)| i).find(|&i| i >= SHOWN) {
+            Some(cut) if cut < name.len() => format!("{}…", &name[..cut]),
+            _ => name.to_owned(),
+        };
+        return Err(HeapError::BadRootName { name: shown, len: name.len(), max: ROOT_NAME_MAX });
     }
     Ok(name.into())
 }

@@ -175,6 +175,10 @@ fn roots_typed_listed_and_checked() {
     assert!(matches!(tx.set_root("", None), Err(HeapError::BadRootName { .. })));
     assert!(matches!(tx.set_root(&"x".repeat(37), None), Err(HeapError::BadRootName { .. })));
     assert!(matches!(tx.set_root("a\0b", None), Err(HeapError::BadRootName { .. })));
+    // A huge name makes a short message that gives its length.
+    let e = tx.set_root(&"é".repeat(50_000), None).unwrap_err();
+    let text = e.to_string();
+    assert!(text.len() < 200 && text.contains("100000 bytes") && text.contains('…'), "{text}");
     assert!(matches!(tx.set_root("x", Some((offset(r.ptr, 16), 1, 0))), Err(HeapError::InvalidPointer { .. })));
     assert!(matches!(tx.set_root("x", Some((r.ptr, 64, 0))), Err(HeapError::RootTooLarge { .. })));
     tx.free(r.ptr).unwrap();

@@ -269,14 +269,22 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
         Some(size) => heap.grow(size).map(|_| ()),
         None => Ok(()),
     };
-    let (new, max) = (heap.heap_len(), heap.max_len());
+    let (new, max_now) = (heap.heap_len(), heap.max_len());
     // As `create`: the log emptied, the segment self-contained.
     let truncated = rvm.truncate();
     heap.close()?;
     rvm.close()?;
     result?;
     truncated?;
-    writeln!(out, "heap {}: {old} -> {new} bytes (maximum {max} bytes)", segment.display())?;
+    writeln!(out, "heap {}: {old} -> {new} bytes (maximum {max_now} bytes)", segment.display())?;
+    // Say so when an option asked for less than there is (it changed
+    // nothing, which is not an error).
+    if size.is_some_and(|s| s <= old) {
+        writeln!(out, "the heap already has at least the --size asked for: not grown")?;
+    }
+    if let Some(m) = max.filter(|&m| m < old) {
+        writeln!(out, "--max {m} is below the heap's size: the maximum is {max_now} bytes (a heap never shrinks)")?;
+    }
     Ok(())
 }
 
