@@ -153,11 +153,10 @@ impl Bytes<'_> {
 /// page or a group's items do not read: the log is not what the scan
 /// verified (changed under recovery), and the page must not be shown.
 ///
-/// This runs in the fault handler, on the thread's alternate signal stack
-/// (8 KiB from the standard library, about 3 KiB of it the kernel's signal
-/// frame): the group paths are functions of their own, so that only one
-/// reader's frame is on the stack at a time, and no iterator adapters or
-/// nested closures deepen it (an unoptimized build overflowed that stack).
+/// This runs in the fault handler (on a hook stack: `fault::on_hook_stack`):
+/// the group paths are functions of their own, so that only one reader's
+/// frame is on the stack at a time, and no iterator adapters or nested
+/// closures deepen it.
 fn apply_chain(head: u32, piece: impl Fn(u32) -> Piece, bytes: Bytes<'_>, buf: &mut [u8]) -> bool {
     let mut i = head;
     while i != NONE {
@@ -310,8 +309,9 @@ fn forced_overflow() -> bool {
 
 /// Pieces a builder takes from the index's arena at once.
 const RUN: usize = 4096;
-/// Ranges a group names at most ([`Piece::len_m1`] holds its count).
-const MAX_GROUP: usize = 1 << 16;
+// A group is of one batch of `Builder::record`, at most a run: its count
+// of ranges, minus one, fits `Piece::len_m1`.
+const _: () = assert!(RUN <= 1 << 16);
 
 // SAFETY: a Piece is integers only (no padding: 8 + 2 + 2 + 4 bytes):
 // every bit pattern is a valid Piece, and it needs no drop.
@@ -333,15 +333,15 @@ impl Chain {
     const EMPTY: Chain = Chain { head: NONE, tail: NONE };
 }
 
-/// Where a range of a record at `lsn` keeps its bytes for its pieces:
-/// its log position (`rec` is `None`: the log is mapped), or their offset
-/// in `data`, where they are copied now.
-fn data_of(data: &mut Vec<u8>, lsn: u64, rec: Option<&[u8]>, r: &RangeRef) -> u64 {
+/// Where bytes `[from, to)` of a record at `lsn` stay for a piece: their
+/// log position (`rec` is `None`: the log is mapped), or their offset in
+/// `data`, where they are copied now. A range's data, or a group's items.
+fn data_of(data: &mut Vec<u8>, lsn: u64, rec: Option<&[u8]>, from: u32, to: u32) -> u64 {
     match rec {
-        None => lsn + u64::from(r.data_at),
+        None => lsn + u64::from(from),
         Some(rec) => {
             let at = data.len() as u64;
-            data.extend_from_slice(&rec[r.data_at as usize..][..r.len as usize]);
+            data.extend_from_slice(&rec[from as usize..to as usize]);
             at
         }
     }
@@ -453,7 +453,7 @@ impl Builder {
             }
             let n = rest.iter().take(RUN - self.filled).take_while(|x| x.segment == r.segment && one_page(x)).count();
             if n == 0 {
-                let data = data_of(&mut self.data, lsn, rec, r);
+                let data = data_of(&mut self.data, lsn, rec, r.data_at, r.data_at + r.len);
                 self.add(r.segment, r.offset, u64::from(r.len), data);
                 if self.overflow {
                     return;
@@ -470,20 +470,15 @@ impl Builder {
                 let page = r.offset >> shift;
                 // The ranges after it in its page: one piece, a group,
                 // names them all.
-                let k = 1 + batch[1..].iter().take(MAX_GROUP - 1).take_while(|x| x.offset >> shift == page).count();
+                // (A batch is at most an arena run, so its count fits
+                // `len_m1`.)
+                let k = 1 + batch[1..].iter().take_while(|x| x.offset >> shift == page).count();
                 let piece = if k == 1 {
-                    let data = data_of(&mut self.data, lsn, rec, r);
+                    let data = data_of(&mut self.data, lsn, rec, r.data_at, r.data_at + r.len);
                     Piece { data, at: (r.offset & mask) as u16, len_m1: (r.len - 1) as u16, next: NONE }
                 } else {
                     let last = &batch[k - 1];
-                    let data = match rec {
-                        None => lsn + u64::from(r.item_at),
-                        Some(rec) => {
-                            let at = self.data.len() as u64;
-                            self.data.extend_from_slice(&rec[r.item_at as usize..(last.data_at + last.len) as usize]);
-                            at
-                        }
-                    };
+                    let data = data_of(&mut self.data, lsn, rec, r.item_at, last.data_at + last.len);
                     Piece { data: data | GROUP, at: (r.offset & mask) as u16, len_m1: (k - 1) as u16, next: NONE }
                 };
                 batch = &batch[k..];
@@ -531,8 +526,7 @@ impl Builder {
     /// is tested against.
     #[cfg(test)]
     pub fn range(&mut self, segment: u32, offset: u64, bytes: &[u8], lsn: u64) {
-        let r = RangeRef { segment, offset, data_at: 0, item_at: 0, len: bytes.len() as u32 };
-        let data = data_of(&mut self.data, lsn, (!self.mapped).then_some(bytes), &r);
+        let data = data_of(&mut self.data, lsn, (!self.mapped).then_some(bytes), 0, bytes.len() as u32);
         if !self.overflow {
             self.add(segment, offset, bytes.len() as u64, data);
         }
@@ -690,13 +684,7 @@ impl Builder {
         }
         self.runs.append(&mut later.runs);
         for (id, chains) in later.segs {
-            let s = match self.segs.iter().position(|s| s.0 == id) {
-                Some(s) => s,
-                None => {
-                    self.segs.push((id, PageMap::default()));
-                    self.segs.len() - 1
-                }
-            };
+            let s = self.seg_slot(id);
             for (page, c) in chains.iter().filter(|(_, c)| c.head != NONE) {
                 let mine = self.segs[s].1.get_or_insert_with(page, || Chain::EMPTY);
                 let tail = std::mem::replace(&mut mine.tail, c.tail);
@@ -707,7 +695,6 @@ impl Builder {
                 }
             }
         }
-        self.last_seg = usize::MAX;
     }
 
     /// Freezes the index; `log` is the record area mapped and its length
@@ -921,9 +908,9 @@ impl Shared {
     /// page order) to `buf`, the run as the segment holds it; false as
     /// [`Shared::apply_pieces`].
     fn apply_run<'a>(&self, entries: impl Iterator<Item = &'a Entry>, buf: &mut [u8]) -> bool {
-        // A plain loop: on the fault path, in the signal handler's small
-        // stack, `all`'s chain of adapters cost about 700 bytes of an
-        // unoptimized build's stack (see `apply_chain`).
+        // A plain loop: on the fault path `all`'s chain of adapters cost
+        // about 700 bytes of an unoptimized build's stack (see
+        // `apply_chain`).
         for (k, e) in entries.enumerate() {
             let from = k * self.page;
             let to = (from + self.page).min(buf.len());
