@@ -9,8 +9,8 @@
 //! words as the first 16 bytes and the rest 8 bytes per instruction from
 //! wherever it starts (unaligned loads cost nothing extra on x86-64); a
 //! long record (a batch of no-flush commits) goes on to the crate, which
-//! runs three streams at once. The only unsafe code is calling the `#[target_feature]` function after the
-//! feature was detected.
+//! runs three streams at once. The only unsafe code is calling the
+//! `#[target_feature]` function after the feature was detected.
 
 /// CRC32C of `a` and `b` (u64 little-endian each) followed by `rest`: the
 /// same as `crc32c_append(crc32c(&[a, b] as bytes), rest)`.

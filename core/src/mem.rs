@@ -556,13 +556,11 @@ impl<T: AnyBits> HugeArena<T> {
     #[inline]
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slot(&self, i: usize) -> &mut T {
-        debug_assert!(i < self.cap);
-        let map = self.map.as_ref().expect("a claimed slot lies in the mapping");
-        // SAFETY: `i < cap` (it was handed out), so the slot lies inside
-        // the mapping, page-aligned and so aligned for T; its bytes are a
-        // valid T whatever they are (AnyBits);
-        // the caller guarantees no other reference to it lives.
-        unsafe { &mut *map.ptr().as_ptr().cast::<T>().add(i) }
+        // SAFETY: `i < cap` (it was handed out, so the mapping exists), so
+        // the slot lies inside the mapping, page-aligned and so aligned for
+        // T; its bytes are a valid T whatever they are (AnyBits); the
+        // caller guarantees no other reference to it lives.
+        unsafe { &mut *self.ptr(i) }
     }
 
     /// Where slot `i` is (null for an arena of no slots). Writing through
@@ -648,14 +646,14 @@ unsafe impl<T: AnyBits + Sync> Sync for Frozen<T> {}
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The memory limit is known here, and at most the machine's memory.
     #[test]
     fn the_memory_limit_is_at_most_the_machines() {
         let (limit, machine) = (memory_limit().unwrap(), physical_memory().unwrap());
         assert!(limit > 0 && limit <= machine, "{limit} {machine}");
     }
-
-    use super::*;
 
     #[test]
     fn fixed_mapping_refuses_occupied_range() {

@@ -141,6 +141,8 @@ impl Session {
         // too large) is refused, not an overflow.
         let too_big = || MapError::BadAddress { addr: 0, len: pool_pages.saturating_mul(ps).saturating_mul(2) };
         let pool_len = pool_pages.checked_mul(ps).filter(|&l| l <= isize::MAX as usize).ok_or_else(too_big)?;
+        // At least the pool's length (overflow_pages >= pool_pages).
+        let overflow_len = overflow_pages.checked_mul(ps).ok_or_else(too_big)?;
         let entries = pool_pages.checked_add(overflow_pages).ok_or_else(too_big)?;
         let dirty_len = entries
             .checked_mul(std::mem::size_of::<usize>())
@@ -152,7 +154,7 @@ impl Session {
             page_size: ps,
             pool: Mapping::anonymous_populated(Placement::Anywhere, pool_len)?,
             pool_pages,
-            overflow: Mapping::anonymous(Placement::Anywhere, pool_len.max(overflow_pages * ps))?,
+            overflow: Mapping::anonymous(Placement::Anywhere, overflow_len)?,
             overflow_pages,
             dirty: Mapping::anonymous_populated(Placement::Anywhere, dirty_len)?,
             used: AtomicUsize::new(0),
