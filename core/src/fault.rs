@@ -123,9 +123,16 @@ const HOOK_STACK_GUARD: usize = 64 << 10;
 static HOOK_STACK_BASE: AtomicUsize = AtomicUsize::new(0);
 /// Which hook stacks a handler is using.
 static HOOK_STACK_BUSY: [AtomicBool; HOOK_STACKS] = [const { AtomicBool::new(false) }; HOOK_STACKS];
+/// Which hook stacks are accessible yet (each is made so the first time a
+/// handler takes it).
+static HOOK_STACK_READY: [AtomicBool; HOOK_STACKS] = [const { AtomicBool::new(false) }; HOOK_STACKS];
 
-/// Maps the hook stacks: one anonymous mapping, each stack above a guard
-/// gap left inaccessible.
+/// Reserves the hook stacks: one inaccessible anonymous mapping, each
+/// stack above a guard gap that stays so. The first stack is made readable
+/// and writable here (so that installing fails where no stack can be had),
+/// each other one the first time a handler takes it ([`on_hook_stack`]):
+/// one `mprotect` (and split of the mapping) per stack a process uses, not
+/// sixteen before the first page an instant open brings in.
 ///
 /// Why: the handler is installed `SA_ONSTACK` (so that a stack overflow
 /// still reaches Rust's handler, which reports it), and a thread's
@@ -151,24 +158,29 @@ fn map_hook_stacks() -> Result<usize, FaultError> {
     if base == libc::MAP_FAILED {
         return Err(FaultError::Install(format!("mapping the hooks' stacks: {}", std::io::Error::last_os_error())));
     }
-    for k in 0..HOOK_STACKS {
-        // SAFETY: the range lies inside the mapping just made, which
-        // nothing else uses yet.
-        let rc = unsafe {
-            libc::mprotect(
-                base.cast::<u8>().add(k * each + HOOK_STACK_GUARD).cast(),
-                HOOK_STACK_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: the mapping made above, used by no one.
-            unsafe { libc::munmap(base, HOOK_STACKS * each) };
-            return Err(FaultError::Install(format!("mapping the hooks' stacks: {e}")));
-        }
+    if !make_hook_stack(hook_stack(base as usize, 0)) {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the mapping made above, used by no one.
+        unsafe { libc::munmap(base, HOOK_STACKS * each) };
+        return Err(FaultError::Install(format!("mapping the hooks' stacks: {e}")));
     }
+    HOOK_STACK_READY[0].store(true, Ordering::Release);
     Ok(base as usize)
+}
+
+/// Where hook stack `k` of the stacks reserved at `base` starts.
+fn hook_stack(base: usize, k: usize) -> usize {
+    base + k * (HOOK_STACK_GUARD + HOOK_STACK_BYTES) + HOOK_STACK_GUARD
+}
+
+/// Makes the hook stack at `stack` (from [`hook_stack`]) readable and
+/// writable; false if the system refused (errno says why).
+fn make_hook_stack(stack: usize) -> bool {
+    // SAFETY: the range is one stack inside the hook stacks' mapping,
+    // which is never unmapped once installed and holds nothing else; its
+    // caller owns it (at install, or by its busy flag) and it is not in
+    // use. mprotect(2) is a plain system call, safe in a signal handler.
+    unsafe { libc::mprotect(stack as *mut libc::c_void, HOOK_STACK_BYTES, libc::PROT_READ | libc::PROT_WRITE) == 0 }
 }
 
 /// Runs `f` (a hook) on a free hook stack, waiting for one if all are in
@@ -183,17 +195,24 @@ fn on_hook_stack(f: impl FnOnce() -> Resolution) -> Resolution {
     if base == 0 {
         return call();
     }
-    let k = loop {
+    let (k, stack) = loop {
         if let Some(k) = HOOK_STACK_BUSY
             .iter()
             .position(|b| b.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
         {
-            break k;
+            let stack = hook_stack(base, k);
+            // A stack not made accessible yet is made so now; should that
+            // fail (no memory), this fault waits for one that is (the
+            // first always is: `install` made it).
+            if HOOK_STACK_READY[k].load(Ordering::Acquire) || make_hook_stack(stack) {
+                HOOK_STACK_READY[k].store(true, Ordering::Release);
+                break (k, stack);
+            }
+            HOOK_STACK_BUSY[k].store(false, Ordering::Release);
         }
         // SAFETY: sched_yield(2) is async-signal-safe and takes nothing.
         unsafe { libc::sched_yield() };
     };
-    let stack = base + k * (HOOK_STACK_GUARD + HOOK_STACK_BYTES) + HOOK_STACK_GUARD;
     let r = psm::psm_stack_manipulation! {
         yes {
             // SAFETY: `[stack, stack + HOOK_STACK_BYTES)` is readable and

@@ -61,7 +61,7 @@ pub(super) fn recover(
             verifying.at(lsn);
         })?;
     let verified = staged.end;
-    let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
+    let (devices, salvage) = check(vfs, ring, sb, &status, opts, None, &verified, &touched.touched, &open_segment)?;
     // Before any segment write, a status says how far the log is durable:
     // should the replay be cut short by a crash, later damage to the
     // records it applied is still refused, never taken for the log's end.
@@ -270,13 +270,14 @@ fn check(
     sb: &format::Superblock,
     status: &Status,
     opts: &Options,
+    area: Option<&[u8]>,
     verified: &ScanEnd,
     touched: &std::collections::BTreeMap<u32, u64>,
     open_segment: &dyn Fn(u32) -> Result<(Arc<dyn Storage>, PathBuf)>,
 ) -> Result<(Devices, Option<Salvage>)> {
     let verified = *verified;
     let mut salvage = None;
-    if let Some(damage) = log::find_damage(ring, status.head, &verified, status.epoch, status.synced_end)? {
+    if let Some(damage) = log::find_damage(ring, area, status.head, &verified, status.epoch, status.synced_end)? {
         if !opts.salvage {
             return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
         }
@@ -379,7 +380,8 @@ fn recover_instant(
     }
     let dictionary = status.segments.clone();
     let open_segment = |id: u32| open_recorded(vfs, ring, opts, &dictionary, id);
-    let (devices, salvage) = check(vfs, ring, sb, &status, opts, &verified, &touched.touched, &open_segment)?;
+    let area = view.as_ref().map(|v| v.bytes());
+    let (devices, salvage) = check(vfs, ring, sb, &status, opts, area, &verified, &touched.touched, &open_segment)?;
     if index.overflow {
         // More pieces than the index can number: recover the usual way.
         drop((index, devices));

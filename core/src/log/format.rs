@@ -738,7 +738,27 @@ pub fn check_header(h: &RecordHeader, lsn: u64, epoch: u64, area_len: u64) -> Re
 /// [`check_header`]; `f` holds at least its length with padding) and
 /// lists its ranges in `ranges` (cleared first).
 pub fn decode_record(f: &[u8], lsn: u64, epoch: u64, ranges: &mut Vec<RangeRef>) -> Result<RecordInfo, FrameDefect> {
-    ranges.clear();
+    let f = &f[..record_len(f)?];
+    if record_crc(lsn, epoch, &f[4..]) != le_u32(f, 0) {
+        ranges.clear();
+        return Err(FrameDefect::BadChecksum);
+    }
+    decode_body(f, lsn, ranges)
+}
+
+/// Whether `f` has a record's shape, as [`decode_record`] checks it but
+/// without its checksum (a walk over the items, not over their bytes):
+/// probing for a record at every 8-byte position, where bytes that pass
+/// the header's checks by chance claim lengths of up to a MiB, this
+/// refuses nearly all of them before a checksum over that length.
+/// `ranges` is scratch.
+pub fn has_record_shape(f: &[u8], lsn: u64, ranges: &mut Vec<RangeRef>) -> bool {
+    record_len(f).is_ok_and(|len| decode_body(&f[..len], lsn, ranges).is_ok())
+}
+
+/// The length a record's header gives, if it is one a record can have and
+/// `f` holds it with its padding.
+fn record_len(f: &[u8]) -> Result<usize, FrameDefect> {
     if f.len() < RECORD_HEADER {
         return Err(FrameDefect::BadLength);
     }
@@ -746,10 +766,14 @@ pub fn decode_record(f: &[u8], lsn: u64, epoch: u64, ranges: &mut Vec<RangeRef>)
     if !(RECORD_MIN..=MAX_RECORD).contains(&len) || align8(len) > f.len() {
         return Err(FrameDefect::BadLength);
     }
-    let f = &f[..len];
-    if record_crc(lsn, epoch, &f[4..]) != le_u32(f, 0) {
-        return Err(FrameDefect::BadChecksum);
-    }
+    Ok(len)
+}
+
+/// The flags, ranges and commit trailer of the record `f` (exactly its
+/// length, checksum not checked here), listed in `ranges` (cleared first).
+fn decode_body(f: &[u8], lsn: u64, ranges: &mut Vec<RangeRef>) -> Result<RecordInfo, FrameDefect> {
+    ranges.clear();
+    let len = f.len();
     let flags = f[8];
     if flags & !(FLAG_COMMIT | FLAG_FIRST) != 0 {
         return Err(FrameDefect::BadBody);
@@ -850,6 +874,8 @@ mod tests {
         while at < out.len() {
             let h = RecordHeader::parse(out[at..at + RECORD_HEADER].try_into().unwrap());
             let len = check_header(&h, lsn, epoch, area).unwrap();
+            // The probe's pre-check never refuses a real record.
+            assert!(has_record_shape(&out[at..at + len], lsn, &mut ranges));
             let info = decode_record(&out[at..at + len], lsn, epoch, &mut ranges).unwrap();
             for r in &ranges {
                 let d = &out[at + r.data_at as usize..at + (r.data_at + r.len) as usize];

@@ -603,7 +603,7 @@ impl LogInspector {
                 on_commit()
             },
         )?;
-        let mut past = look_past_stop(&self.ring, start, &end, status.epoch, status.synced_end)?;
+        let mut past = look_past_stop(&self.ring, None, start, &end, status.epoch, status.synced_end)?;
         let mut stop_blank = false;
         if let ScanStop::Defect { lsn, .. } = end.stop {
             let mut header = [0u8; format::RECORD_HEADER];

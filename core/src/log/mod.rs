@@ -509,15 +509,17 @@ impl Damage {
 /// within one maximal frame after it whose commit frames (or any later
 /// one's) record a synced position beyond it. A write lost or torn by a
 /// crash is never synced, so such evidence means the bytes changed after
-/// they were acknowledged.
+/// they were acknowledged. `area`: the record area as the scan mapped it
+/// ([`Ring::view`]), if it did (else it is mapped again, or read).
 pub(crate) fn find_damage(
     ring: &Ring,
+    area: Option<&[u8]>,
     start: u64,
     end: &ScanEnd,
     epoch: u64,
     synced_end: u64,
 ) -> Result<Option<Damage>> {
-    Ok(look_past_stop(ring, start, end, epoch, synced_end)?.damage)
+    Ok(look_past_stop(ring, area, start, end, epoch, synced_end)?.damage)
 }
 
 /// What lies past the frame where a scan stopped.
@@ -531,10 +533,17 @@ pub(crate) struct PastStop {
 }
 
 /// [`find_damage`], also telling where the next valid frame is.
-pub(crate) fn look_past_stop(ring: &Ring, start: u64, end: &ScanEnd, epoch: u64, synced_end: u64) -> Result<PastStop> {
+pub(crate) fn look_past_stop(
+    ring: &Ring,
+    area: Option<&[u8]>,
+    start: u64,
+    end: &ScanEnd,
+    epoch: u64,
+    synced_end: u64,
+) -> Result<PastStop> {
     let ScanStop::Defect { lsn, defect } = end.stop else { return Ok(PastStop::default()) };
     let limit = start.saturating_add(ring.area_len);
-    let next_valid = probe_valid_frame(ring, lsn, limit, epoch)?;
+    let next_valid = probe_valid_frame(ring, area, lsn, limit, epoch)?;
     let (mut synced_to, mut valid_end, mut transactions_after) = (synced_end, lsn, 0);
     if let Some(first) = next_valid {
         let mut pos = first;
@@ -560,17 +569,19 @@ pub(crate) fn look_past_stop(ring: &Ring, start: u64, end: &ScanEnd, epoch: u64,
 }
 
 /// The first position after `lsn` (8-aligned, within one maximal record)
-/// where a valid record of `epoch` starts.
-fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Option<u64>> {
+/// where a valid record of `epoch` starts (`area`: as for [`find_damage`]).
+fn probe_valid_frame(ring: &Ring, area: Option<&[u8]>, lsn: u64, limit: u64, epoch: u64) -> Result<Option<u64>> {
     let window_end = limit.min(lsn.saturating_add((MAX_RECORD + 64) as u64));
     let read_end = limit.min(window_end.saturating_add((MAX_RECORD + 8) as u64));
     let Some(len) = read_end.checked_sub(lsn).filter(|&n| n > 0) else { return Ok(None) };
     // Read in place where the log maps (no 2 MiB copy at every open whose
-    // scan stopped, which is nearly every open).
-    let view = ring.view();
+    // scan stopped, which is nearly every open), through the scan's
+    // mapping where it has one (a second one costs its page faults and an
+    // unmap again).
+    let view = if area.is_none() { ring.view() } else { None };
     let mut buffered = Vec::new();
-    let mut src: Box<dyn Source + '_> = match &view {
-        Some(view) => Box::new(Mapped { area: view.bytes(), limit: read_end, wrapped: Vec::new() }),
+    let mut src: Box<dyn Source + '_> = match area.or(view.as_ref().map(|v| v.bytes())) {
+        Some(area) => Box::new(Mapped { area, limit: read_end, wrapped: Vec::new() }),
         None => {
             buffered.resize(len as usize, 0);
             ring.read(lsn, &mut buffered)?;
@@ -610,9 +621,9 @@ fn probe_valid_frame(ring: &Ring, lsn: u64, limit: u64, epoch: u64) -> Result<Op
 }
 
 /// The record of `epoch` that starts at `p` in `src`, if the bytes there
-/// are one: header, flags, then CRC and body. The flags are checked before
-/// the CRC: bytes that pass the header's checks by chance (1 in 256)
-/// mostly fail them, before a CRC over up to a MiB.
+/// are one: header, flags, the body's shape, then CRC and body. Flags and
+/// shape are checked before the CRC: bytes that pass the header's checks
+/// by chance (1 in 256) fail them, before a CRC over up to a MiB.
 fn record_at<S: Source + ?Sized>(
     src: &mut S,
     p: u64,
@@ -629,6 +640,9 @@ fn record_at<S: Source + ?Sized>(
         return Ok(None);
     }
     let Some(rec) = src.get(p, len)? else { return Ok(None) };
+    if !format::has_record_shape(rec, p, ranges) {
+        return Ok(None);
+    }
     Ok(format::decode_record(rec, p, epoch, ranges).ok())
 }
 
@@ -638,7 +652,10 @@ fn first_nonzero(b: &[u8]) -> Option<usize> {
     let mut chunks = b.chunks_exact(64);
     let mut at = 0;
     for c in &mut chunks {
-        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+        // Eight word loads OR-ed (a byte-wise fold compiles to 64 byte
+        // loads); `unwrap_or_default` never defaults: chunks are 8 long.
+        let any = c.chunks_exact(8).fold(0u64, |a, w| a | u64::from_ne_bytes(w.try_into().unwrap_or_default()));
+        if any != 0 {
             return c.iter().position(|&x| x != 0).map(|i| at + i);
         }
         at += 64;
@@ -978,7 +995,7 @@ mod tests {
                 }
                 p += 8;
             }
-            proptest::prop_assert_eq!(probe_valid_frame(ring, lsn, limit, epoch).unwrap(), want);
+            proptest::prop_assert_eq!(probe_valid_frame(ring, None, lsn, limit, epoch).unwrap(), want);
         }
     }
 
