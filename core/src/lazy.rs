@@ -58,10 +58,15 @@ const RUN_PAGES: usize = 256;
 /// the mapping splits once).
 const INSTALL_PAGES: u64 = 16;
 /// Logged ranges such a fault applies at most beyond its own page's: a
-/// neighbour that would pass this is left to a later fault, so the first
-/// read after an instant open of a log full of small ranges does not wait
-/// for sixteen pages of them.
+/// neighbour that would pass this is left to a later fault, so a read
+/// after an instant open of a log full of small ranges does not wait for
+/// sixteen pages of them.
 const INSTALL_RANGES: usize = 4096;
+/// A mapping's first fault applies its own page's ranges only, each later
+/// one up to twice the ranges of the one before (from this many, up to
+/// [`INSTALL_RANGES`]), as readahead ramps up: the first read after an
+/// open waits for one page, a program reading on gets neighbours.
+const FIRST_INSTALL_RANGES: usize = 256;
 
 /// The part of a logged range that falls in one page, or (a group, when
 /// `data` has [`GROUP`]) ranges that follow one another in one record and
@@ -947,7 +952,15 @@ impl Shared {
     /// `end`: the first segment page past the mapping (a fault may install
     /// up to [`INSTALL_PAGES`] pending pages from `page` on, each still
     /// `PROT_NONE` in the mapping).
-    fn fault_page(&self, s: usize, page: u64, end: u64, map: u32, addr: usize) -> Result<Brought, &'static str> {
+    fn fault_page(
+        &self,
+        s: usize,
+        page: u64,
+        end: u64,
+        map: u32,
+        addr: usize,
+        neighbour_ranges: usize,
+    ) -> Result<Brought, &'static str> {
         let seg = &self.segs[s];
         let Some(e) = seg.entry(page) else { return Ok(Brought::NotIndexed) };
         let mut spins = 0u32;
@@ -1000,8 +1013,8 @@ impl Shared {
                     let mut ranges = 0;
                     while n < INSTALL_PAGES && page + n < end {
                         let Some(next) = seg.entry(page + n) else { break };
-                        ranges += self.ranges_of(next, INSTALL_RANGES - ranges);
-                        if ranges > INSTALL_RANGES
+                        ranges += self.ranges_of(next, neighbour_ranges.saturating_sub(ranges));
+                        if ranges > neighbour_ranges
                             || next.installed.load(Ordering::Acquire) == map
                             || next
                                 .state
@@ -1218,6 +1231,9 @@ pub(crate) struct LazyRegion {
     shared: AtomicPtr<Shared>,
     /// Handlers using `shared` right now.
     users: AtomicUsize,
+    /// Logged ranges of neighbouring pages the next fault may apply
+    /// ([`FIRST_INSTALL_RANGES`]).
+    neighbour_ranges: AtomicUsize,
 }
 
 impl LazyRegion {
@@ -1264,7 +1280,11 @@ impl FaultHook for LazyRegion {
             let page_addr = addr & !(ps - 1);
             let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
             let end = (self.offset + self.len as u64) / ps as u64;
-            let r = match shared.fault_page(self.seg, page, end, self.id, page_addr) {
+            // Racing faults may both read the same budget: no harm.
+            let budget = self.neighbour_ranges.load(Ordering::Relaxed);
+            let next = budget.saturating_mul(2).clamp(FIRST_INSTALL_RANGES, INSTALL_RANGES);
+            self.neighbour_ranges.store(next, Ordering::Relaxed);
+            let r = match shared.fault_page(self.seg, page, end, self.id, page_addr, budget) {
                 Ok(Brought::NotIndexed) => Resolution::NotOurs,
                 Err(msg) => Resolution::Fatal(msg),
                 // The mapping holds the page's private copy already.
@@ -1349,6 +1369,7 @@ pub(crate) fn protect_region(
         id,
         shared: AtomicPtr::new(Arc::into_raw(shared.clone()).cast_mut()),
         users: AtomicUsize::new(0),
+        neighbour_ranges: AtomicUsize::new(0),
     });
     let registration = fault::register(base, base + len, hook.clone()).map_err(|e| e.to_string())?;
     let mut p = Protected { base, len, hook, registration: Some(registration) };

@@ -112,7 +112,7 @@ impl Plan {
         Plan {
             chunks: Chunks::DEFAULT,
             two_threads: two_threads && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
-            spawn_after: 64 << 10,
+            spawn_after: 3 << 20,
             stall: Duration::from_micros(300),
         }
     }
@@ -217,12 +217,16 @@ where
             let spawn_at = start.saturating_add(plan.spawn_after);
             let mut stop = shared.scan_from(&mut cur, Until::Record(spawn_at), &mut part, on_record, |_| false)?;
             if stop.is_none() {
+                // This part goes on to the chunk after the one the scan is
+                // in; the chunks after it are claimed in turn.
+                let k0 = shared.chunks.of(start, cur.pos);
+                board.lock().next_claim = k0 + 1;
                 // No thread to be had (a process or cgroup limit): this one
                 // does every chunk.
                 let _ = std::thread::Builder::new()
                     .name("rvm-scan".into())
                     .spawn_scoped(scope, || shared.work(new_part, on_record, false));
-                let next = shared.chunks.start(start, 1);
+                let next = shared.chunks.start(start, k0 + 1);
                 stop = shared.scan_from(&mut cur, Until::TxStart(next), &mut part, on_record, |_| false)?;
             }
             let made = Made { begin: start, pos: cur.pos, tx: cur.tx, transactions: cur.transactions, stop, part };
