@@ -821,11 +821,15 @@ mod tests {
                 // order, and the same end.
                 let want: Vec<_> =
                     buffered.0.iter().map(|(l, _, i, r, s, n, b)| (*l, *i, r.clone(), *s, *n, *b)).collect();
-                for (two_threads, stall) in [(true, std::time::Duration::ZERO), (true, std::time::Duration::MAX), (false, std::time::Duration::ZERO)] {
+                // The second thread started in the first chunk, or in a
+                // later one (the first part then runs past that chunk).
+                let (early, late) = (split.0 / 2, split.0.saturating_mul(5) / 2);
+                let (zero, forever) = (std::time::Duration::ZERO, std::time::Duration::MAX);
+                for (two_threads, stall, spawn_after) in [(true, zero, early), (true, forever, early), (true, zero, late), (false, zero, early)] {
                     let plan = parallel::Plan {
                         chunks: parallel::Chunks { first: split.0.max(1), grow_every: split.1, max: 1 << 14 },
                         two_threads,
-                        spawn_after: split.0 / 2,
+                        spawn_after,
                         stall,
                     };
                     let (end, parts) = parallel::scan_parts(ring, view.bytes(), start, limit, epoch, plan, &Vec::new, &|seen: &mut Vec<_>, lsn, info: &RecordInfo, ranges: &[RangeRef], tx: &TxSoFar| {

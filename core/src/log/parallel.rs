@@ -112,7 +112,7 @@ impl Plan {
         Plan {
             chunks: Chunks::DEFAULT,
             two_threads: two_threads && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
-            spawn_after: 3 << 20,
+            spawn_after: 1 << 20,
             stall: Duration::from_micros(300),
         }
     }
