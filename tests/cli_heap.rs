@@ -318,4 +318,10 @@ fn a_heap_too_big_for_the_log_is_a_usage_error() {
     let o = heap_cmd("create", &log, &seg, &["--size", "1M", "--base", &base, "--static-len", "1G"]);
     expect_code(&o, 1);
     assert!(stderr(&o).contains("larger log"), "{}", stderr(&o));
+    // No half-made segment is left: the same path takes a heap at once,
+    // and the log opens and recovers as before.
+    assert!(!seg.exists(), "a failed create left {}", seg.display());
+    let o = heap_cmd("create", &log, &seg, &["--size", "1M", "--base", &base]);
+    expect_code(&o, 0);
+    expect_code(&heap_cmd("check", &log, &seg, &[]), 0);
 }

@@ -512,14 +512,8 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
                 break;
             }
             // Another thread mapped the range meanwhile: pick again.
-            Err(e) if config.base.is_none() && tries < 8 && is_address_in_use(&e) => {
-                tries += 1;
-                // The failed create left the file open in the instance.
-                if let Ok(seg) = rvm.open_segment(&creating) {
-                    rvm.close_segment(seg)?;
-                }
-                vfs.remove(&creating).map_err(io("removing an unfinished heap", &creating))?;
-            }
+            // (The failed create deleted the segment it made.)
+            Err(e) if config.base.is_none() && tries < 8 && is_address_in_use(&e) => tries += 1,
             Err(e) => return Err(e.into()),
         }
     }

@@ -204,7 +204,10 @@ pub struct PersistentHeap {
 impl PersistentHeap {
     /// Creates the segment file `path` (it must not exist) with the load map
     /// of `spec`, loads it, and formats the heap in it. When this returns
-    /// `Ok` the heap is durable.
+    /// `Ok` the heap is durable. Should a step after the file's creation
+    /// fail (the heap's first transaction too large for the log, say), the
+    /// segment is deleted again ([`Rvm::delete_segment`]) and the
+    /// error returned: the same path can be used at once.
     ///
     /// A crash during creation leaves a segment that [`PersistentHeap::open`]
     /// rejects (blank load map, or a load map with a blank heap header),
@@ -213,13 +216,22 @@ impl PersistentHeap {
     pub fn create(rvm: &Rvm, path: impl AsRef<Path>, spec: &HeapSpec) -> Result<PersistentHeap> {
         let map = spec.load_map();
         create_segment(rvm, path.as_ref(), map.min_device_len(), &map)?;
-        let segment = load_segment(rvm, path.as_ref())?;
-        let (s, h) = regions(&segment)?;
-        let mut heap = Heap::format(rvm, s, h)?;
-        if let Some(growth) = segment.region_growth(HEAP_REGION) {
-            heap.set_growth(growth);
+        let made = (|| {
+            let segment = load_segment(rvm, path.as_ref())?;
+            let (s, h) = regions(&segment)?;
+            let mut heap = Heap::format(rvm, s, h)?;
+            if let Some(growth) = segment.region_growth(HEAP_REGION) {
+                heap.set_growth(growth);
+            }
+            Ok(PersistentHeap { heap, segment })
+        })();
+        if made.is_err() {
+            // No half-made heap is left behind (the segment was unloaded
+            // when the closure returned; best effort, as in
+            // `create_segment`).
+            let _ = rvm.open_segment(path.as_ref()).and_then(|seg| rvm.delete_segment(seg));
         }
-        Ok(PersistentHeap { heap, segment })
+        made
     }
 
     /// Loads the heap of segment `path`: one call that maps its regions at

@@ -371,3 +371,34 @@ fn a_corrupted_heap_is_refused_at_load() {
     rvm_loader::create_segment(&rvm, &other, 8192, &map).unwrap();
     assert!(matches!(PersistentHeap::open(&rvm, &other), Err(HeapError::BadRegions { .. })));
 }
+
+/// A heap whose first transaction does not fit the log (a static region of
+/// 1 GiB on a 2 MiB log) is refused, and the segment file `create` made is
+/// deleted again: the same path takes a heap at once, and the log reopens
+/// as before (it holds nothing for the deleted segment).
+#[test]
+fn a_failed_create_leaves_no_segment_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, path) = (dir.path().join("log"), dir.path().join("heap"));
+    create_log(&log, 2 << 20).unwrap();
+    let base = fresh_base();
+    {
+        let rvm = Rvm::open(&log, Options::default()).unwrap();
+        let big = HeapSpec::new(base, 1 << 20).with_static_len(1 << 30);
+        let Err(e) = PersistentHeap::create(&rvm, &path, &big) else { panic!("a heap too large for the log was made") };
+        assert!(
+            matches!(e, HeapError::Core(rvm_core::Error::Log(rvm_core::LogError::TransactionTooLarge { .. }))),
+            "{e}"
+        );
+        assert!(!path.exists(), "a failed create left its segment");
+        let heap = PersistentHeap::create(&rvm, &path, &HeapSpec::new(base, 1 << 20)).unwrap();
+        let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+        let p = tx.malloc(layout(8, 8)).unwrap();
+        tx.set_root("p", Some((p, 8, 0))).unwrap();
+        tx.commit(CommitMode::Flush).unwrap();
+    }
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    let heap = PersistentHeap::open(&rvm, &path).unwrap();
+    heap.check().unwrap();
+    assert!(heap.root("p").is_some());
+}

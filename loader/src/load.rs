@@ -121,8 +121,9 @@ fn read_header(rvm: &Rvm, seg: &Segment) -> Result<LoadMap> {
 /// zeros): [`load_segment`] rejects it with [`LoaderError::NotALoadMap`],
 /// saying creation did not complete. A crash after it leaves the complete
 /// map (recovery replays the commit). Never a half-written map. If creation
-/// fails after the file was made, the file stays, blank; remove it before
-/// trying again.
+/// fails after the file was made, the file is deleted again
+/// ([`Rvm::delete_segment`]; should that fail too, the file stays, blank,
+/// and must be removed before trying again).
 ///
 /// ```
 /// # let dir = tempfile::tempdir().unwrap();
@@ -142,14 +143,23 @@ pub fn create_segment(rvm: &Rvm, path: impl AsRef<Path>, len: u64, map: &LoadMap
     check_page_size(map)?;
     let _one = header_maps();
     let seg = rvm.create_segment(path.as_ref(), len)?;
-    // The new file is all zeros: nothing needs reading.
-    let mut header = map_header(rvm, &seg, map.header_len(), CopyMode::NoCopy)?;
-    let written = raw::commit_header(rvm, &mut header, &map.encode());
-    let unmapped = rvm.unmap_claimed(header.0);
-    written?;
-    unmapped?;
-    rvm.truncate()?;
-    Ok(())
+    let written = (|| {
+        // The new file is all zeros: nothing needs reading.
+        let mut header = map_header(rvm, &seg, map.header_len(), CopyMode::NoCopy)?;
+        let written = raw::commit_header(rvm, &mut header, &map.encode());
+        let unmapped = rvm.unmap_claimed(header.0);
+        written?;
+        unmapped?;
+        rvm.truncate()?;
+        Ok(())
+    })();
+    if written.is_err() {
+        // No half-made segment is left behind (best effort: should the
+        // deletion fail too, the error below is still the one reported,
+        // and the file's blank header says what it is).
+        let _ = rvm.delete_segment(seg);
+    }
+    written
 }
 
 /// Loads a segment: opens it (locking it against other processes), reads

@@ -599,3 +599,43 @@ fn loaded_segments_and_maps_can_be_shared_between_threads() {
     send_sync::<LoadMap>();
     send_sync::<LoaderError>();
 }
+
+/// `Rvm::delete_segment` applies the commits still in the log for the segment
+/// before it removes the file, so the log recovers without it afterwards;
+/// a loaded segment is not deleted.
+#[test]
+fn a_deleted_segment_leaves_a_log_that_recovers() {
+    let env = Env::new();
+    let range = address_range();
+    let (keep, gone) = (env.path("keep"), env.path("gone"));
+    {
+        let rvm = env.open();
+        let map = |at: u64| LoadMap::new().region(RegionSpec::new("data", ps(), ps(), at));
+        create_segment(&rvm, &keep, 2 * ps(), &map(range.at(0))).unwrap();
+        create_segment(&rvm, &gone, 2 * ps(), &map(range.at(1 << 20))).unwrap();
+        for path in [&keep, &gone] {
+            let seg = load_segment(&rvm, path).unwrap();
+            let data = seg.region("data").unwrap();
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: the region is this test's; 8 bytes inside it.
+            unsafe { tx.modify_bytes(data.addr(), b"unsynced").unwrap() };
+            // Not flushed, not applied: the log holds it.
+            tx.commit(CommitMode::NoFlush).unwrap();
+            if path == &gone {
+                let refused = rvm.delete_segment(rvm.open_segment(path).unwrap());
+                assert!(matches!(refused, Err(Error::Map(MapError::SegmentInUse { .. }))), "{refused:?}");
+                assert!(path.exists());
+            }
+        }
+        rvm.delete_segment(rvm.open_segment(&gone).unwrap()).unwrap();
+        assert!(!gone.exists());
+        rvm.flush().unwrap();
+    }
+    // The log needs only the segment that is left.
+    let rvm = env.open();
+    let seg = load_segment(&rvm, &keep).unwrap();
+    let mut got = [0u8; 8];
+    // SAFETY: no transaction runs in the region.
+    unsafe { seg.region("data").unwrap().read(0, &mut got) }.unwrap();
+    assert_eq!(&got, b"unsynced");
+}

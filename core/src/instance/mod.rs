@@ -291,6 +291,36 @@ impl Rvm {
         self.inner.open_segment(path.as_ref(), Some(len))
     }
 
+    /// Deletes a segment: closes it ([`Rvm::close_segment`]: every commit
+    /// that changed it is applied to it first, so the log holds nothing
+    /// recovery would need the file for), then removes its file through
+    /// the instance's storage. Refused, with nothing changed, while a region
+    /// of it is mapped ([`MapError::SegmentInUse`]). For a segment no longer
+    /// wanted, such as one whose setup failed after [`Rvm::create_segment`]
+    /// (the loader's and the heap's creation calls delete the segment they
+    /// made when a later step fails). Removing the file some other way
+    /// while the log still holds commits for it would make recovery refuse
+    /// the log until the segment is given back.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let path = dir.path().join("seg");
+    /// let seg = rvm.create_segment(&path, 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+    /// assert!(rvm.delete_segment(seg.clone()).is_err()); // mapped
+    /// rvm.unmap(region).unwrap();
+    /// rvm.delete_segment(seg).unwrap();
+    /// assert!(!path.exists());
+    /// ```
+    pub fn delete_segment(&self, segment: Segment) -> Result<()> {
+        let name = segment.name().to_path_buf();
+        self.close_segment(segment)?;
+        self.inner.vfs.remove(&name).map_err(|e| Error::io("deleting segment", &name, e))
+    }
+
     /// Closes a segment: applies every commit that changed it to it (a log
     /// replay, if any is still in the log) and forgets it, so its device is
     /// closed and unlocked once the last handle to it is gone (a clone of

@@ -351,8 +351,8 @@ fn hint(e: &Error) -> Option<String> {
         }
         Error::Log(LogError::TransactionTooLarge { .. }) => Some(
             "the log is too small for what was asked: use a larger log (`rvmutl create-log --size`) or ask for \
-             less (a smaller --static-len or load map); a segment file this command created is left blank: remove \
-             it before trying again"
+             less (a smaller --static-len or load map); a segment file this command was creating was deleted \
+             again"
                 .into(),
         ),
         Error::Log(LogError::ViewUnstable { .. }) => {
