@@ -183,6 +183,28 @@ fn make_hook_stack(stack: usize) -> bool {
     unsafe { libc::mprotect(stack as *mut libc::c_void, HOOK_STACK_BYTES, libc::PROT_READ | libc::PROT_WRITE) == 0 }
 }
 
+/// Takes a free stack that is accessible (its flag in `busy` set): the
+/// first free one, made accessible by `make(k)` if it is not yet (and
+/// marked so in `ready`). A stack `make` fails for (no memory) is left free
+/// and the search goes on past it, to stacks made before; `None` if no
+/// free stack could be had. Async-signal-safe if `make` is.
+fn claim_stack(busy: &[AtomicBool], ready: &[AtomicBool], mut make: impl FnMut(usize) -> bool) -> Option<usize> {
+    for (k, b) in busy.iter().enumerate() {
+        if b.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            continue;
+        }
+        // The busy flag orders this after the last user's release of the
+        // stack (and so after the `mprotect` that made it ready): a stale
+        // `false` only repeats the `mprotect`, which is harmless.
+        if ready[k].load(Ordering::Acquire) || make(k) {
+            ready[k].store(true, Ordering::Release);
+            return Some(k);
+        }
+        b.store(false, Ordering::Release);
+    }
+    None
+}
+
 /// Runs `f` (a hook) on a free hook stack, waiting for one if all are in
 /// use; a panic in `f` becomes a fatal fault (the stack switch must not be
 /// unwound through, and a panic in a signal handler has nowhere to go).
@@ -195,24 +217,14 @@ fn on_hook_stack(f: impl FnOnce() -> Resolution) -> Resolution {
     if base == 0 {
         return call();
     }
-    let (k, stack) = loop {
-        if let Some(k) = HOOK_STACK_BUSY
-            .iter()
-            .position(|b| b.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
-        {
-            let stack = hook_stack(base, k);
-            // A stack not made accessible yet is made so now; should that
-            // fail (no memory), this fault waits for one that is (the
-            // first always is: `install` made it).
-            if HOOK_STACK_READY[k].load(Ordering::Acquire) || make_hook_stack(stack) {
-                HOOK_STACK_READY[k].store(true, Ordering::Release);
-                break (k, stack);
-            }
-            HOOK_STACK_BUSY[k].store(false, Ordering::Release);
+    let k = loop {
+        if let Some(k) = claim_stack(&HOOK_STACK_BUSY, &HOOK_STACK_READY, |k| make_hook_stack(hook_stack(base, k))) {
+            break k;
         }
         // SAFETY: sched_yield(2) is async-signal-safe and takes nothing.
         unsafe { libc::sched_yield() };
     };
+    let stack = hook_stack(base, k);
     let r = psm::psm_stack_manipulation! {
         yes {
             // SAFETY: `[stack, stack + HOOK_STACK_BYTES)` is readable and
@@ -365,17 +377,37 @@ fn access_of(ctx: *mut libc::c_void) -> Access {
 }
 
 extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The handler's system calls (a hook stack's `mprotect`, the hooks'
+    // own) must not change what the interrupted code sees in errno.
+    let saved = errno();
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
-    match dispatch(addr, access_of(ctx)) {
+    let r = dispatch(addr, access_of(ctx));
+    set_errno(saved);
+    match r {
         Resolution::Handled => {}
         Resolution::NotOurs => chain(sig, info, ctx),
         Resolution::Fatal(msg) => {
             FATAL_FAULTS.fetch_add(1, Ordering::Relaxed);
             report(msg, addr);
+            set_errno(saved);
             chain(sig, info, ctx);
         }
     }
+    set_errno(saved);
+}
+
+/// The calling thread's errno (async-signal-safe).
+pub(crate) fn errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot,
+    // valid for the thread's life.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets the calling thread's errno (async-signal-safe).
+pub(crate) fn set_errno(v: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = v };
 }
 
 /// Writes `rvm: <msg> (address 0x...)` to standard error, without
@@ -526,6 +558,82 @@ mod tests {
                 Resolution::Fatal("mprotect failed")
             }
         }
+    }
+
+    /// A hook that leaves errno changed (a failed system call, as a hook
+    /// stack's `mprotect` refused for want of memory), then makes its page
+    /// accessible.
+    struct SetsErrno {
+        page: usize,
+        len: usize,
+    }
+
+    impl FaultHook for SetsErrno {
+        fn on_fault(&self, _addr: usize, _access: Access) -> Resolution {
+            set_errno(libc::ENOMEM);
+            // SAFETY: the page this test mapped and registered.
+            if unsafe { protect(self.page, self.len, true) } {
+                Resolution::Handled
+            } else {
+                Resolution::Fatal("mprotect failed")
+            }
+        }
+    }
+
+    /// The interrupted code's errno is the same after a fault the handler
+    /// resolved, whatever system calls failed inside it (a hook stack made
+    /// accessible at its first use ran its `mprotect` outside any hook's
+    /// own errno care).
+    #[test]
+    fn the_handler_keeps_the_interrupted_errno() {
+        let len = crate::mem::page_size();
+        // SAFETY: a fresh anonymous mapping, inaccessible.
+        let page = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        let page = page as usize;
+        let reg = register(page, page + len, Arc::new(SetsErrno { page, len })).unwrap();
+        // SAFETY: the thread's errno slot; volatile so that neither access
+        // moves across the faulting load.
+        let slot = unsafe { libc::__errno_location() };
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(slot, libc::EAGAIN) };
+        // SAFETY: the page is mapped; the hook makes it readable.
+        let v = unsafe { std::ptr::read_volatile((page + 8) as *const u8) };
+        // SAFETY: as above.
+        let after = unsafe { std::ptr::read_volatile(slot) };
+        assert_eq!(v, 0);
+        assert_eq!(after, libc::EAGAIN, "the fault handler changed errno");
+        drop(reg);
+        // SAFETY: the mapping made above; nothing refers to it now.
+        unsafe { libc::munmap(page as *mut libc::c_void, len) };
+    }
+
+    /// A free stack that cannot be made accessible is skipped, not waited
+    /// on: a later one made accessible before is taken (the scan used to
+    /// start again at the first free stack, the failing one, until a stack
+    /// below it came free); the failing one is left free and unready.
+    #[test]
+    fn a_stack_that_cannot_be_made_is_passed_over() {
+        let flags = |v: [bool; 4]| v.map(AtomicBool::new);
+        let (busy, ready) = (flags([true, false, false, false]), flags([true, false, true, false]));
+        let mut tried = Vec::new();
+        let got = claim_stack(&busy, &ready, |k| {
+            tried.push(k);
+            false
+        });
+        assert_eq!(got, Some(2));
+        assert_eq!(tried, [1]);
+        let now = |v: &[AtomicBool; 4]| v.each_ref().map(|b| b.load(Ordering::Relaxed));
+        assert_eq!(now(&busy), [true, false, true, false]);
+        assert_eq!(now(&ready), [true, false, true, false]);
+        // None free that can be made: none taken, each failing one left free.
+        assert_eq!(claim_stack(&busy, &ready, |_| false), None);
+        assert_eq!(now(&busy), [true, false, true, false]);
+        // Made at its first use, ready from then on.
+        assert_eq!(claim_stack(&busy, &ready, |k| k == 1), Some(1));
+        assert_eq!(now(&ready), [true, true, true, false]);
     }
 
     /// A hook runs on a hook stack, not on the faulting thread's small

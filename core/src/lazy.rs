@@ -1178,7 +1178,7 @@ fn all_of(len: usize, mut op: impl FnMut(usize) -> isize) -> bool {
         let n = op(done);
         if n > 0 {
             done += n as usize;
-        } else if n < 0 && errno() == libc::EINTR {
+        } else if n < 0 && fault::errno() == libc::EINTR {
             continue;
         } else {
             return false;
@@ -1206,16 +1206,6 @@ fn pwrite_full(fd: RawFd, buf: &[u8], off: u64) -> bool {
     })
 }
 
-fn errno() -> i32 {
-    // SAFETY: __errno_location returns the calling thread's errno slot.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(v: i32) {
-    // SAFETY: as in `errno`.
-    unsafe { *libc::__errno_location() = v };
-}
-
 /// The fault hook of an on-demand region with pending pages.
 pub(crate) struct LazyRegion {
     base: usize,
@@ -1231,8 +1221,9 @@ pub(crate) struct LazyRegion {
     shared: AtomicPtr<Shared>,
     /// Handlers using `shared` right now.
     users: AtomicUsize,
-    /// Logged ranges of neighbouring pages the next fault may apply
-    /// ([`FIRST_INSTALL_RANGES`]).
+    /// Logged ranges of neighbouring pages the next fault may apply: none
+    /// at the mapping's first, then from [`FIRST_INSTALL_RANGES`] doubling
+    /// up to [`INSTALL_RANGES`].
     neighbour_ranges: AtomicUsize,
 }
 
@@ -1273,9 +1264,7 @@ impl FaultHook for LazyRegion {
         } else {
             // SAFETY: not freed while `users` counts us in (see `detach`).
             let shared = unsafe { &*shared };
-            // The handler's system calls must not change what the
-            // interrupted code sees in errno.
-            let saved = errno();
+            // (The handler keeps the interrupted code's errno.)
             let ps = shared.page;
             let page_addr = addr & !(ps - 1);
             let page = (self.offset + (page_addr - self.base) as u64) / ps as u64;
@@ -1284,7 +1273,7 @@ impl FaultHook for LazyRegion {
             let budget = self.neighbour_ranges.load(Ordering::Relaxed);
             let next = budget.saturating_mul(2).clamp(FIRST_INSTALL_RANGES, INSTALL_RANGES);
             self.neighbour_ranges.store(next, Ordering::Relaxed);
-            let r = match shared.fault_page(self.seg, page, end, self.id, page_addr, budget) {
+            match shared.fault_page(self.seg, page, end, self.id, page_addr, budget) {
                 Ok(Brought::NotIndexed) => Resolution::NotOurs,
                 Err(msg) => Resolution::Fatal(msg),
                 // The mapping holds the page's private copy already.
@@ -1296,9 +1285,7 @@ impl FaultHook for LazyRegion {
                     true => Resolution::Handled,
                     false => Resolution::Fatal("instant recovery could not make a page accessible"),
                 },
-            };
-            set_errno(saved);
-            r
+            }
         };
         self.users.fetch_sub(1, Ordering::SeqCst);
         r
