@@ -480,6 +480,20 @@ impl Drop for ReserveOnDrop {
 /// the log, then renames it into place: a crash leaves no half-made
 /// `heap.seg`.
 fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<()> {
+    create_heap_picking(rvm, vfs, dir, config, &mut |span| {
+        crate::raw::free_address_range(span, 1 << 21).map(|a| a as u64)
+    })
+}
+
+/// [`create_heap`], with `pick(span)` choosing a base address where
+/// `config` names none.
+fn create_heap_picking(
+    rvm: &Rvm,
+    vfs: &dyn Vfs,
+    dir: &Path,
+    config: &Config,
+    pick: &mut dyn FnMut(usize) -> std::io::Result<u64>,
+) -> Result<()> {
     let creating = dir.join(CREATING_FILE);
     match vfs.remove(&creating) {
         Ok(()) => {}
@@ -503,7 +517,7 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
     loop {
         let base = match config.base {
             Some(b) => b,
-            None => crate::raw::free_address_range(span, 1 << 21).map_err(io("picking a base address", dir))? as u64,
+            None => pick(span).map_err(io("picking a base address", dir))?,
         };
         let spec = HeapSpec::new(base, config.heap_len).with_max_len(config.max_heap_len);
         match PersistentHeap::create(rvm, &creating, &spec) {
@@ -525,4 +539,89 @@ fn create_heap(rvm: &Rvm, vfs: &dyn Vfs, dir: &Path, config: &Config) -> Result<
 
 fn is_address_in_use(e: &rvm_heap::HeapError) -> bool {
     matches!(e, rvm_heap::HeapError::Loader(rvm_loader::LoaderError::MapRegion { .. }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rvm_core::testing::SimDisk;
+    use std::sync::Arc;
+
+    /// An address range mapped (inaccessible) by this test, as another
+    /// thread could map the range a pick offered before the heap does.
+    struct Taken(*mut std::ffi::c_void, usize);
+
+    impl Taken {
+        fn new(len: usize) -> Taken {
+            use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+            // SAFETY: a fresh anonymous PROT_NONE mapping where the kernel
+            // puts it; nothing else uses it.
+            let p = unsafe {
+                mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), MapFlags::PRIVATE | MapFlags::NORESERVE)
+            }
+            .unwrap();
+            Taken(p, len)
+        }
+    }
+
+    impl Drop for Taken {
+        fn drop(&mut self) {
+            // SAFETY: the mapping `new` made, which nothing refers to.
+            unsafe { rustix::mm::munmap(self.0, self.1) }.unwrap();
+        }
+    }
+
+    /// A picked range mapped by someone else before the heap maps it: the
+    /// create fails with the address in use, deletes the segment it made
+    /// (PHeap no longer does), and the next pick makes the heap; the log
+    /// needs nothing of the failed try. Picks that stay taken end in the
+    /// error, with no unfinished segment left.
+    #[test]
+    fn a_taken_range_is_picked_again() {
+        let disk = SimDisk::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+        let dir = Path::new("db");
+        let config = Config { heap_len: 1 << 20, max_heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() };
+        rvm_core::create_log_with(vfs.as_ref(), &dir.join(LOG_FILE), config.log_len).unwrap();
+        let rvm = Rvm::open_with(vfs.clone(), &dir.join(LOG_FILE), config.options.clone()).unwrap();
+        let mut taken = None;
+        let mut picks = 0;
+        create_heap_picking(&rvm, vfs.as_ref(), dir, &config, &mut |span| {
+            picks += 1;
+            if picks == 1 {
+                let t = taken.insert(Taken::new(span + (2 << 20)));
+                return Ok((t.0 as u64).next_multiple_of(1 << 21));
+            }
+            crate::raw::free_address_range(span, 1 << 21).map(|a| a as u64)
+        })
+        .unwrap();
+        assert_eq!(picks, 2, "the taken range was not picked again");
+        assert!(!vfs.exists(&dir.join(CREATING_FILE)).unwrap());
+        assert!(vfs.exists(&dir.join(HEAP_FILE)).unwrap());
+        drop(rvm);
+        drop(taken);
+        let heap = PHeap::open_or_create_with(vfs.clone(), dir, config.clone()).unwrap();
+        heap.write(|tx| tx.root_or_insert_with("n", || 7u64).map(|_| ())).unwrap();
+        assert_eq!(heap.read(|r| r.root::<u64>("n").map(|n| n.copied())).unwrap(), Some(7));
+        drop(heap);
+
+        // Always taken: the error after the last try, and no segment left.
+        let dir = Path::new("db2");
+        rvm_core::create_log_with(vfs.as_ref(), &dir.join(LOG_FILE), config.log_len).unwrap();
+        let rvm = Rvm::open_with(vfs.clone(), &dir.join(LOG_FILE), config.options.clone()).unwrap();
+        let t = Taken::new(4 << 20);
+        let at = (t.0 as u64).next_multiple_of(1 << 21);
+        let mut picks = 0;
+        let e = create_heap_picking(&rvm, vfs.as_ref(), dir, &config, &mut |_| {
+            picks += 1;
+            Ok(at)
+        })
+        .unwrap_err();
+        assert!(matches!(&e, Error::Heap(h) if is_address_in_use(h)), "{e:?}");
+        assert_eq!(picks, 9);
+        assert!(!vfs.exists(&dir.join(CREATING_FILE)).unwrap());
+        drop(rvm);
+        let rvm = Rvm::open_with(vfs.clone(), &dir.join(LOG_FILE), config.options.clone()).unwrap();
+        assert_eq!(rvm.recovery_report().transactions, 0);
+    }
 }
