@@ -922,7 +922,13 @@ mod tests {
             let h = RecordHeader::parse(d[..RECORD_HEADER].try_into().unwrap());
             let ok = check_header(&h, 64, 5, 1 << 20).is_ok() && decode_record(&d, 64, 5, &mut v).is_ok();
             // Padding is not covered (never read).
-            assert!(!ok || i >= u32::from_le_bytes([out[4], out[5], out[6], 0]) as usize, "flip at {i} accepted");
+            let len = u32::from_le_bytes([out[4], out[5], out[6], 0]) as usize;
+            assert!(!ok || i >= len, "flip at {i} accepted");
+            // A flip outside the length field (a torn or damaged record)
+            // is a checksum mismatch, whatever the body's shape says now.
+            if !(4..7).contains(&i) && i < len {
+                assert_eq!(decode_record(&d, 64, 5, &mut v), Err(FrameDefect::BadChecksum), "flip at {i}");
+            }
         }
     }
 

@@ -1000,6 +1000,9 @@ mod tests {
                 p += 8;
             }
             proptest::prop_assert_eq!(probe_valid_frame(ring, None, lsn, limit, epoch).unwrap(), want);
+            // Through a scan's mapping, as instant recovery passes it.
+            let view = ring.view().unwrap();
+            proptest::prop_assert_eq!(probe_valid_frame(ring, Some(view.bytes()), lsn, limit, epoch).unwrap(), want);
         }
     }
 
