@@ -305,6 +305,17 @@ impl Status {
         Some(b)
     }
 
+    /// The bytes of a slot its status takes, as its fixed part (the first
+    /// [`STATUS_FIXED`] bytes of `b`) says: the fixed part and the segment
+    /// dictionary. Unchecked (a damaged length is found by
+    /// [`Status::decode`]); [`STATUS_FIXED`] if `b` is shorter than that.
+    pub fn encoded_len(b: &[u8]) -> usize {
+        if b.len() < STATUS_FIXED {
+            return STATUS_FIXED;
+        }
+        STATUS_FIXED.saturating_add(le_u32(b, 72) as usize)
+    }
+
     /// Decodes a slot image; `None` for anything that is not a whole,
     /// valid status (a torn or never-written slot).
     pub fn decode(b: &[u8]) -> Option<Status> {
@@ -313,7 +324,7 @@ impl Status {
             return None;
         }
         let count = le_u32(b, 68) as usize;
-        let dict = le_u32(b, 72) as usize;
+        let dict = Status::encoded_len(b) - STATUS_FIXED;
         if dict > DICT_LIMIT || STATUS_FIXED + dict > b.len() {
             return None;
         }

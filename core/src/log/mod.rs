@@ -172,9 +172,19 @@ impl LogDevice {
 /// leads to every committed frame, so one damaged slot loses nothing.
 pub(crate) fn read_status(dev: &dyn Storage, path: &Path) -> Result<Status> {
     let mut best: Option<Status> = None;
+    let read = |buf: &mut [u8], at: u64| dev.read_at(buf, at).map_err(|e| Error::io("reading the log status", path, e));
     for slot in 0..2u64 {
-        let mut buf = vec![0u8; format::STATUS_SLOT as usize];
-        dev.read_at(&mut buf, Status::slot_offset(slot)).map_err(|e| Error::io("reading the log status", path, e))?;
+        // A slot's first block holds its fixed part and, but for a long
+        // segment dictionary, all of it: the rest of the 64 KiB slot is
+        // read only when the dictionary's length says it is needed.
+        let at = Status::slot_offset(slot);
+        let mut buf = vec![0u8; format::BLOCK as usize];
+        read(&mut buf, at)?;
+        let needed = format::Status::encoded_len(&buf).min(format::STATUS_SLOT as usize).next_multiple_of(buf.len());
+        if needed > buf.len() {
+            buf.resize(needed, 0);
+            read(&mut buf[format::BLOCK as usize..], at + format::BLOCK)?;
+        }
         if let Some(s) = Status::decode(&buf) {
             if best.as_ref().is_none_or(|b| s.seq > b.seq) {
                 best = Some(s);
@@ -699,6 +709,40 @@ pub(crate) fn read_valid_frame(ring: &Ring, pos: u64, limit: u64, epoch: u64) ->
 mod tests {
     use super::*;
     use crate::testing::SimDisk;
+
+    /// A status is read from its slot's first block, and the rest of the
+    /// slot only when its segment dictionary runs past that block: a long
+    /// dictionary (here about 40 KiB) reads back whole from either slot, and
+    /// damage past the first block is still found.
+    #[test]
+    fn a_status_with_a_long_dictionary_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        crate::create_log(&path, format::AREA_OFFSET + format::MIN_AREA).unwrap();
+        let LogDevice { ring, mut status, .. } = LogDevice::open(&crate::storage::FileVfs, &path).unwrap();
+        for short in [true, false] {
+            status.seq += 1;
+            status.segments = (0..if short { 3 } else { 200 })
+                .map(|i| format::SegmentEntry {
+                    id: i + 1,
+                    name: format!("/data/{}/segment-{i}", "d".repeat(160)).into(),
+                    device: None,
+                })
+                .collect();
+            write_status(&ring, &status).unwrap();
+            let read = read_status(ring.dev.as_ref(), &path).unwrap();
+            assert_eq!(read, status);
+        }
+        assert!(Status::encoded_len(&status.encode().unwrap()) > 8 * format::BLOCK as usize);
+        // A flip in slot 0's dictionary, past its first block: slot 1 is used.
+        let at = Status::slot_offset(0) + 6 * format::BLOCK;
+        let mut b = [0u8; 1];
+        ring.dev.read_at(&mut b, at).unwrap();
+        ring.dev.write_at(&[b[0] ^ 1], at).unwrap();
+        assert_eq!(read_status(ring.dev.as_ref(), &path).unwrap(), status);
+        ring.dev.write_at(&[b[0] ^ 1], Status::slot_offset(1) + 6 * format::BLOCK).unwrap();
+        assert!(read_status(ring.dev.as_ref(), &path).is_err(), "both slots damaged");
+    }
 
     /// A size no file can have is a usage error, and a creation that
     /// fails part way (here the disk refuses the length) leaves no file
