@@ -19,7 +19,7 @@ use std::sync::Arc;
 ///
 /// 1. verify: scan every frame from the head (CRCs, positions, epoch),
 ///    noting the segments the complete transactions touch and how far; tell
-///    a torn or clean end from damage ([`log::find_damage`]);
+///    a torn or clean end from damage ([`log::look_past_stop`]);
 /// 2. open every touched segment and check it is the file the log recorded,
 ///    long enough, and not claimed by another log;
 /// 3. replay the complete transactions, sync the segments, then write a
@@ -277,7 +277,9 @@ fn check(
 ) -> Result<(Devices, Option<Salvage>)> {
     let verified = *verified;
     let mut salvage = None;
-    if let Some(damage) = log::find_damage(ring, area, status.head, &verified, status.epoch, status.synced_end)? {
+    if let Some(damage) =
+        log::look_past_stop(ring, area, status.head, &verified, status.epoch, status.synced_end)?.damage
+    {
         if !opts.salvage {
             return Err(damage.error(&ring.path, ring.area_offset, ring.area_len));
         }

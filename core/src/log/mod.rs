@@ -513,25 +513,6 @@ impl Damage {
     }
 }
 
-/// Tells damage from a torn or clean end: after a scan from `start` stopped
-/// on a bad frame, looks for evidence that records past it were synced —
-/// the status's `synced_end` beyond it, or a valid frame of this epoch
-/// within one maximal frame after it whose commit frames (or any later
-/// one's) record a synced position beyond it. A write lost or torn by a
-/// crash is never synced, so such evidence means the bytes changed after
-/// they were acknowledged. `area`: the record area as the scan mapped it
-/// ([`Ring::view`]), if it did (else it is mapped again, or read).
-pub(crate) fn find_damage(
-    ring: &Ring,
-    area: Option<&[u8]>,
-    start: u64,
-    end: &ScanEnd,
-    epoch: u64,
-    synced_end: u64,
-) -> Result<Option<Damage>> {
-    Ok(look_past_stop(ring, area, start, end, epoch, synced_end)?.damage)
-}
-
 /// What lies past the frame where a scan stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PastStop {
@@ -542,7 +523,15 @@ pub(crate) struct PastStop {
     pub damage: Option<Damage>,
 }
 
-/// [`find_damage`], also telling where the next valid frame is.
+/// Tells damage from a torn or clean end, and where the next valid frame
+/// is: after a scan from `start` stopped on a bad frame, looks for
+/// evidence that records past it were synced — the status's `synced_end`
+/// beyond it, or a valid frame of this epoch
+/// within one maximal frame after it whose commit frames (or any later
+/// one's) record a synced position beyond it. A write lost or torn by a
+/// crash is never synced, so such evidence means the bytes changed after
+/// they were acknowledged. `area`: the record area as the scan mapped it
+/// ([`Ring::view`]), if it did (else it is mapped again, or read).
 pub(crate) fn look_past_stop(
     ring: &Ring,
     area: Option<&[u8]>,
@@ -579,7 +568,7 @@ pub(crate) fn look_past_stop(
 }
 
 /// The first position after `lsn` (8-aligned, within one maximal record)
-/// where a valid record of `epoch` starts (`area`: as for [`find_damage`]).
+/// where a valid record of `epoch` starts (`area`: as for [`look_past_stop`]).
 fn probe_valid_frame(ring: &Ring, area: Option<&[u8]>, lsn: u64, limit: u64, epoch: u64) -> Result<Option<u64>> {
     let window_end = limit.min(lsn.saturating_add((MAX_RECORD + 64) as u64));
     let read_end = limit.min(window_end.saturating_add((MAX_RECORD + 8) as u64));
