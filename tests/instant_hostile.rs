@@ -725,3 +725,143 @@ fn salvage_with_instant_recovery_matches_full_recovery() {
     assert!(got[0] == got[1], "instant and full salvage differ");
     assert!(got[0].3 != f.model && got[0].0 > 0);
 }
+
+// ---------------------------------------------------------------------------
+// Crafted statuses (valid checksums)
+// ---------------------------------------------------------------------------
+
+/// The log image with both status slots replaced by the chosen one
+/// edited by `edit` (checksum recomputed).
+fn crafted(img: &[u8], edit: impl FnOnce(&mut rvm::log::format::Status)) -> Vec<u8> {
+    use rvm::log::format::Status;
+    let slot = |i: u64| Status::slot_offset(i) as usize;
+    let mut status = (0..2)
+        .filter_map(|i| Status::decode(&img[slot(i)..slot(i) + STATUS_SLOT as usize]))
+        .max_by_key(|s| s.seq)
+        .unwrap();
+    edit(&mut status);
+    let bytes = status.encode().unwrap();
+    let mut img = img.to_vec();
+    for i in 0..2 {
+        img[slot(i)..slot(i) + STATUS_SLOT as usize].fill(0);
+        img[slot(i)..slot(i) + bytes.len()].copy_from_slice(&bytes);
+    }
+    img
+}
+
+/// Statuses with counters at their limits, or a dictionary that lies:
+/// every open ends in a typed error with nothing written, or succeeds; and
+/// a flush acknowledged after a successful open is there at the next open.
+/// A status at the limit an open accepts (2^61) is refused at once; one
+/// just below it opens, and what would pass the limit (a status, records)
+/// is refused before it is written (so a log whose epoch reaches the limit
+/// is refused from then on, typed, holding what it acknowledged).
+#[test]
+fn crafted_statuses_at_the_limits_never_lose_an_acknowledged_flush() {
+    use rvm::log::format::{MAX_POSITION, OPEN_LIMIT};
+    let _s = serial();
+    let f = Files::new();
+    let seg_name = f.seg.canonicalize().unwrap();
+    type Edit = Box<dyn Fn(&mut rvm::log::format::Status)>;
+    // (what, edit, refused at open)
+    let edits: Vec<(&str, Edit, bool)> = vec![
+        ("seq at the limit", Box::new(|s| s.seq = MAX_POSITION - 1), true),
+        ("seq near the limit", Box::new(|s| s.seq = MAX_POSITION - 3), true),
+        ("epoch at the limit", Box::new(|s| s.epoch = MAX_POSITION - 1), true),
+        ("epoch near the limit", Box::new(|s| s.epoch = MAX_POSITION - 2), true),
+        ("epoch at 2^61", Box::new(|s| s.epoch = OPEN_LIMIT), true),
+        ("seq at 2^61", Box::new(|s| s.seq = OPEN_LIMIT), true),
+        ("head at 2^61", Box::new(|s| s.head = OPEN_LIMIT), true),
+        ("head near 2^62", Box::new(|s| s.head = MAX_POSITION - 8), true),
+        // The records are of another epoch now: damage.
+        ("epoch below 2^61", Box::new(|s| s.epoch = OPEN_LIMIT - 3), true),
+        ("epoch below 2^61, the log empty", Box::new(|s| (s.epoch, s.head) = (OPEN_LIMIT - 3, s.synced_end)), false),
+        ("seq below 2^61", Box::new(|s| s.seq = OPEN_LIMIT - 5), false),
+        ("head below 2^61", Box::new(|s| s.head = OPEN_LIMIT - 3 * 4096), false),
+        // The records after the last one claim to be synced: damage.
+        ("synced end at u64::MAX", Box::new(|s| s.synced_end = u64::MAX), true),
+        ("synced end 0", Box::new(|s| s.synced_end = 0), false),
+        ("committed at u64::MAX", Box::new(|s| s.committed = u64::MAX), false),
+        (
+            "checkpoint at u64::MAX",
+            Box::new(|s| (s.checkpoint_lsn, s.checkpoint_generation) = (u64::MAX, u64::MAX)),
+            false,
+        ),
+        ("next segment id at u32::MAX", Box::new(|s| s.next_segment_id = u32::MAX), false),
+        ("next segment id 0", Box::new(|s| s.next_segment_id = 0), false),
+        ("the segment's id changed", Box::new(|s| s.segments[0].id = s.segments[0].id.wrapping_add(5)), true),
+        ("the entry duplicated", Box::new(|s| s.segments.push(s.segments[0].clone())), false),
+        (
+            "an entry of the same id before it, naming /dev/zero",
+            Box::new(|s| {
+                let mut e = s.segments[0].clone();
+                e.name = "/dev/zero".into();
+                s.segments.insert(0, e);
+            }),
+            true,
+        ),
+        ("the entry names a relative path", Box::new(|s| s.segments[0].name = "seg".into()), true),
+        ("the entry names the root", Box::new(|s| s.segments[0].name = "/".into()), true),
+        ("the entry has no identity", Box::new(|s| s.segments[0].device = None), false),
+        ("no dictionary", Box::new(|s| s.segments.clear()), true),
+    ];
+    let ps = page_size();
+    for (what, edit, refused) in &edits {
+        let img = crafted(&f.log_img, |s| {
+            assert_eq!(s.segments.len(), 1);
+            assert_eq!(s.segments[0].name, seg_name);
+            edit(s)
+        });
+        for instant in [false, true] {
+            f.reset_with(&img);
+            let before = f.snapshot();
+            let rvm = match open_within(&f.log, opts(instant)) {
+                Err(e) => {
+                    assert!(matches!(e, Error::Corrupted { .. } | Error::Log(_) | Error::Io { .. }), "{what}: {e:?}");
+                    assert!(f.snapshot() == before, "{what} (instant {instant}): a failed open wrote: {e}");
+                    assert!(refused, "{what} (instant {instant}): refused: {e}");
+                    continue;
+                }
+                Ok(rvm) => rvm,
+            };
+            assert!(!refused, "{what} (instant {instant}): opened");
+            // Opened: the segment, its pages, one acknowledged flush.
+            let mut want = None;
+            if let Ok(s) = rvm.open_segment(&f.seg) {
+                if let Ok(r) = rvm.map(&s, MapSpec::new(0, seg_len())) {
+                    let seen = read_backwards(&r);
+                    let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+                    // SAFETY: this thread alone uses the region; inside it.
+                    unsafe { tx.modify_bytes(r.addr() + 3 * ps + 1, b"acknowledged").unwrap() };
+                    if tx.commit(CommitMode::Flush).is_ok() {
+                        let mut w = seen;
+                        w[3 * ps + 1..3 * ps + 13].copy_from_slice(b"acknowledged");
+                        want = Some(w);
+                    }
+                }
+            }
+            let _ = rvm.wait_for_recovery();
+            drop(rvm);
+            let Some(want) = want else { continue };
+            for again in [false, true] {
+                let reopened = match open_within(&f.log, opts(again)) {
+                    Ok(r) => r,
+                    // The epoch (one per open) or the sequence number
+                    // (one per status write) reached the limit: the log
+                    // is refused from now on, with nothing written, never
+                    // opened without the flush.
+                    Err(e @ Error::Corrupted { .. }) if e.to_string().contains("2^61") && what.contains("below") => {
+                        eprintln!("{what}: the reopen is refused: {e}");
+                        continue;
+                    }
+                    Err(e) => {
+                        panic!("{what} (instant {instant}): a flush was acknowledged, then the reopen failed: {e}")
+                    }
+                };
+                let s = reopened.open_segment(&f.seg).unwrap();
+                let r = reopened.map(&s, MapSpec::new(0, seg_len())).unwrap();
+                assert!(read_backwards(&r) == want, "{what} (instant {instant}): the acknowledged flush is lost");
+            }
+        }
+    }
+}
