@@ -181,6 +181,9 @@ fn crc32c(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// Makes something at a path (a file, a directory, a FIFO, a symlink).
+type Maker = Box<dyn Fn(&Path)>;
+
 fn remove(p: &Path) {
     match std::fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).unwrap(),
@@ -310,7 +313,7 @@ fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
         remove(&f.log);
         make(&f.log);
     };
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Maker)> = vec![
         ("a directory", Box::new(|p| std::fs::create_dir(p).unwrap())),
         ("an empty file", Box::new(|p| std::fs::write(p, b"").unwrap())),
         (
@@ -350,7 +353,7 @@ fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
 fn a_segment_that_is_not_the_recorded_file_is_refused_both_ways() {
     let _s = serial();
     let f = Files::new();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Maker)> = vec![
         ("missing", Box::new(|_| {})),
         ("a directory", Box::new(|p| std::fs::create_dir(p).unwrap())),
         ("an empty file", Box::new(|p| std::fs::write(p, b"").unwrap())),
