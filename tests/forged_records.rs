@@ -41,6 +41,10 @@ struct Base {
     area_len: u64,
     /// Where the complete transactions end (forged records go there).
     end: u64,
+    /// Segment `a` as the complete transactions leave it.
+    model_a: Vec<u8>,
+    /// Instant recovery scans on two threads (`Options::parallel_scan`).
+    parallel: bool,
 }
 
 fn seg_len() -> usize {
@@ -49,27 +53,36 @@ fn seg_len() -> usize {
 
 impl Base {
     fn new() -> Base {
+        Base::build(5, 100, false)
+    }
+
+    /// `txs` flushed transactions of `len` bytes each on segment `a`.
+    fn build(txs: usize, len: usize, parallel: bool) -> Base {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         let segs = [dir.path().join("a"), dir.path().join("b")];
         create_log(&log, LOG_LEN).unwrap();
+        let mut model_a = vec![0u8; seg_len()];
         {
-            let rvm = Rvm::open(&log, opts(false)).unwrap();
+            // Every transaction logged as it is (not coalesced in a batch).
+            let rvm = Rvm::open(&log, Options { coalesce: false, ..opts(false) }).unwrap();
             let a = rvm.create_segment(&segs[0], seg_len() as u64).unwrap();
             let _b = rvm.create_segment(&segs[1], seg_len() as u64).unwrap();
             let r = rvm.map(&a, MapSpec::new(0, seg_len())).unwrap();
-            for i in 0..5usize {
+            for i in 0..txs {
                 let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
-                let data = vec![i as u8 + 1; 100];
+                let data = vec![(i as u8).wrapping_add(1); len];
+                let at = i * 1500 % (seg_len() - len);
                 // SAFETY: this thread alone uses the region; inside it.
-                unsafe { tx.modify_bytes(r.addr() + i * 1500, &data).unwrap() };
-                tx.commit(CommitMode::Flush).unwrap();
+                unsafe { tx.modify_bytes(r.addr() + at, &data).unwrap() };
+                model_a[at..at + len].copy_from_slice(&data);
+                tx.commit(if i % 50 == 49 || i + 1 == txs { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
             }
         }
         let report = inspect(&FileVfs, &log).unwrap();
         let status = report.slots[report.chosen_slot.unwrap() as usize].valid_status().unwrap().clone();
         let scan = report.scan.unwrap();
-        assert_eq!(scan.transactions, 5);
+        assert!(scan.transactions >= 1);
         let id = |p: &Path| {
             let canon = p.canonicalize().unwrap();
             status.segments.iter().find(|e| e.name == canon).unwrap().id
@@ -85,6 +98,8 @@ impl Base {
             epoch: status.epoch,
             area_len: report.superblock.area_len,
             end: scan.end,
+            model_a,
+            parallel,
         }
     }
 
@@ -126,7 +141,8 @@ impl Base {
     fn outcome(&self, log: &[u8], instant: bool) -> Result<[Vec<u8>; 2], String> {
         self.reset(log);
         let before = self.files();
-        let rvm = match Rvm::open(&self.log, opts(instant)) {
+        let o = Options { parallel_scan: self.parallel, ..opts(instant) };
+        let rvm = match Rvm::open(&self.log, o) {
             Ok(rvm) => rvm,
             Err(e) => {
                 assert!(self.files() == before, "a failed open (instant {instant}) wrote to the files: {e}");
@@ -210,10 +226,7 @@ fn read_pages_backwards(region: &Region) -> Vec<u8> {
 
 /// The committed state of `base` plus `writes` on segment `k`.
 fn expect_with(base: &Base, writes: &[(usize, u64, &[u8])]) -> [Vec<u8>; 2] {
-    let mut want = [base.seg_imgs[0].clone(), base.seg_imgs[1].clone()];
-    for i in 0..5usize {
-        want[0][i * 1500..i * 1500 + 100].fill(i as u8 + 1);
-    }
+    let mut want = [base.model_a.clone(), base.seg_imgs[1].clone()];
     for &(k, off, data) in writes {
         want[k][off as usize..off as usize + data.len()].copy_from_slice(data);
     }
@@ -380,4 +393,34 @@ fn an_unfinished_transaction_on_an_untouched_segment_is_dropped_both_ways() {
         let log = b.with_bytes(b.end, &out[..rec]);
         assert!(b.both(&log) == Ok(expect_with(&b, &[])), "{what}");
     }
+}
+
+/// The same lies after a long log, which instant recovery scans by parts on
+/// two threads (`Options::parallel_scan`; on a machine of one core, one).
+#[test]
+fn forged_records_after_a_long_log_scanned_on_two_threads() {
+    let b = Base::build(400, 3000, true);
+    assert!(b.end > 1 << 20, "the log is long enough for several parts");
+    assert!(b.both(&b.log_img) == Ok(expect_with(&b, &[])));
+    let log = b.forged(|w| {
+        w.range(b.ids[0], 1 << 62, b"12345678");
+        w.commit(1000, 1000, b.end);
+    });
+    assert_eq!(b.both(&log), Err("Log(SegmentTooShort)".into()));
+    let log = b.forged(|w| {
+        w.range(77, 0, b"x");
+        w.commit(1000, 1000, b.end);
+    });
+    assert_eq!(b.both(&log), Err("Corrupted".into()));
+    let ps = page_size() as u64;
+    let writes: Vec<(usize, u64, Vec<u8>)> =
+        (0..40).map(|i| (1, ps + (i * 97) % (ps - 8), vec![i as u8; 8])).chain([(1, ps - 3, vec![9; 6])]).collect();
+    let log = b.forged(|w| {
+        for (k, off, data) in &writes {
+            w.range(b.ids[*k], *off, data);
+        }
+        w.commit(1000, 1000, b.end);
+    });
+    let refs: Vec<(usize, u64, &[u8])> = writes.iter().map(|(k, o, d)| (*k, *o, &d[..])).collect();
+    assert!(b.both(&log) == Ok(expect_with(&b, &refs)));
 }
