@@ -380,8 +380,13 @@ pub(crate) struct Builder {
     committed: (usize, usize, usize),
     /// The unfinished tail was cut off ([`Builder::cut_unfinished`]).
     cut: bool,
+    /// Bytes the page tables of this index (all its parts) may still
+    /// take: the scan indexes ranges before their segments' lengths are
+    /// checked, so a forged offset must not make a table of 2^40 leaves.
+    tables: Arc<std::sync::atomic::AtomicU64>,
     /// Set if the index cannot hold the log (more than 2^32 pieces, no
-    /// memory, or pages over 64 KiB): recovery then runs the usual way.
+    /// memory, page tables over their budget, or pages over 64 KiB):
+    /// recovery then runs the usual way.
     pub overflow: bool,
 }
 
@@ -398,6 +403,9 @@ impl Builder {
         let memory_cap = crate::mem::memory_limit().map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
         let cap = usize::try_from(log_bytes.min(memory_cap)).unwrap_or(usize::MAX).min(NONE as usize - 1);
         let arena = Arena::new(cap);
+        // The page tables (16 MiB of segment a leaf of 4,096 chains), at
+        // most an eighth of it.
+        let tables = crate::mem::memory_limit().map_or(1 << 30, |m| m / 8);
         Builder {
             page: page as u64,
             segs: Vec::new(),
@@ -410,6 +418,7 @@ impl Builder {
             mapped,
             committed: (0, 0, 0),
             cut: false,
+            tables: Arc::new(std::sync::atomic::AtomicU64::new(tables)),
         }
     }
 
@@ -427,6 +436,7 @@ impl Builder {
             mapped: self.mapped,
             committed: (0, 0, 0),
             cut: false,
+            tables: self.tables.clone(),
             overflow: self.overflow,
         }
     }
@@ -492,7 +502,10 @@ impl Builder {
                 // ranges makes at most n pieces), handed to it alone; no
                 // reference to any slot lives during this loop.
                 unsafe { self.arena.ptr(id as usize).write(piece) };
-                let chain = chains.get_or_insert_with(page, || Chain::EMPTY);
+                let Some(chain) = chains.get_or_insert_within(page, || Chain::EMPTY, &self.tables) else {
+                    self.overflow = true;
+                    return;
+                };
                 let tail = std::mem::replace(&mut chain.tail, id);
                 if chain.head == NONE {
                     chain.head = id;
@@ -595,7 +608,10 @@ impl Builder {
             self.filled += 1;
             *self.piece_mut(id) =
                 Piece { data: data + (off - offset), at: at as u16, len_m1: (n - 1) as u16, next: NONE };
-            let chain = self.segs[s].1.get_or_insert_with(page, || Chain::EMPTY);
+            let Some(chain) = self.segs[s].1.get_or_insert_within(page, || Chain::EMPTY, &self.tables) else {
+                self.overflow = true;
+                return;
+            };
             let tail = std::mem::replace(&mut chain.tail, id);
             if chain.head == NONE {
                 chain.head = id;
@@ -691,7 +707,10 @@ impl Builder {
         for (id, chains) in later.segs {
             let s = self.seg_slot(id);
             for (page, c) in chains.iter().filter(|(_, c)| c.head != NONE) {
-                let mine = self.segs[s].1.get_or_insert_with(page, || Chain::EMPTY);
+                let Some(mine) = self.segs[s].1.get_or_insert_within(page, || Chain::EMPTY, &self.tables) else {
+                    self.overflow = true;
+                    return;
+                };
                 let tail = std::mem::replace(&mut mine.tail, c.tail);
                 if mine.head == NONE {
                     mine.head = c.head;
@@ -726,6 +745,11 @@ impl Builder {
             for (page, c) in chains.iter().filter(|(_, c)| c.head != NONE) {
                 leaves.get_or_insert_with(page, Entry::empty).head = c.head;
                 pages += 1;
+            }
+            if pages == 0 {
+                // Only an unfinished tail (cut off) named it: recovery
+                // neither checked nor opened it, and nothing is pending.
+                continue;
             }
             let (dev, path, len) = device(id)?;
             let fd = dev.raw_fd().map(|fd| fd.as_raw_fd());

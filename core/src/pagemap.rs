@@ -39,6 +39,45 @@ impl<T> PageMap<T> {
         &mut leaf[(page % LEAF) as usize]
     }
 
+    /// [`Self::get_or_insert_with`], unless making the leaf (and growing
+    /// the top level to reach it) would take more than `budget`'s bytes:
+    /// `None` then, nothing made. What it makes is taken from `budget`
+    /// (shared by the tables of one index). An index built from a log's
+    /// ranges before their segments' lengths are checked uses this: a
+    /// forged offset near 2^64 must not make a top level of 2^40 leaves.
+    #[inline]
+    pub fn get_or_insert_within(
+        &mut self,
+        page: u64,
+        empty: impl Fn() -> T,
+        budget: &std::sync::atomic::AtomicU64,
+    ) -> Option<&mut T> {
+        let top = usize::try_from(page / LEAF).ok()?;
+        if !matches!(self.leaves.get(top), Some(Some(_))) && !self.make_leaf(top, empty, budget) {
+            return None;
+        }
+        self.leaves.get_mut(top)?.as_deref_mut()?.get_mut((page % LEAF) as usize)
+    }
+
+    /// Makes leaf `top` if `budget` holds its bytes (and the top level's
+    /// growth); false if not.
+    #[cold]
+    #[inline(never)]
+    fn make_leaf(&mut self, top: usize, empty: impl Fn() -> T, budget: &std::sync::atomic::AtomicU64) -> bool {
+        use std::sync::atomic::Ordering;
+        let entry = std::mem::size_of::<Option<Box<[T]>>>() as u64;
+        let growth = (top as u64).saturating_add(1).saturating_sub(self.leaves.len() as u64);
+        let cost = growth.saturating_mul(entry).saturating_add(LEAF.saturating_mul(std::mem::size_of::<T>() as u64));
+        if budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(cost)).is_err() {
+            return false;
+        }
+        if self.leaves.len() <= top {
+            self.leaves.resize_with(top + 1, || None);
+        }
+        self.leaves[top] = Some(new_leaf(empty));
+        true
+    }
+
     /// Every entry of every leaf made, with its page number, in page order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> + '_ {
         self.leaves
@@ -59,4 +98,32 @@ impl<T> PageMap<T> {
 #[inline(never)]
 fn new_leaf<T>(empty: impl Fn() -> T) -> Box<[T]> {
     (0..LEAF).map(|_| empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn a_budget_bounds_the_leaves_and_the_top_level() {
+        let leaf = LEAF * std::mem::size_of::<u32>() as u64;
+        let entry = std::mem::size_of::<Option<Box<[u32]>>>() as u64;
+        let budget = AtomicU64::new(2 * leaf + 4 * entry);
+        let mut m = PageMap::<u32>::default();
+        *m.get_or_insert_within(5, || 0, &budget).unwrap() = 7;
+        assert_eq!(budget.load(Ordering::Relaxed), leaf + 3 * entry);
+        // The same leaf again costs nothing.
+        assert_eq!(*m.get_or_insert_within(LEAF - 1, || 0, &budget).unwrap(), 0);
+        assert_eq!(m.get(5), Some(&7));
+        // A page near the top of u64: a top level of 2^40 leaves is refused,
+        // nothing made.
+        assert!(m.get_or_insert_within(u64::MAX - 1, || 0, &budget).is_none());
+        assert!(m.get_or_insert_within(1 << 50, || 0, &budget).is_none());
+        assert_eq!(budget.load(Ordering::Relaxed), leaf + 3 * entry);
+        // A second leaf fits; a third does not.
+        assert!(m.get_or_insert_within(3 * LEAF, || 0, &budget).is_some());
+        assert!(m.get_or_insert_within(2 * LEAF, || 0, &budget).is_none());
+        assert_eq!(m.iter().count() as u64, 2 * LEAF);
+    }
 }

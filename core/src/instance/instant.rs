@@ -284,7 +284,10 @@ impl Inner {
             seq: st.status.seq + 1,
             epoch: self.epoch,
             head: i.end,
-            synced_end: i.end.max(st.status.synced_end),
+            // As full recovery's: the old synced end may lie past the
+            // new head (a salvage drops the records up to it), and a
+            // synced end past the head reads as damage at the next open.
+            synced_end: i.end,
             committed: st.status.committed.saturating_add(i.transactions),
             ..st.status.clone()
         };

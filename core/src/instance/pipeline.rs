@@ -313,6 +313,14 @@ impl Inner {
         if len > cap {
             return Err(LogError::TransactionTooLarge { needed: len, capacity: cap }.into());
         }
+        if written + len >= crate::log::format::OPEN_LIMIT {
+            // Records there would need a status the next open refuses (only
+            // a crafted status starts a log this close to the limit).
+            return Err(Error::corrupted(
+                "log (positions reached 2^61, the limit an open accepts)",
+                format!("{} position {written}", self.ring.path.display()),
+            ));
+        }
         // The log's room, or the unapplied-log bound (never less than this
         // batch, which is then written alone).
         let room = self.unapplied_bound().map_or(cap, |b| cap.min(b.max(len)));

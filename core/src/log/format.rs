@@ -51,6 +51,13 @@ pub const STATUS_FIXED: usize = 80;
 /// Counters and positions in a status must stay below this (a status past
 /// it is refused as damaged), so incrementing them can never overflow.
 pub const MAX_POSITION: u64 = 1 << 62;
+/// A log whose status has a position, sequence number or epoch at or past
+/// this is refused at open (`Error::Corrupted`): every open and status
+/// write increments them, and a status that reached [`MAX_POSITION`]
+/// would be refused at the next open, losing what came after it. No log
+/// gets here by use (2^61 bytes of records, or status writes); a crafted
+/// status does.
+pub const OPEN_LIMIT: u64 = MAX_POSITION / 2;
 /// Room for the segment dictionary in one slot.
 pub const DICT_LIMIT: usize = STATUS_SLOT as usize - STATUS_FIXED;
 

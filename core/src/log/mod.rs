@@ -160,6 +160,22 @@ impl LogDevice {
                 format!("{} status", path.display()),
             ));
         }
+        // Recovery writes up to two statuses (the synced end, then the new
+        // epoch and head): it must be able to, or it would fail after
+        // writing segments.
+        if status.head >= format::OPEN_LIMIT
+            || status.seq >= format::OPEN_LIMIT - 4
+            || status.epoch >= format::OPEN_LIMIT - 2
+        {
+            return Err(Error::corrupted(
+                format!(
+                    "log status (head {}, sequence number {} or epoch {} at or too close to 2^61, the \
+                     limit an open accepts)",
+                    status.head, status.seq, status.epoch
+                ),
+                format!("{} status", path.display()),
+            ));
+        }
         let ring = Ring { dev, path: path.into(), area_offset: sb.area_offset, area_len: sb.area_len };
         Ok(LogDevice { ring, sb, status })
     }
@@ -200,6 +216,14 @@ pub(crate) fn read_status(dev: &dyn Storage, path: &Path) -> Result<Status> {
 /// epoch, dictionary entry or freed space only afterwards), so whichever
 /// slot a crash or later damage leaves valid leads to every committed frame.
 pub(crate) fn write_status(ring: &Ring, status: &Status) -> Result<()> {
+    if [status.seq, status.epoch, status.head].iter().any(|&v| v >= format::OPEN_LIMIT) {
+        // A status the next open would refuse (`LogDevice::open`): written,
+        // it would lose everything after it.
+        return Err(Error::corrupted(
+            "log status (a position or counter reached 2^61, the limit an open accepts)",
+            format!("{} status", ring.path.display()),
+        ));
+    }
     let image = status.encode().ok_or(LogError::SegmentDictionaryFull { limit: format::DICT_LIMIT })?;
     for slot in 0..2 {
         ring.dev

@@ -49,7 +49,10 @@
 //!   inspects, and when it holds no transaction (always, unless the edits
 //!   forged frames of the next epoch, checksums included) the second
 //!   recovery succeeds and leaves the segment as the first one did;
-//! - without damage, recovery with and without salvage agree.
+//! - without damage, recovery with and without salvage agree;
+//! - instant recovery (`Options::instant_recovery`) ends as recovery
+//!   without salvage does: the same error kind with nothing written, or the
+//!   same segment, read through a mapped region and in the file.
 
 use crate::error::Error;
 use crate::log::format::{self, MAX_RECORD, RECORD_HEADER, RECORD_MIN, STATUS_FIXED, STATUS_SLOT};
@@ -632,6 +635,44 @@ fn recover_checked(
     (Ok(report.transactions), Some(segment))
 }
 
+/// Instant recovery (`Options::instant_recovery`) of the same images must
+/// end as full recovery without salvage did (`strict`, and the segment it
+/// left): the same error kind with nothing written, or the same segment,
+/// as the mapped region shows it and as the file holds it once the
+/// background apply is done.
+fn recover_instant_checked(images: &Images, strict: &Result<u64, Refusal>, strict_segment: Option<&Vec<u8>>) {
+    let disk = disk_with(images);
+    let vfs: Arc<dyn Vfs> = Arc::new(disk.clone());
+    let opts = Options { instant_recovery: true, ..quiet(false) };
+    let rvm = match Rvm::open_with(vfs, Path::new(LOG), opts) {
+        Err(e) => {
+            let kind = refusal(&e, "instant recovery");
+            assert_eq!(Err(kind), *strict, "instant recovery refused ({e}), full recovery gave {strict:?}");
+            for (name, image) in [(LOG, &images.log), (SEGMENT, &images.segment)] {
+                assert!(disk.durable_image(name).as_ref() == Some(image), "a failed instant recovery changed {name}");
+                assert!(disk.live_image(name).as_ref() == Some(image), "a failed instant recovery changed {name}");
+            }
+            return;
+        }
+        Ok(rvm) => rvm,
+    };
+    assert_eq!(Ok(rvm.recovery_report().transactions), *strict, "instant recovery succeeded where full recovery gave");
+    let want = strict_segment.expect("full recovery left a segment");
+    if let Ok(seg) = rvm.open_segment(SEGMENT) {
+        let len = seg.len() as usize;
+        // (A segment cut to a length that is not whole pages may not map.)
+        if let Ok(region) = rvm.map(&seg, MapSpec::new(0, len)) {
+            let mut got = vec![0u8; len];
+            // SAFETY: no transaction runs in the region.
+            unsafe { region.read(0, &mut got) }.expect("read the region");
+            assert!(got == want[..len], "instant recovery shows another segment than full recovery left");
+        }
+    }
+    rvm.wait_for_recovery().expect("the background apply");
+    rvm.close().expect("close after instant recovery");
+    assert!(disk.durable_image(SEGMENT).as_ref() == Some(want), "instant recovery left another segment");
+}
+
 /// The fuzz body: edits the template log as `data` says (see the module
 /// docs), inspects it, recovers it without and with salvage, and panics
 /// exactly when the scanner or recovery breaks a promise.
@@ -641,6 +682,7 @@ pub fn fuzz_log_image(data: &[u8]) -> LogOutcome {
     let images = apply_edits(t, flags, &LogEdit::decode_all(rest));
     let inspected = inspect_log(&disk_with(&images), &images.segment);
     let (strict, strict_segment) = recover_checked(&images, &inspected, false);
+    recover_instant_checked(&images, &strict, strict_segment.as_ref());
     let (salvaged, salvaged_segment) = recover_checked(&images, &inspected, true);
     let damaged = matches!(&inspected, Ok(Some(i)) if i.scan.damage.is_some());
     if damaged {
