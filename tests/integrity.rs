@@ -988,3 +988,59 @@ fn batches_always_fit_in_the_log() {
         assert!(b.iter().all(|&x| x == 7));
     }
 }
+
+/// A copied data directory: the copy of the log names the original's
+/// segment (its dictionary records canonical paths), and the original's
+/// owner mark names the original log, which has the copy's id. Opening the
+/// copy wrote the copy's records into the original segment, and the
+/// copied segment then opened without them (Ok, acknowledged commits
+/// missing from what the program read). Now the open is refused, under
+/// both recoveries, with nothing written; with `accept_segment` (the
+/// recorded segment now at the copy) the copy recovers into its own
+/// segment, and the original log still recovers into the original.
+#[test]
+fn a_copied_log_never_recovers_into_the_original_segment() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (log_a, seg_a) = (a.path().join("log"), a.path().join("seg"));
+    let (log_b, seg_b) = (b.path().join("log"), b.path().join("seg"));
+    create_log(&log_a, 1 << 20).unwrap();
+    {
+        let rvm = Rvm::open(&log_a, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+        let seg = rvm.create_segment(&seg_a, 4096).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: this test's region; 4 bytes inside it.
+        unsafe { tx.modify_bytes(region.addr() + 100, b"kept").unwrap() };
+        tx.commit(CommitMode::Flush).unwrap();
+        // Closed with the commit in the log only.
+    }
+    std::fs::copy(&log_a, &log_b).unwrap();
+    std::fs::copy(&seg_a, &seg_b).unwrap();
+    let (original_log, original_seg) = (std::fs::read(&log_a).unwrap(), std::fs::read(&seg_a).unwrap());
+    for instant in [false, true] {
+        match Rvm::open(&log_b, Options { instant_recovery: instant, ..Options::default() }) {
+            Err(Error::Log(LogError::SegmentOfCopiedLog { path, owner_log, .. })) => {
+                assert_eq!(path, std::fs::canonicalize(&seg_a).unwrap());
+                assert_eq!(owner_log, std::fs::canonicalize(&log_a).unwrap());
+            }
+            other => panic!("instant {instant}: expected SegmentOfCopiedLog, got {:?}", other.err()),
+        }
+        assert!(std::fs::read(&seg_a).unwrap() == original_seg && std::fs::read(&log_a).unwrap() == original_log);
+    }
+    let read = |rvm: &Rvm, path: &Path| {
+        let seg = rvm.open_segment(path).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 4096)).unwrap();
+        let mut got = [0u8; 4];
+        // SAFETY: no transaction runs in the region.
+        unsafe { region.read(100, &mut got) }.unwrap();
+        got
+    };
+    {
+        let accept = Options::default().accept_segment(std::fs::canonicalize(&seg_a).unwrap(), &seg_b);
+        let rvm = Rvm::open(&log_b, accept).unwrap();
+        assert_eq!(&read(&rvm, &seg_b), b"kept");
+    }
+    assert!(std::fs::read(&seg_a).unwrap() == original_seg, "the copy's recovery wrote the original segment");
+    let rvm = Rvm::open(&log_a, Options::default()).unwrap();
+    assert_eq!(&read(&rvm, &seg_a), b"kept");
+}

@@ -143,6 +143,29 @@ pub enum LogError {
         /// The log that holds records for it.
         other_log: PathBuf,
     },
+    /// The segment a log record names is marked by another log file with
+    /// this log's identity (the same log id): one of the two logs is a
+    /// copy of the other, as after a data directory was copied. Recovering
+    /// through this log would write its records into that log's segment
+    /// (the file its dictionary names), and a copied segment beside this
+    /// log would show the state before them; nothing was written. Open
+    /// the log the mark names; or, to recover this copy into its own
+    /// segments, give each one's new path with `Options::accept_segment`
+    /// (`rvmutl recover --accept-segment RECORDED=COPY`).
+    #[error(
+        "segment {} belongs to the log at {}, another file with this log's identity: one log is a copy of the \
+         other; recovering here would write this log's records into that log's segment, so nothing was written; \
+         open that log, or name this copy's own segment with Options::accept_segment (rvmutl recover \
+         --accept-segment RECORDED=COPY)",
+        path.display(),
+        owner_log.display()
+    )]
+    SegmentOfCopiedLog {
+        /// The segment the log's dictionary names.
+        path: PathBuf,
+        /// The log its owner mark names.
+        owner_log: PathBuf,
+    },
     /// The segment's owner mark names a log that is gone (deleted, or
     /// replaced by another log at its path) and that may have held
     /// commits not yet applied to the segment: no log can recover them

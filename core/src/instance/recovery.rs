@@ -295,6 +295,8 @@ fn check(
     }
     // Every segment is opened and checked before any is written.
     let mut devices = HashMap::new();
+    // As owner marks name it.
+    let our_log = vfs.canonical_name(&ring.path).unwrap_or_else(|_| ring.path.clone());
     for (&id, &needed) in touched.iter() {
         let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
             Error::corrupted(
@@ -312,8 +314,14 @@ fn check(
                 }
             }
             let mark = dev.owner_mark().map_err(|e| Error::io("reading the segment's owner mark", &path, e))?;
-            if let Some(other) = mark.as_deref().and_then(OwnerMark::decode).filter(|m| m.log_id != sb.log_id) {
-                return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
+            match mark.as_deref().and_then(OwnerMark::decode) {
+                Some(other) if other.log_id != sb.log_id => {
+                    return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
+                }
+                Some(mine) if mine.log != our_log && another_file_is_this_log(vfs, ring, sb.log_id, &mine.log) => {
+                    return Err(LogError::SegmentOfCopiedLog { path, owner_log: mine.log }.into());
+                }
+                _ => {}
             }
         }
         let len = dev.len().map_err(|e| Error::io("sizing segment", &path, e))?;
@@ -323,6 +331,22 @@ fn check(
         devices.insert(id, (dev, path));
     }
     Ok((devices, salvage))
+}
+
+/// Whether the log file at `other` (a path other than this log's, from a
+/// segment's owner mark) has this log's id but is another file: one of the
+/// two logs is a copy of the other. A log moved away from `other` (no file
+/// there, or another log) is not.
+fn another_file_is_this_log(vfs: &dyn Vfs, ring: &Ring, log_id: u128, other: &Path) -> bool {
+    let Ok(dev) = vfs.open_read_only(other) else { return false };
+    if let (Ok(Some(theirs)), Ok(Some(ours))) = (dev.identity(), ring.dev.identity()) {
+        if theirs.same_file(&ours) {
+            // This log under another name (a hard link).
+            return false;
+        }
+    }
+    let mut block = vec![0u8; format::BLOCK as usize];
+    dev.read_at(&mut block, 0).is_ok() && format::Superblock::decode(&block).is_ok_and(|sb| sb.log_id == log_id)
 }
 
 /// Instant recovery (`Options::instant_recovery`): steps 1-3 of §3.4 as
