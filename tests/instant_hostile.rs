@@ -304,16 +304,10 @@ fn a_log_cut_short_is_refused_both_ways() {
     f.check_full(&[]);
 }
 
-#[test]
-fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
-    let _s = serial();
-    let f = Files::new();
-    let replace = |make: &dyn Fn(&Path)| {
-        f.reset();
-        remove(&f.log);
-        make(&f.log);
-    };
-    let cases: Vec<(&str, Maker)> = vec![
+/// Things put where a log or segment file should be: a directory, an
+/// empty file, a FIFO, a symlink to `/dev/zero`.
+fn impostors() -> Vec<(&'static str, Maker)> {
+    vec![
         ("a directory", Box::new(|p| std::fs::create_dir(p).unwrap())),
         ("an empty file", Box::new(|p| std::fs::write(p, b"").unwrap())),
         (
@@ -325,11 +319,25 @@ fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
             }),
         ),
         ("a symlink to /dev/zero", Box::new(|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap())),
+    ]
+}
+
+#[test]
+fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
+    let _s = serial();
+    let f = Files::new();
+    let replace = |make: &dyn Fn(&Path)| {
+        f.reset();
+        remove(&f.log);
+        make(&f.log);
+    };
+    let mut cases = impostors();
+    cases.extend::<[(&str, Maker); 4]>([
         ("a symlink to /dev/null", Box::new(|p| std::os::unix::fs::symlink("/dev/null", p).unwrap())),
         ("a symlink loop", Box::new(|p| std::os::unix::fs::symlink(p, p).unwrap())),
         ("a dangling symlink", Box::new(|p| std::os::unix::fs::symlink(p.with_extension("gone"), p).unwrap())),
         ("zeros", Box::new(|p| std::fs::write(p, vec![0u8; 4 << 20]).unwrap())),
-    ];
+    ]);
     for (what, make) in &cases {
         replace(make.as_ref());
         f.refused(what);
@@ -353,21 +361,11 @@ fn a_log_that_is_not_a_log_file_is_refused_both_ways() {
 fn a_segment_that_is_not_the_recorded_file_is_refused_both_ways() {
     let _s = serial();
     let f = Files::new();
-    let cases: Vec<(&str, Maker)> = vec![
+    let mut cases = impostors();
+    cases.extend::<[(&str, Maker); 2]>([
         ("missing", Box::new(|_| {})),
-        ("a directory", Box::new(|p| std::fs::create_dir(p).unwrap())),
-        ("an empty file", Box::new(|p| std::fs::write(p, b"").unwrap())),
-        (
-            "a FIFO",
-            Box::new(|p| {
-                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-                // SAFETY: a valid C string; mkfifo has no other precondition.
-                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-            }),
-        ),
-        ("a symlink to /dev/zero", Box::new(|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap())),
         ("a copy", Box::new(|p| std::fs::write(p, vec![0u8; seg_len()]).unwrap())),
-    ];
+    ]);
     for (what, make) in &cases {
         f.reset();
         remove(&f.seg);
