@@ -231,13 +231,17 @@ struct Touched {
 
 impl Touched {
     fn record(&mut self, info: &RecordInfo, ranges: &[RangeRef]) {
-        for r in ranges {
+        let mut note = |segment: u32, end: u64| {
             // Per run of ranges of one segment, the furthest end.
-            let end = r.offset.saturating_add(u64::from(r.len));
             match self.in_tx.last_mut() {
-                Some((s, e)) if *s == r.segment => *e = (*e).max(end),
-                _ => self.in_tx.push((r.segment, end)),
+                Some((s, e)) if *s == segment => *e = (*e).max(end),
+                _ => self.in_tx.push((segment, end)),
             }
+        };
+        match info.one_segment_end {
+            // The usual record: its decoding summed it up.
+            Some((segment, end)) => note(segment, end),
+            None => ranges.iter().for_each(|r| note(r.segment, r.offset.saturating_add(u64::from(r.len)))),
         }
         if info.commit.is_some() {
             for (id, end) in self.in_tx.drain(..) {

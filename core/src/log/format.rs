@@ -678,6 +678,11 @@ pub struct RecordInfo {
     pub commit: Option<(u64, u64, u64)>,
     /// Data bytes of its ranges.
     pub data_bytes: u64,
+    /// If all its ranges name one segment: that segment and the furthest
+    /// byte they reach (`None`: no range, or several segments). Recovery
+    /// notes how far each segment is written from this, not range by
+    /// range, for the usual record.
+    pub one_segment_end: Option<(u32, u64)>,
 }
 
 /// A logical item of a record that passed its checks, as scans report them.
@@ -799,6 +804,7 @@ fn decode_body(f: &[u8], lsn: u64, ranges: &mut Vec<RangeRef>) -> Result<RecordI
     let bad = FrameDefect::BadBody;
     let mut at = RECORD_HEADER;
     let (mut segment, mut prev_end, mut data_bytes) = (None, 0u64, 0u64);
+    let (mut span, mut several) = (None::<(u32, u64)>, false);
     loop {
         let item_at = at as u32;
         let ctl = get_varint(f, &mut at).ok_or(bad)?;
@@ -818,6 +824,11 @@ fn decode_body(f: &[u8], lsn: u64, ranges: &mut Vec<RangeRef>) -> Result<RecordI
         }
         let end = offset.checked_add(n).ok_or(bad)?;
         ranges.push(RangeRef { segment, offset, data_at: at as u32, item_at, len: n as u32 });
+        match &mut span {
+            Some((s, e)) if *s == segment => *e = (*e).max(end),
+            Some(_) => several = true,
+            None => span = Some((segment, end)),
+        }
         at += n as usize;
         prev_end = end;
         data_bytes += n;
@@ -835,7 +846,7 @@ fn decode_body(f: &[u8], lsn: u64, ranges: &mut Vec<RangeRef>) -> Result<RecordI
     if at != len || (ranges.is_empty() && commit.is_none()) {
         return Err(bad);
     }
-    Ok(RecordInfo { flags, len: align8(len), commit, data_bytes })
+    Ok(RecordInfo { flags, len: align8(len), commit, data_bytes, one_segment_end: span.filter(|_| !several) })
 }
 
 #[cfg(test)]
@@ -895,6 +906,10 @@ mod tests {
             // The probe's pre-check never refuses a real record.
             assert!(has_record_shape(&out[at..at + len], lsn, &mut ranges));
             let info = decode_record(&out[at..at + len], lsn, epoch, &mut ranges).unwrap();
+            // The one-segment summary is the ranges' own.
+            let one = ranges.first().map(|r| r.segment).filter(|&s| ranges.iter().all(|r| r.segment == s));
+            let furthest = ranges.iter().map(|r| r.offset + u64::from(r.len)).max();
+            assert_eq!(info.one_segment_end, one.zip(furthest));
             for r in &ranges {
                 let d = &out[at + r.data_at as usize..at + (r.data_at + r.len) as usize];
                 items.push((r.segment, r.offset, d.to_vec(), None));
