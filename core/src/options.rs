@@ -136,12 +136,14 @@ pub struct Options {
     /// Instant recovery's verifying scan on two threads (default off):
     /// both scan chunks of the log into parts of the index, joined in log
     /// order only where each starts exactly where the ones before end, so
-    /// the result is the one-thread scan's (docs/DESIGN.md §3.9). Off by
-    /// default because on the 2-vCPU virtual machine it was measured on
-    /// the two threads used 1.5-2x the CPU of one for no shorter open
-    /// (the scan is bound by memory there); it may pay where memory
-    /// bandwidth is ample and a core is idle. Ignored without instant
-    /// recovery, on one core, or when the log cannot be mapped.
+    /// the result is the one-thread scan's (docs/DESIGN.md §3.9); the
+    /// second thread starts after the first MiB of log. Off by default: on
+    /// the 2-vCPU virtual machine it was measured on, a 10.7 MB log was
+    /// scanned in 3.5 ms instead of 4.7-4.9 ms for 1.3x the CPU, but each
+    /// thread ran 25-30% slower while both ran and a 2 MB log opened
+    /// slower (docs/BENCHMARKS.md); it pays where a second core is idle
+    /// and the log is long. Ignored without instant recovery, on one core,
+    /// or when the log cannot be mapped.
     pub parallel_scan: bool,
 }
 
