@@ -119,11 +119,31 @@ impl Heap {
     pub fn set_max_len(&self, max_len: u64) -> Result<()> {
         let growth = self.growth.as_ref().ok_or(HeapError::NotGrowable)?;
         let _serial = self.policy.lock();
-        let max_len = max_len.checked_next_multiple_of(growth.page_size()).unwrap_or(u64::MAX);
-        let max_len = max_len.max(self.heap_len());
+        let max_len = self.max_as_set(growth, max_len);
         growth.set_max_len(max_len)?;
         self.max.store(max_len, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether [`Heap::grow`] to `new_len` would pass the maximum once
+    /// [`Heap::set_max_len`] set it to `max_len`: the error the growth
+    /// would return ([`HeapError::GrowthLimit`], or
+    /// [`HeapError::NotGrowable`]), with nothing changed. For a caller
+    /// that changes both and wants a refused growth to leave the maximum
+    /// as it was.
+    pub fn check_growth(&self, new_len: u64, max_len: u64) -> Result<()> {
+        let growth = self.growth.as_ref().ok_or(HeapError::NotGrowable)?;
+        let max = self.max_as_set(growth, max_len);
+        match grown_len(growth, new_len) {
+            len if len > max && len > self.heap_len() => Err(HeapError::GrowthLimit { requested: new_len, max }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The maximum [`Heap::set_max_len`] records for `max_len`: a page
+    /// multiple, not below the heap's size.
+    fn max_as_set(&self, growth: &RegionGrowth, max_len: u64) -> u64 {
+        max_len.checked_next_multiple_of(growth.page_size()).unwrap_or(u64::MAX).max(self.heap_len())
     }
 
     /// Lets the heap grow through `growth` (its heap region's handle).
@@ -199,7 +219,7 @@ impl Heap {
         let old = self.heap_len();
         let max = self.max_len();
         let requested = new_len;
-        let new_len = new_len.checked_next_multiple_of(growth.page_size().max(HDR)).unwrap_or(u64::MAX);
+        let new_len = grown_len(growth, new_len);
         if new_len <= old {
             return Ok(old);
         }
@@ -243,4 +263,10 @@ impl Heap {
             }
         }
     }
+}
+
+/// The size a growth to `new_len` gives the heap: rounded up to the load
+/// map's page size.
+fn grown_len(growth: &RegionGrowth, new_len: u64) -> u64 {
+    new_len.checked_next_multiple_of(growth.page_size().max(HDR)).unwrap_or(u64::MAX)
 }

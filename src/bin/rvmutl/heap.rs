@@ -253,13 +253,10 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
     // A size past the new maximum is refused before the maximum changes:
     // a failed command changes nothing.
     if let (Some(size), Some(max)) = (size, max) {
-        let page = heap.segment().load_map().page_size();
-        let round = |n: u64| n.checked_next_multiple_of(page).unwrap_or(u64::MAX);
-        let max = round(max).max(old);
-        if round(size) > max {
+        if let Err(e) = heap.check_growth(size, max) {
             heap.close()?;
             rvm.close()?;
-            return Err(HeapError::GrowthLimit { requested: round(size), max }.into());
+            return Err(e.into());
         }
     }
     if let Some(max) = max {
