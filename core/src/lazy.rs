@@ -400,12 +400,15 @@ impl Builder {
     pub fn new(page: usize, log_bytes: u64, mapped: bool) -> Builder {
         // At most a quarter of the machine's memory: a longer log's index
         // overflows, and recovery runs the usual way (in bounded memory).
-        let memory_cap = crate::mem::memory_limit().map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
+        // Read once (the control group's files under /sys): the pieces and the
+        // page tables each take a share of it.
+        let memory = crate::mem::memory_limit();
+        let memory_cap = memory.map_or(u64::MAX, |m| m / 4 / std::mem::size_of::<Piece>() as u64);
         let cap = usize::try_from(log_bytes.min(memory_cap)).unwrap_or(usize::MAX).min(NONE as usize - 1);
         let arena = Arena::new(cap);
         // The page tables (16 MiB of segment a leaf of 4,096 chains), at
         // most an eighth of it.
-        let tables = crate::mem::memory_limit().map_or(1 << 30, |m| m / 8);
+        let tables = memory.map_or(1 << 30, |m| m / 8);
         Builder {
             page: page as u64,
             segs: Vec::new(),

@@ -550,9 +550,9 @@ pub(crate) struct PastStop {
 /// Tells damage from a torn or clean end, and where the next valid frame
 /// is: after a scan from `start` stopped on a bad frame, looks for
 /// evidence that records past it were synced — the status's `synced_end`
-/// beyond it, or a valid frame of this epoch
-/// within one maximal frame after it whose commit frames (or any later
-/// one's) record a synced position beyond it. A write lost or torn by a
+/// beyond it, or a valid frame of this epoch within one maximal frame
+/// after it whose commit frames (or any later one's) record a synced
+/// position beyond it. A write lost or torn by a
 /// crash is never synced, so such evidence means the bytes changed after
 /// they were acknowledged. `area`: the record area as the scan mapped it
 /// ([`Ring::view`]), if it did (else it is mapped again, or read).
