@@ -468,6 +468,52 @@ fn damage_is_refused_with_nothing_written() {
     assert!(disk.durable_image(SEG).unwrap() == seg && disk.live_image(SEG).unwrap() == seg);
 }
 
+/// A block of synced records punched out of the log file (a hole: it
+/// reads as zeros, as a lost write to space the file never held would):
+/// both recoveries find the records after it, past the hole that the
+/// probe for them skips unread, and refuse the log, writing nothing.
+#[test]
+fn a_hole_in_synced_records_is_refused() {
+    use rustix::fs::{fallocate, FallocateFlags};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ps = page_size();
+    create_log(dir.join("log"), 4 << 20).unwrap();
+    let rvm = Rvm::open(dir.join("log"), full()).unwrap();
+    let seg = rvm.create_segment(dir.join("seg"), (16 * ps) as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 16 * ps)).unwrap();
+    // Flush commits of a page each: each record claims the sync of the
+    // one before it, so damage before the last is damage to synced data.
+    for n in 0..40u8 {
+        let mut t = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: this thread alone uses the region.
+        unsafe { t.modify_bytes(region.addr() + usize::from(n % 16) * ps, &vec![n; ps]).unwrap() };
+        t.commit(CommitMode::Flush).unwrap();
+    }
+    // The crash: the files as they are now, put back in place after the close.
+    copy_dir(dir, &dir.join("crashed"));
+    drop((region, seg));
+    rvm.close().unwrap();
+    for f in ["log", "seg"] {
+        std::fs::copy(dir.join("crashed").join(f), dir.join(f)).unwrap();
+    }
+    let log = std::fs::OpenOptions::new().write(true).open(dir.join("log")).unwrap();
+    let at = rvm::log::format::AREA_OFFSET + 16 * 4096;
+    if fallocate(&log, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, at, 4096).is_err() {
+        // A file system without holes: zeros written instead.
+        std::os::unix::fs::FileExt::write_all_at(&log, &[0; 4096], at).unwrap();
+    }
+    log.sync_all().unwrap();
+    drop(log);
+    let files = || ["log", "seg"].map(|f| std::fs::read(dir.join(f)).unwrap());
+    let before = files();
+    for opts in [instant(), full()] {
+        let e = Rvm::open(dir.join("log"), opts).unwrap_err();
+        assert!(matches!(e, Error::Corrupted { .. }), "{e:?}");
+        assert!(files() == before, "the refused open wrote");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // kill -9 during the background apply
 // ---------------------------------------------------------------------------

@@ -65,6 +65,29 @@ fn file_len(file: &File, block_device: bool) -> io::Result<u64> {
     }
 }
 
+/// [`Storage::written_from`] for files: `SEEK_DATA` and `SEEK_HOLE`.
+/// Where the file system cannot tell (or for a block device), everything
+/// may hold data.
+fn written_from(file: &File, block_device: bool, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+    use rustix::fs::{seek, SeekFrom};
+    let unknown = Ok(Some(offset..u64::MAX));
+    if block_device {
+        return unknown;
+    }
+    // The descriptor's offset moves; every read and write here is
+    // positioned (`pread`/`pwrite`), so nothing depends on it.
+    let start = match seek(file, SeekFrom::Data(offset)) {
+        Ok(start) => start,
+        // Nothing but holes from `offset` to the end.
+        Err(e) if e == rustix::io::Errno::NXIO => return Ok(None),
+        Err(_) => return unknown,
+    };
+    match seek(file, SeekFrom::Hole(start)) {
+        Ok(end) if end > start => Ok(Some(start..end)),
+        _ => Ok(Some(start..u64::MAX)),
+    }
+}
+
 fn is_block_device(file: &File) -> bool {
     rustix::fs::fstat(file)
         .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice)
@@ -114,6 +137,9 @@ impl Storage for ReadOnlyFile {
     }
     fn identity(&self) -> io::Result<Option<DeviceId>> {
         file_identity(&self.file, self.block_device)
+    }
+    fn written_from(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        written_from(&self.file, self.block_device, offset)
     }
     fn set_owner_mark(&self, _mark: Option<&[u8]>) -> io::Result<()> {
         Err(self.refuse())
@@ -277,6 +303,9 @@ impl Storage for FileStorage {
     }
     fn identity(&self) -> io::Result<Option<DeviceId>> {
         file_identity(&self.file, self.block_device)
+    }
+    fn written_from(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        written_from(&self.file, self.block_device, offset)
     }
     fn is_unlinked(&self) -> io::Result<bool> {
         if self.block_device {

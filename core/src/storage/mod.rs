@@ -45,6 +45,16 @@ pub trait Storage: Send + Sync + Debug {
         let _ = (offset, len);
         Ok(())
     }
+    /// The first stretch at or after `offset` that may hold written
+    /// bytes, or `None` if everything from `offset` on reads as zeros
+    /// because it was never written (a hole of a sparse file). Bytes
+    /// between the stretches read as zeros. A reader looking for data past
+    /// the end of a log skips holes this way instead of reading them (each
+    /// 4 KiB of a hole read costs the kernel a zeroed page). The default
+    /// (for devices that cannot tell): everything may hold data.
+    fn written_from(&self, offset: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        Ok(Some(offset..u64::MAX))
+    }
     /// The file descriptor behind the device, if there is one: it lets a
     /// region be mapped copy-on-demand (a private file mapping). Devices
     /// without one are mapped by copying at map time.
