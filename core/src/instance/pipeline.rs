@@ -181,7 +181,9 @@ impl Inner {
     /// committing thread to write once it has released the commit lock.
     fn hand_over(&self, st: &mut parking_lot::MutexGuard<'_, CommitState>) -> Option<(u64, Batch)> {
         let (n, batch) = st.take_batch();
-        if !self.opts.write_behind {
+        if !self.opts.write_behind || !self.start_log_writer(st.writer_stop) {
+            // Written by the committer (also if no thread could be started:
+            // batches are written in order whoever writes them).
             return Some((n, batch));
         }
         self.spooled_bytes.fetch_add(batch.data.len() as u64, Ordering::AcqRel);
@@ -202,6 +204,23 @@ impl Inner {
     /// Keeps a written batch's buffers for a later batch.
     pub(crate) fn recycle_batch(&self, batch: Batch) {
         self.state.lock().recycle(batch, self.pending_limit);
+    }
+
+    /// Starts the write-behind thread unless it runs (called under the
+    /// commit lock, with its `writer_stop`); false if there is none.
+    fn start_log_writer(&self, stopped: bool) -> bool {
+        let mut slot = self.log_writer.lock();
+        if slot.is_some() {
+            return true;
+        }
+        let Some(me) = self.me.upgrade().filter(|_| !stopped) else { return false };
+        match std::thread::Builder::new().name("rvm-log-writer".into()).spawn(move || me.write_spooled()) {
+            Ok(handle) => {
+                *slot = Some(handle);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// The background log writer's work: spooled batches, in order.
@@ -273,6 +292,7 @@ impl Inner {
         self.written_cv.notify_all();
         drop(w);
         if self.over_threshold() {
+            self.start_truncator();
             self.background.wake.notify_one();
         }
         r
