@@ -178,8 +178,10 @@ static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 impl Rvm {
     /// Opens the log at `log_path` (a file or block device made by
-    /// [`crate::create_log`]), runs recovery, and starts the background
-    /// truncator if the options ask for one.
+    /// [`crate::create_log`]) and runs recovery. The background threads the
+    /// options ask for start when first needed: the truncator when the log
+    /// first passes its threshold, the write-behind log writer with the
+    /// first full batch of no-flush commits.
     ///
     /// The log and every segment are locked exclusively (`flock`) while
     /// open: a second open, in this process or another, fails with

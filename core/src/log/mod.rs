@@ -1167,6 +1167,131 @@ mod tests {
         }
     }
 
+    /// A device that reports written stretches at any byte boundaries
+    /// (as `written_from` may), its bytes outside them zeros.
+    #[derive(Debug)]
+    struct Stretched {
+        bytes: Vec<u8>,
+        /// Sorted, disjoint; `None`: the device cannot tell (the default).
+        stretches: Option<Vec<std::ops::Range<u64>>>,
+    }
+
+    impl Storage for Stretched {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.bytes.len() as u64)
+        }
+        fn set_len(&self, _: u64) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn written_from(&self, offset: u64) -> std::io::Result<Option<std::ops::Range<u64>>> {
+            let Some(s) = &self.stretches else { return Ok(Some(offset..u64::MAX)) };
+            Ok(s.iter().find(|r| r.end > offset).map(|r| r.start.max(offset)..r.end))
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64)
+        ))]
+        /// The probe past a stop finds what a plain walk finds on a device
+        /// whose written stretches start and end anywhere (not only at
+        /// blocks), tiny ones too, in a window that wraps around the end of
+        /// a small ring; the stretches `written_stretch` reports hold every
+        /// byte that is not zero.
+        #[test]
+        fn the_probe_over_any_stretches_finds_what_a_plain_walk_finds(
+            area_blocks in 16u64..40,
+            at in 0u64..40 * 4096,
+            back in 0u64..4096,
+            records in proptest::collection::vec((0u64..160_000, 1u32..3000), 0..3),
+            noise in proptest::collection::vec((0u64..160_000, 1u8..=255), 0..30),
+            cuts in proptest::collection::vec((0u64..160_000, 0u64..9000), 0..12),
+            tell in proptest::prelude::any::<bool>(),
+        ) {
+            let area_len = area_blocks * format::BLOCK;
+            let area_offset = format::BLOCK;
+            let epoch = 3u64;
+            // The stop, somewhere in the second lap, 8-aligned.
+            let lsn = area_len + (at % area_len) / 8 * 8;
+            let start = lsn.saturating_sub(back / 8 * 8).max(area_len);
+            let mut area = vec![0u8; area_len as usize];
+            let put = |area: &mut Vec<u8>, pos: u64, b: &[u8]| {
+                for (i, &x) in b.iter().enumerate() {
+                    area[((pos + i as u64) % area_len) as usize] = x;
+                }
+            };
+            for &(off, len) in &records {
+                let pos = lsn + 8 + off % (area_len - 8) / 8 * 8;
+                let mut out = Vec::new();
+                let mut w = format::FrameWriter::new(&mut out, pos, epoch, area_len);
+                w.range(1, 64, &vec![9; len as usize]);
+                w.commit(1, 1, pos);
+                put(&mut area, pos, &out);
+            }
+            for &(off, x) in &noise {
+                put(&mut area, lsn + off, &[x]);
+            }
+            // Stretches: the area minus the cuts (zeroed), any alignment.
+            let mut holes: Vec<(u64, u64)> =
+                cuts.iter().map(|&(o, n)| (o % area_len, (o % area_len + n).min(area_len))).collect();
+            holes.sort_unstable();
+            let mut stretches = Vec::new();
+            let mut from = 0u64;
+            for (a, b) in holes {
+                area[a as usize..b as usize].fill(0);
+                if a > from {
+                    stretches.push(area_offset + from..area_offset + a);
+                }
+                from = from.max(b);
+            }
+            if from < area_len {
+                stretches.push(area_offset + from..area_offset + area_len);
+            }
+            let mut bytes = vec![0u8; area_offset as usize];
+            bytes.extend_from_slice(&area);
+            bytes.extend_from_slice(&[0xAB; 64]);
+            let dev = Stretched { bytes, stretches: tell.then_some(stretches) };
+            let ring = Ring { dev: Arc::new(dev), path: PathBuf::from("stretched"), area_offset, area_len };
+            let limit = start + area_len;
+            // Every byte not zero lies in a reported stretch.
+            let mut seen = Vec::new();
+            let mut p = lsn;
+            while let Some(s) = ring.written_stretch(p, limit).unwrap() {
+                proptest::prop_assert!(s.start >= p && s.end > s.start && s.end <= limit, "{:?} from {}", s, p);
+                seen.push(s.clone());
+                p = s.end;
+            }
+            for q in lsn..limit {
+                if area[(q % area_len) as usize] != 0 {
+                    proptest::prop_assert!(seen.iter().any(|s| s.contains(&q)), "byte {} outside {:?}", q, seen);
+                }
+            }
+            // The plain walk.
+            let window_end = limit.min(lsn + (MAX_RECORD + 64) as u64);
+            let mut want = None;
+            let mut p = lsn + 8;
+            while p + RECORD_HEADER as u64 <= window_end {
+                if let Ok(Some(_)) = read_valid_frame(&ring, p, limit.min(window_end + (MAX_RECORD + 8) as u64), epoch) {
+                    want = Some(p);
+                    break;
+                }
+                p += 8;
+            }
+            proptest::prop_assert_eq!(probe_valid_frame(&ring, None, lsn, limit, epoch).unwrap(), want);
+            proptest::prop_assert_eq!(probe_valid_frame(&ring, Some(&area), lsn, limit, epoch).unwrap(), want);
+        }
+    }
+
     /// A view is made only of bytes the file holds.
     #[test]
     fn a_view_never_reaches_past_the_file() {
