@@ -141,9 +141,11 @@ pub struct Options {
     /// the 2-vCPU virtual machine it was measured on, a 10.7 MB log was
     /// scanned in 3.5 ms instead of 4.7-4.9 ms for 1.3x the CPU, but each
     /// thread ran 25-30% slower while both ran and a 2 MB log opened
-    /// slower (docs/BENCHMARKS.md); it pays where a second core is idle
-    /// and the log is long. Ignored without instant recovery, on one core,
-    /// or when the log cannot be mapped.
+    /// slower (docs/BENCHMARKS.md). Measured again after the one-thread
+    /// open got faster, from a fresh crash per reopen of an 8-9 MB log,
+    /// the first read came about 1 ms later with it than without (2.7
+    /// against 1.8 ms; not traced further). Ignored without instant
+    /// recovery, on one core, or when the log cannot be mapped.
     pub parallel_scan: bool,
 }
 
