@@ -213,7 +213,10 @@ impl Inner {
         if slot.is_some() {
             return true;
         }
-        let Some(me) = self.me.upgrade().filter(|_| !stopped) else { return false };
+        if stopped {
+            return false;
+        }
+        let Some(me) = self.me.upgrade() else { return false };
         match std::thread::Builder::new().name("rvm-log-writer".into()).spawn(move || me.write_spooled()) {
             Ok(handle) => {
                 *slot = Some(handle);

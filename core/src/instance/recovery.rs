@@ -299,8 +299,10 @@ fn check(
     }
     // Every segment is opened and checked before any is written.
     let mut devices = HashMap::new();
-    // As owner marks name it.
-    let our_log = vfs.canonical_name(&ring.path).unwrap_or_else(|_| ring.path.clone());
+    // As owner marks name it; asked of the file system only when a mark
+    // names this log's id (not at every open).
+    let our_log = std::cell::OnceCell::new();
+    let our_log = || our_log.get_or_init(|| vfs.canonical_name(&ring.path).unwrap_or_else(|_| ring.path.clone()));
     for (&id, &needed) in touched.iter() {
         let entry = status.segments.iter().find(|e| e.id == id).ok_or_else(|| {
             Error::corrupted(
@@ -322,7 +324,7 @@ fn check(
                 Some(other) if other.log_id != sb.log_id => {
                     return Err(LogError::SegmentInOtherLog { path, other_log: other.log }.into());
                 }
-                Some(mine) if mine.log != our_log && another_file_is_this_log(vfs, ring, sb.log_id, &mine.log) => {
+                Some(mine) if mine.log != *our_log() && another_file_is_this_log(vfs, ring, sb.log_id, &mine.log) => {
                     return Err(LogError::SegmentOfCopiedLog { path, owner_log: mine.log }.into());
                 }
                 _ => {}
