@@ -41,8 +41,19 @@ const HEADROOM: usize = 256 << 20;
 ///
 /// Ranges recorded with [`claim_range`] (heaps of this process, mapped or
 /// closed for a while) are never picked: the kernel would see them free
-/// while their heap is closed.
+/// while their heap is closed. If the kernel has no gap left, the closed
+/// heaps' ranges are let go ([`forget_closed`]) and the pick is tried once
+/// more.
 pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<usize> {
+    match pick_range(len, align) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error()) && forget_closed(0) > 0 => {
+            pick_range(len, align)
+        }
+        picked => picked,
+    }
+}
+
+fn pick_range(len: usize, align: usize) -> std::io::Result<usize> {
     use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
     let span = len
         .checked_add(align)
@@ -74,72 +85,140 @@ pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<us
     result
 }
 
-/// A heap's address range in this process: `[start, end)`, and whether a
-/// `PROT_NONE` reservation holds it now (its heap is closed).
+/// A heap's address range in this process: `[start, end)`, and what holds
+/// it.
 struct Claimed {
     start: usize,
     end: usize,
-    reserved: bool,
+    state: ClaimState,
 }
 
-/// Address ranges of heaps this process made or opened.
-static CLAIMED: parking_lot::Mutex<Vec<Claimed>> = parking_lot::Mutex::new(Vec::new());
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClaimState {
+    /// Its heap is open (mapped there).
+    Open,
+    /// Its heap is closed; `reserved`: a `PROT_NONE` reservation holds
+    /// the range. `closed` orders the closings (older first).
+    Closed { reserved: bool, closed: u64 },
+}
 
-/// Records `[start, start + len)` as a heap's: [`free_address_range`]
+/// Address ranges of heaps this process made or opened, and the count of
+/// closings so far.
+static CLAIMED: parking_lot::Mutex<(Vec<Claimed>, u64)> = parking_lot::Mutex::new((Vec::new(), 0));
+
+/// The most address space the ranges of closed heaps keep reserved (32
+/// TiB, a quarter of the 128 TiB a process has with 4-level page tables;
+/// a closed heap of the default 64 GiB maximum holds a little more than
+/// that). Past it the oldest closed heaps' ranges are let go: a process
+/// that opens and closes thousands of heaps in turn (a property test, one
+/// heap per tenant) would otherwise run out of address space, and its
+/// next heap, or any large allocation, would fail.
+const CLOSED_RESERVE_LIMIT: usize = 32 << 40;
+
+/// Records `[start, start + len)` as an open heap's: [`free_address_range`]
 /// never picks it for another heap of this process.
 pub(crate) fn claim_range(start: usize, len: usize) {
-    let mut c = CLAIMED.lock();
+    let c = &mut CLAIMED.lock().0;
     let end = start.saturating_add(len);
-    if !c.iter().any(|r| r.start == start && r.end == end) {
-        c.push(Claimed { start, end, reserved: false });
+    match c.iter_mut().find(|r| r.start == start && r.end == end) {
+        Some(r) => r.state = ClaimState::Open,
+        None => c.push(Claimed { start, end, state: ClaimState::Open }),
     }
 }
 
 fn overlaps_claimed(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
-    CLAIMED.lock().iter().any(|r| start < r.end && r.start < end)
+    CLAIMED.lock().0.iter().any(|r| start < r.end && r.start < end)
 }
 
 /// Holds a closed heap's range with a `PROT_NONE` reservation, so that no
 /// other mapping of the process (an allocation, another heap) takes it
-/// before the heap is opened again. Best effort: nothing if the range is
-/// not a claimed one or cannot be reserved.
+/// before the heap is opened again. Best effort: the range is only marked
+/// closed if it cannot be reserved. Then lets go of the oldest closed
+/// ranges past [`CLOSED_RESERVE_LIMIT`]: such a heap opens again at its
+/// address if nothing took the range meanwhile, else its open fails (the
+/// loader's `MapRegion` error), as for a heap made by another process.
 pub(crate) fn reserve_claimed(start: usize, len: usize) {
     use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
     let end = start.saturating_add(len);
-    let mut c = CLAIMED.lock();
-    let Some(r) = c.iter_mut().find(|r| r.start == start && r.end == end && !r.reserved) else { return };
-    // SAFETY: a PROT_NONE anonymous mapping at a fixed address that must
-    // be free (FIXED_NOREPLACE: it fails rather than replace anything); it
-    // is never accessed, only unmapped by `release_claimed`.
-    let mapped = unsafe {
-        mmap_anonymous(
-            start as *mut std::ffi::c_void,
-            len,
-            ProtFlags::empty(),
-            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
-        )
-    };
-    match mapped {
-        Ok(p) if p as usize == start => r.reserved = true,
-        // An old kernel may treat the flag as a hint and map elsewhere.
-        Ok(p) => {
-            // SAFETY: unmaps the mapping just made, which nothing uses.
-            let _ = unsafe { rustix::mm::munmap(p, len) };
-        }
-        Err(_) => {}
+    {
+        let (c, closings) = &mut *CLAIMED.lock();
+        let Some(r) = c.iter_mut().find(|r| r.start == start && r.end == end && r.state == ClaimState::Open) else {
+            return;
+        };
+        // SAFETY: a PROT_NONE anonymous mapping at a fixed address that must
+        // be free (FIXED_NOREPLACE: it fails rather than replace anything); it
+        // is never accessed, only unmapped by `release_claimed`.
+        let mapped = unsafe {
+            mmap_anonymous(
+                start as *mut std::ffi::c_void,
+                len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+            )
+        };
+        let reserved = match mapped {
+            Ok(p) if p as usize == start => true,
+            // An old kernel may treat the flag as a hint and map elsewhere.
+            Ok(p) => {
+                // SAFETY: unmaps the mapping just made, which nothing uses.
+                let _ = unsafe { rustix::mm::munmap(p, len) };
+                false
+            }
+            Err(_) => false,
+        };
+        *closings += 1;
+        r.state = ClaimState::Closed { reserved, closed: *closings };
     }
+    forget_closed(CLOSED_RESERVE_LIMIT);
+}
+
+/// Lets go of the ranges of closed heaps, oldest closing first, until
+/// those left span at most `keep` bytes; returns how many were let go.
+fn forget_closed(keep: usize) -> usize {
+    let c = &mut CLAIMED.lock().0;
+    let closed_at = |r: &Claimed| match r.state {
+        ClaimState::Closed { closed, .. } => Some(closed),
+        ClaimState::Open => None,
+    };
+    let mut closed: Vec<(u64, usize)> = c.iter().filter_map(|r| Some((closed_at(r)?, r.end - r.start))).collect();
+    let mut spanned: usize = closed.iter().map(|&(_, len)| len).fold(0, usize::saturating_add);
+    closed.sort_unstable();
+    let mut cutoff = None;
+    for &(at, len) in &closed {
+        if spanned <= keep {
+            break;
+        }
+        spanned -= len;
+        cutoff = Some(at);
+    }
+    let Some(cutoff) = cutoff else { return 0 };
+    let before = c.len();
+    c.retain(|r| match r.state {
+        ClaimState::Closed { reserved, closed } if closed <= cutoff => {
+            if reserved {
+                // SAFETY: unmaps exactly a reservation made by
+                // `reserve_claimed`, which nothing uses.
+                let _ = unsafe { rustix::mm::munmap(r.start as *mut std::ffi::c_void, r.end - r.start) };
+            }
+            false
+        }
+        _ => true,
+    });
+    before - c.len()
 }
 
 /// Releases the reservations of claimed ranges overlapping
 /// `[start, start + len)` (a heap about to be mapped there).
 pub(crate) fn release_claimed(start: usize, len: usize) {
     let end = start.saturating_add(len);
-    for r in CLAIMED.lock().iter_mut().filter(|r| r.reserved && start < r.end && r.start < end) {
-        // SAFETY: unmaps exactly a reservation made by `reserve_claimed`,
-        // which nothing uses.
-        let _ = unsafe { rustix::mm::munmap(r.start as *mut std::ffi::c_void, r.end - r.start) };
-        r.reserved = false;
+    for r in CLAIMED.lock().0.iter_mut().filter(|r| start < r.end && r.start < end) {
+        if let ClaimState::Closed { reserved: reserved @ true, .. } = &mut r.state {
+            // SAFETY: unmaps exactly a reservation made by
+            // `reserve_claimed`, which nothing uses.
+            let _ = unsafe { rustix::mm::munmap(r.start as *mut std::ffi::c_void, r.end - r.start) };
+            *reserved = false;
+        }
     }
 }
 
