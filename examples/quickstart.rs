@@ -13,17 +13,20 @@
 //! is there.
 
 use rvm::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Layout of the segment's first page, at fixed offsets.
 const RUNS: usize = 0; // u64: completed runs
 const UPDATES: usize = 8; // u64: committed updates, all runs together
 const LAST: usize = 16; // [u8; 48]: text of the last update
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let dir =
-        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
-    std::fs::create_dir_all(&dir)?;
+/// One run in folder `dir`; returns the counts it leaves: (completed runs,
+/// committed updates).
+pub fn run(dir: &Path) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    if dir.as_os_str().is_empty() {
+        return Err("the folder argument is empty (give a folder path, or none for the default)".into());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the folder {}: {e}", dir.display()))?;
     let log = dir.join("quickstart.log");
     let seg_path = dir.join("quickstart.seg");
     if !log.exists() {
@@ -99,13 +102,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         read_u64(UPDATES)
     );
     println!("run it again (or kill it mid-run and run it again): the counts carry on from here");
+    let counts = (read_u64(RUNS), read_u64(UPDATES));
     rvm.close()?;
-    Ok(())
+    Ok(counts)
 }
 
 fn main() {
     // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
-    if let Err(e) = run() {
+    let dir =
+        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
+    if let Err(e) = run(&dir) {
         eprintln!("quickstart: error: {e}");
         std::process::exit(1);
     }
