@@ -26,7 +26,7 @@ pub fn run(dir: &Path) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     if dir.as_os_str().is_empty() {
         return Err("the folder argument is empty (give a folder path, or none for the default)".into());
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the folder {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the folder {}: {e}", dir.display()))?;
     let log = dir.join("quickstart.log");
     let seg_path = dir.join("quickstart.seg");
     if !log.exists() {
