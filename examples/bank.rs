@@ -13,8 +13,9 @@
 //! `kill -9`) and run it again: every transfer it reported is in the
 //! history, and the total is unchanged. No `unsafe`, no `set_range`.
 
+#[path = "common/folder.rs"]
+mod folder;
 use rvm::collections::{Config, Error, PHeap, PVec, Persist};
-use std::path::PathBuf;
 
 const BRANCHES: usize = 10;
 const ACCOUNTS: usize = 10_000;
@@ -106,7 +107,7 @@ impl Rng {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args_os().skip(1);
-    let dir = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-bank"));
+    let dir = folder::folder(args.next(), "rvm-bank")?;
     let per_run: u64 = args.next().and_then(|a| a.to_str()?.parse().ok()).unwrap_or(2_000);
     let heap = PHeap::open_or_create(&dir, Config::default())?;
 

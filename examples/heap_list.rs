@@ -14,12 +14,13 @@
 //! the oldest one. Kill it at any moment and run it again: the list is whole
 //! and every record it reported committed is there.
 
+#[path = "common/folder.rs"]
+mod folder;
 use rvm::heap::bytemuck::{self, NoUninit};
 use rvm::heap::{HeapSpec, PersistentHeap};
 use rvm::{create_log, CommitMode, Options, RestoreMode, Rvm};
 use std::alloc::Layout;
 use std::mem::offset_of;
-use std::path::PathBuf;
 use std::ptr::NonNull;
 
 /// Where the heap lives in the address space (page-aligned, fixed for the
@@ -77,8 +78,7 @@ unsafe fn read<T: Copy>(addr: u64) -> T {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let dir =
-        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-heap-list"));
+    let dir = folder::folder(std::env::args_os().nth(1), "rvm-heap-list")?;
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("list.log");
     let seg = dir.join("list.heap");

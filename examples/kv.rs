@@ -20,6 +20,8 @@
 //! arguments, a key or value too long), 3 the store could not be opened
 //! or changed.
 
+#[path = "common/folder.rs"]
+mod folder;
 use rvm::collections::btree_map::PKey;
 use rvm::collections::{Config, Error, PBTreeMap, PHeap, Persist};
 use std::cmp::Ordering;
@@ -102,9 +104,9 @@ fn key(s: &str) -> Result<Key, String> {
 
 fn parse(args: &[String]) -> Result<(PathBuf, Command), String> {
     let mut args = args;
-    let mut dir = std::env::temp_dir().join("rvm-kv");
+    let mut dir = folder::folder(None, "rvm-kv")?;
     if args.first().map(String::as_str) == Some("--dir") {
-        dir = PathBuf::from(args.get(1).ok_or("--dir needs a folder")?);
+        dir = folder::folder(Some(args.get(1).ok_or("--dir needs a folder")?.into()), "rvm-kv")?;
         args = &args[2..];
     }
     let cmd = match args {

@@ -16,9 +16,10 @@
 //! every run that reported its node committed. `rvmutl segment show
 //! <folder>/list.seg` prints the load map.
 
+#[path = "common/folder.rs"]
+mod folder;
 use rvm::loader::{create_segment, load_segment, LoadMap, RegionSpec};
 use rvm::{create_log, CommitMode, Options, RestoreMode, Rvm};
-use std::path::PathBuf;
 use std::ptr::NonNull;
 
 const ROOTS_BASE: u64 = 0x6000_0000_0000;
@@ -48,10 +49,7 @@ struct Node {
 const NODE_LEN: usize = std::mem::size_of::<Node>();
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("rvm-persistent-list"));
+    let dir = folder::folder(std::env::args_os().nth(1), "rvm-persistent-list")?;
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("list.log");
     let seg_path = dir.join("list.seg");

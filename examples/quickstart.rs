@@ -13,7 +13,10 @@
 //! is there.
 
 use rvm::{create_log, CommitMode, MapSpec, Options, RestoreMode, Rvm};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+#[path = "common/folder.rs"]
+pub mod folder;
 
 /// Layout of the segment's first page, at fixed offsets.
 const RUNS: usize = 0; // u64: completed runs
@@ -23,9 +26,6 @@ const LAST: usize = 16; // [u8; 48]: text of the last update
 /// One run in folder `dir`; returns the counts it leaves: (completed runs,
 /// committed updates).
 pub fn run(dir: &Path) -> Result<(u64, u64), Box<dyn std::error::Error>> {
-    if dir.as_os_str().is_empty() {
-        return Err("the folder argument is empty (give a folder path, or none for the default)".into());
-    }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the folder {}: {e}", dir.display()))?;
     let log = dir.join("quickstart.log");
     let seg_path = dir.join("quickstart.seg");
@@ -109,9 +109,9 @@ pub fn run(dir: &Path) -> Result<(u64, u64), Box<dyn std::error::Error>> {
 
 fn main() {
     // Errors are shown by their `Display` (what went wrong, and where), not `Debug`.
-    let dir =
-        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("rvm-quickstart"));
-    if let Err(e) = run(&dir) {
+    let ran =
+        folder::folder(std::env::args_os().nth(1), "rvm-quickstart").map_err(Into::into).and_then(|dir| run(&dir));
+    if let Err(e) = ran {
         eprintln!("quickstart: error: {e}");
         std::process::exit(1);
     }

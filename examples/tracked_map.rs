@@ -16,6 +16,8 @@
 //! again: every round it reported is there, whole, and no part of an
 //! unfinished one.
 
+#[path = "common/folder.rs"]
+mod folder;
 use foldhash::fast::FixedState;
 use rvm::heap::{HeapSpec, PersistentHeap, TrackedAlloc};
 use rvm::{create_log, CommitMode, Options, RestoreMode, Rvm};
@@ -126,10 +128,7 @@ impl Store {
 
 #[allow(dead_code)]
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args_os()
-        .nth(1)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("rvm-tracked-map"));
+    let dir = folder::folder(std::env::args_os().nth(1), "rvm-tracked-map")?;
     let mut store = open(&dir, Options::default())?;
     let rounds = store.check()?;
     println!("the map holds {rounds} round(s) of {PER_ROUND} entries, all present and correct");

@@ -48,6 +48,12 @@ fn usage_errors_and_limits() {
         assert_eq!(code, 2, "{args:?}");
         assert!(err.starts_with("kv: "), "{err}");
     }
+    // An empty folder (an unset shell variable) is refused, not the
+    // current folder.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = kv::run(&["--dir".into(), String::new(), "get".into(), "k".into()], &mut out, &mut err);
+    assert_eq!(code, 2);
+    assert!(String::from_utf8(err).unwrap().contains("empty"));
     let long_key = "k".repeat(kv::MAX_KEY + 1);
     let (code, _, err) = kv(&dir, &["put", &long_key, "v"]);
     assert_eq!(code, 2);

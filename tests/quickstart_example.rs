@@ -16,7 +16,7 @@ fn runs_carry_the_counts_on() {
 
 #[test]
 fn a_bad_folder_is_an_error_that_names_it() {
-    let e = quickstart::run(std::path::Path::new("")).unwrap_err().to_string();
+    let e = quickstart::folder::folder(Some("".into()), "rvm-quickstart").unwrap_err();
     assert!(e.contains("empty"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("a-file");
