@@ -122,7 +122,11 @@ pub struct Options {
     /// with the log); the index of pending pages costs about 16 bytes per
     /// logged range until the apply ends, and a log whose index would take
     /// more than a quarter of the memory the process may use is recovered the usual
-    /// way instead (docs/DESIGN.md §3.9).
+    /// way instead (docs/DESIGN.md §3.9). It pays where the log's pending
+    /// pages are few for its bytes: for a log of small ranges spread over
+    /// a whole segment (278 MB over 16,384 pages measured), the open took
+    /// about as long as full recovery and the background apply ended 3.4-5.4x
+    /// later.
     ///
     /// Pages are brought in by a `SIGSEGV` handler: the kernel does not
     /// fault for its own accesses, so a system call given a pointer into a
