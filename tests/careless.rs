@@ -1,0 +1,415 @@
+//! A careless or hostile user of the core, the loader and the raw heap:
+//! handles used where they do not belong, ranges that do not fit, calls
+//! racing each other. Each case is a typed error or a correct result, never
+//! a panic, a hang, or a lost acknowledged commit.
+
+use rvm::{CommitMode, Error, MapError, MapSpec, Options, RestoreMode, Rvm, TxError};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const PAGE: usize = 4096;
+
+fn setup(dir: &Path) -> Rvm {
+    rvm::create_log(dir.join("log"), 4 << 20).unwrap();
+    Rvm::open(dir.join("log"), Options::default()).unwrap()
+}
+
+fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    // SAFETY: no other thread stores into the region meanwhile.
+    unsafe { r.read(off, &mut v).unwrap() };
+    v
+}
+
+fn is_not_mapped<T: std::fmt::Debug>(r: rvm::Result<T>) -> bool {
+    matches!(r, Err(Error::Tx(TxError::RangeNotMapped { .. })))
+}
+
+#[test]
+fn set_range_outside_across_and_overflowing_regions_is_range_not_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 4 * PAGE as u64).unwrap();
+    let a = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    let b = rvm.map(&seg, MapSpec::new(PAGE as u64, PAGE)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: every range below is refused before any byte is touched, or
+    // lies in a region this thread alone uses.
+    unsafe {
+        assert!(is_not_mapped(tx.set_range(a.addr() + PAGE - 1, 2)), "past the end of a");
+        assert!(is_not_mapped(tx.set_range(a.addr().wrapping_sub(1), 2)), "before a");
+        assert!(is_not_mapped(tx.set_range(a.addr(), usize::MAX)), "overflowing length");
+        assert!(is_not_mapped(tx.set_range(usize::MAX, 2)), "overflowing address");
+        assert!(is_not_mapped(tx.set_range(usize::MAX - 1, 1)), "the top of the address space");
+        assert!(is_not_mapped(tx.set_range(0, 8)), "null");
+        assert!(is_not_mapped(tx.set_range(a.addr(), 2 * PAGE)), "two regions, even if adjacent");
+        // A zero-length range declares nothing.
+        tx.set_range(a.addr(), 0).unwrap();
+        tx.modify_bytes(b.addr(), b"b").unwrap();
+    }
+    assert_eq!(a.active_transactions(), 0, "a refused range holds no region");
+    assert_eq!(b.active_transactions(), 1);
+    rvm.unmap(a).unwrap();
+    tx.commit(CommitMode::Flush).unwrap();
+    assert_eq!(read(&b, 0, 1), b"b");
+}
+
+#[test]
+fn set_range_in_an_unmapped_region_is_refused_even_with_the_handle_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    let kept = region.clone();
+    rvm.unmap(region).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: refused before any byte is touched.
+    assert!(is_not_mapped(unsafe { tx.set_range(kept.addr(), 8) }));
+    tx.abort();
+    // Unmapping it again, growing it: typed errors, no panic.
+    assert!(matches!(rvm.unmap(kept.clone()), Err(Error::Map(MapError::NotMapped { .. }))));
+    drop(kept);
+    // The range maps again once the last handle is gone.
+    rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+}
+
+#[test]
+fn unmap_while_a_transaction_holds_ranges_is_busy_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: this thread alone uses the region.
+    unsafe { tx.modify_bytes(region.addr(), b"x").unwrap() };
+    let r = rvm.unmap(region.clone());
+    assert!(matches!(r, Err(Error::Map(MapError::Busy { count: 1, .. }))), "{r:?}");
+    // The refused unmap changed nothing: the transaction commits.
+    tx.commit(CommitMode::Flush).unwrap();
+    rvm.unmap(region).unwrap();
+    drop((seg, rvm));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&region, 0, 1), b"x");
+}
+
+#[test]
+fn overlapping_and_repeated_maps_are_refused_with_the_first_map_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 8 * PAGE as u64).unwrap();
+    let a = rvm.map(&seg, MapSpec::new(PAGE as u64, 2 * PAGE)).unwrap();
+    for (off, len) in [(PAGE, 2 * PAGE), (0, 2 * PAGE), (2 * PAGE, PAGE), (2 * PAGE, 4 * PAGE), (0, 8 * PAGE)] {
+        let r = rvm.map(&seg, MapSpec::new(off as u64, len));
+        assert!(matches!(r, Err(Error::Map(MapError::AlreadyMapped { .. }))), "[{off}, +{len}): {r:?}");
+    }
+    // The same segment opened again is the same segment: still refused.
+    let again = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let r = rvm.map(&again, MapSpec::new(PAGE as u64, PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::AlreadyMapped { .. }))), "{r:?}");
+    // A fixed address inside `a` is in use.
+    let r = rvm.map(&seg, MapSpec::new(4 * PAGE as u64, PAGE).at(a.addr()));
+    assert!(matches!(r, Err(Error::Map(MapError::AddressInUse { .. }))), "{r:?}");
+    // Growing into a mapped neighbour is refused.
+    let b = rvm.map(&seg, MapSpec::new(4 * PAGE as u64, PAGE)).unwrap();
+    let c = rvm.map(&seg, MapSpec::new(3 * PAGE as u64, PAGE).reserve(4 * PAGE)).unwrap();
+    let r = rvm.grow_region(&c, 2 * PAGE);
+    assert!(matches!(r, Err(Error::Map(MapError::AlreadyMapped { .. }))), "{r:?}");
+    // Odd sizes, offsets and addresses.
+    let r = rvm.map(&seg, MapSpec::new(6 * PAGE as u64, 0));
+    assert!(matches!(r, Err(Error::Map(MapError::EmptyRegion))), "{r:?}");
+    let r = rvm.map(&seg, MapSpec::new(6 * PAGE as u64 + 1, PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::NotPageAligned { .. }))), "{r:?}");
+    let r = rvm.map(&seg, MapSpec::new(6 * PAGE as u64, PAGE + 1));
+    assert!(matches!(r, Err(Error::Map(MapError::NotPageAligned { .. }))), "{r:?}");
+    let r = rvm.map(&seg, MapSpec::new(u64::MAX - PAGE as u64 + 1, PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::OutsideSegment { .. }))), "{r:?}");
+    let r = rvm.map(&seg, MapSpec::new(6 * PAGE as u64, 4 * PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::OutsideSegment { .. }))), "{r:?}");
+    for addr in [usize::MAX - PAGE + 1, 0, 1 << 63, (1 << 47) - PAGE] {
+        let r = rvm.map(&seg, MapSpec::new(6 * PAGE as u64, 2 * PAGE).at(addr));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Map(MapError::BadAddress { .. } | MapError::AddressInUse { .. } | MapError::System { .. }))
+            ),
+            "{addr:#x}: {r:?}"
+        );
+    }
+    // None of the refusals left the range claimed.
+    let d = rvm.map(&seg, MapSpec::new(6 * PAGE as u64, 2 * PAGE)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: this thread alone uses the regions.
+    unsafe {
+        tx.modify_bytes(a.addr(), b"a").unwrap();
+        tx.modify_bytes(d.addr(), b"d").unwrap();
+    }
+    tx.commit(CommitMode::Flush).unwrap();
+    drop((b, c));
+}
+
+#[test]
+fn grow_region_with_bad_lengths_is_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), PAGE as u64).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, PAGE).reserve(4 * PAGE)).unwrap();
+    let e = rvm.grow_region(&r, PAGE + 1);
+    assert!(matches!(e, Err(Error::Map(MapError::NotPageAligned { .. }))), "{e:?}");
+    let e = rvm.grow_region(&r, 2 * PAGE);
+    assert!(matches!(e, Err(Error::Map(MapError::OutsideSegment { .. }))), "segment not extended: {e:?}");
+    let e = rvm.grow_region(&r, usize::MAX - PAGE + 1);
+    assert!(matches!(e, Err(Error::Map(MapError::BeyondReservation { .. }))), "{e:?}");
+    rvm.grow_region(&r, 0).unwrap();
+    assert_eq!(r.len(), PAGE);
+    rvm.extend_segment(&seg, u64::MAX).expect_err("a segment of u64::MAX bytes");
+    assert_eq!(seg.len(), PAGE as u64);
+    assert_eq!(std::fs::metadata(dir.path().join("seg")).unwrap().len(), PAGE as u64);
+    rvm.extend_segment(&seg, 4 * PAGE as u64).unwrap();
+    rvm.grow_region(&r, 4 * PAGE).unwrap();
+    let e = rvm.grow_region(&r, 5 * PAGE);
+    assert!(matches!(e, Err(Error::Map(MapError::BeyondReservation { .. }))), "{e:?}");
+}
+
+#[test]
+fn handles_of_another_instance_are_foreign() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = setup(dir.path());
+    rvm::create_log(dir.path().join("log2"), 1 << 20).unwrap();
+    let two = Rvm::open(dir.path().join("log2"), Options::default()).unwrap();
+    let seg = one.create_segment(dir.path().join("seg"), 2 * PAGE as u64).unwrap();
+    let region = one.map(&seg, MapSpec::new(0, PAGE).reserve(2 * PAGE)).unwrap();
+    let foreign = |r: rvm::Result<()>| matches!(r, Err(Error::Map(MapError::ForeignSegment { .. })));
+    assert!(foreign(two.map(&seg, MapSpec::new(PAGE as u64, PAGE)).map(drop)));
+    assert!(foreign(two.extend_segment(&seg, 4 * PAGE as u64)));
+    assert!(foreign(two.grow_region(&region, 2 * PAGE)));
+    assert!(foreign(two.close_segment(seg.clone())));
+    assert!(foreign(two.delete_segment(seg.clone())));
+    let r = two.unmap(region.clone());
+    assert!(matches!(r, Err(Error::Map(MapError::NotMapped { .. }))), "{r:?}");
+    // A transaction of `two` cannot declare `one`'s memory.
+    let mut tx = two.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: refused before any byte is touched.
+    assert!(is_not_mapped(unsafe { tx.set_range(region.addr(), 8) }));
+    tx.abort();
+    // The segment is locked by `one`: `two` cannot open it.
+    let r = two.open_segment(dir.path().join("seg"));
+    assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+    assert!(dir.path().join("seg").exists());
+}
+
+#[test]
+fn delete_and_close_of_a_mapped_segment_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let path = dir.path().join("seg");
+    let seg = rvm.create_segment(&path, PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: this thread alone uses the region.
+    unsafe { tx.modify_bytes(region.addr(), b"kept").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    for r in [rvm.delete_segment(seg.clone()), rvm.close_segment(seg.clone())] {
+        assert!(matches!(r, Err(Error::Map(MapError::SegmentInUse { regions: 1, .. }))), "{r:?}");
+    }
+    assert!(path.exists());
+    // Still usable after the refusals.
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: as above.
+    unsafe { tx.modify_bytes(region.addr() + 4, b"more").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    rvm.unmap(region).unwrap();
+    // Deleted through one handle: the other one is closed.
+    let other = seg.clone();
+    rvm.delete_segment(seg).unwrap();
+    assert!(!path.exists());
+    let r = rvm.map(&other, MapSpec::new(0, PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::SegmentClosed { .. }))), "{r:?}");
+    let r = rvm.delete_segment(other.clone());
+    assert!(r.is_ok() || matches!(r, Err(Error::Io { .. })), "{r:?}");
+    rvm.close_segment(other).unwrap();
+    // The log does not need the file any more.
+    drop(rvm);
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    // And a new segment at that name starts from zeros.
+    let seg = rvm.create_segment(&path, PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&region, 0, 8), [0; 8]);
+}
+
+#[test]
+fn creating_a_segment_twice_or_over_a_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let path = dir.path().join("seg");
+    let _seg = rvm.create_segment(&path, PAGE as u64).unwrap();
+    assert!(matches!(rvm.create_segment(&path, PAGE as u64), Err(Error::Io { .. })));
+    std::fs::write(dir.path().join("other"), b"precious").unwrap();
+    assert!(matches!(rvm.create_segment(dir.path().join("other"), PAGE as u64), Err(Error::Io { .. })));
+    assert_eq!(std::fs::read(dir.path().join("other")).unwrap(), b"precious");
+    // The log as a segment of itself: locked.
+    let r = rvm.open_segment(dir.path().join("log"));
+    assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+    let r = rvm.open_segment(dir.path().join("missing"));
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    let r = rvm.open_segment(dir.path());
+    assert!(r.is_err(), "a directory as a segment: {r:?}");
+}
+
+#[test]
+fn a_segment_of_another_log_is_refused_while_that_log_holds_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seg");
+    {
+        let one = setup(dir.path());
+        let seg = one.create_segment(&path, PAGE as u64).unwrap();
+        let region = one.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        let mut tx = one.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: this thread alone uses the region.
+        unsafe { tx.modify_bytes(region.addr(), b"one").unwrap() };
+        tx.commit(CommitMode::Flush).unwrap();
+    }
+    rvm::create_log(dir.path().join("log2"), 1 << 20).unwrap();
+    let two = Rvm::open(dir.path().join("log2"), Options::default()).unwrap();
+    let r = two.open_segment(&path);
+    assert!(matches!(r, Err(Error::Log(rvm::LogError::SegmentInOtherLog { .. }))), "{r:?}");
+    drop(two);
+    // Through its own log the commit is there.
+    let one = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = one.open_segment(&path).unwrap();
+    let region = one.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&region, 0, 3), b"one");
+}
+
+/// Commits on several threads while others truncate, checkpoint and flush;
+/// every flush-committed value is there after a reopen.
+#[test]
+fn truncate_checkpoint_and_flush_race_commits_and_lose_nothing() {
+    for instant in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+        let opts = Options { instant_recovery: instant, ..Options::default() };
+        let threads = 3;
+        {
+            let rvm = Rvm::open(dir.path().join("log"), opts.clone()).unwrap();
+            let seg = rvm.create_segment(dir.path().join("seg"), (threads * PAGE) as u64).unwrap();
+            let region = rvm.map(&seg, MapSpec::new(0, threads * PAGE)).unwrap();
+            // A first round, left in the log for recovery.
+            let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+            // SAFETY: no other thread runs yet.
+            unsafe { tx.modify_bytes(region.addr(), &[1; 64]).unwrap() };
+            tx.commit(CommitMode::Flush).unwrap();
+            // Closing leaves the records in the log: the next open
+            // recovers them (in the background with instant recovery).
+        }
+        let rvm = Arc::new(Rvm::open(dir.path().join("log"), opts.clone()).unwrap());
+        let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, threads * PAGE)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        for t in 0..threads {
+            let (rvm, region) = (rvm.clone(), region.clone());
+            workers.push(std::thread::spawn(move || {
+                let mut last = 0u64;
+                for i in 1..=200u64 {
+                    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+                    let at = region.addr() + t * PAGE + 512;
+                    // SAFETY: each thread stores into its own page only.
+                    unsafe { tx.modify_bytes(at, &i.to_le_bytes()).unwrap() };
+                    let mode = if i % 3 == 0 { CommitMode::Flush } else { CommitMode::NoFlush };
+                    tx.commit(mode).unwrap();
+                    if mode == CommitMode::Flush {
+                        last = i;
+                    }
+                }
+                last
+            }));
+        }
+        let chaos = {
+            let (rvm, stop) = (rvm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Acquire) {
+                    match n % 4 {
+                        0 => rvm.truncate().unwrap(),
+                        1 => drop(rvm.checkpoint().unwrap()),
+                        2 => rvm.flush().unwrap(),
+                        _ => {
+                            if rvm.checkpoint_start().unwrap() {
+                                rvm.checkpoint_step(1).unwrap();
+                                rvm.checkpoint_abandon().unwrap();
+                            }
+                        }
+                    }
+                    n += 1;
+                }
+            })
+        };
+        let lasts: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        stop.store(true, Ordering::Release);
+        chaos.join().unwrap();
+        drop(region);
+        drop(seg);
+        // A reopen sees every flush-committed value (the last one is a
+        // flush: 200 % 3 != 0, so the last flush is 198).
+        drop(Arc::try_unwrap(rvm).unwrap());
+        let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+        let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, threads * PAGE)).unwrap();
+        for (t, last) in lasts.iter().enumerate() {
+            let got = u64::from_le_bytes(read(&region, t * PAGE + 512, 8).try_into().unwrap());
+            assert!(got >= *last, "instant {instant}, thread {t}: {got} < {last}");
+        }
+        assert_eq!(read(&region, 0, 64), [1; 64], "instant {instant}: the recovered first commit");
+    }
+}
+
+/// Dropping the instance while other threads still commit: they finish
+/// (they hold clones of it), and every flush commit is found again.
+#[test]
+fn dropping_the_last_handle_while_threads_commit_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = Arc::new(setup(dir.path()));
+    let seg = rvm.create_segment(dir.path().join("seg"), 2 * PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 2 * PAGE)).unwrap();
+    let mut workers = Vec::new();
+    for t in 0..2 {
+        let (rvm, region) = (rvm.clone(), region.clone());
+        workers.push(std::thread::spawn(move || {
+            for i in 1..=100u64 {
+                let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+                // SAFETY: each thread stores into its own page only.
+                unsafe { tx.modify_bytes(region.addr() + t * PAGE, &i.to_le_bytes()).unwrap() };
+                tx.commit(CommitMode::Flush).unwrap();
+            }
+            drop(region);
+            drop(rvm);
+        }));
+    }
+    drop((region, seg, rvm));
+    for w in workers {
+        w.join().unwrap();
+    }
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, 2 * PAGE)).unwrap();
+    for t in 0..2 {
+        assert_eq!(read(&region, t * PAGE, 8), 100u64.to_le_bytes());
+    }
+}
+
+/// `Placement::Fixed` at an address a region of this instance uses, or
+/// overlapping its reservation.
+#[test]
+fn fixed_placement_inside_another_regions_reservation_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 8 * PAGE as u64).unwrap();
+    let a = rvm.map(&seg, MapSpec::new(0, PAGE).reserve(4 * PAGE)).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(4 * PAGE as u64, PAGE).at(a.addr() + 2 * PAGE));
+    assert!(matches!(r, Err(Error::Map(MapError::AddressInUse { .. }))), "{r:?}");
+    rvm.extend_segment(&seg, 8 * PAGE as u64).unwrap();
+    rvm.grow_region(&a, 4 * PAGE).unwrap();
+}
