@@ -25,7 +25,10 @@ use crate::progress::Progress;
 use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
 use rvm::collections::Reachability;
-use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN};
+use rvm::heap::{
+    CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN, HEAP_REGION,
+    STATIC_REGION,
+};
 use rvm::loader::spec::parse_number;
 use rvm::loader::LoaderError;
 use rvm::log::inspect::{segment_snapshot, ScanReport};
@@ -222,11 +225,16 @@ fn create(
     max: Option<u64>,
     out: &mut dyn Write,
 ) -> Outcome {
-    let rvm = open_log(log)?;
     let mut spec = HeapSpec::new(base, size).with_max_len(max.unwrap_or(DEFAULT_MAX_HEAP_LEN));
     if let Some(len) = static_len {
         spec = spec.with_static_len(len);
     }
+    // Refused before the log is opened (an open starts a new epoch in its
+    // status): a bad --base or --size, an existing path.
+    let map = spec.load_map();
+    map.validate_for_device(map.min_device_len()).map_err(HeapError::Loader)?;
+    crate::refuse_existing(segment, "creating segment")?;
+    let rvm = open_log(log)?;
     let heap = PersistentHeap::create(&rvm, segment, &spec)?;
     let (slots, bytes) = (heap.root_slots(), heap.stats().heap_bytes);
     // Applied and the log emptied: the new segment holds everything and is
@@ -247,6 +255,7 @@ fn create(
 }
 
 fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &mut dyn Write) -> Outcome {
+    not_a_heap_segment(log, segment)?;
     let rvm = open_log(log)?;
     let heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
@@ -283,6 +292,32 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
         writeln!(out, "--max {m} is below the heap's size: the maximum is {max_now} bytes (a heap never shrinks)")?;
     }
     Ok(())
+}
+
+/// Refuses, before the log is opened (an open starts a new epoch in its
+/// status, and a refused command leaves every file byte-identical), a
+/// segment that is no file or block device, or whose load map, as recovery
+/// through `log` would leave it (read without a lock, nothing written),
+/// is no load map or has no heap regions. Anything this view cannot tell
+/// (the log cannot be read) is left to the open, which reports it as
+/// before.
+fn not_a_heap_segment(log: &Path, segment: &Path) -> Result<(), Failure> {
+    rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
+        op: "opening segment",
+        path: segment.into(),
+        source,
+    })?;
+    let header = Some((0, rvm::loader::format::MAX_HEADER_LEN));
+    let Ok(snap) = segment_snapshot(&FileVfs, log, segment, header, &mut |_, _| {}) else { return Ok(()) };
+    // The header recovery would leave: the heap's open would refuse it too.
+    let map = rvm::loader::read_load_map_image(segment, &snap.bytes, snap.device_len)?;
+    match [STATIC_REGION, HEAP_REGION].into_iter().find(|name| map.get(name).is_none()) {
+        Some(name) => Err(HeapError::BadRegions {
+            reason: format!("segment {} has no region named {name:?}: not a heap segment", segment.display()),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// The in-memory log the heap view is opened through (its records are the

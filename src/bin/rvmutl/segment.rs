@@ -221,6 +221,10 @@ fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
         }
     };
     let size = args.size.unwrap_or_else(|| map.min_device_len());
+    // What can be refused without the log is refused before it is opened
+    // (an open starts a new epoch in the log's status).
+    map.validate_for_device(size)?;
+    crate::refuse_existing(&args.segment, "creating segment")?;
     let rvm = Rvm::open(&args.log, Options { truncate_threshold: None, ..Options::default() })?;
     create_segment(&rvm, &args.segment, size, &map)?;
     // Applied and the log emptied: the new segment holds its load map and
