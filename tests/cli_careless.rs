@@ -69,7 +69,7 @@ impl Fixture {
             0,
         );
         expect_code(&run(&["segment", "create", s(&seg), "--log", s(&log), "--region", "r:4K:8K:0x5e2000000000"]), 0);
-        rustix::fs::mknodat(CWD, &fx.p("fifo"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(CWD, fx.p("fifo"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         std::os::unix::fs::symlink(fx.p("loop2"), fx.p("loop1")).unwrap();
         std::os::unix::fs::symlink(fx.p("loop1"), fx.p("loop2")).unwrap();
         std::fs::create_dir(fx.p("folder")).unwrap();
