@@ -413,3 +413,45 @@ fn fixed_placement_inside_another_regions_reservation_is_refused() {
     rvm.extend_segment(&seg, 8 * PAGE as u64).unwrap();
     rvm.grow_region(&a, 4 * PAGE).unwrap();
 }
+
+/// The log's segment dictionary kept an entry for every segment ever
+/// opened, closed and deleted ones too, and never dropped one: a program
+/// that makes and deletes segments hit `SegmentDictionaryFull` after a few
+/// hundred (long names) to a few thousand, for good (no truncation or
+/// reopen removed them). Closing or deleting a segment now removes its
+/// entry.
+#[test]
+fn creating_and_deleting_segments_never_fills_the_dictionary() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    // 200-byte names: about 290 entries fill the dictionary.
+    let name = |i: usize| dir.path().join(format!("{i:05}-{}", "x".repeat(194)));
+    let keep = rvm.create_segment(dir.path().join("kept"), PAGE as u64).unwrap();
+    let kept = rvm.map(&keep, MapSpec::new(0, PAGE)).unwrap();
+    for i in 0..400 {
+        let seg = rvm.create_segment(name(i), PAGE as u64).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: this thread alone uses the regions.
+        unsafe {
+            tx.modify_bytes(region.addr(), &(i as u64).to_le_bytes()).unwrap();
+            tx.modify_bytes(kept.addr(), &(i as u64).to_le_bytes()).unwrap();
+        }
+        tx.commit(CommitMode::NoFlush).unwrap();
+        rvm.unmap(region).unwrap();
+        if i % 2 == 0 {
+            rvm.delete_segment(seg).unwrap();
+        } else {
+            // Closed, not deleted: its entry goes too, its data stays.
+            rvm.close_segment(seg).unwrap();
+        }
+    }
+    rvm.flush().unwrap();
+    drop((kept, keep, rvm));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let keep = rvm.open_segment(dir.path().join("kept")).unwrap();
+    assert_eq!(read(&rvm.map(&keep, MapSpec::new(0, PAGE)).unwrap(), 0, 8), 399u64.to_le_bytes());
+    let seg = rvm.open_segment(name(399)).unwrap();
+    assert_eq!(read(&rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap(), 0, 8), 399u64.to_le_bytes());
+    assert!(!name(398).exists());
+}
