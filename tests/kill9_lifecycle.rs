@@ -112,7 +112,7 @@ fn child_main(dir: &Path) {
         let r = rvm.map(&seg, MapSpec::new(0, 2 * PAGE)).unwrap();
         store(&rvm, &r, PAGE + 8, n);
         rvm.unmap(r).unwrap();
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             rvm.close_segment(seg).unwrap();
         }
         note(&mut side, &format!("s {n}"));
