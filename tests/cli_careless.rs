@@ -248,3 +248,27 @@ fn a_log_held_by_another_process_is_refused_by_writers() {
     }
     drop(rvm);
 }
+
+/// `heap grow --size S --max M` with S past the old maximum raised the
+/// maximum, then failed the growth as "the address range after it is taken
+/// by another mapping" (exit 2): the heap keeps the address space it
+/// reserved at load, and the command grew it in the same load. Now it
+/// loads the heap again after raising the maximum. A --size past the new
+/// maximum is refused before the log is opened, changing nothing.
+#[test]
+fn heap_grow_past_the_old_maximum_with_a_new_one_works() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let (log, heap) = (fx.p("log"), fx.p("heap"));
+    let (log, heap) = (s(&log), s(&heap));
+    expect_code(&run(&["heap", "grow", heap, "--log", log, "--max", "128K"]), 0);
+    let e = refused(&fx, &["heap", "grow", heap, "--log", log, "--size", "1M", "--max", "512K"], &[1]);
+    assert!(e.contains("maximum"), "{e}");
+    let e = refused(&fx, &["heap", "grow", heap, "--log", log, "--size", "256K"], &[1]);
+    assert!(e.contains("maximum"), "{e}");
+    let o = run(&["heap", "grow", heap, "--log", log, "--size", "512K", "--max", "1M"]);
+    expect_code(&o, 0);
+    assert!(common::stdout(&o).contains("-> 524288 bytes (maximum 1048576 bytes)"), "{}", common::stdout(&o));
+    let o = run(&["heap", "check", heap, "--log", log]);
+    expect_code(&o, 0);
+}

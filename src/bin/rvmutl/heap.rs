@@ -255,9 +255,9 @@ fn create(
 }
 
 fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &mut dyn Write) -> Outcome {
-    not_a_heap_segment(log, segment)?;
+    not_a_heap_segment(log, segment, size, max)?;
     let rvm = open_log(log)?;
-    let heap = PersistentHeap::open(&rvm, segment)?;
+    let mut heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
     // A size past the new maximum is refused before the maximum changes:
     // a failed command changes nothing.
@@ -270,6 +270,13 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
     }
     if let Some(max) = max {
         heap.set_max_len(max)?;
+        if size.is_some() {
+            // A heap keeps the address space it reserved at load: loaded
+            // again, it reserves up to the new maximum, which the growth
+            // may need (else it failed as "taken by another mapping").
+            heap.close()?;
+            heap = PersistentHeap::open(&rvm, segment)?;
+        }
     }
     let result = match size {
         Some(size) => heap.grow(size).map(|_| ()),
@@ -298,10 +305,11 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
 /// status, and a refused command leaves every file byte-identical), a
 /// segment that is no file or block device, or whose load map, as recovery
 /// through `log` would leave it (read without a lock, nothing written),
-/// is no load map or has no heap regions. Anything this view cannot tell
+/// is no load map or has no heap regions, or a `--size` past the maximum.
+/// Anything this view cannot tell
 /// (the log cannot be read) is left to the open, which reports it as
 /// before.
-fn not_a_heap_segment(log: &Path, segment: &Path) -> Result<(), Failure> {
+fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>) -> Result<(), Failure> {
     rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
         op: "opening segment",
         path: segment.into(),
@@ -311,13 +319,23 @@ fn not_a_heap_segment(log: &Path, segment: &Path) -> Result<(), Failure> {
     let Ok(snap) = segment_snapshot(&FileVfs, log, segment, header, &mut |_, _| {}) else { return Ok(()) };
     // The header recovery would leave: the heap's open would refuse it too.
     let map = rvm::loader::read_load_map_image(segment, &snap.bytes, snap.device_len)?;
-    match [STATIC_REGION, HEAP_REGION].into_iter().find(|name| map.get(name).is_none()) {
-        Some(name) => Err(HeapError::BadRegions {
+    if let Some(name) = [STATIC_REGION, HEAP_REGION].into_iter().find(|name| map.get(name).is_none()) {
+        return Err(HeapError::BadRegions {
             reason: format!("segment {} has no region named {name:?}: not a heap segment", segment.display()),
         }
-        .into()),
-        None => Ok(()),
+        .into());
     }
+    // A --size past the maximum (the new one, or the map's), as
+    // `Heap::check_growth` would find it after the open.
+    if let (Some(size), Some(heap)) = (size, map.get(HEAP_REGION)) {
+        let page = map.page_size().max(16);
+        let max = max.map_or(heap.span(), |m| m.checked_next_multiple_of(page).unwrap_or(u64::MAX).max(heap.len));
+        let grown = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        if grown > max && grown > heap.len {
+            return Err(HeapError::GrowthLimit { requested: size, max }.into());
+        }
+    }
+    Ok(())
 }
 
 /// The in-memory log the heap view is opened through (its records are the
