@@ -455,3 +455,41 @@ fn creating_and_deleting_segments_never_fills_the_dictionary() {
     assert_eq!(read(&rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap(), 0, 8), 399u64.to_le_bytes());
     assert!(!name(398).exists());
 }
+
+/// A log whose records must go to a segment, told to accept something that
+/// is no segment in its place (`/dev/null`, a FIFO, a folder, the log
+/// itself): refused, nothing written, and the real segment still recovers.
+#[test]
+fn accepting_something_that_is_no_segment_is_refused() {
+    use rustix::fs::{FileType, Mode, CWD};
+    let dir = tempfile::tempdir().unwrap();
+    let (log, seg) = (dir.path().join("log"), dir.path().join("seg"));
+    {
+        let rvm = setup(dir.path());
+        let s = rvm.create_segment(&seg, PAGE as u64).unwrap();
+        let r = rvm.map(&s, MapSpec::new(0, PAGE)).unwrap();
+        let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: this thread alone uses the region.
+        unsafe { tx.modify_bytes(r.addr(), b"acknowledged").unwrap() };
+        tx.commit(CommitMode::Flush).unwrap();
+    }
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+    let log_bytes = std::fs::read(&log).unwrap();
+    let canonical = seg.canonicalize().unwrap();
+    for instead in [Path::new("/dev/null"), Path::new("/dev/zero"), &fifo, dir.path(), &log] {
+        for instant in [false, true] {
+            let opts = Options { instant_recovery: instant, ..Options::default() }.accept_segment(&canonical, instead);
+            let r = Rvm::open(&log, opts);
+            assert!(
+                matches!(r, Err(Error::Log(_) | Error::Locked { .. } | Error::Io { .. })),
+                "{} accepted (instant {instant}): {r:?}",
+                instead.display()
+            );
+            assert!(std::fs::read(&log).unwrap() == log_bytes, "{}: the refusal wrote the log", instead.display());
+        }
+    }
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    let s = rvm.open_segment(&seg).unwrap();
+    assert_eq!(read(&rvm.map(&s, MapSpec::new(0, PAGE)).unwrap(), 0, 12), b"acknowledged");
+}
