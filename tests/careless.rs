@@ -493,3 +493,34 @@ fn accepting_something_that_is_no_segment_is_refused() {
     let s = rvm.open_segment(&seg).unwrap();
     assert_eq!(read(&rvm.map(&s, MapSpec::new(0, PAGE)).unwrap(), 0, 12), b"acknowledged");
 }
+
+/// Segments opened and never closed (the instance dropped instead) kept
+/// their dictionary entries for good: run after run, new segments filled
+/// the dictionary, and then no new segment could ever be opened. When the
+/// dictionary is full, the entries of segments the instance does not have
+/// open now go (no live record names them after recovery).
+#[test]
+fn segments_never_closed_do_not_fill_the_dictionary_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 4 << 20).unwrap();
+    let name = |i: usize| dir.path().join(format!("{i:05}-{}", "y".repeat(194)));
+    for run in 0..4 {
+        let opts = Options { instant_recovery: run % 2 == 1, ..Options::default() };
+        let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+        for i in run * 100..(run + 1) * 100 {
+            let seg = rvm.create_segment(name(i), PAGE as u64).unwrap();
+            let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: this thread alone uses the region.
+            unsafe { tx.modify_bytes(region.addr(), &(i as u64).to_le_bytes()).unwrap() };
+            tx.commit(if i % 10 == 9 { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
+        }
+        // Dropped, not closed: the records stay in the log for recovery.
+    }
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    for i in (0..10).chain(390..400) {
+        let seg = rvm.open_segment(name(i)).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        assert_eq!(read(&region, 0, 8), (i as u64).to_le_bytes(), "segment {i}");
+    }
+}

@@ -87,10 +87,11 @@ pub enum LogError {
         /// Capacity of the log's record area.
         capacity: u64,
     },
-    /// The log's segment dictionary has no room for another segment: it
-    /// names every segment opened through the log and not closed since
-    /// ([`crate::Rvm::close_segment`] and [`crate::Rvm::delete_segment`]
-    /// remove a segment's entry).
+    /// The log's segment dictionary has no room for another segment: the
+    /// segments this instance has open fill it (or instant recovery is
+    /// still applying the log, and segments opened before fill it).
+    /// [`crate::Rvm::close_segment`] and [`crate::Rvm::delete_segment`]
+    /// remove a segment's entry.
     #[error(
         "the log's segment dictionary is full ({limit} bytes): close segments no longer in use          (Rvm::close_segment or delete_segment remove their entries)"
     )]

@@ -83,6 +83,16 @@ impl Inner {
                 }
                 next.segments.retain(|e| e.id != id);
                 next.segments.push(format::SegmentEntry { id, name: name.clone(), device });
+                if format::Status::dict_len(&next.segments) > format::DICT_LIMIT && self.recovery_done() {
+                    // Full: entries of segments this instance does not have
+                    // open go (no live record names them: recovery applied
+                    // every earlier record, and this instance writes records
+                    // only for segments it has open; ids are never reused).
+                    // They stayed for segments opened by earlier instances
+                    // and never closed ([`crate::Rvm::close_segment`] removes
+                    // its entry).
+                    next.segments.retain(|e| e.id == id || st.segments.contains_key(&e.id));
+                }
                 next.synced_end = self.synced_end();
                 log::write_status(&self.ring, &next)?;
                 st.status = next;
