@@ -272,3 +272,18 @@ fn heap_grow_past_the_old_maximum_with_a_new_one_works() {
     let o = run(&["heap", "check", heap, "--log", log]);
     expect_code(&o, 0);
 }
+
+/// A heap segment a program holds (its lock): `heap grow` refuses it
+/// before the log is opened, so the log is byte-identical too.
+#[test]
+fn heap_grow_of_a_segment_in_use_changes_nothing() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let (log, heap) = (fx.p("log"), fx.p("heap"));
+    let held = std::fs::File::open(&heap).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let e = refused(&fx, &["heap", "grow", s(&heap), "--log", s(&log), "--size", "128K"], &[2]);
+    assert!(e.contains("in use"), "{e}");
+    drop(held);
+    expect_code(&run(&["heap", "grow", s(&heap), "--log", s(&log), "--size", "128K"]), 0);
+}

@@ -310,11 +310,18 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
 /// (the log cannot be read) is left to the open, which reports it as
 /// before.
 fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>) -> Result<(), Failure> {
-    rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
+    let file = rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
         op: "opening segment",
         path: segment.into(),
         source,
     })?;
+    // In use by a program (it holds the exclusive lock): the open would
+    // refuse it after the log's status was written.
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) == Err(rustix::io::Errno::WOULDBLOCK)
+    {
+        return Err(Error::Locked { path: segment.into() }.into());
+    }
+    drop(file);
     let header = Some((0, rvm::loader::format::MAX_HEADER_LEN));
     let Ok(snap) = segment_snapshot(&FileVfs, log, segment, header, &mut |_, _| {}) else { return Ok(()) };
     // The header recovery would leave: the heap's open would refuse it too.
