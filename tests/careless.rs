@@ -524,3 +524,183 @@ fn segments_never_closed_do_not_fill_the_dictionary_across_runs() {
         assert_eq!(read(&region, 0, 8), (i as u64).to_le_bytes(), "segment {i}");
     }
 }
+
+/// A careless program: random calls of the whole segment and region API
+/// on three segments (open, create, map in every copy mode, unmap, extend,
+/// grow, transactions committed either way or aborted, truncate,
+/// checkpoint, flush, close, delete, reopen with either recovery), many of
+/// them refused. Refusals must be the typed errors of misuse, and every
+/// read of a region and every reopen must show exactly the committed
+/// bytes.
+#[test]
+fn random_careless_calls_keep_the_committed_state() {
+    use rvm::CopyMode;
+    use std::collections::HashMap;
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+    let seed = std::env::var("RVM_CARELESS_SEED").map_or(0x5eed_1234_u64, |s| s.parse().unwrap());
+    let steps: usize = std::env::var("RVM_CARELESS_STEPS").map_or(1500, |s| s.parse().unwrap());
+    let mut rng = Rng(seed | 1);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    rvm::create_log(&log, 1 << 20).unwrap();
+    let path = |k: usize| dir.path().join(format!("seg{k}"));
+    // The committed bytes of each segment that exists.
+    let mut model: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut rvm = Some(Rvm::open(&log, Options::default()).unwrap());
+    let mut segs: HashMap<usize, rvm::Segment> = HashMap::new();
+    let mut regions: Vec<(usize, rvm::Region)> = Vec::new();
+    let allowed = |e: &Error| {
+        matches!(
+            e,
+            Error::Map(
+                MapError::AlreadyMapped { .. }
+                    | MapError::SegmentInUse { .. }
+                    | MapError::SegmentClosed { .. }
+                    | MapError::BeyondReservation { .. }
+                    | MapError::OutsideSegment { .. }
+                    | MapError::NotMapped { .. }
+            )
+        )
+    };
+    let check = |r: &rvm::Region, k: usize, model: &HashMap<usize, Vec<u8>>, step: usize| {
+        let m = &model[&k];
+        let off = r.segment_offset() as usize;
+        let got = read(r, 0, r.len());
+        assert!(got[..] == m[off..off + r.len()], "step {step}: seg{k} [{off:#x}, +{:#x}) differs", r.len());
+    };
+    for step in 0..steps {
+        let inst = rvm.as_ref().unwrap();
+        let k = rng.below(3) as usize;
+        match rng.below(16) {
+            0 | 1 => {
+                // Open, or create when missing.
+                let r = match model.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(_) => inst.open_segment(path(k)),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let len = PAGE as u64 * (1 + rng.below(4));
+                        let r = inst.create_segment(path(k), len);
+                        if r.is_ok() {
+                            v.insert(vec![0; len as usize]);
+                        }
+                        r
+                    }
+                };
+                segs.insert(k, r.unwrap_or_else(|e| panic!("step {step}: opening seg{k}: {e}")));
+            }
+            2 | 3 => {
+                if let Some(seg) = segs.get(&k) {
+                    let pages = seg.len() as usize / PAGE;
+                    let first = rng.below(pages as u64) as usize;
+                    let n = 1 + rng.below((pages - first) as u64) as usize;
+                    let copy = [CopyMode::OnDemand, CopyMode::OnMap][rng.below(2) as usize];
+                    let spec = MapSpec::new((first * PAGE) as u64, n * PAGE).copy(copy).reserve(16 * PAGE);
+                    match inst.map(seg, spec) {
+                        Ok(r) => {
+                            check(&r, k, &model, step);
+                            regions.push((k, r));
+                        }
+                        Err(e) if allowed(&e) => {}
+                        Err(e) => panic!("step {step}: map seg{k}: {e}"),
+                    }
+                }
+            }
+            4 => {
+                if !regions.is_empty() {
+                    let (_, r) = regions.swap_remove(rng.below(regions.len() as u64) as usize);
+                    inst.unmap(r).unwrap_or_else(|e| panic!("step {step}: unmap: {e}"));
+                }
+            }
+            5 => {
+                if !regions.is_empty() {
+                    let i = rng.below(regions.len() as u64) as usize;
+                    let (k, r) = (regions[i].0, regions[i].1.clone());
+                    let seg = r.segment();
+                    let new_len = r.len() + PAGE * (1 + rng.below(2) as usize);
+                    let end = r.segment_offset() + new_len as u64;
+                    if end > seg.len() && rng.below(2) == 0 {
+                        inst.extend_segment(&seg, end).unwrap();
+                        model.get_mut(&k).unwrap().resize(end as usize, 0);
+                    }
+                    match inst.grow_region(&r, new_len) {
+                        Ok(()) => check(&r, k, &model, step),
+                        Err(e) if allowed(&e) => {}
+                        Err(e) => panic!("step {step}: grow seg{k}: {e}"),
+                    }
+                }
+            }
+            6..=10 => {
+                if !regions.is_empty() {
+                    let mut tx = inst.begin(RestoreMode::Restore).unwrap();
+                    let mut changes = Vec::new();
+                    for _ in 0..1 + rng.below(3) {
+                        let (k, r) = &regions[rng.below(regions.len() as u64) as usize];
+                        let len = 1 + rng.below(64) as usize;
+                        let at = rng.below((r.len() - len) as u64) as usize;
+                        let byte = rng.below(255) as u8 + 1;
+                        let bytes = vec![byte; len];
+                        // SAFETY: this thread alone uses the regions; inside one.
+                        unsafe { tx.modify_bytes(r.addr() + at, &bytes).unwrap() };
+                        changes.push((*k, r.segment_offset() as usize + at, bytes));
+                    }
+                    match rng.below(3) {
+                        0 => tx.abort(),
+                        n => {
+                            tx.commit(if n == 1 { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
+                            for (k, at, bytes) in changes {
+                                model.get_mut(&k).unwrap()[at..at + bytes.len()].copy_from_slice(&bytes);
+                            }
+                        }
+                    }
+                    let (k, r) = &regions[rng.below(regions.len() as u64) as usize];
+                    check(r, *k, &model, step);
+                }
+            }
+            11 => match rng.below(3) {
+                0 => inst.truncate().unwrap(),
+                1 => drop(inst.checkpoint().unwrap()),
+                _ => inst.flush().unwrap(),
+            },
+            12 | 13 => {
+                if let Some(seg) = segs.get(&k).cloned() {
+                    let delete = rng.below(2) == 0;
+                    let r = if delete { inst.delete_segment(seg) } else { inst.close_segment(seg) };
+                    match r {
+                        Ok(()) => {
+                            segs.remove(&k);
+                            if delete {
+                                model.remove(&k);
+                            }
+                        }
+                        Err(e) if allowed(&e) => {}
+                        Err(e) => panic!("step {step}: close/delete seg{k}: {e}"),
+                    }
+                }
+            }
+            _ => {
+                // Everything dropped, the log reopened.
+                regions.clear();
+                segs.clear();
+                drop(rvm.take());
+                let instant = rng.below(2) == 0;
+                rvm = Some(Rvm::open(&log, Options { instant_recovery: instant, ..Options::default() }).unwrap());
+                let inst = rvm.as_ref().unwrap();
+                for (&k, m) in &model {
+                    let seg = inst.open_segment(path(k)).unwrap();
+                    assert_eq!(seg.len() as usize, m.len(), "step {step}: seg{k}'s length");
+                    let r = inst.map(&seg, MapSpec::new(0, m.len())).unwrap();
+                    check(&r, k, &model, step);
+                    inst.unmap(r).unwrap();
+                    segs.insert(k, seg);
+                }
+            }
+        }
+    }
+}
