@@ -704,3 +704,25 @@ fn random_careless_calls_keep_the_committed_state() {
         }
     }
 }
+
+/// A fixed placement over memory the program uses (its heap, its stack,
+/// its code) is refused and leaves that memory alone.
+#[test]
+fn fixed_placement_over_the_programs_own_memory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 4 * PAGE as u64).unwrap();
+    let boxed = vec![0xabu8; 64 * PAGE];
+    let on_stack = [0x5au8; 64];
+    let page_of = |p: usize| p & !(PAGE - 1);
+    let code = page_of(fixed_placement_over_the_programs_own_memory_is_refused as usize);
+    for addr in [page_of(boxed.as_ptr() as usize + PAGE), page_of(on_stack.as_ptr() as usize), code] {
+        let r = rvm.map(&seg, MapSpec::new(0, PAGE).at(addr));
+        assert!(matches!(r, Err(Error::Map(MapError::AddressInUse { .. }))), "{addr:#x}: {r:?}");
+        let r = rvm.map(&seg, MapSpec::new(0, PAGE).at(addr).copy(rvm::CopyMode::OnMap).reserve(4 * PAGE));
+        assert!(matches!(r, Err(Error::Map(MapError::AddressInUse { .. }))), "{addr:#x} reserved: {r:?}");
+    }
+    assert!(boxed.iter().all(|&b| b == 0xab));
+    assert!(on_stack.iter().all(|&b| b == 0x5a));
+    rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+}
