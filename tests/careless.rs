@@ -715,7 +715,7 @@ fn fixed_placement_over_the_programs_own_memory_is_refused() {
     let boxed = vec![0xabu8; 64 * PAGE];
     let on_stack = [0x5au8; 64];
     let page_of = |p: usize| p & !(PAGE - 1);
-    let code = page_of(fixed_placement_over_the_programs_own_memory_is_refused as usize);
+    let code = page_of(fixed_placement_over_the_programs_own_memory_is_refused as fn() as usize);
     for addr in [page_of(boxed.as_ptr() as usize + PAGE), page_of(on_stack.as_ptr() as usize), code] {
         let r = rvm.map(&seg, MapSpec::new(0, PAGE).at(addr));
         assert!(matches!(r, Err(Error::Map(MapError::AddressInUse { .. }))), "{addr:#x}: {r:?}");
