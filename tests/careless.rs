@@ -726,3 +726,41 @@ fn fixed_placement_over_the_programs_own_memory_is_refused() {
     assert!(on_stack.iter().all(|&b| b == 0x5a));
     rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
 }
+
+/// A full dictionary while instant recovery still applies the log: a new
+/// segment waits for the apply (after which the entries of segments not
+/// open can go) instead of failing with `SegmentDictionaryFull`.
+#[test]
+fn a_full_dictionary_during_instant_recovery_waits_for_the_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 4 << 20).unwrap();
+    let name = |i: usize| dir.path().join(format!("{i:05}-{}", "z".repeat(194)));
+    let mut made = 0;
+    {
+        let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+        // Fill the dictionary, each segment with a commit left in the log.
+        loop {
+            let seg = match rvm.create_segment(name(made), PAGE as u64) {
+                Ok(seg) => seg,
+                Err(Error::Log(rvm::LogError::SegmentDictionaryFull { .. })) => break,
+                Err(e) => panic!("{e}"),
+            };
+            let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: this thread alone uses the region.
+            unsafe { tx.modify_bytes(region.addr(), &(made as u64 + 1).to_le_bytes()).unwrap() };
+            tx.commit(CommitMode::NoFlush).unwrap();
+            made += 1;
+        }
+        assert!(!name(made).exists(), "a refused creation leaves no file");
+    }
+    let rvm = Rvm::open(dir.path().join("log"), Options { instant_recovery: true, ..Options::default() }).unwrap();
+    let seg = rvm.create_segment(name(made), PAGE as u64).unwrap();
+    let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&region, 0, 8), [0; 8]);
+    for i in [0, made / 2, made - 1] {
+        let seg = rvm.open_segment(name(i)).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        assert_eq!(read(&region, 0, 8), (i as u64 + 1).to_le_bytes(), "segment {i}");
+    }
+}

@@ -88,8 +88,7 @@ pub enum LogError {
         capacity: u64,
     },
     /// The log's segment dictionary has no room for another segment: the
-    /// segments this instance has open fill it (or instant recovery is
-    /// still applying the log, and segments opened before fill it).
+    /// segments this instance has open fill it.
     /// [`crate::Rvm::close_segment`] and [`crate::Rvm::delete_segment`]
     /// remove a segment's entry.
     #[error(
