@@ -319,6 +319,17 @@ fn a_fifo_is_refused_without_blocking() {
         assert_ne!(o.status.code(), Some(0), "{args:?} accepted a FIFO:\n{}", stdout(&o));
         assert!(stderr(&o).starts_with("rvmutl: error: "), "{args:?}:\n{}", stderr(&o));
     }
+    // A FIFO as the load map file: `segment create --map FIFO` used to block
+    // in `open` for good, waiting for a writer. Now a FIFO without a writer
+    // reads as empty at once and is refused as a usage error; nothing is
+    // created and the log is not opened.
+    let seg = fx.path("from-fifo.seg");
+    let log_before = std::fs::read(&fx.log).unwrap();
+    let o = rvmutl_within(&["segment", "create", s(&seg), "--log", log, "--map", f], limit);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("without a writer"), "{}", stderr(&o));
+    assert!(!seg.exists());
+    assert!(std::fs::read(&fx.log).unwrap() == log_before, "the refusal wrote the log");
 }
 
 /// A load map file that is not text (binary bytes, or text with a byte

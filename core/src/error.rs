@@ -87,8 +87,13 @@ pub enum LogError {
         /// Capacity of the log's record area.
         capacity: u64,
     },
-    /// The log's segment dictionary has no room for another segment.
-    #[error("the log's segment dictionary is full ({limit} bytes); truncate and reopen with fewer segments")]
+    /// The log's segment dictionary has no room for another segment: the
+    /// segments this instance has open fill it.
+    /// [`crate::Rvm::close_segment`] and [`crate::Rvm::delete_segment`]
+    /// remove a segment's entry.
+    #[error(
+        "the log's segment dictionary is full ({limit} bytes): close segments no longer in use          (Rvm::close_segment or delete_segment remove their entries)"
+    )]
     SegmentDictionaryFull {
         /// Size limit of the dictionary.
         limit: usize,

@@ -64,6 +64,41 @@ struct Declared {
 /// // SAFETY: as above.
 /// assert_eq!(unsafe { *counter }, 0);
 /// ```
+///
+/// A transaction ends once: `commit` and `abort` take it by value, so a
+/// second commit does not compile.
+///
+/// ```compile_fail,E0382
+/// # use rvm_core::*;
+/// # fn f(rvm: &Rvm) -> Result<()> {
+/// let tx = rvm.begin(RestoreMode::Restore)?;
+/// tx.commit(CommitMode::Flush)?;
+/// tx.commit(CommitMode::Flush)?; // used after move
+/// # Ok(()) }
+/// ```
+///
+/// It belongs to the thread that began it: it cannot be sent to another.
+///
+/// ```compile_fail,E0277
+/// # use rvm_core::*;
+/// # fn f(rvm: &Rvm) -> Result<()> {
+/// let tx = rvm.begin(RestoreMode::Restore)?;
+/// std::thread::scope(|s| {
+///     s.spawn(move || tx.commit(CommitMode::Flush));
+/// });
+/// # Ok(()) }
+/// ```
+///
+/// And it borrows its instance, which cannot be closed under it.
+///
+/// ```compile_fail,E0505
+/// # use rvm_core::*;
+/// # fn f(rvm: Rvm) -> Result<()> {
+/// let tx = rvm.begin(RestoreMode::Restore)?;
+/// drop(rvm); // moved out while borrowed
+/// tx.commit(CommitMode::Flush)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Transaction<'a> {
     rvm: &'a Inner,

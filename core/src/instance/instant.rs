@@ -156,6 +156,13 @@ impl Inner {
         Err(Error::Poisoned { cause: "instant recovery failed".into() })
     }
 
+    /// Whether recovery is complete and durable (at once without instant
+    /// recovery; with it, once the background apply wrote its final status):
+    /// no record from before this open is live any more.
+    pub(crate) fn recovery_done(&self) -> bool {
+        self.instant.as_ref().is_none_or(|i| i.state.lock().phase == Phase::Done)
+    }
+
     /// Whether instant recovery's background apply is still running.
     pub(crate) fn recovering(&self) -> bool {
         self.instant.as_ref().is_some_and(|i| i.state.lock().phase == Phase::Running)

@@ -319,7 +319,8 @@ impl Rvm {
     }
 
     /// Closes a segment: applies every commit that changed it to it (a log
-    /// replay, if any is still in the log) and forgets it, so its device is
+    /// replay, if any is still in the log) and forgets it (its entry in the
+    /// log's segment dictionary too), so its device is
     /// closed and unlocked once the last handle to it is gone (a clone of
     /// `segment` held elsewhere keeps it open). Refused while a region of
     /// it is mapped ([`MapError::SegmentInUse`]); mapping it afterwards
@@ -363,11 +364,33 @@ impl Rvm {
                 return Err(e);
             }
         }
-        self.inner.status.lock().segments.remove(&seg.id);
+        // No live record names its id now (ids are never reused): its
+        // dictionary entry goes too, durably, so that a program creating
+        // and deleting (or closing) segments does not fill the dictionary
+        // ([`LogError::SegmentDictionaryFull`]). A crash before the status
+        // is durable leaves the entry, which is harmless.
+        let pruned = {
+            let mut st = self.inner.status.lock();
+            st.segments.remove(&seg.id);
+            if st.status.segments.iter().any(|e| e.id == seg.id) {
+                let mut next = st.status.clone();
+                next.seq += 1;
+                next.segments.retain(|e| e.id != seg.id);
+                next.synced_end = self.inner.synced_end().max(next.synced_end);
+                // A status write that failed may have damaged a slot: stop.
+                let r = self.inner.poison(crate::log::write_status(&self.inner.ring, &next));
+                if r.is_ok() {
+                    st.status = next;
+                }
+                r
+            } else {
+                Ok(())
+            }
+        };
         // This log holds nothing for it now (best effort: a mark left
         // behind is recognised as stale by the next log that opens it).
         let _ = seg.dev.set_owner_mark(None);
-        Ok(())
+        pruned
     }
 
     /// Maps a page-aligned range of `segment` into memory. The region shows

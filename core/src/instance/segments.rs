@@ -24,7 +24,13 @@ impl Inner {
             if let Some(seg) = self.open_segment_once(path, create)? {
                 return Ok(seg);
             }
-            self.wait_status_durable()?;
+            if self.status_durable() {
+                // A full dictionary while instant recovery applies the
+                // log: its entries go once the apply is durable.
+                self.wait_recovered()?;
+            } else {
+                self.wait_status_durable()?;
+            }
         }
     }
 
@@ -32,7 +38,9 @@ impl Inner {
     /// entry written while instant recovery's status (§3.4 step 4), which
     /// is written without the status lock so that opening a recorded
     /// segment need not wait for it, is not yet durable: the caller waits
-    /// for it and tries again.
+    /// for it and tries again. Also `None` if the entry does not fit while
+    /// instant recovery still applies the log (entries of segments not
+    /// open can go only once it is done): the caller waits for that.
     fn open_segment_once(&self, path: &Path, create: Option<u64>) -> Result<Option<Segment>> {
         let name = self.vfs.canonical_name(path).map_err(|e| Error::io("resolving segment path", path, e))?;
         let mut st = self.status.lock();
@@ -83,6 +91,20 @@ impl Inner {
                 }
                 next.segments.retain(|e| e.id != id);
                 next.segments.push(format::SegmentEntry { id, name: name.clone(), device });
+                let full = format::Status::dict_len(&next.segments) > format::DICT_LIMIT;
+                if full && self.recovering() {
+                    return Ok(None);
+                }
+                if full && self.recovery_done() {
+                    // Full: entries of segments this instance does not have
+                    // open go (no live record names them: recovery applied
+                    // every earlier record, and this instance writes records
+                    // only for segments it has open; ids are never reused).
+                    // They stayed for segments opened by earlier instances
+                    // and never closed ([`crate::Rvm::close_segment`] removes
+                    // its entry).
+                    next.segments.retain(|e| e.id == id || st.segments.contains_key(&e.id));
+                }
                 next.synced_end = self.synced_end();
                 log::write_status(&self.ring, &next)?;
                 st.status = next;
@@ -91,7 +113,15 @@ impl Inner {
         })();
         let (id, len) = match opened {
             Ok(Some(v)) => v,
-            Ok(None) => return Ok(None),
+            Ok(None) => {
+                if create.is_some() {
+                    // Made here and named by nothing yet: removed, so that
+                    // the retry creates it again.
+                    drop(dev);
+                    let _ = self.vfs.remove(&name);
+                }
+                return Ok(None);
+            }
             Err(e) => {
                 if create.is_some() {
                     // No record names the new file: remove it, so that a

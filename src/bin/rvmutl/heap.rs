@@ -25,7 +25,10 @@ use crate::progress::Progress;
 use crate::{ndjson, Failure, Outcome, EXIT_CODES, EXIT_INVALID, EXIT_IO, EXIT_USAGE};
 use clap::Subcommand;
 use rvm::collections::Reachability;
-use rvm::heap::{CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN};
+use rvm::heap::{
+    CheckReport, HeapError, HeapSpec, HeapStats, PersistentHeap, CLASS_BOUNDS, DEFAULT_MAX_HEAP_LEN, HEAP_REGION,
+    STATIC_REGION,
+};
 use rvm::loader::spec::parse_number;
 use rvm::loader::LoaderError;
 use rvm::log::inspect::{segment_snapshot, ScanReport};
@@ -222,11 +225,16 @@ fn create(
     max: Option<u64>,
     out: &mut dyn Write,
 ) -> Outcome {
-    let rvm = open_log(log)?;
     let mut spec = HeapSpec::new(base, size).with_max_len(max.unwrap_or(DEFAULT_MAX_HEAP_LEN));
     if let Some(len) = static_len {
         spec = spec.with_static_len(len);
     }
+    // Refused before the log is opened (an open starts a new epoch in its
+    // status): a bad --base or --size, an existing path.
+    let map = spec.load_map();
+    map.validate_for_device(map.min_device_len()).map_err(HeapError::Loader)?;
+    crate::refuse_existing(segment, "creating segment")?;
+    let rvm = open_log(log)?;
     let heap = PersistentHeap::create(&rvm, segment, &spec)?;
     let (slots, bytes) = (heap.root_slots(), heap.stats().heap_bytes);
     // Applied and the log emptied: the new segment holds everything and is
@@ -247,8 +255,9 @@ fn create(
 }
 
 fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &mut dyn Write) -> Outcome {
+    not_a_heap_segment(log, segment, size, max)?;
     let rvm = open_log(log)?;
-    let heap = PersistentHeap::open(&rvm, segment)?;
+    let mut heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
     // A size past the new maximum is refused before the maximum changes:
     // a failed command changes nothing.
@@ -261,6 +270,13 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
     }
     if let Some(max) = max {
         heap.set_max_len(max)?;
+        if size.is_some() {
+            // A heap keeps the address space it reserved at load: loaded
+            // again, it reserves up to the new maximum, which the growth
+            // may need (else it failed as "taken by another mapping").
+            heap.close()?;
+            heap = PersistentHeap::open(&rvm, segment)?;
+        }
     }
     let result = match size {
         Some(size) => heap.grow(size).map(|_| ()),
@@ -281,6 +297,50 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &m
     }
     if let Some(m) = max.filter(|&m| m < old) {
         writeln!(out, "--max {m} is below the heap's size: the maximum is {max_now} bytes (a heap never shrinks)")?;
+    }
+    Ok(())
+}
+
+/// Refuses, before the log is opened (an open starts a new epoch in its
+/// status, and a refused command leaves every file byte-identical), a
+/// segment that is no file or block device, or whose load map, as recovery
+/// through `log` would leave it (read without a lock, nothing written),
+/// is no load map or has no heap regions, or a `--size` past the maximum.
+/// Anything this view cannot tell
+/// (the log cannot be read) is left to the open, which reports it as
+/// before.
+fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>) -> Result<(), Failure> {
+    let file = rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
+        op: "opening segment",
+        path: segment.into(),
+        source,
+    })?;
+    // In use by a program (it holds the exclusive lock): the open would
+    // refuse it after the log's status was written.
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) == Err(rustix::io::Errno::WOULDBLOCK)
+    {
+        return Err(Error::Locked { path: segment.into() }.into());
+    }
+    drop(file);
+    let header = Some((0, rvm::loader::format::MAX_HEADER_LEN));
+    let Ok(snap) = segment_snapshot(&FileVfs, log, segment, header, &mut |_, _| {}) else { return Ok(()) };
+    // The header recovery would leave: the heap's open would refuse it too.
+    let map = rvm::loader::read_load_map_image(segment, &snap.bytes, snap.device_len)?;
+    if let Some(name) = [STATIC_REGION, HEAP_REGION].into_iter().find(|name| map.get(name).is_none()) {
+        return Err(HeapError::BadRegions {
+            reason: format!("segment {} has no region named {name:?}: not a heap segment", segment.display()),
+        }
+        .into());
+    }
+    // A --size past the maximum (the new one, or the map's), as
+    // `Heap::check_growth` would find it after the open.
+    if let (Some(size), Some(heap)) = (size, map.get(HEAP_REGION)) {
+        let page = map.page_size().max(16);
+        let max = max.map_or(heap.span(), |m| m.checked_next_multiple_of(page).unwrap_or(u64::MAX).max(heap.len));
+        let grown = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
+        if grown > max && grown > heap.len {
+            return Err(HeapError::GrowthLimit { requested: size, max }.into());
+        }
     }
     Ok(())
 }

@@ -57,6 +57,24 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// Refuses, before the log is opened, a path a `create` command would
+/// create that exists already (a file, a directory, a symlink, even a
+/// dangling one): opening the log starts a new epoch in its status, and a
+/// refused command leaves every file byte-identical.
+/// So is a path whose folder does not exist.
+pub(crate) fn refuse_existing(path: &Path, op: &'static str) -> Result<(), Failure> {
+    let refuse =
+        |kind, text: &str| Failure::Rvm(Error::Io { op, path: path.into(), source: io::Error::new(kind, text) });
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(refuse(io::ErrorKind::AlreadyExists, "the path exists already"));
+    }
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !std::fs::metadata(folder).is_ok_and(|m| m.is_dir()) {
+        return Err(refuse(io::ErrorKind::NotFound, "its folder does not exist (or is not a folder)"));
+    }
+    Ok(())
+}
+
 /// The exit codes, as every `--help` ends.
 macro_rules! exit_codes {
     () => {

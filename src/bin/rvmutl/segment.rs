@@ -72,7 +72,8 @@ pub(crate) struct CreateArgs {
     /// Segment size in bytes (suffixes K, M, G, T); default: the smallest size that holds the map.
     #[arg(long, value_parser = parse_number)]
     size: Option<u64>,
-    /// A file holding the load map in text form; `-` reads standard input.
+    /// A file holding the load map in text form; `-` reads standard input. A FIFO is read only if a
+    /// writer has it open already (one without a writer is refused, not waited for).
     #[arg(long, value_name = "FILE")]
     map: Option<PathBuf>,
     /// A region, `name:offset:length:base[:copy]`; repeat for more regions.
@@ -160,14 +161,20 @@ const MAX_MAP_TEXT: u64 = 4 << 20;
 
 fn read_map_text(path: &Path) -> Result<String, Failure> {
     let mut bytes = Vec::new();
-    let source: io::Result<Box<dyn Read>> = if path == Path::new("-") {
-        Ok(Box::new(io::stdin()))
-    } else {
-        std::fs::File::open(path).map(|f| Box::new(f) as Box<dyn Read>)
-    };
-    source
-        .and_then(|r| r.take(MAX_MAP_TEXT + 1).read_to_end(&mut bytes))
+    let source: io::Result<(Box<dyn Read>, bool)> =
+        if path == Path::new("-") { Ok((Box::new(io::stdin()), false)) } else { open_map_file(path) };
+    let pipe = source
+        .and_then(|(r, pipe)| r.take(MAX_MAP_TEXT + 1).read_to_end(&mut bytes).map(|_| pipe))
         .map_err(|source| Failure::Loader(LoaderError::Io { op: "reading the load map", path: path.into(), source }))?;
+    if pipe && bytes.is_empty() {
+        // A named FIFO nobody writes to reads as empty at once (it used to
+        // block in `open` for good): not the empty load map it would make.
+        return Err(LoaderError::Spec {
+            line: 1,
+            reason: "nothing to read: a FIFO or pipe without a writer, or an empty one".into(),
+        }
+        .into());
+    }
     // Content that is not a load map's text is a usage error (exit 1), as
     // any other bad map, not an I/O error: the line says where.
     let line_at = |at: usize| bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -185,6 +192,20 @@ fn read_map_text(path: &Path) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|e| LoaderError::Spec { line: 1, reason: e.to_string() }.into())
 }
 
+/// Opens a load map file for reading without waiting for a writer: a
+/// FIFO is opened non-blocking (a plain open would wait until something
+/// opens its other end, for good if nothing does), then read normally, so
+/// a pipe with a writer (`--map <(...)`) streams as before and one without
+/// reads as empty. Returns the reader and whether it is a FIFO or pipe.
+fn open_map_file(path: &Path) -> io::Result<(Box<dyn Read>, bool)> {
+    use rustix::fs::{FileType, OFlags};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(OFlags::NONBLOCK.bits() as i32).open(path)?;
+    rustix::fs::fcntl_setfl(&file, rustix::fs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+    let pipe = FileType::from_raw_mode(rustix::fs::fstat(&file)?.st_mode) == FileType::Fifo;
+    Ok((Box::new(file), pipe))
+}
+
 fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
     let map = match &args.map {
         Some(path) => LoadMap::from_spec(&read_map_text(path)?)?,
@@ -200,6 +221,10 @@ fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
         }
     };
     let size = args.size.unwrap_or_else(|| map.min_device_len());
+    // What can be refused without the log is refused before it is opened
+    // (an open starts a new epoch in the log's status).
+    map.validate_for_device(size)?;
+    crate::refuse_existing(&args.segment, "creating segment")?;
     let rvm = Rvm::open(&args.log, Options { truncate_threshold: None, ..Options::default() })?;
     create_segment(&rvm, &args.segment, size, &map)?;
     // Applied and the log emptied: the new segment holds its load map and
