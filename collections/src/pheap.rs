@@ -168,11 +168,15 @@ impl PHeap {
     /// A crash while the heap segment is being made leaves a
     /// `heap.seg.creating` file, which the next call removes before it
     /// makes the heap again: the heap appears (as `heap.seg`) only once it
-    /// is complete and durable.
+    /// is complete and durable. Likewise a log left unfinished by a crash
+    /// in its creation (its superblock, written last, still zeros) in a
+    /// folder without a heap file is made again.
     pub fn open_or_create(dir: impl AsRef<Path>, config: Config) -> Result<PHeap> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
-        let created_log = !dir.join(LOG_FILE).exists();
+        // A new heap may come with a new log (or one made again over an
+        // unfinished one, see `remove_unfinished_log`).
+        let created_log = !dir.join(LOG_FILE).exists() || !dir.join(HEAP_FILE).exists();
         let heap = PHeap::open_or_create_with(Arc::new(FileVfs), dir, config)?;
         if created_log {
             // The new log's name is durable once its folder is synced.
@@ -207,6 +211,7 @@ impl PHeap {
             return Err(Error::Config(format!("heap_len {} is not a non-zero multiple of 4096", config.heap_len)));
         }
         let log = dir.join(LOG_FILE);
+        remove_unfinished_log(vfs.as_ref(), dir)?;
         match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
             Ok(()) => {}
             Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -474,6 +479,47 @@ impl Drop for ReserveOnDrop {
     fn drop(&mut self) {
         crate::raw::reserve_claimed(self.start, self.len);
     }
+}
+
+/// Removes the log of `dir` if a process killed while making it (the
+/// first open of the folder) left it unfinished, so that the open makes
+/// it again instead of refusing the folder for good.
+///
+/// A log's superblock is written last (`create_log_with`, which sizes
+/// the file first): an empty file, or one whose first block is all
+/// zeros, was never a log and holds no commit. It is taken for an
+/// unfinished creation only if the heap file was not made yet either (it
+/// is made after the log is complete): `heap.seg` and `heap.seg.creating`
+/// both absent. Anything else (another file's bytes, damage to a log that
+/// has a heap) is left for `Rvm::open` to refuse, untouched.
+fn remove_unfinished_log(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
+    let log = dir.join(LOG_FILE);
+    for path in [log.clone(), dir.join(HEAP_FILE), dir.join(CREATING_FILE)] {
+        let exists = vfs.exists(&path).map_err(io("looking for the heap's files", &path))?;
+        if exists != (path == log) {
+            return Ok(());
+        }
+    }
+    // Held (locked) while deciding and removing: a log another process
+    // has open is left alone (`Rvm::open` then reports it locked).
+    let dev = match vfs.open(&log, rvm_core::OpenMode::Existing) {
+        Ok(dev) => dev,
+        Err(_) => return Ok(()),
+    };
+    let block = rvm_core::log::format::BLOCK;
+    let unfinished = match dev.len() {
+        Ok(0) => true,
+        Ok(len) if len < block => false,
+        Ok(_) => {
+            let mut first = vec![0u8; block as usize];
+            dev.read_at(&mut first, 0).is_ok() && first.iter().all(|&b| b == 0)
+        }
+        Err(_) => false,
+    };
+    if unfinished {
+        vfs.remove(&log).map_err(io("removing an unfinished log", &log))?;
+    }
+    Ok(())
 }
 
 /// Makes a heap segment under a temporary name, applies and forgets it in
