@@ -211,14 +211,26 @@ impl PHeap {
             return Err(Error::Config(format!("heap_len {} is not a non-zero multiple of 4096", config.heap_len)));
         }
         let log = dir.join(LOG_FILE);
-        remove_unfinished_log(vfs.as_ref(), dir)?;
-        match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
-            Ok(()) => {}
-            Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
-        let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone())?;
         let path = dir.join(HEAP_FILE);
+        remove_unfinished_log(vfs.as_ref(), dir)?;
+        refuse_cut_heap_file(vfs.as_ref(), &path)?;
+        let heap_existed = vfs.exists(&path).map_err(io("looking for the heap", &path))?;
+        let made_log = match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
+            Ok(()) => true,
+            Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e.into()),
+        };
+        // A log made here beside an existing heap file (its own log lost)
+        // is removed again if the heap file is refused before it was
+        // opened through it (`SegmentLogGone`, damage): it holds nothing,
+        // and a refusal leaves the folder as it found it.
+        let refused = |e: Error| {
+            if made_log && heap_existed {
+                let _ = vfs.remove(&log);
+            }
+            e
+        };
+        let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone()).map_err(|e| refused(e.into()))?;
         let (heap, reserve) = {
             // Heaps made in this process at once must not pick the same
             // free range (a pick is free until the heap maps it).
@@ -228,7 +240,13 @@ impl PHeap {
             }
             // A range this process held for the heap while it was closed
             // is released just before the heap maps it again.
-            let map = rvm_loader::read_load_map(&rvm, &path)?;
+            let map = match rvm_loader::read_load_map(&rvm, &path) {
+                Ok(map) => map,
+                Err(e) => {
+                    drop(rvm);
+                    return Err(refused(e.into()));
+                }
+            };
             if let (Some(lo), Some(hi)) = (
                 map.regions().iter().map(|r| r.base).min(),
                 map.regions().iter().map(|r| r.base.saturating_add(r.span())).max(),
@@ -519,6 +537,46 @@ fn remove_unfinished_log(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
     if unfinished {
         vfs.remove(&log).map_err(io("removing an unfinished log", &log))?;
     }
+    Ok(())
+}
+
+/// Refuses a heap file cut shorter than its own load map says, or whose
+/// header's magic or version is not the loader's, before recovery writes
+/// anything (the loader would refuse it only after recovery applied the
+/// log to it).
+///
+/// A header that decodes and passes its checksum is judged by its file's
+/// length: a valid header, old or new, always fits its file (a growth
+/// extends and syncs the file before it commits the longer map, DESIGN
+/// 8.5), so one that does not was cut behind the library's back. The
+/// magic and version are the same in every header ever written to a
+/// `heap.seg` (it gets that name only once its header is durable), so no
+/// torn write and no record in the log can make them right: other bytes
+/// there are damage. Any other fault of the header (a checksum, which a
+/// torn write that the log redoes can spoil) is left to recovery and the
+/// loader.
+fn refuse_cut_heap_file(vfs: &dyn Vfs, path: &Path) -> Result<()> {
+    /// More than the longest header (the region table's limit).
+    const HEADER_READ: u64 = 128 << 10;
+    if !vfs.exists(path).map_err(io("looking for the heap", path))? {
+        return Ok(());
+    }
+    // Any trouble reading is left to the open that follows to report.
+    let Ok(dev) = vfs.open(path, rvm_core::OpenMode::Existing) else { return Ok(()) };
+    let Ok(len) = dev.len() else { return Ok(()) };
+    let mut image = vec![0u8; len.min(HEADER_READ) as usize];
+    if dev.read_at(&mut image, 0).is_err() {
+        return Ok(());
+    }
+    drop(dev);
+    match rvm_loader::read_load_map_image(path, &image, u64::MAX) {
+        Ok(_) => {}
+        Err(e @ (rvm_loader::LoaderError::NotALoadMap { .. } | rvm_loader::LoaderError::UnsupportedVersion { .. })) => {
+            return Err(e.into())
+        }
+        Err(_) => return Ok(()),
+    }
+    rvm_loader::read_load_map_image(path, &image, len)?;
     Ok(())
 }
 
