@@ -765,7 +765,11 @@ fn kill_9_in_the_middle_of_typed_writes_loses_nothing_acknowledged() {
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+        // Every other round reopens with instant recovery (the log
+        // applied in the background, pages brought up to date on touch).
+        let mut config = small();
+        config.options.instant_recovery = round % 2 == 1;
+        let heap = PHeap::open_or_create(dir.path(), config).unwrap();
         let n = audit_journal(&heap);
         assert!(n >= acked, "round {round}: {n} writes found, {acked} acknowledged durable");
         durable = n;
@@ -1172,4 +1176,58 @@ fn big_strings_and_vectors_round_trip() {
         assert_eq!(r.root::<PVec<PString>>("strings").unwrap().unwrap()[0].as_str(), big);
     });
     clean(&heap);
+}
+
+/// Writes that do not wait for the disk are still there after the heap
+/// is dropped or closed without a crash (only a crash may lose them), and
+/// a reopen with instant recovery finds the same.
+#[test]
+fn no_flush_writes_survive_a_drop_and_a_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    for i in 0..50 {
+        heap.write_no_flush(|tx| append(tx, i)).unwrap();
+    }
+    drop(heap);
+    let mut instant = small();
+    instant.options.instant_recovery = true;
+    let heap = PHeap::open_or_create(dir.path(), instant.clone()).unwrap();
+    assert_eq!(audit_journal(&heap), 50);
+    for i in 50..80 {
+        heap.write_no_flush(|tx| append(tx, i)).unwrap();
+    }
+    heap.close().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), instant).unwrap();
+    assert_eq!(audit_journal(&heap), 80);
+}
+
+/// Configurations no heap can have: typed errors at the first open (no
+/// panic, no overflow), and the folder can then be opened with a good one.
+#[test]
+fn impossible_configurations_are_typed_errors() {
+    let bad = [
+        Config { base: Some(0), ..small() },
+        Config { base: Some(1), ..small() },
+        Config { base: Some(u64::MAX & !0xfff), ..small() },
+        Config { base: Some(0xffff_8000_0000_0000), ..small() },
+        Config { base: Some(0x7fff_ffff_f000), ..small() },
+        Config { heap_len: u64::MAX & !0xfff, ..small() },
+        Config { heap_len: 1 << 62, max_heap_len: 1 << 62, ..small() },
+        Config { max_heap_len: u64::MAX, ..small() },
+        Config { log_len: 0, ..small() },
+        Config { log_len: 4096, ..small() },
+        Config { log_len: u64::MAX, ..small() },
+    ];
+    for config in bad {
+        let dir = tempfile::tempdir().unwrap();
+        let shown = format!("{config:?}");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            PHeap::open_or_create(dir.path(), config).map(drop)
+        }))
+        .unwrap_or_else(|_| panic!("{shown}: panicked"));
+        assert!(r.is_err(), "{shown}: opened");
+        let heap = PHeap::open_or_create(dir.path(), small()).unwrap_or_else(|e| panic!("{shown}, then: {e:?}"));
+        heap.write(|tx| tx.root_or_insert_with("n", || 1u64).map(drop)).unwrap();
+        clean(&heap);
+    }
 }
