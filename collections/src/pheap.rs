@@ -556,8 +556,9 @@ fn remove_unfinished_log(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
 /// torn write that the log redoes can spoil) is left to recovery and the
 /// loader.
 fn refuse_cut_heap_file(vfs: &dyn Vfs, path: &Path) -> Result<()> {
-    /// More than the longest header (the region table's limit).
-    const HEADER_READ: u64 = 128 << 10;
+    /// Enough for a heap's header (two regions: a few hundred bytes); a
+    /// longer one is not judged here (the image ends inside it).
+    const HEADER_READ: u64 = 4096;
     if !vfs.exists(path).map_err(io("looking for the heap", path))? {
         return Ok(());
     }
