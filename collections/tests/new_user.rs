@@ -670,6 +670,33 @@ fn child_process() {
                 }
             }
         }
+        "rvm-calls" => {
+            // Every safe call of the heap's `Rvm` a user might try on it.
+            heap.write(|tx| append(tx, 0)).unwrap();
+            let rvm = heap.rvm();
+            for region in rvm.regions() {
+                say(format!("unmap {:?}", rvm.unmap(region.clone()).map_err(|e| e.to_string())));
+            }
+            let seg = rvm.open_segment(dir.join(rvm_collections::HEAP_FILE));
+            say(format!("open_segment {:?}", seg.as_ref().map(drop).map_err(|e| e.to_string())));
+            if let Ok(seg) = seg {
+                say(format!("close_segment {:?}", rvm.close_segment(seg.clone()).map_err(|e| e.to_string())));
+                say(format!("delete_segment {:?}", rvm.delete_segment(seg).map_err(|e| e.to_string())));
+            }
+            say(format!("truncate {:?}", rvm.truncate().map_err(|e| e.to_string())));
+            say(format!("checkpoint {:?}", rvm.checkpoint().map(drop).map_err(|e| e.to_string())));
+            heap.write(|tx| append(tx, 1)).unwrap();
+            for region in rvm.regions() {
+                say(format!("track {:?}", rvm.track(&region).map_err(|e| e.to_string())));
+            }
+            let w = heap.write(|tx| append(tx, 2));
+            say(format!("write after track {:?}", w.map_err(|e| e.to_string())));
+            let n = heap.read(|r| r.root::<Journal>("journal").unwrap().map_or(0, |j| j.seq.len()));
+            say(format!("read {n}"));
+            say(format!("check {:?}", heap.check().map(|c| c.is_clean()).map_err(|e| e.to_string())));
+            say(format!("close {:?}", heap.close().map_err(|e| e.to_string())));
+            say("end".into());
+        }
         "write" => {
             let start = heap.read(|r| r.root::<Journal>("journal").unwrap().map_or(0, |j| j.seq.len() as u64));
             for i in start.. {
@@ -1230,4 +1257,25 @@ fn impossible_configurations_are_typed_errors() {
         heap.write(|tx| tx.root_or_insert_with("n", || 1u64).map(drop)).unwrap();
         clean(&heap);
     }
+}
+
+/// The heap's `Rvm` (a safe accessor) used for every safe call a user
+/// might try on it while the heap is open: unmapping its regions, closing
+/// or deleting its segment, truncating, checkpointing, tracking its
+/// regions. Each is refused with a typed error or harmless; the process
+/// does not crash (it runs in a child), and the heap reopens sound.
+#[test]
+fn the_heaps_rvm_cannot_pull_the_heap_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_child("rvm-calls", dir.path());
+    let said: Vec<String> = child_lines(&mut child).iter().collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?} after {said:#?}");
+    assert_eq!(said.last().map(String::as_str), Some("end"), "{said:#?}");
+    for line in &said {
+        assert!(!line.starts_with("unmap Ok") && !line.starts_with("close_segment Ok"), "{said:#?}");
+        assert!(!line.starts_with("delete_segment Ok"), "{said:#?}");
+    }
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert!(audit_journal(&heap) >= 2);
 }
