@@ -223,6 +223,15 @@ pub(crate) fn bytes_of<T: Persist>(value: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
+/// The bytes of a slice of values (every one initialised, by
+/// [`Persist`]'s contract).
+pub(crate) fn bytes_of_slice<T: Persist>(values: &[T]) -> &[u8] {
+    // SAFETY: as in `bytes_of`, for each of the values, which lie next to
+    // each other with no gap (a slice's stride is the size); the slice
+    // borrows `values`.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

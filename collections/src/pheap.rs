@@ -168,15 +168,22 @@ impl PHeap {
     /// A crash while the heap segment is being made leaves a
     /// `heap.seg.creating` file, which the next call removes before it
     /// makes the heap again: the heap appears (as `heap.seg`) only once it
-    /// is complete and durable.
+    /// is complete and durable. Likewise a log left unfinished by a crash
+    /// in its creation (its superblock, written last, still zeros) in a
+    /// folder without a heap file is made again.
     pub fn open_or_create(dir: impl AsRef<Path>, config: Config) -> Result<PHeap> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
-        let created_log = !dir.join(LOG_FILE).exists();
+        // A new heap may come with a new log (or one made again over an
+        // unfinished one, see `remove_unfinished_log`).
+        let created_log = !dir.join(LOG_FILE).exists() || !dir.join(HEAP_FILE).exists();
         let heap = PHeap::open_or_create_with(Arc::new(FileVfs), dir, config)?;
         if created_log {
-            // The new log's name is durable once its folder is synced.
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing the folder", dir))?;
+            // The new log's name is durable once its folder is synced (an
+            // empty path names the current folder, as it does for the
+            // files).
+            let folder = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            std::fs::File::open(folder).and_then(|d| d.sync_all()).map_err(io("syncing the folder", folder))?;
         }
         Ok(heap)
     }
@@ -207,13 +214,26 @@ impl PHeap {
             return Err(Error::Config(format!("heap_len {} is not a non-zero multiple of 4096", config.heap_len)));
         }
         let log = dir.join(LOG_FILE);
-        match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
-            Ok(()) => {}
-            Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
-        let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone())?;
         let path = dir.join(HEAP_FILE);
+        remove_unfinished_log(vfs.as_ref(), dir)?;
+        refuse_cut_heap_file(vfs.as_ref(), &path)?;
+        let heap_existed = vfs.exists(&path).map_err(io("looking for the heap", &path))?;
+        let made_log = match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
+            Ok(()) => true,
+            Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e.into()),
+        };
+        // A log made here beside an existing heap file (its own log lost)
+        // is removed again if the heap file is refused before it was
+        // opened through it (`SegmentLogGone`, damage): it holds nothing,
+        // and a refusal leaves the folder as it found it.
+        let refused = |e: Error| {
+            if made_log && heap_existed {
+                let _ = vfs.remove(&log);
+            }
+            e
+        };
+        let rvm = Rvm::open_with(vfs.clone(), &log, config.options.clone()).map_err(|e| refused(e.into()))?;
         let (heap, reserve) = {
             // Heaps made in this process at once must not pick the same
             // free range (a pick is free until the heap maps it).
@@ -223,7 +243,13 @@ impl PHeap {
             }
             // A range this process held for the heap while it was closed
             // is released just before the heap maps it again.
-            let map = rvm_loader::read_load_map(&rvm, &path)?;
+            let map = match rvm_loader::read_load_map(&rvm, &path) {
+                Ok(map) => map,
+                Err(e) => {
+                    drop(rvm);
+                    return Err(refused(e.into()));
+                }
+            };
             if let (Some(lo), Some(hi)) = (
                 map.regions().iter().map(|r| r.base).min(),
                 map.regions().iter().map(|r| r.base.saturating_add(r.span())).max(),
@@ -474,6 +500,88 @@ impl Drop for ReserveOnDrop {
     fn drop(&mut self) {
         crate::raw::reserve_claimed(self.start, self.len);
     }
+}
+
+/// Removes the log of `dir` if a process killed while making it (the
+/// first open of the folder) left it unfinished, so that the open makes
+/// it again instead of refusing the folder for good.
+///
+/// A log's superblock is written last (`create_log_with`, which sizes
+/// the file first): an empty file, or one whose first block is all
+/// zeros, was never a log and holds no commit. It is taken for an
+/// unfinished creation only if the heap file was not made yet either (it
+/// is made after the log is complete): `heap.seg` and `heap.seg.creating`
+/// both absent. Anything else (another file's bytes, damage to a log that
+/// has a heap) is left for `Rvm::open` to refuse, untouched.
+fn remove_unfinished_log(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
+    let log = dir.join(LOG_FILE);
+    for path in [log.clone(), dir.join(HEAP_FILE), dir.join(CREATING_FILE)] {
+        let exists = vfs.exists(&path).map_err(io("looking for the heap's files", &path))?;
+        if exists != (path == log) {
+            return Ok(());
+        }
+    }
+    // Held (locked) while deciding and removing: a log another process
+    // has open is left alone (`Rvm::open` then reports it locked).
+    let dev = match vfs.open(&log, rvm_core::OpenMode::Existing) {
+        Ok(dev) => dev,
+        Err(_) => return Ok(()),
+    };
+    let block = rvm_core::log::format::BLOCK;
+    let unfinished = match dev.len() {
+        Ok(0) => true,
+        Ok(len) if len < block => false,
+        Ok(_) => {
+            let mut first = vec![0u8; block as usize];
+            dev.read_at(&mut first, 0).is_ok() && first.iter().all(|&b| b == 0)
+        }
+        Err(_) => false,
+    };
+    if unfinished {
+        vfs.remove(&log).map_err(io("removing an unfinished log", &log))?;
+    }
+    Ok(())
+}
+
+/// Refuses a heap file cut shorter than its own load map says, or whose
+/// header's magic or version is not the loader's, before recovery writes
+/// anything (the loader would refuse it only after recovery applied the
+/// log to it).
+///
+/// A header that decodes and passes its checksum is judged by its file's
+/// length: a valid header, old or new, always fits its file (a growth
+/// extends and syncs the file before it commits the longer map, DESIGN
+/// 8.5), so one that does not was cut behind the library's back. The
+/// magic and version are the same in every header ever written to a
+/// `heap.seg` (it gets that name only once its header is durable), so no
+/// torn write and no record in the log can make them right: other bytes
+/// there are damage. Any other fault of the header (a checksum, which a
+/// torn write that the log redoes can spoil) is left to recovery and the
+/// loader.
+fn refuse_cut_heap_file(vfs: &dyn Vfs, path: &Path) -> Result<()> {
+    /// Enough for a heap's header (two regions: a few hundred bytes); a
+    /// longer one is not judged here (the image ends inside it).
+    const HEADER_READ: u64 = 4096;
+    if !vfs.exists(path).map_err(io("looking for the heap", path))? {
+        return Ok(());
+    }
+    // Any trouble reading is left to the open that follows to report.
+    let Ok(dev) = vfs.open(path, rvm_core::OpenMode::Existing) else { return Ok(()) };
+    let Ok(len) = dev.len() else { return Ok(()) };
+    let mut image = vec![0u8; len.min(HEADER_READ) as usize];
+    if dev.read_at(&mut image, 0).is_err() {
+        return Ok(());
+    }
+    drop(dev);
+    match rvm_loader::read_load_map_image(path, &image, u64::MAX) {
+        Ok(_) => {}
+        Err(e @ (rvm_loader::LoaderError::NotALoadMap { .. } | rvm_loader::LoaderError::UnsupportedVersion { .. })) => {
+            return Err(e.into())
+        }
+        Err(_) => return Ok(()),
+    }
+    rvm_loader::read_load_map_image(path, &image, len)?;
+    Ok(())
 }
 
 /// Makes a heap segment under a temporary name, applies and forgets it in

@@ -44,6 +44,12 @@ const HEADROOM: usize = 256 << 20;
 /// while their heap is closed. If the kernel has no gap left, the closed
 /// heaps' ranges are let go ([`forget_closed`]) and the pick is tried once
 /// more.
+///
+/// A range in [`PICK_WINDOW`] is tried first, at random places: the
+/// kernel's own picks lie where every process keeps its libraries, thread
+/// stacks and allocator arenas, so a heap made by one process at such a
+/// pick often could not be mapped by another (`AddressInUse` at open: a
+/// heap made by a child process, opened by its parent).
 pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<usize> {
     match pick_range(len, align) {
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error()) && forget_closed(0) > 0 => {
@@ -55,6 +61,9 @@ pub(crate) fn free_address_range(len: usize, align: usize) -> std::io::Result<us
 
 fn pick_range(len: usize, align: usize) -> std::io::Result<usize> {
     use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    if let Some(addr) = pick_in_window(len, align) {
+        return Ok(addr);
+    }
     let span = len
         .checked_add(align)
         .and_then(|s| s.checked_add(HEADROOM))
@@ -83,6 +92,55 @@ fn pick_range(len: usize, align: usize) -> std::io::Result<usize> {
         let _ = unsafe { munmap(p, span) };
     }
     result
+}
+
+/// Where [`free_address_range`] looks first: `[32 TiB, 80 TiB)`, an
+/// address range Linux does not use unless asked (programs load at
+/// `0x55…`/`0x56…`, the kernel's `mmap` picks and the stack lie near
+/// `0x7f…`; sanitizer shadow memory ends below 17 TiB; the loader's
+/// tests and examples use `0x5a00…` and up).
+const PICK_WINDOW: (usize, usize) = (0x2000_0000_0000, 0x5000_0000_0000);
+
+/// A free range of `len` bytes aligned to `align` at a random place of
+/// [`PICK_WINDOW`] (`None` if it does not fit there, or the address space
+/// has no such addresses, or 32 random places were taken).
+fn pick_in_window(len: usize, align: usize) -> Option<usize> {
+    use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    use std::hash::{BuildHasher, Hasher};
+    let (lo, hi) = PICK_WINDOW;
+    let room = (hi - lo).checked_sub(len)?;
+    if align == 0 || len == 0 || len > (hi - lo) / 4 {
+        return None;
+    }
+    let slots = room / align;
+    for _ in 0..32 {
+        // A random number: the std hasher's keys are random per process
+        // and differ at every `RandomState::new`.
+        let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let addr = lo + (r as usize % slots.max(1)) * align;
+        if overlaps_claimed(addr, len) {
+            continue;
+        }
+        // SAFETY: a PROT_NONE anonymous mapping at a fixed address with
+        // FIXED_NOREPLACE: it fails rather than replace anything; it is
+        // never accessed and unmapped at once.
+        let p = unsafe {
+            mmap_anonymous(
+                addr as *mut std::ffi::c_void,
+                len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+            )
+        };
+        let Ok(p) = p else { continue };
+        // SAFETY: unmaps exactly the mapping just made, which nothing uses.
+        let _ = unsafe { munmap(p, len) };
+        // An old kernel may treat the flag as a hint and map elsewhere.
+        if p as usize == addr {
+            return Some(addr);
+        }
+    }
+    None
 }
 
 /// A heap's address range in this process: `[start, end)`, and what holds

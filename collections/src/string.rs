@@ -105,7 +105,7 @@ impl<'t, 'h> Mut<'t, 'h, PString> {
 
     /// Appends `s`.
     pub fn push_str(&mut self, s: &str) -> Result<()> {
-        self.bytes().extend_from_slice(s.as_bytes())
+        self.bytes().extend_copied(s.as_bytes())
     }
 
     /// Appends `c`.

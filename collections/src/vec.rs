@@ -437,6 +437,30 @@ impl<T: Plain> Mut<'_, '_, PVec<T>> {
         Ok(unsafe { crate::raw::slice_mut::<T>(ptr, len) })
     }
 
+    /// Appends copies of `items`, their bytes written in one go (one
+    /// declared range, not one per element).
+    pub(crate) fn extend_copied(&mut self, items: &[T]) -> Result<()>
+    where
+        T: Copy,
+    {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let (_, len, _) = self.header();
+        let too_long = rvm_heap::HeapError::BadLayout { size: usize::MAX, align: std::mem::align_of::<T>() };
+        let new_len = len.checked_add(items.len()).ok_or(crate::Error::Heap(too_long))?;
+        self.grow_to(new_len)?;
+        let (ptr, _, cap) = self.header();
+        let at = NonNull::new(self.slot(len) as *mut u8)
+            .ok_or_else(|| crate::Error::Damaged { name: std::any::type_name::<T>().into() })?;
+        // SAFETY: slots `[len, new_len)` lie in this vector's buffer (just
+        // grown to hold them), which only this guard reaches; no reference
+        // into them exists. `Plain` copies own nothing.
+        self.tx().with_htx(|htx| unsafe { Ok(htx.write(at, crate::persist::bytes_of_slice(items))?) })?;
+        self.set_header(ptr, new_len, cap);
+        Ok(())
+    }
+
     /// Appends clones of `items`.
     pub fn extend_from_slice(&mut self, items: &[T]) -> Result<()>
     where

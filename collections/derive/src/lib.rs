@@ -84,17 +84,17 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     // points at itself (`next: Option<PBox<Node>>`) would make a bound on
     // its field type a cycle. The fields are still required to be
     // `Persist`: the constants below use their `Persist` items.
+    let krate = collections_path();
     for p in input.generics.type_params() {
         let id = &p.ident;
-        where_clause.predicates.push(syn::parse_quote!(#id: ::rvm_collections::Persist));
+        where_clause.predicates.push(syn::parse_quote!(#id: #krate::Persist));
     }
     for ty in &types {
         // Behind a higher-ranked bound, a field type that is not `Plain`
         // makes the impl not apply instead of failing to compile: a
         // struct holding a collection is `Persist` but not `Plain`.
-        plain_where.predicates.push(syn::parse_quote!(for<'__rvm_plain> #ty: ::rvm_collections::persist::Plain));
+        plain_where.predicates.push(syn::parse_quote!(for<'__rvm_plain> #ty: #krate::persist::Plain));
     }
-    let krate = quote!(::rvm_collections);
     Ok(quote! {
         // SAFETY: every field is `Persist` (the constants use each field's
         // `Persist` items, which fails to compile otherwise), the layout is
@@ -154,4 +154,31 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         // SAFETY: every field owns no heap block (the bounds above).
         unsafe impl #impl_generics #krate::persist::Plain for #name #ty_generics #plain_where {}
     })
+}
+
+/// The path of the typed layer in the crate being compiled: the
+/// `rvm-collections` crate if it depends on it (under any name), else the
+/// facade's `rvm::collections` (a program that depends on `rvm` alone, as
+/// README's example does: `::rvm_collections` does not resolve there), else
+/// `::rvm_collections`.
+fn collections_path() -> proc_macro2::TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    let ident = |name: &str| proc_macro2::Ident::new(name, proc_macro2::Span::call_site());
+    match crate_name("rvm-collections") {
+        // Its own tests and doc tests (the library itself derives nothing).
+        Ok(FoundCrate::Itself) => return quote!(::rvm_collections),
+        Ok(FoundCrate::Name(name)) => {
+            let name = ident(&name);
+            return quote!(::#name);
+        }
+        Err(_) => {}
+    }
+    match crate_name("rvm") {
+        Ok(FoundCrate::Itself) => quote!(::rvm::collections),
+        Ok(FoundCrate::Name(name)) => {
+            let name = ident(&name);
+            quote!(::#name::collections)
+        }
+        Err(_) => quote!(::rvm_collections),
+    }
 }
