@@ -34,10 +34,11 @@
 //! for more rounds, and `RVM_KILL9_SEED=S` to fix the random kill delays and
 //! per-round options (the seed in use is printed; timing still varies).
 
+mod common;
+
 use rvm::{create_log, recover_log, CommitMode, CopyMode, Error, FileVfs, MapSpec, Options, Region, RestoreMode, Rvm};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -359,20 +360,6 @@ fn spawn_child(test: &str, dir: &Path, role: &str, copy: &str, coalesce: bool) -
         .expect("spawning the child")
 }
 
-/// SIGKILLs the child and reaps it; panics if it had ended by itself.
-fn kill_child(child: &mut Child, dir: &Path) {
-    if let Some(status) = child.try_wait().unwrap() {
-        let err = std::fs::read_to_string(Paths::new(dir).stderr).unwrap_or_default();
-        panic!("the child ended by itself ({status}) before the kill:\n{err}");
-    }
-    child.kill().expect("killing the child");
-    let status = child.wait().unwrap();
-    if status.signal() != Some(9) {
-        let err = std::fs::read_to_string(Paths::new(dir).stderr).unwrap_or_default();
-        panic!("the child ended with {status}, not by SIGKILL:\n{err}");
-    }
-}
-
 struct Rng(u64);
 
 impl Rng {
@@ -438,7 +425,7 @@ fn kill9_recovery_keeps_a_committed_prefix() {
         let delay = Duration::from_millis(20 + rng.below(281));
         let mut child = spawn_child("kill9_recovery_keeps_a_committed_prefix", dir.path(), "commit", copy, coalesce);
         std::thread::sleep(delay);
-        kill_child(&mut child, dir.path());
+        common::kill_child(&mut child, &Paths::new(dir.path()).stderr);
 
         let side = side_numbers(&paths.side);
         assert!(side.windows(2).all(|w| w[0] <= w[1]), "side file not monotonic: {side:?}");
@@ -521,7 +508,7 @@ fn kill9_second_process_is_locked_out() {
         rvm.close().unwrap();
     }
 
-    kill_child(&mut child, dir.path());
+    common::kill_child(&mut child, &Paths::new(dir.path()).stderr);
     let rvm = Rvm::open(&paths.log, parent_opts()).expect("opening the log after the holder died");
     assert_eq!(rvm.recovery_report().transactions, 1);
     // A second open in this process is refused as well.

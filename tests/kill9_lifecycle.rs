@@ -13,10 +13,11 @@
 //! Rounds: `RVM_KILL9_ROUNDS` (default 6 here), delays fixed by
 //! `RVM_KILL9_SEED`.
 
+mod common;
+
 use rvm::{create_log, CommitMode, MapSpec, Options, Region, RestoreMode, Rvm};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -173,16 +174,6 @@ fn spawn_child(dir: &Path) -> Child {
         .expect("spawning the child")
 }
 
-fn kill_child(child: &mut Child, dir: &Path) {
-    if let Some(status) = child.try_wait().unwrap() {
-        let err = std::fs::read_to_string(Paths::new(dir).stderr).unwrap_or_default();
-        panic!("the child ended by itself ({status}) before the kill:\n{err}");
-    }
-    child.kill().expect("killing the child");
-    let status = child.wait().unwrap();
-    assert_eq!(status.signal(), Some(9), "{}", std::fs::read_to_string(Paths::new(dir).stderr).unwrap_or_default());
-}
-
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -265,7 +256,7 @@ fn kill9_during_segment_lifecycle_calls() {
         let mut child = spawn_child(dir.path());
         let delay = 60 + splitmix(seed ^ round as u64) % 400;
         std::thread::sleep(Duration::from_millis(delay));
-        kill_child(&mut child, dir.path());
+        common::kill_child(&mut child, &Paths::new(dir.path()).stderr);
         check(&paths, round);
     }
     let a = acked(&paths.side);

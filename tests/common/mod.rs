@@ -1,5 +1,6 @@
-//! Helpers shared by the `rvmutl` tests (`tests/cli*.rs`): running the tool
-//! as a separate process and checking what it printed and returned.
+//! Helpers shared by the integration tests: running `rvmutl` as a separate
+//! process and checking what it printed and returned (`tests/cli*.rs`), and
+//! killing a child test process (`tests/kill9*.rs`).
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::process::{Command, Output};
@@ -75,4 +76,17 @@ pub fn log_doc(o: &Output) -> serde_json::Value {
     doc["frames"] = serde_json::Value::Array(records(&all, "frame").into_iter().cloned().collect());
     doc["scan"] = records(&all, "scan").first().map_or(serde_json::Value::Null, |s| (*s).clone());
     doc
+}
+
+/// SIGKILLs a child test process and reaps it; panics, showing what it
+/// wrote to `stderr_file`, if it had ended by itself or by another signal.
+pub fn kill_child(child: &mut std::process::Child, stderr_file: &std::path::Path) {
+    use std::os::unix::process::ExitStatusExt;
+    let err = || std::fs::read_to_string(stderr_file).unwrap_or_default();
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("the child ended by itself ({status}) before the kill:\n{}", err());
+    }
+    child.kill().expect("killing the child");
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "the child ended with {status}, not by SIGKILL:\n{}", err());
 }
