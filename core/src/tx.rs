@@ -258,7 +258,10 @@ impl<'a> Transaction<'a> {
     /// (the log is too small for it, or an earlier I/O failure stopped the
     /// instance) the transaction is aborted and the error returned.
     pub fn commit(mut self, mode: CommitMode) -> Result<()> {
-        if let Err(e) = self.verify_declared() {
+        // A stopped instance is reported as such, before the detector: its
+        // check could blame stores that a failed transaction's owner put
+        // back after the failure.
+        if let Err(e) = self.rvm.check_poison().and_then(|()| self.verify_declared()) {
             self.rollback();
             return Err(e);
         }

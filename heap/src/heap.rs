@@ -487,12 +487,28 @@ impl Heap {
 
     /// Puts back bytes of heap metadata after a failed commit.
     fn write_back(&self, addr: usize, bytes: &[u8]) {
-        if self.region_of(addr, bytes.len()).is_some() {
+        if self.region_of(addr, bytes.len()).is_none() {
+            return;
+        }
+        // Through a no-restore transaction that is then aborted (nothing is
+        // logged): the core sees the stores as a transaction's, so its
+        // undeclared-store detector (`Options::verify_stores`) takes the
+        // put-back bytes instead of blaming them on the next commit that
+        // checks the page (a thread's commit failed that way about one run
+        // in thirty of the heap's soak test). On a stopped instance, where
+        // no transaction begins, the bytes are stored directly.
+        if let Ok(mut tx) = self.rvm.begin(RestoreMode::NoRestore) {
             // SAFETY: inside one of the heap's live regions (checked); the
             // caller holds the heap lock, the only context that writes heap
             // metadata, and the failed transaction has ended.
-            unsafe { raw::write_back(addr, bytes) };
+            let stored = unsafe { tx.modify_bytes(addr, bytes) };
+            tx.abort();
+            if stored.is_ok() {
+                return;
+            }
         }
+        // SAFETY: as above.
+        unsafe { raw::write_back(addr, bytes) };
     }
 
     fn read_header(&self, off: u64) -> std::result::Result<BlockHeader, &'static str> {
