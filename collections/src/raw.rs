@@ -105,7 +105,6 @@ const PICK_WINDOW: (usize, usize) = (0x2000_0000_0000, 0x5000_0000_0000);
 /// [`PICK_WINDOW`] (`None` if it does not fit there, or the address space
 /// has no such addresses, or 32 random places were taken).
 fn pick_in_window(len: usize, align: usize) -> Option<usize> {
-    use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
     use std::hash::{BuildHasher, Hasher};
     let (lo, hi) = PICK_WINDOW;
     let room = (hi - lo).checked_sub(len)?;
@@ -121,26 +120,42 @@ fn pick_in_window(len: usize, align: usize) -> Option<usize> {
         if overlaps_claimed(addr, len) {
             continue;
         }
-        // SAFETY: a PROT_NONE anonymous mapping at a fixed address with
-        // FIXED_NOREPLACE: it fails rather than replace anything; it is
-        // never accessed and unmapped at once.
-        let p = unsafe {
-            mmap_anonymous(
-                addr as *mut std::ffi::c_void,
-                len,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
-            )
-        };
-        let Ok(p) = p else { continue };
-        // SAFETY: unmaps exactly the mapping just made, which nothing uses.
-        let _ = unsafe { munmap(p, len) };
-        // An old kernel may treat the flag as a hint and map elsewhere.
-        if p as usize == addr {
+        if reserve_at(addr, len) {
+            // SAFETY: unmaps exactly the reservation just made, which
+            // nothing uses.
+            let _ = unsafe { rustix::mm::munmap(addr as *mut std::ffi::c_void, len) };
             return Some(addr);
         }
     }
     None
+}
+
+/// Reserves `[addr, addr + len)` with an inaccessible `PROT_NONE` mapping
+/// if no mapping of the process uses any of it; false otherwise. The
+/// caller unmaps it.
+fn reserve_at(addr: usize, len: usize) -> bool {
+    use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    // SAFETY: a PROT_NONE anonymous mapping at a fixed address with
+    // FIXED_NOREPLACE: it fails rather than replace anything; it is never
+    // accessed, only unmapped.
+    let mapped = unsafe {
+        mmap_anonymous(
+            addr as *mut std::ffi::c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+        )
+    };
+    match mapped {
+        Ok(p) if p as usize == addr => true,
+        // An old kernel may treat the flag as a hint and map elsewhere.
+        Ok(p) => {
+            // SAFETY: unmaps the mapping just made, which nothing uses.
+            let _ = unsafe { munmap(p, len) };
+            false
+        }
+        Err(_) => false,
+    }
 }
 
 /// A heap's address range in this process: `[start, end)`, and what holds
@@ -197,34 +212,14 @@ fn overlaps_claimed(start: usize, len: usize) -> bool {
 /// address if nothing took the range meanwhile, else its open fails (the
 /// loader's `MapRegion` error), as for a heap made by another process.
 pub(crate) fn reserve_claimed(start: usize, len: usize) {
-    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
     let end = start.saturating_add(len);
     {
         let (c, closings) = &mut *CLAIMED.lock();
         let Some(r) = c.iter_mut().find(|r| r.start == start && r.end == end && r.state == ClaimState::Open) else {
             return;
         };
-        // SAFETY: a PROT_NONE anonymous mapping at a fixed address that must
-        // be free (FIXED_NOREPLACE: it fails rather than replace anything); it
-        // is never accessed, only unmapped by `release_claimed`.
-        let mapped = unsafe {
-            mmap_anonymous(
-                start as *mut std::ffi::c_void,
-                len,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
-            )
-        };
-        let reserved = match mapped {
-            Ok(p) if p as usize == start => true,
-            // An old kernel may treat the flag as a hint and map elsewhere.
-            Ok(p) => {
-                // SAFETY: unmaps the mapping just made, which nothing uses.
-                let _ = unsafe { rustix::mm::munmap(p, len) };
-                false
-            }
-            Err(_) => false,
-        };
+        // Unmapped by `release_claimed` or `forget_closed`.
+        let reserved = reserve_at(start, len);
         *closings += 1;
         r.state = ClaimState::Closed { reserved, closed: *closings };
     }
