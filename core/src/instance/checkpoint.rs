@@ -930,16 +930,12 @@ impl Inner {
         let r = (|| {
             self.sweep_pages(sweep, usize::MAX, true)?;
             self.sync_swept(sweep)?;
-            let mut st = self.status.lock();
-            let mut next = st.status.clone();
-            next.seq += 1;
-            next.head = sweep.lsn.max(next.head);
-            next.synced_end = sweep.lsn;
-            next.checkpoint_lsn = sweep.lsn;
-            next.checkpoint_generation += 1;
-            log::write_status(&self.ring, &next)?;
-            st.status = next;
-            Ok(())
+            self.status.lock().write_next(&self.ring, |next| {
+                next.head = sweep.lsn.max(next.head);
+                next.synced_end = sweep.lsn;
+                next.checkpoint_lsn = sweep.lsn;
+                next.checkpoint_generation += 1;
+            })
         })();
         if r.is_err() {
             drop(guard);

@@ -47,6 +47,19 @@ pub(crate) struct StatusState {
     segments: HashMap<u32, Arc<SegmentInner>>,
 }
 
+impl StatusState {
+    /// Writes the status `change` makes of the one held (its sequence
+    /// number one higher) to both slots, and holds it once it is durable.
+    pub(crate) fn write_next(&mut self, ring: &Ring, change: impl FnOnce(&mut Status)) -> Result<()> {
+        let mut next = self.status.clone();
+        next.seq += 1;
+        change(&mut next);
+        crate::log::write_status(ring, &next)?;
+        self.status = next;
+        Ok(())
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) id: u64,
     /// The log's identity (its superblock's), written in segments' owner marks.
@@ -373,16 +386,12 @@ impl Rvm {
             let mut st = self.inner.status.lock();
             st.segments.remove(&seg.id);
             if st.status.segments.iter().any(|e| e.id == seg.id) {
-                let mut next = st.status.clone();
-                next.seq += 1;
-                next.segments.retain(|e| e.id != seg.id);
-                next.synced_end = self.inner.synced_end().max(next.synced_end);
+                let synced = self.inner.synced_end();
                 // A status write that failed may have damaged a slot: stop.
-                let r = self.inner.poison(crate::log::write_status(&self.inner.ring, &next));
-                if r.is_ok() {
-                    st.status = next;
-                }
-                r
+                self.inner.poison(st.write_next(&self.inner.ring, |next| {
+                    next.segments.retain(|e| e.id != seg.id);
+                    next.synced_end = synced.max(next.synced_end);
+                }))
             } else {
                 Ok(())
             }

@@ -4,7 +4,6 @@
 
 use super::Inner;
 use crate::error::{Error, Result};
-use crate::log;
 use crate::replay::{replay, Replayed};
 use crate::stats::Counters;
 use std::sync::atomic::Ordering;
@@ -23,13 +22,8 @@ impl Inner {
         if st.status.synced_end >= upto.min(synced) {
             return Ok(());
         }
-        let mut next = st.status.clone();
-        next.seq += 1;
-        next.synced_end = synced;
         // A status write that failed may have damaged a slot: stop.
-        self.poison(log::write_status(&self.ring, &next))?;
-        st.status = next;
-        Ok(())
+        self.poison(st.write_next(&self.ring, |next| next.synced_end = synced))
     }
 
     /// The position up to which the log is durable (a status records it,
@@ -84,15 +78,11 @@ impl Inner {
                 ));
             }
             Counters::add(&self.counters.segment_bytes_written, segment_bytes);
-            let mut st = self.status.lock();
-            let mut next = st.status.clone();
-            next.seq += 1;
-            next.head = cut;
-            next.synced_end = cut;
-            next.committed = next.committed.saturating_add(end.transactions);
-            log::write_status(&self.ring, &next)?;
-            st.status = next;
-            Ok(())
+            self.status.lock().write_next(&self.ring, |next| {
+                next.head = cut;
+                next.synced_end = cut;
+                next.committed = next.committed.saturating_add(end.transactions);
+            })
         })();
         self.poison(r)?;
         self.head.store(cut, Ordering::Release);
