@@ -133,17 +133,22 @@ impl Heap {
     /// as it was.
     pub fn check_growth(&self, new_len: u64, max_len: u64) -> Result<()> {
         let growth = self.growth.as_ref().ok_or(HeapError::NotGrowable)?;
-        let max = self.max_as_set(growth, max_len);
-        match grown_len(growth, new_len) {
-            len if len > max && len > self.heap_len() => Err(HeapError::GrowthLimit { requested: new_len, max }),
-            _ => Ok(()),
-        }
+        growth_limit(growth.page_size(), self.heap_len(), new_len, max_len)
+    }
+
+    /// [`Heap::check_growth`] for a heap segment that is not loaded, from
+    /// its load map `map` (as recovery would leave it): `max_len` is the
+    /// maximum to be set, `None` for the one the map records. For a tool
+    /// that refuses a growth before it opens the log.
+    pub fn check_growth_of(map: &rvm_loader::LoadMap, new_len: u64, max_len: Option<u64>) -> Result<()> {
+        let heap = map.get(crate::HEAP_REGION).ok_or(HeapError::NotGrowable)?;
+        growth_limit(map.page_size(), heap.len, new_len, max_len.unwrap_or(heap.span()))
     }
 
     /// The maximum [`Heap::set_max_len`] records for `max_len`: a page
     /// multiple, not below the heap's size.
     fn max_as_set(&self, growth: &RegionGrowth, max_len: u64) -> u64 {
-        max_len.checked_next_multiple_of(growth.page_size()).unwrap_or(u64::MAX).max(self.heap_len())
+        max_as_set_in(growth.page_size(), self.heap_len(), max_len)
     }
 
     /// Lets the heap grow through `growth` (its heap region's handle).
@@ -268,5 +273,29 @@ impl Heap {
 /// The size a growth to `new_len` gives the heap: rounded up to the load
 /// map's page size.
 fn grown_len(growth: &RegionGrowth, new_len: u64) -> u64 {
-    new_len.checked_next_multiple_of(growth.page_size().max(HDR)).unwrap_or(u64::MAX)
+    grown_len_in(growth.page_size(), new_len)
+}
+
+/// `new_len` rounded up as a growth rounds it, for load-map pages of
+/// `page` bytes.
+fn grown_len_in(page: u64, new_len: u64) -> u64 {
+    new_len.checked_next_multiple_of(page.max(HDR)).unwrap_or(u64::MAX)
+}
+
+/// The maximum [`Heap::set_max_len`] records for `max_len`, for a heap of
+/// `heap_len` bytes whose load map has `page`-byte pages.
+fn max_as_set_in(page: u64, heap_len: u64, max_len: u64) -> u64 {
+    max_len.checked_next_multiple_of(page).unwrap_or(u64::MAX).max(heap_len)
+}
+
+/// The limit [`Heap::grow`] keeps to, on numbers alone: a heap of
+/// `heap_len` bytes whose load map has `page`-byte pages, grown to
+/// `new_len` under the maximum `max_len` as [`Heap::set_max_len`] records
+/// it (a page multiple, not below the heap's size).
+fn growth_limit(page: u64, heap_len: u64, new_len: u64, max_len: u64) -> Result<()> {
+    let max = max_as_set_in(page, heap_len, max_len);
+    match grown_len_in(page, new_len) {
+        len if len > max && len > heap_len => Err(HeapError::GrowthLimit { requested: new_len, max }),
+        _ => Ok(()),
+    }
 }

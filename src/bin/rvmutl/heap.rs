@@ -332,15 +332,10 @@ fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option
         }
         .into());
     }
-    // A --size past the maximum (the new one, or the map's), as
-    // `Heap::check_growth` would find it after the open.
-    if let (Some(size), Some(heap)) = (size, map.get(HEAP_REGION)) {
-        let page = map.page_size().max(16);
-        let max = max.map_or(heap.span(), |m| m.checked_next_multiple_of(page).unwrap_or(u64::MAX).max(heap.len));
-        let grown = size.checked_next_multiple_of(page).unwrap_or(u64::MAX);
-        if grown > max && grown > heap.len {
-            return Err(HeapError::GrowthLimit { requested: size, max }.into());
-        }
+    // A --size past the maximum (the new one, or the map's), as the
+    // growth would find it after the open.
+    if let Some(size) = size {
+        rvm::heap::Heap::check_growth_of(&map, size, max)?;
     }
     Ok(())
 }
