@@ -216,8 +216,10 @@ impl PHeap {
         let log = dir.join(LOG_FILE);
         let path = dir.join(HEAP_FILE);
         remove_unfinished_log(vfs.as_ref(), dir)?;
-        refuse_cut_heap_file(vfs.as_ref(), &path)?;
         let heap_existed = vfs.exists(&path).map_err(io("looking for the heap", &path))?;
+        if heap_existed {
+            refuse_cut_heap_file(vfs.as_ref(), &path)?;
+        }
         let made_log = match rvm_core::create_log_with(vfs.as_ref(), &log, config.log_len) {
             Ok(()) => true,
             Err(rvm_core::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => false,
@@ -543,7 +545,7 @@ fn remove_unfinished_log(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a heap file cut shorter than its own load map says, or whose
+/// Refuses an existing heap file cut shorter than its own load map says, or whose
 /// header's magic or version is not the loader's, before recovery writes
 /// anything (the loader would refuse it only after recovery applied the
 /// log to it).
@@ -562,9 +564,6 @@ fn refuse_cut_heap_file(vfs: &dyn Vfs, path: &Path) -> Result<()> {
     /// Enough for a heap's header (two regions: a few hundred bytes); a
     /// longer one is not judged here (the image ends inside it).
     const HEADER_READ: u64 = 4096;
-    if !vfs.exists(path).map_err(io("looking for the heap", path))? {
-        return Ok(());
-    }
     // Any trouble reading is left to the open that follows to report.
     let Ok(dev) = vfs.open(path, rvm_core::OpenMode::Existing) else { return Ok(()) };
     let Ok(len) = dev.len() else { return Ok(()) };
