@@ -111,7 +111,7 @@ fn rvmutl_heap_check_of_a_heap_larger_than_memory_is_an_error_not_an_abort() {
         .arg(&seg)
         .arg("--log")
         .arg(&log)
-        .args(["--size", "1T", "--base", "0x5b00_0000_0000"])
+        .args(["--size", "1T", "--base", "0x5b00_0000_0000", "--sparse"])
         .output()
         .unwrap();
     if !out.status.success() {

@@ -151,6 +151,21 @@ pub struct Options {
     /// against 1.8 ms; not traced further). Ignored without instant
     /// recovery, on one core, or when the log cannot be mapped.
     pub parallel_scan: bool,
+    /// Allocate a segment's disk blocks when it is created or extended
+    /// ([`Rvm::create_segment`](crate::Rvm::create_segment),
+    /// [`Rvm::extend_segment`](crate::Rvm::extend_segment); default on), so
+    /// that a full disk is an error of kind
+    /// [`std::io::ErrorKind::StorageFull`] there and then, never at a later
+    /// checkpoint or truncation (which would stop the instance with its
+    /// commits safe in the log, but unable to apply them until space is
+    /// freed). Off makes segments sparse: blocks are taken as pages are
+    /// written, for a segment much larger than the data it will hold. On a
+    /// full `tmpfs` (which allocates even to read a hole through a
+    /// mapping), reading a never-written page of a mapped region then
+    /// raises `SIGBUS`. File systems without `fallocate` are always sparse.
+    /// The log's own space is always allocated by
+    /// [`create_log`](crate::create_log).
+    pub reserve_segment_space: bool,
 }
 
 /// The phase recovery is in ([`RecoveryProgress`]).
@@ -259,6 +274,7 @@ impl Default for Options {
             verify_stores: cfg!(debug_assertions),
             instant_recovery: false,
             parallel_scan: false,
+            reserve_segment_space: true,
         }
     }
 }

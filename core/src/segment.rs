@@ -380,7 +380,8 @@ impl crate::Rvm {
     /// as zeros, their disk blocks are allocated where the device supports
     /// it ([`Storage::allocate`]: a full disk is reported now, as an I/O
     /// error of kind [`std::io::ErrorKind::StorageFull`], not at a later
-    /// write), and the new length is synced before this returns. A crash
+    /// write; unless [`Options::reserve_segment_space`](crate::Options::reserve_segment_space)
+    /// is off), and the new length is synced before this returns. A crash
     /// leaves the old or the new length; nothing in the segment refers to
     /// the new bytes until the caller commits something that does.
     ///
@@ -406,7 +407,8 @@ impl crate::Rvm {
         }
         let fail = |op, e| crate::Error::io(op, &seg.name, e);
         seg.dev.set_len(new_len).map_err(|e| fail("extending segment", e))?;
-        if let Err(e) = seg.dev.allocate(old, new_len - old) {
+        let reserve = self.inner.opts.reserve_segment_space;
+        if let Err(e) = if reserve { seg.dev.allocate(old, new_len - old) } else { Ok(()) } {
             // Give the space back (best effort): the caller sees the old size.
             let _ = seg.dev.set_len(old);
             return Err(fail("allocating segment space", e));

@@ -75,7 +75,9 @@ fn setup_spec(name: &str, spec: &HeapSpec) -> Setup {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     create_log(dir.join("log"), 512 << 20).expect("log");
-    let rvm = Rvm::open(dir.join("log"), Options::default()).expect("open");
+    // Sparse: the largest heaps measured (64 GiB) need not fit on the disk.
+    let opts = Options { reserve_segment_space: false, ..Options::default() };
+    let rvm = Rvm::open(dir.join("log"), opts).expect("open");
     let heap = PersistentHeap::create(&rvm, dir.join("heap"), spec).expect("create");
     Setup { dir, heap, rvm }
 }

@@ -296,7 +296,10 @@ impl Rvm {
     }
 
     /// Creates a segment file of `len` bytes (mode 0600); an existing file
-    /// is an error.
+    /// is an error. Its disk blocks are allocated now
+    /// ([`Options::reserve_segment_space`], default on): on a disk without
+    /// room for `len` bytes this fails with an I/O error of kind
+    /// [`std::io::ErrorKind::StorageFull`] and leaves no file behind.
     pub fn create_segment(&self, path: impl AsRef<Path>, len: u64) -> Result<Segment> {
         self.inner.open_segment(path.as_ref(), Some(len))
     }

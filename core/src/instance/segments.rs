@@ -64,6 +64,9 @@ impl Inner {
         let opened = (|| {
             if let Some(len) = create {
                 dev.set_len(len).map_err(|e| Error::io("sizing segment", &name, e))?;
+                if self.opts.reserve_segment_space {
+                    dev.allocate(0, len).map_err(|e| Error::io("allocating segment space", &name, e))?;
+                }
                 dev.sync().map_err(|e| Error::io("syncing segment", &name, e))?;
             }
             let len = dev.len().map_err(|e| Error::io("sizing segment", &name, e))?;

@@ -91,7 +91,11 @@ impl Ring {
 
 /// Creates a log of exactly `size` bytes at `path` (a new file, or an
 /// existing block device of at least that size) and writes its superblock
-/// and an initial status. The file is created with mode 0600.
+/// and an initial status. The file is created with mode 0600 and its disk
+/// blocks are allocated (where the file system supports `fallocate`), so
+/// that commits never meet a full disk: without room for `size` bytes this
+/// fails with an I/O error of kind [`std::io::ErrorKind::StorageFull`] and
+/// leaves no file behind.
 ///
 /// ```
 /// # let dir = tempfile::tempdir().unwrap();
@@ -128,6 +132,8 @@ pub fn create_log_with(vfs: &dyn Vfs, path: &Path, size: u64) -> Result<()> {
 fn write_new_log(dev: &dyn Storage, path: &Path, size: u64, sb: &Superblock) -> Result<()> {
     let io = |op, r: std::io::Result<()>| r.map_err(|e| Error::io(op, path, e));
     io("sizing the log", dev.set_len(size))?;
+    // Its blocks are taken now: a commit never meets a full disk.
+    io("allocating the log's space", dev.allocate(0, size))?;
     // A fresh status in both slots.
     let status = Status { seq: 0, epoch: 1, next_segment_id: 1, ..Status::default() };
     let image = status.encode().ok_or(LogError::BadSize { requested: size, reason: "status does not fit" })?;

@@ -72,6 +72,10 @@ pub(crate) enum HeapCommand {
         /// (no memory or swap is used), so it must be free in the programs that load the heap.
         #[arg(long, value_parser = parse_number)]
         max: Option<u64>,
+        /// Do not allocate the segment's disk blocks now (a sparse file: blocks are taken as pages
+        /// are written, and a full disk then stops a later checkpoint instead of this command).
+        #[arg(long)]
+        sparse: bool,
     },
     /// Grow a heap in place, or change its maximum size.
     ///
@@ -92,6 +96,10 @@ pub(crate) enum HeapCommand {
         /// The heap's new maximum size (set before growing).
         #[arg(long, value_parser = parse_number)]
         max: Option<u64>,
+        /// Do not allocate the segment's disk blocks now (a sparse file: blocks are taken as pages
+        /// are written, and a full disk then stops a later checkpoint instead of this command).
+        #[arg(long)]
+        sparse: bool,
     },
     /// Run the full heap check on the heap as recovery would leave it, writing nothing.
     ///
@@ -165,10 +173,10 @@ JSON (--json): one object per line, each with \"type\":
 /// Runs a `heap` subcommand.
 pub(crate) fn run(cmd: HeapCommand, quiet: bool, out: &mut dyn Write) -> Outcome {
     match cmd {
-        HeapCommand::Create { log, segment, size, base, static_len, max } => {
-            create(&log, &segment, size, base, static_len, max, out)
+        HeapCommand::Create { log, segment, size, base, static_len, max, sparse } => {
+            create(&log, &segment, create_spec(size, base, static_len, max), sparse, out)
         }
-        HeapCommand::Grow { log, segment, size, max } => grow(&log, &segment, size, max, out),
+        HeapCommand::Grow { log, segment, size, max, sparse } => grow(&log, &segment, size, max, sparse, out),
         HeapCommand::Check { log, segment, json } => check(&log, &segment, json, quiet, out),
         HeapCommand::Stats { log, segment, json } => stats(&log, &segment, json, quiet, out),
     }
@@ -212,29 +220,30 @@ pub(crate) fn report(e: &HeapError) -> u8 {
     code
 }
 
-fn open_log(log: &Path) -> Result<Rvm, Failure> {
-    Ok(Rvm::open(log, Options { truncate_threshold: None, ..Options::default() })?)
+/// Opens the log for one command (no background truncation); `sparse`:
+/// the segment's blocks are not allocated at creation or growth.
+fn open_log(log: &Path, sparse: bool) -> Result<Rvm, Failure> {
+    Ok(Rvm::open(log, Options { truncate_threshold: None, reserve_segment_space: !sparse, ..Options::default() })?)
 }
 
-fn create(
-    log: &Path,
-    segment: &Path,
-    size: u64,
-    base: u64,
-    static_len: Option<u64>,
-    max: Option<u64>,
-    out: &mut dyn Write,
-) -> Outcome {
-    let mut spec = HeapSpec::new(base, size).with_max_len(max.unwrap_or(DEFAULT_MAX_HEAP_LEN));
-    if let Some(len) = static_len {
-        spec = spec.with_static_len(len);
+/// `heap create`'s spec from its arguments.
+fn create_spec(size: u64, base: u64, static_len: Option<u64>, max: Option<u64>) -> HeapSpec {
+    let spec = HeapSpec::new(base, size).with_max_len(max.unwrap_or(DEFAULT_MAX_HEAP_LEN));
+    match static_len {
+        Some(len) => spec.with_static_len(len),
+        None => spec,
     }
+}
+
+fn create(log: &Path, segment: &Path, spec: HeapSpec, sparse: bool, out: &mut dyn Write) -> Outcome {
+    let base = spec.base();
     // Refused before the log is opened (an open starts a new epoch in its
     // status): a bad --base or --size, an existing path.
     let map = spec.load_map();
     map.validate_for_device(map.min_device_len()).map_err(HeapError::Loader)?;
     crate::refuse_existing(segment, "creating segment")?;
-    let rvm = open_log(log)?;
+    crate::refuse_no_room(segment, spec.segment_len(), sparse)?;
+    let rvm = open_log(log, sparse)?;
     let heap = PersistentHeap::create(&rvm, segment, &spec)?;
     let (slots, bytes) = (heap.root_slots(), heap.stats().heap_bytes);
     // Applied and the log emptied: the new segment holds everything and is
@@ -254,9 +263,9 @@ fn create(
     Ok(())
 }
 
-fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, out: &mut dyn Write) -> Outcome {
+fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, sparse: bool, out: &mut dyn Write) -> Outcome {
     not_a_heap_segment(log, segment, size, max)?;
-    let rvm = open_log(log)?;
+    let rvm = open_log(log, sparse)?;
     let mut heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
     // A size past the new maximum is refused before the maximum changes:

@@ -75,6 +75,28 @@ pub(crate) fn refuse_existing(path: &Path, op: &'static str) -> Result<(), Failu
     Ok(())
 }
 
+/// Refuses a new segment of `len` bytes whose blocks are to be allocated
+/// (not `sparse`) when its folder's file system has less room, before
+/// the log is opened (an open starts a new epoch in its status). The
+/// allocation at creation stays the guarantee; this only refuses early
+/// what it would refuse.
+pub(crate) fn refuse_no_room(path: &Path, len: u64, sparse: bool) -> Result<(), Failure> {
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(fs) = rustix::fs::statvfs(folder) else { return Ok(()) };
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if sparse || free >= len {
+        return Ok(());
+    }
+    Err(Failure::Rvm(Error::Io {
+        op: "allocating segment space",
+        path: path.into(),
+        source: io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("No space left on device: {len} bytes asked, {free} free"),
+        ),
+    }))
+}
+
 /// The exit codes, as every `--help` ends.
 macro_rules! exit_codes {
     () => {
@@ -361,6 +383,16 @@ fn hint(e: &Error) -> Option<String> {
             "{} exists: rvmutl never overwrites a file it creates; choose another path or remove it",
             path.display()
         )),
+        Error::Io { op: "allocating segment space", source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+            Some(
+                "the disk has no room for the whole segment (its blocks are allocated when it is made or grown): \
+                 free space, ask for a smaller --size, or pass --sparse to take blocks only as pages are written"
+                    .into(),
+            )
+        }
+        Error::Io { op: "allocating the log's space", source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+            Some("the disk has no room for a log of that size: free space or ask for a smaller --size".into())
+        }
         Error::Log(LogError::NotALog { .. }) => {
             Some("create a log with `rvmutl create-log <path> --size <bytes>`".into())
         }

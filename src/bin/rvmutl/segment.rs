@@ -86,6 +86,10 @@ pub(crate) struct CreateArgs {
     /// only.
     #[arg(long, value_parser = parse_number, conflicts_with = "map")]
     header_len: Option<u64>,
+    /// Do not allocate the segment's disk blocks now (a sparse file: blocks are taken as pages are
+    /// written, and a full disk then stops a later checkpoint instead of this command).
+    #[arg(long)]
+    sparse: bool,
 }
 
 /// Arguments of `segment show`.
@@ -225,7 +229,11 @@ fn create(args: CreateArgs, out: &mut dyn Write) -> Outcome {
     // (an open starts a new epoch in the log's status).
     map.validate_for_device(size)?;
     crate::refuse_existing(&args.segment, "creating segment")?;
-    let rvm = Rvm::open(&args.log, Options { truncate_threshold: None, ..Options::default() })?;
+    crate::refuse_no_room(&args.segment, size, args.sparse)?;
+    let rvm = Rvm::open(
+        &args.log,
+        Options { truncate_threshold: None, reserve_segment_space: !args.sparse, ..Options::default() },
+    )?;
     create_segment(&rvm, &args.segment, size, &map)?;
     // Applied and the log emptied: the new segment holds its load map and
     // is tied to no log records.
