@@ -220,3 +220,41 @@ fn rvmutl_refuses_a_segment_larger_than_the_disk_unless_sparse() {
         log_bytes = std::fs::read(&log).unwrap();
     }
 }
+
+/// A typed heap that cannot grow on a full disk: the write that needed the
+/// growth fails with a typed error and changes nothing; the heap goes on
+/// working in the space it has, and every acknowledged write is there
+/// after a reopen.
+#[test]
+fn a_typed_heap_that_cannot_grow_on_a_full_disk_keeps_what_it_has() {
+    use rvm::collections::{Config, PHeap, PVec};
+    let Some(disk) = SmallDisk::mount(8 << 20) else { return };
+    let folder = disk.path("heap");
+    let config = Config { heap_len: 256 << 10, max_heap_len: 64 << 20, log_len: 1 << 20, ..Config::default() };
+    let heap = PHeap::open_or_create(&folder, config.clone()).unwrap();
+    disk.fill();
+    // 4 KiB per write, until the heap needs more than the disk has.
+    let mut written = 0u64;
+    let failure = loop {
+        let r = heap.write(|tx| {
+            let mut v = tx.root_or_insert_with("items", PVec::<u64>::new)?;
+            v.extend(written..written + 512)
+        });
+        match r {
+            Ok(()) => written += 512,
+            Err(e) => break e,
+        }
+        assert!(written < 2 << 20, "the heap grew past the disk's size");
+    };
+    let text = failure.to_string();
+    assert!(written > 0 && text.contains("No space left on device"), "after {written} items: {text}");
+    let items = |heap: &PHeap| heap.read(|r| r.root::<PVec<u64>>("items").unwrap().map_or(Vec::new(), |v| v.to_vec()));
+    let expected: Vec<u64> = (0..written).collect();
+    assert_eq!(items(&heap), expected, "the failed write changed the heap");
+    // Smaller writes still fit in the space the heap has.
+    heap.write(|tx| tx.root_or_insert_with("small", || 7u64).map(|_| ())).unwrap();
+    drop(heap);
+    std::fs::remove_file(disk.path("filler")).unwrap();
+    let heap = PHeap::open_or_create(&folder, config).unwrap();
+    assert_eq!(items(&heap), expected);
+}
