@@ -365,21 +365,43 @@ const MAX_MARK: usize = 16 + 4096;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FileVfs;
 
+/// Syncs the folder holding `path`, making a name made, removed or
+/// changed in it durable (`fsync` of the file alone does not).
+fn sync_folder_of(path: &Path) -> io::Result<()> {
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(folder)?.sync_all()
+}
+
 impl Vfs for FileVfs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
-        Ok(Arc::new(FileStorage::open(path, mode)?))
+        let creates = match mode {
+            OpenMode::Existing => false,
+            OpenMode::CreateNew => true,
+            OpenMode::CreateIfMissing => !path.try_exists()?,
+        };
+        let file = FileStorage::open(path, mode)?;
+        if creates {
+            // The new name is durable before anything can record it (a
+            // log's segment dictionary, a heap folder's files).
+            if let Err(e) = sync_folder_of(path) {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        }
+        Ok(Arc::new(file))
     }
     fn open_read_only(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
         Ok(Arc::new(ReadOnlyFile::open(path)?))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
+        std::fs::remove_file(path)?;
+        sync_folder_of(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)?;
         // The new name is durable once its folder is synced.
-        let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir)?.sync_all()
+        sync_folder_of(to)
     }
     fn exists(&self, path: &Path) -> io::Result<bool> {
         path.try_exists()
@@ -388,7 +410,8 @@ impl Vfs for FileVfs {
         let mut src = File::open(from)?;
         let mut dst = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
         io::copy(&mut src, &mut dst)?;
-        dst.sync_all()
+        dst.sync_all()?;
+        sync_folder_of(to)
     }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         match std::fs::canonicalize(path) {

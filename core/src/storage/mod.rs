@@ -106,7 +106,9 @@ pub enum OpenMode {
 pub trait Vfs: Send + Sync + Debug {
     /// Opens `path` and takes an exclusive lock on it for the life of the
     /// returned handle. A device that is already open (in this process or
-    /// another) is an [`io::ErrorKind::WouldBlock`] error.
+    /// another) is an [`io::ErrorKind::WouldBlock`] error. A file this call
+    /// creates has a durable name when it returns (a crash does not take
+    /// the name away; its contents are durable as far as synced).
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>>;
     /// Opens the existing device at `path` for reading only, **without**
     /// taking the lock: a view of a device that another handle (in this
@@ -121,14 +123,15 @@ pub trait Vfs: Send + Sync + Debug {
     /// dictionary (absolute for files). Works for paths that do not exist
     /// yet (the name a create would use).
     fn canonical_name(&self, path: &Path) -> io::Result<std::path::PathBuf>;
-    /// Removes the device at `path` (used to take back a segment file whose
-    /// creation failed half-way). The default refuses
+    /// Removes the device at `path` durably (used to take back a segment
+    /// file whose creation failed half-way, and by
+    /// [`crate::Rvm::delete_segment`]). The default refuses
     /// ([`io::ErrorKind::Unsupported`]).
     fn remove(&self, path: &Path) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, format!("cannot remove {}", path.display())))
     }
     /// Copies the whole device at `from` to a new file `to` and syncs it
-    /// (used to keep a damaged log before a salvage rewrites it). The
+    /// and its name (used to keep a damaged log before a salvage rewrites it). The
     /// default refuses ([`io::ErrorKind::Unsupported`]).
     fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         let _ = to;

@@ -1,0 +1,123 @@
+//! A file's `fdatasync` makes its contents durable, not its name: after a
+//! power cut, a new file whose folder was not synced may be gone, and with
+//! it every commit in it (a log) or the bytes a log's dictionary names (a
+//! segment). Each file the library creates or removes has its folder synced
+//! before the call returns. Checked from the system calls (`strace`; the
+//! test says it was skipped where `strace` cannot run).
+
+use std::path::Path;
+use std::process::Command;
+
+/// The system calls `rvmutl args` makes: (call, its text) per line.
+fn traced(args: &[&std::ffi::OsStr]) -> Option<Vec<String>> {
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,fdatasync,unlink,unlinkat,rename,renameat,renameat2"])
+        .arg(env!("CARGO_BIN_EXE_rvmutl"))
+        .args(args)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(calls(&String::from_utf8_lossy(&o.stderr))),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stderr);
+            if text.contains("PTRACE") || text.contains("ptrace") || text.contains("Operation not permitted") {
+                eprintln!("skipped: strace cannot trace here: {}", text.lines().next().unwrap_or(""));
+                return None;
+            }
+            panic!("rvmutl {args:?} failed under strace: {text}");
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run strace: {e}");
+            None
+        }
+    }
+}
+
+/// `strace` output as one call per line, without the `[pid N] ` prefixes
+/// of `-f`.
+fn calls(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| match l.strip_prefix("[pid ") {
+            Some(rest) => rest.split_once("] ").map_or(l, |(_, call)| call).to_owned(),
+            None => l.to_owned(),
+        })
+        .collect()
+}
+
+/// Whether the trace opens `folder` and syncs that descriptor after the
+/// call that created (or removed) `file`.
+fn folder_synced_after(trace: &[String], file: &Path, op: &str) -> bool {
+    let file = file.display().to_string();
+    let folder = Path::new(&file).parent().unwrap().display().to_string();
+    let Some(made) = trace.iter().position(|l| l.contains(op) && l.contains(&format!("\"{file}\""))) else {
+        panic!("no {op} of {file} in:\n{}", trace.join("\n"));
+    };
+    trace[made..].iter().enumerate().any(|(i, l)| {
+        let opened = l.starts_with("openat(") && l.contains(&format!("\"{folder}\"")) && l.contains("O_RDONLY");
+        let fd = l.rsplit("= ").next().unwrap_or("").trim().to_owned();
+        opened && trace[made + i..].iter().any(|m| m.starts_with(&format!("fsync({fd})")))
+    })
+}
+
+#[test]
+fn new_logs_and_segments_have_durable_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, seg) = (dir.path().join("log"), dir.path().join("seg"));
+    let Some(trace) = traced(&["create-log".as_ref(), log.as_os_str(), "--size".as_ref(), "1M".as_ref()]) else {
+        return;
+    };
+    assert!(folder_synced_after(&trace, &log, "O_CREAT"), "create-log: folder not synced:\n{}", trace.join("\n"));
+    let trace = traced(&[
+        "segment".as_ref(),
+        "create".as_ref(),
+        seg.as_os_str(),
+        "--log".as_ref(),
+        log.as_os_str(),
+        "--region".as_ref(),
+        "a:4096:4096:0x5d00_0000_0000".as_ref(),
+    ])
+    .unwrap();
+    assert!(folder_synced_after(&trace, &seg, "O_CREAT"), "segment create: folder not synced:\n{}", trace.join("\n"));
+}
+
+#[test]
+fn a_removed_segment_file_has_its_folder_synced() {
+    use rvm::{create_log, Options, Rvm};
+    // `rvmutl` has no delete command: this test, run again as a child
+    // process under `strace`, deletes the segment.
+    if let Some(folder) = std::env::var_os("RVM_DELETE_SEGMENT_CHILD") {
+        let folder = Path::new(&folder);
+        let rvm = Rvm::open(folder.join("log"), Options::default()).unwrap();
+        let s = rvm.open_segment(folder.join("seg")).unwrap();
+        rvm.delete_segment(s).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, seg) = (dir.path().join("log"), dir.path().join("seg"));
+    create_log(&log, 1 << 20).unwrap();
+    {
+        let rvm = Rvm::open(&log, Options::default()).unwrap();
+        rvm.create_segment(&seg, 4096).unwrap();
+    }
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,unlink,unlinkat"])
+        .arg(&me)
+        .args(["--exact", "a_removed_segment_file_has_its_folder_synced", "--test-threads=1"])
+        .env("RVM_DELETE_SEGMENT_CHILD", dir.path())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: cannot run strace");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if text.contains("ptrace") || text.contains("PTRACE") || text.contains("Operation not permitted") {
+            eprintln!("skipped: strace cannot trace here");
+            return;
+        }
+        panic!("child failed: {text}");
+    }
+    assert!(!seg.exists());
+    let trace = calls(&text);
+    assert!(folder_synced_after(&trace, &seg, "unlink"), "delete_segment: folder not synced:\n{text}");
+}
