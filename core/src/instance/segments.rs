@@ -400,7 +400,7 @@ impl super::Rvm {
     /// Extends the segment's device to `new_len` bytes (a no-op if it is
     /// that long already; segments never shrink here): the new bytes read
     /// as zeros, their disk blocks are allocated where the device supports
-    /// it ([`Storage::allocate`]: a full disk is reported now, as an I/O
+    /// it ([`Storage::allocate`](crate::storage::Storage::allocate): a full disk is reported now, as an I/O
     /// error of kind [`std::io::ErrorKind::StorageFull`], not at a later
     /// write; unless [`Options::reserve_segment_space`](crate::Options::reserve_segment_space)
     /// is off), and the new length is synced before this returns. A crash
