@@ -1,7 +1,7 @@
 //! Transactions: declare ranges, store into them, commit or abort.
 
 use crate::error::{Result, TxError};
-use crate::instance::{Inner, Rvm};
+use crate::instance::{Inner, Rvm, Span};
 use crate::mem;
 use crate::options::{CommitMode, RestoreMode};
 use crate::segment::RegionInner;
@@ -124,6 +124,40 @@ impl Rvm {
     /// transaction per instance (no nesting).
     pub fn begin(&self, mode: RestoreMode) -> Result<Transaction<'_>> {
         Transaction::begin(self, mode)
+    }
+
+    /// Begins a tracked transaction on this thread: stores into tracked
+    /// regions need no `set_range` (they are found by the region's
+    /// [`crate::TrackingMethod`]), and `set_range` still works for untracked
+    /// regions. Tracked transactions of an instance run one at a time: this
+    /// waits for the open one to end. Abort always restores tracked pages
+    /// (their twins or shadows hold the old bytes); `mode` governs declared
+    /// ranges of untracked regions.
+    ///
+    /// With write-protect-tracked regions, fails with
+    /// [`crate::TxError::StoresOutsideTransaction`] if their pages were
+    /// stored into since the last tracked transaction (those stores are
+    /// undone first; the next begin succeeds).
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
+    /// rvm.track(&region).unwrap();
+    /// let counter = region.addr() as *mut u64;
+    /// let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    /// // SAFETY: the tracked transaction serializes writers; nothing else
+    /// // holds a reference to the counter.
+    /// unsafe { *counter += 1 };
+    /// tx.commit(CommitMode::Flush).unwrap();
+    /// // SAFETY: as above.
+    /// assert_eq!(unsafe { *counter }, 1);
+    /// ```
+    pub fn begin_tracked(&self, mode: RestoreMode) -> Result<Transaction<'_>> {
+        Transaction::begin_tracked(self, mode)
     }
 }
 
@@ -440,18 +474,6 @@ impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         self.rollback();
     }
-}
-
-/// A piece a commit logs: the `len` bytes at `from` for `[addr, addr +
-/// len)` of `held[region]`. `from` is `addr` itself, or the tracked
-/// transaction's staged copy of those bytes (the write-protect method logs
-/// what its diff read, which its shadows also take).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Span {
-    pub addr: usize,
-    pub len: usize,
-    pub region: usize,
-    pub from: usize,
 }
 
 /// Intra-transaction coalescing: sorts spans and merges those of one

@@ -22,6 +22,7 @@ mod tracking;
 mod truncate;
 
 pub use checkpoint::CheckpointReport;
+pub(crate) use pipeline::Span;
 pub use recovery::recover_log;
 
 use crate::error::{Error, MapError, Result};

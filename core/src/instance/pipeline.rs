@@ -102,15 +102,22 @@ pub(super) struct Writer {
     coalescer: Coalescer,
 }
 
+/// A piece a commit logs: the `len` bytes at `from` for `[addr, addr +
+/// len)` of `held[region]`. `from` is `addr` itself, or the tracked
+/// transaction's staged copy of those bytes (the write-protect method logs
+/// what its diff read, which its shadows also take).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub addr: usize,
+    pub len: usize,
+    pub region: usize,
+    pub from: usize,
+}
+
 impl Inner {
     /// Adds a committed transaction to the pending batch. `pieces` address
     /// memory (`data_at` is the memory address); bytes are copied now.
-    pub(crate) fn commit_pieces(
-        &self,
-        held: &[Arc<RegionInner>],
-        spans: &[crate::tx::Span],
-        declared: u64,
-    ) -> Result<u64> {
+    pub(crate) fn commit_pieces(&self, held: &[Arc<RegionInner>], spans: &[Span], declared: u64) -> Result<u64> {
         let bytes: u64 = spans.iter().map(|r| r.len as u64).sum();
         let needed = format::transaction_bytes_max(spans.len() as u64, bytes);
         if needed > self.ring.area_len {
@@ -143,7 +150,7 @@ impl Inner {
                 }
             }
             let b = &mut st.pending;
-            for &crate::tx::Span { addr, len, region, from } in spans {
+            for &Span { addr, len, region, from } in spans {
                 let region = &held[region];
                 let seg = &region.segment;
                 let offset = region.segment_offset(addr);

@@ -5,7 +5,7 @@ use super::Inner;
 use crate::error::{Error, LogError, MapError, Result};
 use crate::log::{self, format};
 use crate::mem::{self, Mapping};
-use crate::segment::{CopyMode, MapSpec, Placement, Region, RegionInner, Segment, SegmentInner};
+use crate::segment::{grow_mapping, CopyMode, MapSpec, Placement, Region, RegionInner, Segment, SegmentInner};
 use crate::storage::{OpenMode, Vfs};
 use crate::track::RegionTrack;
 use parking_lot::Mutex;
@@ -394,4 +394,143 @@ fn other_log_holds(vfs: &dyn Vfs, mark: &OwnerMark, name: &Path) -> Result<Other
         }
     })?;
     Ok(if names_it { OtherLog::MayHold } else { OtherLog::HoldsNothing })
+}
+
+impl super::Rvm {
+    /// Extends the segment's device to `new_len` bytes (a no-op if it is
+    /// that long already; segments never shrink here): the new bytes read
+    /// as zeros, their disk blocks are allocated where the device supports
+    /// it ([`Storage::allocate`](crate::storage::Storage::allocate): a full disk is reported now, as an I/O
+    /// error of kind [`std::io::ErrorKind::StorageFull`], not at a later
+    /// write; unless [`Options::reserve_segment_space`](crate::Options::reserve_segment_space)
+    /// is off), and the new length is synced before this returns. A crash
+    /// leaves the old or the new length; nothing in the segment refers to
+    /// the new bytes until the caller commits something that does.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// rvm.extend_segment(&seg, 3 * 4096).unwrap();
+    /// assert_eq!(seg.len(), 3 * 4096);
+    /// assert_eq!(std::fs::metadata(dir.path().join("seg")).unwrap().len(), 3 * 4096);
+    /// ```
+    pub fn extend_segment(&self, segment: &Segment, new_len: u64) -> crate::Result<()> {
+        let seg = &segment.0;
+        if seg.instance != self.inner.id {
+            return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        let _serial = seg.resize.lock();
+        let old = seg.len();
+        if new_len <= old {
+            return Ok(());
+        }
+        let fail = |op, e| crate::Error::io(op, &seg.name, e);
+        seg.dev.set_len(new_len).map_err(|e| fail("extending segment", e))?;
+        let reserve = self.inner.opts.reserve_segment_space;
+        if let Err(e) = if reserve { seg.dev.allocate(old, new_len - old) } else { Ok(()) } {
+            // Give the space back (best effort): the caller sees the old size.
+            let _ = seg.dev.set_len(old);
+            return Err(fail("allocating segment space", e));
+        }
+        seg.dev.sync().map_err(|e| fail("syncing segment", e))?;
+        seg.len.store(new_len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Grows a region in place to `new_len` bytes (a page multiple; a no-op
+    /// if it is that long already): the segment bytes that follow it are
+    /// mapped at the addresses that follow it, inside the address space it
+    /// reserved when it was mapped ([`MapSpec::reserve`]; past it:
+    /// [`crate::MapError::BeyondReservation`]). The segment must hold them
+    /// ([`crate::Rvm::extend_segment`] first), and no other region may map
+    /// them. Nothing moves: addresses in the region stay valid, and other
+    /// threads may read and run transactions in the region meanwhile.
+    ///
+    /// ```
+    /// # use rvm_core::*;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
+    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    /// let seg = rvm.create_segment(dir.path().join("seg"), 4096).unwrap();
+    /// let region = rvm.map(&seg, MapSpec::new(0, 4096).reserve(1 << 20)).unwrap();
+    /// let start = region.addr();
+    /// rvm.extend_segment(&seg, 2 * 4096).unwrap();
+    /// rvm.grow_region(&region, 2 * 4096).unwrap();
+    /// assert_eq!((region.addr(), region.len(), region.capacity()), (start, 2 * 4096, 1 << 20));
+    /// let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    /// // SAFETY: this thread alone uses the region.
+    /// unsafe { tx.modify_bytes(start + 4096, b"grown").unwrap() };
+    /// tx.commit(CommitMode::Flush).unwrap();
+    /// ```
+    pub fn grow_region(&self, region: &Region, new_len: usize) -> crate::Result<()> {
+        let r = &region.0;
+        let seg = &r.segment;
+        if seg.instance != self.inner.id {
+            return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
+        }
+        let ps = crate::mem::page_size();
+        if !new_len.is_multiple_of(ps) {
+            return Err(crate::MapError::NotPageAligned {
+                what: "region length",
+                value: new_len as u64,
+                page_size: ps,
+            }
+            .into());
+        }
+        if new_len <= r.mapping.len() {
+            return Ok(());
+        }
+        if r.tracked.get().is_some() {
+            // Its tracking (read-only pages and a fault hook, or kernel
+            // write-protect and shadows) covers the length it had.
+            return Err(crate::MapError::TrackedGrowth { addr: r.addr() }.into());
+        }
+        if new_len > r.mapping.span() {
+            return Err(crate::MapError::BeyondReservation {
+                addr: r.addr(),
+                len: new_len,
+                capacity: r.mapping.span(),
+            }
+            .into());
+        }
+        let end = r.offset.checked_add(new_len as u64).filter(|&e| e <= seg.len()).ok_or_else(|| {
+            crate::MapError::OutsideSegment {
+                segment: seg.name.clone(),
+                offset: r.offset,
+                len: new_len as u64,
+                segment_len: seg.len(),
+            }
+        })?;
+        let old_end = r.offset + r.mapping.len() as u64;
+        // Instant recovery: the new range shows the segment's pages up to
+        // date (and the region's own get their normal protection back).
+        self.inner.settle_segment(seg)?;
+        // Unapplied log records for the new range exist only if it was
+        // mapped before in this instance: the segment must show them first.
+        if seg.mapped_end.load(Ordering::Acquire) > old_end && seg.last_tx.load(Ordering::Acquire) > 0 {
+            self.inner.replay_all()?;
+        }
+        // Truncation held off while the contents are read in; taken before
+        // the segment's range list, in the order a region dropped under a
+        // truncation takes them.
+        let _t = self.inner.truncation.lock();
+        let mut mapped = seg.mapped.lock();
+        if mapped.iter().any(|&(s, e)| s != r.offset && old_end < e && s < end) {
+            return Err(crate::MapError::AlreadyMapped {
+                segment: seg.name.clone(),
+                offset: old_end,
+                len: end - old_end,
+            }
+            .into());
+        }
+        grow_mapping(seg, &r.mapping, r.copy, r.offset, new_len)?;
+        for m in mapped.iter_mut().filter(|m| m.0 == r.offset) {
+            m.1 = end;
+        }
+        seg.mapped_end.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
 }

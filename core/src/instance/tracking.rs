@@ -115,40 +115,6 @@ impl Rvm {
         r.shadow.lock().clear();
         Ok(())
     }
-
-    /// Begins a tracked transaction on this thread: stores into tracked
-    /// regions need no `set_range` (they are found by the region's
-    /// [`TrackingMethod`]), and `set_range` still works for untracked
-    /// regions. Tracked transactions of an instance run one at a time: this
-    /// waits for the open one to end. Abort always restores tracked pages
-    /// (their twins or shadows hold the old bytes); `mode` governs declared
-    /// ranges of untracked regions.
-    ///
-    /// With write-protect-tracked regions, fails with
-    /// [`crate::TxError::StoresOutsideTransaction`] if their pages were
-    /// stored into since the last tracked transaction (those stores are
-    /// undone first; the next begin succeeds).
-    ///
-    /// ```
-    /// # use rvm_core::*;
-    /// # let dir = tempfile::tempdir().unwrap();
-    /// # create_log(dir.path().join("log"), 1 << 20).unwrap();
-    /// let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
-    /// let seg = rvm.create_segment(dir.path().join("seg"), 1 << 16).unwrap();
-    /// let region = rvm.map(&seg, MapSpec::new(0, 1 << 16)).unwrap();
-    /// rvm.track(&region).unwrap();
-    /// let counter = region.addr() as *mut u64;
-    /// let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
-    /// // SAFETY: the tracked transaction serializes writers; nothing else
-    /// // holds a reference to the counter.
-    /// unsafe { *counter += 1 };
-    /// tx.commit(CommitMode::Flush).unwrap();
-    /// // SAFETY: as above.
-    /// assert_eq!(unsafe { *counter }, 1);
-    /// ```
-    pub fn begin_tracked(&self, mode: crate::RestoreMode) -> Result<crate::Transaction<'_>> {
-        crate::tx::Transaction::begin_tracked(self, mode)
-    }
 }
 
 impl Region {
