@@ -121,3 +121,42 @@ fn a_removed_segment_file_has_its_folder_synced() {
     let trace = calls(&text);
     assert!(folder_synced_after(&trace, &seg, "unlink"), "delete_segment: folder not synced:\n{text}");
 }
+
+/// `PHeap::open_or_create` on a folder that does not exist yet makes each
+/// folder it creates durable (its parent synced), and the heap's files.
+#[test]
+fn a_new_heap_folder_has_a_durable_name() {
+    if let Some(folder) = std::env::var_os("RVM_NEW_HEAP_CHILD") {
+        let config = rvm::collections::Config { heap_len: 1 << 20, log_len: 1 << 20, ..Default::default() };
+        rvm::collections::PHeap::open_or_create(folder, config).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("a").join("b");
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,mkdir,mkdirat,rename,renameat,renameat2"])
+        .arg(&me)
+        .args(["--exact", "a_new_heap_folder_has_a_durable_name", "--test-threads=1"])
+        .env("RVM_NEW_HEAP_CHILD", &folder)
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: cannot run strace");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if text.contains("ptrace") || text.contains("PTRACE") || text.contains("Operation not permitted") {
+            eprintln!("skipped: strace cannot trace here");
+            return;
+        }
+        panic!("child failed: {text}");
+    }
+    let trace = calls(&text);
+    for made in [dir.path().join("a"), folder.clone()] {
+        assert!(folder_synced_after(&trace, &made, "mkdir"), "{}: parent not synced:\n{text}", made.display());
+    }
+    for file in [rvm::collections::LOG_FILE, "heap.seg.creating"] {
+        assert!(folder_synced_after(&trace, &folder.join(file), "O_CREAT"), "{file}: folder not synced:\n{text}");
+    }
+}

@@ -173,19 +173,10 @@ impl PHeap {
     /// folder without a heap file is made again.
     pub fn open_or_create(dir: impl AsRef<Path>, config: Config) -> Result<PHeap> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
-        // A new heap may come with a new log (or one made again over an
-        // unfinished one, see `remove_unfinished_log`).
-        let created_log = !dir.join(LOG_FILE).exists() || !dir.join(HEAP_FILE).exists();
-        let heap = PHeap::open_or_create_with(Arc::new(FileVfs), dir, config)?;
-        if created_log {
-            // The new log's name is durable once its folder is synced (an
-            // empty path names the current folder, as it does for the
-            // files).
-            let folder = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            std::fs::File::open(folder).and_then(|d| d.sync_all()).map_err(io("syncing the folder", folder))?;
-        }
-        Ok(heap)
+        make_folder_durably(dir)?;
+        // The files' names are made durable by `FileVfs` (it syncs the
+        // folder after each create and rename).
+        PHeap::open_or_create_with(Arc::new(FileVfs), dir, config)
     }
 
     /// [`PHeap::open_or_create`] on any [`Vfs`], such as the simulated disk
@@ -646,6 +637,21 @@ fn create_heap_picking(
 
 fn is_address_in_use(e: &rvm_heap::HeapError) -> bool {
     matches!(e, rvm_heap::HeapError::Loader(rvm_loader::LoaderError::MapRegion { .. }))
+}
+
+/// Creates `dir` and any missing parents, each created folder's name made
+/// durable (its parent synced): a folder a power cut could take away would
+/// take the heap's commits with it. An existing folder is left as it is.
+fn make_folder_durably(dir: &Path) -> Result<()> {
+    // An empty path names the current folder, as it does for the files.
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).collect();
+    std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
+    for made in missing.iter().rev() {
+        let parent = made.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io("syncing the folder", parent))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
