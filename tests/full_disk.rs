@@ -258,3 +258,38 @@ fn a_typed_heap_that_cannot_grow_on_a_full_disk_keeps_what_it_has() {
     let heap = PHeap::open_or_create(&folder, config).unwrap();
     assert_eq!(items(&heap), expected);
 }
+
+/// A salvage needs room for its copy of the damaged log: on a full disk it
+/// fails with the disk's error, leaves no partial copy, and changes
+/// nothing; with room, it goes ahead.
+#[test]
+fn a_salvage_without_room_for_its_copy_changes_nothing() {
+    let Some(disk) = SmallDisk::mount(3 << 20) else { return };
+    let log = disk.path("log");
+    create_log(&log, 1 << 20).unwrap();
+    {
+        let rvm = Rvm::open(&log, Options { truncate_threshold: None, ..Options::default() }).unwrap();
+        let seg = rvm.create_segment(disk.path("seg"), 64 << 10).unwrap();
+        let region = rvm.map(&seg, MapSpec::new(0, 64 << 10)).unwrap();
+        for i in 0..200u64 {
+            commit(&rvm, &region, (i as usize % 16) * 4096, i, CommitMode::Flush).unwrap();
+        }
+    }
+    // A flipped bit in the records of an early commit, with later synced
+    // commits after it: damage, not a torn end.
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = rvm::log::format::AREA_OFFSET as usize + 2048;
+    bytes[at] ^= 0x10;
+    std::fs::write(&log, &bytes).unwrap();
+    let e = Rvm::open(&log, Options::default()).err().expect("the damage is refused");
+    assert!(matches!(e, Error::Corrupted { .. }), "{e}");
+    disk.fill();
+    let salvage = Options { salvage: true, ..Options::default() };
+    let e = Rvm::open(&log, salvage.clone()).err().expect("no room for the copy");
+    assert!(storage_full(&e), "{e}");
+    assert_eq!(listing(disk.dir.path()), ["filler", "log", "seg"], "a partial copy was left");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log was changed");
+    std::fs::remove_file(disk.path("filler")).unwrap();
+    let rvm = Rvm::open(&log, salvage).unwrap();
+    assert!(rvm.recovery_report().salvage.is_some());
+}

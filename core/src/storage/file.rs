@@ -409,9 +409,13 @@ impl Vfs for FileVfs {
     fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut src = File::open(from)?;
         let mut dst = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
-        io::copy(&mut src, &mut dst)?;
-        dst.sync_all()?;
-        sync_folder_of(to)
+        let copied = io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all()).and_then(|()| sync_folder_of(to));
+        if copied.is_err() {
+            // A partial copy (a full disk) is no copy: not left behind.
+            drop(dst);
+            let _ = std::fs::remove_file(to);
+        }
+        copied
     }
     fn canonical_name(&self, path: &Path) -> io::Result<PathBuf> {
         match std::fs::canonicalize(path) {
