@@ -281,11 +281,11 @@ fn a_salvage_without_room_for_its_copy_changes_nothing() {
     let at = rvm::log::format::AREA_OFFSET as usize + 2048;
     bytes[at] ^= 0x10;
     std::fs::write(&log, &bytes).unwrap();
-    let e = Rvm::open(&log, Options::default()).err().expect("the damage is refused");
+    let e = Rvm::open(&log, Options::default()).expect_err("the damage is refused");
     assert!(matches!(e, Error::Corrupted { .. }), "{e}");
     disk.fill();
     let salvage = Options { salvage: true, ..Options::default() };
-    let e = Rvm::open(&log, salvage.clone()).err().expect("no room for the copy");
+    let e = Rvm::open(&log, salvage.clone()).expect_err("no room for the copy");
     assert!(storage_full(&e), "{e}");
     assert_eq!(listing(disk.dir.path()), ["filler", "log", "seg"], "a partial copy was left");
     assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log was changed");
