@@ -204,6 +204,15 @@ fn damaged() -> Error {
     Error::Damaged { name: "PHashMap".into() }
 }
 
+/// A table for more entries than the address space holds: the same
+/// error as an impossible `PVec` capacity, not damage.
+fn too_many<K, V>() -> Error {
+    Error::Heap(rvm_heap::HeapError::BadLayout {
+        size: usize::MAX,
+        align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
+    })
+}
+
 /// A hash map in the heap, like `HashMap<K, V>`, of [`Plain`] keys and
 /// any [`Persist`] values, whose keys are compared and hashed by their
 /// bytes with a fixed hash function (see [the module](crate::hash_map)).
@@ -604,6 +613,9 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
             })
         })?;
+        // The heap block first: a table the heap cannot hold is a typed
+        // error before any volatile memory is asked for its image.
+        let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         // The new table's image: every control byte empty, then each
         // entry moved into its slot (the values' bytes move, and what they
         // own with them).
@@ -623,7 +635,9 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 probes += 1;
                 if probes == new_cap {
                     // More full control bytes than the new table holds:
-                    // only a damaged table has them.
+                    // only a damaged table has them. The new block goes
+                    // back (a closure that swallows the error leaks none).
+                    self.tx().with_htx(|htx| Ok(htx.free(new)?))?;
                     return Err(damaged());
                 }
                 i = (i + 1) & mask;
@@ -635,7 +649,6 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
             len += 1;
         }
         let old_ptr = old.ptr as usize;
-        let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         let at = new.as_ptr() as usize;
         self.store(at, &image)?;
         if let Some(p) = NonNull::new(old_ptr as *mut u8) {
@@ -649,11 +662,11 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     fn make_room(&mut self, items: usize) -> Result<()> {
         let m = self.map();
         let (cap, deleted) = (m.cap as usize, m.deleted as usize);
-        let used = items.checked_add(deleted).ok_or_else(damaged)?;
+        let used = items.checked_add(deleted).ok_or_else(too_many::<K, V>)?;
         if cap > 0 && used <= max_load(cap) {
             return Ok(());
         }
-        let mut new_cap = slots_for(items).ok_or_else(damaged)?;
+        let mut new_cap = slots_for(items).ok_or_else(too_many::<K, V>)?;
         // Mostly tombstones: rebuild at the same size; else at least double.
         if cap > 0 && items > max_load(cap) / 2 {
             new_cap = new_cap.max(cap.saturating_mul(2));
@@ -873,7 +886,7 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     /// so that inserting them grows nothing).
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
         let len = self.map().len();
-        self.make_room(len.checked_add(additional).ok_or_else(damaged)?)
+        self.make_room(len.checked_add(additional).ok_or_else(too_many::<K, V>)?)
     }
 
     /// Inserts every entry of `items` (later ones replace earlier ones,
