@@ -209,9 +209,10 @@ pub struct PBTreeMap<K, V> {
     _kv: PhantomData<(K, V)>,
 }
 
-impl<K, V> std::fmt::Debug for PBTreeMap<K, V> {
+/// The entries, as a map in key order (as `BTreeMap` prints).
+impl<K: PKey + std::fmt::Debug, V: Persist + std::fmt::Debug> std::fmt::Debug for PBTreeMap<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PBTreeMap").field("len", &self.len).field("height", &self.height).finish_non_exhaustive()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 

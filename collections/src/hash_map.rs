@@ -251,13 +251,10 @@ pub struct PHashMap<K, V> {
     _kv: PhantomData<(K, V)>,
 }
 
-impl<K, V> std::fmt::Debug for PHashMap<K, V> {
+/// The entries, as a map in table order (as `HashMap` prints).
+impl<K: Plain + std::fmt::Debug, V: Persist + std::fmt::Debug> std::fmt::Debug for PHashMap<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PHashMap")
-            .field("len", &self.len)
-            .field("slots", &self.cap)
-            .field("deleted", &self.deleted)
-            .finish_non_exhaustive()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -420,13 +417,18 @@ impl<'a, K: Plain, V: Persist> IntoIterator for &'a PHashMap<K, V> {
 }
 
 /// The entries of a [`PHashMap`], from [`PHashMap::iter`].
-#[derive(Debug)]
 pub struct Iter<'a, K, V> {
     map: &'a PHashMap<K, V>,
     slots: usize,
     next: usize,
     /// Entries the header says are left (a hint only).
     left: usize,
+}
+
+impl<K, V> std::fmt::Debug for Iter<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iter").field("slots", &self.slots).field("next", &self.next).finish_non_exhaustive()
+    }
 }
 
 impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {

@@ -26,8 +26,15 @@ use crate::vec::PVec;
 /// # Ok::<(), Error>(())
 /// ```
 #[repr(transparent)]
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PString(PVec<u8>);
+
+/// The string, quoted (as `String` prints).
+impl std::fmt::Debug for PString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 impl PString {
     /// An empty string (owns no block).

@@ -49,9 +49,10 @@ pub struct PVec<T> {
     _t: PhantomData<T>,
 }
 
-impl<T> std::fmt::Debug for PVec<T> {
+/// The elements, as a list (as `Vec` prints).
+impl<T: Persist + std::fmt::Debug> std::fmt::Debug for PVec<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PVec").field("len", &self.len).field("cap", &self.cap).finish_non_exhaustive()
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 

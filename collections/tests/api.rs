@@ -1,0 +1,102 @@
+//! What a user expects of the collections' API from the standard
+//! library's: `Debug` prints contents (and a heap handle prints briefly),
+//! the error type travels in `Box<dyn Error + Send + Sync>`.
+
+use rvm_collections::{Config, Error, PBTreeMap, PBox, PHashMap, PHeap, PString, PVec, Persist};
+
+fn small() -> Config {
+    Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() }
+}
+
+#[derive(Persist, Debug)]
+#[repr(C)]
+struct Item {
+    name: PString,
+    tags: PVec<PString>,
+    qty: u64,
+}
+
+/// `{:?}` of the collections prints what they hold, as `Vec`, `String`,
+/// `HashMap`, `BTreeMap` and `Box` do (it printed lengths and capacities,
+/// and a `PString` as `PString(PVec { len: 5, .. })`); a derived `Debug`
+/// of a user's struct of them reads as the data.
+#[test]
+fn debug_prints_the_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| {
+        tx.root_or_insert_with("v", PVec::<u64>::new)?.extend([1, 2, 3])?;
+        tx.root_or_insert_with("s", PString::new)?.push_str("hé \"x\"")?;
+        tx.root_or_insert_with("m", PHashMap::<u32, u64>::new)?.insert(7, 70)?;
+        let mut b = tx.root_or_insert_with("b", PBTreeMap::<u32, u64>::new)?;
+        b.insert(2, 20)?;
+        b.insert(1, 10)?;
+        drop(b);
+        let name = tx.new_string("bolt")?;
+        let tag = tx.new_string("m4")?;
+        let mut item = tx.root_or_insert_with("item", || Item { name: PString::new(), tags: PVec::new(), qty: 3 })?;
+        item.field_mut(|i| &i.name).push_str(&name)?;
+        item.field_mut(|i| &i.tags).push(tag)?;
+        drop(item);
+        let boxed = tx.new_box(5u64)?;
+        tx.root_or_insert_with("box", || Option::<PBox<u64>>::None)?.replace(boxed)?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.read(|r| {
+        assert_eq!(format!("{:?}", r.root::<PVec<u64>>("v").unwrap().unwrap()), "[1, 2, 3]");
+        assert_eq!(format!("{:?}", r.root::<PString>("s").unwrap().unwrap()), format!("{:?}", "hé \"x\""));
+        assert_eq!(format!("{:?}", r.root::<PHashMap<u32, u64>>("m").unwrap().unwrap()), "{7: 70}");
+        assert_eq!(format!("{:?}", r.root::<PBTreeMap<u32, u64>>("b").unwrap().unwrap()), "{1: 10, 2: 20}");
+        assert_eq!(
+            format!("{:?}", r.root::<Item>("item").unwrap().unwrap()),
+            r#"Item { name: "bolt", tags: ["m4"], qty: 3 }"#
+        );
+        assert_eq!(format!("{:?}", r.root::<Option<PBox<u64>>>("box").unwrap().unwrap()), "Some(5)");
+        assert_eq!(format!("{:?}", PVec::<u64>::new()), "[]");
+        assert_eq!(format!("{:?}", PString::new()), "\"\"");
+    });
+    // Inside a write too (the guard derefs to the value).
+    heap.write(|tx| {
+        let v = tx.root_mut::<PVec<u64>>("v")?.unwrap();
+        assert_eq!(format!("{:?}", *v), "[1, 2, 3]");
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+}
+
+/// A heap handle prints its folder, base and log in a line, not the
+/// allocator's and the instance's internals (several kilobytes before),
+/// and printing it inside its own transaction does not wait for itself.
+#[test]
+fn a_heap_handle_prints_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let line = format!("{heap:?}");
+    assert!(line.starts_with("PHeap { dir: "), "{line}");
+    assert!(line.contains(&format!("{:#x}", heap.base())), "{line}");
+    assert!(line.len() < 400, "{} bytes: {line}", line.len());
+    let inside = heap.write(|_| Ok::<_, Error>(format!("{heap:?}"))).unwrap();
+    assert_eq!(inside, line);
+}
+
+/// The typed layer's error is `Send + Sync + 'static`: `?` works into
+/// `Box<dyn Error + Send + Sync>` and it crosses threads.
+#[test]
+fn the_error_type_boxes_and_crosses_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Error>();
+    assert_send_sync::<PHeap>();
+    fn run(dir: &std::path::Path) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        let heap = PHeap::open_or_create(dir, small())?;
+        let n = heap.read(|r| r.root::<u32>("n").map(|v| v.copied()));
+        assert!(n.is_ok());
+        heap.write(|tx| tx.root_or_insert_with("n", || 1u64).map(|_| ()))?;
+        Ok(heap.read(|r| r.root::<u32>("n").map(|v| v.copied()))?.map_or(0, u64::from))
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let e = std::thread::spawn(move || run(&path).unwrap_err()).join().unwrap();
+    let e = e.downcast::<Error>().expect("the typed layer's error");
+    assert!(matches!(*e, Error::RootType { .. }), "{e:?}");
+}
