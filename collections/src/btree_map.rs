@@ -155,7 +155,7 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// Read it through any guard (`&PBTreeMap` gives `len`, `get`,
 /// `first_key_value`, `last_key_value`, `iter`, `range`), change it through
 /// its [`Mut`] guard in a write transaction (`insert`, `remove`,
-/// `get_mut`, `get_or_insert_with`, `pop_first`, `pop_last`, `clear`; for
+/// `get_mut`, `get_or_insert_with`, `pop_first`, `pop_last`, `retain`, `clear`; for
 /// values that own blocks, `insert_owned`, `remove_owned`,
 /// `pop_first_owned`, `pop_last_owned`).
 ///
@@ -841,6 +841,39 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
             (i, true) => self.remove_at(path, n, i).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Keeps only the entries for which `keep` returns `true` (as
+    /// `BTreeMap::retain`, but `keep` sees the value by `&`: change values
+    /// through [`get_mut`](Self::get_mut)); the others are removed and
+    /// their values dropped (what they own is freed in this transaction).
+    /// `keep` sees every entry once, in key order, before anything
+    /// changes.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PBTreeMap, PHeap};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut m = tx.root_or_insert_with("m", PBTreeMap::<u32, u64>::new)?;
+    ///     for i in 0..100 {
+    ///         m.insert(i, u64::from(i))?;
+    ///     }
+    ///     m.retain(|k, _| k % 10 == 0)?;
+    ///     assert_eq!(m.keys().copied().collect::<Vec<_>>(), [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) -> Result<()> {
+        let doomed: Vec<Box<K>> =
+            self.map().iter().filter(|(k, v)| !keep(k, v)).map(|(k, _)| PBTreeMap::<K, V>::copy_key(k)).collect();
+        for k in doomed {
+            if let Some((_, v)) = self.take(&k)? {
+                drop(self.tx().adopt(v)?);
+            }
+        }
+        Ok(())
     }
 
     /// Removes `key`; returns its value as an [`Owned`] value.

@@ -220,7 +220,7 @@ fn too_many<K, V>() -> Error {
 /// Read it through any guard (`&PHashMap` gives `len`, `get`,
 /// `contains_key`, `iter`, `keys`, `values`), change it through its
 /// [`Mut`] guard in a write transaction (`insert`, `remove`, `get_mut`,
-/// `entry`, `get_or_insert_with`, `clear`, `reserve`, `extend`; for values
+/// `entry`, `get_or_insert_with`, `retain`, `clear`, `reserve`, `extend`; for values
 /// that own blocks, `insert_owned` and `remove_owned`). Each change declares only the bytes it changes: the header
 /// (declared when the root is borrowed), and the control byte, key and
 /// value of the slot it touches; growing builds a new table block in the
@@ -881,6 +881,45 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
         let p = NonNull::new(ptr as *mut u8).ok_or_else(damaged)?;
         self.tx().with_htx(|htx| Ok(htx.free(p)?))?;
         self.set_header(0, 0, 0, 0);
+        Ok(())
+    }
+
+    /// Keeps only the entries for which `keep` returns `true` (as
+    /// `HashMap::retain`, but `keep` sees the value by `&`: change values
+    /// through [`get_mut`](Self::get_mut)); the others are removed and
+    /// their values dropped (what they own is freed in this transaction).
+    /// `keep` sees every entry once, before anything changes.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHashMap, PHeap};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut m = tx.root_or_insert_with("m", PHashMap::<u32, u64>::new)?;
+    ///     m.extend((0..10).map(|i| (i, u64::from(i) * 10)))?;
+    ///     m.retain(|k, v| k % 2 == 0 && *v < 60)?;
+    ///     let mut left: Vec<u32> = m.keys().copied().collect();
+    ///     left.sort();
+    ///     assert_eq!(left, [0, 2, 4]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) -> Result<()> {
+        let m = self.map();
+        let slots = m.cap as usize;
+        let doomed: Vec<usize> = (0..slots)
+            .filter(|&i| is_full(m.ctrl_at(i)))
+            .filter(|&i| {
+                let (k, v) = m.entry_at(i);
+                !keep(k, v)
+            })
+            .collect();
+        // Erasing a slot moves no other entry: the indexes stay right.
+        for i in doomed {
+            let (_, v) = self.remove_at(i)?;
+            drop(self.tx().adopt(v)?);
+        }
         Ok(())
     }
 

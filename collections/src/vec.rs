@@ -15,7 +15,7 @@ use std::ptr::NonNull;
 ///
 /// Read it through any guard (`&PVec<T>` gives `len`, `get`, `iter`,
 /// slices, indexing), change it through its [`Mut`] guard in a write
-/// transaction (`push`, `insert`, `get_mut`, `extend`, `truncate`,
+/// transaction (`push`, `insert`, `get_mut`, `extend`, `retain`, `truncate`,
 /// `reserve`, `swap`, `pop_owned`, `remove_owned`; and for [`Plain`]
 /// elements `pop`, `remove`, `set`, `as_mut_slice`, which hand values out
 /// by value or by `&mut`). Each change declares only the bytes it changes:
@@ -377,6 +377,57 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, PVec<T>> {
     /// Removes every element, dropping them (the buffer stays).
     pub fn clear(&mut self) -> Result<()> {
         self.truncate(0)
+    }
+
+    /// Keeps only the elements for which `keep` returns `true`, in their
+    /// order (as `Vec::retain`); the others are dropped (what they own is
+    /// freed in this transaction). `keep` sees every element once, by
+    /// `&`, before anything changes; then the kept elements after the
+    /// first removed one move down, and only that stretch is declared.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHeap, PString, PVec};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut v = tx.root_or_insert_with("v", PVec::<u64>::new)?;
+    ///     v.extend(0..10)?;
+    ///     v.retain(|x| x % 3 != 0)?;
+    ///     assert_eq!(v.to_vec(), [1, 2, 4, 5, 7, 8]);
+    ///     let mut names = tx.root_or_insert_with("names", PVec::<PString>::new)?;
+    ///     for n in ["ada", "", "bob"] {
+    ///         names.push(tx.new_string(n)?)?;
+    ///     }
+    ///     names.retain(|s| !s.is_empty())?; // the empty string is freed
+    ///     assert_eq!(names.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["ada", "bob"]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// assert!(heap.check()?.is_clean());
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> Result<()> {
+        let (ptr, len, cap) = self.header();
+        let v: &PVec<T> = self;
+        let kept: Vec<bool> = v.iter().map(&mut keep).collect();
+        let Some(first) = kept.iter().position(|k| !k) else { return Ok(()) };
+        let new_len = first + kept[first..].iter().filter(|k| **k).count();
+        if T::OWNS_BLOCKS {
+            for i in (first..len).filter(|&i| !kept[i]) {
+                self.tx().drop_value::<T>(self.slot(i))?;
+            }
+        }
+        self.declare(ptr, first, new_len)?;
+        for (to, from) in (first..).zip((first + 1..len).filter(|&i| kept[i])) {
+            // SAFETY: `from` and `to < from` are slots below `len` of the
+            // live buffer; `[first, new_len)`, where every `to` lies, is
+            // declared above; slot `from` holds a kept value that moves
+            // down (what it owns moves with it), slot `to` a dropped one
+            // or one already moved; no reference into the buffer is alive
+            // (`kept` holds booleans).
+            unsafe { crate::raw::shift::<T>(ptr, from, to, 1) };
+        }
+        self.set_header(ptr, new_len, cap);
+        Ok(())
     }
 
     /// Makes room for at least `additional` more elements.

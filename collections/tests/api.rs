@@ -100,3 +100,88 @@ fn the_error_type_boxes_and_crosses_threads() {
     let e = e.downcast::<Error>().expect("the typed layer's error");
     assert!(matches!(*e, Error::RootType { .. }), "{e:?}");
 }
+
+/// `retain` on the three collections, with plain values and with values
+/// that own blocks: the kept entries are the model's, in order, the
+/// dropped ones are freed (the check finds no unreachable block), and an
+/// aborted `retain` leaves everything as it was.
+#[test]
+fn retain_keeps_what_the_closure_keeps_and_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let keep = |k: u64| k % 3 != 1 && !k.is_multiple_of(7);
+    heap.write(|tx| {
+        let mut v = tx.root_or_insert_with("v", PVec::<u64>::new)?;
+        v.extend(0..500)?;
+        drop(v);
+        let mut vs = tx.root_or_insert_with("vs", PVec::<PString>::new)?;
+        for i in 0..300u64 {
+            vs.push(tx.new_string(&i.to_string())?)?;
+        }
+        drop(vs);
+        let mut m = tx.root_or_insert_with("m", PHashMap::<u64, PVec<u64>>::new)?;
+        for i in 0..300u64 {
+            m.get_or_insert_with(i, PVec::new)?.extend([i, i + 1])?;
+        }
+        drop(m);
+        let mut b = tx.root_or_insert_with("b", PBTreeMap::<u64, PString>::new)?;
+        for i in 0..1000u64 {
+            b.insert_owned(i, tx.new_string(&format!("v{i}"))?)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // Aborted: nothing changes.
+    let r = heap.write(|tx| {
+        tx.root_mut::<PVec<u64>>("v")?.unwrap().retain(|_| false)?;
+        tx.root_mut::<PBTreeMap<u64, PString>>("b")?.unwrap().retain(|_, _| false)?;
+        Err::<(), _>(Error::Config("undo".into()))
+    });
+    assert!(r.is_err());
+    heap.read(|r| {
+        assert_eq!(r.root::<PVec<u64>>("v").unwrap().unwrap().len(), 500);
+        assert_eq!(r.root::<PBTreeMap<u64, PString>>("b").unwrap().unwrap().len(), 1000);
+    });
+    heap.write(|tx| {
+        let mut seen = Vec::new();
+        tx.root_mut::<PVec<u64>>("v")?.unwrap().retain(|x| {
+            seen.push(*x);
+            keep(*x)
+        })?;
+        assert_eq!(seen, (0..500).collect::<Vec<_>>(), "each element seen once, in order");
+        tx.root_mut::<PVec<PString>>("vs")?.unwrap().retain(|s| keep(s.parse().unwrap()))?;
+        tx.root_mut::<PHashMap<u64, PVec<u64>>>("m")?.unwrap().retain(|k, v| keep(*k) && v[0] == *k)?;
+        tx.root_mut::<PBTreeMap<u64, PString>>("b")?
+            .unwrap()
+            .retain(|k, s| keep(*k) && s.as_str() == format!("v{k}"))?;
+        // Keeping everything and nothing.
+        let mut e = tx.root_or_insert_with("e", PVec::<u64>::new)?;
+        e.retain(|_| false)?;
+        e.extend([1, 2])?;
+        e.retain(|_| true)?;
+        assert_eq!(e.to_vec(), [1, 2]);
+        e.retain(|_| false)?;
+        assert!(e.is_empty());
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    drop(heap);
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.read(|r| {
+        let v = r.root::<PVec<u64>>("v").unwrap().unwrap();
+        assert_eq!(v.to_vec(), (0..500).filter(|&k| keep(k)).collect::<Vec<_>>());
+        let vs = r.root::<PVec<PString>>("vs").unwrap().unwrap();
+        let want: Vec<String> = (0..300).filter(|&k| keep(k)).map(|k| k.to_string()).collect();
+        assert_eq!(vs.iter().map(|s| s.to_string()).collect::<Vec<_>>(), want);
+        let m = r.root::<PHashMap<u64, PVec<u64>>>("m").unwrap().unwrap();
+        let mut keys: Vec<u64> = m.keys().copied().collect();
+        keys.sort();
+        assert_eq!(keys, (0..300).filter(|&k| keep(k)).collect::<Vec<_>>());
+        assert!(m.iter().all(|(k, v)| v.to_vec() == [*k, k + 1]));
+        let b = r.root::<PBTreeMap<u64, PString>>("b").unwrap().unwrap();
+        assert_eq!(b.keys().copied().collect::<Vec<_>>(), (0..1000).filter(|&k| keep(k)).collect::<Vec<_>>());
+        assert!(b.iter().all(|(k, s)| s.as_str() == format!("v{k}")));
+    });
+    let report = heap.check().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
