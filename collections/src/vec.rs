@@ -130,6 +130,66 @@ impl<'a, T: Persist> IntoIterator for &'a PVec<T> {
     }
 }
 
+/// Compares the elements (as `Vec` does): two vectors of different roots
+/// are equal when their elements are.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PVec};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     tx.root_or_insert_with("a", PVec::<u32>::new)?.extend([1, 2, 3])?;
+///     tx.root_or_insert_with("b", PVec::<u32>::new)?.extend([1, 2, 3])?;
+///     Ok::<_, Error>(())
+/// })?;
+/// heap.read(|r| {
+///     let (a, b) = (r.root::<PVec<u32>>("a")?.unwrap(), r.root::<PVec<u32>>("b")?.unwrap());
+///     assert_eq!(a, b);
+///     assert_eq!(*a, [1, 2, 3]);
+///     assert_eq!(*a, vec![1, 2, 3]);
+///     assert_eq!(*a, [1, 2, 3][..]);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<T: Persist + PartialEq<U>, U: Persist> PartialEq<PVec<U>> for PVec<T> {
+    fn eq(&self, other: &PVec<U>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Persist + Eq> Eq for PVec<T> {}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<[U]> for PVec<T> {
+    fn eq(&self, other: &[U]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U, const N: usize> PartialEq<[U; N]> for PVec<T> {
+    fn eq(&self, other: &[U; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<Vec<U>> for PVec<T> {
+    fn eq(&self, other: &Vec<U>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<&[U]> for PVec<T> {
+    fn eq(&self, other: &&[U]) -> bool {
+        self.as_slice() == *other
+    }
+}
+
+impl<T: Persist> AsRef<[T]> for PVec<T> {
+    fn as_ref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
 impl<T: Persist> std::ops::Index<usize> for PVec<T> {
     type Output = T;
     fn index(&self, index: usize) -> &T {

@@ -151,9 +151,7 @@ fn retain_keeps_what_the_closure_keeps_and_frees_the_rest() {
         assert_eq!(seen, (0..500).collect::<Vec<_>>(), "each element seen once, in order");
         tx.root_mut::<PVec<PString>>("vs")?.unwrap().retain(|s| keep(s.parse().unwrap()))?;
         tx.root_mut::<PHashMap<u64, PVec<u64>>>("m")?.unwrap().retain(|k, v| keep(*k) && v[0] == *k)?;
-        tx.root_mut::<PBTreeMap<u64, PString>>("b")?
-            .unwrap()
-            .retain(|k, s| keep(*k) && s.as_str() == format!("v{k}"))?;
+        tx.root_mut::<PBTreeMap<u64, PString>>("b")?.unwrap().retain(|k, s| keep(*k) && *s == format!("v{k}"))?;
         // Keeping everything and nothing.
         let mut e = tx.root_or_insert_with("e", PVec::<u64>::new)?;
         e.retain(|_| false)?;
@@ -180,8 +178,48 @@ fn retain_keeps_what_the_closure_keeps_and_frees_the_rest() {
         assert!(m.iter().all(|(k, v)| v.to_vec() == [*k, k + 1]));
         let b = r.root::<PBTreeMap<u64, PString>>("b").unwrap().unwrap();
         assert_eq!(b.keys().copied().collect::<Vec<_>>(), (0..1000).filter(|&k| keep(k)).collect::<Vec<_>>());
-        assert!(b.iter().all(|(k, s)| s.as_str() == format!("v{k}")));
+        assert!(b.iter().all(|(k, s)| *s == format!("v{k}")));
     });
     let report = heap.check().unwrap();
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// Strings and vectors compare as `String` and `Vec` do: with each other,
+/// with the standard types, and (strings) in order and by hash.
+#[test]
+fn strings_and_vectors_compare_as_the_standard_ones() {
+    use std::collections::HashSet;
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    heap.write(|tx| {
+        let mut names = tx.root_or_insert_with("names", PVec::<PString>::new)?;
+        for n in ["pear", "apple", "pear", ""] {
+            names.push(tx.new_string(n)?)?;
+        }
+        tx.root_or_insert_with("a", PVec::<u8>::new)?.extend_from_slice(b"xyz")?;
+        tx.root_or_insert_with("b", PVec::<u8>::new)?.extend_from_slice(b"xyz")?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.read(|r| {
+        let names = r.root::<PVec<PString>>("names").unwrap().unwrap();
+        assert_eq!(names[0], names[2]);
+        assert_ne!(names[0], names[1]);
+        assert!(names[1] < names[0] && names[3] < names[1]);
+        assert_eq!(names.iter().max().map(|s| s.as_str()), Some("pear"));
+        assert_eq!(names[0], "pear".to_string());
+        assert_eq!("pear".to_string(), names[0]);
+        assert!("apple" == names[1] && names[1] == *"apple");
+        let unique: HashSet<&PString> = names.iter().collect();
+        assert_eq!(unique.len(), 3);
+        let by_text: HashSet<&str> = names.iter().map(|s| s.as_ref()).collect();
+        assert_eq!(by_text.len(), 3);
+        let (a, b) = (r.root::<PVec<u8>>("a").unwrap().unwrap(), r.root::<PVec<u8>>("b").unwrap().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(*a, *b"xyz");
+        assert_eq!(*a, b"xyz".to_vec());
+        assert_eq!(*a, &b"xyz"[..]);
+        assert_ne!(*a, *b"xy");
+        assert_eq!(PVec::<u8>::new(), PVec::<u8>::new());
+    });
 }
