@@ -58,6 +58,17 @@ impl<T: Persist + std::fmt::Debug> std::fmt::Debug for PVec<T> {
 
 impl<T: Persist> PVec<T> {
     /// An empty vector (owns no block): the value to make a root with.
+    ///
+    /// Elements must have a size: a vector of a zero-sized type (an empty
+    /// struct, `[u8; 0]`) does not compile (keep a count instead).
+    ///
+    /// ```compile_fail
+    /// use rvm_collections::{PVec, Persist};
+    /// #[derive(Persist)]
+    /// #[repr(C)]
+    /// struct Marker {}
+    /// let _ = PVec::<Marker>::new();
+    /// ```
     pub fn new() -> Self {
         const { assert!(std::mem::size_of::<T>() > 0, "PVec of a zero-sized type") };
         PVec { ptr: 0, len: 0, cap: 0, _t: PhantomData }
