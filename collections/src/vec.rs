@@ -133,6 +133,34 @@ impl<T: Persist> Default for PVec<T> {
     }
 }
 
+/// A vector reads as a slice, as `Vec` does: `contains`, `binary_search`,
+/// `windows`, `chunks`, ranges (`&v[1..3]`), `iter().rev()` and the rest
+/// of `[T]`'s shared methods. Changes go through the [`Mut`] guard's
+/// methods (and, for [`Plain`] elements, `as_mut_slice`).
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PVec};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| tx.root_or_insert_with("v", PVec::<u32>::new)?.extend([1, 3, 5, 7]))?;
+/// heap.read(|r| {
+///     let v = r.root::<PVec<u32>>("v")?.unwrap();
+///     assert!(v.contains(&5));
+///     assert_eq!(v.binary_search(&7), Ok(3));
+///     assert_eq!(&v[1..3], &[3, 5]);
+///     assert_eq!(v.iter().rev().next(), Some(&7));
+///     assert_eq!(v.iter().sum::<u32>(), 16);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<T: Persist> std::ops::Deref for PVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
 impl<'a, T: Persist> IntoIterator for &'a PVec<T> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
@@ -201,9 +229,14 @@ impl<T: Persist> AsRef<[T]> for PVec<T> {
     }
 }
 
-impl<T: Persist> std::ops::Index<usize> for PVec<T> {
-    type Output = T;
-    fn index(&self, index: usize) -> &T {
+/// Indexing by position or by range (`v[2]`, `&v[1..3]`), as `Vec`.
+///
+/// # Panics
+///
+/// If the index or range is out of bounds (as for slices).
+impl<T: Persist, I: std::slice::SliceIndex<[T]>> std::ops::Index<I> for PVec<T> {
+    type Output = I::Output;
+    fn index(&self, index: I) -> &I::Output {
         &self.as_slice()[index]
     }
 }

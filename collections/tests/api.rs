@@ -221,5 +221,12 @@ fn strings_and_vectors_compare_as_the_standard_ones() {
         assert_eq!(*a, &b"xyz"[..]);
         assert_ne!(*a, *b"xy");
         assert_eq!(PVec::<u8>::new(), PVec::<u8>::new());
+        // A vector reads as a slice.
+        assert!(a.contains(&b'y') && !a.contains(&b'q'));
+        assert_eq!(a.windows(2).count(), 2);
+        assert_eq!(&a[1..], b"yz");
+        assert_eq!(a.iter().rev().copied().collect::<Vec<u8>>(), b"zyx");
+        assert_eq!(names.iter().position(|s| *s == "apple"), Some(1));
+        assert!(PVec::<u64>::new().is_empty());
     });
 }
