@@ -230,3 +230,93 @@ fn strings_and_vectors_compare_as_the_standard_ones() {
         assert!(PVec::<u64>::new().is_empty());
     });
 }
+
+/// A `PBTreeMap`'s iterators run from both ends as `BTreeMap`'s do: over
+/// random ranges of a tree three levels deep with nodes thinned by
+/// removals, random mixes of `next` and `next_back` give the model's
+/// entries, each once, and both ends stop where they meet.
+#[test]
+fn btree_iterators_run_from_both_ends() {
+    use std::collections::BTreeMap;
+    use std::ops::Bound;
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), Config { heap_len: 8 << 20, log_len: 16 << 20, ..small() }).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut model = BTreeMap::new();
+    heap.write(|tx| {
+        let mut m = tx.root_or_insert_with("m", PBTreeMap::<u32, u32>::new)?;
+        for i in 0..40_000u32 {
+            let k = i * 3;
+            m.insert(k, i)?;
+            model.insert(k, i);
+        }
+        // Thin some nodes out (removal rebalances lazily).
+        for k in (30_000..60_000u32).step_by(3).filter(|k| k % 7 != 0) {
+            m.remove(&k)?;
+            model.remove(&k);
+        }
+        assert!(m.height() >= 2, "height {}", m.height());
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    heap.read(|r| {
+        let m = r.root::<PBTreeMap<u32, u32>>("m").unwrap().unwrap();
+        let all: Vec<(u32, u32)> = m.iter().rev().map(|(k, v)| (*k, *v)).collect();
+        let want: Vec<(u32, u32)> = model.iter().rev().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(all, want);
+        assert_eq!(m.keys().next_back(), model.keys().next_back());
+        assert_eq!(m.values().rev().nth(5), model.values().rev().nth(5));
+        let bound = |x: u64| match x % 3 {
+            0 => Bound::Included((x / 3 % 130_000) as u32),
+            1 => Bound::Excluded((x / 3 % 130_000) as u32),
+            _ => Bound::Unbounded,
+        };
+        for round in 0..300 {
+            let (lo, hi) = (bound(rand()), bound(rand()));
+            let valid = match (lo, hi) {
+                (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+                    a < b || (a == b && matches!((lo, hi), (Bound::Included(_), Bound::Included(_))))
+                }
+                _ => true,
+            };
+            if !valid {
+                // std panics on such a range; ours is empty both ways.
+                assert_eq!(m.range((lo, hi)).next_back(), None, "{lo:?}..{hi:?}");
+                continue;
+            }
+            let mut ours = m.range((lo, hi));
+            let mut theirs = model.range((lo, hi));
+            loop {
+                let back = rand() % 2 == 0;
+                let (a, b) = if back {
+                    (ours.next_back().map(|(k, v)| (*k, *v)), theirs.next_back().map(|(k, v)| (*k, *v)))
+                } else {
+                    (ours.next().map(|(k, v)| (*k, *v)), theirs.next().map(|(k, v)| (*k, *v)))
+                };
+                assert_eq!(a, b, "round {round}, {lo:?}..{hi:?}, back {back}");
+                if a.is_none() {
+                    assert_eq!(ours.next(), None);
+                    assert_eq!(ours.next_back(), None);
+                    break;
+                }
+            }
+        }
+    });
+    // An empty map, and one of one entry.
+    heap.write(|tx| {
+        let mut e = tx.root_or_insert_with("e", PBTreeMap::<u32, u32>::new)?;
+        assert_eq!(e.iter().next_back(), None);
+        e.insert(1, 10)?;
+        let mut it = e.iter();
+        assert_eq!(it.next_back(), Some((&1, &10)));
+        assert_eq!((it.next(), it.next_back()), (None, None));
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+}
