@@ -91,6 +91,12 @@ fn the_error_type_boxes_and_crosses_threads() {
         let heap = PHeap::open_or_create(dir, small())?;
         let n = heap.read(|r| r.root::<u32>("n").map(|v| v.copied()));
         assert!(n.is_ok());
+        // A closure transaction may return the boxed error too (undone on Err).
+        let r: Result<(), Box<dyn std::error::Error + Send + Sync>> = heap.write(|tx| {
+            *tx.root_or_insert_with("n", || 1u64)? += 1;
+            Err("changed my mind".into())
+        });
+        assert_eq!(r.unwrap_err().to_string(), "changed my mind");
         heap.write(|tx| tx.root_or_insert_with("n", || 1u64).map(|_| ()))?;
         Ok(heap.read(|r| r.root::<u32>("n").map(|v| v.copied()))?.map_or(0, u64::from))
     }
