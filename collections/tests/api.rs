@@ -239,7 +239,7 @@ fn strings_and_vectors_compare_as_the_standard_ones() {
 
 /// A `PBTreeMap`'s iterators run from both ends as `BTreeMap`'s do: over
 /// random ranges of a tree three levels deep with nodes thinned by
-/// removals, random mixes of `next` and `next_back` give the model's
+/// removals and a stretch of leaves emptied, random mixes of `next` and `next_back` give the model's
 /// entries, each once, and both ends stop where they meet.
 #[test]
 fn btree_iterators_run_from_both_ends() {
@@ -264,6 +264,11 @@ fn btree_iterators_run_from_both_ends() {
         }
         // Thin some nodes out (removal rebalances lazily).
         for k in (30_000..60_000u32).step_by(3).filter(|k| k % 7 != 0) {
+            m.remove(&k)?;
+            model.remove(&k);
+        }
+        // Empty whole leaves (freed and unlinked from their parents).
+        for k in (60_000..90_000u32).step_by(3) {
             m.remove(&k)?;
             model.remove(&k);
         }
