@@ -153,11 +153,12 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// O(len). The order is [`PKey`]'s, stable across builds.
 ///
 /// Read it through any guard (`&PBTreeMap` gives `len`, `get`,
-/// `first_key_value`, `last_key_value`, `iter`, `range`, from both ends), change it through
-/// its [`Mut`] guard in a write transaction (`insert`, `remove`,
-/// `get_mut`, `get_or_insert_with`, `pop_first`, `pop_last`, `retain`, `clear`; for
-/// values that own blocks, `insert_owned`, `remove_owned`,
-/// `pop_first_owned`, `pop_last_owned`).
+/// `first_key_value`, `last_key_value`, and `iter` and `range`, which run
+/// from both ends), change it through its [`Mut`] guard in a write
+/// transaction (`insert`, `remove`, `get_mut`, `get_or_insert_with`,
+/// `pop_first`, `pop_last`, `retain`, `clear`; for values that own
+/// blocks, `insert_owned`, `remove_owned`, `pop_first_owned`,
+/// `pop_last_owned`).
 ///
 /// ```
 /// use rvm_collections::{Config, Error, PBTreeMap, PHeap};

@@ -220,8 +220,9 @@ fn too_many<K, V>() -> Error {
 /// Read it through any guard (`&PHashMap` gives `len`, `get`,
 /// `contains_key`, `iter`, `keys`, `values`), change it through its
 /// [`Mut`] guard in a write transaction (`insert`, `remove`, `get_mut`,
-/// `entry`, `get_or_insert_with`, `retain`, `clear`, `reserve`, `extend`; for values
-/// that own blocks, `insert_owned` and `remove_owned`). Each change declares only the bytes it changes: the header
+/// `entry`, `get_or_insert_with`, `retain`, `clear`, `reserve`,
+/// `extend`; for values that own blocks, `insert_owned` and
+/// `remove_owned`). Each change declares only the bytes it changes: the header
 /// (declared when the root is borrowed), and the control byte, key and
 /// value of the slot it touches; growing builds a new table block in the
 /// same transaction and frees the old one at commit.

@@ -14,11 +14,12 @@ use std::ptr::NonNull;
 /// boxes, other collections).
 ///
 /// Read it through any guard (`&PVec<T>` gives `len`, `get`, `iter`,
-/// slices, indexing), change it through its [`Mut`] guard in a write
-/// transaction (`push`, `insert`, `get_mut`, `extend`, `retain`, `truncate`,
-/// `reserve`, `swap`, `pop_owned`, `remove_owned`; and for [`Plain`]
-/// elements `pop`, `remove`, `set`, `as_mut_slice`, which hand values out
-/// by value or by `&mut`). Each change declares only the bytes it changes:
+/// indexing and every shared method of `[T]`, which it derefs to), change
+/// it through its [`Mut`] guard in a write transaction (`push`, `insert`,
+/// `get_mut`, `extend`, `retain`, `truncate`, `reserve`, `swap`,
+/// `pop_owned`, `remove_owned`; and for [`Plain`] elements `pop`,
+/// `remove`, `set`, `as_mut_slice`, which hand values out by value or by
+/// `&mut`). Each change declares only the bytes it changes:
 /// the three-word header and the elements it writes or moves; growing
 /// copies the elements into a new block, in the same transaction, and
 /// frees the old one at commit. Elements that leave the vector
