@@ -78,3 +78,18 @@ fn drop_releases_files_at_once_with_background_truncation() {
         assert_eq!(&b, b"last", "round {round}");
     }
 }
+
+/// A region prints where it is and what it maps in a line (it printed the
+/// instance's page bitmaps and locks: kilobytes for a large region).
+#[test]
+fn a_region_prints_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 64 << 20).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 64 << 20)).unwrap();
+    let line = format!("{r:?}");
+    assert!(line.starts_with(&format!("Region {{ addr: {:#x}, len: {}", r.addr(), 64 << 20)), "{line}");
+    assert!(line.contains("seg"), "{line}");
+    assert!(line.len() < 300, "{} bytes: {line}", line.len());
+}

@@ -58,9 +58,10 @@ pub struct PBox<T> {
     _t: PhantomData<T>,
 }
 
-impl<T> std::fmt::Debug for PBox<T> {
+/// The boxed value (as `Box` prints).
+impl<T: Persist + std::fmt::Debug> std::fmt::Debug for PBox<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PBox({:#x})", self.ptr)
+        std::fmt::Debug::fmt(&**self, f)
     }
 }
 

@@ -153,11 +153,12 @@ impl<T: PKey, const N: usize> PKey for [T; N] {
 /// O(len). The order is [`PKey`]'s, stable across builds.
 ///
 /// Read it through any guard (`&PBTreeMap` gives `len`, `get`,
-/// `first_key_value`, `last_key_value`, `iter`, `range`), change it through
-/// its [`Mut`] guard in a write transaction (`insert`, `remove`,
-/// `get_mut`, `get_or_insert_with`, `pop_first`, `pop_last`, `clear`; for
-/// values that own blocks, `insert_owned`, `remove_owned`,
-/// `pop_first_owned`, `pop_last_owned`).
+/// `first_key_value`, `last_key_value`, and `iter` and `range`, which run
+/// from both ends), change it through its [`Mut`] guard in a write
+/// transaction (`insert`, `remove`, `get_mut`, `get_or_insert_with`,
+/// `pop_first`, `pop_last`, `retain`, `clear`; for values that own
+/// blocks, `insert_owned`, `remove_owned`, `pop_first_owned`,
+/// `pop_last_owned`).
 ///
 /// ```
 /// use rvm_collections::{Config, Error, PBTreeMap, PHeap};
@@ -209,9 +210,10 @@ pub struct PBTreeMap<K, V> {
     _kv: PhantomData<(K, V)>,
 }
 
-impl<K, V> std::fmt::Debug for PBTreeMap<K, V> {
+/// The entries, as a map in key order (as `BTreeMap` prints).
+impl<K: PKey + std::fmt::Debug, V: Persist + std::fmt::Debug> std::fmt::Debug for PBTreeMap<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PBTreeMap").field("len", &self.len).field("height", &self.height).finish_non_exhaustive()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -412,13 +414,13 @@ impl<K: PKey, V: Persist> PBTreeMap<K, V> {
         self.range::<std::ops::RangeFull>(..)
     }
 
-    /// Iterates over the keys in order.
-    pub fn keys(&self) -> impl Iterator<Item = &K> {
+    /// Iterates over the keys in order (`.rev()` for the reverse).
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> {
         self.iter().map(|(k, _)| k)
     }
 
-    /// Iterates over the values in key order.
-    pub fn values(&self) -> impl Iterator<Item = &V> {
+    /// Iterates over the values in key order (`.rev()` for the reverse).
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> {
         self.iter().map(|(_, v)| v)
     }
 
@@ -431,12 +433,22 @@ impl<K: PKey, V: Persist> PBTreeMap<K, V> {
             Bound::Excluded(k) => Bound::Excluded(Self::copy_key(k)),
             Bound::Unbounded => Bound::Unbounded,
         };
+        let start = match range.start_bound() {
+            Bound::Included(k) => Bound::Included(Self::copy_key(k)),
+            Bound::Excluded(k) => Bound::Excluded(Self::copy_key(k)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
         let mut it = Iter {
             stack: Vec::new(),
             leaf: None,
             end,
             left: self.len,
             height: self.height as usize,
+            root: self.root as usize,
+            start,
+            back: None,
+            front_last: None,
+            back_last: None,
             _map: PhantomData,
         };
         if self.root == 0 {
@@ -482,17 +494,35 @@ impl<'a, K: PKey, V: Persist> IntoIterator for &'a PBTreeMap<K, V> {
     }
 }
 
-/// An iterator over (a range of) a [`PBTreeMap`]'s entries, in key order.
+/// A cursor of an [`Iter`]: internal nodes from the root down with the
+/// child being visited, and the leaf with a slot index (`None`: finished).
+type Cursor = (Vec<(Node, usize)>, Option<(Node, usize)>);
+
+/// An iterator over (a range of) a [`PBTreeMap`]'s entries, in key order;
+/// from both ends (`.rev()`, `next_back`), as `BTreeMap`'s.
 pub struct Iter<'a, K, V> {
     /// Internal nodes from the root down, with the child being visited.
     stack: Vec<(Node, usize)>,
     /// The leaf being visited and the next slot in it.
     leaf: Option<(Node, usize)>,
     end: Bound<Box<K>>,
-    /// Entries the map holds: a bound on the iterations.
+    /// Entries the map holds: a bound on the iterations (both ends).
     left: u64,
     /// Levels of internal nodes.
     height: usize,
+    /// The root (0: empty), where the back cursor starts its descent.
+    root: Node,
+    /// The range's start, which the back cursor stops before.
+    start: Bound<Box<K>>,
+    /// The back cursor, made at the first `next_back`: internal nodes from
+    /// the root down with the child being visited, and the leaf with the
+    /// number of its slots not yet passed from the back (`None` inside:
+    /// finished).
+    back: Option<Cursor>,
+    /// The last keys yielded from the front and from the back: the two
+    /// cursors stop where they would cross (keys are unique and ordered).
+    front_last: Option<&'a K>,
+    back_last: Option<&'a K>,
     _map: PhantomData<&'a PBTreeMap<K, V>>,
 }
 
@@ -515,12 +545,14 @@ impl<'a, K: PKey, V: Persist> Iterator for Iter<'a, K, V> {
                     Bound::Excluded(e) => k.cmp_key(e) != Ordering::Less,
                     Bound::Unbounded => false,
                 };
-                if past || self.left == 0 {
+                let crossed = self.back_last.is_some_and(|b| k.cmp_key(b) != Ordering::Less);
+                if past || crossed || self.left == 0 {
                     self.leaf = None;
                     return None;
                 }
                 self.left -= 1;
                 self.leaf = Some((n, i + 1));
+                self.front_last = Some(k);
                 return Some((k, PBTreeMap::<K, V>::val(n, i)));
             }
             // Next leaf: up to the first node with a child to the right,
@@ -543,6 +575,85 @@ impl<'a, K: PKey, V: Persist> Iterator for Iter<'a, K, V> {
         }
     }
 }
+
+impl<'a, K: PKey, V: Persist> Iter<'a, K, V> {
+    /// The back cursor at the range's end: the leaf where the last key
+    /// within the end bound lies, and the number of its keys within it.
+    fn seek_back(&self) -> Cursor {
+        type M<K, V> = PBTreeMap<K, V>;
+        let mut stack = Vec::with_capacity(self.height);
+        if self.root == 0 {
+            return (stack, None);
+        }
+        let mut n = self.root;
+        for _ in 0..self.height {
+            // Keys not above the end lie in this child or the ones left of
+            // it (a key equal to a separator lies right of it).
+            let ci = match &self.end {
+                Bound::Included(k) | Bound::Excluded(k) => M::<K, V>::upper_bound(n, k),
+                Bound::Unbounded => M::<K, V>::nlen(n),
+            };
+            stack.push((n, ci));
+            n = M::<K, V>::kid(n, ci);
+        }
+        let j = match &self.end {
+            Bound::Included(k) => M::<K, V>::upper_bound(n, k),
+            Bound::Excluded(k) => M::<K, V>::lower_bound(n, k).0,
+            Bound::Unbounded => M::<K, V>::nlen(n),
+        };
+        (stack, Some((n, j)))
+    }
+}
+
+impl<K: PKey, V: Persist> DoubleEndedIterator for Iter<'_, K, V> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        type M<K, V> = PBTreeMap<K, V>;
+        if self.back.is_none() {
+            self.back = Some(self.seek_back());
+        }
+        let (start, front_last, height) = (&self.start, self.front_last, self.height);
+        let (stack, leaf) = self.back.as_mut()?;
+        loop {
+            let (n, j) = (*leaf)?;
+            if j > 0 {
+                let k = M::<K, V>::key(n, j - 1);
+                let before = match start {
+                    Bound::Included(s) => k.cmp_key(s) == Ordering::Less,
+                    Bound::Excluded(s) => k.cmp_key(s) != Ordering::Greater,
+                    Bound::Unbounded => false,
+                };
+                let crossed = front_last.is_some_and(|f| k.cmp_key(f) != Ordering::Greater);
+                if before || crossed || self.left == 0 {
+                    *leaf = None;
+                    return None;
+                }
+                self.left -= 1;
+                *leaf = Some((n, j - 1));
+                self.back_last = Some(k);
+                return Some((k, M::<K, V>::val(n, j - 1)));
+            }
+            // The previous leaf: up to the first node with a child to the
+            // left, then down its rightmost path.
+            *leaf = None;
+            loop {
+                let (p, ci) = stack.pop()?;
+                if ci > 0 {
+                    stack.push((p, ci - 1));
+                    let mut c = M::<K, V>::kid(p, ci - 1);
+                    while stack.len() < height {
+                        let l = M::<K, V>::nlen(c);
+                        stack.push((c, l));
+                        c = M::<K, V>::kid(c, l);
+                    }
+                    *leaf = Some((c, M::<K, V>::nlen(c)));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl<K: PKey, V: Persist> std::iter::FusedIterator for Iter<'_, K, V> {}
 
 // SAFETY: three words, `#[repr(C)]`, no padding; `root` is a heap block
 // (an address in the heap, which loads at a fixed base) and so is every
@@ -840,6 +951,39 @@ impl<'t, 'h, K: PKey, V: Persist> Mut<'t, 'h, PBTreeMap<K, V>> {
             (i, true) => self.remove_at(path, n, i).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Keeps only the entries for which `keep` returns `true` (as
+    /// `BTreeMap::retain`, but `keep` sees the value by `&`: change values
+    /// through [`get_mut`](Self::get_mut)); the others are removed and
+    /// their values dropped (what they own is freed in this transaction).
+    /// `keep` sees every entry once, in key order, before anything
+    /// changes.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PBTreeMap, PHeap};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut m = tx.root_or_insert_with("m", PBTreeMap::<u32, u64>::new)?;
+    ///     for i in 0..100 {
+    ///         m.insert(i, u64::from(i))?;
+    ///     }
+    ///     m.retain(|k, _| k % 10 == 0)?;
+    ///     assert_eq!(m.keys().copied().collect::<Vec<_>>(), [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) -> Result<()> {
+        let doomed: Vec<Box<K>> =
+            self.map().iter().filter(|(k, v)| !keep(k, v)).map(|(k, _)| PBTreeMap::<K, V>::copy_key(k)).collect();
+        for k in doomed {
+            if let Some((_, v)) = self.take(&k)? {
+                drop(self.tx().adopt(v)?);
+            }
+        }
+        Ok(())
     }
 
     /// Removes `key`; returns its value as an [`Owned`] value.

@@ -204,6 +204,15 @@ fn damaged() -> Error {
     Error::Damaged { name: "PHashMap".into() }
 }
 
+/// A table for more entries than the address space holds: the same
+/// error as an impossible `PVec` capacity, not damage.
+fn too_many<K, V>() -> Error {
+    Error::Heap(rvm_heap::HeapError::BadLayout {
+        size: usize::MAX,
+        align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
+    })
+}
+
 /// A hash map in the heap, like `HashMap<K, V>`, of [`Plain`] keys and
 /// any [`Persist`] values, whose keys are compared and hashed by their
 /// bytes with a fixed hash function (see [the module](crate::hash_map)).
@@ -211,8 +220,9 @@ fn damaged() -> Error {
 /// Read it through any guard (`&PHashMap` gives `len`, `get`,
 /// `contains_key`, `iter`, `keys`, `values`), change it through its
 /// [`Mut`] guard in a write transaction (`insert`, `remove`, `get_mut`,
-/// `entry`, `get_or_insert_with`, `clear`, `reserve`, `extend`; for values
-/// that own blocks, `insert_owned` and `remove_owned`). Each change declares only the bytes it changes: the header
+/// `entry`, `get_or_insert_with`, `retain`, `clear`, `reserve`,
+/// `extend`; for values that own blocks, `insert_owned` and
+/// `remove_owned`). Each change declares only the bytes it changes: the header
 /// (declared when the root is borrowed), and the control byte, key and
 /// value of the slot it touches; growing builds a new table block in the
 /// same transaction and frees the old one at commit.
@@ -242,13 +252,10 @@ pub struct PHashMap<K, V> {
     _kv: PhantomData<(K, V)>,
 }
 
-impl<K, V> std::fmt::Debug for PHashMap<K, V> {
+/// The entries, as a map in table order (as `HashMap` prints).
+impl<K: Plain + std::fmt::Debug, V: Persist + std::fmt::Debug> std::fmt::Debug for PHashMap<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PHashMap")
-            .field("len", &self.len)
-            .field("slots", &self.cap)
-            .field("deleted", &self.deleted)
-            .finish_non_exhaustive()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -411,13 +418,18 @@ impl<'a, K: Plain, V: Persist> IntoIterator for &'a PHashMap<K, V> {
 }
 
 /// The entries of a [`PHashMap`], from [`PHashMap::iter`].
-#[derive(Debug)]
 pub struct Iter<'a, K, V> {
     map: &'a PHashMap<K, V>,
     slots: usize,
     next: usize,
     /// Entries the header says are left (a hint only).
     left: usize,
+}
+
+impl<K, V> std::fmt::Debug for Iter<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iter").field("slots", &self.slots).field("next", &self.next).finish_non_exhaustive()
+    }
 }
 
 impl<'a, K: Plain, V: Persist> Iterator for Iter<'a, K, V> {
@@ -604,6 +616,9 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 align: std::mem::align_of::<K>().max(std::mem::align_of::<V>()),
             })
         })?;
+        // The heap block first: a table the heap cannot hold is a typed
+        // error before any volatile memory is asked for its image.
+        let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         // The new table's image: every control byte empty, then each
         // entry moved into its slot (the values' bytes move, and what they
         // own with them).
@@ -623,7 +638,9 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
                 probes += 1;
                 if probes == new_cap {
                     // More full control bytes than the new table holds:
-                    // only a damaged table has them.
+                    // only a damaged table has them. The new block goes
+                    // back (a closure that swallows the error leaks none).
+                    self.tx().with_htx(|htx| Ok(htx.free(new)?))?;
                     return Err(damaged());
                 }
                 i = (i + 1) & mask;
@@ -635,7 +652,6 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
             len += 1;
         }
         let old_ptr = old.ptr as usize;
-        let new = self.tx().with_htx(|htx| Ok(htx.malloc(g.layout)?))?;
         let at = new.as_ptr() as usize;
         self.store(at, &image)?;
         if let Some(p) = NonNull::new(old_ptr as *mut u8) {
@@ -649,11 +665,11 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
     fn make_room(&mut self, items: usize) -> Result<()> {
         let m = self.map();
         let (cap, deleted) = (m.cap as usize, m.deleted as usize);
-        let used = items.checked_add(deleted).ok_or_else(damaged)?;
+        let used = items.checked_add(deleted).ok_or_else(too_many::<K, V>)?;
         if cap > 0 && used <= max_load(cap) {
             return Ok(());
         }
-        let mut new_cap = slots_for(items).ok_or_else(damaged)?;
+        let mut new_cap = slots_for(items).ok_or_else(too_many::<K, V>)?;
         // Mostly tombstones: rebuild at the same size; else at least double.
         if cap > 0 && items > max_load(cap) / 2 {
             new_cap = new_cap.max(cap.saturating_mul(2));
@@ -869,11 +885,50 @@ impl<'t, 'h, K: Plain, V: Persist> Mut<'t, 'h, PHashMap<K, V>> {
         Ok(())
     }
 
+    /// Keeps only the entries for which `keep` returns `true` (as
+    /// `HashMap::retain`, but `keep` sees the value by `&`: change values
+    /// through [`get_mut`](Self::get_mut)); the others are removed and
+    /// their values dropped (what they own is freed in this transaction).
+    /// `keep` sees every entry once, before anything changes.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHashMap, PHeap};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut m = tx.root_or_insert_with("m", PHashMap::<u32, u64>::new)?;
+    ///     m.extend((0..10).map(|i| (i, u64::from(i) * 10)))?;
+    ///     m.retain(|k, v| k % 2 == 0 && *v < 60)?;
+    ///     let mut left: Vec<u32> = m.keys().copied().collect();
+    ///     left.sort();
+    ///     assert_eq!(left, [0, 2, 4]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) -> Result<()> {
+        let m = self.map();
+        let slots = m.cap as usize;
+        let doomed: Vec<usize> = (0..slots)
+            .filter(|&i| is_full(m.ctrl_at(i)))
+            .filter(|&i| {
+                let (k, v) = m.entry_at(i);
+                !keep(k, v)
+            })
+            .collect();
+        // Erasing a slot moves no other entry: the indexes stay right.
+        for i in doomed {
+            let (_, v) = self.remove_at(i)?;
+            drop(self.tx().adopt(v)?);
+        }
+        Ok(())
+    }
+
     /// Makes room for at least `additional` more entries (a new table now,
     /// so that inserting them grows nothing).
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
         let len = self.map().len();
-        self.make_room(len.checked_add(additional).ok_or_else(damaged)?)
+        self.make_room(len.checked_add(additional).ok_or_else(too_many::<K, V>)?)
     }
 
     /// Inserts every entry of `items` (later ones replace earlier ones,

@@ -142,7 +142,6 @@ impl Default for Config {
 /// assert_eq!(c, Some(Counter { runs: 1, total: 10 }));
 /// # Ok::<(), rvm_collections::Error>(())
 /// ```
-#[derive(Debug)]
 pub struct PHeap {
     lock: RwLock<()>,
     /// Roots whose value passed its check (the cache of `tx::Checked`).
@@ -153,6 +152,19 @@ pub struct PHeap {
     _reserve: ReserveOnDrop,
     rvm: Rvm,
     dir: PathBuf,
+}
+
+/// The folder, the heap's base address and the log (not the allocator's
+/// and the instance's bookkeeping; [`PHeap::stats`] has the figures).
+/// Takes no lock, so it prints inside a transaction too.
+impl std::fmt::Debug for PHeap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PHeap")
+            .field("dir", &self.dir)
+            .field("base", &format_args!("{:#x}", self.base()))
+            .field("rvm", &self.rvm)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> Error + 'p {

@@ -26,8 +26,15 @@ use crate::vec::PVec;
 /// # Ok::<(), Error>(())
 /// ```
 #[repr(transparent)]
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PString(PVec<u8>);
+
+/// The string, quoted (as `String` prints).
+impl std::fmt::Debug for PString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 impl PString {
     /// An empty string (owns no block).
@@ -93,6 +100,89 @@ impl PartialEq<str> for PString {
 impl PartialEq<&str> for PString {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for PString {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<PString> for str {
+    fn eq(&self, other: &PString) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<PString> for &str {
+    fn eq(&self, other: &PString) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<PString> for String {
+    fn eq(&self, other: &PString) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// Compares the strings (as `String` does): two strings of different
+/// roots, or of different heaps, are equal when their text is.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PString};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     let a = tx.new_string("pear")?;
+///     let b = tx.new_string("pear")?;
+///     let c = tx.new_string("apple")?;
+///     assert_eq!(*a, *b);
+///     assert!(*c < *a);
+///     assert_eq!(*a, "pear".to_string());
+///     assert!("pear" == *a);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl PartialEq for PString {
+    fn eq(&self, other: &PString) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for PString {}
+
+impl PartialOrd for PString {
+    fn partial_cmp(&self, other: &PString) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// By the text, as `str` orders.
+impl Ord for PString {
+    fn cmp(&self, other: &PString) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+/// As the `str` hashes (so a `PString` and its text hash alike).
+impl std::hash::Hash for PString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl AsRef<str> for PString {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for PString {
+    fn borrow(&self) -> &str {
+        self.as_str()
     }
 }
 

@@ -570,6 +570,21 @@ impl<'h> WriteTx<'h> {
 
     /// The root `name` as a `T`, to change, made with `init()` if it does
     /// not exist (in this transaction: it exists once it commits).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::RootType`] if the root holds another type,
+    ///   [`Error::RootBorrowed`] if it is borrowed already in this
+    ///   transaction;
+    /// - `Error::Heap(`[`HeapError::BadRootName`](rvm_heap::HeapError::BadRootName)`)`
+    ///   for a name that is empty, longer than 36 bytes or holds a NUL,
+    ///   [`Error::ReservedName`] for one starting with `rvm:`;
+    /// - `Error::Heap(`[`HeapError::RootsFull`](rvm_heap::HeapError::RootsFull)`)`
+    ///   when every root slot is taken: a typed heap has 62, one of them
+    ///   the library's own, so keep many values under one root (a
+    ///   [`crate::PHashMap`] or [`crate::PBTreeMap`]) rather than one
+    ///   root each;
+    /// - an out-of-memory or log error of the allocation, as any change.
     pub fn root_or_insert_with<T: Persist, V: IntoPersist<T>>(
         &self,
         name: &str,

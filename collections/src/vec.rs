@@ -14,11 +14,12 @@ use std::ptr::NonNull;
 /// boxes, other collections).
 ///
 /// Read it through any guard (`&PVec<T>` gives `len`, `get`, `iter`,
-/// slices, indexing), change it through its [`Mut`] guard in a write
-/// transaction (`push`, `insert`, `get_mut`, `extend`, `truncate`,
-/// `reserve`, `swap`, `pop_owned`, `remove_owned`; and for [`Plain`]
-/// elements `pop`, `remove`, `set`, `as_mut_slice`, which hand values out
-/// by value or by `&mut`). Each change declares only the bytes it changes:
+/// indexing and every shared method of `[T]`, which it derefs to), change
+/// it through its [`Mut`] guard in a write transaction (`push`, `insert`,
+/// `get_mut`, `extend`, `retain`, `truncate`, `reserve`, `swap`,
+/// `pop_owned`, `remove_owned`; and for [`Plain`] elements `pop`,
+/// `remove`, `set`, `as_mut_slice`, which hand values out by value or by
+/// `&mut`). Each change declares only the bytes it changes:
 /// the three-word header and the elements it writes or moves; growing
 /// copies the elements into a new block, in the same transaction, and
 /// frees the old one at commit. Elements that leave the vector
@@ -49,14 +50,26 @@ pub struct PVec<T> {
     _t: PhantomData<T>,
 }
 
-impl<T> std::fmt::Debug for PVec<T> {
+/// The elements, as a list (as `Vec` prints).
+impl<T: Persist + std::fmt::Debug> std::fmt::Debug for PVec<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PVec").field("len", &self.len).field("cap", &self.cap).finish_non_exhaustive()
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
 impl<T: Persist> PVec<T> {
     /// An empty vector (owns no block): the value to make a root with.
+    ///
+    /// Elements must have a size: a vector of a zero-sized type (an empty
+    /// struct, `[u8; 0]`) does not compile (keep a count instead).
+    ///
+    /// ```compile_fail
+    /// use rvm_collections::{PVec, Persist};
+    /// #[derive(Persist)]
+    /// #[repr(C)]
+    /// struct Marker {}
+    /// let _ = PVec::<Marker>::new();
+    /// ```
     pub fn new() -> Self {
         const { assert!(std::mem::size_of::<T>() > 0, "PVec of a zero-sized type") };
         PVec { ptr: 0, len: 0, cap: 0, _t: PhantomData }
@@ -121,6 +134,34 @@ impl<T: Persist> Default for PVec<T> {
     }
 }
 
+/// A vector reads as a slice, as `Vec` does: `contains`, `binary_search`,
+/// `windows`, `chunks`, ranges (`&v[1..3]`), `iter().rev()` and the rest
+/// of `[T]`'s shared methods. Changes go through the [`Mut`] guard's
+/// methods (and, for [`Plain`] elements, `as_mut_slice`).
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PVec};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| tx.root_or_insert_with("v", PVec::<u32>::new)?.extend([1, 3, 5, 7]))?;
+/// heap.read(|r| {
+///     let v = r.root::<PVec<u32>>("v")?.unwrap();
+///     assert!(v.contains(&5));
+///     assert_eq!(v.binary_search(&7), Ok(3));
+///     assert_eq!(&v[1..3], &[3, 5]);
+///     assert_eq!(v.iter().rev().next(), Some(&7));
+///     assert_eq!(v.iter().sum::<u32>(), 16);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<T: Persist> std::ops::Deref for PVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
 impl<'a, T: Persist> IntoIterator for &'a PVec<T> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
@@ -129,9 +170,74 @@ impl<'a, T: Persist> IntoIterator for &'a PVec<T> {
     }
 }
 
-impl<T: Persist> std::ops::Index<usize> for PVec<T> {
-    type Output = T;
-    fn index(&self, index: usize) -> &T {
+/// Compares the elements (as `Vec` does): two vectors of different roots
+/// are equal when their elements are.
+///
+/// ```
+/// use rvm_collections::{Config, Error, PHeap, PVec};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+/// heap.write(|tx| {
+///     tx.root_or_insert_with("a", PVec::<u32>::new)?.extend([1, 2, 3])?;
+///     tx.root_or_insert_with("b", PVec::<u32>::new)?.extend([1, 2, 3])?;
+///     Ok::<_, Error>(())
+/// })?;
+/// heap.read(|r| {
+///     let (a, b) = (r.root::<PVec<u32>>("a")?.unwrap(), r.root::<PVec<u32>>("b")?.unwrap());
+///     assert_eq!(a, b);
+///     assert_eq!(*a, [1, 2, 3]);
+///     assert_eq!(*a, vec![1, 2, 3]);
+///     assert_eq!(*a, [1, 2, 3][..]);
+///     Ok::<_, Error>(())
+/// })?;
+/// # Ok::<(), Error>(())
+/// ```
+impl<T: Persist + PartialEq<U>, U: Persist> PartialEq<PVec<U>> for PVec<T> {
+    fn eq(&self, other: &PVec<U>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Persist + Eq> Eq for PVec<T> {}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<[U]> for PVec<T> {
+    fn eq(&self, other: &[U]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U, const N: usize> PartialEq<[U; N]> for PVec<T> {
+    fn eq(&self, other: &[U; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<Vec<U>> for PVec<T> {
+    fn eq(&self, other: &Vec<U>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Persist + PartialEq<U>, U> PartialEq<&[U]> for PVec<T> {
+    fn eq(&self, other: &&[U]) -> bool {
+        self.as_slice() == *other
+    }
+}
+
+impl<T: Persist> AsRef<[T]> for PVec<T> {
+    fn as_ref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
+/// Indexing by position or by range (`v[2]`, `&v[1..3]`), as `Vec`.
+///
+/// # Panics
+///
+/// If the index or range is out of bounds (as for slices).
+impl<T: Persist, I: std::slice::SliceIndex<[T]>> std::ops::Index<I> for PVec<T> {
+    type Output = I::Output;
+    fn index(&self, index: I) -> &I::Output {
         &self.as_slice()[index]
     }
 }
@@ -376,6 +482,57 @@ impl<'t, 'h, T: Persist> Mut<'t, 'h, PVec<T>> {
     /// Removes every element, dropping them (the buffer stays).
     pub fn clear(&mut self) -> Result<()> {
         self.truncate(0)
+    }
+
+    /// Keeps only the elements for which `keep` returns `true`, in their
+    /// order (as `Vec::retain`); the others are dropped (what they own is
+    /// freed in this transaction). `keep` sees every element once, by
+    /// `&`, before anything changes; then the kept elements after the
+    /// first removed one move down, and only that stretch is declared.
+    ///
+    /// ```
+    /// use rvm_collections::{Config, Error, PHeap, PString, PVec};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let heap = PHeap::open_or_create(dir.path(), Config::default())?;
+    /// heap.write(|tx| {
+    ///     let mut v = tx.root_or_insert_with("v", PVec::<u64>::new)?;
+    ///     v.extend(0..10)?;
+    ///     v.retain(|x| x % 3 != 0)?;
+    ///     assert_eq!(v.to_vec(), [1, 2, 4, 5, 7, 8]);
+    ///     let mut names = tx.root_or_insert_with("names", PVec::<PString>::new)?;
+    ///     for n in ["ada", "", "bob"] {
+    ///         names.push(tx.new_string(n)?)?;
+    ///     }
+    ///     names.retain(|s| !s.is_empty())?; // the empty string is freed
+    ///     assert_eq!(names.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["ada", "bob"]);
+    ///     Ok::<_, Error>(())
+    /// })?;
+    /// assert!(heap.check()?.is_clean());
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> Result<()> {
+        let (ptr, len, cap) = self.header();
+        let v: &PVec<T> = self;
+        let kept: Vec<bool> = v.iter().map(&mut keep).collect();
+        let Some(first) = kept.iter().position(|k| !k) else { return Ok(()) };
+        let new_len = first + kept[first..].iter().filter(|k| **k).count();
+        if T::OWNS_BLOCKS {
+            for i in (first..len).filter(|&i| !kept[i]) {
+                self.tx().drop_value::<T>(self.slot(i))?;
+            }
+        }
+        self.declare(ptr, first, new_len)?;
+        for (to, from) in (first..).zip((first + 1..len).filter(|&i| kept[i])) {
+            // SAFETY: `from` and `to < from` are slots below `len` of the
+            // live buffer; `[first, new_len)`, where every `to` lies, is
+            // declared above; slot `from` holds a kept value that moves
+            // down (what it owns moves with it), slot `to` a dropped one
+            // or one already moved; no reference into the buffer is alive
+            // (`kept` holds booleans).
+            unsafe { crate::raw::shift::<T>(ptr, from, to, 1) };
+        }
+        self.set_header(ptr, new_len, cap);
+        Ok(())
     }
 
     /// Makes room for at least `additional` more elements.

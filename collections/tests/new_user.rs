@@ -155,6 +155,30 @@ fn impossible_sizes_are_typed_errors() {
     clean(&heap);
 }
 
+/// A hash map asked to reserve more entries than the address space
+/// holds answers a typed out-of-memory error (as `PVec::reserve`), not
+/// `Error::Damaged`: the map is sound and stays usable.
+#[test]
+fn a_huge_hash_map_reserve_is_out_of_memory_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), fixed()).unwrap();
+    for n in [usize::MAX, usize::MAX / 2, usize::MAX / 8, 1 << 61, 1 << 40] {
+        let e = heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?.reserve(n)).unwrap_err();
+        assert!(is_oom(&e), "reserve({n}): {e:?}");
+        let e = heap
+            .write(|tx| {
+                let mut m = tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?;
+                m.insert(1, 1)?;
+                m.reserve(n)
+            })
+            .unwrap_err();
+        assert!(is_oom(&e), "reserve({n}) after an insert: {e:?}");
+    }
+    heap.write(|tx| tx.root_or_insert_with("m", PHashMap::<u64, u64>::new)?.insert(2, 20)).unwrap();
+    assert_eq!(heap.read(|r| r.root::<PHashMap<u64, u64>>("m").unwrap().unwrap().get(&2).copied()), Some(20));
+    clean(&heap);
+}
+
 /// Empty values and zero-sized elements.
 #[test]
 fn empty_values_and_zero_sized_elements() {

@@ -343,7 +343,13 @@ pub struct RecoveryReport {
     /// Segment bytes written.
     pub segment_bytes_written: u64,
     /// Log position where the scan stopped on a damaged or stale frame, with
-    /// the reason (`None` if the scan reached the end of the ring).
+    /// the reason (`None` if the scan reached the end of the ring). Every
+    /// log that does not fill its ring ends so: after a clean close the
+    /// scan stops at the first never-written or stale byte (`"bad record
+    /// length"` and the like), which is the log's normal end, not damage.
+    /// Damage that loses acknowledged commits makes `open` fail instead
+    /// (or, with [`Options::salvage`], is reported in
+    /// [`RecoveryReport::salvage`]).
     pub stopped_at: Option<(u64, &'static str)>,
     /// Set when a damaged log was salvaged ([`Options::salvage`]): what was
     /// dropped.

@@ -188,8 +188,22 @@ impl Drop for RegionInner {
 /// transaction ([`crate::Transaction::set_range`] before the stores). The
 /// memory stays mapped until [`crate::Rvm::unmap`] and until every clone of
 /// this handle is gone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Region(pub(crate) Arc<RegionInner>);
+
+/// Where the region is and what it maps (not the instance's bookkeeping).
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("addr", &format_args!("{:#x}", self.addr()))
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .field("segment", &self.0.segment.name)
+            .field("segment_offset", &self.0.offset)
+            .field("copy", &self.0.copy)
+            .finish()
+    }
+}
 
 impl Region {
     /// Start address.

@@ -163,7 +163,6 @@ struct State {
 /// [`Heap::format`] and [`Heap::load`] work on regions the caller mapped;
 /// [`crate::PersistentHeap`] creates and loads a heap's segment through the
 /// loader in one call.
-#[derive(Debug)]
 pub struct Heap {
     /// The heap's entry among live heaps ([`crate::TrackedAlloc`]); first,
     /// so it goes before the rest of the heap.
@@ -192,6 +191,23 @@ pub struct Heap {
     /// The growth policy; held while a growth runs (serializes growths).
     policy: Mutex<GrowthPolicy>,
     state: Mutex<State>,
+}
+
+/// Where the heap is and how large (not the allocator's free lists and
+/// counters: [`Heap::stats`] has those). Takes no lock, so it prints inside
+/// a transaction too.
+impl std::fmt::Debug for Heap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Acquire;
+        f.debug_struct("Heap")
+            .field("heap_region", &self.heap_region)
+            .field("static_region", &format_args!("{:#x}", self.static_region.addr()))
+            .field("len", &self.len.load(Acquire))
+            .field("max", &self.max.load(Acquire))
+            .field("root_slots", &self.header.root_slots)
+            .field("rvm", &self.rvm)
+            .finish_non_exhaustive()
+    }
 }
 
 static NEXT_HEAP_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

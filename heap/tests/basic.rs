@@ -412,3 +412,28 @@ fn a_failed_create_leaves_no_segment_behind() {
     heap.check().unwrap();
     assert!(heap.root("p").is_some());
 }
+
+/// A heap prints where it is and how large in a few lines (it printed the
+/// allocator's free lists, counters and every root slot), and printing it
+/// inside one of its transactions does not wait for a lock.
+#[test]
+fn a_heap_prints_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    create_log(&log, 1 << 20).unwrap();
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    let heap = PersistentHeap::create(&rvm, dir.path().join("heap"), &HeapSpec::fixed(fresh_base(), 1 << 20)).unwrap();
+    let mut tx = heap.begin(RestoreMode::Restore).unwrap();
+    for _ in 0..100 {
+        tx.malloc(layout(48, 8)).unwrap();
+    }
+    let inside = format!("{:?}", heap.heap());
+    tx.commit(CommitMode::Flush).unwrap();
+    let line = format!("{:?}", heap.heap());
+    assert_eq!(inside, line);
+    assert!(line.starts_with("Heap { heap_region: Region { addr: "), "{line}");
+    assert!(line.contains(&format!("root_slots: {DEFAULT_ROOT_SLOTS}")), "{line}");
+    assert!(line.len() < 600, "{} bytes: {line}", line.len());
+    let whole = format!("{heap:?}");
+    assert!(whole.len() < 3000, "{} bytes: {whole}", whole.len());
+}
