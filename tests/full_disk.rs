@@ -187,8 +187,8 @@ fn a_disk_filled_after_creation_stops_neither_commits_nor_checkpoints() {
 fn rvmutl_refuses_a_segment_larger_than_the_disk_unless_sparse() {
     let dir = tempfile::tempdir().unwrap();
     let free = rustix::fs::statvfs(dir.path()).unwrap();
-    if free.f_bavail.saturating_mul(free.f_frsize) >= 1 << 40 {
-        eprintln!("skipped: the disk has 1 TiB free or more");
+    if free.f_bavail.saturating_mul(free.f_frsize) >= 512 << 30 {
+        eprintln!("skipped: the disk has 512 GiB free or more");
         return;
     }
     let rvmutl = || Command::new(env!("CARGO_BIN_EXE_rvmutl"));
@@ -219,6 +219,29 @@ fn rvmutl_refuses_a_segment_larger_than_the_disk_unless_sparse() {
         assert!(std::fs::metadata(&path).unwrap().len() >= 1 << 40);
         log_bytes = std::fs::read(&log).unwrap();
     }
+    // Growing a heap past the free space: refused the same way, before the
+    // log is opened; `--sparse` grows it.
+    let small = dir.path().join("small");
+    let create = ["heap", "create", "--size", "1M", "--base", "0x5d00_0000_0000"];
+    let out = rvmutl().args(&create[..2]).arg(&small).arg("--log").arg(&log).args(&create[2..]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log_bytes = std::fs::read(&log).unwrap();
+    let grow = |sparse: bool| {
+        let mut cmd = rvmutl();
+        cmd.args(["heap", "grow"]).arg(&small).arg("--log").arg(&log).args(["--size", "512G", "--max", "1T"]);
+        if sparse {
+            cmd.arg("--sparse");
+        }
+        cmd.output().unwrap()
+    };
+    let out = grow(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("No space left") && stderr.contains("--sparse"), "{stderr}");
+    assert_eq!(std::fs::read(&log).unwrap(), log_bytes, "heap grow: the refusal changed the log");
+    let out = grow(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&small).unwrap().len() > 512 << 30);
 }
 
 /// A typed heap that cannot grow on a full disk: the write that needed the

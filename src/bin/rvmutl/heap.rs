@@ -264,7 +264,7 @@ fn create(log: &Path, segment: &Path, spec: HeapSpec, sparse: bool, out: &mut dy
 }
 
 fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, sparse: bool, out: &mut dyn Write) -> Outcome {
-    not_a_heap_segment(log, segment, size, max)?;
+    not_a_heap_segment(log, segment, size, max, sparse)?;
     let rvm = open_log(log, sparse)?;
     let mut heap = PersistentHeap::open(&rvm, segment)?;
     let old = heap.heap_len();
@@ -318,7 +318,13 @@ fn grow(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>, sparse:
 /// Anything this view cannot tell
 /// (the log cannot be read) is left to the open, which reports it as
 /// before.
-fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option<u64>) -> Result<(), Failure> {
+fn not_a_heap_segment(
+    log: &Path,
+    segment: &Path,
+    size: Option<u64>,
+    max: Option<u64>,
+    sparse: bool,
+) -> Result<(), Failure> {
     let file = rvm::storage::open_read_only(segment).map_err(|source| Error::Io {
         op: "opening segment",
         path: segment.into(),
@@ -345,6 +351,11 @@ fn not_a_heap_segment(log: &Path, segment: &Path, size: Option<u64>, max: Option
     // growth would find it after the open.
     if let Some(size) = size {
         rvm::heap::Heap::check_growth_of(&map, size, max)?;
+        // Room on the disk for the segment's new bytes.
+        if let Some(heap) = map.get(HEAP_REGION) {
+            let new_len = heap.offset.saturating_add(size.div_ceil(map.page_size()) * map.page_size());
+            crate::refuse_no_room(segment, new_len.saturating_sub(snap.device_len), sparse)?;
+        }
     }
     Ok(())
 }

@@ -75,7 +75,7 @@ pub(crate) fn refuse_existing(path: &Path, op: &'static str) -> Result<(), Failu
     Ok(())
 }
 
-/// Refuses a new segment of `len` bytes whose blocks are to be allocated
+/// Refuses `len` new bytes of a segment whose blocks are to be allocated
 /// (not `sparse`) when its folder's file system has less room, before
 /// the log is opened (an open starts a new epoch in its status). The
 /// allocation at creation stays the guarantee; this only refuses early
