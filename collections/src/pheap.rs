@@ -76,6 +76,11 @@ impl CheckReport {
 
 /// How [`PHeap::open_or_create`] makes a new heap (an existing one keeps
 /// what it was made with).
+///
+/// The disk space of the log (`log_len`) and of the heap (`heap_len`, and
+/// each growth) is allocated when they are made, so a full disk refuses
+/// the creation or the growth with a typed error and never fails a later
+/// commit or checkpoint (see [`Options::reserve_segment_space`]).
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Bytes of heap (default 64 MiB).
