@@ -395,6 +395,7 @@ impl crate::Rvm {
     /// assert_eq!(std::fs::metadata(dir.path().join("seg")).unwrap().len(), 3 * 4096);
     /// ```
     pub fn extend_segment(&self, segment: &Segment, new_len: u64) -> crate::Result<()> {
+        self.inner.check_process()?;
         let seg = &segment.0;
         if seg.instance != self.inner.id {
             return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
@@ -442,6 +443,7 @@ impl crate::Rvm {
     /// tx.commit(CommitMode::Flush).unwrap();
     /// ```
     pub fn grow_region(&self, region: &Region, new_len: usize) -> crate::Result<()> {
+        self.inner.check_process()?;
         let r = &region.0;
         let seg = &r.segment;
         if seg.instance != self.inner.id {

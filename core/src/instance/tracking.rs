@@ -67,6 +67,7 @@ impl Rvm {
     /// it, stores outside transactions are undone and reported at the next
     /// begin, `read(2)` into the region is tracked like a store.
     pub fn track_with(&self, region: &Region, method: TrackingMethod) -> Result<()> {
+        self.inner.check_process()?;
         let inner = &self.inner;
         let r = &region.0;
         if r.tracked.get().is_some() {

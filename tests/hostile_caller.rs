@@ -1,0 +1,121 @@
+//! A careless or hostile caller of the safe API: forked children, handles
+//! outliving their owners, foreign signal handlers, re-entrant calls.
+
+use rvm::{CommitMode, Error, MapSpec, Options, RestoreMode, Rvm};
+use std::path::Path;
+
+const PAGE: usize = 4096;
+
+fn setup(dir: &Path) -> Rvm {
+    rvm::create_log(dir.join("log"), 4 << 20).unwrap();
+    Rvm::open(dir.join("log"), Options::default()).unwrap()
+}
+
+fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    // SAFETY: no other thread stores into the region meanwhile.
+    unsafe { r.read(off, &mut v).unwrap() };
+    v
+}
+
+/// Runs `child` in a forked child and returns its exit code (the child
+/// leaves with `_exit`, running no destructors nor atexit handlers).
+fn in_child(child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs `child` and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
+        // SAFETY: _exit ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// Every file under `dir`, with its bytes.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn forked(e: &Error) -> bool {
+    matches!(e, Error::ForkedChild { .. })
+}
+
+/// A child made with `fork` inherits the instance (its descriptors, locks
+/// and a copy of its memory, but none of its threads): every call that
+/// would write the parent's log or segments is refused, dropping the
+/// child's handles writes nothing, and the parent goes on undisturbed.
+#[test]
+fn a_forked_child_cannot_commit_flush_or_write_into_the_parents_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 4 * PAGE as u64).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: this thread alone uses the region.
+    unsafe { tx.modify_bytes(r.addr(), b"parent").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    // A no-flush commit pending at the fork: the child must not write it.
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: as above.
+    unsafe { tx.modify_bytes(r.addr() + 8, b"pending").unwrap() };
+    tx.commit(CommitMode::NoFlush).unwrap();
+    let before = snapshot(dir.path());
+    let code = in_child(|| {
+        let mut bad = Vec::new();
+        let mut expect = |what: &str, r: rvm::Result<()>| match r {
+            Err(e) if forked(&e) => {}
+            other => bad.push(format!("{what}: {other:?}")),
+        };
+        expect("begin", rvm.begin(RestoreMode::Restore).map(drop));
+        expect("begin_tracked", rvm.begin_tracked(RestoreMode::Restore).map(drop));
+        expect("flush", rvm.flush());
+        expect("checkpoint", rvm.checkpoint().map(drop));
+        expect("checkpoint_start", rvm.checkpoint_start().map(drop));
+        expect("truncate", rvm.truncate());
+        expect("create_segment", rvm.create_segment(dir.path().join("child"), PAGE as u64).map(drop));
+        expect("open_segment", rvm.open_segment(dir.path().join("seg")).map(drop));
+        expect("map", rvm.map(&seg, MapSpec::new(PAGE as u64, PAGE)).map(drop));
+        expect("extend_segment", rvm.extend_segment(&seg, 8 * PAGE as u64));
+        expect("grow_region", rvm.grow_region(&r, 2 * PAGE));
+        expect("track", rvm.track(&r));
+        expect("unmap", rvm.unmap(r.clone()));
+        expect("close_segment", rvm.close_segment(seg.clone()));
+        expect("delete_segment", rvm.delete_segment(seg.clone()));
+        expect("wait_for_recovery", rvm.wait_for_recovery());
+        expect("close", rvm.clone().close());
+        // Dropping every handle (the last one flushes in the parent).
+        drop((r.clone(), seg.clone(), rvm.clone()));
+        if bad.is_empty() {
+            0
+        } else {
+            eprintln!("not refused in the child: {bad:#?}");
+            1
+        }
+    });
+    assert_eq!(code, 0, "the child's calls were refused");
+    assert!(before == snapshot(dir.path()), "the child changed the parent's files");
+    // The parent goes on: its pending commit and a new one are durable.
+    let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+    // SAFETY: as above.
+    unsafe { tx.modify_bytes(r.addr() + 16, b"after").unwrap() };
+    tx.commit(CommitMode::Flush).unwrap();
+    drop((r, seg, rvm));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&r, 0, 21), b"parent\0\0pending\0after");
+    assert!(!dir.path().join("child").exists());
+}
