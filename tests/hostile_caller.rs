@@ -119,3 +119,69 @@ fn a_forked_child_cannot_commit_flush_or_write_into_the_parents_files() {
     assert_eq!(read(&r, 0, 21), b"parent\0\0pending\0after");
     assert!(!dir.path().join("child").exists());
 }
+
+/// Whether the typed layer's error is the core's `ForkedChild`, through
+/// whichever layers wrap it (heap, loader).
+fn core_forked(e: &rvm::collections::Error) -> bool {
+    format!("{e:?}").contains("ForkedChild {")
+}
+
+/// The typed heap in a forked child: writes, flushes and a close are
+/// refused, a second open of the folder is refused (the child shares the
+/// parent's locks), dropping the heap writes nothing, and reads of the
+/// child's copy of the memory still work.
+#[test]
+fn a_forked_child_cannot_write_the_parents_typed_heap() {
+    use rvm::collections::{Config, PHeap, PVec};
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() };
+    let heap = PHeap::open_or_create(dir.path(), config.clone()).unwrap();
+    heap.write(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.extend(0..10)).unwrap();
+    heap.write_no_flush(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.push(10)).unwrap();
+    let before = snapshot(dir.path());
+    let code = in_child(|| {
+        let mut bad = Vec::new();
+        let push = |tx: &mut rvm::collections::WriteTx<'_>| tx.root_or_insert_with("v", PVec::<u64>::new)?.push(99);
+        match heap.write(push) {
+            Err(e) if core_forked(&e) => {}
+            other => bad.push(format!("write: {other:?}")),
+        }
+        match heap.write_no_flush(push) {
+            Err(e) if core_forked(&e) => {}
+            other => bad.push(format!("write_no_flush: {other:?}")),
+        }
+        match heap.flush() {
+            Err(e) if core_forked(&e) => {}
+            other => bad.push(format!("flush: {other:?}")),
+        }
+        match PHeap::open_or_create(dir.path(), config.clone()) {
+            Err(_) => {}
+            Ok(_) => bad.push("a second open in the child".into()),
+        }
+        let seen = heap.read(|r| r.root::<PVec<u64>>("v").unwrap().map(|v| v.to_vec()));
+        if seen != Some((0..11).collect()) {
+            bad.push(format!("read: {seen:?}"));
+        }
+        // SAFETY: the child's copy of `heap` is never used again (the
+        // child leaves with _exit); the parent's is untouched.
+        let mine = unsafe { std::ptr::read(&heap) };
+        // The close fails, dropping every part of the heap on the way.
+        match mine.close() {
+            Err(e) if core_forked(&e) => {}
+            other => bad.push(format!("close: {other:?}")),
+        }
+        if bad.is_empty() {
+            0
+        } else {
+            eprintln!("not refused in the child: {bad:#?}");
+            1
+        }
+    });
+    assert_eq!(code, 0, "the child's calls were refused");
+    assert!(before == snapshot(dir.path()), "the child changed the parent's files");
+    heap.write(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.push(11)).unwrap();
+    heap.close().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), config).unwrap();
+    let v = heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().to_vec());
+    assert_eq!(v, (0..12).collect::<Vec<u64>>());
+}
