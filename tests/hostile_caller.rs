@@ -185,3 +185,140 @@ fn a_forked_child_cannot_write_the_parents_typed_heap() {
     let v = heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().to_vec());
     assert_eq!(v, (0..12).collect::<Vec<u64>>());
 }
+
+/// The write end of the pipe a user's fault handler reports to (one byte a
+/// run), in a child process.
+static HANDLER_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// A crash reporter's handler: reports and returns, relying on
+/// `SA_RESETHAND` (or a handler before it) for the default action.
+extern "C" fn reporter(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let fd = HANDLER_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) of one static byte is async-signal-safe.
+    unsafe { libc::write(fd, b"H".as_ptr().cast(), 1) };
+}
+
+/// A reporter that puts the default action back itself before returning.
+extern "C" fn resetting_reporter(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    reporter(sig, info, ctx);
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+}
+
+fn install_reporter(f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void), flags: libc::c_int) {
+    // SAFETY: a zeroed sigaction is valid; every field used is set.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = f as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | flags;
+    // SAFETY: valid sigaction values; `f` has the SA_SIGINFO signature.
+    let rc = unsafe {
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 0);
+}
+
+/// When a user's fault handler goes in, relative to the instance's.
+#[derive(Clone, Copy, Debug)]
+enum Reporter {
+    None,
+    Before(extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void), libc::c_int),
+    After(extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void), libc::c_int),
+}
+
+/// Runs in a forked child: an instance with a tracked region (so the
+/// library's `SIGSEGV` handler is in place) and a tracked transaction
+/// open, the user's handler per `how`, then a genuine bad load in user
+/// code. Returns how the child ended (`Some(signal)` if killed by one,
+/// `None` if it hung and was killed after the deadline) and how many times
+/// the user's handler ran.
+fn fault_in_child(how: Reporter) -> (Option<i32>, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child does its work and dies or leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        HANDLER_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+        if let Reporter::Before(f, flags) = how {
+            install_reporter(f, flags);
+        }
+        let rvm = setup(dir.path());
+        let seg = rvm.create_segment(dir.path().join("seg"), PAGE as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        rvm.track(&r).unwrap();
+        let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+        // SAFETY: the tracked transaction is this thread's.
+        unsafe { *(r.addr() as *mut u64) = 7 };
+        if let Reporter::After(f, flags) = how {
+            install_reporter(f, flags);
+        }
+        // A genuine bug: a load from an unmapped address near null.
+        // SAFETY: not safe at all: this is the fault under test.
+        let v = unsafe { std::ptr::read_volatile(std::hint::black_box(8usize) as *const u64) };
+        drop(tx);
+        // SAFETY: not reached unless the load succeeded.
+        unsafe { libc::_exit(if v == 0 { 3 } else { 4 }) };
+    }
+    // SAFETY: closes the parent's copy of the write end.
+    unsafe { libc::close(fds[1]) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut status = 0;
+    let end = loop {
+        // SAFETY: polls the child just made.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if rc == pid {
+            break if libc::WIFSIGNALED(status) {
+                Some(libc::WTERMSIG(status))
+            } else {
+                Some(-libc::WEXITSTATUS(status))
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut runs = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reads into `buf`; the write end is closed in both processes.
+        let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        runs += n as usize;
+    }
+    // SAFETY: closes our read end.
+    unsafe { libc::close(fds[0]) };
+    (end, runs)
+}
+
+/// A genuine bad load in user code while the library's fault handler is
+/// installed kills the process with `SIGSEGV`, once, whatever handler the
+/// program installed before or after the instance's: none, one that puts
+/// the default action back itself, or a crash reporter that relies on
+/// `SA_RESETHAND` and returns (which must run once, not loop).
+#[test]
+fn a_genuine_fault_in_user_code_still_kills_the_process_once() {
+    let cases = [
+        (Reporter::None, 0),
+        (Reporter::Before(resetting_reporter, 0), 1),
+        (Reporter::Before(reporter, libc::SA_RESETHAND), 1),
+        (Reporter::Before(reporter, libc::SA_RESETHAND | libc::SA_ONSTACK), 1),
+        (Reporter::Before(reporter, libc::SA_RESETHAND | libc::SA_NODEFER), 1),
+        (Reporter::After(resetting_reporter, 0), 1),
+        (Reporter::After(reporter, libc::SA_RESETHAND), 1),
+    ];
+    for (how, runs) in cases {
+        let got = fault_in_child(how);
+        assert_eq!(got, (Some(libc::SIGSEGV), runs), "{how:?}: (how the child ended, reporter runs)");
+    }
+}
