@@ -415,3 +415,76 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
     let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
     assert_eq!(read(&r, 0, 8), n.to_le_bytes());
 }
+
+/// Instant recovery (pages brought up to date on first touch, a background
+/// thread applying the rest) and forks in the middle: a child's first
+/// touch of a page still pending must not wait for the background thread
+/// (which did not survive the fork; it may have held the page being
+/// applied at the fork), and shows the recovered bytes.
+#[test]
+fn a_child_forked_during_instant_recovery_reads_every_page_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = 2048;
+    let byte = |p: usize, k: usize| ((p * 7 + k) % 251) as u8 + 1;
+    let opts = || Options { instant_recovery: true, truncate_threshold: None, ..Options::default() };
+    rvm::create_log(dir.path().join("log"), 64 << 20).unwrap();
+    {
+        let rvm = Rvm::open(dir.path().join("log"), opts()).unwrap();
+        let seg = rvm.create_segment(dir.path().join("seg"), (pages * PAGE) as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, pages * PAGE)).unwrap();
+        for k in 0..8 {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            for p in 0..pages {
+                // SAFETY: this thread alone uses the region.
+                unsafe { tx.modify_bytes(r.addr() + p * PAGE + k * 64, &[byte(p, k); 48]).unwrap() };
+            }
+            tx.commit(CommitMode::NoFlush).unwrap();
+        }
+        rvm.flush().unwrap();
+    }
+    let mut forked_while_recovering = 0;
+    for _ in 0..20 {
+        let rvm = Rvm::open(dir.path().join("log"), opts()).unwrap();
+        let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, pages * PAGE)).unwrap();
+        let addr = r.addr();
+        let recovering = rvm.query().recovering;
+        // SAFETY: the child reads its copy of the region and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut ok = true;
+            for p in (0..pages).rev() {
+                for k in 0..8 {
+                    // SAFETY: a read of the child's own copy of the region.
+                    let b = unsafe { std::ptr::read_volatile((addr + p * PAGE + k * 64) as *const u8) };
+                    ok &= b == byte(p, k);
+                }
+            }
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut status = 0;
+        loop {
+            // SAFETY: polls our child.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                // SAFETY: kills and reaps our child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                panic!("a child forked during instant recovery (recovering: {recovering}) hung reading its pages");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+        forked_while_recovering += recovering as u32;
+        rvm.wait_for_recovery().unwrap();
+        assert_eq!(read(&r, 5 * PAGE + 64, 1), [byte(5, 1)]);
+    }
+    eprintln!("forked while recovering: {forked_while_recovering} of 20");
+}
