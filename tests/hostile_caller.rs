@@ -488,3 +488,47 @@ fn a_child_forked_during_instant_recovery_reads_every_page_without_hanging() {
     }
     eprintln!("forked while recovering: {forked_while_recovering} of 20");
 }
+
+/// A recovery-progress hook that opens the log it is recovering (refused:
+/// `Locked`) or panics in the middle of the replay: the panic leaves the
+/// open, nothing stays locked, and the next open recovers everything.
+#[test]
+fn a_progress_hook_that_reopens_or_panics_leaves_a_recoverable_log() {
+    use rvm::{ProgressHook, RecoveryPhase};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    {
+        let rvm = setup(dir.path());
+        let seg = rvm.create_segment(dir.path().join("seg"), 64 * PAGE as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 64 * PAGE)).unwrap();
+        for i in 0..64 {
+            let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+            // SAFETY: this thread alone uses the region.
+            unsafe { tx.modify_bytes(r.addr() + i * PAGE, &[i as u8 + 1; 512]).unwrap() };
+            tx.commit(CommitMode::NoFlush).unwrap();
+        }
+        rvm.flush().unwrap();
+    }
+    let inner: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = inner.clone();
+    let again = log.clone();
+    let hook = ProgressHook::new(move |p| {
+        if p.phase == RecoveryPhase::Replay {
+            let r = Rvm::open(&again, Options::default()).map(drop);
+            seen.lock().unwrap().push(format!("{r:?}"));
+            panic!("a hook that panics");
+        }
+    });
+    let opts = Options { recovery_progress: Some(hook), ..Options::default() };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Rvm::open(&log, opts).map(drop)));
+    assert!(r.is_err(), "the hook's panic leaves the open");
+    let seen = inner.lock().unwrap().clone();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s.contains("Locked")), "{seen:?}");
+    let rvm = Rvm::open(&log, Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 64 * PAGE)).unwrap();
+    for i in 0..64 {
+        assert_eq!(read(&r, i * PAGE, 512), vec![i as u8 + 1; 512], "page {i}");
+    }
+}
