@@ -347,7 +347,14 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
         let writer = s.spawn(|| {
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) {
-                let at = addr.load(Ordering::Acquire) as usize;
+                // The handle keeps the memory mapped (so its address is
+                // not reused by another mapping) while this thread checks
+                // it is the region it means.
+                let Some(region) = rvm.region_at(addr.load(Ordering::Acquire) as usize) else { continue };
+                if region.segment().id() != seg.id() {
+                    continue;
+                }
+                let at = region.addr();
                 let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
                 // SAFETY: this thread alone stores into the region; a range
                 // that is no longer mapped is refused before any store.
@@ -369,7 +376,15 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
                 let r = rvm.region_at(addr.load(Ordering::Acquire) as usize).expect("mapped between rounds");
                 match rvm.unmap(r) {
                     Ok(()) => {
-                        let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+                        // The range counts as mapped until the writer drops
+                        // its clone of the old handle (documented on unmap).
+                        let r = loop {
+                            match rvm.map(&seg, MapSpec::new(0, PAGE)) {
+                                Ok(r) => break r,
+                                Err(Error::Map(rvm::MapError::AlreadyMapped { .. })) => std::thread::yield_now(),
+                                Err(e) => panic!("map again: {e}"),
+                            }
+                        };
                         addr.store(r.addr() as u64, Ordering::Release);
                     }
                     Err(Error::Map(rvm::MapError::Busy { .. })) => std::thread::yield_now(),

@@ -444,7 +444,10 @@ impl Rvm {
 
     /// Unmaps a region. Refused while a transaction with ranges in it is
     /// uncommitted. The memory goes away when the last clone of the handle
-    /// is dropped.
+    /// is dropped; until then the segment range still counts as mapped
+    /// (mapping it again is [`MapError::AlreadyMapped`]), so that two
+    /// live copies of one segment range never exist. A clone kept
+    /// elsewhere (another thread, a cache) thus delays a remap.
     ///
     /// A region claimed by a loaded segment or a heap
     /// ([`Region::claim`]) is refused ([`MapError::Claimed`]): only its
