@@ -547,3 +547,60 @@ fn a_progress_hook_that_reopens_or_panics_leaves_a_recoverable_log() {
         assert_eq!(read(&r, i * PAGE, 512), vec![i as u8 + 1; 512], "page {i}");
     }
 }
+
+/// A transaction kept in a thread-local and never ended: the thread's exit
+/// drops it among the thread's other locals, in an order the program does
+/// not choose (here after the library's own per-thread state is gone). It
+/// aborts like any dropped transaction instead of panicking in a
+/// thread-local destructor, which aborts the process. Same for a heap
+/// transaction.
+#[test]
+fn a_transaction_dropped_at_thread_exit_after_the_librarys_locals_aborts_cleanly() {
+    use std::cell::RefCell;
+    thread_local! {
+        static KEPT: RefCell<Option<rvm::Transaction<'static>>> = const { RefCell::new(None) };
+        static KEPT_HEAP: RefCell<Option<rvm::heap::HeapTx<'static>>> = const { RefCell::new(None) };
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // In a child: a panic in a thread-local destructor aborts the process.
+    let code = in_child(|| {
+        let rvm: &'static Rvm = Box::leak(Box::new(setup(dir.path())));
+        let seg = rvm.create_segment(dir.path().join("seg"), 64 * PAGE as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+        let statics = rvm.map(&seg, MapSpec::new(PAGE as u64, PAGE)).unwrap();
+        let heap_region = rvm.map(&seg, MapSpec::new(2 * PAGE as u64, 62 * PAGE)).unwrap();
+        let heap: &'static rvm::heap::Heap =
+            Box::leak(Box::new(rvm::heap::Heap::format(rvm, statics, heap_region).unwrap()));
+        let addr = r.addr();
+        let core = std::thread::spawn(move || {
+            // Registered first, so destroyed after the library's locals,
+            // which the begin call below touches first.
+            KEPT.with(|k| drop(k.borrow()));
+            let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+            // SAFETY: this thread alone uses the region.
+            unsafe { tx.modify_bytes(addr, b"never committed").unwrap() };
+            KEPT.with(|k| *k.borrow_mut() = Some(tx));
+        })
+        .join();
+        let heaps = std::thread::spawn(move || {
+            // As above.
+            KEPT_HEAP.with(|k| drop(k.borrow()));
+            let mut htx = heap.begin(RestoreMode::Restore).unwrap();
+            htx.malloc(std::alloc::Layout::new::<u64>()).unwrap();
+            KEPT_HEAP.with(|k| *k.borrow_mut() = Some(htx));
+        })
+        .join();
+        if core.is_err() || heaps.is_err() {
+            return 1;
+        }
+        // Aborted: the bytes are back, the region is free, the heap clean.
+        if read(&r, 0, 15) != [0; 15] || r.active_transactions() != 0 {
+            return 2;
+        }
+        if heap.check().map(|c| c.allocated).ok() != Some(0) {
+            return 3;
+        }
+        0
+    });
+    assert_eq!(code, 0, "the child's thread exited cleanly and its transactions aborted");
+}
