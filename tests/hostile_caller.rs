@@ -332,33 +332,27 @@ fn a_genuine_fault_in_user_code_still_kills_the_process_once() {
 #[test]
 fn unmapping_closing_and_checkpointing_under_running_transactions() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::Mutex;
     let dir = tempfile::tempdir().unwrap();
     let rvm = setup(dir.path());
     let seg = rvm.create_segment(dir.path().join("seg"), 4 * PAGE as u64).unwrap();
     let other = rvm.create_segment(dir.path().join("other"), PAGE as u64).unwrap();
     drop(other);
-    let first = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
-    let addr = Arc::new(AtomicU64::new(first.addr() as u64));
-    drop(first);
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(0));
+    // The region the writer means (it takes a clone to work with; none
+    // while the unmapper has taken it out).
+    let current = Mutex::new(Some(rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap()));
+    let stop = AtomicBool::new(false);
+    let last = AtomicU64::new(0);
     std::thread::scope(|s| {
         let writer = s.spawn(|| {
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) {
-                // The handle keeps the memory mapped (so its address is
-                // not reused by another mapping) while this thread checks
-                // it is the region it means.
-                let Some(region) = rvm.region_at(addr.load(Ordering::Acquire) as usize) else { continue };
-                if region.segment().id() != seg.id() {
-                    continue;
-                }
-                let at = region.addr();
+                let Some(region) = current.lock().unwrap().clone() else { continue };
                 let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
                 // SAFETY: this thread alone stores into the region; a range
-                // that is no longer mapped is refused before any store.
-                match unsafe { tx.modify_bytes(at, &(n + 1).to_le_bytes()) } {
+                // of a region unmapped meanwhile is refused before any store
+                // (the handle keeps its memory mapped).
+                match unsafe { tx.modify_bytes(region.addr(), &(n + 1).to_le_bytes()) } {
                     Ok(()) => {
                         tx.commit(CommitMode::NoFlush).unwrap();
                         n += 1;
@@ -372,10 +366,10 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
         });
         s.spawn(|| {
             for _ in 0..300 {
-                // Only this thread unmaps it, and maps it again at once.
-                let r = rvm.region_at(addr.load(Ordering::Acquire) as usize).expect("mapped between rounds");
-                match rvm.unmap(r) {
+                let r = current.lock().unwrap().take().unwrap();
+                match rvm.unmap(r.clone()) {
                     Ok(()) => {
+                        drop(r);
                         // The range counts as mapped until the writer drops
                         // its clone of the old handle (documented on unmap).
                         let r = loop {
@@ -385,9 +379,12 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
                                 Err(e) => panic!("map again: {e}"),
                             }
                         };
-                        addr.store(r.addr() as u64, Ordering::Release);
+                        *current.lock().unwrap() = Some(r);
                     }
-                    Err(Error::Map(rvm::MapError::Busy { .. })) => std::thread::yield_now(),
+                    Err(Error::Map(rvm::MapError::Busy { .. })) => {
+                        *current.lock().unwrap() = Some(r);
+                        std::thread::yield_now();
+                    }
                     Err(e) => panic!("unmapper: {e}"),
                 }
             }
@@ -413,16 +410,13 @@ fn unmapping_closing_and_checkpointing_under_running_transactions() {
         while last.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
-        // Let the two others finish, then the writer.
         std::thread::sleep(std::time::Duration::from_millis(50));
         stop.store(true, Ordering::Release);
-        let n = writer.join().unwrap();
-        assert!(n > 0);
+        assert!(writer.join().unwrap() > 0);
     });
     rvm.flush().unwrap();
     let n = last.load(Ordering::Acquire);
-    let at = addr.load(Ordering::Acquire) as usize;
-    let r = rvm.region_at(at).unwrap();
+    let r = current.into_inner().unwrap().unwrap();
     assert_eq!(read(&r, 0, 8), n.to_le_bytes());
     drop((r, seg, rvm));
     let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
