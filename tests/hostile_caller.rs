@@ -598,3 +598,26 @@ fn a_transaction_dropped_at_thread_exit_after_the_librarys_locals_aborts_cleanly
     });
     assert_eq!(code, 0, "the child's thread exited cleanly and its transactions aborted");
 }
+
+/// A segment handle kept after `close_segment` or `delete_segment`:
+/// growing it is refused (`SegmentClosed`) and the file is untouched. It
+/// used to extend (and sync) a file the instance no longer had open.
+#[test]
+fn a_segment_handle_kept_after_close_or_delete_cannot_grow_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let closed = |r: rvm::Result<()>| matches!(r, Err(Error::Map(rvm::MapError::SegmentClosed { .. })));
+    let path = dir.path().join("seg");
+    let seg = rvm.create_segment(&path, PAGE as u64).unwrap();
+    rvm.close_segment(seg.clone()).unwrap();
+    assert!(closed(rvm.extend_segment(&seg, 4 * PAGE as u64)));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), PAGE as u64);
+    assert!(matches!(rvm.map(&seg, MapSpec::new(0, PAGE)), Err(Error::Map(rvm::MapError::SegmentClosed { .. }))));
+    drop(seg);
+    let seg = rvm.open_segment(&path).unwrap();
+    rvm.extend_segment(&seg, 2 * PAGE as u64).unwrap();
+    let kept = seg.clone();
+    rvm.delete_segment(seg).unwrap();
+    assert!(closed(rvm.extend_segment(&kept, 4 * PAGE as u64)));
+    assert!(!path.exists());
+}

@@ -382,7 +382,10 @@ impl crate::Rvm {
     /// error of kind [`std::io::ErrorKind::StorageFull`], not at a later
     /// write), and the new length is synced before this returns. A crash
     /// leaves the old or the new length; nothing in the segment refers to
-    /// the new bytes until the caller commits something that does.
+    /// the new bytes until the caller commits something that does. A
+    /// handle kept after [`crate::Rvm::close_segment`] or
+    /// [`crate::Rvm::delete_segment`] is refused
+    /// ([`crate::MapError::SegmentClosed`]), the file untouched.
     ///
     /// ```
     /// # use rvm_core::*;
@@ -401,6 +404,11 @@ impl crate::Rvm {
             return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
         }
         let _serial = seg.resize.lock();
+        // A handle kept after `close_segment` (or `delete_segment`) names a
+        // file the instance no longer has open: not one to change.
+        if seg.closed.load(Ordering::Acquire) {
+            return Err(crate::MapError::SegmentClosed { segment: seg.name.clone() }.into());
+        }
         let old = seg.len();
         if new_len <= old {
             return Ok(());
