@@ -233,6 +233,20 @@ enum Reporter {
 /// `None` if it hung and was killed after the deadline) and how many times
 /// the user's handler ran.
 fn fault_in_child(how: Reporter) -> (Option<i32>, usize) {
+    fault_in_child_with(how, false)
+}
+
+/// Recurses until the stack overflows (a genuine bug of user code).
+fn overflow(depth: u64) -> u64 {
+    let pad = std::hint::black_box([depth; 64]);
+    if std::hint::black_box(depth) == u64::MAX {
+        return 0;
+    }
+    overflow(depth + 1) + pad[(depth % 64) as usize]
+}
+
+/// [`fault_in_child`], the bug being a stack overflow if `overflow`.
+fn fault_in_child_with(how: Reporter, stack_overflow: bool) -> (Option<i32>, usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
@@ -254,6 +268,9 @@ fn fault_in_child(how: Reporter) -> (Option<i32>, usize) {
         unsafe { *(r.addr() as *mut u64) = 7 };
         if let Reporter::After(f, flags) = how {
             install_reporter(f, flags);
+        }
+        if stack_overflow {
+            std::hint::black_box(overflow(0));
         }
         // A genuine bug: a load from an unmapped address near null.
         // SAFETY: not safe at all: this is the fault under test.
@@ -321,6 +338,9 @@ fn a_genuine_fault_in_user_code_still_kills_the_process_once() {
         let got = fault_in_child(how);
         assert_eq!(got, (Some(libc::SIGSEGV), runs), "{how:?}: (how the child ended, reporter runs)");
     }
+    // A stack overflow still reaches Rust's own handler (installed before
+    // ours), which reports it and aborts.
+    assert_eq!(fault_in_child_with(Reporter::None, true), (Some(libc::SIGABRT), 0), "stack overflow");
 }
 
 /// One thread unmaps and maps again the region another thread runs
