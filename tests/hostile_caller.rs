@@ -641,3 +641,60 @@ fn a_segment_handle_kept_after_close_or_delete_cannot_grow_the_file() {
     assert!(closed(rvm.extend_segment(&kept, 4 * PAGE as u64)));
     assert!(!path.exists());
 }
+
+/// Runs `f` on a thread; fails if it does not end within 20 s.
+fn within_deadline<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a deadlock: no end after 20 s") {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// Instance-wide calls made by the thread that has a transaction open
+/// (ranges declared, not committed): each returns (done or a typed error)
+/// instead of waiting for the transaction its own thread holds, and the
+/// transaction then commits.
+#[test]
+fn instance_calls_from_inside_an_open_transaction_do_not_wait_for_it() {
+    let said = within_deadline(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let rvm = setup(dir.path());
+        let seg = rvm.create_segment(dir.path().join("seg"), 8 * PAGE as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, PAGE).reserve(4 * PAGE)).unwrap();
+        let other = rvm.create_segment(dir.path().join("other"), PAGE as u64).unwrap();
+        let o = rvm.map(&other, MapSpec::new(0, PAGE)).unwrap();
+        for i in 0..50u8 {
+            let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+            // SAFETY: this thread alone uses the regions.
+            unsafe { tx.modify_bytes(o.addr() + i as usize, &[i]).unwrap() };
+            tx.commit(CommitMode::NoFlush).unwrap();
+        }
+        let mut said = Vec::new();
+        let mut tx = rvm.begin(RestoreMode::Restore).unwrap();
+        // SAFETY: as above.
+        unsafe { tx.modify_bytes(r.addr(), b"open").unwrap() };
+        said.push(format!("flush {:?}", rvm.flush()));
+        said.push(format!("checkpoint {:?}", rvm.checkpoint().map(drop)));
+        said.push(format!("truncate {:?}", rvm.truncate()));
+        said.push(format!("checkpoint_start {:?}", rvm.checkpoint_start()));
+        said.push(format!("checkpoint_step {:?}", rvm.checkpoint_step(1)));
+        said.push(format!("checkpoint_finish {:?}", rvm.checkpoint_finish().map(|r| r.is_some())));
+        said.push(format!("extend_segment {:?}", rvm.extend_segment(&seg, 8 * PAGE as u64)));
+        said.push(format!("grow_region {:?}", rvm.grow_region(&r, 2 * PAGE)));
+        said.push(format!("unmap other {:?}", rvm.unmap(o)));
+        said.push(format!("close other {:?}", rvm.close_segment(other)));
+        said.push(format!("unmap busy {:?}", rvm.unmap(r.clone())));
+        said.push(format!("track busy {:?}", rvm.track(&r)));
+        tx.commit(CommitMode::Flush).unwrap();
+        assert_eq!(read(&r, 0, 4), b"open");
+        said
+    });
+    for line in &said {
+        assert!(!line.contains("Poisoned"), "{said:#?}");
+    }
+    assert!(said.iter().any(|l| l.starts_with("unmap busy Err(Map(Busy")), "{said:#?}");
+}

@@ -191,3 +191,39 @@ fn a_key_order_calling_back_into_the_heap_is_refused_or_rolled_back() {
     clean(heap);
     fill(300).unwrap();
 }
+
+/// The heap's own instance driven from inside a write of the heap (the
+/// thread holds the write's transaction): flush, checkpoint and truncate
+/// return instead of waiting for it, and the write commits whole.
+#[test]
+fn instance_calls_from_inside_a_write_return_and_the_write_commits() {
+    use rvm_collections::PVec;
+    let dir = tempfile::tempdir().unwrap();
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = heap.write(|w| -> Result<Vec<String>, rvm_collections::Error> {
+                let mut v = w.root_or_insert_with("v", PVec::<u64>::new)?;
+                v.extend(0..100)?;
+                let rvm = heap.rvm();
+                Ok(vec![
+                    format!("flush {:?}", heap.flush()),
+                    format!("checkpoint {:?}", rvm.checkpoint().map(drop)),
+                    format!("truncate {:?}", rvm.truncate()),
+                    format!("check {:?}", heap.check().map(drop)),
+                ])
+            });
+            let _ = tx.send(r);
+        });
+        let said = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a deadlock").unwrap();
+        assert!(said[0].ends_with("Ok(())") && said[1].ends_with("Ok(())") && said[2].ends_with("Ok(())"), "{said:?}");
+        assert!(said[3].contains("NestedTransaction"), "{said:?}");
+    });
+    let n = heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().len());
+    assert_eq!(n, 100);
+    clean(&heap);
+    drop(heap);
+    let heap = PHeap::open_or_create(dir.path(), small()).unwrap();
+    assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().len()), 100);
+}
