@@ -210,7 +210,11 @@ impl Rvm {
     /// [`crate::Error::Locked`]. The lock belongs to the open file, so a
     /// child made with `fork` holds it too until the child exits or calls
     /// `exec` (descriptors are close-on-exec): a program that forks workers
-    /// without `exec` cannot reopen the log until they are gone.
+    /// without `exec` cannot reopen the log until they are gone. The child
+    /// cannot use the instance it inherited either: every call that would
+    /// write the log or the segments, or wait for the instance's threads,
+    /// fails there with [`crate::Error::ForkedChild`], and its drops write
+    /// nothing (reads of the child's copy of the regions still work).
     pub fn open(log_path: impl AsRef<Path>, opts: Options) -> Result<Rvm> {
         Rvm::open_with(Arc::new(FileVfs), log_path.as_ref(), opts)
     }
