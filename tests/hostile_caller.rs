@@ -698,3 +698,66 @@ fn instance_calls_from_inside_an_open_transaction_do_not_wait_for_it() {
     }
     assert!(said.iter().any(|l| l.starts_with("unmap busy Err(Map(Busy")), "{said:#?}");
 }
+
+/// Options at and past their limits (a threshold that is no fraction, a
+/// zero bound, a checkpoint pace of one byte a second, no room for
+/// pending commits or barrier copies): an open, commits that fill the log
+/// several times over, an explicit checkpoint hurried by a truncation
+/// work within seconds, and the last commit is there after a reopen.
+#[test]
+fn options_at_their_limits_never_hang_or_panic() {
+    let cases: Vec<(&str, Options)> = vec![
+        ("threshold NaN", Options { truncate_threshold: Some(f64::NAN), ..Options::default() }),
+        ("threshold -1", Options { truncate_threshold: Some(-1.0), ..Options::default() }),
+        ("threshold 0", Options { truncate_threshold: Some(0.0), ..Options::default() }),
+        ("threshold inf", Options { truncate_threshold: Some(f64::INFINITY), ..Options::default() }),
+        ("threshold 2", Options { truncate_threshold: Some(2.0), ..Options::default() }),
+        ("unapplied 0", Options { max_unapplied_log: Some(0), ..Options::default() }),
+        ("unapplied 1", Options { max_unapplied_log: Some(1), ..Options::default() }),
+        ("unapplied max", Options { max_unapplied_log: Some(u64::MAX), ..Options::default() }),
+        ("rate 1", Options { checkpoint_rate: Some(1), ..Options::default() }),
+        ("rate 0", Options { checkpoint_rate: Some(0), ..Options::default() }),
+        ("pending 0", Options { pending_limit: 0, ..Options::default() }),
+        ("pending max", Options { pending_limit: usize::MAX, ..Options::default() }),
+        ("copies 0", Options { checkpoint_copy_limit: 0, ..Options::default() }),
+        ("replay reclaim", Options { reclaim: rvm::Reclaim::Replay, max_unapplied_log: Some(1), ..Options::default() }),
+    ];
+    for (what, opts) in cases {
+        let last = within_deadline(move || {
+            let dir = tempfile::tempdir().unwrap();
+            rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+            let rvm = Rvm::open(dir.path().join("log"), opts.clone()).unwrap();
+            let seg = rvm.create_segment(dir.path().join("seg"), 64 * PAGE as u64).unwrap();
+            let r = rvm.map(&seg, MapSpec::new(0, 64 * PAGE)).unwrap();
+            let mut last = 0u64;
+            for i in 0..600u64 {
+                let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+                // SAFETY: this thread alone uses the region.
+                unsafe {
+                    tx.modify_bytes(r.addr() + (i as usize % 64) * PAGE, &[i as u8; 4000]).unwrap();
+                    tx.modify_bytes(r.addr() + 8, &i.to_le_bytes()).unwrap();
+                }
+                tx.commit(if i % 7 == 0 { CommitMode::Flush } else { CommitMode::NoFlush }).unwrap();
+                last = i;
+                if i == 300 {
+                    // An explicit checkpoint keeps the configured pace (at
+                    // one byte a second it would take hours) until
+                    // something waits for it: here a truncation.
+                    std::thread::scope(|s| {
+                        let c = s.spawn(|| rvm.checkpoint().map(drop));
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        rvm.truncate().unwrap();
+                        c.join().unwrap().unwrap();
+                    });
+                }
+            }
+            rvm.truncate().unwrap();
+            drop((r, seg, rvm));
+            let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+            let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+            let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+            (u64::from_le_bytes(read(&r, 8, 8).try_into().unwrap()), last)
+        });
+        assert_eq!(last.0, last.1, "{what}");
+    }
+}

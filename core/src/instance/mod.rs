@@ -528,7 +528,11 @@ impl Rvm {
     /// changed since the previous checkpoint once, as it stood at the
     /// freeze, syncs the segments and frees the log before the freeze.
     /// Transactions on other threads go on meanwhile. Every commit made
-    /// before the call is in the segments when it returns.
+    /// before the call is in the segments when it returns. The sweep keeps
+    /// [`Options::checkpoint_rate`](crate::Options::checkpoint_rate)'s
+    /// pace here too (it takes about the dirty bytes over the rate) until
+    /// something waits for it to end (a full log, [`Rvm::truncate`],
+    /// `unmap`, closing); [`Rvm::checkpoint_step`] is never paced.
     ///
     /// ```
     /// # use rvm_core::*;
