@@ -761,3 +761,62 @@ fn options_at_their_limits_never_hang_or_panic() {
         assert_eq!(last.0, last.1, "{what}");
     }
 }
+
+/// The action a chaining reporter replaced.
+static CHAINED: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new();
+
+/// A crash reporter done right: it passes every fault to the action it
+/// replaced (and would report only if that returned for a fault of its own).
+extern "C" fn chaining_reporter(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let prev = CHAINED.get().expect("installed");
+    // SAFETY: the action the library installed is an SA_SIGINFO handler.
+    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+        unsafe { std::mem::transmute(prev.sa_sigaction) };
+    f(sig, info, ctx);
+}
+
+/// A crash reporter installed after the first tracked region, chaining to
+/// the action it replaced: tracked transactions go on working (their
+/// stores fault into the library's handler through it), and commit.
+#[test]
+fn tracked_transactions_work_under_a_chaining_handler_installed_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let code = in_child(|| {
+        let rvm = setup(dir.path());
+        let seg = rvm.create_segment(dir.path().join("seg"), 4 * PAGE as u64).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 4 * PAGE)).unwrap();
+        rvm.track(&r).unwrap();
+        // SAFETY: a zeroed sigaction is valid; every field used is set.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = chaining_reporter as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: valid sigaction values; the handler has the SA_SIGINFO
+        // signature.
+        unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
+                return 1;
+            }
+        }
+        let _ = CHAINED.set(old);
+        for i in 0..4 {
+            let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+            // SAFETY: the tracked transaction is this thread's.
+            unsafe { std::ptr::write_volatile((r.addr() + i * PAGE) as *mut u64, 7 + i as u64) };
+            tx.commit(CommitMode::Flush).unwrap();
+        }
+        drop((r, seg, rvm));
+        let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+        let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+        let r = rvm.map(&seg, MapSpec::new(0, 4 * PAGE)).unwrap();
+        let ok = (0..4).all(|i| read(&r, i * PAGE, 8) == (7 + i as u64).to_le_bytes());
+        if ok {
+            0
+        } else {
+            2
+        }
+    });
+    assert_eq!(code, 0);
+}
