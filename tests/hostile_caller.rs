@@ -820,3 +820,59 @@ fn tracked_transactions_work_under_a_chaining_handler_installed_later() {
     });
     assert_eq!(code, 0);
 }
+
+/// A child forked while the parent's instance runs its threads (the
+/// write-behind log writer, the background truncator) drops the last
+/// handle it has: no join of a thread that does not exist in it, no hang;
+/// the parent goes on and loses nothing.
+#[test]
+fn a_forked_child_drops_an_instance_whose_threads_stayed_with_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 4 << 20).unwrap();
+    let opts = Options { pending_limit: 4096, truncate_threshold: Some(0.0), ..Options::default() };
+    let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 16 * PAGE as u64).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 16 * PAGE)).unwrap();
+    let commit = |i: u64| {
+        let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+        // SAFETY: this thread alone uses the region.
+        unsafe {
+            tx.modify_bytes(r.addr() + (i as usize % 16) * PAGE + 64, &[i as u8; 2000]).unwrap();
+            tx.modify_bytes(r.addr(), &i.to_le_bytes()).unwrap();
+        }
+        tx.commit(CommitMode::NoFlush).unwrap();
+    };
+    for i in 1..=200 {
+        commit(i);
+    }
+    let (kept_r, kept_seg, kept_rvm) = (r.clone(), seg.clone(), rvm.clone());
+    let originals =
+        (&r as *const rvm::Region as usize, &seg as *const rvm::Segment as usize, &rvm as *const Rvm as usize);
+    let code = within_deadline(move || {
+        in_child(move || {
+            // Every handle in the child's memory goes: the kept clones, then
+            // the child's copies of the originals, the last of them running
+            // the instance's shutdown.
+            drop((kept_r, kept_seg, kept_rvm));
+            // SAFETY: bitwise copies of the child's copies of the handles,
+            // which nothing in the child uses again (it leaves with _exit);
+            // the parent's are untouched.
+            unsafe {
+                drop(std::ptr::read(originals.0 as *const rvm::Region));
+                drop(std::ptr::read(originals.1 as *const rvm::Segment));
+                drop(std::ptr::read(originals.2 as *const Rvm));
+            }
+            0
+        })
+    });
+    assert_eq!(code, 0);
+    for i in 201..=400 {
+        commit(i);
+    }
+    rvm.flush().unwrap();
+    drop((r, seg, rvm));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
+    assert_eq!(read(&r, 0, 8), 400u64.to_le_bytes());
+}
