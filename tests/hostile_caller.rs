@@ -876,3 +876,57 @@ fn a_forked_child_drops_an_instance_whose_threads_stayed_with_the_parent() {
     let r = rvm.map(&seg, MapSpec::new(0, PAGE)).unwrap();
     assert_eq!(read(&r, 0, 8), 400u64.to_le_bytes());
 }
+
+/// A panic in the middle of a tracked transaction (pages twinned, stores
+/// made): unwinding aborts it (restore mode puts every page back), its
+/// writer hold goes, and the next tracked transaction, on another thread,
+/// begins, commits, and is all a reopen shows.
+#[test]
+fn a_panic_inside_a_tracked_transaction_rolls_it_back_and_frees_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let rvm = setup(dir.path());
+    let seg = rvm.create_segment(dir.path().join("seg"), 8 * PAGE as u64).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 8 * PAGE)).unwrap();
+    rvm.track(&r).unwrap();
+    let addr = r.addr();
+    let store = |i: usize, v: u64| {
+        // SAFETY: inside the region; the calling thread holds the tracked
+        // transaction.
+        unsafe { std::ptr::write_volatile((addr + i * PAGE) as *mut u64, v) }
+    };
+    let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+    store(0, 1);
+    tx.commit(CommitMode::Flush).unwrap();
+    for round in 0..3u64 {
+        let panicked = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+                for i in 0..8 {
+                    store(i, 100 + round);
+                }
+                panic!("a bug in the middle of a tracked transaction");
+            })
+            .join()
+            .is_err()
+        });
+        assert!(panicked);
+        assert_eq!(read(&r, 0, 8), 1u64.to_le_bytes(), "round {round}: rolled back");
+        assert_eq!(read(&r, 7 * PAGE, 8), [0; 8], "round {round}: rolled back");
+        within_deadline({
+            let rvm = rvm.clone();
+            move || {
+                let tx = rvm.begin_tracked(RestoreMode::Restore).unwrap();
+                // SAFETY: as above (this thread holds the transaction).
+                unsafe { std::ptr::write_volatile((addr + PAGE) as *mut u64, 2 + round) };
+                tx.commit(CommitMode::Flush).unwrap();
+            }
+        });
+    }
+    drop((r, seg, rvm));
+    let rvm = Rvm::open(dir.path().join("log"), Options::default()).unwrap();
+    let seg = rvm.open_segment(dir.path().join("seg")).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 8 * PAGE)).unwrap();
+    assert_eq!(read(&r, 0, 8), 1u64.to_le_bytes());
+    assert_eq!(read(&r, PAGE, 8), 4u64.to_le_bytes());
+    assert_eq!(read(&r, 7 * PAGE, 8), [0; 8]);
+}
