@@ -930,3 +930,71 @@ fn a_panic_inside_a_tracked_transaction_rolls_it_back_and_frees_the_writer() {
     assert_eq!(read(&r, PAGE, 8), 4u64.to_le_bytes());
     assert_eq!(read(&r, 7 * PAGE, 8), [0; 8]);
 }
+
+/// Runs `child` in a forked child; its exit code, or `None` if it had not
+/// ended after `secs` seconds (it is killed then).
+fn in_child_within(secs: u64, child: impl FnOnce() -> i32) -> Option<i32> {
+    // SAFETY: the child runs `child` and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
+        // SAFETY: _exit ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut status = 0;
+    loop {
+        // SAFETY: polls our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A fork while another thread of the parent is inside a write of the
+/// typed heap (it holds the heap's writer lock, and will never release it
+/// in the child): the child's write is refused (`ForkedChild`) at once
+/// instead of waiting forever for that lock.
+#[test]
+fn a_child_forked_during_a_typed_write_is_refused_not_deadlocked() {
+    use rvm::collections::{Config, PHeap, PVec};
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { heap_len: 1 << 20, log_len: 1 << 20, ..Config::default() };
+    let heap = PHeap::open_or_create(dir.path(), config).unwrap();
+    let (inside_tx, inside_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let heap = &heap;
+        s.spawn(move || {
+            heap.write(|tx| {
+                tx.root_or_insert_with("v", PVec::<u64>::new)?.push(1)?;
+                inside_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok::<_, rvm::collections::Error>(())
+            })
+            .unwrap();
+        });
+        inside_rx.recv().unwrap();
+        let code =
+            in_child_within(10, || match heap.write(|tx| tx.root_or_insert_with("v", PVec::<u64>::new)?.push(2)) {
+                Err(e) if core_forked(&e) => 0,
+                other => {
+                    eprintln!("child write: {other:?}");
+                    1
+                }
+            });
+        go_tx.send(()).unwrap();
+        assert_eq!(code, Some(0), "the child's write is refused at once (None: it hung)");
+    });
+    assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().to_vec()), vec![1]);
+}

@@ -292,6 +292,15 @@ impl Rvm {
         self.inner.wait_recovered()
     }
 
+    /// `Ok` in the process that opened the instance;
+    /// [`Error::ForkedChild`] in a child made with `fork` that inherited
+    /// it. A layer that takes locks of its own before calling the instance
+    /// (a lock another thread of the parent may have held at the fork,
+    /// for good in the child) asks this first.
+    pub fn check_process(&self) -> Result<()> {
+        self.inner.check_process()
+    }
+
     /// The log's path.
     pub fn log_path(&self) -> &Path {
         &self.inner.ring.path
