@@ -929,7 +929,8 @@ fn wp_tracking_does_not_cross_fork() {
     if pid == 0 {
         store(&region, ps(), b"child");
         let code = match rvm.begin_tracked(RestoreMode::Restore) {
-            Err(Error::Tx(TxError::TrackingFailed { .. })) => 0,
+            // The instance refuses a forked child as a whole.
+            Err(Error::ForkedChild { .. }) => 0,
             Err(_) => 1,
             Ok(_) => 2,
         };

@@ -121,6 +121,13 @@ impl Default for Config {
 /// a long write holds readers off. The folder is opened exclusively (its
 /// log and segment are locked against other processes).
 ///
+/// A child made with `fork` inherits the heap but may only read it: its
+/// writes, flushes and close fail with the core's `Error::ForkedChild`
+/// (at once, even if another thread of the parent was inside a write at
+/// the fork), and dropping it writes nothing. A read or check in such a
+/// child waits forever if a parent thread held the writer lock at the
+/// fork: fork from a thread that knows no write is running.
+///
 /// ```
 /// use rvm_collections::{Config, PHeap, Persist};
 ///
@@ -395,6 +402,9 @@ impl PHeap {
         if Inside::of(self.id()).is_some() {
             return Err(E::from(Error::NestedTransaction));
         }
+        // In a forked child, before the lock: a thread of the parent that
+        // held it at the fork holds it in the child for good.
+        self.rvm.check_process().map_err(|e| E::from(e.into()))?;
         let writer = self.lock.write();
         let inside = Inside::enter(self.id(), true);
         let htx = self.heap.begin(RestoreMode::Restore).map_err(|e| E::from(e.into()))?;

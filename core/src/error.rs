@@ -42,6 +42,21 @@ pub enum Error {
         /// The first failure.
         cause: String,
     },
+    /// The instance was opened by another process: this one is a child
+    /// made with `fork` that inherited it. Its log and segment files are
+    /// the parent's (a commit, flush or checkpoint here would write into
+    /// them behind the parent's back), and the instance's threads did not
+    /// survive the fork, so every call that would touch its files or wait
+    /// for its threads is refused; dropping the child's handles writes
+    /// nothing. Open what the child needs after the parent has closed it,
+    /// or in a program started with `exec`.
+    #[error("the RVM instance of log {} was opened by process {owner}; a forked child cannot use it", path.display())]
+    ForkedChild {
+        /// The instance's log.
+        path: PathBuf,
+        /// The process that opened it.
+        owner: u32,
+    },
     /// A log-level error.
     #[error(transparent)]
     Log(#[from] LogError),

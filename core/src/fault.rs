@@ -450,6 +450,17 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         return;
     }
     let flags = prev.map_or(0, |p| p.sa_flags);
+    if flags & libc::SA_RESETHAND != 0 {
+        // The kernel would have put the default action back as it entered
+        // that handler (a crash reporter that reports and returns relies
+        // on it): do so, or the fault comes back to us and to it forever.
+        // SAFETY: as above.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+        }
+    }
     if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the earlier handler was installed with SA_SIGINFO, so it
         // has this signature; we pass the kernel's arguments through.

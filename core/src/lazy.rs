@@ -799,6 +799,8 @@ impl Builder {
             scratch: Scratch::new(self.page as usize),
             writable: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            process: crate::mem::fork_count(),
+            orphans: AtomicBool::new(false),
         };
         Some((shared, devices))
     }
@@ -889,6 +891,13 @@ pub(crate) struct Shared {
     pub writable: AtomicBool,
     /// Applying failed: pages not yet `DONE` can never be shown.
     pub failed: AtomicBool,
+    /// The process that built the index ([`crate::mem::fork_count`]): a
+    /// forked child's faults take [`Shared::fault_page`]'s child path.
+    process: (u64, u32),
+    /// In a forked child: a page was found left `APPLYING` by a thread
+    /// that did not survive the fork; the child's later faults on
+    /// `APPLYING` pages take them as left so too, at once.
+    orphans: AtomicBool,
 }
 
 /// What the fault path did with a page ([`Shared::fault_page`]).
@@ -904,6 +913,14 @@ enum Brought {
 
 /// Why a page could not be brought up to date.
 const FAILED_MSG: &str = "instant recovery failed: a segment page could not be brought up to date";
+/// A forked child could not make a private copy of a pending page.
+const CHILD_NO_COPY_MSG: &str =
+    "instant recovery: a forked child could not map a private copy of a pending page (no memory or mappings left)";
+/// Pauses ([`pause`]) a forked child waits for a page another thread is
+/// applying (about 10 ms) before taking the page as left `APPLYING` by a
+/// thread that did not survive the fork (once one was, it waits no more:
+/// the background apply's run held up to [`RUN_PAGES`] of them).
+const ORPHAN_PAUSES: u32 = 64 + 200;
 /// Why the background apply failed when the log's bytes no longer read as
 /// the scan verified them.
 const CHANGED_MSG: &str =
@@ -1024,6 +1041,12 @@ impl Shared {
         // No private page could be made (no memory, or no more mappings):
         // wait for segment writes to be allowed instead.
         let mut no_copy = false;
+        // A forked child (the region's instance is its parent's): the
+        // segment files are the parent's, so it never writes them (every
+        // page it brings in is a private copy), and a page the parent's
+        // background thread was applying at the fork stays `APPLYING` in
+        // the child's copy of the index for good (that thread is gone).
+        let child = crate::mem::forked_since(self.process);
         loop {
             // Set only by this mapping's own handlers, and this mapping
             // lives while its hook runs: once seen, it stays.
@@ -1033,6 +1056,10 @@ impl Shared {
             match e.state.load(Ordering::Acquire) {
                 DONE => return Ok(Brought::Done),
                 FAILED => return Err(FAILED_MSG),
+                APPLYING if child && (spins >= ORPHAN_PAUSES || self.orphans.load(Ordering::Acquire)) => {
+                    self.orphans.store(true, Ordering::Release);
+                    return self.install_orphan(seg, e, page, map, addr);
+                }
                 APPLYING => {}
                 _ if self.failed.load(Ordering::Acquire) => return Err(FAILED_MSG),
                 _ if no_copy && !self.writable.load(Ordering::Acquire) => {}
@@ -1050,7 +1077,7 @@ impl Shared {
                         return Err(FAILED_MSG);
                     };
                     let off = page * self.page as u64;
-                    if self.writable.load(Ordering::Acquire) {
+                    if self.writable.load(Ordering::Acquire) && !child {
                         let len = self.page_len(seg, page);
                         let ok = self.scratch.with(|buf| {
                             self.read_run(fd, off, &mut buf[..len], std::iter::once(e))
@@ -1117,6 +1144,8 @@ impl Shared {
                             self.failed.store(true, Ordering::Release);
                             return Err(FAILED_MSG);
                         }
+                        // No segment write will ever come in a child.
+                        fault::Replaced::NoResources if child => return Err(CHILD_NO_COPY_MSG),
                         fault::Replaced::NoResources => {
                             no_copy = true;
                             continue;
@@ -1125,6 +1154,39 @@ impl Shared {
                 }
             }
             pause(&mut spins);
+        }
+    }
+
+    /// A forked child's fault on a page left `APPLYING` (by a thread that
+    /// did not survive the fork, after [`ORPHAN_PAUSES`]): the page is
+    /// built in private memory without a claim (the redo is idempotent, so
+    /// whatever mix of old and new bytes the segment holds, applying the
+    /// page's pieces gives its final bytes) and installed in the mapping.
+    fn install_orphan(
+        &self,
+        seg: &SegIndex,
+        e: &Entry,
+        page: u64,
+        map: u32,
+        addr: usize,
+    ) -> Result<Brought, &'static str> {
+        let Some(fd) = seg.fd else { return Err(FAILED_MSG) };
+        let off = page * self.page as u64;
+        let bytes = self.run_len(seg, page, 1);
+        let fill = |buf: &mut [u8]| self.read_run(fd, off, &mut buf[..bytes], std::iter::once(e));
+        // SAFETY: `addr` is a page of the region's private mapping (the
+        // caller checked it), alive while its hook runs; it is PROT_NONE
+        // (not DONE, not installed in this mapping), so nothing refers to
+        // its bytes; its normal protection is read and write. (A child
+        // thread applying the page itself for more than ORPHAN_PAUSES
+        // would install the same bytes over this copy.)
+        match unsafe { fault::replace_page(addr, self.page, fill) } {
+            fault::Replaced::Yes => {
+                e.installed.store(map, Ordering::Release);
+                Ok(Brought::Installed)
+            }
+            fault::Replaced::FillFailed => Err(FAILED_MSG),
+            fault::Replaced::NoResources => Err(CHILD_NO_COPY_MSG),
         }
     }
 

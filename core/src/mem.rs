@@ -644,6 +644,48 @@ unsafe impl<T: AnyBits + Send> Send for Frozen<T> {}
 // SAFETY: as above.
 unsafe impl<T: AnyBits + Sync> Sync for Frozen<T> {}
 
+/// Forks of this process since it started, as the child handler that
+/// [`fork_count`] installs counts them: in a child made with `fork(2)`
+/// (or anything calling the C library's `fork`), the count is higher than
+/// its parent's was at the fork.
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether the counter's `pthread_atfork` handler is in place.
+static WATCHING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn count_fork() {
+    // One atomic add: async-signal-safe, as a handler run in a forked
+    // child of a multithreaded process must be.
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The process's fork count now, with the process id: a value to compare
+/// with [`forked_since`] later. The first call installs the counter
+/// (`pthread_atfork`, once per process); where that failed, the process id
+/// alone tells a child from its parent.
+pub(crate) fn fork_count() -> (u64, u32) {
+    static WATCH: std::sync::Once = std::sync::Once::new();
+    WATCH.call_once(|| {
+        // SAFETY: `count_fork` is an `extern "C"` function with no
+        // arguments that lives as long as the program and only adds to an
+        // atomic; no prepare or parent handler is given.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(count_fork)) };
+        WATCHING.store(rc == 0, std::sync::atomic::Ordering::Release);
+    });
+    (FORKS.load(std::sync::atomic::Ordering::Acquire), std::process::id())
+}
+
+/// Whether this process is a forked child of the one in which
+/// [`fork_count`] returned `then` (or a descendant of it): one atomic load,
+/// or a `getpid` where the counter could not be installed.
+pub(crate) fn forked_since(then: (u64, u32)) -> bool {
+    if WATCHING.load(std::sync::atomic::Ordering::Acquire) {
+        FORKS.load(std::sync::atomic::Ordering::Acquire) != then.0
+    } else {
+        std::process::id() != then.1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,7 +132,10 @@ pub struct Options {
     /// fault for its own accesses, so a system call given a pointer into a
     /// page that is still pending (`read(2)` into a region, `write(2)` from
     /// one) fails with `EFAULT`; touch the memory first or wait for
-    /// recovery.
+    /// recovery. A `SIGSEGV` handler the program installs after the open
+    /// must pass faults it does not own to the action it replaced (as
+    /// crash reporters do), or the first touch of a pending page goes to
+    /// it alone.
     ///
     /// [`Rvm::open`]: crate::Rvm::open
     /// [`Rvm::wait_for_recovery`]: crate::Rvm::wait_for_recovery

@@ -453,7 +453,10 @@ impl<'a> Transaction<'a> {
         self.rvm.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.rvm.ckpt.untrack(&self.track);
         let me = self.instance;
-        OPEN.with(|open| open.borrow_mut().retain(|&i| i != me));
+        // `try_with`: a transaction kept in a thread-local of the program
+        // may be dropped at thread exit after this one is gone (nothing
+        // left to unregister from then; a panic there would abort).
+        let _ = OPEN.try_with(|open| open.borrow_mut().retain(|&i| i != me));
         // Hand the buffers to the thread's next transaction. The range
         // record is reused only if no checkpoint freeze still holds it.
         let mut ranges = std::mem::take(&mut self.ranges);

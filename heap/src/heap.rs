@@ -1080,7 +1080,9 @@ impl Spare {
 
     fn give(mut r: Reservations) {
         r.clear();
-        SPARE.with(|s| *s.borrow_mut() = Some(r));
+        // `try_with`: a heap transaction kept in a thread-local of the
+        // program may be dropped at thread exit after this one is gone.
+        let _ = SPARE.try_with(|s| *s.borrow_mut() = Some(r));
     }
 }
 

@@ -113,6 +113,10 @@ pub(crate) struct Inner {
     pub(crate) verify: Option<crate::verify::Verifier>,
     /// Instant recovery's background apply (`Options::instant_recovery`).
     instant: Option<instant::Instant>,
+    /// The opening process's fork count and id ([`crate::mem::fork_count`]):
+    /// a forked child that inherited the instance is refused
+    /// ([`Inner::check_process`]).
+    process: (u64, u32),
 }
 
 /// An RVM instance: a log and the segments whose changes it records.
@@ -151,6 +155,11 @@ struct Lifetime {
 impl Drop for Lifetime {
     fn drop(&mut self) {
         let inner = &self.inner;
+        // In a forked child the instance's threads do not exist and its
+        // files are the parent's: nothing to join, nothing to write.
+        if inner.check_process().is_err() {
+            return;
+        }
         // Instant recovery's background apply finishes first.
         inner.join_instant();
         // A background checkpoint still sweeping finishes at full speed.
@@ -202,7 +211,11 @@ impl Rvm {
     /// [`crate::Error::Locked`]. The lock belongs to the open file, so a
     /// child made with `fork` holds it too until the child exits or calls
     /// `exec` (descriptors are close-on-exec): a program that forks workers
-    /// without `exec` cannot reopen the log until they are gone.
+    /// without `exec` cannot reopen the log until they are gone. The child
+    /// cannot use the instance it inherited either: every call that would
+    /// write the log or the segments, or wait for the instance's threads,
+    /// fails there with [`crate::Error::ForkedChild`], and its drops write
+    /// nothing (reads of the child's copy of the regions still work).
     pub fn open(log_path: impl AsRef<Path>, opts: Options) -> Result<Rvm> {
         Rvm::open_with(Arc::new(FileVfs), log_path.as_ref(), opts)
     }
@@ -257,6 +270,7 @@ impl Rvm {
             log_id: sb.log_id,
             ring,
             opts,
+            process: crate::mem::fork_count(),
         });
         inner.start_instant(log_path)?;
         // The truncation and write-behind threads start when first needed
@@ -275,7 +289,17 @@ impl Rvm {
     /// the status with the new epoch (at once otherwise). An error if that
     /// failed (the instance is poisoned then; reopen it to recover again).
     pub fn wait_for_recovery(&self) -> Result<()> {
+        self.inner.check_process()?;
         self.inner.wait_recovered()
+    }
+
+    /// `Ok` in the process that opened the instance;
+    /// [`Error::ForkedChild`] in a child made with `fork` that inherited
+    /// it. A layer that takes locks of its own before calling the instance
+    /// (a lock another thread of the parent may have held at the fork,
+    /// for good in the child) asks this first.
+    pub fn check_process(&self) -> Result<()> {
+        self.inner.check_process()
     }
 
     /// The log's path.
@@ -293,6 +317,7 @@ impl Rvm {
     /// recovery applies them. Opened through another log, or read directly,
     /// the segment shows the state before those commits.
     pub fn open_segment(&self, path: impl AsRef<Path>) -> Result<Segment> {
+        self.inner.check_process()?;
         self.inner.open_segment(path.as_ref(), None)
     }
 
@@ -302,6 +327,7 @@ impl Rvm {
     /// room for `len` bytes this fails with an I/O error of kind
     /// [`std::io::ErrorKind::StorageFull`] and leaves no file behind.
     pub fn create_segment(&self, path: impl AsRef<Path>, len: u64) -> Result<Segment> {
+        self.inner.check_process()?;
         self.inner.open_segment(path.as_ref(), Some(len))
     }
 
@@ -361,6 +387,7 @@ impl Rvm {
     /// assert_eq!(&std::fs::read(dir.path().join("seg")).unwrap()[..4], b"kept");
     /// ```
     pub fn close_segment(&self, segment: Segment) -> Result<()> {
+        self.inner.check_process()?;
         let seg = segment.0;
         self.inner.check_own(&seg)?;
         // The log may hold records for it that only recovery applies.
@@ -428,12 +455,16 @@ impl Rvm {
     /// behind the log's back is reported at the next open as
     /// [`LogError::SegmentTooShort`](crate::LogError::SegmentTooShort), never as log damage.
     pub fn map(&self, segment: &Segment, spec: MapSpec) -> Result<Region> {
+        self.inner.check_process()?;
         self.inner.map(segment, spec)
     }
 
     /// Unmaps a region. Refused while a transaction with ranges in it is
     /// uncommitted. The memory goes away when the last clone of the handle
-    /// is dropped.
+    /// is dropped; until then the segment range still counts as mapped
+    /// (mapping it again is [`MapError::AlreadyMapped`]), so that two
+    /// live copies of one segment range never exist. A clone kept
+    /// elsewhere (another thread, a cache) thus delays a remap.
     ///
     /// A region claimed by a loaded segment or a heap
     /// ([`Region::claim`]) is refused ([`MapError::Claimed`]): only its
@@ -449,6 +480,7 @@ impl Rvm {
     }
 
     fn unmap_region(&self, region: Region, claimed: bool) -> Result<()> {
+        self.inner.check_process()?;
         let addr = region.addr();
         // A tracked region's pages may be twinned by the open tracked
         // transaction (which counts no ranges in `active_txs`): wait for it.
@@ -499,6 +531,7 @@ impl Rvm {
     /// Makes every earlier commit durable (one `fdatasync`, shared with
     /// concurrent flushes).
     pub fn flush(&self) -> Result<()> {
+        self.inner.check_process()?;
         let last = self.inner.state.lock().next_tx - 1;
         self.inner.flush_to(last)
     }
@@ -508,7 +541,11 @@ impl Rvm {
     /// changed since the previous checkpoint once, as it stood at the
     /// freeze, syncs the segments and frees the log before the freeze.
     /// Transactions on other threads go on meanwhile. Every commit made
-    /// before the call is in the segments when it returns.
+    /// before the call is in the segments when it returns. The sweep keeps
+    /// [`Options::checkpoint_rate`](crate::Options::checkpoint_rate)'s
+    /// pace here too (it takes about the dirty bytes over the rate) until
+    /// something waits for it to end (a full log, [`Rvm::truncate`],
+    /// `unmap`, closing); [`Rvm::checkpoint_step`] is never paced.
     ///
     /// ```
     /// # use rvm_core::*;
@@ -528,6 +565,7 @@ impl Rvm {
     /// assert_eq!(rvm.query().log_used, 0);
     /// ```
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
+        self.inner.check_process()?;
         self.inner.checkpoint_full()
     }
 
@@ -538,6 +576,7 @@ impl Rvm {
     /// already (a second freeze never starts while a sweep runs), or if a
     /// log-replay truncation overtook this one.
     pub fn checkpoint_start(&self) -> Result<bool> {
+        self.inner.check_process()?;
         use checkpoint::Start;
         // Overtaken: a replay did the work (a log-full writer, or an unmapped
         // dirty region); freeze again, a few times at most.
@@ -554,12 +593,14 @@ impl Rvm {
     /// Writes up to `max_pages` pages of the running checkpoint; returns how
     /// many it wrote (0 once all are written, or if none is running).
     pub fn checkpoint_step(&self, max_pages: usize) -> Result<usize> {
+        self.inner.check_process()?;
         self.inner.checkpoint_step(max_pages)
     }
 
     /// Completes the running checkpoint: the remaining pages, the segment
     /// syncs, the status that frees the log. `None` if none was running.
     pub fn checkpoint_finish(&self) -> Result<Option<CheckpointReport>> {
+        self.inner.check_process()?;
         self.inner.checkpoint_finish()
     }
 
@@ -567,11 +608,13 @@ impl Rvm {
     /// written stay; they hold committed bytes the log still covers). The
     /// next checkpoint writes the rest. Returns whether one was running.
     pub fn checkpoint_abandon(&self) -> Result<bool> {
+        self.inner.check_process()?;
         self.inner.checkpoint_abandon()
     }
 
     /// Flushes, then applies the whole log to the segments and empties it.
     pub fn truncate(&self) -> Result<()> {
+        self.inner.check_process()?;
         self.inner.replay_all()
     }
 
@@ -632,7 +675,18 @@ impl Inner {
         self.opts.coalesce
     }
 
+    /// Refuses a forked child ([`Error::ForkedChild`]): called first (before
+    /// any lock, which a thread that did not survive the fork may hold) by
+    /// every call that writes the instance's files or waits for its threads.
+    pub(crate) fn check_process(&self) -> Result<()> {
+        if crate::mem::forked_since(self.process) {
+            return Err(Error::ForkedChild { path: self.ring.path.clone(), owner: self.process.1 });
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_poison(&self) -> Result<()> {
+        self.check_process()?;
         if self.poisoned.load(Ordering::Acquire) {
             let cause = self.poison_cause.lock().clone().unwrap_or_default();
             return Err(Error::Poisoned { cause });

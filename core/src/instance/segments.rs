@@ -405,7 +405,10 @@ impl super::Rvm {
     /// write; unless [`Options::reserve_segment_space`](crate::Options::reserve_segment_space)
     /// is off), and the new length is synced before this returns. A crash
     /// leaves the old or the new length; nothing in the segment refers to
-    /// the new bytes until the caller commits something that does.
+    /// the new bytes until the caller commits something that does. A
+    /// handle kept after [`crate::Rvm::close_segment`] or
+    /// [`crate::Rvm::delete_segment`] is refused
+    /// ([`crate::MapError::SegmentClosed`]), the file untouched.
     ///
     /// ```
     /// # use rvm_core::*;
@@ -418,11 +421,17 @@ impl super::Rvm {
     /// assert_eq!(std::fs::metadata(dir.path().join("seg")).unwrap().len(), 3 * 4096);
     /// ```
     pub fn extend_segment(&self, segment: &Segment, new_len: u64) -> crate::Result<()> {
+        self.inner.check_process()?;
         let seg = &segment.0;
         if seg.instance != self.inner.id {
             return Err(crate::MapError::ForeignSegment { segment: seg.name.clone() }.into());
         }
         let _serial = seg.resize.lock();
+        // A handle kept after `close_segment` (or `delete_segment`) names a
+        // file the instance no longer has open: not one to change.
+        if seg.closed.load(Ordering::Acquire) {
+            return Err(crate::MapError::SegmentClosed { segment: seg.name.clone() }.into());
+        }
         let old = seg.len();
         if new_len <= old {
             return Ok(());
@@ -466,6 +475,7 @@ impl super::Rvm {
     /// tx.commit(CommitMode::Flush).unwrap();
     /// ```
     pub fn grow_region(&self, region: &Region, new_len: usize) -> crate::Result<()> {
+        self.inner.check_process()?;
         let r = &region.0;
         let seg = &r.segment;
         if seg.instance != self.inner.id {

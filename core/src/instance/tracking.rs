@@ -62,11 +62,16 @@ impl Rvm {
     /// other than the transaction's, kill the process with `SIGSEGV`
     /// (after a message on standard error); stores by the kernel
     /// (`read(2)` into the region) fail with `EFAULT`: read into a buffer
-    /// and copy. [`TrackingMethod::WriteProtect`]: stores always succeed;
+    /// and copy. The method relies on the `SIGSEGV` handler installed
+    /// with the first tracked region: a handler the program installs
+    /// afterwards (a crash reporter) must pass faults it does not own to
+    /// the action it replaced, or the first store into a tracked page goes
+    /// to it alone. [`TrackingMethod::WriteProtect`]: stores always succeed;
     /// another thread's store during a tracked transaction is attributed to
     /// it, stores outside transactions are undone and reported at the next
     /// begin, `read(2)` into the region is tracked like a store.
     pub fn track_with(&self, region: &Region, method: TrackingMethod) -> Result<()> {
+        self.inner.check_process()?;
         let inner = &self.inner;
         let r = &region.0;
         if r.tracked.get().is_some() {
