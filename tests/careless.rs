@@ -10,17 +10,8 @@ use std::sync::Arc;
 
 const PAGE: usize = 4096;
 
-fn setup(dir: &Path) -> Rvm {
-    rvm::create_log(dir.join("log"), 4 << 20).unwrap();
-    Rvm::open(dir.join("log"), Options::default()).unwrap()
-}
-
-fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
-    let mut v = vec![0; n];
-    // SAFETY: no other thread stores into the region meanwhile.
-    unsafe { r.read(off, &mut v).unwrap() };
-    v
-}
+mod common;
+use common::{read, setup};
 
 fn is_not_mapped<T: std::fmt::Debug>(r: rvm::Result<T>) -> bool {
     matches!(r, Err(Error::Tx(TxError::RangeNotMapped { .. })))

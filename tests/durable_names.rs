@@ -8,28 +8,44 @@
 use std::path::Path;
 use std::process::Command;
 
-/// The system calls `rvmutl args` makes: (call, its text) per line.
-fn traced(args: &[&std::ffi::OsStr]) -> Option<Vec<String>> {
+/// The system calls `program args` makes (with `envs` set), one per line,
+/// or `None` (saying why) where `strace` cannot run.
+fn traced(program: &Path, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)]) -> Option<Vec<String>> {
+    let calls_traced = "trace=openat,fsync,fdatasync,mkdir,mkdirat,unlink,unlinkat,rename,renameat,renameat2";
     let out = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=openat,fsync,fdatasync,unlink,unlinkat,rename,renameat,renameat2"])
-        .arg(env!("CARGO_BIN_EXE_rvmutl"))
+        .args(["-f", "-qq", "-e", calls_traced])
+        .arg(program)
         .args(args)
+        .envs(envs.iter().copied())
         .output();
-    match out {
-        Ok(o) if o.status.success() => Some(calls(&String::from_utf8_lossy(&o.stderr))),
-        Ok(o) => {
-            let text = String::from_utf8_lossy(&o.stderr);
-            if text.contains("PTRACE") || text.contains("ptrace") || text.contains("Operation not permitted") {
-                eprintln!("skipped: strace cannot trace here: {}", text.lines().next().unwrap_or(""));
-                return None;
-            }
-            panic!("rvmutl {args:?} failed under strace: {text}");
-        }
+    let out = match out {
+        Ok(out) => out,
         Err(e) => {
             eprintln!("skipped: cannot run strace: {e}");
-            None
+            return None;
         }
+    };
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if text.contains("PTRACE") || text.contains("ptrace") || text.contains("Operation not permitted") {
+            eprintln!("skipped: strace cannot trace here: {}", text.lines().next().unwrap_or(""));
+            return None;
+        }
+        panic!("{} {args:?} failed under strace: {text}", program.display());
     }
+    Some(calls(&text))
+}
+
+/// `rvmutl args`, traced.
+fn traced_rvmutl(args: &[&std::ffi::OsStr]) -> Option<Vec<String>> {
+    traced(Path::new(env!("CARGO_BIN_EXE_rvmutl")), args, &[])
+}
+
+/// The test `name` of this file run again as a child process with `env`
+/// set to `value` (the child does the traced work), traced.
+fn traced_child(name: &str, env: &str, value: &Path) -> Option<Vec<String>> {
+    let me = std::env::current_exe().unwrap();
+    traced(&me, &["--exact".as_ref(), name.as_ref(), "--test-threads=1".as_ref()], &[(env, value)])
 }
 
 /// `strace` output as one call per line, without the `[pid N] ` prefixes
@@ -62,11 +78,11 @@ fn folder_synced_after(trace: &[String], file: &Path, op: &str) -> bool {
 fn new_logs_and_segments_have_durable_names() {
     let dir = tempfile::tempdir().unwrap();
     let (log, seg) = (dir.path().join("log"), dir.path().join("seg"));
-    let Some(trace) = traced(&["create-log".as_ref(), log.as_os_str(), "--size".as_ref(), "1M".as_ref()]) else {
+    let Some(trace) = traced_rvmutl(&["create-log".as_ref(), log.as_os_str(), "--size".as_ref(), "1M".as_ref()]) else {
         return;
     };
     assert!(folder_synced_after(&trace, &log, "O_CREAT"), "create-log: folder not synced:\n{}", trace.join("\n"));
-    let trace = traced(&[
+    let trace = traced_rvmutl(&[
         "segment".as_ref(),
         "create".as_ref(),
         seg.as_os_str(),
@@ -98,28 +114,13 @@ fn a_removed_segment_file_has_its_folder_synced() {
         let rvm = Rvm::open(&log, Options::default()).unwrap();
         rvm.create_segment(&seg, 4096).unwrap();
     }
-    let me = std::env::current_exe().unwrap();
-    let out = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=openat,fsync,unlink,unlinkat"])
-        .arg(&me)
-        .args(["--exact", "a_removed_segment_file_has_its_folder_synced", "--test-threads=1"])
-        .env("RVM_DELETE_SEGMENT_CHILD", dir.path())
-        .output();
-    let Ok(out) = out else {
-        eprintln!("skipped: cannot run strace");
+    let Some(trace) =
+        traced_child("a_removed_segment_file_has_its_folder_synced", "RVM_DELETE_SEGMENT_CHILD", dir.path())
+    else {
         return;
     };
-    let text = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        if text.contains("ptrace") || text.contains("PTRACE") || text.contains("Operation not permitted") {
-            eprintln!("skipped: strace cannot trace here");
-            return;
-        }
-        panic!("child failed: {text}");
-    }
     assert!(!seg.exists());
-    let trace = calls(&text);
-    assert!(folder_synced_after(&trace, &seg, "unlink"), "delete_segment: folder not synced:\n{text}");
+    assert!(folder_synced_after(&trace, &seg, "unlink"), "delete_segment: folder not synced:\n{}", trace.join("\n"));
 }
 
 /// `PHeap::open_or_create` on a folder that does not exist yet makes each
@@ -133,26 +134,10 @@ fn a_new_heap_folder_has_a_durable_name() {
     }
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("a").join("b");
-    let me = std::env::current_exe().unwrap();
-    let out = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=openat,fsync,mkdir,mkdirat,rename,renameat,renameat2"])
-        .arg(&me)
-        .args(["--exact", "a_new_heap_folder_has_a_durable_name", "--test-threads=1"])
-        .env("RVM_NEW_HEAP_CHILD", &folder)
-        .output();
-    let Ok(out) = out else {
-        eprintln!("skipped: cannot run strace");
+    let Some(trace) = traced_child("a_new_heap_folder_has_a_durable_name", "RVM_NEW_HEAP_CHILD", &folder) else {
         return;
     };
-    let text = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        if text.contains("ptrace") || text.contains("PTRACE") || text.contains("Operation not permitted") {
-            eprintln!("skipped: strace cannot trace here");
-            return;
-        }
-        panic!("child failed: {text}");
-    }
-    let trace = calls(&text);
+    let text = trace.join("\n");
     for made in [dir.path().join("a"), folder.clone()] {
         assert!(folder_synced_after(&trace, &made, "mkdir"), "{}: parent not synced:\n{text}", made.display());
     }

@@ -6,17 +6,8 @@ use std::path::Path;
 
 const PAGE: usize = 4096;
 
-fn setup(dir: &Path) -> Rvm {
-    rvm::create_log(dir.join("log"), 4 << 20).unwrap();
-    Rvm::open(dir.join("log"), Options::default()).unwrap()
-}
-
-fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
-    let mut v = vec![0; n];
-    // SAFETY: no other thread stores into the region meanwhile.
-    unsafe { r.read(off, &mut v).unwrap() };
-    v
-}
+mod common;
+use common::{read, setup};
 
 /// Runs `child` in a forked child and returns its exit code (the child
 /// leaves with `_exit`, running no destructors nor atexit handlers).
@@ -743,10 +734,15 @@ fn options_at_their_limits_never_hang_or_panic() {
                     // An explicit checkpoint keeps the configured pace (at
                     // one byte a second it would take hours) until
                     // something waits for it: here a truncation.
+                    // The truncation is repeated until the checkpoint has
+                    // ended: on a busy machine the checkpoint may start
+                    // only after a first truncation returned.
                     std::thread::scope(|s| {
                         let c = s.spawn(|| rvm.checkpoint().map(drop));
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                        rvm.truncate().unwrap();
+                        while !c.is_finished() {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            rvm.truncate().unwrap();
+                        }
                         c.join().unwrap().unwrap();
                     });
                 }

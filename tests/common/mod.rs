@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: running `rvmutl` as a separate
-//! process and checking what it printed and returned (`tests/cli*.rs`), and
-//! killing a child test process (`tests/kill9*.rs`).
+//! process and checking what it printed and returned (`tests/cli*.rs`),
+//! killing a child test process (`tests/kill9*.rs`), and a fresh instance
+//! with a reader of its regions (`tests/careless.rs`,
+//! `tests/hostile_caller.rs`).
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::process::{Command, Output};
@@ -89,4 +91,18 @@ pub fn kill_child(child: &mut std::process::Child, stderr_file: &std::path::Path
     child.kill().expect("killing the child");
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "the child ended with {status}, not by SIGKILL:\n{}", err());
+}
+
+/// A new 4 MiB log in `dir`, opened with the default options.
+pub fn setup(dir: &std::path::Path) -> rvm::Rvm {
+    rvm::create_log(dir.join("log"), 4 << 20).unwrap();
+    rvm::Rvm::open(dir.join("log"), rvm::Options::default()).unwrap()
+}
+
+/// `n` bytes of `r` from `off`.
+pub fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    // SAFETY: no other thread stores into the region meanwhile.
+    unsafe { r.read(off, &mut v).unwrap() };
+    v
 }
