@@ -994,3 +994,38 @@ fn a_child_forked_during_a_typed_write_is_refused_not_deadlocked() {
     });
     assert_eq!(heap.read(|r| r.root::<PVec<u64>>("v").unwrap().unwrap().to_vec()), vec![1]);
 }
+
+/// A segment closed while another thread's truncations run opens again at
+/// once: a truncation holds only the segments its records name (it held
+/// every open segment until it ended, so an immediate reopen of one just
+/// closed was `Locked` now and then).
+#[test]
+fn a_closed_segment_opens_again_at_once_while_truncations_run() {
+    let dir = tempfile::tempdir().unwrap();
+    rvm::create_log(dir.path().join("log"), 1 << 20).unwrap();
+    let opts = Options { truncate_threshold: None, ..Options::default() };
+    let rvm = Rvm::open(dir.path().join("log"), opts).unwrap();
+    let seg = rvm.create_segment(dir.path().join("seg"), 64 * PAGE as u64).unwrap();
+    let r = rvm.map(&seg, MapSpec::new(0, 64 * PAGE)).unwrap();
+    drop(rvm.create_segment(dir.path().join("other"), PAGE as u64).unwrap());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let mut tx = rvm.begin(RestoreMode::NoRestore).unwrap();
+                // SAFETY: this thread alone stores into the region.
+                unsafe { tx.modify_bytes(r.addr() + (i % 64) * PAGE, &[i as u8; 2048]).unwrap() };
+                tx.commit(CommitMode::Flush).unwrap();
+                rvm.truncate().unwrap();
+                i += 1;
+            }
+        });
+        let reopened = (0..400).try_for_each(|round| {
+            let other = rvm.open_segment(dir.path().join("other")).map_err(|e| format!("round {round}: {e}"))?;
+            rvm.close_segment(other).map_err(|e| format!("round {round}: close: {e}"))
+        });
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        reopened.unwrap();
+    });
+}

@@ -59,11 +59,16 @@ impl Inner {
         if cut <= head {
             return Ok(());
         }
-        let segments = self.status.lock().segments.clone();
         let r = (|| {
             self.record_synced_end(cut)?;
+            // Each segment the records name is looked up when the replay
+            // first meets it, and only those are held until it ends: a
+            // segment closed meanwhile (one without records here; a close
+            // of one with records replays first, behind `truncation`) is
+            // not kept open, so it can be opened again at once.
             let resolve = |id| {
-                segments.get(&id).map(|s| (s.dev.clone(), s.name.clone())).ok_or_else(|| {
+                let st = self.status.lock();
+                st.segments.get(&id).map(|s| (s.dev.clone(), s.name.clone())).ok_or_else(|| {
                     Error::corrupted(
                         format!("log frame (unknown segment id {id})"),
                         self.ring.path.display().to_string(),
