@@ -125,6 +125,10 @@ fn refused_writes_leave_every_file_byte_identical() {
     for garbage in [fifo, loop1, folder, "/dev/null", missing_folder] {
         refused(&fx, &["heap", "grow", garbage, "--log", log, "--size", "128K"], &[2]);
     }
+    // A --max the load map's rules refuse (past the 1 TiB region limit):
+    // refused before the log is opened, as a bad --size is.
+    let e = refused(&fx, &["heap", "grow", heap, "--log", log, "--size", "128K", "--max", "2T"], &[1]);
+    assert!(e.contains("maximum length"), "{e}");
     // Load maps the loader refuses, before the log is opened.
     let bad = fx.p("new.seg");
     for spec in ["r:4K:4K:1", "r:4K:0:0x5e3000000000", "r:1:4K:0x5e3000000000", "r:4K:4K:0xffffffffffff0000"] {

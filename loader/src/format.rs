@@ -379,10 +379,6 @@ impl LoadMap {
         &self.regions
     }
 
-    pub(crate) fn regions_mut(&mut self) -> &mut [RegionSpec] {
-        &mut self.regions
-    }
-
     /// The region called `name`.
     pub fn get(&self, name: &str) -> Option<&RegionSpec> {
         self.regions.iter().find(|r| r.name == name)
@@ -392,6 +388,36 @@ impl LoadMap {
     pub fn capacity(&self) -> usize {
         let fit = (self.header_len.saturating_sub(FIXED_HEADER_LEN as u64) / ENTRY_LEN as u64) as usize;
         fit.min(MAX_REGIONS)
+    }
+
+    /// A copy of the map with region `name` allowed to grow to `max_len`
+    /// bytes ([`RegionSpec::max_len`](RegionSpec#structfield.max_len)),
+    /// checked against every rule of the format: an error for a region
+    /// that is not there, a maximum below its length, or one the rules
+    /// refuse (past [`MAX_REGION_LEN`], not a page multiple, overlapping
+    /// another region's addresses).
+    ///
+    /// ```
+    /// use rvm_loader::{LoadMap, RegionSpec};
+    /// let map = LoadMap::new().region(RegionSpec::new("heap", 4096, 4096, 0x5b00_0000_0000));
+    /// assert_eq!(map.with_max_len("heap", 1 << 20).unwrap().get("heap").unwrap().max_len, 1 << 20);
+    /// assert!(map.with_max_len("heap", 2 << 40).is_err()); // past the largest region
+    /// assert!(map.with_max_len("other", 1 << 20).is_err());
+    /// ```
+    pub fn with_max_len(&self, name: &str, max_len: u64) -> Result<LoadMap> {
+        let mut map = self.clone();
+        let Some(r) = map.regions.iter_mut().find(|r| r.name == name) else {
+            return Err(LoaderError::InvalidMap { region: None, reason: format!("no region named {name:?}") });
+        };
+        if max_len < r.len {
+            return Err(LoaderError::InvalidMap {
+                region: Some(r.name.clone()),
+                reason: format!("maximum {max_len:#x} is below the length {:#x}", r.len),
+            });
+        }
+        r.max_len = max_len;
+        map.validate()?;
+        Ok(map)
     }
 
     /// The smallest device that holds the header area and every region.

@@ -617,17 +617,10 @@ impl RegionGrowth {
     /// not have a transaction open on the instance.
     pub fn set_max_len(&self, max_len: u64) -> Result<()> {
         let mut current = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let mut map = current.clone();
-        let Some(r) = map.regions_mut().get_mut(self.index) else {
+        let Some(name) = current.regions().get(self.index).map(|r| r.name.clone()) else {
             return Err(LoaderError::InvalidMap { region: None, reason: "the region is no longer in the map".into() });
         };
-        if max_len < r.len {
-            return Err(LoaderError::InvalidMap {
-                region: Some(r.name.clone()),
-                reason: format!("maximum {max_len:#x} is below the length {:#x}", r.len),
-            });
-        }
-        r.max_len = max_len;
+        let map = current.with_max_len(&name, max_len)?;
         map.validate_for_device(self.segment.len())?;
         let mut tx = self.rvm.begin(rvm_core::RestoreMode::Restore)?;
         raw::store_header(&mut tx, &self.header, &map.encode())?;

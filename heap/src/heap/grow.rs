@@ -138,10 +138,16 @@ impl Heap {
 
     /// [`Heap::check_growth`] for a heap segment that is not loaded, from
     /// its load map `map` (as recovery would leave it): `max_len` is the
-    /// maximum to be set, `None` for the one the map records. For a tool
-    /// that refuses a growth before it opens the log.
+    /// maximum to be set, `None` for the one the map records; a maximum the
+    /// load map's rules refuse is an error too ([`HeapError::Loader`]). For
+    /// a tool that refuses a growth before it opens the log.
     pub fn check_growth_of(map: &rvm_loader::LoadMap, new_len: u64, max_len: Option<u64>) -> Result<()> {
         let heap = map.get(crate::HEAP_REGION).ok_or(HeapError::NotGrowable)?;
+        if let Some(max) = max_len {
+            // The maximum as `set_max_len` would record it, against the
+            // map's rules (the region limit, other regions' addresses).
+            map.with_max_len(crate::HEAP_REGION, max_as_set_in(map.page_size(), heap.len, max))?;
+        }
         growth_limit(map.page_size(), heap.len, new_len, max_len.unwrap_or(heap.span()))
     }
 
