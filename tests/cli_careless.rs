@@ -12,11 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{expect_code, serial, stderr};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use common::{expect_code, s, serial, stderr};
 
 /// Runs `rvmutl`, failing the test if it has not ended within 20 s.
 fn run(args: &[&str]) -> Output {

@@ -18,13 +18,9 @@ use std::alloc::Layout;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{expect_code, ndjson, record, rvmutl, serial, stderr};
+use common::{expect_code, ndjson, record, rvmutl, s, serial, stderr};
 
 const BASE: u64 = 0x5d40_0000_0000;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A log (2 MiB) and a 1 MiB heap whose last transactions are still in
 /// the log (the instance dropped without truncating, as after a crash).

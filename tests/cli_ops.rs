@@ -14,15 +14,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{expect_code, log_doc, ndjson, record, records, rvmutl, serial, stderr, stdout};
+use common::{expect_code, log_doc, ndjson, record, records, rvmutl, s, serial, stderr, stdout};
 
 /// Heap bases for these tests (distinct from the other CLI tests').
 fn base(n: u64) -> u64 {
     0x5f80_0000_0000 + n * (1 << 30)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
 }
 
 fn opts() -> Options {

@@ -8,11 +8,11 @@ use rvm::loader::testing::address_range;
 use rvm::loader::{load_segment, read_load_map_file, CopyMode, LoadMap, RegionSpec};
 use rvm::{Options, Rvm};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::{expect_code, ndjson, record, records, rvmutl, serial, stderr, stdout};
+use common::{expect_code, ndjson, record, records, rvmutl, s, serial, stderr, stdout};
 
 fn rvmutl_stdin(args: &[&str], input: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rvmutl"))
@@ -24,10 +24,6 @@ fn rvmutl_stdin(args: &[&str], input: &str) -> Output {
         .expect("running rvmutl");
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
 }
 
 struct Fixture {

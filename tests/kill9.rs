@@ -35,6 +35,7 @@
 //! per-round options (the seed in use is printed; timing still varies).
 
 mod common;
+use common::serial;
 
 use rvm::{create_log, recover_log, CommitMode, CopyMode, Error, FileVfs, MapSpec, Options, Region, RestoreMode, Rvm};
 use std::fs::{File, OpenOptions};
@@ -322,16 +323,6 @@ fn hold(rvm: &Rvm, region: &Region, paths: &Paths) {
 
 // ---------------------------------------------------------------------------
 // Parent side.
-
-/// Serializes the parents of this file's tests. A child spawned by one
-/// test briefly holds duplicates of every file descriptor of the test
-/// process (between fork and exec), and with them the `flock` of a log or
-/// segment the other test has open, so that test's next open (or its
-/// child's) could fail with a spurious `Error::Locked`.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Runs the child workload when this process is a child; returns true then.
 fn run_as_child() -> bool {

@@ -106,3 +106,8 @@ pub fn read(r: &rvm::Region, off: usize, n: usize) -> Vec<u8> {
     unsafe { r.read(off, &mut v).unwrap() };
     v
 }
+
+/// A temporary path as the `&str` an `rvmutl` argument list takes.
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
