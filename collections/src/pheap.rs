@@ -675,8 +675,7 @@ fn make_folder_durably(dir: &Path) -> Result<()> {
     let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).collect();
     std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
     for made in missing.iter().rev() {
-        let parent = made.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io("syncing the folder", parent))?;
+        rvm_core::storage::sync_folder_of(made).map_err(io("syncing the folder of", made))?;
     }
     Ok(())
 }

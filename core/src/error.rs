@@ -107,7 +107,7 @@ pub enum LogError {
     /// [`crate::Rvm::close_segment`] and [`crate::Rvm::delete_segment`]
     /// remove a segment's entry.
     #[error(
-        "the log's segment dictionary is full ({limit} bytes): close segments no longer in use          (Rvm::close_segment or delete_segment remove their entries)"
+        "the log's segment dictionary is full ({limit} bytes): close segments no longer in use (Rvm::close_segment or delete_segment remove their entries)"
     )]
     SegmentDictionaryFull {
         /// Size limit of the dictionary.

@@ -365,11 +365,17 @@ const MAX_MARK: usize = 16 + 4096;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FileVfs;
 
-/// Syncs the folder holding `path`, making a name made, removed or
-/// changed in it durable (`fsync` of the file alone does not).
-fn sync_folder_of(path: &Path) -> io::Result<()> {
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(folder)?.sync_all()
+/// Syncs the folder holding `path` (`.` for a bare name), making a name
+/// made, removed or changed in it durable (`fsync` of the file alone does
+/// not). `FileVfs` does this after every create, remove, copy and rename;
+/// a program that makes folders for its files calls it for each new one.
+pub fn sync_folder_of(path: &Path) -> io::Result<()> {
+    File::open(folder_of(path))?.sync_all()
+}
+
+/// The folder holding `path`: its parent, or `.` for a bare name.
+pub fn folder_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 impl Vfs for FileVfs {
@@ -422,8 +428,7 @@ impl Vfs for FileVfs {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Not created yet: resolve the directory, keep the name.
                 let file = path.file_name().ok_or(e)?;
-                let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                Ok(std::fs::canonicalize(dir)?.join(file))
+                Ok(std::fs::canonicalize(folder_of(path))?.join(file))
             }
             r => r,
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 mod file;
 pub use crate::log::format::DeviceId;
 mod mem;
-pub use file::{open_read_only, FileStorage, FileVfs, ReadOnlyFile};
+pub use file::{folder_of, open_read_only, sync_folder_of, FileStorage, FileVfs, ReadOnlyFile};
 pub use mem::MemVfs;
 
 /// A random-access device with explicit durability.

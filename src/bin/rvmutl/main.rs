@@ -68,7 +68,7 @@ pub(crate) fn refuse_existing(path: &Path, op: &'static str) -> Result<(), Failu
     if std::fs::symlink_metadata(path).is_ok() {
         return Err(refuse(io::ErrorKind::AlreadyExists, "the path exists already"));
     }
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = rvm::storage::folder_of(path);
     if !std::fs::metadata(folder).is_ok_and(|m| m.is_dir()) {
         return Err(refuse(io::ErrorKind::NotFound, "its folder does not exist (or is not a folder)"));
     }
@@ -81,7 +81,7 @@ pub(crate) fn refuse_existing(path: &Path, op: &'static str) -> Result<(), Failu
 /// allocation at creation stays the guarantee; this only refuses early
 /// what it would refuse.
 pub(crate) fn refuse_no_room(path: &Path, len: u64, sparse: bool) -> Result<(), Failure> {
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = rvm::storage::folder_of(path);
     let Ok(fs) = rustix::fs::statvfs(folder) else { return Ok(()) };
     let free = fs.f_bavail.saturating_mul(fs.f_frsize);
     if sparse || free >= len {
